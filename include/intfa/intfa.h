@@ -1,0 +1,204 @@
+// intfa public API: INT8 FlashAttention with a CPU reference backend and CUDA paths.
+// Includable without CUDA headers. Every entry point validates its arguments and returns a
+// Status whose message names the argument, what was expected and what came.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <initializer_list>
+#include <string>
+#include <utility>
+
+namespace intfa {
+
+// ---------------------------------------------------------------------------------------------
+// Basic types
+// ---------------------------------------------------------------------------------------------
+enum class DType : int { f16, bf16, f32, f64, i8, u8, i32 };
+enum class Layout : int { BHSD, BSHD };  // varlen tensors are always THD (total tokens, heads, dim)
+enum class Scheme : int { paper, accurate, half };
+enum class Backend : int { automatic, cpu, gpu };  // automatic: where the tensors live
+enum class GpuPath : int { automatic, sm80, sm90 };
+
+const char* to_string(DType);
+const char* to_string(Layout);
+const char* to_string(Scheme);
+const char* to_string(Backend);
+const char* to_string(GpuPath);
+// Parse names as the CLI and the bindings spell them ("paper", "BSHD", "sm80", ...).
+bool parse_scheme(const std::string&, Scheme*);
+bool parse_layout(const std::string&, Layout*);
+bool parse_backend(const std::string&, Backend*);
+bool parse_path(const std::string&, GpuPath*);
+size_t dtype_size(DType);
+
+enum class StatusCode : int {
+  ok = 0,
+  invalid_argument,  // shapes, sizes, strides, alignment, cu_seqlens, options
+  unsupported_type,  // a dtype the entry point does not take
+  not_available,     // feature or path not built in / not possible on this device
+  device_error,      // a CUDA runtime error
+};
+
+class [[nodiscard]] Status {
+ public:
+  Status() = default;
+  Status(StatusCode code, std::string message) : code_(code), message_(std::move(message)) {}
+  static Status OK() { return Status(); }
+  bool ok() const { return code_ == StatusCode::ok; }
+  StatusCode code() const { return code_; }
+  const std::string& message() const { return message_; }
+
+ private:
+  StatusCode code_ = StatusCode::ok;
+  std::string message_;
+};
+
+// A strided view of memory. Shapes and strides are in elements; the last dim must be
+// contiguous (stride 1). `on_device` marks CUDA device memory of GPU `device_index`.
+struct Tensor {
+  void* data = nullptr;
+  DType dtype = DType::f16;
+  int ndim = 0;
+  int64_t shape[4] = {0, 0, 0, 0};
+  int64_t stride[4] = {0, 0, 0, 0};
+  bool on_device = false;
+  int device_index = 0;
+
+  bool defined() const { return data != nullptr; }
+  int64_t numel() const;
+};
+
+// A contiguous (row-major) tensor view.
+Tensor make_tensor(void* data, DType dtype, int ndim, const int64_t* shape, bool on_device = false,
+                   int device_index = 0);
+Tensor make_tensor(void* data, DType dtype, std::initializer_list<int64_t> shape,
+                   bool on_device = false, int device_index = 0);
+
+// ---------------------------------------------------------------------------------------------
+// Options
+// ---------------------------------------------------------------------------------------------
+struct Options {
+  bool causal = false;   // bottom-right aligned when Sq != Skv: query i sees keys j <= i + Skv - Sq
+  float scale = 0.0f;    // softmax scale; 0 means 1/sqrt(D)
+  Layout layout = Layout::BHSD;  // of q, k, v, out (ignored by the varlen entry points)
+  Scheme scheme = Scheme::accurate;
+  Backend backend = Backend::automatic;
+  GpuPath path = GpuPath::automatic;
+  int block_n = 64;          // CPU backend: key block of the emulated loop (16..512, multiple of 16)
+  void* stream = nullptr;    // cudaStream_t for GPU calls (nullptr: legacy default stream)
+  // GPU: scratch memory for the quantized tensors of attention()/attention_varlen(). If not given
+  // (data == nullptr) the library allocates it stream-ordered (cudaMallocAsync) and frees it after.
+  Tensor workspace;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Quantized inputs (what quantize() writes and attention_int8() reads).
+//
+// Rounding rule, shared bit-for-bit by every backend: for a group g (a token row, or a V channel)
+//   amax  = max |x| over g (x converted exactly from fp16/bf16 to fp32),
+//   s     = amax / 127 (fp32 division) or 1 when amax == 0,
+//   inv   = 127 / amax (fp32 division) or 1 when amax == 0,
+//   x8    = clamp(round_half_to_even(x * inv), -127, 127)          (one fp32 multiply)
+// K smoothing (accurate, half): kmean[c] = fp32(sum over tokens in fp64 / n) rounded to the
+// input dtype (fp16/bf16), so the value is independent of summation order; K' = K - kmean in fp32.
+// ---------------------------------------------------------------------------------------------
+struct QuantizedQKV {
+  Scheme scheme = Scheme::accurate;
+  Layout layout = Layout::BHSD;  // of q8 and k8 (varlen: THD)
+  Tensor q8;          // int8, same shape as q: [B,Hq,Sq,D] / [B,Sq,Hq,D] / [Tq,Hq,D]
+  Tensor q_scale;     // f32 [B,Hq,Sq] or [Hq,Tq]
+  Tensor lse_offset;  // f32 like q_scale: scale * Q.kmean, added to the LSE (may be undefined: 0)
+  Tensor k8;          // int8, same shape as k (smoothed K' for accurate/half)
+  Tensor k_scale;     // f32 [B,Hkv,Skv] or [Hkv,Tkv]
+  Tensor k_mean;      // f32 [B,Hkv,D] or [nseq,Hkv,D] (accurate/half; informational)
+  Tensor vt8;         // int8 V transposed: [B,Hkv,D,Skv] or [Hkv,D,Tkv] (paper, accurate)
+  Tensor v_scale;     // f32 [B,Hkv,D] or [nseq,Hkv,D]; paper: all D entries equal (per tensor)
+  Tensor v;           // half scheme: V as given (fp16/bf16), vt8/v_scale unused
+};
+
+// Sizes of the quantized tensors for a problem; alloc_quantized() fills a QuantizedQKV whose
+// tensors point into one caller-provided buffer of quantized_bytes() (256-byte aligned parts).
+struct ProblemShape {
+  int batch = 0, heads_q = 0, heads_kv = 0, seqlen_q = 0, seqlen_kv = 0, head_dim = 0;
+  bool varlen = false;
+  int64_t total_q = 0, total_kv = 0;  // varlen only; batch = number of sequences
+};
+size_t quantized_bytes(const ProblemShape&, Scheme);
+Status alloc_quantized(const ProblemShape&, Scheme, Layout, void* buffer, size_t bytes,
+                       bool on_device, int device_index, QuantizedQKV* out);
+
+// ---------------------------------------------------------------------------------------------
+// Entry points
+// ---------------------------------------------------------------------------------------------
+// q: [B,Hq,Sq,D] (BHSD) or [B,Sq,Hq,D] (BSHD); k, v with Hkv heads and Skv tokens; fp16/bf16.
+// out like q, same dtype. lse (optional): f32 [B,Hq,Sq], natural log, -inf for fully masked rows.
+Status attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                 const Tensor* lse, const Options& opts);
+
+// Packed varlen: q [Tq,Hq,D], k/v [Tkv,Hkv,D]; cu_seqlens_q/kv int32 [nseq+1], monotonic, first 0,
+// last Tq/Tkv; on the same device as q. lse (optional): f32 [Hq,Tq].
+Status attention_varlen(const Tensor& q, const Tensor& k, const Tensor& v,
+                        const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_kv, int max_seqlen_q,
+                        int max_seqlen_kv, const Tensor& out, const Tensor* lse,
+                        const Options& opts);
+
+// fp16/bf16 -> QuantizedQKV (tensors allocated by the caller, e.g. alloc_quantized()). For varlen
+// pass cu_seqlens (else undefined tensors).
+Status quantize(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens_q,
+                const Tensor& cu_seqlens_kv, const Options& opts, const QuantizedQKV& out);
+
+// Attention on pre-quantized inputs (e.g. an INT8 KV cache). `out` is fp16/bf16 shaped like q.
+// For varlen, cu_seqlens are given and max_seqlen_* bound the per-sequence lengths.
+Status attention_int8(const QuantizedQKV& qkv, const Tensor& cu_seqlens_q,
+                      const Tensor& cu_seqlens_kv, int max_seqlen_q, int max_seqlen_kv,
+                      const Tensor& out, const Tensor* lse, const Options& opts);
+
+// Exact attention in float64 on the CPU (the accuracy oracle). Inputs of any float dtype on the
+// host, out f64 or f32 shaped like q; lse f64/f32 or nullptr. Same shape rules as attention().
+Status attention_reference(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                           const Tensor* lse, const Options& opts);
+
+// ---------------------------------------------------------------------------------------------
+// Build and device information
+// ---------------------------------------------------------------------------------------------
+struct BuildInfo {
+  std::string version;
+  bool cuda_built = false;
+  std::string cuda_archs;  // e.g. "sm_80 sm_90a"
+};
+BuildInfo build_info();
+
+struct DeviceInfo {
+  bool present = false;
+  std::string name;
+  int major = 0, minor = 0, sm_count = 0;
+  size_t memory_bytes = 0;
+  std::string error;  // why no device, if none
+};
+DeviceInfo device_info(int device_index = 0);
+// Which GPU path `requested` resolves to on the current device, or an error naming why not.
+Status resolve_gpu_path(GpuPath requested, int device_index, GpuPath* resolved);
+
+// ---------------------------------------------------------------------------------------------
+// Device memory and timing helpers for tools, tests and bindings that must not include CUDA
+// headers. All return not_available in a build without CUDA.
+// ---------------------------------------------------------------------------------------------
+Status gpu_malloc(void** ptr, size_t bytes, int device_index = 0);
+Status gpu_free(void* ptr);
+Status gpu_copy_to_device(void* dst, const void* src, size_t bytes);  // synchronous
+Status gpu_copy_to_host(void* dst, const void* src, size_t bytes);    // synchronous
+Status gpu_memset(void* ptr, int byte, size_t bytes);                  // synchronous
+Status gpu_synchronize();
+// Median time in ms of `run` (which enqueues work on `stream`), CUDA events around each of
+// `reps` calls after `warmup` calls. `run` returning an error stops the timing with that error.
+Status gpu_time_ms(Status (*run)(void* ctx), void* ctx, int warmup, int reps, void* stream,
+                   double* median_ms);
+
+// fp16/bf16 <-> f32 on the host (round to nearest even), for tools and tests.
+uint16_t float_to_half_bits(float);
+float half_bits_to_float(uint16_t);
+uint16_t float_to_bf16_bits(float);
+float bf16_bits_to_float(uint16_t);
+
+}  // namespace intfa

@@ -1,0 +1,714 @@
+// Entry points: validate, then hand plain parameter structs to the backend that serves the call.
+// This is the one place that knows which backend (CPU reference or CUDA) runs what.
+#include <cmath>
+#include <cstring>
+#include <sstream>
+#include <vector>
+
+#include "api/validate.h"
+#include "cuda/backend.h"
+#include "ref/ref.h"
+
+namespace intfa {
+namespace {
+
+using api::Form;
+using api::invalid;
+using api::View;
+
+const std::vector<DType> kInputTypes = {DType::f16, DType::bf16};
+
+#define INTFA_TRY(expr)                 \
+  do {                                  \
+    Status _st = (expr);                \
+    if (!_st.ok()) return _st;          \
+  } while (0)
+
+// Everything validation learns about a call.
+struct Problem {
+  ProblemShape shape;
+  Form form = Form::dense;
+  Layout layout = Layout::BHSD;
+  bool gpu = false;
+  int device = 0;
+  DType dtype = DType::f16;
+  float softmax_scale = 0.f;
+  View q, k, v;
+  std::vector<int32_t> cu_q_host, cu_kv_host;  // varlen, host copies (checked)
+  const int32_t* cu_q = nullptr;                // varlen, as the backend reads them
+  const int32_t* cu_kv = nullptr;
+};
+
+Status choose_backend(const Tensor& q, const Options& o, bool* gpu) {
+  switch (o.backend) {
+    case Backend::automatic: *gpu = q.on_device; return Status::OK();
+    case Backend::cpu:
+      if (q.on_device)
+        return invalid("backend: cpu requested but q is in GPU memory; pass host tensors or use "
+                       "backend gpu/auto");
+      *gpu = false;
+      return Status::OK();
+    case Backend::gpu:
+      if (!q.on_device)
+        return invalid("backend: gpu requested but q is in host memory; pass device tensors or "
+                       "use backend cpu/auto");
+      *gpu = true;
+      return Status::OK();
+  }
+  return invalid("backend: unknown value");
+}
+
+// cu_seqlens: int32 [nseq+1] on the device of q; checked on the host. On a stream that is
+// capturing a CUDA graph a synchronous copy is impossible: then only the shape is checked and
+// the kernels clamp every index to the packed tensors.
+Status read_cu_seqlens(const Tensor& cu, const char* name, const Problem& p, int64_t total,
+                       int max_seqlen, const char* max_name, void* stream,
+                       std::vector<int32_t>* host, const int32_t** dev_ptr) {
+  std::ostringstream os;
+  if (!cu.defined()) return invalid(std::string(name) + ": expected a tensor, got null data");
+  if (cu.dtype != DType::i32) {
+    os << name << ": expected dtype int32, got " << to_string(cu.dtype);
+    return Status(StatusCode::unsupported_type, os.str());
+  }
+  if (cu.ndim != 1 || cu.shape[0] < 2) {
+    os << name << ": expected a 1-d tensor [num_sequences + 1] with at least 2 entries, got "
+       << api::shape_str(cu);
+    return invalid(os.str());
+  }
+  if (cu.stride[0] != 1) {
+    os << name << ": expected a contiguous tensor, got stride " << cu.stride[0];
+    return invalid(os.str());
+  }
+  if (cu.on_device != p.gpu || (p.gpu && cu.device_index != p.device))
+    return invalid(std::string(name) + ": expected " +
+                   (p.gpu ? "GPU memory of device " + std::to_string(p.device) : "host memory") +
+                   " like q, got " +
+                   (cu.on_device ? "GPU memory of device " + std::to_string(cu.device_index)
+                                 : "host memory"));
+  if (max_seqlen < 1) {
+    os << max_name << ": expected >= 1, got " << max_seqlen;
+    return invalid(os.str());
+  }
+  const size_t n = static_cast<size_t>(cu.shape[0]);
+  host->resize(n);
+  if (p.gpu) {
+    bool capturing = false;
+    INTFA_TRY(cuda::copy_to_host_sync(host->data(), cu.data, n * sizeof(int32_t), stream,
+                                      &capturing));
+    if (capturing) {
+      host->clear();
+      *dev_ptr = static_cast<const int32_t*>(cu.data);
+      return Status::OK();
+    }
+  } else {
+    std::memcpy(host->data(), cu.data, n * sizeof(int32_t));
+  }
+  INTFA_TRY(api::check_cu_seqlens(*host, name, total, max_seqlen, max_name));
+  *dev_ptr = static_cast<const int32_t*>(cu.data);
+  return Status::OK();
+}
+
+// Checks q, k, v (and options) for attention() / attention_varlen() / quantize().
+Status validate_qkv(const Tensor& q, const Tensor& k, const Tensor& v, Form form,
+                    const Options& opts, Problem* p) {
+  INTFA_TRY(api::check_options(opts));
+  INTFA_TRY(choose_backend(q, opts, &p->gpu));
+  p->device = q.device_index;
+  p->form = form;
+  p->layout = form == Form::varlen ? Layout::BHSD : opts.layout;
+  INTFA_TRY(api::check_operand(q, "q", p->layout, form, kInputTypes, p->gpu, &p->q));
+  INTFA_TRY(api::check_operand(k, "k", p->layout, form, kInputTypes, p->gpu, &p->k));
+  INTFA_TRY(api::check_operand(v, "v", p->layout, form, kInputTypes, p->gpu, &p->v));
+  INTFA_TRY(api::check_same_device(k, "k", q, "q"));
+  INTFA_TRY(api::check_same_device(v, "v", q, "q"));
+  p->dtype = q.dtype;
+  std::ostringstream os;
+  for (const Tensor* t : {&k, &v}) {
+    if (t->dtype != q.dtype) {
+      os << (t == &k ? "k" : "v") << ": expected dtype " << to_string(q.dtype) << " (as q), got "
+         << to_string(t->dtype);
+      return Status(StatusCode::unsupported_type, os.str());
+    }
+  }
+  const View &Q = p->q, &K = p->k, &V = p->v;
+  auto mismatch = [&](const char* name, const char* what, int64_t expected, const char* as,
+                      int64_t got) {
+    std::ostringstream m;
+    m << name << ": " << what << " expected " << expected << " (as " << as << "), got " << got;
+    return invalid(m.str());
+  };
+  if (form == Form::dense && K.B != Q.B) return mismatch("k", "batch", Q.B, "q", K.B);
+  if (form == Form::dense && V.B != Q.B) return mismatch("v", "batch", Q.B, "q", V.B);
+  if (K.D != Q.D) return mismatch("k", "head_dim", Q.D, "q", K.D);
+  if (V.D != Q.D) return mismatch("v", "head_dim", Q.D, "q", V.D);
+  if (V.H != K.H) return mismatch("v", "heads", K.H, "k", V.H);
+  if (V.S != K.S)
+    return mismatch("v", form == Form::varlen ? "total_tokens" : "seqlen", K.S, "k", V.S);
+  if (Q.H % K.H != 0) {
+    os << "k: heads_kv = " << K.H << " must divide heads_q = " << Q.H << " (GQA/MQA)";
+    return invalid(os.str());
+  }
+  INTFA_TRY(api::check_head_dim(Q.D, p->gpu));
+  if (p->gpu && opts.scheme == Scheme::half)
+    return Status(StatusCode::not_available,
+                  "scheme: half is not available on the GPU paths in this build; use paper or "
+                  "accurate, or backend cpu");
+  const int64_t kMaxTokens = int64_t(1) << 31;
+  if (Q.S >= kMaxTokens || K.S >= kMaxTokens) {
+    os << "q/k: sequence length must be < 2^31, got " << std::max(Q.S, K.S);
+    return invalid(os.str());
+  }
+  ProblemShape& s = p->shape;
+  s.batch = static_cast<int>(Q.B);
+  s.heads_q = static_cast<int>(Q.H);
+  s.heads_kv = static_cast<int>(K.H);
+  s.seqlen_q = static_cast<int>(Q.S);
+  s.seqlen_kv = static_cast<int>(K.S);
+  s.head_dim = static_cast<int>(Q.D);
+  s.varlen = form == Form::varlen;
+  p->softmax_scale = opts.scale != 0.f ? opts.scale : 1.0f / std::sqrt(static_cast<float>(Q.D));
+  return Status::OK();
+}
+
+Status validate_varlen(const Tensor& cu_q, const Tensor& cu_kv, int max_q, int max_kv,
+                       const Options& opts, Problem* p) {
+  ProblemShape& s = p->shape;
+  s.total_q = p->q.S;
+  s.total_kv = p->k.S;
+  INTFA_TRY(read_cu_seqlens(cu_q, "cu_seqlens_q", *p, s.total_q, max_q, "max_seqlen_q",
+                            opts.stream, &p->cu_q_host, &p->cu_q));
+  INTFA_TRY(read_cu_seqlens(cu_kv, "cu_seqlens_kv", *p, s.total_kv, max_kv, "max_seqlen_kv",
+                            opts.stream, &p->cu_kv_host, &p->cu_kv));
+  if (cu_q.shape[0] != cu_kv.shape[0]) {
+    std::ostringstream os;
+    os << "cu_seqlens_kv: expected " << cu_q.shape[0] << " entries (as cu_seqlens_q), got "
+       << cu_kv.shape[0];
+    return invalid(os.str());
+  }
+  s.batch = static_cast<int>(cu_q.shape[0] - 1);
+  s.seqlen_q = max_q;
+  s.seqlen_kv = max_kv;
+  return Status::OK();
+}
+
+// Shapes of the per-row and per-channel side tensors.
+std::vector<int64_t> rows_shape(const ProblemShape& s, bool q_side) {
+  const int64_t h = q_side ? s.heads_q : s.heads_kv;
+  if (s.varlen) return {h, q_side ? s.total_q : s.total_kv};
+  return {s.batch, h, q_side ? s.seqlen_q : s.seqlen_kv};
+}
+std::vector<int64_t> channel_shape(const ProblemShape& s) {
+  return {s.batch, s.heads_kv, s.head_dim};
+}
+const char* rows_desc(const ProblemShape& s, bool q_side) {
+  if (s.varlen) return q_side ? "[heads_q, total_q]" : "[heads_kv, total_kv]";
+  return q_side ? "[batch, heads_q, seqlen_q]" : "[batch, heads_kv, seqlen_kv]";
+}
+const char* channel_desc(const ProblemShape& s) {
+  return s.varlen ? "[num_sequences, heads_kv, head_dim]" : "[batch, heads_kv, head_dim]";
+}
+
+Status validate_out(const Tensor& out, const Tensor* lse, const Problem& p, bool allow_f64) {
+  std::vector<DType> types = {p.dtype, DType::f32};
+  if (allow_f64) types = {DType::f64, DType::f32};
+  View o;
+  INTFA_TRY(api::check_operand(out, "out", p.layout, p.form, types, p.gpu, &o));
+  if (out.on_device != p.gpu || (p.gpu && out.device_index != p.device))
+    return invalid(std::string("out: expected ") + (p.gpu ? "GPU memory" : "host memory") +
+                   " like q, got " + (out.on_device ? "GPU memory" : "host memory"));
+  if (o.B != p.q.B || o.H != p.q.H || o.S != p.q.S || o.D != p.q.D) {
+    return invalid("out: expected the shape of q, got " + api::shape_str(out));
+  }
+  if (lse && lse->defined()) {
+    const DType lse_type = allow_f64 && lse->dtype == DType::f64 ? DType::f64 : DType::f32;
+    INTFA_TRY(api::check_exact_shape(*lse, "lse", lse_type, rows_shape(p.shape, true),
+                                     rows_desc(p.shape, true)));
+    if (lse->on_device != p.gpu)
+      return invalid(std::string("lse: expected ") + (p.gpu ? "GPU memory" : "host memory") +
+                     " like q, got " + (lse->on_device ? "GPU memory" : "host memory"));
+  }
+  return Status::OK();
+}
+
+// Validates a QuantizedQKV against the problem (for quantize() outputs and attention_int8()).
+Status validate_quantized(const QuantizedQKV& x, Problem* p, bool need_v_or_vt) {
+  const ProblemShape& s = p->shape;
+  View q8, k8;
+  INTFA_TRY(api::check_operand(x.q8, "q8", p->layout, p->form, {DType::i8}, p->gpu, &q8));
+  INTFA_TRY(api::check_operand(x.k8, "k8", p->layout, p->form, {DType::i8}, p->gpu, &k8));
+  std::ostringstream os;
+  if (q8.B != p->q.B || q8.H != p->q.H || q8.S != p->q.S || q8.D != p->q.D) {
+    os << "q8: expected the shape of q, got " << api::shape_str(x.q8);
+    return invalid(os.str());
+  }
+  if (k8.B != p->k.B || k8.H != p->k.H || k8.S != p->k.S || k8.D != p->k.D) {
+    os << "k8: expected the shape of k, got " << api::shape_str(x.k8);
+    return invalid(os.str());
+  }
+  p->q = q8;
+  p->k = k8;
+  INTFA_TRY(api::check_exact_shape(x.q_scale, "q_scale", DType::f32, rows_shape(s, true), rows_desc(s, true)));
+  INTFA_TRY(api::check_exact_shape(x.k_scale, "k_scale", DType::f32, rows_shape(s, false), rows_desc(s, false)));
+  if (x.lse_offset.defined())
+    INTFA_TRY(api::check_exact_shape(x.lse_offset, "lse_offset", DType::f32, rows_shape(s, true), rows_desc(s, true)));
+  if (x.k_mean.defined())
+    INTFA_TRY(api::check_exact_shape(x.k_mean, "k_mean", DType::f32, channel_shape(s), channel_desc(s)));
+  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&x.q_scale, "q_scale"},
+                                {&x.k_scale, "k_scale"}, {&x.k8, "k8"}, {&x.q8, "q8"}}) {
+    if (t->on_device != p->gpu || (p->gpu && t->device_index != p->device))
+      return invalid(std::string(name) + ": expected " +
+                     (p->gpu ? "GPU memory of device " + std::to_string(p->device) : "host memory") +
+                     ", got " + (t->on_device ? "GPU memory" : "host memory"));
+  }
+  if (!need_v_or_vt) return Status::OK();
+  if (x.scheme == Scheme::half) {
+    View v;
+    INTFA_TRY(api::check_operand(x.v, "v", p->layout, p->form, kInputTypes, p->gpu, &v));
+    if (v.B != k8.B || v.H != k8.H || v.S != k8.S || v.D != k8.D) {
+      os << "v: expected the shape of k8, got " << api::shape_str(x.v);
+      return invalid(os.str());
+    }
+    p->v = v;
+    return Status::OK();
+  }
+  // vt8: [B, Hkv, D, >= Skv] or [Hkv, D, >= Tkv], last dim contiguous.
+  const Tensor& vt = x.vt8;
+  const bool varlen = p->form == Form::varlen;
+  const int rank = varlen ? 3 : 4;
+  if (!vt.defined()) return invalid("vt8: expected a tensor, got null data");
+  if (vt.dtype != DType::i8) {
+    os << "vt8: expected dtype int8, got " << to_string(vt.dtype);
+    return Status(StatusCode::unsupported_type, os.str());
+  }
+  const int64_t want_tokens = varlen ? s.total_kv : s.seqlen_kv;
+  bool ok = vt.ndim == rank && vt.stride[rank - 1] == 1;
+  if (ok && varlen) ok = vt.shape[0] == s.heads_kv && vt.shape[1] == s.head_dim && vt.shape[2] >= want_tokens;
+  if (ok && !varlen)
+    ok = vt.shape[0] == s.batch && vt.shape[1] == s.heads_kv && vt.shape[2] == s.head_dim &&
+         vt.shape[3] >= want_tokens;
+  if (!ok) {
+    os << "vt8: expected V transposed, shape " << (varlen ? "[heads_kv, head_dim, >= total_kv]" : "[batch, heads_kv, head_dim, >= seqlen_kv]")
+       << " with a contiguous last dim, got " << api::shape_str(vt);
+    return invalid(os.str());
+  }
+  if (p->gpu && (reinterpret_cast<uintptr_t>(vt.data) % 16 != 0 || vt.stride[rank - 2] % 16 != 0)) {
+    os << "vt8: the GPU needs a 16-byte aligned pointer and a head_dim stride that is a multiple "
+          "of 16, got stride "
+       << vt.stride[rank - 2];
+    return invalid(os.str());
+  }
+  if (vt.on_device != p->gpu) return invalid("vt8: expected the memory space of q8");
+  INTFA_TRY(api::check_exact_shape(x.v_scale, "v_scale", DType::f32, channel_shape(s), channel_desc(s)));
+  p->v.st = varlen ? Strides3{0, vt.stride[0], vt.stride[1]}
+                   : Strides3{vt.stride[0], vt.stride[1], vt.stride[2]};
+  return Status::OK();
+}
+
+Strides3 rows_strides(const ProblemShape& s, bool q_side) {
+  const int64_t n = q_side ? (s.varlen ? s.total_q : s.seqlen_q) : (s.varlen ? s.total_kv : s.seqlen_kv);
+  const int64_t h = q_side ? s.heads_q : s.heads_kv;
+  return s.varlen ? Strides3{0, n, 1} : Strides3{h * n, n, 1};
+}
+Strides3 channel_strides(const ProblemShape& s) {
+  return {static_cast<int64_t>(s.heads_kv) * s.head_dim, s.head_dim, 0};
+}
+
+void fill_common(const Problem& p, int& batch, int& hq, int& hkv, int& sq, int& skv, int& d) {
+  batch = p.shape.batch; hq = p.shape.heads_q; hkv = p.shape.heads_kv;
+  sq = p.shape.seqlen_q; skv = p.shape.seqlen_kv; d = p.shape.head_dim;
+}
+
+QuantParams make_quant_params(const Problem& p, const Tensor& q, const Tensor& k, const Tensor& v,
+                              const QuantizedQKV& x, Scheme scheme, const View& q8v, const View& k8v) {
+  QuantParams qp;
+  fill_common(p, qp.batch, qp.heads_q, qp.heads_kv, qp.seqlen_q, qp.seqlen_kv, qp.head_dim);
+  qp.cu_q = p.cu_q;
+  qp.cu_kv = p.cu_kv;
+  qp.in_dtype = p.dtype;
+  qp.scheme = scheme;
+  qp.softmax_scale = p.softmax_scale;
+  qp.q = q.data; qp.q_st = p.q.st;
+  qp.k = k.data; qp.k_st = p.k.st;
+  qp.v = v.data; qp.v_st = p.v.st;
+  qp.q8 = static_cast<int8_t*>(x.q8.data); qp.q8_st = q8v.st;
+  qp.k8 = static_cast<int8_t*>(x.k8.data); qp.k8_st = k8v.st;
+  qp.q_scale = static_cast<float*>(x.q_scale.data); qp.qs_st = rows_strides(p.shape, true);
+  qp.lse_offset = static_cast<float*>(x.lse_offset.data);
+  qp.k_scale = static_cast<float*>(x.k_scale.data); qp.ks_st = rows_strides(p.shape, false);
+  qp.k_mean = static_cast<float*>(x.k_mean.data); qp.km_st = channel_strides(p.shape);
+  if (scheme != Scheme::half) {
+    const Tensor& vt = x.vt8;
+    qp.vt8 = static_cast<int8_t*>(vt.data);
+    qp.vt_st = p.form == Form::varlen ? Strides3{0, vt.stride[0], vt.stride[1]}
+                                      : Strides3{vt.stride[0], vt.stride[1], vt.stride[2]};
+    qp.v_scale = static_cast<float*>(x.v_scale.data);
+    qp.vs_st = channel_strides(p.shape);
+  }
+  return qp;
+}
+
+FwdParams make_fwd_params(const Problem& p, const QuantizedQKV& x, const Tensor& out,
+                          const Tensor* lse, const Options& opts) {
+  FwdParams f;
+  fill_common(p, f.batch, f.heads_q, f.heads_kv, f.seqlen_q, f.seqlen_kv, f.head_dim);
+  f.cu_q = p.cu_q;
+  f.cu_kv = p.cu_kv;
+  f.scheme = x.scheme;
+  f.softmax_scale = p.softmax_scale;
+  f.causal = opts.causal;
+  f.block_n = opts.block_n;
+  f.q8 = static_cast<const int8_t*>(x.q8.data); f.q_st = p.q.st;
+  f.k8 = static_cast<const int8_t*>(x.k8.data); f.k_st = p.k.st;
+  if (x.scheme == Scheme::half) {
+    f.v = x.v.data; f.v_st = p.v.st; f.v_dtype = x.v.dtype;
+  } else {
+    f.vt8 = static_cast<const int8_t*>(x.vt8.data); f.vt_st = p.v.st;
+    f.v_scale = static_cast<const float*>(x.v_scale.data); f.vs_st = channel_strides(p.shape);
+  }
+  f.q_scale = static_cast<const float*>(x.q_scale.data); f.qs_st = rows_strides(p.shape, true);
+  f.lse_offset = static_cast<const float*>(x.lse_offset.data);
+  f.k_scale = static_cast<const float*>(x.k_scale.data); f.ks_st = rows_strides(p.shape, false);
+  View o;
+  (void)api::check_operand(out, "out", p.layout, p.form, {out.dtype}, false, &o);
+  f.out = out.data; f.o_st = o.st; f.out_dtype = out.dtype;
+  if (lse && lse->defined()) {
+    f.lse = static_cast<float*>(lse->data);
+    f.lse_st = rows_strides(p.shape, true);
+  }
+  return f;
+}
+
+Status resolve_gpu(const Problem& p, const Options& opts, GpuPath* path) {
+  return cuda::resolve_path(opts.path, p.device, path);
+}
+
+// Quantizes then attends; shared by attention() and attention_varlen().
+Status run_fp_attention(Problem& p, const Tensor& q, const Tensor& k, const Tensor& v,
+                        const Tensor& out, const Tensor* lse, const Options& opts) {
+  const size_t bytes = quantized_bytes(p.shape, opts.scheme);
+  GpuPath path = GpuPath::automatic;
+  std::vector<uint8_t> host_buf;
+  void* buf = nullptr;
+  bool owned = false;
+  if (p.gpu) {
+    INTFA_TRY(resolve_gpu(p, opts, &path));
+    if (opts.workspace.defined()) {
+      const int64_t have = opts.workspace.numel() * static_cast<int64_t>(dtype_size(opts.workspace.dtype));
+      if (have < static_cast<int64_t>(bytes)) {
+        std::ostringstream os;
+        os << "workspace: expected at least " << bytes << " bytes, got " << have;
+        return invalid(os.str());
+      }
+      if (!opts.workspace.on_device || opts.workspace.device_index != p.device)
+        return invalid("workspace: expected GPU memory on the device of q");
+      if (reinterpret_cast<uintptr_t>(opts.workspace.data) % 256 != 0)
+        return invalid("workspace: expected a 256-byte aligned pointer");
+      buf = opts.workspace.data;
+    } else {
+      INTFA_TRY(cuda::malloc_async(&buf, bytes, opts.stream));
+      owned = true;
+    }
+  } else {
+    host_buf.resize(bytes + 256);
+    buf = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(host_buf.data()) + 255) & ~uintptr_t(255));
+  }
+  QuantizedQKV x;
+  Status st = alloc_quantized(p.shape, opts.scheme, p.layout, buf, bytes, p.gpu, p.device, &x);
+  if (st.ok()) {
+    if (opts.scheme == Scheme::half) x.v = v;
+    View q8v, k8v;
+    (void)api::check_operand(x.q8, "q8", p.layout, p.form, {DType::i8}, false, &q8v);
+    (void)api::check_operand(x.k8, "k8", p.layout, p.form, {DType::i8}, false, &k8v);
+    QuantParams qp = make_quant_params(p, q, k, v, x, opts.scheme, q8v, k8v);
+    Problem pq = p;  // the attention reads the quantized tensors' strides
+    pq.q = q8v;
+    pq.k = k8v;
+    if (opts.scheme != Scheme::half) pq.v.st = qp.vt_st;
+    FwdParams fp = make_fwd_params(pq, x, out, lse, opts);
+    if (p.gpu) {
+      st = cuda::quantize(qp, opts.stream);
+      if (st.ok()) st = cuda::attention_int8(fp, path, opts.stream);
+    } else {
+      ref::quantize(qp);
+      ref::attention_int8(fp);
+    }
+  }
+  if (owned) {
+    Status fst = cuda::free_async(buf, opts.stream);
+    if (st.ok()) st = fst;
+  }
+  return st;
+}
+
+}  // namespace
+
+size_t quantized_bytes(const ProblemShape& s, Scheme scheme) {
+  auto up = [](size_t n) { return (n + 255) & ~size_t(255); };
+  const size_t tq = s.varlen ? s.total_q : static_cast<size_t>(s.batch) * s.seqlen_q;
+  const size_t tkv = s.varlen ? s.total_kv : static_cast<size_t>(s.batch) * s.seqlen_kv;
+  const size_t kv_pad = s.varlen ? up(s.total_kv) : up(s.seqlen_kv);
+  const size_t d = s.head_dim;
+  size_t n = up(tq * s.heads_q * d) + 2 * up(tq * s.heads_q * 4)  // q8, q_scale, lse_offset
+             + up(tkv * s.heads_kv * d) + up(tkv * s.heads_kv * 4)  // k8, k_scale
+             + up(static_cast<size_t>(s.batch) * s.heads_kv * d * 4);  // k_mean
+  if (scheme != Scheme::half)
+    n += up((s.varlen ? 1 : static_cast<size_t>(s.batch)) * s.heads_kv * d * kv_pad) +
+         up(static_cast<size_t>(s.batch) * s.heads_kv * d * 4);  // vt8, v_scale
+  return n;
+}
+
+Status alloc_quantized(const ProblemShape& s, Scheme scheme, Layout layout, void* buffer,
+                       size_t bytes, bool on_device, int device_index, QuantizedQKV* out) {
+  if (!buffer) return invalid("buffer: expected memory, got null");
+  if (reinterpret_cast<uintptr_t>(buffer) % 256 != 0) return invalid("buffer: expected a 256-byte aligned pointer");
+  if (s.batch < 1 || s.heads_q < 1 || s.heads_kv < 1 || s.head_dim < 1 ||
+      (!s.varlen && (s.seqlen_q < 1 || s.seqlen_kv < 1)) ||
+      (s.varlen && (s.total_q < 1 || s.total_kv < 1)))
+    return invalid("shape: every size must be >= 1");
+  const size_t need = quantized_bytes(s, scheme);
+  if (bytes < need) {
+    std::ostringstream os;
+    os << "bytes: expected at least " << need << " (quantized_bytes), got " << bytes;
+    return invalid(os.str());
+  }
+  auto up = [](size_t n) { return (n + 255) & ~size_t(255); };
+  uint8_t* cur = static_cast<uint8_t*>(buffer);
+  auto take = [&](DType dt, std::initializer_list<int64_t> shape) {
+    Tensor t = make_tensor(cur, dt, shape, on_device, device_index);
+    cur += up(static_cast<size_t>(t.numel()) * dtype_size(dt));
+    return t;
+  };
+  const int64_t B = s.batch, Hq = s.heads_q, Hk = s.heads_kv, D = s.head_dim;
+  QuantizedQKV x;
+  x.scheme = scheme;
+  x.layout = layout;
+  if (s.varlen) {
+    x.q8 = take(DType::i8, {s.total_q, Hq, D});
+    x.q_scale = take(DType::f32, {Hq, s.total_q});
+    x.lse_offset = take(DType::f32, {Hq, s.total_q});
+    x.k8 = take(DType::i8, {s.total_kv, Hk, D});
+    x.k_scale = take(DType::f32, {Hk, s.total_kv});
+    x.k_mean = take(DType::f32, {B, Hk, D});
+    if (scheme != Scheme::half) {
+      const int64_t pad = static_cast<int64_t>(up(s.total_kv));
+      x.vt8 = take(DType::i8, {Hk, D, pad});
+      x.vt8.shape[2] = s.total_kv;  // logical length; the row stride keeps the padding
+      x.v_scale = take(DType::f32, {B, Hk, D});
+    }
+  } else {
+    const int64_t Sq = s.seqlen_q, Skv = s.seqlen_kv;
+    if (layout == Layout::BHSD) {
+      x.q8 = take(DType::i8, {B, Hq, Sq, D});
+      x.k8 = take(DType::i8, {B, Hk, Skv, D});
+    } else {
+      x.q8 = take(DType::i8, {B, Sq, Hq, D});
+      x.k8 = take(DType::i8, {B, Skv, Hk, D});
+    }
+    x.q_scale = take(DType::f32, {B, Hq, Sq});
+    x.lse_offset = take(DType::f32, {B, Hq, Sq});
+    x.k_scale = take(DType::f32, {B, Hk, Skv});
+    x.k_mean = take(DType::f32, {B, Hk, D});
+    if (scheme != Scheme::half) {
+      const int64_t pad = static_cast<int64_t>(up(Skv));
+      x.vt8 = take(DType::i8, {B, Hk, D, pad});
+      x.vt8.shape[3] = Skv;
+      x.v_scale = take(DType::f32, {B, Hk, D});
+    }
+  }
+  *out = x;
+  return Status::OK();
+}
+
+Status attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                 const Tensor* lse, const Options& opts) {
+  Problem p;
+  INTFA_TRY(validate_qkv(q, k, v, Form::dense, opts, &p));
+  INTFA_TRY(validate_out(out, lse, p, false));
+  return run_fp_attention(p, q, k, v, out, lse, opts);
+}
+
+Status attention_varlen(const Tensor& q, const Tensor& k, const Tensor& v,
+                        const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_kv, int max_seqlen_q,
+                        int max_seqlen_kv, const Tensor& out, const Tensor* lse,
+                        const Options& opts) {
+  Problem p;
+  INTFA_TRY(validate_qkv(q, k, v, Form::varlen, opts, &p));
+  INTFA_TRY(validate_varlen(cu_seqlens_q, cu_seqlens_kv, max_seqlen_q, max_seqlen_kv, opts, &p));
+  INTFA_TRY(validate_out(out, lse, p, false));
+  return run_fp_attention(p, q, k, v, out, lse, opts);
+}
+
+Status quantize(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens_q,
+                const Tensor& cu_seqlens_kv, const Options& opts, const QuantizedQKV& out) {
+  const Form form = cu_seqlens_q.defined() || cu_seqlens_kv.defined() ? Form::varlen : Form::dense;
+  Problem p;
+  INTFA_TRY(validate_qkv(q, k, v, form, opts, &p));
+  if (form == Form::varlen) {
+    INTFA_TRY(validate_varlen(cu_seqlens_q, cu_seqlens_kv, static_cast<int>(p.q.S),
+                              static_cast<int>(p.k.S), opts, &p));
+  }
+  if (out.scheme != opts.scheme) {
+    std::ostringstream os;
+    os << "out.scheme: expected " << to_string(opts.scheme) << " (as options), got "
+       << to_string(out.scheme);
+    return invalid(os.str());
+  }
+  Problem pv = p;
+  INTFA_TRY(validate_quantized(out, &pv, opts.scheme != Scheme::half));
+  View q8v = pv.q, k8v = pv.k;
+  QuantParams qp = make_quant_params(p, q, k, v, out, opts.scheme, q8v, k8v);
+  if (p.gpu) {
+    GpuPath path;
+    INTFA_TRY(resolve_gpu(p, opts, &path));
+    return cuda::quantize(qp, opts.stream);
+  }
+  ref::quantize(qp);
+  return Status::OK();
+}
+
+Status attention_int8(const QuantizedQKV& x, const Tensor& cu_seqlens_q,
+                      const Tensor& cu_seqlens_kv, int max_seqlen_q, int max_seqlen_kv,
+                      const Tensor& out, const Tensor* lse, const Options& opts) {
+  INTFA_TRY(api::check_options(opts));
+  if (static_cast<int>(x.scheme) < 0 || static_cast<int>(x.scheme) > 2)
+    return invalid("qkv.scheme: unknown value (expected paper, accurate or half)");
+  Problem p;
+  const Form form = cu_seqlens_q.defined() || cu_seqlens_kv.defined() ? Form::varlen : Form::dense;
+  p.form = form;
+  p.layout = form == Form::varlen ? Layout::BHSD : x.layout;
+  INTFA_TRY(choose_backend(x.q8, opts, &p.gpu));
+  p.device = x.q8.device_index;
+  // Shapes come from q8 / k8 themselves.
+  INTFA_TRY(api::check_operand(x.q8, "q8", p.layout, form, {DType::i8}, p.gpu, &p.q));
+  INTFA_TRY(api::check_operand(x.k8, "k8", p.layout, form, {DType::i8}, p.gpu, &p.k));
+  std::ostringstream os;
+  if (form == Form::dense && p.k.B != p.q.B) {
+    os << "k8: batch expected " << p.q.B << " (as q8), got " << p.k.B;
+    return invalid(os.str());
+  }
+  if (p.k.D != p.q.D) {
+    os << "k8: head_dim expected " << p.q.D << " (as q8), got " << p.k.D;
+    return invalid(os.str());
+  }
+  if (p.q.H % p.k.H != 0) {
+    os << "k8: heads_kv = " << p.k.H << " must divide heads_q = " << p.q.H << " (GQA/MQA)";
+    return invalid(os.str());
+  }
+  INTFA_TRY(api::check_head_dim(p.q.D, p.gpu));
+  if (p.gpu && x.scheme == Scheme::half)
+    return Status(StatusCode::not_available, "qkv.scheme: half is not available on the GPU paths in this build");
+  ProblemShape& s = p.shape;
+  s.batch = static_cast<int>(p.q.B);
+  s.heads_q = static_cast<int>(p.q.H);
+  s.heads_kv = static_cast<int>(p.k.H);
+  s.seqlen_q = static_cast<int>(p.q.S);
+  s.seqlen_kv = static_cast<int>(p.k.S);
+  s.head_dim = static_cast<int>(p.q.D);
+  s.varlen = form == Form::varlen;
+  p.softmax_scale = opts.scale != 0.f ? opts.scale : 1.0f / std::sqrt(static_cast<float>(p.q.D));
+  if (form == Form::varlen)
+    INTFA_TRY(validate_varlen(cu_seqlens_q, cu_seqlens_kv, max_seqlen_q, max_seqlen_kv, opts, &p));
+  INTFA_TRY(validate_quantized(x, &p, true));
+  p.dtype = x.scheme == Scheme::half ? x.v.dtype : DType::f16;
+  // Output: fp16/bf16 (or f32) shaped like q8.
+  View o;
+  INTFA_TRY(api::check_operand(out, "out", p.layout, form, {DType::f16, DType::bf16, DType::f32}, p.gpu, &o));
+  if (o.B != p.q.B || o.H != p.q.H || o.S != p.q.S || o.D != p.q.D) {
+    os << "out: expected the shape of q8, got " << api::shape_str(out);
+    return invalid(os.str());
+  }
+  if (out.on_device != p.gpu) return invalid("out: expected the memory space of q8");
+  if (lse && lse->defined()) {
+    INTFA_TRY(api::check_exact_shape(*lse, "lse", DType::f32, rows_shape(s, true), rows_desc(s, true)));
+    if (lse->on_device != p.gpu) return invalid("lse: expected the memory space of q8");
+  }
+  FwdParams fp = make_fwd_params(p, x, out, lse, opts);
+  if (p.gpu) {
+    GpuPath path;
+    INTFA_TRY(resolve_gpu(p, opts, &path));
+    return cuda::attention_int8(fp, path, opts.stream);
+  }
+  ref::attention_int8(fp);
+  return Status::OK();
+}
+
+Status attention_reference(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                           const Tensor* lse, const Options& opts) {
+  INTFA_TRY(api::check_options(opts));
+  if (q.on_device || k.on_device || v.on_device || out.on_device)
+    return invalid("attention_reference: expected host tensors (the float64 oracle runs on the CPU)");
+  Problem p;
+  const std::vector<DType> any = {DType::f16, DType::bf16, DType::f32, DType::f64};
+  p.layout = opts.layout;
+  INTFA_TRY(api::check_operand(q, "q", p.layout, Form::dense, any, false, &p.q));
+  INTFA_TRY(api::check_operand(k, "k", p.layout, Form::dense, {q.dtype}, false, &p.k));
+  INTFA_TRY(api::check_operand(v, "v", p.layout, Form::dense, {q.dtype}, false, &p.v));
+  std::ostringstream os;
+  if (p.k.B != p.q.B || p.v.B != p.q.B || p.k.D != p.q.D || p.v.D != p.q.D || p.v.S != p.k.S ||
+      p.v.H != p.k.H || p.q.H % p.k.H != 0) {
+    os << "k/v: shapes " << api::shape_str(k) << " / " << api::shape_str(v)
+       << " do not match q " << api::shape_str(q) << " (same batch and head_dim, heads_kv dividing heads_q)";
+    return invalid(os.str());
+  }
+  p.dtype = q.dtype;
+  p.shape.batch = static_cast<int>(p.q.B);
+  p.shape.heads_q = static_cast<int>(p.q.H);
+  p.shape.heads_kv = static_cast<int>(p.k.H);
+  p.shape.seqlen_q = static_cast<int>(p.q.S);
+  p.shape.seqlen_kv = static_cast<int>(p.k.S);
+  p.shape.head_dim = static_cast<int>(p.q.D);
+  INTFA_TRY(validate_out(out, lse, p, true));
+  View o;
+  (void)api::check_operand(out, "out", p.layout, Form::dense, {out.dtype}, false, &o);
+  ref::ExactParams e;
+  e.batch = p.shape.batch; e.heads_q = p.shape.heads_q; e.heads_kv = p.shape.heads_kv;
+  e.seqlen_q = p.shape.seqlen_q; e.seqlen_kv = p.shape.seqlen_kv; e.head_dim = p.shape.head_dim;
+  e.softmax_scale = opts.scale != 0.f ? opts.scale : 1.0f / std::sqrt(static_cast<float>(p.q.D));
+  e.causal = opts.causal;
+  e.in_dtype = q.dtype;
+  e.q = q.data; e.q_st = p.q.st;
+  e.k = k.data; e.k_st = p.k.st;
+  e.v = v.data; e.v_st = p.v.st;
+  e.out = out.data; e.o_st = o.st; e.out_dtype = out.dtype;
+  if (lse && lse->defined()) {
+    e.lse = lse->data;
+    e.lse_dtype = lse->dtype;
+    e.lse_st = rows_strides(p.shape, true);
+  }
+  ref::attention_exact(e);
+  return Status::OK();
+}
+
+BuildInfo build_info() {
+  BuildInfo b;
+  b.version = INTFA_VERSION;
+  b.cuda_built = cuda::built();
+  b.cuda_archs = cuda::compiled_archs();
+  return b;
+}
+
+DeviceInfo device_info(int device_index) { return cuda::device_info(device_index); }
+
+Status gpu_malloc(void** ptr, size_t bytes, int device_index) {
+  return cuda::gpu_malloc(ptr, bytes, device_index);
+}
+Status gpu_free(void* ptr) { return cuda::gpu_free(ptr); }
+Status gpu_copy_to_device(void* dst, const void* src, size_t bytes) {
+  return cuda::gpu_copy(dst, src, bytes, true);
+}
+Status gpu_copy_to_host(void* dst, const void* src, size_t bytes) {
+  return cuda::gpu_copy(dst, src, bytes, false);
+}
+Status gpu_memset(void* ptr, int byte, size_t bytes) { return cuda::gpu_memset(ptr, byte, bytes); }
+Status gpu_synchronize() { return cuda::gpu_synchronize(); }
+Status gpu_time_ms(Status (*run)(void*), void* ctx, int warmup, int reps, void* stream,
+                   double* median_ms) {
+  if (warmup < 0 || reps < 1) return invalid("reps: expected >= 1 (and warmup >= 0)");
+  return cuda::gpu_time_ms(run, ctx, warmup, reps, stream, median_ms);
+}
+
+Status resolve_gpu_path(GpuPath requested, int device_index, GpuPath* resolved) {
+  return cuda::resolve_path(requested, device_index, resolved);
+}
+
+}  // namespace intfa

@@ -1,0 +1,41 @@
+// Argument checks shared by the entry points. Each returns the first problem as a Status whose
+// message names the argument, what was expected and what came.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "common/params.h"
+#include "intfa/intfa.h"
+
+namespace intfa::api {
+
+Status invalid(const std::string& msg);
+std::string shape_str(const Tensor& t);
+
+// A [batch, head, token, dim] view of an attention operand in either layout (or THD varlen).
+struct View {
+  int64_t B = 0, H = 0, S = 0, D = 0;
+  Strides3 st;
+};
+
+enum class Form { dense, varlen };
+
+// Checks a q/k/v/out style operand: defined, rank, positive sizes, dtype among `dtypes`,
+// contiguous last dim, element-aligned pointer (16-byte aligned rows for the GPU).
+Status check_operand(const Tensor& t, const char* name, Layout layout, Form form,
+                     const std::vector<DType>& dtypes, bool gpu, View* view);
+// A per-row/per-channel side tensor (scales, lse): rank = shape.size(), exact shape, dtype.
+Status check_exact_shape(const Tensor& t, const char* name, DType dtype,
+                         const std::vector<int64_t>& shape, const char* dims_desc);
+Status check_same_device(const Tensor& t, const char* name, const Tensor& ref, const char* ref_name);
+Status check_options(const Options& o);
+// head_dim supported by the backend chosen (cpu: multiple of 16 in [16, 256]; GPU: 64, 128).
+Status check_head_dim(int64_t d, bool gpu);
+// cu_seqlens (int32 [nseq+1], host copy): first 0, non-decreasing, last == total; returns the
+// longest sequence.
+Status check_cu_seqlens(const std::vector<int32_t>& cu, const char* name, int64_t total,
+                        int max_seqlen, const char* max_name);
+
+}  // namespace intfa::api

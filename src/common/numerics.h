@@ -1,0 +1,47 @@
+// The quantization arithmetic every backend shares bit for bit (rounding rule in intfa.h).
+// Host- and device-safe; the CUDA path uses the _rn intrinsics so no FMA contraction or
+// fast-math can change a rounding.
+#pragma once
+
+#include <cstdint>
+
+#include "common/params.h"
+
+#if !defined(__CUDA_ARCH__)
+#include <cmath>
+#endif
+
+namespace intfa {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr int kQMax = 127;    // symmetric int8 range used for Q, K, V (and paper's P)
+constexpr int kPMaxU8 = 255;  // unsigned P levels of the accurate scheme
+
+// Scale stored with the quantized tensor (dequantized x ~= x8 * s).
+INTFA_HD float quant_scale(float amax) { return amax > 0.f ? amax / 127.f : 1.f; }
+// Multiplier applied before rounding.
+INTFA_HD float quant_inv_scale(float amax) { return amax > 0.f ? 127.f / amax : 1.f; }
+
+// Round half to even, then clamp to [-127, 127].
+INTFA_HD int8_t quantize_s8(float x, float inv) {
+#if defined(__CUDA_ARCH__)
+  int r = __float2int_rn(__fmul_rn(x, inv));
+#else
+  int r = static_cast<int>(std::nearbyint(x * inv));
+#endif
+  r = r > kQMax ? kQMax : r;
+  r = r < -kQMax ? -kQMax : r;
+  return static_cast<int8_t>(r);
+}
+
+// p in [0, 1] -> round(levels * p) with levels 127 (paper, s8) or 255 (accurate, u8).
+INTFA_HD int quantize_p(float p, float levels) {
+#if defined(__CUDA_ARCH__)
+  return __float2int_rn(p * levels);
+#else
+  return static_cast<int>(std::nearbyint(p * levels));
+#endif
+}
+
+}  // namespace intfa

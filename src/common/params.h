@@ -1,0 +1,84 @@
+// Plain parameter structs passed by value from the API layer to every backend (CPU reference and
+// CUDA kernels alike), so all backends address memory the same way. Host- and device-safe.
+#pragma once
+
+#include <cstdint>
+
+#include "intfa/intfa.h"
+
+#if defined(__CUDACC__)
+#define INTFA_HD __host__ __device__ __forceinline__
+#else
+#define INTFA_HD inline
+#endif
+
+namespace intfa {
+
+// One operand indexed as [batch b, head h, token t, dim d]:
+//   base + b*bs + h*hs + (tok0(b) + t)*ts + d
+// where tok0(b) = cu[b] for packed varlen tensors (then bs is 0) and 0 otherwise.
+// Per-token scale arrays use the same form with d absent; per-channel arrays (v_scale, k_mean)
+// use [b, h, d] with ts unused; V transposed uses [b, h, d, t] with ds the stride of d.
+struct Strides3 {
+  int64_t bs = 0, hs = 0, ts = 0;
+};
+
+struct QuantParams {
+  // Problem. For varlen, batch = number of sequences, seqlen_* = max over sequences.
+  int batch = 0, heads_q = 0, heads_kv = 0, seqlen_q = 0, seqlen_kv = 0, head_dim = 0;
+  const int32_t* cu_q = nullptr;   // [batch+1] or nullptr
+  const int32_t* cu_kv = nullptr;
+  DType in_dtype = DType::f16;
+  Scheme scheme = Scheme::accurate;
+  float softmax_scale = 0.f;
+
+  // Inputs (fp16/bf16).
+  const void* q = nullptr;  Strides3 q_st;
+  const void* k = nullptr;  Strides3 k_st;
+  const void* v = nullptr;  Strides3 v_st;
+
+  // Outputs.
+  int8_t* q8 = nullptr;  Strides3 q8_st;
+  float* q_scale = nullptr;  Strides3 qs_st;     // ts == 1
+  float* lse_offset = nullptr;                   // same strides as q_scale; may be null
+  int8_t* k8 = nullptr;  Strides3 k8_st;
+  float* k_scale = nullptr;  Strides3 ks_st;     // ts == 1
+  float* k_mean = nullptr;  Strides3 km_st;      // [b,h,d]: bs, hs (d contiguous); may be null
+  int8_t* vt8 = nullptr;  Strides3 vt_st;        // [b,h,d,t]: bs, hs, ts = stride of d
+  float* v_scale = nullptr;  Strides3 vs_st;     // [b,h,d]
+};
+
+struct FwdParams {
+  int batch = 0, heads_q = 0, heads_kv = 0, seqlen_q = 0, seqlen_kv = 0, head_dim = 0;
+  const int32_t* cu_q = nullptr;
+  const int32_t* cu_kv = nullptr;
+  Scheme scheme = Scheme::accurate;
+  float softmax_scale = 0.f;
+  bool causal = false;
+  int block_n = 64;  // CPU emulation only
+
+  const int8_t* q8 = nullptr;  Strides3 q_st;
+  const int8_t* k8 = nullptr;  Strides3 k_st;
+  const int8_t* vt8 = nullptr; Strides3 vt_st;   // [b,h,d,t], ts = stride of d
+  const void* v = nullptr;     Strides3 v_st;    // half scheme: fp16/bf16 V [b,h,t,d]
+  DType v_dtype = DType::f16;
+  const float* q_scale = nullptr;  Strides3 qs_st;
+  const float* lse_offset = nullptr;              // like q_scale, may be null
+  const float* k_scale = nullptr;  Strides3 ks_st;
+  const float* v_scale = nullptr;  Strides3 vs_st;
+
+  void* out = nullptr;  Strides3 o_st;
+  DType out_dtype = DType::f16;
+  float* lse = nullptr; Strides3 lse_st;          // ts == 1; may be null
+};
+
+// Token range of sequence b: [tok0, tok0 + len).
+INTFA_HD int64_t seq_start(const int32_t* cu, int b) { return cu ? cu[b] : 0; }
+INTFA_HD int seq_len(const int32_t* cu, int b, int dense_len) {
+  return cu ? cu[b + 1] - cu[b] : dense_len;
+}
+INTFA_HD int64_t offset(const Strides3& s, int b, int h, int64_t tok) {
+  return b * s.bs + h * s.hs + tok * s.ts;
+}
+
+}  // namespace intfa

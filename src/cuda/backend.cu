@@ -1,0 +1,160 @@
+// CUDA backend entry: device queries, path resolution, scratch memory, and dispatch to the
+// kernel families (quantization, sm80). The API layer reaches it only through backend.h.
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "cuda/backend.h"
+#include "cuda/launchers.h"
+
+namespace intfa::cuda {
+
+Status check_cuda(cudaError_t err, const char* what) {
+  if (err == cudaSuccess) return Status::OK();
+  return Status(StatusCode::device_error,
+                std::string(what) + ": CUDA error " + cudaGetErrorName(err) + " (" +
+                    cudaGetErrorString(err) + ")");
+}
+
+bool built() { return true; }
+
+const char* compiled_archs() {
+  // CMake's arch list for the portable kernels, e.g. "80-real;90-real".
+  return "sm80 kernels for " INTFA_SM80_ARCHS;
+}
+
+DeviceInfo device_info(int device_index) {
+  DeviceInfo info;
+  int count = 0;
+  cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess || count == 0) {
+    info.error = err != cudaSuccess ? std::string("no CUDA device: ") + cudaGetErrorString(err)
+                                    : "no CUDA device";
+    cudaGetLastError();  // clear the sticky-free error so later calls start clean
+    return info;
+  }
+  if (device_index < 0 || device_index >= count) {
+    info.error = "device index " + std::to_string(device_index) + " out of range (have " +
+                 std::to_string(count) + ")";
+    return info;
+  }
+  cudaDeviceProp prop;
+  err = cudaGetDeviceProperties(&prop, device_index);
+  if (err != cudaSuccess) {
+    info.error = cudaGetErrorString(err);
+    return info;
+  }
+  info.present = true;
+  info.name = prop.name;
+  info.major = prop.major;
+  info.minor = prop.minor;
+  info.sm_count = prop.multiProcessorCount;
+  info.memory_bytes = prop.totalGlobalMem;
+  return info;
+}
+
+Status resolve_path(GpuPath requested, int device_index, GpuPath* resolved) {
+  DeviceInfo info = device_info(device_index);
+  if (!info.present)
+    return Status(StatusCode::not_available, "GPU backend: " + info.error);
+  const int cc = info.major * 10 + info.minor;
+  if (cc < 80)
+    return Status(StatusCode::not_available,
+                  "GPU backend: needs compute capability 8.0 or newer (integer mma.sync m16n8k32), "
+                  "device " + info.name + " has " + std::to_string(info.major) + "." +
+                      std::to_string(info.minor));
+  switch (requested) {
+    case GpuPath::automatic:
+    case GpuPath::sm80:
+      // The Hopper (sm90) path is not built yet: sm80 serves every device from Ampere on.
+      *resolved = GpuPath::sm80;
+      return Status::OK();
+    case GpuPath::sm90:
+      return Status(StatusCode::not_available,
+                    "path: sm90 (Hopper wgmma kernel) is not available in this build; use path "
+                    "sm80 or auto");
+  }
+  return Status(StatusCode::invalid_argument, "path: unknown value");
+}
+
+Status quantize(const QuantParams& p, void* stream) {
+  return launch_quantize(p, static_cast<cudaStream_t>(stream));
+}
+
+Status attention_int8(const FwdParams& p, GpuPath path, void* stream) {
+  if (path != GpuPath::sm80)
+    return Status(StatusCode::not_available, std::string("path: ") + to_string(path) +
+                                                 " is not available in this build");
+  return launch_fwd_sm80(p, static_cast<cudaStream_t>(stream));
+}
+
+Status malloc_async(void** ptr, size_t bytes, void* stream) {
+  return check_cuda(cudaMallocAsync(ptr, bytes, static_cast<cudaStream_t>(stream)),
+                    "workspace allocation (cudaMallocAsync)");
+}
+
+Status free_async(void* ptr, void* stream) {
+  return check_cuda(cudaFreeAsync(ptr, static_cast<cudaStream_t>(stream)), "cudaFreeAsync");
+}
+
+Status copy_to_host_sync(void* dst, const void* src, size_t bytes, void* stream,
+                         bool* capturing) {
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
+  Status st = check_cuda(cudaStreamIsCapturing(s, &cap), "cudaStreamIsCapturing");
+  if (!st.ok()) return st;
+  *capturing = cap != cudaStreamCaptureStatusNone;
+  if (*capturing) return Status::OK();
+  st = check_cuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, s), "cu_seqlens copy");
+  if (!st.ok()) return st;
+  return check_cuda(cudaStreamSynchronize(s), "cu_seqlens copy");
+}
+
+Status gpu_malloc(void** ptr, size_t bytes, int device_index) {
+  Status st = check_cuda(cudaSetDevice(device_index), "cudaSetDevice");
+  if (!st.ok()) return st;
+  return check_cuda(cudaMalloc(ptr, bytes), "cudaMalloc");
+}
+Status gpu_free(void* ptr) { return check_cuda(cudaFree(ptr), "cudaFree"); }
+Status gpu_copy(void* dst, const void* src, size_t bytes, bool to_device) {
+  return check_cuda(cudaMemcpy(dst, src, bytes, to_device ? cudaMemcpyHostToDevice : cudaMemcpyDeviceToHost),
+                    "cudaMemcpy");
+}
+Status gpu_memset(void* ptr, int byte, size_t bytes) {
+  Status st = check_cuda(cudaMemset(ptr, byte, bytes), "cudaMemset");
+  if (!st.ok()) return st;
+  return check_cuda(cudaDeviceSynchronize(), "cudaMemset");
+}
+Status gpu_synchronize() { return check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize"); }
+
+Status gpu_time_ms(Status (*run)(void* ctx), void* ctx, int warmup, int reps, void* stream,
+                   double* median_ms) {
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  for (int i = 0; i < warmup; ++i) {
+    Status st = run(ctx);
+    if (!st.ok()) return st;
+  }
+  cudaEvent_t start, stop;
+  Status st = check_cuda(cudaEventCreate(&start), "cudaEventCreate");
+  if (!st.ok()) return st;
+  st = check_cuda(cudaEventCreate(&stop), "cudaEventCreate");
+  std::vector<float> times;
+  for (int i = 0; st.ok() && i < reps; ++i) {
+    cudaEventRecord(start, s);
+    st = run(ctx);
+    if (!st.ok()) break;
+    cudaEventRecord(stop, s);
+    st = check_cuda(cudaEventSynchronize(stop), "timing");
+    float ms = 0.f;
+    if (st.ok()) st = check_cuda(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime");
+    times.push_back(ms);
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  if (!st.ok()) return st;
+  std::sort(times.begin(), times.end());
+  *median_ms = times[times.size() / 2];
+  return Status::OK();
+}
+
+}  // namespace intfa::cuda

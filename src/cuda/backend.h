@@ -1,0 +1,36 @@
+// The CUDA backend as the API layer sees it: host-safe declarations, no CUDA headers. When the
+// library is built without CUDA, src/api/no_cuda.cpp defines these to report "not available".
+#pragma once
+
+#include <cstddef>
+
+#include "common/params.h"
+#include "intfa/intfa.h"
+
+namespace intfa::cuda {
+
+bool built();
+const char* compiled_archs();
+DeviceInfo device_info(int device_index);
+// Picks the kernel family for the current device (or checks the requested one can run).
+Status resolve_path(GpuPath requested, int device_index, GpuPath* resolved);
+
+Status quantize(const QuantParams& p, void* stream);
+Status attention_int8(const FwdParams& p, GpuPath path, void* stream);
+
+// Stream-ordered scratch memory (graph-capturable) and small transfers for validation.
+Status malloc_async(void** ptr, size_t bytes, void* stream);
+Status free_async(void* ptr, void* stream);
+// Copies device memory to the host synchronously; *capturing is set (and nothing copied) when
+// the stream is capturing a CUDA graph, where a synchronous copy is not allowed.
+Status copy_to_host_sync(void* dst, const void* src, size_t bytes, void* stream, bool* capturing);
+
+Status gpu_malloc(void** ptr, size_t bytes, int device_index);
+Status gpu_free(void* ptr);
+Status gpu_copy(void* dst, const void* src, size_t bytes, bool to_device);
+Status gpu_memset(void* ptr, int byte, size_t bytes);
+Status gpu_synchronize();
+Status gpu_time_ms(Status (*run)(void* ctx), void* ctx, int warmup, int reps, void* stream,
+                   double* median_ms);
+
+}  // namespace intfa::cuda

@@ -1,0 +1,20 @@
+// Kernel-family launchers the CUDA backend dispatches to. Host-side; the kernels behind them
+// never see the API layer.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "common/params.h"
+
+namespace intfa::cuda {
+
+// src/cuda/quant: fp16/bf16 -> int8 tensors and scales (bit-identical to ref::quantize).
+Status launch_quantize(const QuantParams& p, cudaStream_t stream);
+
+// src/cuda/sm80: mma.sync INT8 flash attention (runs on sm_80 and newer).
+Status launch_fwd_sm80(const FwdParams& p, cudaStream_t stream);
+
+// Turns the last CUDA error into a Status naming `what`.
+Status check_cuda(cudaError_t err, const char* what);
+
+}  // namespace intfa::cuda

@@ -1,0 +1,165 @@
+// The blocked INT8 flash-attention loop of each scheme, exactly as design.md §1 defines it.
+// Integer block products are computed in fp32 on int8-valued operands: every partial sum is an
+// integer below 2^24 (127*127*D for QK^T, 255*127*block_n for PV with block_n <= 512), so the
+// result equals the int32 product bit for bit while the loops vectorize on any CPU.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common/numerics.h"
+#include "ref/ref.h"
+
+namespace intfa::ref {
+namespace {
+
+constexpr int kBlockM = 64;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+struct Tile {
+  int b, h, hkv, m0, rows, sq, skv;
+  int64_t q0, k0;
+};
+
+// Loads key block [n0, n0+cols) as K^T (d x bn, so the score loop runs along keys) and V (bn x d).
+void load_kv_block(const FwdParams& p, const Tile& t, int n0, int cols, float* kt, float* ks,
+                   float* vb) {
+  const int d = p.head_dim, bn = p.block_n;
+  for (int j = 0; j < cols; ++j) {
+    const int8_t* krow = p.k8 + offset(p.k_st, t.b, t.hkv, t.k0 + n0 + j);
+    for (int c = 0; c < d; ++c) kt[c * bn + j] = krow[c];
+    ks[j] = p.k_scale[offset(p.ks_st, t.b, t.hkv, t.k0 + n0 + j)];
+  }
+  if (p.scheme == Scheme::half) {
+    for (int j = 0; j < cols; ++j) {
+      const int64_t base = offset(p.v_st, t.b, t.hkv, t.k0 + n0 + j);
+      for (int c = 0; c < d; ++c) vb[j * d + c] = static_cast<float>(load_scalar(p.v, p.v_dtype, base + c));
+    }
+  } else {
+    const int8_t* vt = p.vt8 + t.b * p.vt_st.bs + t.hkv * p.vt_st.hs + t.k0 + n0;
+    for (int c = 0; c < d; ++c)
+      for (int j = 0; j < cols; ++j) vb[j * d + c] = vt[c * p.vt_st.ts + j];
+  }
+}
+
+void attend_tile(const FwdParams& p, const Tile& t) {
+  const int d = p.head_dim, bn = p.block_n;
+  std::vector<float> qf(kBlockM * d), rowf(kBlockM), m(kBlockM, kNegInf), l(kBlockM, 0.f);
+  std::vector<float> acc(kBlockM * d, 0.f), kt(d * bn), ks(bn), vb(bn * d), s(kBlockM * bn);
+  std::vector<float> prow(bn), pv(d);
+
+  // Scores in log2 units: t = S_int * (s_q * scale * log2 e) * s_k.
+  for (int i = 0; i < t.rows; ++i) {
+    const int8_t* qrow = p.q8 + offset(p.q_st, t.b, t.h, t.q0 + t.m0 + i);
+    for (int c = 0; c < d; ++c) qf[i * d + c] = qrow[c];
+    rowf[i] = p.q_scale[offset(p.qs_st, t.b, t.h, t.q0 + t.m0 + i)] * p.softmax_scale * kLog2e;
+  }
+  // Bottom-right causal: row r sees keys j <= r + skv - sq.
+  const int diag = t.skv - t.sq;
+  const int kv_end = p.causal ? std::min(t.skv, t.m0 + t.rows + diag) : t.skv;
+
+  for (int n0 = 0; n0 < kv_end; n0 += bn) {
+    const int cols = std::min(bn, t.skv - n0);
+    load_kv_block(p, t, n0, cols, kt.data(), ks.data(), vb.data());
+    std::fill(s.begin(), s.end(), 0.f);
+    for (int i = 0; i < t.rows; ++i) {
+      float* si = &s[i * bn];
+      for (int c = 0; c < d; ++c) {
+        const float qv = qf[i * d + c];
+        const float* kc = &kt[c * bn];
+        for (int j = 0; j < cols; ++j) si[j] += qv * kc[j];
+      }
+    }
+    for (int i = 0; i < t.rows; ++i) {
+      const int limit = p.causal ? std::min(cols, t.m0 + i + diag - n0 + 1) : cols;
+      if (limit <= 0) continue;  // this block is fully masked for the row
+      float* si = &s[i * bn];
+      float mb = kNegInf;
+      for (int j = 0; j < limit; ++j) {
+        si[j] = si[j] * rowf[i] * ks[j];
+        mb = std::max(mb, si[j]);
+      }
+      const float m_new = std::max(m[i], mb);
+      const float alpha = std::exp2(m[i] - m_new);  // 0 on the first visible block
+      float c_blk = 1.f, l_blk = 0.f;
+      switch (p.scheme) {
+        case Scheme::paper:  // running max, s8 P with 127 levels, l from unquantized p
+          for (int j = 0; j < limit; ++j) {
+            const float pr = std::exp2(si[j] - m_new);
+            l_blk += pr;
+            prow[j] = static_cast<float>(quantize_p(pr, 127.f));
+          }
+          c_blk = 1.f / 127.f;
+          break;
+        case Scheme::accurate: {  // block-local max, u8 P with 255 levels, l from quantized P
+          float sum_p8 = 0.f;
+          for (int j = 0; j < limit; ++j) {
+            prow[j] = static_cast<float>(quantize_p(std::exp2(si[j] - mb), 255.f));
+            sum_p8 += prow[j];
+          }
+          c_blk = std::exp2(mb - m_new) / 255.f;
+          l_blk = c_blk * sum_p8;
+          break;
+        }
+        case Scheme::half:  // running max, P rounded to the input dtype, V unquantized
+          for (int j = 0; j < limit; ++j) {
+            prow[j] = round_to_dtype(std::exp2(si[j] - m_new), p.v_dtype);
+            l_blk += prow[j];
+          }
+          break;
+      }
+      std::fill(pv.begin(), pv.end(), 0.f);
+      for (int j = 0; j < limit; ++j) {
+        const float pj = prow[j];
+        if (pj == 0.f) continue;
+        const float* vj = &vb[j * d];
+        for (int c = 0; c < d; ++c) pv[c] += pj * vj[c];
+      }
+      float* ai = &acc[i * d];
+      for (int c = 0; c < d; ++c) ai[c] = ai[c] * alpha + pv[c] * c_blk;
+      l[i] = l[i] * alpha + l_blk;
+      m[i] = m_new;
+    }
+  }
+
+  // Epilogue: per-channel V scale and 1/l; fully masked rows give 0 and LSE = -inf.
+  const float* vs = p.scheme == Scheme::half ? nullptr
+                                             : p.v_scale + t.b * p.vs_st.bs + t.hkv * p.vs_st.hs;
+  for (int i = 0; i < t.rows; ++i) {
+    const int64_t obase = offset(p.o_st, t.b, t.h, t.q0 + t.m0 + i);
+    const bool empty = !(l[i] > 0.f);
+    const float inv_l = empty ? 0.f : 1.f / l[i];
+    for (int c = 0; c < d; ++c) {
+      const float o = empty ? 0.f : acc[i * d + c] * (vs ? vs[c] : 1.f) * inv_l;
+      store_scalar(p.out, p.out_dtype, obase + c, o);
+    }
+    if (p.lse) {
+      const int64_t li = offset(p.lse_st, t.b, t.h, t.q0 + t.m0 + i);
+      const float off = p.lse_offset ? p.lse_offset[offset(p.qs_st, t.b, t.h, t.q0 + t.m0 + i)] : 0.f;
+      p.lse[li] = empty ? kNegInf : m[i] * kLn2 + std::log(l[i]) + off;
+    }
+  }
+}
+
+}  // namespace
+
+void attention_int8(const FwdParams& p) {
+  const int m_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
+  const int64_t tasks = static_cast<int64_t>(p.batch) * p.heads_q * m_blocks;
+  parallel_for(tasks, [&](int64_t task) {
+    Tile t;
+    t.m0 = static_cast<int>(task % m_blocks) * kBlockM;
+    t.h = static_cast<int>((task / m_blocks) % p.heads_q);
+    t.b = static_cast<int>(task / (static_cast<int64_t>(m_blocks) * p.heads_q));
+    t.sq = seq_len(p.cu_q, t.b, p.seqlen_q);
+    t.skv = seq_len(p.cu_kv, t.b, p.seqlen_kv);
+    if (t.m0 >= t.sq) return;
+    t.rows = std::min(kBlockM, t.sq - t.m0);
+    t.hkv = t.h / (p.heads_q / p.heads_kv);
+    t.q0 = seq_start(p.cu_q, t.b);
+    t.k0 = seq_start(p.cu_kv, t.b);
+    attend_tile(p, t);
+  });
+}
+
+}  // namespace intfa::ref

@@ -1,0 +1,117 @@
+// CPU quantizers of the three schemes. The arithmetic (and so every bit of the output) is the
+// contract the GPU quantization kernels are tested against: see the rounding rule in intfa.h.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "common/numerics.h"
+#include "ref/ref.h"
+
+namespace intfa::ref {
+
+// Quantizes one token row x[0..d) (already fp32) symmetric per-token.
+static void quantize_row(const float* x, int d, int8_t* out, float* scale) {
+  float amax = 0.f;
+  for (int c = 0; c < d; ++c) amax = std::max(amax, std::fabs(x[c]));
+  const float inv = quant_inv_scale(amax);
+  for (int c = 0; c < d; ++c) out[c] = quantize_s8(x[c], inv);
+  *scale = quant_scale(amax);
+}
+
+// K smoothing mean for one (sequence, kv head): fp64 sum -> /n -> fp32 -> input dtype.
+static void k_channel_mean(const QuantParams& p, int b, int h, float* mean) {
+  const int n = seq_len(p.cu_kv, b, p.seqlen_kv);
+  const int64_t t0 = seq_start(p.cu_kv, b);
+  std::vector<double> sum(p.head_dim, 0.0);
+  for (int t = 0; t < n; ++t) {
+    const int64_t base = offset(p.k_st, b, h, t0 + t);
+    for (int c = 0; c < p.head_dim; ++c) sum[c] += load_scalar(p.k, p.in_dtype, base + c);
+  }
+  for (int c = 0; c < p.head_dim; ++c) {
+    float m = n > 0 ? static_cast<float>(sum[c] / n) : 0.f;
+    mean[c] = round_to_dtype(m, p.in_dtype);
+  }
+}
+
+static void quantize_kv_head(const QuantParams& p, int b, int h) {
+  const int d = p.head_dim;
+  const int n = seq_len(p.cu_kv, b, p.seqlen_kv);
+  const int64_t t0 = seq_start(p.cu_kv, b);
+  const bool smooth = p.scheme != Scheme::paper;
+
+  std::vector<float> mean(d, 0.f);
+  if (smooth) k_channel_mean(p, b, h, mean.data());
+  if (p.k_mean) {
+    float* km = p.k_mean + b * p.km_st.bs + h * p.km_st.hs;
+    for (int c = 0; c < d; ++c) km[c] = mean[c];
+  }
+
+  std::vector<float> row(d);
+  for (int t = 0; t < n; ++t) {
+    const int64_t base = offset(p.k_st, b, h, t0 + t);
+    for (int c = 0; c < d; ++c)
+      row[c] = static_cast<float>(load_scalar(p.k, p.in_dtype, base + c)) - mean[c];
+    quantize_row(row.data(), d, p.k8 + offset(p.k8_st, b, h, t0 + t),
+                 p.k_scale + offset(p.ks_st, b, h, t0 + t));
+  }
+
+  if (p.scheme == Scheme::half) return;  // V stays in fp16/bf16
+
+  // V: per-channel amax (accurate) or one amax per (sequence, head) (paper).
+  std::vector<float> amax(d, 0.f);
+  for (int t = 0; t < n; ++t) {
+    const int64_t base = offset(p.v_st, b, h, t0 + t);
+    for (int c = 0; c < d; ++c)
+      amax[c] = std::max(amax[c], std::fabs(static_cast<float>(load_scalar(p.v, p.in_dtype, base + c))));
+  }
+  if (p.scheme == Scheme::paper) {
+    const float all = *std::max_element(amax.begin(), amax.end());
+    std::fill(amax.begin(), amax.end(), all);
+  }
+  float* vs = p.v_scale + b * p.vs_st.bs + h * p.vs_st.hs;
+  for (int c = 0; c < d; ++c) {
+    const float inv = quant_inv_scale(amax[c]);
+    vs[c] = quant_scale(amax[c]);
+    int8_t* dst = p.vt8 + b * p.vt_st.bs + h * p.vt_st.hs + c * p.vt_st.ts + t0;
+    for (int t = 0; t < n; ++t) {
+      const float x = static_cast<float>(load_scalar(p.v, p.in_dtype, offset(p.v_st, b, h, t0 + t) + c));
+      dst[t] = quantize_s8(x, inv);
+    }
+  }
+}
+
+static void quantize_q_head(const QuantParams& p, int b, int h) {
+  const int d = p.head_dim;
+  const int n = seq_len(p.cu_q, b, p.seqlen_q);
+  const int64_t t0 = seq_start(p.cu_q, b);
+  const int hkv = h / (p.heads_q / p.heads_kv);
+  const bool smooth = p.scheme != Scheme::paper;
+
+  // The LSE correction uses the unquantized Q and the same (dtype-rounded) K mean that was
+  // subtracted from K; recomputed here so Q and K heads can be processed independently.
+  std::vector<float> mean(d, 0.f);
+  if (smooth && p.lse_offset) k_channel_mean(p, b, hkv, mean.data());
+
+  std::vector<float> row(d);
+  for (int t = 0; t < n; ++t) {
+    const int64_t base = offset(p.q_st, b, h, t0 + t);
+    double dot = 0.0;
+    for (int c = 0; c < d; ++c) {
+      row[c] = static_cast<float>(load_scalar(p.q, p.in_dtype, base + c));
+      dot += static_cast<double>(row[c]) * mean[c];
+    }
+    quantize_row(row.data(), d, p.q8 + offset(p.q8_st, b, h, t0 + t),
+                 p.q_scale + offset(p.qs_st, b, h, t0 + t));
+    if (p.lse_offset)
+      p.lse_offset[offset(p.qs_st, b, h, t0 + t)] = static_cast<float>(p.softmax_scale * dot);
+  }
+}
+
+void quantize(const QuantParams& p) {
+  parallel_for(static_cast<int64_t>(p.batch) * p.heads_kv,
+               [&](int64_t i) { quantize_kv_head(p, static_cast<int>(i / p.heads_kv), static_cast<int>(i % p.heads_kv)); });
+  parallel_for(static_cast<int64_t>(p.batch) * p.heads_q,
+               [&](int64_t i) { quantize_q_head(p, static_cast<int>(i / p.heads_q), static_cast<int>(i % p.heads_q)); });
+}
+
+}  // namespace intfa::ref
