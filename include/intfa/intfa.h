@@ -112,7 +112,9 @@ struct QuantizedQKV {
   Tensor k8;          // int8, same shape as k (smoothed K' for accurate/half)
   Tensor k_scale;     // f32 [B,Hkv,Skv] or [Hkv,Tkv]
   Tensor k_mean;      // f32 [B,Hkv,D] or [nseq,Hkv,D] (accurate/half; informational)
-  Tensor vt8;         // int8 V transposed: [B,Hkv,D,Skv] or [Hkv,D,Tkv] (paper, accurate)
+  Tensor vt8;         // int8 V transposed (paper, accurate): [B,Hkv,D,>=Skv], or for varlen
+                      // [Hkv,D,>=Tkv+16*(nseq+1)] with sequence b at column
+                      // round_up(cu_kv[b],16)+16*b (16-byte aligned for vector loads)
   Tensor v_scale;     // f32 [B,Hkv,D] or [nseq,Hkv,D]; paper: all D entries equal (per tensor)
   Tensor v;           // half scheme: V as given (fp16/bf16), vt8/v_scale unused
 };

@@ -280,14 +280,14 @@ Status validate_quantized(const QuantizedQKV& x, Problem* p, bool need_v_or_vt) 
     os << "vt8: expected dtype int8, got " << to_string(vt.dtype);
     return Status(StatusCode::unsupported_type, os.str());
   }
-  const int64_t want_tokens = varlen ? s.total_kv : s.seqlen_kv;
+  const int64_t want_tokens = varlen ? vt_varlen_columns(s.total_kv, s.batch) : s.seqlen_kv;
   bool ok = vt.ndim == rank && vt.stride[rank - 1] == 1;
   if (ok && varlen) ok = vt.shape[0] == s.heads_kv && vt.shape[1] == s.head_dim && vt.shape[2] >= want_tokens;
   if (ok && !varlen)
     ok = vt.shape[0] == s.batch && vt.shape[1] == s.heads_kv && vt.shape[2] == s.head_dim &&
          vt.shape[3] >= want_tokens;
   if (!ok) {
-    os << "vt8: expected V transposed, shape " << (varlen ? "[heads_kv, head_dim, >= total_kv]" : "[batch, heads_kv, head_dim, >= seqlen_kv]")
+    os << "vt8: expected V transposed, shape " << (varlen ? "[heads_kv, head_dim, >= total_kv + 16*(num_sequences+1)] (sequence b at column round_up(cu_kv[b],16)+16b)" : "[batch, heads_kv, head_dim, >= seqlen_kv]")
        << " with a contiguous last dim, got " << api::shape_str(vt);
     return invalid(os.str());
   }
@@ -446,7 +446,7 @@ size_t quantized_bytes(const ProblemShape& s, Scheme scheme) {
   auto up = [](size_t n) { return (n + 255) & ~size_t(255); };
   const size_t tq = s.varlen ? s.total_q : static_cast<size_t>(s.batch) * s.seqlen_q;
   const size_t tkv = s.varlen ? s.total_kv : static_cast<size_t>(s.batch) * s.seqlen_kv;
-  const size_t kv_pad = s.varlen ? up(s.total_kv) : up(s.seqlen_kv);
+  const size_t kv_pad = s.varlen ? up(vt_varlen_columns(s.total_kv, s.batch)) : up(s.seqlen_kv);
   const size_t d = s.head_dim;
   size_t n = up(tq * s.heads_q * d) + 2 * up(tq * s.heads_q * 4)  // q8, q_scale, lse_offset
              + up(tkv * s.heads_kv * d) + up(tkv * s.heads_kv * 4)  // k8, k_scale
@@ -490,9 +490,9 @@ Status alloc_quantized(const ProblemShape& s, Scheme scheme, Layout layout, void
     x.k_scale = take(DType::f32, {Hk, s.total_kv});
     x.k_mean = take(DType::f32, {B, Hk, D});
     if (scheme != Scheme::half) {
-      const int64_t pad = static_cast<int64_t>(up(s.total_kv));
-      x.vt8 = take(DType::i8, {Hk, D, pad});
-      x.vt8.shape[2] = s.total_kv;  // logical length; the row stride keeps the padding
+      const int64_t cols = vt_varlen_columns(s.total_kv, s.batch);
+      x.vt8 = take(DType::i8, {Hk, D, static_cast<int64_t>(up(cols))});
+      x.vt8.shape[2] = cols;  // sequence b starts at column vt_seq_start(cu_kv, b)
       x.v_scale = take(DType::f32, {B, Hk, D});
     }
   } else {

@@ -77,6 +77,14 @@ INTFA_HD int64_t seq_start(const int32_t* cu, int b) { return cu ? cu[b] : 0; }
 INTFA_HD int seq_len(const int32_t* cu, int b, int dense_len) {
   return cu ? cu[b + 1] - cu[b] : dense_len;
 }
+// Varlen V-transposed columns: sequence b starts at a 16-aligned column (so 16-byte vector and
+// cp.async loads work for every sequence): round_up(cu[b], 16) + 16*b, which never overlaps the
+// previous sequence. The packed vt8 row therefore holds total_kv + 16*(nseq+1) columns.
+INTFA_HD int64_t vt_seq_start(const int32_t* cu, int b) {
+  return cu ? ((static_cast<int64_t>(cu[b]) + 15) & ~int64_t(15)) + 16 * static_cast<int64_t>(b) : 0;
+}
+INTFA_HD int64_t vt_varlen_columns(int64_t total_kv, int nseq) { return total_kv + 16 * (int64_t(nseq) + 1); }
+
 INTFA_HD int64_t offset(const Strides3& s, int b, int h, int64_t tok) {
   return b * s.bs + h * s.hs + tok * s.ts;
 }

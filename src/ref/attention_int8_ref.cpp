@@ -36,7 +36,7 @@ void load_kv_block(const FwdParams& p, const Tile& t, int n0, int cols, float* k
       for (int c = 0; c < d; ++c) vb[j * d + c] = static_cast<float>(load_scalar(p.v, p.v_dtype, base + c));
     }
   } else {
-    const int8_t* vt = p.vt8 + t.b * p.vt_st.bs + t.hkv * p.vt_st.hs + t.k0 + n0;
+    const int8_t* vt = p.vt8 + t.b * p.vt_st.bs + t.hkv * p.vt_st.hs + vt_seq_start(p.cu_kv, t.b) + n0;
     for (int c = 0; c < d; ++c)
       for (int j = 0; j < cols; ++j) vb[j * d + c] = vt[c * p.vt_st.ts + j];
   }

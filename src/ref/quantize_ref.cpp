@@ -72,7 +72,7 @@ static void quantize_kv_head(const QuantParams& p, int b, int h) {
   for (int c = 0; c < d; ++c) {
     const float inv = quant_inv_scale(amax[c]);
     vs[c] = quant_scale(amax[c]);
-    int8_t* dst = p.vt8 + b * p.vt_st.bs + h * p.vt_st.hs + c * p.vt_st.ts + t0;
+    int8_t* dst = p.vt8 + b * p.vt_st.bs + h * p.vt_st.hs + c * p.vt_st.ts + vt_seq_start(p.cu_kv, b);
     for (int t = 0; t < n; ++t) {
       const float x = static_cast<float>(load_scalar(p.v, p.in_dtype, offset(p.v_st, b, h, t0 + t) + c));
       dst[t] = quantize_s8(x, inv);

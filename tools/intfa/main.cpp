@@ -1,1 +1,459 @@
-int main(){return 0;}
+// intfa command-line tool: info, demo, accuracy, bench (design.md §2). Uses only the public API.
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "inputs.h"
+#include "intfa/intfa.h"
+
+namespace {
+
+using namespace intfa;
+using tools::Dist;
+
+constexpr int kExitUsage = 2;
+constexpr int kExitError = 1;
+
+struct UsageError {
+  std::string msg;
+};
+
+// --name value parsing with precise messages.
+class Args {
+ public:
+  Args(int argc, char** argv, int first) {
+    for (int i = first; i < argc; ++i) {
+      std::string a = argv[i];
+      if (a.rfind("--", 0) != 0) throw UsageError{"unexpected argument '" + a + "'"};
+      if (a == "--causal" && (i + 1 >= argc || std::string(argv[i + 1]).rfind("--", 0) == 0)) {
+        kv_[a] = "1";
+        continue;
+      }
+      if (i + 1 >= argc) throw UsageError{a + ": expected a value"};
+      kv_[a] = argv[++i];
+    }
+  }
+  void allow(const std::vector<std::string>& names) const {
+    for (auto& [k, v] : kv_) {
+      bool ok = false;
+      for (auto& n : names) ok |= n == k;
+      if (!ok) throw UsageError{"unknown option " + k};
+    }
+  }
+  std::string str(const std::string& name, const std::string& def) const {
+    auto it = kv_.find(name);
+    return it == kv_.end() ? def : it->second;
+  }
+  std::vector<std::string> list(const std::string& name, const std::string& def) const {
+    std::vector<std::string> out;
+    std::stringstream ss(str(name, def));
+    for (std::string item; std::getline(ss, item, ',');)
+      if (!item.empty()) out.push_back(item);
+    if (out.empty()) throw UsageError{name + ": expected a comma-separated list, got '" + str(name, def) + "'"};
+    return out;
+  }
+  std::vector<int> ints(const std::string& name, const std::string& def, int lo, int hi) const {
+    std::vector<int> out;
+    for (auto& s : list(name, def)) {
+      char* end = nullptr;
+      long v = std::strtol(s.c_str(), &end, 10);
+      if (s.empty() || *end != 0 || v < lo || v > hi)
+        throw UsageError{name + ": expected integers in [" + std::to_string(lo) + ", " +
+                         std::to_string(hi) + "] separated by commas, got '" + s + "'"};
+      out.push_back(static_cast<int>(v));
+    }
+    return out;
+  }
+  int integer(const std::string& name, int def, int lo, int hi) const {
+    auto v = ints(name, std::to_string(def), lo, hi);
+    if (v.size() != 1) throw UsageError{name + ": expected one integer"};
+    return v[0];
+  }
+
+ private:
+  std::map<std::string, std::string> kv_;
+};
+
+std::vector<Scheme> parse_schemes(const Args& a, const std::string& def) {
+  std::vector<Scheme> out;
+  for (auto& s : a.list("--scheme", def)) {
+    Scheme sc;
+    if (!parse_scheme(s, &sc)) throw UsageError{"--scheme: expected paper, accurate or half, got '" + s + "'"};
+    out.push_back(sc);
+  }
+  return out;
+}
+
+std::vector<Dist> parse_dists(const Args& a, const std::string& def) {
+  std::vector<Dist> out;
+  for (auto& s : a.list("--dist", def)) {
+    Dist d;
+    if (!tools::parse_dist(s, &d)) throw UsageError{"--dist: expected normal, uniform or llm, got '" + s + "'"};
+    out.push_back(d);
+  }
+  return out;
+}
+
+DType parse_dtype(const Args& a) {
+  std::string s = a.str("--dtype", "bf16");
+  if (s == "bf16" || s == "bfloat16") return DType::bf16;
+  if (s == "fp16" || s == "float16") return DType::f16;
+  throw UsageError{"--dtype: expected bf16 or fp16, got '" + s + "'"};
+}
+
+Backend parse_device(const Args& a) {
+  Backend b;
+  std::string s = a.str("--device", "auto");
+  if (!parse_backend(s, &b)) throw UsageError{"--device: expected cpu, gpu or auto, got '" + s + "'"};
+  if (b == Backend::automatic) b = device_info(0).present ? Backend::gpu : Backend::cpu;
+  if (b == Backend::gpu && !device_info(0).present)
+    throw std::runtime_error("--device gpu needs a CUDA GPU: " + device_info(0).error);
+  return b;
+}
+
+GpuPath parse_gpu_path(const Args& a) {
+  GpuPath p;
+  std::string s = a.str("--path", "auto");
+  if (!parse_path(s, &p)) throw UsageError{"--path: expected auto, sm80 or sm90, got '" + s + "'"};
+  return p;
+}
+
+void check(const Status& st, const char* what) {
+  if (!st.ok()) throw std::runtime_error(std::string(what) + ": " + st.message());
+}
+
+double now_ms() {
+  return std::chrono::duration<double, std::milli>(
+             std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// Device copies of host inputs; freed on scope exit.
+struct DeviceBuf {
+  void* ptr = nullptr;
+  explicit DeviceBuf(size_t bytes) { check(gpu_malloc(&ptr, bytes), "gpu_malloc"); }
+  DeviceBuf(const void* host, size_t bytes) : DeviceBuf(bytes) {
+    check(gpu_copy_to_device(ptr, host, bytes), "copy to GPU");
+  }
+  ~DeviceBuf() { if (ptr) (void)gpu_free(ptr); }
+  DeviceBuf(const DeviceBuf&) = delete;
+  DeviceBuf& operator=(const DeviceBuf&) = delete;
+};
+
+Tensor on_device(Tensor t, void* ptr) {
+  t.data = ptr;
+  t.on_device = true;
+  return t;
+}
+
+// Runs intfa on (q,k,v) on the chosen backend; returns the fp32 output and the time.
+struct RunResult {
+  std::vector<float> out;
+  double ms = 0;
+};
+
+RunResult run_intfa(tools::HostQKV& x, const Options& opts, Backend backend) {
+  RunResult r;
+  r.out.assign(x.q.size(), NAN);  // poisoned: unwritten elements show
+  const int64_t shape[4] = {x.batch, x.heads_q, x.seqlen_q, x.head_dim};
+  Tensor out = make_tensor(r.out.data(), DType::f32, 4, shape);
+  if (backend == Backend::cpu) {
+    double t0 = now_ms();
+    check(attention(x.tq(), x.tk(), x.tv(), out, nullptr, opts), "attention (cpu)");
+    r.ms = now_ms() - t0;
+    return r;
+  }
+  const size_t qb = x.q.size() * 2, kb = x.k.size() * 2;
+  DeviceBuf dq(x.q.data(), qb), dk(x.k.data(), kb), dv(x.v.data(), kb), dout(r.out.data(), r.out.size() * 4);
+  Tensor tq = on_device(x.tq(), dq.ptr), tk = on_device(x.tk(), dk.ptr), tv = on_device(x.tv(), dv.ptr);
+  Tensor to = on_device(out, dout.ptr);
+  double t0 = now_ms();
+  check(attention(tq, tk, tv, to, nullptr, opts), "attention (gpu)");
+  check(gpu_synchronize(), "attention (gpu)");
+  r.ms = now_ms() - t0;
+  check(gpu_copy_to_host(r.out.data(), dout.ptr, r.out.size() * 4), "copy from GPU");
+  return r;
+}
+
+std::vector<double> run_exact(tools::HostQKV& x, bool causal, double* ms) {
+  std::vector<double> ref(x.q.size(), NAN);
+  const int64_t shape[4] = {x.batch, x.heads_q, x.seqlen_q, x.head_dim};
+  Tensor out = make_tensor(ref.data(), DType::f64, 4, shape);
+  Options o;
+  o.causal = causal;
+  double t0 = now_ms();
+  check(attention_reference(x.tq(), x.tk(), x.tv(), out, nullptr, o), "attention_reference");
+  if (ms) *ms = now_ms() - t0;
+  return ref;
+}
+
+std::string fmt(double v, const char* f = "%.3e") {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, f, v);
+  return buf;
+}
+
+// ------------------------------------------------------------------------------------------
+int cmd_info() {
+  BuildInfo b = build_info();
+  DeviceInfo d = device_info(0);
+  std::printf("intfa %s\n", b.version.c_str());
+  std::printf("CUDA backend built: %s%s%s\n", b.cuda_built ? "yes" : "no",
+              b.cuda_built ? " (" : "", b.cuda_built ? (b.cuda_archs + ")").c_str() : "");
+  if (d.present) {
+    std::printf("GPU: %s, compute capability %d.%d, %d SMs, %.1f GiB\n", d.name.c_str(), d.major,
+                d.minor, d.sm_count, d.memory_bytes / 1073741824.0);
+    GpuPath p;
+    Status st = resolve_gpu_path(GpuPath::automatic, 0, &p);
+    std::printf("GPU path: %s\n", st.ok() ? to_string(p) : st.message().c_str());
+  } else {
+    std::printf("GPU: none (%s); the CPU backend serves every call\n", d.error.c_str());
+  }
+  std::printf("CPU backend: schemes paper, accurate, half; head_dim multiple of 16 up to 256\n");
+  return 0;
+}
+
+int cmd_demo(const Args& a) {
+  a.allow({"--device", "--seq", "--heads", "--hdim", "--scheme", "--path"});
+  const Backend backend = parse_device(a);
+  const bool gpu = backend == Backend::gpu;
+  const int seq = a.integer("--seq", gpu ? 4096 : 2048, 1, 1 << 20);
+  const int heads = a.integer("--heads", 8, 1, 1024);
+  const int hdim = a.integer("--hdim", 128, 16, 256);
+  Options opts;
+  opts.scheme = parse_schemes(a, "accurate").at(0);
+  opts.backend = backend;
+  opts.path = parse_gpu_path(a);
+  std::printf("intfa demo: B=1 H=%d N=%d D=%d bf16, scheme %s, backend %s\n", heads, seq, hdim,
+              to_string(opts.scheme), to_string(backend));
+  auto x = tools::make_inputs(Dist::normal, 1, heads, heads, seq, seq, hdim, DType::bf16, 2024);
+  double ref_ms = 0;
+  auto ref = run_exact(x, false, &ref_ms);
+  if (gpu) (void)run_intfa(x, opts, backend);  // warm-up: module load, allocator
+  RunResult r = run_intfa(x, opts, backend);
+  tools::Metrics m = tools::compare(std::vector<double>(r.out.begin(), r.out.end()), ref);
+  const double ops = 4.0 * heads * double(seq) * seq * hdim;
+  std::printf("accuracy vs float64: rel_l2 %s  rel_l1 %s  cosine %.6f  max_abs %s\n",
+              fmt(m.rel_l2).c_str(), fmt(m.rel_l1).c_str(), m.cosine, fmt(m.max_abs).c_str());
+  std::printf("time: intfa %s %.2f ms (%.2f TOPS, quantization included); baseline float64 "
+              "reference on the CPU %.2f ms (same run): %.1fx\n",
+              to_string(backend), r.ms, ops / r.ms / 1e9, ref_ms, ref_ms / r.ms);
+  if (!gpu) std::printf("(no GPU found: this ran on the CPU backend; `intfa bench` needs a GPU)\n");
+  return std::isfinite(m.rel_l2) ? 0 : kExitError;
+}
+
+int cmd_accuracy(const Args& a) {
+  a.allow({"--device", "--seq", "--dist", "--scheme", "--batch", "--heads", "--heads-kv", "--hdim",
+           "--block", "--dtype", "--causal", "--seed", "--json", "--path"});
+  const Backend backend = parse_device(a);
+  const auto seqs = a.ints("--seq", "1024,4096", 1, 1 << 20);
+  const auto dists = parse_dists(a, "normal,uniform,llm");
+  const auto schemes = parse_schemes(a, "paper,accurate,half");
+  const int batch = a.integer("--batch", 1, 1, 1024);
+  const int heads = a.integer("--heads", 8, 1, 1024);
+  const int heads_kv = a.integer("--heads-kv", heads, 1, heads);
+  if (heads % heads_kv) throw UsageError{"--heads-kv: must divide --heads"};
+  const int hdim = a.integer("--hdim", 128, 16, 256);
+  const int block = a.integer("--block", 64, 16, 512);
+  const bool causal = a.integer("--causal", 0, 0, 1) == 1;
+  const int seed = a.integer("--seed", 1, 0, 1 << 30);
+  const DType dtype = parse_dtype(a);
+  const std::string json = a.str("--json", "");
+  Options base;
+  base.backend = backend;
+  base.block_n = block;
+  base.causal = causal;
+  base.path = parse_gpu_path(a);
+
+  std::printf("intfa accuracy: backend %s, B=%d H=%d Hkv=%d D=%d %s, block %d, causal %d, "
+              "output fp32 vs float64 reference\n",
+              to_string(backend), batch, heads, heads_kv, hdim, to_string(dtype), block, causal);
+  std::printf("%-9s %-8s %6s  %9s %9s %9s %9s %9s\n", "scheme", "dist", "seq", "rel_l2",
+              "rel_l1", "cosine", "max_abs", "mean_rel");
+  std::ostringstream rows;
+  int n = 0, total = static_cast<int>(seqs.size() * dists.size() * schemes.size());
+  bool bad = false;
+  for (int seq : seqs) {
+    for (Dist dist : dists) {
+      auto x = tools::make_inputs(dist, batch, heads, heads_kv, seq, seq, hdim, dtype,
+                                  seed * 7919ull + seq * 31ull + static_cast<int>(dist));
+      std::fprintf(stderr, "  [%d/%d] float64 reference %s seq %d ...\n", n, total,
+                   tools::to_string(dist), seq);
+      auto ref = run_exact(x, causal, nullptr);
+      for (Scheme sc : schemes) {
+        ++n;
+        std::fprintf(stderr, "  [%d/%d] %s %s seq %d\n", n, total, to_string(sc),
+                     tools::to_string(dist), seq);
+        Options o = base;
+        o.scheme = sc;
+        if (backend == Backend::gpu && sc == Scheme::half) {
+          std::printf("%-9s %-8s %6d  (not available on the GPU in this build)\n", to_string(sc),
+                      tools::to_string(dist), seq);
+          continue;
+        }
+        RunResult r = run_intfa(x, o, backend);
+        auto m = tools::compare(std::vector<double>(r.out.begin(), r.out.end()), ref);
+        bad |= !std::isfinite(m.rel_l2);
+        std::printf("%-9s %-8s %6d  %9.3e %9.3e %9.6f %9.3e %9.3e\n", to_string(sc),
+                    tools::to_string(dist), seq, m.rel_l2, m.rel_l1, m.cosine, m.max_abs, m.mean_rel);
+        std::fflush(stdout);
+        rows << (rows.tellp() > 0 ? ",\n" : "") << "    {\"scheme\": \"" << to_string(sc)
+             << "\", \"dist\": \"" << tools::to_string(dist) << "\", \"seq\": " << seq
+             << ", \"hdim\": " << hdim << ", \"batch\": " << batch << ", \"heads\": " << heads
+             << ", \"heads_kv\": " << heads_kv << ", \"causal\": " << causal
+             << ", \"block\": " << block << ", \"dtype\": \"" << to_string(dtype)
+             << "\", \"device\": \"" << to_string(backend) << "\", \"rel_l2\": " << fmt(m.rel_l2, "%.6e")
+             << ", \"rel_l1\": " << fmt(m.rel_l1, "%.6e") << ", \"cosine\": " << fmt(m.cosine, "%.9f")
+             << ", \"max_abs\": " << fmt(m.max_abs, "%.6e") << ", \"mean_rel\": " << fmt(m.mean_rel, "%.6e")
+             << ", \"ms\": " << fmt(r.ms, "%.3f") << "}";
+      }
+    }
+  }
+  if (!json.empty()) {
+    std::ofstream f(json);
+    if (!f) throw std::runtime_error("--json: cannot write '" + json + "'");
+    DeviceInfo d = device_info(0);
+    f << "{\n  \"tool\": \"intfa accuracy\",\n  \"device\": \"" << to_string(backend) << "\",\n"
+      << "  \"card\": \"" << (backend == Backend::gpu ? d.name : "cpu") << "\",\n  \"rows\": [\n"
+      << rows.str() << "\n  ]\n}\n";
+  }
+  return bad ? kExitError : 0;
+}
+
+// Bench: kernel-only (pre-quantized inputs) and end-to-end (quantization included).
+struct BenchCtx {
+  std::function<Status()> fn;
+};
+Status bench_trampoline(void* ctx) { return static_cast<BenchCtx*>(ctx)->fn(); }
+
+int cmd_bench(const Args& a) {
+  a.allow({"--seq", "--hdim", "--causal", "--scheme", "--batch", "--heads", "--heads-kv", "--path",
+           "--json", "--reps", "--dtype"});
+  DeviceInfo dev = device_info(0);
+  if (!dev.present) {
+    std::fprintf(stderr, "intfa bench: needs a CUDA GPU (%s). Use `intfa demo` or `intfa accuracy "
+                 "--device cpu` on this machine.\n", dev.error.c_str());
+    return kExitError;
+  }
+  const auto seqs = a.ints("--seq", "1024,4096,16384", 1, 1 << 20);
+  const auto hdims = a.ints("--hdim", "128,64", 16, 256);
+  const auto causals = a.ints("--causal", "0,1", 0, 1);
+  const auto schemes = parse_schemes(a, "accurate");
+  const int batch = a.integer("--batch", 4, 1, 1024);
+  const int heads = a.integer("--heads", 32, 1, 1024);
+  const int heads_kv = a.integer("--heads-kv", heads, 1, heads);
+  const int reps = a.integer("--reps", 20, 1, 10000);
+  const DType dtype = parse_dtype(a);
+  const GpuPath path_req = parse_gpu_path(a);
+  GpuPath path;
+  check(resolve_gpu_path(path_req, 0, &path), "--path");
+  const std::string json = a.str("--json", "");
+
+  std::printf("intfa bench on %s (%d SMs): B=%d H=%d Hkv=%d %s, path %s, median of %d\n",
+              dev.name.c_str(), dev.sm_count, batch, heads, heads_kv, to_string(dtype),
+              to_string(path), reps);
+  std::printf("%-9s %6s %5s %7s  %10s %8s  %10s %8s  %6s\n", "scheme", "seq", "hdim", "causal",
+              "kernel_ms", "TOPS", "e2e_ms", "TOPS", "e2e/k");
+  std::ostringstream rows;
+  for (int hdim : hdims) {
+    for (int seq : seqs) {
+      auto x = tools::make_inputs(Dist::normal, batch, heads, heads_kv, seq, seq, hdim, dtype, 7);
+      const size_t qb = x.q.size() * 2, kb = x.k.size() * 2;
+      DeviceBuf dq(x.q.data(), qb), dk(x.k.data(), kb), dv(x.v.data(), kb), dout(qb);
+      Tensor tq = on_device(x.tq(), dq.ptr), tk = on_device(x.tk(), dk.ptr), tv = on_device(x.tv(), dv.ptr);
+      Tensor to = on_device(x.tq(), dout.ptr);
+      ProblemShape ps;
+      ps.batch = batch; ps.heads_q = heads; ps.heads_kv = heads_kv;
+      ps.seqlen_q = seq; ps.seqlen_kv = seq; ps.head_dim = hdim;
+      for (Scheme sc : schemes) {
+        const size_t qbytes = quantized_bytes(ps, sc);
+        DeviceBuf ws(qbytes);
+        QuantizedQKV qx;
+        check(alloc_quantized(ps, sc, Layout::BHSD, ws.ptr, qbytes, true, 0, &qx), "alloc_quantized");
+        DeviceBuf ws2(qbytes);
+        for (int causal : causals) {
+          Options o;
+          o.scheme = sc;
+          o.causal = causal;
+          o.path = path;
+          o.workspace = make_tensor(ws2.ptr, DType::u8, {static_cast<int64_t>(qbytes)}, true);
+          Tensor none;
+          check(quantize(tq, tk, tv, none, none, o, qx), "quantize");
+          BenchCtx kern{[&] { return attention_int8(qx, none, none, 0, 0, to, nullptr, o); }};
+          BenchCtx e2e{[&] { return attention(tq, tk, tv, to, nullptr, o); }};
+          double k_ms = 0, e_ms = 0;
+          check(gpu_time_ms(bench_trampoline, &kern, 3, reps, nullptr, &k_ms), "bench kernel");
+          check(gpu_time_ms(bench_trampoline, &e2e, 3, reps, nullptr, &e_ms), "bench e2e");
+          double ops = 4.0 * batch * heads * double(seq) * seq * hdim * (causal ? 0.5 : 1.0);
+          const double k_tops = ops / k_ms / 1e9, e_tops = ops / e_ms / 1e9;
+          std::printf("%-9s %6d %5d %7d  %10.3f %8.1f  %10.3f %8.1f  %6.3f\n", to_string(sc), seq,
+                      hdim, causal, k_ms, k_tops, e_ms, e_tops, k_ms / e_ms);
+          std::fflush(stdout);
+          for (int e = 0; e < 2; ++e) {
+            rows << (rows.tellp() > 0 ? ",\n" : "") << "    {\"provider\": \"intfa\", \"path\": \""
+                 << to_string(path) << "\", \"scheme\": \"" << to_string(sc) << "\", \"seq\": "
+                 << seq << ", \"hdim\": " << hdim << ", \"causal\": " << causal << ", \"batch\": "
+                 << batch << ", \"heads\": " << heads << ", \"e2e\": " << (e ? "true" : "false")
+                 << ", \"ms\": " << fmt(e ? e_ms : k_ms, "%.4f") << ", \"tops\": "
+                 << fmt(e ? e_tops : k_tops, "%.2f") << "}";
+          }
+        }
+      }
+    }
+  }
+  if (!json.empty()) {
+    std::ofstream f(json);
+    if (!f) throw std::runtime_error("--json: cannot write '" + json + "'");
+    f << "{\n  \"tool\": \"intfa bench\",\n  \"card\": \"" << dev.name << "\",\n  \"rows\": [\n"
+      << rows.str() << "\n  ]\n}\n";
+  }
+  return 0;
+}
+
+void usage(FILE* f) {
+  std::fprintf(f,
+               "usage: intfa <command> [options]\n"
+               "  info                         build, compiled archs, GPU found\n"
+               "  demo [--device cpu|gpu|auto] accuracy vs float64 and time on a default problem\n"
+               "  accuracy [--device D] [--seq L1,L2] [--dist normal,uniform,llm]\n"
+               "           [--scheme paper,accurate,half] [--batch B] [--heads H] [--heads-kv H]\n"
+               "           [--hdim D] [--block N] [--dtype bf16|fp16] [--causal 0|1] [--json FILE]\n"
+               "  bench [--seq ..] [--hdim 128,64] [--causal 0,1] [--scheme ..] [--path auto|sm80|sm90]\n"
+               "        [--batch 4] [--heads 32] [--reps 20] [--json FILE]   (needs a GPU)\n");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) {
+    usage(stderr);
+    return kExitUsage;
+  }
+  const std::string cmd = argv[1];
+  try {
+    if (cmd == "info") return cmd_info();
+    if (cmd == "demo") return cmd_demo(Args(argc, argv, 2));
+    if (cmd == "accuracy") return cmd_accuracy(Args(argc, argv, 2));
+    if (cmd == "bench") return cmd_bench(Args(argc, argv, 2));
+    if (cmd == "help" || cmd == "--help" || cmd == "-h") {
+      usage(stdout);
+      return 0;
+    }
+    std::fprintf(stderr, "intfa: unknown command '%s'\n", cmd.c_str());
+    usage(stderr);
+    return kExitUsage;
+  } catch (const UsageError& e) {
+    std::fprintf(stderr, "intfa %s: %s\n", cmd.c_str(), e.msg.c_str());
+    return kExitUsage;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "intfa %s: %s\n", cmd.c_str(), e.what());
+    return kExitError;
+  }
+}

@@ -1,0 +1,44 @@
+// Test and benchmark inputs: the distributions of design.md §4, generated on the host in BHSD
+// order and rounded to the working dtype, plus the accuracy metrics. Shared by the CLI and the
+// tests; includes only the public header.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "intfa/intfa.h"
+
+namespace intfa::tools {
+
+enum class Dist { normal, uniform, llm };
+const char* to_string(Dist);
+bool parse_dist(const std::string&, Dist*);
+
+// Host tensor of 16-bit floats (fp16 or bf16 bits) in BHSD order [b, h, s, d].
+struct HostQKV {
+  int batch = 0, heads_q = 0, heads_kv = 0, seqlen_q = 0, seqlen_kv = 0, head_dim = 0;
+  DType dtype = DType::bf16;
+  std::vector<uint16_t> q, k, v;
+  Tensor tq() { return make_tensor(q.data(), dtype, {batch, heads_q, seqlen_q, head_dim}); }
+  Tensor tk() { return make_tensor(k.data(), dtype, {batch, heads_kv, seqlen_kv, head_dim}); }
+  Tensor tv() { return make_tensor(v.data(), dtype, {batch, heads_kv, seqlen_kv, head_dim}); }
+};
+
+// normal: q,k,v ~ N(0,1); uniform: U[0,1); llm: q ~ N(0,1), k ~ N(0,1) + 4 b (b ~ N(0,1) per
+// channel, per batch·head), v ~ N(0,1), then channels 0-3 of q and k times 10.
+HostQKV make_inputs(Dist dist, int batch, int heads_q, int heads_kv, int seqlen_q, int seqlen_kv,
+                    int head_dim, DType dtype, uint64_t seed);
+
+float to_float(uint16_t bits, DType dtype);
+
+struct Metrics {
+  double rel_l2 = 0, rel_l1 = 0, cosine = 0, max_abs = 0, mean_rel = 0;
+  int64_t nonfinite = 0;
+};
+// Compares `got` to `ref` (same length). mean_rel is the paper's mean relative error,
+// mean(|got - ref| / (|ref| + eps)) with eps = 1e-3 * mean|ref| so near-zero outputs do not
+// dominate it.
+Metrics compare(const std::vector<double>& got, const std::vector<double>& ref);
+
+}  // namespace intfa::tools
