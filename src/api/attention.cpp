@@ -291,6 +291,11 @@ Status validate_quantized(const QuantizedQKV& x, Problem* p, bool need_v_or_vt) 
        << " with a contiguous last dim, got " << api::shape_str(vt);
     return invalid(os.str());
   }
+  if (p->gpu && !varlen && vt.shape[3] < ((s.seqlen_kv + 15) / 16) * 16) {
+    os << "vt8: the GPU reads V^T rows in 16-byte chunks: expected >= " << ((s.seqlen_kv + 15) / 16) * 16
+       << " columns (seqlen_kv rounded up to 16), got " << vt.shape[3];
+    return invalid(os.str());
+  }
   if (p->gpu && (reinterpret_cast<uintptr_t>(vt.data) % 16 != 0 || vt.stride[rank - 2] % 16 != 0)) {
     os << "vt8: the GPU needs a 16-byte aligned pointer and a head_dim stride that is a multiple "
           "of 16, got stride "

@@ -170,8 +170,8 @@ Status check_options(const Options& o) {
     os << "path: unknown value " << path << " (expected auto, sm80 or sm90)";
     return invalid(os.str());
   }
-  if (!std::isfinite(o.scale)) {
-    os << "scale: expected a finite value (0 means 1/sqrt(head_dim)), got " << o.scale;
+  if (!std::isfinite(o.scale) || o.scale < 0.f) {
+    os << "scale: expected a finite value > 0 (0 means 1/sqrt(head_dim)), got " << o.scale;
     return invalid(os.str());
   }
   if (o.block_n < 16 || o.block_n > 512 || o.block_n % 16 != 0) {

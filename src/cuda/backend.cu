@@ -88,6 +88,12 @@ Status attention_int8(const FwdParams& p, GpuPath path, void* stream) {
   return launch_fwd_sm80(p, static_cast<cudaStream_t>(stream));
 }
 
+Status debug_qk_block_sm80(int head_dim, const int8_t* q8, const int8_t* k8, int32_t* s) {
+  Status st = launch_qk_block_test_sm80(head_dim, q8, k8, s, nullptr);
+  if (!st.ok()) return st;
+  return check_cuda(cudaDeviceSynchronize(), "qk block test kernel");
+}
+
 Status malloc_async(void** ptr, size_t bytes, void* stream) {
   return check_cuda(cudaMallocAsync(ptr, bytes, static_cast<cudaStream_t>(stream)),
                     "workspace allocation (cudaMallocAsync)");

@@ -25,6 +25,10 @@ Status free_async(void* ptr, void* stream);
 // the stream is capturing a CUDA graph, where a synchronous copy is not allowed.
 Status copy_to_host_sync(void* dst, const void* src, size_t bytes, void* stream, bool* capturing);
 
+// Test hook: int32 S = Q8 K8^T of one 128 x 128 block (row-major int8 inputs of 128 x head_dim
+// in device memory) through the sm80 kernel's fragment code.
+Status debug_qk_block_sm80(int head_dim, const int8_t* q8, const int8_t* k8, int32_t* s);
+
 Status gpu_malloc(void** ptr, size_t bytes, int device_index);
 Status gpu_free(void* ptr);
 Status gpu_copy(void* dst, const void* src, size_t bytes, bool to_device);

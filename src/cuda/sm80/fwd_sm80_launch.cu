@@ -1,7 +1,32 @@
-// PLACEHOLDER (being replaced by the sm80 attention kernel).
+// Dispatch of the sm80 forward kernel over its two compile-time axes (head dim, causal).
 #include "cuda/launchers.h"
+#include "cuda/sm80/fwd_sm80.cuh"
+
 namespace intfa::cuda {
-Status launch_fwd_sm80(const FwdParams&, cudaStream_t) {
-  return Status(StatusCode::not_available, "sm80 attention kernel not built yet");
+
+Status launch_fwd_sm80(const FwdParams& p, cudaStream_t stream) {
+  if (p.scheme == Scheme::half)
+    return Status(StatusCode::not_available, "scheme: half is not available on the sm80 path");
+  if (static_cast<int64_t>(p.batch) > 65535 || p.heads_q > 65535)
+    return Status(StatusCode::invalid_argument, "batch/heads: the sm80 grid takes at most 65535 of each");
+  switch (p.head_dim) {
+    case 64: return p.causal ? sm80::launch_fwd<64, true>(p, stream) : sm80::launch_fwd<64, false>(p, stream);
+    case 128: return p.causal ? sm80::launch_fwd<128, true>(p, stream) : sm80::launch_fwd<128, false>(p, stream);
+    default:
+      return Status(StatusCode::invalid_argument,
+                    "head_dim: expected 64 or 128 on the sm80 path, got " + std::to_string(p.head_dim));
+  }
 }
+
+Status launch_qk_block_test_sm80(int head_dim, const int8_t* q8, const int8_t* k8, int32_t* s,
+                                 cudaStream_t stream) {
+  if (head_dim == 64)
+    sm80::qk_block_test_kernel<64><<<1, sm80::kThreads, 0, stream>>>(q8, k8, s);
+  else if (head_dim == 128)
+    sm80::qk_block_test_kernel<128><<<1, sm80::kThreads, 0, stream>>>(q8, k8, s);
+  else
+    return Status(StatusCode::invalid_argument, "head_dim: expected 64 or 128");
+  return check_cuda(cudaGetLastError(), "qk block test kernel");
+}
+
 }  // namespace intfa::cuda

@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""Same-card baselines for `intfa bench`: torch SDPA (flash = FlashAttention-2, and cuDNN) in
+bf16 at the standard shapes, timed with CUDA events (median of N after warm-up), plus the
+device-to-device copy bandwidth. Writes rows in the bench JSON format and merges the intfa rows
+from --intfa JSON so one file holds the run. Prints a table with ratios."""
+import argparse
+import json
+import sys
+
+
+def time_ms(fn, reps, warmup=5):
+    import torch
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seq", default="1024,4096,16384")
+    ap.add_argument("--hdim", default="128,64")
+    ap.add_argument("--causal", default="0,1")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--intfa", help="JSON written by `intfa bench --json` in this run")
+    ap.add_argument("--json", help="merged output")
+    a = ap.parse_args()
+    try:
+        import torch
+        import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError as e:
+        print(f"compare.py: torch not importable ({e}); no baselines", file=sys.stderr)
+        return 0
+    if not torch.cuda.is_available():
+        print("compare.py: no CUDA device", file=sys.stderr)
+        return 0
+    card = torch.cuda.get_device_name(0)
+    rows = []
+    # Copy bandwidth (bytes read + written) for the quantization throughput comparison.
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = time_ms(lambda: y.copy_(x), 10)
+    copy_gbs = 2 * x.numel() / ms / 1e6
+    del x, y
+    for d in [int(v) for v in a.hdim.split(",")]:
+        for n in [int(v) for v in a.seq.split(",")]:
+            q, k, v = (torch.randn(a.batch, a.heads, n, d, dtype=torch.bfloat16, device="cuda") for _ in range(3))
+            for causal in [int(v) for v in a.causal.split(",")]:
+                ops = 4.0 * a.batch * a.heads * n * n * d * (0.5 if causal else 1.0)
+                for name, be in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+                    try:
+                        with sdpa_kernel(be):
+                            ms = time_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=bool(causal)), a.reps)
+                    except RuntimeError as e:
+                        print(f"  {name} d{d} n{n} causal{causal}: unavailable ({str(e).splitlines()[0][:80]})", file=sys.stderr)
+                        continue
+                    rows.append(dict(provider=name, path="", scheme="bf16", seq=n, hdim=d, causal=causal,
+                                     e2e=True, ms=round(ms, 4), tops=round(ops / ms / 1e9, 2)))
+            del q, k, v
+    intfa_rows = []
+    if a.intfa:
+        with open(a.intfa) as f:
+            intfa_rows = json.load(f)["rows"]
+    allrows = intfa_rows + rows
+    base = {(r["provider"], r["seq"], r["hdim"], r["causal"]): r["tops"] for r in rows}
+    print(f"\n== {card}: TOPS (B={a.batch} H={a.heads}); copy bandwidth {copy_gbs:.0f} GB/s ==")
+    print(f"{'provider':<10} {'path':<5} {'e2e':<5} {'seq':>6} {'hdim':>4} {'causal':>6} {'TOPS':>8} {'x flash':>8} {'x cudnn':>8}")
+    for r in allrows:
+        key = (r["seq"], r["hdim"], r["causal"])
+        fl, cu = base.get(("sdpa_flash",) + key), base.get(("sdpa_cudnn",) + key)
+        rf = f"{r['tops'] / fl:.2f}" if fl else "-"
+        rc = f"{r['tops'] / cu:.2f}" if cu else "-"
+        print(f"{r['provider']:<10} {r.get('path', ''):<5} {str(r.get('e2e', '')):<5} {r['seq']:>6} {r['hdim']:>4} {r['causal']:>6} {r['tops']:>8.1f} {rf:>8} {rc:>8}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"card": card, "copy_gbs": round(copy_gbs, 1), "rows": allrows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,380 @@
+// INT8 flash-attention forward for sm_80 and newer (mma.sync m16n8k32, ldmatrix, cp.async).
+//
+// One CTA = 128 query rows of one (batch, head), 8 warps x 16 rows. Per key block of 128:
+//   S = Q8 K8^T (s8.s8 -> s32) -> scores in log2 units t = S * s_k[j] * (s_q[i] * scale * log2 e)
+//   -> online softmax -> P8 (u8) -> O += (P8 V8) * c (u8.s8 -> s32, converted per block).
+// Scheme paper / accurate differ only in run-time values: which max P is taken against (running
+// or block-local), the levels (127 or 255) and whether l sums p or the quantized P8.
+//
+// Register-layout trick: the s32 accumulator of QK^T holds, per thread, the key columns
+// {2t, 2t+1} of each 8-wide n-tile, while the u8 A operand of the PV mma wants keys
+// {4t..4t+3, 16+4t..16+4t+3} of each 32-key step. Instead of shuffling P between threads we
+// permute which K rows feed each n-tile (ldmatrix takes per-lane row addresses, so this is free):
+// n-tile j, column n reads key pi(8j+n) = 32(j/4) + {0,2,16,18}[j%4] + 4(n/2) + n%2. The QK^T
+// accumulators then land exactly in the PV A-fragment layout, with keys in natural order, so V
+// (stored transposed, D x keys) feeds the PV mma straight from ldmatrix.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "common/numerics.h"
+#include "common/params.h"
+#include "cuda/ptx/ptx_sm80.cuh"
+
+namespace intfa::sm80 {
+
+constexpr int kBlockM = 128;   // query rows per CTA
+constexpr int kBlockN = 128;   // keys per block: 255*127*128 < 2^22 keeps PV exact via kMagic
+constexpr int kWarps = 8;      // 16 rows each
+constexpr int kThreads = kWarps * 32;
+
+template <int D>
+struct Smem {
+  static constexpr int kQ = kBlockM * D;          // int8 Q tile
+  static constexpr int kK = kBlockN * D;          // int8 K tile (rows = keys)
+  static constexpr int kV = D * kBlockN;          // int8 V^T tile (rows = channels)
+  static constexpr int kKs = kBlockN * 4;         // fp32 k_scale of the block
+  static constexpr int kStage = kK + kV + kKs;
+  static constexpr int kStages = 2;
+  static constexpr int kBytes = kQ + kStages * kStage;
+};
+
+// 128-byte-line XOR swizzle of 16-byte chunks: eight consecutive rows read at the same column
+// chunk (ldmatrix) hit eight different bank groups.
+__device__ __forceinline__ int swz128(int byte) { return byte ^ (((byte >> 7) & 7) << 4); }
+
+// K tile swizzle matched to the permuted row sets {base + 4a + e : a < 4, e < 2} that one
+// ldmatrix reads: XOR with bits (0, 2, 3) of the row makes those eight rows conflict-free.
+template <int D>
+__device__ __forceinline__ int k_tile_offset(int row, int chunk) {
+  constexpr int kShift = D == 128 ? 0 : 1;  // D = 64: two rows share a 128-byte line
+  const int h = ((row & 1) | (((row >> 2) & 3) << 1)) >> kShift;
+  return row * D + ((chunk ^ h) << 4);
+}
+
+// Key (within a 128-key block) that column n of n-tile j of the QK^T product holds.
+__device__ __forceinline__ int permuted_key(int j, int n) {
+  return 32 * (j >> 2) + ((j & 1) << 1) + ((j & 2) << 3) + 4 * (n >> 1) + (n & 1);
+}
+
+// A fragments of this warp's 16 Q rows for every 32-wide k step of D (kept in registers).
+template <int D>
+__device__ __forceinline__ void load_q_frags(const uint8_t* sQ, int warp, int lane,
+                                             uint32_t (&qf)[D / 32][4]) {
+#pragma unroll
+  for (int kk = 0; kk < D / 32; ++kk) {
+    const int r = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+    const int c = 2 * kk + (lane >> 4);
+    ptx::ldmatrix_x4(qf[kk], ptx::smem_u32(sQ + swz128(r * D + c * 16)));
+  }
+}
+
+// S (16 x kBlockN, int32) = Q8 K8^T for one key block, K rows permuted per permuted_key().
+template <int D>
+__device__ __forceinline__ void qk_block(const uint32_t (&qf)[D / 32][4], const uint8_t* sK,
+                                         int lane, int (&s)[kBlockN / 8][4]) {
+#pragma unroll
+  for (int j = 0; j < kBlockN / 8; ++j)
+    for (int e = 0; e < 4; ++e) s[j][e] = 0;
+#pragma unroll
+  for (int kk = 0; kk < D / 32; ++kk) {
+#pragma unroll
+    for (int jj = 0; jj < kBlockN / 16; ++jj) {
+      const int mi = lane >> 3;
+      const int key = permuted_key(2 * jj + (mi >> 1), lane & 7);
+      uint32_t bf[4];
+      ptx::ldmatrix_x4(bf, ptx::smem_u32(sK + k_tile_offset<D>(key, 2 * kk + (mi & 1))));
+      const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+      ptx::mma_m16n8k32_s8s8(s[2 * jj], qf[kk], b0);
+      ptx::mma_m16n8k32_s8s8(s[2 * jj + 1], qf[kk], b1);
+    }
+  }
+}
+
+__device__ __forceinline__ void store_out2(void* out, DType dt, int64_t idx, float a, float b) {
+  switch (dt) {
+    case DType::f16:
+      *reinterpret_cast<__half2*>(static_cast<__half*>(out) + idx) = __floats2half2_rn(a, b);
+      break;
+    case DType::bf16:
+      *reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(out) + idx) =
+          __floats2bfloat162_rn(a, b);
+      break;
+    default:
+      *reinterpret_cast<float2*>(static_cast<float*>(out) + idx) = make_float2(a, b);
+      break;
+  }
+}
+
+template <int D, bool Causal>
+__global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const FwdParams p) {
+  using S = Smem<D>;
+  const float kNegInf = -__int_as_float(0x7f800000);
+  extern __shared__ __align__(128) uint8_t smem[];
+  uint8_t* const sQ = smem;
+
+  const int m_block = Causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;  // long rows first
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int sq = seq_len(p.cu_q, b, p.seqlen_q);
+  const int skv = seq_len(p.cu_kv, b, p.seqlen_kv);
+  const int m0 = m_block * kBlockM;
+  if (m0 >= sq) return;
+  const int hkv = h / (p.heads_q / p.heads_kv);
+  const int diag = skv - sq;  // bottom-right causal: row r sees keys <= r + diag
+  const int kv_end = Causal ? min(skv, m0 + kBlockM + diag) : skv;
+  const int n_blocks = kv_end > 0 ? (kv_end + kBlockN - 1) / kBlockN : 0;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, t = lane % 4;
+
+  const int64_t q0 = seq_start(p.cu_q, b), k0 = seq_start(p.cu_kv, b);
+  const int8_t* const q_base = p.q8 + b * p.q_st.bs + h * p.q_st.hs + (q0 + m0) * p.q_st.ts;
+  const int8_t* const k_base = p.k8 + b * p.k_st.bs + hkv * p.k_st.hs + k0 * p.k_st.ts;
+  const int8_t* const v_base =
+      p.vt8 + b * p.vt_st.bs + hkv * p.vt_st.hs + vt_seq_start(p.cu_kv, b);
+  const float* const ks_base = p.k_scale + offset(p.ks_st, b, hkv, k0);
+
+  // ---- stage loaders (every thread issues its share of 16-byte cp.async) ----
+  auto load_q = [&] {
+    constexpr int kChunks = D / 16;
+    for (int i = tid; i < kBlockM * kChunks; i += kThreads) {
+      const int r = i / kChunks, c = i % kChunks;
+      const bool valid = m0 + r < sq;
+      ptx::cp_async_16B(ptx::smem_u32(sQ + swz128(r * D + c * 16)),
+                        valid ? q_base + r * p.q_st.ts + c * 16 : q_base, valid);
+    }
+  };
+  auto load_kv = [&](int n, int stage) {
+    uint8_t* sK = smem + S::kQ + stage * S::kStage;
+    uint8_t* sV = sK + S::kK;
+    float* sKs = reinterpret_cast<float*>(sV + S::kV);
+    constexpr int kKChunks = D / 16, kVChunks = kBlockN / 16;
+    for (int i = tid; i < kBlockN * kKChunks; i += kThreads) {
+      const int r = i / kKChunks, c = i % kKChunks;
+      const int key = n * kBlockN + r;
+      const bool valid = key < skv;
+      ptx::cp_async_16B(ptx::smem_u32(sK + k_tile_offset<D>(r, c)),
+                        valid ? k_base + key * p.k_st.ts + c * 16 : k_base, valid);
+    }
+    for (int i = tid; i < D * kVChunks; i += kThreads) {
+      const int d = i / kVChunks, c = i % kVChunks;
+      const int col = n * kBlockN + c * 16;
+      const bool valid = col < skv;  // a partial chunk reads the row's padding: P is 0 there
+      ptx::cp_async_16B(ptx::smem_u32(sV + swz128(d * kBlockN + c * 16)),
+                        valid ? v_base + d * p.vt_st.ts + col : v_base, valid);
+    }
+    if (tid < kBlockN) {
+      const int key = n * kBlockN + tid;
+      const bool valid = key < skv;
+      ptx::cp_async_4B(ptx::smem_u32(sKs + tid), valid ? ks_base + key : ks_base, valid);
+    }
+  };
+
+  // ---- per-thread row state: rows g and g+8 of this warp's 16 ----
+  const bool block_local = p.scheme == Scheme::accurate;
+  const float levels = block_local ? 255.f : 127.f;
+  int row[2];
+  float rowf[2], m_run[2], l_part[2];
+  for (int r = 0; r < 2; ++r) {
+    row[r] = m0 + warp * 16 + g + 8 * r;
+    rowf[r] = row[r] < sq
+                  ? p.q_scale[offset(p.qs_st, b, h, q0 + row[r])] * p.softmax_scale * kLog2e
+                  : 1.f;
+    m_run[r] = kNegInf;
+    l_part[r] = 0.f;
+  }
+  float o[D / 8][4];
+#pragma unroll
+  for (int dn = 0; dn < D / 8; ++dn)
+    for (int e = 0; e < 4; ++e) o[dn][e] = 0.f;
+  uint32_t qf[D / 32][4];
+
+  if (n_blocks > 0) {
+    load_q();
+    load_kv(0, 0);
+    ptx::cp_async_commit();
+  }
+
+  for (int n = 0; n < n_blocks; ++n) {
+    const int stage = n & 1;
+    ptx::cp_async_wait<0>();
+    __syncthreads();  // block n landed for everyone; everyone finished block n-1's stage
+    if (n + 1 < n_blocks) {
+      load_kv(n + 1, stage ^ 1);
+      ptx::cp_async_commit();
+    }
+    const uint8_t* sK = smem + S::kQ + stage * S::kStage;
+    const uint8_t* sV = sK + S::kK;
+    const float* sKs = reinterpret_cast<const float*>(sV + S::kV);
+
+    if (n == 0) load_q_frags<D>(sQ, warp, lane, qf);
+
+    // ---- S = Q K^T (keys permuted so S is already in PV A-fragment order) ----
+    int s[kBlockN / 8][4];
+    qk_block<D>(qf, sK, lane, s);
+
+    // ---- scores in u = S * s_k (log2 units after * rowf), masking, block row max ----
+    const bool need_mask = (n + 1) * kBlockN > skv ||
+                           (Causal && (n + 1) * kBlockN - 1 > m0 + warp * 16 + diag);
+    float u[kBlockN / 8][4];
+    float mx[2] = {kNegInf, kNegInf};
+#pragma unroll
+    for (int c = 0; c < kBlockN / 32; ++c) {
+      const float4 ka = *reinterpret_cast<const float4*>(sKs + 32 * c + 4 * t);
+      const float4 kb = *reinterpret_cast<const float4*>(sKs + 32 * c + 16 + 4 * t);
+      const float ks[4][2] = {{ka.x, ka.y}, {ka.z, ka.w}, {kb.x, kb.y}, {kb.z, kb.w}};
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj) {
+        const int j = 4 * c + jj;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float val = ptx::int_to_float_magic(s[j][e]) * ks[jj][e & 1];
+          if (need_mask) {
+            const int key = n * kBlockN + permuted_key(j, 2 * t + (e & 1));
+            const int r = row[e >> 1];
+            if (key >= skv || (Causal && key > r + diag)) val = kNegInf;
+          }
+          u[j][e] = val;
+          mx[e >> 1] = fmaxf(mx[e >> 1], val);
+        }
+      }
+    }
+    float alpha[2], cfac[2], neg_ref[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      const float mb = mx[r] * rowf[r];  // rowf > 0, so the max commutes with the scaling
+      const float m_new = fmaxf(m_run[r], mb);
+      const float ref = block_local ? mb : m_new;
+      const bool none = m_new == kNegInf;  // nothing visible in this row so far
+      alpha[r] = none ? 1.f : ptx::ex2_approx(m_run[r] - m_new);
+      cfac[r] = (none || ref == kNegInf) ? 0.f : ptx::ex2_approx(ref - m_new) / levels;
+      neg_ref[r] = ref == kNegInf ? 0.f : -ref;  // fully masked: exp2(-inf) = 0, never NaN
+      m_run[r] = m_new;
+    }
+
+    // ---- P = round(levels * exp2(t - ref)) packed into PV A fragments ----
+    uint32_t pf[kBlockN / 32][4];
+    float psum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int c = 0; c < kBlockN / 32; ++c) {
+      uint32_t q[4][4];
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = e >> 1;
+          const float pr = ptx::ex2_approx(__fmaf_rn(u[4 * c + jj][e], rowf[r], neg_ref[r]));
+          if (!block_local) psum[r] += pr;
+          q[jj][e] = ptx::quantize_p_magic(pr, levels);
+        }
+      }
+      pf[c][0] = ptx::pack_low_bytes(q[0][0], q[0][1], q[1][0], q[1][1]);
+      pf[c][1] = ptx::pack_low_bytes(q[0][2], q[0][3], q[1][2], q[1][3]);
+      pf[c][2] = ptx::pack_low_bytes(q[2][0], q[2][1], q[3][0], q[3][1]);
+      pf[c][3] = ptx::pack_low_bytes(q[2][2], q[2][3], q[3][2], q[3][3]);
+    }
+    if (block_local) {  // l sums the quantized P8: numerator and denominator share the weights
+      uint32_t cnt[2] = {0u, 0u};
+#pragma unroll
+      for (int c = 0; c < kBlockN / 32; ++c) {
+        cnt[0] = __dp4a(pf[c][0], 0x01010101u, cnt[0]);
+        cnt[0] = __dp4a(pf[c][2], 0x01010101u, cnt[0]);
+        cnt[1] = __dp4a(pf[c][1], 0x01010101u, cnt[1]);
+        cnt[1] = __dp4a(pf[c][3], 0x01010101u, cnt[1]);
+      }
+      psum[0] = cfac[0] * static_cast<float>(cnt[0]);
+      psum[1] = cfac[1] * static_cast<float>(cnt[1]);
+    }
+    l_part[0] = l_part[0] * alpha[0] + psum[0];
+    l_part[1] = l_part[1] * alpha[1] + psum[1];
+
+    // ---- O = O * alpha + (P8 V8) * c, one 8-channel n-tile at a time ----
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn) {
+      int acc[4] = {0, 0, 0, 0};
+#pragma unroll
+      for (int cc = 0; cc < kBlockN / 64; ++cc) {
+        const int d = dn * 8 + (lane & 7);
+        const int chunk = 4 * cc + (lane >> 3);
+        uint32_t vf[4];
+        ptx::ldmatrix_x4(vf, ptx::smem_u32(sV + swz128(d * kBlockN + chunk * 16)));
+        const uint32_t b0[2] = {vf[0], vf[1]}, b1[2] = {vf[2], vf[3]};
+        ptx::mma_m16n8k32_u8s8(acc, pf[2 * cc], b0);
+        ptx::mma_m16n8k32_u8s8(acc, pf[2 * cc + 1], b1);
+      }
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        o[dn][e] = __fmaf_rn(ptx::int_to_float_magic(acc[e]), cfac[e >> 1], o[dn][e] * alpha[e >> 1]);
+    }
+  }
+
+  // ---- epilogue: O * v_scale / l, LSE; fully masked rows give 0 and -inf ----
+  const float* vs = p.v_scale + b * p.vs_st.bs + hkv * p.vs_st.hs;
+  float inv_l[2], l_full[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = l_part[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    l_full[r] = l;
+    inv_l[r] = l > 0.f ? 1.f / l : 0.f;
+  }
+#pragma unroll
+  for (int dn = 0; dn < D / 8; ++dn) {
+    const int d = dn * 8 + 2 * t;
+    const float2 v2 = make_float2(vs[d], vs[d + 1]);  // v_scale may be only 4-byte aligned
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (row[r] >= sq) continue;
+      const int64_t idx = offset(p.o_st, b, h, q0 + row[r]) + d;
+      store_out2(p.out, p.out_dtype, idx, o[dn][2 * r] * v2.x * inv_l[r],
+                 o[dn][2 * r + 1] * v2.y * inv_l[r]);
+    }
+  }
+  if (p.lse && t == 0) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (row[r] >= sq) continue;
+      const int64_t i = offset(p.qs_st, b, h, q0 + row[r]);
+      const float off = p.lse_offset ? p.lse_offset[i] : 0.f;
+      p.lse[offset(p.lse_st, b, h, q0 + row[r])] =
+          l_full[r] > 0.f ? (m_run[r] + log2f(l_full[r])) * kLn2 + off : kNegInf;
+    }
+  }
+}
+
+// Test hook: one 128 x 128 block of int32 scores through the kernel's own smem layouts and
+// fragment code (q8: 128 x D, k8: 128 x D, row-major, device memory; s: 128 x 128 int32 in
+// natural key order), so the key permutation and swizzles are checked bit for bit.
+template <int D>
+__global__ void __launch_bounds__(kThreads) qk_block_test_kernel(const int8_t* q8, const int8_t* k8,
+                                                                  int32_t* s_out) {
+  __shared__ __align__(128) uint8_t sQ[kBlockM * D];
+  __shared__ __align__(128) uint8_t sK[kBlockN * D];
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  for (int i = tid; i < kBlockM * D / 16; i += kThreads) {
+    const int r = i / (D / 16), c = i % (D / 16);
+    *reinterpret_cast<int4*>(sQ + swz128(r * D + c * 16)) = reinterpret_cast<const int4*>(q8 + r * D)[c];
+    *reinterpret_cast<int4*>(sK + k_tile_offset<D>(r, c)) = reinterpret_cast<const int4*>(k8 + r * D)[c];
+  }
+  __syncthreads();
+  uint32_t qf[D / 32][4];
+  load_q_frags<D>(sQ, warp, lane, qf);
+  int s[kBlockN / 8][4];
+  qk_block<D>(qf, sK, lane, s);
+  const int g = lane / 4, t = lane % 4;
+  for (int j = 0; j < kBlockN / 8; ++j)
+    for (int e = 0; e < 4; ++e)
+      s_out[(warp * 16 + g + 8 * (e >> 1)) * kBlockN + permuted_key(j, 2 * t + (e & 1))] = s[j][e];
+}
+
+// Host launcher for one (head dim, causal) instantiation; defined in fwd_sm80_launch.cuh.
+template <int D, bool Causal>
+Status launch_fwd(const FwdParams& p, cudaStream_t stream);
+
+}  // namespace intfa::sm80
