@@ -97,8 +97,8 @@ struct Options {
 //
 // Rounding rule, shared bit-for-bit by every backend: for a group g (a token row, or a V channel)
 //   amax  = max |x| over g (x converted exactly from fp16/bf16 to fp32),
-//   s     = amax / 127 (fp32 division) or 1 when amax == 0,
-//   inv   = 127 / amax (fp32 division) or 1 when amax == 0,
+//   s     = amax / 127 (fp32 division), or 1 when amax < 2^-100 (a zero row),
+//   inv   = 127 / amax (fp32 division), or 1 when amax < 2^-100,
 //   x8    = clamp(round_half_to_even(x * inv), -127, 127)          (one fp32 multiply)
 // K smoothing (accurate, half): kmean[c] = fp32(sum over tokens in fp64 / n) rounded to the
 // input dtype (fp16/bf16), so the value is independent of summation order; K' = K - kmean in fp32.

@@ -49,6 +49,9 @@ Status choose_backend(const Tensor& q, const Options& o, bool* gpu) {
       *gpu = false;
       return Status::OK();
     case Backend::gpu:
+      if (!cuda::built())
+        return Status(StatusCode::not_available,
+                      "backend: gpu requested but the GPU backend is not available in this build (no CUDA); use backend cpu");
       if (!q.on_device)
         return invalid("backend: gpu requested but q is in host memory; pass device tensors or "
                        "use backend cpu/auto");
@@ -495,9 +498,9 @@ Status alloc_quantized(const ProblemShape& s, Scheme scheme, Layout layout, void
     x.k_scale = take(DType::f32, {Hk, s.total_kv});
     x.k_mean = take(DType::f32, {B, Hk, D});
     if (scheme != Scheme::half) {
+      // Sequence b starts at column vt_seq_start(cu_kv, b); rows padded to 256 bytes.
       const int64_t cols = vt_varlen_columns(s.total_kv, s.batch);
       x.vt8 = take(DType::i8, {Hk, D, static_cast<int64_t>(up(cols))});
-      x.vt8.shape[2] = cols;  // sequence b starts at column vt_seq_start(cu_kv, b)
       x.v_scale = take(DType::f32, {B, Hk, D});
     }
   } else {
@@ -514,9 +517,8 @@ Status alloc_quantized(const ProblemShape& s, Scheme scheme, Layout layout, void
     x.k_scale = take(DType::f32, {B, Hk, Skv});
     x.k_mean = take(DType::f32, {B, Hk, D});
     if (scheme != Scheme::half) {
-      const int64_t pad = static_cast<int64_t>(up(Skv));
-      x.vt8 = take(DType::i8, {B, Hk, D, pad});
-      x.vt8.shape[3] = Skv;
+      // Rows padded to 256 bytes: the GPU reads V^T in 16-byte chunks past seqlen_kv.
+      x.vt8 = take(DType::i8, {B, Hk, D, static_cast<int64_t>(up(Skv))});
       x.v_scale = take(DType::f32, {B, Hk, D});
     }
   }

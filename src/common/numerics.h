@@ -18,10 +18,14 @@ constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kQMax = 127;    // symmetric int8 range used for Q, K, V (and paper's P)
 constexpr int kPMaxU8 = 255;  // unsigned P levels of the accurate scheme
 
+// Rows whose max |x| is below 2^-100 are treated as zero rows: 127/amax would overflow fp32
+// for bf16 inputs near FLT_MIN, and such values are far below any meaningful attention input.
+constexpr float kQuantTiny = 7.888609052210118e-31f;  // 2^-100
+
 // Scale stored with the quantized tensor (dequantized x ~= x8 * s).
-INTFA_HD float quant_scale(float amax) { return amax > 0.f ? amax / 127.f : 1.f; }
-// Multiplier applied before rounding.
-INTFA_HD float quant_inv_scale(float amax) { return amax > 0.f ? 127.f / amax : 1.f; }
+INTFA_HD float quant_scale(float amax) { return amax >= kQuantTiny ? amax / 127.f : 1.f; }
+// Multiplier applied before rounding (1 for zero rows, so every |x| < 2^-100 rounds to 0).
+INTFA_HD float quant_inv_scale(float amax) { return amax >= kQuantTiny ? 127.f / amax : 1.f; }
 
 // Round half to even, then clamp to [-127, 127].
 INTFA_HD int8_t quantize_s8(float x, float inv) {

@@ -224,7 +224,7 @@ int cmd_demo(const Args& a) {
   a.allow({"--device", "--seq", "--heads", "--hdim", "--scheme", "--path"});
   const Backend backend = parse_device(a);
   const bool gpu = backend == Backend::gpu;
-  const int seq = a.integer("--seq", gpu ? 4096 : 2048, 1, 1 << 20);
+  const int seq = a.integer("--seq", gpu ? 4096 : 1024, 1, 1 << 20);
   const int heads = a.integer("--heads", 8, 1, 1024);
   const int hdim = a.integer("--hdim", 128, 16, 256);
   Options opts;

@@ -109,10 +109,83 @@ __device__ __forceinline__ void store_out2(void* out, DType dt, int64_t idx, flo
   }
 }
 
+// P8 = round(levels * exp2(u * rowf - ref)) for the thread's two rows, packed as the u8 A
+// fragments of the PV mma (see the layout note at the top); kSumP also sums the unquantized p.
+template <bool kSumP>
+__device__ __forceinline__ void make_p(const float (&u)[kBlockN / 8][4], const float (&rowf)[2],
+                                       const float (&neg_ref)[2], float levels,
+                                       uint32_t (&pf)[kBlockN / 32][4], float (&psum)[2]) {
+  psum[0] = psum[1] = 0.f;
+#pragma unroll
+  for (int c = 0; c < kBlockN / 32; ++c) {
+    uint32_t q[4][4];
+#pragma unroll
+    for (int jj = 0; jj < 4; ++jj) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1;
+        const float pr = ptx::ex2_approx(__fmaf_rn(u[4 * c + jj][e], rowf[r], neg_ref[r]));
+        if (kSumP) psum[r] += pr;
+        q[jj][e] = ptx::quantize_p_magic(pr, levels);
+      }
+    }
+    pf[c][0] = ptx::pack_low_bytes(q[0][0], q[0][1], q[1][0], q[1][1]);
+    pf[c][1] = ptx::pack_low_bytes(q[0][2], q[0][3], q[1][2], q[1][3]);
+    pf[c][2] = ptx::pack_low_bytes(q[2][0], q[2][1], q[3][0], q[3][1]);
+    pf[c][3] = ptx::pack_low_bytes(q[2][2], q[2][3], q[3][2], q[3][3]);
+  }
+}
+
+// Per-thread cp.async assignments of one key block, fixed for the whole kernel: only the block
+// index moves them, so the address math happens once instead of every block.
+template <int D>
+struct KvLoader {
+  static constexpr int kKChunks = D / 16;                  // 16-byte chunks per K row
+  static constexpr int kKRowsPerPass = kThreads / kKChunks;
+  static constexpr int kKPasses = kBlockN / kKRowsPerPass;
+  static constexpr int kVChunks = kBlockN / 16;             // per V^T row
+  static constexpr int kVRowsPerPass = kThreads / kVChunks;
+  static constexpr int kVPasses = D / kVRowsPerPass;
+
+  const int8_t* k_ptr;  // this thread's first K chunk of block 0
+  const int8_t* v_ptr;  // this thread's first V^T chunk of block 0
+  const float* ks_ptr;
+  int64_t k_row_stride, v_row_stride;
+  int k_row0, v_col0, k_smem0, v_smem0;
+
+  __device__ void load(int n, int skv, uint32_t stage_base, int tid) const {
+    const int64_t key0 = int64_t(n) * kBlockN;
+#pragma unroll
+    for (int it = 0; it < kKPasses; ++it) {
+      const int r = k_row0 + it * kKRowsPerPass;
+      const bool valid = key0 + r < skv;  // rows past the end load as zeros
+      const int8_t* src = k_ptr + (key0 + it * kKRowsPerPass) * k_row_stride;
+      ptx::cp_async_16B(stage_base + k_smem0 + it * kKRowsPerPass * D, valid ? src : k_ptr, valid);
+    }
+    // A V^T chunk that starts before skv may run into the row's padding: P is 0 there.
+    const bool v_valid = key0 + v_col0 < skv;
+#pragma unroll
+    for (int it = 0; it < kVPasses; ++it) {
+      const int8_t* src = v_ptr + key0 + it * kVRowsPerPass * v_row_stride;
+      ptx::cp_async_16B(stage_base + Smem<D>::kK + v_smem0 + it * kVRowsPerPass * kBlockN,
+                        v_valid ? src : v_ptr, v_valid);
+    }
+    if (tid < kBlockN) {
+      const bool valid = key0 + tid < skv;
+      ptx::cp_async_4B(stage_base + Smem<D>::kK + Smem<D>::kV + 4 * tid,
+                       valid ? ks_ptr + key0 + tid : ks_ptr, valid);
+    }
+  }
+};
+
 template <int D, bool Causal>
 __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const FwdParams p) {
   using S = Smem<D>;
+  using L = KvLoader<D>;
   const float kNegInf = -__int_as_float(0x7f800000);
+  // Accumulators start at the bits of 1.5 * 2^23: the int32 mma result then reads directly as
+  // the fp32 value 1.5 * 2^23 + sum (exact for |sum| < 2^22), so no conversion instruction.
+  constexpr int kMagicBits = 0x4B400000;
   extern __shared__ __align__(128) uint8_t smem[];
   uint8_t* const sQ = smem;
 
@@ -132,46 +205,38 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const FwdParams p) {
 
   const int64_t q0 = seq_start(p.cu_q, b), k0 = seq_start(p.cu_kv, b);
   const int8_t* const q_base = p.q8 + b * p.q_st.bs + h * p.q_st.hs + (q0 + m0) * p.q_st.ts;
-  const int8_t* const k_base = p.k8 + b * p.k_st.bs + hkv * p.k_st.hs + k0 * p.k_st.ts;
-  const int8_t* const v_base =
-      p.vt8 + b * p.vt_st.bs + hkv * p.vt_st.hs + vt_seq_start(p.cu_kv, b);
-  const float* const ks_base = p.k_scale + offset(p.ks_st, b, hkv, k0);
 
-  // ---- stage loaders (every thread issues its share of 16-byte cp.async) ----
-  auto load_q = [&] {
-    constexpr int kChunks = D / 16;
-    for (int i = tid; i < kBlockM * kChunks; i += kThreads) {
-      const int r = i / kChunks, c = i % kChunks;
-      const bool valid = m0 + r < sq;
-      ptx::cp_async_16B(ptx::smem_u32(sQ + swz128(r * D + c * 16)),
-                        valid ? q_base + r * p.q_st.ts + c * 16 : q_base, valid);
-    }
-  };
-  auto load_kv = [&](int n, int stage) {
-    uint8_t* sK = smem + S::kQ + stage * S::kStage;
-    uint8_t* sV = sK + S::kK;
-    float* sKs = reinterpret_cast<float*>(sV + S::kV);
-    constexpr int kKChunks = D / 16, kVChunks = kBlockN / 16;
-    for (int i = tid; i < kBlockN * kKChunks; i += kThreads) {
-      const int r = i / kKChunks, c = i % kKChunks;
-      const int key = n * kBlockN + r;
-      const bool valid = key < skv;
-      ptx::cp_async_16B(ptx::smem_u32(sK + k_tile_offset<D>(r, c)),
-                        valid ? k_base + key * p.k_st.ts + c * 16 : k_base, valid);
-    }
-    for (int i = tid; i < D * kVChunks; i += kThreads) {
-      const int d = i / kVChunks, c = i % kVChunks;
-      const int col = n * kBlockN + c * 16;
-      const bool valid = col < skv;  // a partial chunk reads the row's padding: P is 0 there
-      ptx::cp_async_16B(ptx::smem_u32(sV + swz128(d * kBlockN + c * 16)),
-                        valid ? v_base + d * p.vt_st.ts + col : v_base, valid);
-    }
-    if (tid < kBlockN) {
-      const int key = n * kBlockN + tid;
-      const bool valid = key < skv;
-      ptx::cp_async_4B(ptx::smem_u32(sKs + tid), valid ? ks_base + key : ks_base, valid);
-    }
-  };
+  L loader;
+  {
+    const int kr = tid / L::kKChunks, kc = tid % L::kKChunks;
+    const int vd = tid / L::kVChunks, vc = tid % L::kVChunks;
+    loader.k_row0 = kr;
+    loader.k_row_stride = p.k_st.ts;
+    loader.k_ptr = p.k8 + b * p.k_st.bs + hkv * p.k_st.hs + (k0 + kr) * p.k_st.ts + kc * 16;
+    loader.k_smem0 = k_tile_offset<D>(kr, kc);
+    loader.v_col0 = vc * 16;
+    loader.v_row_stride = p.vt_st.ts;
+    loader.v_ptr = p.vt8 + b * p.vt_st.bs + hkv * p.vt_st.hs + vt_seq_start(p.cu_kv, b) +
+                   vd * p.vt_st.ts + vc * 16;
+    loader.v_smem0 = swz128(vd * kBlockN + vc * 16);
+    loader.ks_ptr = p.k_scale + offset(p.ks_st, b, hkv, k0);
+  }
+  const uint32_t smem_base = ptx::smem_u32(smem);
+  auto stage_base = [&](int stage) { return smem_base + S::kQ + stage * S::kStage; };
+
+  // Lane offsets of the ldmatrix reads. QK^T: n-tile pair jj reads keys key0 + 16 jj (the
+  // permutation keeps bits 0-3 of the key, so the swizzle is fixed per k step). PV: channel
+  // tile dn reads rows 8 dn + lane % 8.
+  int k_lane_off[D / 32], v_lane_off[kBlockN / 64];
+  {
+    const int mi = lane >> 3;
+    const int key0 = permuted_key(mi >> 1, lane & 7);
+#pragma unroll
+    for (int kk = 0; kk < D / 32; ++kk) k_lane_off[kk] = k_tile_offset<D>(key0, 2 * kk + (mi & 1));
+#pragma unroll
+    for (int cc = 0; cc < kBlockN / 64; ++cc)
+      v_lane_off[cc] = swz128((lane & 7) * kBlockN + (4 * cc + mi) * 16);
+  }
 
   // ---- per-thread row state: rows g and g+8 of this warp's 16 ----
   const bool block_local = p.scheme == Scheme::accurate;
@@ -193,8 +258,14 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const FwdParams p) {
   uint32_t qf[D / 32][4];
 
   if (n_blocks > 0) {
-    load_q();
-    load_kv(0, 0);
+    constexpr int kChunks = D / 16;
+    for (int i = tid; i < kBlockM * kChunks; i += kThreads) {
+      const int r = i / kChunks, c = i % kChunks;
+      const bool valid = m0 + r < sq;
+      ptx::cp_async_16B(smem_base + swz128(r * D + c * 16),
+                        valid ? q_base + r * p.q_st.ts + c * 16 : q_base, valid);
+    }
+    loader.load(0, skv, stage_base(0), tid);
     ptx::cp_async_commit();
   }
 
@@ -203,24 +274,35 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const FwdParams p) {
     ptx::cp_async_wait<0>();
     __syncthreads();  // block n landed for everyone; everyone finished block n-1's stage
     if (n + 1 < n_blocks) {
-      load_kv(n + 1, stage ^ 1);
+      loader.load(n + 1, skv, stage_base(stage ^ 1), tid);
       ptx::cp_async_commit();
     }
-    const uint8_t* sK = smem + S::kQ + stage * S::kStage;
-    const uint8_t* sV = sK + S::kK;
-    const float* sKs = reinterpret_cast<const float*>(sV + S::kV);
+    const uint32_t sK = stage_base(stage);
+    const uint32_t sV = sK + S::kK;
+    const float* sKs = reinterpret_cast<const float*>(smem + S::kQ + stage * S::kStage + S::kK + S::kV);
 
     if (n == 0) load_q_frags<D>(sQ, warp, lane, qf);
 
     // ---- S = Q K^T (keys permuted so S is already in PV A-fragment order) ----
     int s[kBlockN / 8][4];
-    qk_block<D>(qf, sK, lane, s);
+#pragma unroll
+    for (int j = 0; j < kBlockN / 8; ++j)
+      for (int e = 0; e < 4; ++e) s[j][e] = kMagicBits;
+#pragma unroll
+    for (int kk = 0; kk < D / 32; ++kk) {
+#pragma unroll
+      for (int jj = 0; jj < kBlockN / 16; ++jj) {
+        uint32_t bf[4];
+        ptx::ldmatrix_x4(bf, sK + k_lane_off[kk] + jj * 16 * D);
+        const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+        ptx::mma_m16n8k32_s8s8(s[2 * jj], qf[kk], b0);
+        ptx::mma_m16n8k32_s8s8(s[2 * jj + 1], qf[kk], b1);
+      }
+    }
 
-    // ---- scores in u = S * s_k (log2 units after * rowf), masking, block row max ----
-    const bool need_mask = (n + 1) * kBlockN > skv ||
-                           (Causal && (n + 1) * kBlockN - 1 > m0 + warp * 16 + diag);
+    // ---- u = S * s_k with one FFMA on the magic value; tail keys get an offset of -inf
+    // (per key, not per score), the causal diagonal a per-score mask; block row max ----
     float u[kBlockN / 8][4];
-    float mx[2] = {kNegInf, kNegInf};
 #pragma unroll
     for (int c = 0; c < kBlockN / 32; ++c) {
       const float4 ka = *reinterpret_cast<const float4*>(sKs + 32 * c + 4 * t);
@@ -229,19 +311,30 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const FwdParams p) {
 #pragma unroll
       for (int jj = 0; jj < 4; ++jj) {
         const int j = 4 * c + jj;
+        float nks[2];
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float val = ptx::int_to_float_magic(s[j][e]) * ks[jj][e & 1];
-          if (need_mask) {
-            const int key = n * kBlockN + permuted_key(j, 2 * t + (e & 1));
-            const int r = row[e >> 1];
-            if (key >= skv || (Causal && key > r + diag)) val = kNegInf;
-          }
-          u[j][e] = val;
-          mx[e >> 1] = fmaxf(mx[e >> 1], val);
+        for (int e = 0; e < 2; ++e) {
+          const int key = n * kBlockN + permuted_key(j, 2 * t + e);
+          nks[e] = key < skv ? -ptx::kMagic * ks[jj][e] : kNegInf;
         }
+#pragma unroll
+        for (int e = 0; e < 4; ++e) u[j][e] = __fmaf_rn(__int_as_float(s[j][e]), ks[jj][e & 1], nks[e & 1]);
       }
     }
+    if (Causal && (n + 1) * kBlockN - 1 > m0 + warp * 16 + diag) {  // blocks on the diagonal
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = n * kBlockN + permuted_key(j, 2 * t + (e & 1));
+          if (key > row[e >> 1] + diag) u[j][e] = kNegInf;
+        }
+    }
+    float mx[2] = {kNegInf, kNegInf};
+#pragma unroll
+    for (int j = 0; j < kBlockN / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) mx[e >> 1] = fmaxf(mx[e >> 1], u[j][e]);
     float alpha[2], cfac[2], neg_ref[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -259,26 +352,9 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const FwdParams p) {
 
     // ---- P = round(levels * exp2(t - ref)) packed into PV A fragments ----
     uint32_t pf[kBlockN / 32][4];
-    float psum[2] = {0.f, 0.f};
-#pragma unroll
-    for (int c = 0; c < kBlockN / 32; ++c) {
-      uint32_t q[4][4];
-#pragma unroll
-      for (int jj = 0; jj < 4; ++jj) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = e >> 1;
-          const float pr = ptx::ex2_approx(__fmaf_rn(u[4 * c + jj][e], rowf[r], neg_ref[r]));
-          if (!block_local) psum[r] += pr;
-          q[jj][e] = ptx::quantize_p_magic(pr, levels);
-        }
-      }
-      pf[c][0] = ptx::pack_low_bytes(q[0][0], q[0][1], q[1][0], q[1][1]);
-      pf[c][1] = ptx::pack_low_bytes(q[0][2], q[0][3], q[1][2], q[1][3]);
-      pf[c][2] = ptx::pack_low_bytes(q[2][0], q[2][1], q[3][0], q[3][1]);
-      pf[c][3] = ptx::pack_low_bytes(q[2][2], q[2][3], q[3][2], q[3][3]);
-    }
+    float psum[2];
     if (block_local) {  // l sums the quantized P8: numerator and denominator share the weights
+      make_p<false>(u, rowf, neg_ref, levels, pf, psum);
       uint32_t cnt[2] = {0u, 0u};
 #pragma unroll
       for (int c = 0; c < kBlockN / 32; ++c) {
@@ -289,27 +365,31 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const FwdParams p) {
       }
       psum[0] = cfac[0] * static_cast<float>(cnt[0]);
       psum[1] = cfac[1] * static_cast<float>(cnt[1]);
+    } else {  // paper: l sums the unquantized p
+      make_p<true>(u, rowf, neg_ref, levels, pf, psum);
     }
     l_part[0] = l_part[0] * alpha[0] + psum[0];
     l_part[1] = l_part[1] * alpha[1] + psum[1];
 
-    // ---- O = O * alpha + (P8 V8) * c, one 8-channel n-tile at a time ----
+    // ---- O = O * alpha + (P8 V8) * c: the magic-biased result x gives (x - M) c + O alpha
+    // as FFMA(x, c, FFMA(O, alpha, -M c)), two instructions per output element ----
+    const float nmc[2] = {-ptx::kMagic * cfac[0], -ptx::kMagic * cfac[1]};
 #pragma unroll
     for (int dn = 0; dn < D / 8; ++dn) {
-      int acc[4] = {0, 0, 0, 0};
+      int acc[4] = {kMagicBits, kMagicBits, kMagicBits, kMagicBits};
 #pragma unroll
       for (int cc = 0; cc < kBlockN / 64; ++cc) {
-        const int d = dn * 8 + (lane & 7);
-        const int chunk = 4 * cc + (lane >> 3);
         uint32_t vf[4];
-        ptx::ldmatrix_x4(vf, ptx::smem_u32(sV + swz128(d * kBlockN + chunk * 16)));
+        ptx::ldmatrix_x4(vf, sV + v_lane_off[cc] + dn * 8 * kBlockN);
         const uint32_t b0[2] = {vf[0], vf[1]}, b1[2] = {vf[2], vf[3]};
         ptx::mma_m16n8k32_u8s8(acc, pf[2 * cc], b0);
         ptx::mma_m16n8k32_u8s8(acc, pf[2 * cc + 1], b1);
       }
 #pragma unroll
-      for (int e = 0; e < 4; ++e)
-        o[dn][e] = __fmaf_rn(ptx::int_to_float_magic(acc[e]), cfac[e >> 1], o[dn][e] * alpha[e >> 1]);
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1;
+        o[dn][e] = __fmaf_rn(__int_as_float(acc[e]), cfac[r], __fmaf_rn(o[dn][e], alpha[r], nmc[r]));
+      }
     }
   }
 

@@ -1,0 +1,6 @@
+// Quantization kernels for head_dim 64 (fp16 and bf16).
+#include "cuda/quant/quantize_kernel.cuh"
+
+namespace intfa::quant {
+template Status launch_main<64>(const QuantParams&, const QuantScratch&, Order, cudaStream_t);
+}  // namespace intfa::quant

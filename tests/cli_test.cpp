@@ -1,0 +1,300 @@
+// Smoke tests of the `intfa` command-line tool (built as INTFA_CLI_PATH): info, demo, accuracy
+// with --json (parsed with a small JSON reader), and the usage errors.
+#include <gtest/gtest.h>
+
+#ifdef INTFA_CLI_PATH
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cctype>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <set>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "intfa/intfa.h"
+
+namespace intfa::testing {
+namespace {
+
+struct CliResult {
+  int status = -1;     // exit status, or -1 if the process did not exit normally
+  std::string output;  // stdout and stderr together
+};
+
+CliResult run_cli(const std::string& args) {
+  const std::string cmd = std::string("'") + INTFA_CLI_PATH + "' " + args + " 2>&1";
+  CliResult r;
+  FILE* p = popen(cmd.c_str(), "r");
+  if (!p) return r;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof buf, p)) > 0) r.output.append(buf, n);
+  const int st = pclose(p);
+  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  return r;
+}
+
+// A minimal JSON reader (objects, arrays, strings with simple escapes, numbers, literals):
+// enough to check the structure of the CLI's --json output.
+struct Json {
+  enum Type { null, boolean, number, string, array, object } type = null;
+  bool b = false;
+  double num = 0;
+  std::string str;
+  std::vector<Json> items;
+  std::map<std::string, Json> fields;
+  const Json* get(const std::string& k) const {
+    auto it = fields.find(k);
+    return it == fields.end() ? nullptr : &it->second;
+  }
+};
+
+class JsonReader {
+ public:
+  explicit JsonReader(const std::string& s) : s_(s) {}
+  bool parse(Json* out) {
+    if (!value(out)) return false;
+    ws();
+    return i_ == s_.size();
+  }
+  size_t pos() const { return i_; }
+
+ private:
+  void ws() {
+    while (i_ < s_.size() && std::isspace(static_cast<unsigned char>(s_[i_]))) ++i_;
+  }
+  bool lit(const char* w) {
+    const std::string t(w);
+    if (s_.compare(i_, t.size(), t) != 0) return false;
+    i_ += t.size();
+    return true;
+  }
+  bool string(std::string* out) {
+    if (s_[i_] != '"') return false;
+    ++i_;
+    while (i_ < s_.size() && s_[i_] != '"') {
+      if (s_[i_] == '\\') {
+        if (++i_ >= s_.size()) return false;
+        const char c = s_[i_];
+        out->push_back(c == 'n' ? '\n' : c == 't' ? '\t' : c);
+      } else {
+        out->push_back(s_[i_]);
+      }
+      ++i_;
+    }
+    if (i_ >= s_.size()) return false;
+    ++i_;
+    return true;
+  }
+  bool value(Json* v) {
+    ws();
+    if (i_ >= s_.size()) return false;
+    const char c = s_[i_];
+    if (c == '{') {
+      v->type = Json::object;
+      ++i_;
+      ws();
+      if (i_ < s_.size() && s_[i_] == '}') return ++i_, true;
+      while (true) {
+        ws();
+        std::string key;
+        if (i_ >= s_.size() || !string(&key)) return false;
+        ws();
+        if (i_ >= s_.size() || s_[i_++] != ':') return false;
+        Json item;
+        if (!value(&item)) return false;
+        v->fields[key] = item;
+        ws();
+        if (i_ >= s_.size()) return false;
+        if (s_[i_] == ',') { ++i_; continue; }
+        if (s_[i_] == '}') return ++i_, true;
+        return false;
+      }
+    }
+    if (c == '[') {
+      v->type = Json::array;
+      ++i_;
+      ws();
+      if (i_ < s_.size() && s_[i_] == ']') return ++i_, true;
+      while (true) {
+        Json item;
+        if (!value(&item)) return false;
+        v->items.push_back(item);
+        ws();
+        if (i_ >= s_.size()) return false;
+        if (s_[i_] == ',') { ++i_; continue; }
+        if (s_[i_] == ']') return ++i_, true;
+        return false;
+      }
+    }
+    if (c == '"') {
+      v->type = Json::string;
+      return string(&v->str);
+    }
+    if (lit("true")) { v->type = Json::boolean; v->b = true; return true; }
+    if (lit("false")) { v->type = Json::boolean; return true; }
+    if (lit("null")) return true;
+    // Number (JSON has no nan/inf literals: strtod would accept them, so check the first char).
+    if (c != '-' && !std::isdigit(static_cast<unsigned char>(c))) return false;
+    const char* start = s_.c_str() + i_;
+    char* end = nullptr;
+    v->num = std::strtod(start, &end);
+    if (end == start || !std::isfinite(v->num)) return false;
+    v->type = Json::number;
+    i_ += end - start;
+    return true;
+  }
+  const std::string& s_;
+  size_t i_ = 0;
+};
+
+TEST(JsonReader, ParsesAndRejects) {
+  Json j;
+  std::string good = R"({"a": [1, -2.5e-3, "x\"y"], "b": {"c": true, "d": null}})";
+  ASSERT_TRUE(JsonReader(good).parse(&j));
+  ASSERT_EQ(j.get("a")->items.size(), 3u);
+  EXPECT_EQ(j.get("a")->items[1].num, -2.5e-3);
+  EXPECT_EQ(j.get("a")->items[2].str, "x\"y");
+  EXPECT_TRUE(j.get("b")->get("c")->b);
+  for (std::string bad : {R"({"a": 1,})", R"({"a": nan})", R"([1 2])", R"({"a": 1} x)", R"({"a")"}) {
+    Json k;
+    EXPECT_FALSE(JsonReader(bad).parse(&k)) << bad;
+  }
+}
+
+TEST(Cli, Info) {
+  CliResult r = run_cli("info");
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("intfa"), std::string::npos) << r.output;
+  bool gpu_line = false;
+  std::istringstream lines(r.output);
+  for (std::string line; std::getline(lines, line);) gpu_line |= line.find("GPU") != std::string::npos;
+  EXPECT_TRUE(gpu_line) << r.output;
+}
+
+TEST(Cli, DemoOnCpu) {
+  CliResult r = run_cli("demo --device cpu");
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("rel_l2"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("ms"), std::string::npos) << r.output;
+  // The number after "rel_l2" is a sane accuracy for the default (accurate) scheme.
+  const size_t at = r.output.find("rel_l2");
+  if (at != std::string::npos) {
+    const char* p = r.output.c_str() + at + 6;
+    while (*p == ' ' || *p == ':' || *p == '=') ++p;
+    char* end = nullptr;
+    const double v = std::strtod(p, &end);
+    if (end != p) {
+      EXPECT_TRUE(std::isfinite(v)) << r.output;
+      EXPECT_LT(v, 5e-2) << r.output;
+    }
+  }
+}
+
+TEST(Cli, AccuracyJson) {
+  const std::string file = ::testing::TempDir() + "intfa_cli_accuracy_" + std::to_string(::getpid()) + ".json";
+  std::remove(file.c_str());
+  CliResult r = run_cli("accuracy --device cpu --seq 64 --dist normal --scheme paper,accurate "
+                        "--hdim 64 --heads 2 --json '" + file + "'");
+  ASSERT_EQ(r.status, 0) << r.output;
+  std::ifstream f(file);
+  ASSERT_TRUE(f.good()) << "no JSON file written at " << file << "\n" << r.output;
+  std::stringstream ss;
+  ss << f.rdbuf();
+  const std::string text = ss.str();
+  Json j;
+  JsonReader reader(text);
+  ASSERT_TRUE(reader.parse(&j)) << "invalid JSON near offset " << reader.pos() << ":\n" << text;
+  ASSERT_EQ(j.type, Json::object) << text;
+  const Json* rows = j.get("rows");
+  ASSERT_TRUE(rows && rows->type == Json::array) << text;
+  ASSERT_EQ(rows->items.size(), 2u) << text;
+  std::set<std::string> schemes;
+  for (const Json& row : rows->items) {
+    ASSERT_EQ(row.type, Json::object);
+    for (const char* key : {"scheme", "dist", "seq", "hdim", "rel_l2"})
+      ASSERT_NE(row.get(key), nullptr) << "row lacks \"" << key << "\":\n" << text;
+    ASSERT_EQ(row.get("scheme")->type, Json::string);
+    schemes.insert(row.get("scheme")->str);
+    EXPECT_EQ(row.get("dist")->str, "normal");
+    EXPECT_EQ(row.get("seq")->num, 64);
+    EXPECT_EQ(row.get("hdim")->num, 64);
+    ASSERT_EQ(row.get("rel_l2")->type, Json::number);
+    EXPECT_GT(row.get("rel_l2")->num, 0);
+    EXPECT_LT(row.get("rel_l2")->num, 5e-2);
+  }
+  EXPECT_EQ(schemes, (std::set<std::string>{"paper", "accurate"}));
+  std::remove(file.c_str());
+}
+
+TEST(Cli, BadSeqNamesTheOption) {
+  CliResult r = run_cli("accuracy --seq -5");
+  EXPECT_EQ(r.status, 2) << r.output;
+  EXPECT_NE(r.output.find("--seq"), std::string::npos) << r.output;
+  r = run_cli("accuracy --device cpu --seq 0");
+  EXPECT_EQ(r.status, 2) << r.output;
+  EXPECT_NE(r.output.find("--seq"), std::string::npos) << r.output;
+  r = run_cli("accuracy --device cpu --seq abc");
+  EXPECT_EQ(r.status, 2) << r.output;
+  EXPECT_NE(r.output.find("--seq"), std::string::npos) << r.output;
+}
+
+TEST(Cli, BadSchemeNamesTheOption) {
+  CliResult r = run_cli("accuracy --scheme bogus");
+  EXPECT_NE(r.status, 0) << r.output;
+  EXPECT_EQ(r.status, 2) << r.output;
+  EXPECT_NE(r.output.find("--scheme"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("bogus"), std::string::npos) << r.output;
+}
+
+TEST(Cli, BadDistNamesTheOption) {
+  CliResult r = run_cli("accuracy --dist bogus");
+  EXPECT_NE(r.status, 0) << r.output;
+  EXPECT_EQ(r.status, 2) << r.output;
+  EXPECT_NE(r.output.find("--dist"), std::string::npos) << r.output;
+}
+
+TEST(Cli, UnknownOptionAndMissingValue) {
+  CliResult r = run_cli("accuracy --device cpu --nosuchoption 3");
+  EXPECT_NE(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("--nosuchoption"), std::string::npos) << r.output;
+  r = run_cli("accuracy --device cpu --seq");
+  EXPECT_NE(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("--seq"), std::string::npos) << r.output;
+}
+
+TEST(Cli, UnknownCommand) {
+  CliResult r = run_cli("nosuchcommand");
+  EXPECT_NE(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("nosuchcommand"), std::string::npos) << r.output;
+  r = run_cli("");
+  EXPECT_NE(r.status, 0) << r.output;
+}
+
+TEST(Cli, BenchNeedsGpu) {
+  if (device_info(0).present) GTEST_SKIP() << "a GPU is present";
+  CliResult r = run_cli("bench");
+  EXPECT_NE(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("GPU"), std::string::npos) << r.output;
+}
+
+TEST(Cli, DeviceGpuWithoutGpuFails) {
+  if (device_info(0).present) GTEST_SKIP() << "a GPU is present";
+  CliResult r = run_cli("demo --device gpu");
+  EXPECT_NE(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("GPU"), std::string::npos) << r.output;
+}
+
+}  // namespace
+}  // namespace intfa::testing
+
+#endif  // INTFA_CLI_PATH

@@ -1,0 +1,156 @@
+// Helpers shared by the CPU tests: host buffers, layout conversion, poisoned outputs, and thin
+// wrappers that run intfa::attention / attention_reference on tools::HostQKV inputs.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "inputs.h"
+#include "intfa/intfa.h"
+
+namespace intfa::testing {
+
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+// A host buffer whose data() is `align`-byte aligned.
+class AlignedBuffer {
+ public:
+  explicit AlignedBuffer(size_t bytes, size_t align = 256) : raw_(bytes + align, 0), bytes_(bytes) {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(raw_.data());
+    ptr_ = reinterpret_cast<uint8_t*>((p + align - 1) / align * align);
+  }
+  void* data() { return ptr_; }
+  size_t size() const { return bytes_; }
+
+ private:
+  std::vector<uint8_t> raw_;
+  uint8_t* ptr_;
+  size_t bytes_;
+};
+
+// [B, H, S, D] -> [B, S, H, D] (and back with the same call and swapped H/S arguments).
+template <class T>
+std::vector<T> swap_hs(const std::vector<T>& x, int B, int H, int S, int D) {
+  std::vector<T> y(x.size());
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < H; ++h)
+      for (int s = 0; s < S; ++s)
+        for (int d = 0; d < D; ++d)
+          y[((static_cast<size_t>(b) * S + s) * H + h) * D + d] =
+              x[((static_cast<size_t>(b) * H + h) * S + s) * D + d];
+  return y;
+}
+
+inline std::vector<double> widen(const std::vector<uint16_t>& bits, DType dt) {
+  std::vector<double> out(bits.size());
+  for (size_t i = 0; i < bits.size(); ++i) out[i] = tools::to_float(bits[i], dt);
+  return out;
+}
+inline std::vector<double> widen(const std::vector<float>& x) { return {x.begin(), x.end()}; }
+
+inline int64_t count_nan(const std::vector<float>& x) {
+  int64_t n = 0;
+  for (float v : x) n += std::isnan(v);
+  return n;
+}
+inline int64_t count_nan(const std::vector<double>& x) {
+  int64_t n = 0;
+  for (double v : x) n += std::isnan(v);
+  return n;
+}
+
+inline const char* name(DType dt) { return to_string(dt); }
+
+// Output of one attention run (BHSD order, widened to double).
+struct Result {
+  Status status;
+  std::vector<double> out;  // [B, Hq, Sq, D]
+  std::vector<double> lse;  // [B, Hq, Sq]
+  int64_t unwritten_out = 0, unwritten_lse = 0;  // NaN poison left behind
+};
+
+// intfa::attention on the CPU backend with a float32 output (poisoned with NaN first) and an
+// LSE. Inputs are given in BHSD order; with opts.layout == BSHD they are transposed first and
+// the output transposed back.
+inline Result run_attention(tools::HostQKV& x, Options opts) {
+  opts.backend = Backend::cpu;
+  Result r;
+  const int B = x.batch, Hq = x.heads_q, Hkv = x.heads_kv, Sq = x.seqlen_q, Skv = x.seqlen_kv,
+            D = x.head_dim;
+  std::vector<float> out(static_cast<size_t>(B) * Hq * Sq * D,
+                         std::numeric_limits<float>::quiet_NaN());
+  std::vector<float> lse(static_cast<size_t>(B) * Hq * Sq, std::numeric_limits<float>::quiet_NaN());
+  Tensor tl = make_tensor(lse.data(), DType::f32, {B, Hq, Sq});
+  if (opts.layout == Layout::BSHD) {
+    auto q = swap_hs(x.q, B, Hq, Sq, D), k = swap_hs(x.k, B, Hkv, Skv, D),
+         v = swap_hs(x.v, B, Hkv, Skv, D);
+    Tensor tq = make_tensor(q.data(), x.dtype, {B, Sq, Hq, D});
+    Tensor tk = make_tensor(k.data(), x.dtype, {B, Skv, Hkv, D});
+    Tensor tv = make_tensor(v.data(), x.dtype, {B, Skv, Hkv, D});
+    Tensor to = make_tensor(out.data(), DType::f32, {B, Sq, Hq, D});
+    r.status = attention(tq, tk, tv, to, &tl, opts);
+    out = swap_hs(out, B, Sq, Hq, D);
+  } else {
+    Tensor to = make_tensor(out.data(), DType::f32, {B, Hq, Sq, D});
+    r.status = attention(x.tq(), x.tk(), x.tv(), to, &tl, opts);
+  }
+  r.unwritten_out = count_nan(out);
+  r.unwritten_lse = count_nan(lse);
+  r.out = widen(out);
+  r.lse = widen(lse);
+  return r;
+}
+
+// intfa::attention_reference (float64 out and LSE) on BHSD inputs.
+inline Result run_reference(tools::HostQKV& x, Options opts) {
+  opts.layout = Layout::BHSD;
+  Result r;
+  r.out.assign(static_cast<size_t>(x.batch) * x.heads_q * x.seqlen_q * x.head_dim, kNaN);
+  r.lse.assign(static_cast<size_t>(x.batch) * x.heads_q * x.seqlen_q, kNaN);
+  Tensor to = make_tensor(r.out.data(), DType::f64, {x.batch, x.heads_q, x.seqlen_q, x.head_dim});
+  Tensor tl = make_tensor(r.lse.data(), DType::f64, {x.batch, x.heads_q, x.seqlen_q});
+  r.status = attention_reference(x.tq(), x.tk(), x.tv(), to, &tl, opts);
+  r.unwritten_out = count_nan(r.out);
+  r.unwritten_lse = count_nan(r.lse);
+  return r;
+}
+
+inline double rel_l2(const std::vector<double>& got, const std::vector<double>& ref) {
+  return tools::compare(got, ref).rel_l2;
+}
+
+// Max |got - ref| over entries where ref is finite; counts entries where exactly one of the two
+// is -inf or where got is NaN in `mismatched`.
+inline double max_abs_lse_error(const std::vector<double>& got, const std::vector<double>& ref,
+                                int64_t* mismatched) {
+  double e = 0;
+  *mismatched = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    if (std::isnan(got[i]) || std::isinf(got[i]) != std::isinf(ref[i])) {
+      ++*mismatched;
+      continue;
+    }
+    if (std::isfinite(ref[i])) e = std::max(e, std::fabs(got[i] - ref[i]));
+  }
+  return e;
+}
+
+// A copy of a BHSD operand restricted to tokens [t0, t0 + n) of every (b, h).
+inline std::vector<uint16_t> slice_tokens(const std::vector<uint16_t>& x, int B, int H, int S,
+                                          int D, int t0, int n) {
+  std::vector<uint16_t> y(static_cast<size_t>(B) * H * n * D);
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < H; ++h)
+      std::memcpy(&y[((static_cast<size_t>(b) * H + h) * n) * D],
+                  &x[((static_cast<size_t>(b) * H + h) * S + t0) * D], sizeof(uint16_t) * n * D);
+  return y;
+}
+
+}  // namespace intfa::testing
