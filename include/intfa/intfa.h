@@ -168,6 +168,7 @@ struct BuildInfo {
   std::string version;
   bool cuda_built = false;
   std::string cuda_archs;  // e.g. "sm_80 sm_90a"
+  int gpu_block_n = 0;     // key block of the GPU kernel (for block-exact CPU emulation)
 };
 BuildInfo build_info();
 

@@ -691,6 +691,7 @@ BuildInfo build_info() {
   b.version = INTFA_VERSION;
   b.cuda_built = cuda::built();
   b.cuda_archs = cuda::compiled_archs();
+  b.gpu_block_n = cuda::kernel_block_n();
   return b;
 }
 

@@ -17,6 +17,7 @@ Status check_cuda(cudaError_t err, const char* what) {
 }
 
 bool built() { return true; }
+int kernel_block_n() { return sm80_block_n(); }
 
 const char* compiled_archs() {
   // CMake's arch list for the portable kernels, e.g. "80-real;90-real".

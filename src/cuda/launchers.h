@@ -13,6 +13,7 @@ Status launch_quantize(const QuantParams& p, cudaStream_t stream);
 
 // src/cuda/sm80: mma.sync INT8 flash attention (runs on sm_80 and newer).
 Status launch_fwd_sm80(const FwdParams& p, cudaStream_t stream);
+int sm80_block_n();  // keys per block of the sm80 kernel
 
 // Test hook: one 128x128 int32 score block through the sm80 QK^T fragment code.
 Status launch_qk_block_test_sm80(int head_dim, const int8_t* q8, const int8_t* k8, int32_t* s,

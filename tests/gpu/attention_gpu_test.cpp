@@ -132,7 +132,7 @@ void check_kernel_vs_cpu(const Case& c) {
   o.scheme = c.scheme;
   o.causal = c.causal;
   o.layout = c.layout;
-  o.block_n = 128;  // the sm80 kernel's key block: block-local maxima must match
+  o.block_n = build_info().gpu_block_n;  // the kernel's key block: block-local maxima must match
   o.backend = Backend::cpu;
   const bool varlen = in.shape.varlen;
   Tensor none;
@@ -192,7 +192,7 @@ class AttentionGpu : public ::testing::Test {
   void SetUp() override { INTFA_REQUIRE_GPU(); }
 };
 
-TEST_F(AttentionGpu, ScoreBlockBitExact) {
+TEST_F(AttentionGpu, ScoreBlockBitExact) {  // 128 x 128 scores, any kernel key block
   for (int d : {64, 128}) {
     std::mt19937 rng(d);
     std::uniform_int_distribution<int> dist(-127, 127);
@@ -295,7 +295,7 @@ TEST_F(AttentionGpu, EndToEndAccuracyVsFloat64) {
       INTFA_ASSERT_OK(attention_reference(x.tq(), x.tk(), x.tv(), ref_t, nullptr, o));
       std::vector<float> cpu(x.q.size(), NAN);
       o.backend = Backend::cpu;
-      o.block_n = 128;
+      o.block_n = build_info().gpu_block_n;
       INTFA_ASSERT_OK(attention(x.tq(), x.tk(), x.tv(), make_tensor(cpu.data(), DType::f32, {1, h, n, d}), nullptr, o));
       DeviceBuffer dq(x.q.data(), x.q.size() * 2), dk(x.k.data(), x.k.size() * 2),
           dv(x.v.data(), x.v.size() * 2), dout(x.q.size() * 4);

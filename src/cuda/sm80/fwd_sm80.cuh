@@ -26,10 +26,24 @@
 
 namespace intfa::sm80 {
 
-constexpr int kBlockM = 128;   // query rows per CTA
-constexpr int kBlockN = 128;   // keys per block: 255*127*128 < 2^22 keeps PV exact via kMagic
-constexpr int kWarps = 8;      // 16 rows each
+// Query rows per CTA (16 per warp). 64 rows in 4 warps let two CTAs share an SM: their
+// per-block barriers are independent, so one CTA's softmax overlaps the other's mma work.
+#ifndef INTFA_SM80_BLOCK_M
+#define INTFA_SM80_BLOCK_M 64
+#endif
+#ifndef INTFA_SM80_BLOCK_N
+#define INTFA_SM80_BLOCK_N 128
+#endif
+#ifndef INTFA_SM80_CTAS_PER_SM
+#define INTFA_SM80_CTAS_PER_SM (INTFA_SM80_BLOCK_M == 64 ? 2 : 1)
+#endif
+constexpr int kBlockM = INTFA_SM80_BLOCK_M;
+// Keys per block (64 or 128): 255*127*128 < 2^22 keeps the PV block product exact via kMagic.
+constexpr int kBlockN = INTFA_SM80_BLOCK_N;
+constexpr int kWarps = kBlockM / 16;
 constexpr int kThreads = kWarps * 32;
+constexpr int kCtasPerSm = INTFA_SM80_CTAS_PER_SM;
+static_assert(kBlockN == 64 || kBlockN == 128, "key block");
 
 template <int D>
 struct Smem {
@@ -72,21 +86,31 @@ __device__ __forceinline__ void load_q_frags(const uint8_t* sQ, int warp, int la
   }
 }
 
-// S (16 x kBlockN, int32) = Q8 K8^T for one key block, K rows permuted per permuted_key().
+// Lane offsets of the K^T ldmatrix reads: n-tile pair jj reads keys key0 + 16 jj (the key
+// permutation keeps bits 0-3 of the key, so the swizzle is fixed per k step).
 template <int D>
-__device__ __forceinline__ void qk_block(const uint32_t (&qf)[D / 32][4], const uint8_t* sK,
-                                         int lane, int (&s)[kBlockN / 8][4]) {
+__device__ __forceinline__ void k_lane_offsets(int lane, int (&off)[D / 32]) {
+  const int mi = lane >> 3;
+  const int key0 = permuted_key(mi >> 1, lane & 7);
+#pragma unroll
+  for (int kk = 0; kk < D / 32; ++kk) off[kk] = k_tile_offset<D>(key0, 2 * kk + (mi & 1));
+}
+
+// S (16 x kBlockN, int32) = init + Q8 K8^T for one key block, K rows permuted per
+// permuted_key(). sK is the shared-memory address of the K tile.
+template <int D>
+__device__ __forceinline__ void qk_block(const uint32_t (&qf)[D / 32][4], uint32_t sK,
+                                         const int (&k_lane_off)[D / 32], int init,
+                                         int (&s)[kBlockN / 8][4]) {
 #pragma unroll
   for (int j = 0; j < kBlockN / 8; ++j)
-    for (int e = 0; e < 4; ++e) s[j][e] = 0;
+    for (int e = 0; e < 4; ++e) s[j][e] = init;
 #pragma unroll
   for (int kk = 0; kk < D / 32; ++kk) {
 #pragma unroll
     for (int jj = 0; jj < kBlockN / 16; ++jj) {
-      const int mi = lane >> 3;
-      const int key = permuted_key(2 * jj + (mi >> 1), lane & 7);
       uint32_t bf[4];
-      ptx::ldmatrix_x4(bf, ptx::smem_u32(sK + k_tile_offset<D>(key, 2 * kk + (mi & 1))));
+      ptx::ldmatrix_x4(bf, sK + k_lane_off[kk] + jj * 16 * D);
       const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
       ptx::mma_m16n8k32_s8s8(s[2 * jj], qf[kk], b0);
       ptx::mma_m16n8k32_s8s8(s[2 * jj + 1], qf[kk], b1);
@@ -115,9 +139,10 @@ template <bool kSumP>
 __device__ __forceinline__ void make_p(const float (&u)[kBlockN / 8][4], const float (&rowf)[2],
                                        const float (&neg_ref)[2], float levels,
                                        uint32_t (&pf)[kBlockN / 32][4], float (&psum)[2]) {
-  psum[0] = psum[1] = 0.f;
+  float part[kBlockN / 32][2];  // one partial sum per 32-key step keeps the FADD chains short
 #pragma unroll
   for (int c = 0; c < kBlockN / 32; ++c) {
+    part[c][0] = part[c][1] = 0.f;
     uint32_t q[4][4];
 #pragma unroll
     for (int jj = 0; jj < 4; ++jj) {
@@ -125,7 +150,7 @@ __device__ __forceinline__ void make_p(const float (&u)[kBlockN / 8][4], const f
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1;
         const float pr = ptx::ex2_approx(__fmaf_rn(u[4 * c + jj][e], rowf[r], neg_ref[r]));
-        if (kSumP) psum[r] += pr;
+        if (kSumP) part[c][r] += pr;
         q[jj][e] = ptx::quantize_p_magic(pr, levels);
       }
     }
@@ -133,6 +158,14 @@ __device__ __forceinline__ void make_p(const float (&u)[kBlockN / 8][4], const f
     pf[c][1] = ptx::pack_low_bytes(q[0][2], q[0][3], q[1][2], q[1][3]);
     pf[c][2] = ptx::pack_low_bytes(q[2][0], q[2][1], q[3][0], q[3][1]);
     pf[c][3] = ptx::pack_low_bytes(q[2][2], q[2][3], q[3][2], q[3][3]);
+  }
+  psum[0] = psum[1] = 0.f;
+  if (kSumP) {
+#pragma unroll
+    for (int c = 0; c < kBlockN / 32; ++c) {
+      psum[0] += part[c][0];
+      psum[1] += part[c][1];
+    }
   }
 }
 
@@ -179,7 +212,7 @@ struct KvLoader {
 };
 
 template <int D, bool Causal>
-__global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const FwdParams p) {
+__global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdParams p) {
   using S = Smem<D>;
   using L = KvLoader<D>;
   const float kNegInf = -__int_as_float(0x7f800000);
@@ -224,18 +257,20 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const FwdParams p) {
   const uint32_t smem_base = ptx::smem_u32(smem);
   auto stage_base = [&](int stage) { return smem_base + S::kQ + stage * S::kStage; };
 
-  // Lane offsets of the ldmatrix reads. QK^T: n-tile pair jj reads keys key0 + 16 jj (the
-  // permutation keeps bits 0-3 of the key, so the swizzle is fixed per k step). PV: channel
-  // tile dn reads rows 8 dn + lane % 8.
-  int k_lane_off[D / 32], v_lane_off[kBlockN / 64];
+  // Lane offsets of the ldmatrix reads. PV: channel tile dn reads V^T rows 8 dn + lane % 8.
+  // With 64-byte V^T rows (kBlockN = 64) an 8-row tile spans 4 swizzle lines, so the lane
+  // offset differs between even and odd channel tiles.
+  constexpr int kVPar = kBlockN == 64 ? 2 : 1;
+  int k_lane_off[D / 32], v_lane_off[kVPar][kBlockN / 64];
   {
     const int mi = lane >> 3;
-    const int key0 = permuted_key(mi >> 1, lane & 7);
+    k_lane_offsets<D>(lane, k_lane_off);
 #pragma unroll
-    for (int kk = 0; kk < D / 32; ++kk) k_lane_off[kk] = k_tile_offset<D>(key0, 2 * kk + (mi & 1));
+    for (int par = 0; par < kVPar; ++par)
 #pragma unroll
-    for (int cc = 0; cc < kBlockN / 64; ++cc)
-      v_lane_off[cc] = swz128((lane & 7) * kBlockN + (4 * cc + mi) * 16);
+      for (int cc = 0; cc < kBlockN / 64; ++cc)
+        v_lane_off[par][cc] = swz128((par * 8 + (lane & 7)) * kBlockN + (4 * cc + mi) * 16) -
+                              par * 8 * kBlockN;
   }
 
   // ---- per-thread row state: rows g and g+8 of this warp's 16 ----
@@ -285,20 +320,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const FwdParams p) {
 
     // ---- S = Q K^T (keys permuted so S is already in PV A-fragment order) ----
     int s[kBlockN / 8][4];
-#pragma unroll
-    for (int j = 0; j < kBlockN / 8; ++j)
-      for (int e = 0; e < 4; ++e) s[j][e] = kMagicBits;
-#pragma unroll
-    for (int kk = 0; kk < D / 32; ++kk) {
-#pragma unroll
-      for (int jj = 0; jj < kBlockN / 16; ++jj) {
-        uint32_t bf[4];
-        ptx::ldmatrix_x4(bf, sK + k_lane_off[kk] + jj * 16 * D);
-        const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
-        ptx::mma_m16n8k32_s8s8(s[2 * jj], qf[kk], b0);
-        ptx::mma_m16n8k32_s8s8(s[2 * jj + 1], qf[kk], b1);
-      }
-    }
+    qk_block<D>(qf, sK, k_lane_off, kMagicBits, s);
 
     // ---- u = S * s_k with one FFMA on the magic value; tail keys get an offset of -inf
     // (per key, not per score), the causal diagonal a per-score mask; block row max ----
@@ -330,11 +352,16 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const FwdParams p) {
           if (key > row[e >> 1] + diag) u[j][e] = kNegInf;
         }
     }
-    float mx[2] = {kNegInf, kNegInf};
+    // Row max over four independent partial maxima, so the FMNMX chains stay short.
+    float mx[2];
 #pragma unroll
-    for (int j = 0; j < kBlockN / 8; ++j)
+    for (int r = 0; r < 2; ++r) {
+      float part[4] = {kNegInf, kNegInf, kNegInf, kNegInf};
 #pragma unroll
-      for (int e = 0; e < 4; ++e) mx[e >> 1] = fmaxf(mx[e >> 1], u[j][e]);
+      for (int j = 0; j < kBlockN / 8; ++j)
+        part[j & 3] = fmaxf(part[j & 3], fmaxf(u[j][2 * r], u[j][2 * r + 1]));
+      mx[r] = fmaxf(fmaxf(part[0], part[1]), fmaxf(part[2], part[3]));
+    }
     float alpha[2], cfac[2], neg_ref[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -380,7 +407,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const FwdParams p) {
 #pragma unroll
       for (int cc = 0; cc < kBlockN / 64; ++cc) {
         uint32_t vf[4];
-        ptx::ldmatrix_x4(vf, sV + v_lane_off[cc] + dn * 8 * kBlockN);
+        ptx::ldmatrix_x4(vf, sV + v_lane_off[dn & (kVPar - 1)][cc] + dn * 8 * kBlockN);
         const uint32_t b0[2] = {vf[0], vf[1]}, b1[2] = {vf[2], vf[3]};
         ptx::mma_m16n8k32_u8s8(acc, pf[2 * cc], b0);
         ptx::mma_m16n8k32_u8s8(acc, pf[2 * cc + 1], b1);
@@ -428,29 +455,41 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const FwdParams p) {
   }
 }
 
-// Test hook: one 128 x 128 block of int32 scores through the kernel's own smem layouts and
+// Test hook: a 128 x 128 block of int32 scores through the kernel's own smem layouts and
 // fragment code (q8: 128 x D, k8: 128 x D, row-major, device memory; s: 128 x 128 int32 in
-// natural key order), so the key permutation and swizzles are checked bit for bit.
+// natural key order), so the key permutation and swizzles are checked bit for bit. Launched
+// with 128 / kBlockM CTAs, each taking kBlockM query rows.
 template <int D>
 __global__ void __launch_bounds__(kThreads) qk_block_test_kernel(const int8_t* q8, const int8_t* k8,
                                                                   int32_t* s_out) {
   __shared__ __align__(128) uint8_t sQ[kBlockM * D];
   __shared__ __align__(128) uint8_t sK[kBlockN * D];
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  q8 += blockIdx.x * kBlockM * D;
+  s_out += blockIdx.x * kBlockM * 128;
   for (int i = tid; i < kBlockM * D / 16; i += kThreads) {
     const int r = i / (D / 16), c = i % (D / 16);
     *reinterpret_cast<int4*>(sQ + swz128(r * D + c * 16)) = reinterpret_cast<const int4*>(q8 + r * D)[c];
-    *reinterpret_cast<int4*>(sK + k_tile_offset<D>(r, c)) = reinterpret_cast<const int4*>(k8 + r * D)[c];
   }
-  __syncthreads();
   uint32_t qf[D / 32][4];
-  load_q_frags<D>(sQ, warp, lane, qf);
-  int s[kBlockN / 8][4];
-  qk_block<D>(qf, sK, lane, s);
-  const int g = lane / 4, t = lane % 4;
-  for (int j = 0; j < kBlockN / 8; ++j)
-    for (int e = 0; e < 4; ++e)
-      s_out[(warp * 16 + g + 8 * (e >> 1)) * kBlockN + permuted_key(j, 2 * t + (e & 1))] = s[j][e];
+  for (int kb = 0; kb < 128 / kBlockN; ++kb) {
+    __syncthreads();
+    for (int i = tid; i < kBlockN * D / 16; i += kThreads) {
+      const int r = i / (D / 16), c = i % (D / 16);
+      *reinterpret_cast<int4*>(sK + k_tile_offset<D>(r, c)) =
+          reinterpret_cast<const int4*>(k8 + (kb * kBlockN + r) * D)[c];
+    }
+    __syncthreads();
+    if (kb == 0) load_q_frags<D>(sQ, warp, lane, qf);
+    int k_lane_off[D / 32];
+    k_lane_offsets<D>(lane, k_lane_off);
+    int s[kBlockN / 8][4];
+    qk_block<D>(qf, ptx::smem_u32(sK), k_lane_off, 0, s);
+    const int g = lane / 4, t = lane % 4;
+    for (int j = 0; j < kBlockN / 8; ++j)
+      for (int e = 0; e < 4; ++e)
+        s_out[(warp * 16 + g + 8 * (e >> 1)) * 128 + kb * kBlockN + permuted_key(j, 2 * t + (e & 1))] = s[j][e];
+  }
 }
 
 // Host launcher for one (head dim, causal) instantiation; defined in fwd_sm80_launch.cuh.

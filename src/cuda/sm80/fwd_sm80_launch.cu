@@ -18,12 +18,14 @@ Status launch_fwd_sm80(const FwdParams& p, cudaStream_t stream) {
   }
 }
 
+int sm80_block_n() { return sm80::kBlockN; }
+
 Status launch_qk_block_test_sm80(int head_dim, const int8_t* q8, const int8_t* k8, int32_t* s,
                                  cudaStream_t stream) {
   if (head_dim == 64)
-    sm80::qk_block_test_kernel<64><<<1, sm80::kThreads, 0, stream>>>(q8, k8, s);
+    sm80::qk_block_test_kernel<64><<<128 / sm80::kBlockM, sm80::kThreads, 0, stream>>>(q8, k8, s);
   else if (head_dim == 128)
-    sm80::qk_block_test_kernel<128><<<1, sm80::kThreads, 0, stream>>>(q8, k8, s);
+    sm80::qk_block_test_kernel<128><<<128 / sm80::kBlockM, sm80::kThreads, 0, stream>>>(q8, k8, s);
   else
     return Status(StatusCode::invalid_argument, "head_dim: expected 64 or 128");
   return check_cuda(cudaGetLastError(), "qk block test kernel");
