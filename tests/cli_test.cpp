@@ -236,6 +236,34 @@ TEST(Cli, AccuracyJson) {
   std::remove(file.c_str());
 }
 
+// Issue 2's acceptance command at N = 4096 (about a minute on 2 cores): the figures the float64
+// simulations of the scheme definitions gave (design.md §1.2).
+TEST(Cli, AccuracyTargetsAt4096) {
+  const std::string file = ::testing::TempDir() + "intfa_cli_targets_" + std::to_string(::getpid()) + ".json";
+  CliResult r = run_cli("accuracy --device cpu --seq 4096 --dist normal,uniform,llm "
+                        "--scheme paper,accurate,half --json '" + file + "'");
+  ASSERT_EQ(r.status, 0) << r.output;
+  std::ifstream f(file);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  const std::string text = ss.str();  // the reader keeps a reference
+  Json j;
+  JsonReader reader(text);
+  ASSERT_TRUE(reader.parse(&j)) << text;
+  std::map<std::string, double> l2;  // "scheme/dist" -> rel_l2
+  for (const Json& row : j.get("rows")->items)
+    l2[row.get("scheme")->str + "/" + row.get("dist")->str] = row.get("rel_l2")->num;
+  ASSERT_EQ(l2.size(), 9u) << text;
+  EXPECT_NEAR(l2["paper/normal"], 3.4e-2, 0.15 * 3.4e-2);
+  EXPECT_NEAR(l2["paper/uniform"], 1.0e-4, 0.15 * 1.0e-4);
+  EXPECT_LE(l2["accurate/normal"], 1.6e-2);
+  EXPECT_LE(l2["accurate/uniform"], 1.0e-4);
+  EXPECT_LT(l2["accurate/llm"], l2["paper/llm"]);
+  EXPECT_LE(l2["accurate/llm"], 4.5e-2);
+  EXPECT_LT(l2["half/normal"], l2["accurate/normal"]);
+  std::remove(file.c_str());
+}
+
 TEST(Cli, BadSeqNamesTheOption) {
   CliResult r = run_cli("accuracy --seq -5");
   EXPECT_EQ(r.status, 2) << r.output;
