@@ -31,8 +31,16 @@ namespace intfa::sm80 {
 #ifndef INTFA_SM80_BLOCK_M
 #define INTFA_SM80_BLOCK_M 64
 #endif
+// Software pipelining (off by default): the QK^T mma of key block n+1 is issued inside the
+// softmax of block n, so one warp keeps the tensor pipe and the ALUs busy at once. It needs a
+// 3-stage K/V ring and a second score block in registers, which only fits with 64-key blocks;
+// on an H200 that measured 377 TOPS against 411 for 128-key blocks without it (D=128, N=16k),
+// the O update per score doubling at 64 keys (docs/PERF_LOG.md).
+#ifndef INTFA_SM80_PIPELINE
+#define INTFA_SM80_PIPELINE 0
+#endif
 #ifndef INTFA_SM80_BLOCK_N
-#define INTFA_SM80_BLOCK_N 128
+#define INTFA_SM80_BLOCK_N (INTFA_SM80_PIPELINE ? 64 : 128)
 #endif
 #ifndef INTFA_SM80_CTAS_PER_SM
 #define INTFA_SM80_CTAS_PER_SM (INTFA_SM80_BLOCK_M == 64 ? 2 : 1)
@@ -43,6 +51,7 @@ constexpr int kBlockN = INTFA_SM80_BLOCK_N;
 constexpr int kWarps = kBlockM / 16;
 constexpr int kThreads = kWarps * 32;
 constexpr int kCtasPerSm = INTFA_SM80_CTAS_PER_SM;
+constexpr bool kPipelined = INTFA_SM80_PIPELINE != 0;
 static_assert(kBlockN == 64 || kBlockN == 128, "key block");
 
 template <int D>
@@ -52,7 +61,7 @@ struct Smem {
   static constexpr int kV = D * kBlockN;          // int8 V^T tile (rows = channels)
   static constexpr int kKs = kBlockN * 4;         // fp32 k_scale of the block
   static constexpr int kStage = kK + kV + kKs;
-  static constexpr int kStages = 2;
+  static constexpr int kStages = kPipelined ? 3 : 2;
   static constexpr int kBytes = kQ + kStages * kStage;
 };
 
@@ -96,8 +105,23 @@ __device__ __forceinline__ void k_lane_offsets(int lane, int (&off)[D / 32]) {
   for (int kk = 0; kk < D / 32; ++kk) off[kk] = k_tile_offset<D>(key0, 2 * kk + (mi & 1));
 }
 
-// S (16 x kBlockN, int32) = init + Q8 K8^T for one key block, K rows permuted per
-// permuted_key(). sK is the shared-memory address of the K tile.
+// One 32-wide k step of S (16 x kBlockN, int32) += Q8 K8^T for a key block, K rows permuted
+// per permuted_key(). sK is the shared-memory address of the K tile.
+template <int D>
+__device__ __forceinline__ void qk_kstep(const uint32_t (&qf)[D / 32][4], uint32_t sK,
+                                         const int (&k_lane_off)[D / 32], int kk,
+                                         int (&s)[kBlockN / 8][4]) {
+#pragma unroll
+  for (int jj = 0; jj < kBlockN / 16; ++jj) {
+    uint32_t bf[4];
+    ptx::ldmatrix_x4(bf, sK + k_lane_off[kk] + jj * 16 * D);
+    const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+    ptx::mma_m16n8k32_s8s8(s[2 * jj], qf[kk], b0);
+    ptx::mma_m16n8k32_s8s8(s[2 * jj + 1], qf[kk], b1);
+  }
+}
+
+// The whole block: S = init + Q8 K8^T.
 template <int D>
 __device__ __forceinline__ void qk_block(const uint32_t (&qf)[D / 32][4], uint32_t sK,
                                          const int (&k_lane_off)[D / 32], int init,
@@ -106,16 +130,7 @@ __device__ __forceinline__ void qk_block(const uint32_t (&qf)[D / 32][4], uint32
   for (int j = 0; j < kBlockN / 8; ++j)
     for (int e = 0; e < 4; ++e) s[j][e] = init;
 #pragma unroll
-  for (int kk = 0; kk < D / 32; ++kk) {
-#pragma unroll
-    for (int jj = 0; jj < kBlockN / 16; ++jj) {
-      uint32_t bf[4];
-      ptx::ldmatrix_x4(bf, sK + k_lane_off[kk] + jj * 16 * D);
-      const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
-      ptx::mma_m16n8k32_s8s8(s[2 * jj], qf[kk], b0);
-      ptx::mma_m16n8k32_s8s8(s[2 * jj + 1], qf[kk], b1);
-    }
-  }
+  for (int kk = 0; kk < D / 32; ++kk) qk_kstep<D>(qf, sK, k_lane_off, kk, s);
 }
 
 __device__ __forceinline__ void store_out2(void* out, DType dt, int64_t idx, float a, float b) {
@@ -135,13 +150,17 @@ __device__ __forceinline__ void store_out2(void* out, DType dt, int64_t idx, flo
 
 // P8 = round(levels * exp2(u * rowf - ref)) for the thread's two rows, packed as the u8 A
 // fragments of the PV mma (see the layout note at the top); kSumP also sums the unquantized p.
-template <bool kSumP>
+// `interleave(c)` runs before chunk c's exponentials (the next block's QK^T k steps), so the
+// compiler schedules its mma between this block's ALU work.
+template <bool kSumP, typename Interleave>
 __device__ __forceinline__ void make_p(const float (&u)[kBlockN / 8][4], const float (&rowf)[2],
                                        const float (&neg_ref)[2], float levels,
-                                       uint32_t (&pf)[kBlockN / 32][4], float (&psum)[2]) {
+                                       uint32_t (&pf)[kBlockN / 32][4], float (&psum)[2],
+                                       Interleave&& interleave) {
   float part[kBlockN / 32][2];  // one partial sum per 32-key step keeps the FADD chains short
 #pragma unroll
   for (int c = 0; c < kBlockN / 32; ++c) {
+    interleave(c);
     part[c][0] = part[c][1] = 0.f;
     uint32_t q[4][4];
 #pragma unroll
@@ -292,6 +311,8 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
     for (int e = 0; e < 4; ++e) o[dn][e] = 0.f;
   uint32_t qf[D / 32][4];
 
+  // Prologue: Q and key block 0 (and block 1 when pipelined) in flight; S of block 0.
+  int s_cur[kBlockN / 8][4];
   if (n_blocks > 0) {
     constexpr int kChunks = D / 16;
     for (int i = tid; i < kBlockM * kChunks; i += kThreads) {
@@ -302,28 +323,33 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
     }
     loader.load(0, skv, stage_base(0), tid);
     ptx::cp_async_commit();
+    if (kPipelined) {
+      if (n_blocks > 1) loader.load(1, skv, stage_base(1), tid);
+      ptx::cp_async_commit();
+      ptx::cp_async_wait<1>();
+      __syncthreads();
+      load_q_frags<D>(sQ, warp, lane, qf);
+      qk_block<D>(qf, stage_base(0), k_lane_off, kMagicBits, s_cur);
+    }
   }
 
   for (int n = 0; n < n_blocks; ++n) {
-    const int stage = n & 1;
-    ptx::cp_async_wait<0>();
-    __syncthreads();  // block n landed for everyone; everyone finished block n-1's stage
-    if (n + 1 < n_blocks) {
-      loader.load(n + 1, skv, stage_base(stage ^ 1), tid);
-      ptx::cp_async_commit();
+    const int stage = n % S::kStages;
+    if (!kPipelined) {
+      ptx::cp_async_wait<0>();
+      __syncthreads();  // block n landed for everyone; everyone finished block n-1's stage
+      if (n + 1 < n_blocks) {
+        loader.load(n + 1, skv, stage_base(stage ^ 1), tid);
+        ptx::cp_async_commit();
+      }
+      if (n == 0) load_q_frags<D>(sQ, warp, lane, qf);
+      qk_block<D>(qf, stage_base(stage), k_lane_off, kMagicBits, s_cur);
     }
-    const uint32_t sK = stage_base(stage);
-    const uint32_t sV = sK + S::kK;
+    const uint32_t sV = stage_base(stage) + S::kK;
     const float* sKs = reinterpret_cast<const float*>(smem + S::kQ + stage * S::kStage + S::kK + S::kV);
 
-    if (n == 0) load_q_frags<D>(sQ, warp, lane, qf);
-
-    // ---- S = Q K^T (keys permuted so S is already in PV A-fragment order) ----
-    int s[kBlockN / 8][4];
-    qk_block<D>(qf, sK, k_lane_off, kMagicBits, s);
-
     // ---- u = S * s_k with one FFMA on the magic value; tail keys get an offset of -inf
-    // (per key, not per score), the causal diagonal a per-score mask; block row max ----
+    // (per key, not per score), the causal diagonal a per-score mask ----
     float u[kBlockN / 8][4];
 #pragma unroll
     for (int c = 0; c < kBlockN / 32; ++c) {
@@ -340,7 +366,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
           nks[e] = key < skv ? -ptx::kMagic * ks[jj][e] : kNegInf;
         }
 #pragma unroll
-        for (int e = 0; e < 4; ++e) u[j][e] = __fmaf_rn(__int_as_float(s[j][e]), ks[jj][e & 1], nks[e & 1]);
+        for (int e = 0; e < 4; ++e) u[j][e] = __fmaf_rn(__int_as_float(s_cur[j][e]), ks[jj][e & 1], nks[e & 1]);
       }
     }
     if (Causal && (n + 1) * kBlockN - 1 > m0 + warp * 16 + diag) {  // blocks on the diagonal
@@ -352,6 +378,29 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
           if (key > row[e >> 1] + diag) u[j][e] = kNegInf;
         }
     }
+
+    // Pipelined: block n+1 has landed; refill the stage block n-1 used, then start S(n+1),
+    // whose mma steps make_p interleaves with this block's exponentials. After the last block
+    // this recomputes a stale stage into s_next, which is never read.
+    int s_next[kBlockN / 8][4];
+    if (kPipelined) {
+      ptx::cp_async_wait<0>();
+      __syncthreads();  // everyone finished block n-1, so its stage can be refilled
+      if (n + 2 < n_blocks) loader.load(n + 2, skv, stage_base((n + 2) % S::kStages), tid);
+      ptx::cp_async_commit();
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j)
+        for (int e = 0; e < 4; ++e) s_next[j][e] = kMagicBits;
+    }
+    const uint32_t sK_next = stage_base((n + 1) % S::kStages);
+    auto next_qk = [&](int c) {
+      if (!kPipelined) return;
+      constexpr int kSteps = D / 32, kChunks = kBlockN / 32;
+#pragma unroll
+      for (int kk = c * kSteps / kChunks; kk < (c + 1) * kSteps / kChunks; ++kk)
+        qk_kstep<D>(qf, sK_next, k_lane_off, kk, s_next);
+    };
+
     // Row max over four independent partial maxima, so the FMNMX chains stay short.
     float mx[2];
 #pragma unroll
@@ -381,7 +430,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
     uint32_t pf[kBlockN / 32][4];
     float psum[2];
     if (block_local) {  // l sums the quantized P8: numerator and denominator share the weights
-      make_p<false>(u, rowf, neg_ref, levels, pf, psum);
+      make_p<false>(u, rowf, neg_ref, levels, pf, psum, next_qk);
       uint32_t cnt[2] = {0u, 0u};
 #pragma unroll
       for (int c = 0; c < kBlockN / 32; ++c) {
@@ -393,7 +442,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
       psum[0] = cfac[0] * static_cast<float>(cnt[0]);
       psum[1] = cfac[1] * static_cast<float>(cnt[1]);
     } else {  // paper: l sums the unquantized p
-      make_p<true>(u, rowf, neg_ref, levels, pf, psum);
+      make_p<true>(u, rowf, neg_ref, levels, pf, psum, next_qk);
     }
     l_part[0] = l_part[0] * alpha[0] + psum[0];
     l_part[1] = l_part[1] * alpha[1] + psum[1];
@@ -417,6 +466,11 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
         const int r = e >> 1;
         o[dn][e] = __fmaf_rn(__int_as_float(acc[e]), cfac[r], __fmaf_rn(o[dn][e], alpha[r], nmc[r]));
       }
+    }
+    if (kPipelined) {
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j)
+        for (int e = 0; e < 4; ++e) s_cur[j][e] = s_next[j][e];
     }
   }
 
