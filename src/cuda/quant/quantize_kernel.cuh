@@ -1,10 +1,13 @@
 // Fused fp16/bf16 -> INT8 quantization of Q, K and V (device code), bit-identical to
-// ref::quantize: one persistent kernel takes work items in ticket order (quantize_schedule.h).
+// ref::quantize: a persistent kernel takes work items in ticket order (quantize_schedule.h),
+// launched twice (stats, then quantization) or once for the fused order.
 //
-// Geometry: a CTA of 8 warps handles one chunk of kChunk tokens of one head. Each lane moves
-// 16-byte vectors (8 channels); kTpr = D/8 lanes hold one row, so a warp loads kGroups rows per
-// instruction and every lane owns 16 tokens of the warp's block. Owning 16 consecutive tokens
-// lets a lane write V transposed as one 16-byte vector per channel, with no shared-memory tile.
+// Geometry: a CTA of 8 warps handles one chunk of kChunk rows (tokens) of one head and tensor.
+// Each lane moves 16-byte vectors (8 channels); kTpr = D/8 lanes hold one row, a warp covers
+// kGroups rows per instruction and every lane owns kLaneRows consecutive tokens of the chunk,
+// so it can write V transposed as one 8-byte vector per channel without a shared-memory tile.
+// Pipelining: while a CTA computes one item, cp.async brings the next item's rows into shared
+// memory (each thread copies exactly the vectors it will read, so no barrier guards the data).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -24,18 +27,22 @@ namespace intfa::quant {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kLaneRows = 16;  // tokens per lane: one 16-byte vt8 vector per channel
-constexpr int kBatch = 8;      // rows a lane loads before using any (loads in flight)
+constexpr int kLaneRows = 8;   // tokens per lane and item
+constexpr int kStages = 2;     // item buffers: one being computed, one being loaded
+constexpr int kMinCtas = 3;    // CTAs per SM the register budget is set for
 constexpr int kOutSeqs = 8;    // sequences per outputs item
 constexpr unsigned kFull = 0xffffffffu;
+// Shared memory of the item buffers: kLaneRows 16-byte vectors per thread and stage.
+constexpr int kStageVecs = kLaneRows * kThreads;
+constexpr size_t kStageBytes = sizeof(uint4) * kStageVecs * kStages;
 
 template <int D>
 struct Geometry {
   static_assert(D % 8 == 0 && 32 % (D / 8) == 0, "head_dim must be 8 * a power of two <= 256");
   static constexpr int kTpr = D / 8;           // lanes per row
-  static constexpr int kGroups = 32 / kTpr;    // rows per warp load instruction
+  static constexpr int kGroups = 32 / kTpr;    // rows per warp instruction
   static constexpr int kWarpTokens = kGroups * kLaneRows;
-  static constexpr int kChunk = kWarps * kWarpTokens;  // 64 KiB of fp16/bf16 per chunk
+  static constexpr int kChunk = kWarps * kWarpTokens;  // 32 KiB of fp16/bf16 per item
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -43,10 +50,24 @@ struct Geometry {
 // flag (contraction, fast-math) can change a rounding. Same values as numerics.h.
 // ---------------------------------------------------------------------------------------------
 __device__ __forceinline__ float scale_rn(float amax) {
-  return amax > 0.f ? __fdiv_rn(amax, 127.f) : 1.f;
+  return amax >= kQuantTiny ? __fdiv_rn(amax, 127.f) : 1.f;
 }
 __device__ __forceinline__ float inv_scale_rn(float amax) {
-  return amax > 0.f ? __fdiv_rn(127.f, amax) : 1.f;
+  return amax >= kQuantTiny ? __fdiv_rn(127.f, amax) : 1.f;
+}
+
+// quantize_s8(x, inv) as the low byte of a float. v = x * inv (one fp32 product) has
+// |v| <= 127 * (1 + 2^-24) < 127.5 because |x| <= amax and inv = fl(127 / amax), so the clamp of
+// the rule never applies; adding 1.5 * 2^23 rounds v to an integer half-to-even (the sum's ulp
+// is 1) and leaves that integer, two's complement, in the low mantissa bits. This replaces the
+// quarter-rate float-to-int conversion by one full-rate add.
+constexpr float kRoundMagic = 12582912.f;  // 1.5 * 2^23
+__device__ __forceinline__ uint32_t q8_bits(float x, float inv) {
+  return __float_as_uint(__fadd_rn(__fmul_rn(x, inv), kRoundMagic));
+}
+// Low bytes of four q8_bits values -> one word.
+__device__ __forceinline__ uint32_t pack4(uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
+  return __byte_perm(__byte_perm(a, b, 0x0040), __byte_perm(c, d, 0x0040), 0x5410);
 }
 
 template <typename T> __device__ float round_to(float x);
@@ -87,17 +108,6 @@ __device__ __forceinline__ void to_float8<__half>(const uint4& v, float (&x)[8])
   }
 }
 
-__device__ __forceinline__ uint32_t byte_of(int8_t q, int pos) {
-  return (static_cast<uint32_t>(static_cast<uint8_t>(q))) << (8 * pos);
-}
-
-__device__ __forceinline__ uint2 quantize8(const float (&x)[8], float inv) {
-  uint32_t w[2] = {0u, 0u};
-#pragma unroll
-  for (int e = 0; e < 8; ++e) w[e / 4] |= byte_of(quantize_s8(x[e], inv), e % 4);
-  return make_uint2(w[0], w[1]);
-}
-
 // Reductions over the kWidth lanes of one row (lanes are grouped contiguously).
 template <int kWidth>
 __device__ __forceinline__ float row_max(float v) {
@@ -112,46 +122,92 @@ __device__ __forceinline__ float row_sum(float v) {
   return v;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Memory primitives
+// ---------------------------------------------------------------------------------------------
+// 16 bytes global -> shared, asynchronously; src_bytes = 0 writes zeros and reads nothing.
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes)
+               : "memory");
+}
+// The same with an L2 eviction policy (for rows read for the last time).
+__device__ __forceinline__ void cp_async_16_hint(void* smem, const void* gmem, int src_bytes, uint64_t policy) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(s), "l"(gmem),
+               "r"(src_bytes), "l"(policy)
+               : "memory");
+}
+__device__ __forceinline__ uint64_t l2_evict_first_policy() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  return policy;
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
 __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
   unsigned v;
   asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
   return v;
 }
+__device__ __forceinline__ void st_release(unsigned* p, unsigned v) {
+  asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+// Adds and returns the old value; release publishes this CTA's earlier writes (ordered before
+// by a barrier), acquire makes the other CTAs' published writes visible to the reads after it.
+__device__ __forceinline__ unsigned atom_add_acq_rel(unsigned* p, unsigned v) {
+  unsigned old;
+  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
+  return old;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Token spaces and chunks
 // ---------------------------------------------------------------------------------------------
-// The tokens of one side (q or kv). Dense: `batch` sequences of `len` tokens, token index t in
-// [0, len). Varlen: packed token index g in [0, total), sequence b = [cu[b], cu[b+1]). In both
-// cases a row's address is offset(st, b_addr, h, token) and its vt8 column is the token index.
+// The rows of one side (q or kv), indexed by a "column" c. Dense: `batch` sequences of `len`
+// tokens, c = token index t. Varlen q: c = packed token index g, sequence b = [cu[b], cu[b+1]).
+// Varlen kv ("padded"): c = the V^T column, sequence b = [vt_seq_start(cu, b), + its length), so
+// 8 consecutive columns never hold two sequences and every vt8 store is aligned; the columns
+// between sequences hold no token. Rows are addressed by token (token()), vt8 by column.
 struct Space {
   const int32_t* cu;  // sanitized (monotonic, cu[0] = 0) or nullptr
   int batch;
   int len;
-  int64_t total;
-  int64_t cps;  // dense: chunks per sequence
+  bool padded;
+  int64_t total;  // varlen: columns of the space
+  int64_t cps;    // dense: chunks per sequence
   int64_t chunks;
+  FastDiv cps_div, chunks_div;
 
-  __device__ int64_t seq_begin(int b) const { return cu ? cu[b] : 0; }
-  __device__ int64_t seq_end(int b) const { return cu ? cu[b + 1] : len; }
-  __device__ int seq_len(int b) const { return static_cast<int>(seq_end(b) - seq_begin(b)); }
-  // Largest b in [lo, hi] with cu[b] <= g: the (non-empty) sequence holding packed token g.
-  __device__ int find(int64_t g, int lo, int hi) const {
+  __device__ int64_t seq_begin(int b) const {
+    return cu ? (padded ? vt_seq_start(cu, b) : static_cast<int64_t>(cu[b])) : 0;
+  }
+  __device__ int seq_len(int b) const { return cu ? cu[b + 1] - cu[b] : len; }
+  __device__ int64_t seq_end(int b) const { return seq_begin(b) + seq_len(b); }
+  // Memory token index of column c of sequence b.
+  __device__ int64_t token(int b, int64_t c) const { return cu ? cu[b] + (c - seq_begin(b)) : c; }
+  // Largest b in [lo, hi] whose sequence begins at or before column c.
+  __device__ int find(int64_t c, int lo, int hi) const {
     while (lo < hi) {
       const int mid = lo + (hi - lo + 1) / 2;
-      if (cu[mid] <= g) lo = mid; else hi = mid - 1;
+      if (seq_begin(mid) <= c) lo = mid; else hi = mid - 1;
     }
     return lo;
   }
 };
 
-__device__ inline Space make_space(const int32_t* cu, int batch, int len, int chunk) {
+__device__ inline Space make_space(const int32_t* cu, bool padded, int batch, int len, int chunk) {
   Space s;
   s.cu = cu;
   s.batch = batch;
   s.len = len;
+  s.padded = padded && cu;
   if (cu) {
-    s.total = cu[batch];
+    s.total = s.padded ? vt_varlen_columns(cu[batch], batch) : cu[batch];
     s.cps = 0;
     s.chunks = (s.total + chunk - 1) / chunk;
   } else {
@@ -159,20 +215,28 @@ __device__ inline Space make_space(const int32_t* cu, int batch, int len, int ch
     s.cps = (len + chunk - 1) / chunk;
     s.chunks = batch * s.cps;
   }
+  s.cps_div = FastDiv(static_cast<uint32_t>(max(s.cps, int64_t(1))));
+  s.chunks_div = FastDiv(static_cast<uint32_t>(max(s.chunks, int64_t(1))));
   return s;
 }
 
+// n / d for a divisor d of the plan: the fast path below 2^31, a division above (huge problems).
+__device__ __forceinline__ int64_t div_by(int64_t n, const FastDiv& f) {
+  return n < (int64_t(1) << 31) ? static_cast<int64_t>(f.div(static_cast<uint32_t>(n)))
+                                : n / static_cast<int64_t>(f.d);
+}
+
 struct Chunk {
-  int64_t begin, end;   // valid tokens [begin, end)
-  int b_first, b_last;  // sequences it covers
+  int64_t begin, end;   // columns [begin, end)
+  int b_first, b_last;  // sequences that may have rows in it
   int b_addr;           // batch index for addressing (varlen strides have bs = 0)
 };
 
 __device__ inline Chunk chunk_info(const Space& s, int64_t c, int chunk) {
   Chunk k;
   if (!s.cu) {
-    const int b = static_cast<int>(c / s.cps);
-    k.begin = (c % s.cps) * chunk;
+    const int b = static_cast<int>(div_by(c, s.cps_div));
+    k.begin = (c - b * s.cps) * chunk;
     k.end = min(k.begin + chunk, static_cast<int64_t>(s.len));
     k.b_first = k.b_last = k.b_addr = b;
   } else {
@@ -185,26 +249,29 @@ __device__ inline Chunk chunk_info(const Space& s, int64_t c, int chunk) {
   return k;
 }
 
-// The 16 rows a lane owns, and the sequence of the row being processed. Row indices are
-// lane-relative 32-bit values to keep the per-row bookkeeping in few registers.
+// The kLaneRows rows a lane owns, and the sequence of the row being processed.
 template <int D>
 struct LaneRows {
-  int64_t first;  // token of the lane's row 0
+  int64_t first;  // column of the lane's row 0
+  int64_t tok0;   // its memory token index (the lane's rows are consecutive tokens)
   int nvalid;     // rows [0, nvalid) exist
   int b;          // sequence of the current row
-  int b_end;      // lane-relative row where sequence b ends (dense: never)
+  int b_end;      // lane-relative row where sequence b ends (dense, padded: never)
 
   __device__ LaneRows(const Space& s, const Chunk& k) {
     using G = Geometry<D>;
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     first = k.begin + w * G::kWarpTokens + (lane / G::kTpr) * kLaneRows;
-    nvalid = static_cast<int>(min(max(k.end - first, int64_t(0)), int64_t(kLaneRows)));
+    int64_t end = k.end;
     b = k.b_first;
-    if (s.cu && k.b_last != k.b_first) b = nvalid > 0 ? s.find(first, k.b_first, k.b_last) : k.b_last;
-    b_end = rel_end(s);
+    if (s.cu && k.b_last != k.b_first) b = first < end ? s.find(first, k.b_first, k.b_last) : k.b_last;
+    if (s.padded) end = min(end, s.seq_end(b));  // one sequence per lane
+    nvalid = static_cast<int>(min(max(end - first, int64_t(0)), int64_t(kLaneRows)));
+    tok0 = s.token(b, first);
+    b_end = (s.cu && !s.padded) ? rel_end(s) : kLaneRows;
   }
   __device__ int rel_end(const Space& s) const {
-    return s.cu ? static_cast<int>(min(s.seq_end(b) - first, int64_t(kLaneRows))) : kLaneRows;
+    return static_cast<int>(min(s.seq_end(b) - first, int64_t(kLaneRows)));
   }
   // Moves to the sequence of valid row `row` if that is past b's end; true if it moved.
   __device__ bool advance(const Space& s, int row) {
@@ -224,35 +291,120 @@ __device__ inline void wait_ready(const Space& kv, int b_first, int b_last, cons
     for (int b = b_first; b <= b_last; ++b) {
       if (kv.seq_len(b) <= 0) continue;
       const unsigned* p = ready_h + static_cast<int64_t>(b) * heads;
-      while (ld_acquire(p) == 0u) __nanosleep(128);
+      while (ld_acquire(p) == 0u) __nanosleep(64);
     }
   }
   __syncthreads();
 }
 
+// Address of the lane's row 0 (channel group cg) in a [b, h, token, d] tensor.
+template <typename E>
+__device__ __forceinline__ const char* lane_row0(const void* base, const Strides3& st, int b_addr,
+                                                 int h, int64_t tok, int cg) {
+  return reinterpret_cast<const char*>(static_cast<const E*>(base) + offset(st, b_addr, h, tok) + cg * 8);
+}
+
 // ---------------------------------------------------------------------------------------------
-// Items
+// Per-launch plan and item decoding
 // ---------------------------------------------------------------------------------------------
-// Loads the lane's rows [half * kBatch, half * kBatch + kBatch) (zeros for missing rows).
-template <bool kStreaming>
-__device__ __forceinline__ void load_rows(uint4 (&raw)[kBatch], const char* lane_src, int64_t ts_bytes,
-                                          int half, int nvalid) {
-#pragma unroll
-  for (int i = 0; i < kBatch; ++i) {
-    const int row = half * kBatch + i;
-    const uint4* p = reinterpret_cast<const uint4*>(lane_src + row * ts_bytes);
-    if (row < nvalid) raw[i] = kStreaming ? __ldcs(p) : __ldcg(p);
-    else raw[i] = make_uint4(0u, 0u, 0u, 0u);
+// Per-launch constants, computed once per CTA and kept in shared memory.
+struct Plan {
+  Space kv, qs;
+  Schedule sc;
+  int64_t ntickets;
+  int nso, out_blocks;
+};
+
+template <int D>
+__device__ Plan make_plan(const QuantParams& p, const QuantScratch& s, int phase) {
+  using G = Geometry<D>;
+  Plan pl;
+  pl.kv = make_space(s.cu_kv, true, p.batch, p.seqlen_kv, G::kChunk);
+  pl.qs = make_space(s.cu_q, false, p.batch, p.seqlen_q, G::kChunk);
+  const bool smooth = p.scheme != Scheme::paper, has_v = p.scheme != Scheme::half;
+  pl.nso = (smooth ? 1 : 0) + (has_v ? 1 : 0);
+  pl.out_blocks = (p.batch + kOutSeqs - 1) / kOutSeqs;
+  Schedule& sc = pl.sc;
+  sc.ns = static_cast<int64_t>(pl.nso) * p.heads_kv * pl.kv.chunks;
+  sc.nkf = smooth ? 0 : static_cast<int64_t>(p.heads_kv) * pl.kv.chunks;
+  sc.nq = static_cast<int64_t>(p.heads_q) * pl.qs.chunks;
+  sc.no = static_cast<int64_t>(p.heads_kv) * pl.out_blocks;
+  // Chunks one sequence can touch (varlen: its columns start 16-aligned, up to 15 late).
+  const int64_t span = pl.kv.cu ? (*s.max_len_kv + 15 + G::kChunk - 1) / G::kChunk + 1 : pl.kv.cps;
+  sc.lag = fused_lag(sc.ns, pl.nso, span, gridDim.x / 2);
+  pl.ntickets = phase == 0 ? sc.fused_tickets()
+                : phase == 1 ? sc.split_stats_tickets()
+                             : sc.split_quant_tickets();
+  return pl;
+}
+
+__device__ __forceinline__ Item item_of(const Schedule& sc, int phase, int64_t t) {
+  return phase == 0 ? fused_item(sc, t) : phase == 1 ? Item{ItemKind::stats, t} : split_quant_item(sc, t);
+}
+
+enum class Tensor3 : int { k, v, q, none };
+
+// What an item reads: tensor, head, chunk of its space.
+struct Target {
+  Tensor3 tensor;
+  int h;
+  int64_t chunk;
+};
+
+__device__ __forceinline__ Target target_of(const QuantParams& p, const Plan& pl, const Item& it) {
+  switch (it.kind) {
+    case ItemKind::stats:
+    case ItemKind::dep: {  // index = (h * chunks + c) * nso + op, nso = 1 or 2
+      const int64_t hc = it.index >> (pl.nso - 1);
+      const bool is_k = p.scheme != Scheme::paper && (it.index & (pl.nso - 1)) == 0;
+      const int64_t h = div_by(hc, pl.kv.chunks_div);
+      return {is_k ? Tensor3::k : Tensor3::v, static_cast<int>(h), hc - h * pl.kv.chunks};
+    }
+    case ItemKind::kfree: {
+      const int64_t h = div_by(it.index, pl.kv.chunks_div);
+      return {Tensor3::k, static_cast<int>(h), it.index - h * pl.kv.chunks};
+    }
+    case ItemKind::q: {
+      const int64_t h = div_by(it.index, pl.qs.chunks_div);
+      return {Tensor3::q, static_cast<int>(h), it.index - h * pl.qs.chunks};
+    }
+    default:
+      return {Tensor3::none, 0, 0};
   }
 }
 
-// Address of the lane's row 0 (channel group cg) in a [b, h, token, d] tensor.
-template <typename E>
-__device__ __forceinline__ const char* lane_row0(const void* base, const Strides3& st, int b_addr, int h,
-                                                 int64_t first, int cg) {
-  return reinterpret_cast<const char*>(static_cast<const E*>(base) + offset(st, b_addr, h, first) + cg * 8);
+// Starts the copies of an item's rows into stage buffer `st` (this thread's vectors only).
+template <int D, typename T>
+__device__ void issue_item(const QuantParams& p, const Plan& pl, const Item& it, uint4* st) {
+  using G = Geometry<D>;
+  const Target tg = target_of(p, pl, it);
+  if (tg.tensor == Tensor3::none) return;
+  const Space& sp = tg.tensor == Tensor3::q ? pl.qs : pl.kv;
+  const void* base = tg.tensor == Tensor3::q ? p.q : tg.tensor == Tensor3::k ? p.k : p.v;
+  const Strides3 ss = tg.tensor == Tensor3::q ? p.q_st : tg.tensor == Tensor3::k ? p.k_st : p.v_st;
+  const Chunk k = chunk_info(sp, tg.chunk, G::kChunk);
+  const LaneRows<D> r(sp, k);
+  const char* row0 = lane_row0<T>(base, ss, k.b_addr, tg.h, r.tok0, (threadIdx.x & 31) % G::kTpr);
+  const int64_t ts = ss.ts * static_cast<int64_t>(sizeof(T));
+  if (it.kind == ItemKind::stats) {  // K / V read again by the dep item: keep them in L2
+#pragma unroll
+    for (int row = 0; row < kLaneRows; ++row) {
+      const bool ok = row < r.nvalid;
+      cp_async_16(st + row * kThreads + threadIdx.x, ok ? row0 + row * ts : base, ok ? 16 : 0);
+    }
+  } else {  // last read of these rows
+    const uint64_t policy = l2_evict_first_policy();
+#pragma unroll
+    for (int row = 0; row < kLaneRows; ++row) {
+      const bool ok = row < r.nvalid;
+      cp_async_16_hint(st + row * kThreads + threadIdx.x, ok ? row0 + row * ts : base, ok ? 16 : 0, policy);
+    }
+  }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Items (each reads its rows from this thread's vectors of stage buffer `st`)
+// ---------------------------------------------------------------------------------------------
 // Per-token quantization of Q or K rows: x' = x - mean (K, smoothed), amax over the row,
 // round(x' * 127/amax). Q rows also get lse_offset = scale * (q . mean).
 struct RowsJob {
@@ -268,7 +420,7 @@ struct RowsJob {
 
 template <int D, typename T>
 __device__ void rows_item(const RowsJob& j, const Space& s, const Space& kv, const Chunk& k, int h,
-                          int heads_kv) {
+                          int heads_kv, const uint4* st) {
   using G = Geometry<D>;
   const int lane = threadIdx.x & 31, cg = lane % G::kTpr;
   LaneRows<D> r(s, k);
@@ -286,85 +438,74 @@ __device__ void rows_item(const RowsJob& j, const Space& s, const Space& kv, con
   };
   if (use_mean) load_mean(r.b);
 
-  const char* src = lane_row0<T>(j.src, j.src_st, k.b_addr, h, r.first, cg);
-  const int64_t src_ts = j.src_st.ts * static_cast<int64_t>(sizeof(T));
-  int8_t* dst = j.dst + offset(j.dst_st, k.b_addr, h, r.first) + cg * 8;
-  const int64_t sc = offset(j.sc_st, k.b_addr, h, r.first);
+  int8_t* dst = j.dst + offset(j.dst_st, k.b_addr, h, r.tok0) + cg * 8;
+  const int64_t sc = offset(j.sc_st, k.b_addr, h, r.tok0);
 #pragma unroll
-  for (int half = 0; half < kLaneRows / kBatch; ++half) {
-    uint4 raw[kBatch];
-    load_rows<true>(raw, src, src_ts, half, r.nvalid);
+  for (int row = 0; row < kLaneRows; ++row) {
+    const bool valid = row < r.nvalid;
+    if (valid && r.advance(s, row) && use_mean) load_mean(r.b);
+    float x[8];
+    to_float8<T>(st[row * kThreads + threadIdx.x], x);
+    float amax = 0.f, dot = 0.f;
 #pragma unroll
-    for (int i = 0; i < kBatch; ++i) {
-      const int row = half * kBatch + i;
-      const bool valid = row < r.nvalid;
-      if (valid && r.advance(s, row) && use_mean) load_mean(r.b);
-      float x[8];
-      to_float8<T>(raw[i], x);
-      float amax = 0.f, dot = 0.f;
+    for (int e = 0; e < 8; ++e) {
+      if (j.lse) dot = __fmaf_rn(x[e], mean[e], dot);
+      if (j.subtract) x[e] = __fsub_rn(x[e], mean[e]);
+      amax = fmaxf(amax, fabsf(x[e]));
+    }
+    amax = row_max<G::kTpr>(amax);
+    const float inv = inv_scale_rn(amax);
+    uint32_t qb[8];
 #pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        if (j.lse) dot = __fmaf_rn(x[e], mean[e], dot);
-        if (j.subtract) x[e] = __fsub_rn(x[e], mean[e]);
-        amax = fmaxf(amax, fabsf(x[e]));
-      }
-      amax = row_max<G::kTpr>(amax);
-      const uint2 q = quantize8(x, inv_scale_rn(amax));
-      if (j.lse) dot = row_sum<G::kTpr>(dot);
-      if (valid) {
-        __stcs(reinterpret_cast<uint2*>(dst + row * j.dst_st.ts), q);
-        if (cg == 0) {
-          j.scale[sc + row * j.sc_st.ts] = scale_rn(amax);
-          if (j.lse) j.lse[sc + row * j.sc_st.ts] = use_mean ? __fmul_rn(j.softmax_scale, dot) : 0.f;
-        }
+    for (int e = 0; e < 8; ++e) qb[e] = q8_bits(x[e], inv);
+    if (j.lse) dot = row_sum<G::kTpr>(dot);
+    if (valid) {
+      __stcs(reinterpret_cast<uint2*>(dst + row * j.dst_st.ts),
+             make_uint2(pack4(qb[0], qb[1], qb[2], qb[3]), pack4(qb[4], qb[5], qb[6], qb[7])));
+      if (cg == 0) {
+        j.scale[sc + row * j.sc_st.ts] = scale_rn(amax);
+        if (j.lse) j.lse[sc + row * j.sc_st.ts] = use_mean ? __fmul_rn(j.softmax_scale, dot) : 0.f;
       }
     }
   }
 }
 
-// V of a chunk, quantized with the inverse scales of its sequence (per channel for accurate,
-// all equal for paper) and written transposed: vt8[b, h, d, token], one 16-byte vector of 16 tokens per channel.
+// V of a chunk, quantized with the inverse scales of its sequence (per channel for accurate, all
+// equal for paper) and written transposed: vt8[b, h, d, column], 8 tokens (bytes) per channel.
+// The lanes of one row group write adjacent 8-byte pieces of each vt8 row, which L2 merges.
 template <int D, typename T>
-__device__ void vt_item(const QuantParams& p, const Space& kv, const Chunk& k, int h, const float* vinv) {
+__device__ void vt_item(const QuantParams& p, const Space& kv, const Chunk& k, int h,
+                        const float* vinv, const uint4* st) {
   using G = Geometry<D>;
   const int lane = threadIdx.x & 31, cg = lane % G::kTpr;
-  LaneRows<D> r(kv, k);
+  const LaneRows<D> r(kv, k);  // padded space: one sequence per lane
+  if (r.nvalid == 0) return;
   float inv[8];
-  auto load_inv = [&](int b) {
-    const float4* m = reinterpret_cast<const float4*>(vinv + (static_cast<int64_t>(b) * p.heads_kv + h) * D + cg * 8);
+  {
+    const float4* m = reinterpret_cast<const float4*>(vinv + (static_cast<int64_t>(r.b) * p.heads_kv + h) * D + cg * 8);
     const float4 lo = __ldcg(m), hi = __ldcg(m + 1);
     inv[0] = lo.x; inv[1] = lo.y; inv[2] = lo.z; inv[3] = lo.w;
     inv[4] = hi.x; inv[5] = hi.y; inv[6] = hi.z; inv[7] = hi.w;
-  };
-  load_inv(r.b);
-
-  const char* src = lane_row0<T>(p.v, p.v_st, k.b_addr, h, r.first, cg);
-  const int64_t src_ts = p.v_st.ts * static_cast<int64_t>(sizeof(T));
-  uint32_t pk[8][4];  // pk[e][w]: channel cg*8+e, tokens 4w..4w+3 of the lane's 16
-#pragma unroll
-  for (int e = 0; e < 8; ++e) pk[e][0] = pk[e][1] = pk[e][2] = pk[e][3] = 0u;
-#pragma unroll
-  for (int half = 0; half < kLaneRows / kBatch; ++half) {
-    uint4 raw[kBatch];
-    load_rows<true>(raw, src, src_ts, half, r.nvalid);
-#pragma unroll
-    for (int i = 0; i < kBatch; ++i) {
-      const int row = half * kBatch + i;
-      if (row < r.nvalid && r.advance(kv, row)) load_inv(r.b);
-      float x[8];
-      to_float8<T>(raw[i], x);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) pk[e][row / 4] |= byte_of(quantize_s8(x[e], inv[e]), row % 4);
-    }
   }
-  if (r.nvalid == 0) return;
+  uint32_t pk[8][2];  // pk[e][w]: channel cg*8+e, tokens 4w..4w+3 of the lane's 8
+#pragma unroll
+  for (int e = 0; e < 8; ++e) pk[e][0] = pk[e][1] = 0u;
+#pragma unroll
+  for (int row = 0; row < kLaneRows; ++row) {
+    float x[8];
+    to_float8<T>(st[row * kThreads + threadIdx.x], x);
+    // Insert byte 0 of each q8_bits word at byte (row % 4) of pk[e][row / 4].
+    const uint32_t sel = (0x3210u & ~(0xfu << (4 * (row % 4)))) | (0x4u << (4 * (row % 4)));
+#pragma unroll
+    for (int e = 0; e < 8; ++e) pk[e][row / 4] = __byte_perm(pk[e][row / 4], q8_bits(x[e], inv[e]), sel);
+  }
   int8_t* dst = p.vt8 + k.b_addr * p.vt_st.bs + h * p.vt_st.hs + (cg * 8) * p.vt_st.ts + r.first;
 #pragma unroll
   for (int e = 0; e < 8; ++e) {
     int8_t* d = dst + e * p.vt_st.ts;
     if (r.nvalid == kLaneRows) {
-      __stcs(reinterpret_cast<uint4*>(d), make_uint4(pk[e][0], pk[e][1], pk[e][2], pk[e][3]));
-    } else {  // the end of the tokens: bytes, never past it (vt8 may be a view)
+      __stcs(reinterpret_cast<uint2*>(d), make_uint2(pk[e][0], pk[e][1]));
+    } else {  // the end of a sequence: bytes, never past it (vt8 may be a view)
 #pragma unroll
       for (int t = 0; t < kLaneRows; ++t)
         if (t < r.nvalid) d[t] = static_cast<int8_t>(pk[e][t / 4] >> (8 * (t % 4)));
@@ -372,195 +513,167 @@ __device__ void vt_item(const QuantParams& p, const Space& kv, const Chunk& k, i
   }
 }
 
-// Ends a stats item: adds the chunk's token counts to done[b] of each sequence it covers. The
+// Ends a stats item, run by warp 0 after a barrier that orders all of the CTA's accumulator
+// atomics before it: adds the chunk's token counts to done[b] of each sequence it covers. The
 // CTA that completes a sequence turns its accumulators into the fp32 tables (K mean, V inverse
-// scale) and the k_mean / v_scale outputs, then raises ready[b]. `s_list` holds kChunk ints.
+// scale) and the k_mean / v_scale outputs, then raises ready[b].
+template <int D>
+struct FinishSmem {
+  int count;
+  // Sequences completed by one item: kv sequences start 16-aligned in the padded space.
+  int list[Geometry<D>::kChunk / 16 + 1];
+};
+
 template <int D, typename T>
-__device__ void finish_stats(const QuantParams& p, const Space& kv, const Chunk& k, int h,
-                             const QuantScratch& s, bool is_k, int* s_list, int* s_count) {
+__device__ void finish_stats_warp(const QuantParams& p, const Space& kv, const Chunk& k, int h,
+                                  const QuantScratch& s, bool is_k, FinishSmem<D>& fin) {
+  const int lane = threadIdx.x & 31;
   const int64_t off = (is_k ? 0 : static_cast<int64_t>(p.batch) * p.heads_kv) + h;
-  __threadfence();  // this CTA's accumulator atomics before its count
-  __syncthreads();
-  if (threadIdx.x == 0) {
+  __syncwarp();  // warp 0's own accumulator atomics come before lane 0's release
+  if (lane == 0) {
     int n = 0;
     for (int b = k.b_first; b <= k.b_last; ++b) {
       const int64_t lo = max(kv.seq_begin(b), k.begin), hi = min(kv.seq_end(b), k.end);
       if (hi <= lo) continue;
       const unsigned add = static_cast<unsigned>(hi - lo);
-      if (atomicAdd(s.done + off + static_cast<int64_t>(b) * p.heads_kv, add) + add ==
+      if (atom_add_acq_rel(s.done + off + static_cast<int64_t>(b) * p.heads_kv, add) + add ==
           static_cast<unsigned>(kv.seq_len(b)))
-        s_list[n++] = b;
+        fin.list[n++] = b;
     }
-    __threadfence();  // every other CTA's accumulator atomics before the reads below
-    *s_count = n;
+    fin.count = n;
   }
-  __syncthreads();
-  const int n = *s_count;
+  __syncwarp();
+  const int n = fin.count;
   if (n == 0) return;
   for (int i = 0; i < n; ++i) {
-    const int b = s_list[i];
+    const int b = fin.list[i];
     const int64_t tab = (static_cast<int64_t>(b) * p.heads_kv + h) * D;
-    for (int c = threadIdx.x; c < D; c += kThreads) {
+    for (int c = lane; c < D; c += 32) {
       if (is_k) {
         const float m = kmean_of<T>(__ldcg(s.ksum + tab + c), kv.seq_len(b));
         s.kmean[tab + c] = m;
         if (p.k_mean) p.k_mean[b * p.km_st.bs + h * p.km_st.hs + c] = m;
       } else {
-        const unsigned bits = __ldcg(s.vmax + tab + (p.scheme == Scheme::accurate ? c : 0));
-        s.vinv[tab + c] = inv_scale_rn(__uint_as_float(bits));
-        if (p.v_scale) p.v_scale[b * p.vs_st.bs + h * p.vs_st.hs + c] = scale_rn(__uint_as_float(bits));
+        const float amax = __uint_as_float(__ldcg(s.vmax + tab + (p.scheme == Scheme::accurate ? c : 0)));
+        s.vinv[tab + c] = inv_scale_rn(amax);
+        if (p.v_scale) p.v_scale[b * p.vs_st.bs + h * p.vs_st.hs + c] = scale_rn(amax);
       }
     }
   }
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0)
-    for (int i = 0; i < n; ++i) atomicExch(s.ready + off + static_cast<int64_t>(s_list[i]) * p.heads_kv, 1u);
+  __syncwarp();  // the tables come before the releases
+  if (lane == 0)
+    for (int i = 0; i < n; ++i) st_release(s.ready + off + static_cast<int64_t>(fin.list[i]) * p.heads_kv, 1u);
 }
 
-// fp64 channel sums of K over a chunk, added to ksum[b, h, :] of each sequence in it.
+// fp64 channel sums of K over a chunk, added to ksum[b, h, :] of each sequence in it; `red`
+// holds kWarps * D doubles.
 template <int D, typename T>
 __device__ void k_stats_item(const QuantParams& p, const Space& kv, const Chunk& k, int h,
-                             const QuantScratch& s, double* s_red, int* s_list, int* s_count) {
+                             const QuantScratch& s, const uint4* st, double* red, FinishSmem<D>& fin) {
   using G = Geometry<D>;
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, tg = lane / G::kTpr, cg = lane % G::kTpr;
-  LaneRows<D> r(kv, k);
+  const LaneRows<D> r(kv, k);  // padded or dense space: one sequence per lane
   double acc[8] = {0., 0., 0., 0., 0., 0., 0., 0.};
-  bool any = false;
-  auto flush = [&](int b) {
-    double* sum = s.ksum + (static_cast<int64_t>(b) * p.heads_kv + h) * D + cg * 8;
 #pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      atomicAdd(sum + e, acc[e]);
-      acc[e] = 0.;
-    }
-  };
-  const char* src = lane_row0<T>(p.k, p.k_st, k.b_addr, h, r.first, cg);
-  const int64_t src_ts = p.k_st.ts * static_cast<int64_t>(sizeof(T));
+  for (int row = 0; row < kLaneRows; ++row) {
+    if (row >= r.nvalid) break;
+    float x[8];
+    to_float8<T>(st[row * kThreads + threadIdx.x], x);
 #pragma unroll
-  for (int half = 0; half < kLaneRows / kBatch; ++half) {
-    uint4 raw[kBatch];
-    load_rows<false>(raw, src, src_ts, half, r.nvalid);
-#pragma unroll
-    for (int i = 0; i < kBatch; ++i) {
-      const int row = half * kBatch + i;
-      if (row >= r.nvalid) continue;
-      if (row >= r.b_end) {  // varlen: the previous sequence ends here
-        if (any) flush(r.b);
-        any = false;
-        r.advance(kv, row);
-      }
-      float x[8];
-      to_float8<T>(raw[i], x);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) acc[e] = __dadd_rn(acc[e], static_cast<double>(x[e]));
-      any = true;
-    }
+    for (int e = 0; e < 8; ++e) acc[e] = __dadd_rn(acc[e], static_cast<double>(x[e]));
   }
-  if (k.b_first != k.b_last) {
-    if (any) flush(r.b);
-  } else {  // one sequence: reduce in the CTA, then D atomics
+  if (k.b_first != k.b_last) {  // several sequences (varlen): each lane adds its own rows
+    if (r.nvalid > 0) {
+      double* sum = s.ksum + (static_cast<int64_t>(r.b) * p.heads_kv + h) * D + cg * 8;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) atomicAdd(sum + e, acc[e]);
+    }
+    __syncthreads();
+  } else {  // one sequence: reduce in the CTA, then warp 0 makes D atomics
 #pragma unroll
     for (int o = G::kTpr; o < 32; o <<= 1)
 #pragma unroll
       for (int e = 0; e < 8; ++e) acc[e] = __dadd_rn(acc[e], __shfl_xor_sync(kFull, acc[e], o));
     if (tg == 0)
 #pragma unroll
-      for (int e = 0; e < 8; ++e) s_red[w * D + cg * 8 + e] = acc[e];
+      for (int e = 0; e < 8; ++e) red[w * D + cg * 8 + e] = acc[e];
     __syncthreads();
-    double* sum = s.ksum + (static_cast<int64_t>(k.b_first) * p.heads_kv + h) * D;
-    for (int c = threadIdx.x; c < D; c += kThreads) {
-      double t = 0.;
+    if (w == 0) {
+      double* sum = s.ksum + (static_cast<int64_t>(k.b_first) * p.heads_kv + h) * D;
+      for (int c = lane; c < D; c += 32) {
+        double t = 0.;
 #pragma unroll
-      for (int ww = 0; ww < kWarps; ++ww) t = __dadd_rn(t, s_red[ww * D + c]);
-      atomicAdd(sum + c, t);
+        for (int ww = 0; ww < kWarps; ++ww) t = __dadd_rn(t, red[ww * D + c]);
+        atomicAdd(sum + c, t);
+      }
     }
   }
-  finish_stats<D, T>(p, kv, k, h, s, true, s_list, s_count);
+  if (w == 0) finish_stats_warp<D, T>(p, kv, k, h, s, true, fin);
 }
 
 // V amax over a chunk, per channel (accurate) or over all channels (paper), max-ed into
 // vmax[b, h, :] (float bits: non-negative floats order like their bit patterns).
 template <int D, typename T>
 __device__ void v_stats_item(const QuantParams& p, const Space& kv, const Chunk& k, int h,
-                             const QuantScratch& s, float* s_red, bool per_channel, int* s_list,
-                             int* s_count) {
+                             const QuantScratch& s, const uint4* st, float* red, FinishSmem<D>& fin) {
   using G = Geometry<D>;
+  const bool per_channel = p.scheme == Scheme::accurate;
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, tg = lane / G::kTpr, cg = lane % G::kTpr;
-  LaneRows<D> r(kv, k);
+  const LaneRows<D> r(kv, k);
   float m[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  bool any = false;
-  auto all8 = [&] {
-    float a = m[0];
 #pragma unroll
-    for (int e = 1; e < 8; ++e) a = fmaxf(a, m[e]);
-    return a;
-  };
-  auto flush = [&](int b) {
-    unsigned* dst = s.vmax + (static_cast<int64_t>(b) * p.heads_kv + h) * D;
-    if (per_channel) {
+  for (int row = 0; row < kLaneRows; ++row) {
+    if (row >= r.nvalid) break;
+    float x[8];
+    to_float8<T>(st[row * kThreads + threadIdx.x], x);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) atomicMax(dst + cg * 8 + e, __float_as_uint(m[e]));
-    } else {
-      atomicMax(dst, __float_as_uint(all8()));
-    }
-#pragma unroll
-    for (int e = 0; e < 8; ++e) m[e] = 0.f;
-  };
-  const char* src = lane_row0<T>(p.v, p.v_st, k.b_addr, h, r.first, cg);
-  const int64_t src_ts = p.v_st.ts * static_cast<int64_t>(sizeof(T));
-#pragma unroll
-  for (int half = 0; half < kLaneRows / kBatch; ++half) {
-    uint4 raw[kBatch];
-    load_rows<false>(raw, src, src_ts, half, r.nvalid);
-#pragma unroll
-    for (int i = 0; i < kBatch; ++i) {
-      const int row = half * kBatch + i;
-      if (row >= r.nvalid) continue;
-      if (row >= r.b_end) {
-        if (any) flush(r.b);
-        any = false;
-        r.advance(kv, row);
-      }
-      float x[8];
-      to_float8<T>(raw[i], x);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) m[e] = fmaxf(m[e], fabsf(x[e]));
-      any = true;
-    }
+    for (int e = 0; e < 8; ++e) m[e] = fmaxf(m[e], fabsf(x[e]));
   }
+  float all = m[0];
+#pragma unroll
+  for (int e = 1; e < 8; ++e) all = fmaxf(all, m[e]);
   unsigned* dst = s.vmax + (static_cast<int64_t>(k.b_first) * p.heads_kv + h) * D;
-  if (k.b_first != k.b_last) {
-    if (any) flush(r.b);
-  } else if (per_channel) {
+  if (k.b_first != k.b_last) {  // several sequences (varlen): each lane maxes its own rows
+    if (r.nvalid > 0) {
+      unsigned* d = s.vmax + (static_cast<int64_t>(r.b) * p.heads_kv + h) * D;
+      if (per_channel) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) atomicMax(d + cg * 8 + e, __float_as_uint(m[e]));
+      } else {
+        atomicMax(d, __float_as_uint(all));
+      }
+    }
+    __syncthreads();
+  } else if (per_channel) {  // one sequence: reduce in the CTA, then warp 0 makes D atomics
 #pragma unroll
     for (int o = G::kTpr; o < 32; o <<= 1)
 #pragma unroll
       for (int e = 0; e < 8; ++e) m[e] = fmaxf(m[e], __shfl_xor_sync(kFull, m[e], o));
     if (tg == 0)
 #pragma unroll
-      for (int e = 0; e < 8; ++e) s_red[w * D + cg * 8 + e] = m[e];
+      for (int e = 0; e < 8; ++e) red[w * D + cg * 8 + e] = m[e];
     __syncthreads();
-    for (int c = threadIdx.x; c < D; c += kThreads) {
-      float t = 0.f;
+    if (w == 0) {
+      for (int c = lane; c < D; c += 32) {
+        float t = 0.f;
 #pragma unroll
-      for (int ww = 0; ww < kWarps; ++ww) t = fmaxf(t, s_red[ww * D + c]);
-      atomicMax(dst + c, __float_as_uint(t));
+        for (int ww = 0; ww < kWarps; ++ww) t = fmaxf(t, red[ww * D + c]);
+        atomicMax(dst + c, __float_as_uint(t));
+      }
     }
   } else {
-    float a = all8();
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) a = fmaxf(a, __shfl_xor_sync(kFull, a, o));
-    if (lane == 0) s_red[w] = a;
+    for (int o = 16; o > 0; o >>= 1) all = fmaxf(all, __shfl_xor_sync(kFull, all, o));
+    if (lane == 0) red[w] = all;
     __syncthreads();
     if (threadIdx.x == 0) {
       float t = 0.f;
 #pragma unroll
-      for (int ww = 0; ww < kWarps; ++ww) t = fmaxf(t, s_red[ww]);
+      for (int ww = 0; ww < kWarps; ++ww) t = fmaxf(t, red[ww]);
       atomicMax(dst, __float_as_uint(t));
     }
   }
-  finish_stats<D, T>(p, kv, k, h, s, false, s_list, s_count);
+  if (w == 0) finish_stats_warp<D, T>(p, kv, k, h, s, false, fin);
 }
 
 // The k_mean / v_scale entries no finalizer writes: paper's k_mean (zeros) and those of empty
@@ -576,124 +689,98 @@ __device__ inline void outputs_item(const QuantParams& p, const Space& kv, int h
   }
 }
 
-// ---------------------------------------------------------------------------------------------
-// The kernel: phase 0 runs the fused order, phase 1 / 2 the two launches of the split order.
-// ---------------------------------------------------------------------------------------------
-// Per-launch constants, computed once per CTA and kept in shared memory so that the registers
-// go to the items (the barriers in the ticket loop keep the compiler from hoisting them).
-struct Plan {
-  Space kv, qs;
-  Schedule sc;
-  int64_t ntickets;
-  int nso, out_blocks;
-};
-
-template <int D>
-__device__ Plan make_plan(const QuantParams& p, const QuantScratch& s, int phase) {
-  using G = Geometry<D>;
-  Plan pl;
-  pl.kv = make_space(s.cu_kv, p.batch, p.seqlen_kv, G::kChunk);
-  pl.qs = make_space(s.cu_q, p.batch, p.seqlen_q, G::kChunk);
-  const bool smooth = p.scheme != Scheme::paper, has_v = p.scheme != Scheme::half;
-  pl.nso = (smooth ? 1 : 0) + (has_v ? 1 : 0);
-  pl.out_blocks = (p.batch + kOutSeqs - 1) / kOutSeqs;
-  Schedule& sc = pl.sc;
-  sc.ns = static_cast<int64_t>(pl.nso) * p.heads_kv * pl.kv.chunks;
-  sc.nkf = smooth ? 0 : static_cast<int64_t>(p.heads_kv) * pl.kv.chunks;
-  sc.nq = static_cast<int64_t>(p.heads_q) * pl.qs.chunks;
-  sc.no = static_cast<int64_t>(p.heads_kv) * pl.out_blocks;
-  const int64_t span = pl.kv.cu ? (*s.max_len_kv + G::kChunk - 1) / G::kChunk + 1 : pl.kv.cps;
-  sc.lag = fused_lag(sc.ns, pl.nso, span, gridDim.x / 2);
-  pl.ntickets = phase == 0 ? sc.fused_tickets()
-                : phase == 1 ? sc.split_stats_tickets()
-                             : sc.split_quant_tickets();
-  return pl;
-}
-
-// Shared memory of the kernel.
+// Shared memory of the kernel besides the stage buffers.
 template <int D>
 struct Smem {
-  double red[kWarps * D];        // CTA reductions of the stats items
-  int fin[Geometry<D>::kChunk];  // sequences a stats item finalizes
-  int fin_count;
-  unsigned long long ticket;
+  double red[kWarps * D];  // CTA reductions of the stats items
   Plan plan;
+  unsigned long long ticket[2];  // alternate slots: one barrier per item suffices
+  FinishSmem<D> fin;
 };
 
-// Runs one item (stats, dep, kfree, q or outputs).
+// Runs one item whose rows are (being) copied into stage buffer `st`.
 template <int D, typename T>
 __device__ __forceinline__ void run_item(const QuantParams& p, const QuantScratch& s, Smem<D>& sm,
-                                         const Item it) {
+                                         const Item& it, uint4* st, bool waits) {
   using G = Geometry<D>;
   const Plan& pl = sm.plan;
   const Space kv = pl.kv;
-  const bool smooth = p.scheme != Scheme::paper;
   const int64_t bh = static_cast<int64_t>(p.batch) * p.heads_kv;
-  if (it.kind == ItemKind::stats || it.kind == ItemKind::dep) {
-    const int64_t hc = it.index / pl.nso;
-    const bool is_k = smooth && it.index % pl.nso == 0;
-    const int h = static_cast<int>(hc / kv.chunks);
-    const Chunk k = chunk_info(kv, hc % kv.chunks, G::kChunk);
-    if (it.kind == ItemKind::stats) {
-      if (is_k) k_stats_item<D, T>(p, kv, k, h, s, sm.red, sm.fin, &sm.fin_count);
-      else v_stats_item<D, T>(p, kv, k, h, s, reinterpret_cast<float*>(sm.red),
-                              p.scheme == Scheme::accurate, sm.fin, &sm.fin_count);
-    } else if (is_k) {
-      wait_ready(kv, k.b_first, k.b_last, s.ready + h, p.heads_kv);
-      const RowsJob j{p.k, p.k_st, p.k8, p.k8_st, p.k_scale, p.ks_st, nullptr, 0.f, s.kmean, h, true};
-      rows_item<D, T>(j, kv, kv, k, h, p.heads_kv);
-    } else {
-      wait_ready(kv, k.b_first, k.b_last, s.ready + bh + h, p.heads_kv);
-      vt_item<D, T>(p, kv, k, h, s.vinv);
-    }
-  } else if (it.kind == ItemKind::kfree) {
-    const int h = static_cast<int>(it.index / kv.chunks);
-    const Chunk k = chunk_info(kv, it.index % kv.chunks, G::kChunk);
-    const RowsJob j{p.k, p.k_st, p.k8, p.k8_st, p.k_scale, p.ks_st, nullptr, 0.f, nullptr, h, false};
-    rows_item<D, T>(j, kv, kv, k, h, p.heads_kv);
-  } else if (it.kind == ItemKind::q) {
-    const Space qs = pl.qs;
-    const int h = static_cast<int>(it.index / qs.chunks);
-    const int hkv = h / (p.heads_q / p.heads_kv);
-    const Chunk k = chunk_info(qs, it.index % qs.chunks, G::kChunk);
-    const bool mean = smooth && p.lse_offset;
-    if (mean) wait_ready(kv, k.b_first, k.b_last, s.ready + hkv, p.heads_kv);
-    const RowsJob j{p.q, p.q_st, p.q8, p.q8_st, p.q_scale, p.qs_st, p.lse_offset,
-                    p.softmax_scale, mean ? s.kmean : nullptr, hkv, false};
-    rows_item<D, T>(j, qs, kv, k, h, p.heads_kv);
-  } else if (it.kind == ItemKind::outputs) {
+  if (it.kind == ItemKind::outputs) {
+    cp_async_wait<1>();
     outputs_item(p, kv, static_cast<int>(it.index / pl.out_blocks),
                  static_cast<int>(it.index % pl.out_blocks) * kOutSeqs, D);
+    return;
+  }
+  const Target tg = target_of(p, pl, it);
+  if (tg.tensor == Tensor3::q) {
+    const Space qs = pl.qs;
+    const int hkv = tg.h / (p.heads_q / p.heads_kv);
+    const Chunk k = chunk_info(qs, tg.chunk, G::kChunk);
+    const bool mean = p.scheme != Scheme::paper && p.lse_offset;
+    if (mean && waits) wait_ready(kv, k.b_first, k.b_last, s.ready + hkv, p.heads_kv);
+    const RowsJob j{p.q, p.q_st, p.q8, p.q8_st, p.q_scale, p.qs_st, p.lse_offset,
+                    p.softmax_scale, mean ? s.kmean : nullptr, hkv, false};
+    cp_async_wait<1>();  // this thread's rows of the item have landed
+    rows_item<D, T>(j, qs, kv, k, tg.h, p.heads_kv, st);
+    return;
+  }
+  const Chunk k = chunk_info(kv, tg.chunk, G::kChunk);
+  const bool is_k = tg.tensor == Tensor3::k;
+  if (it.kind == ItemKind::stats) {
+    cp_async_wait<1>();
+    if (is_k) k_stats_item<D, T>(p, kv, k, tg.h, s, st, sm.red, sm.fin);
+    else v_stats_item<D, T>(p, kv, k, tg.h, s, st, reinterpret_cast<float*>(sm.red), sm.fin);
+  } else if (is_k) {  // dep or kfree
+    const bool smooth = it.kind == ItemKind::dep;
+    if (smooth && waits) wait_ready(kv, k.b_first, k.b_last, s.ready + tg.h, p.heads_kv);
+    const RowsJob j{p.k, p.k_st, p.k8, p.k8_st, p.k_scale, p.ks_st, nullptr, 0.f,
+                    smooth ? s.kmean : nullptr, tg.h, smooth};
+    cp_async_wait<1>();
+    rows_item<D, T>(j, kv, kv, k, tg.h, p.heads_kv, st);
+  } else {
+    if (waits) wait_ready(kv, k.b_first, k.b_last, s.ready + bh + tg.h, p.heads_kv);
+    cp_async_wait<1>();
+    vt_item<D, T>(p, kv, k, tg.h, s.vinv, st);
   }
 }
 
 // ---------------------------------------------------------------------------------------------
 // The kernel: phase 0 runs the fused order, phase 1 / 2 the two launches of the split order.
+// Dynamic shared memory: kStageBytes (the stage buffers).
 // ---------------------------------------------------------------------------------------------
 template <int D, typename T>
-__global__ void __launch_bounds__(kThreads, 2)
+__global__ void __launch_bounds__(kThreads, kMinCtas)
     quantize_kernel(const QuantParams p, const QuantScratch s, int phase) {
+  extern __shared__ uint4 stage[];  // [kStages][kLaneRows][kThreads]
   __shared__ Smem<D> sm;
   unsigned long long* counter = s.tickets + phase;
   if (threadIdx.x == 0) {
     sm.plan = make_plan<D>(p, s, phase);
-    sm.ticket = atomicAdd(counter, 1ull);
+    sm.ticket[0] = atomicAdd(counter, 1ull);
+    sm.ticket[1] = atomicAdd(counter, 1ull);
   }
   __syncthreads();
-  for (;;) {
-    const int64_t t = static_cast<int64_t>(sm.ticket);
-    if (t >= sm.plan.ntickets) break;
-    __syncthreads();  // everyone has read the ticket
-    // Take the next ticket now so its latency hides behind this item.
-    unsigned long long next = 0;
-    if (threadIdx.x == 0) next = atomicAdd(counter, 1ull);
-    const Item it = phase == 0   ? fused_item(sm.plan.sc, t)
-                    : phase == 1 ? Item{ItemKind::stats, t}
-                                 : split_quant_item(sm.plan.sc, t);
-    run_item<D, T>(p, s, sm, it);
-    if (threadIdx.x == 0) sm.ticket = next;
+  const int64_t ntickets = sm.plan.ntickets;
+  int64_t cur = static_cast<int64_t>(sm.ticket[0]), next = static_cast<int64_t>(sm.ticket[1]);
+  __syncthreads();  // both slots read before thread 0 reuses slot 0
+  if (cur < ntickets) issue_item<D, T>(p, sm.plan, item_of(sm.plan.sc, phase, cur), stage);
+  cp_async_commit();
+  for (int i = 0; cur < ntickets; ++i) {
+    uint4* st = stage + (i & 1) * kStageVecs;
+    // Prefetch the next item's rows, and take the ticket after it, while this item runs.
+    if (next < ntickets) issue_item<D, T>(p, sm.plan, item_of(sm.plan.sc, phase, next), stage + ((i + 1) & 1) * kStageVecs);
+    cp_async_commit();
+    unsigned long long after = 0;
+    if (threadIdx.x == 0) after = atomicAdd(counter, 1ull);
+    // The split order's second launch starts after every table is final: no waits.
+    run_item<D, T>(p, s, sm, item_of(sm.plan.sc, phase, cur), st, phase == 0);
+    if (threadIdx.x == 0) sm.ticket[i & 1] = after;
     __syncthreads();
+    cur = next;
+    next = static_cast<int64_t>(sm.ticket[i & 1]);
   }
+  cp_async_wait<0>();
 }
 
 // Upper bound of the tickets of one launch, from host-known sizes (varlen: batch * seqlen
@@ -701,8 +788,8 @@ __global__ void __launch_bounds__(kThreads, 2)
 template <int D>
 int64_t ticket_bound(const QuantParams& p) {
   constexpr int C = Geometry<D>::kChunk;
-  auto chunks = [&](const int32_t* cu, int len) {
-    return cu ? (static_cast<int64_t>(p.batch) * len + C - 1) / C
+  auto chunks = [&](const int32_t* cu, int len) {  // varlen: kv columns include 16 per sequence
+    return cu ? (static_cast<int64_t>(p.batch) * (len + 16) + 16 + C - 1) / C
               : static_cast<int64_t>(p.batch) * ((len + C - 1) / C);
   };
   const int64_t kvc = chunks(p.cu_kv, p.seqlen_kv), qc = chunks(p.cu_q, p.seqlen_q);
@@ -717,19 +804,27 @@ Status launch_typed(const QuantParams& p, const QuantScratch& s, Order order, cu
   if (st.ok()) st = cuda::check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev),
                                      "quantize: multiprocessor count");
   if (st.ok())
-    st = cuda::check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0),
+    st = cuda::check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(kStageBytes)),
+                          "quantize: shared memory size");
+  if (st.ok())
+    st = cuda::check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                               cudaSharedmemCarveoutMaxShared),
+                          "quantize: shared memory carveout");
+  if (st.ok())
+    st = cuda::check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, kStageBytes),
                           "quantize: occupancy");
   if (!st.ok()) return st;
   const int64_t resident = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
   const int grid = static_cast<int>(std::max<int64_t>(1, std::min(resident, ticket_bound<D>(p))));
   if (order == Order::fused) {
-    kernel<<<grid, kThreads, 0, stream>>>(p, s, 0);
+    kernel<<<grid, kThreads, kStageBytes, stream>>>(p, s, 0);
     return cuda::check_cuda(cudaGetLastError(), "quantize kernel (fused)");
   }
-  kernel<<<grid, kThreads, 0, stream>>>(p, s, 1);
+  kernel<<<grid, kThreads, kStageBytes, stream>>>(p, s, 1);
   st = cuda::check_cuda(cudaGetLastError(), "quantize kernel (stats)");
   if (!st.ok()) return st;
-  kernel<<<grid, kThreads, 0, stream>>>(p, s, 2);
+  kernel<<<grid, kThreads, kStageBytes, stream>>>(p, s, 2);
   return cuda::check_cuda(cudaGetLastError(), "quantize kernel (quantize)");
 }
 

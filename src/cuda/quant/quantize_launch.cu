@@ -147,9 +147,11 @@ Status launch_quantize(const QuantParams& p, cudaStream_t stream) {
   if (!st.ok()) return st;
   scratch_layout(p, static_cast<char*>(base), &s);
 
-  // INTFA_QUANT_ORDER=split runs the stats and the quantization as two launches (for comparison).
+  // Two launches (stats, then quantization) by default: measured faster on an H200 than the
+  // fused single launch, which stalls on its dependencies (B=4 H=32 N=4096 D=128 bf16, accurate:
+  // 0.35 vs 0.48 ms). INTFA_QUANT_ORDER=fused selects the single launch (for comparisons).
   const char* env = std::getenv("INTFA_QUANT_ORDER");
-  const Order order = env && std::strcmp(env, "split") == 0 ? Order::split : Order::fused;
+  const Order order = env && std::strcmp(env, "fused") == 0 ? Order::fused : Order::split;
 
   const size_t zero_vecs = s.zero_bytes / 16;
   const int prep_grid = static_cast<int>(std::min<size_t>(64, std::max<size_t>(1, (zero_vecs + kPrepThreads - 1) / kPrepThreads)));

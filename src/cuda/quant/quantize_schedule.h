@@ -1,17 +1,18 @@
-// Work order of the fused quantization kernel: which item a ticket names. Host- and device-safe
-// so the dependency rule below can be checked on the host.
+// Work order of the quantization kernel: which item a ticket names. Host- and device-safe so
+// the dependency rule below can be checked on the host.
 //
-// Items (one CTA each): a "chunk" is kChunk consecutive tokens of one head (dense: inside one
-// sequence; varlen: of the packed tokens, so a chunk may span sequences).
+// Items (one CTA each): a "chunk" is kChunk consecutive rows of one head (dense: inside one
+// sequence; varlen: of the packed columns, so a chunk may span sequences).
 //   stats(i)  reduces chunk i of K (fp64 channel sums) or V (channel amax) into per-(sequence,
-//             head) accumulators and counts the tokens it added;
-//   dep(i)    quantizes the same rows as stats(i) once every sequence in them is fully reduced;
+//             head) accumulators; the item that completes a sequence makes its final tables;
+//   dep(i)    quantizes the same rows as stats(i) once every sequence in them is final;
 //   kfree     paper scheme: K rows (no smoothing, no dependency);
 //   q         Q rows (+ lse_offset, which needs the K mean of the sequence);
-//   outputs   k_mean and v_scale of a block of sequences (also covers empty sequences).
-// Tickets are taken in order from one counter, and an item only waits for items with smaller
-// tickets, so the kernel cannot deadlock whatever the residency. In the fused order dep(i) comes
-// right after stats(i + lag): its rows were read shortly before and are still in L2.
+//   outputs   k_mean and v_scale entries no stats item writes (paper's k_mean, empty sequences).
+// Split order (the default): a first launch runs every stats item, a second one the rest.
+// Fused order (one launch): tickets are taken in order from one counter and an item only waits
+// for items with smaller tickets, so it cannot deadlock whatever the residency; dep(i) comes
+// right after stats(i + lag), while its rows are still in L2.
 #pragma once
 
 #include <cstdint>
@@ -37,6 +38,26 @@ struct Schedule {
   INTFA_HD int64_t fused_tickets() const { return 2 * ns + nkf + nq + no; }
   INTFA_HD int64_t split_stats_tickets() const { return ns; }
   INTFA_HD int64_t split_quant_tickets() const { return ns + nkf + nq + no; }
+};
+
+// n / d for 0 <= n < 2^31 and a run-time constant d >= 1, without a division instruction
+// (Granlund-Montgomery): with s = ceil(log2 d) and m = floor(2^32 (2^s - d) / d) + 1,
+// n / d = (umulhi(n, m) + n) >> s; the sum fits 32 bits because umulhi(n, m) <= n < 2^31.
+struct FastDiv {
+  uint32_t d = 1, m = 0, s = 0;
+  FastDiv() = default;
+  INTFA_HD explicit FastDiv(uint32_t divisor) : d(divisor) {
+    while ((uint64_t(1) << s) < divisor) ++s;
+    m = static_cast<uint32_t>(((uint64_t(1) << 32) * ((uint64_t(1) << s) - divisor)) / divisor + 1);
+  }
+  INTFA_HD uint32_t div(uint32_t n) const {
+#if defined(__CUDA_ARCH__)
+    const uint32_t hi = __umulhi(n, m);
+#else
+    const uint32_t hi = static_cast<uint32_t>((uint64_t(n) * m) >> 32);
+#endif
+    return (hi + n) >> s;
+  }
 };
 
 // Tail shared by both orders: free K rows, then Q rows, then the per-sequence outputs.
