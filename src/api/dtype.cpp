@@ -127,7 +127,8 @@ bool parse_path(const std::string& s, GpuPath* out) {
 }
 
 int64_t Tensor::numel() const {
-  int64_t n = ndim > 0 ? 1 : 0;
+  if (ndim < 1 || ndim > 4) return 0;  // not a tensor this library can describe
+  int64_t n = 1;
   for (int i = 0; i < ndim; ++i) n *= shape[i];
   return n;
 }

@@ -81,7 +81,9 @@ Status check_operand(const Tensor& t, const char* name, Layout layout, Form form
   }
   if (gpu) {
     for (int i = 0; i < rank - 1; ++i) {
-      if ((t.stride[i] * static_cast<int64_t>(es)) % 16 != 0) {
+      // A size-1 dim is never stepped over, so its stride is irrelevant (DLPack exporters such
+      // as torch report 1 there).
+      if (t.shape[i] > 1 && (t.stride[i] * static_cast<int64_t>(es)) % 16 != 0) {
         os << name << ": stride of dim " << i << " must be a multiple of " << 16 / es
            << " elements (16 bytes) for the GPU, got " << t.stride[i];
         return invalid(os.str());

@@ -1,0 +1,295 @@
+"""intfa: INT8 FlashAttention.
+
+Attention on integer tensor cores with a CPU reference backend. The entry points take torch
+tensors (CPU or CUDA), CuPy arrays (CUDA) or NumPy arrays (CPU backend; bfloat16 through
+ml_dtypes) through DLPack, without copies, and return results of the same framework.
+`intfa.attention` follows torch.nn.functional.scaled_dot_product_attention's argument names so it
+can stand in for it; with torch installed it is a torch.library custom op, so torch.compile
+(fullgraph=True) and CUDA-graph capture work. See docs/PYTHON.md for every argument.
+
+Errors from the C++ layer keep its message: ValueError for a bad shape, stride, size or option,
+TypeError for a dtype, RuntimeError for a GPU path that is not built or a CUDA error.
+"""
+
+import importlib
+import importlib.util
+import os
+from typing import Any, NamedTuple
+
+from . import _arrays
+from ._arrays import lib as _lib
+
+__all__ = [
+    "attention", "attention_varlen", "quantize", "attention_int8", "attention_reference",
+    "QuantizedQKV", "quantized_bytes", "build_info", "device_info", "resolve_gpu_path",
+    "patch_sdpa", "unpatch_sdpa", "sdpa_patched", "scaled_dot_product_attention",
+    "sdpa_supported", "__version__",
+]
+
+__version__ = _lib.build_info()["version"]
+
+# torch is optional. When it is installed it is imported here, so that the custom ops exist
+# before torch.compile traces a call (INTFA_NO_TORCH=1 skips this for NumPy-only processes).
+_torch = None
+torch_import_error = None
+if os.environ.get("INTFA_NO_TORCH", "") not in ("1", "true", "yes") and \
+        importlib.util.find_spec("torch") is not None:
+    try:
+        # import_module, not `from . import _torch`: that would find the None bound above.
+        _torch = importlib.import_module(__name__ + "._torch")
+    except Exception as e:  # a broken torch install must not break the NumPy API
+        torch_import_error = e
+        _torch = None
+
+
+def _is_torch(x):
+    return _torch is not None and isinstance(x, _torch.torch.Tensor)
+
+
+def _frameworks(**arrays):
+    """The adapter of the first array; TypeError naming any argument that is not an array."""
+    fws = [_arrays.framework(a, name) for name, a in arrays.items()]
+    return fws[0]
+
+
+def attention(q, k, v, *, is_causal=False, scale=None, enable_gqa=False, layout="BHSD",
+              scheme="accurate", return_lse=False, path="auto"):
+    """Attention softmax(scale * q k^T) v with INT8 GEMMs.
+
+    q: [B, Hq, Sq, D] (layout "BHSD") or [B, Sq, Hq, D] ("BSHD"), float16 or bfloat16.
+    k, v: [B, Hkv, Skv, D] (or BSHD), same dtype and device as q.
+    is_causal: causal mask aligned to the bottom-right corner when Sq != Skv (query i sees
+        keys j <= i + Skv - Sq); fully masked rows give 0 and LSE -inf.
+    scale: softmax scale; None means 1/sqrt(D).
+    enable_gqa: allow Hq != Hkv (Hkv must divide Hq), as in torch SDPA.
+    layout: "BHSD" (SDPA's) or "BSHD" (FlashAttention's); any strides with a contiguous last dim.
+    scheme: "accurate" (default), "paper" or "half" (half: CPU backend only).
+    return_lse: also return the log-sum-exp, float32 [B, Hq, Sq], natural log.
+    path: GPU kernel family "auto", "sm80" or "sm90" (ignored on the CPU).
+
+    Returns out (like q, dtype of q) or (out, lse).
+    """
+    # The torch branch is what torch.compile traces: plain Python up to the custom op.
+    if _is_torch(q):
+        _arrays.check_gqa(q.shape, k.shape, layout, False, enable_gqa)
+        out, lse = _torch.attention_op(q, k, v, bool(is_causal), _arrays.scale_arg(scale),
+                                       layout, scheme, path, bool(return_lse))
+    else:
+        fw = _frameworks(q=q, k=k, v=v)
+        _arrays.check_gqa(q.shape, k.shape, layout, False, enable_gqa)
+        out, lse = _arrays.run_attention(fw, q, k, v, bool(is_causal), _arrays.scale_arg(scale),
+                                         layout, scheme, path, bool(return_lse))
+    return (out, lse) if return_lse else out
+
+
+def _max_seqlen(cu, given):
+    if given is not None:
+        return int(given)
+    if len(cu.shape) != 1 or cu.shape[0] < 2:
+        return 1  # cu_seqlens itself is malformed: the C++ layer says how
+    return max(1, _arrays.framework(cu, "cu_seqlens").max_seqlen(cu))
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_kv, max_seqlen_q=None, max_seqlen_kv=None,
+                     *, is_causal=False, scale=None, enable_gqa=False, scheme="accurate",
+                     return_lse=False, path="auto"):
+    """Attention over packed variable-length sequences (as flash_attn_varlen_func).
+
+    q: [Tq, Hq, D], k and v: [Tkv, Hkv, D] (all sequences concatenated), float16/bfloat16.
+    cu_seqlens_q, cu_seqlens_kv: int32 [nseq + 1] on q's device: 0, then running totals
+        (sequence i is rows cu[i]:cu[i+1]; empty sequences allowed).
+    max_seqlen_q, max_seqlen_kv: the longest sequence of each; None reads them from cu_seqlens
+        (a device-to-host copy for GPU arrays: pass them under torch.compile or graph capture).
+    Other arguments as in attention(). LSE is float32 [Hq, Tq].
+    """
+    if not _is_torch(q):
+        _frameworks(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_kv=cu_seqlens_kv)
+    _arrays.check_gqa(q.shape, k.shape, "BHSD", True, enable_gqa)
+    s = _arrays.scale_arg(scale)
+    max_q = _max_seqlen(cu_seqlens_q, max_seqlen_q)
+    max_kv = _max_seqlen(cu_seqlens_kv, max_seqlen_kv)
+    if _is_torch(q):
+        out, lse = _torch.attention_varlen_op(q, k, v, cu_seqlens_q, cu_seqlens_kv, max_q, max_kv,
+                                              bool(is_causal), s, scheme, path, bool(return_lse))
+    else:
+        out, lse = _arrays.run_attention_varlen(_arrays.framework(q, "q"), q, k, v, cu_seqlens_q,
+                                                cu_seqlens_kv, max_q, max_kv, bool(is_causal), s,
+                                                scheme, path, bool(return_lse))
+    return (out, lse) if return_lse else out
+
+
+class QuantizedQKV(NamedTuple):
+    """What quantize() writes and attention_int8() reads (intfa.h's QuantizedQKV).
+
+    Dense: q8 int8 like q, q_scale and lse_offset float32 [B, Hq, Sq], k8 int8 like k, k_scale
+    float32 [B, Hkv, Skv], k_mean float32 [B, Hkv, D], vt8 int8 V transposed [B, Hkv, D, Skv]
+    (a view with padded rows), v_scale float32 [B, Hkv, D]. Varlen: q8 [Tq, Hq, D],
+    q_scale/lse_offset [Hq, Tq], k8 [Tkv, Hkv, D], k_scale [Hkv, Tkv], vt8 [Hkv, D, Tkv],
+    k_mean/v_scale [nseq, Hkv, D]. Scheme "half" keeps v as given and has no vt8/v_scale.
+    """
+    scheme: str
+    layout: str
+    q8: Any
+    q_scale: Any
+    lse_offset: Any
+    k8: Any
+    k_scale: Any
+    k_mean: Any
+    vt8: Any = None
+    v_scale: Any = None
+    v: Any = None
+    dtype: Any = None  # dtype of the quantized inputs: attention_int8's default output dtype
+    cu_seqlens_q: Any = None
+    cu_seqlens_kv: Any = None
+
+
+def quantize(q, k, v, *, cu_seqlens_q=None, cu_seqlens_kv=None, layout="BHSD",
+             scheme="accurate"):
+    """Quantizes fp16/bf16 q, k, v once (e.g. for an INT8 KV cache) into a QuantizedQKV.
+
+    Dense inputs as in attention(); packed varlen inputs as in attention_varlen() with both
+    cu_seqlens given. Rounding is bit-identical on every backend (see intfa.h).
+    """
+    arrays = dict(q=q, k=k, v=v)
+    varlen = cu_seqlens_q is not None or cu_seqlens_kv is not None
+    if varlen:
+        arrays.update(cu_seqlens_q=cu_seqlens_q, cu_seqlens_kv=cu_seqlens_kv)
+        arrays = {n: a for n, a in arrays.items() if a is not None}
+        layout = "BHSD"  # packed tensors have one layout; the C++ layer ignores the option
+    if not _is_torch(q):
+        _frameworks(**arrays)
+    if _is_torch(q):
+        parts = dict(zip(_arrays.PART_NAMES, _torch.quantize_op(q, k, v, cu_seqlens_q,
+                                                                cu_seqlens_kv, layout, scheme)))
+        if scheme == "half":
+            parts["vt8"] = parts["v_scale"] = None
+    else:
+        parts = _arrays.run_quantize(_arrays.framework(q, "q"), q, k, v, cu_seqlens_q,
+                                     cu_seqlens_kv, layout, scheme)
+    return QuantizedQKV(scheme=scheme, layout=layout, v=v if scheme == "half" else None,
+                        dtype=q.dtype, cu_seqlens_q=cu_seqlens_q, cu_seqlens_kv=cu_seqlens_kv,
+                        **{n: parts.get(n) for n in _arrays.PART_NAMES})
+
+
+def attention_int8(qkv, *, cu_seqlens_q=None, cu_seqlens_kv=None, max_seqlen_q=None,
+                   max_seqlen_kv=None, is_causal=False, scale=None, out_dtype=None,
+                   return_lse=False, path="auto"):
+    """Attention on pre-quantized inputs (a QuantizedQKV from quantize(), or built by hand).
+
+    cu_seqlens_q/kv, max_seqlen_q/kv: varlen only; default to those stored in qkv (and the
+        longest sequence read from cu_seqlens).
+    out_dtype: float16, bfloat16 or float32 (a dtype or its name); default: qkv.dtype, else
+        float16. Other arguments as in attention(). Returns out like q8, or (out, lse).
+    """
+    cu_q = cu_seqlens_q if cu_seqlens_q is not None else qkv.cu_seqlens_q
+    cu_kv = cu_seqlens_kv if cu_seqlens_kv is not None else qkv.cu_seqlens_kv
+    varlen = cu_q is not None or cu_kv is not None
+    max_q = max_kv = 0
+    if varlen:
+        if cu_q is not None:
+            max_q = _max_seqlen(cu_q, max_seqlen_q)
+        if cu_kv is not None:
+            max_kv = _max_seqlen(cu_kv, max_seqlen_kv)
+    if out_dtype is None:
+        out_dtype = qkv.dtype if qkv.dtype is not None else "float16"
+    s = _arrays.scale_arg(scale)
+    if not _is_torch(qkv.q8):
+        _frameworks(q8=qkv.q8)
+    if _is_torch(qkv.q8):
+        torch = _torch.torch
+        if isinstance(out_dtype, str):
+            out_dtype = getattr(torch, out_dtype)
+        out, lse = _torch.attention_int8_op(
+            qkv.q8, qkv.q_scale, qkv.lse_offset, qkv.k8, qkv.k_scale, qkv.k_mean, qkv.vt8,
+            qkv.v_scale, qkv.v, cu_q, cu_kv, max_q, max_kv, qkv.scheme, qkv.layout,
+            bool(is_causal), s, out_dtype, bool(return_lse), path)
+    else:
+        parts = {n: getattr(qkv, n) for n in _arrays.PART_NAMES + ("v",)}
+        out, lse = _arrays.run_attention_int8(_arrays.framework(qkv.q8, "qkv.q8"), parts,
+                                              qkv.scheme, qkv.layout, cu_q, cu_kv, max_q, max_kv,
+                                              bool(is_causal), s, _arrays.dtype_name(out_dtype),
+                                              bool(return_lse), path)
+    return (out, lse) if return_lse else out
+
+
+def attention_reference(q, k, v, *, is_causal=False, scale=None, layout="BHSD",
+                        return_lse=False):
+    """Exact attention in float64 on the CPU (intfa's accuracy oracle), for host arrays of any
+    float dtype (NumPy or torch CPU). GQA is allowed. Returns float64 out (and float64 LSE)."""
+    fw = _frameworks(q=q, k=k, v=v)
+    out = fw.empty(tuple(q.shape), "float64", q)
+    rows = _arrays.rows_shape(q.shape, layout, False) if return_lse else None
+    lse = fw.empty(rows, "float64", q) if rows else None
+    _lib.attention_reference(fw.arg(q), fw.arg(k), fw.arg(v), fw.arg(out), fw.arg(lse),
+                             bool(is_causal), _arrays.scale_arg(scale), layout)
+    return (out, lse) if return_lse else out
+
+
+def quantized_bytes(batch, heads_q, heads_kv, seqlen_q, seqlen_kv, head_dim, scheme="accurate",
+                    varlen=False, total_q=0, total_kv=0):
+    """Bytes of the quantized tensors (intfa.h's quantized_bytes): the GPU workspace that
+    attention() needs for this problem. For varlen, batch is the number of sequences."""
+    return _lib.quantized_bytes(batch, heads_q, heads_kv, seqlen_q, seqlen_kv, head_dim,
+                                scheme, varlen, total_q, total_kv)
+
+
+def build_info():
+    """{'version', 'cuda_built', 'cuda_archs'} of the compiled library."""
+    return _lib.build_info()
+
+
+def device_info(device_index=0):
+    """{'present', 'name', 'major', 'minor', 'sm_count', 'memory_bytes', 'error'} of a GPU."""
+    return _lib.device_info(device_index)
+
+
+def resolve_gpu_path(path="auto", device_index=0):
+    """The GPU path ('sm80' or 'sm90') that `path` resolves to on a device; RuntimeError when
+    none can run there (no GPU, not built, or the requested path is not compiled in)."""
+    return _lib.resolve_gpu_path(path, device_index)
+
+
+def _need_torch(what):
+    if _torch is None:
+        raise ImportError(f"intfa.{what} needs torch"
+                          + (f" (importing it failed: {torch_import_error})"
+                             if torch_import_error else ""))
+
+
+def patch_sdpa():
+    """Make torch.nn.functional.scaled_dot_product_attention use intfa for the calls it supports
+    (see sdpa_supported) and torch for the rest. Idempotent; undo with unpatch_sdpa()."""
+    _need_torch("patch_sdpa")
+    _torch.patch_sdpa()
+
+
+def unpatch_sdpa():
+    """Restore torch's scaled_dot_product_attention."""
+    _need_torch("unpatch_sdpa")
+    _torch.unpatch_sdpa()
+
+
+def sdpa_patched():
+    """Context manager: patch_sdpa() inside the block, restored after."""
+    _need_torch("sdpa_patched")
+    return _torch.sdpa_patched()
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
+                                 is_causal=False, scale=None, enable_gqa=False):
+    """F.scaled_dot_product_attention's signature: intfa where supported, else torch."""
+    _need_torch("scaled_dot_product_attention")
+    return _torch.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p,
+                                               is_causal, scale, enable_gqa)
+
+
+def sdpa_supported(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                   enable_gqa=False):
+    """Whether patch_sdpa() routes this call to intfa (the rules are in docs/PYTHON.md)."""
+    _need_torch("sdpa_supported")
+    return _torch.sdpa_supported(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                 enable_gqa)
+
+
+if _torch is not None:
+    _torch.intfa_attention = attention

@@ -1,0 +1,352 @@
+"""The array frameworks intfa speaks (NumPy, torch, CuPy) and the calls into intfa._C.
+
+Every entry point runs the same way whatever the framework: allocate the outputs (and, on the
+GPU, the workspace) with the caller's framework, then hand DLPack views of everything to the C++
+layer, which validates and raises ValueError / TypeError / RuntimeError with its own message.
+Allocating here rather than in C++ keeps torch's memory inside torch's caching allocator, which
+CUDA-graph capture needs, and keeps every call free of host synchronisation.
+"""
+
+import contextlib
+
+import numpy as np
+
+from . import _C as _ext
+
+_EXCEPTIONS = {"ValueError": ValueError, "TypeError": TypeError, "RuntimeError": RuntimeError}
+
+
+class _Raising:
+    """intfa._C with its (error, value) results turned into exceptions: the binding returns
+    errors instead of throwing them (see python/src/intfa_ext.cpp)."""
+
+    def __getattr__(self, name):
+        fn = getattr(_ext, name)
+
+        def call(*args):
+            error, value = fn(*args)
+            if error is not None:
+                raise _EXCEPTIONS.get(error[0], RuntimeError)(error[1])
+            return value
+
+        call.__name__ = name
+        setattr(self, name, call)
+        return call
+
+
+lib = _Raising()
+
+# The 16-bit float types intfa computes in; anything else is reported by the C++ layer.
+FLOAT_INPUTS = ("float16", "bfloat16")
+# Parts of a QuantizedQKV as intfa.h names them, in the order the torch op returns them.
+PART_NAMES = ("q8", "q_scale", "lse_offset", "k8", "k_scale", "k_mean", "vt8", "v_scale")
+LAYOUTS = ("BHSD", "BSHD")
+
+
+def dims(shape, layout, varlen):
+    """(batch, heads, tokens, head_dim) of a q/k/v shape, or None when the rank or layout is
+    wrong (the C++ layer then reports exactly what is wrong)."""
+    shape = tuple(shape)
+    if varlen:
+        return (1, shape[1], shape[0], shape[2]) if len(shape) == 3 else None
+    if len(shape) != 4 or layout not in LAYOUTS:
+        return None
+    if layout == "BSHD":
+        return (shape[0], shape[2], shape[1], shape[3])
+    return tuple(shape)
+
+
+def rows_shape(q_shape, layout, varlen):
+    """Shape of the per-row tensors (LSE, q_scale): [B, H, S], or [H, T] for varlen."""
+    d = dims(q_shape, layout, varlen)
+    if d is None:
+        return None
+    return (d[1], d[2]) if varlen else (d[0], d[1], d[2])
+
+
+def check_gqa(q_shape, k_shape, layout, varlen, enable_gqa):
+    """torch SDPA needs enable_gqa=True for Hq != Hkv; intfa keeps that contract so it can stand
+    in for SDPA without silently accepting what SDPA rejects."""
+    dq, dk = dims(q_shape, layout, varlen), dims(k_shape, layout, varlen)
+    if enable_gqa or dq is None or dk is None or dq[1] == dk[1]:
+        return
+    raise ValueError(
+        f"k: heads_kv = {dk[1]} differs from heads_q = {dq[1]}; pass enable_gqa=True for "
+        "grouped-query attention (as torch SDPA requires)")
+
+
+def scale_arg(scale):
+    """None -> 0.0, which the C++ layer reads as 1/sqrt(head_dim)."""
+    if scale is None:
+        return 0.0
+    scale = float(scale)
+    if scale == 0.0:
+        raise ValueError("scale: expected a non-zero value or None (1/sqrt(head_dim)), got 0.0")
+    return scale
+
+
+def workspace_bytes(q_shape, k_shape, layout, scheme, varlen, nseq):
+    """Bytes of GPU scratch the fp16/bf16 entry points quantize into, or None when the shapes
+    are malformed (validation fails before any workspace is touched)."""
+    dq, dk = dims(q_shape, layout, varlen), dims(k_shape, layout, varlen)
+    if dq is None or dk is None or min(dq + dk) < 1 or (varlen and nseq < 1):
+        return None
+    batch = nseq if varlen else dq[0]
+    return lib.quantized_bytes(batch, dq[1], dk[1], 0 if varlen else dq[2],
+                               0 if varlen else dk[2], dq[3], scheme, varlen,
+                               dq[2] if varlen else 0, dk[2] if varlen else 0)
+
+
+def quantized_spec(q_shape, k_shape, layout, scheme, nseq):
+    """{part: (storage_shape, dtype, columns)} of the QuantizedQKV that quantize() writes, as
+    the C++ alloc_quantized() lays it out; `nseq` is None for dense inputs. A part whose rows are
+    padded (vt8) is allocated as its storage and seen through its first `columns` columns
+    (columns is None for the dense parts). None when the shapes are malformed (the C++ layer
+    then reports them)."""
+    varlen = nseq is not None
+    dq, dk = dims(q_shape, layout, varlen), dims(k_shape, layout, varlen)
+    if dq is None or dk is None or min(dq + dk) < 1 or (varlen and nseq < 1):
+        return None
+    # int(): under torch.compile's fake tensors sizes may be symbolic; this specialises them.
+    b, hq, sq, d = (int(x) for x in dq)
+    hk, skv = int(dk[1]), int(dk[2])
+    parts = lib.quantized_layout(nseq if varlen else b, hq, hk, 0 if varlen else sq,
+                                 0 if varlen else skv, d, scheme, layout, varlen,
+                                 sq if varlen else 0, skv if varlen else 0)
+    spec = {}
+    for name, (shape, strides, dtype) in parts.items():
+        storage = tuple(shape)
+        columns = None
+        if len(shape) > 1 and strides[-2] != shape[-1]:
+            storage = tuple(shape[:-1]) + (strides[-2],)
+            columns = shape[-1]
+        spec[name] = (storage, dtype, columns)
+    return spec
+
+
+def dtype_name(dtype):
+    """A dtype of any framework (or its name) as intfa spells it: 'float16', 'bfloat16', ..."""
+    if isinstance(dtype, str):
+        return dtype
+    name = str(dtype)
+    if name.startswith("torch."):
+        return name[len("torch."):]
+    return np.dtype(dtype).name
+
+
+# ------------------------------------------------------------------------------------------------
+# Framework adapters: how to allocate, which stream, how to hand an array to DLPack.
+# ------------------------------------------------------------------------------------------------
+class NumpyArrays:
+    """Host arrays: the CPU backend. bfloat16 comes from ml_dtypes."""
+
+    name = "numpy"
+
+    @staticmethod
+    def np_dtype(name):
+        if name == "bfloat16":
+            try:
+                import ml_dtypes
+            except ImportError as e:
+                raise TypeError("bfloat16 NumPy arrays need the ml_dtypes package "
+                                "(pip install ml_dtypes)") from e
+            return np.dtype(ml_dtypes.bfloat16)
+        return np.dtype(name)
+
+    def dtype_of(self, x):
+        return x.dtype.name
+
+    def is_gpu(self, x):
+        return False
+
+    def empty(self, shape, dtype, like):
+        return np.empty(shape, dtype=self.np_dtype(dtype))
+
+    def out_like(self, q):
+        dt = q.dtype.name if q.dtype.name in FLOAT_INPUTS else "float16"
+        return np.empty(q.shape, dtype=self.np_dtype(dt))
+
+    def arg(self, x):
+        if x is None:
+            return None
+        # NumPy cannot export ml_dtypes' bfloat16 through DLPack: pass the bits as uint16 and
+        # tell the binding what they are.
+        if x.dtype.name == "bfloat16":
+            return (x.view(np.uint16), "bfloat16")
+        return x
+
+    def stream(self, x):
+        return 0
+
+    def device(self, x):
+        return contextlib.nullcontext()
+
+    def max_seqlen(self, cu):
+        return int(np.max(np.diff(np.asarray(cu, dtype=np.int64)))) if len(cu) > 1 else 0
+
+
+class CupyArrays:
+    """CuPy device arrays: the GPU backend on CuPy's current stream."""
+
+    name = "cupy"
+
+    def __init__(self):
+        import cupy
+        self.cp = cupy
+
+    def dtype_of(self, x):
+        return x.dtype.name
+
+    def is_gpu(self, x):
+        return True
+
+    def empty(self, shape, dtype, like):
+        with self.cp.cuda.Device(like.device.id):
+            return self.cp.empty(shape, dtype=dtype)
+
+    def out_like(self, q):
+        dt = q.dtype.name if q.dtype.name in FLOAT_INPUTS else "float16"
+        return self.empty(q.shape, dt, q)
+
+    def arg(self, x):
+        return x
+
+    def stream(self, x):
+        return self.cp.cuda.get_current_stream().ptr
+
+    def device(self, x):
+        return self.cp.cuda.Device(x.device.id)
+
+    def max_seqlen(self, cu):
+        return int(self.cp.max(self.cp.diff(cu.astype(self.cp.int64)))) if len(cu) > 1 else 0
+
+
+class TorchArrays:
+    """torch tensors, CPU (reference backend) or CUDA (GPU backend on the current stream)."""
+
+    name = "torch"
+
+    def __init__(self):
+        import torch
+        self.torch = torch
+
+    def dtype_of(self, x):
+        return dtype_name(x.dtype)
+
+    def is_gpu(self, x):
+        return x.is_cuda
+
+    def empty(self, shape, dtype, like):
+        return self.torch.empty(shape, dtype=getattr(self.torch, dtype), device=like.device)
+
+    def out_like(self, q):
+        # empty_like keeps q's strides when q is dense (e.g. a BSHD tensor seen as BHSD), so the
+        # output reads like the input; the fake implementation calls this same function.
+        if dtype_name(q.dtype) in FLOAT_INPUTS:
+            return self.torch.empty_like(q)
+        return self.torch.empty(q.shape, dtype=self.torch.float16, device=q.device)
+
+    def arg(self, x):
+        # DLPack refuses tensors that require grad; intfa only reads or fills the memory.
+        return None if x is None else x.detach()
+
+    def stream(self, x):
+        return self.torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else 0
+
+    def device(self, x):
+        if x.is_cuda and x.device.index != self.torch.cuda.current_device():
+            return self.torch.cuda.device(x.device)
+        return contextlib.nullcontext()
+
+    def max_seqlen(self, cu):
+        return int((cu[1:] - cu[:-1]).max().item()) if cu.numel() > 1 else 0
+
+
+_ADAPTERS = {}
+
+
+def framework(x, name):
+    """The adapter for x's framework; TypeError for anything else."""
+    mod = type(x).__module__.split(".")[0]
+    if mod not in ("numpy", "torch", "cupy"):
+        raise TypeError(f"{name}: expected a numpy.ndarray, torch.Tensor or cupy.ndarray, got "
+                        f"{type(x).__module__}.{type(x).__qualname__}")
+    if mod not in _ADAPTERS:
+        _ADAPTERS[mod] = {"numpy": NumpyArrays, "torch": TorchArrays, "cupy": CupyArrays}[mod]()
+    return _ADAPTERS[mod]
+
+
+# ------------------------------------------------------------------------------------------------
+# The calls. Each returns framework arrays; None stands for "not requested".
+# ------------------------------------------------------------------------------------------------
+def _workspace(fw, q, k, layout, scheme, varlen, nseq):
+    """A GPU workspace from the caller's allocator, so the C++ layer allocates nothing."""
+    if not fw.is_gpu(q):
+        return None
+    nbytes = workspace_bytes(q.shape, k.shape, layout, scheme, varlen, nseq)
+    return fw.empty((nbytes,), "uint8", q) if nbytes else None
+
+
+def _num_sequences(cu):
+    return cu.shape[0] - 1 if cu is not None and len(cu.shape) == 1 else 0
+
+
+def run_attention(fw, q, k, v, causal, scale, layout, scheme, path, return_lse):
+    out = fw.out_like(q)
+    rows = rows_shape(q.shape, layout, False) if return_lse else None
+    lse = fw.empty(rows, "float32", q) if rows else None
+    ws = _workspace(fw, q, k, layout, scheme, False, 0)
+    with fw.device(q):
+        lib.attention(fw.arg(q), fw.arg(k), fw.arg(v), fw.arg(out), fw.arg(lse), causal, scale,
+                      layout, scheme, "auto", path, 64, fw.stream(q), ws)
+    return out, lse
+
+
+def run_attention_varlen(fw, q, k, v, cu_q, cu_kv, max_q, max_kv, causal, scale, scheme, path,
+                         return_lse):
+    out = fw.out_like(q)
+    rows = rows_shape(q.shape, "BHSD", True) if return_lse else None
+    lse = fw.empty(rows, "float32", q) if rows else None
+    ws = _workspace(fw, q, k, "BHSD", scheme, True, _num_sequences(cu_q))
+    with fw.device(q):
+        lib.attention_varlen(fw.arg(q), fw.arg(k), fw.arg(v), fw.arg(cu_q), fw.arg(cu_kv),
+                             max_q, max_kv, fw.arg(out), fw.arg(lse), causal, scale, scheme,
+                             "auto", path, 64, fw.stream(q), ws)
+    return out, lse
+
+
+def alloc_quantized(fw, q, k, layout, scheme, nseq):
+    """{part: array} for quantize() ({} when the shapes are malformed). vt8 is a view of the
+    first columns of its padded rows, the layout the C++ layer reads."""
+    spec = quantized_spec(q.shape, k.shape, layout, scheme, nseq)
+    if spec is None:
+        return {}
+    parts = {}
+    for name, (storage, dtype, columns) in spec.items():
+        a = fw.empty(storage, dtype, q)
+        parts[name] = a if columns is None else a[..., :columns]
+    return parts
+
+
+def run_quantize(fw, q, k, v, cu_q, cu_kv, layout, scheme):
+    varlen = cu_q is not None or cu_kv is not None
+    parts = alloc_quantized(fw, q, k, layout, scheme, _num_sequences(cu_q) if varlen else None)
+    with fw.device(q):
+        lib.quantize(fw.arg(q), fw.arg(k), fw.arg(v), fw.arg(cu_q), fw.arg(cu_kv),
+                     {n: fw.arg(a) for n, a in parts.items()}, layout, scheme, "auto",
+                     fw.stream(q))
+    return parts
+
+
+def run_attention_int8(fw, parts, scheme, layout, cu_q, cu_kv, max_q, max_kv, causal, scale,
+                       out_dtype, return_lse, path):
+    q8 = parts["q8"]
+    varlen = cu_q is not None or cu_kv is not None
+    out = fw.empty(q8.shape, out_dtype, q8)
+    rows = rows_shape(q8.shape, layout, varlen) if return_lse else None
+    lse = fw.empty(rows, "float32", q8) if rows else None
+    with fw.device(q8):
+        lib.attention_int8({n: fw.arg(a) for n, a in parts.items()}, scheme, layout,
+                           fw.arg(cu_q), fw.arg(cu_kv), max_q, max_kv, fw.arg(out), fw.arg(lse),
+                           causal, scale, "auto", path, 64, fw.stream(q8))
+    return out, lse

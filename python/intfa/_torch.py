@@ -1,0 +1,227 @@
+"""torch integration: intfa's entry points as torch.library custom ops, and the SDPA patch.
+
+Custom ops with fake (meta) implementations make intfa opaque but shape-known to torch.compile,
+so `torch.compile(fullgraph=True)` traces through intfa.attention without a graph break. The
+real implementations allocate every output and the GPU workspace with torch (inside a CUDA graph
+capture these come from the graph's private pool), launch on torch's current stream and never
+synchronise the host, so the ops can be captured into CUDA graphs and replayed.
+"""
+
+import contextlib
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _arrays
+
+_FW = _arrays.TorchArrays()
+# torch.library.custom_op arrived in torch 2.4; older torch runs the same code eagerly.
+HAVE_CUSTOM_OP = hasattr(torch.library, "custom_op") and hasattr(torch.library, "register_fake")
+
+
+def _lse_or_empty(lse, like):
+    # An op returns a fixed number of tensors: an unrequested LSE is an empty one.
+    return lse if lse is not None else like.new_empty((0,), dtype=torch.float32)
+
+
+def _fake_lse(q, layout, varlen, return_lse):
+    rows = _arrays.rows_shape(q.shape, layout, varlen) if return_lse else None
+    return q.new_empty(rows if rows else (0,), dtype=torch.float32)
+
+
+def _attention_impl(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float, layout: str,
+                    scheme: str, path: str, return_lse: bool) -> Tuple[Tensor, Tensor]:
+    out, lse = _arrays.run_attention(_FW, q, k, v, is_causal, scale, layout, scheme, path,
+                                     return_lse)
+    return out, _lse_or_empty(lse, q)
+
+
+def _attention_fake(q, k, v, is_causal, scale, layout, scheme, path, return_lse):
+    return _FW.out_like(q), _fake_lse(q, layout, False, return_lse)
+
+
+def _attention_varlen_impl(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
+                           cu_seqlens_kv: Tensor, max_seqlen_q: int, max_seqlen_kv: int,
+                           is_causal: bool, scale: float, scheme: str, path: str,
+                           return_lse: bool) -> Tuple[Tensor, Tensor]:
+    out, lse = _arrays.run_attention_varlen(_FW, q, k, v, cu_seqlens_q, cu_seqlens_kv,
+                                            max_seqlen_q, max_seqlen_kv, is_causal, scale, scheme,
+                                            path, return_lse)
+    return out, _lse_or_empty(lse, q)
+
+
+def _attention_varlen_fake(q, k, v, cu_seqlens_q, cu_seqlens_kv, max_seqlen_q, max_seqlen_kv,
+                           is_causal, scale, scheme, path, return_lse):
+    return _FW.out_like(q), _fake_lse(q, "BHSD", True, return_lse)
+
+
+def _parts_list(parts, like):
+    # Fixed order and count (PART_NAMES); parts a scheme lacks (half: vt8, v_scale) are empty.
+    empty = lambda: like.new_empty((0,), dtype=torch.int8)  # noqa: E731
+    return [parts[n] if parts.get(n) is not None else empty() for n in _arrays.PART_NAMES]
+
+
+def _quantize_impl(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor],
+                   cu_seqlens_kv: Optional[Tensor], layout: str, scheme: str) -> List[Tensor]:
+    parts = _arrays.run_quantize(_FW, q, k, v, cu_seqlens_q, cu_seqlens_kv, layout, scheme)
+    return _parts_list(parts, q)
+
+
+def _quantize_fake(q, k, v, cu_seqlens_q, cu_seqlens_kv, layout, scheme):
+    varlen = cu_seqlens_q is not None or cu_seqlens_kv is not None
+    nseq = None
+    if varlen:
+        nseq = cu_seqlens_q.shape[0] - 1 if cu_seqlens_q is not None else 0
+    return _parts_list(_arrays.alloc_quantized(_FW, q, k, layout, scheme, nseq), q)
+
+
+def _attention_int8_impl(q8: Tensor, q_scale: Tensor, lse_offset: Optional[Tensor], k8: Tensor,
+                         k_scale: Tensor, k_mean: Optional[Tensor], vt8: Optional[Tensor],
+                         v_scale: Optional[Tensor], v: Optional[Tensor],
+                         cu_seqlens_q: Optional[Tensor], cu_seqlens_kv: Optional[Tensor],
+                         max_seqlen_q: int, max_seqlen_kv: int, scheme: str, layout: str,
+                         is_causal: bool, scale: float, out_dtype: torch.dtype, return_lse: bool,
+                         path: str) -> Tuple[Tensor, Tensor]:
+    parts = dict(q8=q8, q_scale=q_scale, lse_offset=lse_offset, k8=k8, k_scale=k_scale,
+                 k_mean=k_mean, vt8=vt8, v_scale=v_scale, v=v)
+    out, lse = _arrays.run_attention_int8(_FW, parts, scheme, layout, cu_seqlens_q,
+                                          cu_seqlens_kv, max_seqlen_q, max_seqlen_kv, is_causal,
+                                          scale, _arrays.dtype_name(out_dtype), return_lse, path)
+    return out, _lse_or_empty(lse, q8)
+
+
+def _attention_int8_fake(q8, q_scale, lse_offset, k8, k_scale, k_mean, vt8, v_scale, v,
+                         cu_seqlens_q, cu_seqlens_kv, max_seqlen_q, max_seqlen_kv, scheme, layout,
+                         is_causal, scale, out_dtype, return_lse, path):
+    varlen = cu_seqlens_q is not None or cu_seqlens_kv is not None
+    out = q8.new_empty(q8.shape, dtype=out_dtype)
+    return out, _fake_lse(q8, layout, varlen, return_lse)
+
+
+# The op definitions own their torch.library registrations: keep them alive with the module.
+_op_defs = []
+
+
+def _register(name, impl, fake):
+    """Registers intfa::<name> and returns its OpOverload (what torch.compile traces into one
+    graph node), or the plain function where custom ops are missing."""
+    if not HAVE_CUSTOM_OP:
+        return impl
+    op = torch.library.custom_op(f"intfa::{name}", mutates_args=())(impl)
+    op.register_fake(fake)
+    _op_defs.append(op)
+    return getattr(torch.ops.intfa, name).default
+
+
+attention_op = _register("attention", _attention_impl, _attention_fake)
+attention_varlen_op = _register("attention_varlen", _attention_varlen_impl,
+                                _attention_varlen_fake)
+quantize_op = _register("quantize", _quantize_impl, _quantize_fake)
+attention_int8_op = _register("attention_int8", _attention_int8_impl, _attention_int8_fake)
+
+
+# ------------------------------------------------------------------------------------------------
+# F.scaled_dot_product_attention routing
+# ------------------------------------------------------------------------------------------------
+_GPU_HEAD_DIMS = (64, 128)
+_original_sdpa = None
+# intfa.attention, set by the package on import (this module is imported before it exists).
+intfa_attention = None
+
+
+def _is_plain_tensor(t):
+    return type(t) in (torch.Tensor, torch.nn.Parameter)
+
+
+def _rows_aligned(t):
+    # The GPU kernels move 16-byte vectors along rows: a contiguous last dim, every stride that
+    # is stepped along (size > 1) a multiple of 8 elements, and a 16-byte aligned pointer. The
+    # pointer is not visible while torch.compile traces; tensors it allocates are aligned.
+    if t.stride(-1) != 1:
+        return False
+    if not all(t.stride(i) % 8 == 0 for i in range(t.dim() - 1) if t.shape[i] > 1):
+        return False
+    return _is_compiling() or t.data_ptr() % 16 == 0
+
+
+def _is_compiling():
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and
+                compiler.is_compiling())
+
+
+def sdpa_supported(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                   scale=None, enable_gqa=False):
+    """True when intfa can serve this F.scaled_dot_product_attention call with the same
+    meaning: no mask, no dropout, CUDA fp16/bf16 4-d tensors of one device and dtype, head dim
+    64 or 128 (also for V), no gradient needed, and causal only when Sq == Skv (torch aligns the
+    causal mask to the top-left corner, intfa to the bottom-right; they agree when square)."""
+    if attn_mask is not None or dropout_p != 0.0:
+        return False
+    if not all(_is_plain_tensor(t) for t in (query, key, value)):
+        return False
+    if not (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)):
+        return False
+    if any(t.dtype != query.dtype or t.device != query.device or t.dim() != 4
+           for t in (query, key, value)):
+        return False
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or
+                                    value.requires_grad):
+        return False  # intfa has no backward pass
+    b, hq, sq, d = query.shape
+    bk, hk, skv, dk = key.shape
+    if d not in _GPU_HEAD_DIMS or dk != d or tuple(value.shape) != (bk, hk, skv, d) or bk != b:
+        return False
+    if hk != hq and not (enable_gqa and hq % hk == 0):
+        return False
+    if is_causal and sq != skv:
+        return False
+    if scale is not None and scale == 0.0:
+        return False
+    return all(_rows_aligned(t) for t in (query, key, value))
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
+                                 is_causal=False, scale=None, enable_gqa=False):
+    """F.scaled_dot_product_attention with intfa serving the calls it supports (see
+    sdpa_supported); every other call goes to torch's own implementation."""
+    if sdpa_supported(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+        return intfa_attention(query, key, value, is_causal=is_causal, scale=scale,
+                               enable_gqa=enable_gqa)
+    original = _original_sdpa or torch.nn.functional.scaled_dot_product_attention
+    kwargs = {}
+    if scale is not None:
+        kwargs["scale"] = scale
+    if enable_gqa:
+        kwargs["enable_gqa"] = enable_gqa  # only newer torch knows the argument
+    return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                    is_causal=is_causal, **kwargs)
+
+
+def patch_sdpa():
+    """Route torch.nn.functional.scaled_dot_product_attention through intfa (idempotent)."""
+    global _original_sdpa
+    if _original_sdpa is None:
+        _original_sdpa = torch.nn.functional.scaled_dot_product_attention
+        torch.nn.functional.scaled_dot_product_attention = scaled_dot_product_attention
+
+
+def unpatch_sdpa():
+    """Restore torch's own scaled_dot_product_attention (idempotent)."""
+    global _original_sdpa
+    if _original_sdpa is not None:
+        torch.nn.functional.scaled_dot_product_attention = _original_sdpa
+        _original_sdpa = None
+
+
+@contextlib.contextmanager
+def sdpa_patched():
+    """Context manager form of patch_sdpa() / unpatch_sdpa()."""
+    was_patched = _original_sdpa is not None
+    patch_sdpa()
+    try:
+        yield
+    finally:
+        if not was_patched:
+            unpatch_sdpa()

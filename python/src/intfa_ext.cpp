@@ -1,0 +1,469 @@
+// intfa._C: the nanobind extension over the public C++ API. The only file that sees Python.
+// Arrays come in through DLPack (NumPy, torch, CuPy) and are viewed, never copied. Outputs,
+// LSE and the GPU workspace are allocated by the Python layer with the caller's framework (for
+// torch that keeps every allocation in torch's caching allocator, as CUDA-graph capture needs),
+// so this layer only translates arrays to intfa::Tensor and back.
+//
+// No C++ exception crosses this file: every function returns (error, value), where error is
+// None or (exception name, message) and the Python layer raises it. A C++ exception thrown out
+// of the module crashed the process on one of the GPU hosts (Python 3.12, g++ 13), and a
+// returned error keeps the C++ message unchanged just as well.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+
+#include <cstdint>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "intfa/intfa.h"
+
+namespace nb = nanobind;
+
+namespace {
+
+using intfa::DType;
+using intfa::Status;
+using intfa::StatusCode;
+using intfa::Tensor;
+
+#define INTFA_PY_TRY(expr)            \
+  do {                                \
+    Status _st = (expr);              \
+    if (!_st.ok()) return failed(_st); \
+  } while (0)
+
+Status value_error(const std::string& msg) { return Status(StatusCode::invalid_argument, msg); }
+Status type_error(const std::string& msg) { return Status(StatusCode::unsupported_type, msg); }
+
+// invalid_argument -> ValueError, unsupported_type -> TypeError, not_available and
+// device_error -> RuntimeError, each with the C++ message unchanged.
+const char* exception_name(StatusCode code) {
+  switch (code) {
+    case StatusCode::invalid_argument: return "ValueError";
+    case StatusCode::unsupported_type: return "TypeError";
+    default: return "RuntimeError";
+  }
+}
+
+nb::object failed(const Status& st) {
+  return nb::make_tuple(nb::make_tuple(exception_name(st.code()), st.message()), nb::none());
+}
+nb::object done(nb::object value = nb::none()) { return nb::make_tuple(nb::none(), value); }
+
+std::string dlpack_dtype_name(nb::dlpack::dtype dt) {
+  using Code = nb::dlpack::dtype_code;
+  std::string base;
+  switch (static_cast<Code>(dt.code)) {
+    case Code::Int: base = "int"; break;
+    case Code::UInt: base = "uint"; break;
+    case Code::Float: base = "float"; break;
+    case Code::Bfloat: base = "bfloat"; break;
+    case Code::Complex: base = "complex"; break;
+    case Code::Bool: return "bool";
+    default: base = "dlpack-code" + std::to_string(dt.code) + "-"; break;
+  }
+  std::string s = base + std::to_string(dt.bits);
+  if (dt.lanes != 1) s += "x" + std::to_string(dt.lanes);
+  return s;
+}
+
+// DLPack dtype -> intfa::DType. `bf16_view` marks a bfloat16 buffer that NumPy can only export
+// as uint16 (ml_dtypes' bfloat16 is not a DLPack type of NumPy).
+bool to_dtype(nb::dlpack::dtype dt, bool bf16_view, DType* out) {
+  using Code = nb::dlpack::dtype_code;
+  if (dt.lanes != 1) return false;
+  const auto code = static_cast<Code>(dt.code);
+  if (bf16_view) {
+    if (code != Code::UInt || dt.bits != 16) return false;
+    *out = DType::bf16;
+    return true;
+  }
+  if (code == Code::Float && dt.bits == 16) return *out = DType::f16, true;
+  if (code == Code::Float && dt.bits == 32) return *out = DType::f32, true;
+  if (code == Code::Float && dt.bits == 64) return *out = DType::f64, true;
+  if (code == Code::Bfloat && dt.bits == 16) return *out = DType::bf16, true;
+  if (code == Code::Int && dt.bits == 8) return *out = DType::i8, true;
+  if (code == Code::UInt && dt.bits == 8) return *out = DType::u8, true;
+  if (code == Code::Int && dt.bits == 32) return *out = DType::i32, true;
+  return false;
+}
+
+// DLPack device types (dlpack.h): kDLCPU, kDLCUDA, kDLCUDAHost (pinned, host-addressable).
+constexpr int kDLCPU = 1, kDLCUDA = 2, kDLCUDAHost = 3;
+
+// The DLPack views of one call. They must outlive the C++ call: a view may own the exporter's
+// reference to the memory (torch, CuPy).
+struct Views {
+  std::vector<nb::ndarray<nb::ro>> in;
+  std::vector<nb::ndarray<>> out;
+  void keep(nb::ndarray<nb::ro>&& a) { in.push_back(std::move(a)); }
+  void keep(nb::ndarray<>&& a) { out.push_back(std::move(a)); }
+};
+
+// None -> undefined Tensor; an array, or (array, "bfloat16") for a NumPy bf16 buffer viewed as
+// uint16 -> a Tensor viewing the same memory. `Array` is nb::ndarray<> for arrays intfa writes.
+template <class Array>
+Status import_as(nb::handle obj, const char* name, Views& views, Tensor* out) {
+  *out = Tensor();
+  if (!obj.is_valid() || obj.is_none()) return Status::OK();
+  nb::handle src = obj;
+  bool bf16_view = false;
+  if (nb::isinstance<nb::tuple>(obj)) {
+    nb::tuple t = nb::borrow<nb::tuple>(obj);
+    if (t.size() != 2 || !nb::isinstance<nb::str>(t[1]) ||
+        std::string(nb::borrow<nb::str>(t[1]).c_str()) != "bfloat16")
+      return type_error(std::string(name) + ": expected an array, got a tuple");
+    src = t[0];
+    bf16_view = true;
+  }
+  Array a;
+  if (!nb::try_cast(src, a, /*convert=*/false)) {
+    const char* why = std::is_same_v<Array, nb::ndarray<>> ? " (writable)" : "";
+    return type_error(std::string(name) + ": expected an array" + why +
+                      " that supports DLPack (numpy.ndarray, torch.Tensor, cupy.ndarray), got " +
+                      Py_TYPE(src.ptr())->tp_name);
+  }
+  Tensor t;
+  if (!to_dtype(a.dtype(), bf16_view, &t.dtype))
+    return type_error(std::string(name) + ": dtype " + dlpack_dtype_name(a.dtype()) +
+                      " is not one intfa takes (float16/bfloat16 inputs; int8, float32 or int32 "
+                      "side tensors)");
+  const int dev = a.device_type();
+  if (dev == kDLCUDA) {
+    t.on_device = true;
+    t.device_index = a.device_id();
+  } else if (dev != kDLCPU && dev != kDLCUDAHost) {
+    return value_error(std::string(name) + ": DLPack device type " + std::to_string(dev) +
+                       " is not supported (expected CPU or CUDA memory)");
+  }
+  t.data = const_cast<void*>(static_cast<const void*>(a.data()));
+  t.ndim = static_cast<int>(a.ndim());
+  if (t.ndim <= 4) {
+    for (int i = 0; i < t.ndim; ++i) {
+      t.shape[i] = static_cast<int64_t>(a.shape(i));
+      t.stride[i] = a.stride(i);
+    }
+    // A size-1 dim is never stepped along, so its stride carries no meaning, and exporters differ
+    // (torch's DLPack export sets it to 1). Give it the value a dense layout would have, so the
+    // GPU's 16-byte stride checks judge only strides that are used.
+    for (int i = t.ndim - 2; i >= 0; --i)
+      if (t.shape[i] == 1) t.stride[i] = t.stride[i + 1] * t.shape[i + 1];
+  }  // else: rank kept, sizes zero, so validation names the rank (as make_tensor does)
+  if (t.data == nullptr && t.ndim > 0) {
+    // Empty arrays may carry no pointer; validation then reports the zero-sized dim rather
+    // than a missing tensor.
+    alignas(256) static char empty_marker;
+    t.data = &empty_marker;
+  }
+  views.keep(std::move(a));
+  *out = t;
+  return Status::OK();
+}
+
+Status input(nb::handle obj, const char* name, Views& v, Tensor* t) {
+  return import_as<nb::ndarray<nb::ro>>(obj, name, v, t);
+}
+Status output(nb::handle obj, const char* name, Views& v, Tensor* t) {
+  return import_as<nb::ndarray<>>(obj, name, v, t);
+}
+
+template <class T, class Parse>
+Status parse_name(const std::string& s, const char* name, const char* expected, Parse parse,
+                  T* out) {
+  if (parse(s, out)) return Status::OK();
+  return value_error(std::string(name) + ": expected " + expected + ", got '" + s + "'");
+}
+Status parse_scheme_arg(const std::string& s, const char* name, intfa::Scheme* out) {
+  return parse_name(s, name, "'paper', 'accurate' or 'half'", intfa::parse_scheme, out);
+}
+Status parse_layout_arg(const std::string& s, intfa::Layout* out) {
+  return parse_name(s, "layout", "'BHSD' or 'BSHD'", intfa::parse_layout, out);
+}
+Status parse_path_arg(const std::string& s, intfa::GpuPath* out) {
+  return parse_name(s, "path", "'auto', 'sm80' or 'sm90'", intfa::parse_path, out);
+}
+
+// Keyword arguments shared by the entry points (see Options in intfa.h).
+Status make_options(bool causal, double scale, const std::string& layout,
+                    const std::string& scheme, const std::string& backend,
+                    const std::string& path, int block_n, uintptr_t stream, intfa::Options* o) {
+  o->causal = causal;
+  o->scale = static_cast<float>(scale);
+  Status st = parse_layout_arg(layout, &o->layout);
+  if (st.ok()) st = parse_scheme_arg(scheme, "scheme", &o->scheme);
+  if (st.ok())
+    st = parse_name(backend, "backend", "'auto', 'cpu' or 'gpu'", intfa::parse_backend,
+                    &o->backend);
+  if (st.ok()) st = parse_path_arg(path, &o->path);
+  o->block_n = block_n;
+  o->stream = reinterpret_cast<void*>(stream);
+  return st;
+}
+
+// Runs a C++ entry point without the GIL (the CPU backend is multi-threaded and GPU calls may
+// wait on the driver).
+template <class F>
+nb::object call(F&& f) {
+  Status st;
+  {
+    nb::gil_scoped_release release;
+    st = f();
+  }
+  return st.ok() ? done() : failed(st);
+}
+
+nb::object attention(nb::handle q, nb::handle k, nb::handle v, nb::handle out, nb::handle lse,
+                     bool causal, double scale, const std::string& layout,
+                     const std::string& scheme, const std::string& backend,
+                     const std::string& path, int block_n, uintptr_t stream,
+                     nb::handle workspace) {
+  Views views;
+  intfa::Options o;
+  Tensor tq, tk, tv, to, tl;
+  INTFA_PY_TRY(make_options(causal, scale, layout, scheme, backend, path, block_n, stream, &o));
+  INTFA_PY_TRY(input(q, "q", views, &tq));
+  INTFA_PY_TRY(input(k, "k", views, &tk));
+  INTFA_PY_TRY(input(v, "v", views, &tv));
+  INTFA_PY_TRY(output(out, "out", views, &to));
+  INTFA_PY_TRY(output(lse, "lse", views, &tl));
+  INTFA_PY_TRY(output(workspace, "workspace", views, &o.workspace));
+  return call([&] { return intfa::attention(tq, tk, tv, to, tl.defined() ? &tl : nullptr, o); });
+}
+
+nb::object attention_varlen(nb::handle q, nb::handle k, nb::handle v, nb::handle cu_q,
+                            nb::handle cu_kv, int max_q, int max_kv, nb::handle out,
+                            nb::handle lse, bool causal, double scale, const std::string& scheme,
+                            const std::string& backend, const std::string& path, int block_n,
+                            uintptr_t stream, nb::handle workspace) {
+  Views views;
+  intfa::Options o;
+  Tensor tq, tk, tv, tcq, tckv, to, tl;
+  INTFA_PY_TRY(make_options(causal, scale, "BHSD", scheme, backend, path, block_n, stream, &o));
+  INTFA_PY_TRY(input(q, "q", views, &tq));
+  INTFA_PY_TRY(input(k, "k", views, &tk));
+  INTFA_PY_TRY(input(v, "v", views, &tv));
+  INTFA_PY_TRY(input(cu_q, "cu_seqlens_q", views, &tcq));
+  INTFA_PY_TRY(input(cu_kv, "cu_seqlens_kv", views, &tckv));
+  INTFA_PY_TRY(output(out, "out", views, &to));
+  INTFA_PY_TRY(output(lse, "lse", views, &tl));
+  INTFA_PY_TRY(output(workspace, "workspace", views, &o.workspace));
+  return call([&] {
+    return intfa::attention_varlen(tq, tk, tv, tcq, tckv, max_q, max_kv, to,
+                                   tl.defined() ? &tl : nullptr, o);
+  });
+}
+
+// The QuantizedQKV parts travel as a dict {name: array or None}; missing keys are undefined.
+Status quantized_from(nb::dict parts, const std::string& scheme, const std::string& layout,
+                      bool writable, Views& views, intfa::QuantizedQKV* x) {
+  Status st = parse_scheme_arg(scheme, "qkv.scheme", &x->scheme);
+  if (st.ok()) st = parse_layout_arg(layout, &x->layout);
+  struct Field { const char* name; Tensor* t; };
+  const Field fields[] = {{"q8", &x->q8},           {"q_scale", &x->q_scale},
+                          {"lse_offset", &x->lse_offset}, {"k8", &x->k8},
+                          {"k_scale", &x->k_scale}, {"k_mean", &x->k_mean},
+                          {"vt8", &x->vt8},         {"v_scale", &x->v_scale}};
+  for (const Field& f : fields) {
+    if (!st.ok()) return st;
+    // PyDict_GetItemString: a borrowed reference or null, no exception either way.
+    nb::handle h(PyDict_GetItemString(parts.ptr(), f.name));
+    st = writable ? output(h, f.name, views, f.t) : input(h, f.name, views, f.t);
+  }
+  // v (half scheme) is an input of quantize() and of attention_int8(): never written.
+  if (st.ok()) st = input(nb::handle(PyDict_GetItemString(parts.ptr(), "v")), "v", views, &x->v);
+  return st;
+}
+
+nb::object quantize(nb::handle q, nb::handle k, nb::handle v, nb::handle cu_q, nb::handle cu_kv,
+                    nb::dict parts, const std::string& layout, const std::string& scheme,
+                    const std::string& backend, uintptr_t stream) {
+  Views views;
+  intfa::Options o;
+  Tensor tq, tk, tv, tcq, tckv;
+  intfa::QuantizedQKV x;
+  INTFA_PY_TRY(make_options(false, 0.0, layout, scheme, backend, "auto", 64, stream, &o));
+  INTFA_PY_TRY(input(q, "q", views, &tq));
+  INTFA_PY_TRY(input(k, "k", views, &tk));
+  INTFA_PY_TRY(input(v, "v", views, &tv));
+  INTFA_PY_TRY(input(cu_q, "cu_seqlens_q", views, &tcq));
+  INTFA_PY_TRY(input(cu_kv, "cu_seqlens_kv", views, &tckv));
+  INTFA_PY_TRY(quantized_from(parts, scheme, layout, true, views, &x));
+  return call([&] { return intfa::quantize(tq, tk, tv, tcq, tckv, o, x); });
+}
+
+nb::object attention_int8(nb::dict parts, const std::string& scheme, const std::string& layout,
+                          nb::handle cu_q, nb::handle cu_kv, int max_q, int max_kv,
+                          nb::handle out, nb::handle lse, bool causal, double scale,
+                          const std::string& backend, const std::string& path, int block_n,
+                          uintptr_t stream) {
+  Views views;
+  intfa::Options o;
+  Tensor tcq, tckv, to, tl;
+  intfa::QuantizedQKV x;
+  INTFA_PY_TRY(make_options(causal, scale, layout, scheme, backend, path, block_n, stream, &o));
+  INTFA_PY_TRY(quantized_from(parts, scheme, layout, false, views, &x));
+  INTFA_PY_TRY(input(cu_q, "cu_seqlens_q", views, &tcq));
+  INTFA_PY_TRY(input(cu_kv, "cu_seqlens_kv", views, &tckv));
+  INTFA_PY_TRY(output(out, "out", views, &to));
+  INTFA_PY_TRY(output(lse, "lse", views, &tl));
+  return call([&] {
+    return intfa::attention_int8(x, tcq, tckv, max_q, max_kv, to, tl.defined() ? &tl : nullptr,
+                                 o);
+  });
+}
+
+nb::object attention_reference(nb::handle q, nb::handle k, nb::handle v, nb::handle out,
+                               nb::handle lse, bool causal, double scale,
+                               const std::string& layout) {
+  Views views;
+  intfa::Options o;
+  Tensor tq, tk, tv, to, tl;
+  INTFA_PY_TRY(make_options(causal, scale, layout, "accurate", "cpu", "auto", 64, 0, &o));
+  INTFA_PY_TRY(input(q, "q", views, &tq));
+  INTFA_PY_TRY(input(k, "k", views, &tk));
+  INTFA_PY_TRY(input(v, "v", views, &tv));
+  INTFA_PY_TRY(output(out, "out", views, &to));
+  INTFA_PY_TRY(output(lse, "lse", views, &tl));
+  return call([&] {
+    return intfa::attention_reference(tq, tk, tv, to, tl.defined() ? &tl : nullptr, o);
+  });
+}
+
+intfa::ProblemShape problem_shape(int batch, int heads_q, int heads_kv, int seqlen_q,
+                                  int seqlen_kv, int head_dim, bool varlen, int64_t total_q,
+                                  int64_t total_kv) {
+  intfa::ProblemShape s;
+  s.batch = batch;
+  s.heads_q = heads_q;
+  s.heads_kv = heads_kv;
+  s.seqlen_q = seqlen_q;
+  s.seqlen_kv = seqlen_kv;
+  s.head_dim = head_dim;
+  s.varlen = varlen;
+  s.total_q = total_q;
+  s.total_kv = total_kv;
+  return s;
+}
+
+nb::object quantized_bytes(int batch, int heads_q, int heads_kv, int seqlen_q, int seqlen_kv,
+                           int head_dim, const std::string& scheme, bool varlen, int64_t total_q,
+                           int64_t total_kv) {
+  intfa::Scheme sch;
+  INTFA_PY_TRY(parse_scheme_arg(scheme, "scheme", &sch));
+  const intfa::ProblemShape s = problem_shape(batch, heads_q, heads_kv, seqlen_q, seqlen_kv,
+                                              head_dim, varlen, total_q, total_kv);
+  return done(nb::int_(intfa::quantized_bytes(s, sch)));
+}
+
+// The parts of the QuantizedQKV that alloc_quantized() lays out for a problem, as
+// {name: (shape, strides, dtype)}, so the Python layer allocates exactly what the C++ layer
+// expects (vt8's rows are padded: its strides say how far) without restating the rules.
+nb::object quantized_layout(int batch, int heads_q, int heads_kv, int seqlen_q, int seqlen_kv,
+                            int head_dim, const std::string& scheme, const std::string& layout,
+                            bool varlen, int64_t total_q, int64_t total_kv) {
+  intfa::Scheme sch;
+  intfa::Layout lay;
+  INTFA_PY_TRY(parse_scheme_arg(scheme, "scheme", &sch));
+  INTFA_PY_TRY(parse_layout_arg(layout, &lay));
+  const intfa::ProblemShape s = problem_shape(batch, heads_q, heads_kv, seqlen_q, seqlen_kv,
+                                              head_dim, varlen, total_q, total_kv);
+  const size_t bytes = intfa::quantized_bytes(s, sch);
+  // alloc_quantized only computes addresses: lay the parts out from a fake aligned base.
+  auto* base = reinterpret_cast<char*>(uintptr_t(1) << 20);
+  intfa::QuantizedQKV x;
+  INTFA_PY_TRY(intfa::alloc_quantized(s, sch, lay, base, bytes, false, 0, &x));
+  const std::pair<const char*, const Tensor*> parts[] = {
+      {"q8", &x.q8},     {"q_scale", &x.q_scale}, {"lse_offset", &x.lse_offset},
+      {"k8", &x.k8},     {"k_scale", &x.k_scale}, {"k_mean", &x.k_mean},
+      {"vt8", &x.vt8},   {"v_scale", &x.v_scale}};
+  nb::dict d;
+  for (const auto& [name, t] : parts) {
+    if (!t->defined()) continue;
+    nb::list shape, strides;
+    for (int i = 0; i < t->ndim; ++i) {
+      shape.append(nb::int_(t->shape[i]));
+      strides.append(nb::int_(t->stride[i]));
+    }
+    d[name] = nb::make_tuple(nb::tuple(shape), nb::tuple(strides),
+                             nb::str(intfa::to_string(t->dtype)));
+  }
+  return done(d);
+}
+
+nb::object build_info() {
+  const intfa::BuildInfo b = intfa::build_info();
+  nb::dict d;
+  d["version"] = nb::str(b.version.c_str());
+  d["cuda_built"] = nb::bool_(b.cuda_built);
+  d["cuda_archs"] = nb::str(b.cuda_archs.c_str());
+  return done(d);
+}
+
+nb::object device_info(int device_index) {
+  intfa::DeviceInfo info;
+  {
+    nb::gil_scoped_release release;
+    info = intfa::device_info(device_index);
+  }
+  nb::dict d;
+  d["present"] = nb::bool_(info.present);
+  d["name"] = nb::str(info.name.c_str());
+  d["major"] = nb::int_(info.major);
+  d["minor"] = nb::int_(info.minor);
+  d["sm_count"] = nb::int_(info.sm_count);
+  d["memory_bytes"] = nb::int_(info.memory_bytes);
+  d["error"] = nb::str(info.error.c_str());
+  return done(d);
+}
+
+nb::object resolve_gpu_path(const std::string& path, int device_index) {
+  intfa::GpuPath requested, resolved = intfa::GpuPath::automatic;
+  INTFA_PY_TRY(parse_path_arg(path, &requested));
+  Status st;
+  {
+    nb::gil_scoped_release release;
+    st = intfa::resolve_gpu_path(requested, device_index, &resolved);
+  }
+  if (!st.ok()) return failed(st);
+  return done(nb::str(intfa::to_string(resolved)));
+}
+
+}  // namespace
+
+NB_MODULE(_C, m) {
+  m.doc() = "intfa C++ bindings (internal; use the intfa package). Each function returns "
+            "(error, value): error is None or (exception name, message).";
+  m.def("attention", &attention, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("out"),
+        nb::arg("lse").none(), nb::arg("causal"), nb::arg("scale"), nb::arg("layout"),
+        nb::arg("scheme"), nb::arg("backend"), nb::arg("path"), nb::arg("block_n"),
+        nb::arg("stream"), nb::arg("workspace").none());
+  m.def("attention_varlen", &attention_varlen, nb::arg("q"), nb::arg("k"), nb::arg("v"),
+        nb::arg("cu_seqlens_q"), nb::arg("cu_seqlens_kv"), nb::arg("max_seqlen_q"),
+        nb::arg("max_seqlen_kv"), nb::arg("out"), nb::arg("lse").none(), nb::arg("causal"),
+        nb::arg("scale"), nb::arg("scheme"), nb::arg("backend"), nb::arg("path"),
+        nb::arg("block_n"), nb::arg("stream"), nb::arg("workspace").none());
+  m.def("quantize", &quantize, nb::arg("q"), nb::arg("k"), nb::arg("v"),
+        nb::arg("cu_seqlens_q").none(), nb::arg("cu_seqlens_kv").none(), nb::arg("parts"),
+        nb::arg("layout"), nb::arg("scheme"), nb::arg("backend"), nb::arg("stream"));
+  m.def("attention_int8", &attention_int8, nb::arg("parts"), nb::arg("scheme"),
+        nb::arg("layout"), nb::arg("cu_seqlens_q").none(), nb::arg("cu_seqlens_kv").none(),
+        nb::arg("max_seqlen_q"), nb::arg("max_seqlen_kv"), nb::arg("out"),
+        nb::arg("lse").none(), nb::arg("causal"), nb::arg("scale"), nb::arg("backend"),
+        nb::arg("path"), nb::arg("block_n"), nb::arg("stream"));
+  m.def("attention_reference", &attention_reference, nb::arg("q"), nb::arg("k"), nb::arg("v"),
+        nb::arg("out"), nb::arg("lse").none(), nb::arg("causal"), nb::arg("scale"),
+        nb::arg("layout"));
+  m.def("quantized_bytes", &quantized_bytes, nb::arg("batch"), nb::arg("heads_q"),
+        nb::arg("heads_kv"), nb::arg("seqlen_q"), nb::arg("seqlen_kv"), nb::arg("head_dim"),
+        nb::arg("scheme"), nb::arg("varlen"), nb::arg("total_q"), nb::arg("total_kv"));
+  m.def("quantized_layout", &quantized_layout, nb::arg("batch"), nb::arg("heads_q"),
+        nb::arg("heads_kv"), nb::arg("seqlen_q"), nb::arg("seqlen_kv"), nb::arg("head_dim"),
+        nb::arg("scheme"), nb::arg("layout"), nb::arg("varlen"), nb::arg("total_q"),
+        nb::arg("total_kv"));
+  m.def("build_info", &build_info);
+  m.def("device_info", &device_info, nb::arg("device_index") = 0);
+  m.def("resolve_gpu_path", &resolve_gpu_path, nb::arg("path"), nb::arg("device_index"));
+}

@@ -1,0 +1,334 @@
+"""intfa on the GPU with torch CUDA tensors (and CuPy when present): accuracy against float64 on
+random shapes, GQA, varlen, causal Sq != Skv, LSE, bit-exact quantization against the CPU
+backend, torch.compile(fullgraph=True), CUDA-graph capture and replay, a non-default stream and
+the SDPA patch. Skipped without torch or without a CUDA device."""
+
+import math
+import random
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+import intfa  # noqa: E402
+from reference import rel_l2  # noqa: E402
+
+TOL = {"accurate": 3e-2, "paper": 6e-2}
+F = torch.nn.functional
+
+
+def rand(*shape, dtype=torch.float16, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return torch.randn(*shape, generator=g, device="cuda", dtype=torch.float32).to(dtype)
+
+
+def ref_attention(q, k, v, causal=False, scale=None, layout="BHSD"):
+    """float64 attention on the GPU: (out, lse); bottom-right causal, -inf for empty rows."""
+    q, k, v = q.double(), k.double(), v.double()
+    if layout == "BSHD":
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    sq, skv = q.shape[2], k.shape[2]
+    s = (q @ k.transpose(-1, -2)) * (scale if scale is not None else 1 / math.sqrt(q.shape[-1]))
+    if causal:
+        i = torch.arange(sq, device=q.device)[:, None]
+        j = torch.arange(skv, device=q.device)[None, :]
+        s = s.masked_fill(j > i + skv - sq, -math.inf)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0)[..., None])
+    out = p @ v
+    if layout == "BSHD":
+        out = out.transpose(1, 2)
+    return out, lse
+
+
+def make_qkv(b, hq, hkv, sq, skv, d, layout="BHSD", dtype=torch.float16, seed=0):
+    if layout == "BHSD":
+        shapes = (b, hq, sq, d), (b, hkv, skv, d), (b, hkv, skv, d)
+    else:
+        shapes = (b, sq, hq, d), (b, skv, hkv, d), (b, skv, hkv, d)
+    return [rand(*s, dtype=dtype, seed=seed + i) for i, s in enumerate(shapes)]
+
+
+def lse_close(lse, ref_lse, atol=5e-2):
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert (lse[finite].double() - ref_lse[finite]).abs().max().item() < atol
+
+
+def test_build_has_cuda():
+    assert intfa.build_info()["cuda_built"], "intfa was built without CUDA (nvcc not found?)"
+    assert intfa.device_info()["present"]
+    assert intfa.resolve_gpu_path() in ("sm80", "sm90")
+
+
+def _random_configs(n, seed=1234):
+    rnd = random.Random(seed)
+    for _ in range(n):
+        hkv = rnd.choice([1, 2, 4])
+        yield dict(b=rnd.choice([1, 2, 3]), hq=hkv * rnd.choice([1, 2, 4]), hkv=hkv,
+                   sq=rnd.randint(1, 700), skv=rnd.randint(1, 700), d=rnd.choice([64, 128]),
+                   layout=rnd.choice(["BHSD", "BSHD"]), causal=rnd.random() < 0.5,
+                   dtype=rnd.choice([torch.float16, torch.bfloat16]))
+
+
+@pytest.mark.parametrize("scheme", ["accurate", "paper"])
+@pytest.mark.parametrize("cfg", list(_random_configs(10)), ids=lambda c: "-".join(
+    str(c[k]).replace("torch.", "") for k in ("b", "hq", "hkv", "sq", "skv", "d", "layout",
+                                              "causal", "dtype")))
+def test_random_shapes_match_float64(scheme, cfg):
+    q, k, v = make_qkv(cfg["b"], cfg["hq"], cfg["hkv"], cfg["sq"], cfg["skv"], cfg["d"],
+                       cfg["layout"], cfg["dtype"], seed=cfg["sq"])
+    out, lse = intfa.attention(q, k, v, is_causal=cfg["causal"], enable_gqa=True,
+                               layout=cfg["layout"], scheme=scheme, return_lse=True)
+    assert out.is_cuda and out.dtype == q.dtype and out.shape == q.shape
+    ref, ref_lse = ref_attention(q, k, v, cfg["causal"], layout=cfg["layout"])
+    assert rel_l2(out, ref) < TOL[scheme]
+    lse_close(lse, ref_lse)
+
+
+@pytest.mark.parametrize("sq,skv", [(100, 300), (300, 100), (1, 513), (257, 256)])
+def test_causal_sq_ne_skv_bottom_right(sq, skv):
+    q, k, v = make_qkv(2, 4, 4, sq, skv, 128, seed=7)
+    out, lse = intfa.attention(q, k, v, is_causal=True, return_lse=True)
+    ref, ref_lse = ref_attention(q, k, v, causal=True)
+    assert not torch.isnan(out).any()
+    assert rel_l2(out, ref) < 3e-2
+    lse_close(lse, ref_lse)
+    if sq > skv:  # rows that see no key: exactly zero and -inf
+        assert torch.all(out[:, :, :sq - skv] == 0)
+        assert torch.all(torch.isneginf(lse[:, :, :sq - skv]))
+
+
+@pytest.mark.parametrize("hq,hkv", [(8, 1), (8, 2), (6, 3)])
+def test_gqa_mqa(hq, hkv):
+    q, k, v = make_qkv(2, hq, hkv, 200, 333, 64, seed=3)
+    out = intfa.attention(q, k, v, enable_gqa=True, is_causal=True)
+    ref, _ = ref_attention(q, k, v, causal=True)
+    assert rel_l2(out, ref) < 3e-2
+    with pytest.raises(ValueError, match="enable_gqa"):
+        intfa.attention(q, k, v)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen(causal):
+    lens_q, lens_kv = [17, 0, 300, 64, 5], [40, 9, 256, 64, 0]
+    cu_q = torch.tensor([0] + list(np.cumsum(lens_q)), dtype=torch.int32, device="cuda")
+    cu_kv = torch.tensor([0] + list(np.cumsum(lens_kv)), dtype=torch.int32, device="cuda")
+    q = rand(sum(lens_q), 8, 128, seed=1)
+    k = rand(sum(lens_kv), 2, 128, seed=2)
+    v = rand(sum(lens_kv), 2, 128, seed=3)
+    out, lse = intfa.attention_varlen(q, k, v, cu_q, cu_kv, max(lens_q), max(lens_kv),
+                                      is_causal=causal, enable_gqa=True, return_lse=True)
+    assert lse.shape == (8, sum(lens_q))
+    for i in range(len(lens_q)):
+        a, b = int(cu_q[i]), int(cu_q[i + 1])
+        c, e = int(cu_kv[i]), int(cu_kv[i + 1])
+        if a == b:
+            continue
+        if c == e:
+            assert torch.all(out[a:b] == 0) and torch.all(torch.isneginf(lse[:, a:b]))
+            continue
+        ref, ref_lse = ref_attention(q[None, a:b].transpose(1, 2), k[None, c:e].transpose(1, 2),
+                                     v[None, c:e].transpose(1, 2), causal)
+        assert rel_l2(out[a:b], ref[0].transpose(0, 1)) < 3e-2, i
+        lse_close(lse[:, a:b], ref_lse[0])
+
+
+@pytest.mark.parametrize("scheme", ["accurate", "paper"])
+@pytest.mark.parametrize("skv", [128, 100])
+def test_quantize_bit_exact_with_cpu_backend(scheme, skv):
+    q, k, v = make_qkv(2, 4, 2, 77, skv, 64, seed=5)
+    k = k + 2  # a per-channel offset, which K smoothing removes
+    xg = intfa.quantize(q, k, v, scheme=scheme)
+    xc = intfa.quantize(q.cpu(), k.cpu(), v.cpu(), scheme=scheme)
+    for name in ("q8", "q_scale", "k8", "k_scale", "k_mean", "v_scale"):
+        assert torch.equal(getattr(xg, name).cpu(), getattr(xc, name)), name
+    assert torch.equal(xg.vt8[..., :skv].cpu(), xc.vt8[..., :skv])
+    # lse_offset = scale * q . mean(K) is a float dot product: equal up to summation order.
+    torch.testing.assert_close(xg.lse_offset.cpu(), xc.lse_offset, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheme", ["accurate", "paper"])
+def test_attention_int8_equals_attention(scheme):
+    q, k, v = make_qkv(1, 4, 4, 300, 300, 128, seed=9)
+    x = intfa.quantize(q, k, v, scheme=scheme)
+    out, lse = intfa.attention_int8(x, is_causal=True, return_lse=True)
+    want, want_lse = intfa.attention(q, k, v, is_causal=True, scheme=scheme, return_lse=True)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+
+
+def test_errors_on_the_gpu():
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 96)
+    with pytest.raises(ValueError, match="head_dim: expected 64 or 128 on the GPU, got 96"):
+        intfa.attention(q, k, v)
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 64)
+    with pytest.raises(ValueError, match="dim"):
+        intfa.attention(q, k[..., :32].contiguous(), v)
+    with pytest.raises(TypeError, match="float32"):
+        intfa.attention(q.float(), k.float(), v.float())
+    with pytest.raises(ValueError, match="k: expected GPU memory"):
+        intfa.attention(q, k.cpu(), v)
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.compile, CUDA graphs, streams
+# ------------------------------------------------------------------------------------------------
+class Attn(torch.nn.Module):
+    def __init__(self, dim=512, heads=4, kv_heads=2):
+        super().__init__()
+        self.h, self.hkv, self.d = heads, kv_heads, dim // heads
+        self.q = torch.nn.Linear(dim, dim)
+        self.kv = torch.nn.Linear(dim, 2 * kv_heads * self.d)
+        self.o = torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        # Strided views straight from the projections: BSHD memory seen as BHSD.
+        q = self.q(x).view(b, s, self.h, self.d).transpose(1, 2)
+        k, v = (t.transpose(1, 2) for t in self.kv(x).view(b, s, 2, self.hkv, self.d).unbind(2))
+        out = intfa.attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.o(out.transpose(1, 2).reshape(b, s, -1))
+
+
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_torch_compile_fullgraph(mode):
+    torch._dynamo.reset()
+    m = Attn().cuda().half().eval()
+    x = rand(2, 256, 512, seed=11)
+    with torch.no_grad():
+        eager = m(x)
+        compiled = torch.compile(m, fullgraph=True, mode=mode)
+        for i in range(3):  # cudagraph trees record on the second or third call
+            xi = rand(2, 256, 512, seed=20 + i)
+            got = compiled(xi).clone()
+            assert rel_l2(got, m(xi)) < 1e-2
+        assert rel_l2(compiled(x), eager) < 1e-2
+
+
+def test_torch_compile_varlen_and_lse():
+    torch._dynamo.reset()
+
+    def fn(q, k, v, cu_q, cu_kv):
+        out, lse = intfa.attention_varlen(q, k, v, cu_q, cu_kv, 128, 128, is_causal=True,
+                                          return_lse=True)
+        return out * 2, lse.exp()
+
+    cu = torch.tensor([0, 100, 228], dtype=torch.int32, device="cuda")
+    q, k, v = (rand(228, 2, 64, seed=i) for i in range(3))
+    got = torch.compile(fn, fullgraph=True)(q, k, v, cu, cu)
+    want = fn(q, k, v, cu, cu)
+    assert torch.equal(got[0], want[0]) and torch.allclose(got[1], want[1])
+
+
+@pytest.mark.skipif(not hasattr(torch.library, "opcheck"), reason="torch.library.opcheck")
+def test_opcheck_cuda():
+    q, k, v = make_qkv(1, 2, 2, 64, 80, 64)
+    torch.library.opcheck(torch.ops.intfa.attention.default,
+                          (q, k, v, True, 0.0, "BHSD", "accurate", "auto", True))
+
+
+def test_cuda_graph_capture_and_replay():
+    q, k, v = make_qkv(2, 4, 2, 256, 384, 128, seed=30)
+    cu = torch.tensor([0, 100, 256], dtype=torch.int32, device="cuda")
+    qv, kv, vv = (rand(256, 4, 64, seed=40 + i) for i in range(3))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside capture, as torch recommends
+        intfa.attention(q, k, v, is_causal=True, enable_gqa=True)
+        intfa.attention_varlen(qv, kv, vv, cu, cu, 156, 156)
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out, lse = intfa.attention(q, k, v, is_causal=True, enable_gqa=True, return_lse=True)
+        out_v = intfa.attention_varlen(qv, kv, vv, cu, cu, 156, 156)
+    for seed in (50, 60):
+        for dst, src in zip((q, k, v), make_qkv(2, 4, 2, 256, 384, 128, seed=seed)):
+            dst.copy_(src)
+        for i, dst in enumerate((qv, kv, vv)):
+            dst.copy_(rand(256, 4, 64, seed=seed + i))
+        g.replay()
+        torch.cuda.synchronize()
+        want, want_lse = intfa.attention(q, k, v, is_causal=True, enable_gqa=True,
+                                         return_lse=True)
+        assert torch.equal(out, want) and torch.equal(lse, want_lse)
+        assert torch.equal(out_v, intfa.attention_varlen(qv, kv, vv, cu, cu, 156, 156))
+        ref, _ = ref_attention(q, k, v, causal=True)
+        assert rel_l2(out, ref) < 3e-2
+
+
+def test_non_default_stream_is_respected():
+    q0, k, v = make_qkv(1, 8, 8, 1024, 1024, 128, seed=70)
+    q_new = rand(*q0.shape, seed=71)
+    want = intfa.attention(q_new, k, v)
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()  # non-blocking: unordered with the legacy default stream
+    q = q0.clone()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(s):
+        torch.cuda._sleep(50_000_000)  # ~tens of ms: the copy below lands late on s
+        q.copy_(q_new)
+        out = intfa.attention(q, k, v)  # must run on s, after the copy
+    s.synchronize()
+    assert torch.equal(out, want)
+
+
+# ------------------------------------------------------------------------------------------------
+# F.scaled_dot_product_attention
+# ------------------------------------------------------------------------------------------------
+def test_patch_sdpa_routes_supported_calls_only():
+    torch_sdpa = F.scaled_dot_product_attention
+    q, k, v = make_qkv(2, 4, 4, 256, 256, 64, seed=80)
+    with intfa.sdpa_patched():
+        assert torch.equal(F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                           intfa.attention(q, k, v, is_causal=True))
+        kg, vg = k[:, :2], v[:, :2]
+        assert torch.equal(F.scaled_dot_product_attention(q, kg, vg, enable_gqa=True, scale=0.1),
+                           intfa.attention(q, kg, vg, enable_gqa=True, scale=0.1))
+        mask = torch.rand(256, 256, device="cuda") > 0.5
+        fallbacks = [
+            ((q, k, v), dict(attn_mask=mask)),
+            ((q, k[:, :, :100], v[:, :, :100]), dict(is_causal=True)),  # top-left causal
+            (make_qkv(1, 2, 2, 64, 64, 96), {}),  # head dim the GPU paths lack
+            ((q.float(), k.float(), v.float()), {}),
+        ]
+        for args, kw in fallbacks:
+            assert not intfa.sdpa_supported(*args, **kw)
+            assert torch.equal(F.scaled_dot_product_attention(*args, **kw),
+                               torch_sdpa(*args, **kw))
+        qg = q.detach().clone().requires_grad_()
+        out = F.scaled_dot_product_attention(qg, k, v)  # training: torch, with a backward
+        out.sum().backward()
+        assert qg.grad is not None
+    assert F.scaled_dot_product_attention is torch_sdpa
+
+
+def test_patch_sdpa_under_torch_compile():
+    torch._dynamo.reset()
+
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True) * 1.0
+
+    q, k, v = make_qkv(1, 4, 4, 128, 128, 128, dtype=torch.bfloat16, seed=90)
+    with intfa.sdpa_patched():
+        got = torch.compile(fn, fullgraph=True)(q, k, v)
+    assert torch.equal(got, intfa.attention(q, k, v, is_causal=True))
+
+
+# ------------------------------------------------------------------------------------------------
+# CuPy
+# ------------------------------------------------------------------------------------------------
+def test_cupy_arrays():
+    cp = pytest.importorskip("cupy")
+    q, k, v = make_qkv(1, 2, 2, 200, 200, 64, seed=100)
+    qc, kc, vc = (cp.asarray(x.cpu().numpy()) for x in (q, k, v))
+    with cp.cuda.Stream(non_blocking=True):
+        out, lse = intfa.attention(qc, kc, vc, is_causal=True, return_lse=True)
+        cp.cuda.get_current_stream().synchronize()
+    assert isinstance(out, cp.ndarray) and out.dtype == cp.float16
+    ref, ref_lse = ref_attention(q, k, v, causal=True)
+    assert rel_l2(out, ref) < 3e-2
+    lse_close(torch.as_tensor(cp.asnumpy(lse), device="cuda"), ref_lse)
