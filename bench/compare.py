@@ -76,13 +76,13 @@ def main():
     allrows = intfa_rows + rows
     base = {(r["provider"], r["seq"], r["hdim"], r["causal"]): r["tops"] for r in rows}
     print(f"\n== {card}: TOPS (B={a.batch} H={a.heads}); copy bandwidth {copy_gbs:.0f} GB/s ==")
-    print(f"{'provider':<10} {'path':<5} {'e2e':<5} {'seq':>6} {'hdim':>4} {'causal':>6} {'TOPS':>8} {'x flash':>8} {'x cudnn':>8}")
+    print(f"{'provider':<10} {'path':<5} {'scheme':<9} {'e2e':<5} {'seq':>6} {'hdim':>4} {'causal':>6} {'TOPS':>8} {'x flash':>8} {'x cudnn':>8}")
     for r in allrows:
         key = (r["seq"], r["hdim"], r["causal"])
         fl, cu = base.get(("sdpa_flash",) + key), base.get(("sdpa_cudnn",) + key)
         rf = f"{r['tops'] / fl:.2f}" if fl else "-"
         rc = f"{r['tops'] / cu:.2f}" if cu else "-"
-        print(f"{r['provider']:<10} {r.get('path', ''):<5} {str(r.get('e2e', '')):<5} {r['seq']:>6} {r['hdim']:>4} {r['causal']:>6} {r['tops']:>8.1f} {rf:>8} {rc:>8}")
+        print(f"{r['provider']:<10} {r.get('path', ''):<5} {r.get('scheme', ''):<9} {str(r.get('e2e', '')):<5} {r['seq']:>6} {r['hdim']:>4} {r['causal']:>6} {r['tops']:>8.1f} {rf:>8} {rc:>8}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"card": card, "copy_gbs": round(copy_gbs, 1), "rows": allrows}, f, indent=1)
