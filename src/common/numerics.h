@@ -22,10 +22,18 @@ constexpr int kPMaxU8 = 255;  // unsigned P levels of the accurate scheme
 // for bf16 inputs near FLT_MIN, and such values are far below any meaningful attention input.
 constexpr float kQuantTiny = 7.888609052210118e-31f;  // 2^-100
 
+// IEEE division on both sides: the device spells it __fdiv_rn so no flag can make it approximate.
+INTFA_HD float div_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
 // Scale stored with the quantized tensor (dequantized x ~= x8 * s).
-INTFA_HD float quant_scale(float amax) { return amax >= kQuantTiny ? amax / 127.f : 1.f; }
+INTFA_HD float quant_scale(float amax) { return amax >= kQuantTiny ? div_rn(amax, 127.f) : 1.f; }
 // Multiplier applied before rounding (1 for zero rows, so every |x| < 2^-100 rounds to 0).
-INTFA_HD float quant_inv_scale(float amax) { return amax >= kQuantTiny ? 127.f / amax : 1.f; }
+INTFA_HD float quant_inv_scale(float amax) { return amax >= kQuantTiny ? div_rn(127.f, amax) : 1.f; }
 
 // Round half to even, then clamp to [-127, 127].
 INTFA_HD int8_t quantize_s8(float x, float inv) {

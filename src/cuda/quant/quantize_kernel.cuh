@@ -20,6 +20,7 @@
 #include "common/numerics.h"
 #include "common/params.h"
 #include "cuda/launchers.h"
+#include "cuda/ptx/ptx_sm80.cuh"
 #include "cuda/quant/quantize_internal.h"
 #include "cuda/quant/quantize_schedule.h"
 
@@ -46,28 +47,16 @@ struct Geometry {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Arithmetic of the rounding rule (intfa.h), with explicit _rn intrinsics so that no compiler
-// flag (contraction, fast-math) can change a rounding. Same values as numerics.h.
+// Arithmetic of the rounding rule (intfa.h): quant_scale / quant_inv_scale from numerics.h.
 // ---------------------------------------------------------------------------------------------
-__device__ __forceinline__ float scale_rn(float amax) {
-  return amax >= kQuantTiny ? __fdiv_rn(amax, 127.f) : 1.f;
-}
-__device__ __forceinline__ float inv_scale_rn(float amax) {
-  return amax >= kQuantTiny ? __fdiv_rn(127.f, amax) : 1.f;
-}
 
 // quantize_s8(x, inv) as the low byte of a float. v = x * inv (one fp32 product) has
 // |v| <= 127 * (1 + 2^-24) < 127.5 because |x| <= amax and inv = fl(127 / amax), so the clamp of
 // the rule never applies; adding 1.5 * 2^23 rounds v to an integer half-to-even (the sum's ulp
 // is 1) and leaves that integer, two's complement, in the low mantissa bits. This replaces the
 // quarter-rate float-to-int conversion by one full-rate add.
-constexpr float kRoundMagic = 12582912.f;  // 1.5 * 2^23
 __device__ __forceinline__ uint32_t q8_bits(float x, float inv) {
-  return __float_as_uint(__fadd_rn(__fmul_rn(x, inv), kRoundMagic));
-}
-// Low bytes of four q8_bits values -> one word.
-__device__ __forceinline__ uint32_t pack4(uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
-  return __byte_perm(__byte_perm(a, b, 0x0040), __byte_perm(c, d, 0x0040), 0x5410);
+  return __float_as_uint(__fadd_rn(__fmul_rn(x, inv), ptx::kMagic));
 }
 
 template <typename T> __device__ float round_to(float x);
@@ -454,16 +443,16 @@ __device__ void rows_item(const RowsJob& j, const Space& s, const Space& kv, con
       amax = fmaxf(amax, fabsf(x[e]));
     }
     amax = row_max<G::kTpr>(amax);
-    const float inv = inv_scale_rn(amax);
+    const float inv = quant_inv_scale(amax);
     uint32_t qb[8];
 #pragma unroll
     for (int e = 0; e < 8; ++e) qb[e] = q8_bits(x[e], inv);
     if (j.lse) dot = row_sum<G::kTpr>(dot);
     if (valid) {
       __stcs(reinterpret_cast<uint2*>(dst + row * j.dst_st.ts),
-             make_uint2(pack4(qb[0], qb[1], qb[2], qb[3]), pack4(qb[4], qb[5], qb[6], qb[7])));
+             make_uint2(ptx::pack_low_bytes(qb[0], qb[1], qb[2], qb[3]), ptx::pack_low_bytes(qb[4], qb[5], qb[6], qb[7])));
       if (cg == 0) {
-        j.scale[sc + row * j.sc_st.ts] = scale_rn(amax);
+        j.scale[sc + row * j.sc_st.ts] = quant_scale(amax);
         if (j.lse) j.lse[sc + row * j.sc_st.ts] = use_mean ? __fmul_rn(j.softmax_scale, dot) : 0.f;
       }
     }
@@ -555,8 +544,8 @@ __device__ void finish_stats_warp(const QuantParams& p, const Space& kv, const C
         if (p.k_mean) p.k_mean[b * p.km_st.bs + h * p.km_st.hs + c] = m;
       } else {
         const float amax = __uint_as_float(__ldcg(s.vmax + tab + (p.scheme == Scheme::accurate ? c : 0)));
-        s.vinv[tab + c] = inv_scale_rn(amax);
-        if (p.v_scale) p.v_scale[b * p.vs_st.bs + h * p.vs_st.hs + c] = scale_rn(amax);
+        s.vinv[tab + c] = quant_inv_scale(amax);
+        if (p.v_scale) p.v_scale[b * p.vs_st.bs + h * p.vs_st.hs + c] = quant_scale(amax);
       }
     }
   }
