@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Same-card baselines for `intfa bench`: torch SDPA (flash = FlashAttention-2, and cuDNN) in
 bf16 at the standard shapes, timed with CUDA events (median of N after warm-up), plus the
-device-to-device copy bandwidth. Writes rows in the bench JSON format and merges the intfa rows
-from --intfa JSON so one file holds the run. Prints a table with ratios."""
+device-to-device copy bandwidth. When the intfa Python package is importable, intfa is timed in
+this same process too (provider "intfa_py": e2e = intfa.attention, kernel = attention_int8 on
+inputs quantized once). Merges the C++ bench rows from --intfa JSON so one file holds the run, and
+prints a table with ratios and % of the card's INT8 mma.sync peak."""
 import argparse
 import json
 import sys
@@ -23,6 +25,17 @@ def time_ms(fn, reps, warmup=5):
         times.append(a.elapsed_time(b))
     times.sort()
     return times[len(times) // 2]
+
+
+# Measured INT8 mma.sync peak (m16n8k32, register-only loop) on these cards: anchors.md.
+MMA_SYNC_INT8_PEAK = {"H100": 1294.0, "H200": 1294.0}
+
+
+def int8_peak(card):
+    for name, peak in MMA_SYNC_INT8_PEAK.items():
+        if name in card:
+            return peak
+    return None
 
 
 def main():
@@ -48,6 +61,14 @@ def main():
         return 0
     card = torch.cuda.get_device_name(0)
     rows = []
+    try:
+        import intfa
+        path = intfa.resolve_gpu_path("auto")
+        if not isinstance(path, str):
+            path = str(path)
+    except Exception as e:  # no package or no GPU build: the C++ rows still come from --intfa
+        print(f"compare.py: intfa Python package not used ({e})", file=sys.stderr)
+        intfa, path = None, ""
     # Copy bandwidth (bytes read + written) for the quantization throughput comparison.
     x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
@@ -57,8 +78,19 @@ def main():
     for d in [int(v) for v in a.hdim.split(",")]:
         for n in [int(v) for v in a.seq.split(",")]:
             q, k, v = (torch.randn(a.batch, a.heads, n, d, dtype=torch.bfloat16, device="cuda") for _ in range(3))
+            qkv = None
+            if intfa is not None:
+                qkv = {sc: intfa.quantize(q, k, v, scheme=sc) for sc in ("accurate", "paper")}
             for causal in [int(v) for v in a.causal.split(",")]:
                 ops = 4.0 * a.batch * a.heads * n * n * d * (0.5 if causal else 1.0)
+                for sc in (qkv or {}):
+                    c = bool(causal)
+                    runs = ((False, lambda: intfa.attention_int8(qkv[sc], is_causal=c, out_dtype=torch.bfloat16)),
+                            (True, lambda: intfa.attention(q, k, v, is_causal=c, scheme=sc)))
+                    for e2e, fn in runs:
+                        ms = time_ms(fn, a.reps)
+                        rows.append(dict(provider="intfa_py", path=path, scheme=sc, seq=n, hdim=d, causal=causal,
+                                         e2e=e2e, ms=round(ms, 4), tops=round(ops / ms / 1e9, 2)))
                 for name, be in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
                     try:
                         with sdpa_kernel(be):
@@ -76,16 +108,19 @@ def main():
     allrows = intfa_rows + rows
     base = {(r["provider"], r["seq"], r["hdim"], r["causal"]): r["tops"] for r in rows}
     print(f"\n== {card}: TOPS (B={a.batch} H={a.heads}); copy bandwidth {copy_gbs:.0f} GB/s ==")
-    print(f"{'provider':<10} {'path':<5} {'scheme':<9} {'e2e':<5} {'seq':>6} {'hdim':>4} {'causal':>6} {'TOPS':>8} {'x flash':>8} {'x cudnn':>8}")
+    peak = int8_peak(card)
+    print(f"{'provider':<10} {'path':<5} {'scheme':<9} {'e2e':<5} {'seq':>6} {'hdim':>4} {'causal':>6} {'TOPS':>8} {'x flash':>8} {'x cudnn':>8} {'%int8pk':>8}")
     for r in allrows:
         key = (r["seq"], r["hdim"], r["causal"])
         fl, cu = base.get(("sdpa_flash",) + key), base.get(("sdpa_cudnn",) + key)
         rf = f"{r['tops'] / fl:.2f}" if fl else "-"
         rc = f"{r['tops'] / cu:.2f}" if cu else "-"
-        print(f"{r['provider']:<10} {r.get('path', ''):<5} {r.get('scheme', ''):<9} {str(r.get('e2e', '')):<5} {r['seq']:>6} {r['hdim']:>4} {r['causal']:>6} {r['tops']:>8.1f} {rf:>8} {rc:>8}")
+        pk = f"{100 * r['tops'] / peak:.0f}%" if peak and r["provider"].startswith("intfa") else "-"
+        print(f"{r['provider']:<10} {r.get('path', ''):<5} {r.get('scheme', ''):<9} {str(r.get('e2e', '')):<5} {r['seq']:>6} {r['hdim']:>4} {r['causal']:>6} {r['tops']:>8.1f} {rf:>8} {rc:>8} {pk:>8}")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"card": card, "copy_gbs": round(copy_gbs, 1), "rows": allrows}, f, indent=1)
+            json.dump({"card": card, "copy_gbs": round(copy_gbs, 1), "int8_mma_sync_peak_tops": peak,
+                       "rows": allrows}, f, indent=1)
     return 0
 
 
