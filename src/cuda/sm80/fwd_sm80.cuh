@@ -31,16 +31,15 @@ namespace intfa::sm80 {
 #ifndef INTFA_SM80_BLOCK_M
 #define INTFA_SM80_BLOCK_M 64
 #endif
-// Software pipelining (off by default): the QK^T mma of key block n+1 is issued inside the
-// softmax of block n, so one warp keeps the tensor pipe and the ALUs busy at once. It needs a
-// 3-stage K/V ring and a second score block in registers, which only fits with 64-key blocks;
-// on an H200 that measured 377 TOPS against 411 for 128-key blocks without it (D=128, N=16k),
-// the O update per score doubling at 64 keys (docs/PERF_LOG.md).
-#ifndef INTFA_SM80_PIPELINE
-#define INTFA_SM80_PIPELINE 0
+// Deferred PV (INTFA_SM80_DEFER_PV=1): the PV mma of key block n-1 is issued inside the softmax
+// of block n (make_p's interleave hook), so one warp keeps the tensor pipe and the ALUs busy at
+// once. Only the previous block's packed P (16 registers at 128 keys) stays live, and V of block
+// n-1 must survive one more iteration: a 3-stage K/V ring.
+#ifndef INTFA_SM80_DEFER_PV
+#define INTFA_SM80_DEFER_PV 0
 #endif
 #ifndef INTFA_SM80_BLOCK_N
-#define INTFA_SM80_BLOCK_N (INTFA_SM80_PIPELINE ? 64 : 128)
+#define INTFA_SM80_BLOCK_N 128
 #endif
 #ifndef INTFA_SM80_CTAS_PER_SM
 #define INTFA_SM80_CTAS_PER_SM (INTFA_SM80_BLOCK_M == 64 ? 2 : 1)
@@ -51,7 +50,7 @@ constexpr int kBlockN = INTFA_SM80_BLOCK_N;
 constexpr int kWarps = kBlockM / 16;
 constexpr int kThreads = kWarps * 32;
 constexpr int kCtasPerSm = INTFA_SM80_CTAS_PER_SM;
-constexpr bool kPipelined = INTFA_SM80_PIPELINE != 0;
+constexpr bool kDeferPv = INTFA_SM80_DEFER_PV != 0;
 static_assert(kBlockN == 64 || kBlockN == 128, "key block");
 
 template <int D>
@@ -61,7 +60,7 @@ struct Smem {
   static constexpr int kV = D * kBlockN;          // int8 V^T tile (rows = channels)
   static constexpr int kKs = kBlockN * 4;         // fp32 k_scale of the block
   static constexpr int kStage = kK + kV + kKs;
-  static constexpr int kStages = kPipelined ? 3 : 2;
+  static constexpr int kStages = kDeferPv ? 3 : 2;
   static constexpr int kBytes = kQ + kStages * kStage;
 };
 
@@ -150,8 +149,8 @@ __device__ __forceinline__ void store_out2(void* out, DType dt, int64_t idx, flo
 
 // P8 = round(levels * exp2(u * rowf - ref)) for the thread's two rows, packed as the u8 A
 // fragments of the PV mma (see the layout note at the top); kSumP also sums the unquantized p.
-// `interleave(c)` runs before chunk c's exponentials (the next block's QK^T k steps), so the
-// compiler schedules its mma between this block's ALU work.
+// `interleave(c)` runs before chunk c's exponentials (a slice of the previous block's PV when
+// deferred), so the compiler schedules its mma between this block's ALU work.
 template <bool kSumP, typename Interleave>
 __device__ __forceinline__ void make_p(const float (&u)[kBlockN / 8][4], const float (&rowf)[2],
                                        const float (&neg_ref)[2], float levels,
@@ -311,8 +310,6 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
     for (int e = 0; e < 4; ++e) o[dn][e] = 0.f;
   uint32_t qf[D / 32][4];
 
-  // Prologue: Q and key block 0 (and block 1 when pipelined) in flight; S of block 0.
-  int s_cur[kBlockN / 8][4];
   if (n_blocks > 0) {
     constexpr int kChunks = D / 16;
     for (int i = tid; i < kBlockM * kChunks; i += kThreads) {
@@ -323,30 +320,52 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
     }
     loader.load(0, skv, stage_base(0), tid);
     ptx::cp_async_commit();
-    if (kPipelined) {
-      if (n_blocks > 1) loader.load(1, skv, stage_base(1), tid);
-      ptx::cp_async_commit();
-      ptx::cp_async_wait<1>();
-      __syncthreads();
-      load_q_frags<D>(sQ, warp, lane, qf);
-      qk_block<D>(qf, stage_base(0), k_lane_off, kMagicBits, s_cur);
-    }
   }
+
+  // O = O * alpha + (P8 V8) * c for channel tiles [dn0, dn1): the magic-biased mma result x
+  // gives (x - M) c + O alpha as FFMA(x, c, FFMA(O, alpha, -M c)), two instructions per output.
+  auto pv_tiles = [&](const uint32_t (&pf)[kBlockN / 32][4], uint32_t sV, const float (&alpha)[2],
+                      const float (&cfac)[2], int dn0, int dn1) {
+    const float nmc[2] = {-ptx::kMagic * cfac[0], -ptx::kMagic * cfac[1]};
+#pragma unroll
+    for (int dn = dn0; dn < dn1; ++dn) {
+      int acc[4] = {kMagicBits, kMagicBits, kMagicBits, kMagicBits};
+#pragma unroll
+      for (int cc = 0; cc < kBlockN / 64; ++cc) {
+        uint32_t vf[4];
+        ptx::ldmatrix_x4(vf, sV + v_lane_off[dn & (kVPar - 1)][cc] + dn * 8 * kBlockN);
+        const uint32_t b0[2] = {vf[0], vf[1]}, b1[2] = {vf[2], vf[3]};
+        ptx::mma_m16n8k32_u8s8(acc, pf[2 * cc], b0);
+        ptx::mma_m16n8k32_u8s8(acc, pf[2 * cc + 1], b1);
+      }
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1;
+        o[dn][e] = __fmaf_rn(__int_as_float(acc[e]), cfac[r], __fmaf_rn(o[dn][e], alpha[r], nmc[r]));
+      }
+    }
+  };
+  // Deferred PV state: the previous block's P, factors and V stage. Before the first block they
+  // make an exact no-op (P = 0, c = 0, alpha = 1; the stage holds finite int8 of any value).
+  uint32_t pf_prev[kBlockN / 32][4] = {};
+  float alpha_prev[2] = {1.f, 1.f}, cfac_prev[2] = {0.f, 0.f};
+  uint32_t sV_prev = stage_base(S::kStages - 1) + S::kK;
 
   for (int n = 0; n < n_blocks; ++n) {
     const int stage = n % S::kStages;
-    if (!kPipelined) {
-      ptx::cp_async_wait<0>();
-      __syncthreads();  // block n landed for everyone; everyone finished block n-1's stage
-      if (n + 1 < n_blocks) {
-        loader.load(n + 1, skv, stage_base(stage ^ 1), tid);
-        ptx::cp_async_commit();
-      }
-      if (n == 0) load_q_frags<D>(sQ, warp, lane, qf);
-      qk_block<D>(qf, stage_base(stage), k_lane_off, kMagicBits, s_cur);
+    ptx::cp_async_wait<0>();
+    __syncthreads();  // block n landed for everyone; everyone finished with the stage refilled next
+    if (n + 1 < n_blocks) {
+      loader.load(n + 1, skv, stage_base((n + 1) % S::kStages), tid);
+      ptx::cp_async_commit();
     }
+    if (n == 0) load_q_frags<D>(sQ, warp, lane, qf);
     const uint32_t sV = stage_base(stage) + S::kK;
     const float* sKs = reinterpret_cast<const float*>(smem + S::kQ + stage * S::kStage + S::kK + S::kV);
+
+    // ---- S = Q K^T (keys permuted so S is already in PV A-fragment order) ----
+    int s_cur[kBlockN / 8][4];
+    qk_block<D>(qf, stage_base(stage), k_lane_off, kMagicBits, s_cur);
 
     // ---- u = S * s_k with one FFMA on the magic value; tail keys get an offset of -inf
     // (per key, not per score), the causal diagonal a per-score mask ----
@@ -379,28 +398,6 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
         }
     }
 
-    // Pipelined: block n+1 has landed; refill the stage block n-1 used, then start S(n+1),
-    // whose mma steps make_p interleaves with this block's exponentials. After the last block
-    // this recomputes a stale stage into s_next, which is never read.
-    int s_next[kBlockN / 8][4];
-    if (kPipelined) {
-      ptx::cp_async_wait<0>();
-      __syncthreads();  // everyone finished block n-1, so its stage can be refilled
-      if (n + 2 < n_blocks) loader.load(n + 2, skv, stage_base((n + 2) % S::kStages), tid);
-      ptx::cp_async_commit();
-#pragma unroll
-      for (int j = 0; j < kBlockN / 8; ++j)
-        for (int e = 0; e < 4; ++e) s_next[j][e] = kMagicBits;
-    }
-    const uint32_t sK_next = stage_base((n + 1) % S::kStages);
-    auto next_qk = [&](int c) {
-      if (!kPipelined) return;
-      constexpr int kSteps = D / 32, kChunks = kBlockN / 32;
-#pragma unroll
-      for (int kk = c * kSteps / kChunks; kk < (c + 1) * kSteps / kChunks; ++kk)
-        qk_kstep<D>(qf, sK_next, k_lane_off, kk, s_next);
-    };
-
     // Row max over four independent partial maxima, so the FMNMX chains stay short.
     float mx[2];
 #pragma unroll
@@ -426,11 +423,17 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
       m_run[r] = m_new;
     }
 
-    // ---- P = round(levels * exp2(t - ref)) packed into PV A fragments ----
+    // ---- P = round(levels * exp2(t - ref)) packed into PV A fragments; when deferred, the
+    // previous block's PV runs in slices between these exponentials ----
+    auto prev_pv = [&](int c) {
+      if (!kDeferPv) return;
+      constexpr int kTiles = D / 8, kChunks = kBlockN / 32;
+      pv_tiles(pf_prev, sV_prev, alpha_prev, cfac_prev, c * kTiles / kChunks, (c + 1) * kTiles / kChunks);
+    };
     uint32_t pf[kBlockN / 32][4];
     float psum[2];
     if (block_local) {  // l sums the quantized P8: numerator and denominator share the weights
-      make_p<false>(u, rowf, neg_ref, levels, pf, psum, next_qk);
+      make_p<false>(u, rowf, neg_ref, levels, pf, psum, prev_pv);
       uint32_t cnt[2] = {0u, 0u};
 #pragma unroll
       for (int c = 0; c < kBlockN / 32; ++c) {
@@ -442,37 +445,23 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
       psum[0] = cfac[0] * static_cast<float>(cnt[0]);
       psum[1] = cfac[1] * static_cast<float>(cnt[1]);
     } else {  // paper: l sums the unquantized p
-      make_p<true>(u, rowf, neg_ref, levels, pf, psum, next_qk);
+      make_p<true>(u, rowf, neg_ref, levels, pf, psum, prev_pv);
     }
     l_part[0] = l_part[0] * alpha[0] + psum[0];
     l_part[1] = l_part[1] * alpha[1] + psum[1];
 
-    // ---- O = O * alpha + (P8 V8) * c: the magic-biased result x gives (x - M) c + O alpha
-    // as FFMA(x, c, FFMA(O, alpha, -M c)), two instructions per output element ----
-    const float nmc[2] = {-ptx::kMagic * cfac[0], -ptx::kMagic * cfac[1]};
+    if (kDeferPv) {
 #pragma unroll
-    for (int dn = 0; dn < D / 8; ++dn) {
-      int acc[4] = {kMagicBits, kMagicBits, kMagicBits, kMagicBits};
-#pragma unroll
-      for (int cc = 0; cc < kBlockN / 64; ++cc) {
-        uint32_t vf[4];
-        ptx::ldmatrix_x4(vf, sV + v_lane_off[dn & (kVPar - 1)][cc] + dn * 8 * kBlockN);
-        const uint32_t b0[2] = {vf[0], vf[1]}, b1[2] = {vf[2], vf[3]};
-        ptx::mma_m16n8k32_u8s8(acc, pf[2 * cc], b0);
-        ptx::mma_m16n8k32_u8s8(acc, pf[2 * cc + 1], b1);
-      }
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e >> 1;
-        o[dn][e] = __fmaf_rn(__int_as_float(acc[e]), cfac[r], __fmaf_rn(o[dn][e], alpha[r], nmc[r]));
-      }
-    }
-    if (kPipelined) {
-#pragma unroll
-      for (int j = 0; j < kBlockN / 8; ++j)
-        for (int e = 0; e < 4; ++e) s_cur[j][e] = s_next[j][e];
+      for (int c = 0; c < kBlockN / 32; ++c)
+        for (int e = 0; e < 4; ++e) pf_prev[c][e] = pf[c][e];
+      alpha_prev[0] = alpha[0]; alpha_prev[1] = alpha[1];
+      cfac_prev[0] = cfac[0]; cfac_prev[1] = cfac[1];
+      sV_prev = sV;
+    } else {
+      pv_tiles(pf, sV, alpha, cfac, 0, D / 8);
     }
   }
+  if (kDeferPv && n_blocks > 0) pv_tiles(pf_prev, sV_prev, alpha_prev, cfac_prev, 0, D / 8);
 
   // ---- epilogue: O * v_scale / l, LSE; fully masked rows give 0 and -inf ----
   const float* vs = p.v_scale + b * p.vs_st.bs + hkv * p.vs_st.hs;
