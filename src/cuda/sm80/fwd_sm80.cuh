@@ -51,6 +51,11 @@ constexpr int kWarps = kBlockM / 16;
 constexpr int kThreads = kWarps * 32;
 constexpr int kCtasPerSm = INTFA_SM80_CTAS_PER_SM;
 constexpr bool kDeferPv = INTFA_SM80_DEFER_PV != 0;
+// At D = 128 the Q fragments are re-read from shared memory every block (4 ldmatrix per warp):
+// the 16 registers this frees remove the spills (44 -> 4 bytes) and measured +2.3% on an H200;
+// at D = 64 keeping them in registers is 2.7% faster (docs/PERF_LOG.md).
+template <int D>
+constexpr bool reload_q() { return D == 128; }
 static_assert(kBlockN == 64 || kBlockN == 128, "key block");
 
 template <int D>
@@ -359,7 +364,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
       loader.load(n + 1, skv, stage_base((n + 1) % S::kStages), tid);
       ptx::cp_async_commit();
     }
-    if (n == 0) load_q_frags<D>(sQ, warp, lane, qf);
+    if (n == 0 || reload_q<D>()) load_q_frags<D>(sQ, warp, lane, qf);
     const uint32_t sV = stage_base(stage) + S::kK;
     const float* sKs = reinterpret_cast<const float*>(smem + S::kQ + stage * S::kStage + S::kK + S::kV);
 
