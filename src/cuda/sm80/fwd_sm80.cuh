@@ -1,8 +1,12 @@
 // INT8 flash-attention forward for sm_80 and newer (mma.sync m16n8k32, ldmatrix, cp.async).
 //
-// One CTA = 128 query rows of one (batch, head), 8 warps x 16 rows. Per key block of 128:
+// One CTA = 64 query rows of one (batch, head), 4 warps x 16 rows, two CTAs per SM. Per key
+// block of 128 (2-stage cp.async ring):
 //   S = Q8 K8^T (s8.s8 -> s32) -> scores in log2 units t = S * s_k[j] * (s_q[i] * scale * log2 e)
-//   -> online softmax -> P8 (u8) -> O += (P8 V8) * c (u8.s8 -> s32, converted per block).
+//   -> online softmax -> P8 (u8) -> O += (P8 V8) * c (u8.s8 -> s32, folded in per block).
+// Both mma products accumulate from the bits of 1.5 * 2^23, so their int32 results read directly
+// as fp32 values offset by that constant (exact below 2^22), which the following FFMA removes.
+// Design history and measurements: docs/PERF_LOG.md.
 // Scheme paper / accurate differ only in run-time values: which max P is taken against (running
 // or block-local), the levels (127 or 255) and whether l sums p or the quantized P8.
 //
