@@ -360,21 +360,13 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
   float alpha_prev[2] = {1.f, 1.f}, cfac_prev[2] = {0.f, 0.f};
   uint32_t sV_prev = stage_base(S::kStages - 1) + S::kK;
 
-  for (int n = 0; n < n_blocks; ++n) {
+  // Everything of key block n after its scores: softmax, P, l and the PV product (or, deferred,
+  // the previous block's PV in slices).
+  auto softmax_pv = [&](int n, const int (&s_cur)[kBlockN / 8][4]) {
     const int stage = n % S::kStages;
-    ptx::cp_async_wait<0>();
-    __syncthreads();  // block n landed for everyone; everyone finished with the stage refilled next
-    if (n + 1 < n_blocks) {
-      loader.load(n + 1, skv, stage_base((n + 1) % S::kStages), tid);
-      ptx::cp_async_commit();
-    }
-    if (n == 0 || reload_q<D>()) load_q_frags<D>(sQ, warp, lane, qf);
     const uint32_t sV = stage_base(stage) + S::kK;
     const float* sKs = reinterpret_cast<const float*>(smem + S::kQ + stage * S::kStage + S::kK + S::kV);
 
-    // ---- S = Q K^T (keys permuted so S is already in PV A-fragment order) ----
-    int s_cur[kBlockN / 8][4];
-    qk_block<D>(qf, stage_base(stage), k_lane_off, kMagicBits, s_cur);
 
     // ---- u = S * s_k with one FFMA on the magic value; tail keys get an offset of -inf
     // (per key, not per score), the causal diagonal a per-score mask ----
@@ -469,6 +461,21 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
     } else {
       pv_tiles(pf, sV, alpha, cfac, 0, D / 8);
     }
+  };
+
+  int s_cur[kBlockN / 8][4];
+  for (int n = 0; n < n_blocks; ++n) {
+    const int stage = n % S::kStages;
+    ptx::cp_async_wait<0>();
+    __syncthreads();  // block n landed for everyone; everyone finished with the stage refilled next
+    if (n + 1 < n_blocks) {
+      loader.load(n + 1, skv, stage_base((n + 1) % S::kStages), tid);
+      ptx::cp_async_commit();
+    }
+    if (n == 0 || reload_q<D>()) load_q_frags<D>(sQ, warp, lane, qf);
+    // ---- S = Q K^T (keys permuted so S is already in PV A-fragment order) ----
+    qk_block<D>(qf, stage_base(stage), k_lane_off, kMagicBits, s_cur);
+    softmax_pv(n, s_cur);
   }
   if (kDeferPv && n_blocks > 0) pv_tiles(pf_prev, sV_prev, alpha_prev, cfac_prev, 0, D / 8);
 
