@@ -140,17 +140,12 @@ Status validate_qkv(const Tensor& q, const Tensor& k, const Tensor& v, Form form
     m << name << ": " << what << " expected " << expected << " (as " << as << "), got " << got;
     return invalid(m.str());
   };
-  if (form == Form::dense && K.B != Q.B) return mismatch("k", "batch", Q.B, "q", K.B);
+  INTFA_TRY(api::check_qk_shapes(Q, K, "q", "k", form));
   if (form == Form::dense && V.B != Q.B) return mismatch("v", "batch", Q.B, "q", V.B);
-  if (K.D != Q.D) return mismatch("k", "head_dim", Q.D, "q", K.D);
   if (V.D != Q.D) return mismatch("v", "head_dim", Q.D, "q", V.D);
   if (V.H != K.H) return mismatch("v", "heads", K.H, "k", V.H);
   if (V.S != K.S)
     return mismatch("v", form == Form::varlen ? "total_tokens" : "seqlen", K.S, "k", V.S);
-  if (Q.H % K.H != 0) {
-    os << "k: heads_kv = " << K.H << " must divide heads_q = " << Q.H << " (GQA/MQA)";
-    return invalid(os.str());
-  }
   INTFA_TRY(api::check_head_dim(Q.D, p->gpu));
   if (p->gpu && opts.scheme == Scheme::half)
     return Status(StatusCode::not_available,
@@ -376,9 +371,7 @@ FwdParams make_fwd_params(const Problem& p, const QuantizedQKV& x, const Tensor&
   f.q_scale = static_cast<const float*>(x.q_scale.data); f.qs_st = rows_strides(p.shape, true);
   f.lse_offset = static_cast<const float*>(x.lse_offset.data);
   f.k_scale = static_cast<const float*>(x.k_scale.data); f.ks_st = rows_strides(p.shape, false);
-  View o;
-  (void)api::check_operand(out, "out", p.layout, p.form, {out.dtype}, false, &o);
-  f.out = out.data; f.o_st = o.st; f.out_dtype = out.dtype;
+  f.out = out.data; f.o_st = api::view_of(out, p.layout, p.form).st; f.out_dtype = out.dtype;
   if (lse && lse->defined()) {
     f.lse = static_cast<float*>(lse->data);
     f.lse_st = rows_strides(p.shape, true);
@@ -424,9 +417,7 @@ Status run_fp_attention(Problem& p, const Tensor& q, const Tensor& k, const Tens
   Status st = alloc_quantized(p.shape, opts.scheme, p.layout, buf, bytes, p.gpu, p.device, &x);
   if (st.ok()) {
     if (opts.scheme == Scheme::half) x.v = v;
-    View q8v, k8v;
-    (void)api::check_operand(x.q8, "q8", p.layout, p.form, {DType::i8}, false, &q8v);
-    (void)api::check_operand(x.k8, "k8", p.layout, p.form, {DType::i8}, false, &k8v);
+    const View q8v = api::view_of(x.q8, p.layout, p.form), k8v = api::view_of(x.k8, p.layout, p.form);
     QuantParams qp = make_quant_params(p, q, k, v, x, opts.scheme, q8v, k8v);
     Problem pq = p;  // the attention reads the quantized tensors' strides
     pq.q = q8v;
@@ -448,41 +439,14 @@ Status run_fp_attention(Problem& p, const Tensor& q, const Tensor& k, const Tens
   return st;
 }
 
-}  // namespace
-
-size_t quantized_bytes(const ProblemShape& s, Scheme scheme) {
+// Lays the quantized tensors of a problem out from `base` (256-byte aligned parts) and returns
+// the bytes they take: the one definition behind quantized_bytes() and alloc_quantized().
+size_t lay_out_quantized(const ProblemShape& s, Scheme scheme, Layout layout, uintptr_t base,
+                         bool on_device, int device_index, QuantizedQKV* out) {
   auto up = [](size_t n) { return (n + 255) & ~size_t(255); };
-  const size_t tq = s.varlen ? s.total_q : static_cast<size_t>(s.batch) * s.seqlen_q;
-  const size_t tkv = s.varlen ? s.total_kv : static_cast<size_t>(s.batch) * s.seqlen_kv;
-  const size_t kv_pad = s.varlen ? up(vt_varlen_columns(s.total_kv, s.batch)) : up(s.seqlen_kv);
-  const size_t d = s.head_dim;
-  size_t n = up(tq * s.heads_q * d) + 2 * up(tq * s.heads_q * 4)  // q8, q_scale, lse_offset
-             + up(tkv * s.heads_kv * d) + up(tkv * s.heads_kv * 4)  // k8, k_scale
-             + up(static_cast<size_t>(s.batch) * s.heads_kv * d * 4);  // k_mean
-  if (scheme != Scheme::half)
-    n += up((s.varlen ? 1 : static_cast<size_t>(s.batch)) * s.heads_kv * d * kv_pad) +
-         up(static_cast<size_t>(s.batch) * s.heads_kv * d * 4);  // vt8, v_scale
-  return n;
-}
-
-Status alloc_quantized(const ProblemShape& s, Scheme scheme, Layout layout, void* buffer,
-                       size_t bytes, bool on_device, int device_index, QuantizedQKV* out) {
-  if (!buffer) return invalid("buffer: expected memory, got null");
-  if (reinterpret_cast<uintptr_t>(buffer) % 256 != 0) return invalid("buffer: expected a 256-byte aligned pointer");
-  if (s.batch < 1 || s.heads_q < 1 || s.heads_kv < 1 || s.head_dim < 1 ||
-      (!s.varlen && (s.seqlen_q < 1 || s.seqlen_kv < 1)) ||
-      (s.varlen && (s.total_q < 1 || s.total_kv < 1)))
-    return invalid("shape: every size must be >= 1");
-  const size_t need = quantized_bytes(s, scheme);
-  if (bytes < need) {
-    std::ostringstream os;
-    os << "bytes: expected at least " << need << " (quantized_bytes), got " << bytes;
-    return invalid(os.str());
-  }
-  auto up = [](size_t n) { return (n + 255) & ~size_t(255); };
-  uint8_t* cur = static_cast<uint8_t*>(buffer);
+  uintptr_t cur = base;
   auto take = [&](DType dt, std::initializer_list<int64_t> shape) {
-    Tensor t = make_tensor(cur, dt, shape, on_device, device_index);
+    Tensor t = make_tensor(reinterpret_cast<void*>(cur), dt, shape, on_device, device_index);
     cur += up(static_cast<size_t>(t.numel()) * dtype_size(dt));
     return t;
   };
@@ -522,7 +486,31 @@ Status alloc_quantized(const ProblemShape& s, Scheme scheme, Layout layout, void
       x.v_scale = take(DType::f32, {B, Hk, D});
     }
   }
-  *out = x;
+  if (out) *out = x;
+  return cur - base;
+}
+
+}  // namespace
+
+size_t quantized_bytes(const ProblemShape& s, Scheme scheme) {
+  return lay_out_quantized(s, scheme, Layout::BHSD, 0, false, 0, nullptr);
+}
+
+Status alloc_quantized(const ProblemShape& s, Scheme scheme, Layout layout, void* buffer,
+                       size_t bytes, bool on_device, int device_index, QuantizedQKV* out) {
+  if (!buffer) return invalid("buffer: expected memory, got null");
+  if (reinterpret_cast<uintptr_t>(buffer) % 256 != 0) return invalid("buffer: expected a 256-byte aligned pointer");
+  if (s.batch < 1 || s.heads_q < 1 || s.heads_kv < 1 || s.head_dim < 1 ||
+      (!s.varlen && (s.seqlen_q < 1 || s.seqlen_kv < 1)) ||
+      (s.varlen && (s.total_q < 1 || s.total_kv < 1)))
+    return invalid("shape: every size must be >= 1");
+  const size_t need = quantized_bytes(s, scheme);
+  if (bytes < need) {
+    std::ostringstream os;
+    os << "bytes: expected at least " << need << " (quantized_bytes), got " << bytes;
+    return invalid(os.str());
+  }
+  lay_out_quantized(s, scheme, layout, reinterpret_cast<uintptr_t>(buffer), on_device, device_index, out);
   return Status::OK();
 }
 
@@ -588,19 +576,8 @@ Status attention_int8(const QuantizedQKV& x, const Tensor& cu_seqlens_q,
   // Shapes come from q8 / k8 themselves.
   INTFA_TRY(api::check_operand(x.q8, "q8", p.layout, form, {DType::i8}, p.gpu, &p.q));
   INTFA_TRY(api::check_operand(x.k8, "k8", p.layout, form, {DType::i8}, p.gpu, &p.k));
+  INTFA_TRY(api::check_qk_shapes(p.q, p.k, "q8", "k8", form));
   std::ostringstream os;
-  if (form == Form::dense && p.k.B != p.q.B) {
-    os << "k8: batch expected " << p.q.B << " (as q8), got " << p.k.B;
-    return invalid(os.str());
-  }
-  if (p.k.D != p.q.D) {
-    os << "k8: head_dim expected " << p.q.D << " (as q8), got " << p.k.D;
-    return invalid(os.str());
-  }
-  if (p.q.H % p.k.H != 0) {
-    os << "k8: heads_kv = " << p.k.H << " must divide heads_q = " << p.q.H << " (GQA/MQA)";
-    return invalid(os.str());
-  }
   INTFA_TRY(api::check_head_dim(p.q.D, p.gpu));
   if (p.gpu && x.scheme == Scheme::half)
     return Status(StatusCode::not_available, "qkv.scheme: half is not available on the GPU paths in this build");
@@ -665,8 +642,7 @@ Status attention_reference(const Tensor& q, const Tensor& k, const Tensor& v, co
   p.shape.seqlen_kv = static_cast<int>(p.k.S);
   p.shape.head_dim = static_cast<int>(p.q.D);
   INTFA_TRY(validate_out(out, lse, p, true));
-  View o;
-  (void)api::check_operand(out, "out", p.layout, Form::dense, {out.dtype}, false, &o);
+  const View o = api::view_of(out, p.layout, Form::dense);
   ref::ExactParams e;
   e.batch = p.shape.batch; e.heads_q = p.shape.heads_q; e.heads_kv = p.shape.heads_kv;
   e.seqlen_q = p.shape.seqlen_q; e.seqlen_kv = p.shape.seqlen_kv; e.head_dim = p.shape.head_dim;

@@ -90,8 +90,13 @@ Status check_operand(const Tensor& t, const char* name, Layout layout, Form form
       }
     }
   }
+  *view = view_of(t, layout, form);
+  return Status::OK();
+}
+
+View view_of(const Tensor& t, Layout layout, Form form) {
   View v;
-  if (varlen) {
+  if (form == Form::varlen) {
     v.B = 1; v.S = t.shape[0]; v.H = t.shape[1]; v.D = t.shape[2];
     v.st = {0, t.stride[1], t.stride[0]};
   } else if (layout == Layout::BHSD) {
@@ -101,7 +106,24 @@ Status check_operand(const Tensor& t, const char* name, Layout layout, Form form
     v.B = t.shape[0]; v.S = t.shape[1]; v.H = t.shape[2]; v.D = t.shape[3];
     v.st = {t.stride[0], t.stride[2], t.stride[1]};
   }
-  *view = v;
+  return v;
+}
+
+Status check_qk_shapes(const View& q, const View& k, const char* q_name, const char* k_name,
+                       Form form) {
+  std::ostringstream os;
+  if (form == Form::dense && k.B != q.B) {
+    os << k_name << ": batch expected " << q.B << " (as " << q_name << "), got " << k.B;
+    return invalid(os.str());
+  }
+  if (k.D != q.D) {
+    os << k_name << ": head_dim expected " << q.D << " (as " << q_name << "), got " << k.D;
+    return invalid(os.str());
+  }
+  if (q.H % k.H != 0) {
+    os << k_name << ": heads_kv = " << k.H << " must divide heads_q = " << q.H << " (GQA/MQA)";
+    return invalid(os.str());
+  }
   return Status::OK();
 }
 

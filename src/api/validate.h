@@ -22,6 +22,14 @@ struct View {
 
 enum class Form { dense, varlen };
 
+// The [batch, head, token, dim] view of a tensor whose rank and layout are already checked.
+View view_of(const Tensor& t, Layout layout, Form form);
+
+// q/k consistency shared by the fp and int8 entry points: batch (dense), head_dim, and heads_kv
+// dividing heads_q. Names are the arguments as the caller calls them ("q"/"k", "q8"/"k8").
+Status check_qk_shapes(const View& q, const View& k, const char* q_name, const char* k_name,
+                       Form form);
+
 // Checks a q/k/v/out style operand: defined, rank, positive sizes, dtype among `dtypes`,
 // contiguous last dim, element-aligned pointer (16-byte aligned rows for the GPU).
 Status check_operand(const Tensor& t, const char* name, Layout layout, Form form,
