@@ -356,6 +356,8 @@ FwdParams make_fwd_params(const Problem& p, const QuantizedQKV& x, const Tensor&
   fill_common(p, f.batch, f.heads_q, f.heads_kv, f.seqlen_q, f.seqlen_kv, f.head_dim);
   f.cu_q = p.cu_q;
   f.cu_kv = p.cu_kv;
+  f.total_q = p.shape.total_q;
+  f.total_kv = p.shape.total_kv;
   f.scheme = x.scheme;
   f.softmax_scale = p.softmax_scale;
   f.causal = opts.causal;
@@ -426,7 +428,7 @@ Status run_fp_attention(Problem& p, const Tensor& q, const Tensor& k, const Tens
     FwdParams fp = make_fwd_params(pq, x, out, lse, opts);
     if (p.gpu) {
       st = cuda::quantize(qp, opts.stream);
-      if (st.ok()) st = cuda::attention_int8(fp, path, opts.stream);
+      if (st.ok()) st = cuda::attention_int8(fp, path, opts.path == GpuPath::automatic, opts.stream);
     } else {
       ref::quantize(qp);
       ref::attention_int8(fp);
@@ -610,7 +612,7 @@ Status attention_int8(const QuantizedQKV& x, const Tensor& cu_seqlens_q,
   if (p.gpu) {
     GpuPath path;
     INTFA_TRY(resolve_gpu(p, opts, &path));
-    return cuda::attention_int8(fp, path, opts.stream);
+    return cuda::attention_int8(fp, path, opts.path == GpuPath::automatic, opts.stream);
   }
   ref::attention_int8(fp);
   return Status::OK();

@@ -50,6 +50,7 @@ struct QuantParams {
 
 struct FwdParams {
   int batch = 0, heads_q = 0, heads_kv = 0, seqlen_q = 0, seqlen_kv = 0, head_dim = 0;
+  int64_t total_q = 0, total_kv = 0;  // varlen: tokens of the packed tensors (sm90 TMA extents)
   const int32_t* cu_q = nullptr;
   const int32_t* cu_kv = nullptr;
   Scheme scheme = Scheme::accurate;

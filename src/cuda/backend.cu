@@ -19,9 +19,15 @@ Status check_cuda(cudaError_t err, const char* what) {
 bool built() { return true; }
 int kernel_block_n() { return sm80_block_n(); }
 
+#ifndef INTFA_HAVE_SM90
+#define INTFA_HAVE_SM90 0
+#endif
+constexpr bool kHaveSm90 = INTFA_HAVE_SM90 != 0;
+
 const char* compiled_archs() {
   // CMake's arch list for the portable kernels, e.g. "80-real;90-real".
-  return "sm80 kernels for " INTFA_SM80_ARCHS;
+  return kHaveSm90 ? "sm80 kernels for " INTFA_SM80_ARCHS "; sm90 kernel for 90a"
+                   : "sm80 kernels for " INTFA_SM80_ARCHS;
 }
 
 DeviceInfo device_info(int device_index) {
@@ -64,16 +70,26 @@ Status resolve_path(GpuPath requested, int device_index, GpuPath* resolved) {
                   "GPU backend: needs compute capability 8.0 or newer (integer mma.sync m16n8k32), "
                   "device " + info.name + " has " + std::to_string(info.major) + "." +
                       std::to_string(info.minor));
+  // sm_90a code runs on compute capability 9.0 only (H100, H200, GH200).
+  const bool hopper = cc == 90;
   switch (requested) {
     case GpuPath::automatic:
+      *resolved = hopper && kHaveSm90 ? GpuPath::sm90 : GpuPath::sm80;
+      return Status::OK();
     case GpuPath::sm80:
-      // The Hopper (sm90) path is not built yet: sm80 serves every device from Ampere on.
       *resolved = GpuPath::sm80;
       return Status::OK();
     case GpuPath::sm90:
-      return Status(StatusCode::not_available,
-                    "path: sm90 (Hopper wgmma kernel) is not available in this build; use path "
-                    "sm80 or auto");
+      if (!kHaveSm90)
+        return Status(StatusCode::not_available,
+                      "path: sm90 (Hopper wgmma kernel) is not available in this build "
+                      "(configured with -DINTFA_SM90=OFF); use path sm80 or auto");
+      if (!hopper)
+        return Status(StatusCode::not_available,
+                      "path: sm90 needs compute capability 9.0 (sm_90a), device " + info.name + " has " +
+                          std::to_string(info.major) + "." + std::to_string(info.minor) + "; use path sm80 or auto");
+      *resolved = GpuPath::sm90;
+      return Status::OK();
   }
   return Status(StatusCode::invalid_argument, "path: unknown value");
 }
@@ -82,11 +98,18 @@ Status quantize(const QuantParams& p, void* stream) {
   return launch_quantize(p, static_cast<cudaStream_t>(stream));
 }
 
-Status attention_int8(const FwdParams& p, GpuPath path, void* stream) {
-  if (path != GpuPath::sm80)
-    return Status(StatusCode::not_available, std::string("path: ") + to_string(path) +
-                                                 " is not available in this build");
-  return launch_fwd_sm80(p, static_cast<cudaStream_t>(stream));
+Status attention_int8(const FwdParams& p, GpuPath path, bool fallback, void* stream) {
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (path == GpuPath::sm90) {
+#if INTFA_HAVE_SM90
+    Status st = launch_fwd_sm90(p, s);
+    // Operands TMA cannot describe: the automatic path takes them to the portable kernel.
+    if (st.code() != StatusCode::not_available || !fallback) return st;
+#else
+    if (!fallback) return Status(StatusCode::not_available, "path: sm90 is not available in this build");
+#endif
+  }
+  return launch_fwd_sm80(p, s);
 }
 
 Status debug_qk_block_sm80(int head_dim, const int8_t* q8, const int8_t* k8, int32_t* s) {

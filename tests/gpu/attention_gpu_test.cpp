@@ -1,4 +1,4 @@
-// GPU attention (sm80 path) against the CPU backend: the kernel on pre-quantized inputs vs the
+// GPU attention (every GPU path the device runs: sm80, and sm90 on Hopper) against the CPU backend: the kernel on pre-quantized inputs vs the
 // CPU emulation of the same scheme (tight: only exp2 and fp32 summation order differ), the
 // end-to-end path vs float64, and the int32 score block bit for bit. Skips without a GPU.
 #include <gtest/gtest.h>
@@ -125,8 +125,16 @@ std::vector<double> widen(const std::vector<uint8_t>& raw, DType dt) {
 }
 
 // Runs the GPU kernel on the CPU-quantized inputs and compares with the CPU emulation.
-void check_kernel_vs_cpu(const Case& c) {
-  SCOPED_TRACE(describe(c));
+// The kernel families this device can run: sm80 always, sm90 on compute capability 9.0.
+std::vector<GpuPath> gpu_paths() {
+  std::vector<GpuPath> paths{GpuPath::sm80};
+  GpuPath got;
+  if (resolve_gpu_path(GpuPath::sm90, 0, &got).ok()) paths.push_back(GpuPath::sm90);
+  return paths;
+}
+
+void check_kernel_vs_cpu(const Case& c, GpuPath path) {
+  SCOPED_TRACE(describe(c) + " path " + to_string(path));
   Inputs in = make_case_inputs(c);
   Options o;
   o.scheme = c.scheme;
@@ -162,6 +170,7 @@ void check_kernel_vs_cpu(const Case& c) {
   QuantizedQKV dx;
   INTFA_ASSERT_OK(alloc_quantized(in.shape, c.scheme, c.layout, db.ptr, qbytes, true, 0, &dx));
   o.backend = Backend::gpu;
+  o.path = path;
   Tensor cu_q_d = varlen ? testing::on_device(cu_q_h, dcu_q.ptr) : none;
   Tensor cu_kv_d = varlen ? testing::on_device(cu_kv_h, dcu_kv.ptr) : none;
   Tensor out_d = testing::on_device(out_h, dout.ptr), lse_d = testing::on_device(lse_h, dlse.ptr);
@@ -225,7 +234,7 @@ TEST_F(AttentionGpu, KernelMatchesCpuEmulationSchemesAndDims) {
         c.scheme = sc; c.d = d; c.causal = causal;
         c.batch = 2; c.hq = 3; c.hkv = 3; c.sq = 300; c.skv = 300;
         c.seed = 11 + d + causal;
-        check_kernel_vs_cpu(c);
+        for (GpuPath path : gpu_paths()) check_kernel_vs_cpu(c, path);
       }
 }
 
@@ -238,7 +247,7 @@ TEST_F(AttentionGpu, KernelOddLengthsAndDistributions) {
       c.dist = dist;
       c.seed = ++seed;
       c.hq = c.hkv = n > 1000 ? 1 : 2;
-      check_kernel_vs_cpu(c);
+      for (GpuPath path : gpu_paths()) check_kernel_vs_cpu(c, path);
     }
 }
 
@@ -250,21 +259,21 @@ TEST_F(AttentionGpu, KernelCausalBottomRightSqNeSkv) {
       c.causal = true;
       c.sq = sq; c.skv = skv; c.d = d;
       c.seed = ++seed;
-      check_kernel_vs_cpu(c);  // rows with no visible key: 0 and -inf on both sides
+      for (GpuPath path : gpu_paths()) check_kernel_vs_cpu(c, path);  // rows with no visible key: 0 and -inf on both sides
     }
 }
 
 TEST_F(AttentionGpu, KernelGqaMqaLayoutsOutputs) {
   Case c;
   c.hq = 8; c.hkv = 2; c.sq = 200; c.skv = 333; c.seed = 300;
-  check_kernel_vs_cpu(c);
+  for (GpuPath path : gpu_paths()) check_kernel_vs_cpu(c, path);
   c.hkv = 1; c.causal = true; c.seed = 301;
-  check_kernel_vs_cpu(c);
+  for (GpuPath path : gpu_paths()) check_kernel_vs_cpu(c, path);
   c.layout = Layout::BSHD; c.hkv = 4; c.causal = false; c.seed = 302;
-  check_kernel_vs_cpu(c);
+  for (GpuPath path : gpu_paths()) check_kernel_vs_cpu(c, path);
   for (DType out : {DType::f16, DType::bf16}) {
     c.out = out; c.seed++;
-    check_kernel_vs_cpu(c);
+    for (GpuPath path : gpu_paths()) check_kernel_vs_cpu(c, path);
   }
 }
 
@@ -276,17 +285,18 @@ TEST_F(AttentionGpu, KernelVarlen) {
   for (bool causal : {false, true})
     for (Scheme sc : {Scheme::paper, Scheme::accurate}) {
       c.causal = causal; c.scheme = sc; c.seed += 7;
-      check_kernel_vs_cpu(c);
+      for (GpuPath path : gpu_paths()) check_kernel_vs_cpu(c, path);
     }
 }
 
 // End to end (GPU quantization + kernel) on bf16 inputs against float64, and the GPU's error
 // within 10% of the CPU emulation's at N = 4096 (issue target).
 TEST_F(AttentionGpu, EndToEndAccuracyVsFloat64) {
+  for (GpuPath path : gpu_paths())
   for (Scheme sc : {Scheme::paper, Scheme::accurate})
     for (Dist dist : {Dist::normal, Dist::llm}) {
       const int n = 4096, h = 2, d = 128;
-      SCOPED_TRACE(std::string(to_string(sc)) + " " + tools::to_string(dist));
+      SCOPED_TRACE(std::string(to_string(sc)) + " " + tools::to_string(dist) + " path " + to_string(path));
       auto x = tools::make_inputs(dist, 1, h, h, n, n, d, DType::bf16, 400 + (int)dist);
       std::vector<double> ref(x.q.size());
       Tensor ref_t = make_tensor(ref.data(), DType::f64, {1, h, n, d});
@@ -300,6 +310,7 @@ TEST_F(AttentionGpu, EndToEndAccuracyVsFloat64) {
       DeviceBuffer dq(x.q.data(), x.q.size() * 2), dk(x.k.data(), x.k.size() * 2),
           dv(x.v.data(), x.v.size() * 2), dout(x.q.size() * 4);
       o.backend = Backend::gpu;
+      o.path = path;
       Tensor out_d = make_tensor(dout.ptr, DType::f32, {1, h, n, d}, true);
       Status st = attention(testing::on_device(x.tq(), dq.ptr), testing::on_device(x.tk(), dk.ptr),
                             testing::on_device(x.tv(), dv.ptr), out_d, nullptr, o);
@@ -313,6 +324,47 @@ TEST_F(AttentionGpu, EndToEndAccuracyVsFloat64) {
       EXPECT_NEAR(m_gpu.rel_l2 / m_cpu.rel_l2, 1.0, 0.1)
           << "gpu " << m_gpu.rel_l2 << " cpu emulation " << m_cpu.rel_l2;
     }
+}
+
+// Hopper: auto picks the sm90 kernel, and sm90 and sm80 agree end to end on random shapes
+// (same quantized inputs, same numerics; only exp2 rounding and summation order differ).
+TEST_F(AttentionGpu, Sm90MatchesSm80RandomShapes) {
+  if (gpu_paths().size() < 2) GTEST_SKIP() << "no sm90 path on this device";
+  GpuPath got;
+  INTFA_ASSERT_OK(resolve_gpu_path(GpuPath::automatic, 0, &got));
+  EXPECT_EQ(got, GpuPath::sm90);
+  std::mt19937 rng(2026);
+  for (int trial = 0; trial < 12; ++trial) {
+    const int d = trial % 2 ? 64 : 128;
+    const bool causal = trial % 3 == 0;
+    const int hkv = 1 + rng() % 3, hq = hkv * (1 + rng() % 3);
+    const int batch = 1 + rng() % 3, sq = 1 + rng() % 700, skv = 1 + rng() % 700;
+    const Scheme sc = trial % 4 < 2 ? Scheme::accurate : Scheme::paper;
+    SCOPED_TRACE("trial " + std::to_string(trial) + " d" + std::to_string(d) + " B" + std::to_string(batch) +
+                 " H" + std::to_string(hq) + "/" + std::to_string(hkv) + " Sq" + std::to_string(sq) + " Skv" +
+                 std::to_string(skv) + (causal ? " causal" : ""));
+    auto x = tools::make_inputs(Dist::normal, batch, hq, hkv, sq, skv, d, DType::bf16, 900 + trial);
+    DeviceBuffer dq(x.q.data(), x.q.size() * 2), dk(x.k.data(), x.k.size() * 2), dv(x.v.data(), x.v.size() * 2);
+    std::vector<std::vector<float>> outs;
+    for (GpuPath path : {GpuPath::sm80, GpuPath::sm90}) {
+      DeviceBuffer dout(x.q.size() * 4);
+      INTFA_ASSERT_OK(gpu_memset(dout.ptr, 0xFF, x.q.size() * 4));  // NaN poison
+      Options o;
+      o.scheme = sc;
+      o.causal = causal;
+      o.backend = Backend::gpu;
+      o.path = path;
+      Tensor out_d = make_tensor(dout.ptr, DType::f32, {batch, hq, sq, d}, true);
+      INTFA_ASSERT_OK(attention(testing::on_device(x.tq(), dq.ptr), testing::on_device(x.tk(), dk.ptr),
+                                testing::on_device(x.tv(), dv.ptr), out_d, nullptr, o));
+      INTFA_ASSERT_OK(gpu_synchronize());
+      outs.push_back(dout.to_host<float>());
+    }
+    auto m = tools::compare(std::vector<double>(outs[1].begin(), outs[1].end()),
+                            std::vector<double>(outs[0].begin(), outs[0].end()));
+    EXPECT_EQ(m.nonfinite, 0);
+    EXPECT_LT(m.rel_l2, 2e-3) << "sm90 vs sm80";
+  }
 }
 
 }  // namespace

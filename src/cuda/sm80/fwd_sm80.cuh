@@ -26,6 +26,7 @@
 
 #include "common/numerics.h"
 #include "common/params.h"
+#include "cuda/fwd_common.cuh"
 #include "cuda/ptx/ptx_sm80.cuh"
 
 namespace intfa::sm80 {
@@ -139,61 +140,6 @@ __device__ __forceinline__ void qk_block(const uint32_t (&qf)[D / 32][4], uint32
     for (int e = 0; e < 4; ++e) s[j][e] = init;
 #pragma unroll
   for (int kk = 0; kk < D / 32; ++kk) qk_kstep<D>(qf, sK, k_lane_off, kk, s);
-}
-
-__device__ __forceinline__ void store_out2(void* out, DType dt, int64_t idx, float a, float b) {
-  switch (dt) {
-    case DType::f16:
-      *reinterpret_cast<__half2*>(static_cast<__half*>(out) + idx) = __floats2half2_rn(a, b);
-      break;
-    case DType::bf16:
-      *reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(out) + idx) =
-          __floats2bfloat162_rn(a, b);
-      break;
-    default:
-      *reinterpret_cast<float2*>(static_cast<float*>(out) + idx) = make_float2(a, b);
-      break;
-  }
-}
-
-// P8 = round(levels * exp2(u * rowf - ref)) for the thread's two rows, packed as the u8 A
-// fragments of the PV mma (see the layout note at the top); kSumP also sums the unquantized p.
-// `interleave(c)` runs before chunk c's exponentials (a slice of the previous block's PV when
-// deferred), so the compiler schedules its mma between this block's ALU work.
-template <bool kSumP, typename Interleave>
-__device__ __forceinline__ void make_p(const float (&u)[kBlockN / 8][4], const float (&rowf)[2],
-                                       const float (&neg_ref)[2], float levels,
-                                       uint32_t (&pf)[kBlockN / 32][4], float (&psum)[2],
-                                       Interleave&& interleave) {
-  float part[kBlockN / 32][2];  // one partial sum per 32-key step keeps the FADD chains short
-#pragma unroll
-  for (int c = 0; c < kBlockN / 32; ++c) {
-    interleave(c);
-    part[c][0] = part[c][1] = 0.f;
-    uint32_t q[4][4];
-#pragma unroll
-    for (int jj = 0; jj < 4; ++jj) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e >> 1;
-        const float pr = ptx::ex2_approx(__fmaf_rn(u[4 * c + jj][e], rowf[r], neg_ref[r]));
-        if (kSumP) part[c][r] += pr;
-        q[jj][e] = ptx::quantize_p_magic(pr, levels);
-      }
-    }
-    pf[c][0] = ptx::pack_low_bytes(q[0][0], q[0][1], q[1][0], q[1][1]);
-    pf[c][1] = ptx::pack_low_bytes(q[0][2], q[0][3], q[1][2], q[1][3]);
-    pf[c][2] = ptx::pack_low_bytes(q[2][0], q[2][1], q[3][0], q[3][1]);
-    pf[c][3] = ptx::pack_low_bytes(q[2][2], q[2][3], q[3][2], q[3][3]);
-  }
-  psum[0] = psum[1] = 0.f;
-  if (kSumP) {
-#pragma unroll
-    for (int c = 0; c < kBlockN / 32; ++c) {
-      psum[0] += part[c][0];
-      psum[1] += part[c][1];
-    }
-  }
 }
 
 // Per-thread cp.async assignments of one key block, fixed for the whole kernel: only the block
@@ -399,30 +345,8 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
         }
     }
 
-    // Row max over four independent partial maxima, so the FMNMX chains stay short.
-    float mx[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float part[4] = {kNegInf, kNegInf, kNegInf, kNegInf};
-#pragma unroll
-      for (int j = 0; j < kBlockN / 8; ++j)
-        part[j & 3] = fmaxf(part[j & 3], fmaxf(u[j][2 * r], u[j][2 * r + 1]));
-      mx[r] = fmaxf(fmaxf(part[0], part[1]), fmaxf(part[2], part[3]));
-    }
     float alpha[2], cfac[2], neg_ref[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-      const float mb = mx[r] * rowf[r];  // rowf > 0, so the max commutes with the scaling
-      const float m_new = fmaxf(m_run[r], mb);
-      const float ref = block_local ? mb : m_new;
-      const bool none = m_new == kNegInf;  // nothing visible in this row so far
-      alpha[r] = none ? 1.f : ptx::ex2_approx(m_run[r] - m_new);
-      cfac[r] = (none || ref == kNegInf) ? 0.f : ptx::ex2_approx(ref - m_new) / levels;
-      neg_ref[r] = ref == kNegInf ? 0.f : -ref;  // fully masked: exp2(-inf) = 0, never NaN
-      m_run[r] = m_new;
-    }
+    fwd::row_update<kBlockN>(u, rowf, block_local, levels, m_run, alpha, cfac, neg_ref);
 
     // ---- P = round(levels * exp2(t - ref)) packed into PV A fragments; when deferred, the
     // previous block's PV runs in slices between these exponentials ----
@@ -432,24 +356,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
       pv_tiles(pf_prev, sV_prev, alpha_prev, cfac_prev, c * kTiles / kChunks, (c + 1) * kTiles / kChunks);
     };
     uint32_t pf[kBlockN / 32][4];
-    float psum[2];
-    if (block_local) {  // l sums the quantized P8: numerator and denominator share the weights
-      make_p<false>(u, rowf, neg_ref, levels, pf, psum, prev_pv);
-      uint32_t cnt[2] = {0u, 0u};
-#pragma unroll
-      for (int c = 0; c < kBlockN / 32; ++c) {
-        cnt[0] = __dp4a(pf[c][0], 0x01010101u, cnt[0]);
-        cnt[0] = __dp4a(pf[c][2], 0x01010101u, cnt[0]);
-        cnt[1] = __dp4a(pf[c][1], 0x01010101u, cnt[1]);
-        cnt[1] = __dp4a(pf[c][3], 0x01010101u, cnt[1]);
-      }
-      psum[0] = cfac[0] * static_cast<float>(cnt[0]);
-      psum[1] = cfac[1] * static_cast<float>(cnt[1]);
-    } else {  // paper: l sums the unquantized p
-      make_p<true>(u, rowf, neg_ref, levels, pf, psum, prev_pv);
-    }
-    l_part[0] = l_part[0] * alpha[0] + psum[0];
-    l_part[1] = l_part[1] * alpha[1] + psum[1];
+    fwd::make_p_and_l<kBlockN>(u, rowf, neg_ref, alpha, cfac, block_local, levels, pf, l_part, prev_pv);
 
     if (kDeferPv) {
 #pragma unroll
@@ -480,38 +387,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
   if (kDeferPv && n_blocks > 0) pv_tiles(pf_prev, sV_prev, alpha_prev, cfac_prev, 0, D / 8);
 
   // ---- epilogue: O * v_scale / l, LSE; fully masked rows give 0 and -inf ----
-  const float* vs = p.v_scale + b * p.vs_st.bs + hkv * p.vs_st.hs;
-  float inv_l[2], l_full[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float l = l_part[r];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    l_full[r] = l;
-    inv_l[r] = l > 0.f ? 1.f / l : 0.f;
-  }
-#pragma unroll
-  for (int dn = 0; dn < D / 8; ++dn) {
-    const int d = dn * 8 + 2 * t;
-    const float2 v2 = make_float2(vs[d], vs[d + 1]);  // v_scale may be only 4-byte aligned
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      if (row[r] >= sq) continue;
-      const int64_t idx = offset(p.o_st, b, h, q0 + row[r]) + d;
-      store_out2(p.out, p.out_dtype, idx, o[dn][2 * r] * v2.x * inv_l[r],
-                 o[dn][2 * r + 1] * v2.y * inv_l[r]);
-    }
-  }
-  if (p.lse && t == 0) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      if (row[r] >= sq) continue;
-      const int64_t i = offset(p.qs_st, b, h, q0 + row[r]);
-      const float off = p.lse_offset ? p.lse_offset[i] : 0.f;
-      p.lse[offset(p.lse_st, b, h, q0 + row[r])] =
-          l_full[r] > 0.f ? (m_run[r] + log2f(l_full[r])) * kLn2 + off : kNegInf;
-    }
-  }
+  fwd::epilogue<D>(p, b, h, hkv, q0, sq, row, o, l_part, m_run, t);
 }
 
 // Test hook: a 128 x 128 block of int32 scores through the kernel's own smem layouts and

@@ -1,0 +1,179 @@
+// Per-thread softmax and epilogue code shared by the sm80 and sm90 forward kernels. Both hold
+// the scores of a key block in the mma.sync m16n8 accumulator layout (a thread owns rows g and
+// g+8 of a 16-row slice, columns 2t, 2t+1 of every 8-wide tile; a row is spread over the 4
+// lanes of a quad) and feed P to an integer MMA whose A fragment is the m16n8k32 one.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "common/numerics.h"
+#include "common/params.h"
+#include "cuda/ptx/ptx_sm80.cuh"
+
+namespace intfa::fwd {
+
+__device__ __forceinline__ float neg_inf() { return -__int_as_float(0x7f800000); }
+
+__device__ __forceinline__ void store_out2(void* out, DType dt, int64_t idx, float a, float b) {
+  switch (dt) {
+    case DType::f16:
+      *reinterpret_cast<__half2*>(static_cast<__half*>(out) + idx) = __floats2half2_rn(a, b);
+      break;
+    case DType::bf16:
+      *reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(out) + idx) =
+          __floats2bfloat162_rn(a, b);
+      break;
+    default:
+      *reinterpret_cast<float2*>(static_cast<float*>(out) + idx) = make_float2(a, b);
+      break;
+  }
+}
+
+// Row statistics of one key block of N keys. u holds the scores in log2 units before the
+// per-row factor rowf (> 0, so the max commutes with it). Updates the running max and returns
+//   alpha   = exp2(m_old - m_new), the factor of O and l,
+//   cfac    = exp2(ref - m_new) / levels, the factor of this block's integer P8 V8 product,
+//   neg_ref = -ref, where ref is the block max (accurate) or the running max (paper).
+// Rows with nothing visible yet keep alpha = 1, cfac = 0 and exp2 arguments of -inf (P = 0).
+template <int N>
+__device__ __forceinline__ void row_update(const float (&u)[N / 8][4], const float (&rowf)[2],
+                                           bool block_local, float levels, float (&m_run)[2],
+                                           float (&alpha)[2], float (&cfac)[2], float (&neg_ref)[2]) {
+  const float kNegInf = neg_inf();
+  // Row max over four independent partial maxima, so the FMNMX chains stay short.
+  float mx[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float part[4] = {kNegInf, kNegInf, kNegInf, kNegInf};
+#pragma unroll
+    for (int j = 0; j < N / 8; ++j) part[j & 3] = fmaxf(part[j & 3], fmaxf(u[j][2 * r], u[j][2 * r + 1]));
+    mx[r] = fmaxf(fmaxf(part[0], part[1]), fmaxf(part[2], part[3]));
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+    const float mb = mx[r] * rowf[r];
+    const float m_new = fmaxf(m_run[r], mb);
+    const float ref = block_local ? mb : m_new;
+    const bool none = m_new == kNegInf;  // nothing visible in this row so far
+    alpha[r] = none ? 1.f : ptx::ex2_approx(m_run[r] - m_new);
+    cfac[r] = (none || ref == kNegInf) ? 0.f : ptx::ex2_approx(ref - m_new) / levels;
+    neg_ref[r] = ref == kNegInf ? 0.f : -ref;  // fully masked: exp2(-inf) = 0, never NaN
+    m_run[r] = m_new;
+  }
+}
+
+// P8 = round(levels * exp2(u * rowf - ref)) for the thread's two rows, packed as u8 A fragments
+// (pf[c] = a0..a3 of the 32-key step c: a0 = row g, keys {2t, 2t+1} of tiles 4c and 4c+1, a2 the
+// same of tiles 4c+2 and 4c+3, a1/a3 row g+8). Which k index each key lands on is the caller's
+// business (sm80 permutes K rows, sm90 permutes V columns). kSumP also sums the unquantized p.
+// `interleave(c)` runs before chunk c's exponentials, so independent work (a slice of the
+// previous block's PV in the sm80 deferred mode) is scheduled between this block's ALU work.
+template <int N, bool kSumP, typename Interleave>
+__device__ __forceinline__ void make_p(const float (&u)[N / 8][4], const float (&rowf)[2],
+                                       const float (&neg_ref)[2], float levels,
+                                       uint32_t (&pf)[N / 32][4], float (&psum)[2],
+                                       Interleave&& interleave) {
+  float part[N / 32][2];  // one partial sum per 32-key step keeps the FADD chains short
+#pragma unroll
+  for (int c = 0; c < N / 32; ++c) {
+    interleave(c);
+    part[c][0] = part[c][1] = 0.f;
+    uint32_t q[4][4];
+#pragma unroll
+    for (int jj = 0; jj < 4; ++jj) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1;
+        const float pr = ptx::ex2_approx(__fmaf_rn(u[4 * c + jj][e], rowf[r], neg_ref[r]));
+        if (kSumP) part[c][r] += pr;
+        q[jj][e] = ptx::quantize_p_magic(pr, levels);
+      }
+    }
+    pf[c][0] = ptx::pack_low_bytes(q[0][0], q[0][1], q[1][0], q[1][1]);
+    pf[c][1] = ptx::pack_low_bytes(q[0][2], q[0][3], q[1][2], q[1][3]);
+    pf[c][2] = ptx::pack_low_bytes(q[2][0], q[2][1], q[3][0], q[3][1]);
+    pf[c][3] = ptx::pack_low_bytes(q[2][2], q[2][3], q[3][2], q[3][3]);
+  }
+  psum[0] = psum[1] = 0.f;
+  if (kSumP) {
+#pragma unroll
+    for (int c = 0; c < N / 32; ++c) {
+      psum[0] += part[c][0];
+      psum[1] += part[c][1];
+    }
+  }
+}
+
+// P of a block and its contribution to this thread's share of l: accurate sums the quantized P8
+// (numerator and denominator share the weights, scaled by cfac), paper the unquantized p.
+template <int N, typename Interleave>
+__device__ __forceinline__ void make_p_and_l(const float (&u)[N / 8][4], const float (&rowf)[2],
+                                             const float (&neg_ref)[2], const float (&alpha)[2],
+                                             const float (&cfac)[2], bool block_local, float levels,
+                                             uint32_t (&pf)[N / 32][4], float (&l_part)[2],
+                                             Interleave&& interleave) {
+  float psum[2];
+  if (block_local) {
+    make_p<N, false>(u, rowf, neg_ref, levels, pf, psum, interleave);
+    uint32_t cnt[2] = {0u, 0u};
+#pragma unroll
+    for (int c = 0; c < N / 32; ++c) {
+      cnt[0] = __dp4a(pf[c][0], 0x01010101u, cnt[0]);
+      cnt[0] = __dp4a(pf[c][2], 0x01010101u, cnt[0]);
+      cnt[1] = __dp4a(pf[c][1], 0x01010101u, cnt[1]);
+      cnt[1] = __dp4a(pf[c][3], 0x01010101u, cnt[1]);
+    }
+    psum[0] = cfac[0] * static_cast<float>(cnt[0]);
+    psum[1] = cfac[1] * static_cast<float>(cnt[1]);
+  } else {
+    make_p<N, true>(u, rowf, neg_ref, levels, pf, psum, interleave);
+  }
+  l_part[0] = l_part[0] * alpha[0] + psum[0];
+  l_part[1] = l_part[1] * alpha[1] + psum[1];
+}
+
+// Writes O * v_scale / l for the thread's rows (row[r] < sq) and the LSE; fully masked rows give
+// 0 and -inf. o[dn] holds channels 8 dn + 2t, +1 of rows g (e = 0, 1) and g+8 (e = 2, 3).
+template <int D>
+__device__ __forceinline__ void epilogue(const FwdParams& p, int b, int h, int hkv, int64_t q0, int sq,
+                                         const int (&row)[2], const float (&o)[D / 8][4],
+                                         const float (&l_part)[2], const float (&m_run)[2], int t) {
+  const float* vs = p.v_scale + b * p.vs_st.bs + hkv * p.vs_st.hs;
+  float inv_l[2], l_full[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = l_part[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    l_full[r] = l;
+    inv_l[r] = l > 0.f ? 1.f / l : 0.f;
+  }
+#pragma unroll
+  for (int dn = 0; dn < D / 8; ++dn) {
+    const int d = dn * 8 + 2 * t;
+    const float2 v2 = make_float2(vs[d], vs[d + 1]);  // v_scale may be only 4-byte aligned
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (row[r] >= sq) continue;
+      const int64_t idx = offset(p.o_st, b, h, q0 + row[r]) + d;
+      store_out2(p.out, p.out_dtype, idx, o[dn][2 * r] * v2.x * inv_l[r], o[dn][2 * r + 1] * v2.y * inv_l[r]);
+    }
+  }
+  if (p.lse && t == 0) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (row[r] >= sq) continue;
+      const int64_t i = offset(p.qs_st, b, h, q0 + row[r]);
+      const float off = p.lse_offset ? p.lse_offset[i] : 0.f;
+      p.lse[offset(p.lse_st, b, h, q0 + row[r])] =
+          l_full[r] > 0.f ? (m_run[r] + log2f(l_full[r])) * kLn2 + off : neg_inf();
+    }
+  }
+}
+
+}  // namespace intfa::fwd

@@ -1,0 +1,386 @@
+// INT8 flash-attention forward for Hopper (sm_90a): wgmma, TMA, warp specialization.
+//
+// A persistent CTA of three warpgroups takes 128-row query tiles in turn:
+//   WG 0, producer (24 registers): warp 0 issues the TMA loads of Q and of each key block's K
+//     and V^T tiles into a kStages-deep ring completed on mbarriers; warps 1-3 load the block's
+//     per-key K scales and permute V^T's key columns (below), then release the stage.
+//   WG 1, 2, consumers (240 registers), 64 query rows each:
+//     S = Q8 K8^T       wgmma m64n128k32 s8.s8 -> s32, both operands from shared memory
+//     u = S * s_k       the int32 S read as fp32 via 1.5 * 2^23 (one IADD + one FFMA)
+//     online softmax    exp2 of u * (s_q scale log2 e) - ref, P8 = round(levels * p) (u8)
+//     O += (P8 V8) c    wgmma m64nDk32 u8.s8 -> s32 with P from registers, folded into fp32
+//                       O with two FFMAs per element (the same numerics as the sm80 path).
+//   The two consumer warpgroups take turns on the tensor cores (named barriers 1 and 2): one
+//   issues PV(n) and QK(n+1) while the other runs its softmax, so the exp2 / ALU work of one
+//   overlaps the other's matrix products.
+//
+// P in registers without shuffles: the s32 accumulator gives a thread keys {2t, 2t+1} of every
+// 8-key tile, while the u8 A fragment of the PV wgmma wants k indices {4t..4t+3, 16+4t..+3}
+// of each 32-key step. Any order of keys is fine for a sum over keys as long as P and V agree,
+// so V^T's columns are permuted instead: within every 16 keys, k index 4t+i holds key
+// 2t + (i & 1) + 8 (i >> 1). That is a byte permutation inside each 16-byte chunk (swizzling
+// moves whole chunks, so it is layout-independent), done in shared memory by the producer's
+// spare warps: four PRMTs per chunk.
+#pragma once
+
+#include <cuda.h>
+
+#include <cstdint>
+
+#include "common/numerics.h"
+#include "common/params.h"
+#include "cuda/fwd_common.cuh"
+#include "cuda/ptx/ptx_sm80.cuh"
+#include "cuda/ptx/ptx_sm90.cuh"
+
+namespace intfa::sm90 {
+
+#ifndef INTFA_SM90_STAGES
+#define INTFA_SM90_STAGES 2
+#endif
+constexpr int kBlockM = 128;  // two consumer warpgroups x 64 rows
+// Keys per block: 255 * 127 * 128 < 2^22 keeps the PV block product exact through kMagic.
+constexpr int kBlockN = 128;
+constexpr int kStages = INTFA_SM90_STAGES;
+constexpr int kThreads = 384;
+constexpr int kConsumerThreads = 256;
+constexpr int kPermuteThreads = 96;  // producer warps 1-3
+constexpr int kProducerRegs = 24, kConsumerRegs = 240;  // 128*24 + 256*240 <= 64K registers
+
+// Everything the kernel needs: the problem plus the TMA descriptors of Q, K and V^T.
+struct Params {
+  FwdParams p;
+  CUtensorMap tm_q, tm_k, tm_v;
+  int num_m_blocks = 0, num_tiles = 0;
+};
+
+// Shared-memory plan. Tiles 1024-byte aligned (the swizzle pattern repeats every 1024 bytes, so
+// TMA and the wgmma descriptors agree with base offset 0).
+template <int D>
+struct Smem {
+  static constexpr int kQBytes = kBlockM * D;
+  static constexpr int kKBytes = kBlockN * D;
+  static constexpr int kVBytes = D * kBlockN;
+  static constexpr int kQ = 0;
+  static constexpr int kK = kQ + kQBytes;
+  static constexpr int kV = kK + kStages * kKBytes;
+  static constexpr int kKs = kV + kStages * kVBytes;     // fp32 k_scale of each stage's keys
+  static constexpr int kBars = kKs + kStages * kBlockN * 4;
+  // q_full, q_empty, then per stage k_full, k_empty, v_full, v_ready, v_empty.
+  static constexpr int kNumBars = 2 + 5 * kStages;
+  static constexpr int kBytes = kBars + 8 * kNumBars;
+  static constexpr int kAlloc = kBytes + 1024;  // room to align the base
+};
+
+struct Bars {
+  uint32_t base;
+  __device__ uint32_t q_full() const { return base; }
+  __device__ uint32_t q_empty() const { return base + 8; }
+  __device__ uint32_t k_full(int s) const { return base + 16 + 40 * s; }
+  __device__ uint32_t k_empty(int s) const { return base + 24 + 40 * s; }
+  __device__ uint32_t v_full(int s) const { return base + 32 + 40 * s; }
+  __device__ uint32_t v_ready(int s) const { return base + 40 + 40 * s; }  // permuted, scales in
+  __device__ uint32_t v_empty(int s) const { return base + 48 + 40 * s; }
+};
+
+// One 128-row query tile of one (batch, head). Tiles are numbered head-major so that the CTAs
+// running at one time share K/V in L2; causal tiles run the longest rows first.
+struct Tile {
+  int b, h, hkv, m0, sq, skv, diag, n_blocks;
+  int64_t q0, k0, vcol0;
+  int bc;  // batch coordinate of the TMA maps (0 for packed varlen tensors)
+};
+
+template <bool Causal>
+__device__ __forceinline__ bool decode_tile(const FwdParams& p, int num_m, int tile, Tile& T) {
+  const int bh = tile / num_m, mi = tile % num_m;
+  const int m_block = Causal ? num_m - 1 - mi : mi;
+  T.b = bh / p.heads_q;
+  T.h = bh % p.heads_q;
+  T.hkv = T.h / (p.heads_q / p.heads_kv);
+  T.m0 = m_block * kBlockM;
+  T.sq = seq_len(p.cu_q, T.b, p.seqlen_q);
+  if (T.m0 >= T.sq) return false;
+  T.skv = seq_len(p.cu_kv, T.b, p.seqlen_kv);
+  T.diag = T.skv - T.sq;  // bottom-right causal: row r sees keys <= r + diag
+  const int kv_end = Causal ? min(T.skv, T.m0 + kBlockM + T.diag) : T.skv;
+  T.n_blocks = kv_end > 0 ? (kv_end + kBlockN - 1) / kBlockN : 0;
+  T.q0 = seq_start(p.cu_q, T.b);
+  T.k0 = seq_start(p.cu_kv, T.b);
+  T.vcol0 = vt_seq_start(p.cu_kv, T.b);
+  T.bc = p.cu_q ? 0 : T.b;
+  return true;
+}
+
+// S (64 x 128 keys, this warpgroup's rows) = Q8 K8^T, D/32 k steps of 32 bytes.
+template <int D>
+__device__ __forceinline__ void issue_qk(int (&s)[kBlockN / 2], uint32_t sQ, uint32_t sK) {
+  ptx::wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < D / 32; ++kk)
+    ptx::wgmma_m64n128k32_s8s8_ss(s, ptx::wgmma_desc(sQ + 32 * kk, D), ptx::wgmma_desc(sK + 32 * kk, D),
+                                  kk > 0);
+  ptx::wgmma_commit();
+}
+
+// acc (64 x D) = P8 V8 over the block's 128 keys (V^T columns permuted, see the top).
+template <int D>
+__device__ __forceinline__ void issue_pv(int (&acc)[D / 2], const uint32_t (&pf)[kBlockN / 32][4],
+                                         uint32_t sV) {
+  ptx::wgmma_fence();
+#pragma unroll
+  for (int c = 0; c < kBlockN / 32; ++c) {
+    if constexpr (D == 128)
+      ptx::wgmma_m64n128k32_u8s8_rs(acc, pf[c], ptx::wgmma_desc(sV + 32 * c, kBlockN), c > 0);
+    else
+      ptx::wgmma_m64n64k32_u8s8_rs(acc, pf[c], ptx::wgmma_desc(sV + 32 * c, kBlockN), c > 0);
+  }
+  ptx::wgmma_commit();
+}
+
+// k index 4t+i of every 16 holds key 2t + (i & 1) + 8 (i >> 1): word t of the output takes the
+// byte pairs {2t, 2t+1} and {8+2t, 9+2t} of the input chunk.
+__device__ __forceinline__ uint4 permute_chunk(uint4 x) {
+  return make_uint4(__byte_perm(x.x, x.z, 0x5410), __byte_perm(x.x, x.z, 0x7632),
+                    __byte_perm(x.y, x.w, 0x5410), __byte_perm(x.y, x.w, 0x7632));
+}
+
+template <int D, bool Causal>
+__global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant__ Params P) {
+  using S = Smem<D>;
+  const FwdParams& p = P.p;
+  constexpr int kMagicBits = 0x4B400000;  // 1.5 * 2^23: int32 x + these bits read as 1.5*2^23 + x
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t raw = ptx::smem_u32(smem_raw);
+  const uint32_t base = (raw + 1023) & ~1023u;
+  uint8_t* const smem = smem_raw + (base - raw);
+  const Bars bars{base + S::kBars};
+  const int wg = threadIdx.x / 128;
+  const int num_m = P.num_m_blocks;
+
+  if (threadIdx.x == 0) {
+    ptx::mbarrier_init(bars.q_full(), 1);
+    ptx::mbarrier_init(bars.q_empty(), kConsumerThreads);
+    for (int s = 0; s < kStages; ++s) {
+      ptx::mbarrier_init(bars.k_full(s), 1);
+      ptx::mbarrier_init(bars.k_empty(s), kConsumerThreads);
+      ptx::mbarrier_init(bars.v_full(s), 1);
+      ptx::mbarrier_init(bars.v_ready(s), kPermuteThreads);
+      ptx::mbarrier_init(bars.v_empty(s), kConsumerThreads);
+    }
+    ptx::fence_barrier_init();
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    // ======================= producer warpgroup =======================
+    ptx::setmaxnreg_dec<kProducerRegs>();
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (warp == 0) {
+      if (lane != 0) return;
+      ptx::prefetch_tensormap(&P.tm_q);
+      ptx::prefetch_tensormap(&P.tm_k);
+      ptx::prefetch_tensormap(&P.tm_v);
+      int it = 0, tc = 0;
+      for (int tile = blockIdx.x; tile < P.num_tiles; tile += gridDim.x) {
+        Tile T;
+        if (!decode_tile<Causal>(p, num_m, tile, T) || T.n_blocks == 0) continue;
+        ptx::mbarrier_wait(bars.q_empty(), (tc & 1) ^ 1);
+        ptx::mbarrier_arrive_expect_tx(bars.q_full(), S::kQBytes);
+        ptx::tma_load_4d(base + S::kQ, &P.tm_q, bars.q_full(), 0, int(T.q0 + T.m0), T.h, T.bc);
+        ++tc;
+        for (int n = 0; n < T.n_blocks; ++n, ++it) {
+          const int st = it % kStages;
+          const uint32_t ph = (it / kStages) & 1;
+          ptx::mbarrier_wait(bars.k_empty(st), ph ^ 1);
+          ptx::mbarrier_arrive_expect_tx(bars.k_full(st), S::kKBytes);
+          ptx::tma_load_4d(base + S::kK + st * S::kKBytes, &P.tm_k, bars.k_full(st), 0,
+                           int(T.k0 + n * kBlockN), T.hkv, T.bc);
+          ptx::mbarrier_wait(bars.v_empty(st), ph ^ 1);
+          ptx::mbarrier_arrive_expect_tx(bars.v_full(st), S::kVBytes);
+          ptx::tma_load_4d(base + S::kV + st * S::kVBytes, &P.tm_v, bars.v_full(st),
+                           int(T.vcol0 + n * kBlockN), 0, T.hkv, T.bc);
+        }
+      }
+    } else {
+      // Warps 1-3: per-key K scales (plain loads, issued before the wait so their latency
+      // hides behind it) and the V^T column permutation, then release the stage to consumers.
+      const int pt = threadIdx.x - 32;
+      int it = 0;
+      for (int tile = blockIdx.x; tile < P.num_tiles; tile += gridDim.x) {
+        Tile T;
+        if (!decode_tile<Causal>(p, num_m, tile, T) || T.n_blocks == 0) continue;
+        const float* ks_g = p.k_scale + offset(p.ks_st, T.b, T.hkv, T.k0);
+        for (int n = 0; n < T.n_blocks; ++n, ++it) {
+          const int st = it % kStages;
+          const uint32_t ph = (it / kStages) & 1;
+          float ks[2];
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int i = pt + r * kPermuteThreads, key = n * kBlockN + i;
+            ks[r] = (i < kBlockN && key < T.skv) ? ks_g[key] : 0.f;
+          }
+          ptx::mbarrier_wait(bars.v_full(st), ph);
+          float* sKs = reinterpret_cast<float*>(smem + S::kKs) + st * kBlockN;
+#pragma unroll
+          for (int r = 0; r < 2; ++r)
+            if (pt + r * kPermuteThreads < kBlockN) sKs[pt + r * kPermuteThreads] = ks[r];
+          uint4* v = reinterpret_cast<uint4*>(smem + S::kV + st * S::kVBytes);
+#pragma unroll 2
+          for (int c = pt; c < S::kVBytes / 16; c += kPermuteThreads) v[c] = permute_chunk(v[c]);
+          ptx::fence_proxy_async_shared();  // the wgmma reads V^T through the async proxy
+          ptx::mbarrier_arrive(bars.v_ready(st));
+        }
+      }
+    }
+    return;
+  }
+
+  // ======================= consumer warpgroups =======================
+  ptx::setmaxnreg_inc<kConsumerRegs>();
+  const int cw = wg - 1;  // 0 or 1: rows 64 cw .. 64 cw + 63 of the tile
+  const int ctid = threadIdx.x - 128;
+  const int wq = (ctid / 32) & 3, lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int my_bar = 1 + cw, other_bar = 2 - cw;
+  const float kNegInf = fwd::neg_inf();
+  const bool block_local = p.scheme == Scheme::accurate;
+  const float levels = block_local ? 255.f : 127.f;
+  const uint32_t sQw = base + S::kQ + cw * 64 * D;
+  if (cw == 1) ptx::named_bar_arrive(1, kConsumerThreads);  // warpgroup 1 goes first
+
+  int s[kBlockN / 2];  // scores of the current block (accumulator layout)
+  int acc[D / 2];      // P8 V8 of the current block
+#pragma unroll
+  for (int i = 0; i < kBlockN / 2; ++i) s[i] = 0;
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) acc[i] = 0;
+
+  int it = 0, tc = 0;
+  for (int tile = blockIdx.x; tile < P.num_tiles; tile += gridDim.x) {
+    Tile T;
+    if (!decode_tile<Causal>(p, num_m, tile, T)) continue;
+    int row[2];
+    float rowf[2], m_run[2], l_part[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      row[r] = T.m0 + cw * 64 + wq * 16 + g + 8 * r;
+      rowf[r] = row[r] < T.sq ? p.q_scale[offset(p.qs_st, T.b, T.h, T.q0 + row[r])] * p.softmax_scale * kLog2e
+                              : 1.f;
+      m_run[r] = kNegInf;
+      l_part[r] = 0.f;
+    }
+    float o[D / 8][4];
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[dn][e] = 0.f;
+
+    const int nb = T.n_blocks;
+    if (nb > 0) {
+      ptx::mbarrier_wait(bars.q_full(), tc & 1);
+      ++tc;
+      // Turn 0: QK of the first block.
+      {
+        const int st = it % kStages;
+        ptx::named_bar_sync(my_bar, kConsumerThreads);
+        ptx::mbarrier_wait(bars.k_full(st), (it / kStages) & 1);
+        issue_qk<D>(s, sQw, base + S::kK + st * S::kKBytes);
+        ptx::named_bar_arrive(other_bar, kConsumerThreads);
+        ptx::wgmma_wait<0>();
+        ptx::fence_regs(s);
+        ptx::mbarrier_arrive(bars.k_empty(st));
+        if (nb == 1) ptx::mbarrier_arrive(bars.q_empty());
+      }
+      for (int n = 0; n < nb; ++n) {
+        const int cur = it + n, st = cur % kStages;
+        ptx::mbarrier_wait(bars.v_ready(st), (cur / kStages) & 1);
+        const float* sKs = reinterpret_cast<const float*>(smem + S::kKs) + st * kBlockN;
+
+        // ---- u = S * s_k (one IADD + one FFMA); tail keys get -inf, the causal diagonal a
+        // per-score mask ----
+        float u[kBlockN / 8][4];
+        const bool tail = (n + 1) * kBlockN > T.skv;
+#pragma unroll
+        for (int j = 0; j < kBlockN / 8; ++j) {
+          const float2 ks = *reinterpret_cast<const float2*>(sKs + 8 * j + 2 * t);
+          float nks[2] = {-ptx::kMagic * ks.x, -ptx::kMagic * ks.y};
+          if (tail) {
+            const int key = n * kBlockN + 8 * j + 2 * t;
+            if (key >= T.skv) nks[0] = kNegInf;
+            if (key + 1 >= T.skv) nks[1] = kNegInf;
+          }
+          u[j][0] = __fmaf_rn(__int_as_float(s[4 * j + 0] + kMagicBits), ks.x, nks[0]);
+          u[j][1] = __fmaf_rn(__int_as_float(s[4 * j + 1] + kMagicBits), ks.y, nks[1]);
+          u[j][2] = __fmaf_rn(__int_as_float(s[4 * j + 2] + kMagicBits), ks.x, nks[0]);
+          u[j][3] = __fmaf_rn(__int_as_float(s[4 * j + 3] + kMagicBits), ks.y, nks[1]);
+        }
+        if (Causal && (n + 1) * kBlockN - 1 > T.m0 + cw * 64 + wq * 16 + T.diag) {
+#pragma unroll
+          for (int j = 0; j < kBlockN / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int key = n * kBlockN + 8 * j + 2 * t + (e & 1);
+              if (key > row[e >> 1] + T.diag) u[j][e] = kNegInf;
+            }
+        }
+
+        float alpha[2], cfac[2], neg_ref[2];
+        fwd::row_update<kBlockN>(u, rowf, block_local, levels, m_run, alpha, cfac, neg_ref);
+        uint32_t pf[kBlockN / 32][4];
+        fwd::make_p_and_l<kBlockN>(u, rowf, neg_ref, alpha, cfac, block_local, levels, pf, l_part,
+                                   [](int) {});
+
+        // ---- our turn on the tensor cores: PV of this block, QK of the next. Each branch
+        // ends with every wgmma group retired, so the compiler sees no accumulator read while
+        // a group is in flight ----
+        // O = O alpha + (acc - M) c as FFMA(acc + M bits, c, FFMA(O, alpha, -M c)).
+        auto fold = [&] {
+          const float nmc[2] = {-ptx::kMagic * cfac[0], -ptx::kMagic * cfac[1]};
+#pragma unroll
+          for (int dn = 0; dn < D / 8; ++dn)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int r = e >> 1;
+              o[dn][e] = __fmaf_rn(__int_as_float(acc[4 * dn + e] + kMagicBits), cfac[r],
+                                   __fmaf_rn(o[dn][e], alpha[r], nmc[r]));
+            }
+        };
+        auto pv_done = [&] {
+          ptx::fence_regs(acc);
+#pragma unroll
+          for (int c = 0; c < kBlockN / 32; ++c) ptx::fence_regs(pf[c]);
+          ptx::mbarrier_arrive(bars.v_empty(st));
+        };
+        ptx::named_bar_sync(my_bar, kConsumerThreads);
+        issue_pv<D>(acc, pf, base + S::kV + st * S::kVBytes);
+        if (n + 1 < nb) {
+          const int st_next = (cur + 1) % kStages;
+          ptx::mbarrier_wait(bars.k_full(st_next), ((cur + 1) / kStages) & 1);
+          issue_qk<D>(s, sQw, base + S::kK + st_next * S::kKBytes);
+          ptx::named_bar_arrive(other_bar, kConsumerThreads);
+          ptx::wgmma_wait<1>();  // PV retired, QK of the next block still running
+          pv_done();
+          fold();
+          ptx::wgmma_wait<0>();
+          ptx::fence_regs(s);
+          ptx::mbarrier_arrive(bars.k_empty(st_next));
+          if (n + 2 == nb) ptx::mbarrier_arrive(bars.q_empty());  // Q no longer read
+        } else {
+          ptx::named_bar_arrive(other_bar, kConsumerThreads);
+          ptx::wgmma_wait<0>();
+          pv_done();
+          fold();
+        }
+      }
+      it += nb;
+    }
+    fwd::epilogue<D>(p, T.b, T.h, T.hkv, T.q0, T.sq, row, o, l_part, m_run, t);
+  }
+}
+
+// Host launcher for one (head dim, causal) instantiation; defined in fwd_sm90_launch.cuh.
+template <int D, bool Causal>
+Status launch_fwd(const Params& prm, cudaStream_t stream);
+
+}  // namespace intfa::sm90

@@ -1,0 +1,114 @@
+// Dispatch of the sm90 forward kernel: TMA descriptors for Q, K and V^T, then one of the
+// (head dim, causal) instantiations.
+#include <cudaTypedefs.h>
+
+#include <sstream>
+#include <string>
+
+#include "cuda/launchers.h"
+#include "cuda/sm90/fwd_sm90_launch.cuh"
+
+namespace intfa::sm90 {
+namespace {
+
+// cuTensorMapEncodeTiled from the driver through the runtime, so the library needs no -lcuda.
+PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSymbolNotFound;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) !=
+            cudaSuccess ||
+        q != cudaDriverEntryPointSuccess)
+      return static_cast<PFN_cuTensorMapEncodeTiled_v12000>(nullptr);
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// A 4-D int8 map {d0 (contiguous), d1, d2, d3} with byte strides s1..s3 and a box of
+// {b0, b1, 1, 1}. A dimension of extent 1 takes a harmless stride (TMA wants multiples of 16).
+Status encode_4d(CUtensorMap* map, const void* ptr, const char* what, const uint64_t (&dim)[4],
+                 int64_t s1, int64_t s2, int64_t s3, uint32_t b0, uint32_t b1, CUtensorMapSwizzle swz) {
+  if (dim[2] == 1) s2 = s1 * static_cast<int64_t>(dim[1]);
+  if (dim[3] == 1) s3 = s2 * static_cast<int64_t>(dim[2]);
+  const int64_t strides[3] = {s1, s2, s3};
+  std::ostringstream why;
+  if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) why << "base address not 16-byte aligned";
+  for (int i = 0; i < 3 && why.str().empty(); ++i)
+    if (strides[i] <= 0 || strides[i] % 16 != 0 || strides[i] >= (int64_t(1) << 40))
+      why << "stride " << strides[i] << " bytes is not a positive multiple of 16";
+  if (!why.str().empty())
+    return Status(StatusCode::not_available, std::string("sm90 path: ") + what + ": " + why.str());
+  auto fn = encode_fn();
+  if (!fn) return Status(StatusCode::not_available, "sm90 path: the driver has no cuTensorMapEncodeTiled");
+  const cuuint64_t gdim[4] = {dim[0], dim[1], dim[2], dim[3]};
+  const cuuint64_t gstride[3] = {cuuint64_t(s1), cuuint64_t(s2), cuuint64_t(s3)};
+  const cuuint32_t box[4] = {b0, b1, 1, 1};
+  const cuuint32_t estride[4] = {1, 1, 1, 1};
+  const CUresult r = fn(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 4, const_cast<void*>(ptr), gdim, gstride, box,
+                        estride, CU_TENSOR_MAP_INTERLEAVE_NONE, swz, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                        CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS)
+    return Status(StatusCode::not_available,
+                  std::string("sm90 path: ") + what + ": cuTensorMapEncodeTiled failed (" + std::to_string(r) + ")");
+  return Status::OK();
+}
+
+}  // namespace
+
+int device_sm_count() {
+  int dev = 0, n = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+    return 1;
+  return n;
+}
+
+// Q and K rows (D bytes) swizzled to their width, V^T rows (kBlockN = 128 keys) with 128-byte
+// swizzle, as the wgmma descriptors expect. Out-of-range boxes are zero-filled.
+Status make_params(const FwdParams& p, Params* prm) {
+  prm->p = p;
+  const uint64_t D = p.head_dim;
+  const bool varlen = p.cu_q != nullptr;
+  const CUtensorMapSwizzle swz = D == 128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B;
+  const uint64_t tq = varlen ? p.total_q : p.seqlen_q, tk = varlen ? p.total_kv : p.seqlen_kv;
+  const uint64_t nb = varlen ? 1 : p.batch;
+  Status st = encode_4d(&prm->tm_q, p.q8, "q8", {D, tq, uint64_t(p.heads_q), nb}, p.q_st.ts, p.q_st.hs,
+                        p.q_st.bs, uint32_t(D), kBlockM, swz);
+  if (st.ok())
+    st = encode_4d(&prm->tm_k, p.k8, "k8", {D, tk, uint64_t(p.heads_kv), nb}, p.k_st.ts, p.k_st.hs,
+                   p.k_st.bs, uint32_t(D), kBlockN, swz);
+  const uint64_t cols = varlen ? uint64_t(vt_varlen_columns(p.total_kv, p.batch)) : uint64_t(p.seqlen_kv);
+  if (st.ok())
+    st = encode_4d(&prm->tm_v, p.vt8, "vt8", {cols, D, uint64_t(p.heads_kv), nb}, p.vt_st.ts, p.vt_st.hs,
+                   p.vt_st.bs, kBlockN, uint32_t(D), CU_TENSOR_MAP_SWIZZLE_128B);
+  if (!st.ok()) return st;
+  prm->num_m_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
+  const int64_t tiles = int64_t(prm->num_m_blocks) * p.heads_q * p.batch;
+  if (tiles >= (int64_t(1) << 31))
+    return Status(StatusCode::invalid_argument, "sm90 path: more than 2^31 query tiles");
+  prm->num_tiles = static_cast<int>(tiles);
+  return Status::OK();
+}
+
+}  // namespace intfa::sm90
+
+namespace intfa::cuda {
+
+Status launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
+  if (p.scheme == Scheme::half)
+    return Status(StatusCode::not_available, "scheme: half is not available on the sm90 path");
+  if (p.head_dim != 64 && p.head_dim != 128)
+    return Status(StatusCode::invalid_argument,
+                  "head_dim: expected 64 or 128 on the sm90 path, got " + std::to_string(p.head_dim));
+  // TMA needs 16-byte aligned bases and strides: other tensors are refused (not_available), and
+  // the automatic path then runs them on sm80.
+  sm90::Params prm;
+  Status st = sm90::make_params(p, &prm);
+  if (!st.ok() || prm.num_tiles == 0) return st;
+  switch (p.head_dim) {
+    case 64: return p.causal ? sm90::launch_fwd<64, true>(prm, stream) : sm90::launch_fwd<64, false>(prm, stream);
+    default: return p.causal ? sm90::launch_fwd<128, true>(prm, stream) : sm90::launch_fwd<128, false>(prm, stream);
+  }
+}
+
+}  // namespace intfa::cuda
