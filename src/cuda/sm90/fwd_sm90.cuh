@@ -38,6 +38,10 @@ namespace intfa::sm90 {
 #ifndef INTFA_SM90_STAGES
 #define INTFA_SM90_STAGES 2
 #endif
+// Consumer warpgroups take turns issuing their GEMMs (1) or issue whenever ready (0).
+#ifndef INTFA_SM90_PINGPONG
+#define INTFA_SM90_PINGPONG 1
+#endif
 constexpr int kBlockM = 128;  // two consumer warpgroups x 64 rows
 // Keys per block: 255 * 127 * 128 < 2^22 keeps the PV block product exact through kMagic.
 constexpr int kBlockN = 128;
@@ -64,8 +68,11 @@ struct Smem {
   static constexpr int kQ = 0;
   static constexpr int kK = kQ + kQBytes;
   static constexpr int kV = kK + kStages * kKBytes;
-  static constexpr int kKs = kV + kStages * kVBytes;     // fp32 k_scale of each stage's keys
-  static constexpr int kBars = kKs + kStages * kBlockN * 4;
+  // Per key pair {s_k[2i], s_k[2i+1], o[2i], o[2i+1]}: the K scales and the FFMA offset
+  // -1.5 * 2^23 s_k (or -inf past the sequence end), one 16-byte load per consumer thread.
+  static constexpr int kKsBytes = kBlockN * 8;
+  static constexpr int kKs = kV + kStages * kVBytes;
+  static constexpr int kBars = kKs + kStages * kKsBytes;
   // q_full, q_empty, then per stage k_full, k_empty, v_full, v_ready, v_empty.
   static constexpr int kNumBars = 2 + 5 * kStages;
   static constexpr int kBytes = kBars + 8 * kNumBars;
@@ -221,10 +228,14 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
             ks[r] = (i < kBlockN && key < T.skv) ? ks_g[key] : 0.f;
           }
           ptx::mbarrier_wait(bars.v_full(st), ph);
-          float* sKs = reinterpret_cast<float*>(smem + S::kKs) + st * kBlockN;
+          float* sKs = reinterpret_cast<float*>(smem + S::kKs + st * S::kKsBytes);
 #pragma unroll
-          for (int r = 0; r < 2; ++r)
-            if (pt + r * kPermuteThreads < kBlockN) sKs[pt + r * kPermuteThreads] = ks[r];
+          for (int r = 0; r < 2; ++r) {
+            const int i = pt + r * kPermuteThreads;
+            if (i >= kBlockN) continue;
+            sKs[4 * (i / 2) + (i & 1)] = ks[r];
+            sKs[4 * (i / 2) + 2 + (i & 1)] = n * kBlockN + i < T.skv ? -ptx::kMagic * ks[r] : fwd::neg_inf();
+          }
           uint4* v = reinterpret_cast<uint4*>(smem + S::kV + st * S::kVBytes);
 #pragma unroll 2
           for (int c = pt; c < S::kVBytes / 16; c += kPermuteThreads) v[c] = permute_chunk(v[c]);
@@ -243,11 +254,13 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
   const int wq = (ctid / 32) & 3, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
   const int my_bar = 1 + cw, other_bar = 2 - cw;
+  auto turn_begin = [&] { if (INTFA_SM90_PINGPONG) ptx::named_bar_sync(my_bar, kConsumerThreads); };
+  auto turn_end = [&] { if (INTFA_SM90_PINGPONG) ptx::named_bar_arrive(other_bar, kConsumerThreads); };
   const float kNegInf = fwd::neg_inf();
   const bool block_local = p.scheme == Scheme::accurate;
   const float levels = block_local ? 255.f : 127.f;
   const uint32_t sQw = base + S::kQ + cw * 64 * D;
-  if (cw == 1) ptx::named_bar_arrive(1, kConsumerThreads);  // warpgroup 1 goes first
+  if (INTFA_SM90_PINGPONG && cw == 1) ptx::named_bar_arrive(1, kConsumerThreads);  // WG 1 first
 
   int s[kBlockN / 2];  // scores of the current block (accumulator layout)
   int acc[D / 2];      // P8 V8 of the current block
@@ -283,10 +296,10 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
       // Turn 0: QK of the first block.
       {
         const int st = it % kStages;
-        ptx::named_bar_sync(my_bar, kConsumerThreads);
+        turn_begin();
         ptx::mbarrier_wait(bars.k_full(st), (it / kStages) & 1);
         issue_qk<D>(s, sQw, base + S::kK + st * S::kKBytes);
-        ptx::named_bar_arrive(other_bar, kConsumerThreads);
+        turn_end();
         ptx::wgmma_wait<0>();
         ptx::fence_regs(s);
         ptx::mbarrier_arrive(bars.k_empty(st));
@@ -295,25 +308,18 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
       for (int n = 0; n < nb; ++n) {
         const int cur = it + n, st = cur % kStages;
         ptx::mbarrier_wait(bars.v_ready(st), (cur / kStages) & 1);
-        const float* sKs = reinterpret_cast<const float*>(smem + S::kKs) + st * kBlockN;
+        const float* sKs = reinterpret_cast<const float*>(smem + S::kKs + st * S::kKsBytes);
 
-        // ---- u = S * s_k (one IADD + one FFMA); tail keys get -inf, the causal diagonal a
-        // per-score mask ----
+        // ---- u = S * s_k (one IADD + one FFMA; keys past the end get an offset of -inf from
+        // the producer), the causal diagonal a per-score mask ----
         float u[kBlockN / 8][4];
-        const bool tail = (n + 1) * kBlockN > T.skv;
 #pragma unroll
         for (int j = 0; j < kBlockN / 8; ++j) {
-          const float2 ks = *reinterpret_cast<const float2*>(sKs + 8 * j + 2 * t);
-          float nks[2] = {-ptx::kMagic * ks.x, -ptx::kMagic * ks.y};
-          if (tail) {
-            const int key = n * kBlockN + 8 * j + 2 * t;
-            if (key >= T.skv) nks[0] = kNegInf;
-            if (key + 1 >= T.skv) nks[1] = kNegInf;
-          }
-          u[j][0] = __fmaf_rn(__int_as_float(s[4 * j + 0] + kMagicBits), ks.x, nks[0]);
-          u[j][1] = __fmaf_rn(__int_as_float(s[4 * j + 1] + kMagicBits), ks.y, nks[1]);
-          u[j][2] = __fmaf_rn(__int_as_float(s[4 * j + 2] + kMagicBits), ks.x, nks[0]);
-          u[j][3] = __fmaf_rn(__int_as_float(s[4 * j + 3] + kMagicBits), ks.y, nks[1]);
+          const float4 k4 = *reinterpret_cast<const float4*>(sKs + 4 * (4 * j + t));
+          u[j][0] = __fmaf_rn(__int_as_float(s[4 * j + 0] + kMagicBits), k4.x, k4.z);
+          u[j][1] = __fmaf_rn(__int_as_float(s[4 * j + 1] + kMagicBits), k4.y, k4.w);
+          u[j][2] = __fmaf_rn(__int_as_float(s[4 * j + 2] + kMagicBits), k4.x, k4.z);
+          u[j][3] = __fmaf_rn(__int_as_float(s[4 * j + 3] + kMagicBits), k4.y, k4.w);
         }
         if (Causal && (n + 1) * kBlockN - 1 > T.m0 + cw * 64 + wq * 16 + T.diag) {
 #pragma unroll
@@ -334,17 +340,24 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
         // ---- our turn on the tensor cores: PV of this block, QK of the next. Each branch
         // ends with every wgmma group retired, so the compiler sees no accumulator read while
         // a group is in flight ----
-        // O = O alpha + (acc - M) c as FFMA(acc + M bits, c, FFMA(O, alpha, -M c)).
+        // O = O alpha + acc c. acc converts exactly (|acc| < 2^22) with I2FP, a full-rate ALU
+        // instruction on sm_90. Once the running maxima settle, alpha is 1 for the whole warp
+        // and the rescale drops out: two instructions per element instead of three.
         auto fold = [&] {
-          const float nmc[2] = {-ptx::kMagic * cfac[0], -ptx::kMagic * cfac[1]};
+          if (__all_sync(0xffffffffu, alpha[0] == 1.f && alpha[1] == 1.f)) {
 #pragma unroll
-          for (int dn = 0; dn < D / 8; ++dn)
+            for (int dn = 0; dn < D / 8; ++dn)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int r = e >> 1;
-              o[dn][e] = __fmaf_rn(__int_as_float(acc[4 * dn + e] + kMagicBits), cfac[r],
-                                   __fmaf_rn(o[dn][e], alpha[r], nmc[r]));
-            }
+              for (int e = 0; e < 4; ++e) o[dn][e] = __fmaf_rn(__int2float_rn(acc[4 * dn + e]), cfac[e >> 1], o[dn][e]);
+          } else {
+#pragma unroll
+            for (int dn = 0; dn < D / 8; ++dn)
+#pragma unroll
+              for (int e = 0; e < 4; ++e) {
+                const int r = e >> 1;
+                o[dn][e] = __fmaf_rn(__int2float_rn(acc[4 * dn + e]), cfac[r], o[dn][e] * alpha[r]);
+              }
+          }
         };
         auto pv_done = [&] {
           ptx::fence_regs(acc);
@@ -352,13 +365,13 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
           for (int c = 0; c < kBlockN / 32; ++c) ptx::fence_regs(pf[c]);
           ptx::mbarrier_arrive(bars.v_empty(st));
         };
-        ptx::named_bar_sync(my_bar, kConsumerThreads);
+        turn_begin();
         issue_pv<D>(acc, pf, base + S::kV + st * S::kVBytes);
         if (n + 1 < nb) {
           const int st_next = (cur + 1) % kStages;
           ptx::mbarrier_wait(bars.k_full(st_next), ((cur + 1) / kStages) & 1);
           issue_qk<D>(s, sQw, base + S::kK + st_next * S::kKBytes);
-          ptx::named_bar_arrive(other_bar, kConsumerThreads);
+          turn_end();
           ptx::wgmma_wait<1>();  // PV retired, QK of the next block still running
           pv_done();
           fold();
@@ -367,7 +380,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
           ptx::mbarrier_arrive(bars.k_empty(st_next));
           if (n + 2 == nb) ptx::mbarrier_arrive(bars.q_empty());  // Q no longer read
         } else {
-          ptx::named_bar_arrive(other_bar, kConsumerThreads);
+          turn_end();
           ptx::wgmma_wait<0>();
           pv_done();
           fold();
