@@ -4,7 +4,8 @@ bf16 at the standard shapes, timed with CUDA events (median of N after warm-up),
 device-to-device copy bandwidth. When the intfa Python package is importable, intfa is timed in
 this same process too (provider "intfa_py": e2e = intfa.attention, kernel = attention_int8 on
 inputs quantized once). Merges the C++ bench rows from --intfa JSON so one file holds the run, and
-prints a table with ratios and % of the card's INT8 mma.sync peak."""
+prints a table with ratios and % of the card's INT8 peak for the row's path (measured by
+bench/sol_sm90.cu when --sol is given: wgmma for sm90 rows, mma.sync for sm80 rows)."""
 import argparse
 import json
 import sys
@@ -46,8 +47,10 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--intfa", help="JSON written by `intfa bench --json` in this run")
+    ap.add_argument("--intfa", action="append", default=[],
+                    help="JSON written by `intfa bench --json` in this run (repeatable: one per path)")
     ap.add_argument("--json", help="merged output")
+    ap.add_argument("--sol", help="JSON written by `intfa_sol --json` in this run (measured int8 peaks)")
     a = ap.parse_args()
     try:
         import torch
@@ -102,25 +105,34 @@ def main():
                                      e2e=True, ms=round(ms, 4), tops=round(ops / ms / 1e9, 2)))
             del q, k, v
     intfa_rows = []
-    if a.intfa:
-        with open(a.intfa) as f:
-            intfa_rows = json.load(f)["rows"]
+    for fn in a.intfa:
+        with open(fn) as f:
+            intfa_rows += json.load(f)["rows"]
     allrows = intfa_rows + rows
     base = {(r["provider"], r["seq"], r["hdim"], r["causal"]): r["tops"] for r in rows}
     print(f"\n== {card}: TOPS (B={a.batch} H={a.heads}); copy bandwidth {copy_gbs:.0f} GB/s ==")
     peak = int8_peak(card)
+    sol = {}
+    if a.sol:
+        with open(a.sol) as f:
+            sol = json.load(f)
+    # % of the measured peak of the row's own instruction: wgmma for sm90, mma.sync for sm80.
+    def path_peak(r):
+        if r.get("path") == "sm90":
+            return sol.get("int8_wgmma_tops", 1979.0)
+        return sol.get("int8_mma_sync_tops", peak)
     print(f"{'provider':<10} {'path':<5} {'scheme':<9} {'e2e':<5} {'seq':>6} {'hdim':>4} {'causal':>6} {'TOPS':>8} {'x flash':>8} {'x cudnn':>8} {'%int8pk':>8}")
     for r in allrows:
         key = (r["seq"], r["hdim"], r["causal"])
         fl, cu = base.get(("sdpa_flash",) + key), base.get(("sdpa_cudnn",) + key)
         rf = f"{r['tops'] / fl:.2f}" if fl else "-"
         rc = f"{r['tops'] / cu:.2f}" if cu else "-"
-        pk = f"{100 * r['tops'] / peak:.0f}%" if peak and r["provider"].startswith("intfa") else "-"
+        pk = f"{100 * r['tops'] / path_peak(r):.0f}%" if path_peak(r) and r["provider"].startswith("intfa") else "-"
         print(f"{r['provider']:<10} {r.get('path', ''):<5} {r.get('scheme', ''):<9} {str(r.get('e2e', '')):<5} {r['seq']:>6} {r['hdim']:>4} {r['causal']:>6} {r['tops']:>8.1f} {rf:>8} {rc:>8} {pk:>8}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"card": card, "copy_gbs": round(copy_gbs, 1), "int8_mma_sync_peak_tops": peak,
-                       "rows": allrows}, f, indent=1)
+                       "speed_of_light": sol, "rows": allrows}, f, indent=1)
     return 0
 
 

@@ -123,10 +123,10 @@ __device__ __forceinline__ bool decode_tile(const FwdParams& p, int num_m, int t
 template <int D>
 __device__ __forceinline__ void issue_qk(int (&s)[kBlockN / 2], uint32_t sQ, uint32_t sK) {
   ptx::wgmma_fence();
+  ptx::wgmma_m64n128k32_s8s8_ss_init(s, ptx::wgmma_desc(sQ, D), ptx::wgmma_desc(sK, D));
 #pragma unroll
-  for (int kk = 0; kk < D / 32; ++kk)
-    ptx::wgmma_m64n128k32_s8s8_ss(s, ptx::wgmma_desc(sQ + 32 * kk, D), ptx::wgmma_desc(sK + 32 * kk, D),
-                                  kk > 0);
+  for (int kk = 1; kk < D / 32; ++kk)
+    ptx::wgmma_m64n128k32_s8s8_ss(s, ptx::wgmma_desc(sQ + 32 * kk, D), ptx::wgmma_desc(sK + 32 * kk, D));
   ptx::wgmma_commit();
 }
 
@@ -137,10 +137,14 @@ __device__ __forceinline__ void issue_pv(int (&acc)[D / 2], const uint32_t (&pf)
   ptx::wgmma_fence();
 #pragma unroll
   for (int c = 0; c < kBlockN / 32; ++c) {
-    if constexpr (D == 128)
-      ptx::wgmma_m64n128k32_u8s8_rs(acc, pf[c], ptx::wgmma_desc(sV + 32 * c, kBlockN), c > 0);
-    else
-      ptx::wgmma_m64n64k32_u8s8_rs(acc, pf[c], ptx::wgmma_desc(sV + 32 * c, kBlockN), c > 0);
+    const uint64_t desc = ptx::wgmma_desc(sV + 32 * c, kBlockN);
+    if constexpr (D == 128) {
+      if (c == 0) ptx::wgmma_m64n128k32_u8s8_rs_init(acc, pf[c], desc);
+      else ptx::wgmma_m64n128k32_u8s8_rs(acc, pf[c], desc);
+    } else {
+      if (c == 0) ptx::wgmma_m64n64k32_u8s8_rs_init(acc, pf[c], desc);
+      else ptx::wgmma_m64n64k32_u8s8_rs(acc, pf[c], desc);
+    }
   }
   ptx::wgmma_commit();
 }
