@@ -84,7 +84,7 @@ struct Options {
   Layout layout = Layout::BHSD;  // of q, k, v, out (ignored by the varlen entry points)
   Scheme scheme = Scheme::accurate;
   Backend backend = Backend::automatic;
-  GpuPath path = GpuPath::automatic;
+  GpuPath path = GpuPath::automatic;  // auto: sm90 on compute capability 9.0 (if built), else sm80
   int block_n = 64;          // CPU backend: key block of the emulated loop (16..512, multiple of 16)
   void* stream = nullptr;    // cudaStream_t for GPU calls (nullptr: legacy default stream)
   // GPU: scratch memory for the quantized tensors of attention()/attention_varlen(). If not given
