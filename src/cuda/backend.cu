@@ -118,6 +118,17 @@ Status debug_qk_block_sm80(int head_dim, const int8_t* q8, const int8_t* k8, int
   return check_cuda(cudaDeviceSynchronize(), "qk block test kernel");
 }
 
+Status debug_qk_block_sm90(int head_dim, const int8_t* q8, const int8_t* k8, int32_t* s) {
+#if INTFA_HAVE_SM90
+  Status st = launch_qk_block_test_sm90(head_dim, q8, k8, s, nullptr);
+  if (!st.ok()) return st;
+  return check_cuda(cudaDeviceSynchronize(), "sm90 qk block test kernel");
+#else
+  (void)head_dim; (void)q8; (void)k8; (void)s;
+  return Status(StatusCode::not_available, "sm90 path not built");
+#endif
+}
+
 Status malloc_async(void** ptr, size_t bytes, void* stream) {
   return check_cuda(cudaMallocAsync(ptr, bytes, static_cast<cudaStream_t>(stream)),
                     "workspace allocation (cudaMallocAsync)");

@@ -31,6 +31,8 @@ Status copy_to_host_sync(void* dst, const void* src, size_t bytes, void* stream,
 // Test hook: int32 S = Q8 K8^T of one 128 x 128 block (row-major int8 inputs of 128 x head_dim
 // in device memory) through the sm80 kernel's fragment code.
 Status debug_qk_block_sm80(int head_dim, const int8_t* q8, const int8_t* k8, int32_t* s);
+// The same through the sm90 kernel's layout and wgmma (not_available without the sm90 build).
+Status debug_qk_block_sm90(int head_dim, const int8_t* q8, const int8_t* k8, int32_t* s);
 
 Status gpu_malloc(void** ptr, size_t bytes, int device_index);
 Status gpu_free(void* ptr);

@@ -201,8 +201,10 @@ class AttentionGpu : public ::testing::Test {
   void SetUp() override { INTFA_REQUIRE_GPU(); }
 };
 
-TEST_F(AttentionGpu, ScoreBlockBitExact) {  // 128 x 128 scores, any kernel key block
+TEST_F(AttentionGpu, ScoreBlockBitExact) {  // 128 x 128 scores, any kernel key block, every path
+  for (GpuPath path : gpu_paths())
   for (int d : {64, 128}) {
+    SCOPED_TRACE(to_string(path));
     std::mt19937 rng(d);
     std::uniform_int_distribution<int> dist(-127, 127);
     std::vector<int8_t> q(128 * d), k(128 * d);
@@ -211,8 +213,10 @@ TEST_F(AttentionGpu, ScoreBlockBitExact) {  // 128 x 128 scores, any kernel key 
     q[0] = k[0] = 127;  // extremes
     q[1] = -127;
     DeviceBuffer dq(q.data(), q.size()), dk(k.data(), k.size()), ds(128 * 128 * 4);
-    INTFA_ASSERT_OK(cuda::debug_qk_block_sm80(d, static_cast<int8_t*>(dq.ptr),
-                                              static_cast<int8_t*>(dk.ptr), static_cast<int32_t*>(ds.ptr)));
+    INTFA_ASSERT_OK(gpu_memset(ds.ptr, 0xFF, 128 * 128 * 4));
+    auto* debug = path == GpuPath::sm90 ? cuda::debug_qk_block_sm90 : cuda::debug_qk_block_sm80;
+    INTFA_ASSERT_OK(debug(d, static_cast<int8_t*>(dq.ptr), static_cast<int8_t*>(dk.ptr),
+                          static_cast<int32_t*>(ds.ptr)));
     auto s = ds.to_host<int32_t>();
     int bad = 0;
     for (int i = 0; i < 128; ++i)

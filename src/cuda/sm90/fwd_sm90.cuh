@@ -396,6 +396,34 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
   }
 }
 
+// Test hook: a 128 x 128 block of int32 scores through the kernel's own shared-memory layout
+// (the TMA swizzle, written here by plain stores), wgmma descriptors and accumulator layout.
+// q8, k8: 128 x D row-major in device memory; s: 128 x 128 int32. One warpgroup per 64 rows.
+template <int D>
+__global__ void __launch_bounds__(128) qk_block_test_kernel(const int8_t* q8, const int8_t* k8, int32_t* s_out) {
+  __shared__ __align__(1024) uint8_t sQ[64 * D];
+  __shared__ __align__(1024) uint8_t sK[kBlockN * D];
+  // TMA's 128-byte (64-byte) swizzle: 16-byte chunk bits 4-6 (4-5) ^= line bits 7-9 (7-8).
+  auto swz = [](int o) { return D == 128 ? o ^ (((o >> 7) & 7) << 4) : o ^ (((o >> 7) & 3) << 4); };
+  q8 += blockIdx.x * 64 * D;
+  s_out += blockIdx.x * 64 * 128;
+  for (int i = threadIdx.x; i < 64 * D / 16; i += 128)
+    *reinterpret_cast<int4*>(sQ + swz(16 * i)) = reinterpret_cast<const int4*>(q8)[i];
+  for (int i = threadIdx.x; i < kBlockN * D / 16; i += 128)
+    *reinterpret_cast<int4*>(sK + swz(16 * i)) = reinterpret_cast<const int4*>(k8)[i];
+  ptx::fence_proxy_async_shared();
+  __syncthreads();
+  int s[kBlockN / 2];
+  issue_qk<D>(s, ptx::smem_u32(sQ), ptx::smem_u32(sK));
+  ptx::wgmma_wait<0>();
+  ptx::fence_regs(s);
+  const int w = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int j = 0; j < kBlockN / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s_out[(16 * w + g + 8 * (e >> 1)) * 128 + 8 * j + 2 * t + (e & 1)] = s[4 * j + e];
+}
+
 // Host launcher for one (head dim, causal) instantiation; defined in fwd_sm90_launch.cuh.
 template <int D, bool Causal>
 Status launch_fwd(const Params& prm, cudaStream_t stream);

@@ -111,4 +111,15 @@ Status launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   }
 }
 
+Status launch_qk_block_test_sm90(int head_dim, const int8_t* q8, const int8_t* k8, int32_t* s,
+                                 cudaStream_t stream) {
+  if (head_dim == 64)
+    sm90::qk_block_test_kernel<64><<<2, 128, 0, stream>>>(q8, k8, s);
+  else if (head_dim == 128)
+    sm90::qk_block_test_kernel<128><<<2, 128, 0, stream>>>(q8, k8, s);
+  else
+    return Status(StatusCode::invalid_argument, "head_dim: expected 64 or 128");
+  return check_cuda(cudaGetLastError(), "sm90 qk block test kernel");
+}
+
 }  // namespace intfa::cuda
