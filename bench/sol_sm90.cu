@@ -53,6 +53,37 @@ __global__ void __launch_bounds__(256, 1) wgmma_peak_kernel(int* sink) {
   if (acc == 0x12345) sink[threadIdx.x] = acc;  // keeps the loop alive
 }
 
+// The attention kernel's own forms: m64n128k32, 4 k steps per group. RS = u8 A fragments from
+// registers (the PV product), SS = both operands from shared memory (QK^T). `kWait` 0 keeps two
+// groups in flight (throughput), 1 waits for each group (latency of one 64x128x128 product).
+template <bool kRs, int kWait>
+__global__ void __launch_bounds__(256, 1) wgmma_form_kernel(int* sink, long long* cycles) {
+  __shared__ __align__(1024) uint8_t smem[64 * 128 + 128 * 128];
+  const uint32_t a = intfa::ptx::smem_u32(smem), b = a + 64 * 128;
+  int d[64];
+  uint32_t af[4] = {threadIdx.x, threadIdx.x * 3u, threadIdx.x * 5u, threadIdx.x * 7u};
+  for (int i = 0; i < 64; ++i) d[i] = 0;
+  const long long t0 = clock64();
+  for (int it = 0; it < kWgmmaIters; ++it) {
+    intfa::ptx::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      if (kRs) intfa::ptx::wgmma_m64n128k32_u8s8_rs(d, af, intfa::ptx::wgmma_desc(b + 32 * kk, 128));
+      else intfa::ptx::wgmma_m64n128k32_s8s8_ss(d, intfa::ptx::wgmma_desc(a + 32 * kk, 128),
+                                                intfa::ptx::wgmma_desc(b + 32 * kk, 128));
+    }
+    intfa::ptx::wgmma_commit();
+    if (kWait) intfa::ptx::wgmma_wait<0>();
+    else intfa::ptx::wgmma_wait<1>();
+  }
+  intfa::ptx::wgmma_wait<0>();
+  const long long t1 = clock64();
+  if (threadIdx.x == 0 && blockIdx.x == 0) cycles[kRs * 2 + kWait] = (t1 - t0) / kWgmmaIters;
+  int acc = 0;
+  for (int i = 0; i < 64; ++i) acc += d[i];
+  if (acc == 0x12345) sink[threadIdx.x] = acc;
+}
+
 constexpr int kMmaIters = 8192;
 __global__ void __launch_bounds__(256) mma_sync_peak_kernel(int* sink, uint32_t seed) {
   uint32_t a[4] = {seed, seed * 3, seed * 5, seed * 7}, b[2] = {seed * 11, seed * 13};
@@ -123,6 +154,19 @@ int main(int argc, char** argv) {
   const double wg_ops = double(sms) * 2 /*warpgroups*/ * kWgmmaIters * 4 * 2 * (2.0 * 64 * 128 * 32);
   const double wgmma_tops = wg_ops / (wg_ms * 1e-3) / 1e12;
 
+  // The kernel's forms: throughput with 2 warpgroups per SM, latency with 1.
+  long long* cyc = nullptr;
+  CHECK(cudaMalloc(&cyc, 4 * sizeof(long long)));
+  const double form_ops = double(sms) * 2 * kWgmmaIters * 4 * (2.0 * 64 * 128 * 32);
+  const double ss_tops = form_ops / (time_ms([&] { wgmma_form_kernel<false, 0><<<sms, 256>>>(sink, cyc); }, 5) * 1e-3) / 1e12;
+  const double rs_tops = form_ops / (time_ms([&] { wgmma_form_kernel<true, 0><<<sms, 256>>>(sink, cyc); }, 5) * 1e-3) / 1e12;
+  wgmma_form_kernel<false, 1><<<sms, 128>>>(sink, cyc);
+  wgmma_form_kernel<true, 1><<<sms, 128>>>(sink, cyc);
+  CHECK(cudaDeviceSynchronize());
+  long long cyc_h[4];
+  CHECK(cudaMemcpy(cyc_h, cyc, sizeof(cyc_h), cudaMemcpyDeviceToHost));
+  cudaFree(cyc);
+
   const int mma_blocks = sms * 8;
   const double mma_ms = time_ms([&] { mma_sync_peak_kernel<<<mma_blocks, 256>>>(sink, 7); }, 5);
   CHECK(cudaGetLastError());
@@ -145,6 +189,9 @@ int main(int argc, char** argv) {
   std::printf("speed of light on %s (%d SMs)\n", prop.name, sms);
   std::printf("  int8 wgmma (m64n256k32 s8.s8, smem operands)   %8.1f TOP/s\n", wgmma_tops);
   std::printf("  int8 mma.sync (m16n8k32, register operands)    %8.1f TOP/s\n", mma_tops);
+  std::printf("  wgmma m64n128k32 x4, 2 WGs/SM: SS s8 %.1f TOP/s, RS u8 %.1f TOP/s\n", ss_tops, rs_tops);
+  std::printf("  one 64x128x128 product issued and waited (1 WG/SM): SS %lld cycles, RS %lld cycles\n", cyc_h[1],
+              cyc_h[3]);
   std::printf("  MUFU ex2.approx.f32                            %8.1f G/s (%.1f per SM per clock at %d MHz)\n",
               ex2_per_s / 1e9, ex2_per_s / sms / (clock_khz * 1e3), clock_khz / 1000);
   std::printf("  device-to-device copy (read + write)           %8.1f GB/s\n", copy_gbs);
@@ -156,8 +203,9 @@ int main(int argc, char** argv) {
     }
     std::fprintf(f,
                  "{\"card\": \"%s\", \"sms\": %d, \"int8_wgmma_tops\": %.1f, \"int8_mma_sync_tops\": %.1f, "
-                 "\"ex2_per_s\": %.4g, \"copy_gbs\": %.1f}\n",
-                 prop.name, sms, wgmma_tops, mma_tops, ex2_per_s, copy_gbs);
+                 "\"ex2_per_s\": %.4g, \"copy_gbs\": %.1f, \"wgmma_ss_n128_tops\": %.1f, \"wgmma_rs_n128_tops\": %.1f, "
+                 "\"wgmma_ss_group_cycles\": %lld, \"wgmma_rs_group_cycles\": %lld}\n",
+                 prop.name, sms, wgmma_tops, mma_tops, ex2_per_s, copy_gbs, ss_tops, rs_tops, cyc_h[1], cyc_h[3]);
     std::fclose(f);
   }
   cudaFree(src);

@@ -32,16 +32,15 @@ __device__ __forceinline__ void store_out2(void* out, DType dt, int64_t idx, flo
   }
 }
 
-// Row statistics of one key block of N keys. u holds the scores in log2 units before the
-// per-row factor rowf (> 0, so the max commutes with it). Updates the running max and returns
-//   alpha   = exp2(m_old - m_new), the factor of O and l,
-//   cfac    = exp2(ref - m_new) / levels, the factor of this block's integer P8 V8 product,
-//   neg_ref = -ref, where ref is the block max (accurate) or the running max (paper).
-// Rows with nothing visible yet keep alpha = 1, cfac = 0 and exp2 arguments of -inf (P = 0).
+// Row statistics of one key block of N keys, in two halves. u holds the scores in log2 units
+// before the per-row factor rowf (> 0, so the max commutes with it).
+// row_max: the new running max, m_old (the previous one) and ref, the max P is taken against:
+// the block max (accurate) or the running max (paper); neg_ref = -ref is the exp2 offset
+// (0 for a fully masked row, so exp2(-inf) = 0, never NaN).
 template <int N>
-__device__ __forceinline__ void row_update(const float (&u)[N / 8][4], const float (&rowf)[2],
-                                           bool block_local, float levels, float (&m_run)[2],
-                                           float (&alpha)[2], float (&cfac)[2], float (&neg_ref)[2]) {
+__device__ __forceinline__ void row_max(const float (&u)[N / 8][4], const float (&rowf)[2], bool block_local,
+                                        float (&m_run)[2], float (&m_old)[2], float (&ref)[2],
+                                        float (&neg_ref)[2]) {
   const float kNegInf = neg_inf();
   // Row max over four independent partial maxima, so the FMNMX chains stay short.
   float mx[2];
@@ -57,14 +56,34 @@ __device__ __forceinline__ void row_update(const float (&u)[N / 8][4], const flo
     mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
     mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
     const float mb = mx[r] * rowf[r];
-    const float m_new = fmaxf(m_run[r], mb);
-    const float ref = block_local ? mb : m_new;
-    const bool none = m_new == kNegInf;  // nothing visible in this row so far
-    alpha[r] = none ? 1.f : ptx::ex2_approx(m_run[r] - m_new);
-    cfac[r] = (none || ref == kNegInf) ? 0.f : ptx::ex2_approx(ref - m_new) / levels;
-    neg_ref[r] = ref == kNegInf ? 0.f : -ref;  // fully masked: exp2(-inf) = 0, never NaN
-    m_run[r] = m_new;
+    m_old[r] = m_run[r];
+    m_run[r] = fmaxf(m_run[r], mb);
+    ref[r] = block_local ? mb : m_run[r];
+    neg_ref[r] = ref[r] == kNegInf ? 0.f : -ref[r];
   }
+}
+
+// row_factors (the MUFU half): alpha = exp2(m_old - m_new), the factor of O and l, and
+// cfac = exp2(ref - m_new) / levels, the factor of this block's integer P8 V8 product.
+// Rows with nothing visible yet keep alpha = 1 and cfac = 0.
+__device__ __forceinline__ void row_factors(const float (&m_old)[2], const float (&m_run)[2], const float (&ref)[2],
+                                            float levels, float (&alpha)[2], float (&cfac)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const bool none = m_run[r] == neg_inf();  // nothing visible in this row so far
+    alpha[r] = none ? 1.f : ptx::ex2_approx(m_old[r] - m_run[r]);
+    cfac[r] = (none || ref[r] == neg_inf()) ? 0.f : ptx::ex2_approx(ref[r] - m_run[r]) / levels;
+  }
+}
+
+// Both halves at once (the sm80 order).
+template <int N>
+__device__ __forceinline__ void row_update(const float (&u)[N / 8][4], const float (&rowf)[2],
+                                           bool block_local, float levels, float (&m_run)[2],
+                                           float (&alpha)[2], float (&cfac)[2], float (&neg_ref)[2]) {
+  float m_old[2], ref[2];
+  row_max<N>(u, rowf, block_local, m_run, m_old, ref, neg_ref);
+  row_factors(m_old, m_run, ref, levels, alpha, cfac);
 }
 
 // P8 = round(levels * exp2(u * rowf - ref)) for the thread's two rows, packed as u8 A fragments
@@ -109,17 +128,12 @@ __device__ __forceinline__ void make_p(const float (&u)[N / 8][4], const float (
   }
 }
 
-// P of a block and its contribution to this thread's share of l: accurate sums the quantized P8
-// (numerator and denominator share the weights, scaled by cfac), paper the unquantized p.
-template <int N, typename Interleave>
-__device__ __forceinline__ void make_p_and_l(const float (&u)[N / 8][4], const float (&rowf)[2],
-                                             const float (&neg_ref)[2], const float (&alpha)[2],
-                                             const float (&cfac)[2], bool block_local, float levels,
-                                             uint32_t (&pf)[N / 32][4], float (&l_part)[2],
-                                             Interleave&& interleave) {
-  float psum[2];
+// This thread's share of l after a block: accurate sums the quantized P8 (numerator and
+// denominator share the weights, scaled by cfac), paper the unquantized p (psum from make_p).
+template <int N>
+__device__ __forceinline__ void block_l(const uint32_t (&pf)[N / 32][4], float (&psum)[2], const float (&alpha)[2],
+                                        const float (&cfac)[2], bool block_local, float (&l_part)[2]) {
   if (block_local) {
-    make_p<N, false>(u, rowf, neg_ref, levels, pf, psum, interleave);
     uint32_t cnt[2] = {0u, 0u};
 #pragma unroll
     for (int c = 0; c < N / 32; ++c) {
@@ -130,11 +144,22 @@ __device__ __forceinline__ void make_p_and_l(const float (&u)[N / 8][4], const f
     }
     psum[0] = cfac[0] * static_cast<float>(cnt[0]);
     psum[1] = cfac[1] * static_cast<float>(cnt[1]);
-  } else {
-    make_p<N, true>(u, rowf, neg_ref, levels, pf, psum, interleave);
   }
   l_part[0] = l_part[0] * alpha[0] + psum[0];
   l_part[1] = l_part[1] * alpha[1] + psum[1];
+}
+
+// P of a block (make_p, summing p only for paper) and its contribution to l.
+template <int N, typename Interleave>
+__device__ __forceinline__ void make_p_and_l(const float (&u)[N / 8][4], const float (&rowf)[2],
+                                             const float (&neg_ref)[2], const float (&alpha)[2],
+                                             const float (&cfac)[2], bool block_local, float levels,
+                                             uint32_t (&pf)[N / 32][4], float (&l_part)[2],
+                                             Interleave&& interleave) {
+  float psum[2];
+  if (block_local) make_p<N, false>(u, rowf, neg_ref, levels, pf, psum, interleave);
+  else make_p<N, true>(u, rowf, neg_ref, levels, pf, psum, interleave);
+  block_l<N>(pf, psum, alpha, cfac, block_local, l_part);
 }
 
 // Writes O * v_scale / l for the thread's rows (row[r] < sq) and the LSE; fully masked rows give

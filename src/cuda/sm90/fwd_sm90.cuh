@@ -38,7 +38,9 @@ namespace intfa::sm90 {
 #ifndef INTFA_SM90_STAGES
 #define INTFA_SM90_STAGES 2
 #endif
-// Consumer warpgroups take turns issuing their GEMMs (1) or issue whenever ready (0).
+// What the two consumer warpgroups take turns on: 0 nothing, 1 issuing their GEMMs, 2 the
+// exponential phase of the softmax (the MUFU unit, 8 cycles per warp instruction). 1 and 2
+// measured the same on an H200 (580 TOPS at D=128/16k), 0 4% slower (docs/PERF_LOG.md).
 #ifndef INTFA_SM90_PINGPONG
 #define INTFA_SM90_PINGPONG 1
 #endif
@@ -50,6 +52,17 @@ constexpr int kThreads = 384;
 constexpr int kConsumerThreads = 256;
 constexpr int kPermuteThreads = 96;  // producer warps 1-3
 constexpr int kProducerRegs = 24, kConsumerRegs = 240;  // 128*24 + 256*240 <= 64K registers
+
+// Phase timeline for tuning (-DINTFA_SM90_TRACE=1): lane 0 of each consumer warpgroup's first
+// warp in CTA 0 records globaltimer-free SM clocks at each phase of its first kTraceIters
+// blocks; the launcher prints them.
+#ifndef INTFA_SM90_TRACE
+#define INTFA_SM90_TRACE 0
+#endif
+constexpr int kTraceIters = 48, kTracePhases = 7;
+#if INTFA_SM90_TRACE
+__device__ long long g_trace[2][kTraceIters][kTracePhases];
+#endif
 
 // Everything the kernel needs: the problem plus the TMA descriptors of Q, K and V^T.
 struct Params {
@@ -258,13 +271,17 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
   const int wq = (ctid / 32) & 3, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
   const int my_bar = 1 + cw, other_bar = 2 - cw;
-  auto turn_begin = [&] { if (INTFA_SM90_PINGPONG) ptx::named_bar_sync(my_bar, kConsumerThreads); };
-  auto turn_end = [&] { if (INTFA_SM90_PINGPONG) ptx::named_bar_arrive(other_bar, kConsumerThreads); };
+  auto turn_begin = [&](int kind) {
+    if (INTFA_SM90_PINGPONG == kind) ptx::named_bar_sync(my_bar, kConsumerThreads);
+  };
+  auto turn_end = [&](int kind) {
+    if (INTFA_SM90_PINGPONG == kind) ptx::named_bar_arrive(other_bar, kConsumerThreads);
+  };
   const float kNegInf = fwd::neg_inf();
   const bool block_local = p.scheme == Scheme::accurate;
   const float levels = block_local ? 255.f : 127.f;
   const uint32_t sQw = base + S::kQ + cw * 64 * D;
-  if (INTFA_SM90_PINGPONG && cw == 1) ptx::named_bar_arrive(1, kConsumerThreads);  // WG 1 first
+  if (INTFA_SM90_PINGPONG && cw == 1) ptx::named_bar_arrive(1, kConsumerThreads);  // WG 0 first
 
   int s[kBlockN / 2];  // scores of the current block (accumulator layout)
   int acc[D / 2];      // P8 V8 of the current block
@@ -300,10 +317,10 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
       // Turn 0: QK of the first block.
       {
         const int st = it % kStages;
-        turn_begin();
+        turn_begin(1);
         ptx::mbarrier_wait(bars.k_full(st), (it / kStages) & 1);
         issue_qk<D>(s, sQw, base + S::kK + st * S::kKBytes);
-        turn_end();
+        turn_end(1);
         ptx::wgmma_wait<0>();
         ptx::fence_regs(s);
         ptx::mbarrier_arrive(bars.k_empty(st));
@@ -311,7 +328,15 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
       }
       for (int n = 0; n < nb; ++n) {
         const int cur = it + n, st = cur % kStages;
+#if INTFA_SM90_TRACE
+        const bool tr = blockIdx.x == 0 && (ctid & 127) == 0 && cur < kTraceIters;
+        auto mark = [&](int ph) { if (tr) g_trace[cw][cur][ph] = clock64(); };
+#else
+        auto mark = [](int) {};
+#endif
+        mark(0);
         ptx::mbarrier_wait(bars.v_ready(st), (cur / kStages) & 1);
+        mark(1);
         const float* sKs = reinterpret_cast<const float*>(smem + S::kKs + st * S::kKsBytes);
 
         // ---- u = S * s_k (one IADD + one FFMA; keys past the end get an offset of -inf from
@@ -335,11 +360,22 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
             }
         }
 
-        float alpha[2], cfac[2], neg_ref[2];
-        fwd::row_update<kBlockN>(u, rowf, block_local, levels, m_run, alpha, cfac, neg_ref);
+        // The row maxima first; the MUFU work for alpha and cfac waits until after this
+        // block's exponentials, so it never queues behind the other warpgroup's exp2 phase.
+        float m_old[2], ref[2], neg_ref[2];
+        fwd::row_max<kBlockN>(u, rowf, block_local, m_run, m_old, ref, neg_ref);
+        mark(2);
+        turn_begin(2);
+        mark(3);
         uint32_t pf[kBlockN / 32][4];
-        fwd::make_p_and_l<kBlockN>(u, rowf, neg_ref, alpha, cfac, block_local, levels, pf, l_part,
-                                   [](int) {});
+        float psum[2];
+        if (block_local) fwd::make_p<kBlockN, false>(u, rowf, neg_ref, levels, pf, psum, [](int) {});
+        else fwd::make_p<kBlockN, true>(u, rowf, neg_ref, levels, pf, psum, [](int) {});
+        turn_end(2);
+        mark(4);
+        float alpha[2], cfac[2];
+        fwd::row_factors(m_old, m_run, ref, levels, alpha, cfac);
+        fwd::block_l<kBlockN>(pf, psum, alpha, cfac, block_local, l_part);
 
         // ---- our turn on the tensor cores: PV of this block, QK of the next. Each branch
         // ends with every wgmma group retired, so the compiler sees no accumulator read while
@@ -369,22 +405,24 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
           for (int c = 0; c < kBlockN / 32; ++c) ptx::fence_regs(pf[c]);
           ptx::mbarrier_arrive(bars.v_empty(st));
         };
-        turn_begin();
+        turn_begin(1);
         issue_pv<D>(acc, pf, base + S::kV + st * S::kVBytes);
         if (n + 1 < nb) {
           const int st_next = (cur + 1) % kStages;
           ptx::mbarrier_wait(bars.k_full(st_next), ((cur + 1) / kStages) & 1);
           issue_qk<D>(s, sQw, base + S::kK + st_next * S::kKBytes);
-          turn_end();
+          turn_end(1);
           ptx::wgmma_wait<1>();  // PV retired, QK of the next block still running
+          mark(5);
           pv_done();
           fold();
           ptx::wgmma_wait<0>();
+          mark(6);
           ptx::fence_regs(s);
           ptx::mbarrier_arrive(bars.k_empty(st_next));
           if (n + 2 == nb) ptx::mbarrier_arrive(bars.q_empty());  // Q no longer read
         } else {
-          turn_end();
+          turn_end(1);
           ptx::wgmma_wait<0>();
           pv_done();
           fold();

@@ -4,6 +4,8 @@
 #include "cuda/launchers.h"
 #include "cuda/sm90/fwd_sm90.cuh"
 
+#include <cstdio>
+
 namespace intfa::sm90 {
 
 int device_sm_count();  // fwd_sm90_launch.cu
@@ -20,6 +22,21 @@ Status launch_fwd(const Params& prm, cudaStream_t stream) {
   // Persistent: one CTA per SM walks the tiles (a CTA uses most of an SM's registers).
   const int grid = prm.num_tiles < device_sm_count() ? prm.num_tiles : device_sm_count();
   kernel<<<grid, kThreads, kSmem, stream>>>(prm);
+#if INTFA_SM90_TRACE
+  static int traced = 0;
+  if (traced++ == 3 && cudaStreamSynchronize(stream) == cudaSuccess) {
+    long long tr[2][kTraceIters][kTracePhases];
+    if (cudaMemcpyFromSymbol(tr, g_trace, sizeof(tr)) == cudaSuccess)
+      for (int i = 1; i < kTraceIters; ++i)
+        for (int w = 0; w < 2; ++w) {
+          // 0 start, 1 V ready, 2 max done, 3 exp turn granted, 4 P done, 5 PV done, 6 QK done
+          const long long* x = tr[w][i];
+          std::printf("trace wg%d it%2d: vwait %5lld max %5lld turn %5lld exp %5lld pv %5lld qk %5lld | period %5lld\n",
+                      w, i, x[1] - x[0], x[2] - x[1], x[3] - x[2], x[4] - x[3], x[5] - x[4], x[6] - x[5],
+                      x[0] - tr[w][i - 1][0]);
+        }
+  }
+#endif
   return cuda::check_cuda(cudaGetLastError(), "sm90 forward kernel launch");
 }
 
