@@ -44,14 +44,23 @@ namespace intfa::sm90 {
 #ifndef INTFA_SM90_PINGPONG
 #define INTFA_SM90_PINGPONG 1
 #endif
-constexpr int kBlockM = 128;  // two consumer warpgroups x 64 rows
+// Consumer warpgroups of 64 query rows each. With 3, each takes 160 registers and writes the PV
+// product into its (dead) score registers, so PV and the next QK run one after the other.
+#ifndef INTFA_SM90_CONSUMERS
+#define INTFA_SM90_CONSUMERS 2
+#endif
+constexpr int kConsumerWgs = INTFA_SM90_CONSUMERS;
+static_assert(kConsumerWgs == 2 || kConsumerWgs == 3, "consumer warpgroups");
+constexpr bool kAccInScores = kConsumerWgs == 3;
+constexpr int kBlockM = 64 * kConsumerWgs;
 // Keys per block: 255 * 127 * 128 < 2^22 keeps the PV block product exact through kMagic.
 constexpr int kBlockN = 128;
 constexpr int kStages = INTFA_SM90_STAGES;
-constexpr int kThreads = 384;
-constexpr int kConsumerThreads = 256;
+constexpr int kThreads = 128 * (1 + kConsumerWgs);
+constexpr int kConsumerThreads = 128 * kConsumerWgs;
 constexpr int kPermuteThreads = 96;  // producer warps 1-3
-constexpr int kProducerRegs = 24, kConsumerRegs = 240;  // 128*24 + 256*240 <= 64K registers
+// 128 * 24 + 256 * 240 (or 384 * 160) <= 64K registers.
+constexpr int kProducerRegs = 24, kConsumerRegs = kConsumerWgs == 2 ? 240 : 160;
 
 // Phase timeline for tuning (-DINTFA_SM90_TRACE=1): lane 0 of each consumer warpgroup's first
 // warp in CTA 0 records globaltimer-free SM clocks at each phase of its first kTraceIters
@@ -266,29 +275,31 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
 
   // ======================= consumer warpgroups =======================
   ptx::setmaxnreg_inc<kConsumerRegs>();
-  const int cw = wg - 1;  // 0 or 1: rows 64 cw .. 64 cw + 63 of the tile
+  const int cw = wg - 1;  // rows 64 cw .. 64 cw + 63 of the tile
   const int ctid = threadIdx.x - 128;
   const int wq = (ctid / 32) & 3, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
-  const int my_bar = 1 + cw, other_bar = 2 - cw;
+  // Turns go round the consumer warpgroups: each waits on its own barrier and opens the next's
+  // (256 threads meet at each: the one waiting and the one arriving).
+  const int my_bar = 1 + cw, other_bar = 1 + (cw + 1) % kConsumerWgs;
   auto turn_begin = [&](int kind) {
-    if (INTFA_SM90_PINGPONG == kind) ptx::named_bar_sync(my_bar, kConsumerThreads);
+    if (INTFA_SM90_PINGPONG == kind) ptx::named_bar_sync(my_bar, 256);
   };
   auto turn_end = [&](int kind) {
-    if (INTFA_SM90_PINGPONG == kind) ptx::named_bar_arrive(other_bar, kConsumerThreads);
+    if (INTFA_SM90_PINGPONG == kind) ptx::named_bar_arrive(other_bar, 256);
   };
   const float kNegInf = fwd::neg_inf();
   const bool block_local = p.scheme == Scheme::accurate;
   const float levels = block_local ? 255.f : 127.f;
   const uint32_t sQw = base + S::kQ + cw * 64 * D;
-  if (INTFA_SM90_PINGPONG && cw == 1) ptx::named_bar_arrive(1, kConsumerThreads);  // WG 0 first
+  if (INTFA_SM90_PINGPONG && cw == kConsumerWgs - 1) ptx::named_bar_arrive(1, 256);  // WG 0 first
 
   int s[kBlockN / 2];  // scores of the current block (accumulator layout)
-  int acc[D / 2];      // P8 V8 of the current block
+  int acc_own[kAccInScores ? 1 : D / 2];
+  // P8 V8 of the current block: its own registers, or the first D/2 score registers.
+  int (&acc)[D / 2] = *reinterpret_cast<int (*)[D / 2]>(kAccInScores ? &s[0] : &acc_own[0]);
 #pragma unroll
   for (int i = 0; i < kBlockN / 2; ++i) s[i] = 0;
-#pragma unroll
-  for (int i = 0; i < D / 2; ++i) acc[i] = 0;
 
   int it = 0, tc = 0;
   for (int tile = blockIdx.x; tile < P.num_tiles; tile += gridDim.x) {
@@ -407,7 +418,21 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
         };
         turn_begin(1);
         issue_pv<D>(acc, pf, base + S::kV + st * S::kVBytes);
-        if (n + 1 < nb) {
+        if (kAccInScores && n + 1 < nb) {  // PV lands in the score registers: fold, then QK
+          const int st_next = (cur + 1) % kStages;
+          turn_end(1);
+          ptx::wgmma_wait<0>();
+          pv_done();
+          fold();
+          turn_begin(1);
+          ptx::mbarrier_wait(bars.k_full(st_next), ((cur + 1) / kStages) & 1);
+          issue_qk<D>(s, sQw, base + S::kK + st_next * S::kKBytes);
+          turn_end(1);
+          ptx::wgmma_wait<0>();
+          ptx::fence_regs(s);
+          ptx::mbarrier_arrive(bars.k_empty(st_next));
+          if (n + 2 == nb) ptx::mbarrier_arrive(bars.q_empty());
+        } else if (n + 1 < nb) {
           const int st_next = (cur + 1) % kStages;
           ptx::mbarrier_wait(bars.k_full(st_next), ((cur + 1) / kStages) & 1);
           issue_qk<D>(s, sQw, base + S::kK + st_next * S::kKBytes);
