@@ -26,6 +26,7 @@
 #include <cuda.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "common/numerics.h"
 #include "common/params.h"
@@ -52,6 +53,12 @@ namespace intfa::sm90 {
 constexpr int kConsumerWgs = INTFA_SM90_CONSUMERS;
 static_assert(kConsumerWgs == 2 || kConsumerWgs == 3, "consumer warpgroups");
 constexpr bool kAccInScores = kConsumerWgs == 3;
+// FA3-style overlap inside a warpgroup: the softmax of block n+1 runs while PV(n) is in flight
+// (needs registers for both; 2 consumer warpgroups only).
+#ifndef INTFA_SM90_OVERLAP
+#define INTFA_SM90_OVERLAP 0
+#endif
+constexpr bool kOverlap = INTFA_SM90_OVERLAP != 0 && !kAccInScores;
 constexpr int kBlockM = 64 * kConsumerWgs;
 // Keys per block: 255 * 127 * 128 < 2^22 keeps the PV block product exact through kMagic.
 constexpr int kBlockN = 128;
@@ -322,135 +329,177 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
       for (int e = 0; e < 4; ++e) o[dn][e] = 0.f;
 
     const int nb = T.n_blocks;
+    auto stage = [&](int n) { return (it + n) % kStages; };
+    auto phase = [&](int n) { return uint32_t((it + n) / kStages) & 1; };
+#if INTFA_SM90_TRACE
+    auto mark = [&](int n, int ph) {
+      if (blockIdx.x == 0 && (ctid & 127) == 0 && it + n < kTraceIters) g_trace[cw][it + n][ph] = clock64();
+    };
+#else
+    auto mark = [](int, int) {};
+#endif
+    // QK of block n into s (K stage n must have landed), and its retirement: K stage n, and after
+    // the last block Q, go back to the producer.
+    auto issue_qk_block = [&](int n) {
+      ptx::mbarrier_wait(bars.k_full(stage(n)), phase(n));
+      issue_qk<D>(s, sQw, base + S::kK + stage(n) * S::kKBytes);
+    };
+    auto qk_done = [&](int n) {
+      ptx::fence_regs(s);
+      ptx::mbarrier_arrive(bars.k_empty(stage(n)));
+      if (n == nb - 1) ptx::mbarrier_arrive(bars.q_empty());
+    };
+    // Softmax of block n from its scores in s: P8 fragments, the block's factors, and l.
+    auto softmax = [&](int n, uint32_t (&pf)[kBlockN / 32][4], float (&alpha)[2], float (&cfac)[2]) {
+      mark(n, 0);
+      ptx::mbarrier_wait(bars.v_ready(stage(n)), phase(n));
+      mark(n, 1);
+      const float* sKs = reinterpret_cast<const float*>(smem + S::kKs + stage(n) * S::kKsBytes);
+      // ---- u = S * s_k (one IADD + one FFMA; keys past the end get an offset of -inf from
+      // the producer), the causal diagonal a per-score mask ----
+      float u[kBlockN / 8][4];
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j) {
+        const float4 k4 = *reinterpret_cast<const float4*>(sKs + 4 * (4 * j + t));
+        u[j][0] = __fmaf_rn(__int_as_float(s[4 * j + 0] + kMagicBits), k4.x, k4.z);
+        u[j][1] = __fmaf_rn(__int_as_float(s[4 * j + 1] + kMagicBits), k4.y, k4.w);
+        u[j][2] = __fmaf_rn(__int_as_float(s[4 * j + 2] + kMagicBits), k4.x, k4.z);
+        u[j][3] = __fmaf_rn(__int_as_float(s[4 * j + 3] + kMagicBits), k4.y, k4.w);
+      }
+      if (Causal && (n + 1) * kBlockN - 1 > T.m0 + cw * 64 + wq * 16 + T.diag) {
+#pragma unroll
+        for (int j = 0; j < kBlockN / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int key = n * kBlockN + 8 * j + 2 * t + (e & 1);
+            if (key > row[e >> 1] + T.diag) u[j][e] = kNegInf;
+          }
+      }
+      // The row maxima first; the MUFU work for alpha and cfac waits until after this block's
+      // exponentials (so with turns on the exp2 phase it never queues behind the other's).
+      float m_old[2], ref[2], neg_ref[2];
+      fwd::row_max<kBlockN>(u, rowf, block_local, m_run, m_old, ref, neg_ref);
+      mark(n, 2);
+      turn_begin(2);
+      mark(n, 3);
+      float psum[2];
+      if (block_local) fwd::make_p<kBlockN, false>(u, rowf, neg_ref, levels, pf, psum, [](int) {});
+      else fwd::make_p<kBlockN, true>(u, rowf, neg_ref, levels, pf, psum, [](int) {});
+      turn_end(2);
+      mark(n, 4);
+      fwd::row_factors(m_old, m_run, ref, levels, alpha, cfac);
+      fwd::block_l<kBlockN>(pf, psum, alpha, cfac, block_local, l_part);
+    };
+    // PV of block n retired: its V stage goes back; the in-flight A fragments are free again.
+    auto pv_done = [&](int n, uint32_t (&pf)[kBlockN / 32][4]) {
+      ptx::fence_regs(acc);
+#pragma unroll
+      for (int c = 0; c < kBlockN / 32; ++c) ptx::fence_regs(pf[c]);
+      ptx::mbarrier_arrive(bars.v_empty(stage(n)));
+    };
+    // O = O alpha + acc c. acc converts exactly (|acc| < 2^22) with I2FP, a full-rate ALU
+    // instruction on sm_90. Once the running maxima settle, alpha is 1 for the whole warp and
+    // the rescale drops out: two instructions per element instead of three.
+    auto fold = [&](const float (&alpha)[2], const float (&cfac)[2]) {
+      if (__all_sync(0xffffffffu, alpha[0] == 1.f && alpha[1] == 1.f)) {
+#pragma unroll
+        for (int dn = 0; dn < D / 8; ++dn)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) o[dn][e] = __fmaf_rn(__int2float_rn(acc[4 * dn + e]), cfac[e >> 1], o[dn][e]);
+      } else {
+#pragma unroll
+        for (int dn = 0; dn < D / 8; ++dn)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int r = e >> 1;
+            o[dn][e] = __fmaf_rn(__int2float_rn(acc[4 * dn + e]), cfac[r], o[dn][e] * alpha[r]);
+          }
+      }
+    };
+
     if (nb > 0) {
       ptx::mbarrier_wait(bars.q_full(), tc & 1);
       ++tc;
-      // Turn 0: QK of the first block.
-      {
-        const int st = it % kStages;
-        turn_begin(1);
-        ptx::mbarrier_wait(bars.k_full(st), (it / kStages) & 1);
-        issue_qk<D>(s, sQw, base + S::kK + st * S::kKBytes);
-        turn_end(1);
-        ptx::wgmma_wait<0>();
-        ptx::fence_regs(s);
-        ptx::mbarrier_arrive(bars.k_empty(st));
-        if (nb == 1) ptx::mbarrier_arrive(bars.q_empty());
-      }
-      for (int n = 0; n < nb; ++n) {
-        const int cur = it + n, st = cur % kStages;
-#if INTFA_SM90_TRACE
-        const bool tr = blockIdx.x == 0 && (ctid & 127) == 0 && cur < kTraceIters;
-        auto mark = [&](int ph) { if (tr) g_trace[cw][cur][ph] = clock64(); };
-#else
-        auto mark = [](int) {};
-#endif
-        mark(0);
-        ptx::mbarrier_wait(bars.v_ready(st), (cur / kStages) & 1);
-        mark(1);
-        const float* sKs = reinterpret_cast<const float*>(smem + S::kKs + st * S::kKsBytes);
-
-        // ---- u = S * s_k (one IADD + one FFMA; keys past the end get an offset of -inf from
-        // the producer), the causal diagonal a per-score mask ----
-        float u[kBlockN / 8][4];
-#pragma unroll
-        for (int j = 0; j < kBlockN / 8; ++j) {
-          const float4 k4 = *reinterpret_cast<const float4*>(sKs + 4 * (4 * j + t));
-          u[j][0] = __fmaf_rn(__int_as_float(s[4 * j + 0] + kMagicBits), k4.x, k4.z);
-          u[j][1] = __fmaf_rn(__int_as_float(s[4 * j + 1] + kMagicBits), k4.y, k4.w);
-          u[j][2] = __fmaf_rn(__int_as_float(s[4 * j + 2] + kMagicBits), k4.x, k4.z);
-          u[j][3] = __fmaf_rn(__int_as_float(s[4 * j + 3] + kMagicBits), k4.y, k4.w);
-        }
-        if (Causal && (n + 1) * kBlockN - 1 > T.m0 + cw * 64 + wq * 16 + T.diag) {
-#pragma unroll
-          for (int j = 0; j < kBlockN / 8; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int key = n * kBlockN + 8 * j + 2 * t + (e & 1);
-              if (key > row[e >> 1] + T.diag) u[j][e] = kNegInf;
-            }
-        }
-
-        // The row maxima first; the MUFU work for alpha and cfac waits until after this
-        // block's exponentials, so it never queues behind the other warpgroup's exp2 phase.
-        float m_old[2], ref[2], neg_ref[2];
-        fwd::row_max<kBlockN>(u, rowf, block_local, m_run, m_old, ref, neg_ref);
-        mark(2);
-        turn_begin(2);
-        mark(3);
-        uint32_t pf[kBlockN / 32][4];
-        float psum[2];
-        if (block_local) fwd::make_p<kBlockN, false>(u, rowf, neg_ref, levels, pf, psum, [](int) {});
-        else fwd::make_p<kBlockN, true>(u, rowf, neg_ref, levels, pf, psum, [](int) {});
-        turn_end(2);
-        mark(4);
-        float alpha[2], cfac[2];
-        fwd::row_factors(m_old, m_run, ref, levels, alpha, cfac);
-        fwd::block_l<kBlockN>(pf, psum, alpha, cfac, block_local, l_part);
-
-        // ---- our turn on the tensor cores: PV of this block, QK of the next. Each branch
-        // ends with every wgmma group retired, so the compiler sees no accumulator read while
-        // a group is in flight ----
-        // O = O alpha + acc c. acc converts exactly (|acc| < 2^22) with I2FP, a full-rate ALU
-        // instruction on sm_90. Once the running maxima settle, alpha is 1 for the whole warp
-        // and the rescale drops out: two instructions per element instead of three.
-        auto fold = [&] {
-          if (__all_sync(0xffffffffu, alpha[0] == 1.f && alpha[1] == 1.f)) {
-#pragma unroll
-            for (int dn = 0; dn < D / 8; ++dn)
-#pragma unroll
-              for (int e = 0; e < 4; ++e) o[dn][e] = __fmaf_rn(__int2float_rn(acc[4 * dn + e]), cfac[e >> 1], o[dn][e]);
-          } else {
-#pragma unroll
-            for (int dn = 0; dn < D / 8; ++dn)
-#pragma unroll
-              for (int e = 0; e < 4; ++e) {
-                const int r = e >> 1;
-                o[dn][e] = __fmaf_rn(__int2float_rn(acc[4 * dn + e]), cfac[r], o[dn][e] * alpha[r]);
-              }
-          }
-        };
-        auto pv_done = [&] {
-          ptx::fence_regs(acc);
-#pragma unroll
-          for (int c = 0; c < kBlockN / 32; ++c) ptx::fence_regs(pf[c]);
-          ptx::mbarrier_arrive(bars.v_empty(st));
-        };
-        turn_begin(1);
-        issue_pv<D>(acc, pf, base + S::kV + st * S::kVBytes);
-        if (kAccInScores && n + 1 < nb) {  // PV lands in the score registers: fold, then QK
-          const int st_next = (cur + 1) % kStages;
-          turn_end(1);
-          ptx::wgmma_wait<0>();
-          pv_done();
-          fold();
+      turn_begin(1);  // QK of the first block
+      issue_qk_block(0);
+      turn_end(1);
+      ptx::wgmma_wait<0>();
+      qk_done(0);
+      uint32_t pf[kBlockN / 32][4];
+      float alpha[2], cfac[2];
+      if constexpr (kOverlap) {
+        // FA3 order: QK(n+1) and PV(n) go out together; the softmax of n+1 runs while PV(n) is
+        // still on the tensor cores, and PV(n) is folded into O afterwards. The last step is
+        // peeled so that no wgmma group crosses the loop edge (the compiler serializes
+        // wgmma otherwise).
+        // Two P sets used alternately (no copies between iterations, which the compiler
+        // would sink past the next wgmma issue).
+        uint32_t pf_b[kBlockN / 32][4];
+        float alpha_b[2], cfac_b[2];
+        softmax(0, pf, alpha, cfac);
+        auto step = [&](int n, uint32_t (&pf_cur)[kBlockN / 32][4], float (&a_cur)[2], float (&c_cur)[2],
+                        uint32_t (&pf_nxt)[kBlockN / 32][4], float (&a_nxt)[2], float (&c_nxt)[2],
+                        auto more_c) {
+          constexpr bool kMore = decltype(more_c)::value;
           turn_begin(1);
-          ptx::mbarrier_wait(bars.k_full(st_next), ((cur + 1) / kStages) & 1);
-          issue_qk<D>(s, sQw, base + S::kK + st_next * S::kKBytes);
+          if (kMore) issue_qk_block(n + 1);
+          issue_pv<D>(acc, pf_cur, base + S::kV + stage(n) * S::kVBytes);
           turn_end(1);
+          if (kMore) {
+            ptx::wgmma_wait<1>();  // QK n+1 retired, PV n may still run
+            qk_done(n + 1);
+            softmax(n + 1, pf_nxt, a_nxt, c_nxt);
+          }
           ptx::wgmma_wait<0>();
-          ptx::fence_regs(s);
-          ptx::mbarrier_arrive(bars.k_empty(st_next));
-          if (n + 2 == nb) ptx::mbarrier_arrive(bars.q_empty());
-        } else if (n + 1 < nb) {
-          const int st_next = (cur + 1) % kStages;
-          ptx::mbarrier_wait(bars.k_full(st_next), ((cur + 1) / kStages) & 1);
-          issue_qk<D>(s, sQw, base + S::kK + st_next * S::kKBytes);
-          turn_end(1);
-          ptx::wgmma_wait<1>();  // PV retired, QK of the next block still running
-          mark(5);
-          pv_done();
-          fold();
-          ptx::wgmma_wait<0>();
-          mark(6);
-          ptx::fence_regs(s);
-          ptx::mbarrier_arrive(bars.k_empty(st_next));
-          if (n + 2 == nb) ptx::mbarrier_arrive(bars.q_empty());  // Q no longer read
+          mark(n, 5);
+          pv_done(n, pf_cur);
+          fold(a_cur, c_cur);
+        };
+        int n = 0;
+        for (; n + 2 < nb; n += 2) {
+          step(n, pf, alpha, cfac, pf_b, alpha_b, cfac_b, std::true_type{});
+          step(n + 1, pf_b, alpha_b, cfac_b, pf, alpha, cfac, std::true_type{});
+        }
+        if (nb - n == 2) {
+          step(n, pf, alpha, cfac, pf_b, alpha_b, cfac_b, std::true_type{});
+          step(n + 1, pf_b, alpha_b, cfac_b, pf, alpha, cfac, std::false_type{});
         } else {
-          turn_end(1);
-          ptx::wgmma_wait<0>();
-          pv_done();
-          fold();
+          step(n, pf, alpha, cfac, pf_b, alpha_b, cfac_b, std::false_type{});
+        }
+      } else {
+        // PV(n) and QK(n+1) go out together after the softmax of n; PV(n) is folded while
+        // QK(n+1) runs. Each branch ends with every wgmma group retired, so the compiler sees
+        // no accumulator read while a group is in flight.
+        for (int n = 0; n < nb; ++n) {
+          softmax(n, pf, alpha, cfac);
+          turn_begin(1);
+          issue_pv<D>(acc, pf, base + S::kV + stage(n) * S::kVBytes);
+          if (kAccInScores && n + 1 < nb) {  // PV lands in the score registers: fold, then QK
+            turn_end(1);
+            ptx::wgmma_wait<0>();
+            pv_done(n, pf);
+            fold(alpha, cfac);
+            turn_begin(1);
+            issue_qk_block(n + 1);
+            turn_end(1);
+            ptx::wgmma_wait<0>();
+            qk_done(n + 1);
+          } else if (n + 1 < nb) {
+            issue_qk_block(n + 1);
+            turn_end(1);
+            ptx::wgmma_wait<1>();  // PV retired, QK of the next block still running
+            mark(n, 5);
+            pv_done(n, pf);
+            fold(alpha, cfac);
+            ptx::wgmma_wait<0>();
+            mark(n, 6);
+            qk_done(n + 1);
+          } else {
+            turn_end(1);
+            ptx::wgmma_wait<0>();
+            pv_done(n, pf);
+            fold(alpha, cfac);
+          }
         }
       }
       it += nb;
