@@ -371,5 +371,58 @@ TEST_F(AttentionGpu, Sm90MatchesSm80RandomShapes) {
   }
 }
 
+// Operands TMA cannot describe reach the kernels only as stride-0 broadcasts (the API already
+// requires GPU strides in multiples of 16 bytes): here k8 shared by every head (head stride 0).
+// An explicit sm90 request names the operand and refuses; auto runs it on sm80 and gives
+// exactly what an explicit sm80 call gives.
+TEST_F(AttentionGpu, Sm90RefusesBroadcastStridesAutoFallsBack) {
+  if (gpu_paths().size() < 2) GTEST_SKIP() << "no sm90 path on this device";
+  const int B = 1, H = 2, S = 200, D = 64;
+  auto x = tools::make_inputs(Dist::normal, B, H, H, S, S, D, DType::bf16, 77);
+  ProblemShape shape;
+  shape.batch = B; shape.heads_q = H; shape.heads_kv = H; shape.seqlen_q = S; shape.seqlen_kv = S;
+  shape.head_dim = D;
+  const size_t qbytes = quantized_bytes(shape, Scheme::accurate);
+  DeviceBuffer dq(x.q.data(), x.q.size() * 2), dk(x.k.data(), x.k.size() * 2), dv(x.v.data(), x.v.size() * 2);
+  DeviceBuffer db(qbytes);
+  QuantizedQKV qx;
+  INTFA_ASSERT_OK(alloc_quantized(shape, Scheme::accurate, Layout::BHSD, db.ptr, qbytes, true, 0, &qx));
+  Options o;
+  o.backend = Backend::gpu;
+  Tensor none;
+  INTFA_ASSERT_OK(quantize(testing::on_device(x.tq(), dq.ptr), testing::on_device(x.tk(), dk.ptr),
+                           testing::on_device(x.tv(), dv.ptr), none, none, o, qx));
+  INTFA_ASSERT_OK(gpu_synchronize());
+  QuantizedQKV px = qx;
+  px.k8.stride[1] = 0;  // every head reads head 0's K8
+
+  auto run = [&](GpuPath path, std::vector<float>* out_h) {
+    DeviceBuffer dout(x.q.size() * 4);
+    Options oo;
+    oo.backend = Backend::gpu;
+    oo.path = path;
+    Tensor out = make_tensor(dout.ptr, DType::f32, {B, H, S, D}, true);
+    Status st = attention_int8(px, none, none, S, S, out, nullptr, oo);
+    if (st.ok()) st = gpu_synchronize();
+    if (st.ok() && out_h) *out_h = dout.to_host<float>();
+    return st;
+  };
+  std::vector<float> ref, got;
+  INTFA_ASSERT_OK(run(GpuPath::sm80, &ref));
+  Status st = run(GpuPath::sm90, nullptr);
+  EXPECT_EQ(st.code(), StatusCode::not_available) << st.message();
+  EXPECT_NE(st.message().find("k8"), std::string::npos) << st.message();
+  EXPECT_NE(st.message().find("stride"), std::string::npos) << st.message();
+  INTFA_ASSERT_OK(run(GpuPath::automatic, &got));
+  ASSERT_EQ(got.size(), ref.size());
+  int diff = 0, nonfinite = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    diff += got[i] != ref[i];
+    nonfinite += !std::isfinite(got[i]);
+  }
+  EXPECT_EQ(nonfinite, 0);
+  EXPECT_EQ(diff, 0) << "auto (fallback) vs explicit sm80";
+}
+
 }  // namespace
 }  // namespace intfa
