@@ -26,7 +26,6 @@
 #include <cuda.h>
 
 #include <cstdint>
-#include <type_traits>
 
 #include "common/numerics.h"
 #include "common/params.h"
@@ -39,35 +38,19 @@ namespace intfa::sm90 {
 #ifndef INTFA_SM90_STAGES
 #define INTFA_SM90_STAGES 2
 #endif
-// What the two consumer warpgroups take turns on: 0 nothing, 1 issuing their GEMMs, 2 the
-// exponential phase of the softmax (the MUFU unit, 8 cycles per warp instruction). 1 and 2
-// measured the same on an H200 (580 TOPS at D=128/16k), 0 4% slower (docs/PERF_LOG.md).
+// The two consumer warpgroups take turns issuing their GEMMs (1) or issue whenever ready (0,
+// 4% slower on an H200; turns on the exp2 phase instead measured the same: docs/PERF_LOG.md).
 #ifndef INTFA_SM90_PINGPONG
 #define INTFA_SM90_PINGPONG 1
 #endif
-// Consumer warpgroups of 64 query rows each. With 3, each takes 160 registers and writes the PV
-// product into its (dead) score registers, so PV and the next QK run one after the other.
-#ifndef INTFA_SM90_CONSUMERS
-#define INTFA_SM90_CONSUMERS 2
-#endif
-constexpr int kConsumerWgs = INTFA_SM90_CONSUMERS;
-static_assert(kConsumerWgs == 2 || kConsumerWgs == 3, "consumer warpgroups");
-constexpr bool kAccInScores = kConsumerWgs == 3;
-// FA3-style overlap inside a warpgroup: the softmax of block n+1 runs while PV(n) is in flight
-// (needs registers for both; 2 consumer warpgroups only).
-#ifndef INTFA_SM90_OVERLAP
-#define INTFA_SM90_OVERLAP 0
-#endif
-constexpr bool kOverlap = INTFA_SM90_OVERLAP != 0 && !kAccInScores;
-constexpr int kBlockM = 64 * kConsumerWgs;
+constexpr int kBlockM = 128;  // two consumer warpgroups x 64 rows
 // Keys per block: 255 * 127 * 128 < 2^22 keeps the PV block product exact through kMagic.
 constexpr int kBlockN = 128;
 constexpr int kStages = INTFA_SM90_STAGES;
-constexpr int kThreads = 128 * (1 + kConsumerWgs);
-constexpr int kConsumerThreads = 128 * kConsumerWgs;
+constexpr int kThreads = 384;
+constexpr int kConsumerThreads = 256;
 constexpr int kPermuteThreads = 96;  // producer warps 1-3
-// 128 * 24 + 256 * 240 (or 384 * 160) <= 64K registers.
-constexpr int kProducerRegs = 24, kConsumerRegs = kConsumerWgs == 2 ? 240 : 160;
+constexpr int kProducerRegs = 24, kConsumerRegs = 240;  // 128*24 + 256*240 <= 64K registers
 
 // Phase timeline for tuning (-DINTFA_SM90_TRACE=1): lane 0 of each consumer warpgroup's first
 // warp in CTA 0 records globaltimer-free SM clocks at each phase of its first kTraceIters
@@ -75,7 +58,7 @@ constexpr int kProducerRegs = 24, kConsumerRegs = kConsumerWgs == 2 ? 240 : 160;
 #ifndef INTFA_SM90_TRACE
 #define INTFA_SM90_TRACE 0
 #endif
-constexpr int kTraceIters = 48, kTracePhases = 7;
+constexpr int kTraceIters = 48, kTracePhases = 6;
 #if INTFA_SM90_TRACE
 __device__ long long g_trace[2][kTraceIters][kTracePhases];
 #endif
@@ -286,25 +269,18 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
   const int ctid = threadIdx.x - 128;
   const int wq = (ctid / 32) & 3, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
-  // Turns go round the consumer warpgroups: each waits on its own barrier and opens the next's
-  // (256 threads meet at each: the one waiting and the one arriving).
-  const int my_bar = 1 + cw, other_bar = 1 + (cw + 1) % kConsumerWgs;
-  auto turn_begin = [&](int kind) {
-    if (INTFA_SM90_PINGPONG == kind) ptx::named_bar_sync(my_bar, 256);
-  };
-  auto turn_end = [&](int kind) {
-    if (INTFA_SM90_PINGPONG == kind) ptx::named_bar_arrive(other_bar, 256);
-  };
+  // Turns: each warpgroup waits on its own named barrier and opens the other's.
+  const int my_bar = 1 + cw, other_bar = 1 + (cw + 1) % 2;
+  auto turn_begin = [&] { if (INTFA_SM90_PINGPONG) ptx::named_bar_sync(my_bar, kConsumerThreads); };
+  auto turn_end = [&] { if (INTFA_SM90_PINGPONG) ptx::named_bar_arrive(other_bar, kConsumerThreads); };
   const float kNegInf = fwd::neg_inf();
   const bool block_local = p.scheme == Scheme::accurate;
   const float levels = block_local ? 255.f : 127.f;
   const uint32_t sQw = base + S::kQ + cw * 64 * D;
-  if (INTFA_SM90_PINGPONG && cw == kConsumerWgs - 1) ptx::named_bar_arrive(1, 256);  // WG 0 first
+  if (INTFA_SM90_PINGPONG && cw == 1) ptx::named_bar_arrive(1, kConsumerThreads);  // WG 0 first
 
   int s[kBlockN / 2];  // scores of the current block (accumulator layout)
-  int acc_own[kAccInScores ? 1 : D / 2];
-  // P8 V8 of the current block: its own registers, or the first D/2 score registers.
-  int (&acc)[D / 2] = *reinterpret_cast<int (*)[D / 2]>(kAccInScores ? &s[0] : &acc_own[0]);
+  int acc[D / 2];      // P8 V8 of the current block
 #pragma unroll
   for (int i = 0; i < kBlockN / 2; ++i) s[i] = 0;
 
@@ -376,17 +352,14 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
           }
       }
       // The row maxima first; the MUFU work for alpha and cfac waits until after this block's
-      // exponentials (so with turns on the exp2 phase it never queues behind the other's).
+      // exponentials, off the path from the maxima to the exp2 phase.
       float m_old[2], ref[2], neg_ref[2];
       fwd::row_max<kBlockN>(u, rowf, block_local, m_run, m_old, ref, neg_ref);
       mark(n, 2);
-      turn_begin(2);
-      mark(n, 3);
       float psum[2];
       if (block_local) fwd::make_p<kBlockN, false>(u, rowf, neg_ref, levels, pf, psum, [](int) {});
       else fwd::make_p<kBlockN, true>(u, rowf, neg_ref, levels, pf, psum, [](int) {});
-      turn_end(2);
-      mark(n, 4);
+      mark(n, 3);
       fwd::row_factors(m_old, m_run, ref, levels, alpha, cfac);
       fwd::block_l<kBlockN>(pf, psum, alpha, cfac, block_local, l_part);
     };
@@ -420,86 +393,35 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
     if (nb > 0) {
       ptx::mbarrier_wait(bars.q_full(), tc & 1);
       ++tc;
-      turn_begin(1);  // QK of the first block
+      turn_begin();  // QK of the first block
       issue_qk_block(0);
-      turn_end(1);
+      turn_end();
       ptx::wgmma_wait<0>();
       qk_done(0);
+      // PV(n) and QK(n+1) go out together after the softmax of n; PV(n) is folded while QK(n+1)
+      // runs. Each branch ends with every wgmma group retired, so the compiler sees no
+      // accumulator read while a group is in flight (it serializes the products otherwise).
       uint32_t pf[kBlockN / 32][4];
       float alpha[2], cfac[2];
-      if constexpr (kOverlap) {
-        // FA3 order: QK(n+1) and PV(n) go out together; the softmax of n+1 runs while PV(n) is
-        // still on the tensor cores, and PV(n) is folded into O afterwards. The last step is
-        // peeled so that no wgmma group crosses the loop edge (the compiler serializes
-        // wgmma otherwise).
-        // Two P sets used alternately (no copies between iterations, which the compiler
-        // would sink past the next wgmma issue).
-        uint32_t pf_b[kBlockN / 32][4];
-        float alpha_b[2], cfac_b[2];
-        softmax(0, pf, alpha, cfac);
-        auto step = [&](int n, uint32_t (&pf_cur)[kBlockN / 32][4], float (&a_cur)[2], float (&c_cur)[2],
-                        uint32_t (&pf_nxt)[kBlockN / 32][4], float (&a_nxt)[2], float (&c_nxt)[2],
-                        auto more_c) {
-          constexpr bool kMore = decltype(more_c)::value;
-          turn_begin(1);
-          if (kMore) issue_qk_block(n + 1);
-          issue_pv<D>(acc, pf_cur, base + S::kV + stage(n) * S::kVBytes);
-          turn_end(1);
-          if (kMore) {
-            ptx::wgmma_wait<1>();  // QK n+1 retired, PV n may still run
-            qk_done(n + 1);
-            softmax(n + 1, pf_nxt, a_nxt, c_nxt);
-          }
+      for (int n = 0; n < nb; ++n) {
+        softmax(n, pf, alpha, cfac);
+        turn_begin();
+        issue_pv<D>(acc, pf, base + S::kV + stage(n) * S::kVBytes);
+        if (n + 1 < nb) {
+          issue_qk_block(n + 1);
+          turn_end();
+          ptx::wgmma_wait<1>();  // PV retired, QK of the next block still running
+          mark(n, 4);
+          pv_done(n, pf);
+          fold(alpha, cfac);
           ptx::wgmma_wait<0>();
           mark(n, 5);
-          pv_done(n, pf_cur);
-          fold(a_cur, c_cur);
-        };
-        int n = 0;
-        for (; n + 2 < nb; n += 2) {
-          step(n, pf, alpha, cfac, pf_b, alpha_b, cfac_b, std::true_type{});
-          step(n + 1, pf_b, alpha_b, cfac_b, pf, alpha, cfac, std::true_type{});
-        }
-        if (nb - n == 2) {
-          step(n, pf, alpha, cfac, pf_b, alpha_b, cfac_b, std::true_type{});
-          step(n + 1, pf_b, alpha_b, cfac_b, pf, alpha, cfac, std::false_type{});
+          qk_done(n + 1);
         } else {
-          step(n, pf, alpha, cfac, pf_b, alpha_b, cfac_b, std::false_type{});
-        }
-      } else {
-        // PV(n) and QK(n+1) go out together after the softmax of n; PV(n) is folded while
-        // QK(n+1) runs. Each branch ends with every wgmma group retired, so the compiler sees
-        // no accumulator read while a group is in flight.
-        for (int n = 0; n < nb; ++n) {
-          softmax(n, pf, alpha, cfac);
-          turn_begin(1);
-          issue_pv<D>(acc, pf, base + S::kV + stage(n) * S::kVBytes);
-          if (kAccInScores && n + 1 < nb) {  // PV lands in the score registers: fold, then QK
-            turn_end(1);
-            ptx::wgmma_wait<0>();
-            pv_done(n, pf);
-            fold(alpha, cfac);
-            turn_begin(1);
-            issue_qk_block(n + 1);
-            turn_end(1);
-            ptx::wgmma_wait<0>();
-            qk_done(n + 1);
-          } else if (n + 1 < nb) {
-            issue_qk_block(n + 1);
-            turn_end(1);
-            ptx::wgmma_wait<1>();  // PV retired, QK of the next block still running
-            mark(n, 5);
-            pv_done(n, pf);
-            fold(alpha, cfac);
-            ptx::wgmma_wait<0>();
-            mark(n, 6);
-            qk_done(n + 1);
-          } else {
-            turn_end(1);
-            ptx::wgmma_wait<0>();
-            pv_done(n, pf);
-            fold(alpha, cfac);
-          }
+          turn_end();
+          ptx::wgmma_wait<0>();
+          pv_done(n, pf);
+          fold(alpha, cfac);
         }
       }
       it += nb;

@@ -6,7 +6,7 @@
 #include <string>
 
 #include "cuda/launchers.h"
-#include "cuda/sm90/fwd_sm90_launch.cuh"
+#include "cuda/sm90/fwd_sm90.cuh"
 
 namespace intfa::sm90 {
 namespace {

@@ -20,7 +20,8 @@ Status launch_fwd(const Params& prm, cudaStream_t stream) {
   Status st = cuda::check_cuda(attr_err, "sm90 forward: cudaFuncSetAttribute");
   if (!st.ok()) return st;
   // Persistent: one CTA per SM walks the tiles (a CTA uses most of an SM's registers).
-  const int grid = prm.num_tiles < device_sm_count() ? prm.num_tiles : device_sm_count();
+  const int sms = device_sm_count();
+  const int grid = prm.num_tiles < sms ? prm.num_tiles : sms;
   kernel<<<grid, kThreads, kSmem, stream>>>(prm);
 #if INTFA_SM90_TRACE
   static int traced = 0;
@@ -29,11 +30,10 @@ Status launch_fwd(const Params& prm, cudaStream_t stream) {
     if (cudaMemcpyFromSymbol(tr, g_trace, sizeof(tr)) == cudaSuccess)
       for (int i = 1; i < kTraceIters; ++i)
         for (int w = 0; w < 2; ++w) {
-          // 0 start, 1 V ready, 2 max done, 3 exp turn granted, 4 P done, 5 PV done, 6 QK done
+          // 0 start, 1 V ready, 2 max done, 3 P done, 4 PV done (turn + issue + wait), 5 QK done
           const long long* x = tr[w][i];
-          std::printf("trace wg%d it%2d: vwait %5lld max %5lld turn %5lld exp %5lld pv %5lld qk %5lld | period %5lld\n",
-                      w, i, x[1] - x[0], x[2] - x[1], x[3] - x[2], x[4] - x[3], x[5] - x[4], x[6] - x[5],
-                      x[0] - tr[w][i - 1][0]);
+          std::printf("trace wg%d it%2d: vwait %5lld max %5lld exp %5lld pv %5lld qk %5lld | period %5lld\n", w, i,
+                      x[1] - x[0], x[2] - x[1], x[3] - x[2], x[4] - x[3], x[5] - x[4], x[0] - tr[w][i - 1][0]);
         }
   }
 #endif
