@@ -114,7 +114,8 @@ __device__ __forceinline__ float row_sum(float v) {
 // ---------------------------------------------------------------------------------------------
 // Memory primitives
 // ---------------------------------------------------------------------------------------------
-// 16 bytes global -> shared, asynchronously; src_bytes = 0 writes zeros and reads nothing.
+// 16 bytes global -> shared, asynchronously; src_bytes = 0 writes zeros and reads nothing (gmem
+// is then never dereferenced, so it may point past the tensor).
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes)
@@ -188,6 +189,18 @@ struct Space {
     return lo;
   }
 };
+
+// The space as an item sees it: without cu_seqlens (kVar false) the null `cu` is a compile-time
+// constant, so the dense launches carry none of the varlen arithmetic.
+template <bool kVar>
+__device__ __forceinline__ Space item_space(const Space& s) {
+  Space r = s;
+  if (!kVar) {
+    r.cu = nullptr;
+    r.padded = false;
+  }
+  return r;
+}
 
 __device__ inline Space make_space(const int32_t* cu, bool padded, int batch, int len, int chunk) {
   Space s;
@@ -363,12 +376,12 @@ __device__ __forceinline__ Target target_of(const QuantParams& p, const Plan& pl
 }
 
 // Starts the copies of an item's rows into stage buffer `st` (this thread's vectors only).
-template <int D, typename T>
+template <int D, typename T, bool kVar>
 __device__ void issue_item(const QuantParams& p, const Plan& pl, const Item& it, uint4* st) {
   using G = Geometry<D>;
   const Target tg = target_of(p, pl, it);
   if (tg.tensor == Tensor3::none) return;
-  const Space& sp = tg.tensor == Tensor3::q ? pl.qs : pl.kv;
+  const Space sp = item_space<kVar>(tg.tensor == Tensor3::q ? pl.qs : pl.kv);
   const void* base = tg.tensor == Tensor3::q ? p.q : tg.tensor == Tensor3::k ? p.k : p.v;
   const Strides3 ss = tg.tensor == Tensor3::q ? p.q_st : tg.tensor == Tensor3::k ? p.k_st : p.v_st;
   const Chunk k = chunk_info(sp, tg.chunk, G::kChunk);
@@ -379,14 +392,14 @@ __device__ void issue_item(const QuantParams& p, const Plan& pl, const Item& it,
 #pragma unroll
     for (int row = 0; row < kLaneRows; ++row) {
       const bool ok = row < r.nvalid;
-      cp_async_16(st + row * kThreads + threadIdx.x, ok ? row0 + row * ts : base, ok ? 16 : 0);
+      cp_async_16(st + row * kThreads + threadIdx.x, row0 + row * ts, ok ? 16 : 0);
     }
   } else {  // last read of these rows
     const uint64_t policy = l2_evict_first_policy();
 #pragma unroll
     for (int row = 0; row < kLaneRows; ++row) {
       const bool ok = row < r.nvalid;
-      cp_async_16_hint(st + row * kThreads + threadIdx.x, ok ? row0 + row * ts : base, ok ? 16 : 0, policy);
+      cp_async_16_hint(st + row * kThreads + threadIdx.x, row0 + row * ts, ok ? 16 : 0, policy);
     }
   }
 }
@@ -688,12 +701,12 @@ struct Smem {
 };
 
 // Runs one item whose rows are (being) copied into stage buffer `st`.
-template <int D, typename T>
+template <int D, typename T, bool kVar>
 __device__ __forceinline__ void run_item(const QuantParams& p, const QuantScratch& s, Smem<D>& sm,
                                          const Item& it, uint4* st, bool waits) {
   using G = Geometry<D>;
   const Plan& pl = sm.plan;
-  const Space kv = pl.kv;
+  const Space kv = item_space<kVar>(pl.kv);
   const int64_t bh = static_cast<int64_t>(p.batch) * p.heads_kv;
   if (it.kind == ItemKind::outputs) {
     cp_async_wait<1>();
@@ -703,7 +716,7 @@ __device__ __forceinline__ void run_item(const QuantParams& p, const QuantScratc
   }
   const Target tg = target_of(p, pl, it);
   if (tg.tensor == Tensor3::q) {
-    const Space qs = pl.qs;
+    const Space qs = item_space<kVar>(pl.qs);
     const int hkv = tg.h / (p.heads_q / p.heads_kv);
     const Chunk k = chunk_info(qs, tg.chunk, G::kChunk);
     const bool mean = p.scheme != Scheme::paper && p.lse_offset;
@@ -738,7 +751,7 @@ __device__ __forceinline__ void run_item(const QuantParams& p, const QuantScratc
 // The kernel: phase 0 runs the fused order, phase 1 / 2 the two launches of the split order.
 // Dynamic shared memory: kStageBytes (the stage buffers).
 // ---------------------------------------------------------------------------------------------
-template <int D, typename T>
+template <int D, typename T, bool kVar>
 __global__ void __launch_bounds__(kThreads, kMinCtas)
     quantize_kernel(const QuantParams p, const QuantScratch s, int phase) {
   extern __shared__ uint4 stage[];  // [kStages][kLaneRows][kThreads]
@@ -753,17 +766,17 @@ __global__ void __launch_bounds__(kThreads, kMinCtas)
   const int64_t ntickets = sm.plan.ntickets;
   int64_t cur = static_cast<int64_t>(sm.ticket[0]), next = static_cast<int64_t>(sm.ticket[1]);
   __syncthreads();  // both slots read before thread 0 reuses slot 0
-  if (cur < ntickets) issue_item<D, T>(p, sm.plan, item_of(sm.plan.sc, phase, cur), stage);
+  if (cur < ntickets) issue_item<D, T, kVar>(p, sm.plan, item_of(sm.plan.sc, phase, cur), stage);
   cp_async_commit();
   for (int i = 0; cur < ntickets; ++i) {
     uint4* st = stage + (i & 1) * kStageVecs;
     // Prefetch the next item's rows, and take the ticket after it, while this item runs.
-    if (next < ntickets) issue_item<D, T>(p, sm.plan, item_of(sm.plan.sc, phase, next), stage + ((i + 1) & 1) * kStageVecs);
+    if (next < ntickets) issue_item<D, T, kVar>(p, sm.plan, item_of(sm.plan.sc, phase, next), stage + ((i + 1) & 1) * kStageVecs);
     cp_async_commit();
     unsigned long long after = 0;
     if (threadIdx.x == 0) after = atomicAdd(counter, 1ull);
     // The split order's second launch starts after every table is final: no waits.
-    run_item<D, T>(p, s, sm, item_of(sm.plan.sc, phase, cur), st, phase == 0);
+    run_item<D, T, kVar>(p, s, sm, item_of(sm.plan.sc, phase, cur), st, phase == 0);
     if (threadIdx.x == 0) sm.ticket[i & 1] = after;
     __syncthreads();
     cur = next;
@@ -787,7 +800,7 @@ int64_t ticket_bound(const QuantParams& p) {
 
 template <int D, typename T>
 Status launch_typed(const QuantParams& p, const QuantScratch& s, Order order, cudaStream_t stream) {
-  auto kernel = quantize_kernel<D, T>;
+  auto kernel = (p.cu_q || p.cu_kv) ? quantize_kernel<D, T, true> : quantize_kernel<D, T, false>;
   int dev = 0, sms = 0, per_sm = 0;
   Status st = cuda::check_cuda(cudaGetDevice(&dev), "quantize: cudaGetDevice");
   if (st.ok()) st = cuda::check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev),
