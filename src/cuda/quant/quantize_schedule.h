@@ -9,8 +9,8 @@
 //   kfree     paper scheme: K rows (no smoothing, no dependency);
 //   q         Q rows (+ lse_offset, which needs the K mean of the sequence);
 //   outputs   k_mean and v_scale entries no stats item writes (paper's k_mean, empty sequences).
-// Split order (the default): a first launch runs every stats item, a second one the rest.
-// Fused order (one launch): tickets are taken in order from one counter and an item only waits
+// Split order: a first launch runs every stats item, a second one the rest.
+// Fused order (one launch, the default): tickets are taken in order from one counter and an item only waits
 // for items with smaller tickets, so it cannot deadlock whatever the residency; dep(i) comes
 // right after stats(i + lag), while its rows are still in L2.
 #pragma once
@@ -90,7 +90,7 @@ INTFA_HD Item split_quant_item(const Schedule& s, int64_t t) {
 
 // Lag that keeps every dependency of dep(i) at a smaller ticket: a sequence covers at most
 // `span` chunks, so its stats items lie within nso * span of any of its dep items. `slack`
-// (about half the grid) lets those stats finish before the dep item is taken.
+// (about a grid) lets those stats finish before the dep item is taken.
 INTFA_HD int64_t fused_lag(int64_t ns, int nso, int64_t span, int64_t slack) {
   const int64_t lag = static_cast<int64_t>(nso) * span + slack;
   return lag < ns ? lag : ns;
