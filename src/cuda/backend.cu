@@ -16,6 +16,13 @@ Status check_cuda(cudaError_t err, const char* what) {
                     cudaGetErrorString(err) + ")");
 }
 
+cudaError_t device_sm_count(int* sms) {
+  static PerDevice cache;
+  return once_per_device(cache, [](int dev, int* n) {
+    return cudaDeviceGetAttribute(n, cudaDevAttrMultiProcessorCount, dev);
+  }, sms);
+}
+
 bool built() { return true; }
 int kernel_block_n() { return sm80_block_n(); }
 
@@ -60,16 +67,14 @@ DeviceInfo device_info(int device_index) {
   return info;
 }
 
-Status resolve_path(GpuPath requested, int device_index, GpuPath* resolved) {
-  DeviceInfo info = device_info(device_index);
-  if (!info.present)
-    return Status(StatusCode::not_available, "GPU backend: " + info.error);
-  const int cc = info.major * 10 + info.minor;
+// The path a device of compute capability cc runs; name() (slow) only for error messages.
+template <typename Name>
+Status pick_path(GpuPath requested, int cc, Name&& name, GpuPath* resolved) {
+  const std::string version = std::to_string(cc / 10) + "." + std::to_string(cc % 10);
   if (cc < 80)
     return Status(StatusCode::not_available,
                   "GPU backend: needs compute capability 8.0 or newer (integer mma.sync m16n8k32), "
-                  "device " + info.name + " has " + std::to_string(info.major) + "." +
-                      std::to_string(info.minor));
+                  "device " + name() + " has " + version);
   // sm_90a code runs on compute capability 9.0 only (H100, H200, GH200).
   const bool hopper = cc == 90;
   switch (requested) {
@@ -85,13 +90,35 @@ Status resolve_path(GpuPath requested, int device_index, GpuPath* resolved) {
                       "path: sm90 (Hopper wgmma kernel) is not available in this build "
                       "(configured with -DINTFA_SM90=OFF); use path sm80 or auto");
       if (!hopper)
-        return Status(StatusCode::not_available,
-                      "path: sm90 needs compute capability 9.0 (sm_90a), device " + info.name + " has " +
-                          std::to_string(info.major) + "." + std::to_string(info.minor) + "; use path sm80 or auto");
+        return Status(StatusCode::not_available, "path: sm90 needs compute capability 9.0 (sm_90a), device " +
+                                                     name() + " has " + version + "; use path sm80 or auto");
       *resolved = GpuPath::sm90;
       return Status::OK();
   }
   return Status(StatusCode::invalid_argument, "path: unknown value");
+}
+
+Status resolve_path(GpuPath requested, int device_index, GpuPath* resolved) {
+  // Runs before every GPU call, so the compute capability comes from two attribute queries made
+  // once per device; device_info (cudaGetDeviceProperties, tens of microseconds) only serves
+  // error messages.
+  static PerDevice cc_cache;
+  int count = 0, cc = 0;
+  const bool ok = cudaGetDeviceCount(&count) == cudaSuccess && device_index >= 0 && device_index < count &&
+                  once_for_device(cc_cache, device_index, [](int dev, int* out) {
+                    int major = 0, minor = 0;
+                    cudaError_t e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+                    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+                    *out = major * 10 + minor;
+                    return e;
+                  }, &cc) == cudaSuccess;
+  if (!ok) {
+    cudaGetLastError();  // device_info reports what went wrong
+    const DeviceInfo info = device_info(device_index);
+    return Status(StatusCode::not_available,
+                  "GPU backend: " + (info.present ? std::string("compute capability query failed") : info.error));
+  }
+  return pick_path(requested, cc, [&] { return device_info(device_index).name; }, resolved);
 }
 
 Status quantize(const QuantParams& p, void* stream) {

@@ -4,9 +4,49 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
+
 #include "common/params.h"
 
 namespace intfa::cuda {
+
+// One-time launch setup per device (function attributes, occupancy, SM count). Function
+// attributes belong to the device's context, so "once per process" is wrong with several GPUs,
+// and redoing the queries on every call puts host time in front of each kernel.
+constexpr int kMaxCachedDevices = 64;
+struct PerDevice {
+  std::atomic<int> value[kMaxCachedDevices] = {};  // 0: not yet, else the result + 1
+};
+// *out = init(dev) for device `dev`, computed once per device and cache; init is
+// `cudaError_t(int device, int* result)` with result >= 0. Errors are not cached.
+template <typename Init>
+cudaError_t once_for_device(PerDevice& cache, int dev, Init&& init, int* out) {
+  const bool cached = dev >= 0 && dev < kMaxCachedDevices;
+  if (cached) {
+    const int v = cache.value[dev].load(std::memory_order_acquire);
+    if (v > 0) {
+      *out = v - 1;
+      return cudaSuccess;
+    }
+  }
+  int r = 0;
+  const cudaError_t err = init(dev, &r);
+  if (err != cudaSuccess) return err;
+  if (cached) cache.value[dev].store(r + 1, std::memory_order_release);
+  *out = r;
+  return cudaSuccess;
+}
+// The same for the current device.
+template <typename Init>
+cudaError_t once_per_device(PerDevice& cache, Init&& init, int* out) {
+  int dev = 0;
+  const cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  return once_for_device(cache, dev, static_cast<Init&&>(init), out);
+}
+
+// Streaming multiprocessors of the current device (cached).
+cudaError_t device_sm_count(int* sms);
 
 // src/cuda/quant: fp16/bf16 -> int8 tensors and scales (bit-identical to ref::quantize).
 Status launch_quantize(const QuantParams& p, cudaStream_t stream);

@@ -810,22 +810,22 @@ int64_t ticket_bound(const QuantParams& p) {
 
 template <int D, typename T>
 Status launch_typed(const QuantParams& p, const QuantScratch& s, Order order, cudaStream_t stream) {
-  auto kernel = (p.cu_q || p.cu_kv) ? quantize_kernel<D, T, true> : quantize_kernel<D, T, false>;
-  int dev = 0, sms = 0, per_sm = 0;
-  Status st = cuda::check_cuda(cudaGetDevice(&dev), "quantize: cudaGetDevice");
-  if (st.ok()) st = cuda::check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev),
-                                     "quantize: multiprocessor count");
+  const bool var = p.cu_q || p.cu_kv;
+  auto kernel = var ? quantize_kernel<D, T, true> : quantize_kernel<D, T, false>;
+  // Attributes and occupancy once per device and kernel (host time here delays every call).
+  static cuda::PerDevice setup[2];
+  int sms = 1, per_sm = 0;
+  Status st = cuda::check_cuda(cuda::device_sm_count(&sms), "quantize: multiprocessor count");
   if (st.ok())
-    st = cuda::check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               static_cast<int>(kStageBytes)),
-                          "quantize: shared memory size");
-  if (st.ok())
-    st = cuda::check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                               cudaSharedmemCarveoutMaxShared),
-                          "quantize: shared memory carveout");
-  if (st.ok())
-    st = cuda::check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, kStageBytes),
-                          "quantize: occupancy");
+    st = cuda::check_cuda(cuda::once_per_device(setup[var], [&](int, int* n) {
+      cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(kStageBytes));
+      if (e == cudaSuccess)
+        e = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                 cudaSharedmemCarveoutMaxShared);
+      if (e == cudaSuccess) e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(n, kernel, kThreads, kStageBytes);
+      return e;
+    }, &per_sm), "quantize: kernel attributes and occupancy");
   if (!st.ok()) return st;
   const int64_t resident = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
   const int grid = static_cast<int>(std::max<int64_t>(1, std::min(resident, ticket_bound<D>(p))));

@@ -56,13 +56,6 @@ Status encode_4d(CUtensorMap* map, const void* ptr, const char* what, const uint
 
 }  // namespace
 
-int device_sm_count() {
-  int dev = 0, n = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-    return 1;
-  return n;
-}
-
 // Q and K rows (D bytes) swizzled to their width, V^T rows (kBlockN = 128 keys) with 128-byte
 // swizzle, as the wgmma descriptors expect. Out-of-range boxes are zero-filled.
 Status make_params(const FwdParams& p, Params* prm) {
