@@ -426,6 +426,10 @@ Status run_fp_attention(Problem& p, const Tensor& q, const Tensor& k, const Tens
     pq.k = k8v;
     if (opts.scheme != Scheme::half) pq.v.st = qp.vt_st;
     FwdParams fp = make_fwd_params(pq, x, out, lse, opts);
+    if (!fp.lse) {  // only the LSE needs q . mean(K): without it Q rows wait for no K statistics
+      qp.lse_offset = nullptr;
+      fp.lse_offset = nullptr;
+    }
     if (p.gpu) {
       st = cuda::quantize(qp, opts.stream);
       if (st.ok()) st = cuda::attention_int8(fp, path, opts.path == GpuPath::automatic, opts.stream);
