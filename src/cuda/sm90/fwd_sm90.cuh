@@ -58,7 +58,7 @@ constexpr int kProducerRegs = 24, kConsumerRegs = 240;  // 128*24 + 256*240 <= 6
 #ifndef INTFA_SM90_TRACE
 #define INTFA_SM90_TRACE 0
 #endif
-constexpr int kTraceIters = 48, kTracePhases = 6;
+constexpr int kTraceIters = 48, kTracePhases = 8;
 #if INTFA_SM90_TRACE
 __device__ long long g_trace[2][kTraceIters][kTracePhases];
 #endif
@@ -284,6 +284,13 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
 #pragma unroll
   for (int i = 0; i < kBlockN / 2; ++i) s[i] = 0;
 
+#if INTFA_SM90_TRACE
+  auto trace_at = [&](int i, int ph) {
+    if (blockIdx.x == 0 && (ctid & 127) == 0 && i >= 0 && i < kTraceIters) g_trace[cw][i][ph] = clock64();
+  };
+#else
+  auto trace_at = [](int, int) {};
+#endif
   int it = 0, tc = 0;
   for (int tile = blockIdx.x; tile < P.num_tiles; tile += gridDim.x) {
     Tile T;
@@ -307,13 +314,8 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
     const int nb = T.n_blocks;
     auto stage = [&](int n) { return (it + n) % kStages; };
     auto phase = [&](int n) { return uint32_t((it + n) / kStages) & 1; };
-#if INTFA_SM90_TRACE
-    auto mark = [&](int n, int ph) {
-      if (blockIdx.x == 0 && (ctid & 127) == 0 && it + n < kTraceIters) g_trace[cw][it + n][ph] = clock64();
-    };
-#else
-    auto mark = [](int, int) {};
-#endif
+    auto mark = [&](int n, int ph) { trace_at(it + n, ph); };
+    trace_at(it - 1, 6);  // previous tile's last block: this tile's row scales loaded
     // QK of block n into s (K stage n must have landed), and its retirement: K stage n, and after
     // the last block Q, go back to the producer.
     auto issue_qk_block = [&](int n) {
@@ -392,6 +394,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
 
     if (nb > 0) {
       ptx::mbarrier_wait(bars.q_full(), tc & 1);
+      trace_at(it - 1, 7);
       ++tc;
       turn_begin();  // QK of the first block
       issue_qk_block(0);
@@ -422,11 +425,13 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
           ptx::wgmma_wait<0>();
           pv_done(n, pf);
           fold(alpha, cfac);
+          mark(n, 4);
         }
       }
       it += nb;
     }
     fwd::epilogue<D>(p, T.b, T.h, T.hkv, T.q0, T.sq, row, o, l_part, m_run, t);
+    trace_at(it - 1, 5);
   }
 }
 
