@@ -162,13 +162,44 @@ __device__ __forceinline__ void make_p_and_l(const float (&u)[N / 8][4], const f
   block_l<N>(pf, psum, alpha, cfac, block_local, l_part);
 }
 
-// Writes O * v_scale / l for the thread's rows (row[r] < sq) and the LSE; fully masked rows give
-// 0 and -inf. o[dn] holds channels 8 dn + 2t, +1 of rows g (e = 0, 1) and g+8 (e = 2, 3).
+// LSE (natural log, plus the K-smoothing offset) of the thread's rows, by the quad's lane 0;
+// -inf for fully masked rows. l_full: the row sums reduced over the quad.
+__device__ __forceinline__ void write_lse(const FwdParams& p, int b, int h, int64_t q0, int sq, const int (&row)[2],
+                                          const float (&l_full)[2], const float (&m_run)[2], int t) {
+  if (!p.lse || t != 0) return;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (row[r] >= sq) continue;
+    const int64_t i = offset(p.qs_st, b, h, q0 + row[r]);
+    const float off = p.lse_offset ? p.lse_offset[i] : 0.f;
+    p.lse[offset(p.lse_st, b, h, q0 + row[r])] =
+        l_full[r] > 0.f ? (m_run[r] + log2f(l_full[r])) * kLn2 + off : neg_inf();
+  }
+}
+
+// The v_scale pairs of the thread's output channels (8 dn + 2t, +1). Loaded before the last
+// block's PV wait (sm90) or at least before the first store: `out` may alias v_scale as far as
+// the compiler knows, so loads interleaved with the stores wait for them one L2 round trip per
+// channel group (~13k cycles per tile on an H200, the persistent sm90 kernel's largest per-tile
+// overhead until they were hoisted).
 template <int D>
-__device__ __forceinline__ void epilogue(const FwdParams& p, int b, int h, int hkv, int64_t q0, int sq,
-                                         const int (&row)[2], const float (&o)[D / 8][4],
-                                         const float (&l_part)[2], const float (&m_run)[2], int t) {
+__device__ __forceinline__ void load_v_scale(const FwdParams& p, int b, int hkv, int t, float2 (&v2)[D / 8]) {
   const float* vs = p.v_scale + b * p.vs_st.bs + hkv * p.vs_st.hs;
+#pragma unroll
+  for (int dn = 0; dn < D / 8; ++dn) {
+    const int d = dn * 8 + 2 * t;
+    v2[dn] = make_float2(vs[d], vs[d + 1]);  // v_scale may be only 4-byte aligned
+  }
+}
+
+// Writes O * v_scale / l for the thread's rows (row[r] < sq) and the LSE; fully masked rows give
+// 0 and -inf. o[dn] holds channels 8 dn + 2t, +1 of rows g (e = 0, 1) and g+8 (e = 2, 3); v2
+// their v_scale (load_v_scale).
+template <int D>
+__device__ __forceinline__ void epilogue(const FwdParams& p, int b, int h, int64_t q0, int sq,
+                                         const int (&row)[2], const float (&o)[D / 8][4],
+                                         const float (&l_part)[2], const float (&m_run)[2], int t,
+                                         const float2 (&v2)[D / 8]) {
   float inv_l[2], l_full[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -181,24 +212,14 @@ __device__ __forceinline__ void epilogue(const FwdParams& p, int b, int h, int h
 #pragma unroll
   for (int dn = 0; dn < D / 8; ++dn) {
     const int d = dn * 8 + 2 * t;
-    const float2 v2 = make_float2(vs[d], vs[d + 1]);  // v_scale may be only 4-byte aligned
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       if (row[r] >= sq) continue;
       const int64_t idx = offset(p.o_st, b, h, q0 + row[r]) + d;
-      store_out2(p.out, p.out_dtype, idx, o[dn][2 * r] * v2.x * inv_l[r], o[dn][2 * r + 1] * v2.y * inv_l[r]);
+      store_out2(p.out, p.out_dtype, idx, o[dn][2 * r] * v2[dn].x * inv_l[r], o[dn][2 * r + 1] * v2[dn].y * inv_l[r]);
     }
   }
-  if (p.lse && t == 0) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      if (row[r] >= sq) continue;
-      const int64_t i = offset(p.qs_st, b, h, q0 + row[r]);
-      const float off = p.lse_offset ? p.lse_offset[i] : 0.f;
-      p.lse[offset(p.lse_st, b, h, q0 + row[r])] =
-          l_full[r] > 0.f ? (m_run[r] + log2f(l_full[r])) * kLn2 + off : neg_inf();
-    }
-  }
+  write_lse(p, b, h, q0, sq, row, l_full, m_run, t);
 }
 
 }  // namespace intfa::fwd

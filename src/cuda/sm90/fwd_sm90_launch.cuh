@@ -34,10 +34,10 @@ Status launch_fwd(const Params& prm, cudaStream_t stream) {
           const long long* x = tr[w][i];
           std::printf("trace wg%d it%2d: vwait %5lld max %5lld exp %5lld pv %5lld qk %5lld | period %5lld\n", w, i,
                       x[1] - x[0], x[2] - x[1], x[3] - x[2], x[4] - x[3], x[5] - x[4], x[0] - tr[w][i - 1][0]);
-          // Last block of a tile: 4 PV + fold done, 5 epilogue done, 6 next tile's row scales, 7 Q landed
+          // Last block of a tile: 4 PV + fold done, 6 next tile decoded, 5 epilogue done, 7 Q landed
           if (x[6] != 0)
-            std::printf("  tile end wg%d: epilogue %5lld rowf %5lld q wait %5lld first QK %5lld\n", w, x[5] - x[4],
-                        x[6] - x[5], x[7] - x[6], tr[w][i + 1 < kTraceIters ? i + 1 : i][0] - x[7]);
+            std::printf("  tile end wg%d: next tile %5lld epilogue %5lld q wait %5lld first QK %5lld\n", w,
+                        x[6] - x[4], x[5] - x[6], x[7] - x[5], tr[w][i + 1 < kTraceIters ? i + 1 : i][0] - x[7]);
         }
   }
 #endif
