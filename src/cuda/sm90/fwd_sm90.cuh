@@ -13,6 +13,9 @@
 //   The two consumer warpgroups take turns on the tensor cores (named barriers 1 and 2): one
 //   issues PV(n) and QK(n+1) while the other runs its softmax, so the exp2 / ALU work of one
 //   overlaps the other's matrix products.
+//   Epilogue: each consumer warpgroup writes O * v_scale / l into its shared-memory slice and
+//   one thread per row sends the row out with a bulk copy (named barriers 3 and 4), then goes
+//   on to its next tile, whose row scales were loaded before the epilogue.
 //
 // P in registers without shuffles: the s32 accumulator gives a thread keys {2t, 2t+1} of every
 // 8-key tile, while the u8 A fragment of the PV wgmma wants k indices {4t..4t+3, 16+4t..+3}
