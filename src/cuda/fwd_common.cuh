@@ -162,6 +162,19 @@ __device__ __forceinline__ void make_p_and_l(const float (&u)[N / 8][4], const f
   block_l<N>(pf, psum, alpha, cfac, block_local, l_part);
 }
 
+// The full row sums (l over the quad's four lanes) of the thread's two rows and their inverses
+// (0 for a fully masked row, whose output is then 0).
+__device__ __forceinline__ void row_sums(const float (&l_part)[2], float (&l_full)[2], float (&inv_l)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = l_part[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    l_full[r] = l;
+    inv_l[r] = l > 0.f ? 1.f / l : 0.f;
+  }
+}
+
 // LSE (natural log, plus the K-smoothing offset) of the thread's rows, by the quad's lane 0;
 // -inf for fully masked rows. l_full: the row sums reduced over the quad.
 __device__ __forceinline__ void write_lse(const FwdParams& p, int b, int h, int64_t q0, int sq, const int (&row)[2],
@@ -177,11 +190,10 @@ __device__ __forceinline__ void write_lse(const FwdParams& p, int b, int h, int6
   }
 }
 
-// The v_scale pairs of the thread's output channels (8 dn + 2t, +1). Loaded before the last
-// block's PV wait (sm90) or at least before the first store: `out` may alias v_scale as far as
-// the compiler knows, so loads interleaved with the stores wait for them one L2 round trip per
-// channel group (~13k cycles per tile on an H200, the persistent sm90 kernel's largest per-tile
-// overhead until they were hoisted).
+// The v_scale pairs of the thread's output channels (8 dn + 2t, +1), loaded before the first
+// output store: `out` may alias v_scale as far as the compiler knows, so loads interleaved with
+// the stores wait for them, one L2 round trip per channel group (~13k cycles per tile on an
+// H200, the persistent sm90 kernel's largest per-tile overhead until they were hoisted).
 template <int D>
 __device__ __forceinline__ void load_v_scale(const FwdParams& p, int b, int hkv, int t, float2 (&v2)[D / 8]) {
   const float* vs = p.v_scale + b * p.vs_st.bs + hkv * p.vs_st.hs;
@@ -201,14 +213,7 @@ __device__ __forceinline__ void epilogue(const FwdParams& p, int b, int h, int64
                                          const float (&l_part)[2], const float (&m_run)[2], int t,
                                          const float2 (&v2)[D / 8]) {
   float inv_l[2], l_full[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float l = l_part[r];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    l_full[r] = l;
-    inv_l[r] = l > 0.f ? 1.f / l : 0.f;
-  }
+  row_sums(l_part, l_full, inv_l);
 #pragma unroll
   for (int dn = 0; dn < D / 8; ++dn) {
     const int d = dn * 8 + 2 * t;

@@ -48,6 +48,15 @@ cudaError_t once_per_device(PerDevice& cache, Init&& init, int* out) {
 // Streaming multiprocessors of the current device (cached).
 cudaError_t device_sm_count(int* sms);
 
+// Opts `kernel` in to `bytes` of dynamic shared memory (needed above 48 KB), once per device.
+template <typename Kernel>
+cudaError_t opt_in_smem_once(PerDevice& cache, Kernel kernel, int bytes) {
+  int unused = 0;
+  return once_per_device(cache, [&](int, int*) {
+    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  }, &unused);
+}
+
 // src/cuda/quant: fp16/bf16 -> int8 tensors and scales (bit-identical to ref::quantize).
 Status launch_quantize(const QuantParams& p, cudaStream_t stream);
 

@@ -193,14 +193,7 @@ __device__ __forceinline__ void store_rows(const FwdParams& p, const Tile& T, in
   const int es = p.out_dtype == DType::f32 ? 4 : 2;
   const int row_bytes = D * es, stride = row_bytes + 16;
   float inv_l[2], l_full[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float l = l_part[r];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    l_full[r] = l;
-    inv_l[r] = l > 0.f ? 1.f / l : 0.f;
-  }
+  fwd::row_sums(l_part, l_full, inv_l);
   if (wr < 64) ptx::bulk_wait_read();  // the previous tile's rows have left the slice
   ptx::named_bar_sync(bar, 128);
 #pragma unroll

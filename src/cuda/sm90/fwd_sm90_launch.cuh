@@ -12,12 +12,9 @@ template <int D, bool Causal>
 Status launch_fwd(const Params& prm, cudaStream_t stream) {
   auto kernel = fwd_kernel<D, Causal>;
   constexpr int kSmem = Smem<D>::kAlloc;
-  // Above 48 KB a kernel must opt in to dynamic shared memory (once per device).
   static cuda::PerDevice setup;
-  int unused = 0, sms = 1;
-  Status st = cuda::check_cuda(cuda::once_per_device(setup, [&](int, int*) {
-    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-  }, &unused), "sm90 forward: cudaFuncSetAttribute");
+  int sms = 1;
+  Status st = cuda::check_cuda(cuda::opt_in_smem_once(setup, kernel, kSmem), "sm90 forward: cudaFuncSetAttribute");
   if (st.ok()) st = cuda::check_cuda(cuda::device_sm_count(&sms), "sm90 forward: SM count");
   if (!st.ok()) return st;
   // Persistent: one CTA per SM walks the tiles (a CTA uses most of an SM's registers).
