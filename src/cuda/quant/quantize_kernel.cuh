@@ -7,7 +7,9 @@
 // kGroups rows per instruction and every lane owns kLaneRows consecutive tokens of the chunk,
 // so it can write V transposed as one 8-byte vector per channel without a shared-memory tile.
 // Pipelining: while a CTA computes one item, cp.async brings the next item's rows into shared
-// memory (each thread copies exactly the vectors it will read, so no barrier guards the data).
+// memory (each thread copies exactly the vectors it will read, so no barrier guards the data),
+// and a ninth warp, the scheduler, takes the tickets, decodes each item once and waits for the
+// statistics the next item reads; the CTA meets once per item (twice for a stats item).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -26,8 +28,11 @@
 
 namespace intfa::quant {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = 256;  // the warps that move rows
 constexpr int kWarps = kThreads / 32;
+// Plus one scheduler warp: it takes the tickets, decodes each item once for the CTA and waits
+// for an item's statistics before handing it out, while the other warps run the item before.
+constexpr int kBlockThreads = kThreads + 32;
 constexpr int kLaneRows = 8;   // tokens per lane and item
 constexpr int kStages = 2;     // item buffers: one being computed, one being loaded
 constexpr int kMinCtas = 3;    // CTAs per SM the register budget is set for
@@ -286,17 +291,14 @@ struct LaneRows {
   }
 };
 
-// Waits until the tables of every non-empty sequence in [b_first, b_last] are final.
+// Waits (one thread) until the tables of every non-empty sequence in [b_first, b_last] are final.
 __device__ inline void wait_ready(const Space& kv, int b_first, int b_last, const unsigned* ready_h,
                                   int heads) {
-  if (threadIdx.x == 0) {
-    for (int b = b_first; b <= b_last; ++b) {
-      if (kv.seq_len(b) <= 0) continue;
-      const unsigned* p = ready_h + static_cast<int64_t>(b) * heads;
-      while (ld_acquire(p) == 0u) __nanosleep(64);
-    }
+  for (int b = b_first; b <= b_last; ++b) {
+    if (kv.seq_len(b) <= 0) continue;
+    const unsigned* p = ready_h + static_cast<int64_t>(b) * heads;
+    while (ld_acquire(p) == 0u) __nanosleep(64);
   }
-  __syncthreads();
 }
 
 // Address of the lane's row 0 (channel group cg) in a [b, h, token, d] tensor.
@@ -333,10 +335,12 @@ __device__ Plan make_plan(const QuantParams& p, const QuantScratch& s, int phase
   sc.no = static_cast<int64_t>(p.heads_kv) * pl.out_blocks;
   // Chunks one sequence can touch (varlen: its columns start 16-aligned, up to 15 late).
   const int64_t span = pl.kv.cu ? (*s.max_len_kv + 15 + G::kChunk - 1) / G::kChunk + 1 : pl.kv.cps;
-  // A grid's worth of slack: the last stats item of a sequence has usually finished by the time
-  // its first dep item is taken (half a grid stalled the dep items; two grids evict their rows
-  // from L2 first; H100, B=4 H=32 N=4096 D=128 accurate: 0.378 / 0.296 / 0.302 ms).
-  sc.lag = fused_lag(sc.ns, pl.nso, span, gridDim.x);
+  // Slack of two grids' worth of tickets (s.slack_pct, default 200): the scheduler warp waits
+  // for a dep item's statistics one item before the item runs, and a stats item finishes about
+  // one item after it starts, so a dep item must trail its last stats item by about two items
+  // per CTA. H200, B=4 H=32 N=4096 D=128 accurate: 1.5 grids 0.252 ms, 2 grids 0.248, 2.5
+  // grids 0.249 (the rows start to leave L2).
+  sc.lag = fused_lag(sc.ns, pl.nso, span, static_cast<int64_t>(gridDim.x) * s.slack_pct / 100);
   pl.ntickets = phase == 0 ? sc.fused_tickets()
                 : phase == 1 ? sc.split_stats_tickets()
                              : sc.split_quant_tickets();
@@ -349,47 +353,72 @@ __device__ __forceinline__ Item item_of(const Schedule& sc, int phase, int64_t t
 
 enum class Tensor3 : int { k, v, q, none };
 
-// What an item reads: tensor, head, chunk of its space.
-struct Target {
+// An item as every thread of the CTA needs it, decoded once per item by thread 0 and handed
+// to the CTA in shared memory with the ticket (the ticket walk, the head and chunk divisions
+// and the sequence search were a third of the kernel's instructions when every warp decoded
+// each item twice, once to issue its copies and once to run it). outputs items keep their
+// head in h and their first sequence in k.b_first.
+struct ItemDesc {
+  ItemKind kind;
   Tensor3 tensor;
   int h;
-  int64_t chunk;
+  Chunk k;
 };
 
-__device__ __forceinline__ Target target_of(const QuantParams& p, const Plan& pl, const Item& it) {
+template <int D, bool kVar>
+__device__ ItemDesc decode_item(const QuantParams& p, const Plan& pl, int phase, int64_t t) {
+  using G = Geometry<D>;
+  ItemDesc d{ItemKind::none, Tensor3::none, 0, Chunk{0, 0, 0, 0, 0}};
+  if (t >= pl.ntickets) return d;
+  const Item it = item_of(pl.sc, phase, t);
+  d.kind = it.kind;
+  int64_t chunk = 0;
   switch (it.kind) {
     case ItemKind::stats:
     case ItemKind::dep: {  // index = (h * chunks + c) * nso + op, nso = 1 or 2
       const int64_t hc = it.index >> (pl.nso - 1);
       const bool is_k = p.scheme != Scheme::paper && (it.index & (pl.nso - 1)) == 0;
       const int64_t h = div_by(hc, pl.kv.chunks_div);
-      return {is_k ? Tensor3::k : Tensor3::v, static_cast<int>(h), hc - h * pl.kv.chunks};
+      d.tensor = is_k ? Tensor3::k : Tensor3::v;
+      d.h = static_cast<int>(h);
+      chunk = hc - h * pl.kv.chunks;
+      break;
     }
     case ItemKind::kfree: {
       const int64_t h = div_by(it.index, pl.kv.chunks_div);
-      return {Tensor3::k, static_cast<int>(h), it.index - h * pl.kv.chunks};
+      d.tensor = Tensor3::k;
+      d.h = static_cast<int>(h);
+      chunk = it.index - h * pl.kv.chunks;
+      break;
     }
     case ItemKind::q: {
       const int64_t h = div_by(it.index, pl.qs.chunks_div);
-      return {Tensor3::q, static_cast<int>(h), it.index - h * pl.qs.chunks};
+      d.tensor = Tensor3::q;
+      d.h = static_cast<int>(h);
+      chunk = it.index - h * pl.qs.chunks;
+      break;
     }
+    case ItemKind::outputs:
+      d.h = static_cast<int>(it.index / pl.out_blocks);
+      d.k.b_first = static_cast<int>(it.index % pl.out_blocks) * kOutSeqs;
+      return d;
     default:
-      return {Tensor3::none, 0, 0};
+      return d;
   }
+  d.k = chunk_info(item_space<kVar>(d.tensor == Tensor3::q ? pl.qs : pl.kv), chunk, G::kChunk);
+  return d;
 }
 
 // Starts the copies of an item's rows into stage buffer `st` (this thread's vectors only).
 template <int D, typename T, bool kVar>
-__device__ void issue_item(const QuantParams& p, const Plan& pl, const Item& it, uint4* st) {
+__device__ void issue_item(const QuantParams& p, const Plan& pl, const ItemDesc& it, uint4* st) {
   using G = Geometry<D>;
-  const Target tg = target_of(p, pl, it);
-  if (tg.tensor == Tensor3::none) return;
-  const Space sp = item_space<kVar>(tg.tensor == Tensor3::q ? pl.qs : pl.kv);
-  const void* base = tg.tensor == Tensor3::q ? p.q : tg.tensor == Tensor3::k ? p.k : p.v;
-  const Strides3 ss = tg.tensor == Tensor3::q ? p.q_st : tg.tensor == Tensor3::k ? p.k_st : p.v_st;
-  const Chunk k = chunk_info(sp, tg.chunk, G::kChunk);
-  const LaneRows<D> r(sp, k);
-  const char* row0 = lane_row0<T>(base, ss, k.b_addr, tg.h, r.tok0, (threadIdx.x & 31) % G::kTpr);
+  if (it.tensor == Tensor3::none) return;
+  const Space sp = item_space<kVar>(it.tensor == Tensor3::q ? pl.qs : pl.kv);
+  const void* base = it.tensor == Tensor3::q ? p.q : it.tensor == Tensor3::k ? p.k : p.v;
+  const Strides3 ss = it.tensor == Tensor3::q ? p.q_st : it.tensor == Tensor3::k ? p.k_st : p.v_st;
+  const LaneRows<D> r(sp, it.k);
+  const char* row0 = lane_row0<T>(base, ss, it.k.b_addr, it.h, r.tok0, (threadIdx.x & 31) % G::kTpr);
   const int64_t ts = ss.ts * static_cast<int64_t>(sizeof(T));
   if (it.kind == ItemKind::stats) {  // K / V read again by the dep item: keep them in L2
 #pragma unroll
@@ -577,11 +606,16 @@ __device__ void finish_stats_warp(const QuantParams& p, const Space& kv, const C
     for (int i = 0; i < n; ++i) st_release(s.ready + off + static_cast<int64_t>(fin.list[i]) * p.heads_kv, 1u);
 }
 
-// fp64 channel sums of K over a chunk, added to ksum[b, h, :] of each sequence in it; `red`
-// holds kWarps * D doubles.
+// A stats item runs in two halves around one CTA barrier (stats_finish in the kernel loop, which
+// the scheduler warp meets too): every row warp reduces its rows and leaves its partial results
+// in `red` (one sequence) or adds them to the global accumulators itself (several sequences);
+// after the barrier warp 0 combines the partials, makes the D accumulator atomics and finishes.
+
+// fp64 channel sums of K over a chunk, for ksum[b, h, :] of each sequence in it; `red` holds
+// kWarps * D doubles.
 template <int D, typename T>
-__device__ void k_stats_item(const QuantParams& p, const Space& kv, const Chunk& k, int h,
-                             const QuantScratch& s, const uint4* st, double* red, FinishSmem<D>& fin) {
+__device__ void k_stats_partial(const QuantParams& p, const Space& kv, const Chunk& k, int h,
+                                const QuantScratch& s, const uint4* st, double* red) {
   using G = Geometry<D>;
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, tg = lane / G::kTpr, cg = lane % G::kTpr;
   const LaneRows<D> r(kv, k);  // padded or dense space: one sequence per lane
@@ -600,8 +634,7 @@ __device__ void k_stats_item(const QuantParams& p, const Space& kv, const Chunk&
 #pragma unroll
       for (int e = 0; e < 8; ++e) atomicAdd(sum + e, acc[e]);
     }
-    __syncthreads();
-  } else {  // one sequence: reduce in the CTA, then warp 0 makes D atomics
+  } else {  // one sequence: the warp's sums, reduced in the CTA after the barrier
 #pragma unroll
     for (int o = G::kTpr; o < 32; o <<= 1)
 #pragma unroll
@@ -609,25 +642,14 @@ __device__ void k_stats_item(const QuantParams& p, const Space& kv, const Chunk&
     if (tg == 0)
 #pragma unroll
       for (int e = 0; e < 8; ++e) red[w * D + cg * 8 + e] = acc[e];
-    __syncthreads();
-    if (w == 0) {
-      double* sum = s.ksum + (static_cast<int64_t>(k.b_first) * p.heads_kv + h) * D;
-      for (int c = lane; c < D; c += 32) {
-        double t = 0.;
-#pragma unroll
-        for (int ww = 0; ww < kWarps; ++ww) t = __dadd_rn(t, red[ww * D + c]);
-        atomicAdd(sum + c, t);
-      }
-    }
   }
-  if (w == 0) finish_stats_warp<D, T>(p, kv, k, h, s, true, fin);
 }
 
-// V amax over a chunk, per channel (accurate) or over all channels (paper), max-ed into
-// vmax[b, h, :] (float bits: non-negative floats order like their bit patterns).
+// V amax over a chunk, per channel (accurate) or over all channels (paper), for vmax[b, h, :]
+// (float bits: non-negative floats order like their bit patterns).
 template <int D, typename T>
-__device__ void v_stats_item(const QuantParams& p, const Space& kv, const Chunk& k, int h,
-                             const QuantScratch& s, const uint4* st, float* red, FinishSmem<D>& fin) {
+__device__ void v_stats_partial(const QuantParams& p, const Space& kv, const Chunk& k, int h,
+                                const QuantScratch& s, const uint4* st, float* red) {
   using G = Geometry<D>;
   const bool per_channel = p.scheme == Scheme::accurate;
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, tg = lane / G::kTpr, cg = lane % G::kTpr;
@@ -644,7 +666,6 @@ __device__ void v_stats_item(const QuantParams& p, const Space& kv, const Chunk&
   float all = m[0];
 #pragma unroll
   for (int e = 1; e < 8; ++e) all = fmaxf(all, m[e]);
-  unsigned* dst = s.vmax + (static_cast<int64_t>(k.b_first) * p.heads_kv + h) * D;
   if (k.b_first != k.b_last) {  // several sequences (varlen): each lane maxes its own rows
     if (r.nvalid > 0) {
       unsigned* d = s.vmax + (static_cast<int64_t>(r.b) * p.heads_kv + h) * D;
@@ -655,8 +676,7 @@ __device__ void v_stats_item(const QuantParams& p, const Space& kv, const Chunk&
         atomicMax(d, __float_as_uint(all));
       }
     }
-    __syncthreads();
-  } else if (per_channel) {  // one sequence: reduce in the CTA, then warp 0 makes D atomics
+  } else if (per_channel) {  // one sequence: the warp's maxima, reduced in the CTA after the barrier
 #pragma unroll
     for (int o = G::kTpr; o < 32; o <<= 1)
 #pragma unroll
@@ -664,28 +684,45 @@ __device__ void v_stats_item(const QuantParams& p, const Space& kv, const Chunk&
     if (tg == 0)
 #pragma unroll
       for (int e = 0; e < 8; ++e) red[w * D + cg * 8 + e] = m[e];
-    __syncthreads();
-    if (w == 0) {
-      for (int c = lane; c < D; c += 32) {
-        float t = 0.f;
-#pragma unroll
-        for (int ww = 0; ww < kWarps; ++ww) t = fmaxf(t, red[ww * D + c]);
-        atomicMax(dst + c, __float_as_uint(t));
-      }
-    }
   } else {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) all = fmaxf(all, __shfl_xor_sync(kFull, all, o));
     if (lane == 0) red[w] = all;
-    __syncthreads();
-    if (threadIdx.x == 0) {
+  }
+}
+
+// Warp 0, after the barrier: the CTA's accumulator atomics of a one-sequence chunk, then the
+// done counts and, for sequences this chunk completes, their tables.
+template <int D, typename T>
+__device__ void stats_finish_warp(const QuantParams& p, const Space& kv, const Chunk& k, int h,
+                                  const QuantScratch& s, bool is_k, const double* red, FinishSmem<D>& fin) {
+  const int lane = threadIdx.x & 31;
+  if (k.b_first == k.b_last) {
+    const int64_t tab = (static_cast<int64_t>(k.b_first) * p.heads_kv + h) * D;
+    if (is_k) {
+      for (int c = lane; c < D; c += 32) {
+        double t = 0.;
+#pragma unroll
+        for (int ww = 0; ww < kWarps; ++ww) t = __dadd_rn(t, red[ww * D + c]);
+        atomicAdd(s.ksum + tab + c, t);
+      }
+    } else if (p.scheme == Scheme::accurate) {
+      const float* rf = reinterpret_cast<const float*>(red);
+      for (int c = lane; c < D; c += 32) {
+        float t = 0.f;
+#pragma unroll
+        for (int ww = 0; ww < kWarps; ++ww) t = fmaxf(t, rf[ww * D + c]);
+        atomicMax(s.vmax + tab + c, __float_as_uint(t));
+      }
+    } else if (lane == 0) {
+      const float* rf = reinterpret_cast<const float*>(red);
       float t = 0.f;
 #pragma unroll
-      for (int ww = 0; ww < kWarps; ++ww) t = fmaxf(t, red[ww]);
-      atomicMax(dst, __float_as_uint(t));
+      for (int ww = 0; ww < kWarps; ++ww) t = fmaxf(t, rf[ww]);
+      atomicMax(s.vmax + tab, __float_as_uint(t));
     }
   }
-  if (w == 0) finish_stats_warp<D, T>(p, kv, k, h, s, false, fin);
+  finish_stats_warp<D, T>(p, kv, k, h, s, is_k, fin);
 }
 
 // The k_mean / v_scale entries no finalizer writes: paper's k_mean (zeros) and those of empty
@@ -706,54 +743,64 @@ template <int D>
 struct Smem {
   double red[kWarps * D];  // CTA reductions of the stats items
   Plan plan;
-  unsigned long long ticket[2];  // alternate slots: one barrier per item suffices
+  // Items i, i + 1 and i + 2 of this CTA in slots i % 3 ..: while the CTA runs item i and
+  // loads item i + 1, the scheduler writes item i + 2 into the slot item i - 1 left, so one
+  // barrier per item suffices.
+  ItemDesc desc[3];
   FinishSmem<D> fin;
 };
 
-// Runs one item whose rows are (being) copied into stage buffer `st`.
+// Runs one item whose rows are (being) copied into stage buffer `st`. Its statistics, if it
+// needs any, are final (the scheduler warp waited for them before handing the item out).
 template <int D, typename T, bool kVar>
 __device__ __forceinline__ void run_item(const QuantParams& p, const QuantScratch& s, Smem<D>& sm,
-                                         const Item& it, uint4* st, bool waits) {
-  using G = Geometry<D>;
+                                         const ItemDesc& it, uint4* st) {
   const Plan& pl = sm.plan;
   const Space kv = item_space<kVar>(pl.kv);
-  const int64_t bh = static_cast<int64_t>(p.batch) * p.heads_kv;
+  const Chunk& k = it.k;
   if (it.kind == ItemKind::outputs) {
     cp_async_wait<1>();
-    outputs_item(p, kv, static_cast<int>(it.index / pl.out_blocks),
-                 static_cast<int>(it.index % pl.out_blocks) * kOutSeqs, D);
+    outputs_item(p, kv, it.h, k.b_first, D);
     return;
   }
-  const Target tg = target_of(p, pl, it);
-  if (tg.tensor == Tensor3::q) {
+  if (it.tensor == Tensor3::q) {
     const Space qs = item_space<kVar>(pl.qs);
-    const int hkv = tg.h / (p.heads_q / p.heads_kv);
-    const Chunk k = chunk_info(qs, tg.chunk, G::kChunk);
+    const int hkv = it.h / (p.heads_q / p.heads_kv);
     const bool mean = p.scheme != Scheme::paper && p.lse_offset;
-    if (mean && waits) wait_ready(kv, k.b_first, k.b_last, s.ready + hkv, p.heads_kv);
     const RowsJob j{p.q, p.q_st, p.q8, p.q8_st, p.q_scale, p.qs_st, p.lse_offset,
                     p.softmax_scale, mean ? s.kmean : nullptr, hkv, false};
     cp_async_wait<1>();  // this thread's rows of the item have landed
-    rows_item<D, T>(j, qs, kv, k, tg.h, p.heads_kv, st);
+    rows_item<D, T>(j, qs, kv, k, it.h, p.heads_kv, st);
     return;
   }
-  const Chunk k = chunk_info(kv, tg.chunk, G::kChunk);
-  const bool is_k = tg.tensor == Tensor3::k;
+  const bool is_k = it.tensor == Tensor3::k;
+  cp_async_wait<1>();
   if (it.kind == ItemKind::stats) {
-    cp_async_wait<1>();
-    if (is_k) k_stats_item<D, T>(p, kv, k, tg.h, s, st, sm.red, sm.fin);
-    else v_stats_item<D, T>(p, kv, k, tg.h, s, st, reinterpret_cast<float*>(sm.red), sm.fin);
+    // The first half; stats_finish_warp runs after the kernel loop's stats barrier.
+    if (is_k) k_stats_partial<D, T>(p, kv, k, it.h, s, st, sm.red);
+    else v_stats_partial<D, T>(p, kv, k, it.h, s, st, reinterpret_cast<float*>(sm.red));
   } else if (is_k) {  // dep or kfree
     const bool smooth = it.kind == ItemKind::dep;
-    if (smooth && waits) wait_ready(kv, k.b_first, k.b_last, s.ready + tg.h, p.heads_kv);
     const RowsJob j{p.k, p.k_st, p.k8, p.k8_st, p.k_scale, p.ks_st, nullptr, 0.f,
-                    smooth ? s.kmean : nullptr, tg.h, smooth};
-    cp_async_wait<1>();
-    rows_item<D, T>(j, kv, kv, k, tg.h, p.heads_kv, st);
+                    smooth ? s.kmean : nullptr, it.h, smooth};
+    rows_item<D, T>(j, kv, kv, k, it.h, p.heads_kv, st);
   } else {
-    if (waits) wait_ready(kv, k.b_first, k.b_last, s.ready + bh + tg.h, p.heads_kv);
-    cp_async_wait<1>();
-    vt_item<D, T>(p, kv, k, tg.h, s.vinv, st);
+    vt_item<D, T>(p, kv, k, it.h, s.vinv, st);
+  }
+}
+
+// The scheduler's wait for the statistics an item reads (fused order only; in the split order
+// the second launch starts after every table is final): K rows the K mean, V rows the V scales,
+// Q rows the K mean for lse_offset.
+template <bool kVar>
+__device__ void wait_item(const QuantParams& p, const QuantScratch& s, const Plan& pl, const ItemDesc& it) {
+  const Space kv = item_space<kVar>(pl.kv);
+  const int64_t bh = static_cast<int64_t>(p.batch) * p.heads_kv;
+  if (it.tensor == Tensor3::q) {
+    if (p.scheme != Scheme::paper && p.lse_offset)
+      wait_ready(kv, it.k.b_first, it.k.b_last, s.ready + it.h / (p.heads_q / p.heads_kv), p.heads_kv);
+  } else if (it.kind == ItemKind::dep) {
+    wait_ready(kv, it.k.b_first, it.k.b_last, s.ready + (it.tensor == Tensor3::k ? 0 : bh) + it.h, p.heads_kv);
   }
 }
 
@@ -761,36 +808,55 @@ __device__ __forceinline__ void run_item(const QuantParams& p, const QuantScratc
 // The kernel: phase 0 runs the fused order, phase 1 / 2 the two launches of the split order.
 // Dynamic shared memory: kStageBytes (the stage buffers).
 // ---------------------------------------------------------------------------------------------
+// Item i of a CTA runs between its barriers i - 1 and i. The scheduler warp's lane 0 meanwhile
+// decodes item i + 2 (its ticket was taken during item i - 1, so the atomic's latency is long
+// hidden), takes the ticket of item i + 3 and waits for the statistics of item i + 1, whose
+// rows the other warps are loading. The row warps never wait for a ticket, a decode or a table.
 template <int D, typename T, bool kVar>
-__global__ void __launch_bounds__(kThreads, kMinCtas)
+__global__ void __launch_bounds__(kBlockThreads, kMinCtas)
     quantize_kernel(const QuantParams p, const QuantScratch s, int phase) {
   extern __shared__ uint4 stage[];  // [kStages][kLaneRows][kThreads]
   __shared__ Smem<D> sm;
   unsigned long long* counter = s.tickets + phase;
-  if (threadIdx.x == 0) {
+  const bool scheduler = threadIdx.x >= kThreads;
+  const bool waits = phase == 0;
+  int64_t pending = 0;  // scheduler lane 0: the ticket of item i + 2
+  if (threadIdx.x == kThreads) {
     sm.plan = make_plan<D>(p, s, phase);
-    sm.ticket[0] = atomicAdd(counter, 1ull);
-    sm.ticket[1] = atomicAdd(counter, 1ull);
+    const int64_t t0 = static_cast<int64_t>(atomicAdd(counter, 1ull));
+    const int64_t t1 = static_cast<int64_t>(atomicAdd(counter, 1ull));
+    pending = static_cast<int64_t>(atomicAdd(counter, 1ull));
+    sm.desc[0] = decode_item<D, kVar>(p, sm.plan, phase, t0);
+    sm.desc[1] = decode_item<D, kVar>(p, sm.plan, phase, t1);
+    if (waits) wait_item<kVar>(p, s, sm.plan, sm.desc[0]);
   }
   __syncthreads();
-  const int64_t ntickets = sm.plan.ntickets;
-  int64_t cur = static_cast<int64_t>(sm.ticket[0]), next = static_cast<int64_t>(sm.ticket[1]);
-  __syncthreads();  // both slots read before thread 0 reuses slot 0
-  if (cur < ntickets) issue_item<D, T, kVar>(p, sm.plan, item_of(sm.plan.sc, phase, cur), stage);
-  cp_async_commit();
-  for (int i = 0; cur < ntickets; ++i) {
-    uint4* st = stage + (i & 1) * kStageVecs;
-    // Prefetch the next item's rows, and take the ticket after it, while this item runs.
-    if (next < ntickets) issue_item<D, T, kVar>(p, sm.plan, item_of(sm.plan.sc, phase, next), stage + ((i + 1) & 1) * kStageVecs);
+  if (!scheduler) {
+    issue_item<D, T, kVar>(p, sm.plan, sm.desc[0], stage);
     cp_async_commit();
-    unsigned long long after = 0;
-    if (threadIdx.x == 0) after = atomicAdd(counter, 1ull);
-    // The split order's second launch starts after every table is final: no waits.
-    run_item<D, T, kVar>(p, s, sm, item_of(sm.plan.sc, phase, cur), st, phase == 0);
-    if (threadIdx.x == 0) sm.ticket[i & 1] = after;
+  }
+  for (int i = 0, slot = 0; sm.desc[slot].kind != ItemKind::none; ++i) {
+    const int slot1 = slot == 2 ? 0 : slot + 1, slot2 = slot1 == 2 ? 0 : slot1 + 1;
+    if (!scheduler) {
+      // Prefetch the next item's rows while this item runs.
+      issue_item<D, T, kVar>(p, sm.plan, sm.desc[slot1], stage + ((i + 1) & 1) * kStageVecs);
+      cp_async_commit();
+      run_item<D, T, kVar>(p, s, sm, sm.desc[slot], stage + (i & 1) * kStageVecs);
+    } else if (threadIdx.x == kThreads) {
+      // slot2 held item i - 1, which every row warp left at barrier i - 1.
+      sm.desc[slot2] = decode_item<D, kVar>(p, sm.plan, phase, pending);
+      if (sm.desc[slot2].kind != ItemKind::none) pending = static_cast<int64_t>(atomicAdd(counter, 1ull));
+    }
+    if (sm.desc[slot].kind == ItemKind::stats) {  // the second half of a stats item
+      __syncthreads();
+      if (threadIdx.x < 32) {
+        const ItemDesc& it = sm.desc[slot];
+        stats_finish_warp<D, T>(p, item_space<kVar>(sm.plan.kv), it.k, it.h, s, it.tensor == Tensor3::k, sm.red, sm.fin);
+      }
+    }
+    if (threadIdx.x == kThreads && waits) wait_item<kVar>(p, s, sm.plan, sm.desc[slot1]);
     __syncthreads();
-    cur = next;
-    next = static_cast<int64_t>(sm.ticket[i & 1]);
+    slot = slot1;
   }
   cp_async_wait<0>();
 }
@@ -823,20 +889,20 @@ Status launch_typed(const QuantParams& p, const QuantScratch& s, Order order, cu
       if (e == cudaSuccess)
         e = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                                  cudaSharedmemCarveoutMaxShared);
-      if (e == cudaSuccess) e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(n, kernel, kThreads, kStageBytes);
+      if (e == cudaSuccess) e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(n, kernel, kBlockThreads, kStageBytes);
       return e;
     }, &per_sm), "quantize: kernel attributes and occupancy");
   if (!st.ok()) return st;
   const int64_t resident = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
   const int grid = static_cast<int>(std::max<int64_t>(1, std::min(resident, ticket_bound<D>(p))));
   if (order == Order::fused) {
-    kernel<<<grid, kThreads, kStageBytes, stream>>>(p, s, 0);
+    kernel<<<grid, kBlockThreads, kStageBytes, stream>>>(p, s, 0);
     return cuda::check_cuda(cudaGetLastError(), "quantize kernel (fused)");
   }
-  kernel<<<grid, kThreads, kStageBytes, stream>>>(p, s, 1);
+  kernel<<<grid, kBlockThreads, kStageBytes, stream>>>(p, s, 1);
   st = cuda::check_cuda(cudaGetLastError(), "quantize kernel (stats)");
   if (!st.ok()) return st;
-  kernel<<<grid, kThreads, kStageBytes, stream>>>(p, s, 2);
+  kernel<<<grid, kBlockThreads, kStageBytes, stream>>>(p, s, 2);
   return cuda::check_cuda(cudaGetLastError(), "quantize kernel (quantize)");
 }
 

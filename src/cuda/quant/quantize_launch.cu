@@ -1,5 +1,6 @@
 // launch_quantize: checks, stream-ordered scratch, the prep kernel (zeroes the accumulators,
 // sanitizes cu_seqlens) and the per-head-dim main kernel (quantize_kernel.cuh).
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -187,6 +188,8 @@ Status launch_quantize(const QuantParams& p, cudaStream_t stream) {
   // INTFA_QUANT_ORDER=split selects the two launches (stats, then quantization) for comparisons.
   const char* env = std::getenv("INTFA_QUANT_ORDER");
   const Order order = env && std::strcmp(env, "split") == 0 ? Order::split : Order::fused;
+  // Tuning knob (INTFA_QUANT_SLACK, percent of a grid): how far dep items trail their statistics.
+  if (const char* sl = std::getenv("INTFA_QUANT_SLACK")) s.slack_pct = std::max(0, std::atoi(sl));
 
   const size_t zero_vecs = s.zero_bytes / 16;
   const int prep_grid = static_cast<int>(std::min<size_t>(64, std::max<size_t>(1, (zero_vecs + kPrepThreads - 1) / kPrepThreads)));
