@@ -42,13 +42,17 @@ __device__ __forceinline__ void row_max(const float (&u)[N / 8][4], const float 
                                         float (&m_run)[2], float (&m_old)[2], float (&ref)[2],
                                         float (&neg_ref)[2]) {
   const float kNegInf = neg_inf();
-  // Row max over four independent partial maxima, so the FMNMX chains stay short.
+  // Row max over four independent partial maxima, so the FMNMX chains stay short (seeded with
+  // the first four tiles, not -inf: eight FMNMX fewer per block).
+  static_assert(N / 8 >= 4, "row_max needs at least four 8-key tiles");
   float mx[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    float part[4] = {kNegInf, kNegInf, kNegInf, kNegInf};
+    float part[4];
 #pragma unroll
-    for (int j = 0; j < N / 8; ++j) part[j & 3] = fmaxf(part[j & 3], fmaxf(u[j][2 * r], u[j][2 * r + 1]));
+    for (int j = 0; j < 4; ++j) part[j] = fmaxf(u[j][2 * r], u[j][2 * r + 1]);
+#pragma unroll
+    for (int j = 4; j < N / 8; ++j) part[j & 3] = fmaxf(part[j & 3], fmaxf(u[j][2 * r], u[j][2 * r + 1]));
     mx[r] = fmaxf(fmaxf(part[0], part[1]), fmaxf(part[2], part[3]));
   }
 #pragma unroll
@@ -64,15 +68,18 @@ __device__ __forceinline__ void row_max(const float (&u)[N / 8][4], const float 
 }
 
 // row_factors (the MUFU half): alpha = exp2(m_old - m_new), the factor of O and l, and
-// cfac = exp2(ref - m_new) / levels, the factor of this block's integer P8 V8 product.
+// cfac = exp2(ref - m_new) / levels, the factor of this block's integer P8 V8 product, taken
+// as a product with 1 / levels (a division by the run-time levels is ~20 instructions and a
+// branch per row; the product differs from it by at most an ulp, below ex2.approx's error).
 // Rows with nothing visible yet keep alpha = 1 and cfac = 0.
 __device__ __forceinline__ void row_factors(const float (&m_old)[2], const float (&m_run)[2], const float (&ref)[2],
                                             float levels, float (&alpha)[2], float (&cfac)[2]) {
+  const float inv_levels = levels == 255.f ? 1.f / 255.f : 1.f / 127.f;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const bool none = m_run[r] == neg_inf();  // nothing visible in this row so far
     alpha[r] = none ? 1.f : ptx::ex2_approx(m_old[r] - m_run[r]);
-    cfac[r] = (none || ref[r] == neg_inf()) ? 0.f : ptx::ex2_approx(ref[r] - m_run[r]) / levels;
+    cfac[r] = (none || ref[r] == neg_inf()) ? 0.f : ptx::ex2_approx(ref[r] - m_run[r]) * inv_levels;
   }
 }
 

@@ -49,6 +49,24 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
+// A warp-uniform copy of v that ptxas keeps in a register: values derived from threadIdx are
+// otherwise rebuilt from an S2R (~20 cycles of latency) wherever registers are short, e.g.
+// right before a named barrier in a kernel's critical section (a plain mov is seen through).
+__device__ __forceinline__ uint32_t opaque_uniform(uint32_t v) {
+  return __shfl_sync(0xffffffffu, v, 0);
+}
+
+// ld.shared.v4.f32 from a shared-window address: a generic pointer into dynamic shared memory
+// costs an S2R of the CTA id and an address conversion wherever the compiler rebuilds it.
+// Volatile, so it stays after the barrier wait that publishes the data.
+__device__ __forceinline__ float4 ld_shared_f32x4(uint32_t addr) {
+  float4 v;
+  asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+               : "r"(addr));
+  return v;
+}
+
 // cp.async.cg.shared.global 16 bytes (§9.7.9.25); src_bytes < 16 zero-fills the rest, so
 // out-of-range rows are loaded as zeros without a branch around the instruction.
 __device__ __forceinline__ void cp_async_16B(uint32_t smem_addr, const void* gmem, bool valid) {

@@ -320,7 +320,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
   const int wq = (ctid / 32) & 3, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
   // Turns: each warpgroup waits on its own named barrier and opens the other's.
-  const int my_bar = 1 + cw, other_bar = 1 + (cw + 1) % 2;
+  const int my_bar = static_cast<int>(ptx::opaque_uniform(1 + cw)), other_bar = 3 - my_bar;
   auto turn_begin = [&] { if (INTFA_SM90_PINGPONG) ptx::named_bar_sync(my_bar, kConsumerThreads); };
   auto turn_end = [&] { if (INTFA_SM90_PINGPONG) ptx::named_bar_arrive(other_bar, kConsumerThreads); };
   const float kNegInf = fwd::neg_inf();
@@ -380,8 +380,9 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
       for (int e = 0; e < 4; ++e) o[dn][e] = 0.f;
 
     const int nb = T.n_blocks;
-    auto stage = [&](int n) { return (it + n) % kStages; };
-    auto phase = [&](int n) { return uint32_t((it + n) / kStages) & 1; };
+    // Unsigned: the ring position of block n is then a mask and a shift for kStages = 2.
+    auto stage = [&](int n) { return static_cast<int>(static_cast<uint32_t>(it + n) % kStages); };
+    auto phase = [&](int n) { return (static_cast<uint32_t>(it + n) / kStages) & 1u; };
     auto mark = [&](int n, int ph) { trace_at(it + n, ph); };
     // QK of block n into s (K stage n must have landed), and its retirement: K stage n, and after
     // the last block Q, go back to the producer.
@@ -399,13 +400,13 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
       mark(n, 0);
       ptx::mbarrier_wait(bars.v_ready(stage(n)), phase(n));
       mark(n, 1);
-      const float* sKs = reinterpret_cast<const float*>(smem + S::kKs + stage(n) * S::kKsBytes);
+      const uint32_t sKs = base + S::kKs + stage(n) * S::kKsBytes + 16 * t;
       // ---- u = S * s_k (one IADD + one FFMA; keys past the end get an offset of -inf from
       // the producer), the causal diagonal a per-score mask ----
       float u[kBlockN / 8][4];
 #pragma unroll
       for (int j = 0; j < kBlockN / 8; ++j) {
-        const float4 k4 = *reinterpret_cast<const float4*>(sKs + 4 * (4 * j + t));
+        const float4 k4 = ptx::ld_shared_f32x4(sKs + 64 * j);
         u[j][0] = __fmaf_rn(__int_as_float(s[4 * j + 0] + kMagicBits), k4.x, k4.z);
         u[j][1] = __fmaf_rn(__int_as_float(s[4 * j + 1] + kMagicBits), k4.y, k4.w);
         u[j][2] = __fmaf_rn(__int_as_float(s[4 * j + 2] + kMagicBits), k4.x, k4.z);
