@@ -141,13 +141,15 @@ __device__ __forceinline__ bool decode_tile(const FwdParams& p, int num_m, int t
 }
 
 // S (64 x 128 keys, this warpgroup's rows) = Q8 K8^T, D/32 k steps of 32 bytes.
+// The descriptors of the k steps are those of the tile plus 2 per step (32 bytes in units of
+// 16); adding to one built descriptor keeps the uniform-datapath work in the turn small.
 template <int D>
 __device__ __forceinline__ void issue_qk(int (&s)[kBlockN / 2], uint32_t sQ, uint32_t sK) {
+  const uint64_t dq = ptx::wgmma_desc(sQ, D), dk = ptx::wgmma_desc(sK, D);
   ptx::wgmma_fence();
-  ptx::wgmma_m64n128k32_s8s8_ss_init(s, ptx::wgmma_desc(sQ, D), ptx::wgmma_desc(sK, D));
+  ptx::wgmma_m64n128k32_s8s8_ss_init(s, dq, dk);
 #pragma unroll
-  for (int kk = 1; kk < D / 32; ++kk)
-    ptx::wgmma_m64n128k32_s8s8_ss(s, ptx::wgmma_desc(sQ + 32 * kk, D), ptx::wgmma_desc(sK + 32 * kk, D));
+  for (int kk = 1; kk < D / 32; ++kk) ptx::wgmma_m64n128k32_s8s8_ss(s, dq + 2 * kk, dk + 2 * kk);
   ptx::wgmma_commit();
 }
 
@@ -155,10 +157,11 @@ __device__ __forceinline__ void issue_qk(int (&s)[kBlockN / 2], uint32_t sQ, uin
 template <int D>
 __device__ __forceinline__ void issue_pv(int (&acc)[D / 2], const uint32_t (&pf)[kBlockN / 32][4],
                                          uint32_t sV) {
+  const uint64_t dv = ptx::wgmma_desc(sV, kBlockN);
   ptx::wgmma_fence();
 #pragma unroll
   for (int c = 0; c < kBlockN / 32; ++c) {
-    const uint64_t desc = ptx::wgmma_desc(sV + 32 * c, kBlockN);
+    const uint64_t desc = dv + 2 * c;
     if constexpr (D == 128) {
       if (c == 0) ptx::wgmma_m64n128k32_u8s8_rs_init(acc, pf[c], desc);
       else ptx::wgmma_m64n128k32_u8s8_rs(acc, pf[c], desc);
