@@ -25,7 +25,7 @@ struct QuantScratch {
   int* max_len_kv = nullptr;    // varlen: longest kv sequence (after sanitizing)
   int32_t* cu_q = nullptr;      // varlen: sanitized copies of cu_seqlens (monotonic, [0] = 0)
   int32_t* cu_kv = nullptr;
-  int slack_pct = 200;          // fused order: dep items trail their statistics by this % of a grid
+  int slack_pct = 150;          // fused order: dep items trail their statistics by this % of a grid
 };
 
 enum class Order : int { fused, split };
