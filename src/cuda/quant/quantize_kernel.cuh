@@ -353,11 +353,11 @@ __device__ __forceinline__ Item item_of(const Schedule& sc, int phase, int64_t t
 
 enum class Tensor3 : int { k, v, q, none };
 
-// An item as every thread of the CTA needs it, decoded once per item by thread 0 and handed
-// to the CTA in shared memory with the ticket (the ticket walk, the head and chunk divisions
-// and the sequence search were a third of the kernel's instructions when every warp decoded
-// each item twice, once to issue its copies and once to run it). outputs items keep their
-// head in h and their first sequence in k.b_first.
+// An item as every thread of the CTA needs it, decoded once by the scheduler warp and handed
+// to the CTA in shared memory (the ticket walk, the head and chunk divisions and the sequence
+// search were a third of the kernel's instructions when every warp decoded each item twice,
+// once to issue its copies and once to run it). outputs items keep their head in h and their
+// first sequence in k.b_first.
 struct ItemDesc {
   ItemKind kind;
   Tensor3 tensor;
@@ -811,7 +811,8 @@ __device__ void wait_item(const QuantParams& p, const QuantScratch& s, const Pla
 // Item i of a CTA runs between its barriers i - 1 and i. The scheduler warp's lane 0 meanwhile
 // decodes item i + 2 (its ticket was taken during item i - 1, so the atomic's latency is long
 // hidden), takes the ticket of item i + 3 and waits for the statistics of item i + 1, whose
-// rows the other warps are loading. The row warps never wait for a ticket, a decode or a table.
+// rows the other warps are loading. The row warps never take a ticket, decode or poll a table
+// themselves. A stats item has one more barrier, after which warp 0 finishes it.
 template <int D, typename T, bool kVar>
 __global__ void __launch_bounds__(kBlockThreads, kMinCtas)
     quantize_kernel(const QuantParams p, const QuantScratch s, int phase) {
