@@ -2,8 +2,9 @@
 // item is handed out exactly once, and in the fused single-launch order (the default) a
 // quantization item only ever waits for statistics items with smaller tickets, taken at least
 // `slack` tickets earlier. The kernel relies on the first property for its output and on the
-// second for never deadlocking whatever the residency (a waiting CTA holds tickets that are all
-// larger than the ones it waits for).
+// second for never deadlocking whatever the residency (a CTA only waits for the statistics of
+// its next item, all at smaller tickets, and runs every item it holds before that one without
+// waiting).
 #include <gtest/gtest.h>
 
 #include <cstdint>

@@ -69,12 +69,11 @@ __device__ __forceinline__ void row_max(const float (&u)[N / 8][4], const float 
 
 // row_factors (the MUFU half): alpha = exp2(m_old - m_new), the factor of O and l, and
 // cfac = exp2(ref - m_new) / levels, the factor of this block's integer P8 V8 product, taken
-// as a product with 1 / levels (a division by the run-time levels is ~20 instructions and a
-// branch per row; the product differs from it by at most an ulp, below ex2.approx's error).
-// Rows with nothing visible yet keep alpha = 1 and cfac = 0.
+// as a product with inv_levels = 1 / levels (a division by the run-time levels is ~20
+// instructions and a branch per row; the product differs from it by at most an ulp, below
+// ex2.approx's error). Rows with nothing visible yet keep alpha = 1 and cfac = 0.
 __device__ __forceinline__ void row_factors(const float (&m_old)[2], const float (&m_run)[2], const float (&ref)[2],
-                                            float levels, float (&alpha)[2], float (&cfac)[2]) {
-  const float inv_levels = levels == 255.f ? 1.f / 255.f : 1.f / 127.f;
+                                            float inv_levels, float (&alpha)[2], float (&cfac)[2]) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const bool none = m_run[r] == neg_inf();  // nothing visible in this row so far
@@ -86,11 +85,11 @@ __device__ __forceinline__ void row_factors(const float (&m_old)[2], const float
 // Both halves at once (the sm80 order).
 template <int N>
 __device__ __forceinline__ void row_update(const float (&u)[N / 8][4], const float (&rowf)[2],
-                                           bool block_local, float levels, float (&m_run)[2],
+                                           bool block_local, float inv_levels, float (&m_run)[2],
                                            float (&alpha)[2], float (&cfac)[2], float (&neg_ref)[2]) {
   float m_old[2], ref[2];
   row_max<N>(u, rowf, block_local, m_run, m_old, ref, neg_ref);
-  row_factors(m_old, m_run, ref, levels, alpha, cfac);
+  row_factors(m_old, m_run, ref, inv_levels, alpha, cfac);
 }
 
 // P8 = round(levels * exp2(u * rowf - ref)) for the thread's two rows, packed as u8 A fragments

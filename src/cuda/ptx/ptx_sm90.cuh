@@ -93,6 +93,9 @@ __device__ __forceinline__ uint64_t wgmma_desc(uint32_t smem_addr, int row_bytes
   return uint64_t((smem_addr & 0x3FFFF) >> 4) | (uint64_t(1) << 16) |
          (uint64_t((8 * row_bytes) >> 4) << 32) | (mode << 62);
 }
+// The descriptor of the same tile `bytes` further on (a k step: the start field counts 16-byte
+// units and cannot carry out of its 14 bits inside shared memory), without rebuilding it.
+__device__ __forceinline__ uint64_t wgmma_desc_advance(uint64_t desc, uint32_t bytes) { return desc + (bytes >> 4); }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>

@@ -606,10 +606,11 @@ __device__ void finish_stats_warp(const QuantParams& p, const Space& kv, const C
     for (int i = 0; i < n; ++i) st_release(s.ready + off + static_cast<int64_t>(fin.list[i]) * p.heads_kv, 1u);
 }
 
-// A stats item runs in two halves around one CTA barrier (stats_finish in the kernel loop, which
-// the scheduler warp meets too): every row warp reduces its rows and leaves its partial results
-// in `red` (one sequence) or adds them to the global accumulators itself (several sequences);
-// after the barrier warp 0 combines the partials, makes the D accumulator atomics and finishes.
+// A stats item runs in two halves around one CTA barrier in the kernel loop, which the
+// scheduler warp meets too: every row warp reduces its rows and leaves its partial results in
+// `red` (one sequence) or adds them to the global accumulators itself (several sequences);
+// after the barrier warp 0 combines the partials, makes the D accumulator atomics and finishes
+// (stats_finish_warp).
 
 // fp64 channel sums of K over a chunk, for ksum[b, h, :] of each sequence in it; `red` holds
 // kWarps * D doubles.

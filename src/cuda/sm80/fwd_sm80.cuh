@@ -249,6 +249,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
   // ---- per-thread row state: rows g and g+8 of this warp's 16 ----
   const bool block_local = p.scheme == Scheme::accurate;
   const float levels = block_local ? 255.f : 127.f;
+  const float inv_levels = block_local ? 1.f / 255.f : 1.f / 127.f;
   int row[2];
   float rowf[2], m_run[2], l_part[2];
   for (int r = 0; r < 2; ++r) {
@@ -346,7 +347,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
     }
 
     float alpha[2], cfac[2], neg_ref[2];
-    fwd::row_update<kBlockN>(u, rowf, block_local, levels, m_run, alpha, cfac, neg_ref);
+    fwd::row_update<kBlockN>(u, rowf, block_local, inv_levels, m_run, alpha, cfac, neg_ref);
 
     // ---- P = round(levels * exp2(t - ref)) packed into PV A fragments; when deferred, the
     // previous block's PV runs in slices between these exponentials ----

@@ -140,16 +140,17 @@ __device__ __forceinline__ bool decode_tile(const FwdParams& p, int num_m, int t
   return true;
 }
 
-// S (64 x 128 keys, this warpgroup's rows) = Q8 K8^T, D/32 k steps of 32 bytes.
-// The descriptors of the k steps are those of the tile plus 2 per step (32 bytes in units of
-// 16); adding to one built descriptor keeps the uniform-datapath work in the turn small.
+// S (64 x 128 keys, this warpgroup's rows) = Q8 K8^T, D/32 k steps of 32 bytes. The k steps'
+// descriptors advance one built descriptor per tile (building one per step put ~7 uniform
+// instructions per wgmma into the turn).
 template <int D>
 __device__ __forceinline__ void issue_qk(int (&s)[kBlockN / 2], uint32_t sQ, uint32_t sK) {
   const uint64_t dq = ptx::wgmma_desc(sQ, D), dk = ptx::wgmma_desc(sK, D);
   ptx::wgmma_fence();
   ptx::wgmma_m64n128k32_s8s8_ss_init(s, dq, dk);
 #pragma unroll
-  for (int kk = 1; kk < D / 32; ++kk) ptx::wgmma_m64n128k32_s8s8_ss(s, dq + 2 * kk, dk + 2 * kk);
+  for (int kk = 1; kk < D / 32; ++kk)
+    ptx::wgmma_m64n128k32_s8s8_ss(s, ptx::wgmma_desc_advance(dq, 32 * kk), ptx::wgmma_desc_advance(dk, 32 * kk));
   ptx::wgmma_commit();
 }
 
@@ -161,7 +162,7 @@ __device__ __forceinline__ void issue_pv(int (&acc)[D / 2], const uint32_t (&pf)
   ptx::wgmma_fence();
 #pragma unroll
   for (int c = 0; c < kBlockN / 32; ++c) {
-    const uint64_t desc = dv + 2 * c;
+    const uint64_t desc = ptx::wgmma_desc_advance(dv, 32 * c);
     if constexpr (D == 128) {
       if (c == 0) ptx::wgmma_m64n128k32_u8s8_rs_init(acc, pf[c], desc);
       else ptx::wgmma_m64n128k32_u8s8_rs(acc, pf[c], desc);
@@ -329,6 +330,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
   const float kNegInf = fwd::neg_inf();
   const bool block_local = p.scheme == Scheme::accurate;
   const float levels = block_local ? 255.f : 127.f;
+  const float inv_levels = block_local ? 1.f / 255.f : 1.f / 127.f;
   const uint32_t sQw = base + S::kQ + cw * 64 * D;
   if (INTFA_SM90_PINGPONG && cw == 1) ptx::named_bar_arrive(1, kConsumerThreads);  // WG 0 first
 
@@ -433,7 +435,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
       if (block_local) fwd::make_p<kBlockN, false>(u, rowf, neg_ref, levels, pf, psum, [](int) {});
       else fwd::make_p<kBlockN, true>(u, rowf, neg_ref, levels, pf, psum, [](int) {});
       mark(n, 3);
-      fwd::row_factors(m_old, m_run, ref, levels, alpha, cfac);
+      fwd::row_factors(m_old, m_run, ref, inv_levels, alpha, cfac);
       fwd::block_l<kBlockN>(pf, psum, alpha, cfac, block_local, l_part);
     };
     // PV of block n retired: its V stage goes back; the in-flight A fragments are free again.
