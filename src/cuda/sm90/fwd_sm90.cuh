@@ -57,11 +57,12 @@ constexpr int kProducerRegs = 24, kConsumerRegs = 240;  // 128*24 + 256*240 <= 6
 
 // Phase timeline for tuning (-DINTFA_SM90_TRACE=1): lane 0 of each consumer warpgroup's first
 // warp in CTA 0 records globaltimer-free SM clocks at each phase of its first kTraceIters
-// blocks; the launcher prints them.
+// blocks, and at a tile's end the steps of the epilogue; the launcher prints them for the
+// launch INTFA_SM90_TRACE_AT (default 3, the fourth) names.
 #ifndef INTFA_SM90_TRACE
 #define INTFA_SM90_TRACE 0
 #endif
-constexpr int kTraceIters = 48, kTracePhases = 8;
+constexpr int kTraceIters = 48, kTracePhases = 12;
 #if INTFA_SM90_TRACE
 __device__ long long g_trace[2][kTraceIters][kTracePhases];
 #endif
@@ -188,11 +189,11 @@ __device__ __forceinline__ uint4 permute_chunk(uint4 x) {
 // rows x 16 bytes per warp instruction; H200, D=128, N=4k: 519 -> 527-535 TOPS). Before the
 // slice is rewritten, the copies of the previous tile must have read it (bulk_wait_read by the
 // issuing threads, then this warpgroup's named barrier `bar`).
-template <int D>
+template <int D, typename Mark>
 __device__ __forceinline__ void store_rows(const FwdParams& p, const Tile& T, int cw, int ctid, int bar,
                                            uint8_t* so, uint32_t so_addr, const int (&row)[2],
                                            const float (&o)[D / 8][4], const float (&l_part)[2],
-                                           const float (&m_run)[2], const float2 (&v2)[D / 8]) {
+                                           const float (&m_run)[2], const float2 (&v2)[D / 8], Mark&& mark) {
   const int lane = ctid % 32, t = lane % 4, wr = ctid % 128;
   const int es = p.out_dtype == DType::f32 ? 4 : 2;
   const int row_bytes = D * es, stride = row_bytes + 16;
@@ -200,6 +201,7 @@ __device__ __forceinline__ void store_rows(const FwdParams& p, const Tile& T, in
   fwd::row_sums(l_part, l_full, inv_l);
   if (wr < 64) ptx::bulk_wait_read();  // the previous tile's rows have left the slice
   ptx::named_bar_sync(bar, 128);
+  mark(8);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     uint8_t* srow = so + (row[r] - T.m0 - cw * 64) * stride;
@@ -212,8 +214,10 @@ __device__ __forceinline__ void store_rows(const FwdParams& p, const Tile& T, in
       else *reinterpret_cast<__half2*>(srow + d * 2) = __floats2half2_rn(a, b);
     }
   }
+  mark(9);
   ptx::fence_proxy_async_shared();  // the bulk copies read the slice through the async proxy
   ptx::named_bar_sync(bar, 128);
+  mark(10);
   if (wr < 64 && T.m0 + cw * 64 + wr < T.sq) {  // rows inside the sequence
     const int64_t idx = offset(p.o_st, T.b, T.h, T.q0 + T.m0 + cw * 64 + wr);
     ptx::bulk_store(static_cast<char*>(p.out) + idx * es, so_addr + wr * stride, row_bytes);
@@ -514,7 +518,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
     if (tile_n < P.num_tiles) load_rowf(Tn, rowf_n);
     trace_at(it - 1, 6);
     store_rows<D>(p, T, cw, ctid, 3 + cw, smem + S::kO + cw * S::kOSliceBytes, base + S::kO + cw * S::kOSliceBytes,
-                  row, o, l_part, m_run, v2);
+                  row, o, l_part, m_run, v2, [&](int ph) { trace_at(it - 1, ph); });
     trace_at(it - 1, 5);
     tile = tile_n;
     T = Tn;

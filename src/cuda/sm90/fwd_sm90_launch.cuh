@@ -5,6 +5,7 @@
 #include "cuda/sm90/fwd_sm90.cuh"
 
 #include <cstdio>
+#include <cstdlib>
 
 namespace intfa::sm90 {
 
@@ -22,7 +23,8 @@ Status launch_fwd(const Params& prm, cudaStream_t stream) {
   kernel<<<grid, kThreads, kSmem, stream>>>(prm);
 #if INTFA_SM90_TRACE
   static int traced = 0;
-  if (traced++ == 3 && cudaStreamSynchronize(stream) == cudaSuccess) {
+  static const int trace_at = std::getenv("INTFA_SM90_TRACE_AT") ? std::atoi(std::getenv("INTFA_SM90_TRACE_AT")) : 3;
+  if (traced++ == trace_at && cudaStreamSynchronize(stream) == cudaSuccess) {
     long long tr[2][kTraceIters][kTracePhases];
     if (cudaMemcpyFromSymbol(tr, g_trace, sizeof(tr)) == cudaSuccess)
       for (int i = 1; i < kTraceIters; ++i)
@@ -32,9 +34,11 @@ Status launch_fwd(const Params& prm, cudaStream_t stream) {
           std::printf("trace wg%d it%2d: vwait %5lld max %5lld exp %5lld pv %5lld qk %5lld | period %5lld\n", w, i,
                       x[1] - x[0], x[2] - x[1], x[3] - x[2], x[4] - x[3], x[5] - x[4], x[0] - tr[w][i - 1][0]);
           // Last block of a tile: 4 PV + fold done, 6 next tile decoded, 5 epilogue done, 7 Q landed
+          // (epilogue: 8 slice free, 9 rows written, 10 written rows visible to the copies)
           if (x[6] != 0)
-            std::printf("  tile end wg%d: next tile %5lld epilogue %5lld q wait %5lld first QK %5lld\n", w,
-                        x[6] - x[4], x[5] - x[6], x[7] - x[5], tr[w][i + 1 < kTraceIters ? i + 1 : i][0] - x[7]);
+            std::printf("  tile end wg%d: next tile %5lld epilogue %5lld (bar1 %lld writes %lld bar2 %lld store %lld)"
+                        " q wait %5lld first QK %5lld\n", w, x[6] - x[4], x[5] - x[6], x[8] - x[6], x[9] - x[8],
+                        x[10] - x[9], x[5] - x[10], x[7] - x[5], tr[w][i + 1 < kTraceIters ? i + 1 : i][0] - x[7]);
         }
   }
 #endif
