@@ -7,6 +7,7 @@
 // waiting).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 

@@ -23,7 +23,10 @@ Status launch_fwd(const Params& prm, cudaStream_t stream) {
   kernel<<<grid, kThreads, kSmem, stream>>>(prm);
 #if INTFA_SM90_TRACE
   static int traced = 0;
-  static const int trace_at = std::getenv("INTFA_SM90_TRACE_AT") ? std::atoi(std::getenv("INTFA_SM90_TRACE_AT")) : 3;
+  static const int trace_at = [] {
+    const char* e = std::getenv("INTFA_SM90_TRACE_AT");
+    return e ? std::atoi(e) : 3;
+  }();
   if (traced++ == trace_at && cudaStreamSynchronize(stream) == cudaSuccess) {
     long long tr[2][kTraceIters][kTracePhases];
     if (cudaMemcpyFromSymbol(tr, g_trace, sizeof(tr)) == cudaSuccess)
