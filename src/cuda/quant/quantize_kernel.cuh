@@ -372,32 +372,29 @@ __device__ ItemDesc decode_item(const QuantParams& p, const Plan& pl, int phase,
   if (t >= pl.ntickets) return d;
   const Item it = item_of(pl.sc, phase, t);
   d.kind = it.kind;
+  // Index h * chunks + c of a space: the head into d.h, the chunk returned.
+  auto head_and_chunk = [&d](int64_t index, const Space& sp) {
+    const int64_t h = div_by(index, sp.chunks_div);
+    d.h = static_cast<int>(h);
+    return index - h * sp.chunks;
+  };
   int64_t chunk = 0;
   switch (it.kind) {
     case ItemKind::stats:
     case ItemKind::dep: {  // index = (h * chunks + c) * nso + op, nso = 1 or 2
-      const int64_t hc = it.index >> (pl.nso - 1);
       const bool is_k = p.scheme != Scheme::paper && (it.index & (pl.nso - 1)) == 0;
-      const int64_t h = div_by(hc, pl.kv.chunks_div);
       d.tensor = is_k ? Tensor3::k : Tensor3::v;
-      d.h = static_cast<int>(h);
-      chunk = hc - h * pl.kv.chunks;
+      chunk = head_and_chunk(it.index >> (pl.nso - 1), pl.kv);
       break;
     }
-    case ItemKind::kfree: {
-      const int64_t h = div_by(it.index, pl.kv.chunks_div);
+    case ItemKind::kfree:
       d.tensor = Tensor3::k;
-      d.h = static_cast<int>(h);
-      chunk = it.index - h * pl.kv.chunks;
+      chunk = head_and_chunk(it.index, pl.kv);
       break;
-    }
-    case ItemKind::q: {
-      const int64_t h = div_by(it.index, pl.qs.chunks_div);
+    case ItemKind::q:
       d.tensor = Tensor3::q;
-      d.h = static_cast<int>(h);
-      chunk = it.index - h * pl.qs.chunks;
+      chunk = head_and_chunk(it.index, pl.qs);
       break;
-    }
     case ItemKind::outputs:
       d.h = static_cast<int>(it.index / pl.out_blocks);
       d.k.b_first = static_cast<int>(it.index % pl.out_blocks) * kOutSeqs;
