@@ -195,11 +195,19 @@ __device__ __forceinline__ void store_rows(const FwdParams& p, const Tile& T, in
                                            const float (&o)[D / 8][4], const float (&l_part)[2],
                                            const float (&m_run)[2], const float2 (&v2)[D / 8], Mark&& mark) {
   const int lane = ctid % 32, t = lane % 4, wr = ctid % 128;
+  // Who issues the 64 row copies. cp.async.bulk takes uniform operands, so a warp issues its
+  // lanes' copies one after another. D = 128: lanes 0-15 of each of the four warps, which
+  // finish sooner than two warps of 32 (H200: +1-2% at N=1k and causal, equal at 16k).
+  // D = 64 keeps threads 0-63: there the change rescheduled ptxas's hot loop, measured 2%
+  // slower at N=16k (docs/PERF_LOG.md, s18).
+  constexpr bool kSpread = D == 128;
+  const bool copier = kSpread ? (wr & 16) == 0 : wr < 64;
+  const int crow = kSpread ? ((wr >> 5) << 4) | (wr & 15) : wr;
   const int es = p.out_dtype == DType::f32 ? 4 : 2;
   const int row_bytes = D * es, stride = row_bytes + 16;
   float inv_l[2], l_full[2];
   fwd::row_sums(l_part, l_full, inv_l);
-  if (wr < 64) ptx::bulk_wait_read();  // the previous tile's rows have left the slice
+  if (copier) ptx::bulk_wait_read();  // the previous tile's rows have left the slice
   ptx::named_bar_sync(bar, 128);
   mark(8);
 #pragma unroll
@@ -218,9 +226,9 @@ __device__ __forceinline__ void store_rows(const FwdParams& p, const Tile& T, in
   ptx::fence_proxy_async_shared();  // the bulk copies read the slice through the async proxy
   ptx::named_bar_sync(bar, 128);
   mark(10);
-  if (wr < 64 && T.m0 + cw * 64 + wr < T.sq) {  // rows inside the sequence
-    const int64_t idx = offset(p.o_st, T.b, T.h, T.q0 + T.m0 + cw * 64 + wr);
-    ptx::bulk_store(static_cast<char*>(p.out) + idx * es, so_addr + wr * stride, row_bytes);
+  if (copier && T.m0 + cw * 64 + crow < T.sq) {  // rows inside the sequence
+    const int64_t idx = offset(p.o_st, T.b, T.h, T.q0 + T.m0 + cw * 64 + crow);
+    ptx::bulk_store(static_cast<char*>(p.out) + idx * es, so_addr + crow * stride, row_bytes);
     ptx::bulk_commit();
   }
   fwd::write_lse(p, T.b, T.h, T.q0, T.sq, row, l_full, m_run, t);
