@@ -102,6 +102,33 @@ __device__ __forceinline__ void to_float8<__half>(const uint4& v, float (&x)[8])
   }
 }
 
+// acc[i] = max(acc[i], |v pair i|) on packed fp16/bf16 pairs (one HMNMX2 per two values).
+template <typename T> __device__ void absmax_pairs(const uint4& v, uint32_t (&acc)[4]);
+template <>
+__device__ __forceinline__ void absmax_pairs<__nv_bfloat16>(const uint4& v, uint32_t (&acc)[4]) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    __nv_bfloat162 a, b;
+    memcpy(&a, &w[i], 4);
+    memcpy(&b, &acc[i], 4);
+    const __nv_bfloat162 r = __hmax2(__habs2(a), b);
+    memcpy(&acc[i], &r, 4);
+  }
+}
+template <>
+__device__ __forceinline__ void absmax_pairs<__half>(const uint4& v, uint32_t (&acc)[4]) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    __half2 a, b;
+    memcpy(&a, &w[i], 4);
+    memcpy(&b, &acc[i], 4);
+    const __half2 r = __hmax2(__habs2(a), b);
+    memcpy(&acc[i], &r, 4);
+  }
+}
+
 // Reductions over the kWidth lanes of one row (lanes are grouped contiguously).
 template <int kWidth>
 __device__ __forceinline__ float row_max(float v) {
@@ -469,7 +496,10 @@ __device__ void rows_item(const RowsJob& j, const Space& s, const Space& kv, con
   };
   if (use_mean) load_mean(r.b);
 
+  // The row's output address advances by the row stride; the empty asm keeps it a live value,
+  // else ptxas rebuilds offset() with 64-bit multiplies for every row (~15 instructions each).
   int8_t* dst = j.dst + offset(j.dst_st, k.b_addr, h, r.tok0) + cg * 8;
+  const int64_t dst_ts = j.dst_st.ts;
   // Row `cg` of the lane's rows keeps its amax (and lse dot): the per-row scale division and
   // side-tensor stores happen once per lane after the loop, not once per row in every lane.
   static_assert(G::kTpr >= kLaneRows, "a row group needs a lane per row for the side stores");
@@ -498,8 +528,10 @@ __device__ void rows_item(const RowsJob& j, const Space& s, const Space& kv, con
       keep_dot = dot;
     }
     if (valid)
-      __stcs(reinterpret_cast<uint2*>(dst + row * j.dst_st.ts),
+      __stcs(reinterpret_cast<uint2*>(dst),
              make_uint2(ptx::pack_low_bytes(qb[0], qb[1], qb[2], qb[3]), ptx::pack_low_bytes(qb[4], qb[5], qb[6], qb[7])));
+    dst += dst_ts;
+    asm volatile("" : "+l"(dst));
   }
   if (cg < r.nvalid) {
     const int64_t sc = offset(j.sc_st, k.b_addr, h, r.tok0 + cg);
@@ -618,9 +650,9 @@ __device__ void k_stats_partial(const QuantParams& p, const Space& kv, const Chu
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, tg = lane / G::kTpr, cg = lane % G::kTpr;
   const LaneRows<D> r(kv, k);  // padded or dense space: one sequence per lane
   double acc[8] = {0., 0., 0., 0., 0., 0., 0., 0.};
+  // Rows past nvalid were copied as zeros (issue_item), which add nothing: no per-row test.
 #pragma unroll
   for (int row = 0; row < kLaneRows; ++row) {
-    if (row >= r.nvalid) break;
     float x[8];
     to_float8<T>(st[row * kThreads + threadIdx.x], x);
 #pragma unroll
@@ -652,15 +684,13 @@ __device__ void v_stats_partial(const QuantParams& p, const Space& kv, const Chu
   const bool per_channel = p.scheme == Scheme::accurate;
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, tg = lane / G::kTpr, cg = lane % G::kTpr;
   const LaneRows<D> r(kv, k);
-  float m[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  // |x| maxima on the packed 16-bit pairs (exact: a maximum of representable values; NaN is
+  // skipped as fmaxf does), converted once; rows past nvalid were copied as zeros.
+  uint32_t m2[4] = {0u, 0u, 0u, 0u};
 #pragma unroll
-  for (int row = 0; row < kLaneRows; ++row) {
-    if (row >= r.nvalid) break;
-    float x[8];
-    to_float8<T>(st[row * kThreads + threadIdx.x], x);
-#pragma unroll
-    for (int e = 0; e < 8; ++e) m[e] = fmaxf(m[e], fabsf(x[e]));
-  }
+  for (int row = 0; row < kLaneRows; ++row) absmax_pairs<T>(st[row * kThreads + threadIdx.x], m2);
+  float m[8];
+  to_float8<T>(make_uint4(m2[0], m2[1], m2[2], m2[3]), m);
   float all = m[0];
 #pragma unroll
   for (int e = 1; e < 8; ++e) all = fmaxf(all, m[e]);
