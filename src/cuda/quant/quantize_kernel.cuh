@@ -51,6 +51,20 @@ struct Geometry {
   static constexpr int kChunk = kWarps * kWarpTokens;  // 32 KiB of fp16/bf16 per item
 };
 
+// Q and K quantization items read rows, not columns: a lane holds kRowVecs vectors of one row
+// (channel groups cg, cg + kTpr, ..: each copy and store of a row's lanes stays contiguous), so
+// a row spans half as many lanes (one shuffle round fewer) and every per-row step (the lane
+// reduction, the IEEE division of the scale) is shared by twice the elements; a lane then owns
+// kRowRows rows, and a warp still covers kWarpTokens tokens (the same chunks and stage buffers).
+constexpr int kRowVecs = 2;
+constexpr int kRowRows = kLaneRows / kRowVecs;
+template <int D>
+struct RowGeometry {
+  static constexpr int kTpr = D / 8 / kRowVecs;  // lanes per row
+  static constexpr int kGroups = 32 / kTpr;      // rows per warp instruction
+  static_assert(kGroups * kRowRows == Geometry<D>::kWarpTokens, "row items cover a warp's tokens");
+};
+
 // ---------------------------------------------------------------------------------------------
 // Arithmetic of the rounding rule (intfa.h): quant_scale / quant_inv_scale from numerics.h.
 // ---------------------------------------------------------------------------------------------
@@ -283,8 +297,8 @@ __device__ inline Chunk chunk_info(const Space& s, int64_t c, int chunk) {
   return k;
 }
 
-// The kLaneRows rows a lane owns, and the sequence of the row being processed.
-template <int D>
+// The kRows rows a lane owns (kTpr lanes per row), and the sequence of the row being processed.
+template <int D, int kTpr = Geometry<D>::kTpr, int kRows = kLaneRows>
 struct LaneRows {
   int64_t first;  // column of the lane's row 0
   int64_t tok0;   // its memory token index (the lane's rows are consecutive tokens)
@@ -295,17 +309,17 @@ struct LaneRows {
   __device__ LaneRows(const Space& s, const Chunk& k) {
     using G = Geometry<D>;
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-    first = k.begin + w * G::kWarpTokens + (lane / G::kTpr) * kLaneRows;
+    first = k.begin + w * G::kWarpTokens + (lane / kTpr) * kRows;
     int64_t end = k.end;
     b = k.b_first;
     if (s.cu && k.b_last != k.b_first) b = first < end ? s.find(first, k.b_first, k.b_last) : k.b_last;
     if (s.padded) end = min(end, s.seq_end(b));  // one sequence per lane
-    nvalid = static_cast<int>(min(max(end - first, int64_t(0)), int64_t(kLaneRows)));
+    nvalid = static_cast<int>(min(max(end - first, int64_t(0)), int64_t(kRows)));
     tok0 = s.token(b, first);
-    b_end = (s.cu && !s.padded) ? rel_end(s) : kLaneRows;
+    b_end = (s.cu && !s.padded) ? rel_end(s) : kRows;
   }
   __device__ int rel_end(const Space& s) const {
-    return static_cast<int>(min(s.seq_end(b) - first, int64_t(kLaneRows)));
+    return static_cast<int>(min(s.seq_end(b) - first, int64_t(kRows)));
   }
   // Moves to the sequence of valid row `row` if that is past b's end; true if it moved.
   __device__ bool advance(const Space& s, int row) {
@@ -441,9 +455,29 @@ __device__ void issue_item(const QuantParams& p, const Plan& pl, const ItemDesc&
   const Space sp = item_space<kVar>(it.tensor == Tensor3::q ? pl.qs : pl.kv);
   const void* base = it.tensor == Tensor3::q ? p.q : it.tensor == Tensor3::k ? p.k : p.v;
   const Strides3 ss = it.tensor == Tensor3::q ? p.q_st : it.tensor == Tensor3::k ? p.k_st : p.v_st;
+  const int64_t ts = ss.ts * static_cast<int64_t>(sizeof(T));
+  if (it.tensor == Tensor3::q || (it.tensor == Tensor3::k && it.kind != ItemKind::stats)) {
+    // rows_item's layout (RowGeometry): vector v of the lane's row i at st[(i * kRowVecs + v) * kThreads];
+    // it holds channel group v * kTpr + cg, so the row's lanes read 128 contiguous bytes per copy.
+    using RG = RowGeometry<D>;
+    const LaneRows<D, RG::kTpr, kRowRows> r(sp, it.k);
+    const char* row0 = lane_row0<T>(base, ss, it.k.b_addr, it.h, r.tok0, (threadIdx.x & 31) % RG::kTpr);
+    // Last read of these rows. (A first version of this loop, with each lane's two vectors
+    // adjacent in the row, came out of ptxas 13.0 as LDGSTS [R + UR0], desc[UR1] with UR0 / UR1
+    // never written, an illegal instruction on the H200; check the SASS when changing it.)
+    const uint64_t policy = l2_evict_first_policy();
+#pragma unroll
+    for (int row = 0; row < kRowRows; ++row) {
+      const bool ok = row < r.nvalid;
+      const char* src = row0 + row * ts;
+#pragma unroll
+      for (int v = 0; v < kRowVecs; ++v)
+        cp_async_16_hint(st + threadIdx.x + (row * kRowVecs + v) * kThreads, src + v * RG::kTpr * 16, ok ? 16 : 0, policy);
+    }
+    return;
+  }
   const LaneRows<D> r(sp, it.k);
   const char* row0 = lane_row0<T>(base, ss, it.k.b_addr, it.h, r.tok0, (threadIdx.x & 31) % G::kTpr);
-  const int64_t ts = ss.ts * static_cast<int64_t>(sizeof(T));
   if (it.kind == ItemKind::stats) {  // K / V read again by the dep item: keep them in L2
 #pragma unroll
     for (int row = 0; row < kLaneRows; ++row) {
@@ -479,20 +513,22 @@ struct RowsJob {
 template <int D, typename T>
 __device__ void rows_item(const RowsJob& j, const Space& s, const Space& kv, const Chunk& k, int h,
                           int heads_kv, const uint4* st) {
-  using G = Geometry<D>;
-  const int lane = threadIdx.x & 31, cg = lane % G::kTpr;
-  LaneRows<D> r(s, k);
-  float mean[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  using RG = RowGeometry<D>;
+  constexpr int kE = 8 * kRowVecs;  // elements of a row per lane
+  const int lane = threadIdx.x & 31, cg = lane % RG::kTpr;
+  LaneRows<D, RG::kTpr, kRowRows> r(s, k);
+  float mean[kE];
+#pragma unroll
+  for (int e = 0; e < kE; ++e) mean[e] = 0.f;
   const bool use_mean = j.kmean != nullptr;
   auto load_mean = [&](int b) {  // an empty kv sequence has mean 0 (and no table entry)
-    float4 lo = make_float4(0.f, 0.f, 0.f, 0.f), hi = lo;
-    if (kv.seq_len(b) > 0) {
-      const float4* m = reinterpret_cast<const float4*>(j.kmean + (static_cast<int64_t>(b) * heads_kv + j.hkv) * D + cg * 8);
-      lo = __ldcg(m);
-      hi = __ldcg(m + 1);
+    const float4* m = reinterpret_cast<const float4*>(j.kmean + (static_cast<int64_t>(b) * heads_kv + j.hkv) * D + cg * 8);
+    const bool has = kv.seq_len(b) > 0;
+#pragma unroll
+    for (int i = 0; i < kE / 4; ++i) {  // vector v = i / 2 holds channel group v * kTpr + cg
+      const float4 f = has ? __ldcg(m + (i / 2) * RG::kTpr * 2 + i % 2) : make_float4(0.f, 0.f, 0.f, 0.f);
+      mean[4 * i] = f.x; mean[4 * i + 1] = f.y; mean[4 * i + 2] = f.z; mean[4 * i + 3] = f.w;
     }
-    mean[0] = lo.x; mean[1] = lo.y; mean[2] = lo.z; mean[3] = lo.w;
-    mean[4] = hi.x; mean[5] = hi.y; mean[6] = hi.z; mean[7] = hi.w;
   };
   if (use_mean) load_mean(r.b);
 
@@ -502,34 +538,42 @@ __device__ void rows_item(const RowsJob& j, const Space& s, const Space& kv, con
   const int64_t dst_ts = j.dst_st.ts;
   // Row `cg` of the lane's rows keeps its amax (and lse dot): the per-row scale division and
   // side-tensor stores happen once per lane after the loop, not once per row in every lane.
-  static_assert(G::kTpr >= kLaneRows, "a row group needs a lane per row for the side stores");
+  static_assert(RG::kTpr >= kRowRows, "a row group needs a lane per row for the side stores");
   float keep_amax = 0.f, keep_dot = 0.f;
 #pragma unroll
-  for (int row = 0; row < kLaneRows; ++row) {
+  for (int row = 0; row < kRowRows; ++row) {
     const bool valid = row < r.nvalid;
     if (valid && r.advance(s, row) && use_mean) load_mean(r.b);
-    float x[8];
-    to_float8<T>(st[row * kThreads + threadIdx.x], x);
+    float x[kRowVecs][8];
+#pragma unroll
+    for (int v = 0; v < kRowVecs; ++v) to_float8<T>(st[(row * kRowVecs + v) * kThreads + threadIdx.x], x[v]);
     float amax = 0.f, dot = 0.f;
 #pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      if (j.lse) dot = __fmaf_rn(x[e], mean[e], dot);
-      if (j.subtract) x[e] = __fsub_rn(x[e], mean[e]);
-      amax = fmaxf(amax, fabsf(x[e]));
-    }
-    amax = row_max<G::kTpr>(amax);
-    const float inv = quant_inv_scale(amax);
-    uint32_t qb[8];
+    for (int v = 0; v < kRowVecs; ++v)
 #pragma unroll
-    for (int e = 0; e < 8; ++e) qb[e] = q8_bits(x[e], inv);
-    if (j.lse) dot = row_sum<G::kTpr>(dot);
+      for (int e = 0; e < 8; ++e) {
+        if (j.lse) dot = __fmaf_rn(x[v][e], mean[8 * v + e], dot);
+        if (j.subtract) x[v][e] = __fsub_rn(x[v][e], mean[8 * v + e]);
+        amax = fmaxf(amax, fabsf(x[v][e]));
+      }
+    amax = row_max<RG::kTpr>(amax);
+    const float inv = quant_inv_scale(amax);
+    uint2 packed[kRowVecs];
+#pragma unroll
+    for (int v = 0; v < kRowVecs; ++v) {
+      uint32_t qb[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) qb[e] = q8_bits(x[v][e], inv);
+      packed[v] = make_uint2(ptx::pack_low_bytes(qb[0], qb[1], qb[2], qb[3]), ptx::pack_low_bytes(qb[4], qb[5], qb[6], qb[7]));
+    }
+    if (j.lse) dot = row_sum<RG::kTpr>(dot);
     if (cg == row) {
       keep_amax = amax;
       keep_dot = dot;
     }
     if (valid)
-      __stcs(reinterpret_cast<uint2*>(dst),
-             make_uint2(ptx::pack_low_bytes(qb[0], qb[1], qb[2], qb[3]), ptx::pack_low_bytes(qb[4], qb[5], qb[6], qb[7])));
+#pragma unroll
+      for (int v = 0; v < kRowVecs; ++v) __stcs(reinterpret_cast<uint2*>(dst) + v * RG::kTpr, packed[v]);
     dst += dst_ts;
     asm volatile("" : "+l"(dst));
   }
