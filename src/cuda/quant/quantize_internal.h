@@ -26,6 +26,7 @@ struct QuantScratch {
   int32_t* cu_q = nullptr;      // varlen: sanitized copies of cu_seqlens (monotonic, [0] = 0)
   int32_t* cu_kv = nullptr;
   int slack_pct = 150;          // fused order: dep items trail their statistics by this % of a grid
+                                // (launch_quantize picks it per device)
 };
 
 enum class Order : int { fused, split };

@@ -376,8 +376,9 @@ __device__ Plan make_plan(const QuantParams& p, const QuantScratch& s, int phase
   sc.no = static_cast<int64_t>(p.heads_kv) * pl.out_blocks;
   // Chunks one sequence can touch (varlen: its columns start 16-aligned, up to 15 late).
   const int64_t span = pl.kv.cu ? (*s.max_len_kv + 15 + G::kChunk - 1) / G::kChunk + 1 : pl.kv.cps;
-  // Slack of 1.5 grids' worth of tickets (s.slack_pct, default 150): the scheduler warp waits
-  // for a dep item's statistics one item before the item runs, and a stats item finishes about
+  // Slack of 1.5-2 grids' worth of tickets (s.slack_pct, per device: launch_quantize): the
+  // scheduler warp waits for a dep item's statistics one item before the item runs, and a stats
+  // item finishes about
   // one item after it starts, so a dep item must trail its last stats item by one to two items
   // per CTA; more slack keeps the rows in L2 longer. B=4 H=32 N=4096 D=128 accurate, 1 / 1.5 /
   // 2 grids: H100 0.303 / 0.281 / 0.297 ms, H200 0.286 / 0.252 / 0.248 ms.
