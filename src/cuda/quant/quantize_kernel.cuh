@@ -116,7 +116,8 @@ __device__ __forceinline__ void to_float8<__half>(const uint4& v, float (&x)[8])
   }
 }
 
-// acc[i] = max(acc[i], |v pair i|) on packed fp16/bf16 pairs (one HMNMX2 per two values).
+// acc[i] = max(acc[i], |v pair i|) on packed fp16/bf16 pairs: an abs per two values, and ptxas
+// folds two maxima into one 3-input VHMNMX (6 instructions per 8 values instead of 16).
 template <typename T> __device__ void absmax_pairs(const uint4& v, uint32_t (&acc)[4]);
 template <>
 __device__ __forceinline__ void absmax_pairs<__nv_bfloat16>(const uint4& v, uint32_t (&acc)[4]) {
@@ -379,8 +380,9 @@ __device__ Plan make_plan(const QuantParams& p, const QuantScratch& s, int phase
   // Slack of 1.5-2 grids' worth of tickets (s.slack_pct, per device: launch_quantize): the
   // scheduler warp waits for a dep item's statistics one item before the item runs, and a stats
   // item finishes about one item after it starts, so a dep item must trail its last stats item
-  // by one to two items per CTA; more slack keeps the rows in L2 longer. B=4 H=32 N=4096 D=128 accurate, 1 / 1.5 /
-  // 2 grids: H100 0.303 / 0.281 / 0.297 ms, H200 0.286 / 0.252 / 0.248 ms.
+  // by one to two items per CTA; more slack keeps the rows in L2 longer. B=4 H=32 N=4096 D=128
+  // accurate, 1 / 1.5 / 2 grids (q8): H100 0.303 / 0.281 / 0.297 ms, H200 0.286 / 0.252 /
+  // 0.248 ms.
   sc.lag = fused_lag(sc.ns, pl.nso, span, static_cast<int64_t>(gridDim.x) * s.slack_pct / 100);
   pl.ntickets = phase == 0 ? sc.fused_tickets()
                 : phase == 1 ? sc.split_stats_tickets()
