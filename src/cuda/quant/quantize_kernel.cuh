@@ -466,7 +466,7 @@ __device__ void issue_item(const QuantParams& p, const Plan& pl, const ItemDesc&
     const char* row0 = lane_row0<T>(base, ss, it.k.b_addr, it.h, r.tok0, (threadIdx.x & 31) % RG::kTpr);
     // Last read of these rows. (A first version of this loop, with each lane's two vectors
     // adjacent in the row, came out of ptxas 13.0 as LDGSTS [R + UR0], desc[UR1] with UR0 / UR1
-    // never written, an illegal instruction on the H200; check the SASS when changing it.)
+    // never written, an illegal instruction on the H200; scripts/sass-check now flags that.)
     const uint64_t policy = l2_evict_first_policy();
 #pragma unroll
     for (int row = 0; row < kRowRows; ++row) {
