@@ -192,21 +192,19 @@ Status launch_quantize(const QuantParams& p, cudaStream_t stream) {
   // Measured at B=4 H=32 N=4k D=128 accurate (session 8): H100 150 / 200: 0.278 / 0.294 ms,
   // H200 150 / 200 / 250: 0.240 / 0.234 / 0.237 ms. The faster DRAM finishes the statistics
   // sooner and affords the longer lag before the rows leave L2, so cards with >= 4 TB/s peak
-  // DRAM bandwidth get 200, the others 150.
+  // DRAM bandwidth get 200, the others (and a device that cannot report its memory clock or
+  // bus width) 150.
   static PerDevice slack_cache;
   int slack = 150;
-  if (once_per_device(slack_cache, [](int dev, int* out) {
-        int khz = 0, bits = 0;
-        cudaError_t e = cudaDeviceGetAttribute(&khz, cudaDevAttrMemoryClockRate, dev);
-        if (e == cudaSuccess) e = cudaDeviceGetAttribute(&bits, cudaDevAttrGlobalMemoryBusWidth, dev);
-        const double bytes_per_s = 2.0 * khz * 1e3 * bits / 8.0;  // double data rate
-        *out = bytes_per_s >= 4e12 ? 200 : 150;
-        return e;
-      }, &slack) != cudaSuccess) {
-    cudaGetLastError();
-    slack = 150;
-  }
-  s.slack_pct = slack;
+  const cudaError_t slack_err = once_per_device(slack_cache, [](int dev, int* out) {
+    int khz = 0, bits = 0;
+    const bool known = cudaDeviceGetAttribute(&khz, cudaDevAttrMemoryClockRate, dev) == cudaSuccess &&
+                       cudaDeviceGetAttribute(&bits, cudaDevAttrGlobalMemoryBusWidth, dev) == cudaSuccess;
+    if (!known) cudaGetLastError();  // a failed query leaves no error behind
+    *out = known && 2.0 * khz * 1e3 * bits / 8.0 >= 4e12 ? 200 : 150;  // double data rate, bytes/s
+    return cudaSuccess;
+  }, &slack);
+  s.slack_pct = slack_err == cudaSuccess ? slack : 150;
   if (const char* sl = std::getenv("INTFA_QUANT_SLACK")) s.slack_pct = std::max(0, std::atoi(sl));
 
   const size_t zero_vecs = s.zero_bytes / 16;
