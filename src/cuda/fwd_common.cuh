@@ -37,7 +37,12 @@ __device__ __forceinline__ void store_out2(void* out, DType dt, int64_t idx, flo
 // row_max: the new running max, m_old (the previous one) and ref, the max P is taken against:
 // the block max (accurate) or the running max (paper); neg_ref = -ref is the exp2 offset
 // (0 for a fully masked row, so exp2(-inf) = 0, never NaN).
-template <int N>
+// kLazy > 0 (accurate only): the running max, which for `accurate` is only the reference of O
+// and l (P8 is taken against the block max), moves only when a block max exceeds it by more
+// than kLazy (log2 units). O and l then carry factors up to 2^kLazy, harmless in fp32, and the
+// fold's rescale of O (alpha != 1) drops out of nearly every block (FlashAttention-4's
+// conditional rescaling). `paper` quantizes P against the running max and keeps it exact.
+template <int N, int kLazy = 0>
 __device__ __forceinline__ void row_max(const float (&u)[N / 8][4], const float (&rowf)[2], bool block_local,
                                         float (&m_run)[2], float (&m_old)[2], float (&ref)[2],
                                         float (&neg_ref)[2]) {
@@ -61,7 +66,9 @@ __device__ __forceinline__ void row_max(const float (&u)[N / 8][4], const float 
     mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
     const float mb = mx[r] * rowf[r];
     m_old[r] = m_run[r];
-    m_run[r] = fmaxf(m_run[r], mb);
+    const float cand = fmaxf(m_run[r], mb);
+    // From -inf the difference is +inf (or NaN for -inf - -inf, where both are -inf anyway).
+    m_run[r] = (kLazy > 0 && block_local && !(cand - m_old[r] > static_cast<float>(kLazy))) ? m_old[r] : cand;
     ref[r] = block_local ? mb : m_run[r];
     neg_ref[r] = ref[r] == kNegInf ? 0.f : -ref[r];
   }
@@ -92,13 +99,34 @@ __device__ __forceinline__ void row_update(const float (&u)[N / 8][4], const flo
   row_factors(m_old, m_run, ref, inv_levels, alpha, cfac);
 }
 
+// 2^x on the FMA pipe, for x <= ~0 (scores against a row maximum). MUFU.EX2 takes 16 lanes per
+// clock per SM against the FMA pipe's 128, and in the sm90 kernel the exp2 phases of the two
+// consumer warpgroups queue on it (ncu: MIO-throttle stalls), so a share of the exponentials
+// goes here (FlashAttention-4's trick). x rounds to j + f, |f| <= 1/2, by the 1.5 * 2^23 magic
+// add; 2^f by a degree-4 polynomial (relative fit, max error 2.7e-6 in fp32: a P8 rounding flip
+// in ~1 of 1500 values, against ~1 in 10^4 for ex2.approx; both far below the tests' tolerance);
+// 2^j by adding j to the exponent field. The clamp keeps j >= -64 (masked keys' -inf gives
+// 2^-64, which rounds to P8 = 0) so the exponent never wraps.
+__device__ __forceinline__ float exp2_poly(float x) {
+  x = fmaxf(x, -64.f);
+  const float t = __fadd_rn(x, ptx::kMagic);               // bits: 0x4B400000 + round(x)
+  const float f = __fsub_rn(x, __fsub_rn(t, ptx::kMagic));  // x - round(x), exact
+  float p = __fmaf_rn(9.5701022e-3f, f, 5.5917863e-2f);
+  p = __fmaf_rn(p, f, 0.24024743f);
+  p = __fmaf_rn(p, f, 0.69312179f);
+  p = __fmaf_rn(p, f, 0.99999928f);
+  // (t's bits << 23) is round(x) << 23 modulo 2^32: the magic's own bits shift out.
+  return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
+}
+
 // P8 = round(levels * exp2(u * rowf - ref)) for the thread's two rows, packed as u8 A fragments
 // (pf[c] = a0..a3 of the 32-key step c: a0 = row g, keys {2t, 2t+1} of tiles 4c and 4c+1, a2 the
 // same of tiles 4c+2 and 4c+3, a1/a3 row g+8). Which k index each key lands on is the caller's
 // business (sm80 permutes K rows, sm90 permutes V columns). kSumP also sums the unquantized p.
 // `interleave(c)` runs before chunk c's exponentials, so independent work (a slice of the
 // previous block's PV in the sm80 deferred mode) is scheduled between this block's ALU work.
-template <int N, bool kSumP, typename Interleave>
+// kPoly of the 16 exponentials per thread and 32-key step use exp2_poly instead of MUFU.EX2.
+template <int N, bool kSumP, int kPoly = 0, typename Interleave>
 __device__ __forceinline__ void make_p(const float (&u)[N / 8][4], const float (&rowf)[2],
                                        const float (&neg_ref)[2], float levels,
                                        uint32_t (&pf)[N / 32][4], float (&psum)[2],
@@ -114,7 +142,8 @@ __device__ __forceinline__ void make_p(const float (&u)[N / 8][4], const float (
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1;
-        const float pr = ptx::ex2_approx(__fmaf_rn(u[4 * c + jj][e], rowf[r], neg_ref[r]));
+        const float x = __fmaf_rn(u[4 * c + jj][e], rowf[r], neg_ref[r]);
+        const float pr = (e * 4 + jj) < kPoly ? exp2_poly(x) : ptx::ex2_approx(x);
         if (kSumP) part[c][r] += pr;
         q[jj][e] = ptx::quantize_p_magic(pr, levels);
       }
@@ -156,15 +185,15 @@ __device__ __forceinline__ void block_l(const uint32_t (&pf)[N / 32][4], float (
 }
 
 // P of a block (make_p, summing p only for paper) and its contribution to l.
-template <int N, typename Interleave>
+template <int N, int kPoly = 0, typename Interleave>
 __device__ __forceinline__ void make_p_and_l(const float (&u)[N / 8][4], const float (&rowf)[2],
                                              const float (&neg_ref)[2], const float (&alpha)[2],
                                              const float (&cfac)[2], bool block_local, float levels,
                                              uint32_t (&pf)[N / 32][4], float (&l_part)[2],
                                              Interleave&& interleave) {
   float psum[2];
-  if (block_local) make_p<N, false>(u, rowf, neg_ref, levels, pf, psum, interleave);
-  else make_p<N, true>(u, rowf, neg_ref, levels, pf, psum, interleave);
+  if (block_local) make_p<N, false, kPoly>(u, rowf, neg_ref, levels, pf, psum, interleave);
+  else make_p<N, true, kPoly>(u, rowf, neg_ref, levels, pf, psum, interleave);
   block_l<N>(pf, psum, alpha, cfac, block_local, l_part);
 }
 

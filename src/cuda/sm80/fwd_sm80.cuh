@@ -43,6 +43,11 @@ namespace intfa::sm80 {
 #ifndef INTFA_SM80_DEFER_PV
 #define INTFA_SM80_DEFER_PV 0
 #endif
+// Of the 16 exponentials per thread and 32-key step, how many run on the FMA pipe
+// (fwd::exp2_poly) instead of MUFU.EX2.
+#ifndef INTFA_SM80_EXP_POLY
+#define INTFA_SM80_EXP_POLY 0
+#endif
 #ifndef INTFA_SM80_BLOCK_N
 #define INTFA_SM80_BLOCK_N 128
 #endif
@@ -357,7 +362,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
       pv_tiles(pf_prev, sV_prev, alpha_prev, cfac_prev, c * kTiles / kChunks, (c + 1) * kTiles / kChunks);
     };
     uint32_t pf[kBlockN / 32][4];
-    fwd::make_p_and_l<kBlockN>(u, rowf, neg_ref, alpha, cfac, block_local, levels, pf, l_part, prev_pv);
+    fwd::make_p_and_l<kBlockN, INTFA_SM80_EXP_POLY>(u, rowf, neg_ref, alpha, cfac, block_local, levels, pf, l_part, prev_pv);
 
     if (kDeferPv) {
 #pragma unroll

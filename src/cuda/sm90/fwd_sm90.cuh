@@ -46,6 +46,16 @@ namespace intfa::sm90 {
 #ifndef INTFA_SM90_PINGPONG
 #define INTFA_SM90_PINGPONG 1
 #endif
+// Of the 16 exponentials per thread and 32-key step, how many run on the FMA pipe (exp2_poly)
+// instead of MUFU.EX2, whose queue the two consumer warpgroups' exp2 phases share.
+#ifndef INTFA_SM90_EXP_POLY
+#define INTFA_SM90_EXP_POLY 2
+#endif
+// Conditional rescaling for `accurate` (fwd::row_max): the running max moves only when a block
+// max exceeds it by more than this many log2 units (0: always).
+#ifndef INTFA_SM90_LAZY_RESCALE
+#define INTFA_SM90_LAZY_RESCALE 8
+#endif
 constexpr int kBlockM = 128;  // two consumer warpgroups x 64 rows
 // Keys per block: 255 * 127 * 128 < 2^22 keeps the PV block product exact through kMagic.
 constexpr int kBlockN = 128;
@@ -446,11 +456,11 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
       // The row maxima first; the MUFU work for alpha and cfac waits until after this block's
       // exponentials, off the path from the maxima to the exp2 phase.
       float m_old[2], ref[2], neg_ref[2];
-      fwd::row_max<kBlockN>(u, rowf, block_local, m_run, m_old, ref, neg_ref);
+      fwd::row_max<kBlockN, INTFA_SM90_LAZY_RESCALE>(u, rowf, block_local, m_run, m_old, ref, neg_ref);
       mark(n, 2);
       float psum[2];
-      if (block_local) fwd::make_p<kBlockN, false>(u, rowf, neg_ref, levels, pf, psum, [](int) {});
-      else fwd::make_p<kBlockN, true>(u, rowf, neg_ref, levels, pf, psum, [](int) {});
+      if (block_local) fwd::make_p<kBlockN, false, INTFA_SM90_EXP_POLY>(u, rowf, neg_ref, levels, pf, psum, [](int) {});
+      else fwd::make_p<kBlockN, true, INTFA_SM90_EXP_POLY>(u, rowf, neg_ref, levels, pf, psum, [](int) {});
       mark(n, 3);
       fwd::row_factors(m_old, m_run, ref, inv_levels, alpha, cfac);
       fwd::block_l<kBlockN>(pf, psum, alpha, cfac, block_local, l_part);
