@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "cuda/backend.h"
+#include "cuda/fwd_common.cuh"
 #include "cuda/launchers.h"
 
 namespace intfa::cuda {
@@ -154,6 +155,21 @@ Status debug_qk_block_sm90(int head_dim, const int8_t* q8, const int8_t* k8, int
   (void)head_dim; (void)q8; (void)k8; (void)s;
   return Status(StatusCode::not_available, "sm90 path not built");
 #endif
+}
+
+namespace {
+__global__ void exp2_poly_test_kernel(const float* x, float* y, int n) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) y[i] = fwd::exp2_poly(x[i]);
+}
+}  // namespace
+
+Status debug_exp2_poly(const float* x, float* y, int n) {
+  if (n <= 0) return Status();
+  exp2_poly_test_kernel<<<(n + 255) / 256, 256>>>(x, y, n);
+  Status st = check_cuda(cudaGetLastError(), "exp2_poly test kernel launch");
+  if (!st.ok()) return st;
+  return check_cuda(cudaDeviceSynchronize(), "exp2_poly test kernel");
 }
 
 Status malloc_async(void** ptr, size_t bytes, void* stream) {

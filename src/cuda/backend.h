@@ -33,6 +33,8 @@ Status copy_to_host_sync(void* dst, const void* src, size_t bytes, void* stream,
 Status debug_qk_block_sm80(int head_dim, const int8_t* q8, const int8_t* k8, int32_t* s);
 // The same through the sm90 kernel's layout and wgmma (not_available without the sm90 build).
 Status debug_qk_block_sm90(int head_dim, const int8_t* q8, const int8_t* k8, int32_t* s);
+// y[i] = fwd::exp2_poly(x[i]) for n device floats: the kernels' FMA-pipe exponential.
+Status debug_exp2_poly(const float* x, float* y, int n);
 
 Status gpu_malloc(void** ptr, size_t bytes, int device_index);
 Status gpu_free(void* ptr);

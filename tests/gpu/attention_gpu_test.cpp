@@ -3,7 +3,9 @@
 // end-to-end path vs float64, and the int32 score block bit for bit. Skips without a GPU.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -200,6 +202,39 @@ class AttentionGpu : public ::testing::Test {
  protected:
   void SetUp() override { INTFA_REQUIRE_GPU(); }
 };
+
+// The FMA-pipe exponential a share of P is computed with (fwd::exp2_poly): relative error within
+// its fit's 2.7e-6 bound over the whole clamped range, exact handling of masked (-inf) scores,
+// and round(255 p) off by at most one level, only next to a rounding boundary.
+TEST_F(AttentionGpu, Exp2PolyAccuracy) {
+  std::vector<float> x;
+  for (int i = 0; i <= 640000; ++i) x.push_back(-64.f + 1e-4f * static_cast<float>(i));  // [-64, 0]
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<float> tiny(0.f, 1e-6f);
+  for (int i = 0; i < 1000; ++i) x.push_back(tiny(rng));  // an FFMA can land an ulp above 0
+  x.push_back(-std::numeric_limits<float>::infinity());
+  x.push_back(-1e30f);
+  DeviceBuffer dx(x.data(), x.size() * 4), dy(x.size() * 4);
+  INTFA_ASSERT_OK(cuda::debug_exp2_poly(static_cast<const float*>(dx.ptr), static_cast<float*>(dy.ptr),
+                                        static_cast<int>(x.size())));
+  auto y = dy.to_host<float>();
+  int bad = 0, flips = 0;
+  double worst = 0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    const double want = std::exp2(std::max(static_cast<double>(x[i]), -64.0));
+    const double rel = std::fabs(y[i] - want) / want;
+    worst = std::max(worst, rel);
+    if (!(rel < 3e-6) && bad++ < 3) ADD_FAILURE() << "exp2_poly(" << x[i] << ") = " << y[i] << ", want " << want;
+    const double q = 255.0 * want;
+    if (std::lround(255.0 * y[i]) != std::lround(q)) {
+      ++flips;
+      EXPECT_LT(std::fabs(q - std::floor(q) - 0.5), 1e-3) << "P8 flip away from a boundary at x = " << x[i];
+    }
+  }
+  EXPECT_EQ(bad, 0) << "worst relative error " << worst;
+  EXPECT_LT(flips, 200) << "P8 rounding flips against exp2";
+  EXPECT_EQ(std::lround(255.0 * y[y.size() - 2]), 0);  // -inf: a masked key gives P8 = 0
+}
 
 TEST_F(AttentionGpu, ScoreBlockBitExact) {  // 128 x 128 scores, any kernel key block, every path
   for (GpuPath path : gpu_paths())
