@@ -34,6 +34,19 @@ __device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
       "}\n" ::"r"(bar), "r"(parity) : "memory");
 }
 
+// Non-blocking look at the phase: true if it has completed (acquire, like the wait). Issued early,
+// its result is ready by the time a wait would have started, so a completed phase costs no
+// SYNCS round trip at that point.
+__device__ __forceinline__ bool mbarrier_test(uint32_t bar, uint32_t parity) {
+  uint32_t ok;
+  asm volatile(
+      "{\n.reg .pred P1;\n"
+      "mbarrier.test_wait.parity.shared::cta.b64 P1, [%1], %2;\n"
+      "selp.u32 %0, 1, 0, P1;\n"
+      "}\n" : "=r"(ok) : "r"(bar), "r"(parity) : "memory");
+  return ok != 0;
+}
+
 // ---- bulk tensor copy (TMA, PTX §9.7.9.27) --------------------------------------------------------
 // 4-D tile load global -> shared, completion counted in bytes on `bar`. `tmap` is the generic
 // address of a CUtensorMap kernel parameter (__grid_constant__).
