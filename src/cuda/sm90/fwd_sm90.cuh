@@ -7,7 +7,8 @@
 //   WG 1, 2, consumers (240 registers), 64 query rows each:
 //     S = Q8 K8^T       wgmma m64n128k32 s8.s8 -> s32, both operands from shared memory
 //     u = S * s_k       the int32 S read as fp32 via 1.5 * 2^23 (one IADD + one FFMA)
-//     online softmax    exp2 of u * (s_q scale log2 e) - ref, P8 = round(levels * p) (u8)
+//     online softmax    exp2 of u * (s_q scale log2 e) - ref, P8 = round(levels * p) (u8);
+//                       2 of every 16 exp2 on the FMA pipe (fwd::exp2_poly), the rest on MUFU
 //     O += (P8 V8) c    wgmma m64nDk32 u8.s8 -> s32 with P from registers, folded into fp32
 //                       O with two FFMAs per element (the same numerics as the sm80 path).
 //   The two consumer warpgroups take turns on the tensor cores (named barriers 1 and 2): one
