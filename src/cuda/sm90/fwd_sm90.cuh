@@ -439,7 +439,9 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
       ptx::mbarrier_arrive(bars.k_empty(stage(n)));
       if (n == nb - 1) ptx::mbarrier_arrive(bars.q_empty());
     };
-    // Softmax of block n from its scores in s: P8 fragments, the block's factors, and l.
+    // Softmax of block n from its scores in s: P8 fragments, the block's factors, and l. v_ok:
+    // V-ready of block n was already seen complete (EARLY_TEST); k_next_ok receives the early look
+    // at block n + 1's K, taken after the row maxima so that its round trip hides in the exp2 phase.
     auto softmax = [&](int n, bool v_ok, bool& k_next_ok, uint32_t (&pf)[kBlockN / 32][4], float (&alpha)[2],
                        float (&cfac)[2]) {
       mark(n, 0);
