@@ -1,6 +1,8 @@
 // CUDA backend entry: device queries, path resolution, scratch memory, and dispatch to the
 // kernel families (quantization, sm80). The API layer reaches it only through backend.h.
 #include <algorithm>
+#include <cstdint>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -170,6 +172,50 @@ Status debug_exp2_poly(const float* x, float* y, int n) {
   Status st = check_cuda(cudaGetLastError(), "exp2_poly test kernel launch");
   if (!st.ok()) return st;
   return check_cuda(cudaDeviceSynchronize(), "exp2_poly test kernel");
+}
+
+namespace {
+// The backend's pool per device (launchers.h, scratch_alloc); nullptr (use the default pool) if
+// the device has no pool support.
+cudaMemPool_t scratch_pool() {
+  static std::mutex mu;
+  static cudaMemPool_t pools[kMaxCachedDevices] = {};
+  static bool tried[kMaxCachedDevices] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxCachedDevices) return nullptr;
+  std::lock_guard<std::mutex> lock(mu);
+  if (!tried[dev]) {
+    tried[dev] = true;
+    int supported = 0;
+    cudaMemPoolProps props = {};
+    props.allocType = cudaMemAllocationTypePinned;
+    props.location.type = cudaMemLocationTypeDevice;
+    props.location.id = dev;
+    cudaMemPool_t pool = nullptr;
+    if (cudaDeviceGetAttribute(&supported, cudaDevAttrMemoryPoolsSupported, dev) == cudaSuccess && supported &&
+        cudaMemPoolCreate(&pool, &props) == cudaSuccess) {
+      uint64_t keep = ~uint64_t(0);
+      if (cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep) == cudaSuccess) pools[dev] = pool;
+      else cudaMemPoolDestroy(pool);
+    }
+    cudaGetLastError();  // a device without pools falls back; leave no sticky error behind
+  }
+  return pools[dev];
+}
+}  // namespace
+
+Status scratch_alloc(void** ptr, size_t bytes, cudaStream_t stream, const char* what) {
+  const cudaMemPool_t pool = scratch_pool();
+  const cudaError_t err =
+      pool ? cudaMallocFromPoolAsync(ptr, bytes, pool, stream) : cudaMallocAsync(ptr, bytes, stream);
+  if (err == cudaSuccess) return Status::OK();
+  return check_cuda(err, (std::string(what) + " (stream-ordered allocation)").c_str());
+}
+
+Status scratch_free(void* ptr, cudaStream_t stream, const char* what) {
+  const cudaError_t err = cudaFreeAsync(ptr, stream);
+  if (err == cudaSuccess) return Status::OK();
+  return check_cuda(err, (std::string(what) + " (cudaFreeAsync)").c_str());
 }
 
 Status malloc_async(void** ptr, size_t bytes, void* stream) {

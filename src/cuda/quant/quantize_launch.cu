@@ -4,7 +4,6 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <mutex>
 #include <string>
 
 #include "cuda/launchers.h"
@@ -68,37 +67,6 @@ __global__ void __launch_bounds__(kPrepThreads)
 }
 
 size_t align_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
-
-// The quantizer's own stream-ordered pool per device: like the default pool (graph-capturable,
-// ordered on the stream), but it keeps its memory across synchronizations (release threshold at
-// the maximum), so a call after a synchronization maps no new pages (the default pool's
-// threshold 0 cost ~40 us per call at N=1k on an H200), and the application's default-pool
-// settings stay untouched. nullptr (use the default pool) if the device has no pool support.
-cudaMemPool_t scratch_pool() {
-  static std::mutex mu;
-  static cudaMemPool_t pools[cuda::kMaxCachedDevices] = {};
-  static bool tried[cuda::kMaxCachedDevices] = {};
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= cuda::kMaxCachedDevices) return nullptr;
-  std::lock_guard<std::mutex> lock(mu);
-  if (!tried[dev]) {
-    tried[dev] = true;
-    int supported = 0;
-    cudaMemPoolProps props = {};
-    props.allocType = cudaMemAllocationTypePinned;
-    props.location.type = cudaMemLocationTypeDevice;
-    props.location.id = dev;
-    cudaMemPool_t pool = nullptr;
-    if (cudaDeviceGetAttribute(&supported, cudaDevAttrMemoryPoolsSupported, dev) == cudaSuccess && supported &&
-        cudaMemPoolCreate(&pool, &props) == cudaSuccess) {
-      uint64_t keep = ~uint64_t(0);
-      if (cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep) == cudaSuccess) pools[dev] = pool;
-      else cudaMemPoolDestroy(pool);
-    }
-    cudaGetLastError();  // a device without pools falls back; leave no sticky error behind
-  }
-  return pools[dev];
-}
 
 // Scratch layout: [ksum | vmax | done | ready | tickets] (zeroed), [kmean | vinv | max_len | cu_q | cu_kv].
 size_t scratch_layout(const QuantParams& p, char* base, QuantScratch* s) {
@@ -176,9 +144,7 @@ Status launch_quantize(const QuantParams& p, cudaStream_t stream) {
   const size_t bytes = scratch_layout(p, nullptr, &s);
   void* base = nullptr;
   // Stream-ordered (and graph-capturable): a few bytes per (sequence, kv head, channel).
-  const cudaMemPool_t pool = scratch_pool();
-  st = check_cuda(pool ? cudaMallocFromPoolAsync(&base, bytes, pool, stream) : cudaMallocAsync(&base, bytes, stream),
-                  "quantize: scratch (stream-ordered allocation)");
+  st = scratch_alloc(&base, bytes, stream, "quantize: scratch");
   if (!st.ok()) return st;
   scratch_layout(p, static_cast<char*>(base), &s);
 
@@ -221,7 +187,7 @@ Status launch_quantize(const QuantParams& p, cudaStream_t stream) {
                                                    " has no GPU kernel (64, 128, 256)");
     }
   }
-  const Status fst = check_cuda(cudaFreeAsync(base, stream), "quantize: scratch (cudaFreeAsync)");
+  const Status fst = scratch_free(base, stream, "quantize: scratch");
   return st.ok() ? fst : st;
 }
 

@@ -201,8 +201,21 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
   extern __shared__ __align__(128) uint8_t smem[];
   uint8_t* const sQ = smem;
 
-  const int m_block = Causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;  // long rows first
-  const int h = blockIdx.y, b = blockIdx.z;
+  // Causal: a 1-D grid in fwd::causal_tile's order (longest rows first over groups of heads);
+  // otherwise (row tile, head, batch).
+  int m_block, h, b;
+  if constexpr (Causal) {
+    const int num_m = (p.seqlen_q + kBlockM - 1) / kBlockM, bh_count = p.batch * p.heads_q;
+    int bh, mi;
+    fwd::causal_tile(blockIdx.x, num_m, bh_count, fwd::causal_head_group(p.batch, p.heads_q, p.seqlen_kv, D), bh, mi);
+    m_block = num_m - 1 - mi;
+    b = bh / p.heads_q;
+    h = bh - b * p.heads_q;
+  } else {
+    m_block = blockIdx.x;
+    h = blockIdx.y;
+    b = blockIdx.z;
+  }
   const int sq = seq_len(p.cu_q, b, p.seqlen_q);
   const int skv = seq_len(p.cu_kv, b, p.seqlen_kv);
   const int m0 = m_block * kBlockM;

@@ -1,6 +1,8 @@
 // INT8 flash-attention forward for Hopper (sm_90a): wgmma, TMA, warp specialization.
 //
-// A persistent CTA of three warpgroups takes 128-row query tiles in turn:
+// A persistent CTA of three warpgroups takes 128-row query tiles in turn (non-causal: tile
+// blockIdx.x, then every gridDim.x-th; causal: longest rows first, the next tile from a counter
+// as the CTA frees up, passed to all roles through the tile ring):
 //   WG 0, producer (24 registers): warp 0 issues the TMA loads of Q and of each key block's K
 //     and V^T tiles into a kStages-deep ring completed on mbarriers; warps 1-3 load the block's
 //     per-key K scales and permute V^T's key columns (below), then release the stage.
@@ -76,6 +78,11 @@ constexpr int kThreads = 384;
 constexpr int kConsumerThreads = 256;
 constexpr int kPermuteThreads = 96;  // producer warps 1-3
 constexpr int kProducerRegs = 24, kConsumerRegs = 240;  // 128*24 + 256*240 <= 64K registers
+// Slots of the tile ring. The producer publishes tile i + 1 while tile i's loads go out, so the
+// consumers find their next tile (needed before the epilogue) without waiting; four slots keep
+// the producer from waiting on a slot whose tile a permute warp has not read yet (short tiles).
+constexpr int kTileSlots = 4;
+constexpr int kTileReaders = kConsumerThreads + kPermuteThreads;
 
 // Phase timeline for tuning (-DINTFA_SM90_TRACE=1): lane 0 of each consumer warpgroup's first
 // warp in CTA 0 records globaltimer-free SM clocks at each phase of its first kTraceIters
@@ -90,10 +97,21 @@ __device__ long long g_trace[2][kTraceIters][kTracePhases];
 #endif
 
 // Everything the kernel needs: the problem plus the TMA descriptors of Q, K and V^T.
+// Causal tiles differ in length, so the causal kernels take their tiles from a counter through
+// the tile ring (dynamic scheduling); the others keep the static stride, whose tiles are equal
+// (varlen aside) and whose hot loop then stays as it was.
+template <bool Causal>
+constexpr bool kDynamic = Causal;
+
 struct Params {
   FwdParams p;
   CUtensorMap tm_q, tm_k, tm_v;
   int num_m_blocks = 0, num_tiles = 0;
+  // Causal tile order (fwd::causal_tile): heads per group.
+  int head_group = 1;
+  // Dynamic tile scheduling (kDynamic): a zeroed counter that the CTAs take their next tile
+  // from after their first (blockIdx.x).
+  int* tile_counter = nullptr;
 };
 
 // Shared-memory plan. Tiles 1024-byte aligned (the swizzle pattern repeats every 1024 bytes, so
@@ -111,14 +129,18 @@ struct Smem {
   static constexpr int kKsBytes = kBlockN * 8;
   static constexpr int kKs = kV + kStages * kVBytes;
   static constexpr int kBars = kKs + kStages * kKsBytes;
-  // q_full, q_empty, then per stage k_full, k_empty, v_full, v_ready, v_empty.
-  static constexpr int kNumBars = 2 + 5 * kStages;
+  // q_full, q_empty, then per stage k_full, k_empty, v_full, v_ready, v_empty, then per slot of
+  // the tile ring tile_full, tile_empty.
+  static constexpr int kNumBars = 2 + 5 * kStages + 2 * kTileSlots;
+  // The tile ring: the tile index of each slot (the producer's warp 0 publishes, the permute
+  // warps and the consumers read).
+  static constexpr int kTiles = kBars + 8 * kNumBars;
   // Output staging, one 64-row slice per consumer warpgroup (fp32 at most), rows padded by 16
   // bytes so the accumulator-layout writes of 8 rows fall in different banks; each row leaves
   // by one bulk copy.
   static constexpr int kORowMax = D * 4 + 16;
   static constexpr int kOSliceBytes = 64 * kORowMax;
-  static constexpr int kO = (kBars + 8 * kNumBars + 127) / 128 * 128;
+  static constexpr int kO = (kTiles + 4 * kTileSlots + 127) / 128 * 128;
   static constexpr int kBytes = kO + 2 * kOSliceBytes;
   static constexpr int kAlloc = kBytes + 1024;  // room to align the base
 };
@@ -132,6 +154,8 @@ struct Bars {
   __device__ uint32_t v_full(int s) const { return base + 32 + 40 * s; }
   __device__ uint32_t v_ready(int s) const { return base + 40 + 40 * s; }  // permuted, scales in
   __device__ uint32_t v_empty(int s) const { return base + 48 + 40 * s; }
+  __device__ uint32_t tile_full(int i) const { return base + 16 + 40 * kStages + 16 * i; }
+  __device__ uint32_t tile_empty(int i) const { return base + 24 + 40 * kStages + 16 * i; }
 };
 
 // One 128-row query tile of one (batch, head). Tiles are numbered head-major so that the CTAs
@@ -143,8 +167,16 @@ struct Tile {
 };
 
 template <bool Causal>
-__device__ __forceinline__ bool decode_tile(const FwdParams& p, int num_m, int tile, Tile& T) {
-  const int bh = tile / num_m, mi = tile % num_m;
+__device__ __forceinline__ bool decode_tile(const Params& P, int tile, Tile& T) {
+  const FwdParams& p = P.p;
+  const int num_m = P.num_m_blocks;
+  int bh, mi;
+  if constexpr (Causal) {
+    fwd::causal_tile(tile, num_m, p.batch * p.heads_q, P.head_group, bh, mi);  // longest rows first
+  } else {
+    bh = tile / num_m;  // head-major
+    mi = tile % num_m;
+  }
   const int m_block = Causal ? num_m - 1 - mi : mi;
   T.b = bh / p.heads_q;
   T.h = bh % p.heads_q;
@@ -162,6 +194,28 @@ __device__ __forceinline__ bool decode_tile(const FwdParams& p, int num_m, int t
   T.bc = p.cu_q ? 0 : T.b;
   return true;
 }
+
+// The CTA's tile sequence, from the producer's warp 0 (which takes the indices from the tile
+// counter or the static stride) to the permute warps and the consumers, through kTileSlots
+// shared-memory slots on mbarriers. Entry k is read once by every reader; the sequence ends with
+// an index >= num_tiles.
+struct TileRing {
+  Bars bars;
+  volatile int* slots;
+  __device__ void publish(uint32_t k, int tile) const {
+    const uint32_t i = k % kTileSlots;
+    ptx::mbarrier_wait(bars.tile_empty(i), ((k / kTileSlots) & 1) ^ 1);
+    slots[i] = tile;
+    ptx::mbarrier_arrive(bars.tile_full(i));  // release: the slot's store is seen after the wait
+  }
+  __device__ int pop(uint32_t k) const {
+    const uint32_t i = k % kTileSlots;
+    ptx::mbarrier_wait(bars.tile_full(i), (k / kTileSlots) & 1);
+    const int tile = slots[i];
+    ptx::mbarrier_arrive(bars.tile_empty(i));
+    return tile;
+  }
+};
 
 // S (64 x 128 keys, this warpgroup's rows) = Q8 K8^T, D/32 k steps of 32 bytes. The k steps'
 // descriptors advance one built descriptor per tile (building one per step put ~7 uniform
@@ -272,7 +326,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
   uint8_t* const smem = smem_raw + (base - raw);
   const Bars bars{base + S::kBars};
   const int wg = threadIdx.x / 128;
-  const int num_m = P.num_m_blocks;
+  const TileRing ring{bars, reinterpret_cast<volatile int*>(smem + S::kTiles)};
 
   if (threadIdx.x == 0) {
     ptx::mbarrier_init(bars.q_full(), 1);
@@ -283,6 +337,10 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
       ptx::mbarrier_init(bars.v_full(s), 1);
       ptx::mbarrier_init(bars.v_ready(s), kPermuteThreads);
       ptx::mbarrier_init(bars.v_empty(s), kConsumerThreads);
+    }
+    for (int i = 0; i < kTileSlots; ++i) {
+      ptx::mbarrier_init(bars.tile_full(i), 1);
+      ptx::mbarrier_init(bars.tile_empty(i), kTileReaders);
     }
     ptx::fence_barrier_init();
   }
@@ -297,10 +355,9 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
       ptx::prefetch_tensormap(&P.tm_q);
       ptx::prefetch_tensormap(&P.tm_k);
       ptx::prefetch_tensormap(&P.tm_v);
-      int it = 0, tc = 0;
-      for (int tile = blockIdx.x; tile < P.num_tiles; tile += gridDim.x) {
-        Tile T;
-        if (!decode_tile<Causal>(p, num_m, tile, T) || T.n_blocks == 0) continue;
+      // The loads of one tile: Q once the consumers are done with the previous tile's, then K and
+      // V^T of each key block into the ring.
+      auto load_tile = [&](const Tile& T, int& it, int& tc) {
         ptx::mbarrier_wait(bars.q_empty(), (tc & 1) ^ 1);
         ptx::mbarrier_arrive_expect_tx(bars.q_full(), S::kQBytes);
         ptx::tma_load_4d(base + S::kQ, &P.tm_q, bars.q_full(), 0, int(T.q0 + T.m0), T.h, T.bc);
@@ -317,15 +374,41 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
           ptx::tma_load_4d(base + S::kV + st * S::kVBytes, &P.tm_v, bars.v_full(st),
                            int(T.vcol0 + n * kBlockN), 0, T.hkv, T.bc);
         }
+      };
+      // Dynamic: each tile index is taken from the counter a tile ahead of its publication, so
+      // the atomic's round trip hides behind a tile's loads. Static: tile, tile + gridDim.x, ...
+      int it = 0, tc = 0;
+      if constexpr (kDynamic<Causal>) {
+        auto fetch = [&] { return static_cast<int>(gridDim.x) + atomicAdd(P.tile_counter, 1); };
+        int cur = blockIdx.x;
+        int nxt = cur < P.num_tiles ? fetch() : P.num_tiles;
+        ring.publish(0, cur);
+        ring.publish(1, nxt);
+        for (uint32_t k = 0; cur < P.num_tiles; ++k) {
+          const int nxt2 = nxt < P.num_tiles ? fetch() : P.num_tiles;
+          Tile T;
+          if (decode_tile<Causal>(P, cur, T) && T.n_blocks > 0) load_tile(T, it, tc);
+          ring.publish(k + 2, nxt2);
+          cur = nxt;
+          nxt = nxt2;
+        }
+      } else {
+        for (int tile = blockIdx.x; tile < P.num_tiles; tile += gridDim.x) {
+          Tile T;
+          if (decode_tile<Causal>(P, tile, T) && T.n_blocks > 0) load_tile(T, it, tc);
+        }
       }
     } else {
       // Warps 1-3: per-key K scales (plain loads, issued before the wait so their latency
       // hides behind it) and the V^T column permutation, then release the stage to consumers.
       const int pt = threadIdx.x - 32;
-      int it = 0;
-      for (int tile = blockIdx.x; tile < P.num_tiles; tile += gridDim.x) {
+      int it = 0, tile = blockIdx.x;
+      for (uint32_t k = 0;; ++k) {
+        if constexpr (kDynamic<Causal>) tile = ring.pop(k);
+        else if (k > 0) tile += gridDim.x;
+        if (tile >= P.num_tiles) break;
         Tile T;
-        if (!decode_tile<Causal>(p, num_m, tile, T) || T.n_blocks == 0) continue;
+        if (!decode_tile<Causal>(P, tile, T) || T.n_blocks == 0) continue;
         const float* ks_g = p.k_scale + offset(p.ks_st, T.b, T.hkv, T.k0);
         for (int n = 0; n < T.n_blocks; ++n, ++it) {
           const int st = it % kStages;
@@ -385,12 +468,21 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
 #else
   auto trace_at = [](int, int) {};
 #endif
-  // The CTA's next non-empty tile from `from` on (P.num_tiles if none), the same walk as the
-  // producer's.
+  // The CTA's next tile with rows (an index >= P.num_tiles at the end): from the tile ring, or
+  // from `from` on in the static stride. Tiles without keys come here too: their rows get zeros
+  // and LSE -inf.
+  uint32_t tk = 0;
   auto next_tile = [&](int from, Tile& T) {
-    for (int tile = from; tile < P.num_tiles; tile += gridDim.x)
-      if (decode_tile<Causal>(p, num_m, tile, T)) return tile;
-    return P.num_tiles;
+    if constexpr (kDynamic<Causal>) {
+      for (;;) {
+        const int tile = ring.pop(tk++);
+        if (tile >= P.num_tiles || decode_tile<Causal>(P, tile, T)) return tile;
+      }
+    } else {
+      for (int tile = from; tile < P.num_tiles; tile += gridDim.x)
+        if (decode_tile<Causal>(P, tile, T)) return tile;
+      return P.num_tiles;
+    }
   };
   // q_scale of this thread's rows of tile T (1 past the end): global loads issued before the
   // previous tile's epilogue and used (times softmax scale * log2 e) after the first QK issue,

@@ -19,6 +19,13 @@ Status launch_fwd(const Params& prm, cudaStream_t stream) {
   if (st.ok()) st = cuda::check_cuda(cuda::device_sm_count(&sms), "sm90 forward: SM count");
   if (!st.ok()) return st;
   // Persistent: one CTA per SM walks the tiles (a CTA uses most of an SM's registers).
+  // INTFA_SM90_GRID caps the grid, so that small test shapes (e.g. under compute-sanitizer) give
+  // each CTA many tiles and wrap the tile ring.
+  static const int grid_cap = [] {
+    const char* e = std::getenv("INTFA_SM90_GRID");
+    return e && std::atoi(e) > 0 ? std::atoi(e) : 0;
+  }();
+  if (grid_cap > 0 && grid_cap < sms) sms = grid_cap;
   const int grid = prm.num_tiles < sms ? prm.num_tiles : sms;
   kernel<<<grid, kThreads, kSmem, stream>>>(prm);
 #if INTFA_SM90_TRACE
