@@ -328,6 +328,33 @@ TEST_F(AttentionGpu, KernelVarlen) {
     }
 }
 
+// `accurate` launches with fewer tiles than SMs split each tile's keys into ranges on sm90 (one
+// unit each, merged by a combine kernel): long keys behind few queries, decode-like single rows,
+// causal tiles whose later ranges are empty, rows that see no key at all (Sq > Skv causal), GQA,
+// bf16 output and varlen, each against the CPU emulation with its LSE.
+TEST_F(AttentionGpu, KernelFewTilesKeyRangeSplits) {
+  struct Shape { int d, hq, hkv, sq, skv; bool causal; DType out; };
+  int seed = 500;
+  for (const Shape& sh : std::vector<Shape>{{128, 2, 1, 200, 5000, false, DType::f32},
+                                            {128, 2, 1, 200, 5000, true, DType::bf16},
+                                            {64, 3, 3, 1, 3000, false, DType::f32},
+                                            {128, 1, 1, 2500, 2500, true, DType::f32},
+                                            {64, 1, 1, 2200, 2000, true, DType::f16}}) {
+    Case c;
+    c.d = sh.d; c.hq = sh.hq; c.hkv = sh.hkv; c.sq = sh.sq; c.skv = sh.skv;
+    c.causal = sh.causal; c.out = sh.out; c.seed = ++seed;
+    for (GpuPath path : gpu_paths()) check_kernel_vs_cpu(c, path);
+  }
+  Case c;
+  c.hq = 2; c.hkv = 2;
+  c.lens_q = {5, 130, 0};
+  c.lens_kv = {2000, 700, 40};
+  for (bool causal : {false, true}) {
+    c.causal = causal; c.seed = ++seed;
+    for (GpuPath path : gpu_paths()) check_kernel_vs_cpu(c, path);
+  }
+}
+
 // End to end (GPU quantization + kernel) on bf16 inputs against float64, and the GPU's error
 // within 10% of the CPU emulation's at N = 4096 (issue target).
 TEST_F(AttentionGpu, EndToEndAccuracyVsFloat64) {

@@ -106,7 +106,13 @@ constexpr bool kDynamic = Causal;
 struct Params {
   FwdParams p;
   CUtensorMap tm_q, tm_k, tm_v;
-  int num_m_blocks = 0, num_tiles = 0;
+  // Work units: num_tiles query tiles x num_splits key ranges (unit = tile * num_splits + split).
+  int num_m_blocks = 0, num_tiles = 0, num_splits = 1, num_units = 0;
+  // Split key ranges (num_splits > 1, `accurate` only): each unit leaves its rows' O * v_scale
+  // (not divided by l) and (m, l) here, [split][tile][row][D] and [split][tile][row][2], and
+  // combine_kernel merges the splits into the output and the LSE.
+  float* part_o = nullptr;
+  float2* part_ml = nullptr;
   // Causal tile order (fwd::causal_tile): heads per group.
   int head_group = 1;
   // Dynamic tile scheduling (kDynamic): a zeroed counter that the CTAs take their next tile
@@ -160,16 +166,24 @@ struct Bars {
 
 // One 128-row query tile of one (batch, head). Tiles are numbered head-major so that the CTAs
 // running at one time share K/V in L2; causal tiles run the longest rows first.
+// A split unit (Params::num_splits > 1) covers key blocks kb0 .. kb0 + n_blocks - 1 of its tile:
+// k0, vcol0, skv and diag are then taken relative to key kb0 * kBlockN, so the loads, the tail
+// test and the causal mask read the same as for a whole tile.
 struct Tile {
   int b, h, hkv, m0, sq, skv, diag, n_blocks;
   int64_t q0, k0, vcol0;
   int bc;  // batch coordinate of the TMA maps (0 for packed varlen tensors)
 };
 
-template <bool Causal>
-__device__ __forceinline__ bool decode_tile(const Params& P, int tile, Tile& T) {
+template <bool Causal, bool Split>
+__device__ __forceinline__ bool decode_tile(const Params& P, int unit, Tile& T) {
   const FwdParams& p = P.p;
   const int num_m = P.num_m_blocks;
+  int tile = unit, split = 0;
+  if constexpr (Split) {
+    tile = unit / P.num_splits;
+    split = unit - tile * P.num_splits;
+  }
   int bh, mi;
   if constexpr (Causal) {
     fwd::causal_tile(tile, num_m, p.batch * p.heads_q, P.head_group, bh, mi);  // longest rows first
@@ -191,6 +205,15 @@ __device__ __forceinline__ bool decode_tile(const Params& P, int tile, Tile& T) 
   T.q0 = seq_start(p.cu_q, T.b);
   T.k0 = seq_start(p.cu_kv, T.b);
   T.vcol0 = vt_seq_start(p.cu_kv, T.b);
+  if constexpr (Split) {  // equal ranges of blocks; trailing ones may be empty
+    const int per = (T.n_blocks + P.num_splits - 1) / P.num_splits;
+    const int kb0 = min(T.n_blocks, split * per), key0 = kb0 * kBlockN;
+    T.n_blocks = min(T.n_blocks, kb0 + per) - kb0;
+    T.k0 += key0;
+    T.vcol0 += key0;
+    T.skv -= key0;
+    T.diag -= key0;
+  }
   T.bc = p.cu_q ? 0 : T.b;
   return true;
 }
@@ -265,11 +288,15 @@ __device__ __forceinline__ uint4 permute_chunk(uint4 x) {
 // rows x 16 bytes per warp instruction; H200, D=128, N=4k: 519 -> 527-535 TOPS). Before the
 // slice is rewritten, the copies of the previous tile must have read it (bulk_wait_read by the
 // issuing threads, then this warpgroup's named barrier `bar`).
-template <int D, typename Mark>
-__device__ __forceinline__ void store_rows(const FwdParams& p, const Tile& T, int cw, int ctid, int bar,
+// A split unit (Split) takes the same path with other destinations: its rows' O * v_scale in
+// fp32, not divided by l, to P.part_o, and (m_run, l) to P.part_ml, for combine_kernel.
+template <int D, bool Split, typename Mark>
+__device__ __forceinline__ void store_rows(const Params& P, const Tile& T, int unit, int cw, int ctid, int bar,
                                            uint8_t* so, uint32_t so_addr, const int (&row)[2],
                                            const float (&o)[D / 8][4], const float (&l_part)[2],
                                            const float (&m_run)[2], const float2 (&v2)[D / 8], Mark&& mark) {
+  const FwdParams& p = P.p;
+  constexpr bool partial = Split;
   const int lane = ctid % 32, t = lane % 4, wr = ctid % 128;
   // Who issues the 64 row copies. cp.async.bulk takes uniform operands, so a warp issues its
   // lanes' copies one after another. D = 128: lanes 0-15 of each of the four warps, which
@@ -283,11 +310,17 @@ __device__ __forceinline__ void store_rows(const FwdParams& p, const Tile& T, in
   // rematerializes it as a constant load per pair (32 LDC per tile at D=128). A register copy
   // removes those loads and leaves the hot loop's instruction order as it was (sass-loop-diff:
   // all four loops, registers renamed only); H200: causal 1k +4%, 1k +1%, the rest equal (s19).
-  const uint32_t odt = ptx::opaque_uniform(static_cast<uint32_t>(p.out_dtype));
+  const uint32_t odt = ptx::opaque_uniform(static_cast<uint32_t>(partial ? DType::f32 : p.out_dtype));
   const int es = odt == static_cast<uint32_t>(DType::f32) ? 4 : 2;
   const int row_bytes = D * es, stride = row_bytes + 16;
   float inv_l[2], l_full[2];
   fwd::row_sums(l_part, l_full, inv_l);
+  int64_t prow0 = 0;  // row 0 of this unit's block of partial rows
+  if constexpr (partial) {
+    const int ptile = unit / P.num_splits;
+    prow0 = (int64_t(unit - ptile * P.num_splits) * P.num_tiles + ptile) * kBlockM;
+    inv_l[0] = inv_l[1] = 1.f;
+  }
   if (copier) ptx::bulk_wait_read();  // the previous tile's rows have left the slice
   ptx::named_bar_sync(bar, 128);
   mark(8);
@@ -309,13 +342,66 @@ __device__ __forceinline__ void store_rows(const FwdParams& p, const Tile& T, in
   mark(10);
   if (copier && T.m0 + cw * 64 + crow < T.sq) {  // rows inside the sequence
     const int64_t idx = offset(p.o_st, T.b, T.h, T.q0 + T.m0 + cw * 64 + crow);
-    ptx::bulk_store(static_cast<char*>(p.out) + idx * es, so_addr + crow * stride, row_bytes);
+    char* dst = static_cast<char*>(p.out) + idx * es;
+    if constexpr (partial) dst = reinterpret_cast<char*>(P.part_o + (prow0 + cw * 64 + crow) * D);
+    ptx::bulk_store(dst, so_addr + crow * stride, row_bytes);
     ptx::bulk_commit();
   }
-  fwd::write_lse(p, T.b, T.h, T.q0, T.sq, row, l_full, m_run, t);
+  if constexpr (!partial) {
+    fwd::write_lse(p, T.b, T.h, T.q0, T.sq, row, l_full, m_run, t);
+  } else if (t == 0) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      if (row[r] < T.sq) P.part_ml[prow0 + row[r] - T.m0] = make_float2(m_run[r], l_full[r]);
+  }
 }
 
+// Merges the key-range splits of every row: M = max m_s, L = sum l_s 2^(m_s - M),
+// O = sum O_s 2^(m_s - M) / L, LSE = (M + log2 L) ln 2 (+ the K-smoothing offset); rows that see
+// no key (L = 0) get 0 and -inf. One warp per row, 4 rows per block of 128 threads.
 template <int D, bool Causal>
+__global__ void __launch_bounds__(128) combine_kernel(const __grid_constant__ Params P) {
+  const FwdParams& p = P.p;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int tile = blockIdx.x / (kBlockM / 4), lr = (blockIdx.x % (kBlockM / 4)) * 4 + warp;
+  Tile T;
+  if (!decode_tile<Causal, true>(P, tile * P.num_splits, T) || T.m0 + lr >= T.sq) return;
+  const int S = P.num_splits;
+  float mx = fwd::neg_inf();
+  for (int sp = 0; sp < S; ++sp) mx = fmaxf(mx, P.part_ml[(int64_t(sp) * P.num_tiles + tile) * kBlockM + lr].x);
+  const float ref = mx == fwd::neg_inf() ? 0.f : mx;
+  float l = 0.f;
+  constexpr int kPairs = D / 64;  // channel pairs per lane
+  float2 acc[kPairs];
+#pragma unroll
+  for (int i = 0; i < kPairs; ++i) acc[i] = make_float2(0.f, 0.f);
+  for (int sp = 0; sp < S; ++sp) {
+    const int64_t prow = (int64_t(sp) * P.num_tiles + tile) * kBlockM + lr;
+    const float2 ml = P.part_ml[prow];
+    const float w = exp2f(ml.x - ref);  // 0 for a split that saw no key (m = -inf)
+    l += w * ml.y;
+#pragma unroll
+    for (int i = 0; i < kPairs; ++i) {
+      const float2 v = *reinterpret_cast<const float2*>(P.part_o + prow * D + 2 * (lane + 32 * i));
+      acc[i].x += w * v.x;
+      acc[i].y += w * v.y;
+    }
+  }
+  const float inv_l = l > 0.f ? 1.f / l : 0.f;
+  const int64_t idx = offset(p.o_st, T.b, T.h, T.q0 + T.m0 + lr);
+#pragma unroll
+  for (int i = 0; i < kPairs; ++i)
+    fwd::store_out2(p.out, p.out_dtype, idx + 2 * (lane + 32 * i), acc[i].x * inv_l, acc[i].y * inv_l);
+  if (p.lse && lane == 0) {
+    const int64_t i = offset(p.qs_st, T.b, T.h, T.q0 + T.m0 + lr);
+    const float off = p.lse_offset ? p.lse_offset[i] : 0.f;
+    p.lse[offset(p.lse_st, T.b, T.h, T.q0 + T.m0 + lr)] = l > 0.f ? (mx + log2f(l)) * kLn2 + off : fwd::neg_inf();
+  }
+}
+
+// Split: the tiles' key blocks are split into P.num_splits ranges (work units), whose partial
+// results combine_kernel merges (launches with fewer tiles than SMs, fwd_sm90_launch.cu).
+template <int D, bool Causal, bool Split>
 __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant__ Params P) {
   using S = Smem<D>;
   const FwdParams& p = P.p;
@@ -381,21 +467,21 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
       if constexpr (kDynamic<Causal>) {
         auto fetch = [&] { return static_cast<int>(gridDim.x) + atomicAdd(P.tile_counter, 1); };
         int cur = blockIdx.x;
-        int nxt = cur < P.num_tiles ? fetch() : P.num_tiles;
+        int nxt = cur < P.num_units ? fetch() : P.num_units;
         ring.publish(0, cur);
         ring.publish(1, nxt);
-        for (uint32_t k = 0; cur < P.num_tiles; ++k) {
-          const int nxt2 = nxt < P.num_tiles ? fetch() : P.num_tiles;
+        for (uint32_t k = 0; cur < P.num_units; ++k) {
+          const int nxt2 = nxt < P.num_units ? fetch() : P.num_units;
           Tile T;
-          if (decode_tile<Causal>(P, cur, T) && T.n_blocks > 0) load_tile(T, it, tc);
+          if (decode_tile<Causal, Split>(P, cur, T) && T.n_blocks > 0) load_tile(T, it, tc);
           ring.publish(k + 2, nxt2);
           cur = nxt;
           nxt = nxt2;
         }
       } else {
-        for (int tile = blockIdx.x; tile < P.num_tiles; tile += gridDim.x) {
+        for (int tile = blockIdx.x; tile < P.num_units; tile += gridDim.x) {
           Tile T;
-          if (decode_tile<Causal>(P, tile, T) && T.n_blocks > 0) load_tile(T, it, tc);
+          if (decode_tile<Causal, Split>(P, tile, T) && T.n_blocks > 0) load_tile(T, it, tc);
         }
       }
     } else {
@@ -406,9 +492,9 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
       for (uint32_t k = 0;; ++k) {
         if constexpr (kDynamic<Causal>) tile = ring.pop(k);
         else if (k > 0) tile += gridDim.x;
-        if (tile >= P.num_tiles) break;
+        if (tile >= P.num_units) break;
         Tile T;
-        if (!decode_tile<Causal>(P, tile, T) || T.n_blocks == 0) continue;
+        if (!decode_tile<Causal, Split>(P, tile, T) || T.n_blocks == 0) continue;
         const float* ks_g = p.k_scale + offset(p.ks_st, T.b, T.hkv, T.k0);
         for (int n = 0; n < T.n_blocks; ++n, ++it) {
           const int st = it % kStages;
@@ -468,7 +554,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
 #else
   auto trace_at = [](int, int) {};
 #endif
-  // The CTA's next tile with rows (an index >= P.num_tiles at the end): from the tile ring, or
+  // The CTA's next tile with rows (an index >= P.num_units at the end): from the tile ring, or
   // from `from` on in the static stride. Tiles without keys come here too: their rows get zeros
   // and LSE -inf.
   uint32_t tk = 0;
@@ -476,12 +562,12 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
     if constexpr (kDynamic<Causal>) {
       for (;;) {
         const int tile = ring.pop(tk++);
-        if (tile >= P.num_tiles || decode_tile<Causal>(P, tile, T)) return tile;
+        if (tile >= P.num_units || decode_tile<Causal, Split>(P, tile, T)) return tile;
       }
     } else {
-      for (int tile = from; tile < P.num_tiles; tile += gridDim.x)
-        if (decode_tile<Causal>(P, tile, T)) return tile;
-      return P.num_tiles;
+      for (int tile = from; tile < P.num_units; tile += gridDim.x)
+        if (decode_tile<Causal, Split>(P, tile, T)) return tile;
+      return P.num_units;
     }
   };
   // q_scale of this thread's rows of tile T (1 past the end): global loads issued before the
@@ -498,8 +584,8 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
   Tile T;
   float rowf[2];
   int tile = next_tile(blockIdx.x, T);
-  if (tile < P.num_tiles) load_rowf(T, rowf);
-  while (tile < P.num_tiles) {
+  if (tile < P.num_units) load_rowf(T, rowf);
+  while (tile < P.num_units) {
     int row[2];
     float m_run[2], l_part[2];
 #pragma unroll
@@ -648,9 +734,9 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
     Tile Tn;
     float rowf_n[2] = {1.f, 1.f};
     const int tile_n = next_tile(tile + gridDim.x, Tn);
-    if (tile_n < P.num_tiles) load_rowf(Tn, rowf_n);
+    if (tile_n < P.num_units) load_rowf(Tn, rowf_n);
     trace_at(it - 1, 6);
-    store_rows<D>(p, T, cw, ctid, 3 + cw, smem + S::kO + cw * S::kOSliceBytes, base + S::kO + cw * S::kOSliceBytes,
+    store_rows<D, Split>(P, T, tile, cw, ctid, 3 + cw, smem + S::kO + cw * S::kOSliceBytes, base + S::kO + cw * S::kOSliceBytes,
                   row, o, l_part, m_run, v2, [&](int ph) { trace_at(it - 1, ph); });
     trace_at(it - 1, 5);
     tile = tile_n;
@@ -689,8 +775,10 @@ __global__ void __launch_bounds__(128) qk_block_test_kernel(const int8_t* q8, co
     for (int e = 0; e < 4; ++e) s_out[(16 * w + g + 8 * (e >> 1)) * 128 + 8 * j + 2 * t + (e & 1)] = s[4 * j + e];
 }
 
-// Host launcher for one (head dim, causal) instantiation; defined in fwd_sm90_launch.cuh.
-template <int D, bool Causal>
+int choose_splits(const FwdParams& p, int num_tiles, int sms);  // fwd_sm90_launch.cu
+
+// Host launcher for one (head dim, causal, split) instantiation; defined in fwd_sm90_launch.cuh.
+template <int D, bool Causal, bool Split>
 Status launch_fwd(const Params& prm, cudaStream_t stream);
 
 }  // namespace intfa::sm90

@@ -2,6 +2,8 @@
 // (head dim, causal) instantiations.
 #include <cudaTypedefs.h>
 
+#include <algorithm>
+#include <cstdlib>
 #include <sstream>
 #include <string>
 
@@ -56,6 +58,26 @@ Status encode_4d(CUtensorMap* map, const void* ptr, const char* what, const uint
 
 }  // namespace
 
+// Key-range splits per tile. A launch with fewer tiles than SMs (few heads, short queries) would
+// leave SMs idle, so each tile's key blocks are split into ranges that run as separate units and
+// are merged by combine_kernel: up to one wave of units, at least four key blocks per range, and
+// only from 16 key blocks on. H200, same call, B=1 kernel ms without / with: H=2 N=4k D=128
+// 0.074 / 0.057 (2 ranges), causal 0.078 / 0.059; H=8 N=1k 0.030 / 0.034 (2 ranges of 4
+// blocks: the second launch and the partial rows cost more than the halved loop saves).
+// `accurate` only: `paper` quantizes P against the running max, which a range would restart,
+// so its P8 would change. INTFA_SM90_SPLITS overrides (tests; clamped to the key blocks).
+int choose_splits(const FwdParams& p, int num_tiles, int sms) {
+  const int nb = (p.seqlen_kv + kBlockN - 1) / kBlockN;
+  if (p.scheme != Scheme::accurate || nb < 2) return 1;
+  static const int forced = [] {
+    const char* e = std::getenv("INTFA_SM90_SPLITS");
+    return e ? std::atoi(e) : 0;
+  }();
+  if (forced > 0) return std::max(1, std::min({forced, nb, (1 << 30) / num_tiles}));
+  if (2 * num_tiles > sms || nb < 16) return 1;
+  return std::max(1, std::min(sms / num_tiles, nb / 4));
+}
+
 // Q and K rows (D bytes) swizzled to their width, V^T rows (kBlockN = 128 keys) with 128-byte
 // swizzle, as the wgmma descriptors expect. Out-of-range boxes are zero-filled.
 Status make_params(const FwdParams& p, Params* prm) {
@@ -100,23 +122,44 @@ Status launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   sm90::Params prm;
   Status st = sm90::make_params(p, &prm);
   if (!st.ok() || prm.num_tiles == 0) return st;
-  // Causal tiles are handed out by a counter (sm90::kDynamic), so an SM that drew short tiles
-  // takes more: a static stride left causal 4k ~10% idle in a simulation with the measured
-  // per-tile costs.
+  int sms = 1;
+  st = check_cuda(device_sm_count(&sms), "sm90 forward: SM count");
+  if (!st.ok()) return st;
+  prm.num_splits = sm90::choose_splits(p, prm.num_tiles, sms);
+  prm.num_units = prm.num_tiles * prm.num_splits;
+  // Scratch: [tile counter | (m, l) per split and row | O per split and row]. Causal units are
+  // handed out by the counter (sm90::kDynamic), so an SM that drew short tiles takes more: a
+  // static stride left causal 4k ~10% idle in a simulation with the measured per-tile costs.
   const bool dynamic = p.causal;
-  if (dynamic) {
-    st = scratch_alloc(reinterpret_cast<void**>(&prm.tile_counter), sizeof(int), stream, "sm90 forward: tile counter");
+  const size_t part_rows = prm.num_splits > 1 ? size_t(prm.num_units) * sm90::kBlockM : 0;
+  const size_t ml_off = 16, o_off = ml_off + part_rows * sizeof(float2);
+  const size_t bytes = o_off + part_rows * p.head_dim * sizeof(float);
+  void* scratch = nullptr;
+  if (dynamic || part_rows > 0) {
+    st = scratch_alloc(&scratch, bytes, stream, "sm90 forward: scratch");
     if (!st.ok()) return st;
-    st = check_cuda(cudaMemsetAsync(prm.tile_counter, 0, sizeof(int), stream), "sm90 forward: tile counter");
-  }
-  if (st.ok()) {
-    switch (p.head_dim) {
-      case 64: st = p.causal ? sm90::launch_fwd<64, true>(prm, stream) : sm90::launch_fwd<64, false>(prm, stream); break;
-      default: st = p.causal ? sm90::launch_fwd<128, true>(prm, stream) : sm90::launch_fwd<128, false>(prm, stream);
+    char* base = static_cast<char*>(scratch);
+    if (dynamic) {
+      prm.tile_counter = reinterpret_cast<int*>(base);
+      st = check_cuda(cudaMemsetAsync(prm.tile_counter, 0, sizeof(int), stream), "sm90 forward: tile counter");
+    }
+    if (part_rows > 0) {
+      prm.part_ml = reinterpret_cast<float2*>(base + ml_off);
+      prm.part_o = reinterpret_cast<float*>(base + o_off);
     }
   }
-  if (!dynamic) return st;
-  const Status fst = scratch_free(prm.tile_counter, stream, "sm90 forward: tile counter");
+  if (st.ok()) {
+    using L = Status (*)(const sm90::Params&, cudaStream_t);
+    // [head dim 64 / 128][causal][split]
+    static constexpr L kLaunch[2][2][2] = {
+        {{sm90::launch_fwd<64, false, false>, sm90::launch_fwd<64, false, true>},
+         {sm90::launch_fwd<64, true, false>, sm90::launch_fwd<64, true, true>}},
+        {{sm90::launch_fwd<128, false, false>, sm90::launch_fwd<128, false, true>},
+         {sm90::launch_fwd<128, true, false>, sm90::launch_fwd<128, true, true>}}};
+    st = kLaunch[p.head_dim == 128][p.causal][prm.num_splits > 1](prm, stream);
+  }
+  if (!scratch) return st;
+  const Status fst = scratch_free(scratch, stream, "sm90 forward: scratch");
   return st.ok() ? fst : st;
 }
 

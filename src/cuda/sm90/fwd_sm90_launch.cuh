@@ -1,4 +1,5 @@
-// Host launcher template for the sm90 forward kernel; each fwd_sm90_d*_*.cu instantiates one.
+// Host launcher template for the sm90 forward kernel; each fwd_sm90_d*_*.cu instantiates one
+// (head dim, causal) pair, with and without key-range splits.
 #pragma once
 
 #include "cuda/launchers.h"
@@ -9,9 +10,9 @@
 
 namespace intfa::sm90 {
 
-template <int D, bool Causal>
+template <int D, bool Causal, bool Split>
 Status launch_fwd(const Params& prm, cudaStream_t stream) {
-  auto kernel = fwd_kernel<D, Causal>;
+  auto kernel = fwd_kernel<D, Causal, Split>;
   constexpr int kSmem = Smem<D>::kAlloc;
   static cuda::PerDevice setup;
   int sms = 1;
@@ -26,8 +27,14 @@ Status launch_fwd(const Params& prm, cudaStream_t stream) {
     return e && std::atoi(e) > 0 ? std::atoi(e) : 0;
   }();
   if (grid_cap > 0 && grid_cap < sms) sms = grid_cap;
-  const int grid = prm.num_tiles < sms ? prm.num_tiles : sms;
+  const int grid = prm.num_units < sms ? prm.num_units : sms;
   kernel<<<grid, kThreads, kSmem, stream>>>(prm);
+  if (Split) {
+    Status cst = cuda::check_cuda(cudaGetLastError(), "sm90 forward kernel launch");
+    if (!cst.ok()) return cst;
+    combine_kernel<D, Causal><<<prm.num_tiles * (kBlockM / 4), 128, 0, stream>>>(prm);
+    return cuda::check_cuda(cudaGetLastError(), "sm90 split combine kernel launch");
+  }
 #if INTFA_SM90_TRACE
   static int traced = 0;
   static const int trace_at = [] {
