@@ -2,7 +2,9 @@
 //
 // A persistent CTA of three warpgroups takes 128-row query tiles in turn (non-causal: tile
 // blockIdx.x, then every gridDim.x-th; causal: longest rows first, the next tile from a counter
-// as the CTA frees up, passed to all roles through the tile ring):
+// as the CTA frees up, passed to all roles through the tile ring). With fewer tiles than SMs
+// (Split), each tile's key blocks are cut into ranges that run as units of their own, and
+// combine_kernel merges their partial rows:
 //   WG 0, producer (24 registers): warp 0 issues the TMA loads of Q and of each key block's K
 //     and V^T tiles into a kStages-deep ring completed on mbarriers; warps 1-3 load the block's
 //     per-key K scales and permute V^T's key columns (below), then release the stage.
