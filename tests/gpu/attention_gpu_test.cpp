@@ -331,18 +331,18 @@ TEST_F(AttentionGpu, KernelVarlen) {
 // `accurate` launches with fewer tiles than SMs split each tile's keys into ranges on sm90 (one
 // unit each, merged by a combine kernel): long keys behind few queries, decode-like single rows,
 // causal tiles whose later ranges are empty, rows that see no key at all (Sq > Skv causal), GQA,
-// bf16 output and varlen, each against the CPU emulation with its LSE.
+// both layouts, fp16/bf16 output and varlen, each against the CPU emulation with its LSE.
 TEST_F(AttentionGpu, KernelFewTilesKeyRangeSplits) {
-  struct Shape { int d, hq, hkv, sq, skv; bool causal; DType out; };
+  struct Shape { int d, hq, hkv, sq, skv; bool causal; DType out; Layout layout; };
   int seed = 500;
-  for (const Shape& sh : std::vector<Shape>{{128, 2, 1, 200, 5000, false, DType::f32},
-                                            {128, 2, 1, 200, 5000, true, DType::bf16},
-                                            {64, 3, 3, 1, 3000, false, DType::f32},
-                                            {128, 1, 1, 2500, 2500, true, DType::f32},
-                                            {64, 1, 1, 2200, 2000, true, DType::f16}}) {
+  for (const Shape& sh : std::vector<Shape>{{128, 2, 1, 200, 5000, false, DType::f32, Layout::BHSD},
+                                            {128, 2, 1, 200, 5000, true, DType::bf16, Layout::BSHD},
+                                            {64, 3, 3, 1, 3000, false, DType::f32, Layout::BSHD},
+                                            {128, 1, 1, 2500, 2500, true, DType::f32, Layout::BHSD},
+                                            {64, 1, 1, 2200, 2000, true, DType::f16, Layout::BHSD}}) {
     Case c;
     c.d = sh.d; c.hq = sh.hq; c.hkv = sh.hkv; c.sq = sh.sq; c.skv = sh.skv;
-    c.causal = sh.causal; c.out = sh.out; c.seed = ++seed;
+    c.causal = sh.causal; c.out = sh.out; c.layout = sh.layout; c.seed = ++seed;
     for (GpuPath path : gpu_paths()) check_kernel_vs_cpu(c, path);
   }
   Case c;
