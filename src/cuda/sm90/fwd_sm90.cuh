@@ -207,10 +207,10 @@ __device__ __forceinline__ bool decode_tile(const Params& P, int unit, Tile& T) 
   T.q0 = seq_start(p.cu_q, T.b);
   T.k0 = seq_start(p.cu_kv, T.b);
   T.vcol0 = vt_seq_start(p.cu_kv, T.b);
-  if constexpr (Split) {  // equal ranges of blocks; trailing ones may be empty
-    const int per = (T.n_blocks + P.num_splits - 1) / P.num_splits;
-    const int kb0 = min(T.n_blocks, split * per), key0 = kb0 * kBlockN;
-    T.n_blocks = min(T.n_blocks, kb0 + per) - kb0;
+  if constexpr (Split) {
+    int kb0;
+    fwd::split_range(T.n_blocks, P.num_splits, split, kb0, T.n_blocks);
+    const int key0 = kb0 * kBlockN;
     T.k0 += key0;
     T.vcol0 += key0;
     T.skv -= key0;

@@ -2,7 +2,6 @@
 // (head dim, causal) instantiations.
 #include <cudaTypedefs.h>
 
-#include <algorithm>
 #include <cstdlib>
 #include <sstream>
 #include <string>
@@ -58,24 +57,13 @@ Status encode_4d(CUtensorMap* map, const void* ptr, const char* what, const uint
 
 }  // namespace
 
-// Key-range splits per tile. A launch with fewer tiles than SMs (few heads, short queries) would
-// leave SMs idle, so each tile's key blocks are split into ranges that run as separate units and
-// are merged by combine_kernel: up to one wave of units, at least four key blocks per range, and
-// only from 16 key blocks on. H200, same call, B=1 kernel ms without / with: H=2 N=4k D=128
-// 0.074 / 0.057 (2 ranges), causal 0.078 / 0.059; H=8 N=1k 0.030 / 0.034 (2 ranges of 4
-// blocks: the second launch and the partial rows cost more than the halved loop saves).
-// `accurate` only: `paper` quantizes P against the running max, which a range would restart,
-// so its P8 would change. INTFA_SM90_SPLITS overrides (tests; clamped to the key blocks).
+// fwd::split_count with the INTFA_SM90_SPLITS override (tests) read once.
 int choose_splits(const FwdParams& p, int num_tiles, int sms) {
-  const int nb = (p.seqlen_kv + kBlockN - 1) / kBlockN;
-  if (p.scheme != Scheme::accurate || nb < 2) return 1;
   static const int forced = [] {
     const char* e = std::getenv("INTFA_SM90_SPLITS");
     return e ? std::atoi(e) : 0;
   }();
-  if (forced > 0) return std::max(1, std::min({forced, nb, (1 << 30) / num_tiles}));
-  if (2 * num_tiles > sms || nb < 16) return 1;
-  return std::max(1, std::min(sms / num_tiles, nb / 4));
+  return fwd::split_count(p.scheme == Scheme::accurate, (p.seqlen_kv + kBlockN - 1) / kBlockN, num_tiles, sms, forced);
 }
 
 // Q and K rows (D bytes) swizzled to their width, V^T rows (kBlockN = 128 keys) with 128-byte
