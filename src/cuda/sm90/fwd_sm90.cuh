@@ -98,13 +98,13 @@ constexpr int kTraceIters = 48, kTracePhases = 12;
 __device__ long long g_trace[2][kTraceIters][kTracePhases];
 #endif
 
-// Everything the kernel needs: the problem plus the TMA descriptors of Q, K and V^T.
 // Causal tiles differ in length, so the causal kernels take their tiles from a counter through
 // the tile ring (dynamic scheduling); the others keep the static stride, whose tiles are equal
 // (varlen aside) and whose hot loop then stays as it was.
 template <bool Causal>
 constexpr bool kDynamic = Causal;
 
+// Everything the kernel needs: the problem plus the TMA descriptors of Q, K and V^T.
 struct Params {
   FwdParams p;
   CUtensorMap tm_q, tm_k, tm_v;
@@ -168,7 +168,7 @@ struct Bars {
 
 // One 128-row query tile of one (batch, head). Tiles are numbered head-major so that the CTAs
 // running at one time share K/V in L2; causal tiles run the longest rows first.
-// A split unit (Params::num_splits > 1) covers key blocks kb0 .. kb0 + n_blocks - 1 of its tile:
+// A unit of a Split kernel covers key blocks kb0 .. kb0 + n_blocks - 1 of its tile:
 // k0, vcol0, skv and diag are then taken relative to key kb0 * kBlockN, so the loads, the tail
 // test and the causal mask read the same as for a whole tile.
 struct Tile {
@@ -220,10 +220,10 @@ __device__ __forceinline__ bool decode_tile(const Params& P, int unit, Tile& T) 
   return true;
 }
 
-// The CTA's tile sequence, from the producer's warp 0 (which takes the indices from the tile
-// counter or the static stride) to the permute warps and the consumers, through kTileSlots
-// shared-memory slots on mbarriers. Entry k is read once by every reader; the sequence ends with
-// an index >= num_tiles.
+// The CTA's sequence of work units (tiles, or tile key ranges in Split kernels) in the dynamic
+// kernels, from the producer's warp 0 (which takes the indices from the tile counter) to the
+// permute warps and the consumers, through kTileSlots shared-memory slots on mbarriers. Entry k
+// is read once by every reader; the sequence ends with an index >= num_units.
 struct TileRing {
   Bars bars;
   volatile int* slots;
