@@ -1,4 +1,5 @@
 // intfa command-line tool: info, demo, accuracy, bench (design.md §2). Uses only the public API.
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -335,8 +336,16 @@ struct BenchCtx {
 };
 Status bench_trampoline(void* ctx) { return static_cast<BenchCtx*>(ctx)->fn(); }
 
+// Query-key pairs bottom-right causal masking leaves visible: row r of sq sees keys
+// j <= r + skv - sq.
+double causal_visible_pairs(int sq, int skv) {
+  double n = 0;
+  for (int r = 0; r < sq; ++r) n += std::clamp(r + skv - sq + 1, 0, skv);
+  return n;
+}
+
 int cmd_bench(const Args& a) {
-  a.allow({"--seq", "--hdim", "--causal", "--scheme", "--batch", "--heads", "--heads-kv", "--path",
+  a.allow({"--seq", "--seq-q", "--hdim", "--causal", "--scheme", "--batch", "--heads", "--heads-kv", "--path",
            "--json", "--reps", "--dtype"});
   DeviceInfo dev = device_info(0);
   if (!dev.present) {
@@ -352,28 +361,33 @@ int cmd_bench(const Args& a) {
   const int heads = a.integer("--heads", 32, 1, 1024);
   const int heads_kv = a.integer("--heads-kv", heads, 1, heads);
   const int reps = a.integer("--reps", 20, 1, 10000);
+  // Query rows per sequence when they differ from the keys (--seq): chunked prefill or decode
+  // against a long cache. 0: square.
+  const int seq_q_opt = a.integer("--seq-q", 0, 0, 1 << 20);
   const DType dtype = parse_dtype(a);
   const GpuPath path_req = parse_gpu_path(a);
   GpuPath path;
   check(resolve_gpu_path(path_req, 0, &path), "--path");
   const std::string json = a.str("--json", "");
 
-  std::printf("intfa bench on %s (%d SMs): B=%d H=%d Hkv=%d %s, path %s, median of %d\n",
+  std::printf("intfa bench on %s (%d SMs): B=%d H=%d Hkv=%d %s, path %s, median of %d%s\n",
               dev.name.c_str(), dev.sm_count, batch, heads, heads_kv, to_string(dtype),
-              to_string(path), reps);
+              to_string(path), reps,
+              seq_q_opt ? (", " + std::to_string(seq_q_opt) + " query rows (seq = keys)").c_str() : "");
   std::printf("%-9s %6s %5s %7s  %10s %8s  %10s %8s  %6s\n", "scheme", "seq", "hdim", "causal",
               "kernel_ms", "TOPS", "e2e_ms", "TOPS", "e2e/k");
   std::ostringstream rows;
   for (int hdim : hdims) {
     for (int seq : seqs) {
-      auto x = tools::make_inputs(Dist::normal, batch, heads, heads_kv, seq, seq, hdim, dtype, 7);
+      const int seq_q = seq_q_opt ? seq_q_opt : seq;
+      auto x = tools::make_inputs(Dist::normal, batch, heads, heads_kv, seq_q, seq, hdim, dtype, 7);
       const size_t qb = x.q.size() * 2, kb = x.k.size() * 2;
       DeviceBuf dq(x.q.data(), qb), dk(x.k.data(), kb), dv(x.v.data(), kb), dout(qb);
       Tensor tq = on_device(x.tq(), dq.ptr), tk = on_device(x.tk(), dk.ptr), tv = on_device(x.tv(), dv.ptr);
       Tensor to = on_device(x.tq(), dout.ptr);
       ProblemShape ps;
       ps.batch = batch; ps.heads_q = heads; ps.heads_kv = heads_kv;
-      ps.seqlen_q = seq; ps.seqlen_kv = seq; ps.head_dim = hdim;
+      ps.seqlen_q = seq_q; ps.seqlen_kv = seq; ps.head_dim = hdim;
       for (Scheme sc : schemes) {
         const size_t qbytes = quantized_bytes(ps, sc);
         DeviceBuf ws(qbytes);
@@ -393,7 +407,11 @@ int cmd_bench(const Args& a) {
           double k_ms = 0, e_ms = 0;
           check(gpu_time_ms(bench_trampoline, &kern, 3, reps, nullptr, &k_ms), "bench kernel");
           check(gpu_time_ms(bench_trampoline, &e2e, 3, reps, nullptr, &e_ms), "bench e2e");
-          double ops = 4.0 * batch * heads * double(seq) * seq * hdim * (causal ? 0.5 : 1.0);
+          // Square causal counts half the pairs (design.md); otherwise the pairs bottom-right
+          // causal masking leaves visible.
+          double pairs = double(seq_q) * seq;
+          if (causal) pairs = seq_q == seq ? 0.5 * pairs : causal_visible_pairs(seq_q, seq);
+          const double ops = 4.0 * batch * heads * pairs * hdim;
           const double k_tops = ops / k_ms / 1e9, e_tops = ops / e_ms / 1e9;
           std::printf("%-9s %6d %5d %7d  %10.3f %8.1f  %10.3f %8.1f  %6.3f\n", to_string(sc), seq,
                       hdim, causal, k_ms, k_tops, e_ms, e_tops, k_ms / e_ms);
@@ -401,7 +419,7 @@ int cmd_bench(const Args& a) {
           for (int e = 0; e < 2; ++e) {
             rows << (rows.tellp() > 0 ? ",\n" : "") << "    {\"provider\": \"intfa\", \"path\": \""
                  << to_string(path) << "\", \"scheme\": \"" << to_string(sc) << "\", \"seq\": "
-                 << seq << ", \"hdim\": " << hdim << ", \"causal\": " << causal << ", \"batch\": "
+                 << seq << (seq_q != seq ? ", \"seq_q\": " + std::to_string(seq_q) : std::string()) << ", \"hdim\": " << hdim << ", \"causal\": " << causal << ", \"batch\": "
                  << batch << ", \"heads\": " << heads << ", \"e2e\": " << (e ? "true" : "false")
                  << ", \"ms\": " << fmt(e ? e_ms : k_ms, "%.4f") << ", \"tops\": "
                  << fmt(e ? e_tops : k_tops, "%.2f") << "}";
@@ -427,8 +445,9 @@ void usage(FILE* f) {
                "  accuracy [--device D] [--seq L1,L2] [--dist normal,uniform,llm]\n"
                "           [--scheme paper,accurate,half] [--batch B] [--heads H] [--heads-kv H]\n"
                "           [--hdim D] [--block N] [--dtype bf16|fp16] [--causal 0|1] [--json FILE]\n"
-               "  bench [--seq ..] [--hdim 128,64] [--causal 0,1] [--scheme ..] [--path auto|sm80|sm90]\n"
-               "        [--batch 4] [--heads 32] [--reps 20] [--json FILE]   (needs a GPU)\n");
+               "  bench [--seq ..] [--seq-q N] [--hdim 128,64] [--causal 0,1] [--scheme ..]\n"
+               "        [--path auto|sm80|sm90] [--batch 4] [--heads 32] [--heads-kv H] [--reps 20]\n"
+               "        [--json FILE]   (needs a GPU; --seq-q: query rows when fewer than the keys)\n");
 }
 
 }  // namespace
