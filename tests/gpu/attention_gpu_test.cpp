@@ -198,6 +198,21 @@ void check_kernel_vs_cpu(const Case& c, GpuPath path) {
   EXPECT_EQ(lse_bad, 0);
 }
 
+// `attention` on device copies of x's bf16 inputs (BHSD) along `path`, into a fresh fp32 output
+// poisoned with NaN, copied back to *out. Call through ASSERT_NO_FATAL_FAILURE.
+void run_attention_f32(tools::HostQKV& x, const DeviceBuffer& dq, const DeviceBuffer& dk, const DeviceBuffer& dv,
+                       Options o, GpuPath path, std::vector<float>* out) {
+  DeviceBuffer dout(x.q.size() * 4);
+  INTFA_ASSERT_OK(gpu_memset(dout.ptr, 0xFF, x.q.size() * 4));  // NaN poison
+  o.backend = Backend::gpu;
+  o.path = path;
+  Tensor out_d = make_tensor(dout.ptr, DType::f32, {x.batch, x.heads_q, x.seqlen_q, x.head_dim}, true);
+  INTFA_ASSERT_OK(attention(testing::on_device(x.tq(), dq.ptr), testing::on_device(x.tk(), dk.ptr),
+                            testing::on_device(x.tv(), dv.ptr), out_d, nullptr, o));
+  INTFA_ASSERT_OK(gpu_synchronize());
+  *out = dout.to_host<float>();
+}
+
 class AttentionGpu : public ::testing::Test {
  protected:
   void SetUp() override { INTFA_REQUIRE_GPU(); }
@@ -411,21 +426,12 @@ TEST_F(AttentionGpu, Sm90MatchesSm80RandomShapes) {
                  std::to_string(skv) + (causal ? " causal" : ""));
     auto x = tools::make_inputs(Dist::normal, batch, hq, hkv, sq, skv, d, DType::bf16, 900 + trial);
     DeviceBuffer dq(x.q.data(), x.q.size() * 2), dk(x.k.data(), x.k.size() * 2), dv(x.v.data(), x.v.size() * 2);
-    std::vector<std::vector<float>> outs;
-    for (GpuPath path : {GpuPath::sm80, GpuPath::sm90}) {
-      DeviceBuffer dout(x.q.size() * 4);
-      INTFA_ASSERT_OK(gpu_memset(dout.ptr, 0xFF, x.q.size() * 4));  // NaN poison
-      Options o;
-      o.scheme = sc;
-      o.causal = causal;
-      o.backend = Backend::gpu;
-      o.path = path;
-      Tensor out_d = make_tensor(dout.ptr, DType::f32, {batch, hq, sq, d}, true);
-      INTFA_ASSERT_OK(attention(testing::on_device(x.tq(), dq.ptr), testing::on_device(x.tk(), dk.ptr),
-                                testing::on_device(x.tv(), dv.ptr), out_d, nullptr, o));
-      INTFA_ASSERT_OK(gpu_synchronize());
-      outs.push_back(dout.to_host<float>());
-    }
+    Options o;
+    o.scheme = sc;
+    o.causal = causal;
+    std::vector<std::vector<float>> outs(2);
+    ASSERT_NO_FATAL_FAILURE(run_attention_f32(x, dq, dk, dv, o, GpuPath::sm80, &outs[0]));
+    ASSERT_NO_FATAL_FAILURE(run_attention_f32(x, dq, dk, dv, o, GpuPath::sm90, &outs[1]));
     auto m = tools::compare(std::vector<double>(outs[1].begin(), outs[1].end()),
                             std::vector<double>(outs[0].begin(), outs[0].end()));
     EXPECT_EQ(m.nonfinite, 0);
@@ -446,17 +452,10 @@ TEST_F(AttentionGpu, CausalManyTilesAllHeadGroups) {
   std::vector<std::vector<float>> outs;
   for (GpuPath path : gpu_paths()) {
     SCOPED_TRACE(std::string("path ") + to_string(path));
-    DeviceBuffer dout(x.q.size() * 4);
-    INTFA_ASSERT_OK(gpu_memset(dout.ptr, 0xFF, x.q.size() * 4));  // NaN poison
     Options o;
     o.causal = true;
-    o.backend = Backend::gpu;
-    o.path = path;
-    Tensor out_d = make_tensor(dout.ptr, DType::f32, {B, H, S, D}, true);
-    INTFA_ASSERT_OK(attention(testing::on_device(x.tq(), dq.ptr), testing::on_device(x.tk(), dk.ptr),
-                              testing::on_device(x.tv(), dv.ptr), out_d, nullptr, o));
-    INTFA_ASSERT_OK(gpu_synchronize());
-    outs.push_back(dout.to_host<float>());
+    outs.emplace_back();
+    ASSERT_NO_FATAL_FAILURE(run_attention_f32(x, dq, dk, dv, o, path, &outs.back()));
     int64_t nonfinite = 0;
     for (float v : outs.back()) nonfinite += !std::isfinite(v);
     EXPECT_EQ(nonfinite, 0) << "tiles left unwritten";

@@ -118,7 +118,7 @@ Status launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   // Scratch: [tile counter | (m, l) per split and row | O per split and row]. Causal units are
   // handed out by the counter (sm90::kDynamic), so an SM that drew short tiles takes more: a
   // static stride left causal 4k ~10% idle in a simulation with the measured per-tile costs.
-  const bool dynamic = p.causal;
+  const bool dynamic = p.causal ? sm90::kDynamic<true> : sm90::kDynamic<false>;
   const size_t part_rows = prm.num_splits > 1 ? size_t(prm.num_units) * sm90::kBlockM : 0;
   const size_t ml_off = 16, o_off = ml_off + part_rows * sizeof(float2);
   const size_t bytes = o_off + part_rows * p.head_dim * sizeof(float);
