@@ -344,9 +344,97 @@ double causal_visible_pairs(int sq, int skv) {
   return n;
 }
 
+// One bench shape: dense (lens empty: B sequences of seq_q queries and seq keys) or packed
+// varlen (lens: one sequence per entry, queries = keys, THD tensors with cu_seqlens).
+struct BenchShape {
+  int batch, heads, heads_kv, seq_q, seq, hdim;
+  std::vector<int> lens;
+};
+
+// Times kernel-only and end-to-end for every scheme and causal flag of one shape; prints a line
+// and appends two JSON rows per case.
+void bench_shape(const BenchShape& sh, const std::vector<Scheme>& schemes, const std::vector<int>& causals,
+                 DType dtype, GpuPath path, int reps, std::ostringstream& rows) {
+  const bool varlen = !sh.lens.empty();
+  int64_t total = 0;
+  std::vector<int32_t> cu{0};
+  for (int L : sh.lens) cu.push_back(static_cast<int32_t>(total += L));
+  // Varlen inputs are generated as one sequence of all tokens; THD is BSHD with B = 1.
+  auto x = varlen ? tools::make_inputs(Dist::normal, 1, sh.heads, sh.heads_kv, int(total), int(total), sh.hdim, dtype, 7)
+                  : tools::make_inputs(Dist::normal, sh.batch, sh.heads, sh.heads_kv, sh.seq_q, sh.seq, sh.hdim, dtype, 7);
+  const size_t qb = x.q.size() * 2, kb = x.k.size() * 2;
+  DeviceBuf dq(x.q.data(), qb), dk(x.k.data(), kb), dv(x.v.data(), kb), dout(qb);
+  DeviceBuf dcu(cu.data(), cu.size() * sizeof(int32_t));
+  auto thd = [&](void* ptr, int heads) {
+    return make_tensor(ptr, dtype, {total, int64_t(heads), int64_t(sh.hdim)}, true);
+  };
+  Tensor tq = varlen ? thd(dq.ptr, sh.heads) : on_device(x.tq(), dq.ptr);
+  Tensor tk = varlen ? thd(dk.ptr, sh.heads_kv) : on_device(x.tk(), dk.ptr);
+  Tensor tv = varlen ? thd(dv.ptr, sh.heads_kv) : on_device(x.tv(), dv.ptr);
+  Tensor to = varlen ? thd(dout.ptr, sh.heads) : on_device(x.tq(), dout.ptr);
+  Tensor tcu = varlen ? make_tensor(dcu.ptr, DType::i32, {int64_t(cu.size())}, true) : Tensor();
+  ProblemShape ps;
+  ps.batch = sh.batch; ps.heads_q = sh.heads; ps.heads_kv = sh.heads_kv;
+  ps.seqlen_q = sh.seq_q; ps.seqlen_kv = sh.seq; ps.head_dim = sh.hdim;
+  ps.varlen = varlen; ps.total_q = varlen ? total : 0; ps.total_kv = ps.total_q;
+  for (Scheme sc : schemes) {
+    const size_t qbytes = quantized_bytes(ps, sc);
+    DeviceBuf ws(qbytes), ws2(qbytes);
+    QuantizedQKV qx;
+    check(alloc_quantized(ps, sc, Layout::BHSD, ws.ptr, qbytes, true, 0, &qx), "alloc_quantized");
+    for (int causal : causals) {
+      Options o;
+      o.scheme = sc;
+      o.causal = causal;
+      o.path = path;
+      o.workspace = make_tensor(ws2.ptr, DType::u8, {static_cast<int64_t>(qbytes)}, true);
+      check(quantize(tq, tk, tv, tcu, tcu, o, qx), "quantize");
+      BenchCtx kern{[&] { return attention_int8(qx, tcu, tcu, sh.seq_q, sh.seq, to, nullptr, o); }};
+      BenchCtx e2e{[&] {
+        return varlen ? attention_varlen(tq, tk, tv, tcu, tcu, sh.seq_q, sh.seq, to, nullptr, o)
+                      : attention(tq, tk, tv, to, nullptr, o);
+      }};
+      double k_ms = 0, e_ms = 0;
+      check(gpu_time_ms(bench_trampoline, &kern, 3, reps, nullptr, &k_ms), "bench kernel");
+      check(gpu_time_ms(bench_trampoline, &e2e, 3, reps, nullptr, &e_ms), "bench e2e");
+      // Square causal counts half the pairs (design.md); otherwise the pairs bottom-right
+      // causal masking leaves visible. Varlen: the sum over its sequences.
+      double pairs = 0;
+      if (varlen) {
+        for (int L : sh.lens) pairs += causal ? causal_visible_pairs(L, L) : double(L) * L;
+      } else {
+        pairs = double(sh.seq_q) * sh.seq;
+        if (causal) pairs = sh.seq_q == sh.seq ? 0.5 * pairs : causal_visible_pairs(sh.seq_q, sh.seq);
+        pairs *= sh.batch;
+      }
+      const double ops = 4.0 * sh.heads * pairs * sh.hdim;
+      const double k_tops = ops / k_ms / 1e9, e_tops = ops / e_ms / 1e9;
+      std::printf("%-9s %6d %5d %7d  %10.3f %8.1f  %10.3f %8.1f  %6.3f\n", to_string(sc), sh.seq,
+                  sh.hdim, causal, k_ms, k_tops, e_ms, e_tops, k_ms / e_ms);
+      std::fflush(stdout);
+      std::string extra;
+      if (varlen) {
+        extra = ", \"varlen\": [";
+        for (size_t i = 0; i < sh.lens.size(); ++i) extra += (i ? ", " : "") + std::to_string(sh.lens[i]);
+        extra += "]";
+      } else if (sh.seq_q != sh.seq) {
+        extra = ", \"seq_q\": " + std::to_string(sh.seq_q);
+      }
+      for (int e = 0; e < 2; ++e) {
+        rows << (rows.tellp() > 0 ? ",\n" : "") << "    {\"provider\": \"intfa\", \"path\": \""
+             << to_string(path) << "\", \"scheme\": \"" << to_string(sc) << "\", \"seq\": " << sh.seq << extra
+             << ", \"hdim\": " << sh.hdim << ", \"causal\": " << causal << ", \"batch\": " << sh.batch
+             << ", \"heads\": " << sh.heads << ", \"e2e\": " << (e ? "true" : "false")
+             << ", \"ms\": " << fmt(e ? e_ms : k_ms, "%.4f") << ", \"tops\": "
+             << fmt(e ? e_tops : k_tops, "%.2f") << "}";
+      }
+    }
+  }
+}
+
 int cmd_bench(const Args& a) {
-  a.allow({"--seq", "--seq-q", "--hdim", "--causal", "--scheme", "--batch", "--heads", "--heads-kv", "--path",
-           "--json", "--reps", "--dtype"});
+  a.allow({"--seq", "--seq-q", "--varlen", "--hdim", "--causal", "--scheme", "--batch", "--heads", "--heads-kv",
+           "--path", "--json", "--reps", "--dtype"});
   DeviceInfo dev = device_info(0);
   if (!dev.present) {
     std::fprintf(stderr, "intfa bench: needs a CUDA GPU (%s). Use `intfa demo` or `intfa accuracy "
@@ -364,69 +452,40 @@ int cmd_bench(const Args& a) {
   // Query rows per sequence when they differ from the keys (--seq): chunked prefill or decode
   // against a long cache. 0: square.
   const int seq_q_opt = a.integer("--seq-q", 0, 0, 1 << 20);
+  // Packed varlen batch: one sequence per length (queries = keys), in place of --batch/--seq.
+  const std::vector<int> lens = a.str("--varlen", "").empty() ? std::vector<int>() : a.ints("--varlen", "", 1, 1 << 20);
+  if (!lens.empty() && (!a.str("--seq", "").empty() || seq_q_opt || !a.str("--batch", "").empty()))
+    throw UsageError{"--varlen: gives the sequences itself; drop --seq, --seq-q and --batch"};
+  if (heads % heads_kv) throw UsageError{"--heads-kv: must divide --heads"};
   const DType dtype = parse_dtype(a);
   const GpuPath path_req = parse_gpu_path(a);
   GpuPath path;
   check(resolve_gpu_path(path_req, 0, &path), "--path");
   const std::string json = a.str("--json", "");
 
-  std::printf("intfa bench on %s (%d SMs): B=%d H=%d Hkv=%d %s, path %s, median of %d%s\n",
-              dev.name.c_str(), dev.sm_count, batch, heads, heads_kv, to_string(dtype),
+  std::string what = "B=" + std::to_string(batch);
+  if (!lens.empty()) {
+    what = "varlen " + std::to_string(lens.size()) + " sequences (";
+    for (size_t i = 0; i < lens.size(); ++i) what += (i ? "," : "") + std::to_string(lens[i]);
+    what += ")";
+  }
+  std::printf("intfa bench on %s (%d SMs): %s H=%d Hkv=%d %s, path %s, median of %d%s\n",
+              dev.name.c_str(), dev.sm_count, what.c_str(), heads, heads_kv, to_string(dtype),
               to_string(path), reps,
               seq_q_opt ? (", " + std::to_string(seq_q_opt) + " query rows (seq = keys)").c_str() : "");
   std::printf("%-9s %6s %5s %7s  %10s %8s  %10s %8s  %6s\n", "scheme", "seq", "hdim", "causal",
               "kernel_ms", "TOPS", "e2e_ms", "TOPS", "e2e/k");
   std::ostringstream rows;
   for (int hdim : hdims) {
-    for (int seq : seqs) {
-      const int seq_q = seq_q_opt ? seq_q_opt : seq;
-      auto x = tools::make_inputs(Dist::normal, batch, heads, heads_kv, seq_q, seq, hdim, dtype, 7);
-      const size_t qb = x.q.size() * 2, kb = x.k.size() * 2;
-      DeviceBuf dq(x.q.data(), qb), dk(x.k.data(), kb), dv(x.v.data(), kb), dout(qb);
-      Tensor tq = on_device(x.tq(), dq.ptr), tk = on_device(x.tk(), dk.ptr), tv = on_device(x.tv(), dv.ptr);
-      Tensor to = on_device(x.tq(), dout.ptr);
-      ProblemShape ps;
-      ps.batch = batch; ps.heads_q = heads; ps.heads_kv = heads_kv;
-      ps.seqlen_q = seq_q; ps.seqlen_kv = seq; ps.head_dim = hdim;
-      for (Scheme sc : schemes) {
-        const size_t qbytes = quantized_bytes(ps, sc);
-        DeviceBuf ws(qbytes);
-        QuantizedQKV qx;
-        check(alloc_quantized(ps, sc, Layout::BHSD, ws.ptr, qbytes, true, 0, &qx), "alloc_quantized");
-        DeviceBuf ws2(qbytes);
-        for (int causal : causals) {
-          Options o;
-          o.scheme = sc;
-          o.causal = causal;
-          o.path = path;
-          o.workspace = make_tensor(ws2.ptr, DType::u8, {static_cast<int64_t>(qbytes)}, true);
-          Tensor none;
-          check(quantize(tq, tk, tv, none, none, o, qx), "quantize");
-          BenchCtx kern{[&] { return attention_int8(qx, none, none, 0, 0, to, nullptr, o); }};
-          BenchCtx e2e{[&] { return attention(tq, tk, tv, to, nullptr, o); }};
-          double k_ms = 0, e_ms = 0;
-          check(gpu_time_ms(bench_trampoline, &kern, 3, reps, nullptr, &k_ms), "bench kernel");
-          check(gpu_time_ms(bench_trampoline, &e2e, 3, reps, nullptr, &e_ms), "bench e2e");
-          // Square causal counts half the pairs (design.md); otherwise the pairs bottom-right
-          // causal masking leaves visible.
-          double pairs = double(seq_q) * seq;
-          if (causal) pairs = seq_q == seq ? 0.5 * pairs : causal_visible_pairs(seq_q, seq);
-          const double ops = 4.0 * batch * heads * pairs * hdim;
-          const double k_tops = ops / k_ms / 1e9, e_tops = ops / e_ms / 1e9;
-          std::printf("%-9s %6d %5d %7d  %10.3f %8.1f  %10.3f %8.1f  %6.3f\n", to_string(sc), seq,
-                      hdim, causal, k_ms, k_tops, e_ms, e_tops, k_ms / e_ms);
-          std::fflush(stdout);
-          for (int e = 0; e < 2; ++e) {
-            rows << (rows.tellp() > 0 ? ",\n" : "") << "    {\"provider\": \"intfa\", \"path\": \""
-                 << to_string(path) << "\", \"scheme\": \"" << to_string(sc) << "\", \"seq\": "
-                 << seq << (seq_q != seq ? ", \"seq_q\": " + std::to_string(seq_q) : std::string()) << ", \"hdim\": " << hdim << ", \"causal\": " << causal << ", \"batch\": "
-                 << batch << ", \"heads\": " << heads << ", \"e2e\": " << (e ? "true" : "false")
-                 << ", \"ms\": " << fmt(e ? e_ms : k_ms, "%.4f") << ", \"tops\": "
-                 << fmt(e ? e_tops : k_tops, "%.2f") << "}";
-          }
-        }
-      }
+    if (!lens.empty()) {
+      const int longest = *std::max_element(lens.begin(), lens.end());
+      bench_shape({int(lens.size()), heads, heads_kv, longest, longest, hdim, lens}, schemes, causals, dtype, path,
+                  reps, rows);
+      continue;
     }
+    for (int seq : seqs)
+      bench_shape({batch, heads, heads_kv, seq_q_opt ? seq_q_opt : seq, seq, hdim, {}}, schemes, causals, dtype,
+                  path, reps, rows);
   }
   if (!json.empty()) {
     std::ofstream f(json);
@@ -445,7 +504,7 @@ void usage(FILE* f) {
                "  accuracy [--device D] [--seq L1,L2] [--dist normal,uniform,llm]\n"
                "           [--scheme paper,accurate,half] [--batch B] [--heads H] [--heads-kv H]\n"
                "           [--hdim D] [--block N] [--dtype bf16|fp16] [--causal 0|1] [--json FILE]\n"
-               "  bench [--seq ..] [--seq-q N] [--hdim 128,64] [--causal 0,1] [--scheme ..]\n"
+               "  bench [--seq ..] [--seq-q N | --varlen L1,L2,..] [--hdim 128,64] [--causal 0,1] [--scheme ..]\n"
                "        [--path auto|sm80|sm90] [--batch 4] [--heads 32] [--heads-kv H] [--reps 20]\n"
                "        [--json FILE]   (needs a GPU; --seq-q: query rows when fewer than the keys)\n");
 }
