@@ -343,6 +343,34 @@ TEST_F(AttentionGpu, KernelVarlen) {
     }
 }
 
+// Varlen launches on sm90 take their tiles in an order built on the GPU before the launch (every
+// {sequence, row block} once, most key blocks first, heads in L2-sized groups) and run the causal
+// kernels, non-causal ones with the diagonal moved past every key. Uneven batches: empty query or
+// key sequences, one long key sequence whose size makes the head groups smaller than the heads
+// (8 heads, 3 per group), Sq != Skv per sequence, GQA, both schemes and head dims, with the grid
+// capped by gpu-check's sanitizer runs so that CTAs wrap the tile ring.
+TEST_F(AttentionGpu, KernelVarlenUnevenBatches) {
+  int seed = 700;
+  Case c;
+  c.hq = 3; c.hkv = 1;
+  c.lens_q = {300, 0, 17, 1000, 129, 1, 640, 0, 255, 77, 513, 128};
+  c.lens_kv = {300, 50, 17, 1000, 200, 1, 640, 0, 300, 5, 513, 1};
+  for (int d : {64, 128})
+    for (bool causal : {false, true})
+      for (Scheme sc : {Scheme::paper, Scheme::accurate}) {
+        c.d = d; c.causal = causal; c.scheme = sc; c.seed = ++seed;
+        for (GpuPath path : gpu_paths()) check_kernel_vs_cpu(c, path);
+      }
+  Case g;
+  g.hq = 8; g.hkv = 2;
+  g.lens_q = {130, 40, 3, 260};
+  g.lens_kv = {20000, 40, 3000, 260};
+  for (bool causal : {false, true}) {
+    g.causal = causal; g.seed = ++seed;
+    for (GpuPath path : gpu_paths()) check_kernel_vs_cpu(g, path);
+  }
+}
+
 // `accurate` launches with fewer tiles than SMs split each tile's keys into ranges on sm90 (one
 // unit each, merged by a combine kernel): long keys behind few queries, decode-like single rows,
 // causal tiles whose later ranges are empty, rows that see no key at all (Sq > Skv causal), GQA,

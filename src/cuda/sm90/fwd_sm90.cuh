@@ -1,8 +1,8 @@
 // INT8 flash-attention forward for Hopper (sm_90a): wgmma, TMA, warp specialization.
 //
 // A persistent CTA of three warpgroups takes 128-row query tiles in turn (non-causal: tile
-// blockIdx.x, then every gridDim.x-th; causal: longest rows first, the next tile from a counter
-// as the CTA frees up, passed to all roles through the tile ring). With fewer tiles than SMs
+// blockIdx.x, then every gridDim.x-th; causal and varlen: longest rows first, the next tile from
+// a counter as the CTA frees up, passed to all roles through the tile ring). With fewer tiles than SMs
 // (Split), each tile's key blocks are cut into ranges that run as units of their own, and
 // combine_kernel merges their partial rows:
 //   WG 0, producer (24 registers): warp 0 issues the TMA loads of Q and of each key block's K
@@ -99,10 +99,14 @@ __device__ long long g_trace[2][kTraceIters][kTracePhases];
 #endif
 
 // Causal tiles differ in length, so the causal kernels take their tiles from a counter through
-// the tile ring (dynamic scheduling); the others keep the static stride, whose tiles are equal
-// (varlen aside) and whose hot loop then stays as it was.
+// the tile ring (dynamic scheduling); so do varlen launches, causal or not (their tiles differ with
+// the sequences' lengths), which run the causal kernels with the diagonal moved past every key
+// when not causal (Params::diag_shift). Dense non-causal launches keep the static stride: their
+// tiles are equal, and their hot loop stays as it was (a dynamic variant of it measured 1% slower).
 template <bool Causal>
 constexpr bool kDynamic = Causal;
+// diag_shift of a non-causal launch run by a causal kernel: no key lies past any row's diagonal.
+constexpr int kNoDiagonal = 1 << 29;
 
 // Everything the kernel needs: the problem plus the TMA descriptors of Q, K and V^T.
 struct Params {
@@ -117,6 +121,12 @@ struct Params {
   float2* part_ml = nullptr;
   // Causal tile order (fwd::causal_tile): heads per group.
   int head_group = 1;
+  // Varlen launches (built by varlen_order_kernel before the launch): entry_count[0] query tiles
+  // {sequence, row block} of all sequences, most key blocks first; each runs for every head.
+  const int2* entries = nullptr;
+  const int* entry_count = nullptr;
+  // Added to every tile's diagonal: kNoDiagonal when a causal kernel runs a non-causal launch.
+  int diag_shift = 0;
   // Dynamic tile scheduling (kDynamic): a zeroed counter that the CTAs take their next tile
   // from after their first (blockIdx.x).
   int* tile_counter = nullptr;
@@ -166,8 +176,9 @@ struct Bars {
   __device__ uint32_t tile_empty(int i) const { return base + 24 + 40 * kStages + 16 * i; }
 };
 
-// One 128-row query tile of one (batch, head). Tiles are numbered head-major so that the CTAs
-// running at one time share K/V in L2; causal tiles run the longest rows first.
+// One 128-row query tile of one (batch, head). Tiles are numbered head-major (tile = bh * num_m
+// + row block), so that static-stride CTAs running at one time share K/V in L2; dynamic kernels
+// hand the tiles out in another order (scheduled_unit), but name them by the same numbers.
 // A unit of a Split kernel covers key blocks kb0 .. kb0 + n_blocks - 1 of its tile:
 // k0, vcol0, skv and diag are then taken relative to key kb0 * kBlockN, so the loads, the tail
 // test and the causal mask read the same as for a whole tile.
@@ -186,14 +197,8 @@ __device__ __forceinline__ bool decode_tile(const Params& P, int unit, Tile& T) 
     tile = unit / P.num_splits;
     split = unit - tile * P.num_splits;
   }
-  int bh, mi;
-  if constexpr (Causal) {
-    fwd::causal_tile(tile, num_m, p.batch * p.heads_q, P.head_group, bh, mi);  // longest rows first
-  } else {
-    bh = tile / num_m;  // head-major
-    mi = tile % num_m;
-  }
-  const int m_block = Causal ? num_m - 1 - mi : mi;
+  const int bh = tile / num_m;  // head-major
+  const int m_block = tile % num_m;
   T.b = bh / p.heads_q;
   T.h = bh % p.heads_q;
   T.hkv = T.h / (p.heads_q / p.heads_kv);
@@ -201,7 +206,7 @@ __device__ __forceinline__ bool decode_tile(const Params& P, int unit, Tile& T) 
   T.sq = seq_len(p.cu_q, T.b, p.seqlen_q);
   if (T.m0 >= T.sq) return false;
   T.skv = seq_len(p.cu_kv, T.b, p.seqlen_kv);
-  T.diag = T.skv - T.sq;  // bottom-right causal: row r sees keys <= r + diag
+  T.diag = T.skv - T.sq + (Causal ? P.diag_shift : 0);  // bottom-right causal: row r sees keys <= r + diag
   const int kv_end = Causal ? min(T.skv, T.m0 + kBlockM + T.diag) : T.skv;
   T.n_blocks = kv_end > 0 ? (kv_end + kBlockN - 1) / kBlockN : 0;
   T.q0 = seq_start(p.cu_q, T.b);
@@ -218,6 +223,36 @@ __device__ __forceinline__ bool decode_tile(const Params& P, int unit, Tile& T) 
   }
   T.bc = p.cu_q ? 0 : T.b;
   return true;
+}
+
+// Dynamic kernels: the unit (tile, or tile * num_splits + split) that the c-th draw from the counter
+// names, or P.num_units past the last. Longest rows first, rank by rank over groups of heads
+// (fwd::causal_tile): dense launches rank a head's row blocks by their place (the last rows see
+// the most keys), varlen launches by P.entries (nt of them, sorted by key blocks).
+template <bool Split>
+__device__ __forceinline__ int scheduled_unit(const Params& P, int c, int nt) {
+  const FwdParams& p = P.p;
+  int tile = c, split = 0;
+  if constexpr (Split) {
+    tile = c / P.num_splits;
+    split = c - tile * P.num_splits;
+  }
+  int bh, m_block;
+  if (P.entries) {
+    if (tile >= nt * p.heads_q) return P.num_units;
+    int h, rank;
+    fwd::causal_tile(tile, nt, p.heads_q, P.head_group, h, rank);
+    const int2 e = P.entries[rank];  // {sequence, row block}
+    bh = e.x * p.heads_q + h;
+    m_block = e.y;
+  } else {
+    if (tile >= P.num_tiles) return P.num_units;
+    int rank;
+    fwd::causal_tile(tile, P.num_m_blocks, p.batch * p.heads_q, P.head_group, bh, rank);
+    m_block = P.num_m_blocks - 1 - rank;
+  }
+  const int canonical = bh * P.num_m_blocks + m_block;
+  return Split ? canonical * P.num_splits + split : canonical;
 }
 
 // The CTA's sequence of work units (tiles, or tile key ranges in Split kernels) in the dynamic
@@ -467,8 +502,11 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
       // the atomic's round trip hides behind a tile's loads. Static: tile, tile + gridDim.x, ...
       int it = 0, tc = 0;
       if constexpr (kDynamic<Causal>) {
-        auto fetch = [&] { return static_cast<int>(gridDim.x) + atomicAdd(P.tile_counter, 1); };
-        int cur = blockIdx.x;
+        const int nt = P.entries ? *P.entry_count : 0;
+        auto fetch = [&] {
+          return scheduled_unit<Split>(P, static_cast<int>(gridDim.x) + atomicAdd(P.tile_counter, 1), nt);
+        };
+        int cur = scheduled_unit<Split>(P, blockIdx.x, nt);
         int nxt = cur < P.num_units ? fetch() : P.num_units;
         ring.publish(0, cur);
         ring.publish(1, nxt);

@@ -2,6 +2,7 @@
 // (head dim, causal) instantiations.
 #include <cudaTypedefs.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <sstream>
 #include <string>
@@ -55,6 +56,100 @@ Status encode_4d(CUtensorMap* map, const void* ptr, const char* what, const uint
   return Status::OK();
 }
 
+// Exclusive prefix sum over the block's threads (blockDim.x a multiple of 32, <= 1024); *total
+// receives the block's sum. Every thread must call it.
+__device__ int block_exclusive_scan(int v, int* total) {
+  __shared__ int warp_sums[32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  int x = v;
+#pragma unroll
+  for (int d = 1; d < 32; d *= 2) {
+    const int y = __shfl_up_sync(0xffffffffu, x, d);
+    if (lane >= d) x += y;
+  }
+  if (lane == 31) warp_sums[warp] = x;
+  __syncthreads();
+  if (warp == 0) {
+    int w = lane < warps ? warp_sums[lane] : 0;
+#pragma unroll
+    for (int d = 1; d < 32; d *= 2) {
+      const int y = __shfl_up_sync(0xffffffffu, w, d);
+      if (lane >= d) w += y;
+    }
+    if (lane < warps) warp_sums[lane] = w;
+  }
+  __syncthreads();
+  const int before = (warp > 0 ? warp_sums[warp - 1] : 0) + x - v;
+  *total = warp_sums[warps - 1];
+  __syncthreads();  // warp_sums is reused by the next call
+  return before;
+}
+
+// The work order of a varlen launch, before it on the stream (one block): every query tile
+// {sequence, row block} once, sorted by the key blocks it sees (most first; a counting sort, so
+// tiles of equal length come in any order, which only moves where they run), and the tile
+// counter zeroed. header = {tile counter, tile count}; first = per-sequence first tile (nseq + 1).
+// Tiles whose rows see no key (empty key sequences) come last: their rows still get zeros and
+// LSE -inf.
+__global__ void __launch_bounds__(1024) varlen_order_kernel(const int32_t* cu_q, const int32_t* cu_kv, int nseq,
+                                                            bool causal, int bins, int* header, int* first,
+                                                            int2* entries) {
+  extern __shared__ int hist[];  // bins counters, then their start positions
+  for (int i = threadIdx.x; i < bins; i += blockDim.x) hist[i] = 0;
+  int carry = 0;
+  for (int b0 = 0; b0 < nseq; b0 += blockDim.x) {
+    const int b = b0 + threadIdx.x;
+    const int rows = b < nseq ? cu_q[b + 1] - cu_q[b] : 0;
+    int chunk = 0;
+    const int before = block_exclusive_scan((rows + kBlockM - 1) / kBlockM, &chunk);
+    if (b < nseq) first[b] = carry + before;
+    carry += chunk;
+  }
+  const int nt = carry;
+  if (threadIdx.x == 0) first[nseq] = nt;
+  __syncthreads();  // first[] and hist[] complete
+  // Tile e: sequence b with first[b] <= e < first[b + 1], its key blocks.
+  auto tile_of = [&](int e, int& b, int& mb) {
+    int lo = 0, hi = nseq - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (first[mid] <= e) lo = mid;
+      else hi = mid - 1;
+    }
+    b = lo;
+    mb = e - first[b];
+    const int sq = cu_q[b + 1] - cu_q[b], skv = cu_kv[b + 1] - cu_kv[b];
+    const int end = causal ? min(skv, (mb + 1) * kBlockM + skv - sq) : skv;
+    const int blocks = end > 0 ? (end + kBlockN - 1) / kBlockN : 0;
+    return min(blocks, bins - 1);
+  };
+  for (int e = threadIdx.x; e < nt; e += blockDim.x) {
+    int b, mb;
+    atomicAdd(&hist[tile_of(e, b, mb)], 1);
+  }
+  __syncthreads();
+  // Start of each bin, the longest bins first: a scan over the reversed bins.
+  carry = 0;
+  for (int i0 = 0; i0 < bins; i0 += blockDim.x) {
+    const int i = bins - 1 - (i0 + int(threadIdx.x));
+    const int n = i >= 0 ? hist[i] : 0;
+    int chunk = 0;
+    const int before = block_exclusive_scan(n, &chunk);
+    if (i >= 0) hist[i] = carry + before;
+    carry += chunk;
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < nt; e += blockDim.x) {
+    int b, mb;
+    const int bin = tile_of(e, b, mb);
+    entries[atomicAdd(&hist[bin], 1)] = make_int2(b, mb);
+  }
+  if (threadIdx.x == 0) {
+    header[0] = 0;
+    header[1] = nt;
+  }
+}
+
 }  // namespace
 
 // fwd::split_count with the INTFA_SM90_SPLITS override (tests) read once.
@@ -91,7 +186,10 @@ Status make_params(const FwdParams& p, Params* prm) {
   if (tiles >= (int64_t(1) << 30))
     return Status(StatusCode::invalid_argument, "sm90 path: more than 2^30 query tiles");
   prm->num_tiles = static_cast<int>(tiles);
-  if (p.causal) prm->head_group = fwd::causal_head_group(p.batch, p.heads_q, p.seqlen_kv, p.head_dim);
+  // Varlen: the head group over one sequence's heads (the tiles of one entry run for every head).
+  if (p.causal || varlen)
+    prm->head_group = fwd::causal_head_group(varlen ? 1 : p.batch, p.heads_q, p.seqlen_kv, p.head_dim);
+  if (varlen && !p.causal) prm->diag_shift = kNoDiagonal;
   return Status::OK();
 }
 
@@ -115,19 +213,40 @@ Status launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   if (!st.ok()) return st;
   prm.num_splits = sm90::choose_splits(p, prm.num_tiles, sms);
   prm.num_units = prm.num_tiles * prm.num_splits;
-  // Scratch: [tile counter | (m, l) per split and row | O per split and row]. Causal units are
-  // handed out by the counter (sm90::kDynamic), so an SM that drew short tiles takes more: a
-  // static stride left causal 4k ~10% idle in a simulation with the measured per-tile costs.
-  const bool dynamic = p.causal ? sm90::kDynamic<true> : sm90::kDynamic<false>;
+  // Scratch: [tile counter, tile count | (m, l) per split and row | O per split and row | varlen:
+  // first tile per sequence, tile entries]. Causal and varlen units are handed out by the counter
+  // (sm90::kDynamic), so an SM that drew short tiles takes more: a static stride left causal 4k
+  // ~10% idle in a simulation with the measured per-tile costs. Varlen launches run the causal
+  // kernels (prm.diag_shift when not causal) in the order varlen_order_kernel builds, so no CTA
+  // walks the empty tiles of short sequences and the longest tiles go first. H200, three uneven
+  // batches of 8-16 sequences (docs/PERF_LOG.md s26): 0-6% less time non-causal, 1-15% causal.
+  const bool varlen = p.cu_q != nullptr;
+  const bool causal_kernel = p.causal || varlen;
+  const bool dynamic = causal_kernel ? sm90::kDynamic<true> : sm90::kDynamic<false>;
   const size_t part_rows = prm.num_splits > 1 ? size_t(prm.num_units) * sm90::kBlockM : 0;
   const size_t ml_off = 16, o_off = ml_off + part_rows * sizeof(float2);
-  const size_t bytes = o_off + part_rows * p.head_dim * sizeof(float);
+  const size_t first_off = o_off + part_rows * p.head_dim * sizeof(float);
+  // Tiles of a varlen launch: sum of ceil(rows / kBlockM) <= total_q / kBlockM + nseq.
+  const int64_t max_entries = varlen ? p.total_q / sm90::kBlockM + p.batch : 0;
+  const size_t entries_off = (first_off + (varlen ? size_t(p.batch + 1) * sizeof(int) : 0) + 15) / 16 * 16;
+  const size_t bytes = entries_off + size_t(max_entries) * sizeof(int2);
   void* scratch = nullptr;
   if (dynamic || part_rows > 0) {
     st = scratch_alloc(&scratch, bytes, stream, "sm90 forward: scratch");
     if (!st.ok()) return st;
     char* base = static_cast<char*>(scratch);
-    if (dynamic) {
+    if (varlen) {
+      // Bins of the counting sort by key blocks (one int each in shared memory); longer tiles
+      // share the last bin.
+      const int bins = std::min((p.seqlen_kv + sm90::kBlockN - 1) / sm90::kBlockN + 1, 8192);
+      prm.tile_counter = reinterpret_cast<int*>(base);
+      prm.entry_count = prm.tile_counter + 1;
+      prm.entries = reinterpret_cast<const int2*>(base + entries_off);
+      sm90::varlen_order_kernel<<<1, 1024, bins * sizeof(int), stream>>>(
+          p.cu_q, p.cu_kv, p.batch, p.causal, bins, prm.tile_counter, reinterpret_cast<int*>(base + first_off),
+          reinterpret_cast<int2*>(base + entries_off));
+      st = check_cuda(cudaGetLastError(), "sm90 forward: varlen tile order");
+    } else if (dynamic) {
       prm.tile_counter = reinterpret_cast<int*>(base);
       st = check_cuda(cudaMemsetAsync(prm.tile_counter, 0, sizeof(int), stream), "sm90 forward: tile counter");
     }
@@ -144,7 +263,7 @@ Status launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
          {sm90::launch_fwd<64, true, false>, sm90::launch_fwd<64, true, true>}},
         {{sm90::launch_fwd<128, false, false>, sm90::launch_fwd<128, false, true>},
          {sm90::launch_fwd<128, true, false>, sm90::launch_fwd<128, true, true>}}};
-    st = kLaunch[p.head_dim == 128][p.causal][prm.num_splits > 1](prm, stream);
+    st = kLaunch[p.head_dim == 128][causal_kernel][prm.num_splits > 1](prm, stream);
   }
   if (!scratch) return st;
   const Status fst = scratch_free(scratch, stream, "sm90 forward: scratch");
