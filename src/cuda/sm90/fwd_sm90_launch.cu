@@ -90,23 +90,25 @@ __device__ int block_exclusive_scan(int v, int* total) {
 // tiles of equal length come in any order, which only moves where they run), and the tile
 // counter zeroed. header = {tile counter, tile count}; first = per-sequence first tile (nseq + 1).
 // Tiles whose rows see no key (empty key sequences) come last: their rows still get zeros and
-// LSE -inf.
+// LSE -inf. A sequence counts at most max_q rows (the launch's row blocks), and at most `cap`
+// tiles are listed, so cu_seqlens that contradict max_seqlen_q or total_q cannot write past the
+// scratch (their rows past max_q are not computed, as before this order existed).
 __global__ void __launch_bounds__(1024) varlen_order_kernel(const int32_t* cu_q, const int32_t* cu_kv, int nseq,
-                                                            bool causal, int bins, int* header, int* first,
-                                                            int2* entries) {
+                                                            int max_q, bool causal, int bins, int cap, int* header,
+                                                            int* first, int2* entries) {
   extern __shared__ int hist[];  // bins counters, then their start positions
   for (int i = threadIdx.x; i < bins; i += blockDim.x) hist[i] = 0;
   int carry = 0;
   for (int b0 = 0; b0 < nseq; b0 += blockDim.x) {
     const int b = b0 + threadIdx.x;
-    const int rows = b < nseq ? cu_q[b + 1] - cu_q[b] : 0;
+    const int rows = b < nseq ? min(max(cu_q[b + 1] - cu_q[b], 0), max_q) : 0;
     int chunk = 0;
     const int before = block_exclusive_scan((rows + kBlockM - 1) / kBlockM, &chunk);
     if (b < nseq) first[b] = carry + before;
     carry += chunk;
   }
-  const int nt = carry;
-  if (threadIdx.x == 0) first[nseq] = nt;
+  const int nt = min(carry, cap);
+  if (threadIdx.x == 0) first[nseq] = carry;
   __syncthreads();  // first[] and hist[] complete
   // Tile e: sequence b with first[b] <= e < first[b + 1], its key blocks.
   auto tile_of = [&](int e, int& b, int& mb) {
@@ -118,7 +120,7 @@ __global__ void __launch_bounds__(1024) varlen_order_kernel(const int32_t* cu_q,
     }
     b = lo;
     mb = e - first[b];
-    const int sq = cu_q[b + 1] - cu_q[b], skv = cu_kv[b + 1] - cu_kv[b];
+    const int sq = min(max(cu_q[b + 1] - cu_q[b], 0), max_q), skv = cu_kv[b + 1] - cu_kv[b];
     const int end = causal ? min(skv, (mb + 1) * kBlockM + skv - sq) : skv;
     const int blocks = end > 0 ? (end + kBlockN - 1) / kBlockN : 0;
     return min(blocks, bins - 1);
@@ -243,8 +245,8 @@ Status launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
       prm.entry_count = prm.tile_counter + 1;
       prm.entries = reinterpret_cast<const int2*>(base + entries_off);
       sm90::varlen_order_kernel<<<1, 1024, bins * sizeof(int), stream>>>(
-          p.cu_q, p.cu_kv, p.batch, p.causal, bins, prm.tile_counter, reinterpret_cast<int*>(base + first_off),
-          reinterpret_cast<int2*>(base + entries_off));
+          p.cu_q, p.cu_kv, p.batch, p.seqlen_q, p.causal, bins, static_cast<int>(max_entries), prm.tile_counter,
+          reinterpret_cast<int*>(base + first_off), reinterpret_cast<int2*>(base + entries_off));
       st = check_cuda(cudaGetLastError(), "sm90 forward: varlen tile order");
     } else if (dynamic) {
       prm.tile_counter = reinterpret_cast<int*>(base);
