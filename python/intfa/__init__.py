@@ -72,7 +72,7 @@ def attention(q, k, v, *, is_causal=False, scale=None, enable_gqa=False, layout=
     # The torch branch is what torch.compile traces: plain Python up to the custom op.
     if _is_torch(q):
         _arrays.check_gqa(q.shape, k.shape, layout, False, enable_gqa)
-        out, lse = _torch.attention_op(q, k, v, bool(is_causal), _arrays.scale_arg(scale),
+        out, lse = _torch.attention_call(q, k, v, bool(is_causal), _arrays.scale_arg(scale),
                                        layout, scheme, path, bool(return_lse))
     else:
         fw = _frameworks(q=q, k=k, v=v)
@@ -109,7 +109,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_kv, max_seqlen_q=None, ma
     max_q = _max_seqlen(cu_seqlens_q, max_seqlen_q)
     max_kv = _max_seqlen(cu_seqlens_kv, max_seqlen_kv)
     if _is_torch(q):
-        out, lse = _torch.attention_varlen_op(q, k, v, cu_seqlens_q, cu_seqlens_kv, max_q, max_kv,
+        out, lse = _torch.attention_varlen_call(q, k, v, cu_seqlens_q, cu_seqlens_kv, max_q, max_kv,
                                               bool(is_causal), s, scheme, path, bool(return_lse))
     else:
         out, lse = _arrays.run_attention_varlen(_arrays.framework(q, "q"), q, k, v, cu_seqlens_q,
@@ -159,7 +159,7 @@ def quantize(q, k, v, *, cu_seqlens_q=None, cu_seqlens_kv=None, layout="BHSD",
     if not _is_torch(q):
         _frameworks(**arrays)
     if _is_torch(q):
-        parts = dict(zip(_arrays.PART_NAMES, _torch.quantize_op(q, k, v, cu_seqlens_q,
+        parts = dict(zip(_arrays.PART_NAMES, _torch.quantize_call(q, k, v, cu_seqlens_q,
                                                                 cu_seqlens_kv, layout, scheme)))
         if scheme == "half":
             parts["vt8"] = parts["v_scale"] = None
@@ -199,7 +199,7 @@ def attention_int8(qkv, *, cu_seqlens_q=None, cu_seqlens_kv=None, max_seqlen_q=N
         torch = _torch.torch
         if isinstance(out_dtype, str):
             out_dtype = getattr(torch, out_dtype)
-        out, lse = _torch.attention_int8_op(
+        out, lse = _torch.attention_int8_call(
             qkv.q8, qkv.q_scale, qkv.lse_offset, qkv.k8, qkv.k_scale, qkv.k_mean, qkv.vt8,
             qkv.v_scale, qkv.v, cu_q, cu_kv, max_q, max_kv, qkv.scheme, qkv.layout,
             bool(is_causal), s, out_dtype, bool(return_lse), path)

@@ -247,8 +247,12 @@ class TorchArrays:
         return self.torch.empty(q.shape, dtype=self.torch.float16, device=q.device)
 
     def arg(self, x):
-        # DLPack refuses tensors that require grad; intfa only reads or fills the memory.
-        return None if x is None else x.detach()
+        # The binding reads a plain torch.Tensor's pointer, shape and strides itself (no DLPack,
+        # which is slow and refuses tensors that require grad); others go through DLPack, after
+        # detach() for that reason. intfa only reads or fills the memory.
+        if x is None or type(x) is self.torch.Tensor:
+            return x
+        return x.detach()
 
     def stream(self, x):
         return self.torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else 0

@@ -120,6 +120,47 @@ attention_varlen_op = _register("attention_varlen", _attention_varlen_impl,
 quantize_op = _register("quantize", _quantize_impl, _quantize_fake)
 attention_int8_op = _register("attention_int8", _attention_int8_impl, _attention_int8_fake)
 
+# What could need the dispatcher to see the op: a Python dispatch mode (FakeTensorMode, a flop
+# counter, ...) and the profiler (which names ops). Resolved once; a torch without the query
+# leaves the dispatcher on (dispatch modes) or the name out of the trace (profiler).
+_dispatch_stack_len = getattr(torch._C, "_len_torch_dispatch_stack", None)
+_profiler_enabled = getattr(getattr(torch._C, "_autograd", None), "_profiler_enabled", None)
+
+
+def _direct_ok(args):
+    """True when an op's implementation may run without the dispatcher: eager (not traced by
+    torch.compile), no dispatch mode, no profiler, exact torch.Tensor arguments (no subclass
+    such as FakeTensor), and no gradient needed. The op would then return the same tensors,
+    without grad, and the dispatcher costs ~40 us of host time per call (H200 host,
+    bench/py_overhead.py), more than the GPU work of a short attention call."""
+    if _is_compiling() or _dispatch_stack_len is None or _dispatch_stack_len() > 0:
+        return False
+    if _profiler_enabled is not None and _profiler_enabled():
+        return False
+    grad = torch.is_grad_enabled()
+    for a in args:
+        if isinstance(a, Tensor) and (type(a) is not Tensor or (grad and a.requires_grad)):
+            return False
+    return True
+
+
+def _direct_or_op(op, impl):
+    if op is impl:
+        return impl
+
+    def call(*args):
+        return impl(*args) if _direct_ok(args) else op(*args)
+
+    call.__name__ = impl.__name__
+    return call
+
+
+# What the package calls: the implementation directly in plain eager calls, else the op.
+attention_call = _direct_or_op(attention_op, _attention_impl)
+attention_varlen_call = _direct_or_op(attention_varlen_op, _attention_varlen_impl)
+quantize_call = _direct_or_op(quantize_op, _quantize_impl)
+attention_int8_call = _direct_or_op(attention_int8_op, _attention_int8_impl)
+
 
 # ------------------------------------------------------------------------------------------------
 # F.scaled_dot_product_attention routing

@@ -13,6 +13,7 @@
 #include <nanobind/stl/string.h>
 
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -103,12 +104,98 @@ struct Views {
   void keep(nb::ndarray<>&& a) { out.push_back(std::move(a)); }
 };
 
+// What every import does last: a size-1 dim is never stepped along, so its stride carries no
+// meaning, and exporters differ (torch's DLPack export sets it to 1): give it the value a dense
+// layout would have, so the GPU's 16-byte stride checks judge only strides that are used. Empty
+// arrays may carry no pointer: validation then reports the zero-sized dim rather than a missing
+// tensor. Rank > 4: rank kept, sizes zero, so validation names the rank (as make_tensor does).
+void finish_import(Tensor* t) {
+  if (t->ndim <= 4)
+    for (int i = t->ndim - 2; i >= 0; --i)
+      if (t->shape[i] == 1) t->stride[i] = t->stride[i + 1] * t->shape[i + 1];
+  if (t->data == nullptr && t->ndim > 0) {
+    alignas(256) static char empty_marker;
+    t->data = &empty_marker;
+  }
+}
+
+// torch.Tensor without DLPack. torch's __dlpack__ is Python code (with the view's capsule about
+// 9 us per tensor on an H200 host, bench/py_overhead.py; an attention_int8 call passes 11),
+// while data_ptr, shape, stride, dtype and device are C-level attributes. Only exact
+// torch.Tensor objects on the CPU or a CUDA device whose dtype intfa takes come this way; for
+// anything else (subclasses such as FakeTensor, meta tensors, other dtypes) this returns false
+// and DLPack imports the object, or reports what is wrong with it, as before. The caller's
+// references keep the memory alive for the call, as the DLPack views would.
+bool import_torch(nb::handle obj, Tensor* t) {
+  static PyObject* tensor_type = nullptr;  // torch.Tensor, once one was seen
+  static std::pair<PyObject*, DType> dtypes[7] = {};
+  PyTypeObject* tp = Py_TYPE(obj.ptr());
+  if (tensor_type == nullptr) {
+    if (std::strcmp(tp->tp_name, "Tensor") != 0) return false;
+    nb::object mod = nb::getattr(nb::handle(reinterpret_cast<PyObject*>(tp)), "__module__", nb::none());
+    if (!nb::isinstance<nb::str>(mod) || std::strcmp(nb::borrow<nb::str>(mod).c_str(), "torch") != 0)
+      return false;
+    PyObject* torch = PyImport_GetModule(nb::str("torch").ptr());  // loaded: a torch.Tensor exists
+    if (torch == nullptr) {
+      PyErr_Clear();
+      return false;
+    }
+    const std::pair<const char*, DType> names[7] = {
+        {"float16", DType::f16}, {"bfloat16", DType::bf16}, {"float32", DType::f32}, {"float64", DType::f64},
+        {"int8", DType::i8},     {"uint8", DType::u8},      {"int32", DType::i32}};
+    bool ok = true;
+    for (int i = 0; i < 7 && ok; ++i) {
+      PyObject* d = PyObject_GetAttrString(torch, names[i].first);  // new reference, kept
+      ok = d != nullptr;
+      dtypes[i] = {d, names[i].second};
+    }
+    Py_DECREF(torch);
+    if (!ok) {
+      PyErr_Clear();
+      return false;
+    }
+    tensor_type = reinterpret_cast<PyObject*>(tp);
+    Py_INCREF(tensor_type);
+  }
+  if (reinterpret_cast<PyObject*>(tp) != tensor_type) return false;
+  try {
+    nb::object dt = nb::getattr(obj, "dtype");
+    bool known = false;
+    for (const auto& [d, code] : dtypes)
+      if (d == dt.ptr()) {
+        t->dtype = code;
+        known = true;
+      }
+    if (!known) return false;
+    const bool cuda = nb::cast<bool>(nb::getattr(obj, "is_cuda"));
+    if (!cuda && !nb::cast<bool>(nb::getattr(obj, "is_cpu"))) return false;
+    nb::object shape = nb::getattr(obj, "shape"), stride = nb::getattr(obj, "stride")();
+    const size_t ndim = nb::len(shape);
+    t->ndim = static_cast<int>(ndim);
+    if (ndim <= 4)
+      for (size_t i = 0; i < ndim; ++i) {
+        t->shape[i] = nb::cast<int64_t>(shape[i]);
+        t->stride[i] = nb::cast<int64_t>(stride[i]);
+      }
+    t->data = reinterpret_cast<void*>(nb::cast<uintptr_t>(nb::getattr(obj, "data_ptr")()));
+    t->on_device = cuda;
+    t->device_index = cuda ? nb::cast<int>(nb::getattr(obj, "get_device")()) : 0;
+  } catch (const std::exception&) {  // nb::python_error, nb::cast_error: let DLPack decide
+    PyErr_Clear();
+    *t = Tensor();
+    return false;
+  }
+  finish_import(t);
+  return true;
+}
+
 // None -> undefined Tensor; an array, or (array, "bfloat16") for a NumPy bf16 buffer viewed as
 // uint16 -> a Tensor viewing the same memory. `Array` is nb::ndarray<> for arrays intfa writes.
 template <class Array>
 Status import_as(nb::handle obj, const char* name, Views& views, Tensor* out) {
   *out = Tensor();
   if (!obj.is_valid() || obj.is_none()) return Status::OK();
+  if (import_torch(obj, out)) return Status::OK();
   nb::handle src = obj;
   bool bf16_view = false;
   if (nb::isinstance<nb::tuple>(obj)) {
@@ -141,23 +228,12 @@ Status import_as(nb::handle obj, const char* name, Views& views, Tensor* out) {
   }
   t.data = const_cast<void*>(static_cast<const void*>(a.data()));
   t.ndim = static_cast<int>(a.ndim());
-  if (t.ndim <= 4) {
+  if (t.ndim <= 4)
     for (int i = 0; i < t.ndim; ++i) {
       t.shape[i] = static_cast<int64_t>(a.shape(i));
       t.stride[i] = a.stride(i);
     }
-    // A size-1 dim is never stepped along, so its stride carries no meaning, and exporters differ
-    // (torch's DLPack export sets it to 1). Give it the value a dense layout would have, so the
-    // GPU's 16-byte stride checks judge only strides that are used.
-    for (int i = t.ndim - 2; i >= 0; --i)
-      if (t.shape[i] == 1) t.stride[i] = t.stride[i + 1] * t.shape[i + 1];
-  }  // else: rank kept, sizes zero, so validation names the rank (as make_tensor does)
-  if (t.data == nullptr && t.ndim > 0) {
-    // Empty arrays may carry no pointer; validation then reports the zero-sized dim rather
-    // than a missing tensor.
-    alignas(256) static char empty_marker;
-    t.data = &empty_marker;
-  }
+  finish_import(&t);
   views.keep(std::move(a));
   *out = t;
   return Status::OK();
