@@ -231,6 +231,37 @@ def test_opcheck_cuda():
                           (q, k, v, True, 0.0, "BHSD", "accurate", "auto", True))
 
 
+def test_direct_eager_call_equals_the_op_and_the_op_stays_visible():
+    """Plain eager calls skip the dispatcher (and DLPack): same bits as the custom op; views,
+    Parameters and tensors that require grad under no_grad read the same; the profiler still
+    sees the op by name, and a call that needs a gradient still goes through the op."""
+    q, k, v = make_qkv(2, 4, 2, 100, 130, 128, layout="BSHD", dtype=torch.bfloat16, seed=95)
+    for causal in (False, True):
+        out, lse = intfa.attention(q, k, v, is_causal=causal, enable_gqa=True, layout="BSHD",
+                                   return_lse=True)
+        ref, ref_lse = torch.ops.intfa.attention(q, k, v, causal, 0.0, "BSHD", "accurate", "auto", True)
+        assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
+    qkv = intfa.quantize(q, k, v, layout="BSHD")
+    a8 = intfa.attention_int8(qkv, is_causal=True)
+    assert torch.equal(a8, intfa.attention(q, k, v, is_causal=True, enable_gqa=True, layout="BSHD"))
+    # A strided view (every other head of a wider tensor), a Parameter, grad-requiring inputs.
+    wide = rand(1, 8, 64, 64, dtype=torch.float16, seed=96)
+    qv, kv_, vv = wide[:, ::2], wide[:, 1::2], wide[:, 1::2]
+    base = intfa.attention(qv.contiguous(), kv_.contiguous(), vv.contiguous())
+    assert torch.equal(intfa.attention(qv, kv_, vv), base)
+    assert torch.equal(intfa.attention(torch.nn.Parameter(qv.contiguous(), requires_grad=False), kv_, vv), base)
+    with torch.no_grad():
+        assert torch.equal(intfa.attention(qv.contiguous().requires_grad_(), kv_, vv), base)
+    out = intfa.attention(qv.contiguous().requires_grad_(), kv_, vv)
+    assert torch.equal(out.detach(), base)
+    if out.requires_grad:  # the op: torch's autograd says there is no backward formula
+        with pytest.raises(RuntimeError):
+            out.float().sum().backward()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        intfa.attention(qv, kv_, vv)
+    assert any("intfa::attention" in e.name for e in prof.events())
+
+
 def test_cuda_graph_capture_and_replay():
     q, k, v = make_qkv(2, 4, 2, 256, 384, 128, seed=30)
     cu = torch.tensor([0, 100, 256], dtype=torch.int32, device="cuda")
