@@ -87,5 +87,61 @@ TEST(TileOrder, SplitCountRule) {
     }
 }
 
+// GQA packing: every packed row addresses the query row it stands for (Q, O, row scales, LSE),
+// the K/V head is the same, and layouts or masks that cannot pack are left as they were.
+TEST(TileOrder, PackGqaRowsAddressesTheSameRows) {
+  struct Cfg { int b, hq, hkv, sq, d; bool bshd, causal, lse; bool packs; };
+  for (const Cfg& c : std::vector<Cfg>{{2, 8, 2, 100, 128, false, false, true, true},   // BHSD, tiles straddle heads
+                                       {3, 32, 8, 1, 128, false, true, true, true},    // decode, causal = all keys
+                                       {3, 32, 8, 1, 64, true, true, false, true},     // decode, BSHD
+                                       {2, 8, 2, 100, 128, true, false, true, false},  // BSHD, Sq > 1
+                                       {2, 8, 2, 100, 128, false, true, true, false},  // causal, Sq > 1
+                                       {2, 8, 8, 100, 128, false, false, true, false}}) {  // MHA
+    FwdParams p;
+    p.batch = c.b; p.heads_q = c.hq; p.heads_kv = c.hkv; p.seqlen_q = c.sq; p.seqlen_kv = 300;
+    p.head_dim = c.d; p.causal = c.causal;
+    auto dense = [&](int64_t row_elems) {  // [b, h, s, .] or [b, s, h, .]
+      Strides3 st;
+      st.ts = c.bshd ? c.hq * row_elems : row_elems;
+      st.hs = c.bshd ? row_elems : c.sq * row_elems;
+      st.bs = int64_t(c.hq) * c.sq * row_elems;
+      return st;
+    };
+    p.q_st = dense(c.d);
+    p.o_st = dense(c.d);
+    Strides3 rows;  // q_scale, lse_offset, LSE: [b, h, s]
+    rows.ts = 1; rows.hs = c.sq; rows.bs = int64_t(c.hq) * c.sq;
+    p.qs_st = rows;
+    float lse_dummy = 0.f;
+    p.lse = c.lse ? &lse_dummy : nullptr;
+    p.lse_st = rows;
+    const FwdParams before = p;
+    EXPECT_EQ(fwd::pack_gqa_rows(p), c.packs);
+    if (!c.packs) {
+      EXPECT_EQ(p.heads_q, before.heads_q);
+      EXPECT_EQ(p.seqlen_q, before.seqlen_q);
+      EXPECT_EQ(p.causal, before.causal);
+      EXPECT_EQ(p.q_st.ts, before.q_st.ts);
+      continue;
+    }
+    const int g = c.hq / c.hkv;
+    EXPECT_EQ(p.heads_q, c.hkv);
+    EXPECT_EQ(p.seqlen_q, g * c.sq);
+    EXPECT_FALSE(p.causal);
+    for (int b = 0; b < c.b; ++b)
+      for (int hk = 0; hk < c.hkv; ++hk)
+        for (int r = 0; r < g * c.sq; ++r) {
+          const int h = hk * g + r / c.sq, s = r % c.sq;
+          auto at = [](const Strides3& st, int b_, int h_, int t_) { return b_ * st.bs + h_ * st.hs + t_ * st.ts; };
+          ASSERT_EQ(at(p.q_st, b, hk, r), at(before.q_st, b, h, s));
+          ASSERT_EQ(at(p.o_st, b, hk, r), at(before.o_st, b, h, s));
+          ASSERT_EQ(at(p.qs_st, b, hk, r), at(before.qs_st, b, h, s));
+          if (c.lse) ASSERT_EQ(at(p.lse_st, b, hk, r), at(before.lse_st, b, h, s));
+          // The K/V head of the packed head is the query head's.
+          ASSERT_EQ(hk / (p.heads_q / p.heads_kv), h / (before.heads_q / before.heads_kv));
+        }
+  }
+}
+
 }  // namespace
 }  // namespace intfa

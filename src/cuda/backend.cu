@@ -9,6 +9,7 @@
 #include "cuda/backend.h"
 #include "cuda/fwd_common.cuh"
 #include "cuda/launchers.h"
+#include "cuda/tile_order.h"
 
 namespace intfa::cuda {
 
@@ -128,8 +129,10 @@ Status quantize(const QuantParams& p, void* stream) {
   return launch_quantize(p, static_cast<cudaStream_t>(stream));
 }
 
-Status attention_int8(const FwdParams& p, GpuPath path, bool fallback, void* stream) {
+Status attention_int8(const FwdParams& params, GpuPath path, bool fallback, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
+  FwdParams p = params;
+  fwd::pack_gqa_rows(p);  // GQA heads as rows where the rows see the same keys (tile_order.h)
   if (path == GpuPath::sm90) {
 #if INTFA_HAVE_SM90
     Status st = launch_fwd_sm90(p, s);

@@ -331,6 +331,30 @@ TEST_F(AttentionGpu, KernelGqaMqaLayoutsOutputs) {
   }
 }
 
+// GQA query heads packed into rows (fwd::pack_gqa_rows): decode steps (Sq = 1, causal or not,
+// both layouts, long keys that split on sm90), BHSD prefill whose 128-row tiles straddle query
+// heads (4 heads x 100 rows), MQA, both schemes, fp16/bf16/fp32 output, each with its LSE
+// against the CPU emulation, which does not pack.
+TEST_F(AttentionGpu, KernelGqaPackedRows) {
+  struct Shape { int batch, hq, hkv, sq, skv; bool causal; Layout layout; DType out; Scheme scheme; };
+  int seed = 900;
+  for (const Shape& sh : std::vector<Shape>{
+           {3, 8, 2, 1, 3000, true, Layout::BHSD, DType::f32, Scheme::accurate},
+           {2, 6, 2, 1, 200, false, Layout::BSHD, DType::bf16, Scheme::accurate},
+           {2, 8, 2, 1, 517, true, Layout::BSHD, DType::f16, Scheme::paper},
+           {2, 8, 2, 100, 333, false, Layout::BHSD, DType::f32, Scheme::accurate},
+           {1, 8, 2, 100, 333, false, Layout::BHSD, DType::bf16, Scheme::paper},
+           {3, 4, 1, 1, 1, true, Layout::BHSD, DType::f32, Scheme::accurate}}) {
+    Case c;
+    c.batch = sh.batch; c.hq = sh.hq; c.hkv = sh.hkv; c.sq = sh.sq; c.skv = sh.skv;
+    c.causal = sh.causal; c.layout = sh.layout; c.out = sh.out; c.scheme = sh.scheme; c.seed = ++seed;
+    for (int d : {64, 128}) {
+      c.d = d;
+      for (GpuPath path : gpu_paths()) check_kernel_vs_cpu(c, path);
+    }
+  }
+}
+
 TEST_F(AttentionGpu, KernelVarlen) {
   Case c;
   c.hq = 4; c.hkv = 2;

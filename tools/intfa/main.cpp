@@ -420,6 +420,7 @@ void bench_shape(const BenchShape& sh, const std::vector<Scheme>& schemes, const
       } else if (sh.seq_q != sh.seq) {
         extra = ", \"seq_q\": " + std::to_string(sh.seq_q);
       }
+      if (sh.heads_kv != sh.heads) extra += ", \"heads_kv\": " + std::to_string(sh.heads_kv);
       for (int e = 0; e < 2; ++e) {
         rows << (rows.tellp() > 0 ? ",\n" : "") << "    {\"provider\": \"intfa\", \"path\": \""
              << to_string(path) << "\", \"scheme\": \"" << to_string(sc) << "\", \"seq\": " << sh.seq << extra
