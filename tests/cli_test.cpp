@@ -315,6 +315,19 @@ TEST(Cli, BenchNeedsGpu) {
   EXPECT_NE(r.output.find("GPU"), std::string::npos) << r.output;
 }
 
+// Bench arguments are checked before the GPU is looked for: the same usage errors everywhere.
+TEST(Cli, BenchArgumentErrorsNameTheOption) {
+  CliResult r = run_cli("bench --varlen 100,200 --seq 512");
+  EXPECT_EQ(r.status, 2) << r.output;
+  EXPECT_NE(r.output.find("--varlen"), std::string::npos) << r.output;
+  r = run_cli("bench --varlen 100,0");
+  EXPECT_EQ(r.status, 2) << r.output;
+  EXPECT_NE(r.output.find("--varlen"), std::string::npos) << r.output;
+  r = run_cli("bench --heads 32 --heads-kv 5");
+  EXPECT_EQ(r.status, 2) << r.output;
+  EXPECT_NE(r.output.find("--heads-kv"), std::string::npos) << r.output;
+}
+
 TEST(Cli, DeviceGpuWithoutGpuFails) {
   if (device_info(0).present) GTEST_SKIP() << "a GPU is present";
   CliResult r = run_cli("demo --device gpu");

@@ -436,12 +436,7 @@ void bench_shape(const BenchShape& sh, const std::vector<Scheme>& schemes, const
 int cmd_bench(const Args& a) {
   a.allow({"--seq", "--seq-q", "--varlen", "--hdim", "--causal", "--scheme", "--batch", "--heads", "--heads-kv",
            "--path", "--json", "--reps", "--dtype"});
-  DeviceInfo dev = device_info(0);
-  if (!dev.present) {
-    std::fprintf(stderr, "intfa bench: needs a CUDA GPU (%s). Use `intfa demo` or `intfa accuracy "
-                 "--device cpu` on this machine.\n", dev.error.c_str());
-    return kExitError;
-  }
+  // Arguments first, so that a bad one is reported on any machine.
   const auto seqs = a.ints("--seq", "1024,4096,16384", 1, 1 << 20);
   const auto hdims = a.ints("--hdim", "128,64", 16, 256);
   const auto causals = a.ints("--causal", "0,1", 0, 1);
@@ -460,6 +455,12 @@ int cmd_bench(const Args& a) {
   if (heads % heads_kv) throw UsageError{"--heads-kv: must divide --heads"};
   const DType dtype = parse_dtype(a);
   const GpuPath path_req = parse_gpu_path(a);
+  DeviceInfo dev = device_info(0);
+  if (!dev.present) {
+    std::fprintf(stderr, "intfa bench: needs a CUDA GPU (%s). Use `intfa demo` or `intfa accuracy "
+                 "--device cpu` on this machine.\n", dev.error.c_str());
+    return kExitError;
+  }
   GpuPath path;
   check(resolve_gpu_path(path_req, 0, &path), "--path");
   const std::string json = a.str("--json", "");
