@@ -166,6 +166,12 @@ attention_int8_call = _direct_or_op(attention_int8_op, _attention_int8_impl)
 # F.scaled_dot_product_attention routing
 # ------------------------------------------------------------------------------------------------
 _GPU_HEAD_DIMS = (64, 128)
+# Query rows per K/V head below which the SDPA stand-in leaves a call to torch: intfa.attention
+# quantizes all of K and V in every call, which a call of fewer rows than one 128-row tile per
+# K/V head does not pay back (an H200 decode step, Sq = 1 with 4 query heads per K/V head:
+# 0.50 ms end to end against 0.15 for SDPA in bf16, docs/BENCHMARKS.md). Such calls belong on
+# intfa.attention_int8 over a quantized KV cache.
+_MIN_ROWS_PER_KV_HEAD = 128
 _original_sdpa = None
 # intfa.attention, set by the package on import (this module is imported before it exists).
 intfa_attention = None
@@ -197,7 +203,9 @@ def sdpa_supported(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
     """True when intfa can serve this F.scaled_dot_product_attention call with the same
     meaning: no mask, no dropout, CUDA fp16/bf16 4-d tensors of one device and dtype, head dim
     64 or 128 (also for V), no gradient needed, and causal only when Sq == Skv (torch aligns the
-    causal mask to the top-left corner, intfa to the bottom-right; they agree when square)."""
+    causal mask to the top-left corner, intfa to the bottom-right; they agree when square); and
+    worth it: at least 128 query rows per K/V head (Sq * Hq / Hkv), since every call quantizes
+    K and V."""
     if attn_mask is not None or dropout_p != 0.0:
         return False
     if not all(_is_plain_tensor(t) for t in (query, key, value)):
@@ -212,12 +220,14 @@ def sdpa_supported(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
         return False  # intfa has no backward pass
     b, hq, sq, d = query.shape
     bk, hk, skv, dk = key.shape
-    if d not in _GPU_HEAD_DIMS or dk != d or tuple(value.shape) != (bk, hk, skv, d) or bk != b:
+    if d not in _GPU_HEAD_DIMS or dk != d or tuple(value.shape) != (bk, hk, skv, d) or bk != b or hk < 1:
         return False
     if hk != hq and not (enable_gqa and hq % hk == 0):
         return False
     if is_causal and sq != skv:
         return False
+    if sq * (hq // hk) < _MIN_ROWS_PER_KV_HEAD:
+        return False  # a decode step: quantizing the whole K/V would cost more than attention
     if scale is not None and scale == 0.0:
         return False
     return all(_rows_aligned(t) for t in (query, key, value))

@@ -324,6 +324,7 @@ def test_patch_sdpa_routes_supported_calls_only():
             ((q, k, v), dict(attn_mask=mask)),
             ((q, k[:, :, :100], v[:, :, :100]), dict(is_causal=True)),  # top-left causal
             (make_qkv(1, 2, 2, 64, 64, 96), {}),  # head dim the GPU paths lack
+            (make_qkv(2, 8, 2, 1, 512, 128), dict(enable_gqa=True)),  # decode: 4 rows per K/V head
             ((q.float(), k.float(), v.float()), {}),
         ]
         for args, kw in fallbacks:
