@@ -264,16 +264,17 @@ TEST(Cli, AccuracyTargetsAt4096) {
   std::remove(file.c_str());
 }
 
+// A usage error: exit status 2 and a message that names the option.
+void expect_usage_error(const std::string& args, const std::string& option) {
+  CliResult r = run_cli(args);
+  EXPECT_EQ(r.status, 2) << args << "\n" << r.output;
+  EXPECT_NE(r.output.find(option), std::string::npos) << args << "\n" << r.output;
+}
+
 TEST(Cli, BadSeqNamesTheOption) {
-  CliResult r = run_cli("accuracy --seq -5");
-  EXPECT_EQ(r.status, 2) << r.output;
-  EXPECT_NE(r.output.find("--seq"), std::string::npos) << r.output;
-  r = run_cli("accuracy --device cpu --seq 0");
-  EXPECT_EQ(r.status, 2) << r.output;
-  EXPECT_NE(r.output.find("--seq"), std::string::npos) << r.output;
-  r = run_cli("accuracy --device cpu --seq abc");
-  EXPECT_EQ(r.status, 2) << r.output;
-  EXPECT_NE(r.output.find("--seq"), std::string::npos) << r.output;
+  expect_usage_error("accuracy --seq -5", "--seq");
+  expect_usage_error("accuracy --device cpu --seq 0", "--seq");
+  expect_usage_error("accuracy --device cpu --seq abc", "--seq");
 }
 
 TEST(Cli, BadSchemeNamesTheOption) {
@@ -317,15 +318,9 @@ TEST(Cli, BenchNeedsGpu) {
 
 // Bench arguments are checked before the GPU is looked for: the same usage errors everywhere.
 TEST(Cli, BenchArgumentErrorsNameTheOption) {
-  CliResult r = run_cli("bench --varlen 100,200 --seq 512");
-  EXPECT_EQ(r.status, 2) << r.output;
-  EXPECT_NE(r.output.find("--varlen"), std::string::npos) << r.output;
-  r = run_cli("bench --varlen 100,0");
-  EXPECT_EQ(r.status, 2) << r.output;
-  EXPECT_NE(r.output.find("--varlen"), std::string::npos) << r.output;
-  r = run_cli("bench --heads 32 --heads-kv 5");
-  EXPECT_EQ(r.status, 2) << r.output;
-  EXPECT_NE(r.output.find("--heads-kv"), std::string::npos) << r.output;
+  expect_usage_error("bench --varlen 100,200 --seq 512", "--varlen");
+  expect_usage_error("bench --varlen 100,0", "--varlen");
+  expect_usage_error("bench --heads 32 --heads-kv 5", "--heads-kv");
 }
 
 TEST(Cli, DeviceGpuWithoutGpuFails) {

@@ -176,6 +176,12 @@ struct Bars {
   __device__ uint32_t tile_empty(int i) const { return base + 24 + 40 * kStages + 16 * i; }
 };
 
+// Row 0 of a split unit's block of kBlockM partial rows in P.part_o / P.part_ml: the layout is
+// [split][tile][row], so combine_kernel finds a tile's splits kBlockM * num_tiles rows apart.
+__device__ __forceinline__ int64_t part_row0(const Params& P, int split, int tile) {
+  return (int64_t(split) * P.num_tiles + tile) * kBlockM;
+}
+
 // One 128-row query tile of one (batch, head). Tiles are numbered head-major (tile = bh * num_m
 // + row block), so that static-stride CTAs running at one time share K/V in L2; dynamic kernels
 // hand the tiles out in another order (scheduled_unit), but name them by the same numbers.
@@ -355,7 +361,7 @@ __device__ __forceinline__ void store_rows(const Params& P, const Tile& T, int u
   int64_t prow0 = 0;  // row 0 of this unit's block of partial rows
   if constexpr (partial) {
     const int ptile = unit / P.num_splits;
-    prow0 = (int64_t(unit - ptile * P.num_splits) * P.num_tiles + ptile) * kBlockM;
+    prow0 = part_row0(P, unit - ptile * P.num_splits, ptile);
     inv_l[0] = inv_l[1] = 1.f;
   }
   if (copier) ptx::bulk_wait_read();  // the previous tile's rows have left the slice
@@ -405,7 +411,7 @@ __global__ void __launch_bounds__(128) combine_kernel(const __grid_constant__ Pa
   if (!decode_tile<Causal, true>(P, tile * P.num_splits, T) || T.m0 + lr >= T.sq) return;
   const int S = P.num_splits;
   float mx = fwd::neg_inf();
-  for (int sp = 0; sp < S; ++sp) mx = fmaxf(mx, P.part_ml[(int64_t(sp) * P.num_tiles + tile) * kBlockM + lr].x);
+  for (int sp = 0; sp < S; ++sp) mx = fmaxf(mx, P.part_ml[part_row0(P, sp, tile) + lr].x);
   const float ref = mx == fwd::neg_inf() ? 0.f : mx;
   float l = 0.f;
   constexpr int kPairs = D / 64;  // channel pairs per lane
@@ -413,7 +419,7 @@ __global__ void __launch_bounds__(128) combine_kernel(const __grid_constant__ Pa
 #pragma unroll
   for (int i = 0; i < kPairs; ++i) acc[i] = make_float2(0.f, 0.f);
   for (int sp = 0; sp < S; ++sp) {
-    const int64_t prow = (int64_t(sp) * P.num_tiles + tile) * kBlockM + lr;
+    const int64_t prow = part_row0(P, sp, tile) + lr;
     const float2 ml = P.part_ml[prow];
     const float w = exp2f(ml.x - ref);  // 0 for a split that saw no key (m = -inf)
     l += w * ml.y;

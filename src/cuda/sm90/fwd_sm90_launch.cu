@@ -191,7 +191,6 @@ Status make_params(const FwdParams& p, Params* prm) {
   // Varlen: the head group over one sequence's heads (the tiles of one entry run for every head).
   if (p.causal || varlen)
     prm->head_group = fwd::causal_head_group(varlen ? 1 : p.batch, p.heads_q, p.seqlen_kv, p.head_dim);
-  if (varlen && !p.causal) prm->diag_shift = kNoDiagonal;
   return Status::OK();
 }
 
@@ -224,6 +223,7 @@ Status launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   // batches of 8-16 sequences (docs/PERF_LOG.md s26): 0-6% less time non-causal, 1-15% causal.
   const bool varlen = p.cu_q != nullptr;
   const bool causal_kernel = p.causal || varlen;
+  if (causal_kernel && !p.causal) prm.diag_shift = sm90::kNoDiagonal;
   const bool dynamic = causal_kernel ? sm90::kDynamic<true> : sm90::kDynamic<false>;
   const size_t part_rows = prm.num_splits > 1 ? size_t(prm.num_units) * sm90::kBlockM : 0;
   const size_t ml_off = 16, o_off = ml_off + part_rows * sizeof(float2);
