@@ -3,6 +3,7 @@
 // the key-range splits cover each tile's key blocks exactly once.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "cuda/tile_order.h"
@@ -87,6 +88,36 @@ TEST(TileOrder, SplitCountRule) {
     }
 }
 
+// Query positions of packed rows: within one period, across a boundary, over several periods,
+// and unpacked.
+TEST(TileOrder, RowPositions) {
+  int lo = 0, hi = 0;
+  fwd::row_positions(0, 127, 0, lo, hi);
+  EXPECT_EQ(lo, 0); EXPECT_EQ(hi, 127);
+  fwd::row_positions(128, 255, 0, lo, hi);
+  EXPECT_EQ(lo, 128); EXPECT_EQ(hi, 255);
+  fwd::row_positions(200, 215, 100, lo, hi);  // rows 200..215 of 100-row heads: positions 0..15
+  EXPECT_EQ(lo, 0); EXPECT_EQ(hi, 15);
+  fwd::row_positions(128, 143, 100, lo, hi);  // 28..43
+  EXPECT_EQ(lo, 28); EXPECT_EQ(hi, 43);
+  fwd::row_positions(192, 207, 100, lo, hi);  // 92..99, then 0..7: crosses a head
+  EXPECT_EQ(lo, 0); EXPECT_EQ(hi, 99);
+  fwd::row_positions(0, 127, 5, lo, hi);      // many heads of 5 rows
+  EXPECT_EQ(lo, 0); EXPECT_EQ(hi, 4);
+  for (int period : {1, 3, 16, 100, 1000})
+    for (int r0 = 0; r0 < 300; r0 += 7) {
+      const int r1 = r0 + 15;
+      fwd::row_positions(r0, r1, period, lo, hi);
+      int want_lo = period, want_hi = -1;
+      for (int r = r0; r <= r1; ++r) {
+        want_lo = std::min(want_lo, r % period);
+        want_hi = std::max(want_hi, r % period);
+      }
+      EXPECT_EQ(lo, want_lo) << period << " " << r0;
+      EXPECT_EQ(hi, want_hi) << period << " " << r0;
+    }
+}
+
 // GQA packing: every packed row addresses the query row it stands for (Q, O, row scales, LSE),
 // the K/V head is the same, and layouts or masks that cannot pack are left as they were.
 TEST(TileOrder, PackGqaRowsAddressesTheSameRows) {
@@ -95,7 +126,7 @@ TEST(TileOrder, PackGqaRowsAddressesTheSameRows) {
                                        {3, 32, 8, 1, 128, false, true, true, true},    // decode, causal = all keys
                                        {3, 32, 8, 1, 64, true, true, false, true},     // decode, BSHD
                                        {2, 8, 2, 100, 128, true, false, true, false},  // BSHD, Sq > 1
-                                       {2, 8, 2, 100, 128, false, true, true, false},  // causal, Sq > 1
+                                       {2, 8, 2, 100, 128, false, true, true, true},   // causal, Sq > 1: row_period
                                        {2, 8, 8, 100, 128, false, false, true, false}}) {  // MHA
     FwdParams p;
     p.batch = c.b; p.heads_q = c.hq; p.heads_kv = c.hkv; p.seqlen_q = c.sq; p.seqlen_kv = 300;
@@ -127,7 +158,8 @@ TEST(TileOrder, PackGqaRowsAddressesTheSameRows) {
     const int g = c.hq / c.hkv;
     EXPECT_EQ(p.heads_q, c.hkv);
     EXPECT_EQ(p.seqlen_q, g * c.sq);
-    EXPECT_FALSE(p.causal);
+    EXPECT_EQ(p.causal, c.causal && c.sq > 1);
+    EXPECT_EQ(p.row_period, c.causal && c.sq > 1 ? c.sq : 0);
     for (int b = 0; b < c.b; ++b)
       for (int hk = 0; hk < c.hkv; ++hk)
         for (int r = 0; r < g * c.sq; ++r) {

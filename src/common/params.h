@@ -70,6 +70,9 @@ struct FwdParams {
 
   void* out = nullptr;  Strides3 o_st;
   DType out_dtype = DType::f16;
+  // Packed GQA rows (fwd::pack_gqa_rows): row r is query position r % row_period of its head,
+  // which the causal mask uses; 0: row r is position r.
+  int row_period = 0;
   float* lse = nullptr; Strides3 lse_st;          // ts == 1; may be null
 };
 

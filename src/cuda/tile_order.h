@@ -60,18 +60,33 @@ INTFA_HD void split_range(int n, int splits, int split, int& kb0, int& count) {
   count = end - kb0;
 }
 
+// Query positions of rows r0 .. r1 (r0 <= r1) when row r is position r % period (packed GQA
+// rows; period 0: row r is position r): the lowest and the highest. Rows that cross a period
+// boundary hold positions from 0 to period - 1.
+INTFA_HD void row_positions(int r0, int r1, int period, int& lo, int& hi) {
+  if (period <= 0) {
+    lo = r0;
+    hi = r1;
+  } else if (r0 / period == r1 / period) {
+    lo = r0 % period;
+    hi = r1 % period;
+  } else {
+    lo = 0;
+    hi = period - 1;
+  }
+}
+
 // Grouped-query heads packed into rows (both GPU paths, dense launches). The g = Hq / Hkv query
-// heads that share a K/V head can run as one head of g * Sq rows when every row sees the same
-// keys (not causal, or causal with one query row, where the bottom-right diagonal lets it see
-// every key) and each per-row tensor (Q, O, the row scales, the LSE) keeps a head's rows right
-// after the previous head's (head stride = Sq * token stride, or Sq = 1: the head stride then
-// steps the packed rows). Then the K/V of a head are streamed once per row tile instead of once
+// heads that share a K/V head run as one head of g * Sq rows when each per-row tensor (Q, O, the
+// row scales, the LSE) keeps a head's rows right after the previous head's (head stride = Sq *
+// token stride, or Sq = 1: the head stride then steps the packed rows). Causal launches keep
+// each row's own diagonal through row_period (row r is position r % Sq); with one query row the
+// bottom-right diagonal shows it every key, so that launch becomes non-causal. Then the K/V of a head are streamed once per row tile instead of once
 // per query head, and a decode step (Sq = 1) fills g rows of a tile instead of one. The packed
 // row r of K/V head hk in batch b is row r % Sq of query head hk * g + r / Sq: the same
 // address, so nothing else changes. Returns whether it packed.
 inline bool pack_gqa_rows(FwdParams& p) {
   if (p.cu_q != nullptr || p.heads_kv < 1 || p.heads_q <= p.heads_kv || p.heads_q % p.heads_kv != 0) return false;
-  if (p.causal && p.seqlen_q != 1) return false;
   const int64_t g = p.heads_q / p.heads_kv, rows = g * p.seqlen_q;
   if (rows >= (int64_t(1) << 30)) return false;
   auto packable = [&](const Strides3& st) { return p.seqlen_q == 1 || st.hs == int64_t(p.seqlen_q) * st.ts; };
@@ -84,9 +99,10 @@ inline bool pack_gqa_rows(FwdParams& p) {
   pack(p.o_st);
   pack(p.qs_st);  // q_scale and lse_offset
   if (p.lse) pack(p.lse_st);
+  if (p.causal && p.seqlen_q > 1) p.row_period = p.seqlen_q;
+  p.causal = p.causal && p.seqlen_q > 1;  // a single query row sees every key
   p.heads_q = p.heads_kv;
   p.seqlen_q = static_cast<int>(rows);
-  p.causal = false;  // only a single query row was causal: it sees every key
   return true;
 }
 

@@ -333,8 +333,9 @@ TEST_F(AttentionGpu, KernelGqaMqaLayoutsOutputs) {
 
 // GQA query heads packed into rows (fwd::pack_gqa_rows): decode steps (Sq = 1, causal or not,
 // both layouts, long keys that split on sm90), BHSD prefill whose 128-row tiles straddle query
-// heads (4 heads x 100 rows), MQA, both schemes, fp16/bf16/fp32 output, each with its LSE
-// against the CPU emulation, which does not pack.
+// heads (4 heads x 100 rows), causal packs with per-row diagonals (straddling tiles, 5-row
+// speculative-decoding steps, rows that see no key, splits), MQA, both schemes, fp16/bf16/fp32
+// output, each with its LSE against the CPU emulation, which does not pack.
 TEST_F(AttentionGpu, KernelGqaPackedRows) {
   struct Shape { int batch, hq, hkv, sq, skv; bool causal; Layout layout; DType out; Scheme scheme; };
   int seed = 900;
@@ -344,7 +345,11 @@ TEST_F(AttentionGpu, KernelGqaPackedRows) {
            {2, 8, 2, 1, 517, true, Layout::BSHD, DType::f16, Scheme::paper},
            {2, 8, 2, 100, 333, false, Layout::BHSD, DType::f32, Scheme::accurate},
            {1, 8, 2, 100, 333, false, Layout::BHSD, DType::bf16, Scheme::paper},
-           {3, 4, 1, 1, 1, true, Layout::BHSD, DType::f32, Scheme::accurate}}) {
+           {3, 4, 1, 1, 1, true, Layout::BHSD, DType::f32, Scheme::accurate},
+           {2, 8, 2, 100, 333, true, Layout::BHSD, DType::f32, Scheme::accurate},   // causal, per-row diagonal
+           {3, 16, 4, 5, 700, true, Layout::BHSD, DType::bf16, Scheme::accurate},   // speculative decoding
+           {1, 8, 2, 100, 50, true, Layout::BHSD, DType::f32, Scheme::paper},       // rows that see no key
+           {1, 4, 2, 300, 2500, true, Layout::BHSD, DType::f32, Scheme::accurate}}) {  // splits
     Case c;
     c.batch = sh.batch; c.hq = sh.hq; c.hkv = sh.hkv; c.sq = sh.sq; c.skv = sh.skv;
     c.causal = sh.causal; c.layout = sh.layout; c.out = sh.out; c.scheme = sh.scheme; c.seed = ++seed;

@@ -221,8 +221,13 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
   const int m0 = m_block * kBlockM;
   if (m0 >= sq) return;
   const int hkv = h / (p.heads_q / p.heads_kv);
-  const int diag = skv - sq;  // bottom-right causal: row r sees keys <= r + diag
-  const int kv_end = Causal ? min(skv, m0 + kBlockM + diag) : skv;
+  // Bottom-right causal: a row at query position r sees keys <= r + diag. Packed GQA rows
+  // (p.row_period) are positions r % row_period of heads of row_period rows each.
+  const int period = p.row_period;
+  const int diag = skv - (period > 0 ? period : sq);
+  int pos_lo, pos_hi;
+  fwd::row_positions(m0, min(m0 + kBlockM, sq) - 1, period, pos_lo, pos_hi);
+  const int kv_end = Causal ? min(skv, pos_hi + 1 + diag) : skv;
   const int n_blocks = kv_end > 0 ? (kv_end + kBlockN - 1) / kBlockN : 0;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -269,10 +274,13 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
   const bool block_local = p.scheme == Scheme::accurate;
   const float levels = block_local ? 255.f : 127.f;
   const float inv_levels = block_local ? 1.f / 255.f : 1.f / 127.f;
-  int row[2];
+  int row[2], row_pos[2];
   float rowf[2], m_run[2], l_part[2];
+  int warp_pos_lo, warp_pos_hi;  // query positions of this warp's 16 rows
+  fwd::row_positions(m0 + warp * 16, m0 + warp * 16 + 15, period, warp_pos_lo, warp_pos_hi);
   for (int r = 0; r < 2; ++r) {
     row[r] = m0 + warp * 16 + g + 8 * r;
+    row_pos[r] = period > 0 ? row[r] % period : row[r];
     rowf[r] = row[r] < sq
                   ? p.q_scale[offset(p.qs_st, b, h, q0 + row[r])] * p.softmax_scale * kLog2e
                   : 1.f;
@@ -355,13 +363,13 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
         for (int e = 0; e < 4; ++e) u[j][e] = __fmaf_rn(__int_as_float(s_cur[j][e]), ks[jj][e & 1], nks[e & 1]);
       }
     }
-    if (Causal && (n + 1) * kBlockN - 1 > m0 + warp * 16 + diag) {  // blocks on the diagonal
+    if (Causal && (n + 1) * kBlockN - 1 > warp_pos_lo + diag) {  // blocks on the diagonal
 #pragma unroll
       for (int j = 0; j < kBlockN / 8; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int key = n * kBlockN + permuted_key(j, 2 * t + (e & 1));
-          if (key > row[e >> 1] + diag) u[j][e] = kNegInf;
+          if (key > row_pos[e >> 1] + diag) u[j][e] = kNegInf;
         }
     }
 

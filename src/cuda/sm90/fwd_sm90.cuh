@@ -212,8 +212,12 @@ __device__ __forceinline__ bool decode_tile(const Params& P, int unit, Tile& T) 
   T.sq = seq_len(p.cu_q, T.b, p.seqlen_q);
   if (T.m0 >= T.sq) return false;
   T.skv = seq_len(p.cu_kv, T.b, p.seqlen_kv);
-  T.diag = T.skv - T.sq + (Causal ? P.diag_shift : 0);  // bottom-right causal: row r sees keys <= r + diag
-  const int kv_end = Causal ? min(T.skv, T.m0 + kBlockM + T.diag) : T.skv;
+  // Bottom-right causal: a row at query position r sees keys <= r + diag. Packed GQA rows
+  // (p.row_period) are positions r % row_period of heads of row_period rows each.
+  T.diag = T.skv - (p.row_period > 0 ? p.row_period : T.sq) + (Causal ? P.diag_shift : 0);
+  int pos_lo, pos_hi;
+  fwd::row_positions(T.m0, min(T.m0 + kBlockM, T.sq) - 1, p.row_period, pos_lo, pos_hi);
+  const int kv_end = Causal ? min(T.skv, pos_hi + 1 + T.diag) : T.skv;
   T.n_blocks = kv_end > 0 ? (kv_end + kBlockN - 1) / kBlockN : 0;
   T.q0 = seq_start(p.cu_q, T.b);
   T.k0 = seq_start(p.cu_kv, T.b);
@@ -632,11 +636,20 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
   int tile = next_tile(blockIdx.x, T);
   if (tile < P.num_units) load_rowf(T, rowf);
   while (tile < P.num_units) {
-    int row[2];
+    // Causal: key_last[r] is the last key row r sees, warp_key_last the lowest of the warp's 16
+    // rows (blocks past it need the mask). Both are fixed per tile, so the loop keeps one compare
+    // per score as with row + diag.
+    int row[2], key_last[2], warp_key_last;
     float m_run[2], l_part[2];
+    {
+      int pos_lo, pos_hi;  // query positions of this warp's 16 rows
+      fwd::row_positions(T.m0 + cw * 64 + wq * 16, T.m0 + cw * 64 + wq * 16 + 15, p.row_period, pos_lo, pos_hi);
+      warp_key_last = pos_lo + T.diag;
+    }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       row[r] = T.m0 + cw * 64 + wq * 16 + g + 8 * r;
+      key_last[r] = (p.row_period > 0 ? row[r] % p.row_period : row[r]) + T.diag;
       m_run[r] = kNegInf;
       l_part[r] = 0.f;
     }
@@ -683,13 +696,13 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
         u[j][2] = __fmaf_rn(__int_as_float(s[4 * j + 2] + kMagicBits), k4.x, k4.z);
         u[j][3] = __fmaf_rn(__int_as_float(s[4 * j + 3] + kMagicBits), k4.y, k4.w);
       }
-      if (Causal && (n + 1) * kBlockN - 1 > T.m0 + cw * 64 + wq * 16 + T.diag) {
+      if (Causal && (n + 1) * kBlockN - 1 > warp_key_last) {
 #pragma unroll
         for (int j = 0; j < kBlockN / 8; ++j)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int key = n * kBlockN + 8 * j + 2 * t + (e & 1);
-            if (key > row[e >> 1] + T.diag) u[j][e] = kNegInf;
+            if (key > key_last[e >> 1]) u[j][e] = kNegInf;
           }
       }
       // The row maxima first; the MUFU work for alpha and cfac waits until after this block's
