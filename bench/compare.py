@@ -102,13 +102,16 @@ def main():
                 if causal and sq != n:
                     pairs = float(sum(min(max(r + n - sq + 1, 0), n) for r in range(sq)))
                 ops = 4.0 * a.batch * a.heads * pairs * d
+                # The automatic path runs the decode kernel for at most 16 query rows per K/V head
+                # (GQA heads packed into rows: these BHSD tensors always pack).
+                py_path = "decode" if path and sq * (a.heads // hkv) <= 16 else path
                 for sc in (qkv or {}):
                     c = bool(causal)
                     runs = ((False, lambda: intfa.attention_int8(qkv[sc], is_causal=c, out_dtype=torch.bfloat16)),
                             (True, lambda: intfa.attention(q, k, v, is_causal=c, scheme=sc, enable_gqa=gqa)))
                     for e2e, fn in runs:
                         ms = time_ms(fn, a.reps)
-                        rows.append(dict(provider="intfa_py", path=path, scheme=sc, seq=n, hdim=d, causal=causal,
+                        rows.append(dict(provider="intfa_py", path=py_path, scheme=sc, seq=n, hdim=d, causal=causal,
                                          e2e=e2e, ms=round(ms, 4), tops=round(ops / ms / 1e9, 2), **extra))
                 if causal and sq != n:
                     # torch aligns the causal mask top-left when Sq != Skv: another problem.

@@ -88,6 +88,30 @@ TEST(TileOrder, SplitCountRule) {
     }
 }
 
+// The decode kernel's ranges per head: whole waves of alike units (H200: 132 SMs x 3 CTAs).
+TEST(TileOrder, DecodeSplitCountRule) {
+  const int slots = 396;
+  EXPECT_EQ(fwd::decode_split_count(true, 64, 128, slots, 0), 3);   // B=16 Hkv=8 8k: 384 units, one wave
+  EXPECT_EQ(fwd::decode_split_count(true, 256, 8, slots, 0), 43);   // B=1 Hkv=8 32k: 344 units
+  EXPECT_EQ(fwd::decode_split_count(true, 16, 512, slots, 0), 2);   // B=64 2k: 3 waves of 8 blocks
+  EXPECT_EQ(fwd::decode_split_count(true, 1, 8, slots, 0), 1);      // one block
+  EXPECT_EQ(fwd::decode_split_count(false, 256, 8, slots, 0), 1);   // paper: P against the running max
+  EXPECT_EQ(fwd::decode_split_count(true, 8, 1000, slots, 3), 3);   // forced (tests)
+  EXPECT_EQ(fwd::decode_split_count(true, 2, 1000, slots, 3), 2);   // forced, clamped to the blocks
+  EXPECT_EQ(fwd::decode_split_count(false, 8, 10, slots, 3), 1);    // forced never splits paper
+  for (int blocks = 1; blocks <= 600; blocks += 13)
+    for (long long heads = 1; heads <= 5000; heads = heads * 3 + 1) {
+      const int s = fwd::decode_split_count(true, blocks, heads, slots, 0);
+      EXPECT_GE(s, 1);
+      EXPECT_LE(s, blocks);
+      // The model's time (waves x (blocks per range + 1)) no worse than one range per head or
+      // one block per range.
+      auto cost = [&](long long r) { return (heads * r + slots - 1) / slots * ((blocks + r - 1) / r + 1); };
+      EXPECT_LE(cost(s), cost(1));
+      if (blocks <= 1024) EXPECT_LE(cost(s), cost(blocks));
+    }
+}
+
 // Query positions of packed rows: within one period, across a boundary, over several periods,
 // and unpacked.
 TEST(TileOrder, RowPositions) {

@@ -18,7 +18,10 @@ enum class DType : int { f16, bf16, f32, f64, i8, u8, i32 };
 enum class Layout : int { BHSD, BSHD };  // varlen tensors are always THD (total tokens, heads, dim)
 enum class Scheme : int { paper, accurate, half };
 enum class Backend : int { automatic, cpu, gpu };  // automatic: where the tensors live
-enum class GpuPath : int { automatic, sm80, sm90 };
+// automatic: the decode kernel for at most 16 query rows per (batch, K/V head) after GQA
+// packing, else sm90 on compute capability 9.0 (if built), else sm80. decode forces the decode
+// kernel (not_available for other shapes); sm80 / sm90 force that kernel for every shape.
+enum class GpuPath : int { automatic, sm80, sm90, decode };
 
 const char* to_string(DType);
 const char* to_string(Layout);
@@ -84,7 +87,7 @@ struct Options {
   Layout layout = Layout::BHSD;  // of q, k, v, out (ignored by the varlen entry points)
   Scheme scheme = Scheme::accurate;
   Backend backend = Backend::automatic;
-  GpuPath path = GpuPath::automatic;  // auto: sm90 on compute capability 9.0 (if built), else sm80
+  GpuPath path = GpuPath::automatic;  // see GpuPath
   int block_n = 64;          // CPU backend: key block of the emulated loop (16..512, multiple of 16)
   void* stream = nullptr;    // cudaStream_t for GPU calls (nullptr: legacy default stream)
   // GPU: scratch memory for the quantized tensors of attention()/attention_varlen(). If not given

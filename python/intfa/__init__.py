@@ -65,7 +65,7 @@ def attention(q, k, v, *, is_causal=False, scale=None, enable_gqa=False, layout=
     layout: "BHSD" (SDPA's) or "BSHD" (FlashAttention's); any strides with a contiguous last dim.
     scheme: "accurate" (default), "paper" or "half" (half: CPU backend only).
     return_lse: also return the log-sum-exp, float32 [B, Hq, Sq], natural log.
-    path: GPU kernel family "auto", "sm80" or "sm90" (ignored on the CPU).
+    path: GPU kernel family "auto", "sm80", "sm90" or "decode" (ignored on the CPU).
 
     Returns out (like q, dtype of q) or (out, lse).
     """

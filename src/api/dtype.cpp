@@ -101,6 +101,7 @@ const char* to_string(GpuPath p) {
     case GpuPath::automatic: return "auto";
     case GpuPath::sm80: return "sm80";
     case GpuPath::sm90: return "sm90";
+    case GpuPath::decode: return "decode";
   }
   return "unknown";
 }
@@ -121,7 +122,7 @@ bool parse_backend(const std::string& s, Backend* out) {
   return false;
 }
 bool parse_path(const std::string& s, GpuPath* out) {
-  for (GpuPath c : {GpuPath::automatic, GpuPath::sm80, GpuPath::sm90})
+  for (GpuPath c : {GpuPath::automatic, GpuPath::sm80, GpuPath::sm90, GpuPath::decode})
     if (s == to_string(c)) return *out = c, true;
   return false;
 }

@@ -190,8 +190,8 @@ Status check_options(const Options& o) {
     return invalid(os.str());
   }
   const int path = static_cast<int>(o.path);
-  if (path < 0 || path > 2) {
-    os << "path: unknown value " << path << " (expected auto, sm80 or sm90)";
+  if (path < 0 || path > 3) {
+    os << "path: unknown value " << path << " (expected auto, sm80, sm90 or decode)";
     return invalid(os.str());
   }
   if (!std::isfinite(o.scale) || o.scale < 0.f) {

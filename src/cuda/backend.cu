@@ -86,7 +86,8 @@ Status pick_path(GpuPath requested, int cc, Name&& name, GpuPath* resolved) {
       *resolved = hopper && kHaveSm90 ? GpuPath::sm90 : GpuPath::sm80;
       return Status::OK();
     case GpuPath::sm80:
-      *resolved = GpuPath::sm80;
+    case GpuPath::decode:
+      *resolved = requested;
       return Status::OK();
     case GpuPath::sm90:
       if (!kHaveSm90)
@@ -133,6 +134,11 @@ Status attention_int8(const FwdParams& params, GpuPath path, bool fallback, void
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   FwdParams p = params;
   fwd::pack_gqa_rows(p);  // GQA heads as rows where the rows see the same keys (tile_order.h)
+  // At most 16 rows per (batch, head) left: the decode kernel, unless a path was named.
+  if (path == GpuPath::decode || (fallback && decode_takes(p))) {
+    Status st = launch_fwd_decode(p, s);
+    if (st.code() != StatusCode::not_available || !fallback) return st;
+  }
   if (path == GpuPath::sm90) {
 #if INTFA_HAVE_SM90
     Status st = launch_fwd_sm90(p, s);

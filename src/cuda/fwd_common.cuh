@@ -263,4 +263,42 @@ __device__ __forceinline__ void epilogue(const FwdParams& p, int b, int h, int64
   write_lse(p, b, h, q0, sq, row, l_full, m_run, t);
 }
 
+// Merges the key-range partials of one query row. Split kernels leave, per key range, the row's
+// O * v_scale (not divided by l) and (m, l); then M = max m_s, L = sum l_s 2^(m_s - M),
+// O = sum O_s 2^(m_s - M) / L and LSE = (M + log2 L) ln 2 (+ the K-smoothing offset); a row that
+// saw no key (L = 0) gets 0 and -inf. One warp per row: ml and o point at range 0's partial row,
+// range s's lies `stride` rows further. q_row: the row's token index (q0 + row) in b, h.
+template <int D>
+__device__ __forceinline__ void merge_split_row(const FwdParams& p, const float2* ml, const float* o, int64_t stride,
+                                                int splits, int lane, int b, int h, int64_t q_row) {
+  float mx = neg_inf();
+  for (int sp = 0; sp < splits; ++sp) mx = fmaxf(mx, ml[sp * stride].x);
+  const float ref = mx == neg_inf() ? 0.f : mx;
+  float l = 0.f;
+  constexpr int kPairs = D / 64;  // channel pairs per lane
+  float2 acc[kPairs];
+#pragma unroll
+  for (int i = 0; i < kPairs; ++i) acc[i] = make_float2(0.f, 0.f);
+  for (int sp = 0; sp < splits; ++sp) {
+    const float2 m_l = ml[sp * stride];
+    const float w = exp2f(m_l.x - ref);  // 0 for a range that saw no key (m = -inf)
+    l += w * m_l.y;
+#pragma unroll
+    for (int i = 0; i < kPairs; ++i) {
+      const float2 v = *reinterpret_cast<const float2*>(o + sp * stride * D + 2 * (lane + 32 * i));
+      acc[i].x += w * v.x;
+      acc[i].y += w * v.y;
+    }
+  }
+  const float inv_l = l > 0.f ? 1.f / l : 0.f;
+  const int64_t idx = offset(p.o_st, b, h, q_row);
+#pragma unroll
+  for (int i = 0; i < kPairs; ++i)
+    store_out2(p.out, p.out_dtype, idx + 2 * (lane + 32 * i), acc[i].x * inv_l, acc[i].y * inv_l);
+  if (p.lse && lane == 0) {
+    const float off = p.lse_offset ? p.lse_offset[offset(p.qs_st, b, h, q_row)] : 0.f;
+    p.lse[offset(p.lse_st, b, h, q_row)] = l > 0.f ? (mx + log2f(l)) * kLn2 + off : neg_inf();
+  }
+}
+
 }  // namespace intfa::fwd

@@ -60,6 +60,29 @@ INTFA_HD void split_range(int n, int splits, int split, int& kb0, int& count) {
   count = end - kb0;
 }
 
+// Key ranges per (batch, head) of the decode kernel (src/cuda/decode), whose units (one warp each)
+// are all alike in a dense launch: so the count minimizes waves x (blocks per range + 1), waves =
+// ceil(units / slots) with `slots` resident CTAs (SMs x CTAs per SM), the + 1 standing for a
+// unit's start (Q and its first block's latency) and its partial rows. H200, B=1 Hq=32 Hkv=8
+// Skv=32k, a first rule (twice the slots, >= 4 blocks per range) gave 512 units on 396 slots:
+// 1.3 waves. Ties go to fewer ranges. `accurate` only (as split_count); forced > 0 overrides.
+INTFA_HD int decode_split_count(bool accurate, int key_blocks, long long heads, int slots, int forced) {
+  if (!accurate || key_blocks < 2 || heads < 1) return 1;
+  if (forced > 0) return forced < key_blocks ? forced : key_blocks;
+  if (slots < 1) slots = 1;
+  int best = 1;
+  long long best_cost = -1;
+  for (int s = 1; s <= key_blocks && s <= 1024; ++s) {
+    const long long waves = (heads * s + slots - 1) / slots;
+    const long long cost = waves * ((key_blocks + s - 1) / s + 1);
+    if (best_cost < 0 || cost < best_cost) {
+      best = s;
+      best_cost = cost;
+    }
+  }
+  return best;
+}
+
 // Query positions of rows r0 .. r1 (r0 <= r1) when row r is position r % period (packed GQA
 // rows; period 0: row r is position r): the lowest and the highest. Rows that cross a period
 // boundary hold positions from 0 to period - 1.

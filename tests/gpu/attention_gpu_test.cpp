@@ -1,5 +1,5 @@
-// GPU attention (every GPU path the device runs: sm80, and sm90 on Hopper) against the CPU backend: the kernel on pre-quantized inputs vs the
-// CPU emulation of the same scheme (tight: only exp2 and fp32 summation order differ), the
+// GPU attention (every GPU path the device runs: sm80, sm90 on Hopper, the decode kernel) against
+// the CPU backend: the kernel on pre-quantized inputs vs the CPU emulation of the same scheme (tight: only exp2 and fp32 summation order differ), the
 // end-to-end path vs float64, and the int32 score block bit for bit. Skips without a GPU.
 #include <gtest/gtest.h>
 
@@ -425,6 +425,67 @@ TEST_F(AttentionGpu, KernelFewTilesKeyRangeSplits) {
     c.causal = causal; c.seed = ++seed;
     for (GpuPath path : gpu_paths()) check_kernel_vs_cpu(c, path);
   }
+}
+
+// The decode kernel (path decode; automatic takes it for at most 16 rows per (batch, K/V head)
+// after GQA packing): decode steps with GQA (packed rows) and MQA, speculative steps (causal,
+// rows with their own diagonals), unpacked small-row heads, rows that see no key, a single key,
+// key-range splits (accurate, long keys behind few heads) and none (paper), both layouts,
+// fp16/bf16/fp32 output, varlen decode batches with empty sequences, each with its LSE against
+// the CPU emulation; then one shape through the automatic path.
+TEST_F(AttentionGpu, KernelDecodeSmallRows) {
+  struct Shape { int batch, hq, hkv, sq, skv; bool causal; Layout layout; DType out; Scheme scheme; };
+  int seed = 1300;
+  for (const Shape& sh : std::vector<Shape>{
+           {3, 8, 2, 1, 3000, true, Layout::BHSD, DType::f32, Scheme::accurate},     // GQA decode, splits
+           {2, 6, 2, 1, 200, false, Layout::BSHD, DType::bf16, Scheme::accurate},
+           {2, 8, 2, 1, 517, true, Layout::BSHD, DType::f16, Scheme::paper},         // paper: one range
+           {2, 16, 4, 4, 700, true, Layout::BHSD, DType::f32, Scheme::accurate},     // speculative, 16 rows
+           {1, 8, 2, 3, 1100, true, Layout::BHSD, DType::bf16, Scheme::paper},
+           {2, 3, 3, 5, 333, true, Layout::BSHD, DType::f32, Scheme::accurate},      // unpacked heads
+           {1, 2, 2, 16, 5, true, Layout::BHSD, DType::f32, Scheme::accurate},       // rows that see no key
+           {2, 4, 2, 1, 1, false, Layout::BHSD, DType::f32, Scheme::accurate},       // one key
+           {1, 16, 1, 1, 20000, false, Layout::BSHD, DType::f32, Scheme::accurate}}) {  // MQA, long keys
+    Case c;
+    c.batch = sh.batch; c.hq = sh.hq; c.hkv = sh.hkv; c.sq = sh.sq; c.skv = sh.skv;
+    c.causal = sh.causal; c.layout = sh.layout; c.out = sh.out; c.scheme = sh.scheme; c.seed = ++seed;
+    for (int d : {64, 128}) {
+      c.d = d;
+      check_kernel_vs_cpu(c, GpuPath::decode);
+    }
+  }
+  Case c;
+  c.hq = 4; c.hkv = 2;
+  c.lens_q = {1, 1, 0, 3, 1, 1};
+  c.lens_kv = {1000, 5, 9, 300, 2500, 0};
+  for (bool causal : {false, true})
+    for (Scheme sc : {Scheme::paper, Scheme::accurate}) {
+      c.causal = causal; c.scheme = sc; c.seed = ++seed;
+      check_kernel_vs_cpu(c, GpuPath::decode);
+    }
+  Case a;
+  a.batch = 2; a.hq = 8; a.hkv = 2; a.sq = 1; a.skv = 4000; a.seed = ++seed;
+  check_kernel_vs_cpu(a, GpuPath::automatic);
+}
+
+// Path decode on more rows than one tile holds: a precise not_available, nothing launched.
+TEST_F(AttentionGpu, DecodePathRefusesLargeRows) {
+  const int B = 1, H = 2, S = 40, D = 64;
+  ProblemShape shape;
+  shape.batch = B; shape.heads_q = H; shape.heads_kv = H; shape.seqlen_q = S; shape.seqlen_kv = S;
+  shape.head_dim = D;
+  const size_t qbytes = quantized_bytes(shape, Scheme::accurate);
+  DeviceBuffer db(qbytes), dout(size_t(B) * H * S * D * 4);
+  QuantizedQKV qx;
+  INTFA_ASSERT_OK(alloc_quantized(shape, Scheme::accurate, Layout::BHSD, db.ptr, qbytes, true, 0, &qx));
+  Options o;
+  o.backend = Backend::gpu;
+  o.path = GpuPath::decode;
+  Tensor none, out = make_tensor(dout.ptr, DType::f32, {B, H, S, D}, true);
+  const Status st = attention_int8(qx, none, none, S, S, out, nullptr, o);
+  EXPECT_EQ(st.code(), StatusCode::not_available) << st.message();
+  EXPECT_NE(st.message().find("decode takes at most 16 query rows"), std::string::npos) << st.message();
+  EXPECT_NE(st.message().find("got 40"), std::string::npos) << st.message();
 }
 
 // End to end (GPU quantization + kernel) on bf16 inputs against float64, and the GPU's error

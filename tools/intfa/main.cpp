@@ -123,7 +123,7 @@ Backend parse_device(const Args& a) {
 GpuPath parse_gpu_path(const Args& a) {
   GpuPath p;
   std::string s = a.str("--path", "auto");
-  if (!parse_path(s, &p)) throw UsageError{"--path: expected auto, sm80 or sm90, got '" + s + "'"};
+  if (!parse_path(s, &p)) throw UsageError{"--path: expected auto, sm80, sm90 or decode, got '" + s + "'"};
   return p;
 }
 
@@ -507,7 +507,7 @@ void usage(FILE* f) {
                "           [--scheme paper,accurate,half] [--batch B] [--heads H] [--heads-kv H]\n"
                "           [--hdim D] [--block N] [--dtype bf16|fp16] [--causal 0|1] [--json FILE]\n"
                "  bench [--seq ..] [--seq-q N | --varlen L1,L2,..] [--hdim 128,64] [--causal 0,1] [--scheme ..]\n"
-               "        [--path auto|sm80|sm90] [--batch 4] [--heads 32] [--heads-kv H] [--reps 20]\n"
+               "        [--path auto|sm80|sm90|decode] [--batch 4] [--heads 32] [--heads-kv H] [--reps 20]\n"
                "        [--json FILE]   (needs a GPU; --seq-q: query rows when fewer than the keys)\n");
 }
 

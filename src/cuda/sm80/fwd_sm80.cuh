@@ -148,6 +148,32 @@ __device__ __forceinline__ void qk_block(const uint32_t (&qf)[D / 32][4], uint32
   for (int kk = 0; kk < D / 32; ++kk) qk_kstep<D>(qf, sK, k_lane_off, kk, s);
 }
 
+// u = S * s_k for a key block starting at key0, with one FFMA on the magic-biased int32 S; keys
+// at or past skv get an offset of -inf (per key, not per score). sKs: the block's K scales in
+// shared memory (natural key order; the permutation picks them).
+__device__ __forceinline__ void scale_scores(const int (&s)[kBlockN / 8][4], const float* sKs, int key0, int skv,
+                                             int t, float (&u)[kBlockN / 8][4]) {
+  const float kNegInf = -__int_as_float(0x7f800000);
+#pragma unroll
+  for (int c = 0; c < kBlockN / 32; ++c) {
+    const float4 ka = *reinterpret_cast<const float4*>(sKs + 32 * c + 4 * t);
+    const float4 kb = *reinterpret_cast<const float4*>(sKs + 32 * c + 16 + 4 * t);
+    const float ks[4][2] = {{ka.x, ka.y}, {ka.z, ka.w}, {kb.x, kb.y}, {kb.z, kb.w}};
+#pragma unroll
+    for (int jj = 0; jj < 4; ++jj) {
+      const int j = 4 * c + jj;
+      float nks[2];
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int key = key0 + permuted_key(j, 2 * t + e);
+        nks[e] = key < skv ? -ptx::kMagic * ks[jj][e] : kNegInf;
+      }
+#pragma unroll
+      for (int e = 0; e < 4; ++e) u[j][e] = __fmaf_rn(__int_as_float(s[j][e]), ks[jj][e & 1], nks[e & 1]);
+    }
+  }
+}
+
 // Per-thread cp.async assignments of one key block, fixed for the whole kernel: only the block
 // index moves them, so the address math happens once instead of every block.
 template <int D>
@@ -342,27 +368,9 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
     const float* sKs = reinterpret_cast<const float*>(smem + S::kQ + stage * S::kStage + S::kK + S::kV);
 
 
-    // ---- u = S * s_k with one FFMA on the magic value; tail keys get an offset of -inf
-    // (per key, not per score), the causal diagonal a per-score mask ----
+    // ---- u = S * s_k; the causal diagonal a per-score mask ----
     float u[kBlockN / 8][4];
-#pragma unroll
-    for (int c = 0; c < kBlockN / 32; ++c) {
-      const float4 ka = *reinterpret_cast<const float4*>(sKs + 32 * c + 4 * t);
-      const float4 kb = *reinterpret_cast<const float4*>(sKs + 32 * c + 16 + 4 * t);
-      const float ks[4][2] = {{ka.x, ka.y}, {ka.z, ka.w}, {kb.x, kb.y}, {kb.z, kb.w}};
-#pragma unroll
-      for (int jj = 0; jj < 4; ++jj) {
-        const int j = 4 * c + jj;
-        float nks[2];
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int key = n * kBlockN + permuted_key(j, 2 * t + e);
-          nks[e] = key < skv ? -ptx::kMagic * ks[jj][e] : kNegInf;
-        }
-#pragma unroll
-        for (int e = 0; e < 4; ++e) u[j][e] = __fmaf_rn(__int_as_float(s_cur[j][e]), ks[jj][e & 1], nks[e & 1]);
-      }
-    }
+    scale_scores(s_cur, sKs, n * kBlockN, skv, t, u);
     if (Causal && (n + 1) * kBlockN - 1 > warp_pos_lo + diag) {  // blocks on the diagonal
 #pragma unroll
       for (int j = 0; j < kBlockN / 8; ++j)

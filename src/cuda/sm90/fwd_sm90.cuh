@@ -403,47 +403,17 @@ __device__ __forceinline__ void store_rows(const Params& P, const Tile& T, int u
   }
 }
 
-// Merges the key-range splits of every row: M = max m_s, L = sum l_s 2^(m_s - M),
-// O = sum O_s 2^(m_s - M) / L, LSE = (M + log2 L) ln 2 (+ the K-smoothing offset); rows that see
-// no key (L = 0) get 0 and -inf. One warp per row, 4 rows per block of 128 threads.
+// Merges the key-range splits of every row (fwd::merge_split_row). One warp per row, 4 rows per
+// block of 128 threads.
 template <int D, bool Causal>
 __global__ void __launch_bounds__(128) combine_kernel(const __grid_constant__ Params P) {
-  const FwdParams& p = P.p;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int tile = blockIdx.x / (kBlockM / 4), lr = (blockIdx.x % (kBlockM / 4)) * 4 + warp;
   Tile T;
   if (!decode_tile<Causal, true>(P, tile * P.num_splits, T) || T.m0 + lr >= T.sq) return;
-  const int S = P.num_splits;
-  float mx = fwd::neg_inf();
-  for (int sp = 0; sp < S; ++sp) mx = fmaxf(mx, P.part_ml[part_row0(P, sp, tile) + lr].x);
-  const float ref = mx == fwd::neg_inf() ? 0.f : mx;
-  float l = 0.f;
-  constexpr int kPairs = D / 64;  // channel pairs per lane
-  float2 acc[kPairs];
-#pragma unroll
-  for (int i = 0; i < kPairs; ++i) acc[i] = make_float2(0.f, 0.f);
-  for (int sp = 0; sp < S; ++sp) {
-    const int64_t prow = part_row0(P, sp, tile) + lr;
-    const float2 ml = P.part_ml[prow];
-    const float w = exp2f(ml.x - ref);  // 0 for a split that saw no key (m = -inf)
-    l += w * ml.y;
-#pragma unroll
-    for (int i = 0; i < kPairs; ++i) {
-      const float2 v = *reinterpret_cast<const float2*>(P.part_o + prow * D + 2 * (lane + 32 * i));
-      acc[i].x += w * v.x;
-      acc[i].y += w * v.y;
-    }
-  }
-  const float inv_l = l > 0.f ? 1.f / l : 0.f;
-  const int64_t idx = offset(p.o_st, T.b, T.h, T.q0 + T.m0 + lr);
-#pragma unroll
-  for (int i = 0; i < kPairs; ++i)
-    fwd::store_out2(p.out, p.out_dtype, idx + 2 * (lane + 32 * i), acc[i].x * inv_l, acc[i].y * inv_l);
-  if (p.lse && lane == 0) {
-    const int64_t i = offset(p.qs_st, T.b, T.h, T.q0 + T.m0 + lr);
-    const float off = p.lse_offset ? p.lse_offset[i] : 0.f;
-    p.lse[offset(p.lse_st, T.b, T.h, T.q0 + T.m0 + lr)] = l > 0.f ? (mx + log2f(l)) * kLn2 + off : fwd::neg_inf();
-  }
+  const int64_t prow = part_row0(P, 0, tile) + lr;
+  fwd::merge_split_row<D>(P.p, P.part_ml + prow, P.part_o + prow * D, int64_t(P.num_tiles) * kBlockM,
+                          P.num_splits, lane, T.b, T.h, T.q0 + T.m0 + lr);
 }
 
 // Split: the tiles' key blocks are split into P.num_splits ranges (work units), whose partial

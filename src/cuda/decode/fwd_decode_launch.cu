@@ -1,0 +1,62 @@
+// Dispatch of the decode kernel: the shapes it takes, the key-range split, the partials' scratch.
+#include <cstdlib>
+#include <string>
+
+#include "cuda/decode/fwd_decode.cuh"
+#include "cuda/launchers.h"
+#include "cuda/tile_order.h"
+
+namespace intfa::cuda {
+
+bool decode_takes(const FwdParams& p) {
+  return p.scheme != Scheme::half && (p.head_dim == 64 || p.head_dim == 128) && p.seqlen_q >= 1 &&
+         p.seqlen_q <= decode::kRows;
+}
+
+Status launch_fwd_decode(const FwdParams& p, cudaStream_t stream) {
+  if (p.scheme == Scheme::half)
+    return Status(StatusCode::not_available, "scheme: half is not available on the decode path");
+  if (p.head_dim != 64 && p.head_dim != 128)
+    return Status(StatusCode::invalid_argument,
+                  "head_dim: expected 64 or 128 on the decode path, got " + std::to_string(p.head_dim));
+  if (p.seqlen_q > decode::kRows)
+    return Status(StatusCode::not_available,
+                  "path: decode takes at most " + std::to_string(decode::kRows) +
+                      " query rows per (batch, K/V head) after GQA packing (heads_q / heads_kv x seqlen_q, or "
+                      "seqlen_q when the heads cannot pack), got " + std::to_string(p.seqlen_q) +
+                      "; use path auto, sm80 or sm90");
+  if (p.seqlen_q < 1 || p.batch < 1) return Status::OK();
+  decode::Params prm;
+  prm.p = p;
+  const long long heads = static_cast<long long>(p.batch) * p.heads_q;
+  int sms = 1, ctas = 1;
+  Status st = check_cuda(device_sm_count(&sms), "decode forward: SM count");
+  if (st.ok()) st = p.head_dim == 128 ? decode::occupancy<128>(&ctas) : decode::occupancy<64>(&ctas);
+  if (!st.ok()) return st;
+  // INTFA_DECODE_SPLITS forces the ranges per head (tests, sanitizer runs).
+  static const int forced = [] {
+    const char* e = std::getenv("INTFA_DECODE_SPLITS");
+    return e ? std::atoi(e) : 0;
+  }();
+  const int key_blocks = (p.seqlen_kv + decode::kBlockN - 1) / decode::kBlockN;
+  prm.num_splits = fwd::decode_split_count(p.scheme == Scheme::accurate, key_blocks, heads, sms * ctas, forced);
+  const long long units = heads * prm.num_splits;
+  if (units >= (1LL << 31))
+    return Status(StatusCode::invalid_argument, "decode path: more than 2^31 - 1 (batch, head, key range) units");
+  prm.num_units = static_cast<int>(units);
+  void* scratch = nullptr;
+  if (prm.num_splits > 1) {
+    const size_t rows = size_t(units) * decode::kRows;
+    st = scratch_alloc(&scratch, rows * (sizeof(float2) + sizeof(float) * p.head_dim), stream,
+                       "decode forward: partial rows");
+    if (!st.ok()) return st;
+    prm.part_ml = static_cast<float2*>(scratch);
+    prm.part_o = reinterpret_cast<float*>(prm.part_ml + rows);
+  }
+  st = p.head_dim == 128 ? decode::launch_fwd<128>(prm, stream) : decode::launch_fwd<64>(prm, stream);
+  if (!scratch) return st;
+  const Status fst = scratch_free(scratch, stream, "decode forward: partial rows");
+  return st.ok() ? fst : st;
+}
+
+}  // namespace intfa::cuda

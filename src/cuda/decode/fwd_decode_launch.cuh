@@ -1,0 +1,35 @@
+// Host launcher template for the decode kernel; fwd_decode_d64.cu and fwd_decode_d128.cu
+// instantiate one head dim each.
+#pragma once
+
+#include "cuda/decode/fwd_decode.cuh"
+#include "cuda/launchers.h"
+
+namespace intfa::decode {
+
+// Resident CTAs per SM of the kernel for head dim D (cached per device), for the split rule.
+template <int D>
+Status occupancy(int* ctas) {
+  static cuda::PerDevice cache;
+  return cuda::check_cuda(cuda::once_per_device(cache, [](int, int* n) {
+    cudaError_t e = cudaFuncSetAttribute(fwd_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, Smem<D>::kBytes);
+    if (e == cudaSuccess)
+      e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(n, fwd_kernel<D>, kThreads, Smem<D>::kBytes);
+    return e;
+  }, ctas), "decode forward: occupancy");
+}
+
+template <int D>
+Status launch_fwd(const Params& prm, cudaStream_t stream) {
+  int ctas = 0;  // also opts the kernel in to its shared memory
+  Status st = occupancy<D>(&ctas);
+  if (!st.ok()) return st;
+  fwd_kernel<D><<<prm.num_units, kThreads, Smem<D>::kBytes, stream>>>(prm);
+  st = cuda::check_cuda(cudaGetLastError(), "decode forward kernel launch");
+  if (!st.ok() || prm.num_splits == 1) return st;
+  const int64_t blocks = int64_t(prm.p.batch) * prm.p.heads_q * (kRows / 4);
+  combine_kernel<D><<<static_cast<unsigned>(blocks), 128, 0, stream>>>(prm);
+  return cuda::check_cuda(cudaGetLastError(), "decode split combine kernel launch");
+}
+
+}  // namespace intfa::decode
