@@ -43,15 +43,13 @@ __device__ __forceinline__ void store_out2(void* out, DType dt, int64_t idx, flo
 // than kLazy (log2 units). O and l then carry factors up to 2^kLazy, harmless in fp32, and the
 // fold's rescale of O (alpha != 1) drops out of nearly every block (FlashAttention-4's
 // conditional rescaling). `paper` quantizes P against the running max and keeps it exact.
-template <int N, int kLazy = 0>
-__device__ __forceinline__ void row_max(const float (&u)[N / 8][4], const float (&rowf)[2], bool block_local,
-                                        float (&m_run)[2], float (&m_old)[2], float (&ref)[2],
-                                        float (&neg_ref)[2]) {
-  const float kNegInf = neg_inf();
+// The maxima of u (before rowf) of the thread's two rows over its keys of the block's N (the
+// quad's four lanes still to be reduced: row_max_update or quad_max).
+template <int N>
+__device__ __forceinline__ void row_block_max(const float (&u)[N / 8][4], float (&mx)[2]) {
   // Row max over four independent partial maxima, so the FMNMX chains stay short (seeded with
   // the first four tiles, not -inf: eight FMNMX fewer per block).
   static_assert(N / 8 >= 4, "row_max needs at least four 8-key tiles");
-  float mx[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float part[4];
@@ -61,10 +59,23 @@ __device__ __forceinline__ void row_max(const float (&u)[N / 8][4], const float 
     for (int j = 4; j < N / 8; ++j) part[j & 3] = fmaxf(part[j & 3], fmaxf(u[j][2 * r], u[j][2 * r + 1]));
     mx[r] = fmaxf(fmaxf(part[0], part[1]), fmaxf(part[2], part[3]));
   }
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+// The running max from a block's maxima mx (row_block_max, before rowf; kQuad: reduced over the
+// quad here, in the same loop, as the kernels were tuned with): see row_max.
+template <int kLazy = 0, bool kQuad = true>
+__device__ __forceinline__ void row_max_update(float (&mx)[2], const float (&rowf)[2], bool block_local,
+                                               float (&m_run)[2], float (&m_old)[2], float (&ref)[2],
+                                               float (&neg_ref)[2]) {
+  const float kNegInf = neg_inf();
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+    if (kQuad) mx[r] = quad_max(mx[r]);
     const float mb = mx[r] * rowf[r];
     m_old[r] = m_run[r];
     const float cand = fmaxf(m_run[r], mb);
@@ -73,6 +84,15 @@ __device__ __forceinline__ void row_max(const float (&u)[N / 8][4], const float 
     ref[r] = block_local ? mb : m_run[r];
     neg_ref[r] = ref[r] == kNegInf ? 0.f : -ref[r];
   }
+}
+
+template <int N, int kLazy = 0>
+__device__ __forceinline__ void row_max(const float (&u)[N / 8][4], const float (&rowf)[2], bool block_local,
+                                        float (&m_run)[2], float (&m_old)[2], float (&ref)[2],
+                                        float (&neg_ref)[2]) {
+  float mx[2];
+  row_block_max<N>(u, mx);
+  row_max_update<kLazy>(mx, rowf, block_local, m_run, m_old, ref, neg_ref);
 }
 
 // row_factors (the MUFU half): alpha = exp2(m_old - m_new), the factor of O and l, and

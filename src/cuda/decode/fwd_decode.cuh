@@ -4,16 +4,19 @@
 // Why a kernel of its own: the prefill kernels' 64- or 128-row tiles hold at most 16 real rows
 // here, so per key byte they spend 4-8x the tensor, exp2 and fold work a 16-row tile needs, and
 // read the int8 KV at about half the copy bandwidth (H200, docs/PERF_LOG.md s28). A decode step
-// is a stream over K and V. So one warp (one CTA) takes a unit = (batch, head, key range) with
-// its 16 rows in one m16 tile and streams the range's 128-key blocks through a cp.async ring of
-// its own; no CTA barrier, and every resident warp keeps its next block in flight. `accurate`
-// cuts each head's key blocks into ranges so the units fill the GPU (fwd::decode_split_count),
-// and combine_kernel merges them (fwd::merge_split_row, as the sm90 splits). `paper` keeps one
-// range per head: its P8 is quantized against the running max, which a range would restart.
+// is a stream over K and V. One CTA takes a unit = (batch, head, key range) with its 16 rows in
+// one m16 tile and streams the range's 128-key blocks through a cp.async ring; its four warps
+// split every block's keys (32 each), so a block costs each warp a quarter of the QK, exp2 and
+// PV work and the CTA keeps up with the copy. The block max (which `accurate` quantizes P8
+// against) is exchanged through shared memory, so all warps keep the same running max and their
+// partial O and l add up at the end. `accurate` cuts each head's key blocks into ranges so the
+// units fill the GPU (fwd::decode_split_count), and combine_kernel merges them
+// (fwd::merge_split_row, as the sm90 splits). `paper` keeps one range per head: its P8 is
+// quantized against the running max, which a range would restart.
 //
-// Per block the warp runs the sm80 path's own fragment code (mma.sync m16n8k32, ldmatrix, the
-// permuted K rows that leave S in the PV A-fragment order, fwd::row_update / make_p_and_l, the
-// magic-biased fold), so the numerics are the sm80 kernel's: 128-key blocks, the same P8.
+// Per block the warps run the sm80 path's fragment code (mma.sync m16n8k32, ldmatrix, the K rows
+// permuted so S lands in the PV A-fragment order, fwd::make_p_and_l, the magic-biased fold), so
+// the numerics are the sm80 kernel's: 128-key blocks, the same P8.
 #pragma once
 
 #include <cstdint>
@@ -26,11 +29,15 @@
 namespace intfa::decode {
 
 constexpr int kRows = 16;  // query rows per unit: one mma m16 tile
-constexpr int kBlockN = sm80::kBlockN;
-constexpr int kThreads = 32;
-// K/V ring depth per warp: blocks n + 1 and n + 2 load while block n is computed. H200, same
-// call, kernel ms 2 / 3 stages: B=1 Hkv=8 32k 0.045 / 0.040, B=16 8k 0.086 / 0.086, B=64 2k
-// 0.091 / 0.092 (D=128: 3 CTAs per SM with 2 stages, 2 with 3).
+// 128-key blocks, the sm80 kernel's default: `accurate` quantizes P8 against the block max, so
+// the block size is part of the numerics. Builds with another sm80 block size (a tuning knob)
+// leave decode shapes to the prefill kernels (launch_fwd_decode: not_available).
+constexpr int kBlockN = 128;
+constexpr bool kSameBlocksAsSm80 = sm80::kBlockN == kBlockN;
+constexpr int kWarps = 4;  // each takes 32 keys of every block
+constexpr int kThreads = 32 * kWarps;
+static_assert(kBlockN == 32 * kWarps, "a warp per 32-key step of the block");
+// K/V ring depth: blocks n + 1 and n + 2 load while block n is computed.
 #ifndef INTFA_DECODE_STAGES
 #define INTFA_DECODE_STAGES 3
 #endif
@@ -43,7 +50,8 @@ struct Smem {
   static constexpr int kV = D * kBlockN;   // int8 V^T tile (rows = channels)
   static constexpr int kKs = kBlockN * 4;  // fp32 k_scale of the block
   static constexpr int kStage = kK + kV + kKs;
-  static constexpr int kBytes = kQ + kStages * kStage;
+  static constexpr int kMax = kWarps * kRows * 4;  // the warps' partial row maxima of a block
+  static constexpr int kBytes = kQ + kStages * kStage + kMax;
   static_assert(kQ % 128 == 0 && kStage % 128 == 0, "stages stay 128-byte aligned");
 };
 
@@ -68,6 +76,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const __grid_constant__ P
   const float kNegInf = fwd::neg_inf();
   constexpr int kMagicBits = 0x4B400000;  // accumulators start at 1.5 * 2^23 (sm80 header)
   extern __shared__ __align__(128) uint8_t smem[];
+  float* const s_max = reinterpret_cast<float*>(smem + S::kQ + kStages * S::kStage);  // [warp][row]
 
   const int unit = blockIdx.x, bh = unit / P.num_splits, split = unit - bh * P.num_splits;
   const int b = bh / p.heads_q, h = bh - b * p.heads_q;
@@ -76,7 +85,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const __grid_constant__ P
   if (sq <= 0) return;
   const int skv = seq_len(p.cu_kv, b, p.seqlen_kv);
   const int64_t q0 = seq_start(p.cu_q, b), k0 = seq_start(p.cu_kv, b);
-  const int lane = threadIdx.x, g = lane / 4, t = lane % 4;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
 
   // Bottom-right causal: a row at query position r sees keys <= r + diag; packed GQA rows are
   // positions r % row_period. key_last: the last key each of the thread's rows sees.
@@ -100,49 +109,46 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const __grid_constant__ P
   }
   const int key_last_lo = pos_lo + diag;  // blocks past it need the diagonal mask
 
-  // Loads of one key block: K rows (zero past skv), V^T chunks that start before skv (a chunk
-  // may run into the row's padding, where P is 0), the K scales. Lane l copies 16-byte chunk
-  // l % chunks-per-row of rows l / chunks-per-row + i * rows-per-pass. A pass moves the row by a
-  // multiple of 4 (K) or of 512 bytes (V^T), which flips fixed swizzle bits, so each destination
-  // is the lane's first offset XOR a constant plus a constant, and the sources step by a fixed
-  // stride through `opaque` (an empty asm). Written the plain way, ptxas hoisted all 64
-  // per-pass addresses out of the block loop: 255 registers and 180 B of spills at D = 128.
+  // Loads of one key block by all 128 threads: K rows (zero past skv), V^T chunks that start
+  // before skv (a chunk may run into the row's padding, where P is 0), the K scales. A thread
+  // copies 16-byte chunk tid % chunks-per-row of rows tid / chunks-per-row + i * rows-per-pass;
+  // a pass moves 16 K rows (the swizzle's row bits stay) or 512 bytes of V^T (one swizzle bit
+  // flips), so each destination is the thread's first offset (XOR a constant) plus a constant.
+  // The sources step by a fixed stride through `opaque` (an empty asm), which keeps ptxas from
+  // hoisting every pass's 64-bit address out of the block loop.
   const uint32_t smem_base = ptx::smem_u32(smem);
   auto stage_base = [&](int stage) { return smem_base + S::kQ + stage * S::kStage; };
   auto opaque = [](const int8_t* ptr) {
     asm volatile("" : "+l"(ptr));
     return ptr;
   };
-  constexpr int kKChunks = D / 16, kKRows = kThreads / kKChunks;  // K: 4 (D=128) or 8 rows per pass
+  constexpr int kKChunks = D / 16, kKRows = kThreads / kKChunks;  // K: 16 (D=128) or 32 rows per pass
   constexpr int kVChunks = kBlockN / 16, kVRows = kThreads / kVChunks;
-  static_assert(kVRows * kBlockN == 512, "a V^T pass moves 512 bytes: one swizzle bit flips");
-  const int kc = lane % kKChunks, kr = lane / kKChunks, vc = lane % kVChunks, vd = lane / kVChunks;
-  const int k_off0 = sm80::k_tile_offset<D>(kr, kc), v_off0 = sm80::swz128(vd * kBlockN + 16 * vc);
-  const int8_t* const k_lane = p.k8 + b * p.k_st.bs + hkv * p.k_st.hs + (k0 + kr) * p.k_st.ts + 16 * kc;
-  const int8_t* const v_lane =
+  static_assert(kKRows % 16 == 0 && kVRows * kBlockN % 1024 == 0, "passes keep the swizzle");
+  const int kc = tid % kKChunks, kr = tid / kKChunks, vc = tid % kVChunks, vd = tid / kVChunks;
+  const int k_off = sm80::k_tile_offset<D>(kr, kc), v_off = sm80::swz128(vd * kBlockN + 16 * vc);
+  const int8_t* const k_thread = p.k8 + b * p.k_st.bs + hkv * p.k_st.hs + (k0 + kr) * p.k_st.ts + 16 * kc;
+  const int8_t* const v_thread =
       p.vt8 + b * p.vt_st.bs + hkv * p.vt_st.hs + vt_seq_start(p.cu_kv, b) + vd * p.vt_st.ts + 16 * vc;
   const float* const ks_head = p.k_scale + offset(p.ks_st, b, hkv, k0);
   const int64_t k_step = kKRows * p.k_st.ts, v_step = kVRows * p.vt_st.ts;
   auto load_block = [&](int n, int stage) {
     const int key0 = n * kBlockN, k_left = skv - key0 - kr;
     const uint32_t base = stage_base(stage);
-    const int8_t* src = k_lane + int64_t(key0) * p.k_st.ts;
+    const int8_t* src = k_thread + int64_t(key0) * p.k_st.ts;
 #pragma unroll
     for (int it = 0; it < kBlockN / kKRows; ++it, src = opaque(src + k_step)) {
-      constexpr int kPass = kKRows * D;  // bytes per pass
-      const int flip = sm80::k_tile_offset<D>(it * kKRows, 0) - it * kPass;  // the swizzle bits it flips
       const bool valid = it * kKRows < k_left;
-      ptx::cp_async_16B(base + ((k_off0 ^ flip) + it * kPass), valid ? src : k_lane, valid);
+      ptx::cp_async_16B(base + k_off + it * kKRows * D, valid ? src : k_thread, valid);
     }
     const bool v_valid = key0 + 16 * vc < skv;
-    src = v_lane + key0;
+    src = v_thread + key0;
 #pragma unroll
     for (int it = 0; it < D / kVRows; ++it, src = opaque(src + v_step))
-      ptx::cp_async_16B(base + S::kK + ((v_off0 ^ ((it & 1) << 6)) + it * 512), v_valid ? src : v_lane, v_valid);
-#pragma unroll
-    for (int i = lane; i < kBlockN; i += kThreads) {
-      const bool valid = key0 + i < skv;
-      ptx::cp_async_4B(base + S::kK + S::kV + 4 * i, valid ? ks_head + key0 + i : ks_head, valid);
+      ptx::cp_async_16B(base + S::kK + v_off + it * kVRows * kBlockN, v_valid ? src : v_thread, v_valid);
+    if (tid < kBlockN) {
+      const bool valid = key0 + tid < skv;
+      ptx::cp_async_4B(base + S::kK + S::kV + 4 * tid, valid ? ks_head + key0 + tid : ks_head, valid);
     }
   };
 
@@ -154,9 +160,8 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const __grid_constant__ P
 
   if (count > 0) {
     const int8_t* const q_rows = p.q8 + b * p.q_st.bs + h * p.q_st.hs + q0 * p.q_st.ts;
-    constexpr int kChunks = D / 16;
-    for (int i = lane; i < kRows * kChunks; i += kThreads) {
-      const int r = i / kChunks, c = i % kChunks;
+    if (tid < kRows * (D / 16)) {
+      const int r = tid / (D / 16), c = tid % (D / 16);
       const bool valid = r < sq;
       ptx::cp_async_16B(smem_base + sm80::swz128(r * D + 16 * c), valid ? q_rows + r * p.q_st.ts + 16 * c : q_rows,
                         valid);
@@ -169,73 +174,129 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const __grid_constant__ P
     }
   }
 
+  // Warp w's keys are the block's 32-key step w: n-tiles 4w .. 4w + 3 of the permuted QK^T
+  // layout (sm80::permuted_key), k step w of the PV product.
   int k_lane_off[D / 32];
   sm80::k_lane_offsets<D>(lane, k_lane_off);
-  // PV ldmatrix lane offsets: channel tile dn reads V^T rows 8 dn + lane % 8. With 64-byte V^T
-  // rows (kBlockN = 64) an 8-row tile spans 4 swizzle lines, so even and odd tiles differ.
-  constexpr int kVPar = kBlockN == 64 ? 2 : 1;
-  int v_lane_off[kVPar][kBlockN / 64];
-#pragma unroll
-  for (int par = 0; par < kVPar; ++par)
-#pragma unroll
-    for (int cc = 0; cc < kBlockN / 64; ++cc)
-      v_lane_off[par][cc] =
-          sm80::swz128((par * 8 + (lane & 7)) * kBlockN + (4 * cc + (lane >> 3)) * 16) - par * 8 * kBlockN;
+  // PV ldmatrix: lanes 0-15 read channel tile dn (V^T rows 8 dn + lane % 8, the step's two
+  // 16-key chunks), lanes 16-31 tile dn + 1.
+  const int v_lane_off =
+      sm80::swz128((8 * (lane >> 4) + (lane & 7)) * kBlockN + (2 * warp + ((lane >> 3) & 1)) * 16);
 
   const bool block_local = p.scheme == Scheme::accurate;
   const float levels = block_local ? 255.f : 127.f;
   const float inv_levels = block_local ? 1.f / 255.f : 1.f / 127.f;
   uint32_t qf[D / 32][4];
-  int s_acc[kBlockN / 8][4];
   for (int i = 0; i < count; ++i) {
     const int n = kb0 + i, stage = i % kStages;
-    // Keep kStages - 1 blocks in flight: issue block i + kStages - 1 (into the stage block i - 1
-    // used, which every lane finished with before this iteration's __syncwarp), then wait for i.
+    // Keep kStages - 1 blocks in flight: after the barrier block i has landed for everyone and
+    // every warp is done with block i - 1, whose stage block i + kStages - 1 refills.
     ptx::cp_async_wait<kStages - 2>();
-    __syncwarp();
+    __syncthreads();
     if (i + kStages - 1 < count) load_block(n + kStages - 1, (i + kStages - 1) % kStages);
     ptx::cp_async_commit();
-    if (i == 0 || sm80::reload_q<D>()) sm80::load_q_frags<D>(smem, 0, lane, qf);  // D = 128: 16 registers freed
-    sm80::qk_block<D>(qf, stage_base(stage), k_lane_off, kMagicBits, s_acc);
+    if (i == 0) sm80::load_q_frags<D>(smem, 0, lane, qf);
 
-    const float* sKs = reinterpret_cast<const float*>(smem + S::kQ + stage * S::kStage + S::kK + S::kV);
-    float u[kBlockN / 8][4];
-    sm80::scale_scores(s_acc, sKs, n * kBlockN, skv, t, u);
-    if (p.causal && (n + 1) * kBlockN - 1 > key_last_lo) {  // blocks on the diagonal
+    // S (16 x 32, this warp's keys) = Q8 K8^T.
+    int s_acc[4][4];
 #pragma unroll
-      for (int j = 0; j < kBlockN / 8; ++j)
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s_acc[j][e] = kMagicBits;
+    const uint32_t sK = stage_base(stage) + 32 * warp * D;
+#pragma unroll
+    for (int kk = 0; kk < D / 32; ++kk)
+#pragma unroll
+      for (int jj = 0; jj < 2; ++jj) {
+        uint32_t bf[4];
+        ptx::ldmatrix_x4(bf, sK + k_lane_off[kk] + jj * 16 * D);
+        const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+        ptx::mma_m16n8k32_s8s8(s_acc[2 * jj], qf[kk], b0);
+        ptx::mma_m16n8k32_s8s8(s_acc[2 * jj + 1], qf[kk], b1);
+      }
+    const int key0 = n * kBlockN + 32 * warp;
+    const float* sKs = reinterpret_cast<const float*>(smem + S::kQ + stage * S::kStage + S::kK + S::kV) + 32 * warp;
+    float u[4][4];
+    sm80::scale_scores<32>(s_acc, sKs, key0, skv, t, u);
+    if (p.causal && n * kBlockN + kBlockN - 1 > key_last_lo) {  // blocks on the diagonal
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e)
-          if (n * kBlockN + sm80::permuted_key(j, 2 * t + (e & 1)) > key_last[e >> 1]) u[j][e] = kNegInf;
+          if (key0 + sm80::permuted_key(j, 2 * t + (e & 1)) > key_last[e >> 1]) u[j][e] = kNegInf;
     }
-    float alpha[2], cfac[2], neg_ref[2];
-    fwd::row_update<kBlockN>(u, rowf, block_local, inv_levels, m_run, alpha, cfac, neg_ref);
-    uint32_t pf[kBlockN / 32][4];
-    fwd::make_p_and_l<kBlockN>(u, rowf, neg_ref, alpha, cfac, block_local, levels, pf, l_part, [](int) {});
+    // The block max over all four warps' keys, then the same running max in every warp.
+    float mx[2];
+    fwd::row_block_max<32>(u, mx);
+    mx[0] = fwd::quad_max(mx[0]);
+    mx[1] = fwd::quad_max(mx[1]);
+    if (t == 0) {
+      s_max[warp * kRows + g] = mx[0];
+      s_max[warp * kRows + g + 8] = mx[1];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) mx[r] = fmaxf(mx[r], s_max[w * kRows + g + 8 * r]);
+    float m_old[2], ref[2], neg_ref[2], alpha[2], cfac[2];
+    fwd::row_max_update<0, false>(mx, rowf, block_local, m_run, m_old, ref, neg_ref);
+    fwd::row_factors(m_old, m_run, ref, inv_levels, alpha, cfac);
+    uint32_t pf[1][4];
+    fwd::make_p_and_l<32>(u, rowf, neg_ref, alpha, cfac, block_local, levels, pf, l_part, [](int) {});
 
-    // O = O * alpha + (P8 V8) * c: the magic-biased product x gives (x - M) c + O alpha as
-    // FFMA(x, c, FFMA(O, alpha, -M c)).
+    // O = O * alpha + (P8 V8) * c over this warp's 32 keys: the magic-biased product x gives
+    // (x - M) c + O alpha as FFMA(x, c, FFMA(O, alpha, -M c)).
     const uint32_t sV = stage_base(stage) + S::kK;
     const float nmc[2] = {-ptx::kMagic * cfac[0], -ptx::kMagic * cfac[1]};
 #pragma unroll
-    for (int dn = 0; dn < D / 8; ++dn) {
-      int acc[4] = {kMagicBits, kMagicBits, kMagicBits, kMagicBits};
+    for (int dn = 0; dn < D / 8; dn += 2) {
+      int acc[2][4];
 #pragma unroll
-      for (int cc = 0; cc < kBlockN / 64; ++cc) {
-        uint32_t vf[4];
-        ptx::ldmatrix_x4(vf, sV + v_lane_off[dn & (kVPar - 1)][cc] + dn * 8 * kBlockN);
-        const uint32_t b0[2] = {vf[0], vf[1]}, b1[2] = {vf[2], vf[3]};
-        ptx::mma_m16n8k32_u8s8(acc, pf[2 * cc], b0);
-        ptx::mma_m16n8k32_u8s8(acc, pf[2 * cc + 1], b1);
-      }
+      for (int x = 0; x < 2; ++x)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e >> 1;
-        o[dn][e] = __fmaf_rn(__int_as_float(acc[e]), cfac[r], __fmaf_rn(o[dn][e], alpha[r], nmc[r]));
-      }
+        for (int e = 0; e < 4; ++e) acc[x][e] = kMagicBits;
+      uint32_t vf[4];
+      ptx::ldmatrix_x4(vf, sV + v_lane_off + dn * 8 * kBlockN);
+      const uint32_t b0[2] = {vf[0], vf[1]}, b1[2] = {vf[2], vf[3]};
+      ptx::mma_m16n8k32_u8s8(acc[0], pf[0], b0);
+      ptx::mma_m16n8k32_u8s8(acc[1], pf[0], b1);
+#pragma unroll
+      for (int x = 0; x < 2; ++x)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = e >> 1;
+          o[dn + x][e] = __fmaf_rn(__int_as_float(acc[x][e]), cfac[r], __fmaf_rn(o[dn + x][e], alpha[r], nmc[r]));
+        }
     }
   }
   ptx::cp_async_wait<0>();  // no copy outlives the CTA (empty groups past the range)
+
+  // The warps' partial O and l (same running max) summed by warp 0 through the ring's memory.
+  __syncthreads();
+  float* const red = reinterpret_cast<float*>(smem + S::kQ);  // [warp 1..3][D / 2 + 2][32 lanes]
+  constexpr int kPer = D / 2 + 2;
+  if (warp > 0) {
+    float* dst = red + (warp - 1) * kPer * 32 + lane;
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dst[(4 * dn + e) * 32] = o[dn][e];
+    dst[(D / 2) * 32] = l_part[0];
+    dst[(D / 2 + 1) * 32] = l_part[1];
+  }
+  __syncthreads();
+  if (warp > 0) return;
+#pragma unroll
+  for (int w = 0; w < kWarps - 1; ++w) {
+    const float* src = red + w * kPer * 32 + lane;
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[dn][e] += src[(4 * dn + e) * 32];
+    l_part[0] += src[(D / 2) * 32];
+    l_part[1] += src[(D / 2 + 1) * 32];
+  }
 
   float2 v2[D / 8];
   fwd::load_v_scale<D>(p, b, hkv, t, v2);

@@ -9,13 +9,16 @@
 namespace intfa::cuda {
 
 bool decode_takes(const FwdParams& p) {
-  return p.scheme != Scheme::half && (p.head_dim == 64 || p.head_dim == 128) && p.seqlen_q >= 1 &&
+  return decode::kSameBlocksAsSm80 && p.scheme != Scheme::half && (p.head_dim == 64 || p.head_dim == 128) && p.seqlen_q >= 1 &&
          p.seqlen_q <= decode::kRows;
 }
 
 Status launch_fwd_decode(const FwdParams& p, cudaStream_t stream) {
   if (p.scheme == Scheme::half)
     return Status(StatusCode::not_available, "scheme: half is not available on the decode path");
+  if (!decode::kSameBlocksAsSm80)
+    return Status(StatusCode::not_available, "path: decode needs the sm80 kernel's 128-key blocks (this build "
+                                             "sets INTFA_SM80_BLOCK_N to another size)");
   if (p.head_dim != 64 && p.head_dim != 128)
     return Status(StatusCode::invalid_argument,
                   "head_dim: expected 64 or 128 on the decode path, got " + std::to_string(p.head_dim));

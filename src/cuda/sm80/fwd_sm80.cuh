@@ -148,14 +148,15 @@ __device__ __forceinline__ void qk_block(const uint32_t (&qf)[D / 32][4], uint32
   for (int kk = 0; kk < D / 32; ++kk) qk_kstep<D>(qf, sK, k_lane_off, kk, s);
 }
 
-// u = S * s_k for a key block starting at key0, with one FFMA on the magic-biased int32 S; keys
-// at or past skv get an offset of -inf (per key, not per score). sKs: the block's K scales in
-// shared memory (natural key order; the permutation picks them).
-__device__ __forceinline__ void scale_scores(const int (&s)[kBlockN / 8][4], const float* sKs, int key0, int skv,
-                                             int t, float (&u)[kBlockN / 8][4]) {
+// u = S * s_k for N keys (whole 32-key steps of the permuted layout) starting at key0, with one
+// FFMA on the magic-biased int32 S; keys at or past skv get an offset of -inf (per key, not per
+// score). sKs: their K scales in shared memory (natural key order; the permutation picks them).
+template <int N>
+__device__ __forceinline__ void scale_scores(const int (&s)[N / 8][4], const float* sKs, int key0, int skv, int t,
+                                             float (&u)[N / 8][4]) {
   const float kNegInf = -__int_as_float(0x7f800000);
 #pragma unroll
-  for (int c = 0; c < kBlockN / 32; ++c) {
+  for (int c = 0; c < N / 32; ++c) {
     const float4 ka = *reinterpret_cast<const float4*>(sKs + 32 * c + 4 * t);
     const float4 kb = *reinterpret_cast<const float4*>(sKs + 32 * c + 16 + 4 * t);
     const float ks[4][2] = {{ka.x, ka.y}, {ka.z, ka.w}, {kb.x, kb.y}, {kb.z, kb.w}};
@@ -370,7 +371,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
 
     // ---- u = S * s_k; the causal diagonal a per-score mask ----
     float u[kBlockN / 8][4];
-    scale_scores(s_cur, sKs, n * kBlockN, skv, t, u);
+    scale_scores<kBlockN>(s_cur, sKs, n * kBlockN, skv, t, u);
     if (Causal && (n + 1) * kBlockN - 1 > warp_pos_lo + diag) {  // blocks on the diagonal
 #pragma unroll
       for (int j = 0; j < kBlockN / 8; ++j)
