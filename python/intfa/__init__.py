@@ -244,7 +244,9 @@ def device_info(device_index=0):
 
 
 def resolve_gpu_path(path="auto", device_index=0):
-    """The GPU path ('sm80' or 'sm90') that `path` resolves to on a device; RuntimeError when
+    """The GPU path ('sm80', 'sm90' or 'decode') that `path` resolves to on a device ('auto': the
+    prefill kernel, sm90 or sm80; calls with at most 16 query rows per K/V head then run the
+    decode kernel); RuntimeError when
     none can run there (no GPU, not built, or the requested path is not compiled in)."""
     return _lib.resolve_gpu_path(path, device_index)
 

@@ -161,6 +161,26 @@ def test_attention_int8_equals_attention(scheme):
     assert torch.equal(out, want) and torch.equal(lse, want_lse)
 
 
+@pytest.mark.parametrize("sq,causal", [(1, False), (4, True)])
+def test_decode_steps(sq, causal):
+    """Decode and speculative steps over a quantized KV: the decode kernel (what auto runs for at
+    most 16 query rows per K/V head) against float64, auto equal to path="decode" bit for bit,
+    the prefill kernel close to it; more rows than a decode tile on path="decode" are refused."""
+    q, k, v = make_qkv(3, 16, 4, sq, 5000, 128, seed=21)
+    x = intfa.quantize(q, k, v)
+    out, lse = intfa.attention_int8(x, is_causal=causal, return_lse=True)
+    ref, ref_lse = ref_attention(q, k, v, causal=causal)
+    assert rel_l2(out, ref) < TOL["accurate"]
+    lse_close(lse, ref_lse)
+    dec, dec_lse = intfa.attention_int8(x, is_causal=causal, return_lse=True, path="decode")
+    assert torch.equal(out, dec) and torch.equal(lse, dec_lse)
+    prefill = intfa.attention_int8(x, is_causal=causal, path=intfa.resolve_gpu_path())
+    assert rel_l2(prefill, dec) < 5e-3
+    big = intfa.quantize(*make_qkv(1, 2, 2, 40, 40, 64, seed=2))
+    with pytest.raises(RuntimeError, match="decode takes at most 16 query rows"):
+        intfa.attention_int8(big, path="decode")
+
+
 def test_errors_on_the_gpu():
     q, k, v = make_qkv(1, 2, 2, 64, 64, 96)
     with pytest.raises(ValueError, match="head_dim: expected 64 or 128 on the GPU, got 96"):
