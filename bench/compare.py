@@ -90,6 +90,7 @@ def main():
             k, v = (torch.randn(a.batch, hkv, n, d, dtype=torch.bfloat16, device="cuda") for _ in range(2))
             # Extra row fields naming a shape other than B x H x N x N.
             extra = dict(seq_q=sq) if sq != n else {}
+            extra["batch"] = a.batch
             if gqa:
                 extra["heads_kv"] = hkv
             qkv = None
