@@ -99,15 +99,16 @@ INTFA_HD void row_positions(int r0, int r1, int period, int& lo, int& hi) {
   }
 }
 
-// Grouped-query heads packed into rows (both GPU paths, dense launches). The g = Hq / Hkv query
+// Grouped-query heads packed into rows (every GPU path, dense launches). The g = Hq / Hkv query
 // heads that share a K/V head run as one head of g * Sq rows when each per-row tensor (Q, O, the
 // row scales, the LSE) keeps a head's rows right after the previous head's (head stride = Sq *
 // token stride, or Sq = 1: the head stride then steps the packed rows). Causal launches keep
 // each row's own diagonal through row_period (row r is position r % Sq); with one query row the
-// bottom-right diagonal shows it every key, so that launch becomes non-causal. Then the K/V of a head are streamed once per row tile instead of once
-// per query head, and a decode step (Sq = 1) fills g rows of a tile instead of one. The packed
-// row r of K/V head hk in batch b is row r % Sq of query head hk * g + r / Sq: the same
-// address, so nothing else changes. Returns whether it packed.
+// bottom-right diagonal shows it every key, so that launch becomes non-causal. Then the K/V of
+// a head are streamed once per row tile instead of once per query head, and a decode step
+// (Sq = 1) fills g rows of a tile instead of one. The packed row r of K/V head hk in batch b is
+// row r % Sq of query head hk * g + r / Sq: the same address, so nothing else changes. Returns
+// whether it packed.
 inline bool pack_gqa_rows(FwdParams& p) {
   if (p.cu_q != nullptr || p.heads_kv < 1 || p.heads_q <= p.heads_kv || p.heads_q % p.heads_kv != 0) return false;
   const int64_t g = p.heads_q / p.heads_kv, rows = g * p.seqlen_q;

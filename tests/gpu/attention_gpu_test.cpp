@@ -1,6 +1,7 @@
 // GPU attention (every GPU path the device runs: sm80, sm90 on Hopper, the decode kernel) against
-// the CPU backend: the kernel on pre-quantized inputs vs the CPU emulation of the same scheme (tight: only exp2 and fp32 summation order differ), the
-// end-to-end path vs float64, and the int32 score block bit for bit. Skips without a GPU.
+// the CPU backend: the kernel on pre-quantized inputs vs the CPU emulation of the same scheme
+// (tight: only exp2 and fp32 summation order differ), the end-to-end path vs float64, and the
+// int32 score block bit for bit. Skips without a GPU.
 #include <gtest/gtest.h>
 
 #include <algorithm>

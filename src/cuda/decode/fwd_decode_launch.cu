@@ -9,8 +9,8 @@
 namespace intfa::cuda {
 
 bool decode_takes(const FwdParams& p) {
-  return decode::kSameBlocksAsSm80 && p.scheme != Scheme::half && (p.head_dim == 64 || p.head_dim == 128) && p.seqlen_q >= 1 &&
-         p.seqlen_q <= decode::kRows;
+  return decode::kSameBlocksAsSm80 && p.scheme != Scheme::half && (p.head_dim == 64 || p.head_dim == 128) &&
+         p.seqlen_q >= 1 && p.seqlen_q <= decode::kRows;
 }
 
 Status launch_fwd_decode(const FwdParams& p, cudaStream_t stream) {
@@ -44,7 +44,8 @@ Status launch_fwd_decode(const FwdParams& p, cudaStream_t stream) {
   const int key_blocks = (p.seqlen_kv + decode::kBlockN - 1) / decode::kBlockN;
   prm.num_splits = fwd::decode_split_count(p.scheme == Scheme::accurate, key_blocks, heads, sms * ctas, forced);
   const long long units = heads * prm.num_splits;
-  if (units >= (1LL << 31))
+  // Grid limits: the units, and the combine kernel's heads x kRows / 4 blocks.
+  if (units >= (1LL << 31) || (prm.num_splits > 1 && heads * (decode::kRows / 4) >= (1LL << 31)))
     return Status(StatusCode::invalid_argument, "decode path: more than 2^31 - 1 (batch, head, key range) units");
   prm.num_units = static_cast<int>(units);
   void* scratch = nullptr;
