@@ -112,10 +112,10 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const __grid_constant__ P
   // Loads of one key block by all 128 threads: K rows (zero past skv), V^T chunks that start
   // before skv (a chunk may run into the row's padding, where P is 0), the K scales. A thread
   // copies 16-byte chunk tid % chunks-per-row of rows tid / chunks-per-row + i * rows-per-pass;
-  // a pass moves 16 K rows (the swizzle's row bits stay) or 512 bytes of V^T (one swizzle bit
-  // flips), so each destination is the thread's first offset (XOR a constant) plus a constant.
-  // The sources step by a fixed stride through `opaque` (an empty asm), which keeps ptxas from
-  // hoisting every pass's 64-bit address out of the block loop.
+  // a pass moves a multiple of 16 rows, which leaves the swizzle's row bits alone, so each
+  // destination is the thread's first offset plus a constant. The sources step by a fixed
+  // stride through `opaque` (an empty asm), which keeps ptxas from hoisting every pass's 64-bit
+  // address out of the block loop (the one-warp version, d1, spilled at D = 128 without it).
   const uint32_t smem_base = ptx::smem_u32(smem);
   auto stage_base = [&](int stage) { return smem_base + S::kQ + stage * S::kStage; };
   auto opaque = [](const int8_t* ptr) {
