@@ -213,7 +213,8 @@ int cmd_info() {
                 d.minor, d.sm_count, d.memory_bytes / 1073741824.0);
     GpuPath p;
     Status st = resolve_gpu_path(GpuPath::automatic, 0, &p);
-    std::printf("GPU path: %s\n", st.ok() ? to_string(p) : st.message().c_str());
+    std::printf("GPU path: %s%s\n", st.ok() ? to_string(p) : st.message().c_str(),
+                st.ok() ? " (decode kernel for <= 16 query rows per batch and K/V head)" : "");
   } else {
     std::printf("GPU: none (%s); the CPU backend serves every call\n", d.error.c_str());
   }
