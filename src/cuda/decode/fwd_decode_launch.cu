@@ -29,11 +29,25 @@ Status launch_fwd_decode(const FwdParams& p, cudaStream_t stream) {
                       "seqlen_q when the heads cannot pack), got " + std::to_string(p.seqlen_q) +
                       "; use path auto, sm80 or sm90");
   if (p.seqlen_q < 1 || p.batch < 1) return Status::OK();
+  // Shared memory: D = 128 takes ~100 KB (three 32 KB stages), more than sm_86 / sm_89 give one
+  // block (99 KB); there the automatic path runs the prefill kernel instead.
+  static PerDevice smem_cache;
+  int smem_max = 0;
+  Status st = check_cuda(once_per_device(smem_cache, [](int dev, int* n) {
+    return cudaDeviceGetAttribute(n, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  }, &smem_max), "decode forward: shared memory per block");
+  if (!st.ok()) return st;
+  const int smem_need = p.head_dim == 128 ? decode::Smem<128>::kBytes : decode::Smem<64>::kBytes;
+  if (smem_need > smem_max)
+    return Status(StatusCode::not_available, "path: decode needs " + std::to_string(smem_need) +
+                                                 " bytes of shared memory per block at head_dim " +
+                                                 std::to_string(p.head_dim) + ", the device allows " +
+                                                 std::to_string(smem_max) + "; use path auto, sm80 or sm90");
   decode::Params prm;
   prm.p = p;
   const long long heads = static_cast<long long>(p.batch) * p.heads_q;
   int sms = 1, ctas = 1;
-  Status st = check_cuda(device_sm_count(&sms), "decode forward: SM count");
+  st = check_cuda(device_sm_count(&sms), "decode forward: SM count");
   if (st.ok()) st = p.head_dim == 128 ? decode::occupancy<128>(&ctas) : decode::occupancy<64>(&ctas);
   if (!st.ok()) return st;
   // INTFA_DECODE_SPLITS forces the ranges per head (tests, sanitizer runs).
