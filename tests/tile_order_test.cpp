@@ -139,7 +139,17 @@ TEST(TileOrder, RowPositions) {
       }
       EXPECT_EQ(lo, want_lo) << period << " " << r0;
       EXPECT_EQ(hi, want_hi) << period << " " << r0;
+      EXPECT_EQ(fwd::lowest_position(r0, r1, period), want_lo);
+      // The causal key range of those rows: every row's own last key (position + diag), capped.
+      const int skv = 250, diag = fwd::causal_diag(skv, 7, period);
+      EXPECT_EQ(diag, skv - period);
+      int want_end = -(1 << 30);
+      for (int r = r0; r <= r1; ++r) want_end = std::max(want_end, fwd::row_position(r, period) + diag + 1);
+      EXPECT_EQ(fwd::causal_key_end(r0, r1, period, diag, skv), std::min(want_end, skv)) << period << " " << r0;
     }
+  EXPECT_EQ(fwd::causal_diag(300, 40, 0), 260);  // unpacked: Skv - Sq
+  EXPECT_EQ(fwd::causal_key_end(0, 9, 0, -20, 300), -10);  // rows that see no key
+  EXPECT_EQ(fwd::row_position(17, 0), 17);
 }
 
 // GQA packing: every packed row addresses the query row it stands for (Q, O, row scales, LSE),

@@ -71,9 +71,9 @@ Status launch_quantize(const QuantParams& p, cudaStream_t stream);
 Status launch_fwd_sm80(const FwdParams& p, cudaStream_t stream);
 int sm80_block_n();  // keys per block of the sm80 kernel
 
-// src/cuda/decode: at most 16 query rows per (batch, head) after GQA packing, one warp per
-// (batch, head, key range); mma.sync, so sm_80 and newer. decode_takes: the shapes it runs
-// (others get not_available from the launcher).
+// src/cuda/decode: at most 16 query rows per (batch, head) after GQA packing, one CTA of four
+// warps per (batch, head, key range); mma.sync, so sm_80 and newer. decode_takes: the shapes it
+// runs, a cheap test for the automatic path (the launcher says why for the others).
 bool decode_takes(const FwdParams& p);
 Status launch_fwd_decode(const FwdParams& p, cudaStream_t stream);
 

@@ -1,6 +1,6 @@
-// How the forward kernels order and cut their work: the causal tile order (both GPU paths) and
-// the sm90 key-range splits. Host- and device-safe, so the rules are checked on the host
-// (tests/tile_order_test.cpp).
+// How the forward kernels order and cut their work: the causal tile order, the key-range splits
+// (sm90 and decode), the rows' causal diagonals and the GQA row packing. Host- and device-safe,
+// so the rules are checked on the host (tests/tile_order_test.cpp).
 #pragma once
 
 #include "common/params.h"
@@ -60,7 +60,7 @@ INTFA_HD void split_range(int n, int splits, int split, int& kb0, int& count) {
   count = end - kb0;
 }
 
-// Key ranges per (batch, head) of the decode kernel (src/cuda/decode), whose units (one warp each)
+// Key ranges per (batch, head) of the decode kernel (src/cuda/decode), whose units (one CTA each)
 // are all alike in a dense launch: so the count minimizes waves x (blocks per range + 1), waves =
 // ceil(units / slots) with `slots` resident CTAs (SMs x CTAs per SM), the + 1 standing for a
 // unit's start (Q and its first block's latency) and its partial rows. H200, B=1 Hq=32 Hkv=8
@@ -83,9 +83,14 @@ INTFA_HD int decode_split_count(bool accurate, int key_blocks, long long heads, 
   return best;
 }
 
-// Query positions of rows r0 .. r1 (r0 <= r1) when row r is position r % period (packed GQA
-// rows; period 0: row r is position r): the lowest and the highest. Rows that cross a period
-// boundary hold positions from 0 to period - 1.
+// Bottom-right causal masking. A row at query position r sees keys <= r + diag, diag = Skv - Sq.
+// Packed GQA rows (pack_gqa_rows) are query positions r % period of heads of `period` rows each
+// (period 0: row r is position r), so Sq is the period there.
+INTFA_HD int row_position(int row, int period) { return period > 0 ? row % period : row; }
+INTFA_HD int causal_diag(int skv, int sq, int period) { return skv - (period > 0 ? period : sq); }
+
+// Query positions of rows r0 .. r1 (r0 <= r1): the lowest and the highest. Rows that cross a
+// period boundary hold positions from 0 to period - 1.
 INTFA_HD void row_positions(int r0, int r1, int period, int& lo, int& hi) {
   if (period <= 0) {
     lo = r0;
@@ -97,6 +102,20 @@ INTFA_HD void row_positions(int r0, int r1, int period, int& lo, int& hi) {
     lo = 0;
     hi = period - 1;
   }
+}
+
+// The lowest query position of rows r0 .. r1: past its diagonal, a key block needs the mask.
+INTFA_HD int lowest_position(int r0, int r1, int period) {
+  int lo, hi;
+  row_positions(r0, r1, period, lo, hi);
+  return lo;
+}
+
+// The end (exclusive, <= skv) of the keys that causal rows r0 .. r1 see; <= 0 when none.
+INTFA_HD int causal_key_end(int r0, int r1, int period, int diag, int skv) {
+  int lo, hi;
+  row_positions(r0, r1, period, lo, hi);
+  return hi + 1 + diag < skv ? hi + 1 + diag : skv;
 }
 
 // Grouped-query heads packed into rows (every GPU path, dense launches). The g = Hq / Hkv query

@@ -214,6 +214,15 @@ void run_attention_f32(tools::HostQKV& x, const DeviceBuffer& dq, const DeviceBu
   *out = dout.to_host<float>();
 }
 
+// A dense case from a table row: batch, heads, lengths, mask, layout, output dtype, scheme.
+struct DenseShape { int batch, hq, hkv, sq, skv; bool causal; Layout layout; DType out; Scheme scheme; };
+Case dense_case(const DenseShape& sh, uint64_t seed) {
+  Case c;
+  c.batch = sh.batch; c.hq = sh.hq; c.hkv = sh.hkv; c.sq = sh.sq; c.skv = sh.skv;
+  c.causal = sh.causal; c.layout = sh.layout; c.out = sh.out; c.scheme = sh.scheme; c.seed = seed;
+  return c;
+}
+
 class AttentionGpu : public ::testing::Test {
  protected:
   void SetUp() override { INTFA_REQUIRE_GPU(); }
@@ -338,9 +347,8 @@ TEST_F(AttentionGpu, KernelGqaMqaLayoutsOutputs) {
 // speculative-decoding steps, rows that see no key, splits), MQA, both schemes, fp16/bf16/fp32
 // output, each with its LSE against the CPU emulation, which does not pack.
 TEST_F(AttentionGpu, KernelGqaPackedRows) {
-  struct Shape { int batch, hq, hkv, sq, skv; bool causal; Layout layout; DType out; Scheme scheme; };
   int seed = 900;
-  for (const Shape& sh : std::vector<Shape>{
+  for (const DenseShape& sh : std::vector<DenseShape>{
            {3, 8, 2, 1, 3000, true, Layout::BHSD, DType::f32, Scheme::accurate},
            {2, 6, 2, 1, 200, false, Layout::BSHD, DType::bf16, Scheme::accurate},
            {2, 8, 2, 1, 517, true, Layout::BSHD, DType::f16, Scheme::paper},
@@ -351,9 +359,7 @@ TEST_F(AttentionGpu, KernelGqaPackedRows) {
            {3, 16, 4, 5, 700, true, Layout::BHSD, DType::bf16, Scheme::accurate},   // speculative decoding
            {1, 8, 2, 100, 50, true, Layout::BHSD, DType::f32, Scheme::paper},       // rows that see no key
            {1, 4, 2, 300, 2500, true, Layout::BHSD, DType::f32, Scheme::accurate}}) {  // splits
-    Case c;
-    c.batch = sh.batch; c.hq = sh.hq; c.hkv = sh.hkv; c.sq = sh.sq; c.skv = sh.skv;
-    c.causal = sh.causal; c.layout = sh.layout; c.out = sh.out; c.scheme = sh.scheme; c.seed = ++seed;
+    Case c = dense_case(sh, ++seed);
     for (int d : {64, 128}) {
       c.d = d;
       for (GpuPath path : gpu_paths()) check_kernel_vs_cpu(c, path);
@@ -435,9 +441,8 @@ TEST_F(AttentionGpu, KernelFewTilesKeyRangeSplits) {
 // fp16/bf16/fp32 output, varlen decode batches with empty sequences, each with its LSE against
 // the CPU emulation; then one shape through the automatic path.
 TEST_F(AttentionGpu, KernelDecodeSmallRows) {
-  struct Shape { int batch, hq, hkv, sq, skv; bool causal; Layout layout; DType out; Scheme scheme; };
   int seed = 1300;
-  for (const Shape& sh : std::vector<Shape>{
+  for (const DenseShape& sh : std::vector<DenseShape>{
            {3, 8, 2, 1, 3000, true, Layout::BHSD, DType::f32, Scheme::accurate},     // GQA decode, splits
            {2, 6, 2, 1, 200, false, Layout::BSHD, DType::bf16, Scheme::accurate},
            {2, 8, 2, 1, 517, true, Layout::BSHD, DType::f16, Scheme::paper},         // paper: one range
@@ -447,9 +452,7 @@ TEST_F(AttentionGpu, KernelDecodeSmallRows) {
            {1, 2, 2, 16, 5, true, Layout::BHSD, DType::f32, Scheme::accurate},       // rows that see no key
            {2, 4, 2, 1, 1, false, Layout::BHSD, DType::f32, Scheme::accurate},       // one key
            {1, 16, 1, 1, 20000, false, Layout::BSHD, DType::f32, Scheme::accurate}}) {  // MQA, long keys
-    Case c;
-    c.batch = sh.batch; c.hq = sh.hq; c.hkv = sh.hkv; c.sq = sh.sq; c.skv = sh.skv;
-    c.causal = sh.causal; c.layout = sh.layout; c.out = sh.out; c.scheme = sh.scheme; c.seed = ++seed;
+    Case c = dense_case(sh, ++seed);
     for (int d : {64, 128}) {
       c.d = d;
       check_kernel_vs_cpu(c, GpuPath::decode);

@@ -87,11 +87,11 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const __grid_constant__ P
   const int64_t q0 = seq_start(p.cu_q, b), k0 = seq_start(p.cu_kv, b);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
 
-  // Bottom-right causal: a row at query position r sees keys <= r + diag; packed GQA rows are
-  // positions r % row_period. key_last: the last key each of the thread's rows sees.
+  // Bottom-right causal, per query position (packed GQA rows: tile_order.h). key_last: the last
+  // key each of the thread's rows sees.
   const int period = p.row_period;
-  const int diag = skv - (period > 0 ? period : sq);
-  int pos_lo, pos_hi;
+  const int diag = fwd::causal_diag(skv, sq, period);
+  int pos_lo, pos_hi;  // the query positions the unit's rows span
   fwd::row_positions(0, sq - 1, period, pos_lo, pos_hi);
   const int kv_end = p.causal ? min(skv, pos_hi + 1 + diag) : skv;
   int kb0 = 0, count = 0;
@@ -102,7 +102,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const __grid_constant__ P
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     row[r] = g + 8 * r;
-    key_last[r] = (period > 0 ? row[r] % period : row[r]) + diag;
+    key_last[r] = fwd::row_position(row[r], period) + diag;
     rowf[r] = row[r] < sq ? p.q_scale[offset(p.qs_st, b, h, q0 + row[r])] * p.softmax_scale * kLog2e : 1.f;
     m_run[r] = kNegInf;
     l_part[r] = 0.f;

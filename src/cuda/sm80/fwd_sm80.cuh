@@ -248,13 +248,10 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
   const int m0 = m_block * kBlockM;
   if (m0 >= sq) return;
   const int hkv = h / (p.heads_q / p.heads_kv);
-  // Bottom-right causal: a row at query position r sees keys <= r + diag. Packed GQA rows
-  // (p.row_period) are positions r % row_period of heads of row_period rows each.
+  // Bottom-right causal, per query position (packed GQA rows: tile_order.h).
   const int period = p.row_period;
-  const int diag = skv - (period > 0 ? period : sq);
-  int pos_lo, pos_hi;
-  fwd::row_positions(m0, min(m0 + kBlockM, sq) - 1, period, pos_lo, pos_hi);
-  const int kv_end = Causal ? min(skv, pos_hi + 1 + diag) : skv;
+  const int diag = fwd::causal_diag(skv, sq, period);
+  const int kv_end = Causal ? fwd::causal_key_end(m0, min(m0 + kBlockM, sq) - 1, period, diag, skv) : skv;
   const int n_blocks = kv_end > 0 ? (kv_end + kBlockN - 1) / kBlockN : 0;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -303,11 +300,10 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
   const float inv_levels = block_local ? 1.f / 255.f : 1.f / 127.f;
   int row[2], row_pos[2];
   float rowf[2], m_run[2], l_part[2];
-  int warp_pos_lo, warp_pos_hi;  // query positions of this warp's 16 rows
-  fwd::row_positions(m0 + warp * 16, m0 + warp * 16 + 15, period, warp_pos_lo, warp_pos_hi);
+  const int warp_pos_lo = fwd::lowest_position(m0 + warp * 16, m0 + warp * 16 + 15, period);
   for (int r = 0; r < 2; ++r) {
     row[r] = m0 + warp * 16 + g + 8 * r;
-    row_pos[r] = period > 0 ? row[r] % period : row[r];
+    row_pos[r] = fwd::row_position(row[r], period);
     rowf[r] = row[r] < sq
                   ? p.q_scale[offset(p.qs_st, b, h, q0 + row[r])] * p.softmax_scale * kLog2e
                   : 1.f;

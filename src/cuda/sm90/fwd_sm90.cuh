@@ -212,12 +212,10 @@ __device__ __forceinline__ bool decode_tile(const Params& P, int unit, Tile& T) 
   T.sq = seq_len(p.cu_q, T.b, p.seqlen_q);
   if (T.m0 >= T.sq) return false;
   T.skv = seq_len(p.cu_kv, T.b, p.seqlen_kv);
-  // Bottom-right causal: a row at query position r sees keys <= r + diag. Packed GQA rows
-  // (p.row_period) are positions r % row_period of heads of row_period rows each.
-  T.diag = T.skv - (p.row_period > 0 ? p.row_period : T.sq) + (Causal ? P.diag_shift : 0);
-  int pos_lo, pos_hi;
-  fwd::row_positions(T.m0, min(T.m0 + kBlockM, T.sq) - 1, p.row_period, pos_lo, pos_hi);
-  const int kv_end = Causal ? min(T.skv, pos_hi + 1 + T.diag) : T.skv;
+  // Bottom-right causal, per query position (packed GQA rows: tile_order.h).
+  T.diag = fwd::causal_diag(T.skv, T.sq, p.row_period) + (Causal ? P.diag_shift : 0);
+  const int kv_end =
+      Causal ? fwd::causal_key_end(T.m0, min(T.m0 + kBlockM, T.sq) - 1, p.row_period, T.diag, T.skv) : T.skv;
   T.n_blocks = kv_end > 0 ? (kv_end + kBlockN - 1) / kBlockN : 0;
   T.q0 = seq_start(p.cu_q, T.b);
   T.k0 = seq_start(p.cu_kv, T.b);
@@ -609,17 +607,14 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
     // Causal: key_last[r] is the last key row r sees, warp_key_last the lowest of the warp's 16
     // rows (blocks past it need the mask). Both are fixed per tile, so the loop keeps one compare
     // per score as with row + diag.
-    int row[2], key_last[2], warp_key_last;
+    int row[2], key_last[2];
     float m_run[2], l_part[2];
-    {
-      int pos_lo, pos_hi;  // query positions of this warp's 16 rows
-      fwd::row_positions(T.m0 + cw * 64 + wq * 16, T.m0 + cw * 64 + wq * 16 + 15, p.row_period, pos_lo, pos_hi);
-      warp_key_last = pos_lo + T.diag;
-    }
+    const int warp_key_last =
+        fwd::lowest_position(T.m0 + cw * 64 + wq * 16, T.m0 + cw * 64 + wq * 16 + 15, p.row_period) + T.diag;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       row[r] = T.m0 + cw * 64 + wq * 16 + g + 8 * r;
-      key_last[r] = (p.row_period > 0 ? row[r] % p.row_period : row[r]) + T.diag;
+      key_last[r] = fwd::row_position(row[r], p.row_period) + T.diag;
       m_run[r] = kNegInf;
       l_part[r] = 0.f;
     }
