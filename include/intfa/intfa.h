@@ -113,7 +113,7 @@ struct QuantizedQKV {
   Tensor q_scale;     // f32 [B,Hq,Sq] or [Hq,Tq]
   Tensor lse_offset;  // f32 like q_scale: scale * Q.kmean, added to the LSE (may be undefined: 0)
   Tensor k8;          // int8, same shape as k (smoothed K' for accurate/half)
-  Tensor k_scale;     // f32 [B,Hkv,Skv] or [Hkv,Tkv]
+  Tensor k_scale;     // f32 [B,Hkv,Skv] (any strides but the last) or [Hkv,Tkv]
   Tensor k_mean;      // f32 [B,Hkv,D] or [nseq,Hkv,D] (accurate/half; informational)
   Tensor vt8;         // int8 V transposed (paper, accurate): [B,Hkv,D,>=Skv], or for varlen
                       // [Hkv,D,>=Tkv+16*(nseq+1)] with sequence b at column
@@ -158,6 +158,35 @@ Status quantize(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
 Status attention_int8(const QuantizedQKV& qkv, const Tensor& cu_seqlens_q,
                       const Tensor& cu_seqlens_kv, int max_seqlen_q, int max_seqlen_kv,
                       const Tensor& out, const Tensor* lse, const Options& opts);
+
+// ---------------------------------------------------------------------------------------------
+// INT8 KV cache for decoding (docs/KV_CACHE.md). quantize() on the prompt fixes a cache's
+// statistics: the K smoothing mean (accurate) and the V scales. quantize_q() quantizes a decode
+// step's queries against that mean and append_kv() adds tokens quantized with those statistics,
+// so the cache grows without requantizing what it holds. Softmax is invariant to any per-channel
+// vector subtracted from every key, so a fixed K mean is exact; a V value beyond a scale's range
+// (per channel; paper: per tensor) grows that scale instead of clamping. attention_int8() then reads the first
+// L tokens of a cache of capacity C through views: k8 [B,Hkv,L,D] and k_scale [B,Hkv,L] with
+// the cache's strides, vt8 as it is (>= L columns).
+// ---------------------------------------------------------------------------------------------
+// q: [B,Hq,Sq,D] / [B,Sq,Hq,D] (opts.layout), fp16/bf16. Writes out.q8 and out.q_scale (the
+// per-token rule: bit-identical to quantize() for the same q) and, if defined, out.lse_offset =
+// scale * (q . k_mean[h / (Hq / Hkv)]) (0 for paper). k_mean: f32 [B,Hkv,D], the cache's
+// (needed for lse_offset with accurate; otherwise it may be undefined). Other parts of `out`
+// are not touched; out.scheme must be opts.scheme.
+Status quantize_q(const Tensor& q, const Tensor& k_mean, const Options& opts, const QuantizedQKV& out);
+
+// Writes k_new, v_new ([B,Hkv,n,D] / [B,n,Hkv,D] in opts.layout, fp16/bf16) as tokens pos ..
+// pos + n - 1 of `cache` (dense, from alloc_quantized() with seqlen_kv = the capacity C, its k8
+// in cache.layout): k8 / k_scale by the per-token rule on K - cache.k_mean (bit-identical to
+// quantize() with that mean; paper: K as is), and V^T columns of vt8 by
+// v8 = round_half_even(v * (1 / v_scale[c])). Where a new value would round past 127, v_scale[c]
+// (paper: the head's one scale, every channel) grows to 1.25 * max|v_new| / 127 and the other
+// columns of its vt8 rows (the whole capacity) are requantized, round(x8 * s_old * (1 / s_new)):
+// the cache's v_scale and vt8 may change outside pos .. pos + n - 1. Schemes paper and accurate
+// (half: not_available).
+Status append_kv(const Tensor& k_new, const Tensor& v_new, int64_t pos, const Options& opts,
+                 const QuantizedQKV& cache);
 
 // Exact attention in float64 on the CPU (the accuracy oracle). Inputs of any float dtype on the
 // host, out f64 or f32 shaped like q; lse f64/f32 or nullptr. Same shape rules as attention().

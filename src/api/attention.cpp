@@ -246,7 +246,12 @@ Status validate_quantized(const QuantizedQKV& x, Problem* p, bool need_v_or_vt) 
   p->q = q8;
   p->k = k8;
   INTFA_TRY(api::check_exact_shape(x.q_scale, "q_scale", DType::f32, rows_shape(s, true), rows_desc(s, true)));
-  INTFA_TRY(api::check_exact_shape(x.k_scale, "k_scale", DType::f32, rows_shape(s, false), rows_desc(s, false)));
+  if (p->form == Form::dense) {
+    // Any strides but the last: a view of the first seqlen_kv tokens of a longer KV cache.
+    INTFA_TRY(api::check_rows_view(x.k_scale, "k_scale", rows_shape(s, false), rows_desc(s, false)));
+  } else {
+    INTFA_TRY(api::check_exact_shape(x.k_scale, "k_scale", DType::f32, rows_shape(s, false), rows_desc(s, false)));
+  }
   if (x.lse_offset.defined())
     INTFA_TRY(api::check_exact_shape(x.lse_offset, "lse_offset", DType::f32, rows_shape(s, true), rows_desc(s, true)));
   if (x.k_mean.defined())
@@ -315,6 +320,10 @@ Strides3 rows_strides(const ProblemShape& s, bool q_side) {
 Strides3 channel_strides(const ProblemShape& s) {
   return {static_cast<int64_t>(s.heads_kv) * s.head_dim, s.head_dim, 0};
 }
+// k_scale as validate_quantized accepts it: dense views keep their own strides.
+Strides3 k_scale_strides(const ProblemShape& s, const Tensor& k_scale) {
+  return s.varlen ? rows_strides(s, false) : Strides3{k_scale.stride[0], k_scale.stride[1], 1};
+}
 
 void fill_common(const Problem& p, int& batch, int& hq, int& hkv, int& sq, int& skv, int& d) {
   batch = p.shape.batch; hq = p.shape.heads_q; hkv = p.shape.heads_kv;
@@ -337,7 +346,7 @@ QuantParams make_quant_params(const Problem& p, const Tensor& q, const Tensor& k
   qp.k8 = static_cast<int8_t*>(x.k8.data); qp.k8_st = k8v.st;
   qp.q_scale = static_cast<float*>(x.q_scale.data); qp.qs_st = rows_strides(p.shape, true);
   qp.lse_offset = static_cast<float*>(x.lse_offset.data);
-  qp.k_scale = static_cast<float*>(x.k_scale.data); qp.ks_st = rows_strides(p.shape, false);
+  qp.k_scale = static_cast<float*>(x.k_scale.data); qp.ks_st = k_scale_strides(p.shape, x.k_scale);
   qp.k_mean = static_cast<float*>(x.k_mean.data); qp.km_st = channel_strides(p.shape);
   if (scheme != Scheme::half) {
     const Tensor& vt = x.vt8;
@@ -372,7 +381,7 @@ FwdParams make_fwd_params(const Problem& p, const QuantizedQKV& x, const Tensor&
   }
   f.q_scale = static_cast<const float*>(x.q_scale.data); f.qs_st = rows_strides(p.shape, true);
   f.lse_offset = static_cast<const float*>(x.lse_offset.data);
-  f.k_scale = static_cast<const float*>(x.k_scale.data); f.ks_st = rows_strides(p.shape, false);
+  f.k_scale = static_cast<const float*>(x.k_scale.data); f.ks_st = k_scale_strides(p.shape, x.k_scale);
   f.out = out.data; f.o_st = api::view_of(out, p.layout, p.form).st; f.out_dtype = out.dtype;
   if (lse && lse->defined()) {
     f.lse = static_cast<float*>(lse->data);
@@ -619,6 +628,164 @@ Status attention_int8(const QuantizedQKV& x, const Tensor& cu_seqlens_q,
     return cuda::attention_int8(fp, path, opts.path == GpuPath::automatic, opts.stream);
   }
   ref::attention_int8(fp);
+  return Status::OK();
+}
+
+Status quantize_q(const Tensor& q, const Tensor& k_mean, const Options& opts, const QuantizedQKV& out) {
+  INTFA_TRY(api::check_options(opts));
+  Problem p;
+  p.layout = opts.layout;
+  INTFA_TRY(choose_backend(q, opts, &p.gpu));
+  p.device = q.device_index;
+  INTFA_TRY(api::check_operand(q, "q", p.layout, Form::dense, kInputTypes, p.gpu, &p.q));
+  INTFA_TRY(api::check_head_dim(p.q.D, p.gpu));
+  std::ostringstream os;
+  if (out.scheme != opts.scheme) {
+    os << "out.scheme: expected " << to_string(opts.scheme) << " (as options), got " << to_string(out.scheme);
+    return invalid(os.str());
+  }
+  const View& Q = p.q;
+  const std::vector<int64_t> rows = {Q.B, Q.H, Q.S};
+  View q8;
+  INTFA_TRY(api::check_operand(out.q8, "out.q8", p.layout, Form::dense, {DType::i8}, p.gpu, &q8));
+  if (q8.B != Q.B || q8.H != Q.H || q8.S != Q.S || q8.D != Q.D)
+    return invalid("out.q8: expected the shape of q, got " + api::shape_str(out.q8));
+  INTFA_TRY(api::check_exact_shape(out.q_scale, "out.q_scale", DType::f32, rows, "[batch, heads_q, seqlen_q]"));
+  if (out.lse_offset.defined())
+    INTFA_TRY(api::check_exact_shape(out.lse_offset, "out.lse_offset", DType::f32, rows, "[batch, heads_q, seqlen_q]"));
+  // The K mean enters only lse_offset (q itself is not smoothed); paper has none.
+  const bool use_mean = opts.scheme != Scheme::paper && out.lse_offset.defined();
+  int64_t hkv = Q.H;
+  if (use_mean) {
+    if (!k_mean.defined())
+      return invalid("k_mean: expected the cache's K mean, f32 [batch, heads_kv, head_dim] (for out.lse_offset), got null data");
+    if (k_mean.ndim == 3) hkv = k_mean.shape[1];
+    if (hkv < 1 || Q.H % hkv != 0) {
+      os << "k_mean: expected [batch, heads_kv, head_dim] with heads_kv dividing heads_q = " << Q.H << ", got "
+         << api::shape_str(k_mean);
+      return invalid(os.str());
+    }
+    INTFA_TRY(api::check_exact_shape(k_mean, "k_mean", DType::f32, {Q.B, hkv, Q.D}, "[batch, heads_kv, head_dim]"));
+    INTFA_TRY(api::check_same_device(k_mean, "k_mean", q, "q"));
+  }
+  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&out.q8, "out.q8"}, {&out.q_scale, "out.q_scale"},
+                                {&out.lse_offset, "out.lse_offset"}})
+    if (t->defined()) INTFA_TRY(api::check_same_device(*t, name, q, "q"));
+
+  CacheQuantParams c;
+  c.batch = static_cast<int>(Q.B);
+  c.heads = static_cast<int>(Q.H);
+  c.heads_kv = static_cast<int>(hkv);
+  c.tokens = static_cast<int>(Q.S);
+  c.head_dim = static_cast<int>(Q.D);
+  c.in_dtype = q.dtype;
+  c.softmax_scale = opts.scale != 0.f ? opts.scale : 1.0f / std::sqrt(static_cast<float>(Q.D));
+  c.x = q.data;
+  c.x_st = Q.st;
+  if (use_mean) {
+    c.mean = static_cast<const float*>(k_mean.data);
+    c.mean_st = {hkv * Q.D, Q.D, 0};
+  }
+  c.x8 = static_cast<int8_t*>(out.q8.data);
+  c.x8_st = q8.st;
+  c.scale = static_cast<float*>(out.q_scale.data);
+  c.s_st = {Q.H * Q.S, Q.S, 1};
+  c.lse_offset = static_cast<float*>(out.lse_offset.data);
+  if (p.gpu) return cuda::quantize_cache(c, opts.stream);
+  ref::quantize_cache(c);
+  return Status::OK();
+}
+
+Status append_kv(const Tensor& k_new, const Tensor& v_new, int64_t pos, const Options& opts,
+                 const QuantizedQKV& cache) {
+  INTFA_TRY(api::check_options(opts));
+  std::ostringstream os;
+  if (cache.scheme != opts.scheme) {
+    os << "cache.scheme: expected " << to_string(opts.scheme) << " (as options), got " << to_string(cache.scheme);
+    return invalid(os.str());
+  }
+  if (opts.scheme == Scheme::half)
+    return Status(StatusCode::not_available,
+                  "scheme: append_kv takes paper and accurate; half keeps V in fp16/bf16 (cache.v), not quantized");
+  Problem p;
+  p.layout = opts.layout;
+  INTFA_TRY(choose_backend(k_new, opts, &p.gpu));
+  p.device = k_new.device_index;
+  INTFA_TRY(api::check_operand(k_new, "k_new", p.layout, Form::dense, kInputTypes, p.gpu, &p.k));
+  INTFA_TRY(api::check_operand(v_new, "v_new", p.layout, Form::dense, kInputTypes, p.gpu, &p.v));
+  INTFA_TRY(api::check_same_device(v_new, "v_new", k_new, "k_new"));
+  INTFA_TRY(api::check_head_dim(p.k.D, p.gpu));
+  if (v_new.dtype != k_new.dtype) {
+    os << "v_new: expected dtype " << to_string(k_new.dtype) << " (as k_new), got " << to_string(v_new.dtype);
+    return Status(StatusCode::unsupported_type, os.str());
+  }
+  const View &K = p.k, &V = p.v;
+  if (V.B != K.B || V.H != K.H || V.S != K.S || V.D != K.D)
+    return invalid("v_new: expected the shape of k_new, got " + api::shape_str(v_new));
+  View k8;
+  INTFA_TRY(api::check_operand(cache.k8, "cache.k8", cache.layout, Form::dense, {DType::i8}, p.gpu, &k8));
+  if (k8.B != K.B || k8.H != K.H || k8.D != K.D) {
+    os << "cache.k8: expected batch, heads and head_dim of k_new (" << K.B << ", " << K.H << ", " << K.D << "), got "
+       << api::shape_str(cache.k8);
+    return invalid(os.str());
+  }
+  const int64_t cap = k8.S;
+  if (pos < 0 || pos + K.S > cap) {
+    os << "pos: expected 0 <= pos and pos + new tokens (" << K.S << ") <= the cache's " << cap << " tokens, got pos "
+       << pos;
+    return invalid(os.str());
+  }
+  INTFA_TRY(api::check_exact_shape(cache.k_scale, "cache.k_scale", DType::f32, {K.B, K.H, cap},
+                                   "[batch, heads_kv, cache tokens]"));
+  if (opts.scheme == Scheme::accurate)
+    INTFA_TRY(api::check_exact_shape(cache.k_mean, "cache.k_mean", DType::f32, {K.B, K.H, K.D},
+                                     "[batch, heads_kv, head_dim]"));
+  INTFA_TRY(api::check_exact_shape(cache.v_scale, "cache.v_scale", DType::f32, {K.B, K.H, K.D},
+                                   "[batch, heads_kv, head_dim]"));
+  const Tensor& vt = cache.vt8;
+  if (!vt.defined()) return invalid("cache.vt8: expected a tensor, got null data");
+  if (vt.dtype != DType::i8) {
+    os << "cache.vt8: expected dtype int8, got " << to_string(vt.dtype);
+    return Status(StatusCode::unsupported_type, os.str());
+  }
+  if (vt.ndim != 4 || vt.stride[3] != 1 || vt.shape[0] != K.B || vt.shape[1] != K.H || vt.shape[2] != K.D ||
+      vt.shape[3] < pos + K.S) {
+    os << "cache.vt8: expected V transposed [batch, heads_kv, head_dim, >= pos + new tokens = " << pos + K.S
+       << "] with a contiguous last dim, got " << api::shape_str(vt);
+    return invalid(os.str());
+  }
+  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&cache.k8, "cache.k8"}, {&cache.k_scale, "cache.k_scale"},
+                                {&cache.k_mean, "cache.k_mean"}, {&cache.vt8, "cache.vt8"}, {&cache.v_scale, "cache.v_scale"}})
+    if (t->defined()) INTFA_TRY(api::check_same_device(*t, name, k_new, "k_new"));
+
+  CacheQuantParams c;
+  c.batch = static_cast<int>(K.B);
+  c.heads = c.heads_kv = static_cast<int>(K.H);
+  c.tokens = static_cast<int>(K.S);
+  c.head_dim = static_cast<int>(K.D);
+  c.pos = pos;
+  c.in_dtype = k_new.dtype;
+  c.x = k_new.data;
+  c.x_st = K.st;
+  if (opts.scheme == Scheme::accurate) {
+    c.mean = static_cast<const float*>(cache.k_mean.data);
+    c.mean_st = {K.H * K.D, K.D, 0};
+    c.subtract_mean = true;
+  }
+  c.x8 = static_cast<int8_t*>(cache.k8.data);
+  c.x8_st = k8.st;
+  c.scale = static_cast<float*>(cache.k_scale.data);
+  c.s_st = {K.H * cap, cap, 1};
+  c.v = v_new.data;
+  c.v_st = V.st;
+  c.v_scale = static_cast<float*>(cache.v_scale.data);
+  c.vs_st = {K.H * K.D, K.D, 0};
+  c.vt8 = static_cast<int8_t*>(vt.data);
+  c.vt_st = {vt.stride[0], vt.stride[1], vt.stride[2]};
+  c.vt_cols = vt.shape[3];
+  c.v_per_tensor = opts.scheme == Scheme::paper;
+  if (p.gpu) return cuda::quantize_cache(c, opts.stream);
+  ref::quantize_cache(c);
   return Status::OK();
 }
 

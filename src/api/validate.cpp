@@ -164,6 +164,34 @@ static std::string where(const Tensor& t) {
   return t.on_device ? "GPU memory of device " + std::to_string(t.device_index) : "host memory";
 }
 
+Status check_rows_view(const Tensor& t, const char* name, const std::vector<int64_t>& shape, const char* dims_desc) {
+  std::ostringstream os;
+  if (!t.defined()) return invalid(std::string(name) + ": expected a tensor, got null data");
+  if (t.dtype != DType::f32) {
+    os << name << ": expected dtype f32, got " << to_string(t.dtype);
+    return Status(StatusCode::unsupported_type, os.str());
+  }
+  bool same = t.ndim == static_cast<int>(shape.size());
+  for (size_t i = 0; same && i < shape.size(); ++i) same = t.shape[i] == shape[i];
+  if (!same) {
+    os << name << ": expected shape " << dims_desc << " = [";
+    for (size_t i = 0; i < shape.size(); ++i) os << (i ? ", " : "") << shape[i];
+    os << "], got " << shape_str(t);
+    return invalid(os.str());
+  }
+  if (t.shape[t.ndim - 1] > 1 && t.stride[t.ndim - 1] != 1) {
+    os << name << ": expected a contiguous last dim, got stride " << t.stride[t.ndim - 1];
+    return invalid(os.str());
+  }
+  for (int i = 0; i < t.ndim - 1; ++i)
+    if (t.stride[i] < 0) {
+      os << name << ": expected non-negative strides, got " << t.stride[i] << " in dim " << i;
+      return invalid(os.str());
+    }
+  if (reinterpret_cast<uintptr_t>(t.data) % 4 != 0) return invalid(std::string(name) + ": data pointer must be 4-byte aligned");
+  return Status::OK();
+}
+
 Status check_same_device(const Tensor& t, const char* name, const Tensor& ref,
                          const char* ref_name) {
   if (t.on_device != ref.on_device || (t.on_device && t.device_index != ref.device_index))

@@ -35,6 +35,10 @@ INTFA_HD float quant_scale(float amax) { return amax >= kQuantTiny ? div_rn(amax
 // Multiplier applied before rounding (1 for zero rows, so every |x| < 2^-100 rounds to 0).
 INTFA_HD float quant_inv_scale(float amax) { return amax >= kQuantTiny ? div_rn(127.f, amax) : 1.f; }
 
+// The multiplier of a value quantized against a stored scale s (append_kv's V): 1 / s, or 1 for
+// anything below 2^-100, so no value becomes inf or NaN.
+INTFA_HD float inv_of_scale(float s) { return s >= kQuantTiny ? div_rn(1.f, s) : 1.f; }
+
 // Round half to even, then clamp to [-127, 127].
 INTFA_HD int8_t quantize_s8(float x, float inv) {
 #if defined(__CUDA_ARCH__)
@@ -45,6 +49,33 @@ INTFA_HD int8_t quantize_s8(float x, float inv) {
   r = r > kQMax ? kQMax : r;
   r = r < -kQMax ? -kQMax : r;
   return static_cast<int8_t>(r);
+}
+
+// append_kv's V: a new value clamps when |v| / s rounds past 127; the group's scale then grows to
+// 1.25 x amax / 127 (headroom, so the scale grows by at least 25% each time and a cache is
+// requantized only a few times over its life).
+INTFA_HD bool v_needs_growth(float amax_new, float s) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(amax_new, inv_of_scale(s)) > 127.5f;
+#else
+  return amax_new * inv_of_scale(s) > 127.5f;
+#endif
+}
+INTFA_HD float grown_v_scale(float amax_new) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(quant_scale(amax_new), 1.25f);
+#else
+  return quant_scale(amax_new) * 1.25f;
+#endif
+}
+// A stored int8 value requantized from scale s to s2: round(x8 * s * (1 / s2)), each product
+// rounded to fp32.
+INTFA_HD int8_t requantize_s8(int8_t x8, float s, float s2) {
+#if defined(__CUDA_ARCH__)
+  return quantize_s8(__fmul_rn(static_cast<float>(x8), s), inv_of_scale(s2));
+#else
+  return quantize_s8(static_cast<float>(x8) * s, inv_of_scale(s2));
+#endif
 }
 
 // p in [0, 1] -> round(levels * p) with levels 127 (paper, s8) or 255 (accurate, u8).

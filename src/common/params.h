@@ -48,6 +48,31 @@ struct QuantParams {
   float* v_scale = nullptr;  Strides3 vs_st;     // [b,h,d]
 };
 
+// quantize_q() and append_kv() (an INT8 KV cache): token rows quantized with statistics given
+// instead of measured. Row [b, h, t] of x (t < tokens) goes to token pos + t of x8 and scale.
+struct CacheQuantParams {
+  int batch = 0, heads = 0, heads_kv = 0, tokens = 0, head_dim = 0;  // heads of x; heads_kv of mean
+  int64_t pos = 0;
+  DType in_dtype = DType::f16;
+  float softmax_scale = 0.f;
+  const void* x = nullptr;  Strides3 x_st;         // q or k_new (fp16/bf16)
+  // [b, hkv, d] (d contiguous), may be null. K rows (subtract_mean): x8 quantizes x - mean;
+  // Q rows: lse_offset = softmax_scale * (x . mean), x8 quantizes x.
+  const float* mean = nullptr;  Strides3 mean_st;
+  bool subtract_mean = false;
+  int8_t* x8 = nullptr;  Strides3 x8_st;
+  float* scale = nullptr;  Strides3 s_st;          // ts == 1
+  float* lse_offset = nullptr;                     // Q rows, strides of scale; may be null
+  // append_kv's V (null for quantize_q): v [b, hkv, t, d] to column pos + t of vt8 [b, hkv, d, t]
+  // with v_scale, which grows (and the vt_cols columns already there are requantized) where the
+  // new values would clamp: per channel, or for the whole (b, hkv) with v_per_tensor (paper).
+  const void* v = nullptr;  Strides3 v_st;
+  float* v_scale = nullptr;  Strides3 vs_st;
+  int8_t* vt8 = nullptr;  Strides3 vt_st;          // ts = stride of d
+  int64_t vt_cols = 0;
+  bool v_per_tensor = false;
+};
+
 struct FwdParams {
   int batch = 0, heads_q = 0, heads_kv = 0, seqlen_q = 0, seqlen_kv = 0, head_dim = 0;
   int64_t total_q = 0, total_kv = 0;  // varlen: tokens of the packed tensors (sm90 TMA extents)

@@ -130,6 +130,10 @@ Status quantize(const QuantParams& p, void* stream) {
   return launch_quantize(p, static_cast<cudaStream_t>(stream));
 }
 
+Status quantize_cache(const CacheQuantParams& p, void* stream) {
+  return launch_quantize_cache(p, static_cast<cudaStream_t>(stream));
+}
+
 Status attention_int8(const FwdParams& params, GpuPath path, bool fallback, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   FwdParams p = params;

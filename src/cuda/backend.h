@@ -17,6 +17,7 @@ DeviceInfo device_info(int device_index);
 Status resolve_path(GpuPath requested, int device_index, GpuPath* resolved);
 
 Status quantize(const QuantParams& p, void* stream);
+Status quantize_cache(const CacheQuantParams& p, void* stream);
 // `path` as resolve_path() chose it; with `fallback` (the caller asked for auto) operands the
 // sm90 kernel cannot take run on sm80 instead.
 Status attention_int8(const FwdParams& p, GpuPath path, bool fallback, void* stream);

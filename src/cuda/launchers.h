@@ -66,6 +66,8 @@ Status scratch_free(void* ptr, cudaStream_t stream, const char* what);
 
 // src/cuda/quant: fp16/bf16 -> int8 tensors and scales (bit-identical to ref::quantize).
 Status launch_quantize(const QuantParams& p, cudaStream_t stream);
+// ... rows quantized with given statistics (quantize_q, append_kv; bit-identical to ref::quantize_cache).
+Status launch_quantize_cache(const CacheQuantParams& p, cudaStream_t stream);
 
 // src/cuda/sm80: mma.sync INT8 flash attention (runs on sm_80 and newer).
 Status launch_fwd_sm80(const FwdParams& p, cudaStream_t stream);

@@ -107,6 +107,49 @@ static void quantize_q_head(const QuantParams& p, int b, int h) {
   }
 }
 
+void quantize_cache(const CacheQuantParams& p) {
+  const int d = p.head_dim;
+  const int group = p.mean ? p.heads / p.heads_kv : 1;
+  parallel_for(static_cast<int64_t>(p.batch) * p.heads, [&](int64_t i) {
+    const int b = static_cast<int>(i / p.heads), h = static_cast<int>(i % p.heads);
+    const float* mean = p.mean ? p.mean + b * p.mean_st.bs + (h / group) * p.mean_st.hs : nullptr;
+    std::vector<float> row(d);
+    for (int t = 0; t < p.tokens; ++t) {
+      const int64_t base = offset(p.x_st, b, h, t);
+      double dot = 0.0;  // as quantize_q_head: the raw row against the mean
+      for (int c = 0; c < d; ++c) {
+        const float x = static_cast<float>(load_scalar(p.x, p.in_dtype, base + c));
+        if (mean) dot += static_cast<double>(x) * mean[c];
+        row[c] = p.subtract_mean && mean ? x - mean[c] : x;
+      }
+      quantize_row(row.data(), d, p.x8 + offset(p.x8_st, b, h, p.pos + t), p.scale + offset(p.s_st, b, h, p.pos + t));
+      if (p.lse_offset)
+        p.lse_offset[offset(p.s_st, b, h, p.pos + t)] = mean ? static_cast<float>(p.softmax_scale * dot) : 0.f;
+    }
+  });
+  if (!p.v) return;
+  parallel_for(static_cast<int64_t>(p.batch) * p.heads_kv, [&](int64_t i) {
+    const int b = static_cast<int>(i / p.heads_kv), h = static_cast<int>(i % p.heads_kv);
+    float* vs = p.v_scale + b * p.vs_st.bs + h * p.vs_st.hs;
+    auto v_at = [&](int t, int c) { return static_cast<float>(load_scalar(p.v, p.in_dtype, offset(p.v_st, b, h, t) + c)); };
+    // The new values' range per channel (per tensor: over all channels), and the scales that grow.
+    std::vector<float> amax(d, 0.f), grown(d);
+    for (int c = 0; c < d; ++c)
+      for (int t = 0; t < p.tokens; ++t) amax[c] = std::max(amax[c], std::fabs(v_at(t, c)));
+    if (p.v_per_tensor) std::fill(amax.begin(), amax.end(), *std::max_element(amax.begin(), amax.end()));
+    for (int c = 0; c < d; ++c) {
+      grown[c] = v_needs_growth(amax[c], vs[c]) ? grown_v_scale(amax[c]) : vs[c];
+      int8_t* row = p.vt8 + b * p.vt_st.bs + h * p.vt_st.hs + c * p.vt_st.ts;
+      if (grown[c] != vs[c])  // every column the cache holds, but the new tokens' own
+        for (int64_t col = 0; col < p.vt_cols; ++col)
+          if (col < p.pos || col >= p.pos + p.tokens) row[col] = requantize_s8(row[col], vs[c], grown[c]);
+      vs[c] = grown[c];
+      const float inv = inv_of_scale(vs[c]);
+      for (int t = 0; t < p.tokens; ++t) row[p.pos + t] = quantize_s8(v_at(t, c), inv);
+    }
+  });
+}
+
 void quantize(const QuantParams& p) {
   parallel_for(static_cast<int64_t>(p.batch) * p.heads_kv,
                [&](int64_t i) { quantize_kv_head(p, static_cast<int>(i / p.heads_kv), static_cast<int>(i % p.heads_kv)); });

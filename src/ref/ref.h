@@ -26,6 +26,8 @@ struct ExactParams {
 };
 
 void quantize(const QuantParams& p);
+// quantize_q() / append_kv(): rows quantized with the statistics given (CacheQuantParams).
+void quantize_cache(const CacheQuantParams& p);
 void attention_int8(const FwdParams& p);
 void attention_exact(const ExactParams& p);
 

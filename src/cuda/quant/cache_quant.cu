@@ -1,0 +1,151 @@
+// quantize_q() and append_kv() on the GPU: token rows quantized with statistics given rather than
+// measured (an INT8 KV cache whose K mean and V scales were fixed by quantize() on the prompt).
+// Bit-identical to ref::quantize_cache (the rule in intfa.h, numerics.h), except lse_offset,
+// whose fp64 dot product sums in another order.
+//
+// A decode step quantizes a few rows: one warp per row (lane c holds channels c, c + 32, ...),
+// and for V a block per (batch, kv head) that grows scales where new values would clamp.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "common/numerics.h"
+#include "cuda/launchers.h"
+
+namespace intfa::quant {
+
+constexpr int kWarps = 8;
+constexpr int kMaxPerLane = 8;  // head_dim <= 256
+
+namespace {
+
+__device__ __forceinline__ float load_in(const void* base, DType dt, int64_t i) {
+  return dt == DType::bf16 ? __bfloat162float(static_cast<const __nv_bfloat16*>(base)[i])
+                           : __half2float(static_cast<const __half*>(base)[i]);
+}
+
+__global__ void __launch_bounds__(32 * kWarps) cache_rows_kernel(const CacheQuantParams p) {
+  const int lane = threadIdx.x % 32;
+  const int64_t row = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
+  if (row >= int64_t(p.batch) * p.heads * p.tokens) return;
+  const int t = static_cast<int>(row % p.tokens);
+  const int h = static_cast<int>((row / p.tokens) % p.heads);
+  const int b = static_cast<int>(row / (int64_t(p.tokens) * p.heads));
+  const float* mean = p.mean ? p.mean + b * p.mean_st.bs + (h / (p.heads / p.heads_kv)) * p.mean_st.hs : nullptr;
+  const int64_t base = offset(p.x_st, b, h, t);
+  float x[kMaxPerLane];
+  float amax = 0.f;
+  double dot = 0.0;
+#pragma unroll
+  for (int i = 0; i < kMaxPerLane; ++i) {
+    const int c = lane + 32 * i;
+    x[i] = 0.f;
+    if (c >= p.head_dim) continue;
+    const float v = load_in(p.x, p.in_dtype, base + c);
+    if (mean) dot = __fma_rn(static_cast<double>(v), static_cast<double>(mean[c]), dot);
+    x[i] = p.subtract_mean && mean ? __fsub_rn(v, mean[c]) : v;
+    amax = fmaxf(amax, fabsf(x[i]));
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    dot += __shfl_xor_sync(0xffffffffu, dot, o);
+  }
+  const float inv = quant_inv_scale(amax);
+  int8_t* out = p.x8 + offset(p.x8_st, b, h, p.pos + t);
+#pragma unroll
+  for (int i = 0; i < kMaxPerLane; ++i) {
+    const int c = lane + 32 * i;
+    if (c < p.head_dim) out[c] = quantize_s8(x[i], inv);
+  }
+  if (lane == 0) {
+    const int64_t s = offset(p.s_st, b, h, p.pos + t);
+    p.scale[s] = quant_scale(amax);
+    if (p.lse_offset) p.lse_offset[s] = mean ? static_cast<float>(p.softmax_scale * dot) : 0.f;
+  }
+}
+
+// One block per (batch, kv head), a thread per channel (two at head_dim 256): the new tokens'
+// range, the scales that grow (paper: one for the head, a block-wide max), the columns already
+// in the cache requantized for them (the block sweeps each grown row, coalesced), then the new
+// tokens' bytes of every V^T row.
+constexpr int kVThreads = 128;
+__global__ void __launch_bounds__(kVThreads) cache_v_kernel(const CacheQuantParams p) {
+  const int b = blockIdx.x / p.heads_kv, h = blockIdx.x % p.heads_kv;
+  __shared__ float s_old[2 * kVThreads], s_new[2 * kVThreads], s_red[kVThreads / 32];
+  __shared__ int s_grown[2 * kVThreads], s_count;
+  float* vs = p.v_scale + b * p.vs_st.bs + h * p.vs_st.hs;
+  int8_t* rows = p.vt8 + b * p.vt_st.bs + h * p.vt_st.hs;
+  auto v_at = [&](int t, int c) { return load_in(p.v, p.in_dtype, offset(p.v_st, b, h, t) + c); };
+  if (threadIdx.x == 0) s_count = 0;
+  float amax[2] = {0.f, 0.f}, head = 0.f;
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    const int c = threadIdx.x + k * kVThreads;
+    if (c >= p.head_dim) continue;
+    for (int t = 0; t < p.tokens; ++t) amax[k] = fmaxf(amax[k], fabsf(v_at(t, c)));
+    head = fmaxf(head, amax[k]);
+  }
+  if (p.v_per_tensor) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) head = fmaxf(head, __shfl_xor_sync(0xffffffffu, head, o));
+    if (threadIdx.x % 32 == 0) s_red[threadIdx.x / 32] = head;
+    __syncthreads();
+    head = s_red[0];
+    for (int w = 1; w < kVThreads / 32; ++w) head = fmaxf(head, s_red[w]);
+  }
+  __syncthreads();  // s_count and s_red settled
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    const int c = threadIdx.x + k * kVThreads;
+    if (c >= p.head_dim) continue;
+    const float a = p.v_per_tensor ? head : amax[k], s = vs[c];
+    s_old[c] = s;
+    s_new[c] = v_needs_growth(a, s) ? grown_v_scale(a) : s;
+    if (s_new[c] != s) s_grown[atomicAdd(&s_count, 1)] = c;
+  }
+  __syncthreads();
+  // Requantize the grown rows (any order of rows: each byte depends on its own row's scales).
+  for (int i = 0; i < s_count; ++i) {
+    const int c = s_grown[i];
+    int8_t* row = rows + c * p.vt_st.ts;
+    for (int64_t col = threadIdx.x; col < p.vt_cols; col += kVThreads)
+      if (col < p.pos || col >= p.pos + p.tokens) row[col] = requantize_s8(row[col], s_old[c], s_new[c]);
+  }
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    const int c = threadIdx.x + k * kVThreads;
+    if (c >= p.head_dim) continue;
+    vs[c] = s_new[c];
+    const float inv = inv_of_scale(s_new[c]);
+    int8_t* row = rows + c * p.vt_st.ts + p.pos;
+    for (int t = 0; t < p.tokens; ++t) row[t] = quantize_s8(v_at(t, c), inv);
+  }
+}
+
+}  // namespace
+}  // namespace intfa::quant
+
+namespace intfa::cuda {
+
+using quant::kMaxPerLane;
+using quant::kWarps;
+
+Status launch_quantize_cache(const CacheQuantParams& p, cudaStream_t stream) {
+  if (p.head_dim > 32 * kMaxPerLane)
+    return Status(StatusCode::invalid_argument, "head_dim: expected <= 256 for the cache quantizer");
+  const int64_t rows = int64_t(p.batch) * p.heads * p.tokens;
+  if (rows > 0) {
+    quant::cache_rows_kernel<<<static_cast<unsigned>((rows + kWarps - 1) / kWarps), 32 * kWarps, 0, stream>>>(p);
+    Status st = check_cuda(cudaGetLastError(), "cache quantizer: rows kernel launch");
+    if (!st.ok()) return st;
+  }
+  if (p.v && p.tokens > 0) {
+    quant::cache_v_kernel<<<static_cast<unsigned>(p.batch * p.heads_kv), quant::kVThreads, 0, stream>>>(p);
+    return check_cuda(cudaGetLastError(), "cache quantizer: V kernel launch");
+  }
+  return Status::OK();
+}
+
+}  // namespace intfa::cuda

@@ -1,0 +1,186 @@
+// The INT8 KV cache on the GPU: a cache built from a prompt and grown by append_kv (new values
+// past the V range included, so scales grow and the cache is requantized) is byte-identical to
+// the CPU backend's after every step; quantize_q matches the CPU (lse_offset within an fp64
+// summation order); each decode step's attention over views of the cache, on every GPU path,
+// matches the CPU emulation of the same cache.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "gpu_test_util.h"
+#include "inputs.h"
+
+namespace intfa::testing {
+namespace {
+
+using tools::Dist;
+
+// Tokens [t0, t0 + n) of a BHSD [B, H, S, D] or per-token [B, H, S] tensor, strides kept.
+Tensor tokens(Tensor t, int64_t t0, int64_t n) {
+  t.data = static_cast<char*>(t.data) + t0 * t.stride[2] * static_cast<int64_t>(dtype_size(t.dtype));
+  t.shape[2] = n;
+  return t;
+}
+
+// The same cache on both sides: a host buffer and a device buffer with alloc_quantized's layout.
+struct Caches {
+  ProblemShape ps;
+  size_t bytes;
+  HostBuffer hb;
+  DeviceBuffer db;
+  QuantizedQKV h, d;
+  Caches(int B, int Hkv, int cap, int D, Scheme s)
+      : ps{B, Hkv, Hkv, 1, cap, D}, bytes(quantized_bytes(ps, s)), hb(bytes), db(bytes) {
+    std::memset(hb.ptr, 0x55, bytes);
+    EXPECT_TRUE(alloc_quantized(ps, s, Layout::BHSD, hb.ptr, bytes, false, 0, &h).ok());
+    EXPECT_TRUE(alloc_quantized(ps, s, Layout::BHSD, db.ptr, bytes, true, 0, &d).ok());
+  }
+  void upload() { ASSERT_TRUE(gpu_copy_to_device(db.ptr, hb.ptr, bytes).ok()); }
+  bool same() const {
+    std::vector<uint8_t> got = db.to_host<uint8_t>();
+    return std::memcmp(got.data(), hb.ptr, bytes) == 0;
+  }
+  // attention_int8's inputs: the queries of q and the first L tokens of x.
+  static QuantizedQKV view(QuantizedQKV x, const QuantizedQKV& q, int64_t L) {
+    x.q8 = q.q8;
+    x.q_scale = q.q_scale;
+    x.lse_offset = q.lse_offset;
+    x.k8 = tokens(x.k8, 0, L);
+    x.k_scale = tokens(x.k_scale, 0, L);
+    return x;
+  }
+};
+
+// Query-side tensors [B, Hq, Sq, D] in one buffer per side.
+struct QSide {
+  std::vector<int8_t> q8;
+  std::vector<float> qs, off;
+  DeviceBuffer d8, ds, doff;
+  QuantizedQKV h, d;
+  QSide(int B, int Hq, int Sq, int D, Scheme s)
+      : q8(size_t(B) * Hq * Sq * D), qs(size_t(B) * Hq * Sq, NAN), off(qs.size(), NAN), d8(q8.size()), ds(qs.size() * 4),
+        doff(qs.size() * 4) {
+    h.scheme = d.scheme = s;
+    h.q8 = make_tensor(q8.data(), DType::i8, {B, Hq, Sq, D});
+    h.q_scale = make_tensor(qs.data(), DType::f32, {B, Hq, Sq});
+    h.lse_offset = make_tensor(off.data(), DType::f32, {B, Hq, Sq});
+    d.q8 = on_device(h.q8, d8.ptr);
+    d.q_scale = on_device(h.q_scale, ds.ptr);
+    d.lse_offset = on_device(h.lse_offset, doff.ptr);
+  }
+};
+
+TEST(KvCacheGpu, DecodeLoopMatchesCpu) {
+  INTFA_REQUIRE_GPU();
+  for (Scheme s : {Scheme::accurate, Scheme::paper}) {
+    for (int D : {64, 128}) {
+      SCOPED_TRACE(std::string(to_string(s)) + " D" + std::to_string(D));
+      const int B = 2, Hq = 8, Hkv = 2, L0 = 50, steps = 9, cap = 300;
+      auto x = tools::make_inputs(Dist::llm, B, Hq, Hkv, steps, L0 + steps, D, DType::bf16, 60 + D + int(s));
+      // Later tokens' V outside the prompt's range: the scales must grow on both sides alike.
+      for (int bh = 0; bh < B * Hkv; ++bh)
+        for (int t = L0 + 2; t < L0 + steps; t += 3)
+          for (int d = 0; d < D; d += 5) {
+            uint16_t& v = x.v[(size_t(bh) * (L0 + steps) + t) * D + d];
+            v = static_cast<uint16_t>(v + 0x0100);  // bf16 exponent + 2: x4
+          }
+      DeviceBuffer dq(x.q.data(), x.q.size() * 2), dk(x.k.data(), x.k.size() * 2), dv(x.v.data(), x.v.size() * 2);
+      Tensor hq = x.tq(), hk = x.tk(), hv = x.tv();
+      Tensor gq = on_device(hq, dq.ptr), gk = on_device(hk, dk.ptr), gv = on_device(hv, dv.ptr);
+      Options o;
+      o.scheme = s;
+      o.causal = true;
+
+      Caches c(B, Hkv, cap, D, s);
+      {
+        QSide prompt_q(B, Hkv, 1, D, s);
+        ASSERT_TRUE(quantize(tokens(hk, 0, 1), tokens(hk, 0, L0), tokens(hv, 0, L0), Tensor(), Tensor(), o,
+                             Caches::view(c.h, prompt_q.h, L0)).ok());
+      }
+      c.upload();
+      int L = L0;
+      for (int n : {1, 5, 1, 1, 1}) {
+        SCOPED_TRACE("tokens " + std::to_string(L) + " + " + std::to_string(n));
+        const int i = L - L0;
+        INTFA_ASSERT_OK(append_kv(tokens(hk, L, n), tokens(hv, L, n), L, o, c.h));
+        INTFA_ASSERT_OK(append_kv(tokens(gk, L, n), tokens(gv, L, n), L, o, c.d));
+        INTFA_ASSERT_OK(gpu_synchronize());
+        EXPECT_TRUE(c.same()) << "caches differ after append_kv";
+        L += n;
+
+        QSide qs(B, Hq, n, D, s);
+        INTFA_ASSERT_OK(quantize_q(tokens(hq, i, n), c.h.k_mean, o, qs.h));
+        INTFA_ASSERT_OK(quantize_q(tokens(gq, i, n), c.d.k_mean, o, qs.d));
+        EXPECT_EQ(qs.d8.to_host<int8_t>(), qs.q8);
+        EXPECT_EQ(qs.ds.to_host<float>(), qs.qs);
+        const std::vector<float> goff = qs.doff.to_host<float>();
+        for (size_t r = 0; r < goff.size(); ++r)
+          ASSERT_NEAR(goff[r], qs.off[r], 1e-6f * (1.f + std::fabs(qs.off[r]))) << "lse_offset row " << r;
+
+        // CPU emulation with the kernels' key block, then every GPU path over the same cache.
+        std::vector<float> want(size_t(B) * Hq * n * D, NAN), want_lse(size_t(B) * Hq * n, NAN);
+        Tensor tw = make_tensor(want.data(), DType::f32, {B, Hq, n, D}), twl = make_tensor(want_lse.data(), DType::f32, {B, Hq, n});
+        Options oc = o;
+        oc.backend = Backend::cpu;
+        oc.block_n = build_info().gpu_block_n;  // every GPU path: 128 keys
+        INTFA_ASSERT_OK(attention_int8(Caches::view(c.h, qs.h, L), Tensor(), Tensor(), 0, 0, tw, &twl, oc));
+        std::vector<GpuPath> paths = {GpuPath::automatic, GpuPath::decode, GpuPath::sm80};
+        GpuPath got;
+        if (resolve_gpu_path(GpuPath::sm90, 0, &got).ok()) paths.push_back(GpuPath::sm90);
+        for (GpuPath path : paths) {
+          SCOPED_TRACE(std::string("path ") + to_string(path));
+          DeviceBuffer dout(want.size() * 4), dlse(want_lse.size() * 4);
+          Options og = o;
+          og.path = path;
+          Tensor to = on_device(tw, dout.ptr), tl = on_device(twl, dlse.ptr);
+          INTFA_ASSERT_OK(attention_int8(Caches::view(c.d, qs.d, L), Tensor(), Tensor(), 0, 0, to, &tl, og));
+          INTFA_ASSERT_OK(gpu_synchronize());
+          const std::vector<float> out = dout.to_host<float>(), lse = dlse.to_host<float>();
+          auto m = tools::compare(std::vector<double>(out.begin(), out.end()), std::vector<double>(want.begin(), want.end()));
+          EXPECT_EQ(m.nonfinite, 0);
+          EXPECT_LT(m.rel_l2, 2e-3) << "GPU vs CPU emulation";
+          for (size_t r = 0; r < lse.size(); ++r)
+            ASSERT_LT(std::fabs(lse[r] - want_lse[r]), 5e-3f * (1.f + std::fabs(want_lse[r]))) << "lse row " << r;
+        }
+      }
+    }
+  }
+}
+
+// A long cache: the requantizing sweep of grown V rows covers thousands of columns (the block's
+// threads stride over them) and stays byte-identical to the CPU.
+TEST(KvCacheGpu, ScaleGrowthOverALongCache) {
+  INTFA_REQUIRE_GPU();
+  const Scheme s = Scheme::accurate;
+  const int B = 1, Hkv = 3, L0 = 4000, cap = 4100, D = 128;
+  auto x = tools::make_inputs(Dist::normal, B, Hkv, Hkv, 1, L0 + 4, D, DType::f16, 77);
+  for (int h = 0; h < Hkv; ++h)
+    for (int d = 0; d < D; d += 3) x.v[(size_t(h) * (L0 + 4) + L0 + 1) * D + d] = 0x4e00;  // fp16 24.0
+  DeviceBuffer dk(x.k.data(), x.k.size() * 2), dv(x.v.data(), x.v.size() * 2);
+  Tensor hk = x.tk(), hv = x.tv(), gk = on_device(hk, dk.ptr), gv = on_device(hv, dv.ptr);
+  Options o;
+  o.scheme = s;
+  Caches c(B, Hkv, cap, D, s);
+  {
+    QSide prompt_q(B, Hkv, 1, D, s);
+    ASSERT_TRUE(quantize(tokens(hk, 0, 1), tokens(hk, 0, L0), tokens(hv, 0, L0), Tensor(), Tensor(), o,
+                         Caches::view(c.h, prompt_q.h, L0)).ok());
+  }
+  c.upload();
+  const std::vector<uint8_t> before = c.db.to_host<uint8_t>();
+  INTFA_ASSERT_OK(append_kv(tokens(hk, L0, 4), tokens(hv, L0, 4), L0, o, c.h));
+  INTFA_ASSERT_OK(append_kv(tokens(gk, L0, 4), tokens(gv, L0, 4), L0, o, c.d));
+  INTFA_ASSERT_OK(gpu_synchronize());
+  EXPECT_TRUE(c.same());
+  EXPECT_NE(std::memcmp(before.data(), c.hb.ptr, c.bytes), 0);
+  const float* vs = static_cast<const float*>(c.h.v_scale.data);
+  int grown = 0;
+  for (int i = 0; i < Hkv * D; ++i) grown += vs[i] > 24.f / 127.f;
+  EXPECT_EQ(grown, Hkv * ((D + 2) / 3)) << "every channel with a 24.0 grew, no other";
+}
+
+}  // namespace
+}  // namespace intfa::testing

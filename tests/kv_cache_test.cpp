@@ -1,0 +1,415 @@
+// The INT8 KV cache entry points (CPU backend): quantize_q() is quantize()'s Q side bit for bit,
+// a prompt quantized straight into a longer cache equals quantize() of the prompt alone,
+// append_kv() follows the documented rule for K (bit-identical to quantize() with the same mean)
+// and V, and a decode loop over the cache (views of its first L tokens) stays within the
+// scheme's error of float64 attention.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "test_util.h"
+
+namespace intfa::testing {
+namespace {
+
+using tools::Dist;
+using tools::HostQKV;
+
+bool verbose() { return std::getenv("INTFA_TEST_VERBOSE") != nullptr; }
+
+// Tokens [t0, t0 + n) of a BHSD tensor [B, H, S, D] (or of a per-token [B, H, S] one), strides
+// kept: the views a KV cache is read and written through.
+Tensor tokens(Tensor t, int64_t t0, int64_t n) {
+  t.data = static_cast<char*>(t.data) + t0 * t.stride[2] * static_cast<int64_t>(dtype_size(t.dtype));
+  t.shape[2] = n;
+  return t;
+}
+
+// A cache of `cap` tokens for B x Hkv heads (BHSD) in one buffer (alloc_quantized with one query
+// row: only its K/V parts are used).
+struct Cache {
+  ProblemShape ps;
+  std::unique_ptr<AlignedBuffer> buf;
+  QuantizedQKV x;
+  Cache(int B, int Hkv, int cap, int D, Scheme s) : ps{B, Hkv, Hkv, 1, cap, D} {
+    buf = std::make_unique<AlignedBuffer>(quantized_bytes(ps, s));
+    std::memset(buf->data(), 0x55, buf->size());  // poison: untouched bytes stay 0x55
+    EXPECT_TRUE(alloc_quantized(ps, s, Layout::BHSD, buf->data(), buf->size(), false, 0, &x).ok());
+  }
+  // What attention_int8 reads for the first L tokens, with the queries of `q`.
+  QuantizedQKV view(const QuantizedQKV& q, int64_t L) const {
+    QuantizedQKV v = x;
+    v.q8 = q.q8;
+    v.q_scale = q.q_scale;
+    v.lse_offset = q.lse_offset;
+    v.k8 = tokens(x.k8, 0, L);
+    v.k_scale = tokens(x.k_scale, 0, L);
+    return v;
+  }
+};
+
+// Host storage for the query side of one call: q8 [B, Hq, Sq, D], q_scale and lse_offset.
+struct QParts {
+  std::vector<int8_t> q8;
+  std::vector<float> qs, off;
+  QuantizedQKV x;
+  QParts(int B, int Hq, int Sq, int D, Scheme s) : q8(size_t(B) * Hq * Sq * D, 0x55), qs(size_t(B) * Hq * Sq, NAN), off(qs.size(), NAN) {
+    x.scheme = s;
+    x.q8 = make_tensor(q8.data(), DType::i8, {B, Hq, Sq, D});
+    x.q_scale = make_tensor(qs.data(), DType::f32, {B, Hq, Sq});
+    x.lse_offset = make_tensor(off.data(), DType::f32, {B, Hq, Sq});
+  }
+};
+
+template <typename T>
+bool same_bytes(const Tensor& a, const T* b, size_t n) {
+  return std::memcmp(a.data, b, n * sizeof(T)) == 0;
+}
+
+// Bytes of vt8 [B, H, D, cols] in columns [c0, c1) of every row.
+std::vector<int8_t> vt_columns(const Tensor& vt, int64_t c0, int64_t c1) {
+  std::vector<int8_t> out;
+  const int8_t* p = static_cast<const int8_t*>(vt.data);
+  for (int64_t b = 0; b < vt.shape[0]; ++b)
+    for (int64_t h = 0; h < vt.shape[1]; ++h)
+      for (int64_t d = 0; d < vt.shape[2]; ++d)
+        for (int64_t c = c0; c < c1; ++c) out.push_back(p[b * vt.stride[0] + h * vt.stride[1] + d * vt.stride[2] + c]);
+  return out;
+}
+
+TEST(KvCache, QuantizeQIsQuantizesQSide) {
+  for (Scheme s : {Scheme::paper, Scheme::accurate, Scheme::half}) {
+    for (Layout layout : {Layout::BHSD, Layout::BSHD}) {
+      SCOPED_TRACE(std::string(to_string(s)) + " " + to_string(layout));
+      const int B = 2, Hq = 4, Hkv = 2, Sq = 9, Skv = 33, D = 64;
+      HostQKV x = tools::make_inputs(Dist::llm, B, Hq, Hkv, Sq, Skv, D, DType::bf16, 70 + int(s));
+      Options o;
+      o.scheme = s;
+      o.layout = layout;
+      o.scale = 0.3f;
+      ProblemShape ps{B, Hq, Hkv, Sq, Skv, D};
+      AlignedBuffer buf(quantized_bytes(ps, s));
+      QuantizedQKV want;
+      ASSERT_TRUE(alloc_quantized(ps, s, layout, buf.data(), buf.size(), false, 0, &want).ok());
+      std::vector<uint16_t> q = x.q, k = x.k, v = x.v;
+      if (layout == Layout::BSHD) {
+        q = swap_hs(x.q, B, Hq, Sq, D);
+        k = swap_hs(x.k, B, Hkv, Skv, D);
+        v = swap_hs(x.v, B, Hkv, Skv, D);
+      }
+      const bool bshd = layout == Layout::BSHD;
+      Tensor tq = make_tensor(q.data(), x.dtype, {B, bshd ? Sq : Hq, bshd ? Hq : Sq, D});
+      Tensor tk = make_tensor(k.data(), x.dtype, {B, bshd ? Skv : Hkv, bshd ? Hkv : Skv, D});
+      Tensor tv = make_tensor(v.data(), x.dtype, {B, bshd ? Skv : Hkv, bshd ? Hkv : Skv, D});
+      Status st = quantize(tq, tk, tv, Tensor(), Tensor(), o, want);
+      ASSERT_TRUE(st.ok()) << st.message();
+
+      QParts got(B, Hq, Sq, D, s);
+      got.x.q8 = make_tensor(got.q8.data(), DType::i8, {B, bshd ? Sq : Hq, bshd ? Hq : Sq, D});
+      st = quantize_q(tq, s == Scheme::paper ? Tensor() : want.k_mean, o, got.x);
+      ASSERT_TRUE(st.ok()) << st.message();
+      EXPECT_TRUE(same_bytes(want.q8, got.q8.data(), got.q8.size()));
+      EXPECT_TRUE(same_bytes(want.q_scale, got.qs.data(), got.qs.size()));
+      EXPECT_TRUE(same_bytes(want.lse_offset, got.off.data(), got.off.size()));
+    }
+  }
+}
+
+// The prompt quantized straight into the first L0 tokens of a longer cache (k8 / k_scale views,
+// the cache's vt8) equals quantize() of the prompt alone; bytes past L0 are not touched.
+TEST(KvCache, PromptIntoCacheEqualsQuantize) {
+  for (Scheme s : {Scheme::paper, Scheme::accurate}) {
+    SCOPED_TRACE(to_string(s));
+    const int B = 2, Hq = 4, Hkv = 2, Sq = 5, L0 = 29, cap = 100, D = 64;
+    HostQKV x = tools::make_inputs(Dist::llm, B, Hq, Hkv, Sq, L0, D, DType::f16, 80 + int(s));
+    Options o;
+    o.scheme = s;
+    ProblemShape ps{B, Hq, Hkv, Sq, L0, D};
+    AlignedBuffer buf(quantized_bytes(ps, s));
+    QuantizedQKV want;
+    ASSERT_TRUE(alloc_quantized(ps, s, Layout::BHSD, buf.data(), buf.size(), false, 0, &want).ok());
+    ASSERT_TRUE(quantize(x.tq(), x.tk(), x.tv(), Tensor(), Tensor(), o, want).ok());
+
+    Cache c(B, Hkv, cap, D, s);
+    QParts qp(B, Hq, Sq, D, s);
+    QuantizedQKV out = c.view(qp.x, L0);
+    Status st = quantize(x.tq(), x.tk(), x.tv(), Tensor(), Tensor(), o, out);
+    ASSERT_TRUE(st.ok()) << st.message();
+    EXPECT_TRUE(same_bytes(want.q8, qp.q8.data(), qp.q8.size()));
+    EXPECT_TRUE(same_bytes(want.k_mean, static_cast<float*>(c.x.k_mean.data), size_t(B) * Hkv * D));
+    EXPECT_TRUE(same_bytes(want.v_scale, static_cast<float*>(c.x.v_scale.data), size_t(B) * Hkv * D));
+    for (int b = 0; b < B; ++b)
+      for (int h = 0; h < Hkv; ++h) {
+        const int64_t row = b * Hkv + h;
+        EXPECT_EQ(std::memcmp(static_cast<int8_t*>(want.k8.data) + row * L0 * D,
+                              static_cast<int8_t*>(c.x.k8.data) + row * cap * D, size_t(L0) * D), 0);
+        EXPECT_EQ(std::memcmp(static_cast<float*>(want.k_scale.data) + row * L0,
+                              static_cast<float*>(c.x.k_scale.data) + row * cap, L0 * sizeof(float)), 0);
+        EXPECT_EQ(static_cast<uint8_t*>(c.x.k8.data)[(row * cap + L0) * D], 0x55) << "token L0 written";
+      }
+    EXPECT_EQ(vt_columns(want.vt8, 0, L0), vt_columns(c.x.vt8, 0, L0));
+    for (int8_t b : vt_columns(c.x.vt8, L0, cap)) ASSERT_EQ(uint8_t(b), 0x55) << "V^T column past L0 written";
+  }
+}
+
+// append_kv with the mean and V scales of quantize() over all tokens: K bit-identical to
+// quantize() (same mean, same rule), V by round(v / v_scale) (within one level of quantize()'s
+// 127 / amax rule); appends in chunks equal one append; nothing outside the range moves.
+TEST(KvCache, AppendFollowsTheRule) {
+  for (Scheme s : {Scheme::paper, Scheme::accurate}) {
+    SCOPED_TRACE(to_string(s));
+    const int B = 2, Hkv = 3, L = 41, cap = 64, D = 64;
+    HostQKV x = tools::make_inputs(Dist::llm, B, Hkv, Hkv, 1, L, D, DType::bf16, 90 + int(s));
+    Options o;
+    o.scheme = s;
+    ProblemShape ps{B, Hkv, Hkv, 1, L, D};
+    AlignedBuffer buf(quantized_bytes(ps, s));
+    QuantizedQKV want;
+    ASSERT_TRUE(alloc_quantized(ps, s, Layout::BHSD, buf.data(), buf.size(), false, 0, &want).ok());
+    ASSERT_TRUE(quantize(x.tq(), x.tk(), x.tv(), Tensor(), Tensor(), o, want).ok());
+
+    Cache one(B, Hkv, cap, D, s), chunks(B, Hkv, cap, D, s);
+    for (Cache* c : {&one, &chunks}) {
+      std::memcpy(c->x.k_mean.data, want.k_mean.data, size_t(B) * Hkv * D * sizeof(float));
+      std::memcpy(c->x.v_scale.data, want.v_scale.data, size_t(B) * Hkv * D * sizeof(float));
+    }
+    const int pos = 7;  // tokens land at pos .. pos + L - 1
+    Status st = append_kv(x.tk(), x.tv(), pos, o, one.x);
+    ASSERT_TRUE(st.ok()) << st.message();
+    for (auto [t0, n] : {std::pair<int, int>{0, 3}, {3, 1}, {4, L - 4}})
+      ASSERT_TRUE(append_kv(tokens(x.tk(), t0, n), tokens(x.tv(), t0, n), pos + t0, o, chunks.x).ok());
+    EXPECT_EQ(std::memcmp(one.buf->data(), chunks.buf->data(), one.buf->size()), 0) << "chunked appends differ";
+
+    const float* vs = static_cast<const float*>(want.v_scale.data);
+    const int8_t* wvt = static_cast<const int8_t*>(want.vt8.data);
+    for (int b = 0; b < B; ++b)
+      for (int h = 0; h < Hkv; ++h) {
+        const int64_t row = b * Hkv + h;
+        EXPECT_EQ(std::memcmp(static_cast<int8_t*>(want.k8.data) + row * L * D,
+                              static_cast<int8_t*>(one.x.k8.data) + (row * cap + pos) * D, size_t(L) * D), 0);
+        EXPECT_EQ(std::memcmp(static_cast<float*>(want.k_scale.data) + row * L,
+                              static_cast<float*>(one.x.k_scale.data) + row * cap + pos, L * sizeof(float)), 0);
+        for (int d = 0; d < D; ++d) {
+          const float inv = 1.f / vs[row * D + d];
+          const int8_t* got = static_cast<const int8_t*>(one.x.vt8.data) + row * one.x.vt8.stride[1] + d * one.x.vt8.stride[2];
+          const int8_t* ref = wvt + row * want.vt8.stride[1] + d * want.vt8.stride[2];
+          for (int t = 0; t < L; ++t) {
+            const float val = tools::to_float(x.v[(row * L + t) * D + d], x.dtype);
+            const int expect = std::max(-127, std::min(127, static_cast<int>(std::nearbyint(val * inv))));
+            ASSERT_EQ(got[pos + t], expect) << "b" << b << " h" << h << " d" << d << " t" << t;
+            ASSERT_LE(std::abs(int(got[pos + t]) - int(ref[t])), 1);
+          }
+          ASSERT_EQ(uint8_t(got[pos - 1]), 0x55);
+          ASSERT_EQ(uint8_t(got[pos + L]), 0x55);
+        }
+      }
+  }
+}
+
+// V beyond the range of a channel's scale grows that scale to 1.25 x amax / 127 and requantizes
+// the bytes the cache holds; paper grows the head's one scale; values within range leave the
+// cache alone.
+TEST(KvCache, AppendGrowsTheVScaleInsteadOfClamping) {
+  for (Scheme s : {Scheme::accurate, Scheme::paper}) {
+    SCOPED_TRACE(to_string(s));
+    const int cap = 8, D = 16, pos = 2;
+    Cache c(1, 1, cap, D, s);
+    const bool paper = s == Scheme::paper;
+    std::vector<float> vs(D, 0.01f);
+    if (!paper) vs[1] = 1.f;
+    std::memcpy(c.x.v_scale.data, vs.data(), D * sizeof(float));
+    std::memset(c.x.k_mean.data, 0, D * sizeof(float));
+    int8_t* vt = static_cast<int8_t*>(c.x.vt8.data);
+    const int64_t ds = c.x.vt8.stride[2], cols = c.x.vt8.shape[3];
+    for (int d = 0; d < D; ++d)
+      for (int64_t col = 0; col < cols; ++col) vt[d * ds + col] = static_cast<int8_t>((col * 37 + d * 11) % 255 - 127);
+    const std::vector<int8_t> before(vt, vt + D * ds);
+    std::vector<uint16_t> k(D, 0x3c00), v(D, 0x3c00);  // fp16 1.0: 100 levels of 0.01
+    v[0] = 0x4a00;                                      // 12.0: 1200 levels
+    v[2] = 0xca00;                                      // -12.0
+    Options o;
+    o.scheme = s;
+    ASSERT_TRUE(append_kv(make_tensor(k.data(), DType::f16, {1, 1, 1, D}), make_tensor(v.data(), DType::f16, {1, 1, 1, D}),
+                          pos, o, c.x).ok());
+    const float grown = 12.f / 127.f * 1.25f;
+    const float* got_vs = static_cast<const float*>(c.x.v_scale.data);
+    for (int d = 0; d < D; ++d) {
+      const bool grows = paper || d == 0 || d == 2;  // paper: the head's one scale
+      SCOPED_TRACE("channel " + std::to_string(d));
+      ASSERT_EQ(got_vs[d], grows ? grown : vs[d]);
+      const float val = tools::to_float(v[d], DType::f16);
+      EXPECT_EQ(vt[d * ds + pos], static_cast<int>(std::nearbyint(val * (1.f / got_vs[d]))));
+      for (int64_t col = 0; col < cols; ++col) {
+        if (col == pos) continue;
+        const int8_t old = before[d * ds + col];
+        const int want = grows ? static_cast<int>(std::nearbyint(float(old) * vs[d] * (1.f / grown))) : old;
+        ASSERT_EQ(vt[d * ds + col], want) << "column " << col;
+      }
+    }
+    EXPECT_EQ(vt[0 * ds + pos], 102);  // 12 / (1.25 * 12 / 127) = 101.6
+    EXPECT_EQ(vt[2 * ds + pos], -102);
+  }
+}
+
+// attention_int8 over a strided view of the cache equals the same tokens copied out compactly.
+TEST(KvCache, AttentionOverCacheViewsEqualsCompactCopy) {
+  const Scheme s = Scheme::accurate;
+  const int B = 2, Hq = 4, Hkv = 2, Sq = 3, L = 45, cap = 70, D = 64;
+  HostQKV x = tools::make_inputs(Dist::normal, B, Hq, Hkv, Sq, L, D, DType::bf16, 99);
+  Options o;
+  o.scheme = s;
+  o.causal = true;
+  o.block_n = 16;
+  Cache c(B, Hkv, cap, D, s);
+  QParts qp(B, Hq, Sq, D, s);
+  ASSERT_TRUE(quantize(x.tq(), x.tk(), x.tv(), Tensor(), Tensor(), o, c.view(qp.x, L)).ok());
+
+  ProblemShape ps{B, Hq, Hkv, Sq, L, D};
+  AlignedBuffer buf(quantized_bytes(ps, s));
+  QuantizedQKV compact;
+  ASSERT_TRUE(alloc_quantized(ps, s, Layout::BHSD, buf.data(), buf.size(), false, 0, &compact).ok());
+  ASSERT_TRUE(quantize(x.tq(), x.tk(), x.tv(), Tensor(), Tensor(), o, compact).ok());
+
+  std::vector<float> a(size_t(B) * Hq * Sq * D, NAN), b(a.size(), NAN), la(size_t(B) * Hq * Sq, NAN), lb(la.size(), NAN);
+  Tensor tla = make_tensor(la.data(), DType::f32, {B, Hq, Sq}), tlb = make_tensor(lb.data(), DType::f32, {B, Hq, Sq});
+  Status st = attention_int8(c.view(qp.x, L), Tensor(), Tensor(), 0, 0, make_tensor(a.data(), DType::f32, {B, Hq, Sq, D}), &tla, o);
+  ASSERT_TRUE(st.ok()) << st.message();
+  ASSERT_TRUE(attention_int8(compact, Tensor(), Tensor(), 0, 0, make_tensor(b.data(), DType::f32, {B, Hq, Sq, D}), &tlb, o).ok());
+  EXPECT_EQ(widen(a), widen(b));
+  EXPECT_EQ(widen(la), widen(lb));
+  EXPECT_EQ(count_nan(a), 0);
+}
+
+// A decode loop: the prompt fixes the statistics, then each step appends its token(s), quantizes
+// its queries and attends over the cache's first L tokens; against float64 attention over the same
+// (unquantized) tokens, causal bottom-right, GQA, one-token steps and a three-token chunk.
+TEST(KvCache, DecodeLoopAgainstFloat64) {
+  for (Scheme s : {Scheme::paper, Scheme::accurate}) {
+    for (Dist dist : {Dist::normal, Dist::llm}) {
+      SCOPED_TRACE(std::string(to_string(s)) + " " + tools::to_string(dist));
+      const int B = 2, Hq = 4, Hkv = 2, L0 = 37, steps = 8, cap = 64, D = 64;
+      // Queries: one per new token; keys / values: the prompt, then the new tokens.
+      HostQKV x = tools::make_inputs(dist, B, Hq, Hkv, steps, L0 + steps, D, DType::bf16, 500 + 10 * int(s) + int(dist));
+      Options o;
+      o.scheme = s;
+      o.causal = true;
+      o.block_n = 32;
+      Cache c(B, Hkv, cap, D, s);
+      {
+        QParts prompt_q(B, Hq, 1, D, s);  // quantize() needs queries: one, unused
+        ASSERT_TRUE(quantize(tokens(x.tq(), 0, 1), tokens(x.tk(), 0, L0), tokens(x.tv(), 0, L0), Tensor(), Tensor(), o,
+                             c.view(prompt_q.x, L0)).ok());
+      }
+      int L = L0;
+      double sum_err = 0, sum_fresh = 0;
+      // Steps: 1, 1, 3 (a chunk of queries, causal among themselves), 1, 1, 1.
+      for (int n : {1, 1, 3, 1, 1, 1}) {
+        SCOPED_TRACE("tokens " + std::to_string(L) + " + " + std::to_string(n));
+        const int i = L - L0;  // first query / new token of the step
+        Status st = append_kv(tokens(x.tk(), L, n), tokens(x.tv(), L, n), L, o, c.x);
+        ASSERT_TRUE(st.ok()) << st.message();
+        L += n;
+        QParts qp(B, Hq, n, D, s);
+        const Tensor q = tokens(x.tq(), i, n);
+        st = quantize_q(q, c.x.k_mean, o, qp.x);
+        ASSERT_TRUE(st.ok()) << st.message();
+        std::vector<float> out(size_t(B) * Hq * n * D, NAN), lse(size_t(B) * Hq * n, NAN);
+        Tensor tl = make_tensor(lse.data(), DType::f32, {B, Hq, n});
+        st = attention_int8(c.view(qp.x, L), Tensor(), Tensor(), 0, 0, make_tensor(out.data(), DType::f32, {B, Hq, n, D}),
+                            &tl, o);
+        ASSERT_TRUE(st.ok()) << st.message();
+
+        // float64 over the step's queries and the first L tokens (copied out: the reference takes
+        // contiguous BHSD).
+        auto slice = [&](const std::vector<uint16_t>& src, int H, int S, int t0, int cnt) {
+          std::vector<uint16_t> y(size_t(B) * H * cnt * D);
+          for (int bh = 0; bh < B * H; ++bh)
+            std::memcpy(&y[size_t(bh) * cnt * D], &src[(size_t(bh) * S + t0) * D], size_t(cnt) * D * 2);
+          return y;
+        };
+        HostQKV r;
+        r.batch = B, r.heads_q = Hq, r.heads_kv = Hkv, r.seqlen_q = n, r.seqlen_kv = L, r.head_dim = D, r.dtype = x.dtype;
+        r.q = slice(x.q, Hq, steps, i, n);
+        r.k = slice(x.k, Hkv, L0 + steps, 0, L);
+        r.v = slice(x.v, Hkv, L0 + steps, 0, L);
+        Result ref = run_reference(r, o);
+        ASSERT_TRUE(ref.status.ok()) << ref.status.message();
+        // The same step through attention(), which quantizes with statistics of exactly these
+        // tokens: the cache's fixed ones should cost little on top.
+        Result fresh = run_attention(r, o);
+        ASSERT_TRUE(fresh.status.ok()) << fresh.status.message();
+        const double err = rel_l2(widen(out), ref.out), fresh_err = rel_l2(fresh.out, ref.out);
+        int64_t bad = 0, fresh_bad = 0;
+        const double lse_err = max_abs_lse_error(widen(lse), ref.lse, &bad);
+        const double fresh_lse_err = max_abs_lse_error(fresh.lse, ref.lse, &fresh_bad);
+        if (verbose())
+          std::printf("  %s %s L=%d: rel_l2 %.4f (fresh %.4f), lse err %.4f (fresh %.4f)\n", to_string(s),
+                      tools::to_string(dist), L, err, fresh_err, lse_err, fresh_lse_err);
+        // One query's error is noisy (llm rows attend to a few keys): a bound per step, and the
+        // fixed statistics' cost over the whole loop.
+        EXPECT_LT(err, s == Scheme::accurate ? 0.05 : 0.25);
+        EXPECT_LT(lse_err, 1.5 * fresh_lse_err + 0.1);
+        EXPECT_EQ(bad, 0);
+        sum_err += err;
+        sum_fresh += fresh_err;
+      }
+      EXPECT_LT(sum_err, 1.6 * sum_fresh + 0.01) << "fixed statistics cost more than quantizing each step afresh";
+    }
+  }
+}
+
+TEST(KvCache, ErrorsNameTheArgument) {
+  const int B = 1, Hkv = 2, cap = 16, D = 64;
+  Cache c(B, Hkv, cap, D, Scheme::accurate);
+  HostQKV x = tools::make_inputs(Dist::normal, B, 4, Hkv, 2, 4, D, DType::f16, 7);
+  Options o;
+  auto has = [](const Status& st, StatusCode code, const char* a, const char* b) {
+    return st.code() == code && st.message().find(a) != std::string::npos && st.message().find(b) != std::string::npos;
+  };
+  Status st = append_kv(x.tk(), x.tv(), 13, o, c.x);
+  EXPECT_TRUE(has(st, StatusCode::invalid_argument, "pos", "<= the cache's 16 tokens, got pos 13")) << st.message();
+  st = append_kv(x.tk(), x.tv(), -1, o, c.x);
+  EXPECT_TRUE(has(st, StatusCode::invalid_argument, "pos", "got pos -1")) << st.message();
+  st = append_kv(x.tq(), x.tq(), 0, o, c.x);  // 4 heads against the cache's 2
+  EXPECT_TRUE(has(st, StatusCode::invalid_argument, "cache.k8", "(1, 4, 64)")) << st.message();
+  Options half = o;
+  half.scheme = Scheme::half;
+  QuantizedQKV hc = c.x;
+  hc.scheme = Scheme::half;
+  st = append_kv(x.tk(), x.tv(), 0, half, hc);
+  EXPECT_TRUE(has(st, StatusCode::not_available, "half", "append_kv")) << st.message();
+  Options paper = o;
+  paper.scheme = Scheme::paper;
+  st = append_kv(x.tk(), x.tv(), 0, paper, c.x);
+  EXPECT_TRUE(has(st, StatusCode::invalid_argument, "cache.scheme", "expected paper")) << st.message();
+
+  QParts qp(B, 4, 2, D, Scheme::accurate);
+  st = quantize_q(x.tq(), Tensor(), o, qp.x);
+  EXPECT_TRUE(has(st, StatusCode::invalid_argument, "k_mean", "got null data")) << st.message();
+  std::vector<float> bad_mean(3 * D);
+  st = quantize_q(x.tq(), make_tensor(bad_mean.data(), DType::f32, {B, 3, D}), o, qp.x);
+  EXPECT_TRUE(has(st, StatusCode::invalid_argument, "k_mean", "heads_kv dividing heads_q = 4")) << st.message();
+  QuantizedQKV no_off = qp.x;
+  no_off.lse_offset = Tensor();
+  EXPECT_TRUE(quantize_q(x.tq(), Tensor(), o, no_off).ok()) << "the mean is only needed for lse_offset";
+  QuantizedQKV small = qp.x;
+  small.q_scale.shape[2] = 1;
+  st = quantize_q(x.tq(), c.x.k_mean, o, small);
+  EXPECT_TRUE(has(st, StatusCode::invalid_argument, "out.q_scale", "[batch, heads_q, seqlen_q] = [1, 4, 2]")) << st.message();
+
+  // attention_int8 takes strided k_scale views but still wants the last dim contiguous.
+  QParts q1(B, 4, 1, D, Scheme::accurate);
+  QuantizedQKV v = c.view(q1.x, 4);
+  v.k_scale.stride[2] = 2;
+  std::vector<float> out(size_t(B) * 4 * D);
+  st = attention_int8(v, Tensor(), Tensor(), 0, 0, make_tensor(out.data(), DType::f32, {B, 4, 1, D}), nullptr, o);
+  EXPECT_TRUE(has(st, StatusCode::invalid_argument, "k_scale", "contiguous last dim")) << st.message();
+}
+
+}  // namespace
+}  // namespace intfa::testing
