@@ -21,7 +21,8 @@ from ._arrays import lib as _lib
 
 __all__ = [
     "attention", "attention_varlen", "quantize", "attention_int8", "attention_reference",
-    "QuantizedQKV", "quantized_bytes", "build_info", "device_info", "resolve_gpu_path",
+    "QuantizedQKV", "quantize_q", "append_kv", "KVCache", "quantized_bytes", "build_info",
+    "device_info", "resolve_gpu_path",
     "patch_sdpa", "unpatch_sdpa", "sdpa_patched", "scaled_dot_product_attention",
     "sdpa_supported", "__version__",
 ]
@@ -210,6 +211,174 @@ def attention_int8(qkv, *, cu_seqlens_q=None, cu_seqlens_kv=None, max_seqlen_q=N
                                               bool(is_causal), s, _arrays.dtype_name(out_dtype),
                                               bool(return_lse), path)
     return (out, lse) if return_lse else out
+
+
+# ------------------------------------------------------------------------------------------------
+# INT8 KV cache for decoding
+# ------------------------------------------------------------------------------------------------
+def quantize_q(q, k_mean=None, *, scale=None, layout="BHSD", scheme="accurate"):
+    """Quantizes a decode step's queries against a KV cache's statistics.
+
+    q: [B, Hq, Sq, D] ("BHSD") or [B, Sq, Hq, D] ("BSHD"), float16/bfloat16.
+    k_mean: the cache's K mean, float32 [B, Hkv, D] (Hkv divides Hq), for lse_offset with the
+        accurate (and half) scheme; None skips lse_offset there (attention_int8 then treats it as
+        0, which changes the LSE only). Paper has no K mean: its lse_offset is 0.
+    scale: the softmax scale attention_int8 will use (None: 1/sqrt(D)); enters lse_offset only.
+
+    Returns (q8, q_scale, lse_offset): int8 like q (dense), float32 [B, Hq, Sq], float32
+    [B, Hq, Sq] or None. q8 and q_scale equal quantize()'s bit for bit for the same q.
+    """
+    s = _arrays.scale_arg(scale)
+    if _is_torch(q):
+        q8, q_scale, lse_offset = _torch.quantize_q_call(q, k_mean, s, layout, scheme)
+        if lse_offset.dim() == 1 and lse_offset.shape[0] == 0:
+            lse_offset = None
+    else:
+        arrays = dict(q=q) if k_mean is None else dict(q=q, k_mean=k_mean)
+        fw = _frameworks(**arrays)
+        q8, q_scale, lse_offset = _arrays.run_quantize_q(fw, q, k_mean, s, layout, scheme)
+    return q8, q_scale, lse_offset
+
+
+def _cache_parts(cache):
+    return {n: getattr(cache, n) for n in ("k8", "k_scale", "k_mean", "vt8", "v_scale")}
+
+
+def append_kv(cache, k_new, v_new, pos, *, layout=None):
+    """Writes n new tokens into an INT8 KV cache in place, as tokens pos .. pos + n - 1.
+
+    cache: a QuantizedQKV (e.g. a KVCache's, or quantize()'s) whose k8 [B, Hkv, C, D] (its
+        layout), k_scale [B, Hkv, C] and vt8 [B, Hkv, D, >= C] hold C tokens; its k_mean
+        (accurate) and v_scale are the statistics the new tokens are quantized with (a V
+        channel's scale grows, in place, when a new value lies beyond it).
+        Schemes paper and accurate (half: RuntimeError).
+    k_new, v_new: [B, Hkv, n, D] or [B, n, Hkv, D] (layout), float16/bfloat16.
+    layout: of k_new and v_new; None means cache.layout.
+    Returns None.
+    """
+    layout = cache.layout if layout is None else layout
+    pos = int(pos)
+    if _is_torch(k_new):
+        parts = _cache_parts(cache)
+        for n in ("k8", "k_scale", "vt8", "v_scale"):
+            if parts[n] is None:  # a part the scheme lacks (half): the C++ layer reports it
+                parts[n] = k_new.new_empty((0,), dtype=_torch.torch.int8)
+        _torch.append_kv_call(k_new, v_new, pos, parts["k8"], parts["k_scale"], parts["k_mean"],
+                              parts["vt8"], parts["v_scale"], cache.scheme, cache.layout, layout)
+    else:
+        fw = _frameworks(k_new=k_new, v_new=v_new)
+        _arrays.run_append_kv(fw, k_new, v_new, pos, _cache_parts(cache), cache.scheme,
+                              cache.layout, layout)
+
+
+class KVCache:
+    """An INT8 KV cache of fixed capacity for decoding: the prompt's K and V quantized once,
+    tokens appended in place, attention over the tokens held.
+
+        cache = intfa.KVCache(k, v, capacity, layout="BHSD", scheme="accurate")
+        cache.append(k_new, v_new)                     # n tokens at position cache.length
+        out = cache.attention(q, is_causal=True)      # q: this step's queries
+
+    k, v: the prompt's keys and values, [B, Hkv, L0, D] ("BHSD") or [B, L0, Hkv, D] ("BSHD"),
+    float16/bfloat16, torch (CPU or CUDA), CuPy or NumPy. The statistics come from the prompt:
+    the K mean (accurate; fixed, and exact for softmax, which ignores any vector subtracted from
+    every key) and the per-channel V scales (a V channel's scale grows when a later value lies
+    beyond it, its stored values requantized; see docs/PYTHON.md). Schemes "accurate" and
+    "paper".
+
+    Attributes: length (tokens held, a Python int), capacity, scheme, layout, dtype (of the
+    inputs), batch, heads_kv, head_dim, and the parts over all capacity tokens: k8 (layout),
+    k_scale [B, Hkv, C], k_mean [B, Hkv, D] (None for paper), vt8 [B, Hkv, D, >= C], v_scale.
+    Parts past `length` tokens hold no meaning.
+    """
+
+    def __init__(self, k, v, capacity, *, layout="BHSD", scheme="accurate"):
+        if scheme == "half":
+            raise RuntimeError("scheme: KVCache takes 'accurate' and 'paper'; 'half' keeps V in "
+                               "fp16/bf16, which append_kv does not quantize")
+        fw = _frameworks(k=k, v=v)  # eager only (it allocates): no torch.compile concerns
+        if layout not in _arrays.LAYOUTS:
+            raise ValueError(f"layout: expected 'BHSD' or 'BSHD', got {layout!r}")
+        d = _arrays.dims(k.shape, layout, False)
+        if d is None:
+            raise ValueError(f"k: expected 4 dims {_cache_dims(layout, 'L0')}, got shape "
+                             f"{tuple(k.shape)}")
+        b, hkv, n, dim = (int(x) for x in d)
+        if min(b, hkv, n, dim) < 1:
+            raise ValueError(f"k: expected every size of {_cache_dims(layout, 'L0')} >= 1 (the "
+                             f"prompt fixes the cache's statistics), got shape {tuple(k.shape)}")
+        if isinstance(capacity, bool) or int(capacity) != capacity:
+            raise ValueError(f"capacity: expected an int, got {capacity!r}")
+        capacity = int(capacity)
+        if capacity < n:
+            raise ValueError(f"capacity: expected at least the prompt's {n} tokens, got "
+                             f"{capacity}")
+        parts = _arrays.alloc_cache(fw, k, b, hkv, capacity, dim, layout, scheme)
+        first = dict(parts)
+        first["k8"] = _arrays.first_tokens(parts["k8"], n, layout)
+        first["k_scale"] = parts["k_scale"][..., :n]
+        q = _arrays.first_tokens(k, 1, layout)  # its quantized parts are scratch, then dropped
+        if _is_torch(k):
+            _torch.quantize_into_call(q, k, v, layout, scheme,
+                                      *(first.get(p) for p in _arrays.PART_NAMES))
+        else:
+            _arrays.quantize_into(fw, q, k, v, None, None, first, layout, scheme)
+        self.scheme, self.layout, self.dtype = scheme, layout, k.dtype
+        self.batch, self.heads_kv, self.head_dim = b, hkv, dim
+        self.capacity, self.length = capacity, n
+        self.k8, self.k_scale = parts["k8"], parts["k_scale"]
+        self.k_mean = parts.get("k_mean") if scheme != "paper" else None
+        self.vt8, self.v_scale = parts["vt8"], parts["v_scale"]
+
+    def __repr__(self):
+        return (f"intfa.KVCache(length={self.length}, capacity={self.capacity}, "
+                f"batch={self.batch}, heads_kv={self.heads_kv}, head_dim={self.head_dim}, "
+                f"layout={self.layout!r}, scheme={self.scheme!r})")
+
+    def _all(self):
+        """The cache over all capacity tokens (what append_kv writes into)."""
+        return QuantizedQKV(scheme=self.scheme, layout=self.layout, q8=None, q_scale=None,
+                            lse_offset=None, k8=self.k8, k_scale=self.k_scale,
+                            k_mean=self.k_mean, vt8=self.vt8, v_scale=self.v_scale,
+                            dtype=self.dtype)
+
+    def append(self, k_new, v_new):
+        """Appends n tokens ([B, Hkv, n, D] or [B, n, Hkv, D] in the cache's layout) at position
+        length, quantized with the prompt's statistics; then length += n."""
+        d = _arrays.dims(k_new.shape, self.layout, False)
+        n = int(d[2]) if d is not None else 0
+        if self.length + n > self.capacity:
+            raise ValueError(
+                f"KVCache.append: {n} new tokens do not fit: capacity {self.capacity}, length "
+                f"{self.length}, n {n} (length + n = {self.length + n} > capacity)")
+        append_kv(self._all(), k_new, v_new, self.length)
+        self.length += n
+
+    def qkv(self, q8=None, q_scale=None, lse_offset=None, dtype=None):
+        """A QuantizedQKV over the first `length` tokens (k8 and k_scale views; vt8 as it is,
+        with capacity columns) with the given quantized queries, for attention_int8."""
+        return QuantizedQKV(scheme=self.scheme, layout=self.layout, q8=q8, q_scale=q_scale,
+                            lse_offset=lse_offset,
+                            k8=_arrays.first_tokens(self.k8, self.length, self.layout),
+                            k_scale=self.k_scale[..., :self.length], k_mean=self.k_mean,
+                            vt8=self.vt8, v_scale=self.v_scale,
+                            dtype=self.dtype if dtype is None else dtype)
+
+    def attention(self, q, *, is_causal=False, scale=None, return_lse=False, path="auto",
+                  out_dtype=None):
+        """Attention of q ([B, Hq, Sq, D] or [B, Sq, Hq, D] in the cache's layout; Hq a multiple
+        of Hkv) over the `length` tokens held. Causal is bottom-right aligned: query i sees keys
+        j <= i + length - Sq, so the Sq queries of the last appended tokens see themselves and
+        what precedes them. out_dtype defaults to q's dtype. Other arguments as in attention()."""
+        q8, q_scale, lse_offset = quantize_q(q, self.k_mean, scale=scale, layout=self.layout,
+                                             scheme=self.scheme)
+        return attention_int8(self.qkv(q8, q_scale, lse_offset, q.dtype), is_causal=is_causal,
+                              scale=scale, out_dtype=out_dtype, return_lse=return_lse,
+                              path=path)
+
+
+def _cache_dims(layout, tokens):
+    return f"[B, Hkv, {tokens}, D]" if layout == "BHSD" else f"[B, {tokens}, Hkv, D]"
 
 
 def attention_reference(q, k, v, *, is_causal=False, scale=None, layout="BHSD",

@@ -335,11 +335,76 @@ def alloc_quantized(fw, q, k, layout, scheme, nseq):
 def run_quantize(fw, q, k, v, cu_q, cu_kv, layout, scheme):
     varlen = cu_q is not None or cu_kv is not None
     parts = alloc_quantized(fw, q, k, layout, scheme, _num_sequences(cu_q) if varlen else None)
+    quantize_into(fw, q, k, v, cu_q, cu_kv, parts, layout, scheme)
+    return parts
+
+
+def quantize_into(fw, q, k, v, cu_q, cu_kv, parts, layout, scheme):
+    """quantize() into given parts ({name: array}; a KV cache passes views of its first tokens)."""
     with fw.device(q):
         lib.quantize(fw.arg(q), fw.arg(k), fw.arg(v), fw.arg(cu_q), fw.arg(cu_kv),
-                     {n: fw.arg(a) for n, a in parts.items()}, layout, scheme, "auto",
-                     fw.stream(q))
+                     {n: fw.arg(a) for n, a in parts.items() if a is not None}, layout, scheme,
+                     "auto", fw.stream(q))
+
+
+# ------------------------------------------------------------------------------------------------
+# INT8 KV cache
+# ------------------------------------------------------------------------------------------------
+def token_shape(b, h, s, d, layout):
+    """The shape of a [B, H, S, D] tensor in `layout`."""
+    return (b, s, h, d) if layout == "BSHD" else (b, h, s, d)
+
+
+def first_tokens(x, n, layout):
+    """The first n tokens of a k8-like array (a view)."""
+    return x[:, :n] if layout == "BSHD" else x[:, :, :n]
+
+
+def alloc_cache(fw, like, batch, heads_kv, capacity, head_dim, layout, scheme):
+    """{part: array} of an empty KV cache of `capacity` tokens, laid out as quantize() lays out
+    a problem with seqlen_kv = capacity (vt8 a view of its padded rows). The q parts (one query
+    token per K/V head) are the scratch the prompt's quantize() writes."""
+    q_shape = token_shape(batch, heads_kv, 1, head_dim, layout)
+    k_shape = token_shape(batch, heads_kv, capacity, head_dim, layout)
+    spec = quantized_spec(q_shape, k_shape, layout, scheme, None)
+    parts = {}
+    for name, (storage, dtype, columns) in spec.items():
+        a = fw.empty(storage, dtype, like)
+        parts[name] = a if columns is None else a[..., :columns]
     return parts
+
+
+def quantize_q_parts(fw, q, layout, with_lse_offset):
+    """(q8, q_scale, lse_offset or None) allocated for quantize_q, or Nones when q's shape is
+    malformed (the C++ layer then reports it)."""
+    rows = rows_shape(q.shape, layout, False)
+    if rows is None or min(rows) < 1:
+        return None, None, None
+    d = dims(q.shape, layout, False)
+    q8 = fw.empty(token_shape(*(int(x) for x in d), layout), "int8", q)
+    rows = tuple(int(x) for x in rows)
+    q_scale = fw.empty(rows, "float32", q)
+    lse_offset = fw.empty(rows, "float32", q) if with_lse_offset else None
+    return q8, q_scale, lse_offset
+
+
+def run_quantize_q(fw, q, k_mean, scale, layout, scheme):
+    # lse_offset needs the K mean (accurate, half); paper writes zeros.
+    q8, q_scale, lse_offset = quantize_q_parts(fw, q, layout,
+                                               k_mean is not None or scheme == "paper")
+    parts = {"q8": q8, "q_scale": q_scale, "lse_offset": lse_offset}
+    with fw.device(q):
+        lib.quantize_q(fw.arg(q), fw.arg(k_mean),
+                       {n: fw.arg(a) for n, a in parts.items() if a is not None}, scale, layout,
+                       scheme, "auto", fw.stream(q))
+    return q8, q_scale, lse_offset
+
+
+def run_append_kv(fw, k_new, v_new, pos, cache_parts, scheme, cache_layout, layout):
+    with fw.device(k_new):
+        lib.append_kv(fw.arg(k_new), fw.arg(v_new), pos,
+                      {n: fw.arg(a) for n, a in cache_parts.items() if a is not None}, scheme,
+                      cache_layout, layout, "auto", fw.stream(k_new))
 
 
 def run_attention_int8(fw, parts, scheme, layout, cu_q, cu_kv, max_q, max_kv, causal, scale,

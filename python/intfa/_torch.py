@@ -99,16 +99,57 @@ def _attention_int8_fake(q8, q_scale, lse_offset, k8, k_scale, k_mean, vt8, v_sc
     return out, _fake_lse(q8, layout, varlen, return_lse)
 
 
+def _quantize_q_impl(q: Tensor, k_mean: Optional[Tensor], scale: float, layout: str,
+                     scheme: str) -> Tuple[Tensor, Tensor, Tensor]:
+    q8, q_scale, lse_offset = _arrays.run_quantize_q(_FW, q, k_mean, scale, layout, scheme)
+    # Always three tensors: an lse_offset that was not computed (no k_mean) is empty.
+    return q8, q_scale, _lse_or_empty(lse_offset, q)
+
+
+def _quantize_q_fake(q, k_mean, scale, layout, scheme):
+    q8, q_scale, lse_offset = _arrays.quantize_q_parts(_FW, q, layout,
+                                                       k_mean is not None or scheme == "paper")
+    if q8 is None:  # malformed: the real implementation raises; these are never used
+        q8 = q.new_empty((0,), dtype=torch.int8)
+        q_scale = q.new_empty((0,), dtype=torch.float32)
+    return q8, q_scale, _lse_or_empty(lse_offset, q)
+
+
+def _append_kv_impl(k_new: Tensor, v_new: Tensor, pos: int, k8: Tensor, k_scale: Tensor,
+                    k_mean: Optional[Tensor], vt8: Tensor, v_scale: Tensor, scheme: str,
+                    cache_layout: str, layout: str) -> None:
+    parts = dict(k8=k8, k_scale=k_scale, k_mean=k_mean, vt8=vt8, v_scale=v_scale)
+    _arrays.run_append_kv(_FW, k_new, v_new, pos, parts, scheme, cache_layout, layout)
+
+
+def _append_kv_fake(k_new, v_new, pos, k8, k_scale, k_mean, vt8, v_scale, scheme, cache_layout,
+                    layout):
+    return None
+
+
+def _quantize_into_impl(q: Tensor, k: Tensor, v: Tensor, layout: str, scheme: str, q8: Tensor,
+                        q_scale: Tensor, lse_offset: Tensor, k8: Tensor, k_scale: Tensor,
+                        k_mean: Tensor, vt8: Tensor, v_scale: Tensor) -> None:
+    parts = dict(q8=q8, q_scale=q_scale, lse_offset=lse_offset, k8=k8, k_scale=k_scale,
+                 k_mean=k_mean, vt8=vt8, v_scale=v_scale)
+    _arrays.quantize_into(_FW, q, k, v, None, None, parts, layout, scheme)
+
+
+def _quantize_into_fake(q, k, v, layout, scheme, q8, q_scale, lse_offset, k8, k_scale, k_mean,
+                        vt8, v_scale):
+    return None
+
+
 # The op definitions own their torch.library registrations: keep them alive with the module.
 _op_defs = []
 
 
-def _register(name, impl, fake):
+def _register(name, impl, fake, mutates_args=()):
     """Registers intfa::<name> and returns its OpOverload (what torch.compile traces into one
     graph node), or the plain function where custom ops are missing."""
     if not HAVE_CUSTOM_OP:
         return impl
-    op = torch.library.custom_op(f"intfa::{name}", mutates_args=())(impl)
+    op = torch.library.custom_op(f"intfa::{name}", mutates_args=mutates_args)(impl)
     op.register_fake(fake)
     _op_defs.append(op)
     return getattr(torch.ops.intfa, name).default
@@ -119,6 +160,15 @@ attention_varlen_op = _register("attention_varlen", _attention_varlen_impl,
                                 _attention_varlen_fake)
 quantize_op = _register("quantize", _quantize_impl, _quantize_fake)
 attention_int8_op = _register("attention_int8", _attention_int8_impl, _attention_int8_fake)
+quantize_q_op = _register("quantize_q", _quantize_q_impl, _quantize_q_fake)
+# The KV cache's parts are written in place: the ops return nothing. append_kv also writes
+# v_scale (a V channel's scale grows when a new value would clamp; vt8's columns are then
+# requantized).
+append_kv_op = _register("append_kv", _append_kv_impl, _append_kv_fake,
+                         mutates_args=("k8", "k_scale", "vt8", "v_scale"))
+quantize_into_op = _register("quantize_into", _quantize_into_impl, _quantize_into_fake,
+                             mutates_args=("q8", "q_scale", "lse_offset", "k8", "k_scale",
+                                           "k_mean", "vt8", "v_scale"))
 
 # What could need the dispatcher to see the op: a Python dispatch mode (FakeTensorMode, a flop
 # counter, ...) and the profiler (which names ops). Resolved once; a torch without the query
@@ -160,6 +210,9 @@ attention_call = _direct_or_op(attention_op, _attention_impl)
 attention_varlen_call = _direct_or_op(attention_varlen_op, _attention_varlen_impl)
 quantize_call = _direct_or_op(quantize_op, _quantize_impl)
 attention_int8_call = _direct_or_op(attention_int8_op, _attention_int8_impl)
+quantize_q_call = _direct_or_op(quantize_q_op, _quantize_q_impl)
+append_kv_call = _direct_or_op(append_kv_op, _append_kv_impl)
+quantize_into_call = _direct_or_op(quantize_into_op, _quantize_into_impl)
 
 
 # ------------------------------------------------------------------------------------------------

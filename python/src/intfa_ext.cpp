@@ -391,6 +391,48 @@ nb::object attention_int8(nb::dict parts, const std::string& scheme, const std::
   });
 }
 
+// INT8 KV cache. quantize_q fills parts q8, q_scale and (if given) lse_offset for a decode
+// step's q against the cache's K mean; append_kv writes k_new/v_new into the cache's k8,
+// k_scale and vt8 at token pos, reading its k_mean and v_scale (the other parts are ignored).
+nb::object quantize_q(nb::handle q, nb::handle k_mean, nb::dict parts, double scale,
+                      const std::string& layout, const std::string& scheme,
+                      const std::string& backend, uintptr_t stream) {
+  Views views;
+  intfa::Options o;
+  Tensor tq, tm;
+  intfa::QuantizedQKV x;
+  INTFA_PY_TRY(make_options(false, scale, layout, scheme, backend, "auto", 64, stream, &o));
+  INTFA_PY_TRY(input(q, "q", views, &tq));
+  INTFA_PY_TRY(input(k_mean, "k_mean", views, &tm));
+  INTFA_PY_TRY(quantized_from(parts, scheme, layout, true, views, &x));
+  return call([&] { return intfa::quantize_q(tq, tm, o, x); });
+}
+
+nb::object append_kv(nb::handle k_new, nb::handle v_new, int64_t pos, nb::dict cache,
+                     const std::string& scheme, const std::string& cache_layout,
+                     const std::string& layout, const std::string& backend, uintptr_t stream) {
+  Views views;
+  intfa::Options o;
+  Tensor tk, tv;
+  intfa::QuantizedQKV x;
+  INTFA_PY_TRY(make_options(false, 0.0, layout, scheme, backend, "auto", 64, stream, &o));
+  INTFA_PY_TRY(parse_scheme_arg(scheme, "cache.scheme", &x.scheme));
+  INTFA_PY_TRY(parse_layout_arg(cache_layout, &x.layout));
+  INTFA_PY_TRY(input(k_new, "k_new", views, &tk));
+  INTFA_PY_TRY(input(v_new, "v_new", views, &tv));
+  struct Field { const char* name; Tensor* t; bool written; };
+  const Field fields[] = {{"k8", &x.k8, true},          {"k_scale", &x.k_scale, true},
+                          {"k_mean", &x.k_mean, false}, {"vt8", &x.vt8, true},
+                          {"v_scale", &x.v_scale, false}};
+  for (const Field& f : fields) {
+    nb::handle h(PyDict_GetItemString(cache.ptr(), f.name));
+    const std::string name = std::string("cache.") + f.name;
+    INTFA_PY_TRY(f.written ? output(h, name.c_str(), views, f.t)
+                           : input(h, name.c_str(), views, f.t));
+  }
+  return call([&] { return intfa::append_kv(tk, tv, pos, o, x); });
+}
+
 nb::object attention_reference(nb::handle q, nb::handle k, nb::handle v, nb::handle out,
                                nb::handle lse, bool causal, double scale,
                                const std::string& layout) {
@@ -529,6 +571,12 @@ NB_MODULE(_C, m) {
         nb::arg("max_seqlen_q"), nb::arg("max_seqlen_kv"), nb::arg("out"),
         nb::arg("lse").none(), nb::arg("causal"), nb::arg("scale"), nb::arg("backend"),
         nb::arg("path"), nb::arg("block_n"), nb::arg("stream"));
+  m.def("quantize_q", &quantize_q, nb::arg("q"), nb::arg("k_mean").none(), nb::arg("parts"),
+        nb::arg("scale"), nb::arg("layout"), nb::arg("scheme"), nb::arg("backend"),
+        nb::arg("stream"));
+  m.def("append_kv", &append_kv, nb::arg("k_new"), nb::arg("v_new"), nb::arg("pos"),
+        nb::arg("cache"), nb::arg("scheme"), nb::arg("cache_layout"), nb::arg("layout"),
+        nb::arg("backend"), nb::arg("stream"));
   m.def("attention_reference", &attention_reference, nb::arg("q"), nb::arg("k"), nb::arg("v"),
         nb::arg("out"), nb::arg("lse").none(), nb::arg("causal"), nb::arg("scale"),
         nb::arg("layout"));

@@ -349,3 +349,256 @@ def test_gpu_path_names_on_host_arrays():
     np.testing.assert_array_equal(intfa.attention(q, k, v, path="sm90"), intfa.attention(q, k, v))
     with pytest.raises(ValueError, match="path"):
         intfa.attention(q, k, v, path="sm70")
+
+
+# ------------------------------------------------------------------------------------------------
+# INT8 KV cache: quantize_q, append_kv, KVCache
+# ------------------------------------------------------------------------------------------------
+def tokens(x, a, b, layout="BHSD"):
+    """Tokens a:b of a [B, H, S, D] (or BSHD) array."""
+    return x[:, a:b] if layout == "BSHD" else x[:, :, a:b]
+
+
+def kv_rule_ref(k_new, v_new, k_mean, v_scale):
+    """append_kv's documented rule in NumPy (BHSD): K' = K - k_mean by the per-token rule; V^T
+    columns by clamp(round_half_even(v * fp32(1 / v_scale))) (when no scale grows)."""
+    km = np.float32(0) if k_mean is None else k_mean[:, :, None, :]
+    k8, ks = quantize_rows_ref(k_new.astype(np.float32) - km)
+    inv = np.where(v_scale >= np.float32(2.0 ** -100), np.float32(1) / v_scale, np.float32(1))
+    vt = v_new.astype(np.float32).transpose(0, 1, 3, 2) * inv.astype(np.float32)[..., None]
+    return k8, ks, np.clip(np.rint(vt), -127, 127).astype(np.int8)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("layout", ["BHSD", "BSHD"])
+def test_quantize_q_equals_quantize(scheme, layout):
+    rng = np.random.default_rng(20)
+    q, k, v = qkv(rng, 2, 4, 2, 23, 50, 64, layout)
+    k = (k + 2).astype(np.float16)  # a per-channel offset: lse_offset is far from 0
+    x = intfa.quantize(q, k, v, layout=layout, scheme=scheme)
+    q8, q_scale, lse_offset = intfa.quantize_q(q, x.k_mean, layout=layout, scheme=scheme)
+    assert isinstance(q8, np.ndarray) and q8.dtype == np.int8 and q8.shape == q.shape
+    assert q_scale.shape == lse_offset.shape == (2, 4, 23)
+    np.testing.assert_array_equal(q8, x.q8)
+    np.testing.assert_array_equal(q_scale, x.q_scale)
+    np.testing.assert_array_equal(lse_offset, x.lse_offset)  # exact on the CPU
+    if scheme == "paper":
+        assert np.all(lse_offset == 0)
+    # Without the K mean there is no lse_offset (paper has none to compute: zeros).
+    q8n, q_scale_n, lse_n = intfa.quantize_q(q, layout=layout, scheme=scheme)
+    np.testing.assert_array_equal(q8n, x.q8)
+    np.testing.assert_array_equal(q_scale_n, x.q_scale)
+    assert (lse_n is None) == (scheme != "paper")
+    # The softmax scale enters lse_offset only.
+    q8s, _, lse_s = intfa.quantize_q(q, x.k_mean, scale=0.3, layout=layout, scheme=scheme)
+    np.testing.assert_array_equal(q8s, x.q8)
+    np.testing.assert_allclose(lse_s, x.lse_offset * (0.3 * 8), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scheme", ["accurate", "paper"])
+@pytest.mark.parametrize("layout", ["BHSD", "BSHD"])
+def test_kv_cache_prompt_equals_quantize(scheme, layout):
+    rng = np.random.default_rng(21)
+    q, k, v = qkv(rng, 2, 4, 2, 37, 37, 64, layout)
+    k = (k + 1).astype(np.float16)
+    cache = intfa.KVCache(k, v, 100, layout=layout, scheme=scheme)
+    assert (cache.length, cache.capacity, cache.scheme, cache.layout) == (37, 100, scheme, layout)
+    assert cache.dtype == np.float16
+    assert (cache.batch, cache.heads_kv, cache.head_dim) == (2, 2, 64)
+    assert cache.k8.shape == ((2, 100, 2, 64) if layout == "BSHD" else (2, 2, 100, 64))
+    assert cache.k_scale.shape == (2, 2, 100)
+    assert cache.vt8.shape[:3] == (2, 2, 64) and cache.vt8.shape[3] >= 100
+    x = intfa.quantize(q, k, v, layout=layout, scheme=scheme)
+    np.testing.assert_array_equal(tokens(cache.k8, 0, 37, layout), x.k8)
+    np.testing.assert_array_equal(cache.k_scale[..., :37], x.k_scale)
+    np.testing.assert_array_equal(cache.vt8[..., :37], x.vt8[..., :37])
+    np.testing.assert_array_equal(cache.v_scale, x.v_scale)
+    if scheme == "paper":
+        assert cache.k_mean is None
+    else:
+        np.testing.assert_array_equal(cache.k_mean, x.k_mean)
+    # Attention over the prompt through the cache: the same bits as the fp16 entry point.
+    out, lse = cache.attention(q, is_causal=True, return_lse=True)
+    want, want_lse = intfa.attention(q, k, v, is_causal=True, enable_gqa=True, layout=layout,
+                                     scheme=scheme, return_lse=True)
+    np.testing.assert_array_equal(out, want)
+    np.testing.assert_array_equal(lse, want_lse)
+    assert "length=37" in repr(cache) and "capacity=100" in repr(cache)
+
+
+@pytest.mark.parametrize("scheme", ["accurate", "paper"])
+@pytest.mark.parametrize("layout", ["BHSD", "BSHD"])
+def test_kv_cache_append_follows_the_rule(scheme, layout):
+    # Appended K is quantized by the per-token rule against the prompt's K mean (bit for bit
+    # what quantize() does with that mean); appended V within the prompt's range by
+    # v * (1 / v_scale), the scales unchanged. Token by token equals all at once.
+    rng = np.random.default_rng(22)
+    _, k, v = qkv(rng, 1, 2, 2, 1, 45, 64, layout)
+    k = (k + 2).astype(np.float16)
+    v = np.concatenate([tokens(v, 0, 37, layout),
+                        (tokens(v, 37, 45, layout) * 0.5).astype(np.float16)],
+                       axis=1 if layout == "BSHD" else 2)
+    one = intfa.KVCache(tokens(k, 0, 37, layout), tokens(v, 0, 37, layout), 48, layout=layout,
+                        scheme=scheme)
+    block = intfa.KVCache(tokens(k, 0, 37, layout), tokens(v, 0, 37, layout), 45,
+                          layout=layout, scheme=scheme)
+    v_scale = one.v_scale.copy()
+    for t in range(37, 45):
+        one.append(tokens(k, t, t + 1, layout), tokens(v, t, t + 1, layout))
+    block.append(tokens(k, 37, 45, layout), tokens(v, 37, 45, layout))
+    assert one.length == block.length == 45
+    np.testing.assert_array_equal(one.v_scale, v_scale)
+    to_bhsd = (lambda a: a.transpose(0, 2, 1, 3)) if layout == "BSHD" else (lambda a: a)
+    k8, ks, vt8 = kv_rule_ref(to_bhsd(tokens(k, 37, 45, layout)),
+                              to_bhsd(tokens(v, 37, 45, layout)), one.k_mean, v_scale)
+    for c in (one, block):
+        np.testing.assert_array_equal(to_bhsd(tokens(c.k8, 37, 45, layout)), k8)
+        np.testing.assert_array_equal(c.k_scale[..., 37:45], ks)
+        np.testing.assert_array_equal(c.vt8[..., 37:45], vt8)
+    np.testing.assert_array_equal(tokens(one.k8, 0, 45, layout), tokens(block.k8, 0, 45, layout))
+    np.testing.assert_array_equal(one.vt8[..., :45], block.vt8[..., :45])
+    # The appended K equals quantize()'s K of the whole sequence when its K mean is the prompt's
+    # (the paper scheme has no mean: always).
+    if scheme == "paper":
+        x = intfa.quantize(k, k, v, layout=layout, scheme=scheme)
+        np.testing.assert_array_equal(tokens(one.k8, 0, 45, layout), x.k8)
+        np.testing.assert_array_equal(one.k_scale[..., :45], x.k_scale)
+
+
+def test_kv_cache_v_scale_grows_for_values_beyond_the_prompt():
+    # A new V value past a channel's range grows that channel's scale (the columns held are
+    # requantized to it) instead of clamping: attention stays accurate.
+    rng = np.random.default_rng(23)
+    q, k, v = qkv(rng, 1, 2, 2, 1, 38, 64)
+    v[0, 0, 37, :8] *= 6  # channels 0..7 of head 0: beyond the prompt's range
+    cache = intfa.KVCache(k[:, :, :37], v[:, :, :37], 64)
+    before = cache.v_scale.copy()
+    cache.append(k[:, :, 37:], v[:, :, 37:])
+    vf = v.astype(np.float32)
+    amax = np.abs(vf[0, 0, :, :8]).max(axis=0)
+    assert np.all(cache.v_scale[0, 0, :8] >= amax / 127)
+    grew = cache.v_scale != before
+    assert grew[0, 0, :8].any()
+    np.testing.assert_array_equal(cache.v_scale[~grew], before[~grew])
+    # Every value held dequantizes to within one step of its scale (none clamped).
+    deq = cache.vt8[..., :38].astype(np.float32) * cache.v_scale[..., None]
+    err = np.abs(deq - vf.transpose(0, 1, 3, 2))
+    assert np.all(err <= cache.v_scale[..., None] * 1.01)
+    out = cache.attention(q, is_causal=True)
+    ref = intfa.attention_reference(q, k, v, is_causal=True)
+    assert rel_l2(out, ref) < 3e-2
+
+
+@pytest.mark.parametrize("scheme", ["accurate", "paper"])
+@pytest.mark.parametrize("hq,hkv,layout", [(2, 2, "BHSD"), (4, 2, "BHSD"), (4, 2, "BSHD")])
+def test_kv_cache_decode_loop(scheme, hq, hkv, layout):
+    # A 37-token prompt, then 5 decode steps (append one token, attend with its query), then a
+    # chunk of 3 tokens at once (causal, bottom-right: each query sees itself and its past),
+    # against float64 attention over the full float inputs up to that step.
+    rng = np.random.default_rng(24)
+    n0, steps = 37, 5
+    total = n0 + steps + 3
+    q, k, v = qkv(rng, 2, hq, hkv, total, total, 64, layout)
+    cache = intfa.KVCache(tokens(k, 0, n0, layout), tokens(v, 0, n0, layout), 64,
+                          layout=layout, scheme=scheme)
+    tol = 0.05  # measured <= 0.017 for both schemes
+    end = n0
+    for n in [1] * steps + [3]:
+        cache.append(tokens(k, end, end + n, layout), tokens(v, end, end + n, layout))
+        end += n
+        assert cache.length == end
+        qt = tokens(q, end - n, end, layout)
+        out, lse = cache.attention(qt, is_causal=True, return_lse=True)
+        assert out.shape == qt.shape and out.dtype == np.float16
+        assert lse.shape == (2, hq, n)
+        ref, ref_lse = intfa.attention_reference(qt, tokens(k, 0, end, layout),
+                                                 tokens(v, 0, end, layout), is_causal=True,
+                                                 layout=layout, return_lse=True)
+        assert rel_l2(out, ref) < tol, (end, rel_l2(out, ref))
+        np.testing.assert_allclose(lse, ref_lse, atol=5e-2)
+    assert cache.length == total
+    out32 = cache.attention(tokens(q, total - 1, total, layout), out_dtype="float32", scale=0.1)
+    ref = intfa.attention_reference(tokens(q, total - 1, total, layout), k, v, scale=0.1,
+                                    layout=layout)
+    assert out32.dtype == np.float32 and rel_l2(out32, ref) < tol
+
+
+def test_kv_cache_bfloat16():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    rng = np.random.default_rng(25)
+    q, k, v = qkv(rng, 1, 4, 2, 41, 41, 64, dtype=ml_dtypes.bfloat16)
+    cache = intfa.KVCache(k[:, :, :40], v[:, :, :40], 41)
+    cache.append(k[:, :, 40:], v[:, :, 40:])
+    out = cache.attention(q[:, :, 40:], is_causal=True)
+    assert out.dtype == ml_dtypes.bfloat16
+    ref = intfa.attention_reference(q[:, :, 40:], k, v, is_causal=True)
+    assert rel_l2(out, ref) < 0.05
+
+
+def test_append_kv_low_level():
+    # append_kv on quantize()'s result: tokens overwritten in place at any position.
+    rng = np.random.default_rng(26)
+    q, k, v = qkv(rng, 1, 2, 2, 8, 40, 64)
+    x = intfa.quantize(q, k, v)
+    k2 = (k * 0.5).astype(np.float16)
+    v2 = (v * 0.5).astype(np.float16)
+    assert intfa.append_kv(x, k2[:, :, 10:13], v2[:, :, 10:13], 10) is None
+    k8, ks, vt8 = kv_rule_ref(k2[:, :, 10:13], v2[:, :, 10:13], x.k_mean, x.v_scale)
+    np.testing.assert_array_equal(x.k8[:, :, 10:13], k8)
+    np.testing.assert_array_equal(x.k_scale[..., 10:13], ks)
+    np.testing.assert_array_equal(x.vt8[..., 10:13], vt8)
+    # BSHD new tokens into a BHSD cache.
+    x2 = intfa.quantize(q, k, v)
+    intfa.append_kv(x2, k2[:, :, 10:13].transpose(0, 2, 1, 3).copy(),
+                    v2[:, :, 10:13].transpose(0, 2, 1, 3).copy(), 10, layout="BSHD")
+    np.testing.assert_array_equal(x2.k8, x.k8)
+    np.testing.assert_array_equal(x2.vt8[..., :40], x.vt8[..., :40])
+    # A KVCache is a cache too: append_kv writes its buffers, only append() moves length.
+    a = intfa.KVCache(k[:, :, :30], v[:, :, :30], 40)
+    b = intfa.KVCache(k[:, :, :30], v[:, :, :30], 40)
+    intfa.append_kv(a, k2[:, :, 30:33], v2[:, :, 30:33], 30)
+    b.append(k2[:, :, 30:33], v2[:, :, 30:33])
+    assert a.length == 30 and b.length == 33
+    np.testing.assert_array_equal(a.k8[:, :, :33], b.k8[:, :, :33])
+    np.testing.assert_array_equal(a.vt8[..., :33], b.vt8[..., :33])
+
+
+def test_kv_cache_errors():
+    rng = np.random.default_rng(27)
+    q, k, v = qkv(rng, 1, 4, 2, 1, 40, 64)
+    cache = intfa.KVCache(k[:, :, :38], v[:, :, :38], 40)
+    with pytest.raises(ValueError, match=r"capacity 40, length 38, n 3"):
+        cache.append(k[:, :, :3], v[:, :, :3])
+    assert cache.length == 38
+    cache.append(k[:, :, :2], v[:, :, :2])
+    with pytest.raises(ValueError, match=r"capacity 40, length 40, n 1"):
+        cache.append(k[:, :, :1], v[:, :, :1])
+    with pytest.raises(ValueError, match="capacity: expected at least the prompt's 38 tokens"):
+        intfa.KVCache(k[:, :, :38], v[:, :, :38], 37)
+    with pytest.raises(ValueError, match="k: expected 4 dims"):
+        intfa.KVCache(k[0], v[0], 40)
+    with pytest.raises(ValueError, match="layout"):
+        intfa.KVCache(k, v, 40, layout="SBHD")
+    with pytest.raises(ValueError, match="scheme"):
+        intfa.KVCache(k, v, 40, scheme="fp8")
+    # half keeps V unquantized: append_kv is not available for it (RuntimeError).
+    with pytest.raises(RuntimeError, match="half"):
+        intfa.KVCache(k, v, 40, scheme="half")
+    xh = intfa.quantize(q, k, v, scheme="half")
+    with pytest.raises(RuntimeError, match="append_kv takes paper and accurate"):
+        intfa.append_kv(xh, k[:, :, :1], v[:, :, :1], 0)
+    # The C++ layer's messages: wrong heads, dtype, a position past the cache.
+    small = intfa.KVCache(k[:, :, :8], v[:, :, :8], 16)
+    with pytest.raises(ValueError, match="cache.k8: expected batch, heads and head_dim"):
+        small.append(q[:, :, :1], q[:, :, :1])
+    with pytest.raises(TypeError, match="k_new: expected dtype float16 or bfloat16"):
+        small.append(k[:, :, :1].astype(np.float32), v[:, :, :1])
+    x = intfa.quantize(q, k, v)
+    with pytest.raises(ValueError, match="pos: expected 0 <= pos"):
+        intfa.append_kv(x, k[:, :, :2], v[:, :, :2], 39)
+    with pytest.raises(TypeError, match="q: expected dtype float16 or bfloat16"):
+        small.attention(q.astype(np.float32))
+    with pytest.raises(ValueError, match="k_mean"):
+        intfa.quantize_q(q, x.k_mean[:, :, :32])
+    with pytest.raises(TypeError, match="k_mean: expected a numpy.ndarray"):
+        intfa.quantize_q(q, x.k_mean.tolist())

@@ -384,3 +384,128 @@ def test_cupy_arrays():
     ref, ref_lse = ref_attention(q, k, v, causal=True)
     assert rel_l2(out, ref) < 3e-2
     lse_close(torch.as_tensor(cp.asnumpy(lse), device="cuda"), ref_lse)
+
+
+# ------------------------------------------------------------------------------------------------
+# INT8 KV cache
+# ------------------------------------------------------------------------------------------------
+def _tok(x, a, b, layout="BHSD"):
+    return x[:, a:b] if layout == "BSHD" else x[:, :, a:b]
+
+
+def _kv_inputs(d, layout, n0, total, seed):
+    q, k, v = make_qkv(2, 4, 2, total, total, d, layout, seed=seed)
+    k = k + 1  # a per-channel offset: the K mean matters
+    v = v.clone()
+    # A V value past the prompt's range at decode step 3: that channel's scale grows.
+    grow = (slice(None), n0 + 2, 0, slice(0, 4)) if layout == "BSHD" else \
+        (slice(None), 0, n0 + 2, slice(0, 4))
+    v[grow] *= 5
+    return q, k, v
+
+
+@pytest.mark.parametrize("scheme", ["accurate", "paper"])
+@pytest.mark.parametrize("d,layout", [(64, "BHSD"), (128, "BSHD")])
+def test_kv_cache_decode_matches_cpu(scheme, d, layout):
+    """A KV cache on the GPU against the same cache on the CPU backend: a 37-token prompt, 5
+    decode steps (GQA 4/2) and a causal chunk of 3; the cache parts bit-identical after every
+    append, the outputs close, and both close to float64 attention."""
+    n0, steps = 37, [1] * 5 + [3]
+    total = n0 + sum(steps)
+    q, k, v = _kv_inputs(d, layout, n0, total, seed=110)
+    kc, vc = k.cpu(), v.cpu()
+    g = intfa.KVCache(_tok(k, 0, n0, layout), _tok(v, 0, n0, layout), 64, layout=layout,
+                      scheme=scheme)
+    c = intfa.KVCache(_tok(kc, 0, n0, layout), _tok(vc, 0, n0, layout), 64, layout=layout,
+                      scheme=scheme)
+    assert g.k8.is_cuda and g.vt8.is_cuda
+    v_scale0 = c.v_scale.clone()
+    end = n0
+    for n in steps:
+        g.append(_tok(k, end, end + n, layout), _tok(v, end, end + n, layout))
+        c.append(_tok(kc, end, end + n, layout), _tok(vc, end, end + n, layout))
+        end += n
+        assert g.length == c.length == end
+        assert torch.equal(_tok(g.k8, 0, end, layout).cpu(), _tok(c.k8, 0, end, layout))
+        assert torch.equal(g.k_scale[..., :end].cpu(), c.k_scale[..., :end])
+        assert torch.equal(g.vt8[..., :end].cpu(), c.vt8[..., :end])
+        assert torch.equal(g.v_scale.cpu(), c.v_scale)
+        qt = _tok(q, end - n, end, layout)
+        out, lse = g.attention(qt, is_causal=True, return_lse=True)
+        out_c, lse_c = c.attention(qt.cpu(), is_causal=True, return_lse=True)
+        assert out.is_cuda and out.dtype == q.dtype and out.shape == qt.shape
+        assert rel_l2(out, out_c) < 2e-3
+        assert (lse.cpu() - lse_c).abs().max().item() < 1e-3
+        ref, ref_lse = ref_attention(qt, _tok(k, 0, end, layout), _tok(v, 0, end, layout),
+                                     causal=True, layout=layout)
+        assert rel_l2(out, ref) < 0.05
+        lse_close(lse, ref_lse)
+    assert not torch.equal(c.v_scale, v_scale0)  # the large V value grew a scale
+
+
+def test_quantize_q_on_the_gpu():
+    q, k, v = make_qkv(2, 8, 2, 5, 300, 128, seed=120)
+    k = k + 2
+    x = intfa.quantize(q, k, v)
+    q8, q_scale, lse_offset = intfa.quantize_q(q, x.k_mean)
+    assert q8.is_cuda and torch.equal(q8, x.q8) and torch.equal(q_scale, x.q_scale)
+    torch.testing.assert_close(lse_offset, x.lse_offset, rtol=1e-5, atol=1e-5)
+    q8c, q_scale_c, lse_c = intfa.quantize_q(q.cpu(), x.k_mean.cpu())
+    assert torch.equal(q8.cpu(), q8c) and torch.equal(q_scale.cpu(), q_scale_c)
+    torch.testing.assert_close(lse_offset.cpu(), lse_c, rtol=1e-5, atol=1e-5)
+
+
+def test_kv_cache_decode_step_in_a_cuda_graph():
+    """quantize_q, append_kv and attention_int8 of one decode step captured in a CUDA graph:
+    replay writes the cache and gives the eager result. (KVCache.length advances while the step
+    is captured, in Python; the graph's work runs at replay.)"""
+    n0 = 40
+    q, k, v = make_qkv(1, 8, 2, n0 + 1, n0 + 1, 128, seed=130)
+    kt, vt, qt = (_tok(x, n0, n0 + 1).clone() for x in (k, v, q))
+    warm = intfa.KVCache(k[:, :, :n0], v[:, :, :n0], 64)
+    cache = intfa.KVCache(k[:, :, :n0], v[:, :, :n0], 64)
+    eager = intfa.KVCache(k[:, :, :n0], v[:, :, :n0], 64)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside capture
+        warm.append(kt, vt)
+        warm.attention(qt, is_causal=True)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        cache.append(kt, vt)
+        out = cache.attention(qt, is_causal=True)
+    graph.replay()
+    eager.append(kt, vt)
+    want = eager.attention(qt, is_causal=True)
+    torch.cuda.synchronize()
+    assert torch.equal(out, want)
+    assert torch.equal(cache.k8[:, :, :n0 + 1], eager.k8[:, :, :n0 + 1])
+    assert torch.equal(cache.vt8[..., :n0 + 1], eager.vt8[..., :n0 + 1])
+
+
+def test_kv_cache_errors_on_the_gpu():
+    q, k, v = make_qkv(1, 4, 2, 1, 40, 64, seed=140)
+    cache = intfa.KVCache(k[:, :, :39], v[:, :, :39], 40)
+    with pytest.raises(ValueError, match=r"capacity 40, length 39, n 2"):
+        cache.append(k[:, :, :2], v[:, :, :2])
+    with pytest.raises(ValueError, match="memory"):  # the cache is on the GPU, k_new not
+        cache.append(k[:, :, :1].cpu(), v[:, :, :1].cpu())
+    with pytest.raises(ValueError, match="head_dim: expected 64 or 128 on the GPU, got 96"):
+        intfa.KVCache(*make_qkv(1, 2, 2, 1, 8, 96)[1:], 16)
+
+
+def test_kv_cache_cupy():
+    cp = pytest.importorskip("cupy")
+    q, k, v = make_qkv(1, 4, 2, 41, 41, 64, seed=150)
+    qc, kc, vc = (cp.asarray(x.cpu().numpy()) for x in (q, k, v))
+    cc = intfa.KVCache(kc[:, :, :40], vc[:, :, :40], 48)
+    ct = intfa.KVCache(k[:, :, :40], v[:, :, :40], 48)
+    cc.append(kc[:, :, 40:], vc[:, :, 40:])
+    ct.append(k[:, :, 40:], v[:, :, 40:])
+    out = cc.attention(qc[:, :, 40:], is_causal=True)
+    assert isinstance(out, cp.ndarray) and out.dtype == cp.float16
+    want = ct.attention(q[:, :, 40:], is_causal=True)
+    assert torch.equal(torch.as_tensor(cp.asnumpy(out), device="cuda"), want)
+    assert torch.equal(torch.as_tensor(cp.asnumpy(cc.vt8[..., :41]), device="cuda"),
+                       ct.vt8[..., :41])

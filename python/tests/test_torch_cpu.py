@@ -138,3 +138,93 @@ def test_sdpa_routing_rules_on_cpu():
     intfa.unpatch_sdpa()
     intfa.unpatch_sdpa()
     assert F.scaled_dot_product_attention is torch_sdpa
+
+
+# ------------------------------------------------------------------------------------------------
+# INT8 KV cache
+# ------------------------------------------------------------------------------------------------
+def _decode_inputs(hq=4, hkv=2, n0=37, total=43, seed=0):
+    q = rand(1, hq, total, 64, seed=seed)
+    k = rand(1, hkv, total, 64, seed=seed + 1) + 1
+    v = rand(1, hkv, total, 64, seed=seed + 2)
+    v[:, 0, n0 + 2, :4] *= 5  # a V value past the prompt's range: its channel's scale grows
+    return q, k, v
+
+
+def _decode(cache, q, k, v, n0, total):
+    outs = []
+    for t in range(n0, total):
+        cache.append(k[:, :, t:t + 1], v[:, :, t:t + 1])
+        outs.append(cache.attention(q[:, :, t:t + 1], is_causal=True, return_lse=True))
+    return outs
+
+
+@pytest.mark.parametrize("scheme", ["accurate", "paper"])
+def test_kv_cache_torch_equals_numpy(scheme):
+    q, k, v = _decode_inputs()
+    ct = intfa.KVCache(k[:, :, :37], v[:, :, :37], 48, scheme=scheme)
+    cn = intfa.KVCache(k[:, :, :37].numpy(), v[:, :, :37].numpy(), 48, scheme=scheme)
+    assert isinstance(ct.k8, torch.Tensor) and ct.dtype == torch.float16
+    prompt_v_scale = ct.v_scale.clone()
+    got = _decode(ct, q, k, v, 37, 43)
+    assert not torch.equal(ct.v_scale, prompt_v_scale)  # the scaled token grew a scale
+    want = _decode(cn, q.numpy(), k.numpy(), v.numpy(), 37, 43)
+    for (o, l), (on, ln) in zip(got, want):
+        assert isinstance(o, torch.Tensor) and o.dtype == torch.float16
+        np.testing.assert_array_equal(o.numpy(), on)
+        np.testing.assert_array_equal(l.numpy(), ln)
+    n = ct.length
+    np.testing.assert_array_equal(ct.k8[:, :, :n].numpy(), cn.k8[:, :, :n])
+    np.testing.assert_array_equal(ct.k_scale[..., :n].numpy(), cn.k_scale[..., :n])
+    np.testing.assert_array_equal(ct.vt8[..., :n].numpy(), cn.vt8[..., :n])
+    np.testing.assert_array_equal(ct.v_scale.numpy(), cn.v_scale)
+    ref, ref_lse = attention_ref(q[:, :, 42:], k, v, causal=True)
+    assert rel_l2(got[-1][0], ref) < 0.05
+    np.testing.assert_allclose(got[-1][1].numpy(), ref_lse, atol=5e-2)
+
+
+def test_quantize_q_torch():
+    q, k, v = _decode_inputs()
+    x = intfa.quantize(q, k, v)
+    q8, q_scale, lse_offset = intfa.quantize_q(q, x.k_mean)
+    assert torch.equal(q8, x.q8) and torch.equal(q_scale, x.q_scale)
+    assert torch.equal(lse_offset, x.lse_offset)
+    q8, q_scale, lse_offset = intfa.quantize_q(q)  # no K mean: no lse_offset
+    assert torch.equal(q8, x.q8) and lse_offset is None
+    with pytest.raises(TypeError, match="q: expected dtype float16 or bfloat16"):
+        intfa.quantize_q(q.float(), x.k_mean)
+
+
+@pytest.mark.skipif(not hasattr(torch.library, "opcheck"), reason="torch.library.opcheck")
+def test_opcheck_kv_cache_ops():
+    q, k, v = _decode_inputs()
+    cache = intfa.KVCache(k[:, :, :37], v[:, :, :37], 48)
+    torch.library.opcheck(torch.ops.intfa.quantize_q.default,
+                          (q, cache.k_mean, 0.0, "BHSD", "accurate"))
+    torch.library.opcheck(torch.ops.intfa.quantize_q.default, (q, None, 0.2, "BHSD", "paper"))
+    torch.library.opcheck(torch.ops.intfa.append_kv.default,
+                          (k[:, :, 37:], v[:, :, 37:], 37, cache.k8, cache.k_scale,
+                           cache.k_mean, cache.vt8, cache.v_scale, "accurate", "BHSD", "BHSD"))
+
+
+def test_torch_compile_decode_step_cpu():
+    # A decode step (append, then attention over the cache) under torch.compile(fullgraph=True):
+    # the same bits and the same cache as eager. length is a Python int: each new length may
+    # retrace.
+    def step(cache, kt, vt, qt):
+        cache.append(kt, vt)
+        return cache.attention(qt, is_causal=True)
+
+    q, k, v = _decode_inputs()
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    cc = intfa.KVCache(k[:, :, :37], v[:, :, :37], 48)
+    ce = intfa.KVCache(k[:, :, :37], v[:, :, :37], 48)
+    for t in range(37, 41):
+        args = (k[:, :, t:t + 1], v[:, :, t:t + 1], q[:, :, t:t + 1])
+        assert torch.equal(compiled(cc, *args), step(ce, *args))
+        assert cc.length == ce.length == t + 1
+    n = cc.length
+    assert torch.equal(cc.k8[:, :, :n], ce.k8[:, :, :n])
+    assert torch.equal(cc.vt8[..., :n], ce.vt8[..., :n])
+    assert torch.equal(cc.v_scale, ce.v_scale)
