@@ -1,0 +1,112 @@
+"""A decode loop over an INT8 KV cache (intfa.KVCache) against the same loop over a bf16 cache
+with torch SDPA: per step, append one token's K/V and attend with one query per head (GQA).
+
+Reports per step: GPU time of each kernel (torch.profiler, summed over the steps / steps) and
+the host-inclusive wall time of an eager loop (what a Python decode loop without CUDA graphs
+pays). The SDPA steps write the token into preallocated bf16 tensors and call
+F.scaled_dot_product_attention(enable_gqa=True) on views of the filled part, with the flash and
+the cuDNN backend (cuDNN builds a plan per new key length: its wall time is that, not the GPU).
+
+  python3 bench/kv_cache_step.py [--shapes 16x8192,1x32768] [--steps 64] [--json FILE]
+"""
+import argparse
+import json
+import time
+
+
+def run_loop(step, steps, torch):
+    for i in range(3):
+        step(i)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(steps):
+        step(3 + i)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps * 1e3
+
+
+def kernel_ms(step, steps, torch):
+    """GPU time per step by kernel name (torch.profiler), and the total."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(steps):
+            step(i)
+        torch.cuda.synchronize()
+    per = {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None)
+        if t is None:
+            t = e.cuda_time_total
+        if t > 0 and e.key not in ("cudaDeviceSynchronize",):
+            per[e.key] = per.get(e.key, 0.0) + t / 1e3 / steps
+    return per
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="16x8192,1x32768", help="batch x prompt tokens, comma separated")
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--heads-kv", type=int, default=8)
+    ap.add_argument("--hdim", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--json", default="")
+    a = ap.parse_args()
+    import torch
+    import torch.nn.functional as F
+    import intfa
+
+    card = torch.cuda.get_device_name()
+    rows = []
+    print(f"{card}: decode steps, Hq={a.heads} Hkv={a.heads_kv} D={a.hdim}, {a.steps} steps per loop")
+    print(f"{'B':>3} {'tokens':>7} {'provider':<14} {'kernel ms/step':>15} {'wall ms/step':>13}  kernels")
+    for shape in a.shapes.split(","):
+        B, L0 = (int(x) for x in shape.split("x"))
+        cap = L0 + 2 * a.steps + 8
+        g = torch.Generator(device="cuda").manual_seed(1)
+        mk = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16, generator=g)  # noqa: E731
+        kp, vp = mk(B, a.heads_kv, L0, a.hdim), mk(B, a.heads_kv, L0, a.hdim)
+        n_new = 2 * a.steps + 8
+        qs, ks, vs = mk(n_new, B, a.heads, 1, a.hdim), mk(n_new, B, a.heads_kv, 1, a.hdim), mk(n_new, B, a.heads_kv, 1, a.hdim)
+
+        # intfa: the prompt quantized once, then append + attention per step.
+        cache = intfa.KVCache(kp, vp, cap)
+
+        def intfa_step(i):
+            cache.append(ks[i], vs[i])
+            return cache.attention(qs[i], is_causal=True)
+
+        # SDPA over a bf16 cache of the same capacity.
+        kc = torch.empty(B, a.heads_kv, cap, a.hdim, device="cuda", dtype=torch.bfloat16)
+        vc = torch.empty_like(kc)
+        kc[:, :, :L0] = kp
+        vc[:, :, :L0] = vp
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def sdpa_step_with(backend):
+            state = {"L": L0}
+
+            def step(i):
+                L = state["L"]
+                kc[:, :, L:L + 1] = ks[i]
+                vc[:, :, L:L + 1] = vs[i]
+                state["L"] = L + 1
+                with sdpa_kernel(backend):
+                    return F.scaled_dot_product_attention(qs[i], kc[:, :, :L + 1], vc[:, :, :L + 1], enable_gqa=True)
+            return step
+
+        for name, step in (("intfa KVCache", intfa_step), ("sdpa_flash", sdpa_step_with(SDPBackend.FLASH_ATTENTION)),
+                           ("sdpa_cudnn", sdpa_step_with(SDPBackend.CUDNN_ATTENTION))):
+            per = kernel_ms(step, a.steps, torch)
+            wall = run_loop(step, a.steps, torch)
+            total = sum(per.values())
+            top = ", ".join(f"{k[:40]} {v:.4f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1])[:4])
+            print(f"{B:>3} {L0:>7} {name:<14} {total:>15.4f} {wall:>13.4f}  {top}")
+            rows.append({"provider": name, "batch": B, "prompt": L0, "heads": a.heads, "heads_kv": a.heads_kv,
+                         "hdim": a.hdim, "kernel_ms": total, "wall_ms": wall, "kernels": per})
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"card": card, "bench": "kv_cache_step", "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
