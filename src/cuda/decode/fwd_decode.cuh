@@ -37,13 +37,10 @@ constexpr bool kSameBlocksAsSm80 = sm80::kBlockN == kBlockN;
 constexpr int kWarps = 4;  // each takes 32 keys of every block
 constexpr int kThreads = 32 * kWarps;
 static_assert(kBlockN == 32 * kWarps, "a warp per 32-key step of the block");
-// K/V ring depth: blocks n + 1 and n + 2 load while block n is computed.
-#ifndef INTFA_DECODE_STAGES
-#define INTFA_DECODE_STAGES 3
-#endif
-constexpr int kStages = INTFA_DECODE_STAGES;
-
-template <int D>
+// K/V ring depth (Stages - 1 blocks load while one is computed), chosen per launch: 3, or 4 for
+// D = 128 launches of at most one wave (launch_fwd_decode; docs/PERF_LOG.md d4). At D = 128 a
+// stage is 32 KB, so 3 stages let two CTAs share an SM and 4 stages take one.
+template <int D, int Stages>
 struct Smem {
   static constexpr int kQ = kRows * D;     // int8 Q rows (swizzled like sm80's Q tile)
   static constexpr int kK = kBlockN * D;   // int8 K tile (rows = keys, sm80::k_tile_offset)
@@ -51,7 +48,7 @@ struct Smem {
   static constexpr int kKs = kBlockN * 4;  // fp32 k_scale of the block
   static constexpr int kStage = kK + kV + kKs;
   static constexpr int kMax = kWarps * kRows * 4;  // the warps' partial row maxima of a block
-  static constexpr int kBytes = kQ + kStages * kStage + kMax;
+  static constexpr int kBytes = kQ + Stages * kStage + kMax;
   static_assert(kQ % 128 == 0 && kStage % 128 == 0, "stages stay 128-byte aligned");
 };
 
@@ -69,9 +66,10 @@ __device__ __forceinline__ int64_t part_row0(const Params& P, int split, int bh)
   return (int64_t(split) * P.p.batch * P.p.heads_q + bh) * kRows;
 }
 
-template <int D>
+template <int D, int Stages>
 __global__ void __launch_bounds__(kThreads) fwd_kernel(const __grid_constant__ Params P) {
-  using S = Smem<D>;
+  using S = Smem<D, Stages>;
+  constexpr int kStages = Stages;
   const FwdParams& p = P.p;
   const float kNegInf = fwd::neg_inf();
   constexpr int kMagicBits = 0x4B400000;  // accumulators start at 1.5 * 2^23 (sm80 header)
@@ -335,10 +333,10 @@ __global__ void __launch_bounds__(128) combine_kernel(const __grid_constant__ Pa
 }
 
 // Host side (fwd_decode_launch.cuh): the kernel's resident CTAs per SM (cached per device) and
-// the launch of one head dim.
-template <int D>
+// the launch of one (head dim, ring depth).
+template <int D, int Stages>
 Status occupancy(int* ctas);
-template <int D>
+template <int D, int Stages>
 Status launch_fwd(const Params& prm, cudaStream_t stream);
 
 }  // namespace intfa::decode

@@ -30,14 +30,17 @@ Status launch_fwd_decode(const FwdParams& p, cudaStream_t stream) {
                       "; use path auto, sm80 or sm90");
   if (p.seqlen_q < 1 || p.batch < 1) return Status::OK();
   // Shared memory: D = 128 takes ~100 KB (three 32 KB stages), more than sm_86 / sm_89 give one
-  // block (99 KB); there the automatic path runs the prefill kernel instead.
+  // block (99 KB); there the automatic path runs the prefill kernel instead. 4 stages only where
+  // they fit.
   static PerDevice smem_cache;
   int smem_max = 0;
   Status st = check_cuda(once_per_device(smem_cache, [](int dev, int* n) {
     return cudaDeviceGetAttribute(n, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   }, &smem_max), "decode forward: shared memory per block");
   if (!st.ok()) return st;
-  const int smem_need = p.head_dim == 128 ? decode::Smem<128>::kBytes : decode::Smem<64>::kBytes;
+  const bool d128 = p.head_dim == 128;
+  const int smem_need = d128 ? decode::Smem<128, 3>::kBytes : decode::Smem<64, 3>::kBytes;
+  const int smem4 = decode::Smem<128, 4>::kBytes;
   if (smem_need > smem_max)
     return Status(StatusCode::not_available, "path: decode needs " + std::to_string(smem_need) +
                                                  " bytes of shared memory per block at head_dim " +
@@ -48,15 +51,36 @@ Status launch_fwd_decode(const FwdParams& p, cudaStream_t stream) {
   const long long heads = static_cast<long long>(p.batch) * p.heads_q;
   int sms = 1, ctas = 1;
   st = check_cuda(device_sm_count(&sms), "decode forward: SM count");
-  if (st.ok()) st = p.head_dim == 128 ? decode::occupancy<128>(&ctas) : decode::occupancy<64>(&ctas);
+  if (st.ok()) st = d128 ? decode::occupancy<128, 3>(&ctas) : decode::occupancy<64, 3>(&ctas);
   if (!st.ok()) return st;
-  // INTFA_DECODE_SPLITS forces the ranges per head (tests, sanitizer runs).
+  // INTFA_DECODE_SPLITS forces the ranges per head, INTFA_DECODE_STAGES (3 or 4) the ring depth
+  // (tests, sanitizer runs, A/B timing).
   static const int forced = [] {
     const char* e = std::getenv("INTFA_DECODE_SPLITS");
     return e ? std::atoi(e) : 0;
   }();
+  static const int forced_stages = [] {
+    const char* e = std::getenv("INTFA_DECODE_STAGES");
+    return e ? std::atoi(e) : 0;
+  }();
   const int key_blocks = (p.seqlen_kv + decode::kBlockN - 1) / decode::kBlockN;
-  prm.num_splits = fwd::decode_split_count(p.scheme == Scheme::accurate, key_blocks, heads, sms * ctas, forced);
+  const bool accurate = p.scheme == Scheme::accurate;
+  prm.num_splits = fwd::decode_split_count(accurate, key_blocks, heads, sms * ctas, forced);
+  // Ring depth: at D = 128, 4 stages where the 3-stage launch is at most one wave (few long
+  // units: one CTA per SM streams with three blocks in flight), 3 where units queue (two CTAs
+  // per SM then overlap one's compute with the other's loads). H200, Hq = 32, Hkv = 8, kernel
+  // ms, 3 stages -> this rule (docs/PERF_LOG.md d4): B = 1 with 32k keys 0.041 -> 0.038,
+  // B = 16 with 8k 0.083 -> 0.078, B = 64 with 2k (two waves, 3 stages) 0.081 either way. At
+  // D = 64 (16 KB stages, four CTAs per SM at 3 stages) 4 stages gained nowhere and lost 20% at
+  // B = 64 with 2k, so D = 64 has only the 3-stage kernel.
+  int stages = heads * prm.num_splits <= static_cast<long long>(sms) * ctas ? 4 : 3;
+  if (forced_stages == 3 || forced_stages == 4) stages = forced_stages;
+  if (!d128 || smem4 > smem_max) stages = 3;
+  if (stages == 4) {
+    st = decode::occupancy<128, 4>(&ctas);
+    if (!st.ok()) return st;
+    prm.num_splits = fwd::decode_split_count(accurate, key_blocks, heads, sms * ctas, forced);
+  }
   const long long units = heads * prm.num_splits;
   // Grid limits: the units, and the combine kernel's heads x kRows / 4 blocks.
   if (units >= (1LL << 31) || (prm.num_splits > 1 && heads * (decode::kRows / 4) >= (1LL << 31)))
@@ -71,7 +95,8 @@ Status launch_fwd_decode(const FwdParams& p, cudaStream_t stream) {
     prm.part_ml = static_cast<float2*>(scratch);
     prm.part_o = reinterpret_cast<float*>(prm.part_ml + rows);
   }
-  st = p.head_dim == 128 ? decode::launch_fwd<128>(prm, stream) : decode::launch_fwd<64>(prm, stream);
+  st = !d128 ? decode::launch_fwd<64, 3>(prm, stream)
+             : stages == 4 ? decode::launch_fwd<128, 4>(prm, stream) : decode::launch_fwd<128, 3>(prm, stream);
   if (!scratch) return st;
   const Status fst = scratch_free(scratch, stream, "decode forward: partial rows");
   return st.ok() ? fst : st;
