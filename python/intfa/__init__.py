@@ -16,6 +16,8 @@ import importlib.util
 import os
 from typing import Any, NamedTuple
 
+import numpy as _np
+
 from . import _arrays
 from ._arrays import lib as _lib
 
@@ -351,7 +353,17 @@ class KVCache:
             raise ValueError(
                 f"KVCache.append: {n} new tokens do not fit: capacity {self.capacity}, length "
                 f"{self.length}, n {n} (length + n = {self.length + n} > capacity)")
-        append_kv(self._all(), k_new, v_new, self.length)
+        fw = self._direct(k_new, v_new)
+        if fw is None:
+            append_kv(self._all(), k_new, v_new, self.length)
+        else:  # the call append_kv() makes, without its generic steps
+            arg = fw.arg
+            parts = {"k8": arg(self.k8), "k_scale": arg(self.k_scale),
+                     "k_mean": arg(self.k_mean), "vt8": arg(self.vt8),
+                     "v_scale": arg(self.v_scale)}
+            with fw.device(k_new):
+                _lib.append_kv(arg(k_new), arg(v_new), self.length, parts, self.scheme,
+                               self.layout, self.layout, "auto", fw.stream(k_new))
         self.length += n
 
     def qkv(self, q8=None, q_scale=None, lse_offset=None, dtype=None):
@@ -370,11 +382,87 @@ class KVCache:
         of Hkv) over the `length` tokens held. Causal is bottom-right aligned: query i sees keys
         j <= i + length - Sq, so the Sq queries of the last appended tokens see themselves and
         what precedes them. out_dtype defaults to q's dtype. Other arguments as in attention()."""
+        fw = self._direct(q)
+        if fw is not None:
+            s = _arrays.scale_arg(scale)
+            d = _arrays.dims(q.shape, self.layout, False)
+            out_name = _out_dtype_name(q.dtype if out_dtype is None else out_dtype)
+            # A malformed q or an out_dtype intfa does not write: the generic path reports it.
+            if d is not None and min(d) >= 1 and out_name is not None:
+                out, lse = self._attention_direct(fw, q, d, bool(is_causal), s,
+                                                  bool(return_lse), path, out_name)
+                return (out, lse) if return_lse else out
         q8, q_scale, lse_offset = quantize_q(q, self.k_mean, scale=scale, layout=self.layout,
                                              scheme=self.scheme)
         return attention_int8(self.qkv(q8, q_scale, lse_offset, q.dtype), is_causal=is_causal,
                               scale=scale, out_dtype=out_dtype, return_lse=return_lse,
                               path=path)
+
+    # The eager fast path. A decode loop calls append() and attention() once per step with
+    # little GPU work each, so their host time is the step's time. Plain eager calls on the
+    # cache's own framework skip the generic path (a QuantizedQKV and views built per call, the
+    # same checks repeated in every function, two binding calls for attention) and make the same
+    # C++ calls on the same arrays: the same results and errors. Everything else (torch.compile,
+    # dispatch modes, the profiler, tensors that need grad, subclasses, CuPy, mixed frameworks,
+    # a malformed q) takes the generic path as before.
+    def _direct(self, *arrays):
+        """The framework adapter when append()/attention() on `arrays` may take the fast path:
+        NumPy arrays, or torch tensors where the ops' implementations may run without the
+        dispatcher (_torch._direct_ok), the cache's parts of the same type; else None."""
+        parts = (self.k8, self.k_scale, self.k_mean, self.vt8, self.v_scale)
+        kind = type(arrays[0])
+        if kind is _np.ndarray:
+            fw = _arrays.framework(arrays[0], "")
+        elif _torch is not None and kind is _torch.torch.Tensor:
+            if not _torch._direct_ok(arrays + parts):
+                return None
+            fw = _torch._FW
+        else:
+            return None
+        for a in arrays + parts:
+            if a is not None and type(a) is not kind:
+                return None
+        return fw
+
+    def _attention_direct(self, fw, q, d, causal, scale, return_lse, path, out_name):
+        """attention() as quantize_q() and attention_int8() run it, in one binding call
+        (_C.kv_attention): the same two C++ calls in that order on the same arrays, but for q8,
+        q_scale and lse_offset (this call's scratch), which come from one allocation, and k8
+        and k_scale, narrowed in C++ to the first `length` tokens as qkv()'s views are.
+        d: q's (B, H, S, D). Returns (out, lse or None)."""
+        b, h, sq, dim = (int(x) for x in d)
+        # lse_offset needs the K mean (accurate); paper writes zeros (as in quantize_q()).
+        with_offset = self.k_mean is not None or self.scheme == "paper"
+        nbytes = _kv_scratch_bytes(b * h * sq, dim, with_offset)
+        shape = _arrays.token_shape(b, h, sq, dim, self.layout)
+        scratch = fw.empty((nbytes,), "uint8", q)
+        out = fw.empty(shape, out_name, q)
+        lse = fw.empty((b, h, sq), "float32", q) if return_lse else None
+        arg = fw.arg
+        with fw.device(q):
+            _lib.kv_attention(arg(q), scratch, with_offset, arg(self.k8), arg(self.k_scale),
+                              arg(self.k_mean), arg(self.vt8), arg(self.v_scale), self.length,
+                              arg(out), lse, causal, scale, self.layout, self.scheme, path,
+                              fw.stream(q))
+        return out, lse
+
+
+def _kv_scratch_bytes(rows, head_dim, with_offset):
+    """Bytes of _C.kv_attention's scratch: q8 (rows x head_dim int8), q_scale and lse_offset
+    (rows float32 each), each part rounded up to 256 bytes (intfa_ext.cpp, carve_q_parts)."""
+    align = lambda n: (n + 255) // 256 * 256  # noqa: E731
+    return align(rows * head_dim) + align(rows * 4) * (2 if with_offset else 1)
+
+
+def _out_dtype_name(dtype):
+    """The name of an output dtype attention_int8() writes (float16, bfloat16, float32), given
+    as a name or a framework's dtype; None for anything else."""
+    if not isinstance(dtype, str):
+        try:
+            dtype = _arrays.dtype_name(dtype)
+        except Exception:  # not a dtype: the generic path reports it
+            return None
+    return dtype if dtype in ("float16", "bfloat16", "float32") else None
 
 
 def _cache_dims(layout, tokens):

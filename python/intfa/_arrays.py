@@ -124,10 +124,18 @@ def quantized_spec(q_shape, k_shape, layout, scheme, nseq):
     return spec
 
 
+_NUMPY_DTYPE_NAMES = {}  # np.dtype -> its name, which NumPy computes in Python (~4 us)
+
+
 def dtype_name(dtype):
     """A dtype of any framework (or its name) as intfa spells it: 'float16', 'bfloat16', ..."""
     if isinstance(dtype, str):
         return dtype
+    if isinstance(dtype, np.dtype):
+        name = _NUMPY_DTYPE_NAMES.get(dtype)
+        if name is None:
+            name = _NUMPY_DTYPE_NAMES[dtype] = dtype.name
+        return name
     name = str(dtype)
     if name.startswith("torch."):
         return name[len("torch."):]
@@ -137,6 +145,9 @@ def dtype_name(dtype):
 # ------------------------------------------------------------------------------------------------
 # Framework adapters: how to allocate, which stream, how to hand an array to DLPack.
 # ------------------------------------------------------------------------------------------------
+_NO_CONTEXT = contextlib.nullcontext()  # stateless: one serves every call
+
+
 class NumpyArrays:
     """Host arrays: the CPU backend. bfloat16 comes from ml_dtypes."""
 
@@ -170,8 +181,10 @@ class NumpyArrays:
         if x is None:
             return None
         # NumPy cannot export ml_dtypes' bfloat16 through DLPack: pass the bits as uint16 and
-        # tell the binding what they are.
-        if x.dtype.name == "bfloat16":
+        # tell the binding what they are. NumPy's own types (isbuiltin 1) have other names, and
+        # dtype.name costs ~4 us (NumPy computes it in Python).
+        dt = x.dtype
+        if dt.isbuiltin != 1 and dt.name == "bfloat16":
             return (x.view(np.uint16), "bfloat16")
         return x
 
@@ -179,7 +192,7 @@ class NumpyArrays:
         return 0
 
     def device(self, x):
-        return contextlib.nullcontext()
+        return _NO_CONTEXT
 
     def max_seqlen(self, cu):
         return int(np.max(np.diff(np.asarray(cu, dtype=np.int64)))) if len(cu) > 1 else 0
@@ -229,6 +242,11 @@ class TorchArrays:
     def __init__(self):
         import torch
         self.torch = torch
+        # The raw cudaStream_t of a device's current stream without building a torch.cuda.Stream
+        # (what torch.cuda.current_stream(d).cuda_stream reads; Inductor's generated code calls
+        # it too); None on a torch without it.
+        self._raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+        self._get_device = getattr(torch._C, "_cuda_getDevice", None)
 
     def dtype_of(self, x):
         return dtype_name(x.dtype)
@@ -255,12 +273,19 @@ class TorchArrays:
         return x.detach()
 
     def stream(self, x):
-        return self.torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else 0
+        if not x.is_cuda:
+            return 0
+        if self._raw_stream is not None:  # CUDA is initialised: x lives there
+            return self._raw_stream(x.get_device())
+        return self.torch.cuda.current_stream(x.device).cuda_stream
 
     def device(self, x):
-        if x.is_cuda and x.device.index != self.torch.cuda.current_device():
-            return self.torch.cuda.device(x.device)
-        return contextlib.nullcontext()
+        if x.is_cuda:
+            current = (self._get_device() if self._get_device is not None
+                       else self.torch.cuda.current_device())
+            if x.get_device() != current:
+                return self.torch.cuda.device(x.device)
+        return _NO_CONTEXT
 
     def max_seqlen(self, cu):
         return int((cu[1:] - cu[:-1]).max().item()) if cu.numel() > 1 else 0

@@ -245,10 +245,13 @@ def _rows_aligned(t):
     return _is_compiling() or t.data_ptr() % 16 == 0
 
 
+# torch.compiler.is_compiling, looked up once (torch.compile folds a call of it to True while
+# it traces, whatever name calls it); None on a torch without it.
+_compiler_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+
+
 def _is_compiling():
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling") and
-                compiler.is_compiling())
+    return _compiler_is_compiling is not None and bool(_compiler_is_compiling())
 
 
 def sdpa_supported(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,

@@ -12,6 +12,7 @@
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/string.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -158,33 +159,61 @@ bool import_torch(nb::handle obj, Tensor* t) {
     Py_INCREF(tensor_type);
   }
   if (reinterpret_cast<PyObject*>(tp) != tensor_type) return false;
-  try {
-    nb::object dt = nb::getattr(obj, "dtype");
-    bool known = false;
-    for (const auto& [d, code] : dtypes)
-      if (d == dt.ptr()) {
-        t->dtype = code;
-        known = true;
-      }
-    if (!known) return false;
-    const bool cuda = nb::cast<bool>(nb::getattr(obj, "is_cuda"));
-    if (!cuda && !nb::cast<bool>(nb::getattr(obj, "is_cpu"))) return false;
-    nb::object shape = nb::getattr(obj, "shape"), stride = nb::getattr(obj, "stride")();
-    const size_t ndim = nb::len(shape);
-    t->ndim = static_cast<int>(ndim);
-    if (ndim <= 4)
-      for (size_t i = 0; i < ndim; ++i) {
-        t->shape[i] = nb::cast<int64_t>(shape[i]);
-        t->stride[i] = nb::cast<int64_t>(stride[i]);
-      }
-    t->data = reinterpret_cast<void*>(nb::cast<uintptr_t>(nb::getattr(obj, "data_ptr")()));
-    t->on_device = cuda;
-    t->device_index = cuda ? nb::cast<int>(nb::getattr(obj, "get_device")()) : 0;
-  } catch (const std::exception&) {  // nb::python_error, nb::cast_error: let DLPack decide
+  // Attribute and method names made once (a C string would be turned into a str per lookup);
+  // methods called without binding them first (PyObject_CallMethodNoArgs); torch.Size and
+  // stride() are tuples, read in place.
+  static PyObject* const names = [] {
+    PyObject* t = PyTuple_New(6);
+    const char* n[6] = {"dtype", "is_cuda", "is_cpu", "shape", "stride", "data_ptr"};
+    for (int i = 0; i < 6; ++i) PyTuple_SET_ITEM(t, i, PyUnicode_InternFromString(n[i]));
+    return t;  // kept for the process
+  }();
+  static PyObject* const get_device = PyUnicode_InternFromString("get_device");
+  auto name = [](int i) { return PyTuple_GET_ITEM(names, i); };
+  auto clear = [&] {
     PyErr_Clear();
     *t = Tensor();
     return false;
+  };
+  nb::object dt = nb::steal(PyObject_GetAttr(obj.ptr(), name(0)));
+  if (!dt.is_valid()) return clear();
+  bool known = false;
+  for (const auto& [d, code] : dtypes)
+    if (d == dt.ptr()) {
+      t->dtype = code;
+      known = true;
+    }
+  if (!known) return false;
+  nb::object cuda_obj = nb::steal(PyObject_GetAttr(obj.ptr(), name(1)));
+  if (!cuda_obj.is_valid()) return clear();
+  const bool cuda = cuda_obj.ptr() == Py_True;
+  if (!cuda) {
+    nb::object cpu = nb::steal(PyObject_GetAttr(obj.ptr(), name(2)));
+    if (!cpu.is_valid()) return clear();
+    if (cpu.ptr() != Py_True) return false;
   }
+  nb::object shape = nb::steal(PyObject_GetAttr(obj.ptr(), name(3)));
+  nb::object stride = nb::steal(PyObject_CallMethodNoArgs(obj.ptr(), name(4)));
+  nb::object ptr = nb::steal(PyObject_CallMethodNoArgs(obj.ptr(), name(5)));
+  if (!shape.is_valid() || !stride.is_valid() || !ptr.is_valid() ||
+      !PyTuple_Check(shape.ptr()) || !PyTuple_Check(stride.ptr()))
+    return clear();
+  const Py_ssize_t ndim = PyTuple_GET_SIZE(shape.ptr());
+  if (PyTuple_GET_SIZE(stride.ptr()) != ndim) return clear();
+  t->ndim = static_cast<int>(ndim);
+  if (ndim <= 4)
+    for (Py_ssize_t i = 0; i < ndim; ++i) {
+      t->shape[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(shape.ptr(), i));
+      t->stride[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(stride.ptr(), i));
+    }
+  t->data = PyLong_AsVoidPtr(ptr.ptr());
+  t->on_device = cuda;
+  t->device_index = 0;
+  if (cuda) {
+    nb::object dev = nb::steal(PyObject_CallMethodNoArgs(obj.ptr(), get_device));
+    t->device_index = dev.is_valid() ? static_cast<int>(PyLong_AsLong(dev.ptr())) : -1;
+  }
+  if (PyErr_Occurred()) return clear();  // a size, stride or pointer that was not an int
   finish_import(t);
   return true;
 }
@@ -433,6 +462,106 @@ nb::object append_kv(nb::handle k_new, nb::handle v_new, int64_t pos, nb::dict c
   return call([&] { return intfa::append_kv(tk, tv, pos, o, x); });
 }
 
+// The first n entries of an imported tensor along dim d: what importing the slice (x[:, :n] or
+// x[:, :, :n]) would give. The size is clamped to [0, size] as slicing clamps it, and the
+// strides of size-1 dims are normalised again from the new shape as finish_import does (dims
+// of size > 1 keep the strides they have in the full tensor and in the slice alike).
+void narrow_front(Tensor* t, int d, int64_t n) {
+  if (!t->defined() || t->ndim > 4 || d < 0 || d >= t->ndim) return;
+  t->shape[d] = std::min(std::max<int64_t>(n, 0), t->shape[d]);
+  for (int i = t->ndim - 2; i >= 0; --i)
+    if (t->shape[i] == 1) t->stride[i] = t->stride[i + 1] * t->shape[i + 1];
+}
+
+// The q side of kv_attention: q8 (int8, dense like q), q_scale and lse_offset (float32
+// [B, H, S] over q's rows; lse_offset only if with_offset) carved out of one byte buffer, each
+// part 256-byte aligned, in the dense layouts the Python layer would allocate them in (q8 in q's
+// layout). The Python side sizes the buffer with the same rule (_kv_scratch_bytes in
+// python/intfa/__init__.py); one allocation instead of three.
+constexpr int64_t kScratchAlign = 256;
+int64_t scratch_align(int64_t n) { return (n + kScratchAlign - 1) / kScratchAlign * kScratchAlign; }
+
+Status carve_q_parts(const Tensor& q, const Tensor& scratch, bool with_offset, intfa::Layout layout,
+                     intfa::QuantizedQKV* x) {
+  if (q.ndim != 4) return value_error("q: expected 4 dims");  // the Python layer checked q
+  const bool bshd = layout == intfa::Layout::BSHD;
+  const int64_t rows[3] = {q.shape[0], q.shape[bshd ? 2 : 1], q.shape[bshd ? 1 : 2]};
+  const int64_t n_rows = rows[0] * rows[1] * rows[2];
+  const int64_t q8_bytes = scratch_align(n_rows * q.shape[3]);
+  const int64_t row_bytes = scratch_align(n_rows * 4);
+  const int64_t need = q8_bytes + row_bytes * (with_offset ? 2 : 1);
+  if (scratch.ndim != 1 || scratch.dtype != DType::u8 || scratch.stride[0] != 1 ||
+      scratch.shape[0] < need)
+    return value_error("scratch: expected a dense uint8 array of at least " +
+                       std::to_string(need) + " bytes");
+  char* base = static_cast<char*>(scratch.data);
+  x->q8 = intfa::make_tensor(base, DType::i8, 4, q.shape, scratch.on_device, scratch.device_index);
+  x->q_scale = intfa::make_tensor(base + q8_bytes, DType::f32, 3, rows, scratch.on_device,
+                                  scratch.device_index);
+  finish_import(&x->q8);
+  finish_import(&x->q_scale);
+  if (with_offset) {
+    x->lse_offset = intfa::make_tensor(base + q8_bytes + row_bytes, DType::f32, 3, rows,
+                                       scratch.on_device, scratch.device_index);
+    finish_import(&x->lse_offset);
+  }
+  return Status::OK();
+}
+
+// One eager decode step of intfa.KVCache.attention: quantize_q (q against k_mean into q8,
+// q_scale and lse_offset carved from `scratch`), then attention_int8 over the first `length`
+// tokens of the cache (k8 and k_scale given whole, over all capacity tokens, and narrowed here
+// as the views k8[:, :, :length] (BSHD: k8[:, :length]) and k_scale[..., :length] would be).
+// The same two C++ calls with the same tensors as the quantize_q and attention_int8 functions
+// above make, in that order, with the same errors: quantize_q's come first, then whatever the
+// attention side reports (its path, its arrays, its validation). One argument parse, one
+// import of each array and one GIL release instead of two; one scratch array instead of three.
+nb::object kv_attention(nb::handle q, nb::handle scratch, bool with_offset, nb::handle k8,
+                        nb::handle k_scale, nb::handle k_mean, nb::handle vt8,
+                        nb::handle v_scale, int64_t length, nb::handle out, nb::handle lse,
+                        bool causal, double scale, const std::string& layout,
+                        const std::string& scheme, const std::string& path, uintptr_t stream) {
+  Views views;
+  // quantize_q's side, as quantize_q() above takes it.
+  intfa::Options oq;
+  Tensor tq, tm, ts;
+  intfa::QuantizedQKV xq;
+  INTFA_PY_TRY(make_options(false, scale, layout, scheme, "auto", "auto", 64, stream, &oq));
+  INTFA_PY_TRY(input(q, "q", views, &tq));
+  INTFA_PY_TRY(input(k_mean, "k_mean", views, &tm));
+  INTFA_PY_TRY(parse_scheme_arg(scheme, "qkv.scheme", &xq.scheme));
+  INTFA_PY_TRY(parse_layout_arg(layout, &xq.layout));
+  INTFA_PY_TRY(output(scratch, "scratch", views, &ts));
+  INTFA_PY_TRY(carve_q_parts(tq, ts, with_offset, xq.layout, &xq));
+  // attention_int8's side, as attention_int8() above takes it; an error here is reported only
+  // if quantize_q succeeds (that call would have come first).
+  intfa::Options oa;
+  intfa::QuantizedQKV x = xq;  // q8, q_scale, lse_offset as quantize_q writes them
+  Tensor to, tl;
+  Status pending = make_options(causal, scale, layout, scheme, "auto", path, 64, stream, &oa);
+  struct Field { nb::handle h; const char* name; Tensor* t; };
+  const Field fields[] = {{k8, "k8", &x.k8},       {k_scale, "k_scale", &x.k_scale},
+                          {k_mean, "k_mean", &x.k_mean}, {vt8, "vt8", &x.vt8},
+                          {v_scale, "v_scale", &x.v_scale}};
+  for (const Field& f : fields)
+    if (pending.ok()) pending = input(f.h, f.name, views, f.t);
+  if (pending.ok()) {
+    narrow_front(&x.k8, x.layout == intfa::Layout::BSHD ? 1 : 2, length);
+    narrow_front(&x.k_scale, 2, length);
+    pending = output(out, "out", views, &to);
+  }
+  if (pending.ok()) pending = output(lse, "lse", views, &tl);
+  Status st;
+  {
+    nb::gil_scoped_release release;
+    st = intfa::quantize_q(tq, tm, oq, xq);
+    if (st.ok()) st = pending;
+    if (st.ok())
+      st = intfa::attention_int8(x, Tensor(), Tensor(), 0, 0, to, tl.defined() ? &tl : nullptr, oa);
+  }
+  return st.ok() ? done() : failed(st);
+}
+
 nb::object attention_reference(nb::handle q, nb::handle k, nb::handle v, nb::handle out,
                                nb::handle lse, bool causal, double scale,
                                const std::string& layout) {
@@ -577,6 +706,11 @@ NB_MODULE(_C, m) {
   m.def("append_kv", &append_kv, nb::arg("k_new"), nb::arg("v_new"), nb::arg("pos"),
         nb::arg("cache"), nb::arg("scheme"), nb::arg("cache_layout"), nb::arg("layout"),
         nb::arg("backend"), nb::arg("stream"));
+  m.def("kv_attention", &kv_attention, nb::arg("q"), nb::arg("scratch"),
+        nb::arg("with_lse_offset"), nb::arg("k8"), nb::arg("k_scale"), nb::arg("k_mean").none(),
+        nb::arg("vt8").none(), nb::arg("v_scale").none(), nb::arg("length"), nb::arg("out"),
+        nb::arg("lse").none(), nb::arg("causal"), nb::arg("scale"), nb::arg("layout"),
+        nb::arg("scheme"), nb::arg("path"), nb::arg("stream"));
   m.def("attention_reference", &attention_reference, nb::arg("q"), nb::arg("k"), nb::arg("v"),
         nb::arg("out"), nb::arg("lse").none(), nb::arg("causal"), nb::arg("scale"),
         nb::arg("layout"));

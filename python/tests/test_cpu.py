@@ -523,6 +523,62 @@ def test_kv_cache_decode_loop(scheme, hq, hkv, layout):
     assert out32.dtype == np.float32 and rel_l2(out32, ref) < tol
 
 
+@pytest.mark.parametrize("scheme", ["accurate", "paper"])
+@pytest.mark.parametrize("b,layout", [(1, "BHSD"), (2, "BHSD"), (1, "BSHD"), (2, "BSHD")])
+def test_kv_cache_fast_path_equals_the_generic_calls(scheme, b, layout, monkeypatch):
+    # KVCache.append() and attention() call the binding directly for plain arrays (attention:
+    # one call, _C.kv_attention, with the cache's arrays whole): the same bits as what they
+    # stand for, append_kv() and quantize_q() + attention_int8() over qkv()'s views.
+    rng = np.random.default_rng(28)
+    n0, total = 30, 37
+    q, k, v = qkv(rng, b, 4, 2, total, total, 64, layout)
+    k = (k + 1).astype(np.float16)
+    v[tuple([slice(None)] * 3 + [slice(0, 4)])] *= 3  # some V values past the prompt's range
+    fast = intfa.KVCache(tokens(k, 0, n0, layout), tokens(v, 0, n0, layout), 40, layout=layout,
+                         scheme=scheme)
+    ref = intfa.KVCache(tokens(k, 0, n0, layout), tokens(v, 0, n0, layout), 40, layout=layout,
+                        scheme=scheme)
+    lib = intfa._arrays.lib
+    kv_attention, calls = lib.kv_attention, []
+    monkeypatch.setattr(lib, "kv_attention", lambda *a: calls.append(1) or kv_attention(*a))
+    end = n0
+    for i, n in enumerate([1, 1, 2, 1, 1, 1]):
+        kt, vt = tokens(k, end, end + n, layout), tokens(v, end, end + n, layout)
+        fast.append(kt, vt)
+        intfa.append_kv(ref, kt, vt, end)
+        end += n
+        ref.length = end
+        kw = dict(is_causal=i % 2 == 0, scale=None if i < 3 else 0.2,
+                  out_dtype=[None, "float32", np.float32, None, "float16", None][i])
+        qt = tokens(q, end - n, end, layout)
+        got = fast.attention(qt, return_lse=i != 2, **kw)
+        q8, q_scale, lse_offset = intfa.quantize_q(qt, ref.k_mean, scale=kw["scale"],
+                                                   layout=layout, scheme=scheme)
+        want = intfa.attention_int8(ref.qkv(q8, q_scale, lse_offset, qt.dtype),
+                                    return_lse=i != 2, **kw)
+        if i == 2:
+            got, want = (got,), (want,)
+        for g, w in zip(got, want):
+            assert type(g) is np.ndarray and g.dtype == w.dtype and g.shape == w.shape
+            np.testing.assert_array_equal(g, w)
+        assert fast.length == end
+        np.testing.assert_array_equal(tokens(fast.k8, 0, end, layout),
+                                      tokens(ref.k8, 0, end, layout))
+        np.testing.assert_array_equal(fast.k_scale[..., :end], ref.k_scale[..., :end])
+        np.testing.assert_array_equal(fast.vt8[..., :end], ref.vt8[..., :end])
+        np.testing.assert_array_equal(fast.v_scale, ref.v_scale)
+    assert len(calls) == 6
+    # What the fast path leaves to the generic one: a malformed q and an out_dtype intfa does
+    # not write report the same errors as before.
+    with pytest.raises(ValueError, match="scale: expected a non-zero value"):
+        fast.attention(qt, scale=0.0)
+    with pytest.raises(TypeError, match="out"):
+        fast.attention(qt, out_dtype="int8")
+    with pytest.raises(ValueError, match="q"):
+        fast.attention(qt[0])
+    assert len(calls) == 6
+
+
 def test_kv_cache_bfloat16():
     ml_dtypes = pytest.importorskip("ml_dtypes")
     rng = np.random.default_rng(25)

@@ -486,6 +486,39 @@ def test_kv_cache_decode_step_in_a_cuda_graph():
     assert torch.equal(cache.vt8[..., :n0 + 1], eager.vt8[..., :n0 + 1])
 
 
+def test_kv_cache_fast_path_on_the_gpu():
+    """KVCache's eager fast path (the binding called directly, attention in one call, the
+    current stream read raw) on a side stream, against the generic calls it stands for,
+    append_kv() and quantize_q() + attention_int8() over qkv()'s views: the same bits."""
+    n0 = 40
+    q, k, v = make_qkv(2, 8, 2, n0 + 5, n0 + 5, 128, layout="BSHD", seed=160)
+    k = k + 1
+    fast = intfa.KVCache(_tok(k, 0, n0, "BSHD"), _tok(v, 0, n0, "BSHD"), 64, layout="BSHD")
+    ref = intfa.KVCache(_tok(k, 0, n0, "BSHD"), _tok(v, 0, n0, "BSHD"), 64, layout="BSHD")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    got, want = [], []
+    with torch.cuda.stream(side):
+        for t in range(n0, n0 + 5):
+            kt, vt, qt = (_tok(x, t, t + 1, "BSHD") for x in (k, v, q))
+            fast.append(kt, vt)
+            intfa.append_kv(ref, kt, vt, t)
+            ref.length = t + 1
+            kw = dict(is_causal=True, return_lse=True, scale=0.1 if t % 2 else None)
+            got.append(fast.attention(qt, **kw))
+            q8, q_scale, lse_offset = intfa.quantize_q(qt, ref.k_mean, scale=kw["scale"],
+                                                       layout="BSHD")
+            want.append(intfa.attention_int8(ref.qkv(q8, q_scale, lse_offset, qt.dtype), **kw))
+    torch.cuda.synchronize()
+    for (o, l), (ow, lw) in zip(got, want):
+        assert o.is_cuda and torch.equal(o, ow) and torch.equal(l, lw)
+    n = n0 + 5
+    assert torch.equal(fast.k8[:, :n], ref.k8[:, :n])
+    assert torch.equal(fast.k_scale[..., :n], ref.k_scale[..., :n])
+    assert torch.equal(fast.vt8[..., :n], ref.vt8[..., :n])
+    assert torch.equal(fast.v_scale, ref.v_scale)
+
+
 def test_kv_cache_errors_on_the_gpu():
     q, k, v = make_qkv(1, 4, 2, 1, 40, 64, seed=140)
     cache = intfa.KVCache(k[:, :, :39], v[:, :, :39], 40)

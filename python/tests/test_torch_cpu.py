@@ -183,6 +183,39 @@ def test_kv_cache_torch_equals_numpy(scheme):
     np.testing.assert_allclose(got[-1][1].numpy(), ref_lse, atol=5e-2)
 
 
+def test_kv_cache_fast_path_torch(monkeypatch):
+    # Plain eager tensors take KVCache's fast path (the binding called directly; attention in
+    # one call, _C.kv_attention); a call that needs grad takes the generic path through the
+    # custom ops, as torch.compile does (test_torch_compile_decode_step_cpu): the same bits.
+    q, k, v = _decode_inputs()
+    fast = intfa.KVCache(k[:, :, :37], v[:, :, :37], 48)
+    slow = intfa.KVCache(k[:, :, :37], v[:, :, :37], 48)
+    lib = intfa._arrays.lib
+    kv_attention, calls, generic = lib.kv_attention, [], []
+    monkeypatch.setattr(lib, "kv_attention", lambda *a: calls.append(1) or kv_attention(*a))
+    append_kv = intfa.append_kv
+    monkeypatch.setattr(intfa, "append_kv", lambda *a: generic.append(1) or append_kv(*a))
+    for t in range(37, 43):
+        kt, vt, qt = k[:, :, t:t + 1], v[:, :, t:t + 1], q[:, :, t:t + 1]
+        fast.append(kt, vt)
+        slow.append(kt.clone().requires_grad_(), vt)
+        out, lse = fast.attention(qt, is_causal=True, return_lse=True, scale=0.2)
+        out_s, lse_s = slow.attention(qt.clone().requires_grad_(), is_causal=True,
+                                      return_lse=True, scale=0.2)
+        assert type(out) is torch.Tensor and not out.requires_grad
+        assert torch.equal(out, out_s.detach()) and torch.equal(lse, lse_s.detach())
+        out32 = fast.attention(qt, out_dtype=torch.float32)
+        assert out32.dtype == torch.float32
+        assert torch.equal(out32, intfa.attention_int8(
+            slow.qkv(*intfa.quantize_q(qt, slow.k_mean), qt.dtype), out_dtype="float32"))
+    assert len(calls) == 12 and len(generic) == 6
+    n = fast.length
+    assert torch.equal(fast.k8[:, :, :n], slow.k8[:, :, :n])
+    assert torch.equal(fast.k_scale[..., :n], slow.k_scale[..., :n])
+    assert torch.equal(fast.vt8[..., :n], slow.vt8[..., :n])
+    assert torch.equal(fast.v_scale, slow.v_scale)
+
+
 def test_quantize_q_torch():
     q, k, v = _decode_inputs()
     x = intfa.quantize(q, k, v)
