@@ -6,8 +6,8 @@ loop only enqueues: with this little GPU work its time is the host's).
 Reports microseconds per step of KVCache.append, KVCache.attention and both, the best of
 --repeats loops of --steps steps (host timings on a shared machine are noisy). A fresh cache
 every 64 steps, made outside the timed part, keeps the attention's compute negligible. The CPU
-backend asks the OS for the CPU count in every call unless INTFA_NUM_THREADS is set (the script
-sets it to 1: one thread serves these shapes).
+backend would spawn a thread per CPU for each call; the script sets INTFA_NUM_THREADS=1 (one
+thread serves these shapes).
 
   python3 bench/kv_cache_host.py [--steps 2000] [--repeats 5] [--cuda] [--json FILE]
 """

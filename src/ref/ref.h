@@ -31,7 +31,8 @@ void quantize_cache(const CacheQuantParams& p);
 void attention_int8(const FwdParams& p);
 void attention_exact(const ExactParams& p);
 
-// Runs fn(0..n-1) on a pool of INTFA_NUM_THREADS (default: hardware) threads.
+// Runs fn(0..n-1) on a pool of INTFA_NUM_THREADS (default: hardware) threads, read at the first
+// call.
 void parallel_for(int64_t n, const std::function<void(int64_t)>& fn);
 
 // Element access for the dtypes the reference reads and writes.
