@@ -366,6 +366,15 @@ class KVCache:
                                self.layout, self.layout, "auto", fw.stream(k_new))
         self.length += n
 
+    def truncate(self, length):
+        """Keeps the first `length` tokens (speculative decoding: drop the rejected draft tokens,
+        whose slots the next append() overwrites). The statistics stay as they are: a V scale
+        that grew for a dropped token keeps its growth."""
+        if isinstance(length, bool) or int(length) != length or not 0 <= int(length) <= self.length:
+            raise ValueError(f"KVCache.truncate: expected a length in [0, {self.length}] (the tokens "
+                             f"held), got {length!r}")
+        self.length = int(length)
+
     def qkv(self, q8=None, q_scale=None, lse_offset=None, dtype=None):
         """A QuantizedQKV over the first `length` tokens (k8 and k_scale views; vt8 as it is,
         with capacity columns) with the given quantized queries, for attention_int8."""

@@ -523,6 +523,37 @@ def test_kv_cache_decode_loop(scheme, hq, hkv, layout):
     assert out32.dtype == np.float32 and rel_l2(out32, ref) < tol
 
 
+def test_kv_cache_truncate_for_speculative_steps():
+    # A speculative step: 4 draft tokens appended and attended, 1 accepted, the other 3 dropped;
+    # then the next token goes where the first rejected one was. The cache then holds what a
+    # cache given only the kept tokens holds (values within the prompt's V range: no scale grew).
+    rng = np.random.default_rng(31)
+    n0 = 40
+    q, k, v = qkv(rng, 1, 4, 2, n0 + 8, n0 + 8, 64, "BHSD")
+    k[:, :, n0:] *= 0.5
+    v[:, :, n0:] *= 0.5
+    spec = intfa.KVCache(k[:, :, :n0], v[:, :, :n0], 64)
+    plain = intfa.KVCache(k[:, :, :n0], v[:, :, :n0], 64)
+    spec.append(k[:, :, n0:n0 + 4], v[:, :, n0:n0 + 4])
+    out = spec.attention(q[:, :, n0:n0 + 4], is_causal=True)
+    assert out.shape == (1, 4, 4, 64)
+    spec.truncate(n0 + 1)
+    assert spec.length == n0 + 1
+    spec.append(k[:, :, n0 + 5:n0 + 6], v[:, :, n0 + 5:n0 + 6])
+    plain.append(k[:, :, n0:n0 + 1], v[:, :, n0:n0 + 1])
+    plain.append(k[:, :, n0 + 5:n0 + 6], v[:, :, n0 + 5:n0 + 6])
+    L = n0 + 2
+    np.testing.assert_array_equal(spec.k8[:, :, :L], plain.k8[:, :, :L])
+    np.testing.assert_array_equal(spec.k_scale[..., :L], plain.k_scale[..., :L])
+    np.testing.assert_array_equal(spec.vt8[..., :L], plain.vt8[..., :L])
+    np.testing.assert_array_equal(spec.v_scale, plain.v_scale)
+    qt = q[:, :, n0 + 5:n0 + 6]
+    np.testing.assert_array_equal(spec.attention(qt), plain.attention(qt))
+    for bad in (-1, L + 1, 1.5, True):
+        with pytest.raises(ValueError, match=r"KVCache.truncate: expected a length in \[0, 42\]"):
+            spec.truncate(bad)
+
+
 @pytest.mark.parametrize("scheme", ["accurate", "paper"])
 @pytest.mark.parametrize("b,layout", [(1, "BHSD"), (2, "BHSD"), (1, "BSHD"), (2, "BSHD")])
 def test_kv_cache_fast_path_equals_the_generic_calls(scheme, b, layout, monkeypatch):
