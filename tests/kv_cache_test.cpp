@@ -409,6 +409,11 @@ TEST(KvCache, ErrorsNameTheArgument) {
   std::vector<float> out(size_t(B) * 4 * D);
   st = attention_int8(v, Tensor(), Tensor(), 0, 0, make_tensor(out.data(), DType::f32, {B, 4, 1, D}), nullptr, o);
   EXPECT_TRUE(has(st, StatusCode::invalid_argument, "k_scale", "contiguous last dim")) << st.message();
+  // ... and no two entries in one place (an output of quantize() would be written twice).
+  v = c.view(q1.x, 4);
+  v.k_scale.stride[1] = 2;  // rows of 4 tokens 2 floats apart
+  st = attention_int8(v, Tensor(), Tensor(), 0, 0, make_tensor(out.data(), DType::f32, {B, 4, 1, D}), nullptr, o);
+  EXPECT_TRUE(has(st, StatusCode::invalid_argument, "k_scale", "stride of dim 1 >= 4), got 2")) << st.message();
 }
 
 }  // namespace

@@ -113,7 +113,7 @@ struct QuantizedQKV {
   Tensor q_scale;     // f32 [B,Hq,Sq] or [Hq,Tq]
   Tensor lse_offset;  // f32 like q_scale: scale * Q.kmean, added to the LSE (may be undefined: 0)
   Tensor k8;          // int8, same shape as k (smoothed K' for accurate/half)
-  Tensor k_scale;     // f32 [B,Hkv,Skv] (any strides but the last) or [Hkv,Tkv]
+  Tensor k_scale;     // f32 [B,Hkv,Skv] (rows may be padded: a cache's first Skv tokens) or [Hkv,Tkv]
   Tensor k_mean;      // f32 [B,Hkv,D] or [nseq,Hkv,D] (accurate/half; informational)
   Tensor vt8;         // int8 V transposed (paper, accurate): [B,Hkv,D,>=Skv], or for varlen
                       // [Hkv,D,>=Tkv+16*(nseq+1)] with sequence b at column

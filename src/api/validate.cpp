@@ -183,11 +183,17 @@ Status check_rows_view(const Tensor& t, const char* name, const std::vector<int6
     os << name << ": expected a contiguous last dim, got stride " << t.stride[t.ndim - 1];
     return invalid(os.str());
   }
-  for (int i = 0; i < t.ndim - 1; ++i)
-    if (t.stride[i] < 0) {
-      os << name << ": expected non-negative strides, got " << t.stride[i] << " in dim " << i;
+  // Row-major with padded rows (a cache's first tokens), so no two entries share memory: every
+  // dim of more than one entry steps past the whole extent of the dims after it.
+  int64_t extent = t.shape[t.ndim - 1];
+  for (int i = t.ndim - 2; i >= 0; --i) {
+    if (t.shape[i] > 1 && t.stride[i] < extent) {
+      os << name << ": expected row-major strides with rows padded at most (stride of dim " << i << " >= "
+         << extent << "), got " << t.stride[i];
       return invalid(os.str());
     }
+    extent = t.shape[i] > 1 ? t.stride[i] * t.shape[i] : extent;
+  }
   if (reinterpret_cast<uintptr_t>(t.data) % 4 != 0) return invalid(std::string(name) + ": data pointer must be 4-byte aligned");
   return Status::OK();
 }

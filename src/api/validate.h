@@ -38,7 +38,7 @@ Status check_operand(const Tensor& t, const char* name, Layout layout, Form form
 Status check_exact_shape(const Tensor& t, const char* name, DType dtype,
                          const std::vector<int64_t>& shape, const char* dims_desc);
 // A dense per-token side tensor that may be a view (k_scale of a KV cache's first tokens): f32,
-// rank = shape.size(), exact sizes, contiguous last dim, other strides free (non-negative).
+// rank = shape.size(), exact sizes, contiguous last dim, row-major with padded rows.
 Status check_rows_view(const Tensor& t, const char* name, const std::vector<int64_t>& shape, const char* dims_desc);
 Status check_same_device(const Tensor& t, const char* name, const Tensor& ref, const char* ref_name);
 Status check_options(const Options& o);
