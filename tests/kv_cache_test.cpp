@@ -12,6 +12,7 @@
 #include <memory>
 #include <vector>
 
+#include "kv_cache_util.h"
 #include "test_util.h"
 
 namespace intfa::testing {
@@ -21,14 +22,6 @@ using tools::Dist;
 using tools::HostQKV;
 
 bool verbose() { return std::getenv("INTFA_TEST_VERBOSE") != nullptr; }
-
-// Tokens [t0, t0 + n) of a BHSD tensor [B, H, S, D] (or of a per-token [B, H, S] one), strides
-// kept: the views a KV cache is read and written through.
-Tensor tokens(Tensor t, int64_t t0, int64_t n) {
-  t.data = static_cast<char*>(t.data) + t0 * t.stride[2] * static_cast<int64_t>(dtype_size(t.dtype));
-  t.shape[2] = n;
-  return t;
-}
 
 // A cache of `cap` tokens for B x Hkv heads (BHSD) in one buffer (alloc_quantized with one query
 // row: only its K/V parts are used).
@@ -41,29 +34,7 @@ struct Cache {
     std::memset(buf->data(), 0x55, buf->size());  // poison: untouched bytes stay 0x55
     EXPECT_TRUE(alloc_quantized(ps, s, Layout::BHSD, buf->data(), buf->size(), false, 0, &x).ok());
   }
-  // What attention_int8 reads for the first L tokens, with the queries of `q`.
-  QuantizedQKV view(const QuantizedQKV& q, int64_t L) const {
-    QuantizedQKV v = x;
-    v.q8 = q.q8;
-    v.q_scale = q.q_scale;
-    v.lse_offset = q.lse_offset;
-    v.k8 = tokens(x.k8, 0, L);
-    v.k_scale = tokens(x.k_scale, 0, L);
-    return v;
-  }
-};
-
-// Host storage for the query side of one call: q8 [B, Hq, Sq, D], q_scale and lse_offset.
-struct QParts {
-  std::vector<int8_t> q8;
-  std::vector<float> qs, off;
-  QuantizedQKV x;
-  QParts(int B, int Hq, int Sq, int D, Scheme s) : q8(size_t(B) * Hq * Sq * D, 0x55), qs(size_t(B) * Hq * Sq, NAN), off(qs.size(), NAN) {
-    x.scheme = s;
-    x.q8 = make_tensor(q8.data(), DType::i8, {B, Hq, Sq, D});
-    x.q_scale = make_tensor(qs.data(), DType::f32, {B, Hq, Sq});
-    x.lse_offset = make_tensor(off.data(), DType::f32, {B, Hq, Sq});
-  }
+  QuantizedQKV view(const QuantizedQKV& q, int64_t L) const { return cache_view(x, q, L); }
 };
 
 template <typename T>
@@ -300,11 +271,7 @@ TEST(KvCache, DecodeLoopAgainstFloat64) {
       o.causal = true;
       o.block_n = 32;
       Cache c(B, Hkv, cap, D, s);
-      {
-        QParts prompt_q(B, Hq, 1, D, s);  // quantize() needs queries: one, unused
-        ASSERT_TRUE(quantize(tokens(x.tq(), 0, 1), tokens(x.tk(), 0, L0), tokens(x.tv(), 0, L0), Tensor(), Tensor(), o,
-                             c.view(prompt_q.x, L0)).ok());
-      }
+      ASSERT_TRUE(quantize_prompt(x.tk(), x.tv(), L0, o, c.x).ok());
       int L = L0;
       double sum_err = 0, sum_fresh = 0;
       // Steps: 1, 1, 3 (a chunk of queries, causal among themselves), 1, 1, 1.

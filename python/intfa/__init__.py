@@ -357,13 +357,10 @@ class KVCache:
         if fw is None:
             append_kv(self._all(), k_new, v_new, self.length)
         else:  # the call append_kv() makes, without its generic steps
-            arg = fw.arg
-            parts = {"k8": arg(self.k8), "k_scale": arg(self.k_scale),
-                     "k_mean": arg(self.k_mean), "vt8": arg(self.vt8),
-                     "v_scale": arg(self.v_scale)}
-            with fw.device(k_new):
-                _lib.append_kv(arg(k_new), arg(v_new), self.length, parts, self.scheme,
-                               self.layout, self.layout, "auto", fw.stream(k_new))
+            parts = {"k8": self.k8, "k_scale": self.k_scale, "k_mean": self.k_mean,
+                     "vt8": self.vt8, "v_scale": self.v_scale}
+            _arrays.run_append_kv(fw, k_new, v_new, self.length, parts, self.scheme,
+                                  self.layout, self.layout)
         self.length += n
 
     def truncate(self, length):

@@ -246,12 +246,9 @@ Status validate_quantized(const QuantizedQKV& x, Problem* p, bool need_v_or_vt) 
   p->q = q8;
   p->k = k8;
   INTFA_TRY(api::check_exact_shape(x.q_scale, "q_scale", DType::f32, rows_shape(s, true), rows_desc(s, true)));
-  if (p->form == Form::dense) {
-    // Any strides but the last: a view of the first seqlen_kv tokens of a longer KV cache.
-    INTFA_TRY(api::check_rows_view(x.k_scale, "k_scale", rows_shape(s, false), rows_desc(s, false)));
-  } else {
-    INTFA_TRY(api::check_exact_shape(x.k_scale, "k_scale", DType::f32, rows_shape(s, false), rows_desc(s, false)));
-  }
+  // Dense k_scale may have padded rows: a view of the first seqlen_kv tokens of a longer KV cache.
+  INTFA_TRY(api::check_exact_shape(x.k_scale, "k_scale", DType::f32, rows_shape(s, false), rows_desc(s, false),
+                                   p->form == Form::dense));
   if (x.lse_offset.defined())
     INTFA_TRY(api::check_exact_shape(x.lse_offset, "lse_offset", DType::f32, rows_shape(s, true), rows_desc(s, true)));
   if (x.k_mean.defined())

@@ -128,7 +128,7 @@ Status check_qk_shapes(const View& q, const View& k, const char* q_name, const c
 }
 
 Status check_exact_shape(const Tensor& t, const char* name, DType dtype,
-                         const std::vector<int64_t>& shape, const char* dims_desc) {
+                         const std::vector<int64_t>& shape, const char* dims_desc, bool padded_rows) {
   std::ostringstream os;
   if (!t.defined()) return invalid(std::string(name) + ": expected a tensor, got null data");
   if (t.dtype != dtype) {
@@ -143,15 +143,24 @@ Status check_exact_shape(const Tensor& t, const char* name, DType dtype,
     os << "], got " << shape_str(t);
     return invalid(os.str());
   }
-  // Side tensors are addressed densely: require row-major contiguity.
+  // Side tensors are addressed densely: row-major, contiguous. With padded_rows the dims but the
+  // last may step further (a cache's first tokens), never less, so no two entries share memory.
   int64_t expect = 1;
   for (int i = t.ndim - 1; i >= 0; --i) {
-    if (t.shape[i] > 1 && t.stride[i] != expect) {
-      os << name << ": expected a contiguous tensor, got stride " << t.stride[i] << " in dim "
-         << i << " (expected " << expect << ")";
+    if (t.shape[i] <= 1) continue;
+    const bool last = i == t.ndim - 1;
+    if (padded_rows && !last ? t.stride[i] < expect : t.stride[i] != expect) {
+      if (padded_rows && last)
+        os << name << ": expected a contiguous last dim, got stride " << t.stride[i];
+      else if (padded_rows)
+        os << name << ": expected row-major strides with rows padded at most (stride of dim " << i
+           << " >= " << expect << "), got " << t.stride[i];
+      else
+        os << name << ": expected a contiguous tensor, got stride " << t.stride[i] << " in dim " << i
+           << " (expected " << expect << ")";
       return invalid(os.str());
     }
-    expect *= t.shape[i];
+    expect = t.stride[i] * t.shape[i];
   }
   if (reinterpret_cast<uintptr_t>(t.data) % dtype_size(dtype) != 0) {
     os << name << ": data pointer must be " << dtype_size(dtype) << "-byte aligned";
@@ -162,40 +171,6 @@ Status check_exact_shape(const Tensor& t, const char* name, DType dtype,
 
 static std::string where(const Tensor& t) {
   return t.on_device ? "GPU memory of device " + std::to_string(t.device_index) : "host memory";
-}
-
-Status check_rows_view(const Tensor& t, const char* name, const std::vector<int64_t>& shape, const char* dims_desc) {
-  std::ostringstream os;
-  if (!t.defined()) return invalid(std::string(name) + ": expected a tensor, got null data");
-  if (t.dtype != DType::f32) {
-    os << name << ": expected dtype f32, got " << to_string(t.dtype);
-    return Status(StatusCode::unsupported_type, os.str());
-  }
-  bool same = t.ndim == static_cast<int>(shape.size());
-  for (size_t i = 0; same && i < shape.size(); ++i) same = t.shape[i] == shape[i];
-  if (!same) {
-    os << name << ": expected shape " << dims_desc << " = [";
-    for (size_t i = 0; i < shape.size(); ++i) os << (i ? ", " : "") << shape[i];
-    os << "], got " << shape_str(t);
-    return invalid(os.str());
-  }
-  if (t.shape[t.ndim - 1] > 1 && t.stride[t.ndim - 1] != 1) {
-    os << name << ": expected a contiguous last dim, got stride " << t.stride[t.ndim - 1];
-    return invalid(os.str());
-  }
-  // Row-major with padded rows (a cache's first tokens), so no two entries share memory: every
-  // dim of more than one entry steps past the whole extent of the dims after it.
-  int64_t extent = t.shape[t.ndim - 1];
-  for (int i = t.ndim - 2; i >= 0; --i) {
-    if (t.shape[i] > 1 && t.stride[i] < extent) {
-      os << name << ": expected row-major strides with rows padded at most (stride of dim " << i << " >= "
-         << extent << "), got " << t.stride[i];
-      return invalid(os.str());
-    }
-    extent = t.shape[i] > 1 ? t.stride[i] * t.shape[i] : extent;
-  }
-  if (reinterpret_cast<uintptr_t>(t.data) % 4 != 0) return invalid(std::string(name) + ": data pointer must be 4-byte aligned");
-  return Status::OK();
 }
 
 Status check_same_device(const Tensor& t, const char* name, const Tensor& ref,

@@ -34,12 +34,11 @@ Status check_qk_shapes(const View& q, const View& k, const char* q_name, const c
 // contiguous last dim, element-aligned pointer (16-byte aligned rows for the GPU).
 Status check_operand(const Tensor& t, const char* name, Layout layout, Form form,
                      const std::vector<DType>& dtypes, bool gpu, View* view);
-// A per-row/per-channel side tensor (scales, lse): rank = shape.size(), exact shape, dtype.
+// A per-row/per-channel side tensor (scales, lse): rank = shape.size(), exact shape, dtype,
+// row-major contiguous; with padded_rows (k_scale of a KV cache's first tokens) the dims but the
+// last may have larger strides.
 Status check_exact_shape(const Tensor& t, const char* name, DType dtype,
-                         const std::vector<int64_t>& shape, const char* dims_desc);
-// A dense per-token side tensor that may be a view (k_scale of a KV cache's first tokens): f32,
-// rank = shape.size(), exact sizes, contiguous last dim, row-major with padded rows.
-Status check_rows_view(const Tensor& t, const char* name, const std::vector<int64_t>& shape, const char* dims_desc);
+                         const std::vector<int64_t>& shape, const char* dims_desc, bool padded_rows = false);
 Status check_same_device(const Tensor& t, const char* name, const Tensor& ref, const char* ref_name);
 Status check_options(const Options& o);
 // head_dim supported by the backend chosen (cpu: multiple of 16 in [16, 256]; GPU: 64, 128).

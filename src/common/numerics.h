@@ -22,12 +22,20 @@ constexpr int kPMaxU8 = 255;  // unsigned P levels of the accurate scheme
 // for bf16 inputs near FLT_MIN, and such values are far below any meaningful attention input.
 constexpr float kQuantTiny = 7.888609052210118e-31f;  // 2^-100
 
-// IEEE division on both sides: the device spells it __fdiv_rn so no flag can make it approximate.
+// IEEE division and product on both sides: the device spells them __fdiv_rn / __fmul_rn so no
+// flag can make them approximate or contract them.
 INTFA_HD float div_rn(float a, float b) {
 #if defined(__CUDA_ARCH__)
   return __fdiv_rn(a, b);
 #else
   return a / b;
+#endif
+}
+INTFA_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
 #endif
 }
 // Scale stored with the quantized tensor (dequantized x ~= x8 * s).
@@ -54,28 +62,12 @@ INTFA_HD int8_t quantize_s8(float x, float inv) {
 // append_kv's V: a new value clamps when |v| / s rounds past 127; the group's scale then grows to
 // 1.25 x amax / 127 (headroom, so the scale grows by at least 25% each time and a cache is
 // requantized only a few times over its life).
-INTFA_HD bool v_needs_growth(float amax_new, float s) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(amax_new, inv_of_scale(s)) > 127.5f;
-#else
-  return amax_new * inv_of_scale(s) > 127.5f;
-#endif
-}
-INTFA_HD float grown_v_scale(float amax_new) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(quant_scale(amax_new), 1.25f);
-#else
-  return quant_scale(amax_new) * 1.25f;
-#endif
-}
+INTFA_HD bool v_needs_growth(float amax_new, float s) { return mul_rn(amax_new, inv_of_scale(s)) > 127.5f; }
+INTFA_HD float grown_v_scale(float amax_new) { return mul_rn(quant_scale(amax_new), 1.25f); }
 // A stored int8 value requantized from scale s to s2: round(x8 * s * (1 / s2)), each product
 // rounded to fp32.
 INTFA_HD int8_t requantize_s8(int8_t x8, float s, float s2) {
-#if defined(__CUDA_ARCH__)
-  return quantize_s8(__fmul_rn(static_cast<float>(x8), s), inv_of_scale(s2));
-#else
-  return quantize_s8(static_cast<float>(x8) * s, inv_of_scale(s2));
-#endif
+  return quantize_s8(mul_rn(static_cast<float>(x8), s), inv_of_scale(s2));
 }
 
 // p in [0, 1] -> round(levels * p) with levels 127 (paper, s8) or 255 (accurate, u8).

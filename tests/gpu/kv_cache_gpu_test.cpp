@@ -11,19 +11,13 @@
 #include <vector>
 
 #include "gpu_test_util.h"
+#include "kv_cache_util.h"
 #include "inputs.h"
 
 namespace intfa::testing {
 namespace {
 
 using tools::Dist;
-
-// Tokens [t0, t0 + n) of a BHSD [B, H, S, D] or per-token [B, H, S] tensor, strides kept.
-Tensor tokens(Tensor t, int64_t t0, int64_t n) {
-  t.data = static_cast<char*>(t.data) + t0 * t.stride[2] * static_cast<int64_t>(dtype_size(t.dtype));
-  t.shape[2] = n;
-  return t;
-}
 
 // The same cache on both sides: a host buffer and a device buffer with alloc_quantized's layout.
 struct Caches {
@@ -38,35 +32,26 @@ struct Caches {
     EXPECT_TRUE(alloc_quantized(ps, s, Layout::BHSD, hb.ptr, bytes, false, 0, &h).ok());
     EXPECT_TRUE(alloc_quantized(ps, s, Layout::BHSD, db.ptr, bytes, true, 0, &d).ok());
   }
-  void upload() { ASSERT_TRUE(gpu_copy_to_device(db.ptr, hb.ptr, bytes).ok()); }
   bool same() const {
     std::vector<uint8_t> got = db.to_host<uint8_t>();
     return std::memcmp(got.data(), hb.ptr, bytes) == 0;
   }
-  // attention_int8's inputs: the queries of q and the first L tokens of x.
-  static QuantizedQKV view(QuantizedQKV x, const QuantizedQKV& q, int64_t L) {
-    x.q8 = q.q8;
-    x.q_scale = q.q_scale;
-    x.lse_offset = q.lse_offset;
-    x.k8 = tokens(x.k8, 0, L);
-    x.k_scale = tokens(x.k_scale, 0, L);
-    return x;
+  // The prompt into the host cache (quantize_prompt), then the device copy of it.
+  void fill(const Tensor& k, const Tensor& v, int64_t L0, const Options& o) {
+    ASSERT_TRUE(quantize_prompt(k, v, L0, o, h).ok());
+    ASSERT_TRUE(gpu_copy_to_device(db.ptr, hb.ptr, bytes).ok());
   }
 };
 
-// Query-side tensors [B, Hq, Sq, D] in one buffer per side.
+// Query-side tensors [B, Hq, Sq, D] on both sides (the host's in QParts).
 struct QSide {
-  std::vector<int8_t> q8;
-  std::vector<float> qs, off;
+  QParts hp;
   DeviceBuffer d8, ds, doff;
-  QuantizedQKV h, d;
+  const QuantizedQKV& h;
+  QuantizedQKV d;
   QSide(int B, int Hq, int Sq, int D, Scheme s)
-      : q8(size_t(B) * Hq * Sq * D), qs(size_t(B) * Hq * Sq, NAN), off(qs.size(), NAN), d8(q8.size()), ds(qs.size() * 4),
-        doff(qs.size() * 4) {
-    h.scheme = d.scheme = s;
-    h.q8 = make_tensor(q8.data(), DType::i8, {B, Hq, Sq, D});
-    h.q_scale = make_tensor(qs.data(), DType::f32, {B, Hq, Sq});
-    h.lse_offset = make_tensor(off.data(), DType::f32, {B, Hq, Sq});
+      : hp(B, Hq, Sq, D, s), d8(hp.q8.size()), ds(hp.qs.size() * 4), doff(hp.qs.size() * 4), h(hp.x) {
+    d.scheme = s;
     d.q8 = on_device(h.q8, d8.ptr);
     d.q_scale = on_device(h.q_scale, ds.ptr);
     d.lse_offset = on_device(h.lse_offset, doff.ptr);
@@ -95,12 +80,7 @@ TEST(KvCacheGpu, DecodeLoopMatchesCpu) {
       o.causal = true;
 
       Caches c(B, Hkv, cap, D, s);
-      {
-        QSide prompt_q(B, Hkv, 1, D, s);
-        ASSERT_TRUE(quantize(tokens(hk, 0, 1), tokens(hk, 0, L0), tokens(hv, 0, L0), Tensor(), Tensor(), o,
-                             Caches::view(c.h, prompt_q.h, L0)).ok());
-      }
-      c.upload();
+      ASSERT_NO_FATAL_FAILURE(c.fill(hk, hv, L0, o));
       int L = L0;
       for (int n : {1, 5, 1, 1, 1}) {
         SCOPED_TRACE("tokens " + std::to_string(L) + " + " + std::to_string(n));
@@ -114,11 +94,11 @@ TEST(KvCacheGpu, DecodeLoopMatchesCpu) {
         QSide qs(B, Hq, n, D, s);
         INTFA_ASSERT_OK(quantize_q(tokens(hq, i, n), c.h.k_mean, o, qs.h));
         INTFA_ASSERT_OK(quantize_q(tokens(gq, i, n), c.d.k_mean, o, qs.d));
-        EXPECT_EQ(qs.d8.to_host<int8_t>(), qs.q8);
-        EXPECT_EQ(qs.ds.to_host<float>(), qs.qs);
+        EXPECT_EQ(qs.d8.to_host<int8_t>(), qs.hp.q8);
+        EXPECT_EQ(qs.ds.to_host<float>(), qs.hp.qs);
         const std::vector<float> goff = qs.doff.to_host<float>();
         for (size_t r = 0; r < goff.size(); ++r)
-          ASSERT_NEAR(goff[r], qs.off[r], 1e-6f * (1.f + std::fabs(qs.off[r]))) << "lse_offset row " << r;
+          ASSERT_NEAR(goff[r], qs.hp.off[r], 1e-6f * (1.f + std::fabs(qs.hp.off[r]))) << "lse_offset row " << r;
 
         // CPU emulation with the kernels' key block, then every GPU path over the same cache.
         std::vector<float> want(size_t(B) * Hq * n * D, NAN), want_lse(size_t(B) * Hq * n, NAN);
@@ -126,7 +106,7 @@ TEST(KvCacheGpu, DecodeLoopMatchesCpu) {
         Options oc = o;
         oc.backend = Backend::cpu;
         oc.block_n = build_info().gpu_block_n;  // every GPU path: 128 keys
-        INTFA_ASSERT_OK(attention_int8(Caches::view(c.h, qs.h, L), Tensor(), Tensor(), 0, 0, tw, &twl, oc));
+        INTFA_ASSERT_OK(attention_int8(cache_view(c.h, qs.h, L), Tensor(), Tensor(), 0, 0, tw, &twl, oc));
         std::vector<GpuPath> paths = {GpuPath::automatic, GpuPath::sm80};
         if (n * (Hq / Hkv) <= 16) paths.push_back(GpuPath::decode);  // rows per K/V head it takes
         GpuPath got;
@@ -137,7 +117,7 @@ TEST(KvCacheGpu, DecodeLoopMatchesCpu) {
           Options og = o;
           og.path = path;
           Tensor to = on_device(tw, dout.ptr), tl = on_device(twl, dlse.ptr);
-          INTFA_ASSERT_OK(attention_int8(Caches::view(c.d, qs.d, L), Tensor(), Tensor(), 0, 0, to, &tl, og));
+          INTFA_ASSERT_OK(attention_int8(cache_view(c.d, qs.d, L), Tensor(), Tensor(), 0, 0, to, &tl, og));
           INTFA_ASSERT_OK(gpu_synchronize());
           const std::vector<float> out = dout.to_host<float>(), lse = dlse.to_host<float>();
           auto m = tools::compare(std::vector<double>(out.begin(), out.end()), std::vector<double>(want.begin(), want.end()));
@@ -167,12 +147,7 @@ TEST(KvCacheGpu, ScaleGrowthOverALongCache) {
   Options o;
   o.scheme = s;
   Caches c(B, Hkv, cap, D, s);
-  {
-    QSide prompt_q(B, Hkv, 1, D, s);
-    ASSERT_TRUE(quantize(tokens(hk, 0, 1), tokens(hk, 0, L0), tokens(hv, 0, L0), Tensor(), Tensor(), o,
-                         Caches::view(c.h, prompt_q.h, L0)).ok());
-  }
-  c.upload();
+  ASSERT_NO_FATAL_FAILURE(c.fill(hk, hv, L0, o));
   const std::vector<uint8_t> before = c.db.to_host<uint8_t>();
   INTFA_ASSERT_OK(append_kv(tokens(hk, L0, 4), tokens(hv, L0, 4), L0, o, c.h));
   INTFA_ASSERT_OK(append_kv(tokens(gk, L0, 4), tokens(gv, L0, 4), L0, o, c.d));
