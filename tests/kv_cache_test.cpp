@@ -330,6 +330,106 @@ TEST(KvCache, DecodeLoopAgainstFloat64) {
   }
 }
 
+// A ragged batch (seqused_kv): one call over the whole cache equals one call per sequence over
+// views of its first tokens, bit for bit, with garbage (NaN scales, extreme bytes) past every
+// sequence's count; counts past the cache clamp to it, negative ones to 0 (zero rows, LSE -inf).
+TEST(KvCache, RaggedAttentionEqualsOneCallPerSequence) {
+  for (Scheme s : {Scheme::accurate, Scheme::paper})
+    for (bool causal : {false, true}) {
+      SCOPED_TRACE(std::string(to_string(s)) + (causal ? " causal" : ""));
+      const int B = 4, Hq = 4, Hkv = 2, Sq = 3, cap = 70, D = 64;
+      HostQKV x = tools::make_inputs(Dist::normal, B, Hq, Hkv, Sq, cap, D, DType::bf16, 31 + causal + 2 * int(s));
+      Options o;
+      o.scheme = s;
+      o.causal = causal;
+      o.block_n = 16;
+      Cache c(B, Hkv, cap, D, s);
+      QParts qp(B, Hq, Sq, D, s);
+      ASSERT_TRUE(quantize(x.tq(), x.tk(), x.tv(), Tensor(), Tensor(), o, c.view(qp.x, cap)).ok());
+      std::vector<int32_t> lens = {45, -3, 100, 1};
+      poison_past(c.x, lens);
+      QuantizedQKV all = c.view(qp.x, cap);
+      all.seqused_kv = make_tensor(lens.data(), DType::i32, {B});
+      std::vector<float> out(size_t(B) * Hq * Sq * D, NAN), lse(size_t(B) * Hq * Sq, NAN);
+      const Tensor tlse = make_tensor(lse.data(), DType::f32, {B, Hq, Sq});
+      Status st = attention_int8(all, Tensor(), Tensor(), 0, 0, make_tensor(out.data(), DType::f32, {B, Hq, Sq, D}), &tlse, o);
+      ASSERT_TRUE(st.ok()) << st.message();
+      EXPECT_EQ(count_nan(out), 0);
+      const size_t per_out = size_t(Hq) * Sq * D, per_lse = size_t(Hq) * Sq;
+      for (int b = 0; b < B; ++b) {
+        SCOPED_TRACE("sequence " + std::to_string(b));
+        const int L = std::max(0, std::min(cap, int(lens[b])));
+        std::vector<float> want(per_out, 0.f), want_lse(per_lse, -INFINITY);
+        if (L > 0) {
+          Tensor tl = make_tensor(want_lse.data(), DType::f32, {1, Hq, Sq});
+          st = attention_int8(batch_of(c.view(qp.x, L), b), Tensor(), Tensor(), 0, 0,
+                              make_tensor(want.data(), DType::f32, {1, Hq, Sq, D}), &tl, o);
+          ASSERT_TRUE(st.ok()) << st.message();
+        }
+        EXPECT_EQ(std::vector<float>(out.begin() + b * per_out, out.begin() + (b + 1) * per_out), want);
+        EXPECT_EQ(std::vector<float>(lse.begin() + b * per_lse, lse.begin() + (b + 1) * per_lse), want_lse);
+      }
+    }
+}
+
+// append_kv with a position per sequence writes what one append per sequence writes, and drops
+// the tokens whose position falls outside the cache. The reference is a cache 8 tokens longer
+// whose column c + 4 stands for column c: every position is valid there.
+TEST(KvCache, AppendAtPerSequencePositions) {
+  for (Scheme s : {Scheme::paper, Scheme::accurate}) {
+    SCOPED_TRACE(to_string(s));
+    const int B = 3, Hkv = 2, cap = 40, D = 64, n = 3, shift = 4;
+    HostQKV x = tools::make_inputs(Dist::llm, B, Hkv, Hkv, 1, n, D, DType::bf16, 17 + int(s));
+    Options o;
+    o.scheme = s;
+    Cache rag(B, Hkv, cap, D, s), ref(B, Hkv, cap + 2 * shift, D, s);
+    // The same statistics and the same held V^T bytes (column c of rag = column c + shift of ref);
+    // small scales on some channels, so that they grow and the held bytes are requantized.
+    for (Cache* c : {&rag, &ref}) {
+      float* km = static_cast<float*>(c->x.k_mean.data);
+      float* vs = static_cast<float*>(c->x.v_scale.data);
+      for (int i = 0; i < B * Hkv * D; ++i) {
+        km[i] = 0.01f * float(i % 7 - 3);
+        vs[i] = s == Scheme::paper ? 0.004f : (i % 5 ? 0.05f : 0.001f);
+      }
+      const Tensor& vt = c->x.vt8;
+      const int64_t off = c == &ref ? shift : 0;
+      for (int64_t bh = 0; bh < B * Hkv; ++bh)
+        for (int64_t d = 0; d < D; ++d)
+          for (int64_t col = 0; col < cap; ++col)
+            static_cast<int8_t*>(vt.data)[bh * vt.stride[1] + d * vt.stride[2] + col + off] =
+                static_cast<int8_t>((col * 29 + d * 7 + bh) % 255 - 127);
+    }
+    std::vector<int32_t> pos = {5, -2, cap - 1};  // sequence 1 loses 2 tokens, sequence 2 its last 2
+    Status st = append_kv(x.tk(), x.tv(), make_tensor(pos.data(), DType::i32, {B}), o, rag.x);
+    ASSERT_TRUE(st.ok()) << st.message();
+    for (int b = 0; b < B; ++b) {
+      st = append_kv(batch_slice(x.tk(), b), batch_slice(x.tv(), b), pos[b] + shift, o, batch_of(ref.x, b));
+      ASSERT_TRUE(st.ok()) << st.message();
+    }
+    EXPECT_EQ(std::memcmp(rag.x.v_scale.data, ref.x.v_scale.data, size_t(B) * Hkv * D * sizeof(float)), 0);
+    const int64_t rcap = cap + 2 * shift;
+    for (int64_t bh = 0; bh < B * Hkv; ++bh) {
+      SCOPED_TRACE("head " + std::to_string(bh));
+      const int8_t* rk = static_cast<const int8_t*>(rag.x.k8.data) + bh * cap * D;
+      const int8_t* fk = static_cast<const int8_t*>(ref.x.k8.data) + (bh * rcap + shift) * D;
+      EXPECT_EQ(std::memcmp(rk, fk, size_t(cap) * D), 0) << "k8";
+      const float* rs = static_cast<const float*>(rag.x.k_scale.data) + bh * cap;
+      const float* fs = static_cast<const float*>(ref.x.k_scale.data) + bh * rcap + shift;
+      EXPECT_EQ(std::memcmp(rs, fs, cap * sizeof(float)), 0) << "k_scale";
+      for (int d = 0; d < D; ++d) {
+        const int8_t* rv = static_cast<const int8_t*>(rag.x.vt8.data) + bh * rag.x.vt8.stride[1] + d * rag.x.vt8.stride[2];
+        const int8_t* fv = static_cast<const int8_t*>(ref.x.vt8.data) + bh * ref.x.vt8.stride[1] + d * ref.x.vt8.stride[2];
+        ASSERT_EQ(std::memcmp(rv, fv + shift, cap), 0) << "vt8 channel " << d;
+      }
+    }
+    // The dropped tokens: nothing of sequence 1 before column 0 or of sequence 2 past the cache.
+    const float* ks = static_cast<const float*>(rag.x.k_scale.data);
+    EXPECT_FALSE(std::isnan(ks[1 * Hkv * cap + 0])) << "sequence 1's third token lands at 0";
+    EXPECT_FALSE(std::isnan(ks[2 * Hkv * cap + cap - 1]));
+  }
+}
+
 TEST(KvCache, ErrorsNameTheArgument) {
   const int B = 1, Hkv = 2, cap = 16, D = 64;
   Cache c(B, Hkv, cap, D, Scheme::accurate);
@@ -369,6 +469,13 @@ TEST(KvCache, ErrorsNameTheArgument) {
   st = quantize_q(x.tq(), c.x.k_mean, o, small);
   EXPECT_TRUE(has(st, StatusCode::invalid_argument, "out.q_scale", "[batch, heads_q, seqlen_q] = [1, 4, 2]")) << st.message();
 
+  std::vector<int32_t> pos2(2);
+  st = append_kv(x.tk(), x.tv(), make_tensor(pos2.data(), DType::i32, {2}), o, c.x);
+  EXPECT_TRUE(has(st, StatusCode::invalid_argument, "pos", "[batch] = [1], got [2]")) << st.message();
+  std::vector<float> posf(1);
+  st = append_kv(x.tk(), x.tv(), make_tensor(posf.data(), DType::f32, {1}), o, c.x);
+  EXPECT_TRUE(has(st, StatusCode::unsupported_type, "pos", "expected dtype int32")) << st.message();
+
   // attention_int8 takes strided k_scale views but still wants the last dim contiguous.
   QParts q1(B, 4, 1, D, Scheme::accurate);
   QuantizedQKV v = c.view(q1.x, 4);
@@ -381,6 +488,19 @@ TEST(KvCache, ErrorsNameTheArgument) {
   v.k_scale.stride[1] = 2;  // rows of 4 tokens 2 floats apart
   st = attention_int8(v, Tensor(), Tensor(), 0, 0, make_tensor(out.data(), DType::f32, {B, 4, 1, D}), nullptr, o);
   EXPECT_TRUE(has(st, StatusCode::invalid_argument, "k_scale", "stride of dim 1 >= 4), got 2")) << st.message();
+  // seqused_kv: int32 [batch] in the memory of q8; quantize() takes none.
+  v = c.view(q1.x, 4);
+  std::vector<int32_t> used(2, 4);
+  v.seqused_kv = make_tensor(used.data(), DType::i32, {2});
+  st = attention_int8(v, Tensor(), Tensor(), 0, 0, make_tensor(out.data(), DType::f32, {B, 4, 1, D}), nullptr, o);
+  EXPECT_TRUE(has(st, StatusCode::invalid_argument, "seqused_kv", "[batch] = [1], got [2]")) << st.message();
+  v.seqused_kv = make_tensor(out.data(), DType::f32, {1});
+  st = attention_int8(v, Tensor(), Tensor(), 0, 0, make_tensor(out.data(), DType::f32, {B, 4, 1, D}), nullptr, o);
+  EXPECT_TRUE(has(st, StatusCode::unsupported_type, "seqused_kv", "expected dtype int32")) << st.message();
+  v = c.view(q1.x, 4);
+  v.seqused_kv = make_tensor(used.data(), DType::i32, {1});
+  st = quantize(x.tq(), tokens(x.tk(), 0, 4), tokens(x.tv(), 0, 4), Tensor(), Tensor(), o, v);
+  EXPECT_TRUE(has(st, StatusCode::invalid_argument, "out.seqused_kv", "expected undefined")) << st.message();
 }
 
 }  // namespace

@@ -2,6 +2,7 @@
 // tests/gpu/kv_cache_gpu_test.cpp); public API only.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -16,6 +17,40 @@ inline Tensor tokens(Tensor t, int64_t t0, int64_t n) {
   t.data = static_cast<char*>(t.data) + t0 * t.stride[2] * static_cast<int64_t>(dtype_size(t.dtype));
   t.shape[2] = n;
   return t;
+}
+
+// Sequence b of a tensor batched in dim 0, as a batch of one.
+inline Tensor batch_slice(Tensor t, int64_t b) {
+  t.data = static_cast<char*>(t.data) + b * t.stride[0] * static_cast<int64_t>(dtype_size(t.dtype));
+  t.shape[0] = 1;
+  return t;
+}
+
+// Sequence b of every part of a (BHSD) QuantizedQKV.
+inline QuantizedQKV batch_of(QuantizedQKV x, int64_t b) {
+  for (Tensor* t : {&x.q8, &x.q_scale, &x.lse_offset, &x.k8, &x.k_scale, &x.k_mean, &x.vt8, &x.v_scale})
+    if (t->defined()) *t = batch_slice(*t, b);
+  return x;
+}
+
+// Garbage past sequence b's first lens[b] tokens of a host BHSD cache: k8 and vt8 bytes, k_scale
+// NaN. A ragged call (seqused_kv) must not let any of it into the result.
+inline void poison_past(const QuantizedQKV& c, const std::vector<int32_t>& lens) {
+  const Tensor &k8 = c.k8, &ks = c.k_scale, &vt = c.vt8;
+  for (int64_t b = 0; b < k8.shape[0]; ++b)
+    for (int64_t h = 0; h < k8.shape[1]; ++h) {
+      const int64_t L0 = std::max<int64_t>(0, std::min<int64_t>(lens[b], k8.shape[2]));
+      for (int64_t t = L0; t < k8.shape[2]; ++t) {
+        static_cast<float*>(ks.data)[b * ks.stride[0] + h * ks.stride[1] + t] = NAN;
+        for (int64_t d = 0; d < k8.shape[3]; ++d)
+          static_cast<int8_t*>(k8.data)[b * k8.stride[0] + h * k8.stride[1] + t * k8.stride[2] + d] =
+              static_cast<int8_t>(t % 2 ? 127 : -128);
+      }
+      for (int64_t d = 0; d < vt.shape[2]; ++d)
+        for (int64_t t = L0; t < vt.shape[3]; ++t)
+          static_cast<int8_t*>(vt.data)[b * vt.stride[0] + h * vt.stride[1] + d * vt.stride[2] + t] =
+              static_cast<int8_t>(t % 3 ? -128 : 127);
+    }
 }
 
 // What attention_int8 reads: the queries of q and the first L tokens of `cache`.

@@ -120,6 +120,12 @@ struct QuantizedQKV {
                       // round_up(cu_kv[b],16)+16*b (16-byte aligned for vector loads)
   Tensor v_scale;     // f32 [B,Hkv,D] or [nseq,Hkv,D]; paper: all D entries equal (per tensor)
   Tensor v;           // half scheme: V as given (fp16/bf16), vt8/v_scale unused
+  // attention_int8 only (optional): int32 [B] (varlen: [nseq]) on the device of q8, the keys each
+  // sequence attends to: its first seqused_kv[b], clamped to [0, Skv] (FlashAttention's
+  // seqused_k). A batch of caches of different lengths is one call over views of the longest:
+  // what lies past a sequence's count is never read into the result (garbage there is fine).
+  // Read by the kernels, so the counts may change on the device between CUDA graph replays.
+  Tensor seqused_kv;
 };
 
 // Sizes of the quantized tensors for a problem; alloc_quantized() fills a QuantizedQKV whose
@@ -186,6 +192,13 @@ Status quantize_q(const Tensor& q, const Tensor& k_mean, const Options& opts, co
 // the cache's v_scale and vt8 may change outside pos .. pos + n - 1. Schemes paper and accurate
 // (half: not_available).
 Status append_kv(const Tensor& k_new, const Tensor& v_new, int64_t pos, const Options& opts,
+                 const QuantizedQKV& cache);
+// The same with a position per sequence (ragged batches): pos int32 [B] on the device of k_new;
+// sequence b's tokens go to pos[b] .. pos[b] + n - 1. The positions are read by the kernels (so
+// they may live on the device and change between CUDA graph replays); a token whose position
+// falls outside [0, C) is not written, since the host cannot check them without a
+// synchronization. V scales grow for all n new tokens of a sequence, written or not.
+Status append_kv(const Tensor& k_new, const Tensor& v_new, const Tensor& pos, const Options& opts,
                  const QuantizedQKV& cache);
 
 // Exact attention in float64 on the CPU (the accuracy oracle). Inputs of any float dtype on the

@@ -560,6 +560,9 @@ Status quantize(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
        << to_string(out.scheme);
     return invalid(os.str());
   }
+  if (out.seqused_kv.defined())
+    return invalid("out.seqused_kv: quantize() quantizes every token of k and v (its statistics too) and takes no "
+                   "key counts; expected undefined (pass views of the tokens to quantize)");
   Problem pv = p;
   INTFA_TRY(validate_quantized(out, &pv, opts.scheme != Scheme::half));
   View q8v = pv.q, k8v = pv.k;
@@ -605,6 +608,11 @@ Status attention_int8(const QuantizedQKV& x, const Tensor& cu_seqlens_q,
   if (form == Form::varlen)
     INTFA_TRY(validate_varlen(cu_seqlens_q, cu_seqlens_kv, max_seqlen_q, max_seqlen_kv, opts, &p));
   INTFA_TRY(validate_quantized(x, &p, true));
+  if (x.seqused_kv.defined()) {
+    INTFA_TRY(api::check_exact_shape(x.seqused_kv, "seqused_kv", DType::i32, {int64_t(s.batch)},
+                                     form == Form::varlen ? "[num_sequences]" : "[batch]"));
+    INTFA_TRY(api::check_same_device(x.seqused_kv, "seqused_kv", x.q8, "q8"));
+  }
   p.dtype = x.scheme == Scheme::half ? x.v.dtype : DType::f16;
   // Output: fp16/bf16 (or f32) shaped like q8.
   View o;
@@ -619,6 +627,7 @@ Status attention_int8(const QuantizedQKV& x, const Tensor& cu_seqlens_q,
     if (lse->on_device != p.gpu) return invalid("lse: expected the memory space of q8");
   }
   FwdParams fp = make_fwd_params(p, x, out, lse, opts);
+  fp.seqused_kv = static_cast<const int32_t*>(x.seqused_kv.data);
   if (p.gpu) {
     GpuPath path;
     INTFA_TRY(resolve_gpu(p, opts, &path));
@@ -674,6 +683,7 @@ Status quantize_q(const Tensor& q, const Tensor& k_mean, const Options& opts, co
   c.heads = static_cast<int>(Q.H);
   c.heads_kv = static_cast<int>(hkv);
   c.tokens = static_cast<int>(Q.S);
+  c.cap = Q.S;
   c.head_dim = static_cast<int>(Q.D);
   c.in_dtype = q.dtype;
   c.softmax_scale = opts.scale != 0.f ? opts.scale : 1.0f / std::sqrt(static_cast<float>(Q.D));
@@ -693,8 +703,12 @@ Status quantize_q(const Tensor& q, const Tensor& k_mean, const Options& opts, co
   return Status::OK();
 }
 
-Status append_kv(const Tensor& k_new, const Tensor& v_new, int64_t pos, const Options& opts,
-                 const QuantizedQKV& cache) {
+namespace {
+
+// append_kv with one position (pos_b null) or a position per sequence (pos_b: int32 [B], read
+// by the kernels).
+Status append_kv_impl(const Tensor& k_new, const Tensor& v_new, int64_t pos, const Tensor* pos_b,
+                      const Options& opts, const QuantizedQKV& cache) {
   INTFA_TRY(api::check_options(opts));
   std::ostringstream os;
   if (cache.scheme != opts.scheme) {
@@ -727,7 +741,10 @@ Status append_kv(const Tensor& k_new, const Tensor& v_new, int64_t pos, const Op
     return invalid(os.str());
   }
   const int64_t cap = k8.S;
-  if (pos < 0 || pos + K.S > cap) {
+  if (pos_b) {
+    INTFA_TRY(api::check_exact_shape(*pos_b, "pos", DType::i32, {K.B}, "[batch]"));
+    INTFA_TRY(api::check_same_device(*pos_b, "pos", k_new, "k_new"));
+  } else if (pos < 0 || pos + K.S > cap) {
     os << "pos: expected 0 <= pos and pos + new tokens (" << K.S << ") <= the cache's " << cap << " tokens, got pos "
        << pos;
     return invalid(os.str());
@@ -745,10 +762,12 @@ Status append_kv(const Tensor& k_new, const Tensor& v_new, int64_t pos, const Op
     os << "cache.vt8: expected dtype int8, got " << to_string(vt.dtype);
     return Status(StatusCode::unsupported_type, os.str());
   }
+  // Per-sequence positions write only columns < cap (cache_pos), so vt8 needs the capacity.
+  const int64_t vt_need = pos_b ? cap : pos + K.S;
   if (vt.ndim != 4 || vt.stride[3] != 1 || vt.shape[0] != K.B || vt.shape[1] != K.H || vt.shape[2] != K.D ||
-      vt.shape[3] < pos + K.S) {
-    os << "cache.vt8: expected V transposed [batch, heads_kv, head_dim, >= pos + new tokens = " << pos + K.S
-       << "] with a contiguous last dim, got " << api::shape_str(vt);
+      vt.shape[3] < vt_need) {
+    os << "cache.vt8: expected V transposed [batch, heads_kv, head_dim, >= " << (pos_b ? "cache tokens" : "pos + new tokens")
+       << " = " << vt_need << "] with a contiguous last dim, got " << api::shape_str(vt);
     return invalid(os.str());
   }
   for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&cache.k8, "cache.k8"}, {&cache.k_scale, "cache.k_scale"},
@@ -761,6 +780,8 @@ Status append_kv(const Tensor& k_new, const Tensor& v_new, int64_t pos, const Op
   c.tokens = static_cast<int>(K.S);
   c.head_dim = static_cast<int>(K.D);
   c.pos = pos;
+  c.pos_b = pos_b ? static_cast<const int32_t*>(pos_b->data) : nullptr;
+  c.cap = cap;
   c.in_dtype = k_new.dtype;
   c.x = k_new.data;
   c.x_st = K.st;
@@ -784,6 +805,18 @@ Status append_kv(const Tensor& k_new, const Tensor& v_new, int64_t pos, const Op
   if (p.gpu) return cuda::quantize_cache(c, opts.stream);
   ref::quantize_cache(c);
   return Status::OK();
+}
+
+}  // namespace
+
+Status append_kv(const Tensor& k_new, const Tensor& v_new, int64_t pos, const Options& opts,
+                 const QuantizedQKV& cache) {
+  return append_kv_impl(k_new, v_new, pos, nullptr, opts, cache);
+}
+
+Status append_kv(const Tensor& k_new, const Tensor& v_new, const Tensor& pos, const Options& opts,
+                 const QuantizedQKV& cache) {
+  return append_kv_impl(k_new, v_new, 0, &pos, opts, cache);
 }
 
 Status attention_reference(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,

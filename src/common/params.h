@@ -53,6 +53,11 @@ struct QuantParams {
 struct CacheQuantParams {
   int batch = 0, heads = 0, heads_kv = 0, tokens = 0, head_dim = 0;  // heads of x; heads_kv of mean
   int64_t pos = 0;
+  // append_kv with per-sequence positions (device memory on the GPU): sequence b's tokens go to
+  // pos_b[b] + t; tokens that would land outside [0, cap) are not written (the host cannot read
+  // the positions without a synchronization, so the kernels keep every write in bounds).
+  const int32_t* pos_b = nullptr;
+  int64_t cap = 0;
   DType in_dtype = DType::f16;
   float softmax_scale = 0.f;
   const void* x = nullptr;  Strides3 x_st;         // q or k_new (fp16/bf16)
@@ -78,6 +83,10 @@ struct FwdParams {
   int64_t total_q = 0, total_kv = 0;  // varlen: tokens of the packed tensors (sm90 TMA extents)
   const int32_t* cu_q = nullptr;
   const int32_t* cu_kv = nullptr;
+  // Per-sequence key counts (seqused_kv, e.g. a cache's lengths; device memory on the GPU, read
+  // by the kernels): sequence b attends to its first seqused_kv[b] keys, clamped to [0, its
+  // length]. Null: every key.
+  const int32_t* seqused_kv = nullptr;
   Scheme scheme = Scheme::accurate;
   float softmax_scale = 0.f;
   bool causal = false;
@@ -105,6 +114,18 @@ struct FwdParams {
 INTFA_HD int64_t seq_start(const int32_t* cu, int b) { return cu ? cu[b] : 0; }
 INTFA_HD int seq_len(const int32_t* cu, int b, int dense_len) {
   return cu ? cu[b + 1] - cu[b] : dense_len;
+}
+// Keys sequence b attends to: its length, or fewer where seqused_kv says so.
+INTFA_HD int kv_len(const FwdParams& p, int b) {
+  const int n = seq_len(p.cu_kv, b, p.seqlen_kv);
+  if (!p.seqused_kv) return n;
+  const int u = p.seqused_kv[b];
+  return u < 0 ? 0 : (u < n ? u : n);
+}
+// append_kv: where token t of sequence b goes (-1: outside the cache, not written).
+INTFA_HD int64_t cache_pos(const CacheQuantParams& p, int b, int t) {
+  const int64_t c = (p.pos_b ? int64_t(p.pos_b[b]) : p.pos) + t;
+  return c >= 0 && c < p.cap ? c : -1;
 }
 // Varlen V-transposed columns: sequence b starts at a 16-aligned column (so 16-byte vector and
 // cp.async loads work for every sequence): round_up(cu[b], 16) + 16*b, which never overlaps the

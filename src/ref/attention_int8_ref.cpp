@@ -152,7 +152,7 @@ void attention_int8(const FwdParams& p) {
     t.h = static_cast<int>((task / m_blocks) % p.heads_q);
     t.b = static_cast<int>(task / (static_cast<int64_t>(m_blocks) * p.heads_q));
     t.sq = seq_len(p.cu_q, t.b, p.seqlen_q);
-    t.skv = seq_len(p.cu_kv, t.b, p.seqlen_kv);
+    t.skv = kv_len(p, t.b);
     if (t.m0 >= t.sq) return;
     t.rows = std::min(kBlockM, t.sq - t.m0);
     t.hkv = t.h / (p.heads_q / p.heads_kv);

@@ -122,9 +122,11 @@ void quantize_cache(const CacheQuantParams& p) {
         if (mean) dot += static_cast<double>(x) * mean[c];
         row[c] = p.subtract_mean && mean ? x - mean[c] : x;
       }
-      quantize_row(row.data(), d, p.x8 + offset(p.x8_st, b, h, p.pos + t), p.scale + offset(p.s_st, b, h, p.pos + t));
+      const int64_t at = cache_pos(p, b, t);
+      if (at < 0) continue;
+      quantize_row(row.data(), d, p.x8 + offset(p.x8_st, b, h, at), p.scale + offset(p.s_st, b, h, at));
       if (p.lse_offset)
-        p.lse_offset[offset(p.s_st, b, h, p.pos + t)] = mean ? static_cast<float>(p.softmax_scale * dot) : 0.f;
+        p.lse_offset[offset(p.s_st, b, h, at)] = mean ? static_cast<float>(p.softmax_scale * dot) : 0.f;
     }
   });
   if (!p.v) return;
@@ -133,6 +135,7 @@ void quantize_cache(const CacheQuantParams& p) {
     float* vs = p.v_scale + b * p.vs_st.bs + h * p.vs_st.hs;
     auto v_at = [&](int t, int c) { return static_cast<float>(load_scalar(p.v, p.in_dtype, offset(p.v_st, b, h, t) + c)); };
     // The new values' range per channel (per tensor: over all channels), and the scales that grow.
+    const int64_t pos0 = p.pos_b ? int64_t(p.pos_b[b]) : p.pos;
     std::vector<float> amax(d, 0.f), grown(d);
     for (int c = 0; c < d; ++c)
       for (int t = 0; t < p.tokens; ++t) amax[c] = std::max(amax[c], std::fabs(v_at(t, c)));
@@ -142,10 +145,13 @@ void quantize_cache(const CacheQuantParams& p) {
       int8_t* row = p.vt8 + b * p.vt_st.bs + h * p.vt_st.hs + c * p.vt_st.ts;
       if (grown[c] != vs[c])  // every column the cache holds, but the new tokens' own
         for (int64_t col = 0; col < p.vt_cols; ++col)
-          if (col < p.pos || col >= p.pos + p.tokens) row[col] = requantize_s8(row[col], vs[c], grown[c]);
+          if (col < pos0 || col >= pos0 + p.tokens) row[col] = requantize_s8(row[col], vs[c], grown[c]);
       vs[c] = grown[c];
       const float inv = inv_of_scale(vs[c]);
-      for (int t = 0; t < p.tokens; ++t) row[p.pos + t] = quantize_s8(v_at(t, c), inv);
+      for (int t = 0; t < p.tokens; ++t) {
+        const int64_t at = cache_pos(p, b, t);
+        if (at >= 0) row[at] = quantize_s8(v_at(t, c), inv);
+      }
     }
   });
 }

@@ -81,7 +81,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const __grid_constant__ P
   const int hkv = h / (p.heads_q / p.heads_kv);
   const int sq = min(seq_len(p.cu_q, b, p.seqlen_q), p.seqlen_q);  // <= kRows (launcher)
   if (sq <= 0) return;
-  const int skv = seq_len(p.cu_kv, b, p.seqlen_kv);
+  const int skv = kv_len(p, b);
   const int64_t q0 = seq_start(p.cu_q, b), k0 = seq_start(p.cu_kv, b);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
 

@@ -52,15 +52,17 @@ __global__ void __launch_bounds__(32 * kWarps) cache_rows_kernel(const CacheQuan
     amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
     dot += __shfl_xor_sync(0xffffffffu, dot, o);
   }
+  const int64_t at = cache_pos(p, b, t);
+  if (at < 0) return;
   const float inv = quant_inv_scale(amax);
-  int8_t* out = p.x8 + offset(p.x8_st, b, h, p.pos + t);
+  int8_t* out = p.x8 + offset(p.x8_st, b, h, at);
 #pragma unroll
   for (int i = 0; i < kMaxPerLane; ++i) {
     const int c = lane + 32 * i;
     if (c < p.head_dim) out[c] = quantize_s8(x[i], inv);
   }
   if (lane == 0) {
-    const int64_t s = offset(p.s_st, b, h, p.pos + t);
+    const int64_t s = offset(p.s_st, b, h, at);
     p.scale[s] = quant_scale(amax);
     if (p.lse_offset) p.lse_offset[s] = mean ? static_cast<float>(p.softmax_scale * dot) : 0.f;
   }
@@ -78,6 +80,8 @@ __global__ void __launch_bounds__(kVThreads) cache_v_kernel(const CacheQuantPara
   float* vs = p.v_scale + b * p.vs_st.bs + h * p.vs_st.hs;
   int8_t* rows = p.vt8 + b * p.vt_st.bs + h * p.vt_st.hs;
   auto v_at = [&](int t, int c) { return load_in(p.v, p.in_dtype, offset(p.v_st, b, h, t) + c); };
+  // The new tokens' first column (their columns may run past the cache: cache_pos drops those).
+  const int64_t pos0 = (p.pos_b ? int64_t(p.pos_b[b]) : p.pos);
   if (threadIdx.x == 0) s_count = 0;
   float amax[2] = {0.f, 0.f}, head = 0.f;
 #pragma unroll
@@ -125,7 +129,7 @@ __global__ void __launch_bounds__(kVThreads) cache_v_kernel(const CacheQuantPara
       }
     } else {
       for (int64_t col = threadIdx.x; col < p.vt_cols; col += kVThreads)
-        if (col < p.pos || col >= p.pos + p.tokens) row[col] = requantize_s8(row[col], so, sn);
+        if (col < pos0 || col >= pos0 + p.tokens) row[col] = requantize_s8(row[col], so, sn);
     }
   }
   __syncthreads();  // the sweeps' writes before the new tokens' bytes
@@ -135,8 +139,11 @@ __global__ void __launch_bounds__(kVThreads) cache_v_kernel(const CacheQuantPara
     if (c >= p.head_dim) continue;
     vs[c] = s_new[c];
     const float inv = inv_of_scale(s_new[c]);
-    int8_t* row = rows + c * p.vt_st.ts + p.pos;
-    for (int t = 0; t < p.tokens; ++t) row[t] = quantize_s8(v_at(t, c), inv);
+    int8_t* row = rows + c * p.vt_st.ts;
+    for (int t = 0; t < p.tokens; ++t) {
+      const int64_t at = cache_pos(p, b, t);
+      if (at >= 0) row[at] = quantize_s8(v_at(t, c), inv);
+    }
   }
 }
 

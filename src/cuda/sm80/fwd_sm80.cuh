@@ -244,7 +244,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
     b = blockIdx.z;
   }
   const int sq = seq_len(p.cu_q, b, p.seqlen_q);
-  const int skv = seq_len(p.cu_kv, b, p.seqlen_kv);
+  const int skv = kv_len(p, b);
   const int m0 = m_block * kBlockM;
   if (m0 >= sq) return;
   const int hkv = h / (p.heads_q / p.heads_kv);
