@@ -83,10 +83,6 @@ struct FwdParams {
   int64_t total_q = 0, total_kv = 0;  // varlen: tokens of the packed tensors (sm90 TMA extents)
   const int32_t* cu_q = nullptr;
   const int32_t* cu_kv = nullptr;
-  // Per-sequence key counts (seqused_kv, e.g. a cache's lengths; device memory on the GPU, read
-  // by the kernels): sequence b attends to its first seqused_kv[b] keys, clamped to [0, its
-  // length]. Null: every key.
-  const int32_t* seqused_kv = nullptr;
   Scheme scheme = Scheme::accurate;
   float softmax_scale = 0.f;
   bool causal = false;
@@ -108,6 +104,10 @@ struct FwdParams {
   // which the causal mask uses; 0: row r is position r.
   int row_period = 0;
   float* lse = nullptr; Strides3 lse_st;          // ts == 1; may be null
+  // Per-sequence key counts (seqused_kv, e.g. a cache's lengths; device memory on the GPU, read
+  // by the kernels): sequence b attends to its first seqused_kv[b] keys, clamped to [0, its
+  // length]. Null: every key.
+  const int32_t* seqused_kv = nullptr;
 };
 
 // Token range of sequence b: [tok0, tok0 + len).

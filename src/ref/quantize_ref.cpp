@@ -143,9 +143,9 @@ void quantize_cache(const CacheQuantParams& p) {
     for (int c = 0; c < d; ++c) {
       grown[c] = v_needs_growth(amax[c], vs[c]) ? grown_v_scale(amax[c]) : vs[c];
       int8_t* row = p.vt8 + b * p.vt_st.bs + h * p.vt_st.hs + c * p.vt_st.ts;
-      if (grown[c] != vs[c])  // every column the cache holds, but the new tokens' own
+      if (grown[c] != vs[c])  // every column the cache holds, but those the new tokens write
         for (int64_t col = 0; col < p.vt_cols; ++col)
-          if (col < pos0 || col >= pos0 + p.tokens) row[col] = requantize_s8(row[col], vs[c], grown[c]);
+          if (!(col >= pos0 && col < pos0 + p.tokens && col < p.cap)) row[col] = requantize_s8(row[col], vs[c], grown[c]);
       vs[c] = grown[c];
       const float inv = inv_of_scale(vs[c]);
       for (int t = 0; t < p.tokens; ++t) {

@@ -213,6 +213,17 @@ Status launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   st = check_cuda(device_sm_count(&sms), "sm90 forward: SM count");
   if (!st.ok()) return st;
   prm.num_splits = sm90::choose_splits(p, prm.num_tiles, sms);
+  if (p.seqused_kv) {
+    // Only the split kernels read per-sequence key counts (decode_tile), and only accurate may
+    // split: paper's P8 follows the running max, which a key range would restart.
+    if (p.scheme != Scheme::accurate)
+      return Status(StatusCode::not_available,
+                    "seqused_kv: the sm90 path takes per-sequence key counts with scheme accurate only (paper "
+                    "runs them on the sm80 and decode paths)");
+    if (prm.num_tiles >= (1 << 29))
+      return Status(StatusCode::not_available, "seqused_kv: the sm90 path takes at most 2^29 query tiles with counts");
+    prm.num_splits = std::max(prm.num_splits, 2);
+  }
   prm.num_units = prm.num_tiles * prm.num_splits;
   // Scratch: [tile counter, tile count | (m, l) per split and row | O per split and row | varlen:
   // first tile per sequence, tile entries]. Causal and varlen units are handed out by the counter
