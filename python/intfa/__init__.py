@@ -13,6 +13,7 @@ TypeError for a dtype, RuntimeError for a GPU path that is not built or a CUDA e
 
 import importlib
 import importlib.util
+import numbers
 import os
 from typing import Any, NamedTuple
 
@@ -129,6 +130,9 @@ class QuantizedQKV(NamedTuple):
     (a view with padded rows), v_scale float32 [B, Hkv, D]. Varlen: q8 [Tq, Hq, D],
     q_scale/lse_offset [Hq, Tq], k8 [Tkv, Hkv, D], k_scale [Hkv, Tkv], vt8 [Hkv, D, Tkv],
     k_mean/v_scale [nseq, Hkv, D]. Scheme "half" keeps v as given and has no vt8/v_scale.
+    seqused_kv (attention_int8 only, optional): int32 [B] (varlen: [nseq]) on q8's device, the
+    keys each sequence attends to (its first seqused_kv[b], clamped to [0, Skv]; FlashAttention's
+    seqused_k), read by the kernels: a batch of caches of different lengths in one call.
     """
     scheme: str
     layout: str
@@ -144,6 +148,7 @@ class QuantizedQKV(NamedTuple):
     dtype: Any = None  # dtype of the quantized inputs: attention_int8's default output dtype
     cu_seqlens_q: Any = None
     cu_seqlens_kv: Any = None
+    seqused_kv: Any = None
 
 
 def quantize(q, k, v, *, cu_seqlens_q=None, cu_seqlens_kv=None, layout="BHSD",
@@ -176,16 +181,21 @@ def quantize(q, k, v, *, cu_seqlens_q=None, cu_seqlens_kv=None, layout="BHSD",
 
 def attention_int8(qkv, *, cu_seqlens_q=None, cu_seqlens_kv=None, max_seqlen_q=None,
                    max_seqlen_kv=None, is_causal=False, scale=None, out_dtype=None,
-                   return_lse=False, path="auto"):
+                   return_lse=False, path="auto", seqused_kv=None):
     """Attention on pre-quantized inputs (a QuantizedQKV from quantize(), or built by hand).
 
     cu_seqlens_q/kv, max_seqlen_q/kv: varlen only; default to those stored in qkv (and the
         longest sequence read from cu_seqlens).
+    seqused_kv: int32 [B] (varlen: [nseq]) on q8's device: sequence b attends to its first
+        seqused_kv[b] keys (clamped to [0, Skv]; causal is bottom-right against that count);
+        what lies past them is never read into the result. Defaults to qkv.seqused_kv; None
+        (both): every key.
     out_dtype: float16, bfloat16 or float32 (a dtype or its name); default: qkv.dtype, else
         float16. Other arguments as in attention(). Returns out like q8, or (out, lse).
     """
     cu_q = cu_seqlens_q if cu_seqlens_q is not None else qkv.cu_seqlens_q
     cu_kv = cu_seqlens_kv if cu_seqlens_kv is not None else qkv.cu_seqlens_kv
+    used = seqused_kv if seqused_kv is not None else qkv.seqused_kv
     varlen = cu_q is not None or cu_kv is not None
     max_q = max_kv = 0
     if varlen:
@@ -197,7 +207,7 @@ def attention_int8(qkv, *, cu_seqlens_q=None, cu_seqlens_kv=None, max_seqlen_q=N
         out_dtype = qkv.dtype if qkv.dtype is not None else "float16"
     s = _arrays.scale_arg(scale)
     if not _is_torch(qkv.q8):
-        _frameworks(q8=qkv.q8)
+        _frameworks(q8=qkv.q8, **({} if used is None else {"seqused_kv": used}))
     if _is_torch(qkv.q8):
         torch = _torch.torch
         if isinstance(out_dtype, str):
@@ -205,9 +215,10 @@ def attention_int8(qkv, *, cu_seqlens_q=None, cu_seqlens_kv=None, max_seqlen_q=N
         out, lse = _torch.attention_int8_call(
             qkv.q8, qkv.q_scale, qkv.lse_offset, qkv.k8, qkv.k_scale, qkv.k_mean, qkv.vt8,
             qkv.v_scale, qkv.v, cu_q, cu_kv, max_q, max_kv, qkv.scheme, qkv.layout,
-            bool(is_causal), s, out_dtype, bool(return_lse), path)
+            bool(is_causal), s, out_dtype, bool(return_lse), path, used)
     else:
         parts = {n: getattr(qkv, n) for n in _arrays.PART_NAMES + ("v",)}
+        parts["seqused_kv"] = used
         out, lse = _arrays.run_attention_int8(_arrays.framework(qkv.q8, "qkv.q8"), parts,
                                               qkv.scheme, qkv.layout, cu_q, cu_kv, max_q, max_kv,
                                               bool(is_causal), s, _arrays.dtype_name(out_dtype),
@@ -255,22 +266,32 @@ def append_kv(cache, k_new, v_new, pos, *, layout=None):
         channel's scale grows, in place, when a new value lies beyond it).
         Schemes paper and accurate (half: RuntimeError).
     k_new, v_new: [B, Hkv, n, D] or [B, n, Hkv, D] (layout), float16/bfloat16.
+    pos: an int (0 <= pos, pos + n <= C), or a position per sequence: an int32 array [B] on
+        k_new's device (sequence b's tokens go to pos[b] .. pos[b] + n - 1; read by the kernels,
+        so unchecked: tokens that fall outside [0, C) are not written).
     layout: of k_new and v_new; None means cache.layout.
     Returns None.
     """
     layout = cache.layout if layout is None else layout
-    pos = int(pos)
+    # An array of positions; an int (or a 0-d array) is one position.
+    per_sequence = not isinstance(pos, int) and getattr(pos, "ndim", 0) != 0
+    if not per_sequence:
+        if isinstance(pos, (list, tuple)):
+            raise TypeError(f"pos: expected an int, or an int32 array [B] on k_new's device (a "
+                            f"position per sequence), got {type(pos).__name__}")
+        pos = int(pos)
+    parts = _cache_parts(cache)
     if _is_torch(k_new):
-        parts = _cache_parts(cache)
         for n in ("k8", "k_scale", "vt8", "v_scale"):
             if parts[n] is None:  # a part the scheme lacks (half): the C++ layer reports it
                 parts[n] = k_new.new_empty((0,), dtype=_torch.torch.int8)
-        _torch.append_kv_call(k_new, v_new, pos, parts["k8"], parts["k_scale"], parts["k_mean"],
-                              parts["vt8"], parts["v_scale"], cache.scheme, cache.layout, layout)
+        call = _torch.append_kv_ragged_call if per_sequence else _torch.append_kv_call
+        call(k_new, v_new, pos, parts["k8"], parts["k_scale"], parts["k_mean"], parts["vt8"],
+             parts["v_scale"], cache.scheme, cache.layout, layout)
     else:
-        fw = _frameworks(k_new=k_new, v_new=v_new)
-        _arrays.run_append_kv(fw, k_new, v_new, pos, _cache_parts(cache), cache.scheme,
-                              cache.layout, layout)
+        fw = _frameworks(k_new=k_new, v_new=v_new, **({"pos": pos} if per_sequence else {}))
+        _arrays.run_append_kv(fw, k_new, v_new, fw.arg(pos) if per_sequence else pos, parts,
+                              cache.scheme, cache.layout, layout)
 
 
 class KVCache:
@@ -281,6 +302,9 @@ class KVCache:
         cache.append(k_new, v_new)                     # n tokens at position cache.length
         out = cache.attention(q, is_causal=True)      # q: this step's queries
 
+        ragged = intfa.KVCache(k, v, capacity, lengths=[37, 20])  # prompts of 37 and 20 tokens
+        ragged.append(k_new, v_new)                    # sequence b's at position lengths[b]
+
     k, v: the prompt's keys and values, [B, Hkv, L0, D] ("BHSD") or [B, L0, Hkv, D] ("BSHD"),
     float16/bfloat16, torch (CPU or CUDA), CuPy or NumPy. The statistics come from the prompt:
     the K mean (accurate; fixed, and exact for softmax, which ignores any vector subtracted from
@@ -288,13 +312,21 @@ class KVCache:
     beyond it, its stored values requantized; see docs/PYTHON.md). Schemes "accurate" and
     "paper".
 
-    Attributes: length (tokens held, a Python int), capacity, scheme, layout, dtype (of the
-    inputs), batch, heads_kv, head_dim, and the parts over all capacity tokens: k8 (layout),
-    k_scale [B, Hkv, C], k_mean [B, Hkv, D] (None for paper), vt8 [B, Hkv, D, >= C], v_scale.
-    Parts past `length` tokens hold no meaning.
+    lengths (ragged mode): each sequence's prompt length, B ints (or an integer array of any
+    framework), each in [1, L0]: sequence b's prompt is its first lengths[b] tokens of k and v
+    (the rest is padding, never read), quantized on its own (its statistics as a cache of that
+    sequence alone would have them). The sequences then advance at their own positions, the
+    counts kept on the device (cache.lengths, read by the kernels): append() writes sequence
+    b's tokens at lengths[b] and attention() lets it see its first lengths[b] tokens.
+
+    Attributes: length (tokens held, a Python int; ragged: the longest sequence's), lengths
+    (ragged: int32 [B] on the cache's device, each sequence's tokens; else None), capacity,
+    scheme, layout, dtype (of the inputs), batch, heads_kv, head_dim, and the parts over all
+    capacity tokens: k8 (layout), k_scale [B, Hkv, C], k_mean [B, Hkv, D] (None for paper),
+    vt8 [B, Hkv, D, >= C], v_scale. Parts past a sequence's tokens hold no meaning.
     """
 
-    def __init__(self, k, v, capacity, *, layout="BHSD", scheme="accurate"):
+    def __init__(self, k, v, capacity, *, lengths=None, layout="BHSD", scheme="accurate"):
         if scheme == "half":
             raise RuntimeError("scheme: KVCache takes 'accurate' and 'paper'; 'half' keeps V in "
                                "fp16/bf16, which append_kv does not quantize")
@@ -315,25 +347,28 @@ class KVCache:
         if capacity < n:
             raise ValueError(f"capacity: expected at least the prompt's {n} tokens, got "
                              f"{capacity}")
+        prompts = None if lengths is None else _host_lengths(lengths, 1, [n] * b, "lengths",
+                                                              "the prompt's tokens")
         parts = _arrays.alloc_cache(fw, k, b, hkv, capacity, dim, layout, scheme)
-        first = dict(parts)
-        first["k8"] = _arrays.first_tokens(parts["k8"], n, layout)
-        first["k_scale"] = parts["k_scale"][..., :n]
-        q = _arrays.first_tokens(k, 1, layout)  # its quantized parts are scratch, then dropped
-        if _is_torch(k):
-            _torch.quantize_into_call(q, k, v, layout, scheme,
-                                      *(first.get(p) for p in _arrays.PART_NAMES))
-        else:
-            _arrays.quantize_into(fw, q, k, v, None, None, first, layout, scheme)
+        if prompts is None:
+            _quantize_prompt(fw, k, v, parts, n, layout, scheme)
+        else:  # one quantize() per sequence, on batch-of-one views of its prompt and its parts
+            entry = _arrays.batch_entry
+            for i, m in enumerate(prompts):
+                kb, vb = (_arrays.first_tokens(entry(x, i), m, layout) for x in (k, v))
+                _quantize_prompt(fw, kb, vb, {p: entry(a, i) for p, a in parts.items()}, m,
+                                 layout, scheme)
         self.scheme, self.layout, self.dtype = scheme, layout, k.dtype
         self.batch, self.heads_kv, self.head_dim = b, hkv, dim
-        self.capacity, self.length = capacity, n
+        self.capacity, self.length = capacity, n if prompts is None else max(prompts)
+        self.lengths = None if prompts is None else fw.array(prompts, "int32", k)
         self.k8, self.k_scale = parts["k8"], parts["k_scale"]
         self.k_mean = parts.get("k_mean") if scheme != "paper" else None
         self.vt8, self.v_scale = parts["vt8"], parts["v_scale"]
 
     def __repr__(self):
-        return (f"intfa.KVCache(length={self.length}, capacity={self.capacity}, "
+        ragged = "" if self.lengths is None else f"lengths={self.lengths.tolist()}, "
+        return (f"intfa.KVCache(length={self.length}, {ragged}capacity={self.capacity}, "
                 f"batch={self.batch}, heads_kv={self.heads_kv}, head_dim={self.head_dim}, "
                 f"layout={self.layout!r}, scheme={self.scheme!r})")
 
@@ -346,27 +381,42 @@ class KVCache:
 
     def append(self, k_new, v_new):
         """Appends n tokens ([B, Hkv, n, D] or [B, n, Hkv, D] in the cache's layout) at position
-        length, quantized with the prompt's statistics; then length += n."""
+        length, quantized with the prompt's statistics; then length += n. Ragged: sequence b's
+        at position lengths[b] (on the device), then lengths += n (in place, on the device) and
+        length += n; the capacity is checked against length (the longest sequence)."""
         d = _arrays.dims(k_new.shape, self.layout, False)
         n = int(d[2]) if d is not None else 0
         if self.length + n > self.capacity:
             raise ValueError(
                 f"KVCache.append: {n} new tokens do not fit: capacity {self.capacity}, length "
                 f"{self.length}, n {n} (length + n = {self.length + n} > capacity)")
+        lengths = self.lengths
+        pos = self.length if lengths is None else lengths
         fw = self._direct(k_new, v_new)
         if fw is None:
-            append_kv(self._all(), k_new, v_new, self.length)
+            append_kv(self._all(), k_new, v_new, pos)
         else:  # the call append_kv() makes, without its generic steps
             parts = {"k8": self.k8, "k_scale": self.k_scale, "k_mean": self.k_mean,
                      "vt8": self.vt8, "v_scale": self.v_scale}
-            _arrays.run_append_kv(fw, k_new, v_new, self.length, parts, self.scheme,
-                                  self.layout, self.layout)
+            _arrays.run_append_kv(fw, k_new, v_new, pos, parts, self.scheme, self.layout,
+                                  self.layout)
+        if lengths is not None:
+            lengths += n  # in place: a framework op (a CUDA graph replays it)
         self.length += n
 
     def truncate(self, length):
         """Keeps the first `length` tokens (speculative decoding: drop the rejected draft tokens,
         whose slots the next append() overwrites). The statistics stay as they are: a V scale
-        that grew for a dropped token keeps its growth."""
+        that grew for a dropped token keeps its growth. Ragged: `length` holds B lengths (ints,
+        or an integer array of any framework), each at most that sequence's (read from the
+        device); cache.lengths takes them (in place) and length their maximum."""
+        if self.lengths is not None:
+            held = self.lengths.tolist()
+            kept = _host_lengths(length, 0, held, "KVCache.truncate", "each sequence's tokens")
+            self.lengths[...] = _arrays.framework(self.lengths, "lengths").array(
+                kept, "int32", self.lengths)
+            self.length = max(kept)
+            return
         if isinstance(length, bool) or int(length) != length or not 0 <= int(length) <= self.length:
             raise ValueError(f"KVCache.truncate: expected a length in [0, {self.length}] (the tokens "
                              f"held), got {length!r}")
@@ -374,20 +424,24 @@ class KVCache:
 
     def qkv(self, q8=None, q_scale=None, lse_offset=None, dtype=None):
         """A QuantizedQKV over the first `length` tokens (k8 and k_scale views; vt8 as it is,
-        with capacity columns) with the given quantized queries, for attention_int8."""
+        with capacity columns) with the given quantized queries, for attention_int8; ragged:
+        with seqused_kv = lengths."""
         return QuantizedQKV(scheme=self.scheme, layout=self.layout, q8=q8, q_scale=q_scale,
                             lse_offset=lse_offset,
                             k8=_arrays.first_tokens(self.k8, self.length, self.layout),
                             k_scale=self.k_scale[..., :self.length], k_mean=self.k_mean,
                             vt8=self.vt8, v_scale=self.v_scale,
-                            dtype=self.dtype if dtype is None else dtype)
+                            dtype=self.dtype if dtype is None else dtype,
+                            seqused_kv=self.lengths)
 
     def attention(self, q, *, is_causal=False, scale=None, return_lse=False, path="auto",
                   out_dtype=None):
         """Attention of q ([B, Hq, Sq, D] or [B, Sq, Hq, D] in the cache's layout; Hq a multiple
         of Hkv) over the `length` tokens held. Causal is bottom-right aligned: query i sees keys
         j <= i + length - Sq, so the Sq queries of the last appended tokens see themselves and
-        what precedes them. out_dtype defaults to q's dtype. Other arguments as in attention()."""
+        what precedes them. out_dtype defaults to q's dtype. Other arguments as in attention().
+        Ragged: sequence b over its lengths[b] tokens, causal against that count (query i sees
+        keys j <= i + lengths[b] - Sq)."""
         fw = self._direct(q)
         if fw is not None:
             s = _arrays.scale_arg(scale)
@@ -434,7 +488,8 @@ class KVCache:
         """attention() as quantize_q() and attention_int8() run it, in one binding call
         (_C.kv_attention): the same two C++ calls in that order on the same arrays, but for q8,
         q_scale and lse_offset (this call's scratch), which come from one allocation, and k8
-        and k_scale, narrowed in C++ to the first `length` tokens as qkv()'s views are.
+        and k_scale, narrowed in C++ to the first `length` tokens as qkv()'s views are (and
+        lengths, the cache's own int32 array or None, as qkv()'s seqused_kv).
         d: q's (B, H, S, D). Returns (out, lse or None)."""
         b, h, sq, dim = (int(x) for x in d)
         # lse_offset needs the K mean (accurate); paper writes zeros (as in quantize_q()).
@@ -448,9 +503,36 @@ class KVCache:
         with fw.device(q):
             _lib.kv_attention(arg(q), scratch, with_offset, arg(self.k8), arg(self.k_scale),
                               arg(self.k_mean), arg(self.vt8), arg(self.v_scale), self.length,
-                              arg(out), lse, causal, scale, self.layout, self.scheme, path,
-                              fw.stream(q))
+                              self.lengths, arg(out), lse, causal, scale, self.layout,
+                              self.scheme, path, fw.stream(q))
         return out, lse
+
+
+def _quantize_prompt(fw, k, v, parts, n, layout, scheme):
+    """quantize() of a prompt's k and v (n tokens) into the first n tokens of a cache's parts
+    (as alloc_cache lays them out; their q parts are scratch)."""
+    first = dict(parts)
+    first["k8"] = _arrays.first_tokens(parts["k8"], n, layout)
+    first["k_scale"] = parts["k_scale"][..., :n]
+    q = _arrays.first_tokens(k, 1, layout)  # its quantized parts are scratch, then dropped
+    if _is_torch(k):
+        _torch.quantize_into_call(q, k, v, layout, scheme,
+                                  *(first.get(p) for p in _arrays.PART_NAMES))
+    else:
+        _arrays.quantize_into(fw, q, k, v, None, None, first, layout, scheme)
+
+
+def _host_lengths(x, least, limits, what, limit_name):
+    """A ragged cache's per-sequence lengths x (B ints, or an integer array) as a list of ints,
+    entry b in [least, limits[b]]; a ValueError naming `what` otherwise."""
+    values = _arrays.host_ints(x)
+    if values is None or len(values) != len(limits) or \
+            not all(least <= m <= top for m, top in zip(values, limits)):
+        top = limits[0] if len(set(limits)) == 1 else limits
+        raise ValueError(f"{what}: expected {len(limits)} ints (one per sequence), each in "
+                         f"[{least}, {limit_name} {top}], got "
+                         f"{values if values is not None else x!r}")
+    return values
 
 
 def _kv_scratch_bytes(rows, head_dim, with_offset):

@@ -8,6 +8,7 @@ CUDA-graph capture needs, and keeps every call free of host synchronisation.
 """
 
 import contextlib
+import numbers
 
 import numpy as np
 
@@ -173,6 +174,9 @@ class NumpyArrays:
     def empty(self, shape, dtype, like):
         return np.empty(shape, dtype=self.np_dtype(dtype))
 
+    def array(self, values, dtype, like):
+        return np.array(values, dtype=self.np_dtype(dtype))
+
     def out_like(self, q):
         dt = q.dtype.name if q.dtype.name in FLOAT_INPUTS else "float16"
         return np.empty(q.shape, dtype=self.np_dtype(dt))
@@ -217,6 +221,10 @@ class CupyArrays:
         with self.cp.cuda.Device(like.device.id):
             return self.cp.empty(shape, dtype=dtype)
 
+    def array(self, values, dtype, like):
+        with self.cp.cuda.Device(like.device.id):
+            return self.cp.array(values, dtype=dtype)
+
     def out_like(self, q):
         dt = q.dtype.name if q.dtype.name in FLOAT_INPUTS else "float16"
         return self.empty(q.shape, dt, q)
@@ -256,6 +264,9 @@ class TorchArrays:
 
     def empty(self, shape, dtype, like):
         return self.torch.empty(shape, dtype=getattr(self.torch, dtype), device=like.device)
+
+    def array(self, values, dtype, like):
+        return self.torch.tensor(values, dtype=getattr(self.torch, dtype), device=like.device)
 
     def out_like(self, q):
         # empty_like keeps q's strides when q is dense (e.g. a BSHD tensor seen as BHSD), so the
@@ -385,6 +396,22 @@ def first_tokens(x, n, layout):
     return x[:, :n] if layout == "BSHD" else x[:, :, :n]
 
 
+def host_ints(x):
+    """A 1-d sequence of ints (a list or tuple, or an integer array of any framework, read to
+    the host) as a list of Python ints; None when x is not one."""
+    values = x.tolist() if hasattr(x, "tolist") else x
+    if not isinstance(values, (list, tuple)):
+        return None
+    if not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in values):
+        return None
+    return [int(n) for n in values]
+
+
+def batch_entry(x, b):
+    """Batch entry b of an array, kept as a batch of one (a view)."""
+    return x[b:b + 1]
+
+
 def alloc_cache(fw, like, batch, heads_kv, capacity, head_dim, layout, scheme):
     """{part: array} of an empty KV cache of `capacity` tokens, laid out as quantize() lays out
     a problem with seqlen_kv = capacity (vt8 a view of its padded rows). The q parts (one query
@@ -426,6 +453,8 @@ def run_quantize_q(fw, q, k_mean, scale, layout, scheme):
 
 
 def run_append_kv(fw, k_new, v_new, pos, cache_parts, scheme, cache_layout, layout):
+    """pos: an int, or the positions of each sequence (int32 [B], read by the kernels) as
+    fw.arg() passes an array: the binding calls the matching C++ overload."""
     with fw.device(k_new):
         lib.append_kv(fw.arg(k_new), fw.arg(v_new), pos,
                       {n: fw.arg(a) for n, a in cache_parts.items() if a is not None}, scheme,

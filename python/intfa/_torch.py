@@ -82,9 +82,9 @@ def _attention_int8_impl(q8: Tensor, q_scale: Tensor, lse_offset: Optional[Tenso
                          cu_seqlens_q: Optional[Tensor], cu_seqlens_kv: Optional[Tensor],
                          max_seqlen_q: int, max_seqlen_kv: int, scheme: str, layout: str,
                          is_causal: bool, scale: float, out_dtype: torch.dtype, return_lse: bool,
-                         path: str) -> Tuple[Tensor, Tensor]:
+                         path: str, seqused_kv: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     parts = dict(q8=q8, q_scale=q_scale, lse_offset=lse_offset, k8=k8, k_scale=k_scale,
-                 k_mean=k_mean, vt8=vt8, v_scale=v_scale, v=v)
+                 k_mean=k_mean, vt8=vt8, v_scale=v_scale, v=v, seqused_kv=seqused_kv)
     out, lse = _arrays.run_attention_int8(_FW, parts, scheme, layout, cu_seqlens_q,
                                           cu_seqlens_kv, max_seqlen_q, max_seqlen_kv, is_causal,
                                           scale, _arrays.dtype_name(out_dtype), return_lse, path)
@@ -93,7 +93,7 @@ def _attention_int8_impl(q8: Tensor, q_scale: Tensor, lse_offset: Optional[Tenso
 
 def _attention_int8_fake(q8, q_scale, lse_offset, k8, k_scale, k_mean, vt8, v_scale, v,
                          cu_seqlens_q, cu_seqlens_kv, max_seqlen_q, max_seqlen_kv, scheme, layout,
-                         is_causal, scale, out_dtype, return_lse, path):
+                         is_causal, scale, out_dtype, return_lse, path, seqused_kv=None):
     varlen = cu_seqlens_q is not None or cu_seqlens_kv is not None
     out = q8.new_empty(q8.shape, dtype=out_dtype)
     return out, _fake_lse(q8, layout, varlen, return_lse)
@@ -120,6 +120,14 @@ def _append_kv_impl(k_new: Tensor, v_new: Tensor, pos: int, k8: Tensor, k_scale:
                     cache_layout: str, layout: str) -> None:
     parts = dict(k8=k8, k_scale=k_scale, k_mean=k_mean, vt8=vt8, v_scale=v_scale)
     _arrays.run_append_kv(_FW, k_new, v_new, pos, parts, scheme, cache_layout, layout)
+
+
+def _append_kv_ragged_impl(k_new: Tensor, v_new: Tensor, pos: Tensor, k8: Tensor,
+                           k_scale: Tensor, k_mean: Optional[Tensor], vt8: Tensor,
+                           v_scale: Tensor, scheme: str, cache_layout: str, layout: str) -> None:
+    # append_kv with a position per sequence (int32 [B]): the same call, another schema.
+    _append_kv_impl(k_new, v_new, _FW.arg(pos), k8, k_scale, k_mean, vt8, v_scale, scheme,
+                    cache_layout, layout)
 
 
 def _append_kv_fake(k_new, v_new, pos, k8, k_scale, k_mean, vt8, v_scale, scheme, cache_layout,
@@ -166,6 +174,9 @@ quantize_q_op = _register("quantize_q", _quantize_q_impl, _quantize_q_fake)
 # requantized).
 append_kv_op = _register("append_kv", _append_kv_impl, _append_kv_fake,
                          mutates_args=("k8", "k_scale", "vt8", "v_scale"))
+# The same with a position per sequence (pos: int32 [B] on the cache's device; a ragged cache).
+append_kv_ragged_op = _register("append_kv_ragged", _append_kv_ragged_impl, _append_kv_fake,
+                                mutates_args=("k8", "k_scale", "vt8", "v_scale"))
 quantize_into_op = _register("quantize_into", _quantize_into_impl, _quantize_into_fake,
                              mutates_args=("q8", "q_scale", "lse_offset", "k8", "k_scale",
                                            "k_mean", "vt8", "v_scale"))
@@ -212,6 +223,7 @@ quantize_call = _direct_or_op(quantize_op, _quantize_impl)
 attention_int8_call = _direct_or_op(attention_int8_op, _attention_int8_impl)
 quantize_q_call = _direct_or_op(quantize_q_op, _quantize_q_impl)
 append_kv_call = _direct_or_op(append_kv_op, _append_kv_impl)
+append_kv_ragged_call = _direct_or_op(append_kv_ragged_op, _append_kv_ragged_impl)
 quantize_into_call = _direct_or_op(quantize_into_op, _quantize_into_impl)
 
 

@@ -377,8 +377,11 @@ Status quantized_from(nb::dict parts, const std::string& scheme, const std::stri
     nb::handle h(PyDict_GetItemString(parts.ptr(), f.name));
     st = writable ? output(h, f.name, views, f.t) : input(h, f.name, views, f.t);
   }
-  // v (half scheme) is an input of quantize() and of attention_int8(): never written.
-  if (st.ok()) st = input(nb::handle(PyDict_GetItemString(parts.ptr(), "v")), "v", views, &x->v);
+  // v (half scheme) is an input of quantize() and of attention_int8(), seqused_kv (the keys each
+  // sequence attends to) an input of attention_int8(): neither is written.
+  for (const Field& f : {Field{"v", &x->v}, Field{"seqused_kv", &x->seqused_kv}})
+    if (st.ok())
+      st = input(nb::handle(PyDict_GetItemString(parts.ptr(), f.name)), f.name, views, f.t);
   return st;
 }
 
@@ -422,7 +425,9 @@ nb::object attention_int8(nb::dict parts, const std::string& scheme, const std::
 
 // INT8 KV cache. quantize_q fills parts q8, q_scale and (if given) lse_offset for a decode
 // step's q against the cache's K mean; append_kv writes k_new/v_new into the cache's k8,
-// k_scale and vt8 at token pos, reading its k_mean and v_scale (the other parts are ignored).
+// k_scale and vt8 at token pos (an int; or an int32 [B] array, a position per sequence: the
+// C++ overload for ragged batches), reading its k_mean and v_scale (the other parts are
+// ignored).
 nb::object quantize_q(nb::handle q, nb::handle k_mean, nb::dict parts, double scale,
                       const std::string& layout, const std::string& scheme,
                       const std::string& backend, uintptr_t stream) {
@@ -437,7 +442,7 @@ nb::object quantize_q(nb::handle q, nb::handle k_mean, nb::dict parts, double sc
   return call([&] { return intfa::quantize_q(tq, tm, o, x); });
 }
 
-nb::object append_kv(nb::handle k_new, nb::handle v_new, int64_t pos, nb::dict cache,
+nb::object append_kv(nb::handle k_new, nb::handle v_new, nb::handle pos, nb::dict cache,
                      const std::string& scheme, const std::string& cache_layout,
                      const std::string& layout, const std::string& backend, uintptr_t stream) {
   Views views;
@@ -459,7 +464,17 @@ nb::object append_kv(nb::handle k_new, nb::handle v_new, int64_t pos, nb::dict c
     INTFA_PY_TRY(f.written ? output(h, name.c_str(), views, f.t)
                            : input(h, name.c_str(), views, f.t));
   }
-  return call([&] { return intfa::append_kv(tk, tv, pos, o, x); });
+  if (!PyLong_Check(pos.ptr())) {
+    Tensor tp;
+    INTFA_PY_TRY(input(pos, "pos", views, &tp));
+    return call([&] { return intfa::append_kv(tk, tv, tp, o, x); });
+  }
+  const long long at = PyLong_AsLongLong(pos.ptr());
+  if (at == -1 && PyErr_Occurred()) {
+    PyErr_Clear();
+    return failed(value_error("pos: expected a token position that fits in 64 bits"));
+  }
+  return call([&] { return intfa::append_kv(tk, tv, int64_t(at), o, x); });
 }
 
 // The first n entries of an imported tensor along dim d: what importing the slice (x[:, :n] or
@@ -511,16 +526,18 @@ Status carve_q_parts(const Tensor& q, const Tensor& scratch, bool with_offset, i
 // One eager decode step of intfa.KVCache.attention: quantize_q (q against k_mean into q8,
 // q_scale and lse_offset carved from `scratch`), then attention_int8 over the first `length`
 // tokens of the cache (k8 and k_scale given whole, over all capacity tokens, and narrowed here
-// as the views k8[:, :, :length] (BSHD: k8[:, :length]) and k_scale[..., :length] would be).
+// as the views k8[:, :, :length] (BSHD: k8[:, :length]) and k_scale[..., :length] would be),
+// with seqused_kv as qkv() gives it (a ragged cache's lengths, else None).
 // The same two C++ calls with the same tensors as the quantize_q and attention_int8 functions
 // above make, in that order, with the same errors: quantize_q's come first, then whatever the
 // attention side reports (its path, its arrays, its validation). One argument parse, one
 // import of each array and one GIL release instead of two; one scratch array instead of three.
 nb::object kv_attention(nb::handle q, nb::handle scratch, bool with_offset, nb::handle k8,
                         nb::handle k_scale, nb::handle k_mean, nb::handle vt8,
-                        nb::handle v_scale, int64_t length, nb::handle out, nb::handle lse,
-                        bool causal, double scale, const std::string& layout,
-                        const std::string& scheme, const std::string& path, uintptr_t stream) {
+                        nb::handle v_scale, int64_t length, nb::handle seqused_kv,
+                        nb::handle out, nb::handle lse, bool causal, double scale,
+                        const std::string& layout, const std::string& scheme,
+                        const std::string& path, uintptr_t stream) {
   Views views;
   // quantize_q's side, as quantize_q() above takes it.
   intfa::Options oq;
@@ -540,9 +557,12 @@ nb::object kv_attention(nb::handle q, nb::handle scratch, bool with_offset, nb::
   Tensor to, tl;
   Status pending = make_options(causal, scale, layout, scheme, "auto", path, 64, stream, &oa);
   struct Field { nb::handle h; const char* name; Tensor* t; };
-  const Field fields[] = {{k8, "k8", &x.k8},       {k_scale, "k_scale", &x.k_scale},
-                          {k_mean, "k_mean", &x.k_mean}, {vt8, "vt8", &x.vt8},
-                          {v_scale, "v_scale", &x.v_scale}};
+  const Field fields[] = {{k8, "k8", &x.k8},
+                          {k_scale, "k_scale", &x.k_scale},
+                          {k_mean, "k_mean", &x.k_mean},
+                          {vt8, "vt8", &x.vt8},
+                          {v_scale, "v_scale", &x.v_scale},
+                          {seqused_kv, "seqused_kv", &x.seqused_kv}};
   for (const Field& f : fields)
     if (pending.ok()) pending = input(f.h, f.name, views, f.t);
   if (pending.ok()) {
@@ -708,9 +728,10 @@ NB_MODULE(_C, m) {
         nb::arg("backend"), nb::arg("stream"));
   m.def("kv_attention", &kv_attention, nb::arg("q"), nb::arg("scratch"),
         nb::arg("with_lse_offset"), nb::arg("k8"), nb::arg("k_scale"), nb::arg("k_mean").none(),
-        nb::arg("vt8").none(), nb::arg("v_scale").none(), nb::arg("length"), nb::arg("out"),
-        nb::arg("lse").none(), nb::arg("causal"), nb::arg("scale"), nb::arg("layout"),
-        nb::arg("scheme"), nb::arg("path"), nb::arg("stream"));
+        nb::arg("vt8").none(), nb::arg("v_scale").none(), nb::arg("length"),
+        nb::arg("seqused_kv").none(), nb::arg("out"), nb::arg("lse").none(), nb::arg("causal"),
+        nb::arg("scale"), nb::arg("layout"), nb::arg("scheme"), nb::arg("path"),
+        nb::arg("stream"));
   m.def("attention_reference", &attention_reference, nb::arg("q"), nb::arg("k"), nb::arg("v"),
         nb::arg("out"), nb::arg("lse").none(), nb::arg("causal"), nb::arg("scale"),
         nb::arg("layout"));

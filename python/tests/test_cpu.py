@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 
 import intfa
+from ragged import (check_parts, entry, in_layout, ragged_inputs, ragged_vs_separate, seq_view,
+                    tok)
 from reference import attention_ref, rel_l2, varlen_ref
 
 SCHEMES = ("accurate", "paper", "half")
@@ -689,3 +691,174 @@ def test_kv_cache_errors():
         intfa.quantize_q(q, x.k_mean[:, :, :32])
     with pytest.raises(TypeError, match="k_mean: expected a numpy.ndarray"):
         intfa.quantize_q(q, x.k_mean.tolist())
+
+
+# ------------------------------------------------------------------------------------------------
+# Ragged batches: seqused_kv, append_kv at a position per sequence, KVCache(lengths=...)
+# ------------------------------------------------------------------------------------------------
+def np_randn(rng):
+    return lambda shape, scale: (rng.standard_normal(shape) * scale).astype(np.float16)
+
+
+def exact(got, want):
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("scheme", ["accurate", "paper"])
+@pytest.mark.parametrize("layout", ["BHSD", "BSHD"])
+@pytest.mark.parametrize("generic", [False, True])
+def test_ragged_kv_cache_equals_separate_caches(scheme, layout, generic, monkeypatch):
+    # Prompts of 30, 12 and 21 tokens (garbage past each) in one cache, then appends of 1 and 3
+    # tokens with attention (causal or not, GQA, LSE) after each: bit for bit what one cache per
+    # sequence holds and computes. generic: through append_kv(pos=lengths), quantize_q and
+    # attention_int8(seqused_kv) instead of the methods' fast path (one _C.kv_attention call).
+    rng = np.random.default_rng(40)
+    lengths = [30, 12, 21]
+    q, k, v, kn, vn = in_layout(layout, *ragged_inputs(np_randn(rng), 3, 4, 2, 30, 8, 64,
+                                                        lengths))
+    lib = intfa._arrays.lib
+    kv_attention, calls = lib.kv_attention, []
+    monkeypatch.setattr(lib, "kv_attention", lambda *a: calls.append(1) or kv_attention(*a))
+    steps = [1, 3, 1, 2, 1]
+    ragged, seps = ragged_vs_separate(q, k, v, kn, vn, lengths, steps, layout, scheme, exact,
+                                      exact, generic)
+    assert len(calls) == len(steps) * (3 if generic else 4)
+    assert type(ragged.lengths) is np.ndarray and ragged.lengths.dtype == np.int32
+    assert ragged.lengths.tolist() == [38, 20, 29] and ragged.length == 38
+    # Sequence 1's large V value grew its scale, in its own cache and in the ragged one.
+    fresh = intfa.KVCache(tok(entry(k, 1), 0, 12, layout), tok(entry(v, 1), 0, 12, layout), 48,
+                          layout=layout, scheme=scheme)
+    assert not np.array_equal(seps[1].v_scale, fresh.v_scale)
+
+
+def test_ragged_kv_cache_truncate():
+    # A speculative step in a ragged batch: 3 draft tokens per sequence appended and attended,
+    # sequence 0 keeps 1 and sequence 1 all 3; then one more token each. The cache then holds
+    # what caches given only the kept tokens hold (values within the prompts' V range).
+    rng = np.random.default_rng(41)
+    randn = np_randn(rng)
+    lengths, keep = [20, 9], [1, 3]
+    q, k, v, _, _ = ragged_inputs(randn, 2, 4, 2, 20, 4, 64, lengths)
+    kn, vn = randn((2, 2, 4, 64), 0.5) + 1, randn((2, 2, 4, 64), 0.3)
+    ragged = intfa.KVCache(k, v, 32, lengths=lengths)
+    ragged.append(kn[:, :, :3], vn[:, :, :3])
+    ragged.attention(q[:, :, :3], is_causal=True)
+    ragged.truncate([20 + keep[0], 9 + keep[1]])
+    assert ragged.lengths.tolist() == [21, 12] and ragged.length == 21
+    ragged.append(kn[:, :, 3:], vn[:, :, 3:])
+    seps = []
+    for i, n in enumerate(lengths):
+        c = intfa.KVCache(k[i:i + 1, :, :n], v[i:i + 1, :, :n], 32)
+        c.append(kn[i:i + 1, :, :keep[i]], vn[i:i + 1, :, :keep[i]])
+        c.append(kn[i:i + 1, :, 3:], vn[i:i + 1, :, 3:])
+        seps.append(c)
+    check_parts(ragged, seps, exact)
+    out, lse = ragged.attention(q[:, :, 3:], is_causal=True, return_lse=True)
+    for i, c in enumerate(seps):
+        o, l = c.attention(q[i:i + 1, :, 3:], is_causal=True, return_lse=True)
+        exact(out[i:i + 1], o)
+        exact(lse[i:i + 1], l)
+    # Each length in [0, that sequence's]; one per sequence; ints (an array of any framework).
+    for bad in ([23, 13], [22, -1], [3], [1, 2, 3], 5, [1.5, 2], [True, 1], np.zeros((1, 2))):
+        with pytest.raises(ValueError, match=r"KVCache.truncate: expected 2 ints \(one per "
+                                             r"sequence\), each in \[0, each sequence's tokens "
+                                             r"\[22, 13\]\]"):
+            ragged.truncate(bad)
+    assert ragged.lengths.tolist() == [22, 13] and ragged.length == 22
+    lengths_array = ragged.lengths
+    ragged.truncate(np.array([0, 5]))
+    assert ragged.lengths is lengths_array  # written in place
+    assert ragged.lengths.tolist() == [0, 5] and ragged.length == 5
+    # A sequence without keys: its rows give 0 and an LSE of -inf.
+    out, lse = ragged.attention(q[:, :, 3:], return_lse=True)
+    assert np.all(out[0] == 0) and np.all(lse[0] == -np.inf)
+    seps[1].truncate(5)
+    exact(out[1:], seps[1].attention(q[1:, :, 3:]))
+
+
+def test_ragged_kv_cache_errors():
+    rng = np.random.default_rng(42)
+    q, k, v = qkv(rng, 2, 4, 2, 1, 10, 64)
+    for bad in ([0, 5], [11, 5], [5], [5, 5, 5], [2.5, 3], [True, 2], np.array([[1, 2]]), "ab",
+                7):
+        with pytest.raises(ValueError, match=r"lengths: expected 2 ints \(one per sequence\), "
+                                             r"each in \[1, the prompt's tokens 10\]"):
+            intfa.KVCache(k, v, 16, lengths=bad)
+    ragged = intfa.KVCache(k, v, 12, lengths=np.array([10, 4]))
+    assert ragged.lengths.dtype == np.int32 and ragged.lengths.tolist() == [10, 4]
+    assert "length=10, lengths=[10, 4], capacity=12" in repr(ragged)
+    # The capacity is checked on the host against length, the longest sequence's.
+    with pytest.raises(ValueError, match=r"capacity 12, length 10, n 3"):
+        ragged.append(k[:, :, :3], v[:, :, :3])
+    # What the C++ layer rejects leaves the lengths as they were.
+    with pytest.raises(ValueError, match="cache.k8: expected batch, heads and head_dim"):
+        ragged.append(q, q)
+    assert ragged.lengths.tolist() == [10, 4] and ragged.length == 10
+    ragged.append(k[:, :, :2], v[:, :, :2])
+    assert ragged.lengths.tolist() == [12, 6] and ragged.length == 12
+    with pytest.raises(ValueError, match=r"capacity 12, length 12, n 1"):
+        ragged.append(k[:, :, :1], v[:, :, :1])
+    assert intfa.KVCache(k, v, 12).lengths is None
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("layout", ["BHSD", "BSHD"])
+def test_attention_int8_seqused_kv(scheme, layout):
+    # Sequence b attends to its first seqused_kv[b] keys (causal: bottom-right against that
+    # count): bit for bit one call per sequence over those keys; garbage past them never counts.
+    rng = np.random.default_rng(43)
+    q, k, v = qkv(rng, 3, 4, 2, 5, 40, 64, layout)
+    x = intfa.quantize(q, k, v, layout=layout, scheme=scheme)
+    used = np.array([40, 13, 27], dtype=np.int32)
+    for causal in (False, True):
+        out, lse = intfa.attention_int8(x, seqused_kv=used, is_causal=causal, return_lse=True)
+        for b, n in enumerate(used.tolist()):
+            o, l = intfa.attention_int8(seq_view(x, b, n, layout), is_causal=causal,
+                                        return_lse=True)
+            exact(entry(out, b), o)
+            exact(entry(lse, b), l)
+        # The field of QuantizedQKV does the same; the keyword overrides it.
+        exact(intfa.attention_int8(x._replace(seqused_kv=used), is_causal=causal), out)
+        exact(intfa.attention_int8(x._replace(seqused_kv=used * 0), seqused_kv=used,
+                                   is_causal=causal), out)
+    # Counts are clamped to [0, Skv]: none is every key, a negative one no key (0, -inf).
+    out, lse = intfa.attention_int8(x, seqused_kv=np.array([99, -3, 27], np.int32),
+                                    return_lse=True)
+    want, want_lse = intfa.attention_int8(x, return_lse=True)
+    exact(entry(out, 0), entry(want, 0))
+    assert np.all(entry(out, 1) == 0) and np.all(lse[1] == -np.inf)
+    # The C++ layer's checks, naming the argument.
+    with pytest.raises(TypeError, match="seqused_kv"):
+        intfa.attention_int8(x, seqused_kv=used.astype(np.int64))
+    with pytest.raises(TypeError, match="seqused_kv"):
+        intfa.attention_int8(x, seqused_kv=used.astype(np.float32))
+    with pytest.raises(ValueError, match=r"seqused_kv.*\[batch\]"):
+        intfa.attention_int8(x, seqused_kv=used[:2])
+    with pytest.raises(TypeError, match="seqused_kv: expected a numpy.ndarray"):
+        intfa.attention_int8(x, seqused_kv=used.tolist())
+
+
+def test_append_kv_per_sequence_positions():
+    # pos int32 [B]: sequence b's tokens at pos[b]..., as one append per sequence; tokens past
+    # the cache are dropped (read by the kernels, so not checked on the host).
+    rng = np.random.default_rng(44)
+    q, k, v = qkv(rng, 2, 2, 2, 8, 40, 64)
+    k2, v2 = (k * 0.5).astype(np.float16), (v * 0.5).astype(np.float16)
+    names = ("k8", "k_scale", "k_mean", "vt8", "v_scale")
+    for pos in ([5, 20], [38, 0]):
+        x, y = intfa.quantize(q, k, v), intfa.quantize(q, k, v)
+        assert intfa.append_kv(x, k2[:, :, :3], v2[:, :, :3], np.array(pos, np.int32)) is None
+        for b, p in enumerate(pos):
+            n = min(3, 40 - p)
+            intfa.append_kv(y._replace(**{f: entry(getattr(y, f), b) for f in names}),
+                            entry(k2, b)[:, :, :n], entry(v2, b)[:, :, :n], p)
+        for f in names:
+            exact(getattr(x, f)[..., :40] if f == "vt8" else getattr(x, f),
+                  getattr(y, f)[..., :40] if f == "vt8" else getattr(y, f))
+    x = intfa.quantize(q, k, v)
+    with pytest.raises(TypeError, match="pos"):
+        intfa.append_kv(x, k2[:, :, :1], v2[:, :, :1], np.array([1, 2], np.int64))
+    with pytest.raises(ValueError, match=r"pos.*\[batch\]"):
+        intfa.append_kv(x, k2[:, :, :1], v2[:, :, :1], np.array([1, 2, 3], np.int32))
+    with pytest.raises(TypeError, match="pos: expected an int, or an int32 array"):
+        intfa.append_kv(x, k2[:, :, :1], v2[:, :, :1], [1, 2])

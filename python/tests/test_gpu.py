@@ -13,6 +13,8 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 import intfa  # noqa: E402
+from ragged import (Sequence, check_parts, in_layout, ragged_inputs,  # noqa: E402
+                    ragged_vs_separate, seq_view)
 from reference import rel_l2  # noqa: E402
 
 TOL = {"accurate": 3e-2, "paper": 6e-2}
@@ -457,16 +459,9 @@ def test_quantize_q_on_the_gpu():
     torch.testing.assert_close(lse_offset.cpu(), lse_c, rtol=1e-5, atol=1e-5)
 
 
-def test_kv_cache_decode_step_in_a_cuda_graph():
-    """quantize_q, append_kv and attention_int8 of one decode step captured in a CUDA graph:
-    replay writes the cache and gives the eager result. (KVCache.length advances while the step
-    is captured, in Python; the graph's work runs at replay.)"""
-    n0 = 40
-    q, k, v = make_qkv(1, 8, 2, n0 + 1, n0 + 1, 128, seed=130)
-    kt, vt, qt = (_tok(x, n0, n0 + 1).clone() for x in (k, v, q))
-    warm = intfa.KVCache(k[:, :, :n0], v[:, :, :n0], 64)
-    cache = intfa.KVCache(k[:, :, :n0], v[:, :, :n0], 64)
-    eager = intfa.KVCache(k[:, :, :n0], v[:, :, :n0], 64)
+def _capture_step(warm, cache, kt, vt, qt):
+    """(graph, out): a decode step (append, then causal attention) of `cache` captured in a CUDA
+    graph, after a warm-up step of `warm` on a side stream."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up outside capture
@@ -477,6 +472,18 @@ def test_kv_cache_decode_step_in_a_cuda_graph():
     with torch.cuda.graph(graph):
         cache.append(kt, vt)
         out = cache.attention(qt, is_causal=True)
+    return graph, out
+
+
+def test_kv_cache_decode_step_in_a_cuda_graph():
+    """quantize_q, append_kv and attention_int8 of one decode step captured in a CUDA graph:
+    replay writes the cache and gives the eager result. (KVCache.length advances while the step
+    is captured, in Python; the graph's work runs at replay.)"""
+    n0 = 40
+    q, k, v = make_qkv(1, 8, 2, n0 + 1, n0 + 1, 128, seed=130)
+    kt, vt, qt = (_tok(x, n0, n0 + 1).clone() for x in (k, v, q))
+    warm, cache, eager = (intfa.KVCache(k[:, :, :n0], v[:, :, :n0], 64) for _ in range(3))
+    graph, out = _capture_step(warm, cache, kt, vt, qt)
     graph.replay()
     eager.append(kt, vt)
     want = eager.attention(qt, is_causal=True)
@@ -544,3 +551,96 @@ def test_kv_cache_cupy():
     assert torch.equal(torch.as_tensor(cp.asnumpy(out), device="cuda"), want)
     assert torch.equal(torch.as_tensor(cp.asnumpy(cc.vt8[..., :41]), device="cuda"),
                        ct.vt8[..., :41])
+
+
+# ------------------------------------------------------------------------------------------------
+# Ragged batches (the CPU tests in test_cpu.py, with tolerances where launch shapes differ)
+# ------------------------------------------------------------------------------------------------
+def cuda_randn(seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return lambda shape, scale: (torch.randn(*shape, generator=g, device="cuda") * scale).half()
+
+
+def close(got, want):
+    # A ragged batch and a batch of one are different launches, which may take different paths.
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-3, rtol=2e-3)
+
+
+def exact(got, want):
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("d,layout", [(64, "BHSD"), (128, "BSHD")])
+@pytest.mark.parametrize("generic", [False, True])
+def test_ragged_kv_cache_on_the_gpu(d, layout, generic):
+    """A ragged cache (prompts of 30, 12 and 21 tokens, garbage past each) against one cache per
+    sequence, appends of 1 and 3 tokens, attention after each (causal or not, GQA, LSE): the
+    lengths exact, the cache parts bit-identical (quantization is the same on every path), the
+    outputs close; and the parts those of the same ragged cache on the CPU backend."""
+    lengths, steps = [30, 12, 21], [1, 3, 1, 2]
+    inputs = in_layout(layout, *ragged_inputs(cuda_randn(170), 3, 4, 2, 30, 8, d, lengths))
+    g, _ = ragged_vs_separate(*inputs, lengths, steps, layout, "accurate", close, exact,
+                              generic)
+    assert g.lengths.is_cuda and g.lengths.dtype == torch.int32
+    assert g.lengths.tolist() == [37, 19, 28] and g.length == 37
+    c, _ = ragged_vs_separate(*(x.cpu() for x in inputs), lengths, steps, layout, "accurate",
+                              exact, exact, generic)
+    check_parts(g, [Sequence(c, i) for i in range(3)],
+                lambda got, want: exact(got.cpu(), want))
+
+
+def test_attention_int8_seqused_kv_on_the_gpu():
+    """seqused_kv against one call per sequence over its first seqused_kv[b] keys (views of the
+    same quantized tensors), and against float64 attention over those keys."""
+    q, k, v = make_qkv(3, 8, 2, 4, 300, 128, seed=171)
+    x = intfa.quantize(q, k, v)
+    used = torch.tensor([300, 13, 170], dtype=torch.int32, device="cuda")
+    for causal in (False, True):
+        out, lse = intfa.attention_int8(x, seqused_kv=used, is_causal=causal, return_lse=True)
+        for b, n in enumerate(used.tolist()):
+            o, l = intfa.attention_int8(seq_view(x, b, n, "BHSD"), is_causal=causal,
+                                        return_lse=True)
+            close(out[b:b + 1], o)
+            close(lse[b:b + 1], l)
+            ref, ref_lse = ref_attention(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n],
+                                         causal=causal)
+            assert rel_l2(out[b:b + 1], ref) < TOL["accurate"]
+            lse_close(lse[b:b + 1], ref_lse)
+    with pytest.raises(ValueError, match="seqused_kv"):
+        intfa.attention_int8(x, seqused_kv=used.cpu())  # not on q8's device
+
+
+def test_ragged_kv_cache_decode_step_in_a_cuda_graph():
+    """A ragged decode step (append at the per-sequence positions, lengths += 1 on the device,
+    attention with seqused_kv) captured in a CUDA graph: replay writes the cache, advances the
+    lengths and gives the eager result."""
+    lengths = [30, 12]
+    q, k, v, kn, vn = ragged_inputs(cuda_randn(172), 2, 8, 2, 30, 1, 128, lengths)
+    warm, cache, eager = (intfa.KVCache(k, v, 48, lengths=lengths) for _ in range(3))
+    graph, out = _capture_step(warm, cache, kn, vn, q)
+    assert cache.lengths.tolist() == lengths  # captured, not run
+    graph.replay()
+    eager.append(kn, vn)
+    want = eager.attention(q, is_causal=True)
+    torch.cuda.synchronize()
+    assert cache.lengths.tolist() == eager.lengths.tolist() == [31, 13]
+    assert torch.equal(out, want)
+    check_parts(cache, [Sequence(eager, i) for i in range(2)], exact)
+
+
+def test_ragged_kv_cache_cupy():
+    cp = pytest.importorskip("cupy")
+    lengths = [30, 12]
+    q, k, v, kn, vn = ragged_inputs(cuda_randn(173), 2, 4, 2, 30, 2, 64, lengths)
+    qc, kc, vc, knc, vnc = (cp.asarray(x.cpu().numpy()) for x in (q, k, v, kn, vn))
+    cc = intfa.KVCache(kc, vc, 48, lengths=cp.asarray(lengths))
+    ct = intfa.KVCache(k, v, 48, lengths=lengths)
+    cc.append(knc, vnc)
+    ct.append(kn, vn)
+    assert isinstance(cc.lengths, cp.ndarray) and cc.lengths.dtype == cp.int32
+    assert cc.lengths.tolist() == [32, 14] and cc.length == 32
+    out = cc.attention(qc, is_causal=True)
+    want = ct.attention(q, is_causal=True)
+    assert torch.equal(torch.as_tensor(cp.asnumpy(out), device="cuda"), want)
+    cc.truncate([31, 14])
+    assert cc.lengths.tolist() == [31, 14] and cc.length == 31

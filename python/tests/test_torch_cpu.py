@@ -7,6 +7,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import intfa  # noqa: E402
+from ragged import (Sequence, check_parts, in_layout, ragged_inputs,  # noqa: E402
+                    ragged_vs_separate)
 from reference import attention_ref, rel_l2, varlen_ref  # noqa: E402
 
 
@@ -261,3 +263,120 @@ def test_torch_compile_decode_step_cpu():
     assert torch.equal(cc.k8[:, :, :n], ce.k8[:, :, :n])
     assert torch.equal(cc.vt8[..., :n], ce.vt8[..., :n])
     assert torch.equal(cc.v_scale, ce.v_scale)
+
+
+# ------------------------------------------------------------------------------------------------
+# Ragged batches
+# ------------------------------------------------------------------------------------------------
+def torch_randn(seed):
+    g = torch.Generator().manual_seed(seed)
+    return lambda shape, scale: (torch.randn(*shape, generator=g) * scale).half()
+
+
+def exact(got, want):
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("layout", ["BHSD", "BSHD"])
+@pytest.mark.parametrize("generic", [False, True])
+def test_ragged_kv_cache_torch(layout, generic):
+    # As test_cpu's ragged test with torch CPU tensors: one cache of prompts of 30, 12 and 21
+    # tokens equals one cache per sequence bit for bit; and the same bits as NumPy.
+    lengths = [30, 12, 21]
+    inputs = in_layout(layout, *ragged_inputs(torch_randn(50), 3, 4, 2, 30, 8, 64, lengths))
+    steps = [1, 3, 1, 2]
+    ragged, _ = ragged_vs_separate(*inputs, torch.tensor(lengths), steps, layout, "accurate",
+                                   exact, exact, generic)
+    assert ragged.lengths.dtype == torch.int32 and ragged.lengths.tolist() == [37, 19, 28]
+    numpy, _ = ragged_vs_separate(*(x.numpy() for x in inputs), lengths, steps, layout,
+                                  "accurate", np.testing.assert_array_equal,
+                                  np.testing.assert_array_equal, generic)
+    check_parts(ragged, [Sequence(numpy, i) for i in range(3)],
+                lambda got, want: np.testing.assert_array_equal(got.numpy(), want))
+
+
+def test_ragged_kv_cache_through_the_custom_ops():
+    # Arguments that need grad take the generic path through the custom ops
+    # (intfa::append_kv_ragged, intfa::attention_int8 with seqused_kv): the fast path's bits.
+    lengths = [20, 9]
+    q, k, v, kn, vn = ragged_inputs(torch_randn(51), 2, 4, 2, 20, 4, 64, lengths)
+    fast = intfa.KVCache(k, v, 32, lengths=lengths)
+    slow = intfa.KVCache(k, v, 32, lengths=lengths)
+    for t in range(4):
+        kt, vt, qt = (x[:, :, t:t + 1] for x in (kn, vn, q))
+        fast.append(kt, vt)
+        slow.append(kt.clone().requires_grad_(), vt)
+        out, lse = fast.attention(qt, is_causal=True, return_lse=True)
+        out_s, lse_s = slow.attention(qt.clone().requires_grad_(), is_causal=True,
+                                      return_lse=True)
+        assert torch.equal(out, out_s.detach()) and torch.equal(lse, lse_s.detach())
+    assert torch.equal(fast.lengths, slow.lengths) and fast.lengths.tolist() == [24, 13]
+    check_parts(fast, [Sequence(slow, i) for i in range(2)], exact)
+    ragged = intfa.KVCache(k, v, 32, lengths=lengths)
+    ragged.truncate(torch.tensor([3, 9]))
+    assert ragged.lengths.tolist() == [3, 9] and ragged.length == 9
+
+
+def test_attention_int8_seqused_kv_torch():
+    q, k, v = rand(3, 4, 5, 64, seed=0), rand(3, 2, 40, 64, seed=1), rand(3, 2, 40, 64, seed=2)
+    x = intfa.quantize(q, k, v)
+    used = torch.tensor([40, 13, 27], dtype=torch.int32)
+    out, lse = intfa.attention_int8(x, seqused_kv=used, is_causal=True, return_lse=True)
+    xn = intfa.quantize(q.numpy(), k.numpy(), v.numpy())
+    out_n, lse_n = intfa.attention_int8(xn, seqused_kv=used.numpy(), is_causal=True,
+                                        return_lse=True)
+    np.testing.assert_array_equal(out.numpy(), out_n)
+    np.testing.assert_array_equal(lse.numpy(), lse_n)
+    assert not torch.equal(out, intfa.attention_int8(x, is_causal=True))
+    with pytest.raises(ValueError, match=r"seqused_kv.*\[batch\]"):
+        intfa.attention_int8(x, seqused_kv=used[:2])
+    with pytest.raises(TypeError, match="seqused_kv"):
+        intfa.attention_int8(x, seqused_kv=used.long())
+
+
+def test_torch_compile_attention_int8_seqused_kv_cpu():
+    def fn(q, k, v, used):
+        x = intfa.quantize(q, k, v)
+        return intfa.attention_int8(x, seqused_kv=used, is_causal=True, return_lse=True)
+
+    q, k, v = rand(2, 2, 4, 64, seed=0), rand(2, 2, 32, 64, seed=1), rand(2, 2, 32, 64, seed=2)
+    used = torch.tensor([32, 9], dtype=torch.int32)
+    (out_c, lse_c), (out_e, lse_e) = _compile_check(fn, q, k, v, used)
+    assert torch.equal(out_c, out_e) and torch.equal(lse_c, lse_e)
+    assert not torch.equal(out_e, intfa.attention_int8(intfa.quantize(q, k, v), is_causal=True))
+
+
+def test_torch_compile_ragged_decode_step_cpu():
+    # A ragged decode step under torch.compile(fullgraph=True): append at the per-sequence
+    # positions, lengths += 1 on the device, attention with seqused_kv: as eager.
+    def step(cache, kt, vt, qt):
+        cache.append(kt, vt)
+        return cache.attention(qt, is_causal=True)
+
+    lengths = [20, 9]
+    q, k, v, kn, vn = ragged_inputs(torch_randn(52), 2, 4, 2, 20, 4, 64, lengths)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    cc = intfa.KVCache(k, v, 32, lengths=lengths)
+    ce = intfa.KVCache(k, v, 32, lengths=lengths)
+    for t in range(3):
+        args = (kn[:, :, t:t + 1], vn[:, :, t:t + 1], q[:, :, t:t + 1])
+        assert torch.equal(compiled(cc, *args), step(ce, *args))
+        assert cc.lengths.tolist() == ce.lengths.tolist() == [21 + t, 10 + t]
+        assert cc.length == ce.length == 21 + t
+    check_parts(cc, [Sequence(ce, i) for i in range(2)], exact)
+
+
+@pytest.mark.skipif(not hasattr(torch.library, "opcheck"), reason="torch.library.opcheck")
+def test_opcheck_ragged_ops():
+    q, k, v = _decode_inputs()
+    cache = intfa.KVCache(k[:, :, :37], v[:, :, :37], 48)
+    pos = torch.tensor([37], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.intfa.append_kv_ragged.default,
+                          (k[:, :, 37:], v[:, :, 37:], pos, cache.k8, cache.k_scale,
+                           cache.k_mean, cache.vt8, cache.v_scale, "accurate", "BHSD", "BHSD"))
+    x = intfa.quantize(q, k, v)
+    torch.library.opcheck(torch.ops.intfa.attention_int8.default,
+                          (x.q8, x.q_scale, x.lse_offset, x.k8, x.k_scale, x.k_mean, x.vt8,
+                           x.v_scale, None, None, None, 0, 0, "accurate", "BHSD", True, 0.0,
+                           torch.float16, True, "auto", torch.tensor([30], dtype=torch.int32)))
