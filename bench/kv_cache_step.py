@@ -6,8 +6,10 @@ the host-inclusive wall time of an eager loop (what a Python decode loop without
 pays). The SDPA steps write the token into preallocated bf16 tensors and call
 F.scaled_dot_product_attention(enable_gqa=True) on views of the filled part, with the flash and
 the cuDNN backend (cuDNN builds a plan per new key length: its wall time is that, not the GPU).
+For B > 1 also a ragged batch ("intfa ragged": sequence b's prompt is L0 * (b + 1) / B tokens,
+per-sequence counts on the device), against the dense rows that attend all L0 tokens.
 
-  python3 bench/kv_cache_step.py [--shapes 16x8192,1x32768] [--steps 64] [--json FILE]
+  python3 bench/kv_cache_step.py [--shapes 16x8192,1x32768] [--steps 64] [--providers P,..] [--json FILE]
 """
 import argparse
 import json
@@ -49,6 +51,7 @@ def main():
     ap.add_argument("--heads-kv", type=int, default=8)
     ap.add_argument("--hdim", type=int, default=128)
     ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--providers", default="", help="comma separated subset of the rows' providers (default: all)")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
     import torch
@@ -75,6 +78,15 @@ def main():
             cache.append(ks[i], vs[i])
             return cache.attention(qs[i], is_causal=True)
 
+        # A ragged batch (B > 1): sequence b holds L0 * (b + 1) / B prompt tokens, counts on the
+        # device (KVCache(lengths=)), one call per step over views of the longest.
+        lens = [max(1, L0 * (b + 1) // B) for b in range(B)]
+        ragged = intfa.KVCache(kp, vp, cap, lengths=lens) if B > 1 else None
+
+        def ragged_step(i):
+            ragged.append(ks[i], vs[i])
+            return ragged.attention(qs[i], is_causal=True)
+
         # SDPA over a bf16 cache of the same capacity.
         kc = torch.empty(B, a.heads_kv, cap, a.hdim, device="cuda", dtype=torch.bfloat16)
         vc = torch.empty_like(kc)
@@ -94,15 +106,21 @@ def main():
                     return F.scaled_dot_product_attention(qs[i], kc[:, :, :L + 1], vc[:, :, :L + 1], enable_gqa=True)
             return step
 
-        for name, step in (("intfa KVCache", intfa_step), ("sdpa_flash", sdpa_step_with(SDPBackend.FLASH_ATTENTION)),
-                           ("sdpa_cudnn", sdpa_step_with(SDPBackend.CUDNN_ATTENTION))):
+        runs = [("intfa KVCache", intfa_step)] + ([("intfa ragged", ragged_step)] if ragged else []) + [
+            ("sdpa_flash", sdpa_step_with(SDPBackend.FLASH_ATTENTION)),
+            ("sdpa_cudnn", sdpa_step_with(SDPBackend.CUDNN_ATTENTION))]
+        keep = set(a.providers.split(",")) if a.providers else None
+        for name, step in (r for r in runs if keep is None or r[0] in keep):
             per = kernel_ms(step, a.steps, torch)
             wall = run_loop(step, a.steps, torch)
             total = sum(per.values())
             top = ", ".join(f"{k[:40]} {v:.4f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1])[:4])
             print(f"{B:>3} {L0:>7} {name:<14} {total:>15.4f} {wall:>13.4f}  {top}")
-            rows.append({"provider": name, "batch": B, "prompt": L0, "heads": a.heads, "heads_kv": a.heads_kv,
-                         "hdim": a.hdim, "kernel_ms": total, "wall_ms": wall, "kernels": per})
+            row = {"provider": name, "batch": B, "prompt": L0, "heads": a.heads, "heads_kv": a.heads_kv,
+                   "hdim": a.hdim, "kernel_ms": total, "wall_ms": wall, "kernels": per}
+            if name == "intfa ragged":
+                row["prompt_lengths"] = lens
+            rows.append(row)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"card": card, "bench": "kv_cache_step", "rows": rows}, f, indent=1)
