@@ -422,26 +422,43 @@ class KVCache:
                              f"held), got {length!r}")
         self.length = int(length)
 
-    def qkv(self, q8=None, q_scale=None, lse_offset=None, dtype=None):
+    def _span(self, max_seqlen_kv):
+        """The tokens attention reads views of: `length`, or (ragged) max_seqlen_kv."""
+        if max_seqlen_kv is None:
+            return self.length
+        if self.lengths is None:
+            raise ValueError("max_seqlen_kv: only a ragged cache (KVCache(lengths=)) takes it; a "
+                             f"dense cache attends its length = {self.length} tokens")
+        if isinstance(max_seqlen_kv, bool) or int(max_seqlen_kv) != max_seqlen_kv or \
+                not 1 <= int(max_seqlen_kv) <= self.capacity:
+            raise ValueError(f"max_seqlen_kv: expected an int in [1, capacity = {self.capacity}], "
+                             f"got {max_seqlen_kv!r}")
+        return int(max_seqlen_kv)
+
+    def qkv(self, q8=None, q_scale=None, lse_offset=None, dtype=None, max_seqlen_kv=None):
         """A QuantizedQKV over the first `length` tokens (k8 and k_scale views; vt8 as it is,
         with capacity columns) with the given quantized queries, for attention_int8; ragged:
-        with seqused_kv = lengths."""
+        with seqused_kv = lengths, over max_seqlen_kv tokens if given (see attention())."""
+        span = self._span(max_seqlen_kv)
         return QuantizedQKV(scheme=self.scheme, layout=self.layout, q8=q8, q_scale=q_scale,
                             lse_offset=lse_offset,
-                            k8=_arrays.first_tokens(self.k8, self.length, self.layout),
-                            k_scale=self.k_scale[..., :self.length], k_mean=self.k_mean,
+                            k8=_arrays.first_tokens(self.k8, span, self.layout),
+                            k_scale=self.k_scale[..., :span], k_mean=self.k_mean,
                             vt8=self.vt8, v_scale=self.v_scale,
                             dtype=self.dtype if dtype is None else dtype,
                             seqused_kv=self.lengths)
 
     def attention(self, q, *, is_causal=False, scale=None, return_lse=False, path="auto",
-                  out_dtype=None):
+                  out_dtype=None, max_seqlen_kv=None):
         """Attention of q ([B, Hq, Sq, D] or [B, Sq, Hq, D] in the cache's layout; Hq a multiple
         of Hkv) over the `length` tokens held. Causal is bottom-right aligned: query i sees keys
         j <= i + length - Sq, so the Sq queries of the last appended tokens see themselves and
         what precedes them. out_dtype defaults to q's dtype. Other arguments as in attention().
         Ragged: sequence b over its lengths[b] tokens, causal against that count (query i sees
-        keys j <= i + lengths[b] - Sq)."""
+        keys j <= i + lengths[b] - Sq), through views of the first max_seqlen_kv tokens
+        (default: length; counts past it are clamped to it). A CUDA graph captured with
+        max_seqlen_kv=capacity replays at any lengths, since only the device reads them."""
+        span = self._span(max_seqlen_kv)
         fw = self._direct(q)
         if fw is not None:
             s = _arrays.scale_arg(scale)
@@ -450,11 +467,11 @@ class KVCache:
             # A malformed q or an out_dtype intfa does not write: the generic path reports it.
             if d is not None and min(d) >= 1 and out_name is not None:
                 out, lse = self._attention_direct(fw, q, d, bool(is_causal), s,
-                                                  bool(return_lse), path, out_name)
+                                                  bool(return_lse), path, out_name, span)
                 return (out, lse) if return_lse else out
         q8, q_scale, lse_offset = quantize_q(q, self.k_mean, scale=scale, layout=self.layout,
                                              scheme=self.scheme)
-        return attention_int8(self.qkv(q8, q_scale, lse_offset, q.dtype), is_causal=is_causal,
+        return attention_int8(self.qkv(q8, q_scale, lse_offset, q.dtype, max_seqlen_kv), is_causal=is_causal,
                               scale=scale, out_dtype=out_dtype, return_lse=return_lse,
                               path=path)
 
@@ -484,11 +501,11 @@ class KVCache:
                 return None
         return fw
 
-    def _attention_direct(self, fw, q, d, causal, scale, return_lse, path, out_name):
+    def _attention_direct(self, fw, q, d, causal, scale, return_lse, path, out_name, span):
         """attention() as quantize_q() and attention_int8() run it, in one binding call
         (_C.kv_attention): the same two C++ calls in that order on the same arrays, but for q8,
         q_scale and lse_offset (this call's scratch), which come from one allocation, and k8
-        and k_scale, narrowed in C++ to the first `length` tokens as qkv()'s views are (and
+        and k_scale, narrowed in C++ to the first `span` tokens as qkv()'s views are (and
         lengths, the cache's own int32 array or None, as qkv()'s seqused_kv).
         d: q's (B, H, S, D). Returns (out, lse or None)."""
         b, h, sq, dim = (int(x) for x in d)
@@ -502,7 +519,7 @@ class KVCache:
         arg = fw.arg
         with fw.device(q):
             _lib.kv_attention(arg(q), scratch, with_offset, arg(self.k8), arg(self.k_scale),
-                              arg(self.k_mean), arg(self.vt8), arg(self.v_scale), self.length,
+                              arg(self.k_mean), arg(self.vt8), arg(self.v_scale), span,
                               self.lengths, arg(out), lse, causal, scale, self.layout,
                               self.scheme, path, fw.stream(q))
         return out, lse

@@ -731,6 +731,33 @@ def test_ragged_kv_cache_equals_separate_caches(scheme, layout, generic, monkeyp
     assert not np.array_equal(seps[1].v_scale, fresh.v_scale)
 
 
+def test_ragged_kv_cache_max_seqlen_kv():
+    # Views of the whole capacity (what a CUDA graph replayed at growing lengths needs) give what
+    # the default views of the longest sequence give; only ragged caches take the argument.
+    rng = np.random.default_rng(43)
+    lengths = [20, 9]
+    q, k, v, kn, vn = ragged_inputs(np_randn(rng), 2, 4, 2, 20, 2, 64, lengths)
+    ragged = intfa.KVCache(k, v, 32, lengths=lengths)
+    ragged.append(kn, vn)
+    want, want_lse = ragged.attention(q, is_causal=True, return_lse=True)
+    for span in (22, 27, 32):
+        out, lse = ragged.attention(q, is_causal=True, return_lse=True, max_seqlen_kv=span)
+        exact(out, want)
+        exact(lse, want_lse)
+        assert ragged.qkv(max_seqlen_kv=span).k_scale.shape[-1] == span
+    # Shorter views clamp the counts (sequence 0 holds 22 tokens).
+    out = ragged.attention(q, max_seqlen_kv=12)
+    x = ragged.qkv(*intfa.quantize_q(q, ragged.k_mean), dtype=q.dtype)
+    ref = intfa.attention_int8(seq_view(x._replace(seqused_kv=None), 0, 12, "BHSD"))
+    exact(out[:1], ref)
+    for bad in (0, 33, 2.5, True):
+        with pytest.raises(ValueError, match="max_seqlen_kv"):
+            ragged.attention(q, max_seqlen_kv=bad)
+    dense = intfa.KVCache(k, v, 32)
+    with pytest.raises(ValueError, match="max_seqlen_kv: only a ragged cache"):
+        dense.attention(q, max_seqlen_kv=32)
+
+
 def test_ragged_kv_cache_truncate():
     # A speculative step in a ragged batch: 3 draft tokens per sequence appended and attended,
     # sequence 0 keeps 1 and sequence 1 all 3; then one more token each. The cache then holds

@@ -459,19 +459,19 @@ def test_quantize_q_on_the_gpu():
     torch.testing.assert_close(lse_offset.cpu(), lse_c, rtol=1e-5, atol=1e-5)
 
 
-def _capture_step(warm, cache, kt, vt, qt):
-    """(graph, out): a decode step (append, then causal attention) of `cache` captured in a CUDA
-    graph, after a warm-up step of `warm` on a side stream."""
+def _capture_step(warm, cache, kt, vt, qt, **attn):
+    """(graph, out): a decode step (append, then causal attention with `attn`) of `cache`
+    captured in a CUDA graph, after a warm-up step of `warm` on a side stream."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up outside capture
         warm.append(kt, vt)
-        warm.attention(qt, is_causal=True)
+        warm.attention(qt, is_causal=True, **attn)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         cache.append(kt, vt)
-        out = cache.attention(qt, is_causal=True)
+        out = cache.attention(qt, is_causal=True, **attn)
     return graph, out
 
 
@@ -625,6 +625,32 @@ def test_ragged_kv_cache_decode_step_in_a_cuda_graph():
     torch.cuda.synchronize()
     assert cache.lengths.tolist() == eager.lengths.tolist() == [31, 13]
     assert torch.equal(out, want)
+    check_parts(cache, [Sequence(eager, i) for i in range(2)], exact)
+
+
+def test_ragged_kv_cache_graph_replays_at_growing_lengths():
+    """One ragged decode step captured with views of the whole capacity (max_seqlen_kv), then
+    replayed step after step with new tokens copied into the graph's inputs: each replay appends
+    at the lengths the previous one left and attends over them, as an eager cache stepping the
+    same tokens does (bit for bit with the same views; close to the default views, whose key
+    ranges may differ). Includes a V scale that grows during a replay."""
+    lengths, cap, steps = [30, 12], 48, 4
+    q, k, v, kn, vn = ragged_inputs(cuda_randn(174), 2, 8, 2, 30, steps, 128, lengths)
+    warm, cache, eager, plain = (intfa.KVCache(k, v, cap, lengths=lengths) for _ in range(4))
+    kt, vt, qt = (x[:, :, :1].clone() for x in (kn, vn, q))
+    graph, out = _capture_step(warm, cache, kt, vt, qt, max_seqlen_kv=cap)
+    for s in range(steps):
+        for buf, x in ((kt, kn), (vt, vn), (qt, q)):
+            buf.copy_(x[:, :, s:s + 1])
+        graph.replay()
+        eager.append(kn[:, :, s:s + 1], vn[:, :, s:s + 1])
+        want = eager.attention(q[:, :, s:s + 1], is_causal=True, max_seqlen_kv=cap)
+        plain.append(kn[:, :, s:s + 1], vn[:, :, s:s + 1])
+        near = plain.attention(q[:, :, s:s + 1], is_causal=True)
+        torch.cuda.synchronize()
+        assert cache.lengths.tolist() == eager.lengths.tolist() == [31 + s, 13 + s]
+        assert torch.equal(out, want)
+        close(out, near)
     check_parts(cache, [Sequence(eager, i) for i in range(2)], exact)
 
 
