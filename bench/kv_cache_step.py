@@ -7,7 +7,9 @@ pays). The SDPA steps write the token into preallocated bf16 tensors and call
 F.scaled_dot_product_attention(enable_gqa=True) on views of the filled part, with the flash and
 the cuDNN backend (cuDNN builds a plan per new key length: its wall time is that, not the GPU).
 For B > 1 also a ragged batch ("intfa ragged": sequence b's prompt is L0 * (b + 1) / B tokens,
-per-sequence counts on the device), against the dense rows that attend all L0 tokens.
+per-sequence counts on the device), against the dense rows that attend all L0 tokens, and the
+same ragged loop as one captured CUDA graph replayed per step ("intfa ragged graph": views of
+the whole capacity, token inputs copied in; the profiler's GPU time then includes the copies).
 
   python3 bench/kv_cache_step.py [--shapes 16x8192,1x32768] [--steps 64] [--providers P,..] [--json FILE]
 """
@@ -87,6 +89,30 @@ def main():
             ragged.append(ks[i], vs[i])
             return ragged.attention(qs[i], is_causal=True)
 
+        # The same ragged batch with one CUDA graph for every step: captured once over views of
+        # the whole capacity (max_seqlen_kv), replayed with each step's token copied in.
+        graph_step = None
+        if B > 1:
+            gcache = intfa.KVCache(kp, vp, cap + 1, lengths=lens)
+            warm = intfa.KVCache(kp, vp, cap + 1, lengths=lens)
+            kt, vt, qt = ks[0].clone(), vs[0].clone(), qs[0].clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                warm.append(kt, vt)
+                warm.attention(qt, is_causal=True, max_seqlen_kv=cap + 1)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # capture runs nothing: lengths stay
+                gcache.append(kt, vt)
+                gcache.attention(qt, is_causal=True, max_seqlen_kv=cap + 1)
+
+            def graph_step(i):
+                kt.copy_(ks[i])
+                vt.copy_(vs[i])
+                qt.copy_(qs[i])
+                graph.replay()
+
         # SDPA over a bf16 cache of the same capacity.
         kc = torch.empty(B, a.heads_kv, cap, a.hdim, device="cuda", dtype=torch.bfloat16)
         vc = torch.empty_like(kc)
@@ -106,7 +132,8 @@ def main():
                     return F.scaled_dot_product_attention(qs[i], kc[:, :, :L + 1], vc[:, :, :L + 1], enable_gqa=True)
             return step
 
-        runs = [("intfa KVCache", intfa_step)] + ([("intfa ragged", ragged_step)] if ragged else []) + [
+        runs = [("intfa KVCache", intfa_step)] + ([("intfa ragged", ragged_step)] if ragged else []) + (
+            [("intfa ragged graph", graph_step)] if graph_step else []) + [
             ("sdpa_flash", sdpa_step_with(SDPBackend.FLASH_ATTENTION)),
             ("sdpa_cudnn", sdpa_step_with(SDPBackend.CUDNN_ATTENTION))]
         keep = set(a.providers.split(",")) if a.providers else None
@@ -118,7 +145,7 @@ def main():
             print(f"{B:>3} {L0:>7} {name:<14} {total:>15.4f} {wall:>13.4f}  {top}")
             row = {"provider": name, "batch": B, "prompt": L0, "heads": a.heads, "heads_kv": a.heads_kv,
                    "hdim": a.hdim, "kernel_ms": total, "wall_ms": wall, "kernels": per}
-            if name == "intfa ragged":
+            if name.startswith("intfa ragged"):
                 row["prompt_lengths"] = lens
             rows.append(row)
     if a.json:
