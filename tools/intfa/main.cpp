@@ -350,6 +350,7 @@ double causal_visible_pairs(int sq, int skv) {
 struct BenchShape {
   int batch, heads, heads_kv, seq_q, seq, hdim;
   std::vector<int> lens;
+  bool seqused = false;  // kernel-only runs with seqused_kv = every sequence's full key count
 };
 
 // Times kernel-only and end-to-end for every scheme and causal flag of one shape; prints a line
@@ -378,11 +379,18 @@ void bench_shape(const BenchShape& sh, const std::vector<Scheme>& schemes, const
   ps.batch = sh.batch; ps.heads_q = sh.heads; ps.heads_kv = sh.heads_kv;
   ps.seqlen_q = sh.seq_q; ps.seqlen_kv = sh.seq; ps.head_dim = sh.hdim;
   ps.varlen = varlen; ps.total_q = varlen ? total : 0; ps.total_kv = ps.total_q;
+  // --seqused: the same keys, counted through seqused_kv (what a ragged KV cache pays for the
+  // counts alone: sm90 then runs its split kernels).
+  std::vector<int32_t> used = varlen ? std::vector<int32_t>(sh.lens.begin(), sh.lens.end())
+                                     : std::vector<int32_t>(size_t(sh.batch), sh.seq);
+  DeviceBuf dused(used.data(), used.size() * sizeof(int32_t));
   for (Scheme sc : schemes) {
     const size_t qbytes = quantized_bytes(ps, sc);
     DeviceBuf ws(qbytes), ws2(qbytes);
     QuantizedQKV qx;
     check(alloc_quantized(ps, sc, Layout::BHSD, ws.ptr, qbytes, true, 0, &qx), "alloc_quantized");
+    QuantizedQKV qk = qx;  // what the kernel-only runs read
+    if (sh.seqused) qk.seqused_kv = make_tensor(dused.ptr, DType::i32, {int64_t(used.size())}, true);
     for (int causal : causals) {
       Options o;
       o.scheme = sc;
@@ -390,7 +398,7 @@ void bench_shape(const BenchShape& sh, const std::vector<Scheme>& schemes, const
       o.path = path;
       o.workspace = make_tensor(ws2.ptr, DType::u8, {static_cast<int64_t>(qbytes)}, true);
       check(quantize(tq, tk, tv, tcu, tcu, o, qx), "quantize");
-      BenchCtx kern{[&] { return attention_int8(qx, tcu, tcu, sh.seq_q, sh.seq, to, nullptr, o); }};
+      BenchCtx kern{[&] { return attention_int8(qk, tcu, tcu, sh.seq_q, sh.seq, to, nullptr, o); }};
       BenchCtx e2e{[&] {
         return varlen ? attention_varlen(tq, tk, tv, tcu, tcu, sh.seq_q, sh.seq, to, nullptr, o)
                       : attention(tq, tk, tv, to, nullptr, o);
@@ -422,6 +430,7 @@ void bench_shape(const BenchShape& sh, const std::vector<Scheme>& schemes, const
         extra = ", \"seq_q\": " + std::to_string(sh.seq_q);
       }
       if (sh.heads_kv != sh.heads) extra += ", \"heads_kv\": " + std::to_string(sh.heads_kv);
+      if (sh.seqused) extra += ", \"seqused_kv\": true";
       for (int e = 0; e < 2; ++e) {
         rows << (rows.tellp() > 0 ? ",\n" : "") << "    {\"provider\": \"intfa\", \"path\": \""
              << to_string(path) << "\", \"scheme\": \"" << to_string(sc) << "\", \"seq\": " << sh.seq << extra
@@ -436,7 +445,7 @@ void bench_shape(const BenchShape& sh, const std::vector<Scheme>& schemes, const
 
 int cmd_bench(const Args& a) {
   a.allow({"--seq", "--seq-q", "--varlen", "--hdim", "--causal", "--scheme", "--batch", "--heads", "--heads-kv",
-           "--path", "--json", "--reps", "--dtype"});
+           "--path", "--json", "--reps", "--dtype", "--seqused"});
   // Arguments first, so that a bad one is reported on any machine.
   const auto seqs = a.ints("--seq", "1024,4096,16384", 1, 1 << 20);
   const auto hdims = a.ints("--hdim", "128,64", 16, 256);
@@ -449,6 +458,7 @@ int cmd_bench(const Args& a) {
   // Query rows per sequence when they differ from the keys (--seq): chunked prefill or decode
   // against a long cache. 0: square.
   const int seq_q_opt = a.integer("--seq-q", 0, 0, 1 << 20);
+  const bool seqused = a.integer("--seqused", 0, 0, 1) == 1;
   // Packed varlen batch: one sequence per length (queries = keys), in place of --batch/--seq.
   const std::vector<int> lens = a.str("--varlen", "").empty() ? std::vector<int>() : a.ints("--varlen", "", 1, 1 << 20);
   if (!lens.empty() && (!a.str("--seq", "").empty() || seq_q_opt || !a.str("--batch", "").empty()))
@@ -472,6 +482,7 @@ int cmd_bench(const Args& a) {
     for (size_t i = 0; i < lens.size(); ++i) what += (i ? "," : "") + std::to_string(lens[i]);
     what += ")";
   }
+  if (seqused) what += ", kernel-only with seqused_kv";
   std::printf("intfa bench on %s (%d SMs): %s H=%d Hkv=%d %s, path %s, median of %d%s\n",
               dev.name.c_str(), dev.sm_count, what.c_str(), heads, heads_kv, to_string(dtype),
               to_string(path), reps,
@@ -482,13 +493,13 @@ int cmd_bench(const Args& a) {
   for (int hdim : hdims) {
     if (!lens.empty()) {
       const int longest = *std::max_element(lens.begin(), lens.end());
-      bench_shape({int(lens.size()), heads, heads_kv, longest, longest, hdim, lens}, schemes, causals, dtype, path,
-                  reps, rows);
+      bench_shape({int(lens.size()), heads, heads_kv, longest, longest, hdim, lens, seqused}, schemes, causals,
+                  dtype, path, reps, rows);
       continue;
     }
     for (int seq : seqs)
-      bench_shape({batch, heads, heads_kv, seq_q_opt ? seq_q_opt : seq, seq, hdim, {}}, schemes, causals, dtype,
-                  path, reps, rows);
+      bench_shape({batch, heads, heads_kv, seq_q_opt ? seq_q_opt : seq, seq, hdim, {}, seqused}, schemes, causals,
+                  dtype, path, reps, rows);
   }
   if (!json.empty()) {
     std::ofstream f(json);
@@ -509,7 +520,8 @@ void usage(FILE* f) {
                "           [--hdim D] [--block N] [--dtype bf16|fp16] [--causal 0|1] [--json FILE]\n"
                "  bench [--seq ..] [--seq-q N | --varlen L1,L2,..] [--hdim 128,64] [--causal 0,1] [--scheme ..]\n"
                "        [--path auto|sm80|sm90|decode] [--batch 4] [--heads 32] [--heads-kv H] [--reps 20]\n"
-               "        [--json FILE]   (needs a GPU; --seq-q: query rows when fewer than the keys)\n");
+               "        [--seqused 0|1] [--json FILE]   (needs a GPU; --seq-q: query rows when fewer than the keys;\n"
+               "        --seqused 1: kernel-only runs count every sequence's keys through seqused_kv)\n");
 }
 
 }  // namespace

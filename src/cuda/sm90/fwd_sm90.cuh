@@ -213,7 +213,8 @@ __device__ __forceinline__ bool decode_tile(const Params& P, int unit, Tile& T) 
   if (T.m0 >= T.sq) return false;
   // Per-sequence key counts (seqused_kv) are read by the split kernels only: reading them here
   // in the whole-tile kernels rescheduled their consumer loops (-0.8% at 16k, PERF_LOG s31), so
-  // launches with counts split (launch_fwd_sm90).
+  // launches with counts run the split kernels, with one range where the rule gives one
+  // (launch_fwd_sm90).
   T.skv = Split ? kv_len(p, T.b) : seq_len(p.cu_kv, T.b, p.seqlen_kv);
   // Bottom-right causal, per query position (packed GQA rows: tile_order.h).
   T.diag = fwd::causal_diag(T.skv, T.sq, p.row_period) + (Causal ? P.diag_shift : 0);
@@ -344,7 +345,8 @@ __device__ __forceinline__ void store_rows(const Params& P, const Tile& T, int u
                                            const float (&o)[D / 8][4], const float (&l_part)[2],
                                            const float (&m_run)[2], const float2 (&v2)[D / 8], Mark&& mark) {
   const FwdParams& p = P.p;
-  constexpr bool partial = Split;
+  // Split kernels with one range (launches with key counts that do not split) write final rows.
+  const bool partial = Split && P.num_splits > 1;
   const int lane = ctid % 32, t = lane % 4, wr = ctid % 128;
   // Who issues the 64 row copies. cp.async.bulk takes uniform operands, so a warp issues its
   // lanes' copies one after another. D = 128: lanes 0-15 of each of the four warps, which
@@ -364,7 +366,7 @@ __device__ __forceinline__ void store_rows(const Params& P, const Tile& T, int u
   float inv_l[2], l_full[2];
   fwd::row_sums(l_part, l_full, inv_l);
   int64_t prow0 = 0;  // row 0 of this unit's block of partial rows
-  if constexpr (partial) {
+  if (partial) {
     const int ptile = unit / P.num_splits;
     prow0 = part_row0(P, unit - ptile * P.num_splits, ptile);
     inv_l[0] = inv_l[1] = 1.f;
@@ -391,11 +393,11 @@ __device__ __forceinline__ void store_rows(const Params& P, const Tile& T, int u
   if (copier && T.m0 + cw * 64 + crow < T.sq) {  // rows inside the sequence
     const int64_t idx = offset(p.o_st, T.b, T.h, T.q0 + T.m0 + cw * 64 + crow);
     char* dst = static_cast<char*>(p.out) + idx * es;
-    if constexpr (partial) dst = reinterpret_cast<char*>(P.part_o + (prow0 + cw * 64 + crow) * D);
+    if (partial) dst = reinterpret_cast<char*>(P.part_o + (prow0 + cw * 64 + crow) * D);
     ptx::bulk_store(dst, so_addr + crow * stride, row_bytes);
     ptx::bulk_commit();
   }
-  if constexpr (!partial) {
+  if (!partial) {
     fwd::write_lse(p, T.b, T.h, T.q0, T.sq, row, l_full, m_run, t);
   } else if (t == 0) {
 #pragma unroll

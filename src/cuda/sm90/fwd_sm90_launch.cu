@@ -213,17 +213,9 @@ Status launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   st = check_cuda(device_sm_count(&sms), "sm90 forward: SM count");
   if (!st.ok()) return st;
   prm.num_splits = sm90::choose_splits(p, prm.num_tiles, sms);
-  if (p.seqused_kv) {
-    // Only the split kernels read per-sequence key counts (decode_tile), and only accurate may
-    // split: paper's P8 follows the running max, which a key range would restart.
-    if (p.scheme != Scheme::accurate)
-      return Status(StatusCode::not_available,
-                    "seqused_kv: the sm90 path takes per-sequence key counts with scheme accurate only (paper "
-                    "runs them on the sm80 and decode paths)");
-    if (prm.num_tiles >= (1 << 29))
-      return Status(StatusCode::not_available, "seqused_kv: the sm90 path takes at most 2^29 query tiles with counts");
-    prm.num_splits = std::max(prm.num_splits, 2);
-  }
+  // Only the split kernels read per-sequence key counts (decode_tile); with one range (the
+  // rule's choice, and always for paper) they write final rows as the whole-tile kernels do.
+  const bool split_kernel = prm.num_splits > 1 || p.seqused_kv != nullptr;
   prm.num_units = prm.num_tiles * prm.num_splits;
   // Scratch: [tile counter, tile count | (m, l) per split and row | O per split and row | varlen:
   // first tile per sequence, tile entries]. Causal and varlen units are handed out by the counter
@@ -276,7 +268,7 @@ Status launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
          {sm90::launch_fwd<64, true, false>, sm90::launch_fwd<64, true, true>}},
         {{sm90::launch_fwd<128, false, false>, sm90::launch_fwd<128, false, true>},
          {sm90::launch_fwd<128, true, false>, sm90::launch_fwd<128, true, true>}}};
-    st = kLaunch[p.head_dim == 128][causal_kernel][prm.num_splits > 1](prm, stream);
+    st = kLaunch[p.head_dim == 128][causal_kernel][split_kernel](prm, stream);
   }
   if (!scratch) return st;
   const Status fst = scratch_free(scratch, stream, "sm90 forward: scratch");

@@ -29,7 +29,7 @@ Status launch_fwd(const Params& prm, cudaStream_t stream) {
   if (grid_cap > 0 && grid_cap < sms) sms = grid_cap;
   const int grid = prm.num_units < sms ? prm.num_units : sms;
   kernel<<<grid, kThreads, kSmem, stream>>>(prm);
-  if (Split) {
+  if (Split && prm.num_splits > 1) {
     Status cst = cuda::check_cuda(cudaGetLastError(), "sm90 forward kernel launch");
     if (!cst.ok()) return cst;
     combine_kernel<D, Causal><<<prm.num_tiles * (kBlockM / 4), 128, 0, stream>>>(prm);
