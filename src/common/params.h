@@ -122,10 +122,15 @@ INTFA_HD int kv_len(const FwdParams& p, int b) {
   const int u = p.seqused_kv[b];
   return u < 0 ? 0 : (u < n ? u : n);
 }
-// append_kv: where token t of sequence b goes (-1: outside the cache, not written).
+// append_kv: where token t of sequence b goes (-1: outside the cache, not written), and whether
+// the new tokens write column `col` (a V sweep requantizes every other column).
 INTFA_HD int64_t cache_pos(const CacheQuantParams& p, int b, int t) {
   const int64_t c = (p.pos_b ? int64_t(p.pos_b[b]) : p.pos) + t;
   return c >= 0 && c < p.cap ? c : -1;
+}
+INTFA_HD bool cache_writes(const CacheQuantParams& p, int b, int64_t col) {
+  const int64_t pos0 = p.pos_b ? int64_t(p.pos_b[b]) : p.pos;
+  return col >= pos0 && col < pos0 + p.tokens && col < p.cap;
 }
 // Varlen V-transposed columns: sequence b starts at a 16-aligned column (so 16-byte vector and
 // cp.async loads work for every sequence): round_up(cu[b], 16) + 16*b, which never overlaps the

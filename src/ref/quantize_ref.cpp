@@ -135,7 +135,6 @@ void quantize_cache(const CacheQuantParams& p) {
     float* vs = p.v_scale + b * p.vs_st.bs + h * p.vs_st.hs;
     auto v_at = [&](int t, int c) { return static_cast<float>(load_scalar(p.v, p.in_dtype, offset(p.v_st, b, h, t) + c)); };
     // The new values' range per channel (per tensor: over all channels), and the scales that grow.
-    const int64_t pos0 = p.pos_b ? int64_t(p.pos_b[b]) : p.pos;
     std::vector<float> amax(d, 0.f), grown(d);
     for (int c = 0; c < d; ++c)
       for (int t = 0; t < p.tokens; ++t) amax[c] = std::max(amax[c], std::fabs(v_at(t, c)));
@@ -145,7 +144,7 @@ void quantize_cache(const CacheQuantParams& p) {
       int8_t* row = p.vt8 + b * p.vt_st.bs + h * p.vt_st.hs + c * p.vt_st.ts;
       if (grown[c] != vs[c])  // every column the cache holds, but those the new tokens write
         for (int64_t col = 0; col < p.vt_cols; ++col)
-          if (!(col >= pos0 && col < pos0 + p.tokens && col < p.cap)) row[col] = requantize_s8(row[col], vs[c], grown[c]);
+          if (!cache_writes(p, b, col)) row[col] = requantize_s8(row[col], vs[c], grown[c]);
       vs[c] = grown[c];
       const float inv = inv_of_scale(vs[c]);
       for (int t = 0; t < p.tokens; ++t) {

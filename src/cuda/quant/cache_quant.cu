@@ -80,9 +80,6 @@ __global__ void __launch_bounds__(kVThreads) cache_v_kernel(const CacheQuantPara
   float* vs = p.v_scale + b * p.vs_st.bs + h * p.vs_st.hs;
   int8_t* rows = p.vt8 + b * p.vt_st.bs + h * p.vt_st.hs;
   auto v_at = [&](int t, int c) { return load_in(p.v, p.in_dtype, offset(p.v_st, b, h, t) + c); };
-  // The columns the new tokens write (those of dropped tokens are swept like any other).
-  const int64_t pos0 = p.pos_b ? int64_t(p.pos_b[b]) : p.pos;
-  auto written = [&](int64_t col) { return col >= pos0 && col < pos0 + p.tokens && col < p.cap; };
   if (threadIdx.x == 0) s_count = 0;
   float amax[2] = {0.f, 0.f}, head = 0.f;
 #pragma unroll
@@ -130,7 +127,7 @@ __global__ void __launch_bounds__(kVThreads) cache_v_kernel(const CacheQuantPara
       }
     } else {
       for (int64_t col = threadIdx.x; col < p.vt_cols; col += kVThreads)
-        if (!written(col)) row[col] = requantize_s8(row[col], so, sn);
+        if (!cache_writes(p, b, col)) row[col] = requantize_s8(row[col], so, sn);  // dropped tokens' too
     }
   }
   __syncthreads();  // the sweeps' writes before the new tokens' bytes
