@@ -409,6 +409,13 @@ TEST_F(AttentionGpu, KernelSequsedKv) {
         c.sq = 3; c.used_kv = {0, 699, 1000};  // 12 rows per K/V head: the decode kernel
         for (GpuPath path : {GpuPath::automatic, GpuPath::decode}) check_kernel_vs_cpu(c, path);
       }
+      // Enough tiles that sm90's split rule keeps one range (its split kernels then write final
+      // rows, as for paper above).
+      Case m;
+      m.batch = 2; m.hq = 16; m.hkv = 4; m.sq = 600; m.skv = 900;
+      m.scheme = sc; m.causal = causal; m.seed = ++seed;
+      m.used_kv = {900, 333};
+      for (GpuPath path : gpu_paths()) check_kernel_vs_cpu(m, path);
     }
 }
 
