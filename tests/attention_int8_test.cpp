@@ -96,5 +96,91 @@ TEST(AttentionInt8, VarlenQuantizeThenAttendEqualsAttentionVarlen) {
   }
 }
 
+// Varlen with per-sequence key counts (seqused_kv) against float64 attention over each
+// sequence's first count keys (causal bottom-right against the count): counts below, at and
+// past the sequence's keys (clamped), 0 (zero rows, LSE -inf); full counts give what no counts
+// give, bit for bit.
+TEST(AttentionInt8, VarlenSequsedKvAgainstFloat64) {
+  for (Scheme s : {Scheme::paper, Scheme::accurate})
+    for (bool causal : {false, true}) {
+      SCOPED_TRACE(std::string(to_string(s)) + (causal ? " causal" : ""));
+      const int Hq = 4, Hkv = 2, D = 64;
+      std::vector<int32_t> cq = {0, 30, 31, 31, 120, 160}, ck = {0, 170, 180, 212, 362, 462};
+      std::vector<int32_t> used = {61, 400, 0, 150, 77};  // sequence 1: 10 keys, clamped
+      const int n = 5, Tq = cq[n], Tk = ck[n];
+      HostQKV src = tools::make_inputs(Dist::normal, 1, Hq, Hkv, Tq, Tk, D, DType::f16, 410 + causal + 2 * int(s));
+      auto q = swap_hs(src.q, 1, Hq, Tq, D), k = swap_hs(src.k, 1, Hkv, Tk, D), v = swap_hs(src.v, 1, Hkv, Tk, D);
+      Tensor tq = make_tensor(q.data(), DType::f16, {Tq, Hq, D});
+      Tensor tk = make_tensor(k.data(), DType::f16, {Tk, Hkv, D});
+      Tensor tv = make_tensor(v.data(), DType::f16, {Tk, Hkv, D});
+      Tensor tcq = make_tensor(cq.data(), DType::i32, {n + 1}), tck = make_tensor(ck.data(), DType::i32, {n + 1});
+      Options o;
+      o.scheme = s;
+      o.causal = causal;
+      ProblemShape ps;
+      ps.batch = n; ps.heads_q = Hq; ps.heads_kv = Hkv; ps.head_dim = D;
+      ps.varlen = true; ps.total_q = Tq; ps.total_kv = Tk;
+      AlignedBuffer buf(quantized_bytes(ps, s));
+      QuantizedQKV qx;
+      ASSERT_TRUE(alloc_quantized(ps, s, Layout::BHSD, buf.data(), buf.size(), false, 0, &qx).ok());
+      ASSERT_TRUE(quantize(tq, tk, tv, tcq, tck, o, qx).ok());
+      auto run = [&](const std::vector<int32_t>* counts, std::vector<float>& out, std::vector<float>& lse) {
+        QuantizedQKV x = qx;
+        if (counts) x.seqused_kv = make_tensor(const_cast<int32_t*>(counts->data()), DType::i32, {n});
+        out.assign(size_t(Tq) * Hq * D, NAN);
+        lse.assign(size_t(Hq) * Tq, NAN);
+        Tensor tl = make_tensor(lse.data(), DType::f32, {Hq, Tq});
+        Status st = attention_int8(x, tcq, tck, 89, 170, make_tensor(out.data(), DType::f32, {Tq, Hq, D}), &tl, o);
+        ASSERT_TRUE(st.ok()) << st.message();
+      };
+      std::vector<float> out, lse, out_full, lse_full, out_none, lse_none;
+      ASSERT_NO_FATAL_FAILURE(run(&used, out, lse));
+      std::vector<int32_t> full(n);
+      for (int b = 0; b < n; ++b) full[b] = ck[b + 1] - ck[b];
+      ASSERT_NO_FATAL_FAILURE(run(&full, out_full, lse_full));
+      ASSERT_NO_FATAL_FAILURE(run(nullptr, out_none, lse_none));
+      EXPECT_EQ(widen(out_full), widen(out_none));
+      EXPECT_EQ(widen(lse_full), widen(lse_none));
+      EXPECT_EQ(count_nan(out), 0);
+
+      for (int b = 0; b < n; ++b) {
+        SCOPED_TRACE("sequence " + std::to_string(b));
+        const int sq = cq[b + 1] - cq[b], kb = std::max(0, std::min(used[b], ck[b + 1] - ck[b]));
+        if (sq == 0) continue;
+        std::vector<double> got, got_lse, ref(size_t(sq) * Hq * D, NAN), ref_lse(size_t(Hq) * sq, NAN);
+        for (int r = 0; r < sq; ++r)
+          for (int i = 0; i < Hq * D; ++i) got.push_back(out[(size_t(cq[b]) + r) * Hq * D + i]);
+        for (int h = 0; h < Hq; ++h)
+          for (int r = 0; r < sq; ++r) got_lse.push_back(lse[size_t(h) * Tq + cq[b] + r]);
+        if (kb == 0) {  // no key: zero rows, LSE -inf
+          for (double x : got) ASSERT_EQ(x, 0.0);
+          for (double x : got_lse) ASSERT_EQ(x, -INFINITY);
+          continue;
+        }
+        // Sequence b as a BSHD batch of one over its first kb keys (views of the packed tensors).
+        Options orf = o;
+        orf.layout = Layout::BSHD;
+        Tensor rq = make_tensor(q.data() + size_t(cq[b]) * Hq * D, DType::f16, {1, sq, Hq, D});
+        Tensor rk = make_tensor(k.data() + size_t(ck[b]) * Hkv * D, DType::f16, {1, kb, Hkv, D});
+        Tensor rv = make_tensor(v.data() + size_t(ck[b]) * Hkv * D, DType::f16, {1, kb, Hkv, D});
+        Tensor rl = make_tensor(ref_lse.data(), DType::f64, {1, Hq, sq});
+        Status st = attention_reference(rq, rk, rv, make_tensor(ref.data(), DType::f64, {1, sq, Hq, D}), &rl, orf);
+        ASSERT_TRUE(st.ok()) << st.message();
+        // Causal rows that see no key (Sq > count): zeros and -inf on both sides.
+        for (size_t i = 0; i < ref.size(); ++i)
+          if (std::isnan(ref[i])) ref[i] = 0.0;
+        // The normal-input bounds of SchemeAccuracy (scheme_accuracy_test.cpp).
+        EXPECT_LT(tools::compare(got, ref).rel_l2, s == Scheme::paper ? 3.5e-2 : 2e-2);
+        for (size_t i = 0; i < ref_lse.size(); ++i) {
+          if (std::isinf(ref_lse[i])) {
+            EXPECT_EQ(got_lse[i], ref_lse[i]) << "lse " << i;
+          } else {
+            EXPECT_NEAR(got_lse[i], ref_lse[i], s == Scheme::paper ? 4e-2 : 2.5e-2) << "lse " << i;
+          }
+        }
+      }
+    }
+}
+
 }  // namespace
 }  // namespace intfa::testing
