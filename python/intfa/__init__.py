@@ -422,6 +422,17 @@ class KVCache:
                              f"held), got {length!r}")
         self.length = int(length)
 
+    def sync_length(self):
+        """Ragged: sets `length` (the host's bound, the views' default extent and the capacity
+        check's) to the longest of `lengths` as the device holds them, and returns it. Call it
+        after replaying captured steps, which advance `lengths` on the device only, before
+        eager append() / attention() calls (reads the device: a synchronization)."""
+        if self.lengths is None:
+            raise ValueError("KVCache.sync_length: only a ragged cache (KVCache(lengths=)) keeps "
+                             "its lengths on the device; a dense cache's length is the host's")
+        self.length = max(int(n) for n in self.lengths.tolist())
+        return self.length
+
     def _span(self, max_seqlen_kv):
         """The tokens attention reads views of: `length`, or (ragged) max_seqlen_kv."""
         if max_seqlen_kv is None:

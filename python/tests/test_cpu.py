@@ -758,6 +758,19 @@ def test_ragged_kv_cache_max_seqlen_kv():
         dense.attention(q, max_seqlen_kv=32)
 
 
+def test_ragged_kv_cache_sync_length():
+    # Steps replayed from a CUDA graph advance `lengths` on the device only (here: in place, as
+    # the captured `lengths += n` does); sync_length() brings the host's bound up to them.
+    rng = np.random.default_rng(44)
+    q, k, v, kn, vn = ragged_inputs(np_randn(rng), 2, 4, 2, 20, 2, 64, [20, 9])
+    ragged = intfa.KVCache(k, v, 32, lengths=[20, 9])
+    ragged.lengths += 3
+    assert ragged.length == 20
+    assert ragged.sync_length() == 23 and ragged.length == 23
+    with pytest.raises(ValueError, match="sync_length: only a ragged cache"):
+        intfa.KVCache(k, v, 32).sync_length()
+
+
 def test_ragged_kv_cache_truncate():
     # A speculative step in a ragged batch: 3 draft tokens per sequence appended and attended,
     # sequence 0 keeps 1 and sequence 1 all 3; then one more token each. The cache then holds
