@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
+#include <utility>
 #include <vector>
 
 #include "test_util.h"
@@ -57,19 +59,46 @@ TEST(AttentionInt8, QuantizeThenAttendEqualsAttention) {
   }
 }
 
+// A packed varlen problem on the host: fp16 THD q, k, v [T, H, D] for sequences cu_q / cu_kv,
+// and the same quantized by quantize() into `buf` (qx).
+struct Varlen {
+  std::vector<int32_t> cq, ck;
+  int n, Tq, Tk, Hq, Hkv, D;
+  std::vector<uint16_t> q, k, v;
+  Tensor tq, tk, tv, tcq, tck;
+  std::unique_ptr<AlignedBuffer> buf;
+  QuantizedQKV qx;
+  Varlen(const Varlen&) = delete;  // the tensors point into its own vectors
+  Varlen(std::vector<int32_t> cu_q, std::vector<int32_t> cu_kv, int hq, int hkv, int d, uint64_t seed)
+      : cq(std::move(cu_q)), ck(std::move(cu_kv)), n(int(cq.size()) - 1), Tq(cq.back()), Tk(ck.back()),
+        Hq(hq), Hkv(hkv), D(d) {
+    HostQKV src = tools::make_inputs(Dist::normal, 1, Hq, Hkv, Tq, Tk, D, DType::f16, seed);
+    // BHSD [1, H, T, D] -> THD [T, H, D].
+    q = swap_hs(src.q, 1, Hq, Tq, D);
+    k = swap_hs(src.k, 1, Hkv, Tk, D);
+    v = swap_hs(src.v, 1, Hkv, Tk, D);
+    tq = make_tensor(q.data(), DType::f16, {Tq, Hq, D});
+    tk = make_tensor(k.data(), DType::f16, {Tk, Hkv, D});
+    tv = make_tensor(v.data(), DType::f16, {Tk, Hkv, D});
+    tcq = make_tensor(cq.data(), DType::i32, {n + 1});
+    tck = make_tensor(ck.data(), DType::i32, {n + 1});
+  }
+  Status quantize_all(const Options& o) {
+    ProblemShape ps;
+    ps.batch = n; ps.heads_q = Hq; ps.heads_kv = Hkv; ps.head_dim = D;
+    ps.varlen = true; ps.total_q = Tq; ps.total_kv = Tk;
+    buf = std::make_unique<AlignedBuffer>(quantized_bytes(ps, o.scheme));
+    Status st = alloc_quantized(ps, o.scheme, Layout::BHSD, buf->data(), buf->size(), false, 0, &qx);
+    return st.ok() ? quantize(tq, tk, tv, tcq, tck, o, qx) : st;
+  }
+};
+
 TEST(AttentionInt8, VarlenQuantizeThenAttendEqualsAttentionVarlen) {
   for (Scheme s : {Scheme::paper, Scheme::accurate, Scheme::half}) {
     SCOPED_TRACE(to_string(s));
-    const int Hq = 2, Hkv = 1, D = 64;
-    std::vector<int32_t> cq = {0, 30, 31, 31, 120}, ck = {0, 17, 18, 50, 200};
-    const int n = 4, Tq = cq[n], Tk = ck[n];
-    HostQKV src = tools::make_inputs(Dist::normal, 1, Hq, Hkv, Tq, Tk, D, DType::f16, 400);
-    // BHSD [1, H, T, D] -> THD [T, H, D].
-    auto q = swap_hs(src.q, 1, Hq, Tq, D), k = swap_hs(src.k, 1, Hkv, Tk, D), v = swap_hs(src.v, 1, Hkv, Tk, D);
-    Tensor tq = make_tensor(q.data(), DType::f16, {Tq, Hq, D});
-    Tensor tk = make_tensor(k.data(), DType::f16, {Tk, Hkv, D});
-    Tensor tv = make_tensor(v.data(), DType::f16, {Tk, Hkv, D});
-    Tensor tcq = make_tensor(cq.data(), DType::i32, {n + 1}), tck = make_tensor(ck.data(), DType::i32, {n + 1});
+    Varlen x({0, 30, 31, 31, 120}, {0, 17, 18, 50, 200}, 2, 1, 64, 400);
+    const int Hq = x.Hq, D = x.D, Tq = x.Tq;
+    const Tensor &tq = x.tq, &tk = x.tk, &tv = x.tv, &tcq = x.tcq, &tck = x.tck;
     Options o;
     o.scheme = s;
     o.causal = true;
@@ -79,13 +108,8 @@ TEST(AttentionInt8, VarlenQuantizeThenAttendEqualsAttentionVarlen) {
     EXPECT_EQ(count_nan(want), 0);
     EXPECT_EQ(count_nan(want_lse), 0);
 
-    ProblemShape ps;
-    ps.batch = n; ps.heads_q = Hq; ps.heads_kv = Hkv; ps.head_dim = D;
-    ps.varlen = true; ps.total_q = Tq; ps.total_kv = Tk;
-    AlignedBuffer buf(quantized_bytes(ps, s));
-    QuantizedQKV qx;
-    ASSERT_TRUE(alloc_quantized(ps, s, Layout::BHSD, buf.data(), buf.size(), false, 0, &qx).ok());
-    ASSERT_TRUE(quantize(tq, tk, tv, tcq, tck, o, qx).ok());
+    ASSERT_TRUE(x.quantize_all(o).ok());
+    QuantizedQKV& qx = x.qx;
     if (s == Scheme::half) qx.v = tv;
     std::vector<float> out(want.size(), NAN), lse(want_lse.size(), NAN);
     Tensor tl = make_tensor(lse.data(), DType::f32, {Hq, Tq});
@@ -104,26 +128,17 @@ TEST(AttentionInt8, VarlenSequsedKvAgainstFloat64) {
   for (Scheme s : {Scheme::paper, Scheme::accurate})
     for (bool causal : {false, true}) {
       SCOPED_TRACE(std::string(to_string(s)) + (causal ? " causal" : ""));
-      const int Hq = 4, Hkv = 2, D = 64;
-      std::vector<int32_t> cq = {0, 30, 31, 31, 120, 160}, ck = {0, 170, 180, 212, 362, 462};
+      Varlen x({0, 30, 31, 31, 120, 160}, {0, 170, 180, 212, 362, 462}, 4, 2, 64, 410 + causal + 2 * int(s));
       std::vector<int32_t> used = {61, 400, 0, 150, 77};  // sequence 1: 10 keys, clamped
-      const int n = 5, Tq = cq[n], Tk = ck[n];
-      HostQKV src = tools::make_inputs(Dist::normal, 1, Hq, Hkv, Tq, Tk, D, DType::f16, 410 + causal + 2 * int(s));
-      auto q = swap_hs(src.q, 1, Hq, Tq, D), k = swap_hs(src.k, 1, Hkv, Tk, D), v = swap_hs(src.v, 1, Hkv, Tk, D);
-      Tensor tq = make_tensor(q.data(), DType::f16, {Tq, Hq, D});
-      Tensor tk = make_tensor(k.data(), DType::f16, {Tk, Hkv, D});
-      Tensor tv = make_tensor(v.data(), DType::f16, {Tk, Hkv, D});
-      Tensor tcq = make_tensor(cq.data(), DType::i32, {n + 1}), tck = make_tensor(ck.data(), DType::i32, {n + 1});
+      const int n = x.n, Tq = x.Tq, Hq = x.Hq, Hkv = x.Hkv, D = x.D;
+      const auto &cq = x.cq, &ck = x.ck;
+      auto &q = x.q, &k = x.k, &v = x.v;
       Options o;
       o.scheme = s;
       o.causal = causal;
-      ProblemShape ps;
-      ps.batch = n; ps.heads_q = Hq; ps.heads_kv = Hkv; ps.head_dim = D;
-      ps.varlen = true; ps.total_q = Tq; ps.total_kv = Tk;
-      AlignedBuffer buf(quantized_bytes(ps, s));
-      QuantizedQKV qx;
-      ASSERT_TRUE(alloc_quantized(ps, s, Layout::BHSD, buf.data(), buf.size(), false, 0, &qx).ok());
-      ASSERT_TRUE(quantize(tq, tk, tv, tcq, tck, o, qx).ok());
+      ASSERT_TRUE(x.quantize_all(o).ok());
+      const QuantizedQKV& qx = x.qx;
+      const Tensor &tcq = x.tcq, &tck = x.tck;
       auto run = [&](const std::vector<int32_t>* counts, std::vector<float>& out, std::vector<float>& lse) {
         QuantizedQKV x = qx;
         if (counts) x.seqused_kv = make_tensor(const_cast<int32_t*>(counts->data()), DType::i32, {n});

@@ -13,7 +13,6 @@ TypeError for a dtype, RuntimeError for a GPU path that is not built or a CUDA e
 
 import importlib
 import importlib.util
-import numbers
 import os
 from typing import Any, NamedTuple
 
