@@ -122,14 +122,16 @@ INTFA_HD int kv_len(const FwdParams& p, int b) {
   const int u = p.seqused_kv[b];
   return u < 0 ? 0 : (u < n ? u : n);
 }
-// append_kv: where token t of sequence b goes (-1: outside the cache, not written), and whether
-// the new tokens write column `col` (a V sweep requantizes every other column).
-INTFA_HD int64_t cache_pos(const CacheQuantParams& p, int b, int t) {
-  const int64_t c = (p.pos_b ? int64_t(p.pos_b[b]) : p.pos) + t;
+// append_kv: sequence b's first position (read once per kernel: the int8 stores may alias
+// pos_b, so a load inside a store loop is not hoisted), where its token t goes (-1: outside the
+// cache, not written), and whether the new tokens write column `col` (a V sweep requantizes
+// every other column).
+INTFA_HD int64_t cache_pos0(const CacheQuantParams& p, int b) { return p.pos_b ? int64_t(p.pos_b[b]) : p.pos; }
+INTFA_HD int64_t cache_pos(const CacheQuantParams& p, int64_t pos0, int t) {
+  const int64_t c = pos0 + t;
   return c >= 0 && c < p.cap ? c : -1;
 }
-INTFA_HD bool cache_writes(const CacheQuantParams& p, int b, int64_t col) {
-  const int64_t pos0 = p.pos_b ? int64_t(p.pos_b[b]) : p.pos;
+INTFA_HD bool cache_writes(const CacheQuantParams& p, int64_t pos0, int64_t col) {
   return col >= pos0 && col < pos0 + p.tokens && col < p.cap;
 }
 // Varlen V-transposed columns: sequence b starts at a 16-aligned column (so 16-byte vector and

@@ -114,6 +114,7 @@ void quantize_cache(const CacheQuantParams& p) {
     const int b = static_cast<int>(i / p.heads), h = static_cast<int>(i % p.heads);
     const float* mean = p.mean ? p.mean + b * p.mean_st.bs + (h / group) * p.mean_st.hs : nullptr;
     std::vector<float> row(d);
+    const int64_t pos0 = cache_pos0(p, b);
     for (int t = 0; t < p.tokens; ++t) {
       const int64_t base = offset(p.x_st, b, h, t);
       double dot = 0.0;  // as quantize_q_head: the raw row against the mean
@@ -122,7 +123,7 @@ void quantize_cache(const CacheQuantParams& p) {
         if (mean) dot += static_cast<double>(x) * mean[c];
         row[c] = p.subtract_mean && mean ? x - mean[c] : x;
       }
-      const int64_t at = cache_pos(p, b, t);
+      const int64_t at = cache_pos(p, pos0, t);
       if (at < 0) continue;
       quantize_row(row.data(), d, p.x8 + offset(p.x8_st, b, h, at), p.scale + offset(p.s_st, b, h, at));
       if (p.lse_offset)
@@ -136,6 +137,7 @@ void quantize_cache(const CacheQuantParams& p) {
     auto v_at = [&](int t, int c) { return static_cast<float>(load_scalar(p.v, p.in_dtype, offset(p.v_st, b, h, t) + c)); };
     // The new values' range per channel (per tensor: over all channels), and the scales that grow.
     std::vector<float> amax(d, 0.f), grown(d);
+    const int64_t pos0 = cache_pos0(p, b);
     for (int c = 0; c < d; ++c)
       for (int t = 0; t < p.tokens; ++t) amax[c] = std::max(amax[c], std::fabs(v_at(t, c)));
     if (p.v_per_tensor) std::fill(amax.begin(), amax.end(), *std::max_element(amax.begin(), amax.end()));
@@ -144,11 +146,11 @@ void quantize_cache(const CacheQuantParams& p) {
       int8_t* row = p.vt8 + b * p.vt_st.bs + h * p.vt_st.hs + c * p.vt_st.ts;
       if (grown[c] != vs[c])  // every column the cache holds, but those the new tokens write
         for (int64_t col = 0; col < p.vt_cols; ++col)
-          if (!cache_writes(p, b, col)) row[col] = requantize_s8(row[col], vs[c], grown[c]);
+          if (!cache_writes(p, pos0, col)) row[col] = requantize_s8(row[col], vs[c], grown[c]);
       vs[c] = grown[c];
       const float inv = inv_of_scale(vs[c]);
       for (int t = 0; t < p.tokens; ++t) {
-        const int64_t at = cache_pos(p, b, t);
+        const int64_t at = cache_pos(p, pos0, t);
         if (at >= 0) row[at] = quantize_s8(v_at(t, c), inv);
       }
     }

@@ -52,7 +52,7 @@ __global__ void __launch_bounds__(32 * kWarps) cache_rows_kernel(const CacheQuan
     amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
     dot += __shfl_xor_sync(0xffffffffu, dot, o);
   }
-  const int64_t at = cache_pos(p, b, t);
+  const int64_t at = cache_pos(p, cache_pos0(p, b), t);
   if (at < 0) return;
   const float inv = quant_inv_scale(amax);
   int8_t* out = p.x8 + offset(p.x8_st, b, h, at);
@@ -79,6 +79,7 @@ __global__ void __launch_bounds__(kVThreads) cache_v_kernel(const CacheQuantPara
   __shared__ int s_grown[2 * kVThreads], s_count;
   float* vs = p.v_scale + b * p.vs_st.bs + h * p.vs_st.hs;
   int8_t* rows = p.vt8 + b * p.vt_st.bs + h * p.vt_st.hs;
+  const int64_t pos0 = cache_pos0(p, b);
   auto v_at = [&](int t, int c) { return load_in(p.v, p.in_dtype, offset(p.v_st, b, h, t) + c); };
   if (threadIdx.x == 0) s_count = 0;
   float amax[2] = {0.f, 0.f}, head = 0.f;
@@ -127,7 +128,7 @@ __global__ void __launch_bounds__(kVThreads) cache_v_kernel(const CacheQuantPara
       }
     } else {
       for (int64_t col = threadIdx.x; col < p.vt_cols; col += kVThreads)
-        if (!cache_writes(p, b, col)) row[col] = requantize_s8(row[col], so, sn);  // dropped tokens' too
+        if (!cache_writes(p, pos0, col)) row[col] = requantize_s8(row[col], so, sn);  // dropped tokens' too
     }
   }
   __syncthreads();  // the sweeps' writes before the new tokens' bytes
@@ -139,7 +140,7 @@ __global__ void __launch_bounds__(kVThreads) cache_v_kernel(const CacheQuantPara
     const float inv = inv_of_scale(s_new[c]);
     int8_t* row = rows + c * p.vt_st.ts;
     for (int t = 0; t < p.tokens; ++t) {
-      const int64_t at = cache_pos(p, b, t);
+      const int64_t at = cache_pos(p, pos0, t);
       if (at >= 0) row[at] = quantize_s8(v_at(t, c), inv);
     }
   }
