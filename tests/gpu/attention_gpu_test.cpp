@@ -409,6 +409,22 @@ TEST_F(AttentionGpu, KernelSequsedKv) {
         c.sq = 3; c.used_kv = {0, 699, 1000};  // 12 rows per K/V head: the decode kernel
         for (GpuPath path : {GpuPath::automatic, GpuPath::decode}) check_kernel_vs_cpu(c, path);
       }
+      // Decode launches over a ragged batch: many sequences whose counts span from none to
+      // past their keys in one launch (`accurate`: key ranges sized for the longest, so the
+      // short sequences' later ranges are empty); dense and varlen, both head dims.
+      for (int d : {64, 128}) {
+        Case r;
+        r.d = d; r.batch = 12; r.hq = 8; r.hkv = 2; r.sq = 1; r.skv = 3000;
+        r.scheme = sc; r.causal = causal; r.seed = ++seed;
+        r.used_kv = {3000, 1, 0, 2999, 129, 128, 1500, 700, 2048, 5, 3001, -1};
+        for (GpuPath path : {GpuPath::automatic, GpuPath::decode}) check_kernel_vs_cpu(r, path);
+        Case rv;
+        rv.d = d; rv.hq = 4; rv.hkv = 1; rv.scheme = sc; rv.causal = causal; rv.seed = ++seed;
+        rv.lens_q = {1, 4, 2, 1, 3, 1, 4};
+        rv.lens_kv = {2500, 4, 900, 130, 1, 4000, 256};
+        rv.used_kv = {2500, 4, 17, 0, 1, 3000, 255};
+        for (GpuPath path : {GpuPath::automatic, GpuPath::decode}) check_kernel_vs_cpu(rv, path);
+      }
       // Enough tiles that sm90's split rule keeps one range (its split kernels then write final
       // rows, as for paper above).
       Case m;

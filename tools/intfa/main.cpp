@@ -350,7 +350,9 @@ double causal_visible_pairs(int sq, int skv) {
 struct BenchShape {
   int batch, heads, heads_kv, seq_q, seq, hdim;
   std::vector<int> lens;
-  bool seqused = false;  // kernel-only runs with seqused_kv = every sequence's full key count
+  // Kernel-only runs with seqused_kv: 1 = every sequence's full key count; 2 = a ragged batch,
+  // sequence b counting (b + 1) / B of its keys (a decode batch of uneven requests).
+  int seqused = 0;
 };
 
 // Times kernel-only and end-to-end for every scheme and causal flag of one shape; prints a line
@@ -379,10 +381,12 @@ void bench_shape(const BenchShape& sh, const std::vector<Scheme>& schemes, const
   ps.batch = sh.batch; ps.heads_q = sh.heads; ps.heads_kv = sh.heads_kv;
   ps.seqlen_q = sh.seq_q; ps.seqlen_kv = sh.seq; ps.head_dim = sh.hdim;
   ps.varlen = varlen; ps.total_q = varlen ? total : 0; ps.total_kv = ps.total_q;
-  // --seqused: the same keys, counted through seqused_kv (what a ragged KV cache pays for the
-  // counts alone: sm90 then runs its split kernels).
+  // --seqused 1: the same keys, counted through seqused_kv (what a ragged KV cache pays for the
+  // counts alone: sm90 then runs its split kernels); 2: ragged counts.
   std::vector<int32_t> used = varlen ? std::vector<int32_t>(sh.lens.begin(), sh.lens.end())
                                      : std::vector<int32_t>(size_t(sh.batch), sh.seq);
+  if (sh.seqused == 2)
+    for (size_t b = 0; b < used.size(); ++b) used[b] = static_cast<int32_t>(int64_t(used[b]) * int64_t(b + 1) / int64_t(used.size()));
   DeviceBuf dused(used.data(), used.size() * sizeof(int32_t));
   for (Scheme sc : schemes) {
     const size_t qbytes = quantized_bytes(ps, sc);
@@ -409,7 +413,12 @@ void bench_shape(const BenchShape& sh, const std::vector<Scheme>& schemes, const
       // Square causal counts half the pairs (design.md); otherwise the pairs bottom-right
       // causal masking leaves visible. Varlen: the sum over its sequences.
       double pairs = 0;
-      if (varlen) {
+      if (sh.seqused == 2) {  // the keys counted (queries = keys for varlen)
+        for (size_t b = 0; b < used.size(); ++b) {
+          const int lq = varlen ? sh.lens[b] : sh.seq_q;
+          pairs += causal ? causal_visible_pairs(lq, used[b]) : double(lq) * used[b];
+        }
+      } else if (varlen) {
         for (int L : sh.lens) pairs += causal ? causal_visible_pairs(L, L) : double(L) * L;
       } else {
         pairs = double(sh.seq_q) * sh.seq;
@@ -430,7 +439,7 @@ void bench_shape(const BenchShape& sh, const std::vector<Scheme>& schemes, const
         extra = ", \"seq_q\": " + std::to_string(sh.seq_q);
       }
       if (sh.heads_kv != sh.heads) extra += ", \"heads_kv\": " + std::to_string(sh.heads_kv);
-      if (sh.seqused) extra += ", \"seqused_kv\": true";
+      if (sh.seqused) extra += sh.seqused == 2 ? ", \"seqused_kv\": \"ragged\"" : ", \"seqused_kv\": true";
       for (int e = 0; e < 2; ++e) {
         rows << (rows.tellp() > 0 ? ",\n" : "") << "    {\"provider\": \"intfa\", \"path\": \""
              << to_string(path) << "\", \"scheme\": \"" << to_string(sc) << "\", \"seq\": " << sh.seq << extra
@@ -458,7 +467,7 @@ int cmd_bench(const Args& a) {
   // Query rows per sequence when they differ from the keys (--seq): chunked prefill or decode
   // against a long cache. 0: square.
   const int seq_q_opt = a.integer("--seq-q", 0, 0, 1 << 20);
-  const bool seqused = a.integer("--seqused", 0, 0, 1) == 1;
+  const int seqused = a.integer("--seqused", 0, 0, 2);
   // Packed varlen batch: one sequence per length (queries = keys), in place of --batch/--seq.
   const std::vector<int> lens = a.str("--varlen", "").empty() ? std::vector<int>() : a.ints("--varlen", "", 1, 1 << 20);
   if (!lens.empty() && (!a.str("--seq", "").empty() || seq_q_opt || !a.str("--batch", "").empty()))
@@ -482,7 +491,8 @@ int cmd_bench(const Args& a) {
     for (size_t i = 0; i < lens.size(); ++i) what += (i ? "," : "") + std::to_string(lens[i]);
     what += ")";
   }
-  if (seqused) what += ", kernel-only with seqused_kv";
+  if (seqused) what += seqused == 2 ? ", kernel-only with ragged seqused_kv ((b + 1) / B of the keys)"
+                                    : ", kernel-only with seqused_kv";
   std::printf("intfa bench on %s (%d SMs): %s H=%d Hkv=%d %s, path %s, median of %d%s\n",
               dev.name.c_str(), dev.sm_count, what.c_str(), heads, heads_kv, to_string(dtype),
               to_string(path), reps,
@@ -520,8 +530,9 @@ void usage(FILE* f) {
                "           [--hdim D] [--block N] [--dtype bf16|fp16] [--causal 0|1] [--json FILE]\n"
                "  bench [--seq ..] [--seq-q N | --varlen L1,L2,..] [--hdim 128,64] [--causal 0,1] [--scheme ..]\n"
                "        [--path auto|sm80|sm90|decode] [--batch 4] [--heads 32] [--heads-kv H] [--reps 20]\n"
-               "        [--seqused 0|1] [--json FILE]   (needs a GPU; --seq-q: query rows when fewer than the keys;\n"
-               "        --seqused 1: kernel-only runs count every sequence's keys through seqused_kv)\n");
+               "        [--seqused 0|1|2] [--json FILE]   (needs a GPU; --seq-q: query rows when fewer than the keys;\n"
+               "        --seqused 1: kernel-only runs count every sequence's keys through seqused_kv, 2: sequence b\n"
+               "        counts (b + 1) / B of its keys, a ragged batch)\n");
 }
 
 }  // namespace
