@@ -5,11 +5,13 @@
 // scheme's error of float64 attention.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <random>
 #include <vector>
 
 #include "kv_cache_util.h"
@@ -369,6 +371,242 @@ TEST(KvCache, RaggedAttentionEqualsOneCallPerSequence) {
         EXPECT_EQ(std::vector<float>(out.begin() + b * per_out, out.begin() + (b + 1) * per_out), want);
         EXPECT_EQ(std::vector<float>(lse.begin() + b * per_lse, lse.begin() + (b + 1) * per_lse), want_lse);
       }
+    }
+}
+
+// A paged copy of a contiguous BHSD host cache c (seqlen cap, a multiple of `page`): each
+// sequence's pages scattered over a pool in a shuffled order, with `spare` pages of garbage
+// (bytes 0x7f, NaN scales) the table never names. k8 in `layout` ([P, Hkv, page, D] or
+// [P, page, Hkv, D]); per-sequence parts (v_scale, k_mean) copied.
+struct PagedCopy {
+  std::vector<int8_t> k8, vt8;
+  std::vector<float> ks, vs, km;
+  std::vector<int32_t> table;
+  QuantizedQKV x;
+  PagedCopy(const QuantizedQKV& c, int page, Layout layout, int spare, uint32_t seed) {
+    const int64_t B = c.k8.shape[0], H = c.k8.shape[1], cap = c.k8.shape[2], D = c.k8.shape[3];
+    const int64_t maxp = cap / page, P = B * maxp + spare;
+    std::vector<int32_t> perm(static_cast<size_t>(P));
+    for (int64_t i = 0; i < P; ++i) perm[i] = static_cast<int32_t>(i);
+    std::mt19937 rng(seed);
+    std::shuffle(perm.begin(), perm.end(), rng);
+    table.assign(perm.begin(), perm.begin() + B * maxp);
+    k8.assign(size_t(P * H * page * D), 0x7f);
+    vt8.assign(size_t(P * H * D * page), 0x7f);
+    ks.assign(size_t(P * H * page), NAN);
+    const bool bhsd = layout == Layout::BHSD;
+    const int8_t* ck = static_cast<const int8_t*>(c.k8.data);
+    const int8_t* cv = static_cast<const int8_t*>(c.vt8.data);
+    const float* cs = static_cast<const float*>(c.k_scale.data);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < cap; ++t) {
+        const int64_t pg = table[b * maxp + t / page], r = t % page;
+        for (int64_t h = 0; h < H; ++h) {
+          const int64_t krow = bhsd ? (pg * H + h) * page + r : (pg * page + r) * H + h;
+          for (int64_t d = 0; d < D; ++d) {
+            k8[krow * D + d] = ck[b * c.k8.stride[0] + h * c.k8.stride[1] + t * c.k8.stride[2] + d];
+            vt8[((pg * H + h) * D + d) * page + r] = cv[b * c.vt8.stride[0] + h * c.vt8.stride[1] + d * c.vt8.stride[2] + t];
+          }
+          ks[(pg * H + h) * page + r] = cs[b * c.k_scale.stride[0] + h * c.k_scale.stride[1] + t];
+        }
+      }
+    x = c;
+    x.layout = layout;
+    for (auto [t, v] : {std::pair<Tensor*, std::vector<float>*>{&x.v_scale, &vs}, {&x.k_mean, &km}}) {
+      if (!t->defined()) continue;
+      const float* src = static_cast<const float*>(t->data);
+      v->assign(src, src + t->numel());  // contiguous [B, Hkv, D]
+      t->data = v->data();
+    }
+    x.k8 = bhsd ? make_tensor(k8.data(), DType::i8, {P, H, page, D}) : make_tensor(k8.data(), DType::i8, {P, page, H, D});
+    x.vt8 = make_tensor(vt8.data(), DType::i8, {P, H, D, page});
+    x.k_scale = make_tensor(ks.data(), DType::f32, {P, H, page});
+    x.block_table = make_tensor(table.data(), DType::i32, {B, maxp});
+  }
+};
+
+// Paged KV (block_table) on the CPU backend: the contiguous cache's call, bit for bit (outputs
+// and LSE), whatever the page order; both k8 layouts, causal or not, both schemes, all keys or
+// ragged counts, whose table entries past a sequence's count are -1 (never read).
+TEST(KvCache, PagedAttentionEqualsContiguous) {
+  for (Scheme s : {Scheme::accurate, Scheme::paper})
+    for (bool causal : {false, true})
+      for (Layout layout : {Layout::BHSD, Layout::BSHD})
+        for (bool ragged : {false, true}) {
+          SCOPED_TRACE(std::string(to_string(s)) + (causal ? " causal " : " ") + to_string(layout) +
+                       (ragged ? " ragged" : ""));
+          // BSHD q8 [B, 1, Hq, D] is BHSD [B, Hq, 1, D] in memory: one query row there.
+          const int B = 3, Hq = 4, Hkv = 2, Sq = layout == Layout::BHSD ? 3 : 1, cap = 64, D = 64, page = 16;
+          HostQKV x = tools::make_inputs(Dist::normal, B, Hq, Hkv, Sq, cap, D, DType::bf16, 41 + int(s) + 2 * causal);
+          Options o;
+          o.scheme = s;
+          o.causal = causal;
+          o.block_n = 16;
+          Cache c(B, Hkv, cap, D, s);
+          QParts qp(B, Hq, Sq, D, s);
+          ASSERT_TRUE(quantize(x.tq(), x.tk(), x.tv(), Tensor(), Tensor(), o, c.view(qp.x, cap)).ok());
+          QuantizedQKV flat = c.view(qp.x, cap);
+          PagedCopy pc(flat, page, layout, 5, 7 + ragged);
+          std::vector<int32_t> lens = {45, -3, 100};
+          if (ragged) {
+            flat.seqused_kv = pc.x.seqused_kv = make_tensor(lens.data(), DType::i32, {B});
+            for (int b = 0; b < B; ++b)  // pages past the count: not read
+              for (int i = (std::clamp(lens[b], 0, cap) + page - 1) / page; i < cap / page; ++i)
+                pc.table[size_t(b) * (cap / page) + i] = -1;
+          }
+          if (layout == Layout::BSHD) {
+            pc.x.q8 = make_tensor(qp.q8.data(), DType::i8, {B, Sq, Hq, D});
+          }
+          const std::vector<int64_t> oshape = layout == Layout::BHSD ? std::vector<int64_t>{B, Hq, Sq, D}
+                                                                     : std::vector<int64_t>{B, Sq, Hq, D};
+          std::vector<float> want(size_t(B) * Hq * Sq * D, NAN), got(want.size(), NAN);
+          std::vector<float> want_lse(size_t(B) * Hq * Sq, NAN), got_lse(want_lse.size(), NAN);
+          const Tensor twl = make_tensor(want_lse.data(), DType::f32, {B, Hq, Sq});
+          const Tensor tgl = make_tensor(got_lse.data(), DType::f32, {B, Hq, Sq});
+          Status st = attention_int8(flat, Tensor(), Tensor(), 0, 0,
+                                     make_tensor(want.data(), DType::f32, {B, Hq, Sq, D}), &twl, o);
+          ASSERT_TRUE(st.ok()) << st.message();
+          Tensor tout = make_tensor(got.data(), DType::f32, {oshape[0], oshape[1], oshape[2], oshape[3]});
+          st = attention_int8(pc.x, Tensor(), Tensor(), 0, 0, tout, &tgl, o);
+          ASSERT_TRUE(st.ok()) << st.message();
+          EXPECT_EQ(count_nan(got), 0);
+          EXPECT_EQ(got, want);
+          EXPECT_EQ(got_lse, want_lse);
+        }
+}
+
+// Paged KV errors: each names the argument, what was expected and what came.
+TEST(KvCache, PagedErrors) {
+  const int B = 2, Hq = 2, Hkv = 2, Sq = 1, cap = 32, D = 64, page = 16;
+  HostQKV x = tools::make_inputs(Dist::normal, B, Hq, Hkv, Sq, cap, D, DType::bf16, 5);
+  Options o;
+  Cache c(B, Hkv, cap, D, o.scheme);
+  QParts qp(B, Hq, Sq, D, o.scheme);
+  ASSERT_TRUE(quantize(x.tq(), x.tk(), x.tv(), Tensor(), Tensor(), o, c.view(qp.x, cap)).ok());
+  PagedCopy pc(c.view(qp.x, cap), page, Layout::BHSD, 1, 3);
+  std::vector<float> out(size_t(B) * Hq * Sq * D);
+  const Tensor tout = make_tensor(out.data(), DType::f32, {B, Hq, Sq, D});
+  auto run = [&](const QuantizedQKV& q) { return attention_int8(q, Tensor(), Tensor(), 0, 0, tout, nullptr, o); };
+  auto expect = [&](const Status& st, StatusCode code, const std::string& has) {
+    EXPECT_EQ(st.code(), code) << st.message();
+    EXPECT_NE(st.message().find(has), std::string::npos) << st.message();
+  };
+  ASSERT_TRUE(run(pc.x).ok());
+  QuantizedQKV q = pc.x;
+  std::vector<float> wide(size_t(B) * 2);
+  q.block_table = make_tensor(wide.data(), DType::f32, {B, 2});
+  expect(run(q), StatusCode::unsupported_type, "block_table: expected dtype int32");
+  q = pc.x;
+  q.block_table = make_tensor(pc.table.data(), DType::i32, {B + 1, 1});
+  expect(run(q), StatusCode::invalid_argument, "block_table: expected [batch = 2, max_pages >= 1]");
+  pc.table[3] = int32_t(pc.x.k8.shape[0]);  // sequence 1's second page: past the pool
+  expect(run(pc.x), StatusCode::invalid_argument, "block_table[1][1]: expected a page in [0, 5)");
+  pc.table[3] = 0;
+  q = pc.x;
+  q.k8 = make_tensor(pc.k8.data(), DType::i8, {5, Hkv, 8, D});  // pages of 8 tokens
+  expect(run(q), StatusCode::invalid_argument, "page_size (the token dim of the pages) must be a multiple of 16, got 8");
+  q = pc.x;
+  q.k_scale = make_tensor(pc.ks.data(), DType::f32, {B, Hkv, cap});
+  expect(run(q), StatusCode::invalid_argument, "k_scale");
+  q = pc.x;
+  q.vt8 = make_tensor(pc.vt8.data(), DType::i8, {5, Hkv, D, 8});
+  expect(run(q), StatusCode::invalid_argument, "vt8: expected V^T pages [num_pages = 5, heads_kv = 2, head_dim = 64, >= page_size = 16]");
+  std::vector<int32_t> cu = {0, 1, 2};
+  const Tensor tcu = make_tensor(cu.data(), DType::i32, {3});
+  QuantizedQKV v = pc.x;
+  v.q8 = make_tensor(qp.q8.data(), DType::i8, {B * Sq, Hq, D});
+  v.q_scale = make_tensor(qp.qs.data(), DType::f32, {Hq, B * Sq});
+  v.lse_offset = Tensor();
+  expect(attention_int8(v, tcu, tcu, 1, cap, make_tensor(out.data(), DType::f32, {B * Sq, Hq, D}), nullptr, o),
+         StatusCode::invalid_argument, "block_table: paged KV takes dense queries");
+  q = pc.x;
+  q.scheme = Scheme::half;
+  Options oh = o;
+  oh.scheme = Scheme::half;
+  expect(attention_int8(q, Tensor(), Tensor(), 0, 0, tout, nullptr, oh), StatusCode::not_available,
+         "block_table: paged KV holds int8 V^T pages");
+  expect(quantize(x.tq(), x.tk(), x.tv(), Tensor(), Tensor(), o, pc.x), StatusCode::invalid_argument,
+         "out.block_table: quantize() writes contiguous tensors");
+  // append_kv into pages: the entries of the pages it writes must name pages.
+  pc.table[2] = -1;  // sequence 1's first page
+  expect(append_kv(tokens(x.tk(), 0, 1), tokens(x.tv(), 0, 1), 0, o, pc.x), StatusCode::invalid_argument,
+         "block_table[1][0]: expected a page in [0, 5)");
+  pc.table[2] = 1;
+  expect(append_kv(tokens(x.tk(), 0, 1), tokens(x.tv(), 0, 1), cap, o, pc.x), StatusCode::invalid_argument,
+         "pos: expected 0 <= pos and pos + new tokens (1) <= the cache's 32 tokens, got pos 32");
+  q = pc.x;
+  q.vt8 = make_tensor(pc.vt8.data(), DType::i8, {5, Hkv, D, 8});
+  expect(append_kv(tokens(x.tk(), 0, 1), tokens(x.tv(), 0, 1), 0, o, q), StatusCode::invalid_argument,
+         "cache.vt8: expected V^T pages [num_pages = 5");
+}
+
+// append_kv into a paged cache writes what it writes into the contiguous one (read back through
+// the table: K rows and scales, V^T columns, V scales, and the attention over the result), with
+// V scales that grow (the held columns requantized, page by page); one position for all or one
+// per sequence (a token past the capacity dropped). Table entries past the pages an append
+// touches are -1: never read or written.
+TEST(KvCache, PagedAppendEqualsContiguous) {
+  for (Scheme s : {Scheme::paper, Scheme::accurate})
+    for (bool per_seq : {false, true}) {
+      SCOPED_TRACE(std::string(to_string(s)) + (per_seq ? " per-sequence positions" : ""));
+      const int B = 3, Hq = 4, Hkv = 2, cap = 64, D = 64, page = 16, L0 = 20, n = 3;
+      HostQKV x = tools::make_inputs(Dist::normal, B, Hkv, Hkv, 1, cap, D, DType::bf16, 61 + int(s));
+      HostQKV y = tools::make_inputs(Dist::llm, B, Hkv, Hkv, 1, n, D, DType::bf16, 62 + int(s));
+      Options o;
+      o.scheme = s;
+      Cache c(B, Hkv, cap, D, s);
+      ASSERT_TRUE(quantize_prompt(x.tk(), x.tv(), L0, o, c.x).ok());
+      float* vs = static_cast<float*>(c.x.v_scale.data);  // small scales: the new tokens grow them
+      for (int i = 0; i < B * Hkv * D; i += 3) vs[i] *= 0.05f;
+      PagedCopy pc(c.x, page, Layout::BHSD, 4, 11);
+      std::vector<int32_t> pos = {L0, 5, 62};
+      std::vector<int64_t> end(B);
+      for (int b = 0; b < B; ++b) end[b] = std::min<int64_t>(cap, (per_seq ? pos[b] : L0) + n);
+      for (int b = 0; b < B; ++b)
+        for (int64_t i = (end[b] + page - 1) / page; i < cap / page; ++i) pc.table[size_t(b) * (cap / page) + i] = -1;
+      const Tensor tpos = make_tensor(pos.data(), DType::i32, {B});
+      for (const QuantizedQKV* cache : {&c.x, &pc.x}) {
+        const Status st = per_seq ? append_kv(y.tk(), y.tv(), tpos, o, *cache) : append_kv(y.tk(), y.tv(), L0, o, *cache);
+        ASSERT_TRUE(st.ok()) << st.message();
+      }
+      const int8_t *ck = static_cast<const int8_t*>(c.x.k8.data), *cv = static_cast<const int8_t*>(c.x.vt8.data);
+      const float* cs = static_cast<const float*>(c.x.k_scale.data);
+      const Tensor &k8 = c.x.k8, &vt = c.x.vt8, &ks = c.x.k_scale;
+      int64_t checked = 0;
+      for (int b = 0; b < B; ++b)
+        for (int h = 0; h < Hkv; ++h)
+          for (int64_t t = 0; t < end[b]; ++t, ++checked) {
+            const int64_t pg = pc.table[size_t(b) * (cap / page) + t / page], r = t % page;
+            ASSERT_EQ(pc.ks[(pg * Hkv + h) * page + r], cs[b * ks.stride[0] + h * ks.stride[1] + t]) << b << " " << t;
+            for (int d = 0; d < D; ++d) {
+              ASSERT_EQ(pc.k8[((pg * Hkv + h) * page + r) * D + d], ck[b * k8.stride[0] + h * k8.stride[1] + t * D + d]);
+              ASSERT_EQ(pc.vt8[((pg * Hkv + h) * D + d) * page + r],
+                        cv[b * vt.stride[0] + h * vt.stride[1] + d * vt.stride[2] + t]) << b << " " << h << " " << d << " " << t;
+            }
+          }
+      EXPECT_EQ(checked, Hkv * (end[0] + end[1] + end[2]));
+      EXPECT_EQ(pc.vs, std::vector<float>(vs, vs + B * Hkv * D));
+      // Attention over each sequence's tokens: the same bits.
+      HostQKV qx = tools::make_inputs(Dist::normal, B, Hq, Hkv, 1, 1, D, DType::bf16, 63);
+      QParts qp(B, Hq, 1, D, s);
+      std::vector<float> km_stats(size_t(B) * Hkv * D, 0.f);
+      const Tensor tkm = make_tensor(s == Scheme::accurate ? static_cast<float*>(c.x.k_mean.data) : km_stats.data(),
+                                     DType::f32, {B, Hkv, D});
+      ASSERT_TRUE(quantize_q(qx.tq(), tkm, o, qp.x).ok());
+      std::vector<int32_t> lens(end.begin(), end.end());
+      QuantizedQKV flat = c.view(qp.x, cap), paged = pc.x;
+      paged.q8 = qp.x.q8;
+      paged.q_scale = qp.x.q_scale;
+      paged.lse_offset = qp.x.lse_offset;
+      flat.seqused_kv = paged.seqused_kv = make_tensor(lens.data(), DType::i32, {B});
+      std::vector<float> want(size_t(B) * Hq * D, NAN), got(want.size(), NAN);
+      ASSERT_TRUE(attention_int8(flat, Tensor(), Tensor(), 0, 0, make_tensor(want.data(), DType::f32, {B, Hq, 1, D}),
+                                 nullptr, o).ok());
+      const Status st = attention_int8(paged, Tensor(), Tensor(), 0, 0,
+                                       make_tensor(got.data(), DType::f32, {B, Hq, 1, D}), nullptr, o);
+      ASSERT_TRUE(st.ok()) << st.message();
+      EXPECT_EQ(count_nan(got), 0);
+      EXPECT_EQ(got, want);
     }
 }
 

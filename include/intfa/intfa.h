@@ -126,6 +126,17 @@ struct QuantizedQKV {
   // what lies past a sequence's count is never read into the result (garbage there is fine).
   // Read by the kernels, so the counts may change on the device between CUDA graph replays.
   Tensor seqused_kv;
+  // attention_int8 only (optional): a paged KV cache, the layout of serving engines (vLLM's
+  // block tables). K and V live in pages of page_size tokens, a pool shared by the batch, and
+  // block_table, int32 [B, max_pages] in q8's memory space, maps token t of sequence b to token
+  // t % page_size of page block_table[b][t / page_size]. Then k8 is [num_pages, Hkv, page_size,
+  // D] (BHSD; BSHD: [num_pages, page_size, Hkv, D]), k_scale [num_pages, Hkv, page_size], vt8
+  // [num_pages, Hkv, D, >= page_size] (V^T within each page), with page_size a multiple of 16;
+  // v_scale and k_mean stay per sequence, [B, Hkv, D]. Each sequence has max_pages * page_size
+  // keys, or seqused_kv[b]; only the table entries of pages that hold its keys are read, and
+  // must name a page in [0, num_pages). Dense queries (no cu_seqlens), schemes paper and
+  // accurate. CPU backend in this version; the GPU paths answer not_available.
+  Tensor block_table;
 };
 
 // Sizes of the quantized tensors for a problem; alloc_quantized() fills a QuantizedQKV whose

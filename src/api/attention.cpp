@@ -1,6 +1,8 @@
 // Entry points: validate, then hand plain parameter structs to the backend that serves the call.
 // This is the one place that knows which backend (CPU reference or CUDA) runs what.
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <cstring>
 #include <sstream>
 #include <vector>
@@ -229,6 +231,110 @@ Status validate_out(const Tensor& out, const Tensor* lse, const Problem& p, bool
 }
 
 // Validates a QuantizedQKV against the problem (for quantize() outputs and attention_int8()).
+// The table entries a paged call uses (host memory: the CPU backend): those of the pages that
+// hold sequence b's first keys(b) keys must name a page of the pool.
+template <typename Keys>
+Status check_pages(const int32_t* table, int64_t stride, int64_t batch, int64_t page, int64_t num_pages, Keys keys) {
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t i = 0; i < (keys(b) + page - 1) / page; ++i) {
+      const int32_t pg = table[b * stride + i];
+      if (pg < 0 || pg >= num_pages) {
+        std::ostringstream os;
+        os << "block_table[" << b << "][" << i << "]: expected a page in [0, " << num_pages << ") (it holds keys of "
+           << "sequence " << b << "), got " << pg;
+        return invalid(os.str());
+      }
+    }
+  return Status::OK();
+}
+
+// block_table as a paged call takes it: int32 [batch, max_pages >= 1], contiguous last dim,
+// in the memory space of `like`.
+Status check_table_tensor(const Tensor& bt, const char* name, int64_t batch, const Tensor& like, const char* like_name) {
+  std::ostringstream os;
+  if (bt.dtype != DType::i32) {
+    os << name << ": expected dtype int32, got " << to_string(bt.dtype);
+    return Status(StatusCode::unsupported_type, os.str());
+  }
+  if (bt.ndim != 2 || bt.shape[0] != batch || bt.shape[1] < 1 || bt.stride[1] != 1) {
+    os << name << ": expected [batch = " << batch << ", max_pages >= 1] with a contiguous last dim, got "
+       << api::shape_str(bt);
+    return invalid(os.str());
+  }
+  return api::check_same_device(bt, name, like, like_name);
+}
+
+// A page size (the token dim of k8's pages): a multiple of 16, and max_pages of them < 2^31.
+Status check_page_size(int64_t page, int64_t max_pages, const char* k8_name) {
+  std::ostringstream os;
+  if (page % 16 != 0) {
+    os << k8_name << ": page_size (the token dim of the pages) must be a multiple of 16, got " << page;
+    return invalid(os.str());
+  }
+  if (max_pages * page > std::numeric_limits<int>::max()) {
+    os << "block_table: max_pages * page_size = " << max_pages * page << " keys per sequence, expected < 2^31";
+    return invalid(os.str());
+  }
+  return Status::OK();
+}
+
+// Paged KV (x.block_table), before the shapes are compared: k8 holds pages (its batch dim the
+// pages, its token dim page_size), and the problem sees B sequences of max_pages * page_size
+// keys. Leaves the page count in *num_pages.
+Status check_paged(const QuantizedQKV& x, Problem* p, int64_t* num_pages) {
+  std::ostringstream os;
+  if (x.scheme == Scheme::half)
+    return Status(StatusCode::not_available, "block_table: paged KV holds int8 V^T pages (schemes paper and "
+                                             "accurate); half keeps V in fp16/bf16");
+  const Tensor& bt = x.block_table;
+  INTFA_TRY(check_table_tensor(bt, "block_table", p->q.B, x.q8, "q8"));
+  const int64_t page = p->k.S, skv = bt.shape[1] * page;
+  INTFA_TRY(check_page_size(page, bt.shape[1], "k8"));
+  *num_pages = p->k.B;
+  p->k.B = p->q.B;
+  p->k.S = skv;
+  return Status::OK();
+}
+
+// validate_quantized for a paged cache: pages of k8, k_scale and vt8 (check_paged has set the
+// problem's keys), per-sequence v_scale and k_mean.
+Status validate_paged(const QuantizedQKV& x, const View& q8, const View& k8, Problem* p) {
+  const ProblemShape& s = p->shape;
+  std::ostringstream os;
+  if (k8.H != s.heads_kv || k8.D != s.head_dim || k8.S * x.block_table.shape[1] != s.seqlen_kv) {
+    os << "k8: expected pages [num_pages, heads_kv = " << s.heads_kv << ", page_size, head_dim = " << s.head_dim
+       << "] (BHSD order), got " << api::shape_str(x.k8);
+    return invalid(os.str());
+  }
+  p->q = q8;
+  p->k.st = k8.st;
+  INTFA_TRY(api::check_exact_shape(x.q_scale, "q_scale", DType::f32, rows_shape(s, true), rows_desc(s, true)));
+  if (x.lse_offset.defined())
+    INTFA_TRY(api::check_exact_shape(x.lse_offset, "lse_offset", DType::f32, rows_shape(s, true), rows_desc(s, true)));
+  INTFA_TRY(api::check_exact_shape(x.k_scale, "k_scale", DType::f32, {k8.B, k8.H, k8.S},
+                                   "[num_pages, heads_kv, page_size]"));
+  if (x.k_mean.defined())
+    INTFA_TRY(api::check_exact_shape(x.k_mean, "k_mean", DType::f32, channel_shape(s), channel_desc(s)));
+  const Tensor& vt = x.vt8;
+  if (!vt.defined()) return invalid("vt8: expected a tensor, got null data");
+  if (vt.dtype != DType::i8) {
+    os << "vt8: expected dtype int8, got " << to_string(vt.dtype);
+    return Status(StatusCode::unsupported_type, os.str());
+  }
+  if (vt.ndim != 4 || vt.stride[3] != 1 || vt.shape[0] != k8.B || vt.shape[1] != k8.H || vt.shape[2] != k8.D ||
+      vt.shape[3] < k8.S) {
+    os << "vt8: expected V^T pages [num_pages = " << k8.B << ", heads_kv = " << k8.H << ", head_dim = " << k8.D
+       << ", >= page_size = " << k8.S << "] with a contiguous last dim, got " << api::shape_str(vt);
+    return invalid(os.str());
+  }
+  INTFA_TRY(api::check_exact_shape(x.v_scale, "v_scale", DType::f32, channel_shape(s), channel_desc(s)));
+  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&x.q_scale, "q_scale"},
+                                {&x.k_scale, "k_scale"}, {&x.k8, "k8"}, {&x.vt8, "vt8"}, {&x.v_scale, "v_scale"}})
+    INTFA_TRY(api::check_same_device(*t, name, x.q8, "q8"));
+  p->v.st = Strides3{vt.stride[0], vt.stride[1], vt.stride[2]};
+  return Status::OK();
+}
+
 Status validate_quantized(const QuantizedQKV& x, Problem* p, bool need_v_or_vt) {
   const ProblemShape& s = p->shape;
   View q8, k8;
@@ -239,6 +345,8 @@ Status validate_quantized(const QuantizedQKV& x, Problem* p, bool need_v_or_vt) 
     os << "q8: expected the shape of q, got " << api::shape_str(x.q8);
     return invalid(os.str());
   }
+  const bool paged = x.block_table.defined();
+  if (paged) return validate_paged(x, q8, k8, p);
   if (k8.B != p->k.B || k8.H != p->k.H || k8.S != p->k.S || k8.D != p->k.D) {
     os << "k8: expected the shape of k, got " << api::shape_str(x.k8);
     return invalid(os.str());
@@ -563,6 +671,9 @@ Status quantize(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
   if (out.seqused_kv.defined())
     return invalid("out.seqused_kv: quantize() quantizes every token of k and v (its statistics too) and takes no "
                    "key counts; expected undefined (pass views of the tokens to quantize)");
+  if (out.block_table.defined())
+    return invalid("out.block_table: quantize() writes contiguous tensors; expected undefined (copy its rows into "
+                   "pages for a paged cache)");
   Problem pv = p;
   INTFA_TRY(validate_quantized(out, &pv, opts.scheme != Scheme::half));
   View q8v = pv.q, k8v = pv.k;
@@ -586,11 +697,16 @@ Status attention_int8(const QuantizedQKV& x, const Tensor& cu_seqlens_q,
   const Form form = cu_seqlens_q.defined() || cu_seqlens_kv.defined() ? Form::varlen : Form::dense;
   p.form = form;
   p.layout = form == Form::varlen ? Layout::BHSD : x.layout;
+  if (x.block_table.defined() && form == Form::varlen)
+    return invalid("block_table: paged KV takes dense queries; expected no cu_seqlens_q / cu_seqlens_kv, got them");
   INTFA_TRY(choose_backend(x.q8, opts, &p.gpu));
   p.device = x.q8.device_index;
   // Shapes come from q8 / k8 themselves.
   INTFA_TRY(api::check_operand(x.q8, "q8", p.layout, form, {DType::i8}, p.gpu, &p.q));
   INTFA_TRY(api::check_operand(x.k8, "k8", p.layout, form, {DType::i8}, p.gpu, &p.k));
+  const bool paged = x.block_table.defined();
+  int64_t num_pages = 0;
+  if (paged) INTFA_TRY(check_paged(x, &p, &num_pages));
   INTFA_TRY(api::check_qk_shapes(p.q, p.k, "q8", "k8", form));
   std::ostringstream os;
   INTFA_TRY(api::check_head_dim(p.q.D, p.gpu));
@@ -628,6 +744,17 @@ Status attention_int8(const QuantizedQKV& x, const Tensor& cu_seqlens_q,
   }
   FwdParams fp = make_fwd_params(p, x, out, lse, opts);
   fp.seqused_kv = static_cast<const int32_t*>(x.seqused_kv.data);
+  if (paged) {
+    if (p.gpu)
+      return Status(StatusCode::not_available, "block_table: paged KV runs on the CPU backend in this version; the "
+                                               "GPU paths take contiguous caches");
+    fp.block_table = static_cast<const int32_t*>(x.block_table.data);
+    fp.bt_stride = x.block_table.stride[0];
+    fp.page_size = static_cast<int>(x.k8.shape[p.layout == Layout::BHSD ? 2 : 1]);
+    INTFA_TRY(check_pages(fp.block_table, fp.bt_stride, fp.batch, fp.page_size, num_pages, [&](int64_t b) {
+      return fp.seqused_kv ? std::clamp<int64_t>(fp.seqused_kv[b], 0, fp.seqlen_kv) : int64_t(fp.seqlen_kv);
+    }));
+  }
   if (p.gpu) {
     GpuPath path;
     INTFA_TRY(resolve_gpu(p, opts, &path));
@@ -735,12 +862,26 @@ Status append_kv_impl(const Tensor& k_new, const Tensor& v_new, int64_t pos, con
     return invalid("v_new: expected the shape of k_new, got " + api::shape_str(v_new));
   View k8;
   INTFA_TRY(api::check_operand(cache.k8, "cache.k8", cache.layout, Form::dense, {DType::i8}, p.gpu, &k8));
-  if (k8.B != K.B || k8.H != K.H || k8.D != K.D) {
+  // Paged (cache.block_table): k8, k_scale and vt8 hold pages of page_size tokens.
+  const bool paged = cache.block_table.defined();
+  const int64_t page = paged ? k8.S : 0, num_pages = paged ? k8.B : 0;
+  if (paged) {
+    if (p.gpu)
+      return Status(StatusCode::not_available, "cache.block_table: append_kv writes pages on the CPU backend in this "
+                                               "version; the GPU paths take contiguous caches");
+    INTFA_TRY(check_table_tensor(cache.block_table, "cache.block_table", K.B, k_new, "k_new"));
+    if (k8.H != K.H || k8.D != K.D) {
+      os << "cache.k8: expected pages [num_pages, heads_kv = " << K.H << ", page_size, head_dim = " << K.D
+         << "] (BHSD order), got " << api::shape_str(cache.k8);
+      return invalid(os.str());
+    }
+    INTFA_TRY(check_page_size(page, cache.block_table.shape[1], "cache.k8"));
+  } else if (k8.B != K.B || k8.H != K.H || k8.D != K.D) {
     os << "cache.k8: expected batch, heads and head_dim of k_new (" << K.B << ", " << K.H << ", " << K.D << "), got "
        << api::shape_str(cache.k8);
     return invalid(os.str());
   }
-  const int64_t cap = k8.S;
+  const int64_t cap = paged ? cache.block_table.shape[1] * page : k8.S;
   if (pos_b) {
     INTFA_TRY(api::check_exact_shape(*pos_b, "pos", DType::i32, {K.B}, "[batch]"));
     INTFA_TRY(api::check_same_device(*pos_b, "pos", k_new, "k_new"));
@@ -749,8 +890,12 @@ Status append_kv_impl(const Tensor& k_new, const Tensor& v_new, int64_t pos, con
        << pos;
     return invalid(os.str());
   }
-  INTFA_TRY(api::check_exact_shape(cache.k_scale, "cache.k_scale", DType::f32, {K.B, K.H, cap},
-                                   "[batch, heads_kv, cache tokens]"));
+  if (paged)
+    INTFA_TRY(api::check_exact_shape(cache.k_scale, "cache.k_scale", DType::f32, {num_pages, K.H, page},
+                                     "[num_pages, heads_kv, page_size]"));
+  else
+    INTFA_TRY(api::check_exact_shape(cache.k_scale, "cache.k_scale", DType::f32, {K.B, K.H, cap},
+                                     "[batch, heads_kv, cache tokens]"));
   if (opts.scheme == Scheme::accurate)
     INTFA_TRY(api::check_exact_shape(cache.k_mean, "cache.k_mean", DType::f32, {K.B, K.H, K.D},
                                      "[batch, heads_kv, head_dim]"));
@@ -763,9 +908,15 @@ Status append_kv_impl(const Tensor& k_new, const Tensor& v_new, int64_t pos, con
     return Status(StatusCode::unsupported_type, os.str());
   }
   // Per-sequence positions write only columns < cap (cache_pos), so vt8 needs the capacity.
-  const int64_t vt_need = pos_b ? cap : pos + K.S;
-  if (vt.ndim != 4 || vt.stride[3] != 1 || vt.shape[0] != K.B || vt.shape[1] != K.H || vt.shape[2] != K.D ||
-      vt.shape[3] < vt_need) {
+  const int64_t vt_need = paged ? page : pos_b ? cap : pos + K.S;
+  if (paged && (vt.ndim != 4 || vt.stride[3] != 1 || vt.shape[0] != num_pages || vt.shape[1] != K.H ||
+                vt.shape[2] != K.D || vt.shape[3] < page)) {
+    os << "cache.vt8: expected V^T pages [num_pages = " << num_pages << ", heads_kv = " << K.H << ", head_dim = " << K.D
+       << ", >= page_size = " << page << "] with a contiguous last dim, got " << api::shape_str(vt);
+    return invalid(os.str());
+  }
+  if (!paged && (vt.ndim != 4 || vt.stride[3] != 1 || vt.shape[0] != K.B || vt.shape[1] != K.H || vt.shape[2] != K.D ||
+                 vt.shape[3] < vt_need)) {
     os << "cache.vt8: expected V transposed [batch, heads_kv, head_dim, >= " << (pos_b ? "cache tokens" : "pos + new tokens")
        << " = " << vt_need << "] with a contiguous last dim, got " << api::shape_str(vt);
     return invalid(os.str());
@@ -793,7 +944,7 @@ Status append_kv_impl(const Tensor& k_new, const Tensor& v_new, int64_t pos, con
   c.x8 = static_cast<int8_t*>(cache.k8.data);
   c.x8_st = k8.st;
   c.scale = static_cast<float*>(cache.k_scale.data);
-  c.s_st = {K.H * cap, cap, 1};
+  c.s_st = paged ? Strides3{K.H * page, page, 1} : Strides3{K.H * cap, cap, 1};
   c.v = v_new.data;
   c.v_st = V.st;
   c.v_scale = static_cast<float*>(cache.v_scale.data);
@@ -802,6 +953,15 @@ Status append_kv_impl(const Tensor& k_new, const Tensor& v_new, int64_t pos, con
   c.vt_st = {vt.stride[0], vt.stride[1], vt.stride[2]};
   c.vt_cols = vt.shape[3];
   c.v_per_tensor = opts.scheme == Scheme::paper;
+  if (paged) {
+    c.block_table = static_cast<const int32_t*>(cache.block_table.data);
+    c.bt_stride = cache.block_table.stride[0];
+    c.page_size = static_cast<int>(page);
+    // The pages written (the new tokens within the capacity) and swept (the columns before them).
+    INTFA_TRY(check_pages(c.block_table, c.bt_stride, K.B, page, num_pages, [&](int64_t b) {
+      return std::clamp<int64_t>(cache_pos0(c, static_cast<int>(b)) + K.S, 0, cap);
+    }));
+  }
   if (p.gpu) return cuda::quantize_cache(c, opts.stream);
   ref::quantize_cache(c);
   return Status::OK();

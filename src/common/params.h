@@ -76,6 +76,13 @@ struct CacheQuantParams {
   int8_t* vt8 = nullptr;  Strides3 vt_st;          // ts = stride of d
   int64_t vt_cols = 0;
   bool v_per_tensor = false;
+  // append_kv into a paged cache (the CPU backend): column c of sequence b is token c % page_size
+  // of page block_table[b * bt_stride + c / page_size], the page standing where a sequence stands
+  // in x8_st, s_st and vt_st; a V sweep requantizes only the columns before the new tokens (the
+  // table's later entries may name no page yet).
+  const int32_t* block_table = nullptr;
+  int64_t bt_stride = 0;
+  int page_size = 0;
 };
 
 struct FwdParams {
@@ -108,6 +115,12 @@ struct FwdParams {
   // by the kernels): sequence b attends to its first seqused_kv[b] keys, clamped to [0, its
   // length]. Null: every key.
   const int32_t* seqused_kv = nullptr;
+  // Paged KV (QuantizedQKV::block_table; the CPU backend): key t of sequence b is token
+  // t % page_size of page block_table[b * bt_stride + t / page_size], the page standing where a
+  // sequence stands in k_st, ks_st and vt_st. Null: each sequence's keys are its own rows.
+  const int32_t* block_table = nullptr;
+  int64_t bt_stride = 0;
+  int page_size = 0;
 };
 
 // Token range of sequence b: [tok0, tok0 + len).
@@ -134,6 +147,16 @@ INTFA_HD int64_t cache_pos(const CacheQuantParams& p, int64_t pos0, int t) {
 INTFA_HD bool cache_writes(const CacheQuantParams& p, int64_t pos0, int64_t col) {
   return col >= pos0 && col < pos0 + p.tokens && col < p.cap;
 }
+// Where column `col` of sequence b lives: batch-like index `sb` and token / column `tok`.
+struct CachePlace {
+  int sb;
+  int64_t tok;
+};
+INTFA_HD CachePlace cache_place(const CacheQuantParams& p, int b, int64_t col) {
+  if (!p.block_table) return {b, col};
+  const int64_t page = col / p.page_size;
+  return {p.block_table[b * p.bt_stride + page], col - page * p.page_size};
+}
 // Varlen V-transposed columns: sequence b starts at a 16-aligned column (so 16-byte vector and
 // cp.async loads work for every sequence): round_up(cu[b], 16) + 16*b, which never overlaps the
 // previous sequence. The packed vt8 row therefore holds total_kv + 16*(nseq+1) columns.
@@ -141,6 +164,19 @@ INTFA_HD int64_t vt_seq_start(const int32_t* cu, int b) {
   return cu ? ((static_cast<int64_t>(cu[b]) + 15) & ~int64_t(15)) + 16 * static_cast<int64_t>(b) : 0;
 }
 INTFA_HD int64_t vt_varlen_columns(int64_t total_kv, int nseq) { return total_kv + 16 * (int64_t(nseq) + 1); }
+// Where key t of sequence b lives: K rows and scales at offset(st, sb, h, tok), its V^T column
+// at vt8 + sb * vt_st.bs + h * vt_st.hs + col (+ d * vt_st.ts).
+struct KvPlace {
+  int sb;
+  int64_t tok, col;
+};
+INTFA_HD KvPlace kv_place(const FwdParams& p, int b, int64_t t) {
+  if (p.block_table) {
+    const int64_t page = t / p.page_size, r = t - page * p.page_size;
+    return {p.block_table[b * p.bt_stride + page], r, r};
+  }
+  return {b, seq_start(p.cu_kv, b) + t, vt_seq_start(p.cu_kv, b) + t};
+}
 
 INTFA_HD int64_t offset(const Strides3& s, int b, int h, int64_t tok) {
   return b * s.bs + h * s.hs + tok * s.ts;

@@ -26,9 +26,10 @@ void load_kv_block(const FwdParams& p, const Tile& t, int n0, int cols, float* k
                    float* vb) {
   const int d = p.head_dim, bn = p.block_n;
   for (int j = 0; j < cols; ++j) {
-    const int8_t* krow = p.k8 + offset(p.k_st, t.b, t.hkv, t.k0 + n0 + j);
+    const KvPlace at = kv_place(p, t.b, n0 + j);
+    const int8_t* krow = p.k8 + offset(p.k_st, at.sb, t.hkv, at.tok);
     for (int c = 0; c < d; ++c) kt[c * bn + j] = krow[c];
-    ks[j] = p.k_scale[offset(p.ks_st, t.b, t.hkv, t.k0 + n0 + j)];
+    ks[j] = p.k_scale[offset(p.ks_st, at.sb, t.hkv, at.tok)];
   }
   if (p.scheme == Scheme::half) {
     for (int j = 0; j < cols; ++j) {
@@ -36,9 +37,11 @@ void load_kv_block(const FwdParams& p, const Tile& t, int n0, int cols, float* k
       for (int c = 0; c < d; ++c) vb[j * d + c] = static_cast<float>(load_scalar(p.v, p.v_dtype, base + c));
     }
   } else {
-    const int8_t* vt = p.vt8 + t.b * p.vt_st.bs + t.hkv * p.vt_st.hs + vt_seq_start(p.cu_kv, t.b) + n0;
-    for (int c = 0; c < d; ++c)
-      for (int j = 0; j < cols; ++j) vb[j * d + c] = vt[c * p.vt_st.ts + j];
+    for (int j = 0; j < cols; ++j) {
+      const KvPlace at = kv_place(p, t.b, n0 + j);
+      const int8_t* col = p.vt8 + at.sb * p.vt_st.bs + t.hkv * p.vt_st.hs + at.col;
+      for (int c = 0; c < d; ++c) vb[j * d + c] = col[c * p.vt_st.ts];
+    }
   }
 }
 

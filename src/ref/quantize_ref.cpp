@@ -125,9 +125,10 @@ void quantize_cache(const CacheQuantParams& p) {
       }
       const int64_t at = cache_pos(p, pos0, t);
       if (at < 0) continue;
-      quantize_row(row.data(), d, p.x8 + offset(p.x8_st, b, h, at), p.scale + offset(p.s_st, b, h, at));
+      const CachePlace w = cache_place(p, b, at);
+      quantize_row(row.data(), d, p.x8 + offset(p.x8_st, w.sb, h, w.tok), p.scale + offset(p.s_st, w.sb, h, w.tok));
       if (p.lse_offset)
-        p.lse_offset[offset(p.s_st, b, h, at)] = mean ? static_cast<float>(p.softmax_scale * dot) : 0.f;
+        p.lse_offset[offset(p.s_st, w.sb, h, w.tok)] = mean ? static_cast<float>(p.softmax_scale * dot) : 0.f;
     }
   });
   if (!p.v) return;
@@ -141,17 +142,23 @@ void quantize_cache(const CacheQuantParams& p) {
     for (int c = 0; c < d; ++c)
       for (int t = 0; t < p.tokens; ++t) amax[c] = std::max(amax[c], std::fabs(v_at(t, c)));
     if (p.v_per_tensor) std::fill(amax.begin(), amax.end(), *std::max_element(amax.begin(), amax.end()));
+    // V^T byte of channel c, column col (paged: the page holding it).
+    auto vt_byte = [&](int c, int64_t col) -> int8_t& {
+      const CachePlace w = cache_place(p, b, col);
+      return p.vt8[w.sb * p.vt_st.bs + h * p.vt_st.hs + c * p.vt_st.ts + w.tok];
+    };
+    // Paged: only the columns before the new tokens are the sequence's.
+    const int64_t sweep = p.block_table ? std::min(std::max<int64_t>(pos0, 0), p.cap) : p.vt_cols;
     for (int c = 0; c < d; ++c) {
       grown[c] = v_needs_growth(amax[c], vs[c]) ? grown_v_scale(amax[c]) : vs[c];
-      int8_t* row = p.vt8 + b * p.vt_st.bs + h * p.vt_st.hs + c * p.vt_st.ts;
       if (grown[c] != vs[c])  // every column the cache holds, but those the new tokens write
-        for (int64_t col = 0; col < p.vt_cols; ++col)
-          if (!cache_writes(p, pos0, col)) row[col] = requantize_s8(row[col], vs[c], grown[c]);
+        for (int64_t col = 0; col < sweep; ++col)
+          if (!cache_writes(p, pos0, col)) vt_byte(c, col) = requantize_s8(vt_byte(c, col), vs[c], grown[c]);
       vs[c] = grown[c];
       const float inv = inv_of_scale(vs[c]);
       for (int t = 0; t < p.tokens; ++t) {
         const int64_t at = cache_pos(p, pos0, t);
-        if (at >= 0) row[at] = quantize_s8(v_at(t, c), inv);
+        if (at >= 0) vt_byte(c, at) = quantize_s8(v_at(t, c), inv);
       }
     }
   });
