@@ -2,8 +2,8 @@
 // This is the one place that knows which backend (CPU reference or CUDA) runs what.
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <cstring>
+#include <limits>
 #include <sstream>
 #include <vector>
 
@@ -230,7 +230,6 @@ Status validate_out(const Tensor& out, const Tensor* lse, const Problem& p, bool
   return Status::OK();
 }
 
-// Validates a QuantizedQKV against the problem (for quantize() outputs and attention_int8()).
 // The table entries a paged call uses (host memory: the CPU backend): those of the pages that
 // hold sequence b's first keys(b) keys must name a page of the pool.
 template <typename Keys>
@@ -335,6 +334,7 @@ Status validate_paged(const QuantizedQKV& x, const View& q8, const View& k8, Pro
   return Status::OK();
 }
 
+// Validates a QuantizedQKV against the problem (for quantize() outputs and attention_int8()).
 Status validate_quantized(const QuantizedQKV& x, Problem* p, bool need_v_or_vt) {
   const ProblemShape& s = p->shape;
   View q8, k8;
