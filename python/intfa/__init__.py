@@ -132,6 +132,13 @@ class QuantizedQKV(NamedTuple):
     seqused_kv (attention_int8 only, optional): int32 [B] (varlen: [nseq]) on q8's device, the
     keys each sequence attends to (its first seqused_kv[b], clamped to [0, Skv]; FlashAttention's
     seqused_k), read by the kernels: a batch of caches of different lengths in one call.
+    block_table (optional): a paged KV cache (vLLM's block tables), int32 [B, max_pages] on
+    q8's device: token t of sequence b is token t % page_size of page block_table[b][t //
+    page_size] of a pool shared by the batch. k8 is then [num_pages, Hkv, page_size, D] (BSHD:
+    [num_pages, page_size, Hkv, D]), k_scale [num_pages, Hkv, page_size], vt8 [num_pages, Hkv,
+    D, >= page_size] (V^T within each page), with page_size a multiple of 16; k_mean and v_scale
+    stay per sequence, [B, Hkv, D]. Read by attention_int8 and append_kv; dense queries, schemes
+    paper and accurate; the CPU backend only in this version (GPU arrays: RuntimeError).
     """
     scheme: str
     layout: str
@@ -148,6 +155,7 @@ class QuantizedQKV(NamedTuple):
     cu_seqlens_q: Any = None
     cu_seqlens_kv: Any = None
     seqused_kv: Any = None
+    block_table: Any = None
 
 
 def quantize(q, k, v, *, cu_seqlens_q=None, cu_seqlens_kv=None, layout="BHSD",
@@ -180,7 +188,7 @@ def quantize(q, k, v, *, cu_seqlens_q=None, cu_seqlens_kv=None, layout="BHSD",
 
 def attention_int8(qkv, *, cu_seqlens_q=None, cu_seqlens_kv=None, max_seqlen_q=None,
                    max_seqlen_kv=None, is_causal=False, scale=None, out_dtype=None,
-                   return_lse=False, path="auto", seqused_kv=None):
+                   return_lse=False, path="auto", seqused_kv=None, block_table=None):
     """Attention on pre-quantized inputs (a QuantizedQKV from quantize(), or built by hand).
 
     cu_seqlens_q/kv, max_seqlen_q/kv: varlen only; default to those stored in qkv (and the
@@ -189,12 +197,18 @@ def attention_int8(qkv, *, cu_seqlens_q=None, cu_seqlens_kv=None, max_seqlen_q=N
         seqused_kv[b] keys (clamped to [0, Skv]; causal is bottom-right against that count);
         what lies past them is never read into the result. Defaults to qkv.seqused_kv; None
         (both): every key.
+    block_table: int32 [B, max_pages] on q8's device: qkv's k8, k_scale and vt8 are pages of a
+        paged KV cache (see QuantizedQKV). Only the entries of pages that hold a sequence's
+        keys (all, or its seqused_kv[b]) are read, and must name a page of the pool; the others
+        may be anything (-1). Defaults to qkv.block_table; None (both): a contiguous cache.
+        CPU backend only in this version.
     out_dtype: float16, bfloat16 or float32 (a dtype or its name); default: qkv.dtype, else
         float16. Other arguments as in attention(). Returns out like q8, or (out, lse).
     """
     cu_q = cu_seqlens_q if cu_seqlens_q is not None else qkv.cu_seqlens_q
     cu_kv = cu_seqlens_kv if cu_seqlens_kv is not None else qkv.cu_seqlens_kv
     used = seqused_kv if seqused_kv is not None else qkv.seqused_kv
+    table = block_table if block_table is not None else qkv.block_table
     varlen = cu_q is not None or cu_kv is not None
     max_q = max_kv = 0
     if varlen:
@@ -206,7 +220,8 @@ def attention_int8(qkv, *, cu_seqlens_q=None, cu_seqlens_kv=None, max_seqlen_q=N
         out_dtype = qkv.dtype if qkv.dtype is not None else "float16"
     s = _arrays.scale_arg(scale)
     if not _is_torch(qkv.q8):
-        _frameworks(q8=qkv.q8, **({} if used is None else {"seqused_kv": used}))
+        optional = {"seqused_kv": used, "block_table": table}
+        _frameworks(q8=qkv.q8, **{n: a for n, a in optional.items() if a is not None})
     if _is_torch(qkv.q8):
         torch = _torch.torch
         if isinstance(out_dtype, str):
@@ -214,10 +229,11 @@ def attention_int8(qkv, *, cu_seqlens_q=None, cu_seqlens_kv=None, max_seqlen_q=N
         out, lse = _torch.attention_int8_call(
             qkv.q8, qkv.q_scale, qkv.lse_offset, qkv.k8, qkv.k_scale, qkv.k_mean, qkv.vt8,
             qkv.v_scale, qkv.v, cu_q, cu_kv, max_q, max_kv, qkv.scheme, qkv.layout,
-            bool(is_causal), s, out_dtype, bool(return_lse), path, used)
+            bool(is_causal), s, out_dtype, bool(return_lse), path, used, table)
     else:
         parts = {n: getattr(qkv, n) for n in _arrays.PART_NAMES + ("v",)}
         parts["seqused_kv"] = used
+        parts["block_table"] = table
         out, lse = _arrays.run_attention_int8(_arrays.framework(qkv.q8, "qkv.q8"), parts,
                                               qkv.scheme, qkv.layout, cu_q, cu_kv, max_q, max_kv,
                                               bool(is_causal), s, _arrays.dtype_name(out_dtype),
@@ -253,7 +269,10 @@ def quantize_q(q, k_mean=None, *, scale=None, layout="BHSD", scheme="accurate"):
 
 
 def _cache_parts(cache):
-    return {n: getattr(cache, n) for n in ("k8", "k_scale", "k_mean", "vt8", "v_scale")}
+    parts = {n: getattr(cache, n) for n in ("k8", "k_scale", "k_mean", "vt8", "v_scale")}
+    # A KVCache passed as the cache has no block_table: it is contiguous.
+    parts["block_table"] = getattr(cache, "block_table", None)
+    return parts
 
 
 def append_kv(cache, k_new, v_new, pos, *, layout=None):
@@ -263,7 +282,10 @@ def append_kv(cache, k_new, v_new, pos, *, layout=None):
         layout), k_scale [B, Hkv, C] and vt8 [B, Hkv, D, >= C] hold C tokens; its k_mean
         (accurate) and v_scale are the statistics the new tokens are quantized with (a V
         channel's scale grows, in place, when a new value lies beyond it).
-        Schemes paper and accurate (half: RuntimeError).
+        Schemes paper and accurate (half: RuntimeError). A paged cache (cache.block_table set,
+        see QuantizedQKV; CPU backend only) holds max_pages * page_size tokens per sequence:
+        the tokens go to the pages its table names, and the entries of the pages an append
+        writes or requantizes (those before pos + n) must name pages of the pool.
     k_new, v_new: [B, Hkv, n, D] or [B, n, Hkv, D] (layout), float16/bfloat16.
     pos: an int (0 <= pos, pos + n <= C), or a position per sequence: an int32 array [B] on
         k_new's device (sequence b's tokens go to pos[b] .. pos[b] + n - 1; read by the kernels,
@@ -286,9 +308,12 @@ def append_kv(cache, k_new, v_new, pos, *, layout=None):
                 parts[n] = k_new.new_empty((0,), dtype=_torch.torch.int8)
         call = _torch.append_kv_ragged_call if per_sequence else _torch.append_kv_call
         call(k_new, v_new, pos, parts["k8"], parts["k_scale"], parts["k_mean"], parts["vt8"],
-             parts["v_scale"], cache.scheme, cache.layout, layout)
+             parts["v_scale"], cache.scheme, cache.layout, layout, parts["block_table"])
     else:
-        fw = _frameworks(k_new=k_new, v_new=v_new, **({"pos": pos} if per_sequence else {}))
+        optional = {"pos": pos if per_sequence else None,
+                    "cache.block_table": parts["block_table"]}
+        fw = _frameworks(k_new=k_new, v_new=v_new,
+                         **{n: a for n, a in optional.items() if a is not None})
         _arrays.run_append_kv(fw, k_new, v_new, fw.arg(pos) if per_sequence else pos, parts,
                               cache.scheme, cache.layout, layout)
 

@@ -82,9 +82,11 @@ def _attention_int8_impl(q8: Tensor, q_scale: Tensor, lse_offset: Optional[Tenso
                          cu_seqlens_q: Optional[Tensor], cu_seqlens_kv: Optional[Tensor],
                          max_seqlen_q: int, max_seqlen_kv: int, scheme: str, layout: str,
                          is_causal: bool, scale: float, out_dtype: torch.dtype, return_lse: bool,
-                         path: str, seqused_kv: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                         path: str, seqused_kv: Optional[Tensor] = None,
+                         block_table: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     parts = dict(q8=q8, q_scale=q_scale, lse_offset=lse_offset, k8=k8, k_scale=k_scale,
-                 k_mean=k_mean, vt8=vt8, v_scale=v_scale, v=v, seqused_kv=seqused_kv)
+                 k_mean=k_mean, vt8=vt8, v_scale=v_scale, v=v, seqused_kv=seqused_kv,
+                 block_table=block_table)
     out, lse = _arrays.run_attention_int8(_FW, parts, scheme, layout, cu_seqlens_q,
                                           cu_seqlens_kv, max_seqlen_q, max_seqlen_kv, is_causal,
                                           scale, _arrays.dtype_name(out_dtype), return_lse, path)
@@ -93,7 +95,8 @@ def _attention_int8_impl(q8: Tensor, q_scale: Tensor, lse_offset: Optional[Tenso
 
 def _attention_int8_fake(q8, q_scale, lse_offset, k8, k_scale, k_mean, vt8, v_scale, v,
                          cu_seqlens_q, cu_seqlens_kv, max_seqlen_q, max_seqlen_kv, scheme, layout,
-                         is_causal, scale, out_dtype, return_lse, path, seqused_kv=None):
+                         is_causal, scale, out_dtype, return_lse, path, seqused_kv=None,
+                         block_table=None):
     varlen = cu_seqlens_q is not None or cu_seqlens_kv is not None
     out = q8.new_empty(q8.shape, dtype=out_dtype)
     return out, _fake_lse(q8, layout, varlen, return_lse)
@@ -117,21 +120,24 @@ def _quantize_q_fake(q, k_mean, scale, layout, scheme):
 
 def _append_kv_impl(k_new: Tensor, v_new: Tensor, pos: int, k8: Tensor, k_scale: Tensor,
                     k_mean: Optional[Tensor], vt8: Tensor, v_scale: Tensor, scheme: str,
-                    cache_layout: str, layout: str) -> None:
-    parts = dict(k8=k8, k_scale=k_scale, k_mean=k_mean, vt8=vt8, v_scale=v_scale)
+                    cache_layout: str, layout: str,
+                    block_table: Optional[Tensor] = None) -> None:
+    parts = dict(k8=k8, k_scale=k_scale, k_mean=k_mean, vt8=vt8, v_scale=v_scale,
+                 block_table=block_table)
     _arrays.run_append_kv(_FW, k_new, v_new, pos, parts, scheme, cache_layout, layout)
 
 
 def _append_kv_ragged_impl(k_new: Tensor, v_new: Tensor, pos: Tensor, k8: Tensor,
                            k_scale: Tensor, k_mean: Optional[Tensor], vt8: Tensor,
-                           v_scale: Tensor, scheme: str, cache_layout: str, layout: str) -> None:
+                           v_scale: Tensor, scheme: str, cache_layout: str, layout: str,
+                           block_table: Optional[Tensor] = None) -> None:
     # append_kv with a position per sequence (int32 [B]): the same call, another schema.
     _append_kv_impl(k_new, v_new, _FW.arg(pos), k8, k_scale, k_mean, vt8, v_scale, scheme,
-                    cache_layout, layout)
+                    cache_layout, layout, block_table)
 
 
 def _append_kv_fake(k_new, v_new, pos, k8, k_scale, k_mean, vt8, v_scale, scheme, cache_layout,
-                    layout):
+                    layout, block_table=None):
     return None
 
 
@@ -171,7 +177,7 @@ attention_int8_op = _register("attention_int8", _attention_int8_impl, _attention
 quantize_q_op = _register("quantize_q", _quantize_q_impl, _quantize_q_fake)
 # The KV cache's parts are written in place: the ops return nothing. append_kv also writes
 # v_scale (a V channel's scale grows when a new value would clamp; vt8's columns are then
-# requantized).
+# requantized). A paged cache's block_table (an optional last argument) is only read.
 append_kv_op = _register("append_kv", _append_kv_impl, _append_kv_fake,
                          mutates_args=("k8", "k_scale", "vt8", "v_scale"))
 # The same with a position per sequence (pos: int32 [B] on the cache's device; a ragged cache).

@@ -378,8 +378,10 @@ Status quantized_from(nb::dict parts, const std::string& scheme, const std::stri
     st = writable ? output(h, f.name, views, f.t) : input(h, f.name, views, f.t);
   }
   // v (half scheme) is an input of quantize() and of attention_int8(), seqused_kv (the keys each
-  // sequence attends to) an input of attention_int8(): neither is written.
-  for (const Field& f : {Field{"v", &x->v}, Field{"seqused_kv", &x->seqused_kv}})
+  // sequence attends to) and block_table (a paged cache's pages) inputs of attention_int8():
+  // none is written.
+  for (const Field& f : {Field{"v", &x->v}, Field{"seqused_kv", &x->seqused_kv},
+                         Field{"block_table", &x->block_table}})
     if (st.ok())
       st = input(nb::handle(PyDict_GetItemString(parts.ptr(), f.name)), f.name, views, f.t);
   return st;
@@ -426,8 +428,8 @@ nb::object attention_int8(nb::dict parts, const std::string& scheme, const std::
 // INT8 KV cache. quantize_q fills parts q8, q_scale and (if given) lse_offset for a decode
 // step's q against the cache's K mean; append_kv writes k_new/v_new into the cache's k8,
 // k_scale and vt8 at token pos (an int; or an int32 [B] array, a position per sequence: the
-// C++ overload for ragged batches), reading its k_mean and v_scale (the other parts are
-// ignored).
+// C++ overload for ragged batches), reading its k_mean, v_scale and, for a paged cache, its
+// block_table (the other parts are ignored).
 nb::object quantize_q(nb::handle q, nb::handle k_mean, nb::dict parts, double scale,
                       const std::string& layout, const std::string& scheme,
                       const std::string& backend, uintptr_t stream) {
@@ -457,7 +459,8 @@ nb::object append_kv(nb::handle k_new, nb::handle v_new, nb::handle pos, nb::dic
   struct Field { const char* name; Tensor* t; bool written; };
   const Field fields[] = {{"k8", &x.k8, true},          {"k_scale", &x.k_scale, true},
                           {"k_mean", &x.k_mean, false}, {"vt8", &x.vt8, true},
-                          {"v_scale", &x.v_scale, false}};
+                          {"v_scale", &x.v_scale, false},
+                          {"block_table", &x.block_table, false}};
   for (const Field& f : fields) {
     nb::handle h(PyDict_GetItemString(cache.ptr(), f.name));
     const std::string name = std::string("cache.") + f.name;

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import intfa
+from paged import drop_pages, page_copy, unpage
 from ragged import (check_parts, entry, in_layout, ragged_inputs, ragged_vs_separate, seq_view,
                     tok)
 from reference import attention_ref, rel_l2, varlen_ref
@@ -902,3 +903,117 @@ def test_append_kv_per_sequence_positions():
         intfa.append_kv(x, k2[:, :, :1], v2[:, :, :1], np.array([1, 2, 3], np.int32))
     with pytest.raises(TypeError, match="pos: expected an int, or an int32 array"):
         intfa.append_kv(x, k2[:, :, :1], v2[:, :, :1], [1, 2])
+
+
+# ------------------------------------------------------------------------------------------------
+# Paged caches: block_table (CPU backend)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scheme", ["accurate", "paper"])
+@pytest.mark.parametrize("layout", ["BHSD", "BSHD"])
+def test_paged_attention_equals_contiguous(scheme, layout):
+    # quantize()'s cache copied into pages of 16 tokens (a shuffled order, spare garbage pages):
+    # the contiguous call's outputs and LSE bit for bit, causal or not, with every key or ragged
+    # counts (the table entries past a sequence's count -1: never read).
+    rng = np.random.default_rng(47)
+    q, k, v = qkv(rng, 3, 4, 2, 5, 64, 64, layout)
+    x = intfa.quantize(q, k, v, layout=layout, scheme=scheme)
+    paged = page_copy(x, 16, spare=5, seed=1)
+    used = np.array([45, -3, 100], np.int32)
+    for causal in (False, True):
+        for counts in (None, used):
+            p = paged if counts is None else drop_pages(paged, counts)
+            out, lse = intfa.attention_int8(p, seqused_kv=counts, is_causal=causal,
+                                            return_lse=True)
+            want, want_lse = intfa.attention_int8(x, seqused_kv=counts, is_causal=causal,
+                                                  return_lse=True)
+            assert not np.isnan(out.astype(np.float32)).any()
+            exact(out, want)
+            exact(lse, want_lse)
+        # The keyword does what the field does, and overrides it (a table of -1 would fail).
+        unmapped = drop_pages(paged, [0, 0, 0])
+        for field in (None, unmapped.block_table):
+            exact(intfa.attention_int8(paged._replace(block_table=field), is_causal=causal,
+                                       block_table=paged.block_table),
+                  intfa.attention_int8(x, is_causal=causal))
+    # A table that maps the pages in another order reads other keys.
+    assert not np.array_equal(intfa.attention_int8(paged, block_table=paged.block_table[::-1]),
+                              intfa.attention_int8(x))
+
+
+@pytest.mark.parametrize("scheme", ["accurate", "paper"])
+@pytest.mark.parametrize("layout", ["BHSD", "BSHD"])
+@pytest.mark.parametrize("per_sequence", [False, True])
+def test_paged_append_equals_contiguous(scheme, layout, per_sequence):
+    # append_kv into a paged copy writes what it writes into the contiguous cache, read back
+    # through the table (K rows and scales, V^T columns, V scales), with V scales that grow (the
+    # held columns requantized, page by page); one position for all or one per sequence (a token
+    # past the 64 dropped). Table entries past the pages an append touches are -1. Attention
+    # over the result: the same bits.
+    rng = np.random.default_rng(48)
+    q, k, v = qkv(rng, 3, 2, 2, 1, 64, 64, layout)
+    x = intfa.quantize(q, k, v, layout=layout, scheme=scheme)
+    x.v_scale.reshape(-1)[::3] *= 0.05  # small scales: the new tokens grow them
+    n, at = 3, np.array([20, 5, 62], np.int32) if per_sequence else 20
+    end = [min(64, int(p) + n) for p in (at if per_sequence else [at] * 3)]
+    paged = drop_pages(page_copy(x, 16, spare=4, seed=2), end)
+    k_new, v_new = in_layout(layout, randn(rng, (3, 2, n, 64)), randn(rng, (3, 2, n, 64)))
+    before = x.v_scale.copy()
+    for cache in (x, paged):
+        assert intfa.append_kv(cache, k_new, v_new, at) is None
+    assert not np.array_equal(x.v_scale, before)
+    exact(paged.v_scale, x.v_scale)
+    for b, e in enumerate(end):
+        k8, k_scale, vt8 = unpage(paged, b, e)
+        exact(k8, tok(entry(x.k8, b), 0, e, layout))
+        exact(k_scale, entry(x.k_scale, b)[..., :e])
+        exact(vt8, entry(x.vt8, b)[..., :e])
+    q_new, = in_layout(layout, randn(rng, (3, 4, 2, 64)))  # GQA, two query rows
+    q8, q_scale, lse_offset = intfa.quantize_q(q_new, x.k_mean if scheme == "accurate" else None,
+                                               layout=layout, scheme=scheme)
+    step = dict(q8=q8, q_scale=q_scale, lse_offset=lse_offset,
+                seqused_kv=np.array(end, np.int32))
+    for causal in (False, True):
+        out, lse = intfa.attention_int8(paged._replace(**step), is_causal=causal,
+                                        return_lse=True)
+        want, want_lse = intfa.attention_int8(x._replace(**step), is_causal=causal,
+                                              return_lse=True)
+        exact(out, want)
+        exact(lse, want_lse)
+
+
+def test_paged_errors():
+    # The C++ layer's checks of a paged call, naming block_table (cache.block_table for
+    # append_kv), the entry and the pool.
+    rng = np.random.default_rng(49)
+    q, k, v = qkv(rng, 2, 2, 2, 1, 32, 64)
+    x = intfa.quantize(q, k, v)
+    paged = page_copy(x, 16, spare=1, seed=3)  # a pool of 5 pages
+    table = paged.block_table
+    assert intfa.attention_int8(paged).shape == q.shape
+    with pytest.raises(TypeError, match="block_table: expected dtype int32, got float32"):
+        intfa.attention_int8(paged, block_table=table.astype(np.float32))
+    with pytest.raises(TypeError, match="block_table: dtype int64"):
+        intfa.attention_int8(paged, block_table=table.astype(np.int64))
+    with pytest.raises(TypeError, match="block_table: expected a numpy.ndarray"):
+        intfa.attention_int8(paged, block_table=table.tolist())
+    with pytest.raises(ValueError, match=r"block_table: expected \[batch = 2, max_pages >= 1\]"):
+        intfa.attention_int8(paged, block_table=table[:1])
+    past = table.copy()
+    past[1, 1] = 5
+    with pytest.raises(ValueError, match=r"block_table\[1\]\[1\]: expected a page in \[0, 5\)"):
+        intfa.attention_int8(paged, block_table=past)
+    with pytest.raises(ValueError, match="k_scale"):  # contiguous scales with pages
+        intfa.attention_int8(paged._replace(k_scale=x.k_scale))
+    with pytest.raises(ValueError, match="page_size .the token dim of the pages. must be a "
+                                         "multiple of 16, got 8"):
+        intfa.attention_int8(paged._replace(k8=paged.k8[:, :, :8]))
+    k_new, v_new = k[:, :, :1], v[:, :, :1]
+    with pytest.raises(ValueError, match=r"block_table\[1\]\[0\]: expected a page in \[0, 5\)"):
+        intfa.append_kv(drop_pages(paged, [32, 0]), k_new, v_new, 0)
+    with pytest.raises(TypeError, match="cache.block_table: expected dtype int32"):
+        intfa.append_kv(paged._replace(block_table=table.astype(np.float32)), k_new, v_new, 0)
+    with pytest.raises(TypeError, match="cache.block_table: expected a numpy.ndarray"):
+        intfa.append_kv(paged._replace(block_table=table.tolist()), k_new, v_new, 0)
+    with pytest.raises(ValueError, match=r"pos: expected 0 <= pos and pos \+ new tokens \(1\) "
+                                         r"<= the cache's 32 tokens, got pos 32"):
+        intfa.append_kv(paged, k_new, v_new, 32)

@@ -7,6 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import intfa  # noqa: E402
+from paged import drop_pages, page_copy, unpage  # noqa: E402
 from ragged import (Sequence, check_parts, in_layout, ragged_inputs,  # noqa: E402
                     ragged_vs_separate)
 from reference import attention_ref, rel_l2, varlen_ref  # noqa: E402
@@ -380,3 +381,127 @@ def test_opcheck_ragged_ops():
                           (x.q8, x.q_scale, x.lse_offset, x.k8, x.k_scale, x.k_mean, x.vt8,
                            x.v_scale, None, None, None, 0, 0, "accurate", "BHSD", True, 0.0,
                            torch.float16, True, "auto", torch.tensor([30], dtype=torch.int32)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Paged caches: block_table (CPU backend)
+# ------------------------------------------------------------------------------------------------
+def _arrays_as(x, kind, convert):
+    """x with its array fields of type `kind` converted (sharing memory)."""
+    return x._replace(**{f: convert(a) for f, a in x._asdict().items() if isinstance(a, kind)})
+
+
+def _paged_torch(x, spare, seed, counts=None):
+    """paged.page_copy (NumPy) of a torch CPU QuantizedQKV, as torch tensors; with counts, the
+    table entries past each sequence's count -1 (paged.drop_pages)."""
+    paged = page_copy(_arrays_as(x, torch.Tensor, torch.Tensor.numpy), 16, spare, seed)
+    if counts is not None:
+        paged = drop_pages(paged, counts)
+    return _arrays_as(paged, np.ndarray, torch.from_numpy)
+
+
+@pytest.mark.parametrize("scheme", ["accurate", "paper"])
+def test_paged_attention_torch(scheme):
+    # As test_cpu's paged test with torch CPU tensors: the contiguous call bit for bit, through
+    # the eager path and the custom op (intfa::attention_int8 with block_table last), and the
+    # NumPy call's bits.
+    q, k, v = rand(3, 4, 5, 64, seed=0), rand(3, 2, 64, 64, seed=1), rand(3, 2, 64, 64, seed=2)
+    x = intfa.quantize(q, k, v, scheme=scheme)
+    used = torch.tensor([45, -3, 100], dtype=torch.int32)
+    for counts in (None, used):
+        paged = _paged_torch(x, 5, 4, None if counts is None else counts.tolist())
+        for causal in (False, True):
+            out, lse = intfa.attention_int8(paged, seqused_kv=counts, is_causal=causal,
+                                            return_lse=True)
+            want, want_lse = intfa.attention_int8(x, seqused_kv=counts, is_causal=causal,
+                                                  return_lse=True)
+            assert not out.isnan().any()
+            assert torch.equal(out, want) and torch.equal(lse, want_lse)
+            op_out, op_lse = torch.ops.intfa.attention_int8.default(
+                paged.q8, paged.q_scale, paged.lse_offset, paged.k8, paged.k_scale,
+                paged.k_mean, paged.vt8, paged.v_scale, None, None, None, 0, 0, scheme, "BHSD",
+                causal, 0.0, torch.float16, True, "auto", counts, paged.block_table)
+            assert torch.equal(op_out, want) and torch.equal(op_lse, want_lse)
+            np_paged = _arrays_as(paged, torch.Tensor, torch.Tensor.numpy)
+            np_out = intfa.attention_int8(np_paged, is_causal=causal,
+                                          seqused_kv=None if counts is None else counts.numpy())
+            np.testing.assert_array_equal(out.numpy(), np_out)
+    with pytest.raises(TypeError, match="block_table"):
+        intfa.attention_int8(paged, block_table=paged.block_table.long())
+    # Every key of sequence 0, whose table holds 3 pages (45 keys) and -1.
+    with pytest.raises(ValueError, match=r"block_table\[0\]\[3\]: expected a page"):
+        intfa.attention_int8(paged)
+
+
+def test_torch_compile_paged_attention_cpu():
+    q, k, v = rand(2, 4, 3, 64, seed=3), rand(2, 2, 32, 64, seed=4), rand(2, 2, 32, 64, seed=5)
+    x = intfa.quantize(q, k, v)
+    paged = _paged_torch(x, 2, 5)
+
+    def fn(table):
+        return intfa.attention_int8(paged, block_table=table, is_causal=True, return_lse=True)
+
+    (out_c, lse_c), (out_e, lse_e) = _compile_check(fn, paged.block_table)
+    assert torch.equal(out_c, out_e) and torch.equal(lse_c, lse_e)
+    assert torch.equal(out_e, intfa.attention_int8(x, is_causal=True))
+
+
+@pytest.mark.parametrize("per_sequence", [False, True])
+def test_paged_append_torch(per_sequence):
+    # append_kv into a paged copy, eagerly and then through the custom ops (intfa::append_kv /
+    # append_kv_ragged with block_table last): the contiguous cache's bytes read back through
+    # the table (V scales that grow, a token past the 64 dropped), and attention's bits.
+    q, k, v = rand(3, 2, 1, 64, seed=6), rand(3, 2, 64, 64, seed=7), rand(3, 2, 64, 64, seed=8)
+    x = intfa.quantize(q, k, v)
+    x.v_scale.view(-1)[::3] *= 0.05  # small scales: the new tokens grow them
+    n = 2
+    pos = torch.tensor([20, 5, 61], dtype=torch.int32)
+    end = [min(64, p + 2 * n) for p in (pos.tolist() if per_sequence else [20] * 3)]
+    paged = _paged_torch(x, 4, 6, end)
+    k_new, v_new = rand(3, 2, 2 * n, 64, seed=9), rand(3, 2, 2 * n, 64, seed=10)
+    before = x.v_scale.clone()
+    for cache in (x, paged):
+        at = pos if per_sequence else 20
+        intfa.append_kv(cache, k_new[:, :, :n], v_new[:, :, :n], at)
+        op = torch.ops.intfa.append_kv_ragged if per_sequence else torch.ops.intfa.append_kv
+        op.default(k_new[:, :, n:], v_new[:, :, n:], at + n, cache.k8, cache.k_scale,
+                   cache.k_mean, cache.vt8, cache.v_scale, "accurate", "BHSD", "BHSD",
+                   cache.block_table)
+    assert not torch.equal(x.v_scale, before)
+    assert torch.equal(paged.v_scale, x.v_scale)
+    np_paged = _arrays_as(paged, torch.Tensor, torch.Tensor.numpy)
+    for b, e in enumerate(end):
+        k8, k_scale, vt8 = unpage(np_paged, b, e)
+        np.testing.assert_array_equal(k8, x.k8[b:b + 1, :, :e].numpy())
+        np.testing.assert_array_equal(k_scale, x.k_scale[b:b + 1, :, :e].numpy())
+        np.testing.assert_array_equal(vt8, x.vt8[b:b + 1, ..., :e].numpy())
+    q8, q_scale, lse_offset = intfa.quantize_q(rand(3, 4, 1, 64, seed=11), x.k_mean)
+    step = dict(q8=q8, q_scale=q_scale, lse_offset=lse_offset,
+                seqused_kv=torch.tensor(end, dtype=torch.int32))
+    out, lse = intfa.attention_int8(paged._replace(**step), return_lse=True)
+    want, want_lse = intfa.attention_int8(x._replace(**step), return_lse=True)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    with pytest.raises(TypeError, match="cache.block_table"):
+        intfa.append_kv(paged._replace(block_table=paged.block_table.long()), k_new[:, :, :1],
+                        v_new[:, :, :1], 0)
+
+
+@pytest.mark.skipif(not hasattr(torch.library, "opcheck"), reason="torch.library.opcheck")
+def test_opcheck_paged_ops():
+    q, k, v = _decode_inputs()
+    x = intfa.quantize(q[..., :32, :], k[..., :32, :], v[..., :32, :])
+    paged = _paged_torch(x, 3, 7)
+    table = paged.block_table
+    torch.library.opcheck(torch.ops.intfa.attention_int8.default,
+                          (paged.q8, paged.q_scale, paged.lse_offset, paged.k8, paged.k_scale,
+                           paged.k_mean, paged.vt8, paged.v_scale, None, None, None, 0, 0,
+                           "accurate", "BHSD", True, 0.0, torch.float16, True, "auto", None,
+                           table))
+    torch.library.opcheck(torch.ops.intfa.append_kv.default,
+                          (k[:, :, 37:], v[:, :, 37:], 20, paged.k8, paged.k_scale,
+                           paged.k_mean, paged.vt8, paged.v_scale, "accurate", "BHSD", "BHSD",
+                           table))
+    torch.library.opcheck(torch.ops.intfa.append_kv_ragged.default,
+                          (k[:, :, 37:], v[:, :, 37:], torch.tensor([5], dtype=torch.int32),
+                           paged.k8, paged.k_scale, paged.k_mean, paged.vt8, paged.v_scale,
+                           "accurate", "BHSD", "BHSD", table))
