@@ -39,6 +39,25 @@ struct Cache {
   QuantizedQKV view(const QuantizedQKV& q, int64_t L) const { return cache_view(x, q, L); }
 };
 
+// Fresh inputs (B sequences, Sq queries, cap keys) quantized by quantize() into a host Cache of
+// cap tokens and the query parts qp; o: the scheme, causal flag and the emulation's 16-key blocks.
+struct QuantizedCache {
+  HostQKV x;
+  Options o;
+  Cache c;
+  QParts qp;
+  int cap;
+  QuantizedCache(int B, int Hq, int Hkv, int Sq, int cap_, int D, Scheme s, bool causal, uint64_t seed)
+      : x(tools::make_inputs(Dist::normal, B, Hq, Hkv, Sq, cap_, D, DType::bf16, seed)),
+        c(B, Hkv, cap_, D, s), qp(B, Hq, Sq, D, s), cap(cap_) {
+    o.scheme = s;
+    o.causal = causal;
+    o.block_n = 16;
+    EXPECT_TRUE(quantize(x.tq(), x.tk(), x.tv(), Tensor(), Tensor(), o, view()).ok());
+  }
+  QuantizedQKV view() const { return c.view(qp.x, cap); }
+};
+
 template <typename T>
 bool same_bytes(const Tensor& a, const T* b, size_t n) {
   return std::memcmp(a.data, b, n * sizeof(T)) == 0;
@@ -340,14 +359,10 @@ TEST(KvCache, RaggedAttentionEqualsOneCallPerSequence) {
     for (bool causal : {false, true}) {
       SCOPED_TRACE(std::string(to_string(s)) + (causal ? " causal" : ""));
       const int B = 4, Hq = 4, Hkv = 2, Sq = 3, cap = 70, D = 64;
-      HostQKV x = tools::make_inputs(Dist::normal, B, Hq, Hkv, Sq, cap, D, DType::bf16, 31 + causal + 2 * int(s));
-      Options o;
-      o.scheme = s;
-      o.causal = causal;
-      o.block_n = 16;
-      Cache c(B, Hkv, cap, D, s);
-      QParts qp(B, Hq, Sq, D, s);
-      ASSERT_TRUE(quantize(x.tq(), x.tk(), x.tv(), Tensor(), Tensor(), o, c.view(qp.x, cap)).ok());
+      const QuantizedCache qc(B, Hq, Hkv, Sq, cap, D, s, causal, 31 + causal + 2 * int(s));
+      const Options& o = qc.o;
+      const Cache& c = qc.c;
+      const QParts& qp = qc.qp;
       std::vector<int32_t> lens = {45, -3, 100, 1};
       poison_past(c.x, lens);
       QuantizedQKV all = c.view(qp.x, cap);
@@ -423,6 +438,15 @@ struct PagedCopy {
     x.k_scale = make_tensor(ks.data(), DType::f32, {P, H, page});
     x.block_table = make_tensor(table.data(), DType::i32, {B, maxp});
   }
+  // Table entries of the pages past sequence b's first counts[b] tokens (clamped to [0, the
+  // table's tokens]) set to -1: a call that touches only those tokens never reads them.
+  template <typename Int>
+  void drop_pages_past(const std::vector<Int>& counts) {
+    const int64_t maxp = x.block_table.shape[1], page = x.k_scale.shape[2];
+    for (size_t b = 0; b < counts.size(); ++b)
+      for (int64_t i = (std::clamp<int64_t>(counts[b], 0, maxp * page) + page - 1) / page; i < maxp; ++i)
+        table[b * maxp + i] = -1;
+  }
 };
 
 // Paged KV (block_table) on the CPU backend: the contiguous cache's call, bit for bit (outputs
@@ -437,26 +461,16 @@ TEST(KvCache, PagedAttentionEqualsContiguous) {
                        (ragged ? " ragged" : ""));
           // BSHD q8 [B, 1, Hq, D] is BHSD [B, Hq, 1, D] in memory: one query row there.
           const int B = 3, Hq = 4, Hkv = 2, Sq = layout == Layout::BHSD ? 3 : 1, cap = 64, D = 64, page = 16;
-          HostQKV x = tools::make_inputs(Dist::normal, B, Hq, Hkv, Sq, cap, D, DType::bf16, 41 + int(s) + 2 * causal);
-          Options o;
-          o.scheme = s;
-          o.causal = causal;
-          o.block_n = 16;
-          Cache c(B, Hkv, cap, D, s);
-          QParts qp(B, Hq, Sq, D, s);
-          ASSERT_TRUE(quantize(x.tq(), x.tk(), x.tv(), Tensor(), Tensor(), o, c.view(qp.x, cap)).ok());
-          QuantizedQKV flat = c.view(qp.x, cap);
+          QuantizedCache qc(B, Hq, Hkv, Sq, cap, D, s, causal, 41 + int(s) + 2 * causal);
+          const Options& o = qc.o;
+          QuantizedQKV flat = qc.view();
           PagedCopy pc(flat, page, layout, 5, 7 + ragged);
           std::vector<int32_t> lens = {45, -3, 100};
           if (ragged) {
             flat.seqused_kv = pc.x.seqused_kv = make_tensor(lens.data(), DType::i32, {B});
-            for (int b = 0; b < B; ++b)  // pages past the count: not read
-              for (int i = (std::clamp(lens[b], 0, cap) + page - 1) / page; i < cap / page; ++i)
-                pc.table[size_t(b) * (cap / page) + i] = -1;
+            pc.drop_pages_past(lens);  // not read
           }
-          if (layout == Layout::BSHD) {
-            pc.x.q8 = make_tensor(qp.q8.data(), DType::i8, {B, Sq, Hq, D});
-          }
+          if (layout == Layout::BSHD) pc.x.q8 = make_tensor(qc.qp.q8.data(), DType::i8, {B, Sq, Hq, D});
           const std::vector<int64_t> oshape = layout == Layout::BHSD ? std::vector<int64_t>{B, Hq, Sq, D}
                                                                      : std::vector<int64_t>{B, Sq, Hq, D};
           std::vector<float> want(size_t(B) * Hq * Sq * D, NAN), got(want.size(), NAN);
@@ -478,12 +492,11 @@ TEST(KvCache, PagedAttentionEqualsContiguous) {
 // Paged KV errors: each names the argument, what was expected and what came.
 TEST(KvCache, PagedErrors) {
   const int B = 2, Hq = 2, Hkv = 2, Sq = 1, cap = 32, D = 64, page = 16;
-  HostQKV x = tools::make_inputs(Dist::normal, B, Hq, Hkv, Sq, cap, D, DType::bf16, 5);
-  Options o;
-  Cache c(B, Hkv, cap, D, o.scheme);
-  QParts qp(B, Hq, Sq, D, o.scheme);
-  ASSERT_TRUE(quantize(x.tq(), x.tk(), x.tv(), Tensor(), Tensor(), o, c.view(qp.x, cap)).ok());
-  PagedCopy pc(c.view(qp.x, cap), page, Layout::BHSD, 1, 3);
+  QuantizedCache qc(B, Hq, Hkv, Sq, cap, D, Scheme::accurate, false, 5);
+  HostQKV& x = qc.x;
+  const Options& o = qc.o;
+  QParts& qp = qc.qp;
+  PagedCopy pc(qc.view(), page, Layout::BHSD, 1, 3);
   std::vector<float> out(size_t(B) * Hq * Sq * D);
   const Tensor tout = make_tensor(out.data(), DType::f32, {B, Hq, Sq, D});
   auto run = [&](const QuantizedQKV& q) { return attention_int8(q, Tensor(), Tensor(), 0, 0, tout, nullptr, o); };
@@ -562,8 +575,7 @@ TEST(KvCache, PagedAppendEqualsContiguous) {
       std::vector<int32_t> pos = {L0, 5, 62};
       std::vector<int64_t> end(B);
       for (int b = 0; b < B; ++b) end[b] = std::min<int64_t>(cap, (per_seq ? pos[b] : L0) + n);
-      for (int b = 0; b < B; ++b)
-        for (int64_t i = (end[b] + page - 1) / page; i < cap / page; ++i) pc.table[size_t(b) * (cap / page) + i] = -1;
+      pc.drop_pages_past(end);
       const Tensor tpos = make_tensor(pos.data(), DType::i32, {B});
       for (const QuantizedQKV* cache : {&c.x, &pc.x}) {
         const Status st = per_seq ? append_kv(y.tk(), y.tv(), tpos, o, *cache) : append_kv(y.tk(), y.tv(), L0, o, *cache);

@@ -277,6 +277,25 @@ Status check_page_size(int64_t page, int64_t max_pages, const char* k8_name) {
   return Status::OK();
 }
 
+// V^T pages as a paged call takes them: int8 [num_pages, heads_kv, head_dim, >= page_size], last
+// dim contiguous.
+Status check_vt_pages(const Tensor& vt, const char* name, int64_t num_pages, int64_t heads, int64_t dim,
+                      int64_t page) {
+  std::ostringstream os;
+  if (!vt.defined()) return invalid(std::string(name) + ": expected a tensor, got null data");
+  if (vt.dtype != DType::i8) {
+    os << name << ": expected dtype int8, got " << to_string(vt.dtype);
+    return Status(StatusCode::unsupported_type, os.str());
+  }
+  if (vt.ndim != 4 || vt.stride[3] != 1 || vt.shape[0] != num_pages || vt.shape[1] != heads || vt.shape[2] != dim ||
+      vt.shape[3] < page) {
+    os << name << ": expected V^T pages [num_pages = " << num_pages << ", heads_kv = " << heads << ", head_dim = " << dim
+       << ", >= page_size = " << page << "] with a contiguous last dim, got " << api::shape_str(vt);
+    return invalid(os.str());
+  }
+  return Status::OK();
+}
+
 // Paged KV (x.block_table), before the shapes are compared: k8 holds pages (its batch dim the
 // pages, its token dim page_size), and the problem sees B sequences of max_pages * page_size
 // keys. Leaves the page count in *num_pages.
@@ -315,17 +334,7 @@ Status validate_paged(const QuantizedQKV& x, const View& q8, const View& k8, Pro
   if (x.k_mean.defined())
     INTFA_TRY(api::check_exact_shape(x.k_mean, "k_mean", DType::f32, channel_shape(s), channel_desc(s)));
   const Tensor& vt = x.vt8;
-  if (!vt.defined()) return invalid("vt8: expected a tensor, got null data");
-  if (vt.dtype != DType::i8) {
-    os << "vt8: expected dtype int8, got " << to_string(vt.dtype);
-    return Status(StatusCode::unsupported_type, os.str());
-  }
-  if (vt.ndim != 4 || vt.stride[3] != 1 || vt.shape[0] != k8.B || vt.shape[1] != k8.H || vt.shape[2] != k8.D ||
-      vt.shape[3] < k8.S) {
-    os << "vt8: expected V^T pages [num_pages = " << k8.B << ", heads_kv = " << k8.H << ", head_dim = " << k8.D
-       << ", >= page_size = " << k8.S << "] with a contiguous last dim, got " << api::shape_str(vt);
-    return invalid(os.str());
-  }
+  INTFA_TRY(check_vt_pages(vt, "vt8", k8.B, k8.H, k8.D, k8.S));
   INTFA_TRY(api::check_exact_shape(x.v_scale, "v_scale", DType::f32, channel_shape(s), channel_desc(s)));
   for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&x.q_scale, "q_scale"},
                                 {&x.k_scale, "k_scale"}, {&x.k8, "k8"}, {&x.vt8, "vt8"}, {&x.v_scale, "v_scale"}})
@@ -908,15 +917,11 @@ Status append_kv_impl(const Tensor& k_new, const Tensor& v_new, int64_t pos, con
     return Status(StatusCode::unsupported_type, os.str());
   }
   // Per-sequence positions write only columns < cap (cache_pos), so vt8 needs the capacity.
-  const int64_t vt_need = paged ? page : pos_b ? cap : pos + K.S;
-  if (paged && (vt.ndim != 4 || vt.stride[3] != 1 || vt.shape[0] != num_pages || vt.shape[1] != K.H ||
-                vt.shape[2] != K.D || vt.shape[3] < page)) {
-    os << "cache.vt8: expected V^T pages [num_pages = " << num_pages << ", heads_kv = " << K.H << ", head_dim = " << K.D
-       << ", >= page_size = " << page << "] with a contiguous last dim, got " << api::shape_str(vt);
-    return invalid(os.str());
-  }
-  if (!paged && (vt.ndim != 4 || vt.stride[3] != 1 || vt.shape[0] != K.B || vt.shape[1] != K.H || vt.shape[2] != K.D ||
-                 vt.shape[3] < vt_need)) {
+  const int64_t vt_need = pos_b ? cap : pos + K.S;
+  if (paged) {
+    INTFA_TRY(check_vt_pages(vt, "cache.vt8", num_pages, K.H, K.D, page));
+  } else if (vt.ndim != 4 || vt.stride[3] != 1 || vt.shape[0] != K.B || vt.shape[1] != K.H || vt.shape[2] != K.D ||
+             vt.shape[3] < vt_need) {
     os << "cache.vt8: expected V transposed [batch, heads_kv, head_dim, >= " << (pos_b ? "cache tokens" : "pos + new tokens")
        << " = " << vt_need << "] with a contiguous last dim, got " << api::shape_str(vt);
     return invalid(os.str());
