@@ -389,66 +389,6 @@ TEST(KvCache, RaggedAttentionEqualsOneCallPerSequence) {
     }
 }
 
-// A paged copy of a contiguous BHSD host cache c (seqlen cap, a multiple of `page`): each
-// sequence's pages scattered over a pool in a shuffled order, with `spare` pages of garbage
-// (bytes 0x7f, NaN scales) the table never names. k8 in `layout` ([P, Hkv, page, D] or
-// [P, page, Hkv, D]); per-sequence parts (v_scale, k_mean) copied.
-struct PagedCopy {
-  std::vector<int8_t> k8, vt8;
-  std::vector<float> ks, vs, km;
-  std::vector<int32_t> table;
-  QuantizedQKV x;
-  PagedCopy(const QuantizedQKV& c, int page, Layout layout, int spare, uint32_t seed) {
-    const int64_t B = c.k8.shape[0], H = c.k8.shape[1], cap = c.k8.shape[2], D = c.k8.shape[3];
-    const int64_t maxp = cap / page, P = B * maxp + spare;
-    std::vector<int32_t> perm(static_cast<size_t>(P));
-    for (int64_t i = 0; i < P; ++i) perm[i] = static_cast<int32_t>(i);
-    std::mt19937 rng(seed);
-    std::shuffle(perm.begin(), perm.end(), rng);
-    table.assign(perm.begin(), perm.begin() + B * maxp);
-    k8.assign(size_t(P * H * page * D), 0x7f);
-    vt8.assign(size_t(P * H * D * page), 0x7f);
-    ks.assign(size_t(P * H * page), NAN);
-    const bool bhsd = layout == Layout::BHSD;
-    const int8_t* ck = static_cast<const int8_t*>(c.k8.data);
-    const int8_t* cv = static_cast<const int8_t*>(c.vt8.data);
-    const float* cs = static_cast<const float*>(c.k_scale.data);
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t t = 0; t < cap; ++t) {
-        const int64_t pg = table[b * maxp + t / page], r = t % page;
-        for (int64_t h = 0; h < H; ++h) {
-          const int64_t krow = bhsd ? (pg * H + h) * page + r : (pg * page + r) * H + h;
-          for (int64_t d = 0; d < D; ++d) {
-            k8[krow * D + d] = ck[b * c.k8.stride[0] + h * c.k8.stride[1] + t * c.k8.stride[2] + d];
-            vt8[((pg * H + h) * D + d) * page + r] = cv[b * c.vt8.stride[0] + h * c.vt8.stride[1] + d * c.vt8.stride[2] + t];
-          }
-          ks[(pg * H + h) * page + r] = cs[b * c.k_scale.stride[0] + h * c.k_scale.stride[1] + t];
-        }
-      }
-    x = c;
-    x.layout = layout;
-    for (auto [t, v] : {std::pair<Tensor*, std::vector<float>*>{&x.v_scale, &vs}, {&x.k_mean, &km}}) {
-      if (!t->defined()) continue;
-      const float* src = static_cast<const float*>(t->data);
-      v->assign(src, src + t->numel());  // contiguous [B, Hkv, D]
-      t->data = v->data();
-    }
-    x.k8 = bhsd ? make_tensor(k8.data(), DType::i8, {P, H, page, D}) : make_tensor(k8.data(), DType::i8, {P, page, H, D});
-    x.vt8 = make_tensor(vt8.data(), DType::i8, {P, H, D, page});
-    x.k_scale = make_tensor(ks.data(), DType::f32, {P, H, page});
-    x.block_table = make_tensor(table.data(), DType::i32, {B, maxp});
-  }
-  // Table entries of the pages past sequence b's first counts[b] tokens (clamped to [0, the
-  // table's tokens]) set to -1: a call that touches only those tokens never reads them.
-  template <typename Int>
-  void drop_pages_past(const std::vector<Int>& counts) {
-    const int64_t maxp = x.block_table.shape[1], page = x.k_scale.shape[2];
-    for (size_t b = 0; b < counts.size(); ++b)
-      for (int64_t i = (std::clamp<int64_t>(counts[b], 0, maxp * page) + page - 1) / page; i < maxp; ++i)
-        table[b * maxp + i] = -1;
-  }
-};
-
 // Paged KV (block_table) on the CPU backend: the contiguous cache's call, bit for bit (outputs
 // and LSE), whatever the page order; both k8 layouts, causal or not, both schemes, all keys or
 // ragged counts, whose table entries past a sequence's count are -1 (never read).

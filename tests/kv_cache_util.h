@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "intfa/intfa.h"
+#include "inputs.h"
 
 namespace intfa::testing {
 
@@ -87,5 +88,7 @@ inline Status quantize_prompt(const Tensor& k, const Tensor& v, int64_t L0, cons
   return quantize(tokens(k, 0, 1), tokens(k, 0, L0), tokens(v, 0, L0), Tensor(), Tensor(), o,
                   cache_view(cache, q.x, L0));
 }
+
+using tools::PagedCopy;
 
 }  // namespace intfa::testing

@@ -138,7 +138,10 @@ class QuantizedQKV(NamedTuple):
     [num_pages, page_size, Hkv, D]), k_scale [num_pages, Hkv, page_size], vt8 [num_pages, Hkv,
     D, >= page_size] (V^T within each page), with page_size a multiple of 16; k_mean and v_scale
     stay per sequence, [B, Hkv, D]. Read by attention_int8 and append_kv; dense queries, schemes
-    paper and accurate; the CPU backend only in this version (GPU arrays: RuntimeError).
+    paper and accurate. On the GPU, attention_int8 runs the decode path (at most 16 query rows
+    per (batch, K/V head) after GQA packing, head_dim 64 or 128; else RuntimeError) with pages
+    of a multiple of 128 tokens, and the table entries are not checked there: an entry outside
+    the pool reads zeros and is written nowhere (the CPU backend raises ValueError).
     """
     scheme: str
     layout: str
@@ -201,7 +204,7 @@ def attention_int8(qkv, *, cu_seqlens_q=None, cu_seqlens_kv=None, max_seqlen_q=N
         paged KV cache (see QuantizedQKV). Only the entries of pages that hold a sequence's
         keys (all, or its seqused_kv[b]) are read, and must name a page of the pool; the others
         may be anything (-1). Defaults to qkv.block_table; None (both): a contiguous cache.
-        CPU backend only in this version.
+        On the GPU: the decode path only, pages of a multiple of 128 tokens (see QuantizedQKV).
     out_dtype: float16, bfloat16 or float32 (a dtype or its name); default: qkv.dtype, else
         float16. Other arguments as in attention(). Returns out like q8, or (out, lse).
     """
@@ -283,7 +286,7 @@ def append_kv(cache, k_new, v_new, pos, *, layout=None):
         (accurate) and v_scale are the statistics the new tokens are quantized with (a V
         channel's scale grows, in place, when a new value lies beyond it).
         Schemes paper and accurate (half: RuntimeError). A paged cache (cache.block_table set,
-        see QuantizedQKV; CPU backend only) holds max_pages * page_size tokens per sequence:
+        see QuantizedQKV) holds max_pages * page_size tokens per sequence:
         the tokens go to the pages its table names, and the entries of the pages an append
         writes or requantizes (those before pos + n) must name pages of the pool.
     k_new, v_new: [B, Hkv, n, D] or [B, n, Hkv, D] (layout), float16/bfloat16.

@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 import intfa  # noqa: E402
+from paged import drop_pages, page_copy  # noqa: E402
 from ragged import (Sequence, check_parts, in_layout, ragged_inputs,  # noqa: E402
                     ragged_vs_separate, seq_view)
 from reference import rel_l2  # noqa: E402
@@ -671,3 +672,47 @@ def test_ragged_kv_cache_cupy():
     assert torch.equal(torch.as_tensor(cp.asnumpy(out), device="cuda"), want)
     cc.truncate([31, 14])
     assert cc.lengths.tolist() == [31, 14] and cc.length == 31
+
+
+def _paged_on(x, device, page, spare, seed, counts):
+    """paged.page_copy of a torch QuantizedQKV (any device) with the entries past counts -1, as
+    torch tensors on `device`."""
+    host = x._replace(**{f: a.cpu().numpy() for f, a in x._asdict().items() if isinstance(a, torch.Tensor)})
+    paged = drop_pages(page_copy(host, page, spare, seed), counts)
+    return paged._replace(**{f: torch.from_numpy(a).to(device) for f, a in paged._asdict().items()
+                             if isinstance(a, np.ndarray)})
+
+
+@pytest.mark.parametrize("scheme", ["accurate", "paper"])
+def test_paged_kv_on_the_gpu(scheme):
+    """A paged cache (256-token pages shuffled in a pool) on the GPU: append_kv at a position
+    per sequence (V scales that grow) writes the CPU backend's bytes; attention_int8 (the decode
+    path) equals the contiguous cache's call bit for bit and is close to the CPU's; a path that
+    cannot read pages raises."""
+    q, k, v = make_qkv(3, 8, 2, 1, 1024, 128, seed=181)
+    x = intfa.quantize(q, k, v, scheme=scheme)
+    x.v_scale.view(-1)[::3] *= 0.05  # small scales: the new tokens grow them
+    pos = torch.tensor([700, 255, 1023], dtype=torch.int32)
+    end = [min(1024, p + 2) for p in pos.tolist()]
+    gpu = _paged_on(x, "cuda", 256, 3, 7, end)
+    cpu = _paged_on(x, "cpu", 256, 3, 7, end)
+    k_new, v_new = rand(3, 2, 2, 128, seed=182), rand(3, 2, 2, 128, seed=183)
+    intfa.append_kv(gpu, k_new, v_new, pos.cuda())
+    intfa.append_kv(cpu, k_new.cpu(), v_new.cpu(), pos)
+    intfa.append_kv(x, k_new, v_new, pos.cuda())
+    for f in ("k8", "vt8", "v_scale"):
+        assert torch.equal(getattr(gpu, f).cpu(), getattr(cpu, f)), f
+    assert torch.equal(gpu.k_scale.cpu().view(torch.int32), cpu.k_scale.view(torch.int32))
+    used = torch.tensor(end, dtype=torch.int32)
+    for causal in (False, True):
+        step = dict(seqused_kv=used.cuda())
+        out, lse = intfa.attention_int8(gpu._replace(**step), is_causal=causal, return_lse=True)
+        want, want_lse = intfa.attention_int8(x._replace(**step), is_causal=causal, return_lse=True,
+                                              path="decode")
+        assert torch.equal(out, want) and torch.equal(lse, want_lse)
+        # The CPU backend's 64-key blocks (the kernel's are 128): P8 rounds differently.
+        emu = intfa.attention_int8(cpu._replace(seqused_kv=used), is_causal=causal)
+        assert rel_l2(out.cpu(), emu) < 1e-2
+    with pytest.raises(RuntimeError, match="block_table: paged KV runs on the GPU's decode path"):
+        intfa.attention_int8(gpu, path="sm80")
+

@@ -278,9 +278,9 @@ Status check_page_size(int64_t page, int64_t max_pages, const char* k8_name) {
 }
 
 // V^T pages as a paged call takes them: int8 [num_pages, heads_kv, head_dim, >= page_size], last
-// dim contiguous.
+// dim contiguous; on the GPU, rows of 16-byte chunks (aligned pointer and strides).
 Status check_vt_pages(const Tensor& vt, const char* name, int64_t num_pages, int64_t heads, int64_t dim,
-                      int64_t page) {
+                      int64_t page, bool gpu) {
   std::ostringstream os;
   if (!vt.defined()) return invalid(std::string(name) + ": expected a tensor, got null data");
   if (vt.dtype != DType::i8) {
@@ -291,6 +291,12 @@ Status check_vt_pages(const Tensor& vt, const char* name, int64_t num_pages, int
       vt.shape[3] < page) {
     os << name << ": expected V^T pages [num_pages = " << num_pages << ", heads_kv = " << heads << ", head_dim = " << dim
        << ", >= page_size = " << page << "] with a contiguous last dim, got " << api::shape_str(vt);
+    return invalid(os.str());
+  }
+  if (gpu && (reinterpret_cast<uintptr_t>(vt.data) % 16 != 0 || vt.stride[0] % 16 != 0 || vt.stride[1] % 16 != 0 ||
+              vt.stride[2] % 16 != 0)) {
+    os << name << ": the GPU needs a 16-byte aligned pointer and strides that are multiples of 16, got strides "
+       << vt.stride[0] << ", " << vt.stride[1] << ", " << vt.stride[2];
     return invalid(os.str());
   }
   return Status::OK();
@@ -334,7 +340,7 @@ Status validate_paged(const QuantizedQKV& x, const View& q8, const View& k8, Pro
   if (x.k_mean.defined())
     INTFA_TRY(api::check_exact_shape(x.k_mean, "k_mean", DType::f32, channel_shape(s), channel_desc(s)));
   const Tensor& vt = x.vt8;
-  INTFA_TRY(check_vt_pages(vt, "vt8", k8.B, k8.H, k8.D, k8.S));
+  INTFA_TRY(check_vt_pages(vt, "vt8", k8.B, k8.H, k8.D, k8.S, p->gpu));
   INTFA_TRY(api::check_exact_shape(x.v_scale, "v_scale", DType::f32, channel_shape(s), channel_desc(s)));
   for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&x.q_scale, "q_scale"},
                                 {&x.k_scale, "k_scale"}, {&x.k8, "k8"}, {&x.vt8, "vt8"}, {&x.v_scale, "v_scale"}})
@@ -754,15 +760,15 @@ Status attention_int8(const QuantizedQKV& x, const Tensor& cu_seqlens_q,
   FwdParams fp = make_fwd_params(p, x, out, lse, opts);
   fp.seqused_kv = static_cast<const int32_t*>(x.seqused_kv.data);
   if (paged) {
-    if (p.gpu)
-      return Status(StatusCode::not_available, "block_table: paged KV runs on the CPU backend in this version; the "
-                                               "GPU paths take contiguous caches");
     fp.block_table = static_cast<const int32_t*>(x.block_table.data);
     fp.bt_stride = x.block_table.stride[0];
     fp.page_size = static_cast<int>(x.k8.shape[p.layout == Layout::BHSD ? 2 : 1]);
-    INTFA_TRY(check_pages(fp.block_table, fp.bt_stride, fp.batch, fp.page_size, num_pages, [&](int64_t b) {
-      return fp.seqused_kv ? std::clamp<int64_t>(fp.seqused_kv[b], 0, fp.seqlen_kv) : int64_t(fp.seqlen_kv);
-    }));
+    fp.num_pages = num_pages;
+    // The host reads a host table; a device table is the kernel's to guard (FwdParams).
+    if (!p.gpu)
+      INTFA_TRY(check_pages(fp.block_table, fp.bt_stride, fp.batch, fp.page_size, num_pages, [&](int64_t b) {
+        return fp.seqused_kv ? std::clamp<int64_t>(fp.seqused_kv[b], 0, fp.seqlen_kv) : int64_t(fp.seqlen_kv);
+      }));
   }
   if (p.gpu) {
     GpuPath path;
@@ -875,9 +881,6 @@ Status append_kv_impl(const Tensor& k_new, const Tensor& v_new, int64_t pos, con
   const bool paged = cache.block_table.defined();
   const int64_t page = paged ? k8.S : 0, num_pages = paged ? k8.B : 0;
   if (paged) {
-    if (p.gpu)
-      return Status(StatusCode::not_available, "cache.block_table: append_kv writes pages on the CPU backend in this "
-                                               "version; the GPU paths take contiguous caches");
     INTFA_TRY(check_table_tensor(cache.block_table, "cache.block_table", K.B, k_new, "k_new"));
     if (k8.H != K.H || k8.D != K.D) {
       os << "cache.k8: expected pages [num_pages, heads_kv = " << K.H << ", page_size, head_dim = " << K.D
@@ -919,7 +922,7 @@ Status append_kv_impl(const Tensor& k_new, const Tensor& v_new, int64_t pos, con
   // Per-sequence positions write only columns < cap (cache_pos), so vt8 needs the capacity.
   const int64_t vt_need = pos_b ? cap : pos + K.S;
   if (paged) {
-    INTFA_TRY(check_vt_pages(vt, "cache.vt8", num_pages, K.H, K.D, page));
+    INTFA_TRY(check_vt_pages(vt, "cache.vt8", num_pages, K.H, K.D, page, p.gpu));
   } else if (vt.ndim != 4 || vt.stride[3] != 1 || vt.shape[0] != K.B || vt.shape[1] != K.H || vt.shape[2] != K.D ||
              vt.shape[3] < vt_need) {
     os << "cache.vt8: expected V transposed [batch, heads_kv, head_dim, >= " << (pos_b ? "cache tokens" : "pos + new tokens")
@@ -962,10 +965,13 @@ Status append_kv_impl(const Tensor& k_new, const Tensor& v_new, int64_t pos, con
     c.block_table = static_cast<const int32_t*>(cache.block_table.data);
     c.bt_stride = cache.block_table.stride[0];
     c.page_size = static_cast<int>(page);
-    // The pages written (the new tokens within the capacity) and swept (the columns before them).
-    INTFA_TRY(check_pages(c.block_table, c.bt_stride, K.B, page, num_pages, [&](int64_t b) {
-      return std::clamp<int64_t>(cache_pos0(c, static_cast<int>(b)) + K.S, 0, cap);
-    }));
+    c.num_pages = num_pages;
+    // The pages written (the new tokens within the capacity) and swept (the columns before them);
+    // on the GPU the kernels guard the device table's entries (CacheQuantParams).
+    if (!p.gpu)
+      INTFA_TRY(check_pages(c.block_table, c.bt_stride, K.B, page, num_pages, [&](int64_t b) {
+        return std::clamp<int64_t>(cache_pos0(c, static_cast<int>(b)) + K.S, 0, cap);
+      }));
   }
   if (p.gpu) return cuda::quantize_cache(c, opts.stream);
   ref::quantize_cache(c);

@@ -76,13 +76,15 @@ struct CacheQuantParams {
   int8_t* vt8 = nullptr;  Strides3 vt_st;          // ts = stride of d
   int64_t vt_cols = 0;
   bool v_per_tensor = false;
-  // append_kv into a paged cache (the CPU backend): column c of sequence b is token c % page_size
-  // of page block_table[b * bt_stride + c / page_size], the page standing where a sequence stands
-  // in x8_st, s_st and vt_st; a V sweep requantizes only the columns before the new tokens (the
-  // table's later entries may name no page yet).
+  // append_kv into a paged cache: column c of sequence b is token c % page_size of page
+  // block_table[b * bt_stride + c / page_size], the page standing where a sequence stands in
+  // x8_st, s_st and vt_st; a V sweep requantizes only the columns before the new tokens (the
+  // table's later entries may name no page yet). The GPU kernels cannot have the entries checked
+  // on the host: they write nothing through an entry outside [0, num_pages).
   const int32_t* block_table = nullptr;
   int64_t bt_stride = 0;
   int page_size = 0;
+  int64_t num_pages = 0;
 };
 
 struct FwdParams {
@@ -115,12 +117,14 @@ struct FwdParams {
   // by the kernels): sequence b attends to its first seqused_kv[b] keys, clamped to [0, its
   // length]. Null: every key.
   const int32_t* seqused_kv = nullptr;
-  // Paged KV (QuantizedQKV::block_table; the CPU backend): key t of sequence b is token
-  // t % page_size of page block_table[b * bt_stride + t / page_size], the page standing where a
-  // sequence stands in k_st, ks_st and vt_st. Null: each sequence's keys are its own rows.
+  // Paged KV (QuantizedQKV::block_table): key t of sequence b is token t % page_size of page
+  // block_table[b * bt_stride + t / page_size], the page standing where a sequence stands in
+  // k_st, ks_st and vt_st. Null: each sequence's keys are its own rows. The GPU kernel reads
+  // zeros (K, V and K scales) through an entry outside [0, num_pages), never memory past the pool.
   const int32_t* block_table = nullptr;
   int64_t bt_stride = 0;
   int page_size = 0;
+  int64_t num_pages = 0;
 };
 
 // Token range of sequence b: [tok0, tok0 + len).

@@ -5,6 +5,7 @@
 // matches the CPU emulation of the same cache.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -58,9 +59,10 @@ struct QSide {
   }
 };
 
-// attention_int8 over `gq` on every GPU path against the CPU emulation (the kernels' key block)
-// over `hq`, the same cache on the host.
+// attention_int8 over `gq` on every GPU path (a paged cache: those that take it) against the
+// CPU emulation (the kernels' key block) over `hq`, the same cache on the host.
 void expect_paths_match_cpu(const QuantizedQKV& hq, const QuantizedQKV& gq, const Options& o) {
+  const bool paged = gq.block_table.defined();
   const int B = int(hq.q8.shape[0]), Hq = int(hq.q8.shape[1]), n = int(hq.q8.shape[2]), D = int(hq.q8.shape[3]);
   const int Hkv = int(hq.k8.shape[1]);
   std::vector<float> want(size_t(B) * Hq * n * D, NAN), want_lse(size_t(B) * Hq * n, NAN);
@@ -69,10 +71,11 @@ void expect_paths_match_cpu(const QuantizedQKV& hq, const QuantizedQKV& gq, cons
   oc.backend = Backend::cpu;
   oc.block_n = build_info().gpu_block_n;  // every GPU path: 128 keys
   INTFA_ASSERT_OK(attention_int8(hq, Tensor(), Tensor(), 0, 0, tw, &twl, oc));
-  std::vector<GpuPath> paths = {GpuPath::automatic, GpuPath::sm80};
+  std::vector<GpuPath> paths = {GpuPath::automatic};
+  if (!paged) paths.push_back(GpuPath::sm80);
   if (n * (Hq / Hkv) <= 16) paths.push_back(GpuPath::decode);  // rows per K/V head it takes
   GpuPath got;
-  if (resolve_gpu_path(GpuPath::sm90, 0, &got).ok()) paths.push_back(GpuPath::sm90);
+  if (!paged && resolve_gpu_path(GpuPath::sm90, 0, &got).ok()) paths.push_back(GpuPath::sm90);
   for (GpuPath path : paths) {
     SCOPED_TRACE(std::string("path ") + to_string(path));
     DeviceBuffer dout(want.size() * 4), dlse(want_lse.size() * 4);
@@ -217,6 +220,120 @@ TEST(KvCacheGpu, ScaleGrowthOverALongCache) {
   int grown = 0;
   for (int i = 0; i < Hkv * D; ++i) grown += vs[i] > 24.f / 127.f;
   EXPECT_EQ(grown, Hkv * ((D + 2) / 3)) << "every channel with a 24.0 grew, no other";
+}
+
+// A PagedCopy's pool and table on the device; same() compares every byte of the pool (garbage
+// pages included) and the per-sequence scales with the host's.
+struct DevicePages {
+  DeviceBuffer k8, vt8, ks, vs, km, table;
+  QuantizedQKV x;
+  explicit DevicePages(const PagedCopy& pc)
+      : k8(pc.k8.data(), pc.k8.size()), vt8(pc.vt8.data(), pc.vt8.size()), ks(pc.ks.data(), pc.ks.size() * 4),
+        vs(pc.vs.data(), pc.vs.size() * 4), km(pc.km.data(), std::max<size_t>(pc.km.size(), 1) * 4),
+        table(pc.table.data(), pc.table.size() * 4), x(pc.x) {
+    x.k8 = on_device(x.k8, k8.ptr);
+    x.vt8 = on_device(x.vt8, vt8.ptr);
+    x.k_scale = on_device(x.k_scale, ks.ptr);
+    x.v_scale = on_device(x.v_scale, vs.ptr);
+    if (x.k_mean.defined()) x.k_mean = on_device(x.k_mean, km.ptr);
+    x.block_table = on_device(x.block_table, table.ptr);
+  }
+  void same(const PagedCopy& pc) const {
+    EXPECT_EQ(k8.to_host<int8_t>(), pc.k8) << "k8 pages";
+    EXPECT_EQ(vt8.to_host<int8_t>(), pc.vt8) << "vt8 pages";
+    const std::vector<float> gks = ks.to_host<float>(), gvs = vs.to_host<float>();
+    EXPECT_EQ(std::memcmp(gks.data(), pc.ks.data(), pc.ks.size() * 4), 0) << "k_scale pages";
+    EXPECT_EQ(gvs, pc.vs) << "v_scale";
+  }
+};
+
+// Paged KV on the GPU (the decode path; pages of 256 tokens, shuffled in a pool with spare
+// garbage pages, entries past each sequence's tokens -1): append_kv at a position per sequence,
+// with V scales that grow, leaves the pool byte-identical to the CPU backend's; attention over
+// it matches the CPU emulation, and equals, bit for bit, the GPU's attention over the
+// contiguous cache that holds the same tokens. Paths that cannot read pages answer
+// not_available, and a table entry outside the pool reads nothing past it (finite output;
+// memcheck runs this test).
+TEST(KvCacheGpu, PagedMatchesCpu) {
+  INTFA_REQUIRE_GPU();
+  for (Scheme s : {Scheme::accurate, Scheme::paper}) {
+    for (int D : {64, 128}) {
+      for (int n : {1, 3}) {
+        SCOPED_TRACE(std::string(to_string(s)) + " D" + std::to_string(D) + " n" + std::to_string(n));
+        const int B = 3, Hq = 8, Hkv = 2, cap = 1024, page = 256, L0 = 700;
+        auto x = tools::make_inputs(Dist::llm, B, Hq, Hkv, n, cap, D, DType::bf16, 80 + D + n + int(s));
+        auto nx = tools::make_inputs(Dist::llm, B, Hkv, Hkv, 1, n, D, DType::bf16, 180 + D + n + int(s));
+        for (auto& v : nx.v) v = static_cast<uint16_t>(v + 0x0080);  // x2: some V scales grow
+        Options o;
+        o.scheme = s;
+        o.causal = n > 1;
+        Caches c(B, Hkv, cap, D, s);
+        ASSERT_NO_FATAL_FAILURE(c.fill(x.tk(), x.tv(), L0, o));
+        PagedCopy pc(c.h, page, Layout::BHSD, 3, 5 + n);
+        std::vector<int32_t> pos = {L0, 255, cap - 1};  // a page boundary; the last token dropped past it
+        std::vector<int32_t> used(B);
+        for (int b = 0; b < B; ++b) used[b] = std::min(cap, pos[b] + n);
+        pc.drop_pages_past(used);
+        DevicePages dp(pc);
+        DeviceBuffer dpos(pos.data(), pos.size() * 4), dk(nx.k.data(), nx.k.size() * 2), dv(nx.v.data(), nx.v.size() * 2);
+        const Tensor tpos = make_tensor(pos.data(), DType::i32, {B});
+        INTFA_ASSERT_OK(append_kv(nx.tk(), nx.tv(), tpos, o, pc.x));
+        INTFA_ASSERT_OK(append_kv(on_device(nx.tk(), dk.ptr), on_device(nx.tv(), dv.ptr), on_device(tpos, dpos.ptr), o, dp.x));
+        INTFA_ASSERT_OK(gpu_synchronize());
+        ASSERT_NO_FATAL_FAILURE(dp.same(pc));
+        // The contiguous cache with the same tokens (the CPU tests show paged and contiguous
+        // appends agree), on the device.
+        INTFA_ASSERT_OK(append_kv(nx.tk(), nx.tv(), tpos, o, c.h));
+        INTFA_ASSERT_OK(gpu_copy_to_device(c.db.ptr, c.hb.ptr, c.bytes));
+
+        QSide qs(B, Hq, n, D, s);
+        INTFA_ASSERT_OK(quantize_q(x.tq(), c.h.k_mean, o, qs.h));
+        INTFA_ASSERT_OK(gpu_copy_to_device(qs.d8.ptr, qs.hp.q8.data(), qs.hp.q8.size()));
+        INTFA_ASSERT_OK(gpu_copy_to_device(qs.ds.ptr, qs.hp.qs.data(), qs.hp.qs.size() * 4));
+        INTFA_ASSERT_OK(gpu_copy_to_device(qs.doff.ptr, qs.hp.off.data(), qs.hp.off.size() * 4));
+        DeviceBuffer dused(used.data(), used.size() * 4);
+        QuantizedQKV hp = pc.x, gp = dp.x;
+        for (QuantizedQKV* q : {&hp, &gp}) {
+          const QuantizedQKV& side = q == &hp ? qs.h : qs.d;
+          q->q8 = side.q8;
+          q->q_scale = side.q_scale;
+          q->lse_offset = side.lse_offset;
+        }
+        hp.seqused_kv = make_tensor(used.data(), DType::i32, {B});
+        gp.seqused_kv = on_device(hp.seqused_kv, dused.ptr);
+        ASSERT_NO_FATAL_FAILURE(expect_paths_match_cpu(hp, gp, o));
+
+        // Paged and contiguous, the same kernel: the same bits.
+        QuantizedQKV gc = cache_view(c.d, qs.d, cap);
+        gc.seqused_kv = gp.seqused_kv;
+        const size_t rows = size_t(B) * Hq * n;
+        DeviceBuffer o1(rows * D * 4), o2(rows * D * 4), l1(rows * 4), l2(rows * 4);
+        const Tensor to = make_tensor(nullptr, DType::f32, {B, Hq, n, D}), tl = make_tensor(nullptr, DType::f32, {B, Hq, n});
+        Tensor t1 = on_device(to, o1.ptr), t2 = on_device(to, o2.ptr), tl1 = on_device(tl, l1.ptr), tl2 = on_device(tl, l2.ptr);
+        Options od = o;
+        od.path = GpuPath::decode;
+        INTFA_ASSERT_OK(attention_int8(gp, Tensor(), Tensor(), 0, 0, t1, &tl1, od));
+        INTFA_ASSERT_OK(attention_int8(gc, Tensor(), Tensor(), 0, 0, t2, &tl2, od));
+        INTFA_ASSERT_OK(gpu_synchronize());
+        EXPECT_EQ(o1.to_host<uint32_t>(), o2.to_host<uint32_t>()) << "paged vs contiguous output bits";
+        EXPECT_EQ(l1.to_host<uint32_t>(), l2.to_host<uint32_t>()) << "paged vs contiguous LSE bits";
+
+        od.path = GpuPath::sm80;
+        const Status st = attention_int8(gp, Tensor(), Tensor(), 0, 0, t1, &tl1, od);
+        EXPECT_EQ(st.code(), StatusCode::not_available) << st.message();
+        EXPECT_NE(st.message().find("block_table: paged KV runs on the GPU's decode path"), std::string::npos)
+            << st.message();
+
+        // An entry past the pool (sequence 0's first page): nothing read past it, finite output.
+        const int32_t bad = int32_t(pc.x.k8.shape[0]) + 1000;
+        INTFA_ASSERT_OK(gpu_copy_to_device(dp.table.ptr, &bad, 4));
+        od.path = GpuPath::automatic;
+        INTFA_ASSERT_OK(attention_int8(gp, Tensor(), Tensor(), 0, 0, t1, &tl1, od));
+        INTFA_ASSERT_OK(gpu_synchronize());
+        for (float v : o1.to_host<float>()) ASSERT_TRUE(std::isfinite(v));
+      }
+    }
+  }
 }
 
 }  // namespace

@@ -1,8 +1,10 @@
 // Input distributions and accuracy metrics (see inputs.h).
 #include "inputs.h"
 
+#include <algorithm>
 #include <cmath>
 #include <random>
+#include <utility>
 
 namespace intfa::tools {
 
@@ -80,6 +82,47 @@ Metrics compare(const std::vector<double>& got, const std::vector<double>& ref) 
   m.mean_rel = ref.empty() ? 0 : rel / ref.size();
   if (m.nonfinite) m.rel_l2 = m.rel_l1 = m.max_abs = m.mean_rel = NAN;
   return m;
+}
+
+PagedCopy::PagedCopy(const QuantizedQKV& c, int page, Layout layout, int spare, uint32_t seed) {
+  const int64_t B = c.k8.shape[0], H = c.k8.shape[1], cap = c.k8.shape[2], D = c.k8.shape[3];
+  const int64_t maxp = cap / page, P = B * maxp + spare;
+  std::vector<int32_t> perm(static_cast<size_t>(P));
+  for (int64_t i = 0; i < P; ++i) perm[i] = static_cast<int32_t>(i);
+  std::mt19937 rng(seed);
+  std::shuffle(perm.begin(), perm.end(), rng);
+  table.assign(perm.begin(), perm.begin() + B * maxp);
+  k8.assign(size_t(P * H * page * D), 0x7f);
+  vt8.assign(size_t(P * H * D * page), 0x7f);
+  ks.assign(size_t(P * H * page), NAN);
+  const bool bhsd = layout == Layout::BHSD;
+  const int8_t* ck = static_cast<const int8_t*>(c.k8.data);
+  const int8_t* cv = static_cast<const int8_t*>(c.vt8.data);
+  const float* cs = static_cast<const float*>(c.k_scale.data);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < cap; ++t) {
+      const int64_t pg = table[b * maxp + t / page], r = t % page;
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t krow = bhsd ? (pg * H + h) * page + r : (pg * page + r) * H + h;
+        for (int64_t d = 0; d < D; ++d) {
+          k8[krow * D + d] = ck[b * c.k8.stride[0] + h * c.k8.stride[1] + t * c.k8.stride[2] + d];
+          vt8[((pg * H + h) * D + d) * page + r] = cv[b * c.vt8.stride[0] + h * c.vt8.stride[1] + d * c.vt8.stride[2] + t];
+        }
+        ks[(pg * H + h) * page + r] = cs[b * c.k_scale.stride[0] + h * c.k_scale.stride[1] + t];
+      }
+    }
+  x = c;
+  x.layout = layout;
+  for (auto [t, v] : {std::pair<Tensor*, std::vector<float>*>{&x.v_scale, &vs}, {&x.k_mean, &km}}) {
+    if (!t->defined()) continue;
+    const float* src = static_cast<const float*>(t->data);
+    v->assign(src, src + t->numel());  // contiguous [B, Hkv, D]
+    t->data = v->data();
+  }
+  x.k8 = bhsd ? make_tensor(k8.data(), DType::i8, {P, H, page, D}) : make_tensor(k8.data(), DType::i8, {P, page, H, D});
+  x.vt8 = make_tensor(vt8.data(), DType::i8, {P, H, D, page});
+  x.k_scale = make_tensor(ks.data(), DType::f32, {P, H, page});
+  x.block_table = make_tensor(table.data(), DType::i32, {B, maxp});
 }
 
 }  // namespace intfa::tools

@@ -3,6 +3,7 @@
 // tests; includes only the public header.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -40,5 +41,26 @@ struct Metrics {
 // mean(|got - ref| / (|ref| + eps)) with eps = 1e-3 * mean|ref| so near-zero outputs do not
 // dominate it.
 Metrics compare(const std::vector<double>& got, const std::vector<double>& ref);
+
+// A paged copy of a contiguous BHSD host cache c (the tests' and the bench's paged KV) (seqlen cap, a multiple of `page`): each
+// sequence's pages scattered over a pool in a shuffled order, with `spare` pages of garbage
+// (bytes 0x7f, NaN scales) the table never names. k8 in `layout` ([P, Hkv, page, D] or
+// [P, page, Hkv, D]); per-sequence parts (v_scale, k_mean) copied.
+struct PagedCopy {
+  std::vector<int8_t> k8, vt8;
+  std::vector<float> ks, vs, km;
+  std::vector<int32_t> table;
+  QuantizedQKV x;
+  PagedCopy(const QuantizedQKV& c, int page, Layout layout, int spare, uint32_t seed);
+  // Table entries of the pages past sequence b's first counts[b] tokens (clamped to [0, the
+  // table's tokens]) set to -1: a call that touches only those tokens never reads them.
+  template <typename Int>
+  void drop_pages_past(const std::vector<Int>& counts) {
+    const int64_t maxp = x.block_table.shape[1], page = x.k_scale.shape[2];
+    for (size_t b = 0; b < counts.size(); ++b)
+      for (int64_t i = (std::clamp<int64_t>(counts[b], 0, maxp * page) + page - 1) / page; i < maxp; ++i)
+        table[b * maxp + i] = -1;
+  }
+};
 
 }  // namespace intfa::tools

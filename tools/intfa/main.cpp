@@ -8,6 +8,7 @@
 #include <fstream>
 #include <functional>
 #include <map>
+#include <memory>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -353,6 +354,37 @@ struct BenchShape {
   // Kernel-only runs with seqused_kv: 1 = every sequence's full key count; 2 = a ragged batch,
   // sequence b counting (b + 1) / B of its keys (a decode batch of uneven requests).
   int seqused = 0;
+  // Kernel-only runs over a paged copy of the quantized K/V (pages of `page` tokens, shuffled in
+  // one pool, tools::PagedCopy); 0: the contiguous tensors.
+  int page = 0;
+};
+
+// The paged copy of the quantized K/V of `qx` (device memory at `base`, laid out by
+// alloc_quantized for `ps` and `sc`): built on the host, its pool and table moved to the device, and the view that
+// reads them (v_scale and k_mean stay qx's).
+struct DevicePagedKv {
+  std::unique_ptr<tools::PagedCopy> host;
+  std::unique_ptr<DeviceBuf> k8, vt8, ks, table;
+  QuantizedQKV view(const QuantizedQKV& qx, const void* base, const ProblemShape& ps, Scheme sc, size_t bytes,
+                    int page) {
+    std::vector<uint8_t> raw(bytes + 256);
+    void* hb = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(raw.data()) + 255) & ~uintptr_t(255));
+    QuantizedQKV hx;
+    check(alloc_quantized(ps, sc, Layout::BHSD, hb, bytes, false, 0, &hx), "alloc_quantized (host)");
+    check(gpu_copy_to_host(hb, base, bytes), "copy the quantized tensors to the host");
+    host = std::make_unique<tools::PagedCopy>(hx, page, Layout::BHSD, 0, 1);
+    const tools::PagedCopy& h = *host;
+    k8 = std::make_unique<DeviceBuf>(h.k8.data(), h.k8.size());
+    vt8 = std::make_unique<DeviceBuf>(h.vt8.data(), h.vt8.size());
+    ks = std::make_unique<DeviceBuf>(h.ks.data(), h.ks.size() * sizeof(float));
+    table = std::make_unique<DeviceBuf>(h.table.data(), h.table.size() * sizeof(int32_t));
+    QuantizedQKV x = qx;
+    x.k8 = on_device(h.x.k8, k8->ptr);
+    x.vt8 = on_device(h.x.vt8, vt8->ptr);
+    x.k_scale = on_device(h.x.k_scale, ks->ptr);
+    x.block_table = on_device(h.x.block_table, table->ptr);
+    return x;
+  }
 };
 
 // Times kernel-only and end-to-end for every scheme and causal flag of one shape; prints a line
@@ -395,6 +427,7 @@ void bench_shape(const BenchShape& sh, const std::vector<Scheme>& schemes, const
     check(alloc_quantized(ps, sc, Layout::BHSD, ws.ptr, qbytes, true, 0, &qx), "alloc_quantized");
     QuantizedQKV qk = qx;  // what the kernel-only runs read
     if (sh.seqused) qk.seqused_kv = make_tensor(dused.ptr, DType::i32, {int64_t(used.size())}, true);
+    DevicePagedKv paged;
     for (int causal : causals) {
       Options o;
       o.scheme = sc;
@@ -402,6 +435,11 @@ void bench_shape(const BenchShape& sh, const std::vector<Scheme>& schemes, const
       o.path = path;
       o.workspace = make_tensor(ws2.ptr, DType::u8, {static_cast<int64_t>(qbytes)}, true);
       check(quantize(tq, tk, tv, tcu, tcu, o, qx), "quantize");
+      if (sh.page && !paged.host) {
+        const Tensor used_kv = qk.seqused_kv;
+        qk = paged.view(qx, ws.ptr, ps, sc, qbytes, sh.page);
+        qk.seqused_kv = used_kv;
+      }
       BenchCtx kern{[&] { return attention_int8(qk, tcu, tcu, sh.seq_q, sh.seq, to, nullptr, o); }};
       BenchCtx e2e{[&] {
         return varlen ? attention_varlen(tq, tk, tv, tcu, tcu, sh.seq_q, sh.seq, to, nullptr, o)
@@ -440,6 +478,7 @@ void bench_shape(const BenchShape& sh, const std::vector<Scheme>& schemes, const
       }
       if (sh.heads_kv != sh.heads) extra += ", \"heads_kv\": " + std::to_string(sh.heads_kv);
       if (sh.seqused) extra += sh.seqused == 2 ? ", \"seqused_kv\": \"ragged\"" : ", \"seqused_kv\": true";
+      if (sh.page) extra += ", \"page_size\": " + std::to_string(sh.page);
       for (int e = 0; e < 2; ++e) {
         rows << (rows.tellp() > 0 ? ",\n" : "") << "    {\"provider\": \"intfa\", \"path\": \""
              << to_string(path) << "\", \"scheme\": \"" << to_string(sc) << "\", \"seq\": " << sh.seq << extra
@@ -454,7 +493,7 @@ void bench_shape(const BenchShape& sh, const std::vector<Scheme>& schemes, const
 
 int cmd_bench(const Args& a) {
   a.allow({"--seq", "--seq-q", "--varlen", "--hdim", "--causal", "--scheme", "--batch", "--heads", "--heads-kv",
-           "--path", "--json", "--reps", "--dtype", "--seqused"});
+           "--path", "--json", "--reps", "--dtype", "--seqused", "--page"});
   // Arguments first, so that a bad one is reported on any machine.
   const auto seqs = a.ints("--seq", "1024,4096,16384", 1, 1 << 20);
   const auto hdims = a.ints("--hdim", "128,64", 16, 256);
@@ -468,6 +507,14 @@ int cmd_bench(const Args& a) {
   // against a long cache. 0: square.
   const int seq_q_opt = a.integer("--seq-q", 0, 0, 1 << 20);
   const int seqused = a.integer("--seqused", 0, 0, 2);
+  // Kernel-only runs over a paged copy of the cache (pages of this many tokens); 0: contiguous.
+  const int page = a.integer("--page", 0, 0, 1 << 20);
+  if (page) {
+    if (!a.str("--varlen", "").empty()) throw UsageError{"--page: paged KV takes dense queries; drop --varlen"};
+    if (page % 16) throw UsageError{"--page: expected a multiple of 16 tokens"};
+    for (int s : seqs)
+      if (s % page) throw UsageError{"--page: must divide every --seq (" + std::to_string(s) + ")"};
+  }
   // Packed varlen batch: one sequence per length (queries = keys), in place of --batch/--seq.
   const std::vector<int> lens = a.str("--varlen", "").empty() ? std::vector<int>() : a.ints("--varlen", "", 1, 1 << 20);
   if (!lens.empty() && (!a.str("--seq", "").empty() || seq_q_opt || !a.str("--batch", "").empty()))
@@ -491,6 +538,7 @@ int cmd_bench(const Args& a) {
     for (size_t i = 0; i < lens.size(); ++i) what += (i ? "," : "") + std::to_string(lens[i]);
     what += ")";
   }
+  if (page) what += ", kernel-only over " + std::to_string(page) + "-token pages";
   if (seqused) what += seqused == 2 ? ", kernel-only with ragged seqused_kv ((b + 1) / B of the keys)"
                                     : ", kernel-only with seqused_kv";
   std::printf("intfa bench on %s (%d SMs): %s H=%d Hkv=%d %s, path %s, median of %d%s\n",
@@ -508,7 +556,7 @@ int cmd_bench(const Args& a) {
       continue;
     }
     for (int seq : seqs)
-      bench_shape({batch, heads, heads_kv, seq_q_opt ? seq_q_opt : seq, seq, hdim, {}, seqused}, schemes, causals,
+      bench_shape({batch, heads, heads_kv, seq_q_opt ? seq_q_opt : seq, seq, hdim, {}, seqused, page}, schemes, causals,
                   dtype, path, reps, rows);
   }
   if (!json.empty()) {
@@ -530,9 +578,10 @@ void usage(FILE* f) {
                "           [--hdim D] [--block N] [--dtype bf16|fp16] [--causal 0|1] [--json FILE]\n"
                "  bench [--seq ..] [--seq-q N | --varlen L1,L2,..] [--hdim 128,64] [--causal 0,1] [--scheme ..]\n"
                "        [--path auto|sm80|sm90|decode] [--batch 4] [--heads 32] [--heads-kv H] [--reps 20]\n"
-               "        [--seqused 0|1|2] [--json FILE]   (needs a GPU; --seq-q: query rows when fewer than the keys;\n"
+               "        [--seqused 0|1|2] [--page N] [--json FILE]   (needs a GPU; --seq-q: query rows when fewer than the keys;\n"
                "        --seqused 1: kernel-only runs count every sequence's keys through seqused_kv, 2: sequence b\n"
-               "        counts (b + 1) / B of its keys, a ragged batch)\n");
+               "        counts (b + 1) / B of its keys, a ragged batch; --page N: kernel-only runs read a paged copy\n"
+               "        of the cache, N-token pages shuffled in a pool)\n");
 }
 
 }  // namespace

@@ -66,8 +66,18 @@ __device__ __forceinline__ int64_t part_row0(const Params& P, int split, int bh)
   return (int64_t(split) * P.p.batch * P.p.heads_q + bh) * kRows;
 }
 
-template <int D, int Stages>
-__global__ void __launch_bounds__(kThreads) fwd_kernel(const __grid_constant__ Params P) {
+// At D = 64 four CTAs share an SM (shared memory allows them) if a thread takes at most 128
+// registers: the contiguous kernel does by itself (127), the paged one is held to it (130 free).
+template <int D, bool Paged>
+constexpr int kMinCtas = Paged && D == 64 ? 4 : 0;
+
+// Paged (FwdParams::block_table, pages a multiple of kBlockN keys, so a block lies in one page):
+// each block's K rows, V^T columns and K scales are found through the block's table entry,
+// which is read one block ahead of its copies so the table's round trip overlaps a block's
+// compute. The contiguous kernels' load code is kept apart (if constexpr) rather than shared:
+// sharing it changed the D = 64 kernel's schedule.
+template <int D, int Stages, bool Paged>
+__global__ void __launch_bounds__(kThreads, kMinCtas<D, Paged>) fwd_kernel(const __grid_constant__ Params P) {
   using S = Smem<D, Stages>;
   constexpr int kStages = Stages;
   const FwdParams& p = P.p;
@@ -130,6 +140,39 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const __grid_constant__ P
       p.vt8 + b * p.vt_st.bs + hkv * p.vt_st.hs + vt_seq_start(p.cu_kv, b) + vd * p.vt_st.ts + 16 * vc;
   const float* const ks_head = p.k_scale + offset(p.ks_st, b, hkv, k0);
   const int64_t k_step = kKRows * p.k_st.ts, v_step = kVRows * p.vt_st.ts;
+  // Paged: the page of block n (-1 outside the pool: its copies read nothing, so its keys have
+  // zero K, V and scales, and no copy leaves the pool), and the thread's first bytes in page 0.
+  const int32_t* const table = Paged ? p.block_table + b * p.bt_stride : nullptr;
+  auto page_of = [&](int n) {
+    const int pg = __ldg(table + n * kBlockN / p.page_size);
+    return pg >= 0 && pg < p.num_pages ? pg : -1;
+  };
+  const int8_t* const k_page0 = p.k8 + hkv * p.k_st.hs + kr * p.k_st.ts + 16 * kc;
+  const int8_t* const v_page0 = p.vt8 + hkv * p.vt_st.hs + vd * p.vt_st.ts + 16 * vc;
+  const float* const ks_page0 = p.k_scale + hkv * p.ks_st.hs;
+  auto load_block_paged = [&](int n, int stage, int page) {
+    const int key0 = n * kBlockN, k_left = page < 0 ? 0 : skv - key0 - kr;
+    const int64_t tok = key0 - int64_t(n * kBlockN / p.page_size) * p.page_size;  // within the page
+    const int pg = max(page, 0);
+    const uint32_t base = stage_base(stage);
+    const int8_t* const k_src = k_page0 + pg * p.k_st.bs + tok * p.k_st.ts;
+    const int8_t* src = k_src;
+#pragma unroll
+    for (int it = 0; it < kBlockN / kKRows; ++it, src = opaque(src + k_step)) {
+      const bool valid = it * kKRows < k_left;
+      ptx::cp_async_16B(base + k_off + it * kKRows * D, valid ? src : k_page0, valid);
+    }
+    const bool v_valid = page >= 0 && key0 + 16 * vc < skv;
+    src = v_page0 + pg * p.vt_st.bs + tok;
+#pragma unroll
+    for (int it = 0; it < D / kVRows; ++it, src = opaque(src + v_step))
+      ptx::cp_async_16B(base + S::kK + v_off + it * kVRows * kBlockN, v_valid ? src : v_page0, v_valid);
+    if (tid < kBlockN) {
+      const bool valid = page >= 0 && key0 + tid < skv;
+      const float* ks = ks_page0 + pg * p.ks_st.bs + tok + tid;
+      ptx::cp_async_4B(base + S::kK + S::kV + 4 * tid, valid ? ks : ks_page0, valid);
+    }
+  };
   auto load_block = [&](int n, int stage) {
     const int key0 = n * kBlockN, k_left = skv - key0 - kr;
     const uint32_t base = stage_base(stage);
@@ -167,10 +210,16 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const __grid_constant__ P
     // The first kStages - 1 blocks (one group each, empty past the range).
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
-      if (s < count) load_block(kb0 + s, s);
+      if constexpr (Paged) {
+        if (s < count) load_block_paged(kb0 + s, s, page_of(kb0 + s));
+      } else {
+        if (s < count) load_block(kb0 + s, s);
+      }
       ptx::cp_async_commit();
     }
   }
+  // Paged: the page of the next block to load.
+  int next_page = Paged && kStages - 1 < count ? page_of(kb0 + kStages - 1) : -1;
 
   // Warp w's keys are the block's 32-key step w: n-tiles 4w .. 4w + 3 of the permuted QK^T
   // layout (sm80::permuted_key), k step w of the PV product.
@@ -191,7 +240,14 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const __grid_constant__ P
     // every warp is done with block i - 1, whose stage block i + kStages - 1 refills.
     ptx::cp_async_wait<kStages - 2>();
     __syncthreads();
-    if (i + kStages - 1 < count) load_block(n + kStages - 1, (i + kStages - 1) % kStages);
+    if constexpr (Paged) {
+      if (i + kStages - 1 < count) {
+        load_block_paged(n + kStages - 1, (i + kStages - 1) % kStages, next_page);
+        if (i + kStages < count) next_page = page_of(n + kStages);
+      }
+    } else {
+      if (i + kStages - 1 < count) load_block(n + kStages - 1, (i + kStages - 1) % kStages);
+    }
     ptx::cp_async_commit();
     if (i == 0) sm80::load_q_frags<D>(smem, 0, lane, qf);
 
@@ -334,9 +390,9 @@ __global__ void __launch_bounds__(128) combine_kernel(const __grid_constant__ Pa
 
 // Host side (fwd_decode_launch.cuh): the kernel's resident CTAs per SM (cached per device) and
 // the launch of one (head dim, ring depth).
-template <int D, int Stages>
+template <int D, int Stages, bool Paged>
 Status occupancy(int* ctas);
-template <int D, int Stages>
+template <int D, int Stages, bool Paged>
 Status launch_fwd(const Params& prm, cudaStream_t stream);
 
 }  // namespace intfa::decode

@@ -28,6 +28,12 @@ Status launch_fwd_decode(const FwdParams& p, cudaStream_t stream) {
                       " query rows per (batch, K/V head) after GQA packing (heads_q / heads_kv x seqlen_q, or "
                       "seqlen_q when the heads cannot pack), got " + std::to_string(p.seqlen_q) +
                       "; use path auto, sm80 or sm90");
+  // Paged KV: a key block must lie in one page (one table entry per block).
+  const bool paged = p.block_table != nullptr;
+  if (paged && p.page_size % decode::kBlockN != 0)
+    return Status(StatusCode::not_available, "block_table: the GPU decode path takes pages of a multiple of " +
+                                                 std::to_string(decode::kBlockN) + " tokens, got page_size " +
+                                                 std::to_string(p.page_size) + " (the CPU backend takes multiples of 16)");
   if (p.seqlen_q < 1 || p.batch < 1) return Status::OK();
   // Shared memory: D = 128 takes ~100 KB (three 32 KB stages), more than sm_86 / sm_89 give one
   // block (99 KB); there the automatic path runs the prefill kernel instead. 4 stages only where
@@ -51,7 +57,13 @@ Status launch_fwd_decode(const FwdParams& p, cudaStream_t stream) {
   const long long heads = static_cast<long long>(p.batch) * p.heads_q;
   int sms = 1, ctas = 1;
   st = check_cuda(device_sm_count(&sms), "decode forward: SM count");
-  if (st.ok()) st = d128 ? decode::occupancy<128, 3>(&ctas) : decode::occupancy<64, 3>(&ctas);
+  // Resident CTAs per SM of the kernel a launch of `stages` would run.
+  auto occupancy = [&](int stages, int* n) {
+    if (!d128) return paged ? decode::occupancy<64, 3, true>(n) : decode::occupancy<64, 3, false>(n);
+    if (stages == 4) return paged ? decode::occupancy<128, 4, true>(n) : decode::occupancy<128, 4, false>(n);
+    return paged ? decode::occupancy<128, 3, true>(n) : decode::occupancy<128, 3, false>(n);
+  };
+  if (st.ok()) st = occupancy(3, &ctas);
   if (!st.ok()) return st;
   // INTFA_DECODE_SPLITS forces the ranges per head, INTFA_DECODE_STAGES (3 or 4) the ring depth
   // (tests, sanitizer runs, A/B timing).
@@ -77,7 +89,7 @@ Status launch_fwd_decode(const FwdParams& p, cudaStream_t stream) {
   if (forced_stages == 3 || forced_stages == 4) stages = forced_stages;
   if (!d128 || smem4 > smem_max) stages = 3;
   if (stages == 4) {
-    st = decode::occupancy<128, 4>(&ctas);
+    st = occupancy(4, &ctas);
     if (!st.ok()) return st;
     prm.num_splits = fwd::decode_split_count(accurate, key_blocks, heads, sms * ctas, forced);
   }
@@ -95,8 +107,13 @@ Status launch_fwd_decode(const FwdParams& p, cudaStream_t stream) {
     prm.part_ml = static_cast<float2*>(scratch);
     prm.part_o = reinterpret_cast<float*>(prm.part_ml + rows);
   }
-  st = !d128 ? decode::launch_fwd<64, 3>(prm, stream)
-             : stages == 4 ? decode::launch_fwd<128, 4>(prm, stream) : decode::launch_fwd<128, 3>(prm, stream);
+  if (paged)
+    st = !d128 ? decode::launch_fwd<64, 3, true>(prm, stream)
+               : stages == 4 ? decode::launch_fwd<128, 4, true>(prm, stream) : decode::launch_fwd<128, 3, true>(prm, stream);
+  else
+    st = !d128 ? decode::launch_fwd<64, 3, false>(prm, stream)
+               : stages == 4 ? decode::launch_fwd<128, 4, false>(prm, stream)
+                             : decode::launch_fwd<128, 3, false>(prm, stream);
   if (!scratch) return st;
   const Status fst = scratch_free(scratch, stream, "decode forward: partial rows");
   return st.ok() ? fst : st;

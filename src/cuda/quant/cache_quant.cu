@@ -54,17 +54,73 @@ __global__ void __launch_bounds__(32 * kWarps) cache_rows_kernel(const CacheQuan
   }
   const int64_t at = cache_pos(p, cache_pos0(p, b), t);
   if (at < 0) return;
+  const CachePlace w = cache_place(p, b, at);
+  if (p.block_table && (w.sb < 0 || w.sb >= p.num_pages)) return;  // not a page of the pool
   const float inv = quant_inv_scale(amax);
-  int8_t* out = p.x8 + offset(p.x8_st, b, h, at);
+  int8_t* out = p.x8 + offset(p.x8_st, w.sb, h, w.tok);
 #pragma unroll
   for (int i = 0; i < kMaxPerLane; ++i) {
     const int c = lane + 32 * i;
     if (c < p.head_dim) out[c] = quantize_s8(x[i], inv);
   }
   if (lane == 0) {
-    const int64_t s = offset(p.s_st, b, h, at);
+    const int64_t s = offset(p.s_st, w.sb, h, w.tok);
     p.scale[s] = quant_scale(amax);
     if (p.lse_offset) p.lse_offset[s] = mean ? static_cast<float>(p.softmax_scale * dot) : 0.f;
+  }
+}
+
+// The contiguous cache's grown V^T rows of one (batch, kv head) starting at `rows`: every column.
+__device__ void sweep_rows(const CacheQuantParams& p, int8_t* rows, int64_t pos0, const int* grown, int count,
+                           const float* s_old, const float* s_new) {
+  const bool vec = (reinterpret_cast<uintptr_t>(rows) | (p.vt_st.ts | p.vt_cols)) % 16 == 0;
+  for (int i = 0; i < count; ++i) {
+    const int c = grown[i];
+    int8_t* row = rows + c * p.vt_st.ts;
+    const float so = s_old[c], sn = s_new[c];
+    if (vec) {
+      for (int64_t ch = threadIdx.x; ch < p.vt_cols / 16; ch += blockDim.x) {
+        int4 x = reinterpret_cast<const int4*>(row)[ch];
+        int8_t* b8 = reinterpret_cast<int8_t*>(&x);
+#pragma unroll
+        for (int e = 0; e < 16; ++e) b8[e] = requantize_s8(b8[e], so, sn);
+        reinterpret_cast<int4*>(row)[ch] = x;
+      }
+    } else {
+      for (int64_t col = threadIdx.x; col < p.vt_cols; col += blockDim.x)
+        if (!cache_writes(p, pos0, col)) row[col] = requantize_s8(row[col], so, sn);  // dropped tokens' too
+    }
+  }
+}
+
+// The paged cache's grown V^T rows of (b, h): the sequence's columns before the new tokens,
+// page by page through the table. A 16-column chunk wholly before pos0 is one 16-byte vector
+// (pages are multiples of 16 columns, so a chunk never straddles two), the chunk holding pos0
+// is done byte by byte: the columns from pos0 on are the new tokens' or not the sequence's yet,
+// and the CPU backend leaves them alone.
+__device__ void sweep_pages(const CacheQuantParams& p, int b, int h, int64_t pos0, const int* grown, int count,
+                            const float* s_old, const float* s_new) {
+  const int64_t held = min(max(pos0, int64_t(0)), p.cap);
+  const bool vec = (reinterpret_cast<uintptr_t>(p.vt8) | p.vt_st.bs | p.vt_st.hs | p.vt_st.ts) % 16 == 0;
+  const int64_t chunks = (held + 15) / 16;
+  for (int i = 0; i < count; ++i) {
+    const int c = grown[i];
+    const float so = s_old[c], sn = s_new[c];
+    for (int64_t ch = threadIdx.x; ch < chunks; ch += blockDim.x) {
+      const CachePlace w = cache_place(p, b, 16 * ch);
+      if (w.sb < 0 || w.sb >= p.num_pages) continue;
+      int8_t* at = p.vt8 + w.sb * p.vt_st.bs + h * p.vt_st.hs + c * p.vt_st.ts + w.tok;
+      const int n = static_cast<int>(min(int64_t(16), held - 16 * ch));
+      if (vec && n == 16) {
+        int4 x = *reinterpret_cast<const int4*>(at);
+        int8_t* b8 = reinterpret_cast<int8_t*>(&x);
+#pragma unroll
+        for (int e = 0; e < 16; ++e) b8[e] = requantize_s8(b8[e], so, sn);
+        *reinterpret_cast<int4*>(at) = x;
+      } else {
+        for (int e = 0; e < n; ++e) at[e] = requantize_s8(at[e], so, sn);
+      }
+    }
   }
 }
 
@@ -113,24 +169,10 @@ __global__ void __launch_bounds__(kVThreads) cache_v_kernel(const CacheQuantPara
   // 16 bytes per thread and step where the rows allow (a byte loop had one dependent global
   // round trip per step: ~26 us per decode step at 8k tokens on an H200). The new tokens' own
   // columns are rewritten below, after the barrier, whatever this writes there.
-  const bool vec = (reinterpret_cast<uintptr_t>(rows) | (p.vt_st.ts | p.vt_cols)) % 16 == 0;
-  for (int i = 0; i < s_count; ++i) {
-    const int c = s_grown[i];
-    int8_t* row = rows + c * p.vt_st.ts;
-    const float so = s_old[c], sn = s_new[c];
-    if (vec) {
-      for (int64_t ch = threadIdx.x; ch < p.vt_cols / 16; ch += kVThreads) {
-        int4 x = reinterpret_cast<const int4*>(row)[ch];
-        int8_t* b8 = reinterpret_cast<int8_t*>(&x);
-#pragma unroll
-        for (int e = 0; e < 16; ++e) b8[e] = requantize_s8(b8[e], so, sn);
-        reinterpret_cast<int4*>(row)[ch] = x;
-      }
-    } else {
-      for (int64_t col = threadIdx.x; col < p.vt_cols; col += kVThreads)
-        if (!cache_writes(p, pos0, col)) row[col] = requantize_s8(row[col], so, sn);  // dropped tokens' too
-    }
-  }
+  if (p.block_table)
+    sweep_pages(p, b, h, pos0, s_grown, s_count, s_old, s_new);
+  else
+    sweep_rows(p, rows, pos0, s_grown, s_count, s_old, s_new);
   __syncthreads();  // the sweeps' writes before the new tokens' bytes
 #pragma unroll
   for (int k = 0; k < 2; ++k) {
@@ -141,7 +183,14 @@ __global__ void __launch_bounds__(kVThreads) cache_v_kernel(const CacheQuantPara
     int8_t* row = rows + c * p.vt_st.ts;
     for (int t = 0; t < p.tokens; ++t) {
       const int64_t at = cache_pos(p, pos0, t);
-      if (at >= 0) row[at] = quantize_s8(v_at(t, c), inv);
+      if (at < 0) continue;
+      if (!p.block_table) {
+        row[at] = quantize_s8(v_at(t, c), inv);
+        continue;
+      }
+      const CachePlace w = cache_place(p, b, at);
+      if (w.sb >= 0 && w.sb < p.num_pages)
+        p.vt8[w.sb * p.vt_st.bs + h * p.vt_st.hs + c * p.vt_st.ts + w.tok] = quantize_s8(v_at(t, c), inv);
     }
   }
 }
