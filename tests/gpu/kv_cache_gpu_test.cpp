@@ -260,7 +260,7 @@ TEST(KvCacheGpu, PagedMatchesCpu) {
     for (int D : {64, 128}) {
       for (int n : {1, 3}) {
         SCOPED_TRACE(std::string(to_string(s)) + " D" + std::to_string(D) + " n" + std::to_string(n));
-        const int B = 3, Hq = 8, Hkv = 2, cap = 1024, page = 256, L0 = 700;
+        const int B = 3, Hq = 8, Hkv = 2, cap = 1024, page = 256;
         auto x = tools::make_inputs(Dist::llm, B, Hq, Hkv, n, cap, D, DType::bf16, 80 + D + n + int(s));
         auto nx = tools::make_inputs(Dist::llm, B, Hkv, Hkv, 1, n, D, DType::bf16, 180 + D + n + int(s));
         for (auto& v : nx.v) v = static_cast<uint16_t>(v + 0x0080);  // x2: some V scales grow
@@ -268,9 +268,10 @@ TEST(KvCacheGpu, PagedMatchesCpu) {
         o.scheme = s;
         o.causal = n > 1;
         Caches c(B, Hkv, cap, D, s);
-        ASSERT_NO_FATAL_FAILURE(c.fill(x.tk(), x.tv(), L0, o));
+        // Every token quantized (attention reads up to the positions the appends write to).
+        ASSERT_NO_FATAL_FAILURE(c.fill(x.tk(), x.tv(), cap, o));
         PagedCopy pc(c.h, page, Layout::BHSD, 3, 5 + n);
-        std::vector<int32_t> pos = {L0, 255, cap - 1};  // a page boundary; the last token dropped past it
+        std::vector<int32_t> pos = {700, 255, cap - 1};  // a page boundary; the last token dropped past it
         std::vector<int32_t> used(B);
         for (int b = 0; b < B; ++b) used[b] = std::min(cap, pos[b] + n);
         pc.drop_pages_past(used);

@@ -90,7 +90,7 @@ PagedCopy::PagedCopy(const QuantizedQKV& c, int page, Layout layout, int spare, 
   std::vector<int32_t> perm(static_cast<size_t>(P));
   for (int64_t i = 0; i < P; ++i) perm[i] = static_cast<int32_t>(i);
   std::mt19937 rng(seed);
-  std::shuffle(perm.begin(), perm.end(), rng);
+  if (seed) std::shuffle(perm.begin(), perm.end(), rng);  // seed 0: in order
   table.assign(perm.begin(), perm.begin() + B * maxp);
   k8.assign(size_t(P * H * page * D), 0x7f);
   vt8.assign(size_t(P * H * D * page), 0x7f);

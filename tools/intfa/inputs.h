@@ -51,6 +51,7 @@ struct PagedCopy {
   std::vector<float> ks, vs, km;
   std::vector<int32_t> table;
   QuantizedQKV x;
+  // seed 0: the pages in order (sequence b's page i is page b * max_pages + i).
   PagedCopy(const QuantizedQKV& c, int page, Layout layout, int spare, uint32_t seed);
   // Table entries of the pages past sequence b's first counts[b] tokens (clamped to [0, the
   // table's tokens]) set to -1: a call that touches only those tokens never reads them.

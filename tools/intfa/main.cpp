@@ -354,9 +354,10 @@ struct BenchShape {
   // Kernel-only runs with seqused_kv: 1 = every sequence's full key count; 2 = a ragged batch,
   // sequence b counting (b + 1) / B of its keys (a decode batch of uneven requests).
   int seqused = 0;
-  // Kernel-only runs over a paged copy of the quantized K/V (pages of `page` tokens, shuffled in
-  // one pool, tools::PagedCopy); 0: the contiguous tensors.
+  // Kernel-only runs over a paged copy of the quantized K/V (pages of `page` tokens in one pool,
+  // tools::PagedCopy, shuffled or each sequence's in order); 0: the contiguous tensors.
   int page = 0;
+  bool page_shuffled = true;
 };
 
 // The paged copy of the quantized K/V of `qx` (device memory at `base`, laid out by
@@ -366,13 +367,13 @@ struct DevicePagedKv {
   std::unique_ptr<tools::PagedCopy> host;
   std::unique_ptr<DeviceBuf> k8, vt8, ks, table;
   QuantizedQKV view(const QuantizedQKV& qx, const void* base, const ProblemShape& ps, Scheme sc, size_t bytes,
-                    int page) {
+                    int page, bool shuffled) {
     std::vector<uint8_t> raw(bytes + 256);
     void* hb = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(raw.data()) + 255) & ~uintptr_t(255));
     QuantizedQKV hx;
     check(alloc_quantized(ps, sc, Layout::BHSD, hb, bytes, false, 0, &hx), "alloc_quantized (host)");
     check(gpu_copy_to_host(hb, base, bytes), "copy the quantized tensors to the host");
-    host = std::make_unique<tools::PagedCopy>(hx, page, Layout::BHSD, 0, 1);
+    host = std::make_unique<tools::PagedCopy>(hx, page, Layout::BHSD, 0, shuffled ? 1 : 0);
     const tools::PagedCopy& h = *host;
     k8 = std::make_unique<DeviceBuf>(h.k8.data(), h.k8.size());
     vt8 = std::make_unique<DeviceBuf>(h.vt8.data(), h.vt8.size());
@@ -437,7 +438,7 @@ void bench_shape(const BenchShape& sh, const std::vector<Scheme>& schemes, const
       check(quantize(tq, tk, tv, tcu, tcu, o, qx), "quantize");
       if (sh.page && !paged.host) {
         const Tensor used_kv = qk.seqused_kv;
-        qk = paged.view(qx, ws.ptr, ps, sc, qbytes, sh.page);
+        qk = paged.view(qx, ws.ptr, ps, sc, qbytes, sh.page, sh.page_shuffled);
         qk.seqused_kv = used_kv;
       }
       BenchCtx kern{[&] { return attention_int8(qk, tcu, tcu, sh.seq_q, sh.seq, to, nullptr, o); }};
@@ -478,7 +479,9 @@ void bench_shape(const BenchShape& sh, const std::vector<Scheme>& schemes, const
       }
       if (sh.heads_kv != sh.heads) extra += ", \"heads_kv\": " + std::to_string(sh.heads_kv);
       if (sh.seqused) extra += sh.seqused == 2 ? ", \"seqused_kv\": \"ragged\"" : ", \"seqused_kv\": true";
-      if (sh.page) extra += ", \"page_size\": " + std::to_string(sh.page);
+      if (sh.page)
+        extra += ", \"page_size\": " + std::to_string(sh.page) + ", \"pages\": \"" +
+                 (sh.page_shuffled ? "shuffled" : "ordered") + "\"";
       for (int e = 0; e < 2; ++e) {
         rows << (rows.tellp() > 0 ? ",\n" : "") << "    {\"provider\": \"intfa\", \"path\": \""
              << to_string(path) << "\", \"scheme\": \"" << to_string(sc) << "\", \"seq\": " << sh.seq << extra
@@ -493,7 +496,7 @@ void bench_shape(const BenchShape& sh, const std::vector<Scheme>& schemes, const
 
 int cmd_bench(const Args& a) {
   a.allow({"--seq", "--seq-q", "--varlen", "--hdim", "--causal", "--scheme", "--batch", "--heads", "--heads-kv",
-           "--path", "--json", "--reps", "--dtype", "--seqused", "--page"});
+           "--path", "--json", "--reps", "--dtype", "--seqused", "--page", "--page-order"});
   // Arguments first, so that a bad one is reported on any machine.
   const auto seqs = a.ints("--seq", "1024,4096,16384", 1, 1 << 20);
   const auto hdims = a.ints("--hdim", "128,64", 16, 256);
@@ -509,6 +512,9 @@ int cmd_bench(const Args& a) {
   const int seqused = a.integer("--seqused", 0, 0, 2);
   // Kernel-only runs over a paged copy of the cache (pages of this many tokens); 0: contiguous.
   const int page = a.integer("--page", 0, 0, 1 << 20);
+  const std::string page_order = a.str("--page-order", "shuffled");
+  if (page_order != "shuffled" && page_order != "ordered")
+    throw UsageError{"--page-order: expected shuffled or ordered, got '" + page_order + "'"};
   if (page) {
     if (!a.str("--varlen", "").empty()) throw UsageError{"--page: paged KV takes dense queries; drop --varlen"};
     if (page % 16) throw UsageError{"--page: expected a multiple of 16 tokens"};
@@ -538,7 +544,7 @@ int cmd_bench(const Args& a) {
     for (size_t i = 0; i < lens.size(); ++i) what += (i ? "," : "") + std::to_string(lens[i]);
     what += ")";
   }
-  if (page) what += ", kernel-only over " + std::to_string(page) + "-token pages";
+  if (page) what += ", kernel-only over " + std::to_string(page) + "-token pages (" + page_order + ")";
   if (seqused) what += seqused == 2 ? ", kernel-only with ragged seqused_kv ((b + 1) / B of the keys)"
                                     : ", kernel-only with seqused_kv";
   std::printf("intfa bench on %s (%d SMs): %s H=%d Hkv=%d %s, path %s, median of %d%s\n",
@@ -556,7 +562,8 @@ int cmd_bench(const Args& a) {
       continue;
     }
     for (int seq : seqs)
-      bench_shape({batch, heads, heads_kv, seq_q_opt ? seq_q_opt : seq, seq, hdim, {}, seqused, page}, schemes, causals,
+      bench_shape({batch, heads, heads_kv, seq_q_opt ? seq_q_opt : seq, seq, hdim, {}, seqused, page,
+                   page_order == "shuffled"}, schemes, causals,
                   dtype, path, reps, rows);
   }
   if (!json.empty()) {
@@ -578,10 +585,10 @@ void usage(FILE* f) {
                "           [--hdim D] [--block N] [--dtype bf16|fp16] [--causal 0|1] [--json FILE]\n"
                "  bench [--seq ..] [--seq-q N | --varlen L1,L2,..] [--hdim 128,64] [--causal 0,1] [--scheme ..]\n"
                "        [--path auto|sm80|sm90|decode] [--batch 4] [--heads 32] [--heads-kv H] [--reps 20]\n"
-               "        [--seqused 0|1|2] [--page N] [--json FILE]   (needs a GPU; --seq-q: query rows when fewer than the keys;\n"
+               "        [--seqused 0|1|2] [--page N [--page-order O]] [--json FILE]   (needs a GPU; --seq-q: query rows when fewer than the keys;\n"
                "        --seqused 1: kernel-only runs count every sequence's keys through seqused_kv, 2: sequence b\n"
                "        counts (b + 1) / B of its keys, a ragged batch; --page N: kernel-only runs read a paged copy\n"
-               "        of the cache, N-token pages shuffled in a pool)\n");
+               "        of the cache, N-token pages in a pool, --page-order shuffled (default) or ordered)\n");
 }
 
 }  // namespace

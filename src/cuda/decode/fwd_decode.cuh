@@ -104,6 +104,18 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<D, Paged>) fwd_kernel(const
   const int kv_end = p.causal ? min(skv, pos_hi + 1 + diag) : skv;
   int kb0 = 0, count = 0;
   fwd::split_range(kv_end > 0 ? (kv_end + kBlockN - 1) / kBlockN : 0, P.num_splits, split, kb0, count);
+  // Paged: the page of block n (-1 outside the pool: its copies read nothing, so its keys have
+  // zero K, V and scales, and no copy leaves the pool). The first kStages blocks' entries are
+  // read first thing, so their round trip overlaps the setup below rather than delaying the
+  // first copies.
+  const int32_t* const table = Paged ? p.block_table + b * p.bt_stride : nullptr;
+  auto page_of = [&](int n) {
+    const int pg = __ldg(table + n * kBlockN / p.page_size);
+    return pg >= 0 && pg < p.num_pages ? pg : -1;
+  };
+  int first_pages[kStages];
+#pragma unroll
+  for (int s = 0; s < kStages; ++s) first_pages[s] = Paged && s < count ? page_of(kb0 + s) : -1;
 
   int row[2], key_last[2];
   float rowf[2], m_run[2], l_part[2];
@@ -140,13 +152,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<D, Paged>) fwd_kernel(const
       p.vt8 + b * p.vt_st.bs + hkv * p.vt_st.hs + vt_seq_start(p.cu_kv, b) + vd * p.vt_st.ts + 16 * vc;
   const float* const ks_head = p.k_scale + offset(p.ks_st, b, hkv, k0);
   const int64_t k_step = kKRows * p.k_st.ts, v_step = kVRows * p.vt_st.ts;
-  // Paged: the page of block n (-1 outside the pool: its copies read nothing, so its keys have
-  // zero K, V and scales, and no copy leaves the pool), and the thread's first bytes in page 0.
-  const int32_t* const table = Paged ? p.block_table + b * p.bt_stride : nullptr;
-  auto page_of = [&](int n) {
-    const int pg = __ldg(table + n * kBlockN / p.page_size);
-    return pg >= 0 && pg < p.num_pages ? pg : -1;
-  };
+  // Paged: the thread's first bytes in page 0.
   const int8_t* const k_page0 = p.k8 + hkv * p.k_st.hs + kr * p.k_st.ts + 16 * kc;
   const int8_t* const v_page0 = p.vt8 + hkv * p.vt_st.hs + vd * p.vt_st.ts + 16 * vc;
   const float* const ks_page0 = p.k_scale + hkv * p.ks_st.hs;
@@ -211,7 +217,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<D, Paged>) fwd_kernel(const
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
       if constexpr (Paged) {
-        if (s < count) load_block_paged(kb0 + s, s, page_of(kb0 + s));
+        if (s < count) load_block_paged(kb0 + s, s, first_pages[s]);
       } else {
         if (s < count) load_block(kb0 + s, s);
       }
@@ -219,7 +225,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<D, Paged>) fwd_kernel(const
     }
   }
   // Paged: the page of the next block to load.
-  int next_page = Paged && kStages - 1 < count ? page_of(kb0 + kStages - 1) : -1;
+  int next_page = Paged ? first_pages[kStages - 1] : -1;
 
   // Warp w's keys are the block's 32-key step w: n-tiles 4w .. 4w + 3 of the permuted QK^T
   // layout (sm80::permuted_key), k step w of the PV product.
