@@ -67,7 +67,8 @@ __device__ __forceinline__ int64_t part_row0(const Params& P, int split, int bh)
 }
 
 // At D = 64 four CTAs share an SM (shared memory allows them) if a thread takes at most 128
-// registers: the contiguous kernel does by itself (127), the paged one is held to it (130 free).
+// registers: the contiguous kernel does by itself (127), the paged one is held to it (it took
+// 130 unbounded). 0: no bound, which keeps the contiguous kernels' code as it was.
 template <int D, bool Paged>
 constexpr int kMinCtas = Paged && D == 64 ? 4 : 0;
 
@@ -106,8 +107,8 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<D, Paged>) fwd_kernel(const
   fwd::split_range(kv_end > 0 ? (kv_end + kBlockN - 1) / kBlockN : 0, P.num_splits, split, kb0, count);
   // Paged: the page of block n (-1 outside the pool: its copies read nothing, so its keys have
   // zero K, V and scales, and no copy leaves the pool). The first kStages blocks' entries are
-  // read first thing, so their round trip overlaps the setup below rather than delaying the
-  // first copies.
+  // read first thing, before the setup below (H200: no change in time against reading them in
+  // the prologue, PERF_LOG d7, but the D = 64 kernel then needs no spill).
   const int32_t* const table = Paged ? p.block_table + b * p.bt_stride : nullptr;
   auto page_of = [&](int n) {
     const int pg = __ldg(table + n * kBlockN / p.page_size);
@@ -161,8 +162,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<D, Paged>) fwd_kernel(const
     const int64_t tok = key0 - int64_t(n * kBlockN / p.page_size) * p.page_size;  // within the page
     const int pg = max(page, 0);
     const uint32_t base = stage_base(stage);
-    const int8_t* const k_src = k_page0 + pg * p.k_st.bs + tok * p.k_st.ts;
-    const int8_t* src = k_src;
+    const int8_t* src = k_page0 + pg * p.k_st.bs + tok * p.k_st.ts;
 #pragma unroll
     for (int it = 0; it < kBlockN / kKRows; ++it, src = opaque(src + k_step)) {
       const bool valid = it * kKRows < k_left;
