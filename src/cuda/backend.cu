@@ -149,7 +149,9 @@ Status attention_int8(const FwdParams& params, GpuPath path, bool fallback, void
   // At most 16 rows per (batch, head) left: the decode kernel, unless a path was named.
   if (path == GpuPath::decode || (fallback && decode_takes(p))) {
     Status st = launch_fwd_decode(p, s);
-    if (st.code() != StatusCode::not_available || !fallback) return st;
+    // A paged call the decode kernel declines (its page size, its shared memory) has no other
+    // kernel to go to: the prefill kernels would read the pool as a contiguous cache.
+    if (st.code() != StatusCode::not_available || !fallback || p.block_table) return st;
   }
   if (path == GpuPath::sm90) {
 #if INTFA_HAVE_SM90

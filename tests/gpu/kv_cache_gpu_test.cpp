@@ -325,6 +325,22 @@ TEST(KvCacheGpu, PagedMatchesCpu) {
         EXPECT_NE(st.message().find("block_table: paged KV runs on the GPU's decode path"), std::string::npos)
             << st.message();
 
+        // Pages the decode kernel does not take (64 tokens): not_available on every path, never
+        // the prefill kernels reading the pool as a contiguous cache.
+        PagedCopy pc64(c.h, 64, Layout::BHSD, 0, 9);
+        DevicePages dp64(pc64);
+        QuantizedQKV g64 = dp64.x;
+        g64.q8 = gp.q8;
+        g64.q_scale = gp.q_scale;
+        g64.lse_offset = gp.lse_offset;
+        for (GpuPath path : {GpuPath::automatic, GpuPath::decode}) {
+          od.path = path;
+          const Status st64 = attention_int8(g64, Tensor(), Tensor(), 0, 0, t1, &tl1, od);
+          EXPECT_EQ(st64.code(), StatusCode::not_available) << st64.message();
+          EXPECT_NE(st64.message().find("pages of a multiple of 128 tokens, got page_size 64"), std::string::npos)
+              << st64.message();
+        }
+
         // An entry past the pool (sequence 0's first page): nothing read past it, finite output.
         const int32_t bad = int32_t(pc.x.k8.shape[0]) + 1000;
         INTFA_ASSERT_OK(gpu_copy_to_device(dp.table.ptr, &bad, 4));
