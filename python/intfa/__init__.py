@@ -11,6 +11,7 @@ Errors from the C++ layer keep its message: ValueError for a bad shape, stride, 
 TypeError for a dtype, RuntimeError for a GPU path that is not built or a CUDA error.
 """
 
+import heapq
 import importlib
 import importlib.util
 import os
@@ -23,8 +24,8 @@ from ._arrays import lib as _lib
 
 __all__ = [
     "attention", "attention_varlen", "quantize", "attention_int8", "attention_reference",
-    "QuantizedQKV", "quantize_q", "append_kv", "KVCache", "quantized_bytes", "build_info",
-    "device_info", "resolve_gpu_path",
+    "QuantizedQKV", "quantize_q", "append_kv", "KVCache", "PagedKVCache", "quantized_bytes",
+    "build_info", "device_info", "resolve_gpu_path",
     "patch_sdpa", "unpatch_sdpa", "sdpa_patched", "scaled_dot_product_attention",
     "sdpa_supported", "__version__",
 ]
@@ -354,20 +355,7 @@ class KVCache:
     """
 
     def __init__(self, k, v, capacity, *, lengths=None, layout="BHSD", scheme="accurate"):
-        if scheme == "half":
-            raise RuntimeError("scheme: KVCache takes 'accurate' and 'paper'; 'half' keeps V in "
-                               "fp16/bf16, which append_kv does not quantize")
-        fw = _frameworks(k=k, v=v)  # eager only (it allocates): no torch.compile concerns
-        if layout not in _arrays.LAYOUTS:
-            raise ValueError(f"layout: expected 'BHSD' or 'BSHD', got {layout!r}")
-        d = _arrays.dims(k.shape, layout, False)
-        if d is None:
-            raise ValueError(f"k: expected 4 dims {_cache_dims(layout, 'L0')}, got shape "
-                             f"{tuple(k.shape)}")
-        b, hkv, n, dim = (int(x) for x in d)
-        if min(b, hkv, n, dim) < 1:
-            raise ValueError(f"k: expected every size of {_cache_dims(layout, 'L0')} >= 1 (the "
-                             f"prompt fixes the cache's statistics), got shape {tuple(k.shape)}")
+        fw, (b, hkv, n, dim) = _check_prompt(k, v, layout, scheme, "KVCache")
         if isinstance(capacity, bool) or int(capacity) != capacity:
             raise ValueError(f"capacity: expected an int, got {capacity!r}")
         capacity = int(capacity)
@@ -377,14 +365,7 @@ class KVCache:
         prompts = None if lengths is None else _host_lengths(lengths, 1, [n] * b, "lengths",
                                                               "the prompt's tokens")
         parts = _arrays.alloc_cache(fw, k, b, hkv, capacity, dim, layout, scheme)
-        if prompts is None:
-            _quantize_prompt(fw, k, v, parts, n, layout, scheme)
-        else:  # one quantize() per sequence, on batch-of-one views of its prompt and its parts
-            entry = _arrays.batch_entry
-            for i, m in enumerate(prompts):
-                kb, vb = (_arrays.first_tokens(entry(x, i), m, layout) for x in (k, v))
-                _quantize_prompt(fw, kb, vb, {p: entry(a, i) for p, a in parts.items()}, m,
-                                 layout, scheme)
+        _quantize_prompts(fw, k, v, parts, n, prompts, layout, scheme)
         self.scheme, self.layout, self.dtype = scheme, layout, k.dtype
         self.batch, self.heads_kv, self.head_dim = b, hkv, dim
         self.capacity, self.length = capacity, n if prompts is None else max(prompts)
@@ -507,11 +488,8 @@ class KVCache:
                 out, lse = self._attention_direct(fw, q, d, bool(is_causal), s,
                                                   bool(return_lse), path, out_name, span)
                 return (out, lse) if return_lse else out
-        q8, q_scale, lse_offset = quantize_q(q, self.k_mean, scale=scale, layout=self.layout,
-                                             scheme=self.scheme)
-        return attention_int8(self.qkv(q8, q_scale, lse_offset, q.dtype, max_seqlen_kv), is_causal=is_causal,
-                              scale=scale, out_dtype=out_dtype, return_lse=return_lse,
-                              path=path)
+        return _attend(self, q, is_causal, scale, return_lse, path, out_dtype,
+                       max_seqlen_kv=max_seqlen_kv)
 
     # The eager fast path. A decode loop calls append() and attention() once per step with
     # little GPU work each, so their host time is the step's time. Plain eager calls on the
@@ -563,6 +541,233 @@ class KVCache:
         return out, lse
 
 
+class PagedKVCache:
+    """A paged INT8 KV cache for decoding: the prompts' K and V quantized once into pages of a
+    pool shared by the batch, pages handed out as the sequences grow, attention through each
+    sequence's block table (docs/PYTHON.md, "Paged KV caches").
+
+        cache = intfa.PagedKVCache(k, v, num_pages, page_size=128, lengths=[37, 20])
+        cache.append(k_new, v_new)                     # sequence b's at position lengths[b]
+        out = cache.attention(q, is_causal=True)      # q: this step's queries
+        cache.release(1)                               # sequence 1's pages back to the pool
+
+    k, v: the prompts' keys and values, [B, Hkv, L0, D] ("BHSD") or [B, L0, Hkv, D] ("BSHD"),
+    float16/bfloat16, torch (CPU or CUDA), CuPy or NumPy. lengths: each sequence's prompt
+    length, B ints (or an integer array of any framework) in [1, L0] (default: all L0): sequence
+    b's prompt is its first lengths[b] tokens (the rest is padding, never read), quantized on
+    its own as KVCache(k, v, capacity, lengths=lengths) quantizes it (the same statistics and
+    bytes). Schemes "accurate" and "paper".
+
+    num_pages: the pool's pages; page_size: tokens per page, a multiple of 16 (GPU attention:
+    a multiple of 128); max_pages: the block table's width, the most pages a sequence holds
+    (default: num_pages), so each sequence holds at most capacity = max_pages * page_size
+    tokens. Pages are handed out on the host, lowest free index first: ceil(lengths[b] /
+    page_size) per sequence for its prompt, then, before each append(), those its new tokens
+    need. A ValueError (and nothing changed) when the pool has too few free pages or a sequence
+    would pass its capacity.
+
+    Attributes: lengths (int32 [B] on the cache's device, each sequence's tokens, read by the
+    kernels) and lengths_host (the same as a list of Python ints), length (the longest),
+    block_table (int32 [B, max_pages] on the cache's device, -1 where no page is held), pages_free,
+    num_pages, page_size, max_pages, capacity, scheme, layout, dtype (of the inputs), batch,
+    heads_kv, head_dim, and the parts: the pool's pages k8 [num_pages, Hkv, page_size, D] (BSHD:
+    [num_pages, page_size, Hkv, D]), k_scale [num_pages, Hkv, page_size] and vt8 [num_pages,
+    Hkv, D, page_size], and the per-sequence statistics k_mean [B, Hkv, D] (None for paper) and
+    v_scale [B, Hkv, D]. Parts past a sequence's tokens hold no meaning.
+    """
+
+    def __init__(self, k, v, num_pages, *, page_size=128, max_pages=None, lengths=None,
+                 layout="BHSD", scheme="accurate"):
+        fw, (b, hkv, n, dim) = _check_prompt(k, v, layout, scheme, "PagedKVCache")
+        page_size = _count_arg(page_size, "page_size", 16)
+        num_pages = _count_arg(num_pages, "num_pages", 1)
+        max_pages = num_pages if max_pages is None else _count_arg(max_pages, "max_pages", 1)
+        prompts = None if lengths is None else _host_lengths(lengths, 1, [n] * b, "lengths",
+                                                              "the prompt's tokens")
+        held = [n] * b if prompts is None else prompts
+        self.scheme, self.layout, self.dtype = scheme, layout, k.dtype
+        self.batch, self.heads_kv, self.head_dim = b, hkv, dim
+        self.num_pages, self.page_size, self.max_pages = num_pages, page_size, max_pages
+        self.capacity = max_pages * page_size
+        for i, m in enumerate(held):
+            if m > self.capacity:
+                raise ValueError(f"PagedKVCache: sequence {i}'s prompt of {m} tokens exceeds the "
+                                 f"capacity max_pages * page_size = {self.capacity}")
+        self._free = list(range(num_pages))  # a heap: the lowest free page first
+        self._table = [[-1] * max_pages for _ in range(b)]
+        self._allocate(held, "PagedKVCache (the prompts)")
+        # The pool: V^T pages of exactly page_size columns (16-byte rows, as the GPU needs).
+        self.k8 = fw.empty(_arrays.token_shape(num_pages, hkv, page_size, dim, layout), "int8",
+                           k)
+        self.k_scale = fw.empty((num_pages, hkv, page_size), "float32", k)
+        self.vt8 = fw.empty((num_pages, hkv, dim, page_size), "int8", k)
+        # The prompts quantized as KVCache(lengths=) does, into a contiguous scratch cache of
+        # whole pages, whose pages are then copied into the pool's.
+        span = -(-max(held) // page_size) * page_size
+        parts = _arrays.alloc_cache(fw, k, b, hkv, span, dim, layout, scheme)
+        for part in (self.k8, self.k_scale, self.vt8, parts["k8"], parts["k_scale"],
+                     parts["vt8"]):
+            part[...] = 0  # tokens no sequence holds: zeros, not uninitialized memory
+        _quantize_prompts(fw, k, v, parts, n, prompts, layout, scheme)
+        for i, row in enumerate(self._table):
+            for j, page in enumerate(row[:-(-held[i] // page_size)]):
+                t = slice(j * page_size, (j + 1) * page_size)
+                self.k8[page] = parts["k8"][i, t] if layout == "BSHD" else parts["k8"][i, :, t]
+                self.k_scale[page] = parts["k_scale"][i, :, t]
+                self.vt8[page] = parts["vt8"][i, ..., t]
+        self.k_mean = parts.get("k_mean") if scheme != "paper" else None
+        self.v_scale = parts["v_scale"]
+        self.lengths_host = list(held)
+        self.lengths = fw.array(held, "int32", k)
+        self.block_table = fw.array(self._table, "int32", k)
+
+    @property
+    def length(self):
+        """The longest sequence's tokens (a Python int)."""
+        return max(self.lengths_host)
+
+    @property
+    def pages_free(self):
+        """The pool's pages that no sequence holds."""
+        return len(self._free)
+
+    def __repr__(self):
+        return (f"intfa.PagedKVCache(lengths={self.lengths_host}, pages_free={self.pages_free}, "
+                f"num_pages={self.num_pages}, page_size={self.page_size}, "
+                f"max_pages={self.max_pages}, batch={self.batch}, heads_kv={self.heads_kv}, "
+                f"head_dim={self.head_dim}, layout={self.layout!r}, scheme={self.scheme!r})")
+
+    def _allocate(self, counts, what):
+        """Pages for sequence b's first counts[b] tokens, taken from the free list into the
+        host's table; returns the (b, j) entries set. A ValueError naming `what`, with nothing
+        taken, when too few pages are free."""
+        page = self.page_size
+        wanted = [(b, j) for b, m in enumerate(counts)
+                  for j in range(-(-m // page)) if self._table[b][j] < 0]
+        if len(wanted) > len(self._free):
+            raise ValueError(f"{what}: needs {len(wanted)} more pages, {len(self._free)} free "
+                             f"(num_pages = {self.num_pages})")
+        for b, j in wanted:
+            self._table[b][j] = heapq.heappop(self._free)
+        return wanted
+
+    def _give_back(self, entries):
+        """The pages at the host table's (b, j) entries back to the free list; entries -1."""
+        for b, j in entries:
+            heapq.heappush(self._free, self._table[b][j])
+            self._table[b][j] = -1
+
+    def _write_table(self):
+        """block_table (on the device) set to the host's table."""
+        self.block_table[...] = _arrays.framework(self.block_table, "block_table").array(
+            self._table, "int32", self.block_table)
+
+    def qkv(self, q8=None, q_scale=None, lse_offset=None, dtype=None):
+        """A QuantizedQKV over the pool (k8, k_scale, vt8 pages, block_table, seqused_kv =
+        lengths) with the given quantized queries, for attention_int8 (or, without them,
+        append_kv)."""
+        return QuantizedQKV(scheme=self.scheme, layout=self.layout, q8=q8, q_scale=q_scale,
+                            lse_offset=lse_offset, k8=self.k8, k_scale=self.k_scale,
+                            k_mean=self.k_mean, vt8=self.vt8, v_scale=self.v_scale,
+                            dtype=self.dtype if dtype is None else dtype,
+                            seqused_kv=self.lengths, block_table=self.block_table)
+
+    def append(self, k_new, v_new):
+        """Appends n tokens per sequence ([B, Hkv, n, D] or [B, n, Hkv, D] in the cache's
+        layout), sequence b's at position lengths[b], quantized with its statistics (append_kv
+        with per-sequence positions, through the block table); then lengths += n. The pages the
+        new tokens need are taken from the pool first (block_table rewritten when any are). A
+        ValueError, with nothing changed, when a sequence would pass its capacity or the pool
+        has too few free pages; errors of append_kv give the pages back."""
+        d = _arrays.dims(k_new.shape, self.layout, False)
+        n = int(d[2]) if d is not None else 0
+        for b, m in enumerate(self.lengths_host):
+            if m + n > self.capacity:
+                raise ValueError(
+                    f"PagedKVCache.append: {n} new tokens do not fit sequence {b}: capacity "
+                    f"{self.capacity} (max_pages {self.max_pages} * page_size "
+                    f"{self.page_size}), length {m}, n {n} (length + n = {m + n} > capacity)")
+        taken = self._allocate([m + n for m in self.lengths_host], "PagedKVCache.append")
+        try:
+            if taken:
+                self._write_table()
+            append_kv(self.qkv(), k_new, v_new, self.lengths)
+        except BaseException:
+            if taken:
+                self._give_back(taken)
+                self._write_table()
+            raise
+        self.lengths += n  # in place: a framework op
+        self.lengths_host = [m + n for m in self.lengths_host]
+
+    def release(self, b):
+        """Gives sequence b's pages back to the pool: its length becomes 0 and its table row -1.
+        The sequence stays in the batch (its statistics as they were): a later append() writes
+        its tokens from position 0, into pages taken again."""
+        index = _arrays.host_ints([b])
+        if index is None or not 0 <= index[0] < self.batch:
+            raise ValueError(f"PagedKVCache.release: expected a sequence in [0, {self.batch}), "
+                             f"got {b!r}")
+        b = index[0]
+        self._give_back([(b, j) for j, page in enumerate(self._table[b]) if page >= 0])
+        self._write_table()
+        self.lengths[b] = 0
+        self.lengths_host[b] = 0
+
+    def attention(self, q, *, is_causal=False, scale=None, return_lse=False, path="auto",
+                  out_dtype=None):
+        """Attention of q ([B, Hq, Sq, D] or [B, Sq, Hq, D] in the cache's layout; Hq a multiple
+        of Hkv): sequence b over its lengths[b] tokens, read through its block table; causal is
+        bottom-right against that count (query i sees keys j <= i + lengths[b] - Sq), as a
+        ragged KVCache's. out_dtype defaults to q's dtype. Other arguments as in attention().
+        On the GPU: the decode path (at most 16 query rows per K/V head after GQA packing) and
+        page_size a multiple of 128; else RuntimeError."""
+        return _attend(self, q, is_causal, scale, return_lse, path, out_dtype)
+
+
+def _check_prompt(k, v, layout, scheme, cls):
+    """A KV cache's prompt checked (scheme, layout, k's dims): (its framework adapter, (B, Hkv,
+    L0, D)); errors name `cls`'s scheme rule and k's shape."""
+    if scheme == "half":
+        raise RuntimeError(f"scheme: {cls} takes 'accurate' and 'paper'; 'half' keeps V in "
+                           "fp16/bf16, which append_kv does not quantize")
+    fw = _frameworks(k=k, v=v)  # eager only (it allocates): no torch.compile concerns
+    if layout not in _arrays.LAYOUTS:
+        raise ValueError(f"layout: expected 'BHSD' or 'BSHD', got {layout!r}")
+    d = _arrays.dims(k.shape, layout, False)
+    if d is None:
+        raise ValueError(f"k: expected 4 dims {_cache_dims(layout, 'L0')}, got shape "
+                         f"{tuple(k.shape)}")
+    d = tuple(int(x) for x in d)
+    if min(d) < 1:
+        raise ValueError(f"k: expected every size of {_cache_dims(layout, 'L0')} >= 1 (the "
+                         f"prompt fixes the cache's statistics), got shape {tuple(k.shape)}")
+    return fw, d
+
+
+def _quantize_prompts(fw, k, v, parts, n, prompts, layout, scheme):
+    """The prompts k, v (L0 = n tokens) quantized into the first tokens of a cache's parts: all
+    n at once (prompts None), or sequence b's first prompts[b] tokens on their own (ragged)."""
+    if prompts is None:
+        _quantize_prompt(fw, k, v, parts, n, layout, scheme)
+        return
+    entry = _arrays.batch_entry  # one quantize() per sequence, on batch-of-one views
+    for i, m in enumerate(prompts):
+        kb, vb = (_arrays.first_tokens(entry(x, i), m, layout) for x in (k, v))
+        _quantize_prompt(fw, kb, vb, {p: entry(a, i) for p, a in parts.items()}, m, layout,
+                         scheme)
+
+
+def _attend(cache, q, is_causal, scale, return_lse, path, out_dtype, **views):
+    """A cache's attention() through the public functions: quantize_q of q against its K mean,
+    then attention_int8 over cache.qkv(..., **views) (out_dtype defaults to q's dtype)."""
+    q8, q_scale, lse_offset = quantize_q(q, cache.k_mean, scale=scale, layout=cache.layout,
+                                         scheme=cache.scheme)
+    return attention_int8(cache.qkv(q8, q_scale, lse_offset, q.dtype, **views),
+                          is_causal=is_causal, scale=scale, out_dtype=out_dtype,
+                          return_lse=return_lse, path=path)
+
+
 def _quantize_prompt(fw, k, v, parts, n, layout, scheme):
     """quantize() of a prompt's k and v (n tokens) into the first n tokens of a cache's parts
     (as alloc_cache lays them out; their q parts are scratch)."""
@@ -575,6 +780,16 @@ def _quantize_prompt(fw, k, v, parts, n, layout, scheme):
                                   *(first.get(p) for p in _arrays.PART_NAMES))
     else:
         _arrays.quantize_into(fw, q, k, v, None, None, first, layout, scheme)
+
+
+def _count_arg(x, name, multiple):
+    """A positive int argument (a multiple of `multiple`) as a Python int; a ValueError naming
+    it otherwise."""
+    value = _arrays.host_ints([x])
+    if value is None or value[0] < 1 or value[0] % multiple:
+        kind = "a positive int" if multiple == 1 else f"a positive multiple of {multiple}"
+        raise ValueError(f"{name}: expected {kind}, got {x!r}")
+    return value[0]
 
 
 def _host_lengths(x, least, limits, what, limit_name):

@@ -1,8 +1,12 @@
 """Paged KV caches (QuantizedQKV.block_table) in NumPy: a paged copy of a contiguous cache, and
 a sequence's tokens read back through its block table, to compare the two bit for bit (as
-tests/kv_cache_test.cpp's PagedCopy does in C++)."""
+tests/kv_cache_test.cpp's PagedCopy does in C++); and the drivers of the PagedKVCache tests
+(any framework), which compare it with a ragged KVCache."""
 
 import numpy as np
+
+import intfa
+from ragged import entry, tok
 
 # The bytes of pages that hold no sequence's tokens (their scales are NaN): read into a result,
 # they would show.
@@ -64,3 +68,50 @@ def unpage(x, b, n):
     k_scale = np.concatenate([x.k_scale[p] for p in pages], axis=1)[:, :n]
     vt8 = np.concatenate([x.vt8[p] for p in pages], axis=2)[..., :n]
     return k8[None], k_scale[None], vt8[None]
+
+
+def check_paged_parts(paged, ragged, host):
+    """Each sequence's tokens read back through the PagedKVCache's block table, and its
+    statistics: bit for bit those of the ragged KVCache's batch entry. host(a): a as NumPy."""
+    layout = paged.layout
+    x = paged.qkv()._replace(**{f: host(getattr(paged, f))
+                                for f in ("k8", "k_scale", "vt8", "block_table")})
+    for b, n in enumerate(paged.lengths_host):
+        if n == 0:
+            continue
+        want = (tok(entry(ragged.k8, b), 0, n, layout), entry(ragged.k_scale, b)[..., :n],
+                entry(ragged.vt8, b)[..., :n])
+        for got, w in zip(unpage(x, b, n), want):
+            np.testing.assert_array_equal(got, host(w))
+    for f in ("k_mean", "v_scale"):
+        if getattr(ragged, f) is not None:
+            np.testing.assert_array_equal(host(getattr(paged, f)), host(getattr(ragged, f)))
+
+
+def paged_vs_ragged(q, k, v, k_new, v_new, lengths, steps, exact, host, max_seqlen_kv=None,
+                    **paged_args):
+    """A PagedKVCache(k, v, lengths=lengths, **paged_args) and a ragged KVCache of its capacity
+    over the same prompts, fed the same appends (steps: token counts, taken in order from k_new
+    / v_new) and attended after each by those tokens' queries (causal on even steps, with LSE,
+    a softmax scale on odd ones): outputs and LSE bit for bit (exact(got, want)), the same
+    lengths and bytes (check_paged_parts, host(a): a as NumPy). max_seqlen_kv: the KVCache's
+    views (the GPU: the paged call's key range, its capacity). Returns (paged, ragged)."""
+    paged = intfa.PagedKVCache(k, v, lengths=lengths, **paged_args)
+    layout = paged.layout
+    ragged = intfa.KVCache(k, v, paged.capacity, lengths=lengths, layout=layout,
+                           scheme=paged.scheme)
+    check_paged_parts(paged, ragged, host)
+    end = 0
+    for s, n in enumerate(steps):
+        kt, vt, qt = (tok(x, end, end + n, layout) for x in (k_new, v_new, q))
+        end += n
+        kw = dict(is_causal=s % 2 == 0, return_lse=True, scale=None if s % 2 == 0 else 0.2)
+        for cache in (paged, ragged):
+            cache.append(kt, vt)
+        out, lse = paged.attention(qt, **kw)
+        want, want_lse = ragged.attention(qt, max_seqlen_kv=max_seqlen_kv, **kw)
+        exact(out, want)
+        exact(lse, want_lse)
+        assert paged.lengths_host == host(paged.lengths).tolist() == host(ragged.lengths).tolist()
+    check_paged_parts(paged, ragged, host)
+    return paged, ragged

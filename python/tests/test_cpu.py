@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import intfa
-from paged import drop_pages, page_copy, unpage
+from paged import check_paged_parts, drop_pages, page_copy, paged_vs_ragged, unpage
 from ragged import (check_parts, entry, in_layout, ragged_inputs, ragged_vs_separate, seq_view,
                     tok)
 from reference import attention_ref, rel_l2, varlen_ref
@@ -1017,3 +1017,121 @@ def test_paged_errors():
     with pytest.raises(ValueError, match=r"pos: expected 0 <= pos and pos \+ new tokens \(1\) "
                                          r"<= the cache's 32 tokens, got pos 32"):
         intfa.append_kv(paged, k_new, v_new, 32)
+
+
+# ------------------------------------------------------------------------------------------------
+# PagedKVCache: a paged cache whose pages the host hands out (drivers in paged.py)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scheme", ["accurate", "paper"])
+@pytest.mark.parametrize("layout", ["BHSD", "BSHD"])
+@pytest.mark.parametrize("page_size", [16, 32])
+def test_paged_kv_cache_equals_ragged_kv_cache(scheme, layout, page_size):
+    # Prompts of 40, 15 and 33 tokens (garbage past each) in pages of 16 or 32 tokens, appends
+    # of 1, 3, 1, 16 and 2 tokens that cross page boundaries (a V scale grows: the held columns
+    # requantized page by page), attention after each (GQA): bit for bit what a ragged KVCache
+    # holds and computes. Pages go out lowest first, each sequence's in its table's first
+    # entries, no page twice.
+    rng = np.random.default_rng(50)
+    lengths = [40, 15, 33]
+    inputs = in_layout(layout, *ragged_inputs(np_randn(rng), 3, 4, 2, 40, 23, 64, lengths))
+    paged, _ = paged_vs_ragged(*inputs, lengths, [1, 3, 1, 16, 2], exact, np.asarray,
+                               num_pages=12, page_size=page_size, layout=layout, scheme=scheme)
+    assert paged.lengths_host == [63, 38, 56] and paged.length == 63
+    assert type(paged.lengths) is np.ndarray and paged.lengths.dtype == np.int32
+    assert type(paged.block_table) is np.ndarray and paged.block_table.dtype == np.int32
+    held = [-(-n // page_size) for n in paged.lengths_host]
+    rows = paged.block_table.tolist()
+    assert [sum(p >= 0 for p in row[:m]) + sum(p < 0 for p in row[m:])
+            for row, m in zip(rows, held)] == [12] * 3
+    assert sorted(p for row in rows for p in row if p >= 0) == list(range(sum(held)))
+    assert paged.pages_free == 12 - sum(held)
+    assert paged.capacity == 12 * page_size and paged.max_pages == 12
+
+
+def test_paged_kv_cache_pool_release_and_errors():
+    # A pool of 5 pages of 16 tokens, at most 3 per sequence: steps compared with a ragged
+    # KVCache; a pool too small or a sequence too long is a ValueError that changes nothing, as
+    # is an error of append_kv (the pages taken for it go back); release() frees a sequence's
+    # pages (KVCache.truncate to 0 for it), which the growth of the others then takes.
+    rng = np.random.default_rng(51)
+    lengths = [16, 10, 5]
+    q, k, v, kn, vn = ragged_inputs(np_randn(rng), 3, 4, 2, 16, 40, 64, lengths)
+    paged = intfa.PagedKVCache(k, v, 5, page_size=16, max_pages=3, lengths=lengths)
+    ragged = intfa.KVCache(k, v, 48, lengths=lengths)
+    assert paged.block_table.tolist() == [[0, -1, -1], [1, -1, -1], [2, -1, -1]]
+    assert paged.pages_free == 2 and paged.capacity == 48
+    assert ("intfa.PagedKVCache(lengths=[16, 10, 5], pages_free=2, num_pages=5, page_size=16, "
+            "max_pages=3, batch=3") in repr(paged)
+
+    def step(a, b):  # tokens a:b into both caches, then their queries' attention compared
+        for cache in (paged, ragged):
+            cache.append(kn[:, :, a:b], vn[:, :, a:b])
+        out, lse = paged.attention(q[:, :, a:b], is_causal=True, return_lse=True)
+        want, want_lse = ragged.attention(q[:, :, a:b], is_causal=True, return_lse=True)
+        exact(out, want)
+        exact(lse, want_lse)
+        check_paged_parts(paged, ragged, np.asarray)
+
+    step(0, 1)  # lengths 17, 11, 6: sequence 0 takes page 3
+    assert paged.block_table.tolist() == [[0, 3, -1], [1, -1, -1], [2, -1, -1]]
+    before = [a.copy() for a in (paged.block_table, paged.lengths, paged.k8, paged.k_scale,
+                                 paged.vt8, paged.v_scale)]
+    with pytest.raises(ValueError, match=r"PagedKVCache.append: needs 3 more pages, 1 free "
+                                         r"\(num_pages = 5\)"):
+        paged.append(kn[:, :, 1:17], vn[:, :, 1:17])
+    with pytest.raises(ValueError, match=r"PagedKVCache.append: 32 new tokens do not fit "
+                                         r"sequence 0: capacity 48 \(max_pages 3 \* page_size "
+                                         r"16\), length 17, n 32 \(length \+ n = 49"):
+        paged.append(kn[:, :, 1:33], vn[:, :, 1:33])
+    with pytest.raises(TypeError, match="k_new: expected dtype float16 or bfloat16"):
+        paged.append(kn[:, :, 1:7].astype(np.float32), vn[:, :, 1:7])  # would take page 4
+    for got, want in zip((paged.block_table, paged.lengths, paged.k8, paged.k_scale, paged.vt8,
+                          paged.v_scale), before):
+        exact(got, want)
+    assert paged.lengths_host == [17, 11, 6] and paged.pages_free == 1
+    paged.release(0)
+    ragged.truncate([0, 11, 6])
+    assert paged.block_table.tolist() == [[-1, -1, -1], [1, -1, -1], [2, -1, -1]]
+    assert paged.lengths.tolist() == paged.lengths_host == [0, 11, 6] and paged.pages_free == 3
+    out, lse = paged.attention(q[:, :, :1], return_lse=True)  # no keys: 0 and -inf
+    assert np.all(out[0] == 0) and np.all(lse[0] == -np.inf)
+    step(1, 17)  # 16, 27, 22: sequence 0 takes page 0 again, 1 and 2 take 3 (its old) and 4
+    assert paged.block_table.tolist() == [[0, -1, -1], [1, 3, -1], [2, 4, -1]]
+    assert paged.pages_free == 0
+    with pytest.raises(ValueError, match=r"needs 1 more pages, 0 free \(num_pages = 5\)"):
+        paged.append(kn[:, :, 17:18], vn[:, :, 17:18])
+    paged.release(2)
+    ragged.truncate([16, 27, 0])
+    step(17, 18)  # 17, 28, 1: pages 2 and 4 back, 0 takes 2 and 2 takes 4
+    assert paged.block_table.tolist() == [[0, 2, -1], [1, 3, -1], [4, -1, -1]]
+    for bad in (3, -1, True, 1.5, "0", None):
+        with pytest.raises(ValueError, match=r"PagedKVCache.release: expected a sequence in "
+                                             r"\[0, 3\)"):
+            paged.release(bad)
+    # The constructor's checks.
+    for bad in (24, 0, 8, 16.0, True, None):
+        with pytest.raises(ValueError, match="page_size: expected a positive multiple of 16"):
+            intfa.PagedKVCache(k, v, 8, page_size=bad)
+    for name in ("num_pages", "max_pages"):
+        args = {"num_pages": 8, "page_size": 16, name: 0}
+        with pytest.raises(ValueError, match=f"{name}: expected a positive int, got 0"):
+            intfa.PagedKVCache(k, v, **args)
+    with pytest.raises(RuntimeError, match="scheme: PagedKVCache takes 'accurate' and 'paper'"):
+        intfa.PagedKVCache(k, v, 8, page_size=16, scheme="half")
+    with pytest.raises(ValueError, match=r"lengths: expected 3 ints \(one per sequence\)"):
+        intfa.PagedKVCache(k, v, 8, page_size=16, lengths=[0, 5, 5])
+    with pytest.raises(ValueError, match="k: expected 4 dims"):
+        intfa.PagedKVCache(k[0], v[0], 8, page_size=16)
+    with pytest.raises(ValueError, match=r"PagedKVCache \(the prompts\): needs 3 more pages, 2 "
+                                         r"free \(num_pages = 2\)"):
+        intfa.PagedKVCache(k, v, 2, page_size=16, lengths=lengths)
+    with pytest.raises(ValueError, match=r"PagedKVCache: sequence 0's prompt of 40 tokens "
+                                         r"exceeds the capacity max_pages \* page_size = 32"):
+        intfa.PagedKVCache(kn, vn, 8, page_size=16, max_pages=2)
+    # Without lengths every sequence holds all L0 tokens, as a dense KVCache's.
+    whole = intfa.PagedKVCache(kn, vn, 9, page_size=16, layout="BHSD")
+    assert whole.lengths_host == [40] * 3 and whole.block_table[:, :3].tolist() == [
+        [0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    check_paged_parts(whole, intfa.KVCache(kn, vn, 144, lengths=[40] * 3), np.asarray)
+    exact(whole.attention(q[:, :, :2], is_causal=True),
+          intfa.KVCache(kn, vn, 144).attention(q[:, :, :2], is_causal=True))

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 import intfa  # noqa: E402
-from paged import drop_pages, page_copy  # noqa: E402
+from paged import drop_pages, page_copy, paged_vs_ragged  # noqa: E402
 from ragged import (Sequence, check_parts, in_layout, ragged_inputs,  # noqa: E402
                     ragged_vs_separate, seq_view)
 from reference import rel_l2  # noqa: E402
@@ -716,3 +716,16 @@ def test_paged_kv_on_the_gpu(scheme):
     with pytest.raises(RuntimeError, match="block_table: paged KV runs on the GPU's decode path"):
         intfa.attention_int8(gpu, path="sm80")
 
+
+def test_paged_kv_cache_on_the_gpu():
+    """intfa.PagedKVCache on CUDA tensors (pages of 128 tokens; one query per sequence and step,
+    Hq / Hkv = 4: the decode path), as test_cpu's test: prompts of 200, 127 and 129 tokens, a
+    sequence crossing into a new page, a V scale that grows. Against a ragged KVCache of its
+    capacity attended over views of that capacity (the paged call's key range): outputs and
+    LSE bit for bit, the bytes read back through the table the same."""
+    lengths = [200, 127, 129]
+    inputs = ragged_inputs(cuda_randn(190), 3, 8, 2, 200, 3, 128, lengths)
+    paged, _ = paged_vs_ragged(*inputs, lengths, [1, 1, 1], exact, lambda a: a.cpu().numpy(),
+                               max_seqlen_kv=512, num_pages=8, page_size=128, max_pages=4)
+    assert paged.lengths.is_cuda and paged.block_table.is_cuda
+    assert paged.lengths_host == [203, 130, 132] and paged.pages_free == 2

@@ -7,7 +7,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import intfa  # noqa: E402
-from paged import drop_pages, page_copy, unpage  # noqa: E402
+from paged import (check_paged_parts, drop_pages, page_copy, paged_vs_ragged,  # noqa: E402
+                   unpage)
 from ragged import (Sequence, check_parts, in_layout, ragged_inputs,  # noqa: E402
                     ragged_vs_separate)
 from reference import attention_ref, rel_l2, varlen_ref  # noqa: E402
@@ -505,3 +506,51 @@ def test_opcheck_paged_ops():
                           (k[:, :, 37:], v[:, :, 37:], torch.tensor([5], dtype=torch.int32),
                            paged.k8, paged.k_scale, paged.k_mean, paged.vt8, paged.v_scale,
                            "accurate", "BHSD", "BHSD", table))
+
+
+# ------------------------------------------------------------------------------------------------
+# PagedKVCache (test_cpu's drivers)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["BHSD", "BSHD"])
+@pytest.mark.parametrize("page_size", [16, 32])
+def test_paged_kv_cache_torch(layout, page_size):
+    # As test_cpu's PagedKVCache test with torch CPU tensors: a ragged KVCache's bits through
+    # pages handed out as the sequences grow (appends of 1 to 16 tokens across page
+    # boundaries); and the NumPy cache's pool, table and statistics byte for byte.
+    lengths = [40, 15, 33]
+    inputs = in_layout(layout, *ragged_inputs(torch_randn(60), 3, 4, 2, 40, 23, 64, lengths))
+    steps, args = [1, 3, 1, 16, 2], dict(num_pages=12, page_size=page_size, layout=layout)
+    paged, _ = paged_vs_ragged(*inputs, torch.tensor(lengths), steps, exact, torch.Tensor.numpy,
+                               **args)
+    assert paged.lengths.dtype == paged.block_table.dtype == torch.int32
+    assert paged.lengths_host == [63, 38, 56]
+    numpy, _ = paged_vs_ragged(*(x.numpy() for x in inputs), lengths, steps,
+                               np.testing.assert_array_equal, np.asarray, **args)
+    for f in ("k8", "k_scale", "vt8", "k_mean", "v_scale", "block_table", "lengths"):
+        np.testing.assert_array_equal(getattr(paged, f).numpy(), getattr(numpy, f))
+
+
+def test_paged_kv_cache_torch_pool_and_release():
+    # The host's bookkeeping with torch tensors: a pool too small changes nothing; release()
+    # writes the table and the length in place; the pages it frees serve the next append, which
+    # then equals a ragged KVCache truncated to 0 for that sequence.
+    lengths = [16, 10, 5]
+    q, k, v, kn, vn = ragged_inputs(torch_randn(61), 3, 4, 2, 16, 11, 64, lengths)
+    paged = intfa.PagedKVCache(k, v, 4, page_size=16, max_pages=2, lengths=lengths)
+    table, lens = paged.block_table, paged.lengths
+    with pytest.raises(ValueError, match=r"PagedKVCache.append: needs 2 more pages, 1 free "
+                                         r"\(num_pages = 4\)"):
+        paged.append(kn, vn)
+    assert table.tolist() == [[0, -1], [1, -1], [2, -1]] and lens.tolist() == lengths
+    paged.release(1)
+    assert paged.block_table is table and paged.lengths is lens
+    assert table.tolist() == [[0, -1], [-1, -1], [2, -1]] and lens.tolist() == [16, 0, 5]
+    ragged = intfa.KVCache(k, v, 32, lengths=lengths)
+    ragged.truncate([16, 0, 5])
+    for cache in (paged, ragged):
+        cache.append(kn, vn)
+    assert table.tolist() == [[0, 1], [3, -1], [2, -1]] and paged.pages_free == 0
+    out, lse = paged.attention(q, is_causal=True, return_lse=True)
+    want, want_lse = ragged.attention(q, is_causal=True, return_lse=True)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    check_paged_parts(paged, ragged, torch.Tensor.numpy)
