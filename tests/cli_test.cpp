@@ -321,6 +321,10 @@ TEST(Cli, BenchArgumentErrorsNameTheOption) {
   expect_usage_error("bench --varlen 100,200 --seq 512", "--varlen");
   expect_usage_error("bench --varlen 100,0", "--varlen");
   expect_usage_error("bench --heads 32 --heads-kv 5", "--heads-kv");
+  expect_usage_error("bench --page 100 --seq 1000", "--page: expected a multiple of 16");
+  expect_usage_error("bench --page 256 --seq 1000", "--page: must divide every --seq (1000)");
+  expect_usage_error("bench --page 256 --varlen 256,512", "--page: paged KV takes dense queries");
+  expect_usage_error("bench --page 256 --seq 512 --page-order random", "--page-order: expected shuffled or ordered");
 }
 
 TEST(Cli, DeviceGpuWithoutGpuFails) {
