@@ -388,10 +388,20 @@ struct DevicePagedKv {
   }
 };
 
+// The kernel a row's calls run, for its JSON label: the path named, or for path auto the one
+// the dispatcher picks, the decode kernel for at most 16 query rows per K/V head after GQA
+// packing (as bench/compare.py labels its in-process rows), else `resolved` (sm90 on Hopper).
+GpuPath row_path(GpuPath requested, GpuPath resolved, const BenchShape& sh, Scheme sc) {
+  if (requested != GpuPath::automatic) return resolved;
+  const bool decode = sh.lens.empty() && sc != Scheme::half && (sh.hdim == 64 || sh.hdim == 128) &&
+                      int64_t(sh.seq_q) * (sh.heads / sh.heads_kv) <= 16;
+  return decode ? GpuPath::decode : resolved;
+}
+
 // Times kernel-only and end-to-end for every scheme and causal flag of one shape; prints a line
 // and appends two JSON rows per case.
 void bench_shape(const BenchShape& sh, const std::vector<Scheme>& schemes, const std::vector<int>& causals,
-                 DType dtype, GpuPath path, int reps, std::ostringstream& rows) {
+                 DType dtype, GpuPath path_req, GpuPath path, int reps, std::ostringstream& rows) {
   const bool varlen = !sh.lens.empty();
   int64_t total = 0;
   std::vector<int32_t> cu{0};
@@ -433,7 +443,7 @@ void bench_shape(const BenchShape& sh, const std::vector<Scheme>& schemes, const
       Options o;
       o.scheme = sc;
       o.causal = causal;
-      o.path = path;
+      o.path = path_req;  // auto: what a caller gets (the decode kernel for decode-sized calls)
       o.workspace = make_tensor(ws2.ptr, DType::u8, {static_cast<int64_t>(qbytes)}, true);
       check(quantize(tq, tk, tv, tcu, tcu, o, qx), "quantize");
       if (sh.page && !paged.host) {
@@ -484,7 +494,7 @@ void bench_shape(const BenchShape& sh, const std::vector<Scheme>& schemes, const
                  (sh.page_shuffled ? "shuffled" : "ordered") + "\"";
       for (int e = 0; e < 2; ++e) {
         rows << (rows.tellp() > 0 ? ",\n" : "") << "    {\"provider\": \"intfa\", \"path\": \""
-             << to_string(path) << "\", \"scheme\": \"" << to_string(sc) << "\", \"seq\": " << sh.seq << extra
+             << to_string(row_path(path_req, path, sh, sc)) << "\", \"scheme\": \"" << to_string(sc) << "\", \"seq\": " << sh.seq << extra
              << ", \"hdim\": " << sh.hdim << ", \"causal\": " << causal << ", \"batch\": " << sh.batch
              << ", \"heads\": " << sh.heads << ", \"e2e\": " << (e ? "true" : "false")
              << ", \"ms\": " << fmt(e ? e_ms : k_ms, "%.4f") << ", \"tops\": "
@@ -549,8 +559,9 @@ int cmd_bench(const Args& a) {
                                     : ", kernel-only with seqused_kv";
   std::printf("intfa bench on %s (%d SMs): %s H=%d Hkv=%d %s, path %s, median of %d%s\n",
               dev.name.c_str(), dev.sm_count, what.c_str(), heads, heads_kv, to_string(dtype),
-              to_string(path), reps,
-              seq_q_opt ? (", " + std::to_string(seq_q_opt) + " query rows (seq = keys)").c_str() : "");
+              (path_req == GpuPath::automatic ? std::string("auto (") + to_string(path) + ", decode for decode-sized calls)"
+                                              : std::string(to_string(path))).c_str(),
+              reps, seq_q_opt ? (", " + std::to_string(seq_q_opt) + " query rows (seq = keys)").c_str() : "");
   std::printf("%-9s %6s %5s %7s  %10s %8s  %10s %8s  %6s\n", "scheme", "seq", "hdim", "causal",
               "kernel_ms", "TOPS", "e2e_ms", "TOPS", "e2e/k");
   std::ostringstream rows;
@@ -558,13 +569,13 @@ int cmd_bench(const Args& a) {
     if (!lens.empty()) {
       const int longest = *std::max_element(lens.begin(), lens.end());
       bench_shape({int(lens.size()), heads, heads_kv, longest, longest, hdim, lens, seqused}, schemes, causals,
-                  dtype, path, reps, rows);
+                  dtype, path_req, path, reps, rows);
       continue;
     }
     for (int seq : seqs)
       bench_shape({batch, heads, heads_kv, seq_q_opt ? seq_q_opt : seq, seq, hdim, {}, seqused, page,
                    page_order == "shuffled"}, schemes, causals,
-                  dtype, path, reps, rows);
+                  dtype, path_req, path, reps, rows);
   }
   if (!json.empty()) {
     std::ofstream f(json);
