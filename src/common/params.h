@@ -151,15 +151,22 @@ INTFA_HD int64_t cache_pos(const CacheQuantParams& p, int64_t pos0, int t) {
 INTFA_HD bool cache_writes(const CacheQuantParams& p, int64_t pos0, int64_t col) {
   return col >= pos0 && col < pos0 + p.tokens && col < p.cap;
 }
-// Where column `col` of sequence b lives: batch-like index `sb` and token / column `tok`.
+// Where token / column t of sequence b lives: batch-like index `sb` (the sequence, or the page
+// its block table names) and token / column `tok` there.
 struct CachePlace {
   int sb;
   int64_t tok;
 };
+INTFA_HD CachePlace page_place(const int32_t* table, int64_t bt_stride, int page_size, int b, int64_t t) {
+  const int64_t page = t / page_size;
+  return {table[b * bt_stride + page], t - page * page_size};
+}
 INTFA_HD CachePlace cache_place(const CacheQuantParams& p, int b, int64_t col) {
-  if (!p.block_table) return {b, col};
-  const int64_t page = col / p.page_size;
-  return {p.block_table[b * p.bt_stride + page], col - page * p.page_size};
+  return p.block_table ? page_place(p.block_table, p.bt_stride, p.page_size, b, col) : CachePlace{b, col};
+}
+// The V^T byte of channel c of (sb, h) at column tok, as an offset into vt8.
+INTFA_HD int64_t cache_vt_offset(const CacheQuantParams& p, CachePlace w, int h, int c) {
+  return w.sb * p.vt_st.bs + h * p.vt_st.hs + c * p.vt_st.ts + w.tok;
 }
 // Varlen V-transposed columns: sequence b starts at a 16-aligned column (so 16-byte vector and
 // cp.async loads work for every sequence): round_up(cu[b], 16) + 16*b, which never overlaps the
@@ -176,8 +183,8 @@ struct KvPlace {
 };
 INTFA_HD KvPlace kv_place(const FwdParams& p, int b, int64_t t) {
   if (p.block_table) {
-    const int64_t page = t / p.page_size, r = t - page * p.page_size;
-    return {p.block_table[b * p.bt_stride + page], r, r};
+    const CachePlace w = page_place(p.block_table, p.bt_stride, p.page_size, b, t);
+    return {w.sb, w.tok, w.tok};
   }
   return {b, seq_start(p.cu_kv, b) + t, vt_seq_start(p.cu_kv, b) + t};
 }

@@ -143,10 +143,7 @@ void quantize_cache(const CacheQuantParams& p) {
       for (int t = 0; t < p.tokens; ++t) amax[c] = std::max(amax[c], std::fabs(v_at(t, c)));
     if (p.v_per_tensor) std::fill(amax.begin(), amax.end(), *std::max_element(amax.begin(), amax.end()));
     // V^T byte of channel c, column col (paged: the page holding it).
-    auto vt_byte = [&](int c, int64_t col) -> int8_t& {
-      const CachePlace w = cache_place(p, b, col);
-      return p.vt8[w.sb * p.vt_st.bs + h * p.vt_st.hs + c * p.vt_st.ts + w.tok];
-    };
+    auto vt_byte = [&](int c, int64_t col) -> int8_t& { return p.vt8[cache_vt_offset(p, cache_place(p, b, col), h, c)]; };
     // Paged: only the columns before the new tokens are the sequence's.
     const int64_t sweep = p.block_table ? std::min(std::max<int64_t>(pos0, 0), p.cap) : p.vt_cols;
     for (int c = 0; c < d; ++c) {

@@ -57,6 +57,32 @@ struct QSide {
     d.q_scale = on_device(h.q_scale, ds.ptr);
     d.lse_offset = on_device(h.lse_offset, doff.ptr);
   }
+  // The same queries on both sides: q quantized on the host against k_mean, copied to the device.
+  Status quantize_on_host(const Tensor& q, const Tensor& k_mean, const Options& o) {
+    Status st = quantize_q(q, k_mean, o, h);
+    if (st.ok()) st = gpu_copy_to_device(d8.ptr, hp.q8.data(), hp.q8.size());
+    if (st.ok()) st = gpu_copy_to_device(ds.ptr, hp.qs.data(), hp.qs.size() * 4);
+    if (st.ok()) st = gpu_copy_to_device(doff.ptr, hp.off.data(), hp.off.size() * 4);
+    return st;
+  }
+};
+
+// An append of n tokens per sequence into a full cache: prompts x over all cap tokens (fill()
+// quantizes them into c), new tokens nx whose V values are doubled (some V scales grow), and the
+// options (causal for n > 1); seeds seed (x) and seed + 100 (nx).
+struct AppendCase {
+  tools::HostQKV x, nx;
+  Options o;
+  Caches c;
+  AppendCase(int B, int Hq, int Hkv, int n, int cap, int D, Scheme s, uint64_t seed)
+      : x(tools::make_inputs(Dist::llm, B, Hq, Hkv, n, cap, D, DType::bf16, seed)),
+        nx(tools::make_inputs(Dist::llm, B, Hkv, Hkv, 1, n, D, DType::bf16, seed + 100)),
+        c(B, Hkv, cap, D, s) {
+    for (auto& v : nx.v) v = static_cast<uint16_t>(v + 0x0080);  // bf16 exponent + 1: x2
+    o.scheme = s;
+    o.causal = n > 1;
+  }
+  void fill() { c.fill(x.tk(), x.tv(), c.ps.seqlen_kv, o); }
 };
 
 // attention_int8 over `gq` on every GPU path (a paged cache: those that take it) against the
@@ -160,14 +186,11 @@ TEST(KvCacheGpu, RaggedBatchMatchesCpu) {
       for (int n : {1, 3, 40}) {
         SCOPED_TRACE(std::string(to_string(s)) + " D" + std::to_string(D) + " n" + std::to_string(n));
         const int B = 5, Hq = 8, Hkv = 2, cap = 300;
-        auto x = tools::make_inputs(Dist::llm, B, Hq, Hkv, n, cap, D, DType::bf16, 70 + D + n + int(s));
-        auto nx = tools::make_inputs(Dist::llm, B, Hkv, Hkv, 1, n, D, DType::bf16, 170 + D + n + int(s));
-        for (auto& v : nx.v) v = static_cast<uint16_t>(v + 0x0080);  // x2: some V scales grow
-        Options o;
-        o.scheme = s;
-        o.causal = n > 1;
-        Caches c(B, Hkv, cap, D, s);
-        ASSERT_NO_FATAL_FAILURE(c.fill(x.tk(), x.tv(), cap, o));
+        AppendCase a(B, Hq, Hkv, n, cap, D, s, 70 + D + n + int(s));
+        auto &x = a.x, &nx = a.nx;
+        const Options& o = a.o;
+        Caches& c = a.c;
+        ASSERT_NO_FATAL_FAILURE(a.fill());
         std::vector<int32_t> pos = {37, -1, cap - 1, 150, -n};
         poison_past(c.h, pos);
         ASSERT_TRUE(gpu_copy_to_device(c.db.ptr, c.hb.ptr, c.bytes).ok());
@@ -182,10 +205,7 @@ TEST(KvCacheGpu, RaggedBatchMatchesCpu) {
         for (int b = 0; b < B; ++b) used[b] = pos[b] + n;  // sequence 2 past the capacity, 4 at 0
         DeviceBuffer dused(used.data(), used.size() * 4);
         QSide qs(B, Hq, n, D, s);
-        INTFA_ASSERT_OK(quantize_q(x.tq(), c.h.k_mean, o, qs.h));  // the same queries on both sides
-        INTFA_ASSERT_OK(gpu_copy_to_device(qs.d8.ptr, qs.hp.q8.data(), qs.hp.q8.size()));
-        INTFA_ASSERT_OK(gpu_copy_to_device(qs.ds.ptr, qs.hp.qs.data(), qs.hp.qs.size() * 4));
-        INTFA_ASSERT_OK(gpu_copy_to_device(qs.doff.ptr, qs.hp.off.data(), qs.hp.off.size() * 4));
+        INTFA_ASSERT_OK(qs.quantize_on_host(x.tq(), c.h.k_mean, o));
         QuantizedQKV hv = cache_view(c.h, qs.h, cap), gv = cache_view(c.d, qs.d, cap);
         hv.seqused_kv = make_tensor(used.data(), DType::i32, {B});
         gv.seqused_kv = on_device(hv.seqused_kv, dused.ptr);
@@ -261,15 +281,12 @@ TEST(KvCacheGpu, PagedMatchesCpu) {
       for (int n : {1, 3}) {
         SCOPED_TRACE(std::string(to_string(s)) + " D" + std::to_string(D) + " n" + std::to_string(n));
         const int B = 3, Hq = 8, Hkv = 2, cap = 1024, page = 256;
-        auto x = tools::make_inputs(Dist::llm, B, Hq, Hkv, n, cap, D, DType::bf16, 80 + D + n + int(s));
-        auto nx = tools::make_inputs(Dist::llm, B, Hkv, Hkv, 1, n, D, DType::bf16, 180 + D + n + int(s));
-        for (auto& v : nx.v) v = static_cast<uint16_t>(v + 0x0080);  // x2: some V scales grow
-        Options o;
-        o.scheme = s;
-        o.causal = n > 1;
-        Caches c(B, Hkv, cap, D, s);
+        AppendCase a(B, Hq, Hkv, n, cap, D, s, 80 + D + n + int(s));
+        auto &x = a.x, &nx = a.nx;
+        const Options& o = a.o;
+        Caches& c = a.c;
         // Every token quantized (attention reads up to the positions the appends write to).
-        ASSERT_NO_FATAL_FAILURE(c.fill(x.tk(), x.tv(), cap, o));
+        ASSERT_NO_FATAL_FAILURE(a.fill());
         PagedCopy pc(c.h, page, Layout::BHSD, 3, 5 + n);
         std::vector<int32_t> pos = {700, 255, cap - 1};  // a page boundary; the last token dropped past it
         std::vector<int32_t> used(B);
@@ -288,10 +305,7 @@ TEST(KvCacheGpu, PagedMatchesCpu) {
         INTFA_ASSERT_OK(gpu_copy_to_device(c.db.ptr, c.hb.ptr, c.bytes));
 
         QSide qs(B, Hq, n, D, s);
-        INTFA_ASSERT_OK(quantize_q(x.tq(), c.h.k_mean, o, qs.h));
-        INTFA_ASSERT_OK(gpu_copy_to_device(qs.d8.ptr, qs.hp.q8.data(), qs.hp.q8.size()));
-        INTFA_ASSERT_OK(gpu_copy_to_device(qs.ds.ptr, qs.hp.qs.data(), qs.hp.qs.size() * 4));
-        INTFA_ASSERT_OK(gpu_copy_to_device(qs.doff.ptr, qs.hp.off.data(), qs.hp.off.size() * 4));
+        INTFA_ASSERT_OK(qs.quantize_on_host(x.tq(), c.h.k_mean, o));
         DeviceBuffer dused(used.data(), used.size() * 4);
         QuantizedQKV hp = pc.x, gp = dp.x;
         for (QuantizedQKV* q : {&hp, &gp}) {

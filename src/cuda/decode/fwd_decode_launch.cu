@@ -1,12 +1,28 @@
 // Dispatch of the decode kernel: the shapes it takes, the key-range split, the partials' scratch.
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 
 #include "cuda/decode/fwd_decode.cuh"
 #include "cuda/launchers.h"
 #include "cuda/tile_order.h"
 
 namespace intfa::cuda {
+namespace {
+
+// Calls f(D, Stages, Paged), as std::integral_constant arguments, for the decode kernel a launch
+// of head dim 128 (else 64), ring depth `stages` (4 only at D = 128) and paged or contiguous KV
+// runs: the one place that maps those to an instantiation.
+template <typename F>
+Status with_kernel(bool d128, int stages, bool paged, F&& f) {
+  using std::integral_constant;
+  auto pick = [&](auto d, auto s) { return paged ? f(d, s, std::true_type{}) : f(d, s, std::false_type{}); };
+  if (!d128) return pick(integral_constant<int, 64>{}, integral_constant<int, 3>{});
+  if (stages == 4) return pick(integral_constant<int, 128>{}, integral_constant<int, 4>{});
+  return pick(integral_constant<int, 128>{}, integral_constant<int, 3>{});
+}
+
+}  // namespace
 
 bool decode_takes(const FwdParams& p) {
   return decode::kSameBlocksAsSm80 && p.scheme != Scheme::half && (p.head_dim == 64 || p.head_dim == 128) &&
@@ -59,9 +75,9 @@ Status launch_fwd_decode(const FwdParams& p, cudaStream_t stream) {
   st = check_cuda(device_sm_count(&sms), "decode forward: SM count");
   // Resident CTAs per SM of the kernel a launch of `stages` would run.
   auto occupancy = [&](int stages, int* n) {
-    if (!d128) return paged ? decode::occupancy<64, 3, true>(n) : decode::occupancy<64, 3, false>(n);
-    if (stages == 4) return paged ? decode::occupancy<128, 4, true>(n) : decode::occupancy<128, 4, false>(n);
-    return paged ? decode::occupancy<128, 3, true>(n) : decode::occupancy<128, 3, false>(n);
+    return with_kernel(d128, stages, paged, [&](auto d, auto s, auto pg) {
+      return decode::occupancy<decltype(d)::value, decltype(s)::value, decltype(pg)::value>(n);
+    });
   };
   if (st.ok()) st = occupancy(3, &ctas);
   if (!st.ok()) return st;
@@ -107,13 +123,9 @@ Status launch_fwd_decode(const FwdParams& p, cudaStream_t stream) {
     prm.part_ml = static_cast<float2*>(scratch);
     prm.part_o = reinterpret_cast<float*>(prm.part_ml + rows);
   }
-  if (paged)
-    st = !d128 ? decode::launch_fwd<64, 3, true>(prm, stream)
-               : stages == 4 ? decode::launch_fwd<128, 4, true>(prm, stream) : decode::launch_fwd<128, 3, true>(prm, stream);
-  else
-    st = !d128 ? decode::launch_fwd<64, 3, false>(prm, stream)
-               : stages == 4 ? decode::launch_fwd<128, 4, false>(prm, stream)
-                             : decode::launch_fwd<128, 3, false>(prm, stream);
+  st = with_kernel(d128, stages, paged, [&](auto d, auto s, auto pg) {
+    return decode::launch_fwd<decltype(d)::value, decltype(s)::value, decltype(pg)::value>(prm, stream);
+  });
   if (!scratch) return st;
   const Status fst = scratch_free(scratch, stream, "decode forward: partial rows");
   return st.ok() ? fst : st;

@@ -20,6 +20,12 @@ constexpr int kMaxPerLane = 8;  // head_dim <= 256
 
 namespace {
 
+// Whether a place is in the cache: always for a contiguous one; for a paged one, where the table
+// entry names a page of the pool (the host cannot check a device table).
+__device__ __forceinline__ bool in_pool(const CacheQuantParams& p, CachePlace w) {
+  return !p.block_table || (w.sb >= 0 && w.sb < p.num_pages);
+}
+
 __device__ __forceinline__ float load_in(const void* base, DType dt, int64_t i) {
   return dt == DType::bf16 ? __bfloat162float(static_cast<const __nv_bfloat16*>(base)[i])
                            : __half2float(static_cast<const __half*>(base)[i]);
@@ -55,7 +61,7 @@ __global__ void __launch_bounds__(32 * kWarps) cache_rows_kernel(const CacheQuan
   const int64_t at = cache_pos(p, cache_pos0(p, b), t);
   if (at < 0) return;
   const CachePlace w = cache_place(p, b, at);
-  if (p.block_table && (w.sb < 0 || w.sb >= p.num_pages)) return;  // not a page of the pool
+  if (!in_pool(p, w)) return;
   const float inv = quant_inv_scale(amax);
   int8_t* out = p.x8 + offset(p.x8_st, w.sb, h, w.tok);
 #pragma unroll
@@ -108,8 +114,8 @@ __device__ void sweep_pages(const CacheQuantParams& p, int b, int h, int64_t pos
     const float so = s_old[c], sn = s_new[c];
     for (int64_t ch = threadIdx.x; ch < chunks; ch += blockDim.x) {
       const CachePlace w = cache_place(p, b, 16 * ch);
-      if (w.sb < 0 || w.sb >= p.num_pages) continue;
-      int8_t* at = p.vt8 + w.sb * p.vt_st.bs + h * p.vt_st.hs + c * p.vt_st.ts + w.tok;
+      if (!in_pool(p, w)) continue;
+      int8_t* at = p.vt8 + cache_vt_offset(p, w, h, c);
       const int n = static_cast<int>(min(int64_t(16), held - 16 * ch));
       if (vec && n == 16) {
         int4 x = *reinterpret_cast<const int4*>(at);
@@ -134,7 +140,6 @@ __global__ void __launch_bounds__(kVThreads) cache_v_kernel(const CacheQuantPara
   __shared__ float s_old[2 * kVThreads], s_new[2 * kVThreads], s_red[kVThreads / 32];
   __shared__ int s_grown[2 * kVThreads], s_count;
   float* vs = p.v_scale + b * p.vs_st.bs + h * p.vs_st.hs;
-  int8_t* rows = p.vt8 + b * p.vt_st.bs + h * p.vt_st.hs;
   const int64_t pos0 = cache_pos0(p, b);
   auto v_at = [&](int t, int c) { return load_in(p.v, p.in_dtype, offset(p.v_st, b, h, t) + c); };
   if (threadIdx.x == 0) s_count = 0;
@@ -172,7 +177,7 @@ __global__ void __launch_bounds__(kVThreads) cache_v_kernel(const CacheQuantPara
   if (p.block_table)
     sweep_pages(p, b, h, pos0, s_grown, s_count, s_old, s_new);
   else
-    sweep_rows(p, rows, pos0, s_grown, s_count, s_old, s_new);
+    sweep_rows(p, p.vt8 + b * p.vt_st.bs + h * p.vt_st.hs, pos0, s_grown, s_count, s_old, s_new);
   __syncthreads();  // the sweeps' writes before the new tokens' bytes
 #pragma unroll
   for (int k = 0; k < 2; ++k) {
@@ -180,17 +185,11 @@ __global__ void __launch_bounds__(kVThreads) cache_v_kernel(const CacheQuantPara
     if (c >= p.head_dim) continue;
     vs[c] = s_new[c];
     const float inv = inv_of_scale(s_new[c]);
-    int8_t* row = rows + c * p.vt_st.ts;
     for (int t = 0; t < p.tokens; ++t) {
       const int64_t at = cache_pos(p, pos0, t);
       if (at < 0) continue;
-      if (!p.block_table) {
-        row[at] = quantize_s8(v_at(t, c), inv);
-        continue;
-      }
       const CachePlace w = cache_place(p, b, at);
-      if (w.sb >= 0 && w.sb < p.num_pages)
-        p.vt8[w.sb * p.vt_st.bs + h * p.vt_st.hs + c * p.vt_st.ts + w.tok] = quantize_s8(v_at(t, c), inv);
+      if (in_pool(p, w)) p.vt8[cache_vt_offset(p, w, h, c)] = quantize_s8(v_at(t, c), inv);
     }
   }
 }
