@@ -105,18 +105,31 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<D, Paged>) fwd_kernel(const
   const int kv_end = p.causal ? min(skv, pos_hi + 1 + diag) : skv;
   int kb0 = 0, count = 0;
   fwd::split_range(kv_end > 0 ? (kv_end + kBlockN - 1) / kBlockN : 0, P.num_splits, split, kb0, count);
-  // Paged: the page of block n (-1 outside the pool: its copies read nothing, so its keys have
-  // zero K, V and scales, and no copy leaves the pool). The first kStages blocks' entries are
-  // read first thing, before the setup below (H200: no change in time against reading them in
-  // the prologue, PERF_LOG d7, but the D = 64 kernel then needs no spill).
-  const int32_t* const table = Paged ? p.block_table + b * p.bt_stride : nullptr;
-  auto page_of = [&](int n) {
-    const int pg = __ldg(table + n * kBlockN / p.page_size);
+  // Paged: the table is walked one block at a time. `rd` is the table entry of the next block
+  // whose page is read and rd_tok that block's first token within its page, advanced by kBlockN
+  // with a wrap at page_size, so only the start takes a division (PERF_LOG d8: two runtime
+  // divisions per block cost more than the table's round trip). A page is -1 outside the pool:
+  // its copies read nothing, so its keys have zero K, V and scales, and no copy leaves the pool.
+  // The first kStages blocks' entries are read first thing, before the setup below (H200: no
+  // change in time against reading them in the prologue, PERF_LOG d7, but the D = 64 kernel then
+  // needs no spill).
+  const int32_t* rd = nullptr;
+  int rd_tok = 0, tok0 = 0;
+  if constexpr (Paged) {
+    const int idx = kb0 * kBlockN / p.page_size;
+    rd = p.block_table + b * p.bt_stride + idx;
+    rd_tok = tok0 = kb0 * kBlockN - idx * p.page_size;
+  }
+  auto next_tok = [&](int tok) { return tok + kBlockN == p.page_size ? 0 : tok + kBlockN; };
+  auto read_page = [&] {
+    const int pg = __ldg(rd);
+    rd_tok = next_tok(rd_tok);
+    rd += rd_tok == 0;
     return pg >= 0 && pg < p.num_pages ? pg : -1;
   };
   int first_pages[kStages];
 #pragma unroll
-  for (int s = 0; s < kStages; ++s) first_pages[s] = Paged && s < count ? page_of(kb0 + s) : -1;
+  for (int s = 0; s < kStages; ++s) first_pages[s] = Paged && s < count ? read_page() : -1;
 
   int row[2], key_last[2];
   float rowf[2], m_run[2], l_part[2];
@@ -157,12 +170,11 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<D, Paged>) fwd_kernel(const
   const int8_t* const k_page0 = p.k8 + hkv * p.k_st.hs + kr * p.k_st.ts + 16 * kc;
   const int8_t* const v_page0 = p.vt8 + hkv * p.vt_st.hs + vd * p.vt_st.ts + 16 * vc;
   const float* const ks_page0 = p.k_scale + hkv * p.ks_st.hs;
-  auto load_block_paged = [&](int n, int stage, int page) {
+  auto load_block_paged = [&](int n, int stage, int page, int tok) {  // tok: key0's place in the page
     const int key0 = n * kBlockN, k_left = page < 0 ? 0 : skv - key0 - kr;
-    const int64_t tok = key0 - int64_t(n * kBlockN / p.page_size) * p.page_size;  // within the page
     const int pg = max(page, 0);
     const uint32_t base = stage_base(stage);
-    const int8_t* src = k_page0 + pg * p.k_st.bs + tok * p.k_st.ts;
+    const int8_t* src = k_page0 + pg * p.k_st.bs + int64_t(tok) * p.k_st.ts;
 #pragma unroll
     for (int it = 0; it < kBlockN / kKRows; ++it, src = opaque(src + k_step)) {
       const bool valid = it * kKRows < k_left;
@@ -215,17 +227,17 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<D, Paged>) fwd_kernel(const
     }
     // The first kStages - 1 blocks (one group each, empty past the range).
 #pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {
+    for (int s = 0, tok = tok0; s < kStages - 1; ++s, tok = next_tok(tok)) {
       if constexpr (Paged) {
-        if (s < count) load_block_paged(kb0 + s, s, first_pages[s]);
+        if (s < count) load_block_paged(kb0 + s, s, first_pages[s], tok);
       } else {
         if (s < count) load_block(kb0 + s, s);
       }
       ptx::cp_async_commit();
     }
   }
-  // Paged: the page of the next block to load.
-  int next_page = Paged ? first_pages[kStages - 1] : -1;
+  // Paged: the page of the next block to load (its place in the page is the one before rd_tok).
+  int next_page = first_pages[kStages - 1];
 
   // Warp w's keys are the block's 32-key step w: n-tiles 4w .. 4w + 3 of the permuted QK^T
   // layout (sm80::permuted_key), k step w of the PV product.
@@ -248,8 +260,9 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<D, Paged>) fwd_kernel(const
     __syncthreads();
     if constexpr (Paged) {
       if (i + kStages - 1 < count) {
-        load_block_paged(n + kStages - 1, (i + kStages - 1) % kStages, next_page);
-        if (i + kStages < count) next_page = page_of(n + kStages);
+        load_block_paged(n + kStages - 1, (i + kStages - 1) % kStages, next_page,
+                         (rd_tok == 0 ? p.page_size : rd_tok) - kBlockN);
+        if (i + kStages < count) next_page = read_page();
       }
     } else {
       if (i + kStages - 1 < count) load_block(n + kStages - 1, (i + kStages - 1) % kStages);
