@@ -687,8 +687,8 @@ def _paged_on(x, device, page, spare, seed, counts):
 def test_paged_kv_on_the_gpu(scheme):
     """A paged cache (256-token pages shuffled in a pool) on the GPU: append_kv at a position
     per sequence (V scales that grow) writes the CPU backend's bytes; attention_int8 (the decode
-    path) equals the contiguous cache's call bit for bit and is close to the CPU's; a path that
-    cannot read pages raises."""
+    path, and sm80 when named) equals the contiguous cache's call on the same kernel bit for bit
+    and is close to the CPU's; sm90, which cannot read pages, raises."""
     q, k, v = make_qkv(3, 8, 2, 1, 1024, 128, seed=181)
     x = intfa.quantize(q, k, v, scheme=scheme)
     x.v_scale.view(-1)[::3] *= 0.05  # small scales: the new tokens grow them
@@ -713,8 +713,14 @@ def test_paged_kv_on_the_gpu(scheme):
         # The CPU backend's 64-key blocks (the kernel's are 128): P8 rounds differently.
         emu = intfa.attention_int8(cpu._replace(seqused_kv=used), is_causal=causal)
         assert rel_l2(out.cpu(), emu) < 1e-2
-    with pytest.raises(RuntimeError, match="block_table: paged KV runs on the GPU's decode path"):
-        intfa.attention_int8(gpu, path="sm80")
+        # The sm80 kernel reads pages too: the contiguous cache's bits on the same kernel.
+        out, lse = intfa.attention_int8(gpu._replace(**step), is_causal=causal, return_lse=True, path="sm80")
+        want, want_lse = intfa.attention_int8(x._replace(**step), is_causal=causal, return_lse=True,
+                                              path="sm80")
+        assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    if intfa.resolve_gpu_path() == "sm90":  # the TMA kernel addresses contiguous caches only
+        with pytest.raises(RuntimeError, match="block_table: paged KV runs on the GPU's decode and sm80 paths"):
+            intfa.attention_int8(gpu, path="sm90")
 
 
 def test_paged_kv_cache_on_the_gpu():
@@ -729,3 +735,21 @@ def test_paged_kv_cache_on_the_gpu():
                                max_seqlen_kv=512, num_pages=8, page_size=128, max_pages=4)
     assert paged.lengths.is_cuda and paged.block_table.is_cuda
     assert paged.lengths_host == [203, 130, 132] and paged.pages_free == 2
+
+
+def test_paged_kv_cache_chunked_prefill_on_the_gpu():
+    """intfa.PagedKVCache on CUDA tensors fed a prompt's next chunks (40 and 17 tokens per
+    sequence: 160 and 68 query rows per K/V head, which the sm80 kernel reads through the pages)
+    around a decode step: against a ragged KVCache of its capacity on the same path, outputs and
+    LSE bit for bit; path auto takes a chunk to the sm80 kernel (the same bits)."""
+    lengths = [200, 127, 129]
+    q, k, v, k_new, v_new = ragged_inputs(cuda_randn(191), 3, 8, 2, 200, 58, 128, lengths)
+    paged, _ = paged_vs_ragged(q, k, v, k_new, v_new, lengths, [40, 1, 17], exact,
+                               lambda a: a.cpu().numpy(), max_seqlen_kv=512, path="sm80",
+                               num_pages=12, page_size=128, max_pages=4)
+    assert paged.lengths_host == [258, 185, 187]
+    chunk = q[:, :, :17]
+    for causal in (False, True):
+        auto = paged.attention(chunk, is_causal=causal, return_lse=True)
+        sm80 = paged.attention(chunk, is_causal=causal, return_lse=True, path="sm80")
+        assert torch.equal(auto[0], sm80[0]) and torch.equal(auto[1], sm80[1])

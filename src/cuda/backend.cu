@@ -138,21 +138,18 @@ Status attention_int8(const FwdParams& params, GpuPath path, bool fallback, void
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   FwdParams p = params;
   fwd::pack_gqa_rows(p);  // GQA heads as rows where the rows see the same keys (tile_order.h)
-  // Paged KV: the decode kernel only (the prefill kernels' TMA and cp.async address contiguous
-  // caches).
-  if (p.block_table && path != GpuPath::decode && !(fallback && decode_takes(p)))
+  // Paged KV: the decode kernel and the sm80 kernel read pages (cp.async through the table); the
+  // sm90 kernel's TMA boxes address contiguous caches.
+  if (p.block_table && path == GpuPath::sm90 && !fallback)
     return Status(StatusCode::not_available,
-                  std::string("block_table: paged KV runs on the GPU's decode path, which takes at most 16 query "
-                              "rows per (batch, K/V head) after GQA packing (heads_q / heads_kv x seqlen_q) and "
-                              "head_dim 64 or 128; this call asks for path ") +
-                      to_string(path) + " with " + std::to_string(p.seqlen_q) + " rows");
+                  "block_table: paged KV runs on the GPU's decode and sm80 paths (path auto picks one); this "
+                  "call asks for path sm90");
   // At most 16 rows per (batch, head) left: the decode kernel, unless a path was named.
   if (path == GpuPath::decode || (fallback && decode_takes(p))) {
     Status st = launch_fwd_decode(p, s);
-    // A paged call the decode kernel declines (its page size, its shared memory) has no other
-    // kernel to go to: the prefill kernels would read the pool as a contiguous cache.
-    if (st.code() != StatusCode::not_available || !fallback || p.block_table) return st;
+    if (st.code() != StatusCode::not_available || !fallback) return st;
   }
+  if (p.block_table) return launch_fwd_sm80(p, s);
   if (path == GpuPath::sm90) {
 #if INTFA_HAVE_SM90
     Status st = launch_fwd_sm90(p, s);

@@ -321,4 +321,38 @@ __device__ __forceinline__ void merge_split_row(const FwdParams& p, const float2
   }
 }
 
+// Paged KV (FwdParams::block_table, pages a multiple of the kernel's key block kBlockN, so a
+// block lies in one page): one sequence's table walked a key block at a time. `rd` is the entry
+// of the next block whose page is read and rd_tok that block's first token within its page,
+// advanced by kBlockN with a wrap at page_size, so only the start takes a division (PERF_LOG
+// d8: two runtime divisions per block cost the decode kernel 9-15%). A page outside
+// [0, num_pages) reads as -1: the kernels' loads then copy nothing (zero K, V and K scales) and
+// never leave the pool.
+template <int kBlockN>
+struct PageWalk {
+  const int32_t* rd = nullptr;
+  int rd_tok = 0;
+
+  __device__ __forceinline__ void start(const FwdParams& p, int b, int first_block) {
+    const int idx = first_block * kBlockN / p.page_size;
+    rd = p.block_table + b * p.bt_stride + idx;
+    rd_tok = first_block * kBlockN - idx * p.page_size;
+  }
+  // The first token within its page of the block after the one starting at `tok`.
+  __device__ __forceinline__ static int next_tok(const FwdParams& p, int tok) {
+    return tok + kBlockN == p.page_size ? 0 : tok + kBlockN;
+  }
+  // The next block's page (-1 outside the pool); the walk moves on to the block after it.
+  __device__ __forceinline__ int read(const FwdParams& p) {
+    const int pg = __ldg(rd);
+    rd_tok = next_tok(p, rd_tok);
+    rd += rd_tok == 0;
+    return pg >= 0 && pg < p.num_pages ? pg : -1;
+  }
+  // The first token within its page of the block read last.
+  __device__ __forceinline__ int last_tok(const FwdParams& p) const {
+    return (rd_tok == 0 ? p.page_size : rd_tok) - kBlockN;
+  }
+};
+
 }  // namespace intfa::fwd

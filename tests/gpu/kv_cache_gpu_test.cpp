@@ -85,8 +85,8 @@ struct AppendCase {
   void fill() { c.fill(x.tk(), x.tv(), c.ps.seqlen_kv, o); }
 };
 
-// attention_int8 over `gq` on every GPU path (a paged cache: those that take it) against the
-// CPU emulation (the kernels' key block) over `hq`, the same cache on the host.
+// attention_int8 over `gq` on every GPU path (a paged cache: those that take it, decode and
+// sm80) against the CPU emulation (the kernels' key block) over `hq`, the same cache on the host.
 void expect_paths_match_cpu(const QuantizedQKV& hq, const QuantizedQKV& gq, const Options& o) {
   const bool paged = gq.block_table.defined();
   const int B = int(hq.q8.shape[0]), Hq = int(hq.q8.shape[1]), n = int(hq.q8.shape[2]), D = int(hq.q8.shape[3]);
@@ -97,8 +97,7 @@ void expect_paths_match_cpu(const QuantizedQKV& hq, const QuantizedQKV& gq, cons
   oc.backend = Backend::cpu;
   oc.block_n = build_info().gpu_block_n;  // every GPU path: 128 keys
   INTFA_ASSERT_OK(attention_int8(hq, Tensor(), Tensor(), 0, 0, tw, &twl, oc));
-  std::vector<GpuPath> paths = {GpuPath::automatic};
-  if (!paged) paths.push_back(GpuPath::sm80);
+  std::vector<GpuPath> paths = {GpuPath::automatic, GpuPath::sm80};
   if (n * (Hq / Hkv) <= 16) paths.push_back(GpuPath::decode);  // rows per K/V head it takes
   GpuPath got;
   if (!paged && resolve_gpu_path(GpuPath::sm90, 0, &got).ok()) paths.push_back(GpuPath::sm90);
@@ -276,11 +275,16 @@ struct DevicePages {
 // memcheck runs this test).
 TEST(KvCacheGpu, PagedMatchesCpu) {
   INTFA_REQUIRE_GPU();
+  GpuPath resolved;
+  const bool have_sm90 = resolve_gpu_path(GpuPath::sm90, 0, &resolved).ok();
   for (Scheme s : {Scheme::accurate, Scheme::paper}) {
     for (int D : {64, 128}) {
-      for (int n : {1, 3}) {
+      // n = 1, 3: decode steps (4 n rows per K/V head: the decode kernel); n = 40: a chunk of a
+      // prompt appended and attended at once (chunked prefill; 160 rows: the sm80 kernel).
+      for (int n : {1, 3, 40}) {
         SCOPED_TRACE(std::string(to_string(s)) + " D" + std::to_string(D) + " n" + std::to_string(n));
         const int B = 3, Hq = 8, Hkv = 2, cap = 1024, page = 256;
+        const bool decode_rows = n * (Hq / Hkv) <= 16;
         AppendCase a(B, Hq, Hkv, n, cap, D, s, 80 + D + n + int(s));
         auto &x = a.x, &nx = a.nx;
         const Options& o = a.o;
@@ -326,28 +330,36 @@ TEST(KvCacheGpu, PagedMatchesCpu) {
         const Tensor to = make_tensor(nullptr, DType::f32, {B, Hq, n, D}), tl = make_tensor(nullptr, DType::f32, {B, Hq, n});
         Tensor t1 = on_device(to, o1.ptr), t2 = on_device(to, o2.ptr), tl1 = on_device(tl, l1.ptr), tl2 = on_device(tl, l2.ptr);
         Options od = o;
-        od.path = GpuPath::decode;
-        INTFA_ASSERT_OK(attention_int8(gp, Tensor(), Tensor(), 0, 0, t1, &tl1, od));
-        INTFA_ASSERT_OK(attention_int8(gc, Tensor(), Tensor(), 0, 0, t2, &tl2, od));
-        INTFA_ASSERT_OK(gpu_synchronize());
-        EXPECT_EQ(o1.to_host<uint32_t>(), o2.to_host<uint32_t>()) << "paged vs contiguous output bits";
-        EXPECT_EQ(l1.to_host<uint32_t>(), l2.to_host<uint32_t>()) << "paged vs contiguous LSE bits";
+        for (GpuPath path : {GpuPath::decode, GpuPath::sm80}) {
+          if (path == GpuPath::decode && !decode_rows) continue;
+          SCOPED_TRACE(std::string("path ") + to_string(path));
+          od.path = path;
+          for (DeviceBuffer* buf : {&o1, &o2}) INTFA_ASSERT_OK(gpu_memset(buf->ptr, 0xFF, buf->bytes));  // NaN
+          INTFA_ASSERT_OK(attention_int8(gp, Tensor(), Tensor(), 0, 0, t1, &tl1, od));
+          INTFA_ASSERT_OK(attention_int8(gc, Tensor(), Tensor(), 0, 0, t2, &tl2, od));
+          INTFA_ASSERT_OK(gpu_synchronize());
+          EXPECT_EQ(o1.to_host<uint32_t>(), o2.to_host<uint32_t>()) << "paged vs contiguous output bits";
+          EXPECT_EQ(l1.to_host<uint32_t>(), l2.to_host<uint32_t>()) << "paged vs contiguous LSE bits";
+        }
+        if (have_sm90) {  // the TMA kernel addresses contiguous caches only
+          od.path = GpuPath::sm90;
+          const Status st = attention_int8(gp, Tensor(), Tensor(), 0, 0, t1, &tl1, od);
+          EXPECT_EQ(st.code(), StatusCode::not_available) << st.message();
+          EXPECT_NE(st.message().find("block_table: paged KV runs on the GPU's decode and sm80 paths"),
+                    std::string::npos)
+              << st.message();
+        }
 
-        od.path = GpuPath::sm80;
-        const Status st = attention_int8(gp, Tensor(), Tensor(), 0, 0, t1, &tl1, od);
-        EXPECT_EQ(st.code(), StatusCode::not_available) << st.message();
-        EXPECT_NE(st.message().find("block_table: paged KV runs on the GPU's decode path"), std::string::npos)
-            << st.message();
-
-        // Pages the decode kernel does not take (64 tokens): not_available on every path, never
-        // the prefill kernels reading the pool as a contiguous cache.
+        // Pages the GPU kernels do not take (64 tokens): not_available on every path that reads
+        // pages, never a kernel reading the pool as a contiguous cache.
         PagedCopy pc64(c.h, 64, Layout::BHSD, 0, 9);
         DevicePages dp64(pc64);
         QuantizedQKV g64 = dp64.x;
         g64.q8 = gp.q8;
         g64.q_scale = gp.q_scale;
         g64.lse_offset = gp.lse_offset;
-        for (GpuPath path : {GpuPath::automatic, GpuPath::decode}) {
+        for (GpuPath path : {GpuPath::automatic, GpuPath::decode, GpuPath::sm80}) {
+          if (path == GpuPath::decode && !decode_rows) continue;
           od.path = path;
           const Status st64 = attention_int8(g64, Tensor(), Tensor(), 0, 0, t1, &tl1, od);
           EXPECT_EQ(st64.code(), StatusCode::not_available) << st64.message();

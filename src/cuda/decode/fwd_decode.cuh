@@ -105,31 +105,18 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<D, Paged>) fwd_kernel(const
   const int kv_end = p.causal ? min(skv, pos_hi + 1 + diag) : skv;
   int kb0 = 0, count = 0;
   fwd::split_range(kv_end > 0 ? (kv_end + kBlockN - 1) / kBlockN : 0, P.num_splits, split, kb0, count);
-  // Paged: the table is walked one block at a time. `rd` is the table entry of the next block
-  // whose page is read and rd_tok that block's first token within its page, advanced by kBlockN
-  // with a wrap at page_size, so only the start takes a division (PERF_LOG d8: two runtime
-  // divisions per block cost more than the table's round trip). A page is -1 outside the pool:
-  // its copies read nothing, so its keys have zero K, V and scales, and no copy leaves the pool.
-  // The first kStages blocks' entries are read first thing, before the setup below (H200: no
-  // change in time against reading them in the prologue, PERF_LOG d7, but the D = 64 kernel then
-  // needs no spill).
-  const int32_t* rd = nullptr;
-  int rd_tok = 0, tok0 = 0;
+  // Paged: the table walked a block at a time (fwd::PageWalk). The first kStages blocks' entries
+  // are read first thing, before the setup below (H200: no change in time against reading them
+  // in the prologue, PERF_LOG d7, but the D = 64 kernel then needs less spill).
+  fwd::PageWalk<kBlockN> walk;
+  int tok0 = 0;
   if constexpr (Paged) {
-    const int idx = kb0 * kBlockN / p.page_size;
-    rd = p.block_table + b * p.bt_stride + idx;
-    rd_tok = tok0 = kb0 * kBlockN - idx * p.page_size;
+    walk.start(p, b, kb0);
+    tok0 = walk.rd_tok;
   }
-  auto next_tok = [&](int tok) { return tok + kBlockN == p.page_size ? 0 : tok + kBlockN; };
-  auto read_page = [&] {
-    const int pg = __ldg(rd);
-    rd_tok = next_tok(rd_tok);
-    rd += rd_tok == 0;
-    return pg >= 0 && pg < p.num_pages ? pg : -1;
-  };
   int first_pages[kStages];
 #pragma unroll
-  for (int s = 0; s < kStages; ++s) first_pages[s] = Paged && s < count ? read_page() : -1;
+  for (int s = 0; s < kStages; ++s) first_pages[s] = Paged && s < count ? walk.read(p) : -1;
 
   int row[2], key_last[2];
   float rowf[2], m_run[2], l_part[2];
@@ -227,7 +214,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<D, Paged>) fwd_kernel(const
     }
     // The first kStages - 1 blocks (one group each, empty past the range).
 #pragma unroll
-    for (int s = 0, tok = tok0; s < kStages - 1; ++s, tok = next_tok(tok)) {
+    for (int s = 0, tok = tok0; s < kStages - 1; ++s, tok = walk.next_tok(p, tok)) {
       if constexpr (Paged) {
         if (s < count) load_block_paged(kb0 + s, s, first_pages[s], tok);
       } else {
@@ -236,7 +223,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<D, Paged>) fwd_kernel(const
       ptx::cp_async_commit();
     }
   }
-  // Paged: the page of the next block to load (its place in the page is the one before rd_tok).
+  // Paged: the page of the next block to load (its place in the page: walk.last_tok).
   int next_page = first_pages[kStages - 1];
 
   // Warp w's keys are the block's 32-key step w: n-tiles 4w .. 4w + 3 of the permuted QK^T
@@ -260,9 +247,8 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<D, Paged>) fwd_kernel(const
     __syncthreads();
     if constexpr (Paged) {
       if (i + kStages - 1 < count) {
-        load_block_paged(n + kStages - 1, (i + kStages - 1) % kStages, next_page,
-                         (rd_tok == 0 ? p.page_size : rd_tok) - kBlockN);
-        if (i + kStages < count) next_page = read_page();
+        load_block_paged(n + kStages - 1, (i + kStages - 1) % kStages, next_page, walk.last_tok(p));
+        if (i + kStages < count) next_page = walk.read(p);
       }
     } else {
       if (i + kStages - 1 < count) load_block(n + kStages - 1, (i + kStages - 1) % kStages);

@@ -215,9 +215,43 @@ struct KvLoader {
                        valid ? ks_ptr + key0 + tid : ks_ptr, valid);
     }
   }
+  // Paged KV: the pointers are the thread's first bytes in page 0; block n lies in `page` (-1:
+  // outside the pool, nothing copied) from token `tok` on (fwd::PageWalk). Kept apart from
+  // load() so the contiguous kernels' code stays as it was.
+  __device__ void load_paged(int n, int page, int tok, int skv, const FwdParams& p, uint32_t stage_base,
+                             int tid) const {
+    const int key0 = n * kBlockN, pg = max(page, 0);
+    const int k_left = page < 0 ? 0 : skv - key0 - k_row0;
+    // The sources step by a fixed stride through an empty asm, which keeps ptxas from hoisting
+    // every pass's 64-bit address (the decode kernel's loads do the same).
+    auto opaque = [](const int8_t* ptr) {
+      asm volatile("" : "+l"(ptr));
+      return ptr;
+    };
+    const int8_t* src = k_ptr + pg * p.k_st.bs + int64_t(tok) * k_row_stride;
+    const int64_t k_step = kKRowsPerPass * k_row_stride, v_step = kVRowsPerPass * v_row_stride;
+#pragma unroll
+    for (int it = 0; it < kKPasses; ++it, src = opaque(src + k_step)) {
+      const bool valid = it * kKRowsPerPass < k_left;
+      ptx::cp_async_16B(stage_base + k_smem0 + it * kKRowsPerPass * D, valid ? src : k_ptr, valid);
+    }
+    const bool v_valid = page >= 0 && key0 + v_col0 < skv;
+    src = v_ptr + pg * p.vt_st.bs + tok;
+#pragma unroll
+    for (int it = 0; it < kVPasses; ++it, src = opaque(src + v_step))
+      ptx::cp_async_16B(stage_base + Smem<D>::kK + v_smem0 + it * kVRowsPerPass * kBlockN, v_valid ? src : v_ptr,
+                        v_valid);
+    if (tid < kBlockN) {
+      const bool valid = page >= 0 && key0 + tid < skv;
+      ptx::cp_async_4B(stage_base + Smem<D>::kK + Smem<D>::kV + 4 * tid,
+                       valid ? ks_ptr + pg * p.ks_st.bs + tok + tid : ks_ptr, valid);
+    }
+  }
 };
 
-template <int D, bool Causal>
+// Paged (FwdParams::block_table, dense queries, pages a multiple of 128 keys): K, V^T and the K
+// scales of each key block are read through the block's table entry, read one block ahead.
+template <int D, bool Causal, bool Paged>
 __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdParams p) {
   using S = Smem<D>;
   using L = KvLoader<D>;
@@ -264,17 +298,24 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
   {
     const int kr = tid / L::kKChunks, kc = tid % L::kKChunks;
     const int vd = tid / L::kVChunks, vc = tid % L::kVChunks;
+    // Paged: page 0's bytes (paged calls have dense queries, k0 = 0; fwd::PageWalk adds the
+    // pages). The statements keep the contiguous kernels' order (their code stays as it was).
     loader.k_row0 = kr;
     loader.k_row_stride = p.k_st.ts;
-    loader.k_ptr = p.k8 + b * p.k_st.bs + hkv * p.k_st.hs + (k0 + kr) * p.k_st.ts + kc * 16;
+    loader.k_ptr = Paged ? p.k8 + hkv * p.k_st.hs + kr * p.k_st.ts + kc * 16
+                         : p.k8 + b * p.k_st.bs + hkv * p.k_st.hs + (k0 + kr) * p.k_st.ts + kc * 16;
     loader.k_smem0 = k_tile_offset<D>(kr, kc);
     loader.v_col0 = vc * 16;
     loader.v_row_stride = p.vt_st.ts;
-    loader.v_ptr = p.vt8 + b * p.vt_st.bs + hkv * p.vt_st.hs + vt_seq_start(p.cu_kv, b) +
-                   vd * p.vt_st.ts + vc * 16;
+    loader.v_ptr = Paged ? p.vt8 + hkv * p.vt_st.hs + vd * p.vt_st.ts + vc * 16
+                         : p.vt8 + b * p.vt_st.bs + hkv * p.vt_st.hs + vt_seq_start(p.cu_kv, b) +
+                               vd * p.vt_st.ts + vc * 16;
     loader.v_smem0 = swz128(vd * kBlockN + vc * 16);
-    loader.ks_ptr = p.k_scale + offset(p.ks_st, b, hkv, k0);
+    loader.ks_ptr = Paged ? p.k_scale + hkv * p.ks_st.hs : p.k_scale + offset(p.ks_st, b, hkv, k0);
   }
+  // Paged: the walk over sequence b's table and the page of the next block to load.
+  fwd::PageWalk<kBlockN> walk;
+  int next_page = -1;
   const uint32_t smem_base = ptx::smem_u32(smem);
   auto stage_base = [&](int stage) { return smem_base + S::kQ + stage * S::kStage; };
 
@@ -324,7 +365,14 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
       ptx::cp_async_16B(smem_base + swz128(r * D + c * 16),
                         valid ? q_base + r * p.q_st.ts + c * 16 : q_base, valid);
     }
-    loader.load(0, skv, stage_base(0), tid);
+    if constexpr (Paged) {
+      walk.start(p, b, 0);
+      const int page0 = walk.read(p);
+      loader.load_paged(0, page0, 0, skv, p, stage_base(0), tid);
+      if (n_blocks > 1) next_page = walk.read(p);
+    } else {
+      loader.load(0, skv, stage_base(0), tid);
+    }
     ptx::cp_async_commit();
   }
 
@@ -409,7 +457,12 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
     ptx::cp_async_wait<0>();
     __syncthreads();  // block n landed for everyone; everyone finished with the stage refilled next
     if (n + 1 < n_blocks) {
-      loader.load(n + 1, skv, stage_base((n + 1) % S::kStages), tid);
+      if constexpr (Paged) {
+        loader.load_paged(n + 1, next_page, walk.last_tok(p), skv, p, stage_base((n + 1) % S::kStages), tid);
+        if (n + 2 < n_blocks) next_page = walk.read(p);
+      } else {
+        loader.load(n + 1, skv, stage_base((n + 1) % S::kStages), tid);
+      }
       ptx::cp_async_commit();
     }
     if (n == 0 || reload_q<D>()) load_q_frags<D>(sQ, warp, lane, qf);
@@ -462,8 +515,8 @@ __global__ void __launch_bounds__(kThreads) qk_block_test_kernel(const int8_t* q
   }
 }
 
-// Host launcher for one (head dim, causal) instantiation; defined in fwd_sm80_launch.cuh.
-template <int D, bool Causal>
+// Host launcher for one (head dim, causal, paged) instantiation; defined in fwd_sm80_launch.cuh.
+template <int D, bool Causal, bool Paged>
 Status launch_fwd(const FwdParams& p, cudaStream_t stream);
 
 }  // namespace intfa::sm80

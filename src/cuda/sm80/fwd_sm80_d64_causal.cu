@@ -2,5 +2,5 @@
 #include "cuda/sm80/fwd_sm80_launch.cuh"
 
 namespace intfa::sm80 {
-template Status launch_fwd<64, true>(const FwdParams&, cudaStream_t);
+template Status launch_fwd<64, true, false>(const FwdParams&, cudaStream_t);
 }  // namespace intfa::sm80

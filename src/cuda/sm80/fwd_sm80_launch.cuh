@@ -6,9 +6,9 @@
 
 namespace intfa::sm80 {
 
-template <int D, bool Causal>
+template <int D, bool Causal, bool Paged>
 Status launch_fwd(const FwdParams& p, cudaStream_t stream) {
-  auto kernel = fwd_kernel<D, Causal>;
+  auto kernel = fwd_kernel<D, Causal, Paged>;
   constexpr int kSmem = Smem<D>::kBytes;
   static cuda::PerDevice setup;
   Status st = cuda::check_cuda(cuda::opt_in_smem_once(setup, kernel, kSmem), "sm80 forward: cudaFuncSetAttribute");
