@@ -674,6 +674,11 @@ def test_ragged_kv_cache_cupy():
     assert cc.lengths.tolist() == [31, 14] and cc.length == 31
 
 
+def _prefill_paths():
+    """The prefill kernels this GPU runs (sm90 on Hopper, sm80 everywhere)."""
+    return ["sm80"] + (["sm90"] if intfa.resolve_gpu_path() == "sm90" else [])
+
+
 def _paged_on(x, device, page, spare, seed, counts):
     """paged.page_copy of a torch QuantizedQKV (any device) with the entries past counts -1, as
     torch tensors on `device`."""
@@ -687,8 +692,8 @@ def _paged_on(x, device, page, spare, seed, counts):
 def test_paged_kv_on_the_gpu(scheme):
     """A paged cache (256-token pages shuffled in a pool) on the GPU: append_kv at a position
     per sequence (V scales that grow) writes the CPU backend's bytes; attention_int8 (the decode
-    path, and sm80 when named) equals the contiguous cache's call on the same kernel bit for bit
-    and is close to the CPU's; sm90, which cannot read pages, raises."""
+    path, and sm80 / sm90 when named) equals the contiguous cache's call on the same kernel bit
+    for bit and is close to the CPU's."""
     q, k, v = make_qkv(3, 8, 2, 1, 1024, 128, seed=181)
     x = intfa.quantize(q, k, v, scheme=scheme)
     x.v_scale.view(-1)[::3] *= 0.05  # small scales: the new tokens grow them
@@ -713,14 +718,12 @@ def test_paged_kv_on_the_gpu(scheme):
         # The CPU backend's 64-key blocks (the kernel's are 128): P8 rounds differently.
         emu = intfa.attention_int8(cpu._replace(seqused_kv=used), is_causal=causal)
         assert rel_l2(out.cpu(), emu) < 1e-2
-        # The sm80 kernel reads pages too: the contiguous cache's bits on the same kernel.
-        out, lse = intfa.attention_int8(gpu._replace(**step), is_causal=causal, return_lse=True, path="sm80")
-        want, want_lse = intfa.attention_int8(x._replace(**step), is_causal=causal, return_lse=True,
-                                              path="sm80")
-        assert torch.equal(out, want) and torch.equal(lse, want_lse)
-    if intfa.resolve_gpu_path() == "sm90":  # the TMA kernel addresses contiguous caches only
-        with pytest.raises(RuntimeError, match="block_table: paged KV runs on the GPU's decode and sm80 paths"):
-            intfa.attention_int8(gpu, path="sm90")
+        # The prefill kernels read pages too: the contiguous cache's bits on the same kernel.
+        for path in _prefill_paths():
+            out, lse = intfa.attention_int8(gpu._replace(**step), is_causal=causal, return_lse=True, path=path)
+            want, want_lse = intfa.attention_int8(x._replace(**step), is_causal=causal, return_lse=True,
+                                                  path=path)
+            assert torch.equal(out, want) and torch.equal(lse, want_lse), path
 
 
 def test_paged_kv_cache_on_the_gpu():
@@ -739,17 +742,18 @@ def test_paged_kv_cache_on_the_gpu():
 
 def test_paged_kv_cache_chunked_prefill_on_the_gpu():
     """intfa.PagedKVCache on CUDA tensors fed a prompt's next chunks (40 and 17 tokens per
-    sequence: 160 and 68 query rows per K/V head, which the sm80 kernel reads through the pages)
-    around a decode step: against a ragged KVCache of its capacity on the same path, outputs and
-    LSE bit for bit; path auto takes a chunk to the sm80 kernel (the same bits)."""
+    sequence: 160 and 68 query rows per K/V head, which the prefill kernels read through the
+    pages) around a decode step: against a ragged KVCache of its capacity on the same path (sm80,
+    and sm90 on Hopper), outputs and LSE bit for bit; path auto runs the card's prefill kernel."""
     lengths = [200, 127, 129]
     q, k, v, k_new, v_new = ragged_inputs(cuda_randn(191), 3, 8, 2, 200, 58, 128, lengths)
-    paged, _ = paged_vs_ragged(q, k, v, k_new, v_new, lengths, [40, 1, 17], exact,
-                               lambda a: a.cpu().numpy(), max_seqlen_kv=512, path="sm80",
-                               num_pages=12, page_size=128, max_pages=4)
-    assert paged.lengths_host == [258, 185, 187]
+    for path in _prefill_paths():
+        paged, _ = paged_vs_ragged(q, k, v, k_new, v_new, lengths, [40, 1, 17], exact,
+                                   lambda a: a.cpu().numpy(), max_seqlen_kv=512, path=path,
+                                   num_pages=12, page_size=128, max_pages=4)
+        assert paged.lengths_host == [258, 185, 187]
     chunk = q[:, :, :17]
     for causal in (False, True):
         auto = paged.attention(chunk, is_causal=causal, return_lse=True)
-        sm80 = paged.attention(chunk, is_causal=causal, return_lse=True, path="sm80")
-        assert torch.equal(auto[0], sm80[0]) and torch.equal(auto[1], sm80[1])
+        named = paged.attention(chunk, is_causal=causal, return_lse=True, path=intfa.resolve_gpu_path())
+        assert torch.equal(auto[0], named[0]) and torch.equal(auto[1], named[1])

@@ -138,18 +138,12 @@ Status attention_int8(const FwdParams& params, GpuPath path, bool fallback, void
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   FwdParams p = params;
   fwd::pack_gqa_rows(p);  // GQA heads as rows where the rows see the same keys (tile_order.h)
-  // Paged KV: the decode kernel and the sm80 kernel read pages (cp.async through the table); the
-  // sm90 kernel's TMA boxes address contiguous caches.
-  if (p.block_table && path == GpuPath::sm90 && !fallback)
-    return Status(StatusCode::not_available,
-                  "block_table: paged KV runs on the GPU's decode and sm80 paths (path auto picks one); this "
-                  "call asks for path sm90");
-  // At most 16 rows per (batch, head) left: the decode kernel, unless a path was named.
+  // At most 16 rows per (batch, head) left: the decode kernel, unless a path was named. Every
+  // path reads paged caches (FwdParams::block_table) too.
   if (path == GpuPath::decode || (fallback && decode_takes(p))) {
     Status st = launch_fwd_decode(p, s);
     if (st.code() != StatusCode::not_available || !fallback) return st;
   }
-  if (p.block_table) return launch_fwd_sm80(p, s);
   if (path == GpuPath::sm90) {
 #if INTFA_HAVE_SM90
     Status st = launch_fwd_sm90(p, s);

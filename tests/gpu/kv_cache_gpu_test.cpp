@@ -85,8 +85,8 @@ struct AppendCase {
   void fill() { c.fill(x.tk(), x.tv(), c.ps.seqlen_kv, o); }
 };
 
-// attention_int8 over `gq` on every GPU path (a paged cache: those that take it, decode and
-// sm80) against the CPU emulation (the kernels' key block) over `hq`, the same cache on the host.
+// attention_int8 over `gq` on every GPU path (paged caches too) against the CPU emulation (the
+// kernels' key block) over `hq`, the same cache on the host.
 void expect_paths_match_cpu(const QuantizedQKV& hq, const QuantizedQKV& gq, const Options& o) {
   const bool paged = gq.block_table.defined();
   const int B = int(hq.q8.shape[0]), Hq = int(hq.q8.shape[1]), n = int(hq.q8.shape[2]), D = int(hq.q8.shape[3]);
@@ -100,7 +100,7 @@ void expect_paths_match_cpu(const QuantizedQKV& hq, const QuantizedQKV& gq, cons
   std::vector<GpuPath> paths = {GpuPath::automatic, GpuPath::sm80};
   if (n * (Hq / Hkv) <= 16) paths.push_back(GpuPath::decode);  // rows per K/V head it takes
   GpuPath got;
-  if (!paged && resolve_gpu_path(GpuPath::sm90, 0, &got).ok()) paths.push_back(GpuPath::sm90);
+  if (resolve_gpu_path(GpuPath::sm90, 0, &got).ok()) paths.push_back(GpuPath::sm90);
   for (GpuPath path : paths) {
     SCOPED_TRACE(std::string("path ") + to_string(path));
     DeviceBuffer dout(want.size() * 4), dlse(want_lse.size() * 4);
@@ -280,7 +280,7 @@ TEST(KvCacheGpu, PagedMatchesCpu) {
   for (Scheme s : {Scheme::accurate, Scheme::paper}) {
     for (int D : {64, 128}) {
       // n = 1, 3: decode steps (4 n rows per K/V head: the decode kernel); n = 40: a chunk of a
-      // prompt appended and attended at once (chunked prefill; 160 rows: the sm80 kernel).
+      // prompt appended and attended at once (chunked prefill; 160 rows: sm90 or sm80).
       for (int n : {1, 3, 40}) {
         SCOPED_TRACE(std::string(to_string(s)) + " D" + std::to_string(D) + " n" + std::to_string(n));
         const int B = 3, Hq = 8, Hkv = 2, cap = 1024, page = 256;
@@ -330,8 +330,8 @@ TEST(KvCacheGpu, PagedMatchesCpu) {
         const Tensor to = make_tensor(nullptr, DType::f32, {B, Hq, n, D}), tl = make_tensor(nullptr, DType::f32, {B, Hq, n});
         Tensor t1 = on_device(to, o1.ptr), t2 = on_device(to, o2.ptr), tl1 = on_device(tl, l1.ptr), tl2 = on_device(tl, l2.ptr);
         Options od = o;
-        for (GpuPath path : {GpuPath::decode, GpuPath::sm80}) {
-          if (path == GpuPath::decode && !decode_rows) continue;
+        for (GpuPath path : {GpuPath::decode, GpuPath::sm80, GpuPath::sm90}) {
+          if ((path == GpuPath::decode && !decode_rows) || (path == GpuPath::sm90 && !have_sm90)) continue;
           SCOPED_TRACE(std::string("path ") + to_string(path));
           od.path = path;
           for (DeviceBuffer* buf : {&o1, &o2}) INTFA_ASSERT_OK(gpu_memset(buf->ptr, 0xFF, buf->bytes));  // NaN
@@ -340,14 +340,6 @@ TEST(KvCacheGpu, PagedMatchesCpu) {
           INTFA_ASSERT_OK(gpu_synchronize());
           EXPECT_EQ(o1.to_host<uint32_t>(), o2.to_host<uint32_t>()) << "paged vs contiguous output bits";
           EXPECT_EQ(l1.to_host<uint32_t>(), l2.to_host<uint32_t>()) << "paged vs contiguous LSE bits";
-        }
-        if (have_sm90) {  // the TMA kernel addresses contiguous caches only
-          od.path = GpuPath::sm90;
-          const Status st = attention_int8(gp, Tensor(), Tensor(), 0, 0, t1, &tl1, od);
-          EXPECT_EQ(st.code(), StatusCode::not_available) << st.message();
-          EXPECT_NE(st.message().find("block_table: paged KV runs on the GPU's decode and sm80 paths"),
-                    std::string::npos)
-              << st.message();
         }
 
         // Pages the GPU kernels do not take (64 tokens): not_available on every path that reads
@@ -358,8 +350,8 @@ TEST(KvCacheGpu, PagedMatchesCpu) {
         g64.q8 = gp.q8;
         g64.q_scale = gp.q_scale;
         g64.lse_offset = gp.lse_offset;
-        for (GpuPath path : {GpuPath::automatic, GpuPath::decode, GpuPath::sm80}) {
-          if (path == GpuPath::decode && !decode_rows) continue;
+        for (GpuPath path : {GpuPath::automatic, GpuPath::decode, GpuPath::sm80, GpuPath::sm90}) {
+          if ((path == GpuPath::decode && !decode_rows) || (path == GpuPath::sm90 && !have_sm90)) continue;
           od.path = path;
           const Status st64 = attention_int8(g64, Tensor(), Tensor(), 0, 0, t1, &tl1, od);
           EXPECT_EQ(st64.code(), StatusCode::not_available) << st64.message();
@@ -367,13 +359,20 @@ TEST(KvCacheGpu, PagedMatchesCpu) {
               << st64.message();
         }
 
-        // An entry past the pool (sequence 0's first page): nothing read past it, finite output.
-        const int32_t bad = int32_t(pc.x.k8.shape[0]) + 1000;
-        INTFA_ASSERT_OK(gpu_copy_to_device(dp.table.ptr, &bad, 4));
-        od.path = GpuPath::automatic;
-        INTFA_ASSERT_OK(attention_int8(gp, Tensor(), Tensor(), 0, 0, t1, &tl1, od));
-        INTFA_ASSERT_OK(gpu_synchronize());
-        for (float v : o1.to_host<float>()) ASSERT_TRUE(std::isfinite(v));
+        // Entries past the pool (sequence 0's first page, then -1): nothing read past it, finite
+        // output on every path.
+        for (const int32_t bad : {int32_t(pc.x.k8.shape[0]) + 1000, -1}) {
+          INTFA_ASSERT_OK(gpu_copy_to_device(dp.table.ptr, &bad, 4));
+          for (GpuPath path : {GpuPath::automatic, GpuPath::decode, GpuPath::sm80, GpuPath::sm90}) {
+            if ((path == GpuPath::decode && !decode_rows) || (path == GpuPath::sm90 && !have_sm90)) continue;
+            SCOPED_TRACE(std::string("entry ") + std::to_string(bad) + ", path " + to_string(path));
+            od.path = path;
+            INTFA_ASSERT_OK(gpu_memset(o1.ptr, 0xFF, o1.bytes));
+            INTFA_ASSERT_OK(attention_int8(gp, Tensor(), Tensor(), 0, 0, t1, &tl1, od));
+            INTFA_ASSERT_OK(gpu_synchronize());
+            for (float v : o1.to_host<float>()) ASSERT_TRUE(std::isfinite(v));
+          }
+        }
       }
     }
   }

@@ -421,7 +421,11 @@ __global__ void __launch_bounds__(128) combine_kernel(const __grid_constant__ Pa
 
 // Split: the tiles' key blocks are split into P.num_splits ranges (work units), whose partial
 // results combine_kernel merges (launches with fewer tiles than SMs, fwd_sm90_launch.cu).
-template <int D, bool Causal, bool Split>
+// Paged (FwdParams::block_table; split kernels only, which read per-sequence key counts): the TMA
+// maps describe the page pools, and each key block's K and V^T boxes and K scales are taken
+// from the block's page (fwd::PageWalk, each table entry read a block ahead). A page outside
+// the pool becomes a box past the map's last page, which TMA fills with zeros.
+template <int D, bool Causal, bool Split, bool Paged>
 __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant__ Params P) {
   using S = Smem<D>;
   const FwdParams& p = P.p;
@@ -468,17 +472,39 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
         ptx::mbarrier_arrive_expect_tx(bars.q_full(), S::kQBytes);
         ptx::tma_load_4d(base + S::kQ, &P.tm_q, bars.q_full(), 0, int(T.q0 + T.m0), T.h, T.bc);
         ++tc;
-        for (int n = 0; n < T.n_blocks; ++n, ++it) {
-          const int st = it % kStages;
-          const uint32_t ph = (it / kStages) & 1;
-          ptx::mbarrier_wait(bars.k_empty(st), ph ^ 1);
-          ptx::mbarrier_arrive_expect_tx(bars.k_full(st), S::kKBytes);
-          ptx::tma_load_4d(base + S::kK + st * S::kKBytes, &P.tm_k, bars.k_full(st), 0,
-                           int(T.k0 + n * kBlockN), T.hkv, T.bc);
-          ptx::mbarrier_wait(bars.v_empty(st), ph ^ 1);
-          ptx::mbarrier_arrive_expect_tx(bars.v_full(st), S::kVBytes);
-          ptx::tma_load_4d(base + S::kV + st * S::kVBytes, &P.tm_v, bars.v_full(st),
-                           int(T.vcol0 + n * kBlockN), 0, T.hkv, T.bc);
+        if constexpr (Paged) {
+          // Box coordinates: the block's first token in its page, and the page.
+          fwd::PageWalk<kBlockN> walk;
+          walk.start(p, T.b, int(T.k0 / kBlockN));
+          int tok = walk.rd_tok, pg = walk.read(p);
+          for (int n = 0; n < T.n_blocks; ++n, ++it) {
+            const int st = it % kStages;
+            const uint32_t ph = (it / kStages) & 1;
+            const int key = tok, page = pg < 0 ? int(p.num_pages) : pg;
+            if (n + 1 < T.n_blocks) {
+              tok = walk.rd_tok;
+              pg = walk.read(p);
+            }
+            ptx::mbarrier_wait(bars.k_empty(st), ph ^ 1);
+            ptx::mbarrier_arrive_expect_tx(bars.k_full(st), S::kKBytes);
+            ptx::tma_load_4d(base + S::kK + st * S::kKBytes, &P.tm_k, bars.k_full(st), 0, key, T.hkv, page);
+            ptx::mbarrier_wait(bars.v_empty(st), ph ^ 1);
+            ptx::mbarrier_arrive_expect_tx(bars.v_full(st), S::kVBytes);
+            ptx::tma_load_4d(base + S::kV + st * S::kVBytes, &P.tm_v, bars.v_full(st), key, 0, T.hkv, page);
+          }
+        } else {
+          for (int n = 0; n < T.n_blocks; ++n, ++it) {
+            const int st = it % kStages;
+            const uint32_t ph = (it / kStages) & 1;
+            ptx::mbarrier_wait(bars.k_empty(st), ph ^ 1);
+            ptx::mbarrier_arrive_expect_tx(bars.k_full(st), S::kKBytes);
+            ptx::tma_load_4d(base + S::kK + st * S::kKBytes, &P.tm_k, bars.k_full(st), 0,
+                             int(T.k0 + n * kBlockN), T.hkv, T.bc);
+            ptx::mbarrier_wait(bars.v_empty(st), ph ^ 1);
+            ptx::mbarrier_arrive_expect_tx(bars.v_full(st), S::kVBytes);
+            ptx::tma_load_4d(base + S::kV + st * S::kVBytes, &P.tm_v, bars.v_full(st),
+                             int(T.vcol0 + n * kBlockN), 0, T.hkv, T.bc);
+          }
         }
       };
       // Dynamic: each tile index is taken from the counter a tile ahead of its publication, so
@@ -519,14 +545,39 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
         Tile T;
         if (!decode_tile<Causal, Split>(P, tile, T) || T.n_blocks == 0) continue;
         const float* ks_g = p.k_scale + offset(p.ks_st, T.b, T.hkv, T.k0);
+        // Paged: the K scales of the next block's page (walked as warp 0 walks it), and whether
+        // that page is in the pool (else its keys' scales are 0, as its K and V^T are).
+        fwd::PageWalk<kBlockN> walk;
+        const float* ks_next = nullptr;
+        bool in_pool = true;
+        auto next_scales = [&] {
+          const int tok = walk.rd_tok, pg = walk.read(p);
+          in_pool = pg >= 0;
+          ks_next = p.k_scale + T.hkv * p.ks_st.hs + max(pg, 0) * p.ks_st.bs + tok;
+        };
+        if constexpr (Paged) {
+          walk.start(p, T.b, int(T.k0 / kBlockN));
+          next_scales();
+        }
         for (int n = 0; n < T.n_blocks; ++n, ++it) {
           const int st = it % kStages;
           const uint32_t ph = (it / kStages) & 1;
           float ks[2];
+          if constexpr (Paged) {
+            const float* const ks_b = ks_next;
+            const bool ok = in_pool;
+            if (n + 1 < T.n_blocks) next_scales();
 #pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const int i = pt + r * kPermuteThreads, key = n * kBlockN + i;
-            ks[r] = (i < kBlockN && key < T.skv) ? ks_g[key] : 0.f;
+            for (int r = 0; r < 2; ++r) {
+              const int i = pt + r * kPermuteThreads, key = n * kBlockN + i;
+              ks[r] = (ok && i < kBlockN && key < T.skv) ? ks_b[i] : 0.f;
+            }
+          } else {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+              const int i = pt + r * kPermuteThreads, key = n * kBlockN + i;
+              ks[r] = (i < kBlockN && key < T.skv) ? ks_g[key] : 0.f;
+            }
           }
           ptx::mbarrier_wait(bars.v_full(st), ph);
           float* sKs = reinterpret_cast<float*>(smem + S::kKs + st * S::kKsBytes);
@@ -807,7 +858,7 @@ __global__ void __launch_bounds__(128) qk_block_test_kernel(const int8_t* q8, co
 int choose_splits(const FwdParams& p, int num_tiles, int sms);  // fwd_sm90_launch.cu
 
 // Host launcher for one (head dim, causal, split) instantiation; defined in fwd_sm90_launch.cuh.
-template <int D, bool Causal, bool Split>
+template <int D, bool Causal, bool Split, bool Paged>
 Status launch_fwd(const Params& prm, cudaStream_t stream);
 
 }  // namespace intfa::sm90

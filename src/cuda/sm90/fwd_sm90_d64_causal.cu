@@ -2,5 +2,5 @@
 #include "cuda/sm90/fwd_sm90_launch.cuh"
 
 namespace intfa::sm90 {
-template Status launch_fwd<64, true, false>(const Params&, cudaStream_t);
+template Status launch_fwd<64, true, false, false>(const Params&, cudaStream_t);
 }  // namespace intfa::sm90

@@ -174,12 +174,18 @@ Status make_params(const FwdParams& p, Params* prm) {
   const uint64_t nb = varlen ? 1 : p.batch;
   Status st = encode_4d(&prm->tm_q, p.q8, "q8", {D, tq, uint64_t(p.heads_q), nb}, p.q_st.ts, p.q_st.hs,
                         p.q_st.bs, uint32_t(D), kBlockM, swz);
+  // Paged KV: the maps span the page pools (page_size tokens by num_pages pages, a box of
+  // kBlockN keys inside one page); the kernel's batch coordinate is then the block's page.
+  const bool paged = p.block_table != nullptr;
+  const uint64_t kv_tokens = paged ? uint64_t(p.page_size) : tk, kv_batch = paged ? uint64_t(p.num_pages) : nb;
   if (st.ok())
-    st = encode_4d(&prm->tm_k, p.k8, "k8", {D, tk, uint64_t(p.heads_kv), nb}, p.k_st.ts, p.k_st.hs,
+    st = encode_4d(&prm->tm_k, p.k8, "k8", {D, kv_tokens, uint64_t(p.heads_kv), kv_batch}, p.k_st.ts, p.k_st.hs,
                    p.k_st.bs, uint32_t(D), kBlockN, swz);
-  const uint64_t cols = varlen ? uint64_t(vt_varlen_columns(p.total_kv, p.batch)) : uint64_t(p.seqlen_kv);
+  const uint64_t cols = paged    ? uint64_t(p.page_size)
+                        : varlen ? uint64_t(vt_varlen_columns(p.total_kv, p.batch))
+                                 : uint64_t(p.seqlen_kv);
   if (st.ok())
-    st = encode_4d(&prm->tm_v, p.vt8, "vt8", {cols, D, uint64_t(p.heads_kv), nb}, p.vt_st.ts, p.vt_st.hs,
+    st = encode_4d(&prm->tm_v, p.vt8, "vt8", {cols, D, uint64_t(p.heads_kv), kv_batch}, p.vt_st.ts, p.vt_st.hs,
                    p.vt_st.bs, kBlockN, uint32_t(D), CU_TENSOR_MAP_SWIZZLE_128B);
   if (!st.ok()) return st;
   prm->num_m_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
@@ -204,6 +210,14 @@ Status launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   if (p.head_dim != 64 && p.head_dim != 128)
     return Status(StatusCode::invalid_argument,
                   "head_dim: expected 64 or 128 on the sm90 path, got " + std::to_string(p.head_dim));
+  // Paged KV: a key block (one TMA box) must lie in one page.
+  const bool paged = p.block_table != nullptr;
+  if (paged && p.page_size % sm90::kBlockN != 0)
+    return Status(StatusCode::not_available, "block_table: the GPU sm90 path takes pages of a multiple of " +
+                                                 std::to_string(sm90::kBlockN) + " tokens, got page_size " +
+                                                 std::to_string(p.page_size) + " (the CPU backend takes multiples of 16)");
+  if (paged && p.cu_q)
+    return Status(StatusCode::invalid_argument, "block_table: paged KV takes dense queries (no cu_seqlens_q)");
   // TMA needs 16-byte aligned bases and strides: other tensors are refused (not_available), and
   // the automatic path then runs them on sm80.
   sm90::Params prm;
@@ -213,9 +227,9 @@ Status launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   st = check_cuda(device_sm_count(&sms), "sm90 forward: SM count");
   if (!st.ok()) return st;
   prm.num_splits = sm90::choose_splits(p, prm.num_tiles, sms);
-  // Only the split kernels read per-sequence key counts (decode_tile); with one range (the
-  // rule's choice, and always for paper) they write final rows as the whole-tile kernels do.
-  const bool split_kernel = prm.num_splits > 1 || p.seqused_kv != nullptr;
+  // Only the split kernels read per-sequence key counts (decode_tile) and pages; with one range
+  // (the rule's choice, and always for paper) they write final rows as the whole-tile kernels do.
+  const bool split_kernel = prm.num_splits > 1 || p.seqused_kv != nullptr || paged;
   prm.num_units = prm.num_tiles * prm.num_splits;
   // Scratch: [tile counter, tile count | (m, l) per split and row | O per split and row | varlen:
   // first tile per sequence, tile entries]. Causal and varlen units are handed out by the counter
@@ -262,13 +276,17 @@ Status launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   }
   if (st.ok()) {
     using L = Status (*)(const sm90::Params&, cudaStream_t);
-    // [head dim 64 / 128][causal][split]
-    static constexpr L kLaunch[2][2][2] = {
-        {{sm90::launch_fwd<64, false, false>, sm90::launch_fwd<64, false, true>},
-         {sm90::launch_fwd<64, true, false>, sm90::launch_fwd<64, true, true>}},
-        {{sm90::launch_fwd<128, false, false>, sm90::launch_fwd<128, false, true>},
-         {sm90::launch_fwd<128, true, false>, sm90::launch_fwd<128, true, true>}}};
-    st = kLaunch[p.head_dim == 128][causal_kernel][split_kernel](prm, stream);
+    // [head dim 64 / 128][causal][whole tiles, split, split over pages]
+    static constexpr L kLaunch[2][2][3] = {
+        {{sm90::launch_fwd<64, false, false, false>, sm90::launch_fwd<64, false, true, false>,
+          sm90::launch_fwd<64, false, true, true>},
+         {sm90::launch_fwd<64, true, false, false>, sm90::launch_fwd<64, true, true, false>,
+          sm90::launch_fwd<64, true, true, true>}},
+        {{sm90::launch_fwd<128, false, false, false>, sm90::launch_fwd<128, false, true, false>,
+          sm90::launch_fwd<128, false, true, true>},
+         {sm90::launch_fwd<128, true, false, false>, sm90::launch_fwd<128, true, true, false>,
+          sm90::launch_fwd<128, true, true, true>}}};
+    st = kLaunch[p.head_dim == 128][causal_kernel][paged ? 2 : split_kernel ? 1 : 0](prm, stream);
   }
   if (!scratch) return st;
   const Status fst = scratch_free(scratch, stream, "sm90 forward: scratch");

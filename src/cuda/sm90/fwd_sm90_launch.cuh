@@ -1,5 +1,6 @@
 // Host launcher template for the sm90 forward kernel; each fwd_sm90_d*_*.cu instantiates one
-// (head dim, causal) pair, with and without key-range splits.
+// (head dim, causal) pair, with and without key-range splits, and the split kernels over paged
+// KV caches.
 #pragma once
 
 #include "cuda/launchers.h"
@@ -10,9 +11,9 @@
 
 namespace intfa::sm90 {
 
-template <int D, bool Causal, bool Split>
+template <int D, bool Causal, bool Split, bool Paged>
 Status launch_fwd(const Params& prm, cudaStream_t stream) {
-  auto kernel = fwd_kernel<D, Causal, Split>;
+  auto kernel = fwd_kernel<D, Causal, Split, Paged>;
   constexpr int kSmem = Smem<D>::kAlloc;
   static cuda::PerDevice setup;
   int sms = 1;

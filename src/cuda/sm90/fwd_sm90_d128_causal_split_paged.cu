@@ -1,0 +1,7 @@
+// Instantiation: sm90 forward, head_dim 128, causal, key-range splits (the kernels
+// that read per-sequence key counts), paged KV.
+#include "cuda/sm90/fwd_sm90_launch.cuh"
+
+namespace intfa::sm90 {
+template Status launch_fwd<128, true, true, true>(const Params&, cudaStream_t);
+}  // namespace intfa::sm90
