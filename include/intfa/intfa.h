@@ -135,11 +135,11 @@ struct QuantizedQKV {
   // v_scale and k_mean stay per sequence, [B, Hkv, D]. Each sequence has max_pages * page_size
   // keys, or seqused_kv[b]; only the table entries of pages that hold its keys are read, and
   // must name a page in [0, num_pages). Dense queries (no cu_seqlens), schemes paper and
-  // accurate. On the GPU the decode kernel (at most 16 query rows per (batch, K/V head) after
-  // GQA packing) and the sm80 kernel (any rows: chunked prefill, long speculative steps; path
-  // auto picks, also on Hopper) read pages of a multiple of 128 tokens (path sm90 and other page
-  // sizes answer not_available), and append_kv writes them; the host cannot check a device table, so there an entry outside the
-  // pool reads zeros (K, V, K scales) and is written nowhere, never memory past the pool.
+  // accurate. On the GPU every path reads pages of a multiple of 128 tokens (other page sizes
+  // answer not_available): the decode kernel for at most 16 query rows per (batch, K/V head)
+  // after GQA packing, sm90 / sm80 for more (chunked prefill); append_kv writes them. The host
+  // cannot check a device table, so there an entry outside the pool reads zeros (K, V, K
+  // scales) and is written nowhere, never memory past the pool.
   Tensor block_table;
 };
 

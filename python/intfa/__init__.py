@@ -139,10 +139,9 @@ class QuantizedQKV(NamedTuple):
     [num_pages, page_size, Hkv, D]), k_scale [num_pages, Hkv, page_size], vt8 [num_pages, Hkv,
     D, >= page_size] (V^T within each page), with page_size a multiple of 16; k_mean and v_scale
     stay per sequence, [B, Hkv, D]. Read by attention_int8 and append_kv; dense queries, schemes
-    paper and accurate. On the GPU, attention_int8 runs the decode path (at most 16 query rows
-    per (batch, K/V head) after GQA packing) or the sm80 kernel (more rows: chunked prefill;
-    path "auto" picks, also on Hopper; path "sm90" raises RuntimeError) with pages of a
-    multiple of 128 tokens, and the table entries are not checked there: an entry outside
+    paper and accurate. On the GPU, attention_int8 reads pages of a multiple of 128 tokens on
+    every path (the decode path for at most 16 query rows per (batch, K/V head) after GQA
+    packing, sm90 / sm80 for more: chunked prefill), and the table entries are not checked there: an entry outside
     the pool reads zeros and is written nowhere (the CPU backend raises ValueError).
     """
     scheme: str
@@ -206,7 +205,7 @@ def attention_int8(qkv, *, cu_seqlens_q=None, cu_seqlens_kv=None, max_seqlen_q=N
         paged KV cache (see QuantizedQKV). Only the entries of pages that hold a sequence's
         keys (all, or its seqused_kv[b]) are read, and must name a page of the pool; the others
         may be anything (-1). Defaults to qkv.block_table; None (both): a contiguous cache.
-        On the GPU: the decode or sm80 path, pages of a multiple of 128 tokens (see QuantizedQKV).
+        On the GPU: pages of a multiple of 128 tokens (see QuantizedQKV).
     out_dtype: float16, bfloat16 or float32 (a dtype or its name); default: qkv.dtype, else
         float16. Other arguments as in attention(). Returns out like q8, or (out, lse).
     """
@@ -722,7 +721,7 @@ class PagedKVCache:
         bottom-right against that count (query i sees keys j <= i + lengths[b] - Sq), as a
         ragged KVCache's. out_dtype defaults to q's dtype. Other arguments as in attention().
         On the GPU: page_size a multiple of 128 (else RuntimeError); the decode path for at most
-        16 query rows per K/V head after GQA packing, the sm80 kernel for more (prompt chunks)."""
+        16 query rows per K/V head after GQA packing, the prefill kernels for more (chunks)."""
         return _attend(self, q, is_causal, scale, return_lse, path, out_dtype)
 
 
