@@ -726,6 +726,26 @@ def test_paged_kv_on_the_gpu(scheme):
             assert torch.equal(out, want) and torch.equal(lse, want_lse), path
 
 
+@pytest.mark.parametrize("sq", [1, 40])
+def test_paged_bshd_on_the_gpu(sq):
+    """A paged BSHD cache (k8 pages [P, page, Hkv, D], 256-token pages shuffled in a pool) on the
+    GPU: attention_int8 over it equals the contiguous BSHD cache's call bit for bit on every
+    path that takes the call (decode for one query per sequence, sm80 and sm90 for 40, auto)."""
+    q, k, v = make_qkv(3, 8, 2, sq, 1024, 128, layout="BSHD", seed=185 + sq)
+    x = intfa.quantize(q, k, v, layout="BSHD")
+    used = [700, 255, 1024]
+    gpu = _paged_on(x, "cuda", 256, 3, 11, used)
+    assert gpu.k8.shape[1:] == (256, 2, 128)
+    step = dict(seqused_kv=torch.tensor(used, dtype=torch.int32, device="cuda"))
+    paths = (["decode"] if sq * 4 <= 16 else []) + _prefill_paths() + ["auto"]
+    for causal in (False, True):
+        for path in paths:
+            kw = dict(is_causal=causal, return_lse=True, path=path)
+            out, lse = intfa.attention_int8(gpu._replace(**step), **kw)
+            want, want_lse = intfa.attention_int8(x._replace(**step), **kw)
+            assert torch.equal(out, want) and torch.equal(lse, want_lse), (causal, path)
+
+
 def test_paged_kv_cache_on_the_gpu():
     """intfa.PagedKVCache on CUDA tensors (pages of 128 tokens; one query per sequence and step,
     Hq / Hkv = 4: the decode path), as test_cpu's test: prompts of 200, 127 and 129 tokens, a
