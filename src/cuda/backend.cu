@@ -20,6 +20,18 @@ Status check_cuda(cudaError_t err, const char* what) {
                     cudaGetErrorString(err) + ")");
 }
 
+Status check_paged(const FwdParams& p, const char* path, int block_n) {
+  if (!p.block_table) return Status::OK();
+  if (p.page_size % block_n != 0)
+    return Status(StatusCode::not_available, std::string("block_table: the GPU ") + path +
+                                                 " path takes pages of a multiple of " + std::to_string(block_n) +
+                                                 " tokens, got page_size " + std::to_string(p.page_size) +
+                                                 " (the CPU backend takes multiples of 16)");
+  if (p.cu_q || p.cu_kv)
+    return Status(StatusCode::invalid_argument, "block_table: paged KV takes dense queries (no cu_seqlens)");
+  return Status::OK();
+}
+
 cudaError_t device_sm_count(int* sms) {
   static PerDevice cache;
   return once_per_device(cache, [](int dev, int* n) {

@@ -44,12 +44,8 @@ Status launch_fwd_decode(const FwdParams& p, cudaStream_t stream) {
                       " query rows per (batch, K/V head) after GQA packing (heads_q / heads_kv x seqlen_q, or "
                       "seqlen_q when the heads cannot pack), got " + std::to_string(p.seqlen_q) +
                       "; use path auto, sm80 or sm90");
-  // Paged KV: a key block must lie in one page (one table entry per block).
   const bool paged = p.block_table != nullptr;
-  if (paged && p.page_size % decode::kBlockN != 0)
-    return Status(StatusCode::not_available, "block_table: the GPU decode path takes pages of a multiple of " +
-                                                 std::to_string(decode::kBlockN) + " tokens, got page_size " +
-                                                 std::to_string(p.page_size) + " (the CPU backend takes multiples of 16)");
+  if (Status st = check_paged(p, "decode", decode::kBlockN); !st.ok()) return st;
   if (p.seqlen_q < 1 || p.batch < 1) return Status::OK();
   // Shared memory: D = 128 takes ~100 KB (three 32 KB stages), more than sm_86 / sm_89 give one
   // block (99 KB); there the automatic path runs the prefill kernel instead. 4 stages only where

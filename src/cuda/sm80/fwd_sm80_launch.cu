@@ -1,6 +1,4 @@
-// Dispatch of the sm80 forward kernel over its two compile-time axes (head dim, causal).
-#include <type_traits>
-
+// Dispatch of the sm80 forward kernel over its compile-time axes (head dim, causal, paged KV).
 #include "cuda/launchers.h"
 #include "cuda/sm80/fwd_sm80.cuh"
 
@@ -11,30 +9,21 @@ Status launch_fwd_sm80(const FwdParams& p, cudaStream_t stream) {
     return Status(StatusCode::not_available, "scheme: half is not available on the sm80 path");
   if (static_cast<int64_t>(p.batch) > 65535 || p.heads_q > 65535)
     return Status(StatusCode::invalid_argument, "batch/heads: the sm80 grid takes at most 65535 of each");
-  const bool paged = p.block_table != nullptr;
-  // Paged KV: a key block must lie in one page (one table entry per block). 128 for both GPU
-  // paths (the decode kernel's block), which every sm80 block size divides.
-  if (paged && p.page_size % 128 != 0)
-    return Status(StatusCode::not_available, "block_table: the GPU sm80 path takes pages of a multiple of 128 "
-                                             "tokens, got page_size " + std::to_string(p.page_size) +
-                                                 " (the CPU backend takes multiples of 16)");
+  // Paged KV: pages of a multiple of 128 keys on every GPU path (the decode and sm90 kernels'
+  // block), which the sm80 block (64 or 128) divides.
   static_assert(128 % sm80::kBlockN == 0, "pages of 128 keys hold whole key blocks");
-  if (paged && p.cu_q)
-    return Status(StatusCode::invalid_argument, "block_table: paged KV takes dense queries (no cu_seqlens_q)");
-  auto launch = [&](auto d, auto causal) {
-    constexpr int D = decltype(d)::value;
-    constexpr bool C = decltype(causal)::value;
-    return paged ? sm80::launch_fwd<D, C, true>(p, stream) : sm80::launch_fwd<D, C, false>(p, stream);
-  };
-  using T = std::true_type;
-  using F = std::false_type;
-  switch (p.head_dim) {
-    case 64: return p.causal ? launch(std::integral_constant<int, 64>{}, T{}) : launch(std::integral_constant<int, 64>{}, F{});
-    case 128: return p.causal ? launch(std::integral_constant<int, 128>{}, T{}) : launch(std::integral_constant<int, 128>{}, F{});
-    default:
-      return Status(StatusCode::invalid_argument,
-                    "head_dim: expected 64 or 128 on the sm80 path, got " + std::to_string(p.head_dim));
-  }
+  if (Status st = check_paged(p, "sm80", 128); !st.ok()) return st;
+  if (p.head_dim != 64 && p.head_dim != 128)
+    return Status(StatusCode::invalid_argument,
+                  "head_dim: expected 64 or 128 on the sm80 path, got " + std::to_string(p.head_dim));
+  using L = Status (*)(const FwdParams&, cudaStream_t);
+  // [head dim 64 / 128][causal][paged]
+  static constexpr L kLaunch[2][2][2] = {
+      {{sm80::launch_fwd<64, false, false>, sm80::launch_fwd<64, false, true>},
+       {sm80::launch_fwd<64, true, false>, sm80::launch_fwd<64, true, true>}},
+      {{sm80::launch_fwd<128, false, false>, sm80::launch_fwd<128, false, true>},
+       {sm80::launch_fwd<128, true, false>, sm80::launch_fwd<128, true, true>}}};
+  return kLaunch[p.head_dim == 128][p.causal][p.block_table != nullptr](p, stream);
 }
 
 int sm80_block_n() { return sm80::kBlockN; }

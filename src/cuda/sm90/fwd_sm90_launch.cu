@@ -210,14 +210,9 @@ Status launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   if (p.head_dim != 64 && p.head_dim != 128)
     return Status(StatusCode::invalid_argument,
                   "head_dim: expected 64 or 128 on the sm90 path, got " + std::to_string(p.head_dim));
-  // Paged KV: a key block (one TMA box) must lie in one page.
+  // Paged KV: a key block (one TMA box) lies in one page.
   const bool paged = p.block_table != nullptr;
-  if (paged && p.page_size % sm90::kBlockN != 0)
-    return Status(StatusCode::not_available, "block_table: the GPU sm90 path takes pages of a multiple of " +
-                                                 std::to_string(sm90::kBlockN) + " tokens, got page_size " +
-                                                 std::to_string(p.page_size) + " (the CPU backend takes multiples of 16)");
-  if (paged && p.cu_q)
-    return Status(StatusCode::invalid_argument, "block_table: paged KV takes dense queries (no cu_seqlens_q)");
+  if (Status st = check_paged(p, "sm90", sm90::kBlockN); !st.ok()) return st;
   // TMA needs 16-byte aligned bases and strides: other tensors are refused (not_available), and
   // the automatic path then runs them on sm80.
   sm90::Params prm;
