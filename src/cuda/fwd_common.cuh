@@ -325,7 +325,7 @@ __device__ __forceinline__ void merge_split_row(const FwdParams& p, const float2
 // block lies in one page): one sequence's table walked a key block at a time. `rd` is the entry
 // of the next block whose page is read and rd_tok that block's first token within its page,
 // advanced by kBlockN with a wrap at page_size, so only the start takes a division (PERF_LOG
-// d8: two runtime divisions per block cost the decode kernel 9-15%). A page outside
+// d8: two runtime divisions per block cost the decode kernel up to 15%). A page outside
 // [0, num_pages) reads as -1: the kernels' loads then copy nothing (zero K, V and K scales) and
 // never leave the pool.
 template <int kBlockN>

@@ -4,7 +4,8 @@
 // blockIdx.x, then every gridDim.x-th; causal and varlen: longest rows first, the next tile from
 // a counter as the CTA frees up, passed to all roles through the tile ring). With fewer tiles than SMs
 // (Split), each tile's key blocks are cut into ranges that run as units of their own, and
-// combine_kernel merges their partial rows:
+// combine_kernel merges their partial rows; the split kernels also read per-sequence key counts
+// and (Paged) K / V^T from the pages of a paged cache:
 //   WG 0, producer (24 registers): warp 0 issues the TMA loads of Q and of each key block's K
 //     and V^T tiles into a kStages-deep ring completed on mbarriers; warps 1-3 load the block's
 //     per-key K scales and permute V^T's key columns (below), then release the stage.
