@@ -76,6 +76,14 @@ __global__ void __launch_bounds__(32 * kWarps) cache_rows_kernel(const CacheQuan
   }
 }
 
+// 16 V^T bytes (one vector) requantized from scale so to sn.
+__device__ __forceinline__ int4 requantize16(int4 x, float so, float sn) {
+  int8_t* b8 = reinterpret_cast<int8_t*>(&x);
+#pragma unroll
+  for (int e = 0; e < 16; ++e) b8[e] = requantize_s8(b8[e], so, sn);
+  return x;
+}
+
 // The contiguous cache's grown V^T rows of one (batch, kv head) starting at `rows`: every column.
 __device__ void sweep_rows(const CacheQuantParams& p, int8_t* rows, int64_t pos0, const int* grown, int count,
                            const float* s_old, const float* s_new) {
@@ -85,13 +93,8 @@ __device__ void sweep_rows(const CacheQuantParams& p, int8_t* rows, int64_t pos0
     int8_t* row = rows + c * p.vt_st.ts;
     const float so = s_old[c], sn = s_new[c];
     if (vec) {
-      for (int64_t ch = threadIdx.x; ch < p.vt_cols / 16; ch += blockDim.x) {
-        int4 x = reinterpret_cast<const int4*>(row)[ch];
-        int8_t* b8 = reinterpret_cast<int8_t*>(&x);
-#pragma unroll
-        for (int e = 0; e < 16; ++e) b8[e] = requantize_s8(b8[e], so, sn);
-        reinterpret_cast<int4*>(row)[ch] = x;
-      }
+      for (int64_t ch = threadIdx.x; ch < p.vt_cols / 16; ch += blockDim.x)
+        reinterpret_cast<int4*>(row)[ch] = requantize16(reinterpret_cast<const int4*>(row)[ch], so, sn);
     } else {
       for (int64_t col = threadIdx.x; col < p.vt_cols; col += blockDim.x)
         if (!cache_writes(p, pos0, col)) row[col] = requantize_s8(row[col], so, sn);  // dropped tokens' too
@@ -117,15 +120,10 @@ __device__ void sweep_pages(const CacheQuantParams& p, int b, int h, int64_t pos
       if (!in_pool(p, w)) continue;
       int8_t* at = p.vt8 + cache_vt_offset(p, w, h, c);
       const int n = static_cast<int>(min(int64_t(16), held - 16 * ch));
-      if (vec && n == 16) {
-        int4 x = *reinterpret_cast<const int4*>(at);
-        int8_t* b8 = reinterpret_cast<int8_t*>(&x);
-#pragma unroll
-        for (int e = 0; e < 16; ++e) b8[e] = requantize_s8(b8[e], so, sn);
-        *reinterpret_cast<int4*>(at) = x;
-      } else {
+      if (vec && n == 16)
+        *reinterpret_cast<int4*>(at) = requantize16(*reinterpret_cast<const int4*>(at), so, sn);
+      else
         for (int e = 0; e < n; ++e) at[e] = requantize_s8(at[e], so, sn);
-      }
     }
   }
 }

@@ -473,39 +473,33 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
         ptx::mbarrier_arrive_expect_tx(bars.q_full(), S::kQBytes);
         ptx::tma_load_4d(base + S::kQ, &P.tm_q, bars.q_full(), 0, int(T.q0 + T.m0), T.h, T.bc);
         ++tc;
+        // Paged: the boxes' coordinates are the block's first token in its page and the page (an
+        // entry outside the pool: the page past the last one).
+        fwd::PageWalk<kBlockN> walk;
+        int tok = 0, pg = 0;
         if constexpr (Paged) {
-          // Box coordinates: the block's first token in its page, and the page.
-          fwd::PageWalk<kBlockN> walk;
           walk.start(p, T.b, int(T.k0 / kBlockN));
-          int tok = walk.rd_tok, pg = walk.read(p);
-          for (int n = 0; n < T.n_blocks; ++n, ++it) {
-            const int st = it % kStages;
-            const uint32_t ph = (it / kStages) & 1;
-            const int key = tok, page = pg < 0 ? int(p.num_pages) : pg;
+          tok = walk.rd_tok;
+          pg = walk.read(p);
+        }
+        for (int n = 0; n < T.n_blocks; ++n, ++it) {
+          const int st = it % kStages;
+          const uint32_t ph = (it / kStages) & 1;
+          const int key = tok, page = pg < 0 ? int(p.num_pages) : pg;
+          if constexpr (Paged) {
             if (n + 1 < T.n_blocks) {
               tok = walk.rd_tok;
               pg = walk.read(p);
             }
-            ptx::mbarrier_wait(bars.k_empty(st), ph ^ 1);
-            ptx::mbarrier_arrive_expect_tx(bars.k_full(st), S::kKBytes);
-            ptx::tma_load_4d(base + S::kK + st * S::kKBytes, &P.tm_k, bars.k_full(st), 0, key, T.hkv, page);
-            ptx::mbarrier_wait(bars.v_empty(st), ph ^ 1);
-            ptx::mbarrier_arrive_expect_tx(bars.v_full(st), S::kVBytes);
-            ptx::tma_load_4d(base + S::kV + st * S::kVBytes, &P.tm_v, bars.v_full(st), key, 0, T.hkv, page);
           }
-        } else {
-          for (int n = 0; n < T.n_blocks; ++n, ++it) {
-            const int st = it % kStages;
-            const uint32_t ph = (it / kStages) & 1;
-            ptx::mbarrier_wait(bars.k_empty(st), ph ^ 1);
-            ptx::mbarrier_arrive_expect_tx(bars.k_full(st), S::kKBytes);
-            ptx::tma_load_4d(base + S::kK + st * S::kKBytes, &P.tm_k, bars.k_full(st), 0,
-                             int(T.k0 + n * kBlockN), T.hkv, T.bc);
-            ptx::mbarrier_wait(bars.v_empty(st), ph ^ 1);
-            ptx::mbarrier_arrive_expect_tx(bars.v_full(st), S::kVBytes);
-            ptx::tma_load_4d(base + S::kV + st * S::kVBytes, &P.tm_v, bars.v_full(st),
-                             int(T.vcol0 + n * kBlockN), 0, T.hkv, T.bc);
-          }
+          ptx::mbarrier_wait(bars.k_empty(st), ph ^ 1);
+          ptx::mbarrier_arrive_expect_tx(bars.k_full(st), S::kKBytes);
+          ptx::tma_load_4d(base + S::kK + st * S::kKBytes, &P.tm_k, bars.k_full(st), 0,
+                           Paged ? key : int(T.k0 + n * kBlockN), T.hkv, Paged ? page : T.bc);
+          ptx::mbarrier_wait(bars.v_empty(st), ph ^ 1);
+          ptx::mbarrier_arrive_expect_tx(bars.v_full(st), S::kVBytes);
+          ptx::tma_load_4d(base + S::kV + st * S::kVBytes, &P.tm_v, bars.v_full(st),
+                           Paged ? key : int(T.vcol0 + n * kBlockN), 0, T.hkv, Paged ? page : T.bc);
         }
       };
       // Dynamic: each tile index is taken from the counter a tile ahead of its publication, so
@@ -563,22 +557,16 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
         for (int n = 0; n < T.n_blocks; ++n, ++it) {
           const int st = it % kStages;
           const uint32_t ph = (it / kStages) & 1;
-          float ks[2];
-          if constexpr (Paged) {
-            const float* const ks_b = ks_next;
-            const bool ok = in_pool;
+          // Key i of block n: ks_g[key] (paged: ks_b[i] of the block's page, where in the pool).
+          const float* const ks_b = ks_next;
+          const bool ok = in_pool;
+          if constexpr (Paged)
             if (n + 1 < T.n_blocks) next_scales();
+          float ks[2];
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-              const int i = pt + r * kPermuteThreads, key = n * kBlockN + i;
-              ks[r] = (ok && i < kBlockN && key < T.skv) ? ks_b[i] : 0.f;
-            }
-          } else {
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-              const int i = pt + r * kPermuteThreads, key = n * kBlockN + i;
-              ks[r] = (i < kBlockN && key < T.skv) ? ks_g[key] : 0.f;
-            }
+          for (int r = 0; r < 2; ++r) {
+            const int i = pt + r * kPermuteThreads, key = n * kBlockN + i;
+            ks[r] = (ok && i < kBlockN && key < T.skv) ? (Paged ? ks_b[i] : ks_g[key]) : 0.f;
           }
           ptx::mbarrier_wait(bars.v_full(st), ph);
           float* sKs = reinterpret_cast<float*>(smem + S::kKs + st * S::kKsBytes);
