@@ -83,6 +83,14 @@ Tensor make_tensor(void* data, DType dtype, std::initializer_list<int64_t> shape
 // ---------------------------------------------------------------------------------------------
 struct Options {
   bool causal = false;   // bottom-right aligned when Sq != Skv: query i sees keys j <= i + Skv - Sq
+  // Sliding-window (local) attention, FlashAttention's window_size = (left, right): query i
+  // sees keys j with i + Skv - Sq - window_left <= j <= i + Skv - Sq + window_right (the same
+  // bottom-right diagonal as causal; Skv is a sequence's key count, seqused_kv included); -1
+  // leaves a side open. causal is window_right = 0, so with causal window_right must be -1 or 0.
+  // Mistral / Gemma / gpt-oss local layers are causal with window_left = W - 1 (W keys each).
+  // Rows that see no key give zeros (LSE -inf). Every backend, path and entry point.
+  int window_left = -1;
+  int window_right = -1;
   float scale = 0.0f;    // softmax scale; 0 means 1/sqrt(D)
   Layout layout = Layout::BHSD;  // of q, k, v, out (ignored by the varlen entry points)
   Scheme scheme = Scheme::accurate;

@@ -489,7 +489,10 @@ FwdParams make_fwd_params(const Problem& p, const QuantizedQKV& x, const Tensor&
   f.total_kv = p.shape.total_kv;
   f.scheme = x.scheme;
   f.softmax_scale = p.softmax_scale;
-  f.causal = opts.causal;
+  // causal is window_right = 0; a right window alone makes a launch causal-shaped too.
+  f.causal = opts.causal || opts.window_right >= 0;
+  f.window_right = opts.causal ? 0 : std::max(opts.window_right, 0);
+  f.window_left = opts.window_left;
   f.block_n = opts.block_n;
   f.q8 = static_cast<const int8_t*>(x.q8.data); f.q_st = p.q.st;
   f.k8 = static_cast<const int8_t*>(x.k8.data); f.k_st = p.k.st;
@@ -1021,7 +1024,9 @@ Status attention_reference(const Tensor& q, const Tensor& k, const Tensor& v, co
   e.batch = p.shape.batch; e.heads_q = p.shape.heads_q; e.heads_kv = p.shape.heads_kv;
   e.seqlen_q = p.shape.seqlen_q; e.seqlen_kv = p.shape.seqlen_kv; e.head_dim = p.shape.head_dim;
   e.softmax_scale = opts.scale != 0.f ? opts.scale : 1.0f / std::sqrt(static_cast<float>(p.q.D));
-  e.causal = opts.causal;
+  e.causal = opts.causal || opts.window_right >= 0;
+  e.window_right = opts.causal ? 0 : std::max(opts.window_right, 0);
+  e.window_left = opts.window_left;
   e.in_dtype = q.dtype;
   e.q = q.data; e.q_st = p.q.st;
   e.k = k.data; e.k_st = p.k.st;

@@ -207,6 +207,16 @@ Status check_options(const Options& o) {
     os << "scale: expected a finite value > 0 (0 means 1/sqrt(head_dim)), got " << o.scale;
     return invalid(os.str());
   }
+  if (o.window_left < -1 || o.window_right < -1) {
+    os << "window_left / window_right: expected -1 (no edge) or >= 0, got (" << o.window_left << ", "
+       << o.window_right << ")";
+    return invalid(os.str());
+  }
+  if (o.causal && o.window_right > 0) {
+    os << "window_right: causal is window_right = 0, so with causal it must be -1 or 0, got "
+       << o.window_right;
+    return invalid(os.str());
+  }
   if (o.block_n < 16 || o.block_n > 512 || o.block_n % 16 != 0) {
     os << "block_n: expected a multiple of 16 in [16, 512], got " << o.block_n;
     return invalid(os.str());

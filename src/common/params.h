@@ -125,7 +125,25 @@ struct FwdParams {
   int64_t bt_stride = 0;
   int page_size = 0;
   int64_t num_pages = 0;
+  // Sliding window (Options::window_left / window_right), against a row's bottom-right diagonal
+  // pos + diag (diag = skv - sq). causal: keys <= pos + diag + window_right are visible
+  // (window_right >= 0; 0 for plain causal). window_left >= 0: keys >= pos + diag - window_left
+  // (-1: none). Last in the struct, so the kernels' parameter offsets stay as they were.
+  int window_left = -1;
+  int window_right = 0;
 };
+
+// Window edges of a row at query position pos with diagonal diag = skv - sq: its last visible
+// key and its first. kNoEdge moves the last key past every key of a non-causal launch
+// (Sq < 2^29); kNoFirstKey (no left edge) lies below every key, also after a key-range offset.
+constexpr int kNoEdge = 1 << 29;
+constexpr int kNoFirstKey = -(1 << 30);
+INTFA_HD int last_key(const FwdParams& p, int pos, int diag) {
+  return pos + diag + (p.causal ? p.window_right : kNoEdge);
+}
+INTFA_HD int first_key(const FwdParams& p, int pos, int diag) {
+  return p.window_left >= 0 ? pos + diag - p.window_left : kNoFirstKey;
+}
 
 // Token range of sequence b: [tok0, tok0 + len).
 INTFA_HD int64_t seq_start(const int32_t* cu, int b) { return cu ? cu[b] : 0; }

@@ -50,6 +50,16 @@ INTFA_HD int split_count(bool accurate, int key_blocks, int num_tiles, int sms, 
   return by_sms < by_blocks ? by_sms : by_blocks;
 }
 
+// The most key blocks (of block_n keys, aligned to key 0) that a tile of rows at `positions`
+// consecutive query positions sees under a sliding window with both edges; key_blocks (the whole
+// sequence) otherwise. The split rules size their ranges by it.
+INTFA_HD int window_key_blocks(const FwdParams& p, int positions, int block_n, int key_blocks) {
+  if (p.window_left < 0 || !p.causal) return key_blocks;
+  const long long span = (long long)p.window_left + p.window_right + positions;
+  const long long blocks = (span + block_n - 1) / block_n + 1;
+  return blocks < key_blocks ? static_cast<int>(blocks) : key_blocks;
+}
+
 // Range `split` of a tile's n key blocks cut into `splits`: blocks kb0 .. kb0 + count - 1. Equal
 // ranges of ceil(n / splits) blocks; trailing ranges may be short or empty.
 INTFA_HD void split_range(int n, int splits, int split, int& kb0, int& count) {
@@ -142,8 +152,10 @@ inline bool pack_gqa_rows(FwdParams& p) {
   pack(p.o_st);
   pack(p.qs_st);  // q_scale and lse_offset
   if (p.lse) pack(p.lse_st);
-  if (p.causal && p.seqlen_q > 1) p.row_period = p.seqlen_q;
-  p.causal = p.causal && p.seqlen_q > 1;  // a single query row sees every key
+  // A sliding window's left edge holds at any Sq, so then every row keeps its position (Sq = 1:
+  // period 1, every row at position 0).
+  if ((p.causal && p.seqlen_q > 1) || p.window_left >= 0) p.row_period = p.seqlen_q;
+  p.causal = p.causal && p.seqlen_q > 1;  // a single query row sees every key up to its diagonal
   p.heads_q = p.heads_kv;
   p.seqlen_q = static_cast<int>(rows);
   return true;

@@ -38,28 +38,34 @@ void attention_exact(const ExactParams& p) {
       const int r = m0 + i;
       const int64_t qb = offset(p.q_st, b, h, q0 + r);
       for (int c = 0; c < d; ++c) q[c] = load_scalar(p.q, p.in_dtype, qb + c);
-      const int limit = p.causal ? std::max(0, std::min(skv, r + skv - sq + 1)) : skv;
+      // Keys first .. limit - 1: bottom-right diagonal r + skv - sq, causal and window edges.
+      const int64_t diag = int64_t(r) + skv - sq;
+      const int64_t hi = p.causal ? diag + p.window_right + 1 : skv;
+      const int64_t lo = p.window_left >= 0 ? diag - p.window_left : 0;
+      const int limit = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(skv, hi)));
+      const int first = static_cast<int>(std::min<int64_t>(limit, std::max<int64_t>(0, lo)));
       std::fill(s.begin(), s.begin() + limit, 0.0);
       for (int c = 0; c < d; ++c) {
         const double qc = q[c];
         const double* kc = &kt[static_cast<size_t>(c) * skv];
-        for (int j = 0; j < limit; ++j) s[j] += qc * kc[j];
+        for (int j = first; j < limit; ++j) s[j] += qc * kc[j];
       }
       double mx = -std::numeric_limits<double>::infinity();
-      for (int j = 0; j < limit; ++j) mx = std::max(mx, s[j] *= p.softmax_scale);
+      for (int j = first; j < limit; ++j) mx = std::max(mx, s[j] *= p.softmax_scale);
       double sum = 0.0;
       std::fill(o.begin(), o.end(), 0.0);
-      for (int j = 0; j < limit; ++j) {
+      for (int j = first; j < limit; ++j) {
         const double w = std::exp(s[j] - mx);
         sum += w;
         const double* vj = &vv[static_cast<size_t>(j) * d];
         for (int c = 0; c < d; ++c) o[c] += w * vj[c];
       }
       const int64_t ob = offset(p.o_st, b, h, q0 + r);
-      for (int c = 0; c < d; ++c) store_scalar(p.out, p.out_dtype, ob + c, limit ? o[c] / sum : 0.0);
+      const bool any = limit > first;
+      for (int c = 0; c < d; ++c) store_scalar(p.out, p.out_dtype, ob + c, any ? o[c] / sum : 0.0);
       if (p.lse)
         store_scalar(p.lse, p.lse_dtype, offset(p.lse_st, b, h, q0 + r),
-                     limit ? mx + std::log(sum) : -std::numeric_limits<double>::infinity());
+                     any ? mx + std::log(sum) : -std::numeric_limits<double>::infinity());
     }
   });
 }

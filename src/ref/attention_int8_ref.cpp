@@ -57,11 +57,14 @@ void attend_tile(const FwdParams& p, const Tile& t) {
     for (int c = 0; c < d; ++c) qf[i * d + c] = qrow[c];
     rowf[i] = p.q_scale[offset(p.qs_st, t.b, t.h, t.q0 + t.m0 + i)] * p.softmax_scale * kLog2e;
   }
-  // Bottom-right causal: row r sees keys j <= r + skv - sq.
+  // Bottom-right diagonal: row r sees keys first_key(r) .. last_key(r) (causal: <= r + skv - sq;
+  // a sliding window bounds both sides). Blocks stay aligned to key 0 as on the GPU, so a block
+  // the window cuts holds the same keys there.
   const int diag = t.skv - t.sq;
-  const int kv_end = p.causal ? std::min(t.skv, t.m0 + t.rows + diag) : t.skv;
+  const int kv_end = std::min(t.skv, last_key(p, t.m0 + t.rows - 1, diag) + 1);
+  const int kv_begin = std::max(0, first_key(p, t.m0, diag));
 
-  for (int n0 = 0; n0 < kv_end; n0 += bn) {
+  for (int n0 = kv_begin / bn * bn; n0 < kv_end; n0 += bn) {
     const int cols = std::min(bn, t.skv - n0);
     load_kv_block(p, t, n0, cols, kt.data(), ks.data(), vb.data());
     std::fill(s.begin(), s.end(), 0.f);
@@ -74,11 +77,12 @@ void attend_tile(const FwdParams& p, const Tile& t) {
       }
     }
     for (int i = 0; i < t.rows; ++i) {
-      const int limit = p.causal ? std::min(cols, t.m0 + i + diag - n0 + 1) : cols;
-      if (limit <= 0) continue;  // this block is fully masked for the row
+      const int limit = std::min(cols, last_key(p, t.m0 + i, diag) - n0 + 1);
+      const int first = std::max(0, first_key(p, t.m0 + i, diag) - n0);
+      if (limit <= first) continue;  // this block is fully masked for the row
       float* si = &s[i * bn];
       float mb = kNegInf;
-      for (int j = 0; j < limit; ++j) {
+      for (int j = first; j < limit; ++j) {
         si[j] = si[j] * rowf[i] * ks[j];
         mb = std::max(mb, si[j]);
       }
@@ -87,7 +91,7 @@ void attend_tile(const FwdParams& p, const Tile& t) {
       float c_blk = 1.f, l_blk = 0.f;
       switch (p.scheme) {
         case Scheme::paper:  // running max, s8 P with 127 levels, l from unquantized p
-          for (int j = 0; j < limit; ++j) {
+          for (int j = first; j < limit; ++j) {
             const float pr = std::exp2(si[j] - m_new);
             l_blk += pr;
             prow[j] = static_cast<float>(quantize_p(pr, 127.f));
@@ -96,7 +100,7 @@ void attend_tile(const FwdParams& p, const Tile& t) {
           break;
         case Scheme::accurate: {  // block-local max, u8 P with 255 levels, l from quantized P
           float sum_p8 = 0.f;
-          for (int j = 0; j < limit; ++j) {
+          for (int j = first; j < limit; ++j) {
             prow[j] = static_cast<float>(quantize_p(std::exp2(si[j] - mb), 255.f));
             sum_p8 += prow[j];
           }
@@ -105,14 +109,14 @@ void attend_tile(const FwdParams& p, const Tile& t) {
           break;
         }
         case Scheme::half:  // running max, P rounded to the input dtype, V unquantized
-          for (int j = 0; j < limit; ++j) {
+          for (int j = first; j < limit; ++j) {
             prow[j] = round_to_dtype(std::exp2(si[j] - m_new), p.v_dtype);
             l_blk += prow[j];
           }
           break;
       }
       std::fill(pv.begin(), pv.end(), 0.f);
-      for (int j = 0; j < limit; ++j) {
+      for (int j = first; j < limit; ++j) {
         const float pj = prow[j];
         if (pj == 0.f) continue;
         const float* vj = &vb[j * d];

@@ -17,6 +17,7 @@ struct ExactParams {
   const int32_t* cu_kv = nullptr;
   float softmax_scale = 0.f;
   bool causal = false;
+  int window_left = -1, window_right = 0;  // as in FwdParams
   DType in_dtype = DType::f16;
   const void* q = nullptr;  Strides3 q_st;
   const void* k = nullptr;  Strides3 k_st;

@@ -30,6 +30,7 @@ struct Case {
   Layout layout = Layout::BHSD;
   std::vector<int> lens_q, lens_kv;  // non-empty: varlen
   std::vector<int32_t> used_kv;      // non-empty: seqused_kv, one count per sequence
+  int window_left = -1, window_right = -1;  // Options' sliding window
   DType out = DType::f32;
   Dist dist = Dist::normal;
   uint64_t seed = 1;
@@ -41,6 +42,7 @@ std::string describe(const Case& c) {
      << " H" << c.hq << "/" << c.hkv << " Sq" << c.sq << " Skv" << c.skv << " "
      << to_string(c.layout) << (c.lens_q.empty() ? "" : " varlen") << " out "
      << to_string(c.out) << " " << tools::to_string(c.dist) << (c.used_kv.empty() ? "" : " seqused_kv");
+  if (c.window_left >= 0 || c.window_right >= 0) os << " window (" << c.window_left << ", " << c.window_right << ")";
   return os.str();
 }
 
@@ -143,6 +145,8 @@ void check_kernel_vs_cpu(const Case& c, GpuPath path) {
   Options o;
   o.scheme = c.scheme;
   o.causal = c.causal;
+  o.window_left = c.window_left;
+  o.window_right = c.window_right;
   o.layout = c.layout;
   o.block_n = build_info().gpu_block_n;  // the kernel's key block: block-local maxima must match
   o.backend = Backend::cpu;
@@ -526,6 +530,60 @@ TEST_F(AttentionGpu, KernelDecodeSmallRows) {
   Case a;
   a.batch = 2; a.hq = 8; a.hkv = 2; a.sq = 1; a.skv = 4000; a.seed = ++seed;
   check_kernel_vs_cpu(a, GpuPath::automatic);
+}
+
+// Sliding-window attention (Options::window_left / window_right) on every path against the CPU
+// emulation with its LSE: causal local layers (Mistral / Gemma: window_left = W - 1), a window of
+// the diagonal alone, two-sided and one-sided non-causal windows, Sq != Skv (rows that see no
+// key), windows narrower than, equal to and wider than a key block, GQA packed rows and
+// speculative steps, sm90's key-range splits (few tiles), varlen and seqused_kv, both schemes and
+// head dims; then decode steps over long caches (the window skips most key blocks) on the decode
+// kernel.
+TEST_F(AttentionGpu, KernelSlidingWindow) {
+  struct W { int batch, hq, hkv, sq, skv; bool causal; int left, right; Scheme scheme; Layout layout; };
+  int seed = 1700;
+  for (const W& w : std::vector<W>{
+           {2, 4, 2, 1000, 1000, true, 255, -1, Scheme::accurate, Layout::BHSD},
+           {1, 2, 2, 300, 300, true, 0, -1, Scheme::accurate, Layout::BSHD},     // the diagonal alone
+           {2, 2, 1, 500, 700, false, 100, 37, Scheme::accurate, Layout::BHSD},  // both sides
+           {1, 3, 3, 333, 250, false, -1, 50, Scheme::paper, Layout::BHSD},      // right edge only
+           {1, 2, 2, 260, 517, false, 64, -1, Scheme::accurate, Layout::BSHD},   // left edge only
+           {1, 4, 4, 400, 400, true, 127, 0, Scheme::paper, Layout::BHSD},       // one key block wide
+           {1, 2, 1, 300, 100, true, 30, -1, Scheme::accurate, Layout::BHSD},    // rows that see no key
+           {1, 2, 1, 200, 5000, true, 1000, -1, Scheme::accurate, Layout::BHSD}, // few tiles: splits
+           {3, 16, 4, 5, 700, true, 300, -1, Scheme::accurate, Layout::BHSD},    // speculative, packed rows
+           {2, 8, 2, 100, 333, true, 4000, -1, Scheme::accurate, Layout::BHSD}}) {  // wider than the keys
+    Case c;
+    c.batch = w.batch; c.hq = w.hq; c.hkv = w.hkv; c.sq = w.sq; c.skv = w.skv; c.causal = w.causal;
+    c.window_left = w.left; c.window_right = w.right; c.scheme = w.scheme; c.layout = w.layout;
+    for (int d : {64, 128}) {
+      c.d = d; c.seed = ++seed;
+      for (GpuPath path : gpu_paths()) check_kernel_vs_cpu(c, path);
+    }
+  }
+  Case v;
+  v.hq = 4; v.hkv = 2;
+  v.lens_q = {1, 17, 0, 300, 129, 40};
+  v.lens_kv = {5, 170, 9, 250, 400, 2000};
+  for (bool used : {false, true}) {
+    v.used_kv = used ? std::vector<int32_t>{3, 170, 0, 260, 137, 1500} : std::vector<int32_t>{};
+    v.causal = !used; v.window_left = 90; v.window_right = used ? 20 : -1; v.seed = ++seed;
+    for (GpuPath path : gpu_paths()) check_kernel_vs_cpu(v, path);
+  }
+  for (const W& w : std::vector<W>{
+           {3, 8, 2, 1, 3000, true, 1023, -1, Scheme::accurate, Layout::BHSD},   // GQA decode, splits
+           {2, 8, 2, 1, 5000, true, 300, -1, Scheme::paper, Layout::BSHD},       // paper: one range
+           {2, 16, 4, 4, 2000, true, 127, -1, Scheme::accurate, Layout::BHSD},   // speculative, 16 rows
+           {2, 4, 4, 3, 900, false, 200, 100, Scheme::accurate, Layout::BHSD},   // two-sided, unpacked
+           {1, 2, 2, 16, 60, true, 10, -1, Scheme::accurate, Layout::BHSD}}) {   // rows that see no key
+    Case c;
+    c.batch = w.batch; c.hq = w.hq; c.hkv = w.hkv; c.sq = w.sq; c.skv = w.skv; c.causal = w.causal;
+    c.window_left = w.left; c.window_right = w.right; c.scheme = w.scheme; c.layout = w.layout;
+    for (int d : {64, 128}) {
+      c.d = d; c.seed = ++seed;
+      for (GpuPath path : {GpuPath::decode, GpuPath::automatic}) check_kernel_vs_cpu(c, path);
+    }
+  }
 }
 
 // Path decode on more rows than one tile holds: a precise not_available, nothing launched.

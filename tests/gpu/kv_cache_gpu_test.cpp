@@ -324,6 +324,12 @@ TEST(KvCacheGpu, PagedMatchesCpu) {
         hp.seqused_kv = make_tensor(used.data(), DType::i32, {B});
         gp.seqused_kv = on_device(hp.seqused_kv, dused.ptr);
         ASSERT_NO_FATAL_FAILURE(expect_paths_match_cpu(hp, gp, o));
+        // A sliding window over the pages (Mistral-style causal local attention): the blocks
+        // left of each sequence's window, whole pages among them, are skipped.
+        Options ow = o;
+        ow.causal = true;
+        ow.window_left = 300;
+        ASSERT_NO_FATAL_FAILURE(expect_paths_match_cpu(hp, gp, ow));
 
         // Paged and contiguous, the same kernel: the same bits.
         QuantizedQKV gc = cache_view(c.d, qs.d, cap);
@@ -333,17 +339,20 @@ TEST(KvCacheGpu, PagedMatchesCpu) {
         const Tensor to = make_tensor(nullptr, DType::f32, {B, Hq, n, D}), tl = make_tensor(nullptr, DType::f32, {B, Hq, n});
         Tensor t1 = on_device(to, o1.ptr), t2 = on_device(to, o2.ptr), tl1 = on_device(tl, l1.ptr), tl2 = on_device(tl, l2.ptr);
         Options od = o;
-        for (GpuPath path : {GpuPath::decode, GpuPath::sm80, GpuPath::sm90}) {
-          if (skip(path)) continue;
-          SCOPED_TRACE(std::string("path ") + to_string(path));
-          od.path = path;
-          for (DeviceBuffer* buf : {&o1, &o2}) INTFA_ASSERT_OK(gpu_memset(buf->ptr, 0xFF, buf->bytes));  // NaN
-          INTFA_ASSERT_OK(attention_int8(gp, Tensor(), Tensor(), 0, 0, t1, &tl1, od));
-          INTFA_ASSERT_OK(attention_int8(gc, Tensor(), Tensor(), 0, 0, t2, &tl2, od));
-          INTFA_ASSERT_OK(gpu_synchronize());
-          EXPECT_EQ(o1.to_host<uint32_t>(), o2.to_host<uint32_t>()) << "paged vs contiguous output bits";
-          EXPECT_EQ(l1.to_host<uint32_t>(), l2.to_host<uint32_t>()) << "paged vs contiguous LSE bits";
-        }
+        for (const Options& base : {o, ow})
+          for (GpuPath path : {GpuPath::decode, GpuPath::sm80, GpuPath::sm90}) {
+            if (skip(path)) continue;
+            SCOPED_TRACE(std::string("path ") + to_string(path) + (base.window_left >= 0 ? ", window" : ""));
+            od = base;
+            od.path = path;
+            for (DeviceBuffer* buf : {&o1, &o2}) INTFA_ASSERT_OK(gpu_memset(buf->ptr, 0xFF, buf->bytes));  // NaN
+            INTFA_ASSERT_OK(attention_int8(gp, Tensor(), Tensor(), 0, 0, t1, &tl1, od));
+            INTFA_ASSERT_OK(attention_int8(gc, Tensor(), Tensor(), 0, 0, t2, &tl2, od));
+            INTFA_ASSERT_OK(gpu_synchronize());
+            EXPECT_EQ(o1.to_host<uint32_t>(), o2.to_host<uint32_t>()) << "paged vs contiguous output bits";
+            EXPECT_EQ(l1.to_host<uint32_t>(), l2.to_host<uint32_t>()) << "paged vs contiguous LSE bits";
+          }
+        od = o;
 
         // Pages the GPU kernels do not take (64 tokens): not_available on every path that reads
         // pages, never a kernel reading the pool as a contiguous cache.

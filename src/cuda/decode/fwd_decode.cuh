@@ -96,15 +96,18 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<D, Paged>) fwd_kernel(const
   const int64_t q0 = seq_start(p.cu_q, b), k0 = seq_start(p.cu_kv, b);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
 
-  // Bottom-right causal, per query position (packed GQA rows: tile_order.h). key_last: the last
-  // key each of the thread's rows sees.
+  // Bottom-right causal, per query position (packed GQA rows: tile_order.h). key_last / key_first:
+  // the last and first key each of the thread's rows sees (first: a sliding window's left edge).
   const int period = p.row_period;
   const int diag = fwd::causal_diag(skv, sq, period);
   int pos_lo, pos_hi;  // the query positions the unit's rows span
   fwd::row_positions(0, sq - 1, period, pos_lo, pos_hi);
-  const int kv_end = p.causal ? min(skv, pos_hi + 1 + diag) : skv;
+  const int kv_end = min(skv, last_key(p, pos_hi, diag) + 1);
+  const int kb_first = max(0, first_key(p, pos_lo, diag)) / kBlockN;  // blocks left of the window skipped
+  const int kb_end = kv_end > 0 ? (kv_end + kBlockN - 1) / kBlockN : 0;
   int kb0 = 0, count = 0;
-  fwd::split_range(kv_end > 0 ? (kv_end + kBlockN - 1) / kBlockN : 0, P.num_splits, split, kb0, count);
+  fwd::split_range(max(0, kb_end - kb_first), P.num_splits, split, kb0, count);
+  kb0 += kb_first;
   // Paged: the table walked a block at a time (fwd::PageWalk). The first kStages blocks' entries
   // are read first thing, before the setup below (H200: no change in time against reading them
   // in the prologue, PERF_LOG d7, but the D = 64 kernel then needs less spill).
@@ -118,17 +121,19 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<D, Paged>) fwd_kernel(const
 #pragma unroll
   for (int s = 0; s < kStages; ++s) first_pages[s] = Paged && s < count ? walk.read(p) : -1;
 
-  int row[2], key_last[2];
+  int row[2], key_last[2], key_first[2];
   float rowf[2], m_run[2], l_part[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     row[r] = g + 8 * r;
-    key_last[r] = fwd::row_position(row[r], period) + diag;
+    key_last[r] = last_key(p, fwd::row_position(row[r], period), diag);
+    key_first[r] = first_key(p, fwd::row_position(row[r], period), diag);
     rowf[r] = row[r] < sq ? p.q_scale[offset(p.qs_st, b, h, q0 + row[r])] * p.softmax_scale * kLog2e : 1.f;
     m_run[r] = kNegInf;
     l_part[r] = 0.f;
   }
-  const int key_last_lo = pos_lo + diag;  // blocks past it need the diagonal mask
+  // Blocks past key_last_lo need the diagonal mask, blocks before key_first_hi the window's.
+  const int key_last_lo = last_key(p, pos_lo, diag), key_first_hi = first_key(p, pos_hi, diag);
 
   // Loads of one key block by all 128 threads: K rows (zero past skv), V^T chunks that start
   // before skv (a chunk may run into the row's padding, where P is 0), the K scales. A thread
@@ -277,12 +282,14 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<D, Paged>) fwd_kernel(const
     const float* sKs = reinterpret_cast<const float*>(smem + S::kQ + stage * S::kStage + S::kK + S::kV) + 32 * warp;
     float u[4][4];
     sm80::scale_scores<32>(s_acc, sKs, key0, skv, t, u);
-    if (p.causal && n * kBlockN + kBlockN - 1 > key_last_lo) {  // blocks on the diagonal
+    if ((p.causal && n * kBlockN + kBlockN - 1 > key_last_lo) || n * kBlockN < key_first_hi) {  // edge blocks
 #pragma unroll
       for (int j = 0; j < 4; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e)
-          if (key0 + sm80::permuted_key(j, 2 * t + (e & 1)) > key_last[e >> 1]) u[j][e] = kNegInf;
+        for (int e = 0; e < 4; ++e) {
+          const int key = key0 + sm80::permuted_key(j, 2 * t + (e & 1));
+          if (key > key_last[e >> 1] || key < key_first[e >> 1]) u[j][e] = kNegInf;
+        }
     }
     // The block max over all four warps' keys, then the same running max in every warp.
     float mx[2];

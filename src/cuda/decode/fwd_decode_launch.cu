@@ -87,7 +87,8 @@ Status launch_fwd_decode(const FwdParams& p, cudaStream_t stream) {
     const char* e = std::getenv("INTFA_DECODE_STAGES");
     return e ? std::atoi(e) : 0;
   }();
-  const int key_blocks = (p.seqlen_kv + decode::kBlockN - 1) / decode::kBlockN;
+  const int key_blocks = fwd::window_key_blocks(p, p.row_period > 0 ? p.row_period : p.seqlen_q, decode::kBlockN,
+                                                (p.seqlen_kv + decode::kBlockN - 1) / decode::kBlockN);
   const bool accurate = p.scheme == Scheme::accurate;
   prm.num_splits = fwd::decode_split_count(accurate, key_blocks, heads, sms * ctas, forced);
   // Ring depth: at D = 128, 4 stages where the 3-stage launch is at most one wave (few long

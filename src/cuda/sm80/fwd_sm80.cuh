@@ -278,20 +278,30 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
     b = blockIdx.z;
   }
   const int sq = seq_len(p.cu_q, b, p.seqlen_q);
-  const int skv = kv_len(p, b);
+  const int kv_count = kv_len(p, b);
   const int m0 = m_block * kBlockM;
   if (m0 >= sq) return;
   const int hkv = h / (p.heads_q / p.heads_kv);
-  // Bottom-right causal, per query position (packed GQA rows: tile_order.h).
+  // Bottom-right causal, per query position (packed GQA rows: tile_order.h). The causal kernels
+  // also run sliding windows (non-causal ones with the diagonal past every key, last_key): the
+  // blocks left of the tile's window are skipped by starting every key index at key_base, so
+  // below skv, diag and the loads count keys from there.
   const int period = p.row_period;
-  const int diag = fwd::causal_diag(skv, sq, period);
-  const int kv_end = Causal ? fwd::causal_key_end(m0, min(m0 + kBlockM, sq) - 1, period, diag, skv) : skv;
+  int skv = kv_count, diag = fwd::causal_diag(skv, sq, period), key_base = 0;
+  int pos_lo = 0, pos_hi = 0;
+  if constexpr (Causal) {
+    fwd::row_positions(m0, min(m0 + kBlockM, sq) - 1, period, pos_lo, pos_hi);
+    key_base = max(0, first_key(p, pos_lo, diag)) / kBlockN * kBlockN;
+    skv -= key_base;
+    diag -= key_base;
+  }
+  const int kv_end = Causal ? min(skv, last_key(p, pos_hi, diag) + 1) : skv;
   const int n_blocks = kv_end > 0 ? (kv_end + kBlockN - 1) / kBlockN : 0;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
 
-  const int64_t q0 = seq_start(p.cu_q, b), k0 = seq_start(p.cu_kv, b);
+  const int64_t q0 = seq_start(p.cu_q, b), k0 = seq_start(p.cu_kv, b) + key_base;
   const int8_t* const q_base = p.q8 + b * p.q_st.bs + h * p.q_st.hs + (q0 + m0) * p.q_st.ts;
 
   L loader;
@@ -308,7 +318,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
     loader.v_col0 = vc * 16;
     loader.v_row_stride = p.vt_st.ts;
     loader.v_ptr = Paged ? p.vt8 + hkv * p.vt_st.hs + vd * p.vt_st.ts + vc * 16
-                         : p.vt8 + b * p.vt_st.bs + hkv * p.vt_st.hs + vt_seq_start(p.cu_kv, b) +
+                         : p.vt8 + b * p.vt_st.bs + hkv * p.vt_st.hs + vt_seq_start(p.cu_kv, b) + key_base +
                                vd * p.vt_st.ts + vc * 16;
     loader.v_smem0 = swz128(vd * kBlockN + vc * 16);
     loader.ks_ptr = Paged ? p.k_scale + hkv * p.ks_st.hs : p.k_scale + offset(p.ks_st, b, hkv, k0);
@@ -339,12 +349,17 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
   const bool block_local = p.scheme == Scheme::accurate;
   const float levels = block_local ? 255.f : 127.f;
   const float inv_levels = block_local ? 1.f / 255.f : 1.f / 127.f;
-  int row[2], row_pos[2];
+  // The last and first key each row sees (first: a sliding window's left edge); blocks past the
+  // warp's lowest last key or before its highest first key need the per-score mask.
+  int row[2], key_last[2], key_first[2];
   float rowf[2], m_run[2], l_part[2];
-  const int warp_pos_lo = fwd::lowest_position(m0 + warp * 16, m0 + warp * 16 + 15, period);
+  int warp_pos_lo, warp_pos_hi;
+  fwd::row_positions(m0 + warp * 16, m0 + warp * 16 + 15, period, warp_pos_lo, warp_pos_hi);
+  const int warp_key_last = last_key(p, warp_pos_lo, diag), warp_key_first = first_key(p, warp_pos_hi, diag);
   for (int r = 0; r < 2; ++r) {
     row[r] = m0 + warp * 16 + g + 8 * r;
-    row_pos[r] = fwd::row_position(row[r], period);
+    key_last[r] = last_key(p, fwd::row_position(row[r], period), diag);
+    key_first[r] = first_key(p, fwd::row_position(row[r], period), diag);
     rowf[r] = row[r] < sq
                   ? p.q_scale[offset(p.qs_st, b, h, q0 + row[r])] * p.softmax_scale * kLog2e
                   : 1.f;
@@ -366,7 +381,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
                         valid ? q_base + r * p.q_st.ts + c * 16 : q_base, valid);
     }
     if constexpr (Paged) {
-      walk.start(p, b, 0);
+      walk.start(p, b, key_base / kBlockN);
       const int page0 = walk.read(p);
       loader.load_paged(0, page0, 0, skv, p, stage_base(0), tid);
       if (n_blocks > 1) next_page = walk.read(p);
@@ -416,13 +431,13 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
     // ---- u = S * s_k; the causal diagonal a per-score mask ----
     float u[kBlockN / 8][4];
     scale_scores<kBlockN>(s_cur, sKs, n * kBlockN, skv, t, u);
-    if (Causal && (n + 1) * kBlockN - 1 > warp_pos_lo + diag) {  // blocks on the diagonal
+    if (Causal && ((n + 1) * kBlockN - 1 > warp_key_last || n * kBlockN < warp_key_first)) {  // edge blocks
 #pragma unroll
       for (int j = 0; j < kBlockN / 8; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int key = n * kBlockN + permuted_key(j, 2 * t + (e & 1));
-          if (key > row_pos[e >> 1] + diag) u[j][e] = kNegInf;
+          if (key > key_last[e >> 1] || key < key_first[e >> 1]) u[j][e] = kNegInf;
         }
     }
 

@@ -17,13 +17,13 @@ Status launch_fwd_sm80(const FwdParams& p, cudaStream_t stream) {
     return Status(StatusCode::invalid_argument,
                   "head_dim: expected 64 or 128 on the sm80 path, got " + std::to_string(p.head_dim));
   using L = Status (*)(const FwdParams&, cudaStream_t);
-  // [head dim 64 / 128][causal][paged]
+  // [head dim 64 / 128][causal or sliding window][paged]
   static constexpr L kLaunch[2][2][2] = {
       {{sm80::launch_fwd<64, false, false>, sm80::launch_fwd<64, false, true>},
        {sm80::launch_fwd<64, true, false>, sm80::launch_fwd<64, true, true>}},
       {{sm80::launch_fwd<128, false, false>, sm80::launch_fwd<128, false, true>},
        {sm80::launch_fwd<128, true, false>, sm80::launch_fwd<128, true, true>}}};
-  return kLaunch[p.head_dim == 128][p.causal][p.block_table != nullptr](p, stream);
+  return kLaunch[p.head_dim == 128][p.causal || p.window_left >= 0][p.block_table != nullptr](p, stream);
 }
 
 int sm80_block_n() { return sm80::kBlockN; }

@@ -191,6 +191,7 @@ __device__ __forceinline__ int64_t part_row0(const Params& P, int split, int til
 // test and the causal mask read the same as for a whole tile.
 struct Tile {
   int b, h, hkv, m0, sq, skv, diag, n_blocks;
+  int first;  // Split kernels: position + first is a row's first key (kNoFirstKey: no left edge)
   int64_t q0, k0, vcol0;
   int bc;  // batch coordinate of the TMA maps (0 for packed varlen tensors)
 };
@@ -226,13 +227,23 @@ __device__ __forceinline__ bool decode_tile(const Params& P, int unit, Tile& T) 
   T.k0 = seq_start(p.cu_kv, T.b);
   T.vcol0 = vt_seq_start(p.cu_kv, T.b);
   if constexpr (Split) {
+    // A sliding window's left edge (FwdParams::window_left; windows run the causal kernels): the
+    // blocks left of the tile's lowest row's window are skipped, the ranges cut from the rest.
+    T.first = kNoFirstKey;
+    int kb_first = 0;
+    if constexpr (Causal) {
+      const int pos_lo = fwd::lowest_position(T.m0, min(T.m0 + kBlockM, T.sq) - 1, p.row_period);
+      T.first = first_key(p, 0, fwd::causal_diag(T.skv, T.sq, p.row_period));
+      kb_first = min(max(0, pos_lo + T.first) / kBlockN, T.n_blocks);
+    }
     int kb0;
-    fwd::split_range(T.n_blocks, P.num_splits, split, kb0, T.n_blocks);
-    const int key0 = kb0 * kBlockN;
+    fwd::split_range(T.n_blocks - kb_first, P.num_splits, split, kb0, T.n_blocks);
+    const int key0 = (kb_first + kb0) * kBlockN;
     T.k0 += key0;
     T.vcol0 += key0;
     T.skv -= key0;
     T.diag -= key0;
+    T.first -= key0;
   }
   T.bc = p.cu_q ? 0 : T.b;
   return true;
@@ -652,14 +663,22 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
     // Causal: key_last[r] is the last key row r sees, warp_key_last the lowest of the warp's 16
     // rows (blocks past it need the mask). Both are fixed per tile, so the loop keeps one compare
     // per score as with row + diag.
-    int row[2], key_last[2];
+    // Split kernels: key_first[r] is the first key row r sees (a sliding window's left edge),
+    // warp_key_first the highest of the warp's rows (blocks before it need the mask too).
+    int row[2], key_last[2], key_first[2] = {0, 0}, warp_key_first = 0;
     float m_run[2], l_part[2];
     const int warp_key_last =
         fwd::lowest_position(T.m0 + cw * 64 + wq * 16, T.m0 + cw * 64 + wq * 16 + 15, p.row_period) + T.diag;
+    if constexpr (Causal && Split) {
+      int lo, hi;
+      fwd::row_positions(T.m0 + cw * 64 + wq * 16, T.m0 + cw * 64 + wq * 16 + 15, p.row_period, lo, hi);
+      warp_key_first = hi + T.first;
+    }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       row[r] = T.m0 + cw * 64 + wq * 16 + g + 8 * r;
       key_last[r] = fwd::row_position(row[r], p.row_period) + T.diag;
+      if constexpr (Causal && Split) key_first[r] = fwd::row_position(row[r], p.row_period) + T.first;
       m_run[r] = kNegInf;
       l_part[r] = 0.f;
     }
@@ -706,13 +725,13 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
         u[j][2] = __fmaf_rn(__int_as_float(s[4 * j + 2] + kMagicBits), k4.x, k4.z);
         u[j][3] = __fmaf_rn(__int_as_float(s[4 * j + 3] + kMagicBits), k4.y, k4.w);
       }
-      if (Causal && (n + 1) * kBlockN - 1 > warp_key_last) {
+      if (Causal && ((n + 1) * kBlockN - 1 > warp_key_last || (Split && n * kBlockN < warp_key_first))) {
 #pragma unroll
         for (int j = 0; j < kBlockN / 8; ++j)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int key = n * kBlockN + 8 * j + 2 * t + (e & 1);
-            if (key > key_last[e >> 1]) u[j][e] = kNegInf;
+            if (key > key_last[e >> 1] || (Split && key < key_first[e >> 1])) u[j][e] = kNegInf;
           }
       }
       // The row maxima first; the MUFU work for alpha and cfac waits until after this block's

@@ -160,7 +160,9 @@ int choose_splits(const FwdParams& p, int num_tiles, int sms) {
     const char* e = std::getenv("INTFA_SM90_SPLITS");
     return e ? std::atoi(e) : 0;
   }();
-  return fwd::split_count(p.scheme == Scheme::accurate, (p.seqlen_kv + kBlockN - 1) / kBlockN, num_tiles, sms, forced);
+  const int key_blocks = fwd::window_key_blocks(p, p.row_period > 0 ? p.row_period : kBlockM, kBlockN,
+                                                (p.seqlen_kv + kBlockN - 1) / kBlockN);
+  return fwd::split_count(p.scheme == Scheme::accurate, key_blocks, num_tiles, sms, forced);
 }
 
 // Q and K rows (D bytes) swizzled to their width, V^T rows (kBlockN = 128 keys) with 128-byte
@@ -222,9 +224,11 @@ Status launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   st = check_cuda(device_sm_count(&sms), "sm90 forward: SM count");
   if (!st.ok()) return st;
   prm.num_splits = sm90::choose_splits(p, prm.num_tiles, sms);
-  // Only the split kernels read per-sequence key counts (decode_tile) and pages; with one range
-  // (the rule's choice, and always for paper) they write final rows as the whole-tile kernels do.
-  const bool split_kernel = prm.num_splits > 1 || p.seqused_kv != nullptr || paged;
+  // Only the split kernels read per-sequence key counts (decode_tile), pages and a sliding
+  // window's left edge; with one range (the rule's choice, and always for paper) they write final
+  // rows as the whole-tile kernels do.
+  const bool window = p.window_left >= 0;
+  const bool split_kernel = prm.num_splits > 1 || p.seqused_kv != nullptr || paged || window;
   prm.num_units = prm.num_tiles * prm.num_splits;
   // Scratch: [tile counter, tile count | (m, l) per split and row | O per split and row | varlen:
   // first tile per sequence, tile entries]. Causal and varlen units are handed out by the counter
@@ -234,8 +238,10 @@ Status launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   // walks the empty tiles of short sequences and the longest tiles go first. H200, three uneven
   // batches of 8-16 sequences (docs/PERF_LOG.md s26): 0-6% less time non-causal, 1-15% causal.
   const bool varlen = p.cu_q != nullptr;
-  const bool causal_kernel = p.causal || varlen;
-  if (causal_kernel && !p.causal) prm.diag_shift = sm90::kNoDiagonal;
+  // Sliding windows run the causal split kernels too: the right edge is the diagonal moved by
+  // window_right (0 for plain causal), or past every key when there is none.
+  const bool causal_kernel = p.causal || varlen || window;
+  if (causal_kernel) prm.diag_shift = p.causal ? p.window_right : sm90::kNoDiagonal;
   const bool dynamic = causal_kernel ? sm90::kDynamic<true> : sm90::kDynamic<false>;
   const size_t part_rows = prm.num_splits > 1 ? size_t(prm.num_units) * sm90::kBlockM : 0;
   const size_t ml_off = 16, o_off = ml_off + part_rows * sizeof(float2);
