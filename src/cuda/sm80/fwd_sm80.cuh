@@ -382,8 +382,8 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
     }
     if constexpr (Paged) {
       walk.start(p, b, key_base / kBlockN);
-      const int page0 = walk.read(p);
-      loader.load_paged(0, page0, 0, skv, p, stage_base(0), tid);
+      const int page0 = walk.read(p);  // causal kernels: a window may start mid-page
+      loader.load_paged(0, page0, Causal ? walk.last_tok(p) : 0, skv, p, stage_base(0), tid);
       if (n_blocks > 1) next_page = walk.read(p);
     } else {
       loader.load(0, skv, stage_base(0), tid);

@@ -191,12 +191,12 @@ __device__ __forceinline__ int64_t part_row0(const Params& P, int split, int til
 // test and the causal mask read the same as for a whole tile.
 struct Tile {
   int b, h, hkv, m0, sq, skv, diag, n_blocks;
-  int first;  // Split kernels: position + first is a row's first key (kNoFirstKey: no left edge)
+  int first;  // Window kernels: position + first is a row's first key
   int64_t q0, k0, vcol0;
   int bc;  // batch coordinate of the TMA maps (0 for packed varlen tensors)
 };
 
-template <bool Causal, bool Split>
+template <bool Causal, bool Split, bool Window = false>
 __device__ __forceinline__ bool decode_tile(const Params& P, int unit, Tile& T) {
   const FwdParams& p = P.p;
   const int num_m = P.num_m_blocks;
@@ -227,11 +227,11 @@ __device__ __forceinline__ bool decode_tile(const Params& P, int unit, Tile& T) 
   T.k0 = seq_start(p.cu_kv, T.b);
   T.vcol0 = vt_seq_start(p.cu_kv, T.b);
   if constexpr (Split) {
-    // A sliding window's left edge (FwdParams::window_left; windows run the causal kernels): the
-    // blocks left of the tile's lowest row's window are skipped, the ranges cut from the rest.
+    // Window kernels (a sliding window's left edge, FwdParams::window_left): the blocks left of
+    // the tile's lowest row's window are skipped, the ranges cut from the rest.
     T.first = kNoFirstKey;
     int kb_first = 0;
-    if constexpr (Causal) {
+    if constexpr (Window) {
       const int pos_lo = fwd::lowest_position(T.m0, min(T.m0 + kBlockM, T.sq) - 1, p.row_period);
       T.first = first_key(p, 0, fwd::causal_diag(T.skv, T.sq, p.row_period));
       kb_first = min(max(0, pos_lo + T.first) / kBlockN, T.n_blocks);
@@ -437,7 +437,11 @@ __global__ void __launch_bounds__(128) combine_kernel(const __grid_constant__ Pa
 // maps describe the page pools, and each key block's K and V^T boxes and K scales are taken
 // from the block's page (fwd::PageWalk, each table entry read a block ahead). A page outside
 // the pool becomes a box past the map's last page, which TMA fills with zeros.
-template <int D, bool Causal, bool Split, bool Paged>
+// Window (causal split kernels only): sliding windows (FwdParams::window_left), each tile's
+// key blocks starting at its lowest row's window and a per-score mask on the left edge's
+// blocks. An axis of its own: in the causal split kernels the left edge moved their loops
+// (sass-loop-diff order similarity 0.67) and cost a prompt chunk 3.6% (H200, PERF_LOG s33).
+template <int D, bool Causal, bool Split, bool Paged, bool Window>
 __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant__ Params P) {
   using S = Smem<D>;
   const FwdParams& p = P.p;
@@ -528,7 +532,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
         for (uint32_t k = 0; cur < P.num_units; ++k) {
           const int nxt2 = nxt < P.num_units ? fetch() : P.num_units;
           Tile T;
-          if (decode_tile<Causal, Split>(P, cur, T) && T.n_blocks > 0) load_tile(T, it, tc);
+          if (decode_tile<Causal, Split, Window>(P, cur, T) && T.n_blocks > 0) load_tile(T, it, tc);
           ring.publish(k + 2, nxt2);
           cur = nxt;
           nxt = nxt2;
@@ -536,7 +540,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
       } else {
         for (int tile = blockIdx.x; tile < P.num_units; tile += gridDim.x) {
           Tile T;
-          if (decode_tile<Causal, Split>(P, tile, T) && T.n_blocks > 0) load_tile(T, it, tc);
+          if (decode_tile<Causal, Split, Window>(P, tile, T) && T.n_blocks > 0) load_tile(T, it, tc);
         }
       }
     } else {
@@ -549,7 +553,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
         else if (k > 0) tile += gridDim.x;
         if (tile >= P.num_units) break;
         Tile T;
-        if (!decode_tile<Causal, Split>(P, tile, T) || T.n_blocks == 0) continue;
+        if (!decode_tile<Causal, Split, Window>(P, tile, T) || T.n_blocks == 0) continue;
         const float* ks_g = p.k_scale + offset(p.ks_st, T.b, T.hkv, T.k0);
         // Paged: the K scales of the next block's page (walked as warp 0 walks it), and whether
         // that page is in the pool (else its keys' scales are 0, as its K and V^T are).
@@ -636,11 +640,11 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
     if constexpr (kDynamic<Causal>) {
       for (;;) {
         const int tile = ring.pop(tk++);
-        if (tile >= P.num_units || decode_tile<Causal, Split>(P, tile, T)) return tile;
+        if (tile >= P.num_units || decode_tile<Causal, Split, Window>(P, tile, T)) return tile;
       }
     } else {
       for (int tile = from; tile < P.num_units; tile += gridDim.x)
-        if (decode_tile<Causal, Split>(P, tile, T)) return tile;
+        if (decode_tile<Causal, Split, Window>(P, tile, T)) return tile;
       return P.num_units;
     }
   };
@@ -663,13 +667,13 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
     // Causal: key_last[r] is the last key row r sees, warp_key_last the lowest of the warp's 16
     // rows (blocks past it need the mask). Both are fixed per tile, so the loop keeps one compare
     // per score as with row + diag.
-    // Split kernels: key_first[r] is the first key row r sees (a sliding window's left edge),
+    // Window kernels: key_first[r] is the first key row r sees (a sliding window's left edge),
     // warp_key_first the highest of the warp's rows (blocks before it need the mask too).
     int row[2], key_last[2], key_first[2] = {0, 0}, warp_key_first = 0;
     float m_run[2], l_part[2];
     const int warp_key_last =
         fwd::lowest_position(T.m0 + cw * 64 + wq * 16, T.m0 + cw * 64 + wq * 16 + 15, p.row_period) + T.diag;
-    if constexpr (Causal && Split) {
+    if constexpr (Window) {
       int lo, hi;
       fwd::row_positions(T.m0 + cw * 64 + wq * 16, T.m0 + cw * 64 + wq * 16 + 15, p.row_period, lo, hi);
       warp_key_first = hi + T.first;
@@ -678,7 +682,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
     for (int r = 0; r < 2; ++r) {
       row[r] = T.m0 + cw * 64 + wq * 16 + g + 8 * r;
       key_last[r] = fwd::row_position(row[r], p.row_period) + T.diag;
-      if constexpr (Causal && Split) key_first[r] = fwd::row_position(row[r], p.row_period) + T.first;
+      if constexpr (Window) key_first[r] = fwd::row_position(row[r], p.row_period) + T.first;
       m_run[r] = kNegInf;
       l_part[r] = 0.f;
     }
@@ -725,13 +729,13 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
         u[j][2] = __fmaf_rn(__int_as_float(s[4 * j + 2] + kMagicBits), k4.x, k4.z);
         u[j][3] = __fmaf_rn(__int_as_float(s[4 * j + 3] + kMagicBits), k4.y, k4.w);
       }
-      if (Causal && ((n + 1) * kBlockN - 1 > warp_key_last || (Split && n * kBlockN < warp_key_first))) {
+      if (Causal && ((n + 1) * kBlockN - 1 > warp_key_last || (Window && n * kBlockN < warp_key_first))) {
 #pragma unroll
         for (int j = 0; j < kBlockN / 8; ++j)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int key = n * kBlockN + 8 * j + 2 * t + (e & 1);
-            if (key > key_last[e >> 1] || (Split && key < key_first[e >> 1])) u[j][e] = kNegInf;
+            if (key > key_last[e >> 1] || (Window && key < key_first[e >> 1])) u[j][e] = kNegInf;
           }
       }
       // The row maxima first; the MUFU work for alpha and cfac waits until after this block's
@@ -865,8 +869,9 @@ __global__ void __launch_bounds__(128) qk_block_test_kernel(const int8_t* q8, co
 
 int choose_splits(const FwdParams& p, int num_tiles, int sms);  // fwd_sm90_launch.cu
 
-// Host launcher for one (head dim, causal, split) instantiation; defined in fwd_sm90_launch.cuh.
-template <int D, bool Causal, bool Split, bool Paged>
+// Host launcher for one (head dim, causal, split, paged, window) instantiation; defined in
+// fwd_sm90_launch.cuh.
+template <int D, bool Causal, bool Split, bool Paged, bool Window = false>
 Status launch_fwd(const Params& prm, cudaStream_t stream);
 
 }  // namespace intfa::sm90

@@ -287,7 +287,12 @@ Status launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
           sm90::launch_fwd<128, false, true, true>},
          {sm90::launch_fwd<128, true, false, false>, sm90::launch_fwd<128, true, true, false>,
           sm90::launch_fwd<128, true, true, true>}}};
-    st = kLaunch[p.head_dim == 128][causal_kernel][paged ? 2 : split_kernel ? 1 : 0](prm, stream);
+    // Sliding windows: [head dim 64 / 128][paged]
+    static constexpr L kWindow[2][2] = {
+        {sm90::launch_fwd<64, true, true, false, true>, sm90::launch_fwd<64, true, true, true, true>},
+        {sm90::launch_fwd<128, true, true, false, true>, sm90::launch_fwd<128, true, true, true, true>}};
+    st = window ? kWindow[p.head_dim == 128][paged](prm, stream)
+                : kLaunch[p.head_dim == 128][causal_kernel][paged ? 2 : split_kernel ? 1 : 0](prm, stream);
   }
   if (!scratch) return st;
   const Status fst = scratch_free(scratch, stream, "sm90 forward: scratch");

@@ -1,6 +1,6 @@
 // Host launcher template for the sm90 forward kernel; each fwd_sm90_d*_*.cu instantiates one
-// (head dim, causal) pair, with and without key-range splits, and the split kernels over paged
-// KV caches.
+// (head dim, causal) pair, with and without key-range splits, the split kernels over paged KV
+// caches, and the sliding-window kernels (causal, split, contiguous or paged).
 #pragma once
 
 #include "cuda/launchers.h"
@@ -11,9 +11,10 @@
 
 namespace intfa::sm90 {
 
-template <int D, bool Causal, bool Split, bool Paged>
+template <int D, bool Causal, bool Split, bool Paged, bool Window>
 Status launch_fwd(const Params& prm, cudaStream_t stream) {
-  auto kernel = fwd_kernel<D, Causal, Split, Paged>;
+  static_assert(!Window || (Causal && Split), "windows run the causal split kernels");
+  auto kernel = fwd_kernel<D, Causal, Split, Paged, Window>;
   constexpr int kSmem = Smem<D>::kAlloc;
   static cuda::PerDevice setup;
   int sms = 1;
