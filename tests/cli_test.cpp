@@ -200,20 +200,39 @@ TEST(Cli, DemoOnCpu) {
   }
 }
 
-TEST(Cli, AccuracyJson) {
-  const std::string file = ::testing::TempDir() + "intfa_cli_accuracy_" + std::to_string(::getpid()) + ".json";
+// Runs `intfa <args> --json FILE` (a file of its own per call) and reads FILE back: *r is the
+// run, *text the file, and the result what it parses to (null, with a failure reported, when
+// it is missing or invalid).
+Json run_json(const std::string& args, CliResult* r, std::string* text) {
+  static int calls = 0;
+  const std::string file = ::testing::TempDir() + "intfa_cli_" + std::to_string(::getpid()) + "_" +
+                           std::to_string(++calls) + ".json";
   std::remove(file.c_str());
-  CliResult r = run_cli("accuracy --device cpu --seq 64 --dist normal --scheme paper,accurate "
-                        "--hdim 64 --heads 2 --json '" + file + "'");
-  ASSERT_EQ(r.status, 0) << r.output;
+  *r = run_cli(args + " --json '" + file + "'");
+  Json j;
   std::ifstream f(file);
-  ASSERT_TRUE(f.good()) << "no JSON file written at " << file << "\n" << r.output;
+  if (!f.good()) {
+    ADD_FAILURE() << "no JSON file written at " << file << "\n" << r->output;
+    return j;
+  }
   std::stringstream ss;
   ss << f.rdbuf();
-  const std::string text = ss.str();
-  Json j;
-  JsonReader reader(text);
-  ASSERT_TRUE(reader.parse(&j)) << "invalid JSON near offset " << reader.pos() << ":\n" << text;
+  *text = ss.str();
+  JsonReader reader(*text);
+  if (!reader.parse(&j)) {
+    ADD_FAILURE() << "invalid JSON near offset " << reader.pos() << ":\n" << *text;
+    j = Json();
+  }
+  std::remove(file.c_str());
+  return j;
+}
+
+TEST(Cli, AccuracyJson) {
+  CliResult r;
+  std::string text;
+  Json j = run_json("accuracy --device cpu --seq 64 --dist normal --scheme paper,accurate --hdim 64 "
+                    "--heads 2", &r, &text);
+  ASSERT_EQ(r.status, 0) << r.output;
   ASSERT_EQ(j.type, Json::object) << text;
   const Json* rows = j.get("rows");
   ASSERT_TRUE(rows && rows->type == Json::array) << text;
@@ -233,23 +252,17 @@ TEST(Cli, AccuracyJson) {
     EXPECT_LT(row.get("rel_l2")->num, 5e-2);
   }
   EXPECT_EQ(schemes, (std::set<std::string>{"paper", "accurate"}));
-  std::remove(file.c_str());
 }
 
 // Issue 2's acceptance command at N = 4096 (about a minute on 2 cores): the figures the float64
 // simulations of the scheme definitions gave (design.md §1.2).
 TEST(Cli, AccuracyTargetsAt4096) {
-  const std::string file = ::testing::TempDir() + "intfa_cli_targets_" + std::to_string(::getpid()) + ".json";
-  CliResult r = run_cli("accuracy --device cpu --seq 4096 --dist normal,uniform,llm "
-                        "--scheme paper,accurate,half --json '" + file + "'");
+  CliResult r;
+  std::string text;
+  Json j = run_json("accuracy --device cpu --seq 4096 --dist normal,uniform,llm --scheme paper,accurate,half",
+                    &r, &text);
   ASSERT_EQ(r.status, 0) << r.output;
-  std::ifstream f(file);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  const std::string text = ss.str();  // the reader keeps a reference
-  Json j;
-  JsonReader reader(text);
-  ASSERT_TRUE(reader.parse(&j)) << text;
+  ASSERT_NE(j.get("rows"), nullptr) << text;
   std::map<std::string, double> l2;  // "scheme/dist" -> rel_l2
   for (const Json& row : j.get("rows")->items)
     l2[row.get("scheme")->str + "/" + row.get("dist")->str] = row.get("rel_l2")->num;
@@ -261,7 +274,42 @@ TEST(Cli, AccuracyTargetsAt4096) {
   EXPECT_LT(l2["accurate/llm"], l2["paper/llm"]);
   EXPECT_LE(l2["accurate/llm"], 4.5e-2);
   EXPECT_LT(l2["half/normal"], l2["accurate/normal"]);
-  std::remove(file.c_str());
+}
+
+// The one row of an accuracy --json run (null when there is not exactly one).
+const Json* only_row(const Json& j) {
+  const Json* rows = j.get("rows");
+  return rows && rows->items.size() == 1 ? &rows->items[0] : nullptr;
+}
+
+// --window L,R reaches intfa and the float64 reference alike (the error stays the scheme's
+// against a reference under the same mask), changes what is computed (another error than the
+// unwindowed run's on the same inputs), and shows in the header and the JSON row.
+TEST(Cli, AccuracyWithWindow) {
+  const std::string args = "accuracy --device cpu --seq 200 --dist normal --scheme accurate --hdim 64 --heads 2 "
+                           "--causal 1";
+  CliResult r, plain_r;
+  std::string text, plain_text;
+  Json j = run_json(args + " --window 15,0", &r, &text);
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("causal 1, window (15, 0),"), std::string::npos) << r.output;
+  const Json* row = only_row(j);
+  ASSERT_NE(row, nullptr) << text;
+  const Json* window = row->get("window");
+  ASSERT_TRUE(window && window->type == Json::array && window->items.size() == 2) << text;
+  EXPECT_EQ(window->items[0].num, 15);
+  EXPECT_EQ(window->items[1].num, 0);
+  ASSERT_NE(row->get("rel_l2"), nullptr) << text;
+  const double err = row->get("rel_l2")->num;
+  EXPECT_GT(err, 0);
+  EXPECT_LT(err, 5e-2) << "intfa and the reference ran under different masks?\n" << text;
+  Json plain = run_json(args, &plain_r, &plain_text);
+  ASSERT_EQ(plain_r.status, 0) << plain_r.output;
+  const Json* plain_row = only_row(plain);
+  ASSERT_NE(plain_row, nullptr) << plain_text;
+  EXPECT_EQ(plain_row->get("window"), nullptr) << "no window, no field:\n" << plain_text;
+  ASSERT_NE(plain_row->get("rel_l2"), nullptr) << plain_text;
+  EXPECT_NE(plain_row->get("rel_l2")->num, err) << "the window changed nothing";
 }
 
 // A usage error: exit status 2 and a message that names the option.
@@ -325,6 +373,20 @@ TEST(Cli, BenchArgumentErrorsNameTheOption) {
   expect_usage_error("bench --page 256 --seq 1000", "--page: must divide every --seq (1000)");
   expect_usage_error("bench --page 256 --varlen 256,512", "--page: paged KV takes dense queries");
   expect_usage_error("bench --page 256 --seq 512 --page-order random", "--page-order: expected shuffled or ordered");
+}
+
+// --window takes LEFT,RIGHT, each -1 or >= 0, and RIGHT at most 0 where a run is causal; bench
+// says so before it looks for a GPU (its --causal defaults to 0,1).
+TEST(Cli, BadWindowNamesTheOption) {
+  for (const std::string bad : {"5", "a,b", "1,2,3", "-2,0", ",0", "5,", "99999999999,0"})
+    expect_usage_error("accuracy --device cpu --seq 64 --window " + bad,
+                       "--window: expected LEFT,RIGHT, two integers each -1 (no edge) or >= 0, e.g. 255,0, "
+                       "got '" + bad + "'");
+  const std::string causal = "--window: causal is RIGHT = 0, so RIGHT must be -1 or 0 when --causal includes 1, "
+                             "got '5,3'";
+  expect_usage_error("accuracy --device cpu --seq 64 --causal 1 --window 5,3", causal);
+  expect_usage_error("bench --window 5,3", causal);
+  expect_usage_error("bench --causal 1 --window x", "--window: expected LEFT,RIGHT");
 }
 
 TEST(Cli, DeviceGpuWithoutGpuFails) {

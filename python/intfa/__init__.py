@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import numpy as _np
 
 from . import _arrays
+from ._arrays import NO_WINDOW as _NO_WINDOW
 from ._arrays import lib as _lib
 
 __all__ = [
@@ -56,14 +57,18 @@ def _frameworks(**arrays):
     return fws[0]
 
 
-def attention(q, k, v, *, is_causal=False, scale=None, enable_gqa=False, layout="BHSD",
-              scheme="accurate", return_lse=False, path="auto"):
+def attention(q, k, v, *, is_causal=False, window_size=_NO_WINDOW, scale=None, enable_gqa=False,
+              layout="BHSD", scheme="accurate", return_lse=False, path="auto"):
     """Attention softmax(scale * q k^T) v with INT8 GEMMs.
 
     q: [B, Hq, Sq, D] (layout "BHSD") or [B, Sq, Hq, D] ("BSHD"), float16 or bfloat16.
     k, v: [B, Hkv, Skv, D] (or BSHD), same dtype and device as q.
     is_causal: causal mask aligned to the bottom-right corner when Sq != Skv (query i sees
         keys j <= i + Skv - Sq); fully masked rows give 0 and LSE -inf.
+    window_size: (left, right), sliding-window (local) attention as FlashAttention's: query i
+        sees keys j with i + Skv - Sq - left <= j <= i + Skv - Sq + right; -1 leaves a side
+        open, (-1, -1) is no window. Causal is right = 0, so with is_causal right must be -1 or
+        0 (a Mistral-style local layer of W keys: is_causal=True, window_size=(W - 1, 0)).
     scale: softmax scale; None means 1/sqrt(D).
     enable_gqa: allow Hq != Hkv (Hkv must divide Hq), as in torch SDPA.
     layout: "BHSD" (SDPA's) or "BSHD" (FlashAttention's); any strides with a contiguous last dim.
@@ -74,15 +79,17 @@ def attention(q, k, v, *, is_causal=False, scale=None, enable_gqa=False, layout=
     Returns out (like q, dtype of q) or (out, lse).
     """
     # The torch branch is what torch.compile traces: plain Python up to the custom op.
+    window = _arrays.window_arg(window_size)
     if _is_torch(q):
         _arrays.check_gqa(q.shape, k.shape, layout, False, enable_gqa)
         out, lse = _torch.attention_call(q, k, v, bool(is_causal), _arrays.scale_arg(scale),
-                                       layout, scheme, path, bool(return_lse))
+                                       layout, scheme, path, bool(return_lse), *window)
     else:
         fw = _frameworks(q=q, k=k, v=v)
         _arrays.check_gqa(q.shape, k.shape, layout, False, enable_gqa)
-        out, lse = _arrays.run_attention(fw, q, k, v, bool(is_causal), _arrays.scale_arg(scale),
-                                         layout, scheme, path, bool(return_lse))
+        out, lse = _arrays.run_attention(fw, q, k, v, bool(is_causal), window,
+                                         _arrays.scale_arg(scale), layout, scheme, path,
+                                         bool(return_lse))
     return (out, lse) if return_lse else out
 
 
@@ -95,8 +102,8 @@ def _max_seqlen(cu, given):
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_kv, max_seqlen_q=None, max_seqlen_kv=None,
-                     *, is_causal=False, scale=None, enable_gqa=False, scheme="accurate",
-                     return_lse=False, path="auto"):
+                     *, is_causal=False, window_size=_NO_WINDOW, scale=None, enable_gqa=False,
+                     scheme="accurate", return_lse=False, path="auto"):
     """Attention over packed variable-length sequences (as flash_attn_varlen_func).
 
     q: [Tq, Hq, D], k and v: [Tkv, Hkv, D] (all sequences concatenated), float16/bfloat16.
@@ -104,21 +111,24 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_kv, max_seqlen_q=None, ma
         (sequence i is rows cu[i]:cu[i+1]; empty sequences allowed).
     max_seqlen_q, max_seqlen_kv: the longest sequence of each; None reads them from cu_seqlens
         (a device-to-host copy for GPU arrays: pass them under torch.compile or graph capture).
-    Other arguments as in attention(). LSE is float32 [Hq, Tq].
+    Other arguments as in attention() (causal and window per sequence). LSE is float32
+    [Hq, Tq].
     """
     if not _is_torch(q):
         _frameworks(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_kv=cu_seqlens_kv)
     _arrays.check_gqa(q.shape, k.shape, "BHSD", True, enable_gqa)
     s = _arrays.scale_arg(scale)
+    window = _arrays.window_arg(window_size)
     max_q = _max_seqlen(cu_seqlens_q, max_seqlen_q)
     max_kv = _max_seqlen(cu_seqlens_kv, max_seqlen_kv)
     if _is_torch(q):
         out, lse = _torch.attention_varlen_call(q, k, v, cu_seqlens_q, cu_seqlens_kv, max_q, max_kv,
-                                              bool(is_causal), s, scheme, path, bool(return_lse))
+                                              bool(is_causal), s, scheme, path, bool(return_lse),
+                                              *window)
     else:
         out, lse = _arrays.run_attention_varlen(_arrays.framework(q, "q"), q, k, v, cu_seqlens_q,
-                                                cu_seqlens_kv, max_q, max_kv, bool(is_causal), s,
-                                                scheme, path, bool(return_lse))
+                                                cu_seqlens_kv, max_q, max_kv, bool(is_causal),
+                                                window, s, scheme, path, bool(return_lse))
     return (out, lse) if return_lse else out
 
 
@@ -191,16 +201,17 @@ def quantize(q, k, v, *, cu_seqlens_q=None, cu_seqlens_kv=None, layout="BHSD",
 
 
 def attention_int8(qkv, *, cu_seqlens_q=None, cu_seqlens_kv=None, max_seqlen_q=None,
-                   max_seqlen_kv=None, is_causal=False, scale=None, out_dtype=None,
-                   return_lse=False, path="auto", seqused_kv=None, block_table=None):
+                   max_seqlen_kv=None, is_causal=False, window_size=_NO_WINDOW, scale=None,
+                   out_dtype=None, return_lse=False, path="auto", seqused_kv=None,
+                   block_table=None):
     """Attention on pre-quantized inputs (a QuantizedQKV from quantize(), or built by hand).
 
     cu_seqlens_q/kv, max_seqlen_q/kv: varlen only; default to those stored in qkv (and the
         longest sequence read from cu_seqlens).
     seqused_kv: int32 [B] (varlen: [nseq]) on q8's device: sequence b attends to its first
-        seqused_kv[b] keys (clamped to [0, Skv]; causal is bottom-right against that count);
-        what lies past them is never read into the result. Defaults to qkv.seqused_kv; None
-        (both): every key.
+        seqused_kv[b] keys (clamped to [0, Skv]; causal and window_size are bottom-right
+        against that count); what lies past them is never read into the result. Defaults to
+        qkv.seqused_kv; None (both): every key.
     block_table: int32 [B, max_pages] on q8's device: qkv's k8, k_scale and vt8 are pages of a
         paged KV cache (see QuantizedQKV). Only the entries of pages that hold a sequence's
         keys (all, or its seqused_kv[b]) are read, and must name a page of the pool; the others
@@ -223,6 +234,7 @@ def attention_int8(qkv, *, cu_seqlens_q=None, cu_seqlens_kv=None, max_seqlen_q=N
     if out_dtype is None:
         out_dtype = qkv.dtype if qkv.dtype is not None else "float16"
     s = _arrays.scale_arg(scale)
+    window = _arrays.window_arg(window_size)
     if not _is_torch(qkv.q8):
         optional = {"seqused_kv": used, "block_table": table}
         _frameworks(q8=qkv.q8, **{n: a for n, a in optional.items() if a is not None})
@@ -233,15 +245,16 @@ def attention_int8(qkv, *, cu_seqlens_q=None, cu_seqlens_kv=None, max_seqlen_q=N
         out, lse = _torch.attention_int8_call(
             qkv.q8, qkv.q_scale, qkv.lse_offset, qkv.k8, qkv.k_scale, qkv.k_mean, qkv.vt8,
             qkv.v_scale, qkv.v, cu_q, cu_kv, max_q, max_kv, qkv.scheme, qkv.layout,
-            bool(is_causal), s, out_dtype, bool(return_lse), path, used, table)
+            bool(is_causal), s, out_dtype, bool(return_lse), path, used, table, *window)
     else:
         parts = {n: getattr(qkv, n) for n in _arrays.PART_NAMES + ("v",)}
         parts["seqused_kv"] = used
         parts["block_table"] = table
         out, lse = _arrays.run_attention_int8(_arrays.framework(qkv.q8, "qkv.q8"), parts,
                                               qkv.scheme, qkv.layout, cu_q, cu_kv, max_q, max_kv,
-                                              bool(is_causal), s, _arrays.dtype_name(out_dtype),
-                                              bool(return_lse), path)
+                                              bool(is_causal), window, s,
+                                              _arrays.dtype_name(out_dtype), bool(return_lse),
+                                              path)
     return (out, lse) if return_lse else out
 
 
@@ -467,17 +480,20 @@ class KVCache:
                             dtype=self.dtype if dtype is None else dtype,
                             seqused_kv=self.lengths)
 
-    def attention(self, q, *, is_causal=False, scale=None, return_lse=False, path="auto",
-                  out_dtype=None, max_seqlen_kv=None):
+    def attention(self, q, *, is_causal=False, window_size=_NO_WINDOW, scale=None,
+                  return_lse=False, path="auto", out_dtype=None, max_seqlen_kv=None):
         """Attention of q ([B, Hq, Sq, D] or [B, Sq, Hq, D] in the cache's layout; Hq a multiple
         of Hkv) over the `length` tokens held. Causal is bottom-right aligned: query i sees keys
         j <= i + length - Sq, so the Sq queries of the last appended tokens see themselves and
-        what precedes them. out_dtype defaults to q's dtype. Other arguments as in attention().
-        Ragged: sequence b over its lengths[b] tokens, causal against that count (query i sees
-        keys j <= i + lengths[b] - Sq), through views of the first max_seqlen_kv tokens
+        what precedes them; window_size against the same diagonal (a decode step with
+        is_causal=True, window_size=(W - 1, 0) sees the last W tokens). out_dtype defaults to
+        q's dtype. Other arguments as in attention().
+        Ragged: sequence b over its lengths[b] tokens, causal and window against that count
+        (query i sees keys j <= i + lengths[b] - Sq), through views of the first max_seqlen_kv tokens
         (default: length; counts past it are clamped to it). A CUDA graph captured with
         max_seqlen_kv=capacity replays at any lengths, since only the device reads them."""
         span = self._span(max_seqlen_kv)
+        window = _arrays.window_arg(window_size)
         fw = self._direct(q)
         if fw is not None:
             s = _arrays.scale_arg(scale)
@@ -485,10 +501,10 @@ class KVCache:
             out_name = _out_dtype_name(q.dtype if out_dtype is None else out_dtype)
             # A malformed q or an out_dtype intfa does not write: the generic path reports it.
             if d is not None and min(d) >= 1 and out_name is not None:
-                out, lse = self._attention_direct(fw, q, d, bool(is_causal), s,
+                out, lse = self._attention_direct(fw, q, d, bool(is_causal), window, s,
                                                   bool(return_lse), path, out_name, span)
                 return (out, lse) if return_lse else out
-        return _attend(self, q, is_causal, scale, return_lse, path, out_dtype,
+        return _attend(self, q, is_causal, window, scale, return_lse, path, out_dtype,
                        max_seqlen_kv=max_seqlen_kv)
 
     # The eager fast path. A decode loop calls append() and attention() once per step with
@@ -517,7 +533,8 @@ class KVCache:
                 return None
         return fw
 
-    def _attention_direct(self, fw, q, d, causal, scale, return_lse, path, out_name, span):
+    def _attention_direct(self, fw, q, d, causal, window, scale, return_lse, path, out_name,
+                          span):
         """attention() as quantize_q() and attention_int8() run it, in one binding call
         (_C.kv_attention): the same two C++ calls in that order on the same arrays, but for q8,
         q_scale and lse_offset (this call's scratch), which come from one allocation, and k8
@@ -536,8 +553,8 @@ class KVCache:
         with fw.device(q):
             _lib.kv_attention(arg(q), scratch, with_offset, arg(self.k8), arg(self.k_scale),
                               arg(self.k_mean), arg(self.vt8), arg(self.v_scale), span,
-                              self.lengths, arg(out), lse, causal, scale, self.layout,
-                              self.scheme, path, fw.stream(q))
+                              self.lengths, arg(out), lse, causal, window[0], window[1], scale,
+                              self.layout, self.scheme, path, fw.stream(q))
         return out, lse
 
 
@@ -714,15 +731,16 @@ class PagedKVCache:
         self.lengths[b] = 0
         self.lengths_host[b] = 0
 
-    def attention(self, q, *, is_causal=False, scale=None, return_lse=False, path="auto",
-                  out_dtype=None):
+    def attention(self, q, *, is_causal=False, window_size=_NO_WINDOW, scale=None,
+                  return_lse=False, path="auto", out_dtype=None):
         """Attention of q ([B, Hq, Sq, D] or [B, Sq, Hq, D] in the cache's layout; Hq a multiple
-        of Hkv): sequence b over its lengths[b] tokens, read through its block table; causal is
-        bottom-right against that count (query i sees keys j <= i + lengths[b] - Sq), as a
-        ragged KVCache's. out_dtype defaults to q's dtype. Other arguments as in attention().
+        of Hkv): sequence b over its lengths[b] tokens, read through its block table; causal and
+        window_size are bottom-right against that count (query i sees keys j <= i + lengths[b] -
+        Sq), as a ragged KVCache's. out_dtype defaults to q's dtype. Other arguments as in
+        attention().
         On the GPU: page_size a multiple of 128 (else RuntimeError); the decode path for at most
         16 query rows per K/V head after GQA packing, the prefill kernels for more (chunks)."""
-        return _attend(self, q, is_causal, scale, return_lse, path, out_dtype)
+        return _attend(self, q, is_causal, window_size, scale, return_lse, path, out_dtype)
 
 
 def _check_prompt(k, v, layout, scheme, cls):
@@ -758,14 +776,14 @@ def _quantize_prompts(fw, k, v, parts, n, prompts, layout, scheme):
                          scheme)
 
 
-def _attend(cache, q, is_causal, scale, return_lse, path, out_dtype, **views):
+def _attend(cache, q, is_causal, window_size, scale, return_lse, path, out_dtype, **views):
     """A cache's attention() through the public functions: quantize_q of q against its K mean,
     then attention_int8 over cache.qkv(..., **views) (out_dtype defaults to q's dtype)."""
     q8, q_scale, lse_offset = quantize_q(q, cache.k_mean, scale=scale, layout=cache.layout,
                                          scheme=cache.scheme)
     return attention_int8(cache.qkv(q8, q_scale, lse_offset, q.dtype, **views),
-                          is_causal=is_causal, scale=scale, out_dtype=out_dtype,
-                          return_lse=return_lse, path=path)
+                          is_causal=is_causal, window_size=window_size, scale=scale,
+                          out_dtype=out_dtype, return_lse=return_lse, path=path)
 
 
 def _quantize_prompt(fw, k, v, parts, n, layout, scheme):
@@ -827,16 +845,19 @@ def _cache_dims(layout, tokens):
     return f"[B, Hkv, {tokens}, D]" if layout == "BHSD" else f"[B, {tokens}, Hkv, D]"
 
 
-def attention_reference(q, k, v, *, is_causal=False, scale=None, layout="BHSD",
-                        return_lse=False):
+def attention_reference(q, k, v, *, is_causal=False, window_size=_NO_WINDOW, scale=None,
+                        layout="BHSD", return_lse=False):
     """Exact attention in float64 on the CPU (intfa's accuracy oracle), for host arrays of any
-    float dtype (NumPy or torch CPU). GQA is allowed. Returns float64 out (and float64 LSE)."""
+    float dtype (NumPy or torch CPU). GQA is allowed; is_causal and window_size as in
+    attention(). Returns float64 out (and float64 LSE)."""
+    window = _arrays.window_arg(window_size)
     fw = _frameworks(q=q, k=k, v=v)
     out = fw.empty(tuple(q.shape), "float64", q)
     rows = _arrays.rows_shape(q.shape, layout, False) if return_lse else None
     lse = fw.empty(rows, "float64", q) if rows else None
     _lib.attention_reference(fw.arg(q), fw.arg(k), fw.arg(v), fw.arg(out), fw.arg(lse),
-                             bool(is_causal), _arrays.scale_arg(scale), layout)
+                             bool(is_causal), window[0], window[1], _arrays.scale_arg(scale),
+                             layout)
     return (out, lse) if return_lse else out
 
 

@@ -86,6 +86,34 @@ def scale_arg(scale):
     return scale
 
 
+# window_size=(-1, -1): no window (FlashAttention's default). The entry points take this object
+# as their default, which window_arg() passes on without looking inside.
+NO_WINDOW = (-1, -1)
+_INT32 = (-2 ** 31, 2 ** 31 - 1)
+
+
+def window_arg(window_size):
+    """FlashAttention's window_size=(left, right) as a pair of Python ints for the C++ layer.
+    Their range (-1 or >= 0; right -1 or 0 with causal) is the C++ layer's to check; what it
+    cannot see is refused here: not a pair of ints (TypeError; ValueError for another count),
+    or an int that does not fit its 32-bit fields (ValueError)."""
+    if window_size is NO_WINDOW:
+        return NO_WINDOW
+    if not isinstance(window_size, (tuple, list)):
+        raise TypeError(f"window_size: expected a pair of ints (left, right), -1 leaving a side "
+                        f"open, got {type(window_size).__name__} {window_size!r}")
+    if len(window_size) != 2:
+        raise ValueError(f"window_size: expected 2 ints (left, right), got {len(window_size)}: "
+                         f"{tuple(window_size)!r}")
+    if not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in window_size):
+        raise TypeError(f"window_size: expected ints (left, right), got "
+                        f"{tuple(window_size)!r}")
+    left, right = (int(n) for n in window_size)
+    if not all(_INT32[0] <= n <= _INT32[1] for n in (left, right)):
+        raise ValueError(f"window_size: expected 32-bit ints (left, right), got ({left}, {right})")
+    return left, right
+
+
 def workspace_bytes(q_shape, k_shape, layout, scheme, varlen, nseq):
     """Bytes of GPU scratch the fp16/bf16 entry points quantize into, or None when the shapes
     are malformed (validation fails before any workspace is touched)."""
@@ -331,27 +359,28 @@ def _num_sequences(cu):
     return cu.shape[0] - 1 if cu is not None and len(cu.shape) == 1 else 0
 
 
-def run_attention(fw, q, k, v, causal, scale, layout, scheme, path, return_lse):
+def run_attention(fw, q, k, v, causal, window, scale, layout, scheme, path, return_lse):
     out = fw.out_like(q)
     rows = rows_shape(q.shape, layout, False) if return_lse else None
     lse = fw.empty(rows, "float32", q) if rows else None
     ws = _workspace(fw, q, k, layout, scheme, False, 0)
     with fw.device(q):
-        lib.attention(fw.arg(q), fw.arg(k), fw.arg(v), fw.arg(out), fw.arg(lse), causal, scale,
-                      layout, scheme, "auto", path, 64, fw.stream(q), ws)
+        lib.attention(fw.arg(q), fw.arg(k), fw.arg(v), fw.arg(out), fw.arg(lse), causal,
+                      window[0], window[1], scale, layout, scheme, "auto", path, 64,
+                      fw.stream(q), ws)
     return out, lse
 
 
-def run_attention_varlen(fw, q, k, v, cu_q, cu_kv, max_q, max_kv, causal, scale, scheme, path,
-                         return_lse):
+def run_attention_varlen(fw, q, k, v, cu_q, cu_kv, max_q, max_kv, causal, window, scale, scheme,
+                         path, return_lse):
     out = fw.out_like(q)
     rows = rows_shape(q.shape, "BHSD", True) if return_lse else None
     lse = fw.empty(rows, "float32", q) if rows else None
     ws = _workspace(fw, q, k, "BHSD", scheme, True, _num_sequences(cu_q))
     with fw.device(q):
         lib.attention_varlen(fw.arg(q), fw.arg(k), fw.arg(v), fw.arg(cu_q), fw.arg(cu_kv),
-                             max_q, max_kv, fw.arg(out), fw.arg(lse), causal, scale, scheme,
-                             "auto", path, 64, fw.stream(q), ws)
+                             max_q, max_kv, fw.arg(out), fw.arg(lse), causal, window[0],
+                             window[1], scale, scheme, "auto", path, 64, fw.stream(q), ws)
     return out, lse
 
 
@@ -461,8 +490,8 @@ def run_append_kv(fw, k_new, v_new, pos, cache_parts, scheme, cache_layout, layo
                       cache_layout, layout, "auto", fw.stream(k_new))
 
 
-def run_attention_int8(fw, parts, scheme, layout, cu_q, cu_kv, max_q, max_kv, causal, scale,
-                       out_dtype, return_lse, path):
+def run_attention_int8(fw, parts, scheme, layout, cu_q, cu_kv, max_q, max_kv, causal, window,
+                       scale, out_dtype, return_lse, path):
     q8 = parts["q8"]
     varlen = cu_q is not None or cu_kv is not None
     out = fw.empty(q8.shape, out_dtype, q8)
@@ -471,5 +500,6 @@ def run_attention_int8(fw, parts, scheme, layout, cu_q, cu_kv, max_q, max_kv, ca
     with fw.device(q8):
         lib.attention_int8({n: fw.arg(a) for n, a in parts.items()}, scheme, layout,
                            fw.arg(cu_q), fw.arg(cu_kv), max_q, max_kv, fw.arg(out), fw.arg(lse),
-                           causal, scale, "auto", path, 64, fw.stream(q8))
+                           causal, window[0], window[1], scale, "auto", path, 64,
+                           fw.stream(q8))
     return out, lse

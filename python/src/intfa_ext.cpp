@@ -291,11 +291,16 @@ Status parse_path_arg(const std::string& s, intfa::GpuPath* out) {
   return parse_name(s, "path", "'auto', 'sm80' or 'sm90'", intfa::parse_path, out);
 }
 
-// Keyword arguments shared by the entry points (see Options in intfa.h).
-Status make_options(bool causal, double scale, const std::string& layout,
-                    const std::string& scheme, const std::string& backend,
-                    const std::string& path, int block_n, uintptr_t stream, intfa::Options* o) {
+// Keyword arguments shared by the entry points (see Options in intfa.h). window_left /
+// window_right are Python's window_size, passed on as they come (-1, -1 for the calls that do
+// not attend): Options' validation reports values out of range with its own message.
+Status make_options(bool causal, int window_left, int window_right, double scale,
+                    const std::string& layout, const std::string& scheme,
+                    const std::string& backend, const std::string& path, int block_n,
+                    uintptr_t stream, intfa::Options* o) {
   o->causal = causal;
+  o->window_left = window_left;
+  o->window_right = window_right;
   o->scale = static_cast<float>(scale);
   Status st = parse_layout_arg(layout, &o->layout);
   if (st.ok()) st = parse_scheme_arg(scheme, "scheme", &o->scheme);
@@ -321,14 +326,15 @@ nb::object call(F&& f) {
 }
 
 nb::object attention(nb::handle q, nb::handle k, nb::handle v, nb::handle out, nb::handle lse,
-                     bool causal, double scale, const std::string& layout,
-                     const std::string& scheme, const std::string& backend,
-                     const std::string& path, int block_n, uintptr_t stream,
-                     nb::handle workspace) {
+                     bool causal, int window_left, int window_right, double scale,
+                     const std::string& layout, const std::string& scheme,
+                     const std::string& backend, const std::string& path, int block_n,
+                     uintptr_t stream, nb::handle workspace) {
   Views views;
   intfa::Options o;
   Tensor tq, tk, tv, to, tl;
-  INTFA_PY_TRY(make_options(causal, scale, layout, scheme, backend, path, block_n, stream, &o));
+  INTFA_PY_TRY(make_options(causal, window_left, window_right, scale, layout, scheme, backend,
+                            path, block_n, stream, &o));
   INTFA_PY_TRY(input(q, "q", views, &tq));
   INTFA_PY_TRY(input(k, "k", views, &tk));
   INTFA_PY_TRY(input(v, "v", views, &tv));
@@ -340,13 +346,15 @@ nb::object attention(nb::handle q, nb::handle k, nb::handle v, nb::handle out, n
 
 nb::object attention_varlen(nb::handle q, nb::handle k, nb::handle v, nb::handle cu_q,
                             nb::handle cu_kv, int max_q, int max_kv, nb::handle out,
-                            nb::handle lse, bool causal, double scale, const std::string& scheme,
-                            const std::string& backend, const std::string& path, int block_n,
-                            uintptr_t stream, nb::handle workspace) {
+                            nb::handle lse, bool causal, int window_left, int window_right,
+                            double scale, const std::string& scheme, const std::string& backend,
+                            const std::string& path, int block_n, uintptr_t stream,
+                            nb::handle workspace) {
   Views views;
   intfa::Options o;
   Tensor tq, tk, tv, tcq, tckv, to, tl;
-  INTFA_PY_TRY(make_options(causal, scale, "BHSD", scheme, backend, path, block_n, stream, &o));
+  INTFA_PY_TRY(make_options(causal, window_left, window_right, scale, "BHSD", scheme, backend,
+                            path, block_n, stream, &o));
   INTFA_PY_TRY(input(q, "q", views, &tq));
   INTFA_PY_TRY(input(k, "k", views, &tk));
   INTFA_PY_TRY(input(v, "v", views, &tv));
@@ -394,7 +402,8 @@ nb::object quantize(nb::handle q, nb::handle k, nb::handle v, nb::handle cu_q, n
   intfa::Options o;
   Tensor tq, tk, tv, tcq, tckv;
   intfa::QuantizedQKV x;
-  INTFA_PY_TRY(make_options(false, 0.0, layout, scheme, backend, "auto", 64, stream, &o));
+  INTFA_PY_TRY(
+      make_options(false, -1, -1, 0.0, layout, scheme, backend, "auto", 64, stream, &o));
   INTFA_PY_TRY(input(q, "q", views, &tq));
   INTFA_PY_TRY(input(k, "k", views, &tk));
   INTFA_PY_TRY(input(v, "v", views, &tv));
@@ -406,14 +415,15 @@ nb::object quantize(nb::handle q, nb::handle k, nb::handle v, nb::handle cu_q, n
 
 nb::object attention_int8(nb::dict parts, const std::string& scheme, const std::string& layout,
                           nb::handle cu_q, nb::handle cu_kv, int max_q, int max_kv,
-                          nb::handle out, nb::handle lse, bool causal, double scale,
-                          const std::string& backend, const std::string& path, int block_n,
-                          uintptr_t stream) {
+                          nb::handle out, nb::handle lse, bool causal, int window_left,
+                          int window_right, double scale, const std::string& backend,
+                          const std::string& path, int block_n, uintptr_t stream) {
   Views views;
   intfa::Options o;
   Tensor tcq, tckv, to, tl;
   intfa::QuantizedQKV x;
-  INTFA_PY_TRY(make_options(causal, scale, layout, scheme, backend, path, block_n, stream, &o));
+  INTFA_PY_TRY(make_options(causal, window_left, window_right, scale, layout, scheme, backend,
+                            path, block_n, stream, &o));
   INTFA_PY_TRY(quantized_from(parts, scheme, layout, false, views, &x));
   INTFA_PY_TRY(input(cu_q, "cu_seqlens_q", views, &tcq));
   INTFA_PY_TRY(input(cu_kv, "cu_seqlens_kv", views, &tckv));
@@ -437,7 +447,8 @@ nb::object quantize_q(nb::handle q, nb::handle k_mean, nb::dict parts, double sc
   intfa::Options o;
   Tensor tq, tm;
   intfa::QuantizedQKV x;
-  INTFA_PY_TRY(make_options(false, scale, layout, scheme, backend, "auto", 64, stream, &o));
+  INTFA_PY_TRY(
+      make_options(false, -1, -1, scale, layout, scheme, backend, "auto", 64, stream, &o));
   INTFA_PY_TRY(input(q, "q", views, &tq));
   INTFA_PY_TRY(input(k_mean, "k_mean", views, &tm));
   INTFA_PY_TRY(quantized_from(parts, scheme, layout, true, views, &x));
@@ -451,7 +462,8 @@ nb::object append_kv(nb::handle k_new, nb::handle v_new, nb::handle pos, nb::dic
   intfa::Options o;
   Tensor tk, tv;
   intfa::QuantizedQKV x;
-  INTFA_PY_TRY(make_options(false, 0.0, layout, scheme, backend, "auto", 64, stream, &o));
+  INTFA_PY_TRY(
+      make_options(false, -1, -1, 0.0, layout, scheme, backend, "auto", 64, stream, &o));
   INTFA_PY_TRY(parse_scheme_arg(scheme, "cache.scheme", &x.scheme));
   INTFA_PY_TRY(parse_layout_arg(cache_layout, &x.layout));
   INTFA_PY_TRY(input(k_new, "k_new", views, &tk));
@@ -538,15 +550,16 @@ Status carve_q_parts(const Tensor& q, const Tensor& scratch, bool with_offset, i
 nb::object kv_attention(nb::handle q, nb::handle scratch, bool with_offset, nb::handle k8,
                         nb::handle k_scale, nb::handle k_mean, nb::handle vt8,
                         nb::handle v_scale, int64_t length, nb::handle seqused_kv,
-                        nb::handle out, nb::handle lse, bool causal, double scale,
-                        const std::string& layout, const std::string& scheme,
-                        const std::string& path, uintptr_t stream) {
+                        nb::handle out, nb::handle lse, bool causal, int window_left,
+                        int window_right, double scale, const std::string& layout,
+                        const std::string& scheme, const std::string& path, uintptr_t stream) {
   Views views;
   // quantize_q's side, as quantize_q() above takes it.
   intfa::Options oq;
   Tensor tq, tm, ts;
   intfa::QuantizedQKV xq;
-  INTFA_PY_TRY(make_options(false, scale, layout, scheme, "auto", "auto", 64, stream, &oq));
+  INTFA_PY_TRY(
+      make_options(false, -1, -1, scale, layout, scheme, "auto", "auto", 64, stream, &oq));
   INTFA_PY_TRY(input(q, "q", views, &tq));
   INTFA_PY_TRY(input(k_mean, "k_mean", views, &tm));
   INTFA_PY_TRY(parse_scheme_arg(scheme, "qkv.scheme", &xq.scheme));
@@ -558,7 +571,8 @@ nb::object kv_attention(nb::handle q, nb::handle scratch, bool with_offset, nb::
   intfa::Options oa;
   intfa::QuantizedQKV x = xq;  // q8, q_scale, lse_offset as quantize_q writes them
   Tensor to, tl;
-  Status pending = make_options(causal, scale, layout, scheme, "auto", path, 64, stream, &oa);
+  Status pending = make_options(causal, window_left, window_right, scale, layout, scheme, "auto",
+                                path, 64, stream, &oa);
   struct Field { nb::handle h; const char* name; Tensor* t; };
   const Field fields[] = {{k8, "k8", &x.k8},
                           {k_scale, "k_scale", &x.k_scale},
@@ -586,12 +600,13 @@ nb::object kv_attention(nb::handle q, nb::handle scratch, bool with_offset, nb::
 }
 
 nb::object attention_reference(nb::handle q, nb::handle k, nb::handle v, nb::handle out,
-                               nb::handle lse, bool causal, double scale,
-                               const std::string& layout) {
+                               nb::handle lse, bool causal, int window_left, int window_right,
+                               double scale, const std::string& layout) {
   Views views;
   intfa::Options o;
   Tensor tq, tk, tv, to, tl;
-  INTFA_PY_TRY(make_options(causal, scale, layout, "accurate", "cpu", "auto", 64, 0, &o));
+  INTFA_PY_TRY(make_options(causal, window_left, window_right, scale, layout, "accurate", "cpu",
+                            "auto", 64, 0, &o));
   INTFA_PY_TRY(input(q, "q", views, &tq));
   INTFA_PY_TRY(input(k, "k", views, &tk));
   INTFA_PY_TRY(input(v, "v", views, &tv));
@@ -707,22 +722,25 @@ NB_MODULE(_C, m) {
   m.doc() = "intfa C++ bindings (internal; use the intfa package). Each function returns "
             "(error, value): error is None or (exception name, message).";
   m.def("attention", &attention, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("out"),
-        nb::arg("lse").none(), nb::arg("causal"), nb::arg("scale"), nb::arg("layout"),
-        nb::arg("scheme"), nb::arg("backend"), nb::arg("path"), nb::arg("block_n"),
-        nb::arg("stream"), nb::arg("workspace").none());
+        nb::arg("lse").none(), nb::arg("causal"), nb::arg("window_left"),
+        nb::arg("window_right"), nb::arg("scale"), nb::arg("layout"), nb::arg("scheme"),
+        nb::arg("backend"), nb::arg("path"), nb::arg("block_n"), nb::arg("stream"),
+        nb::arg("workspace").none());
   m.def("attention_varlen", &attention_varlen, nb::arg("q"), nb::arg("k"), nb::arg("v"),
         nb::arg("cu_seqlens_q"), nb::arg("cu_seqlens_kv"), nb::arg("max_seqlen_q"),
         nb::arg("max_seqlen_kv"), nb::arg("out"), nb::arg("lse").none(), nb::arg("causal"),
-        nb::arg("scale"), nb::arg("scheme"), nb::arg("backend"), nb::arg("path"),
-        nb::arg("block_n"), nb::arg("stream"), nb::arg("workspace").none());
+        nb::arg("window_left"), nb::arg("window_right"), nb::arg("scale"), nb::arg("scheme"),
+        nb::arg("backend"), nb::arg("path"), nb::arg("block_n"), nb::arg("stream"),
+        nb::arg("workspace").none());
   m.def("quantize", &quantize, nb::arg("q"), nb::arg("k"), nb::arg("v"),
         nb::arg("cu_seqlens_q").none(), nb::arg("cu_seqlens_kv").none(), nb::arg("parts"),
         nb::arg("layout"), nb::arg("scheme"), nb::arg("backend"), nb::arg("stream"));
   m.def("attention_int8", &attention_int8, nb::arg("parts"), nb::arg("scheme"),
         nb::arg("layout"), nb::arg("cu_seqlens_q").none(), nb::arg("cu_seqlens_kv").none(),
         nb::arg("max_seqlen_q"), nb::arg("max_seqlen_kv"), nb::arg("out"),
-        nb::arg("lse").none(), nb::arg("causal"), nb::arg("scale"), nb::arg("backend"),
-        nb::arg("path"), nb::arg("block_n"), nb::arg("stream"));
+        nb::arg("lse").none(), nb::arg("causal"), nb::arg("window_left"),
+        nb::arg("window_right"), nb::arg("scale"), nb::arg("backend"), nb::arg("path"),
+        nb::arg("block_n"), nb::arg("stream"));
   m.def("quantize_q", &quantize_q, nb::arg("q"), nb::arg("k_mean").none(), nb::arg("parts"),
         nb::arg("scale"), nb::arg("layout"), nb::arg("scheme"), nb::arg("backend"),
         nb::arg("stream"));
@@ -733,11 +751,11 @@ NB_MODULE(_C, m) {
         nb::arg("with_lse_offset"), nb::arg("k8"), nb::arg("k_scale"), nb::arg("k_mean").none(),
         nb::arg("vt8").none(), nb::arg("v_scale").none(), nb::arg("length"),
         nb::arg("seqused_kv").none(), nb::arg("out"), nb::arg("lse").none(), nb::arg("causal"),
-        nb::arg("scale"), nb::arg("layout"), nb::arg("scheme"), nb::arg("path"),
-        nb::arg("stream"));
+        nb::arg("window_left"), nb::arg("window_right"), nb::arg("scale"), nb::arg("layout"),
+        nb::arg("scheme"), nb::arg("path"), nb::arg("stream"));
   m.def("attention_reference", &attention_reference, nb::arg("q"), nb::arg("k"), nb::arg("v"),
-        nb::arg("out"), nb::arg("lse").none(), nb::arg("causal"), nb::arg("scale"),
-        nb::arg("layout"));
+        nb::arg("out"), nb::arg("lse").none(), nb::arg("causal"), nb::arg("window_left"),
+        nb::arg("window_right"), nb::arg("scale"), nb::arg("layout"));
   m.def("quantized_bytes", &quantized_bytes, nb::arg("batch"), nb::arg("heads_q"),
         nb::arg("heads_kv"), nb::arg("seqlen_q"), nb::arg("seqlen_kv"), nb::arg("head_dim"),
         nb::arg("scheme"), nb::arg("varlen"), nb::arg("total_q"), nb::arg("total_kv"));

@@ -13,9 +13,11 @@ def to_f64(x):
     return np.asarray(x).astype(np.float64)
 
 
-def attention_ref(q, k, v, causal=False, scale=None, layout="BHSD"):
+def attention_ref(q, k, v, causal=False, scale=None, layout="BHSD", window=(-1, -1)):
     """(out, lse) in float64. GQA by head repetition; the causal mask aligns to the bottom-right
-    corner (query i sees keys j <= i + Skv - Sq); fully masked rows give 0 and -inf."""
+    corner (query i sees keys j <= i + Skv - Sq), and so does the sliding window (left, right):
+    keys i + Skv - Sq - left <= j <= i + Skv - Sq + right, -1 an open side; fully masked rows
+    give 0 and -inf."""
     q, k, v = to_f64(q), to_f64(k), to_f64(v)
     if layout == "BSHD":
         q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
@@ -25,10 +27,14 @@ def attention_ref(q, k, v, causal=False, scale=None, layout="BHSD"):
     sq, skv, d = q.shape[2], k.shape[2], q.shape[3]
     scale = 1.0 / np.sqrt(d) if scale is None else scale
     s = np.einsum("bhid,bhjd->bhij", q, k) * scale
-    if causal:
-        i = np.arange(sq)[:, None]
-        j = np.arange(skv)[None, :]
-        s = np.where(j <= i + skv - sq, s, -np.inf)
+    left, right = window
+    right = 0 if causal else right
+    diag = np.arange(sq)[:, None] + skv - sq
+    j = np.arange(skv)[None, :]
+    if right >= 0:
+        s = np.where(j <= diag + right, s, -np.inf)
+    if left >= 0:
+        s = np.where(j >= diag - left, s, -np.inf)
     m = s.max(axis=-1, keepdims=True)
     m_safe = np.where(np.isfinite(m), m, 0.0)
     p = np.exp(s - m_safe)
@@ -41,7 +47,7 @@ def attention_ref(q, k, v, causal=False, scale=None, layout="BHSD"):
     return out, lse
 
 
-def varlen_ref(q, k, v, cu_q, cu_kv, causal=False, scale=None):
+def varlen_ref(q, k, v, cu_q, cu_kv, causal=False, scale=None, window=(-1, -1)):
     """Packed [T, H, D] inputs: per-sequence attention_ref; returns (out [Tq,Hq,D], lse [Hq,Tq])."""
     q, k, v = to_f64(q), to_f64(k), to_f64(v)
     cu_q, cu_kv = np.asarray(to_f64(cu_q), np.int64), np.asarray(to_f64(cu_kv), np.int64)
@@ -55,7 +61,7 @@ def varlen_ref(q, k, v, cu_q, cu_kv, causal=False, scale=None):
         if e == c:  # no keys: the whole sequence is masked
             continue
         o, l = attention_ref(q[None, a:b].transpose(0, 2, 1, 3), k[None, c:e].transpose(0, 2, 1, 3),
-                             v[None, c:e].transpose(0, 2, 1, 3), causal, scale)
+                             v[None, c:e].transpose(0, 2, 1, 3), causal, scale, window=window)
         out[a:b] = o[0].transpose(1, 0, 2)
         lse[:, a:b] = l[0]
     return out, lse

@@ -1135,3 +1135,213 @@ def test_paged_kv_cache_pool_release_and_errors():
     check_paged_parts(whole, intfa.KVCache(kn, vn, 144, lengths=[40] * 3), np.asarray)
     exact(whole.attention(q[:, :, :2], is_causal=True),
           intfa.KVCache(kn, vn, 144).attention(q[:, :, :2], is_causal=True))
+
+
+# ------------------------------------------------------------------------------------------------
+# Sliding-window attention: window_size=(left, right), FlashAttention's
+# ------------------------------------------------------------------------------------------------
+# (Sq, Skv, is_causal, window_size): causal with a left edge, one key per row, two-sided and
+# right-only non-causal windows, Sq > Skv with rows that see no key (causal, and a right edge
+# alone), a left edge alone, and one past every key.
+WINDOWS = [(64, 64, True, (15, -1)), (64, 64, True, (0, 0)), (40, 90, False, (5, 9)),
+           (33, 90, False, (-1, 4)), (70, 30, True, (3, 0)), (50, 20, False, (-1, 2)),
+           (50, 45, False, (12, -1)), (20, 20, True, (500, -1))]
+# LSE bounds against float64: a row of a few keys has the error of its few scores, not the
+# averaged one of a long row (tests/window_test.cpp: 1.5x the unwindowed bounds).
+WINDOW_LSE_TOL = {"accurate": 4e-2, "half": 4e-2, "paper": 6e-2}
+
+
+def window_id(w):
+    sq, skv, causal, (left, right) = w
+    return f"{sq}x{skv}{'-causal' if causal else ''}-({left},{right})"
+
+
+def check_window(out, lse, ref, ref_lse, scheme, rows_first=False):
+    """A windowed call's out and LSE against float64 ones: within the scheme's error, and the
+    rows that see no key 0 and -inf on both sides. Rows are out's leading dims, LSE's order
+    (BHSD out and [B, H, S] LSE; rows_first: varlen's [T, H, D] out and [H, T] LSE)."""
+    assert rel_l2(out, ref) < TOL[scheme]
+    finite = np.isfinite(ref_lse)
+    np.testing.assert_array_equal(np.isfinite(lse), finite)
+    np.testing.assert_allclose(lse[finite], ref_lse[finite], atol=WINDOW_LSE_TOL[scheme])
+    empty = ~finite.T if rows_first else ~finite
+    assert np.all(out[empty] == 0)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("w", WINDOWS, ids=window_id)
+def test_window_matches_masked_softmax(scheme, w):
+    # Each window in both layouts with GQA: within the scheme's error of a float64 softmax over
+    # the window's keys (reference.py), which the exact oracle (attention_reference) equals.
+    sq, skv, causal, window = w
+    rng = np.random.default_rng(sq * 1000 + skv)
+    for layout in ("BHSD", "BSHD"):
+        q, k, v = qkv(rng, 2, 4, 2, sq, skv, 64, layout)
+        out, lse = intfa.attention(q, k, v, is_causal=causal, window_size=window,
+                                   enable_gqa=True, layout=layout, scheme=scheme,
+                                   return_lse=True)
+        ref, ref_lse = attention_ref(q, k, v, causal=causal, layout=layout, window=window)
+        assert out.shape == q.shape and lse.shape == (2, 4, sq)
+        check_window(in_layout(layout, out)[0], lse, in_layout(layout, ref)[0], ref_lse, scheme)
+        oracle, oracle_lse = intfa.attention_reference(q, k, v, is_causal=causal,
+                                                       window_size=window, layout=layout,
+                                                       return_lse=True)
+        np.testing.assert_allclose(oracle, ref, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(oracle_lse, ref_lse, rtol=0, atol=1e-12)
+
+
+def test_window_rows_that_see_no_key():
+    # Causal (3, 0) with Sq = 70 > Skv = 30: the first 40 queries' windows end before key 0.
+    rng = np.random.default_rng(60)
+    q, k, v = qkv(rng, 1, 2, 2, 70, 30, 64)
+    out, lse = intfa.attention(q, k, v, is_causal=True, window_size=(3, 0), return_lse=True)
+    assert np.all(out[:, :, :40] == 0) and np.all(np.isneginf(lse[:, :, :40]))
+    assert np.all(np.isfinite(lse[:, :, 40:])) and np.all(np.any(out[:, :, 40:] != 0, axis=-1))
+
+
+def test_open_windows_are_the_unwindowed_calls():
+    # (-1, -1) is no window on every entry point, (-1, 0) is causal, and edges past every key
+    # change nothing: bit for bit.
+    rng = np.random.default_rng(61)
+    q, k, v = qkv(rng, 2, 4, 2, 37, 90, 64)
+    for causal in (False, True):
+        kw = dict(is_causal=causal, enable_gqa=True, return_lse=True)
+        want = intfa.attention(q, k, v, **kw)
+        for window in [(-1, -1), [-1, -1], (127, -1), (-1, 0) if causal else (-1, 90)]:
+            for got, w in zip(intfa.attention(q, k, v, window_size=window, **kw), want):
+                exact(got, w)
+    for got, w in zip(intfa.attention(q, k, v, window_size=(-1, 0), enable_gqa=True,
+                                      return_lse=True),
+                      intfa.attention(q, k, v, is_causal=True, enable_gqa=True, return_lse=True)):
+        exact(got, w)
+    x = intfa.quantize(q, k, v)
+    exact(intfa.attention_int8(x, window_size=(-1, -1)), intfa.attention_int8(x))
+    exact(intfa.attention_reference(q, k, v, window_size=(-1, -1)),
+          intfa.attention_reference(q, k, v))
+    qp, kp, vp, cu_q, cu_kv = packed(rng, [5, 30], [9, 40], 2, 2, 64)
+    exact(intfa.attention_varlen(qp, kp, vp, cu_q, cu_kv, window_size=(-1, -1)),
+          intfa.attention_varlen(qp, kp, vp, cu_q, cu_kv))
+    cache = intfa.KVCache(k, v, 96)
+    exact(cache.attention(q[:, :, :3], window_size=(-1, -1)), cache.attention(q[:, :, :3]))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("causal,window", [(True, (7, 0)), (False, (3, 5)), (False, (-1, 2))])
+def test_window_varlen_and_attention_int8(scheme, causal, window):
+    # Varlen: the window against each sequence's own diagonal (an empty query sequence, one
+    # with no keys, Sq < Skv and Sq > Skv), float64 per sequence. attention_int8 of quantize()
+    # with the window: attention's bits, dense and packed.
+    rng = np.random.default_rng(62)
+    q, k, v, cu_q, cu_kv = packed(rng, [5, 0, 70, 30, 4], [9, 3, 64, 20, 0], 4, 2, 64)
+    kw = dict(is_causal=causal, window_size=window, return_lse=True)
+    out, lse = intfa.attention_varlen(q, k, v, cu_q, cu_kv, enable_gqa=True, scheme=scheme, **kw)
+    ref, ref_lse = varlen_ref(q, k, v, cu_q, cu_kv, causal=causal, window=window)
+    check_window(out, lse, ref, ref_lse, scheme, rows_first=True)
+    x = intfa.quantize(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_kv=cu_kv, scheme=scheme)
+    for got, want in zip(intfa.attention_int8(x, **kw), (out, lse)):
+        exact(got, want)
+    qd, kd, vd = qkv(rng, 2, 4, 2, 30, 50, 64)
+    x = intfa.quantize(qd, kd, vd, scheme=scheme)
+    for got, want in zip(intfa.attention_int8(x, **kw),
+                         intfa.attention(qd, kd, vd, enable_gqa=True, scheme=scheme, **kw)):
+        exact(got, want)
+
+
+@pytest.mark.parametrize("scheme", ["accurate", "paper"])
+def test_window_kv_cache_decode_step_sees_the_last_w_keys(scheme, monkeypatch):
+    # A Mistral-style local layer (is_causal, window_size=(W - 1, 0)) over a KV cache: a decode
+    # step's query sees the cache's last W tokens (float64 attention over those alone, within
+    # the decode loop's tolerance), a chunk of 3 queries each its own last W; the fast path (one
+    # _C.kv_attention call) gives the bits of quantize_q + attention_int8 over qkv().
+    rng = np.random.default_rng(63)
+    n0, w, total = 40, 16, 46
+    q, k, v = qkv(rng, 2, 4, 2, total, total, 64)
+    cache = intfa.KVCache(tokens(k, 0, n0), tokens(v, 0, n0), 64, scheme=scheme)
+    lib = intfa._arrays.lib
+    kv_attention, calls = lib.kv_attention, []
+    monkeypatch.setattr(lib, "kv_attention", lambda *a: calls.append(1) or kv_attention(*a))
+    end = n0
+    for n in [1, 1, 1, 3]:
+        cache.append(tokens(k, end, end + n), tokens(v, end, end + n))
+        end += n
+        qt = tokens(q, end - n, end)
+        kw = dict(is_causal=True, window_size=(w - 1, 0), return_lse=True)
+        out, lse = cache.attention(qt, **kw)
+        if n == 1:
+            ref, ref_lse = attention_ref(qt, tokens(k, end - w, end), tokens(v, end - w, end))
+        else:
+            ref, ref_lse = attention_ref(qt, tokens(k, 0, end), tokens(v, 0, end), causal=True,
+                                         window=(w - 1, 0))
+        assert rel_l2(out, ref) < 0.05, (end, rel_l2(out, ref))
+        np.testing.assert_allclose(lse, ref_lse, atol=5e-2)
+        q8, q_scale, lse_offset = intfa.quantize_q(qt, cache.k_mean, scheme=scheme)
+        want, want_lse = intfa.attention_int8(cache.qkv(q8, q_scale, lse_offset, qt.dtype), **kw)
+        exact(out, want)
+        exact(lse, want_lse)
+    assert len(calls) == 4
+
+
+@pytest.mark.parametrize("generic", [False, True])
+def test_window_ragged_and_paged_caches(generic):
+    # A window's diagonal is each sequence's own count (seqused_kv): a ragged KVCache attending
+    # with window_size=(6, 0) is, bit for bit, one cache per sequence (through its methods or
+    # the public functions); a PagedKVCache with it is the ragged cache bit for bit.
+    rng = np.random.default_rng(64)
+    lengths, steps = [30, 12, 21], [1, 3, 1, 2, 1]
+    inputs = ragged_inputs(np_randn(rng), 3, 4, 2, 30, 8, 64, lengths)
+    ragged, _ = ragged_vs_separate(*inputs, lengths, steps, "BHSD", "accurate", exact, exact,
+                                   generic, window_size=(6, 0))
+    q = inputs[0][:, :, :1]  # the sequences hold 38, 20 and 29 tokens: the window cuts each
+    assert not np.array_equal(ragged.attention(q, is_causal=True, window_size=(6, 0)),
+                              ragged.attention(q, is_causal=True))
+    if not generic:
+        paged_vs_ragged(*inputs, lengths, steps, exact, np.asarray, num_pages=12, page_size=16,
+                        window_size=(6, 0))
+
+
+def test_window_errors():
+    # Range errors are the C++ layer's (ValueError, its message) on every entry point; what it
+    # cannot see (not a pair of ints, past 32 bits) is refused in Python.
+    rng = np.random.default_rng(65)
+    q, k, v = qkv(rng, 1, 2, 2, 16, 16, 64)
+    x = intfa.quantize(q, k, v)
+    cu = np.array([0, 16], np.int32)
+    cache = intfa.KVCache(k, v, 20)
+    paged = intfa.PagedKVCache(k, v, 2, page_size=16)
+    calls = {
+        "attention": lambda **kw: intfa.attention(q, k, v, **kw),
+        "attention_varlen": lambda **kw: intfa.attention_varlen(q[0].swapaxes(0, 1),
+                                                                k[0].swapaxes(0, 1),
+                                                                v[0].swapaxes(0, 1), cu, cu,
+                                                                **kw),
+        "attention_int8": lambda **kw: intfa.attention_int8(x, **kw),
+        "KVCache.attention": lambda **kw: cache.attention(q, **kw),
+        "PagedKVCache.attention": lambda **kw: paged.attention(q, **kw),
+        "attention_reference": lambda **kw: intfa.attention_reference(q, k, v, **kw),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=r"^window_left / window_right: expected -1 \(no "
+                                             r"edge\) or >= 0, got \(-2, 0\)$"):
+            call(window_size=(-2, 0))
+        with pytest.raises(ValueError, match=r"got \(3, -7\)$"):
+            call(window_size=(3, -7))
+        with pytest.raises(ValueError, match=r"^window_right: causal is window_right = 0, so "
+                                             r"with causal it must be -1 or 0, got 3$"):
+            call(is_causal=True, window_size=(4, 3))
+        with pytest.raises(TypeError, match=r"^window_size: expected a pair of ints \(left, "
+                                            r"right\), -1 leaving a side open, got int 5$"):
+            call(window_size=5)
+        with pytest.raises(TypeError, match=r"got NoneType None$"):
+            call(window_size=None)
+        with pytest.raises(ValueError, match=r"^window_size: expected 2 ints \(left, right\), "
+                                             r"got 3: \(1, 2, 3\)$"):
+            call(window_size=(1, 2, 3))
+        for bad in ((1.5, 0), (True, 0), (4, "0")):
+            with pytest.raises(TypeError, match=r"^window_size: expected ints \(left, right\), "
+                                                r"got \("):
+                call(window_size=bad)
+        with pytest.raises(ValueError, match=r"^window_size: expected 32-bit ints \(left, "
+                                             r"right\), got \(4294967296, 0\)$"):
+            call(window_size=(2 ** 32, 0))
+        exact(call(is_causal=True, window_size=(np.int64(3), np.int32(0))),  # NumPy ints
+              call(is_causal=True, window_size=[3, 0]))

@@ -27,8 +27,9 @@ def rand(*shape, dtype=torch.float16, seed=0):
     return torch.randn(*shape, generator=g, device="cuda", dtype=torch.float32).to(dtype)
 
 
-def ref_attention(q, k, v, causal=False, scale=None, layout="BHSD"):
-    """float64 attention on the GPU: (out, lse); bottom-right causal, -inf for empty rows."""
+def ref_attention(q, k, v, causal=False, scale=None, layout="BHSD", window=(-1, -1)):
+    """float64 attention on the GPU: (out, lse); bottom-right causal and sliding window (left,
+    right) (-1: an open side), -inf for empty rows."""
     q, k, v = q.double(), k.double(), v.double()
     if layout == "BSHD":
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))
@@ -36,10 +37,14 @@ def ref_attention(q, k, v, causal=False, scale=None, layout="BHSD"):
     k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
     sq, skv = q.shape[2], k.shape[2]
     s = (q @ k.transpose(-1, -2)) * (scale if scale is not None else 1 / math.sqrt(q.shape[-1]))
-    if causal:
-        i = torch.arange(sq, device=q.device)[:, None]
-        j = torch.arange(skv, device=q.device)[None, :]
-        s = s.masked_fill(j > i + skv - sq, -math.inf)
+    diag = torch.arange(sq, device=q.device)[:, None] + skv - sq
+    j = torch.arange(skv, device=q.device)[None, :]
+    left, right = window
+    right = 0 if causal else right
+    if right >= 0:
+        s = s.masked_fill(j > diag + right, -math.inf)
+    if left >= 0:
+        s = s.masked_fill(j < diag - left, -math.inf)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0)[..., None])
     out = p @ v
@@ -777,3 +782,111 @@ def test_paged_kv_cache_chunked_prefill_on_the_gpu():
         auto = paged.attention(chunk, is_causal=causal, return_lse=True)
         named = paged.attention(chunk, is_causal=causal, return_lse=True, path=intfa.resolve_gpu_path())
         assert torch.equal(auto[0], named[0]) and torch.equal(auto[1], named[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# Sliding-window attention (window_size)
+# ------------------------------------------------------------------------------------------------
+def _window_vs_cpu(out, lse, out_c, lse_c, rows=lambda out: out):
+    """A GPU call with a window against the CPU backend's with the same arguments: the output
+    within test_paged_kv_on_the_gpu's tolerance (the CPU's 64-key blocks round P8 otherwise
+    than the kernels' 128), the LSE within test_kv_cache_decode_matches_cpu's, the same rows
+    without keys (0 and -inf). rows(out): out with its rows in the LSE's order (BHSD: out)."""
+    assert rel_l2(out.cpu(), out_c) < 1e-2
+    finite = torch.isfinite(lse_c)
+    assert torch.equal(torch.isfinite(lse.cpu()), finite)
+    assert ((lse.cpu() - lse_c)[finite].abs() <= 5e-3 * (1 + lse_c[finite].abs())).all()
+    assert torch.all(rows(out.cpu())[~finite] == 0)
+
+
+# (B, Hq, Hkv, Sq, Skv, D, is_causal, window_size, scheme, layout) for the prefill kernels: a
+# Mistral-style local layer, the diagonal alone, two-sided and right-only windows, rows that see
+# no key (Sq > Skv), few tiles over a long KV (sm90 splits the keys into ranges).
+GPU_WINDOWS = [(2, 4, 2, 1000, 1000, 128, True, (255, 0), "accurate", "BHSD"),
+               (1, 2, 2, 300, 300, 64, True, (0, -1), "paper", "BSHD"),
+               (2, 2, 1, 500, 700, 128, False, (100, 37), "accurate", "BHSD"),
+               (1, 3, 3, 333, 250, 64, False, (-1, 50), "paper", "BHSD"),
+               (1, 2, 1, 300, 100, 128, True, (30, -1), "accurate", "BSHD"),
+               (1, 2, 1, 200, 5000, 128, True, (1000, 0), "accurate", "BHSD")]
+
+
+@pytest.mark.parametrize("w", GPU_WINDOWS, ids=lambda w: "{3}x{4}-d{5}-{6}-{7[0]}_{7[1]}".format(*w))
+def test_window_on_the_prefill_paths(w):
+    """window_size on sm80, sm90 (Hopper) and auto against the CPU backend with the same window,
+    and within the scheme's error of float64 softmax over the window's keys."""
+    b, hq, hkv, sq, skv, d, causal, window, scheme, layout = w
+    q, k, v = make_qkv(b, hq, hkv, sq, skv, d, layout, seed=sq + skv)
+    kw = dict(is_causal=causal, window_size=window, enable_gqa=True, layout=layout,
+              scheme=scheme, return_lse=True)
+    out_c, lse_c = intfa.attention(q.cpu(), k.cpu(), v.cpu(), **kw)
+    ref, ref_lse = ref_attention(q, k, v, causal, layout=layout, window=window)
+    rows = (lambda out: out) if layout == "BHSD" else (lambda out: out.transpose(1, 2))
+    for path in _prefill_paths() + ["auto"]:
+        out, lse = intfa.attention(q, k, v, path=path, **kw)
+        _window_vs_cpu(out, lse, out_c, lse_c, rows)
+        assert rel_l2(out, ref) < TOL[scheme], path
+        lse_close(lse, ref_lse)
+
+
+@pytest.mark.parametrize("b,hq,hkv,sq,skv,causal,window", [
+    (3, 16, 4, 1, 3000, True, (1023, 0)),  # GQA decode step over a long cache: key ranges
+    (2, 16, 4, 4, 2000, True, (127, -1)),  # speculative step: 16 rows per K/V head
+    (2, 4, 4, 3, 900, False, (200, 100)),  # two-sided
+    (1, 2, 2, 16, 10, True, (3, 0))])      # Sq > Skv: rows that see no key
+def test_window_on_the_decode_path(b, hq, hkv, sq, skv, causal, window):
+    """window_size on the decode kernel (attention_int8 over a quantized KV; what auto runs for
+    at most 16 query rows per K/V head) against the CPU backend and float64."""
+    q, k, v = make_qkv(b, hq, hkv, sq, skv, 128, seed=skv + sq)
+    kw = dict(is_causal=causal, window_size=window, return_lse=True)
+    out, lse = intfa.attention_int8(intfa.quantize(q, k, v), path="decode", **kw)
+    auto, auto_lse = intfa.attention_int8(intfa.quantize(q, k, v), **kw)
+    assert torch.equal(out, auto) and torch.equal(lse, auto_lse)
+    out_c, lse_c = intfa.attention_int8(intfa.quantize(q.cpu(), k.cpu(), v.cpu()), **kw)
+    _window_vs_cpu(out, lse, out_c, lse_c)
+    ref, ref_lse = ref_attention(q, k, v, causal, window=window)
+    assert rel_l2(out, ref) < TOL["accurate"]
+    lse_close(lse, ref_lse)
+
+
+def test_window_varlen_on_the_gpu():
+    """window_size on packed sequences (each its own diagonal; a sequence without queries, one
+    without keys, Sq < Skv and Sq > Skv) on every prefill path, against the CPU backend."""
+    lens_q, lens_kv = [1, 17, 0, 300, 129, 40], [5, 170, 9, 250, 0, 2000]
+    cu_q = torch.tensor([0] + list(np.cumsum(lens_q)), dtype=torch.int32, device="cuda")
+    cu_kv = torch.tensor([0] + list(np.cumsum(lens_kv)), dtype=torch.int32, device="cuda")
+    q = rand(sum(lens_q), 4, 128, seed=201)
+    k = rand(sum(lens_kv), 2, 128, seed=202)
+    v = rand(sum(lens_kv), 2, 128, seed=203)
+    for causal, window in ((True, (90, 0)), (False, (60, 20))):
+        kw = dict(is_causal=causal, window_size=window, enable_gqa=True, return_lse=True)
+        out_c, lse_c = intfa.attention_varlen(q.cpu(), k.cpu(), v.cpu(), cu_q.cpu(), cu_kv.cpu(),
+                                              **kw)
+        for path in _prefill_paths() + ["auto"]:
+            out, lse = intfa.attention_varlen(q, k, v, cu_q, cu_kv, max(lens_q), max(lens_kv),
+                                              path=path, **kw)
+            _window_vs_cpu(out, lse, out_c, lse_c, lambda out: out.transpose(0, 1))
+
+
+def test_paged_kv_cache_window_on_the_gpu():
+    """A PagedKVCache on CUDA tensors attending with a window (window_size=(99, 0), Hq / Hkv =
+    4, pages of 128 tokens): a decode step (the decode path under auto) and prompt chunks of 40
+    and 17 tokens (the prefill kernels read the pages: auto, sm80 and sm90 on Hopper) bit for
+    bit a ragged KVCache of its capacity on the same path; then its windowed attention close to
+    the same cache's on the CPU backend, and unlike the unwindowed one."""
+    lengths, steps, window = [200, 127, 129], [1, 40, 17], (99, 0)
+    inputs = ragged_inputs(cuda_randn(192), 3, 8, 2, 200, 58, 128, lengths)
+    args = dict(max_seqlen_kv=512, window_size=window, num_pages=12, page_size=128,
+                max_pages=4)
+    cpu, _ = paged_vs_ragged(*(x.cpu() for x in inputs), lengths, steps, exact,
+                             torch.Tensor.numpy, **args)
+    chunk = inputs[0][:, :, :17]
+    for path in ["auto"] + _prefill_paths():
+        paged, _ = paged_vs_ragged(*inputs, lengths, steps, exact, lambda a: a.cpu().numpy(),
+                                   path=path, **args)
+        assert paged.lengths_host == cpu.lengths_host == [258, 185, 187]
+        out, lse = paged.attention(chunk, is_causal=True, window_size=window, return_lse=True,
+                                   path=path)
+        out_c, lse_c = cpu.attention(chunk.cpu(), is_causal=True, window_size=window,
+                                     return_lse=True)
+        _window_vs_cpu(out, lse, out_c, lse_c)
+        assert not torch.equal(out, paged.attention(chunk, is_causal=True, path=path))

@@ -554,3 +554,112 @@ def test_paged_kv_cache_torch_pool_and_release():
     want, want_lse = ragged.attention(q, is_causal=True, return_lse=True)
     assert torch.equal(out, want) and torch.equal(lse, want_lse)
     check_paged_parts(paged, ragged, torch.Tensor.numpy)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sliding-window attention (window_size)
+# ------------------------------------------------------------------------------------------------
+def test_window_torch_equals_numpy_and_float64():
+    # torch CPU tensors through the custom ops' implementations: NumPy's bits for attention,
+    # varlen and attention_int8, within the scheme's error of float64 softmax over the window.
+    q, k, v = rand(2, 4, 70, 64, seed=70), rand(2, 2, 30, 64, seed=71), rand(2, 2, 30, 64, seed=72)
+    kw = dict(is_causal=True, window_size=(3, 0), return_lse=True)
+    out, lse = intfa.attention(q, k, v, enable_gqa=True, **kw)
+    out_n, lse_n = intfa.attention(q.numpy(), k.numpy(), v.numpy(), enable_gqa=True, **kw)
+    np.testing.assert_array_equal(out.numpy(), out_n)
+    np.testing.assert_array_equal(lse.numpy(), lse_n)
+    ref, ref_lse = attention_ref(q, k, v, causal=True, window=(3, 0))
+    assert rel_l2(out, ref) < 3e-2
+    assert torch.all(out[:, :, :40] == 0) and torch.all(torch.isneginf(lse[:, :, :40]))
+    np.testing.assert_allclose(lse[:, :, 40:].numpy(), ref_lse[:, :, 40:], atol=5e-2)
+    got = intfa.attention_int8(intfa.quantize(q, k, v), **kw)
+    assert torch.equal(got[0], out) and torch.equal(got[1], lse)
+    cu_q = torch.tensor([0, 10, 10, 50], dtype=torch.int32)
+    cu_kv = torch.tensor([0, 20, 25, 45], dtype=torch.int32)
+    qp, kp, vp = rand(50, 2, 64, seed=73), rand(45, 2, 64, seed=74), rand(45, 2, 64, seed=75)
+    kw = dict(is_causal=False, window_size=(4, 6), return_lse=True)
+    out, lse = intfa.attention_varlen(qp, kp, vp, cu_q, cu_kv, 40, 20, **kw)
+    out_n, lse_n = intfa.attention_varlen(qp.numpy(), kp.numpy(), vp.numpy(), cu_q.numpy(),
+                                          cu_kv.numpy(), **kw)
+    np.testing.assert_array_equal(out.numpy(), out_n)
+    ref, ref_lse = varlen_ref(qp, kp, vp, cu_q, cu_kv, window=(4, 6))
+    assert rel_l2(out, ref) < 3e-2
+    np.testing.assert_allclose(lse.numpy(), ref_lse, atol=5e-2)
+    with pytest.raises(ValueError, match=r"window_right: causal is window_right = 0, so with "
+                                         r"causal it must be -1 or 0, got 2"):
+        intfa.attention(q, k, v, enable_gqa=True, is_causal=True, window_size=(3, 2))
+    with pytest.raises(TypeError, match=r"window_size: expected ints \(left, right\)"):
+        intfa.attention(q, k, v, enable_gqa=True, window_size=(torch.tensor(3), 0))
+
+
+def test_torch_compile_window_cpu():
+    # window_size under torch.compile(fullgraph=True): the two ints reach the custom ops (the
+    # compiled graph's bits are eager's, whose implementations run without the dispatcher).
+    def fn(q, k, v):
+        out, lse = intfa.attention(q, k, v, is_causal=True, window_size=(5, 0), return_lse=True)
+        x = intfa.quantize(q, k, v)
+        return out, lse, intfa.attention_int8(x, window_size=(2, 3))
+
+    q, k, v = (rand(1, 2, 32, 64, seed=i) for i in range(76, 79))
+    got, want = _compile_check(fn, q, k, v)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    assert not torch.equal(want[0], intfa.attention(q, k, v, is_causal=True))
+    assert torch.equal(want[2], intfa.attention(q, k, v, window_size=(2, 3)))
+
+    def varlen(q, k, v, cu):
+        return intfa.attention_varlen(q, k, v, cu, cu, 20, 20, window_size=(4, 1))
+
+    cu = torch.tensor([0, 12, 32], dtype=torch.int32)
+    qp, kp, vp = (x[0].transpose(0, 1) for x in (q, k, v))
+    got, want = _compile_check(varlen, qp, kp, vp, cu)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(not hasattr(torch.library, "opcheck"), reason="torch.library.opcheck")
+def test_opcheck_window():
+    # The ops take the window as two ints last (defaults -1: calls without them stay valid).
+    q, k, v = (rand(1, 2, 24, 64, seed=i) for i in range(3))
+    torch.library.opcheck(torch.ops.intfa.attention.default,
+                          (q, k, v, True, 0.0, "BHSD", "accurate", "auto", True, 7, 0))
+    cu = torch.tensor([0, 10, 24], dtype=torch.int32)
+    qp, kp, vp = (x[0].transpose(0, 1) for x in (q, k, v))
+    torch.library.opcheck(torch.ops.intfa.attention_varlen.default,
+                          (qp, kp, vp, cu, cu, 14, 14, False, 0.0, "accurate", "auto", True, 3,
+                           2))
+    x = intfa.quantize(q, k, v)
+    torch.library.opcheck(torch.ops.intfa.attention_int8.default,
+                          (x.q8, x.q_scale, x.lse_offset, x.k8, x.k_scale, x.k_mean, x.vt8,
+                           x.v_scale, None, None, None, 0, 0, "accurate", "BHSD", False, 0.0,
+                           torch.float16, True, "auto", None, None, -1, 5))
+
+
+def test_window_kv_cache_torch(monkeypatch):
+    # A local layer's decode steps (is_causal, window_size=(W - 1, 0)) over a torch KVCache: the
+    # fast path, the generic path through the custom ops (a query that needs grad) and
+    # torch.compile(fullgraph=True) of the step give the same bits, a NumPy cache too.
+    q, k, v = _decode_inputs()
+    window = (7, 0)
+
+    def step(cache, kt, vt, qt):
+        cache.append(kt, vt)
+        return cache.attention(qt, is_causal=True, window_size=window, return_lse=True)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    fast, slow, comp = (intfa.KVCache(k[:, :, :37], v[:, :, :37], 48) for _ in range(3))
+    numpy = intfa.KVCache(k[:, :, :37].numpy(), v[:, :, :37].numpy(), 48)
+    lib = intfa._arrays.lib
+    kv_attention, calls = lib.kv_attention, []
+    monkeypatch.setattr(lib, "kv_attention", lambda *a: calls.append(1) or kv_attention(*a))
+    for t in range(37, 41):
+        kt, vt, qt = k[:, :, t:t + 1], v[:, :, t:t + 1], q[:, :, t:t + 1]
+        out, lse = step(fast, kt, vt, qt)
+        for got in (step(slow, kt, vt, qt.clone().requires_grad_()), compiled(comp, kt, vt, qt)):
+            assert torch.equal(got[0].detach(), out) and torch.equal(got[1].detach(), lse)
+        out_n, lse_n = step(numpy, kt.numpy(), vt.numpy(), qt.numpy())
+        np.testing.assert_array_equal(out.numpy(), out_n)
+        np.testing.assert_array_equal(lse.numpy(), lse_n)
+        ref, _ = attention_ref(qt, k[:, :, t - 7:t + 1], v[:, :, t - 7:t + 1])
+        assert rel_l2(out, ref) < 0.05
+    assert len(calls) == 8  # a fast-path step of the torch cache and one of the NumPy cache

@@ -1,6 +1,8 @@
 // intfa command-line tool: info, demo, accuracy, bench (design.md §2). Uses only the public API.
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
+#include <climits>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -11,6 +13,8 @@
 #include <memory>
 #include <sstream>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "inputs.h"
@@ -121,6 +125,46 @@ Backend parse_device(const Args& a) {
   return b;
 }
 
+// --window LEFT,RIGHT: Options::window_left / window_right, FlashAttention's window_size (-1
+// leaves a side open; the default -1,-1 is no window). causal is RIGHT = 0, so with causal runs
+// (`causal`: any of --causal is 1) RIGHT must be -1 or 0: said here, before any work, as the
+// library would say it at the first call.
+std::pair<int, int> parse_window(const Args& a, bool causal) {
+  const std::string s = a.str("--window", "-1,-1");
+  const size_t comma = s.find(',');
+  int edge[2] = {-1, -1};
+  bool ok = comma != std::string::npos;
+  for (int i = 0; i < 2 && ok; ++i) {
+    const std::string part = i == 0 ? s.substr(0, comma) : s.substr(comma + 1);
+    char* end = nullptr;
+    errno = 0;
+    const long v = std::strtol(part.c_str(), &end, 10);
+    ok = !part.empty() && *end == 0 && errno == 0 && v >= -1 && v <= INT_MAX;
+    edge[i] = static_cast<int>(v);
+  }
+  if (!ok)
+    throw UsageError{"--window: expected LEFT,RIGHT, two integers each -1 (no edge) or >= 0, e.g. "
+                     "255,0, got '" + s + "'"};
+  if (causal && edge[1] > 0)
+    throw UsageError{"--window: causal is RIGHT = 0, so RIGHT must be -1 or 0 when --causal includes 1, got '" +
+                     s + "'"};
+  return {edge[0], edge[1]};
+}
+
+bool windowed(const Options& o) { return o.window_left >= 0 || o.window_right >= 0; }
+
+// ", window (L, R)" for a header line, or nothing without a window.
+std::string window_note(const Options& o) {
+  if (!windowed(o)) return "";
+  return ", window (" + std::to_string(o.window_left) + ", " + std::to_string(o.window_right) + ")";
+}
+
+// The `, "window": [L, R]` field of a JSON row, or nothing without a window.
+std::string window_json(const Options& o) {
+  if (!windowed(o)) return "";
+  return ", \"window\": [" + std::to_string(o.window_left) + ", " + std::to_string(o.window_right) + "]";
+}
+
 GpuPath parse_gpu_path(const Args& a) {
   GpuPath p;
   std::string s = a.str("--path", "auto");
@@ -184,12 +228,15 @@ RunResult run_intfa(tools::HostQKV& x, const Options& opts, Backend backend) {
   return r;
 }
 
-std::vector<double> run_exact(tools::HostQKV& x, bool causal, double* ms) {
+// Exact float64 attention under the mask of `mask` (its causal flag and window; nothing else).
+std::vector<double> run_exact(tools::HostQKV& x, const Options& mask, double* ms) {
   std::vector<double> ref(x.q.size(), NAN);
   const int64_t shape[4] = {x.batch, x.heads_q, x.seqlen_q, x.head_dim};
   Tensor out = make_tensor(ref.data(), DType::f64, 4, shape);
   Options o;
-  o.causal = causal;
+  o.causal = mask.causal;
+  o.window_left = mask.window_left;
+  o.window_right = mask.window_right;
   double t0 = now_ms();
   check(attention_reference(x.tq(), x.tk(), x.tv(), out, nullptr, o), "attention_reference");
   if (ms) *ms = now_ms() - t0;
@@ -238,7 +285,7 @@ int cmd_demo(const Args& a) {
               to_string(opts.scheme), to_string(backend));
   auto x = tools::make_inputs(Dist::normal, 1, heads, heads, seq, seq, hdim, DType::bf16, 2024);
   double ref_ms = 0;
-  auto ref = run_exact(x, false, &ref_ms);
+  auto ref = run_exact(x, Options(), &ref_ms);
   if (gpu) (void)run_intfa(x, opts, backend);  // warm-up: module load, allocator
   RunResult r = run_intfa(x, opts, backend);
   tools::Metrics m = tools::compare(std::vector<double>(r.out.begin(), r.out.end()), ref);
@@ -254,7 +301,7 @@ int cmd_demo(const Args& a) {
 
 int cmd_accuracy(const Args& a) {
   a.allow({"--device", "--seq", "--dist", "--scheme", "--batch", "--heads", "--heads-kv", "--hdim",
-           "--block", "--dtype", "--causal", "--seed", "--json", "--path"});
+           "--block", "--dtype", "--causal", "--window", "--seed", "--json", "--path"});
   const Backend backend = parse_device(a);
   const auto seqs = a.ints("--seq", "1024,4096", 1, 1 << 20);
   const auto dists = parse_dists(a, "normal,uniform,llm");
@@ -273,13 +320,15 @@ int cmd_accuracy(const Args& a) {
   base.backend = backend;
   base.block_n = block;
   base.causal = causal;
+  std::tie(base.window_left, base.window_right) = parse_window(a, causal);
   base.path = parse_gpu_path(a);
 
   // The GPU kernel's key block is fixed at build time; --block sets the CPU emulation's.
   const int eff_block = backend == Backend::gpu ? build_info().gpu_block_n : block;
-  std::printf("intfa accuracy: backend %s, B=%d H=%d Hkv=%d D=%d %s, key block %d, causal %d, "
+  std::printf("intfa accuracy: backend %s, B=%d H=%d Hkv=%d D=%d %s, key block %d, causal %d%s, "
               "output fp32 vs float64 reference\n",
-              to_string(backend), batch, heads, heads_kv, hdim, to_string(dtype), eff_block, causal);
+              to_string(backend), batch, heads, heads_kv, hdim, to_string(dtype), eff_block, causal,
+              window_note(base).c_str());
   std::printf("%-9s %-8s %6s  %9s %9s %9s %9s %9s\n", "scheme", "dist", "seq", "rel_l2",
               "rel_l1", "cosine", "max_abs", "mean_rel");
   std::ostringstream rows;
@@ -291,7 +340,7 @@ int cmd_accuracy(const Args& a) {
                                   seed * 7919ull + seq * 31ull + static_cast<int>(dist));
       std::fprintf(stderr, "  [%d/%d] float64 reference %s seq %d ...\n", n, total,
                    tools::to_string(dist), seq);
-      auto ref = run_exact(x, causal, nullptr);
+      auto ref = run_exact(x, base, nullptr);
       for (Scheme sc : schemes) {
         ++n;
         std::fprintf(stderr, "  [%d/%d] %s %s seq %d\n", n, total, to_string(sc),
@@ -312,7 +361,7 @@ int cmd_accuracy(const Args& a) {
         rows << (rows.tellp() > 0 ? ",\n" : "") << "    {\"scheme\": \"" << to_string(sc)
              << "\", \"dist\": \"" << tools::to_string(dist) << "\", \"seq\": " << seq
              << ", \"hdim\": " << hdim << ", \"batch\": " << batch << ", \"heads\": " << heads
-             << ", \"heads_kv\": " << heads_kv << ", \"causal\": " << causal
+             << ", \"heads_kv\": " << heads_kv << ", \"causal\": " << causal << window_json(base)
              << ", \"block\": " << eff_block << ", \"dtype\": \"" << to_string(dtype)
              << "\", \"device\": \"" << to_string(backend) << "\", \"rel_l2\": " << fmt(m.rel_l2, "%.6e")
              << ", \"rel_l1\": " << fmt(m.rel_l1, "%.6e") << ", \"cosine\": " << fmt(m.cosine, "%.9f")
@@ -338,11 +387,18 @@ struct BenchCtx {
 };
 Status bench_trampoline(void* ctx) { return static_cast<BenchCtx*>(ctx)->fn(); }
 
-// Query-key pairs bottom-right causal masking leaves visible: row r of sq sees keys
-// j <= r + skv - sq.
-double causal_visible_pairs(int sq, int skv) {
+// Query-key pairs a mask leaves visible: row r of sq sees the keys j of [0, skv) with
+// r + skv - sq - left <= j <= r + skv - sq + right (the bottom-right diagonal; causal is
+// right = 0; -1 leaves a side open: Options' window).
+double visible_pairs(int sq, int skv, bool causal, int left, int right) {
+  if (causal) right = 0;
   double n = 0;
-  for (int r = 0; r < sq; ++r) n += std::clamp(r + skv - sq + 1, 0, skv);
+  for (int r = 0; r < sq; ++r) {
+    const int64_t diag = int64_t(r) + skv - sq;
+    const int64_t lo = left >= 0 ? std::max<int64_t>(diag - left, 0) : 0;
+    const int64_t hi = right >= 0 ? std::min<int64_t>(diag + right, skv - 1) : skv - 1;
+    n += double(std::max<int64_t>(hi - lo + 1, 0));
+  }
   return n;
 }
 
@@ -398,10 +454,11 @@ GpuPath row_path(GpuPath requested, GpuPath resolved, const BenchShape& sh, Sche
   return decode ? GpuPath::decode : resolved;
 }
 
-// Times kernel-only and end-to-end for every scheme and causal flag of one shape; prints a line
-// and appends two JSON rows per case.
+// Times kernel-only and end-to-end for every scheme and causal flag of one shape (all with the
+// window of `mask`); prints a line and appends two JSON rows per case.
 void bench_shape(const BenchShape& sh, const std::vector<Scheme>& schemes, const std::vector<int>& causals,
-                 DType dtype, GpuPath path_req, GpuPath path, int reps, std::ostringstream& rows) {
+                 const Options& mask, DType dtype, GpuPath path_req, GpuPath path, int reps,
+                 std::ostringstream& rows) {
   const bool varlen = !sh.lens.empty();
   int64_t total = 0;
   std::vector<int32_t> cu{0};
@@ -443,6 +500,8 @@ void bench_shape(const BenchShape& sh, const std::vector<Scheme>& schemes, const
       Options o;
       o.scheme = sc;
       o.causal = causal;
+      o.window_left = mask.window_left;
+      o.window_right = mask.window_right;
       o.path = path_req;  // auto: what a caller gets (the decode kernel for decode-sized calls)
       o.workspace = make_tensor(ws2.ptr, DType::u8, {static_cast<int64_t>(qbytes)}, true);
       check(quantize(tq, tk, tv, tcu, tcu, o, qx), "quantize");
@@ -459,19 +518,20 @@ void bench_shape(const BenchShape& sh, const std::vector<Scheme>& schemes, const
       double k_ms = 0, e_ms = 0;
       check(gpu_time_ms(bench_trampoline, &kern, 3, reps, nullptr, &k_ms), "bench kernel");
       check(gpu_time_ms(bench_trampoline, &e2e, 3, reps, nullptr, &e_ms), "bench e2e");
-      // Square causal counts half the pairs (design.md); otherwise the pairs bottom-right
-      // causal masking leaves visible. Varlen: the sum over its sequences.
+      // Square causal without a window counts half the pairs (design.md); otherwise the pairs
+      // the mask (bottom-right causal, the window) leaves visible. Varlen: the sum over its
+      // sequences.
+      auto visible = [&](int lq, int lkv) {
+        return visible_pairs(lq, lkv, causal, o.window_left, o.window_right);
+      };
       double pairs = 0;
       if (sh.seqused == 2) {  // the keys counted (queries = keys for varlen)
-        for (size_t b = 0; b < used.size(); ++b) {
-          const int lq = varlen ? sh.lens[b] : sh.seq_q;
-          pairs += causal ? causal_visible_pairs(lq, used[b]) : double(lq) * used[b];
-        }
+        for (size_t b = 0; b < used.size(); ++b) pairs += visible(varlen ? sh.lens[b] : sh.seq_q, used[b]);
       } else if (varlen) {
-        for (int L : sh.lens) pairs += causal ? causal_visible_pairs(L, L) : double(L) * L;
+        for (int L : sh.lens) pairs += visible(L, L);
       } else {
-        pairs = double(sh.seq_q) * sh.seq;
-        if (causal) pairs = sh.seq_q == sh.seq ? 0.5 * pairs : causal_visible_pairs(sh.seq_q, sh.seq);
+        const bool half = causal && !windowed(o) && sh.seq_q == sh.seq;
+        pairs = half ? 0.5 * double(sh.seq_q) * sh.seq : visible(sh.seq_q, sh.seq);
         pairs *= sh.batch;
       }
       const double ops = 4.0 * sh.heads * pairs * sh.hdim;
@@ -488,6 +548,7 @@ void bench_shape(const BenchShape& sh, const std::vector<Scheme>& schemes, const
         extra = ", \"seq_q\": " + std::to_string(sh.seq_q);
       }
       if (sh.heads_kv != sh.heads) extra += ", \"heads_kv\": " + std::to_string(sh.heads_kv);
+      extra += window_json(o);
       if (sh.seqused) extra += sh.seqused == 2 ? ", \"seqused_kv\": \"ragged\"" : ", \"seqused_kv\": true";
       if (sh.page)
         extra += ", \"page_size\": " + std::to_string(sh.page) + ", \"pages\": \"" +
@@ -505,12 +566,15 @@ void bench_shape(const BenchShape& sh, const std::vector<Scheme>& schemes, const
 }
 
 int cmd_bench(const Args& a) {
-  a.allow({"--seq", "--seq-q", "--varlen", "--hdim", "--causal", "--scheme", "--batch", "--heads", "--heads-kv",
-           "--path", "--json", "--reps", "--dtype", "--seqused", "--page", "--page-order"});
+  a.allow({"--seq", "--seq-q", "--varlen", "--hdim", "--causal", "--window", "--scheme", "--batch", "--heads",
+           "--heads-kv", "--path", "--json", "--reps", "--dtype", "--seqused", "--page", "--page-order"});
   // Arguments first, so that a bad one is reported on any machine.
   const auto seqs = a.ints("--seq", "1024,4096,16384", 1, 1 << 20);
   const auto hdims = a.ints("--hdim", "128,64", 16, 256);
   const auto causals = a.ints("--causal", "0,1", 0, 1);
+  Options mask;  // the window every case runs with
+  std::tie(mask.window_left, mask.window_right) =
+      parse_window(a, std::find(causals.begin(), causals.end(), 1) != causals.end());
   const auto schemes = parse_schemes(a, "accurate");
   const int batch = a.integer("--batch", 4, 1, 1024);
   const int heads = a.integer("--heads", 32, 1, 1024);
@@ -555,6 +619,7 @@ int cmd_bench(const Args& a) {
     what += ")";
   }
   if (page) what += ", kernel-only over " + std::to_string(page) + "-token pages (" + page_order + ")";
+  what += window_note(mask);
   if (seqused) what += seqused == 2 ? ", kernel-only with ragged seqused_kv ((b + 1) / B of the keys)"
                                     : ", kernel-only with seqused_kv";
   std::printf("intfa bench on %s (%d SMs): %s H=%d Hkv=%d %s, path %s, median of %d%s\n",
@@ -569,13 +634,13 @@ int cmd_bench(const Args& a) {
     if (!lens.empty()) {
       const int longest = *std::max_element(lens.begin(), lens.end());
       bench_shape({int(lens.size()), heads, heads_kv, longest, longest, hdim, lens, seqused}, schemes, causals,
-                  dtype, path_req, path, reps, rows);
+                  mask, dtype, path_req, path, reps, rows);
       continue;
     }
     for (int seq : seqs)
       bench_shape({batch, heads, heads_kv, seq_q_opt ? seq_q_opt : seq, seq, hdim, {}, seqused, page,
                    page_order == "shuffled"}, schemes, causals,
-                  dtype, path_req, path, reps, rows);
+                  mask, dtype, path_req, path, reps, rows);
   }
   if (!json.empty()) {
     std::ofstream f(json);
@@ -593,13 +658,16 @@ void usage(FILE* f) {
                "  demo [--device cpu|gpu|auto] accuracy vs float64 and time on a default problem\n"
                "  accuracy [--device D] [--seq L1,L2] [--dist normal,uniform,llm]\n"
                "           [--scheme paper,accurate,half] [--batch B] [--heads H] [--heads-kv H]\n"
-               "           [--hdim D] [--block N] [--dtype bf16|fp16] [--causal 0|1] [--json FILE]\n"
-               "  bench [--seq ..] [--seq-q N | --varlen L1,L2,..] [--hdim 128,64] [--causal 0,1] [--scheme ..]\n"
-               "        [--path auto|sm80|sm90|decode] [--batch 4] [--heads 32] [--heads-kv H] [--reps 20]\n"
+               "           [--hdim D] [--block N] [--dtype bf16|fp16] [--causal 0|1] [--window L,R] [--json FILE]\n"
+               "  bench [--seq ..] [--seq-q N | --varlen L1,L2,..] [--hdim 128,64] [--causal 0,1] [--window L,R]\n"
+               "        [--scheme ..] [--path auto|sm80|sm90|decode] [--batch 4] [--heads 32] [--heads-kv H] [--reps 20]\n"
                "        [--seqused 0|1|2] [--page N [--page-order O]] [--json FILE]   (needs a GPU; --seq-q: query rows when fewer than the keys;\n"
                "        --seqused 1: kernel-only runs count every sequence's keys through seqused_kv, 2: sequence b\n"
                "        counts (b + 1) / B of its keys, a ragged batch; --page N: kernel-only runs read a paged copy\n"
-               "        of the cache, N-token pages in a pool, --page-order shuffled (default) or ordered)\n");
+               "        of the cache, N-token pages in a pool, --page-order shuffled (default) or ordered)\n"
+               "  --window LEFT,RIGHT: sliding-window attention (FlashAttention's window_size): query i sees keys\n"
+               "        i + Skv - Sq - LEFT .. i + Skv - Sq + RIGHT, -1 an open side (default -1,-1: no window);\n"
+               "        causal is RIGHT = 0 (a Mistral-style local layer of W keys: --causal 1 --window W-1,0)\n");
 }
 
 }  // namespace
