@@ -489,10 +489,13 @@ FwdParams make_fwd_params(const Problem& p, const QuantizedQKV& x, const Tensor&
   f.total_kv = p.shape.total_kv;
   f.scheme = x.scheme;
   f.softmax_scale = p.softmax_scale;
-  // causal is window_right = 0; a right window alone makes a launch causal-shaped too.
-  f.causal = opts.causal || opts.window_right >= 0;
+  // causal is window_right = 0; a right window alone makes a launch causal-shaped too. An edge
+  // past every key of every row is dropped (left >= Skv - 1 leaves no key of any row out, right
+  // >= Sq - 1 neither; Sq, Skv the longest sequences), so such calls run the unwindowed kernels.
+  const bool right_open = opts.window_right < 0 || opts.window_right >= f.seqlen_q - 1;
+  f.causal = opts.causal || !right_open;
   f.window_right = opts.causal ? 0 : std::max(opts.window_right, 0);
-  f.window_left = opts.window_left;
+  f.window_left = opts.window_left >= f.seqlen_kv - 1 ? -1 : opts.window_left;
   f.block_n = opts.block_n;
   f.q8 = static_cast<const int8_t*>(x.q8.data); f.q_st = p.q.st;
   f.k8 = static_cast<const int8_t*>(x.k8.data); f.k_st = p.k.st;
