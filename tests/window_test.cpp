@@ -182,6 +182,26 @@ TEST(SlidingWindow, DecodeStepSeesTheLastWKeys) {
   for (size_t i = 0; i < want.lse.size(); ++i) ASSERT_NEAR(got.lse[i], want.lse[i], 1e-12) << i;
 }
 
+// The bench's TOPS count the pairs the mask leaves visible: tools::visible_pairs against a
+// count of the pairs masked_softmax's rule keeps, key by key.
+TEST(SlidingWindow, BenchCountsTheVisiblePairs) {
+  for (const Window& w : kWindows)
+    for (bool causal : {false, true}) {
+      if (causal && w.right > 0) continue;
+      const int right = causal ? 0 : w.right;
+      double n = 0;
+      for (int i = 0; i < w.sq; ++i)
+        for (int j = 0; j < w.skv; ++j) {
+          const int diag = i + w.skv - w.sq;
+          n += (w.left < 0 || j >= diag - w.left) && (right < 0 || j <= diag + right);
+        }
+      EXPECT_EQ(tools::visible_pairs(w.sq, w.skv, causal, w.left, w.right), n)
+          << w.sq << " x " << w.skv << (causal ? " causal" : "") << " window (" << w.left << ", " << w.right << ")";
+    }
+  EXPECT_EQ(tools::visible_pairs(4, 4, true, -1, -1), 10.0);  // the causal triangle
+  EXPECT_EQ(tools::visible_pairs(3, 5, false, -1, -1), 15.0);
+}
+
 TEST(SlidingWindow, BadWindowsArePreciseErrors) {
   HostQKV x = tools::make_inputs(Dist::normal, 1, 2, 2, 8, 8, 32, DType::bf16, 91);
   struct Bad { bool causal; int left, right; const char* says; };

@@ -125,4 +125,16 @@ PagedCopy::PagedCopy(const QuantizedQKV& c, int page, Layout layout, int spare, 
   x.block_table = make_tensor(table.data(), DType::i32, {B, maxp});
 }
 
+double visible_pairs(int sq, int skv, bool causal, int left, int right) {
+  if (causal) right = 0;
+  double n = 0;
+  for (int r = 0; r < sq; ++r) {
+    const int64_t diag = int64_t(r) + skv - sq;
+    const int64_t lo = left >= 0 ? std::max<int64_t>(diag - left, 0) : 0;
+    const int64_t hi = right >= 0 ? std::min<int64_t>(diag + right, skv - 1) : skv - 1;
+    n += double(std::max<int64_t>(hi - lo + 1, 0));
+  }
+  return n;
+}
+
 }  // namespace intfa::tools

@@ -1,6 +1,6 @@
 // Test and benchmark inputs: the distributions of design.md §4, generated on the host in BHSD
-// order and rounded to the working dtype, plus the accuracy metrics. Shared by the CLI and the
-// tests; includes only the public header.
+// order and rounded to the working dtype, plus the accuracy metrics and the work a mask leaves.
+// Shared by the CLI and the tests; includes only the public header.
 #pragma once
 
 #include <algorithm>
@@ -63,5 +63,10 @@ struct PagedCopy {
         table[b * maxp + i] = -1;
   }
 };
+
+// Query-key pairs a mask leaves visible (the bench's TOPS count them): row r of sq sees the keys
+// j of [0, skv) with r + skv - sq - left <= j <= r + skv - sq + right (the bottom-right
+// diagonal; causal is right = 0; -1 leaves a side open: Options' window).
+double visible_pairs(int sq, int skv, bool causal, int left, int right);
 
 }  // namespace intfa::tools

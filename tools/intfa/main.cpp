@@ -387,21 +387,6 @@ struct BenchCtx {
 };
 Status bench_trampoline(void* ctx) { return static_cast<BenchCtx*>(ctx)->fn(); }
 
-// Query-key pairs a mask leaves visible: row r of sq sees the keys j of [0, skv) with
-// r + skv - sq - left <= j <= r + skv - sq + right (the bottom-right diagonal; causal is
-// right = 0; -1 leaves a side open: Options' window).
-double visible_pairs(int sq, int skv, bool causal, int left, int right) {
-  if (causal) right = 0;
-  double n = 0;
-  for (int r = 0; r < sq; ++r) {
-    const int64_t diag = int64_t(r) + skv - sq;
-    const int64_t lo = left >= 0 ? std::max<int64_t>(diag - left, 0) : 0;
-    const int64_t hi = right >= 0 ? std::min<int64_t>(diag + right, skv - 1) : skv - 1;
-    n += double(std::max<int64_t>(hi - lo + 1, 0));
-  }
-  return n;
-}
-
 // One bench shape: dense (lens empty: B sequences of seq_q queries and seq keys) or packed
 // varlen (lens: one sequence per entry, queries = keys, THD tensors with cu_seqlens).
 struct BenchShape {
@@ -522,7 +507,7 @@ void bench_shape(const BenchShape& sh, const std::vector<Scheme>& schemes, const
       // the mask (bottom-right causal, the window) leaves visible. Varlen: the sum over its
       // sequences.
       auto visible = [&](int lq, int lkv) {
-        return visible_pairs(lq, lkv, causal, o.window_left, o.window_right);
+        return tools::visible_pairs(lq, lkv, causal, o.window_left, o.window_right);
       };
       double pairs = 0;
       if (sh.seqused == 2) {  // the keys counted (queries = keys for varlen)
