@@ -584,6 +584,19 @@ TEST_F(AttentionGpu, KernelSlidingWindow) {
       for (GpuPath path : {GpuPath::decode, GpuPath::automatic}) check_kernel_vs_cpu(c, path);
     }
   }
+  // Varlen decode batches (empty sequences, a window wider than a sequence) and ragged counts
+  // on the decode kernel: each sequence's window from its own diagonal.
+  Case dv;
+  dv.hq = 4; dv.hkv = 2; dv.causal = true; dv.window_left = 200;
+  dv.lens_q = {1, 1, 0, 3, 1, 1};
+  dv.lens_kv = {1000, 5, 9, 300, 2500, 0};
+  for (bool used : {false, true}) {
+    dv.used_kv = used ? std::vector<int32_t>{700, 5, 0, 130, 2500, 0} : std::vector<int32_t>{};
+    for (Scheme sc : {Scheme::paper, Scheme::accurate}) {
+      dv.scheme = sc; dv.seed = ++seed;
+      check_kernel_vs_cpu(dv, GpuPath::decode);
+    }
+  }
 }
 
 // Path decode on more rows than one tile holds: a precise not_available, nothing launched.
