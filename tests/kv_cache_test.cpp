@@ -396,37 +396,39 @@ TEST(KvCache, PagedAttentionEqualsContiguous) {
   for (Scheme s : {Scheme::accurate, Scheme::paper})
     for (bool causal : {false, true})
       for (Layout layout : {Layout::BHSD, Layout::BSHD})
-        for (bool ragged : {false, true}) {
-          SCOPED_TRACE(std::string(to_string(s)) + (causal ? " causal " : " ") + to_string(layout) +
-                       (ragged ? " ragged" : ""));
-          // BSHD q8 [B, 1, Hq, D] is BHSD [B, Hq, 1, D] in memory: one query row there.
-          const int B = 3, Hq = 4, Hkv = 2, Sq = layout == Layout::BHSD ? 3 : 1, cap = 64, D = 64, page = 16;
-          QuantizedCache qc(B, Hq, Hkv, Sq, cap, D, s, causal, 41 + int(s) + 2 * causal);
-          const Options& o = qc.o;
-          QuantizedQKV flat = qc.view();
-          PagedCopy pc(flat, page, layout, 5, 7 + ragged);
-          std::vector<int32_t> lens = {45, -3, 100};
-          if (ragged) {
-            flat.seqused_kv = pc.x.seqused_kv = make_tensor(lens.data(), DType::i32, {B});
-            pc.drop_pages_past(lens);  // not read
+        for (bool ragged : {false, true})
+          for (int window : {-1, 20}) {  // a sliding window whose edge falls inside a page
+            SCOPED_TRACE(std::string(to_string(s)) + (causal ? " causal " : " ") + to_string(layout) +
+                         (ragged ? " ragged" : "") + " window_left " + std::to_string(window));
+            // BSHD q8 [B, 1, Hq, D] is BHSD [B, Hq, 1, D] in memory: one query row there.
+            const int B = 3, Hq = 4, Hkv = 2, Sq = layout == Layout::BHSD ? 3 : 1, cap = 64, D = 64, page = 16;
+            QuantizedCache qc(B, Hq, Hkv, Sq, cap, D, s, causal, 41 + int(s) + 2 * causal);
+            Options o = qc.o;
+            o.window_left = window;
+            QuantizedQKV flat = qc.view();
+            PagedCopy pc(flat, page, layout, 5, 7 + ragged);
+            std::vector<int32_t> lens = {45, -3, 100};
+            if (ragged) {
+              flat.seqused_kv = pc.x.seqused_kv = make_tensor(lens.data(), DType::i32, {B});
+              pc.drop_pages_past(lens);  // not read
+            }
+            if (layout == Layout::BSHD) pc.x.q8 = make_tensor(qc.qp.q8.data(), DType::i8, {B, Sq, Hq, D});
+            const std::vector<int64_t> oshape = layout == Layout::BHSD ? std::vector<int64_t>{B, Hq, Sq, D}
+                                                                       : std::vector<int64_t>{B, Sq, Hq, D};
+            std::vector<float> want(size_t(B) * Hq * Sq * D, NAN), got(want.size(), NAN);
+            std::vector<float> want_lse(size_t(B) * Hq * Sq, NAN), got_lse(want_lse.size(), NAN);
+            const Tensor twl = make_tensor(want_lse.data(), DType::f32, {B, Hq, Sq});
+            const Tensor tgl = make_tensor(got_lse.data(), DType::f32, {B, Hq, Sq});
+            Status st = attention_int8(flat, Tensor(), Tensor(), 0, 0,
+                                       make_tensor(want.data(), DType::f32, {B, Hq, Sq, D}), &twl, o);
+            ASSERT_TRUE(st.ok()) << st.message();
+            Tensor tout = make_tensor(got.data(), DType::f32, {oshape[0], oshape[1], oshape[2], oshape[3]});
+            st = attention_int8(pc.x, Tensor(), Tensor(), 0, 0, tout, &tgl, o);
+            ASSERT_TRUE(st.ok()) << st.message();
+            EXPECT_EQ(count_nan(got), 0);
+            EXPECT_EQ(got, want);
+            EXPECT_EQ(got_lse, want_lse);
           }
-          if (layout == Layout::BSHD) pc.x.q8 = make_tensor(qc.qp.q8.data(), DType::i8, {B, Sq, Hq, D});
-          const std::vector<int64_t> oshape = layout == Layout::BHSD ? std::vector<int64_t>{B, Hq, Sq, D}
-                                                                     : std::vector<int64_t>{B, Sq, Hq, D};
-          std::vector<float> want(size_t(B) * Hq * Sq * D, NAN), got(want.size(), NAN);
-          std::vector<float> want_lse(size_t(B) * Hq * Sq, NAN), got_lse(want_lse.size(), NAN);
-          const Tensor twl = make_tensor(want_lse.data(), DType::f32, {B, Hq, Sq});
-          const Tensor tgl = make_tensor(got_lse.data(), DType::f32, {B, Hq, Sq});
-          Status st = attention_int8(flat, Tensor(), Tensor(), 0, 0,
-                                     make_tensor(want.data(), DType::f32, {B, Hq, Sq, D}), &twl, o);
-          ASSERT_TRUE(st.ok()) << st.message();
-          Tensor tout = make_tensor(got.data(), DType::f32, {oshape[0], oshape[1], oshape[2], oshape[3]});
-          st = attention_int8(pc.x, Tensor(), Tensor(), 0, 0, tout, &tgl, o);
-          ASSERT_TRUE(st.ok()) << st.message();
-          EXPECT_EQ(count_nan(got), 0);
-          EXPECT_EQ(got, want);
-          EXPECT_EQ(got_lse, want_lse);
-        }
 }
 
 // Paged KV errors: each names the argument, what was expected and what came.
