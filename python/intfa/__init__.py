@@ -28,7 +28,7 @@ __all__ = [
     "QuantizedQKV", "quantize_q", "append_kv", "KVCache", "PagedKVCache", "quantized_bytes",
     "build_info", "device_info", "resolve_gpu_path",
     "patch_sdpa", "unpatch_sdpa", "sdpa_patched", "scaled_dot_product_attention",
-    "sdpa_supported", "__version__",
+    "sdpa_supported", "flash_attn_func", "flash_attn_varlen_func", "__version__",
 ]
 
 __version__ = _lib.build_info()["version"]
@@ -927,6 +927,64 @@ def sdpa_supported(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
     _need_torch("sdpa_supported")
     return _torch.sdpa_supported(query, key, value, attn_mask, dropout_p, is_causal, scale,
                                  enable_gqa)
+
+
+def _flash_attn_args(dropout_p, softcap, alibi_slopes, causal, window_size, block_table=None):
+    """FlashAttention-2's arguments that intfa does not take, refused by name; the window as
+    FlashAttention reads it (causal sets its right edge to 0)."""
+    if dropout_p != 0.0:
+        raise ValueError(f"dropout_p: intfa computes inference attention, expected 0.0, got {dropout_p}")
+    if softcap != 0.0:
+        raise NotImplementedError(f"softcap: logit soft-capping is not built in intfa (expected 0.0, "
+                                  f"got {softcap})")
+    if alibi_slopes is not None:
+        raise NotImplementedError("alibi_slopes: ALiBi is not built in intfa (expected None)")
+    if block_table is not None:
+        raise NotImplementedError("block_table: intfa reads paged KV as an INT8 cache "
+                                  "(intfa.PagedKVCache, attention_int8(block_table=)), not fp16/bf16 "
+                                  "pages (expected None)")
+    left, right = _arrays.window_arg(window_size)
+    return (left, 0) if causal else (left, right)
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                    scheme="accurate", path="auto"):
+    """FlashAttention-2's flash_attn_func, computed by intfa: a drop-in for code written against
+    flash_attn (`from intfa import flash_attn_func`).
+
+    q: (batch, seqlen_q, nheads, headdim), k and v: (batch, seqlen_k, nheads_k, headdim) (nheads_k
+    dividing nheads: GQA / MQA), float16 or bfloat16, on any device intfa runs on. causal is
+    bottom-right aligned and, as in flash_attn, sets window_size's right edge to 0. Returns out
+    (like q), or with return_attn_probs (out, softmax_lse, None): softmax_lse float32 (batch,
+    nheads, seqlen_q); intfa never forms the probabilities, so the third item is None.
+    deterministic is accepted and has no effect (the forward pass is deterministic). dropout_p
+    must be 0; softcap and alibi_slopes are not built (NotImplementedError). scheme and path are
+    intfa's (attention()).
+    """
+    window = _flash_attn_args(dropout_p, softcap, alibi_slopes, causal, window_size)
+    r = attention(q, k, v, is_causal=causal, window_size=window, scale=softmax_scale, enable_gqa=True,
+                  layout="BSHD", scheme=scheme, return_lse=bool(return_attn_probs), path=path)
+    return (r[0], r[1], None) if return_attn_probs else r
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                           softcap=0.0, alibi_slopes=None, deterministic=False,
+                           return_attn_probs=False, block_table=None, *, scheme="accurate",
+                           path="auto"):
+    """FlashAttention-2's flash_attn_varlen_func, computed by intfa (attention_varlen()).
+
+    q: (total_q, nheads, headdim), k and v: (total_k, nheads_k, headdim), cu_seqlens_q / _k int32
+    (batch + 1,) on q's device; causal and the window per sequence. softmax_lse is float32
+    (nheads, total_q). block_table (fp16/bf16 pages) is not taken: intfa's paged caches are INT8
+    (PagedKVCache). Otherwise as flash_attn_func.
+    """
+    window = _flash_attn_args(dropout_p, softcap, alibi_slopes, causal, window_size, block_table)
+    r = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                         is_causal=causal, window_size=window, scale=softmax_scale, enable_gqa=True,
+                         scheme=scheme, return_lse=bool(return_attn_probs), path=path)
+    return (r[0], r[1], None) if return_attn_probs else r
 
 
 if _torch is not None:

@@ -890,3 +890,24 @@ def test_paged_kv_cache_window_on_the_gpu():
                                      return_lse=True)
         _window_vs_cpu(out, lse, out_c, lse_c)
         assert not torch.equal(out, paged.attention(chunk, is_causal=True, path=path))
+
+
+def test_flash_attn_func_on_the_gpu():
+    """flash_attn's calling convention on CUDA tensors: intfa.attention's bits (BSHD, GQA, the
+    window with causal's right edge 0, the LSE), dense and varlen."""
+    q, k, v = make_qkv(2, 8, 2, 300, 700, 128, "BSHD", seed=91)
+    out, lse, probs = intfa.flash_attn_func(q, k, v, causal=True, window_size=(255, 3),
+                                            return_attn_probs=True)
+    want, want_lse = intfa.attention(q, k, v, is_causal=True, window_size=(255, 0), enable_gqa=True,
+                                     layout="BSHD", return_lse=True)
+    assert probs is None and torch.equal(out, want) and torch.equal(lse, want_lse)
+    cu_q = torch.tensor([0, 100, 100, 400], dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor([0, 300, 450, 1000], dtype=torch.int32, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(92)
+    qp, kp, vp = (torch.randn(n, h, 128, device="cuda", generator=g).half()
+                  for n, h in ((400, 8), (1000, 2), (1000, 2)))
+    out = intfa.flash_attn_varlen_func(qp, kp, vp, cu_q, cu_k, 300, 550, causal=True,
+                                       window_size=(128, -1))
+    want = intfa.attention_varlen(qp, kp, vp, cu_q, cu_k, 300, 550, is_causal=True,
+                                  window_size=(128, 0), enable_gqa=True)
+    assert torch.equal(out, want)

@@ -663,3 +663,49 @@ def test_window_kv_cache_torch(monkeypatch):
         ref, _ = attention_ref(qt, k[:, :, t - 7:t + 1], v[:, :, t - 7:t + 1])
         assert rel_l2(out, ref) < 0.05
     assert len(calls) == 8  # a fast-path step of the torch cache and one of the NumPy cache
+
+
+def test_flash_attn_func_is_a_drop_in():
+    # flash_attn's calling convention (BSHD, GQA, causal setting the window's right edge to 0,
+    # return_attn_probs giving the LSE) mapped onto intfa.attention, bit for bit, and within the
+    # scheme's error of float64 softmax (so the layout is read as flash_attn's).
+    q, k, v = rand(2, 70, 4, 64, seed=80), rand(2, 90, 2, 64, seed=81), rand(2, 90, 2, 64, seed=82)
+    out, lse, probs = intfa.flash_attn_func(q, k, v, causal=True, window_size=(20, 7),
+                                            softmax_scale=0.1, return_attn_probs=True)
+    assert probs is None and out.shape == q.shape and lse.shape == (2, 4, 70)
+    want, want_lse = intfa.attention(q, k, v, is_causal=True, window_size=(20, 0), scale=0.1,
+                                     enable_gqa=True, layout="BSHD", return_lse=True)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    ref, ref_lse = attention_ref(q, k, v, causal=True, scale=0.1, layout="BSHD", window=(20, 0))
+    assert rel_l2(out, ref) < 3e-2
+    np.testing.assert_allclose(lse.numpy(), ref_lse, atol=5e-2)
+    assert torch.equal(intfa.flash_attn_func(q, k, v), intfa.attention(q, k, v, enable_gqa=True,
+                                                                        layout="BSHD"))
+    cu_q = torch.tensor([0, 10, 10, 50], dtype=torch.int32)
+    cu_k = torch.tensor([0, 20, 25, 45], dtype=torch.int32)
+    qp, kp, vp = rand(50, 4, 64, seed=83), rand(45, 2, 64, seed=84), rand(45, 2, 64, seed=85)
+    out, lse, _ = intfa.flash_attn_varlen_func(qp, kp, vp, cu_q, cu_k, 40, 20, window_size=(4, 6),
+                                               return_attn_probs=True)
+    assert lse.shape == (4, 50)
+    want, want_lse = intfa.attention_varlen(qp, kp, vp, cu_q, cu_k, 40, 20, window_size=(4, 6),
+                                            enable_gqa=True, return_lse=True)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    ref, _ = varlen_ref(qp, kp, vp, cu_q, cu_k, window=(4, 6))
+    assert rel_l2(out, ref) < 3e-2
+
+
+def test_flash_attn_func_refuses_what_intfa_does_not_build():
+    q = rand(1, 8, 2, 64)
+    with pytest.raises(ValueError, match=r"dropout_p: intfa computes inference attention, "
+                                         r"expected 0.0, got 0.1"):
+        intfa.flash_attn_func(q, q, q, dropout_p=0.1)
+    with pytest.raises(NotImplementedError, match=r"softcap: logit soft-capping is not built"):
+        intfa.flash_attn_func(q, q, q, softcap=30.0)
+    with pytest.raises(NotImplementedError, match=r"alibi_slopes: ALiBi is not built"):
+        intfa.flash_attn_func(q, q, q, alibi_slopes=torch.ones(2))
+    cu = torch.tensor([0, 8], dtype=torch.int32)
+    with pytest.raises(NotImplementedError, match=r"block_table: intfa reads paged KV as an INT8"):
+        intfa.flash_attn_varlen_func(q[0], q[0], q[0], cu, cu, 8, 8,
+                                     block_table=torch.zeros(1, 1, dtype=torch.int32))
+    with pytest.raises(TypeError, match=r"window_size: expected a pair of ints"):
+        intfa.flash_attn_func(q, q, q, window_size=4)
