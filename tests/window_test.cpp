@@ -39,12 +39,17 @@ Options window_options(const Window& w) {
   return o;
 }
 
-// Float64 softmax over the keys j with i + diag - left <= j <= i + diag + right (an edge at -1 is
-// open; causal is right = 0) straight from the bf16 inputs, BHSD, no GQA.
+// Whether query i sees key j under window w: i + diag - left <= j <= i + diag + right, diag =
+// Skv - Sq (an edge at -1 is open; causal is right = 0).
+bool sees(const Window& w, bool causal, int i, int j) {
+  const int diag = i + w.skv - w.sq, right = causal ? 0 : w.right;
+  return (w.left < 0 || j >= diag - w.left) && (right < 0 || j <= diag + right);
+}
+
+// Float64 softmax over the keys query i sees, straight from the bf16 inputs, BHSD, no GQA.
 void masked_softmax(const HostQKV& x, const Window& w, double scale, std::vector<double>* out,
                     std::vector<double>* lse) {
   const int B = x.batch, H = x.heads_q, Sq = x.seqlen_q, Skv = x.seqlen_kv, D = x.head_dim;
-  const int right = w.causal ? 0 : w.right;
   out->assign(size_t(B) * H * Sq * D, 0.0);
   lse->assign(size_t(B) * H * Sq, -std::numeric_limits<double>::infinity());
   auto at = [&](const std::vector<uint16_t>& t, int b, int h, int s, int S, int d) {
@@ -53,10 +58,9 @@ void masked_softmax(const HostQKV& x, const Window& w, double scale, std::vector
   for (int b = 0; b < B; ++b)
     for (int h = 0; h < H; ++h)
       for (int i = 0; i < Sq; ++i) {
-        const int diag = i + Skv - Sq;
         std::vector<int> keys;
         for (int j = 0; j < Skv; ++j)
-          if ((w.left < 0 || j >= diag - w.left) && (right < 0 || j <= diag + right)) keys.push_back(j);
+          if (sees(w, w.causal, i, j)) keys.push_back(j);
         if (keys.empty()) continue;
         std::vector<double> s(keys.size());
         double mx = -std::numeric_limits<double>::infinity();
@@ -188,13 +192,9 @@ TEST(SlidingWindow, BenchCountsTheVisiblePairs) {
   for (const Window& w : kWindows)
     for (bool causal : {false, true}) {
       if (causal && w.right > 0) continue;
-      const int right = causal ? 0 : w.right;
       double n = 0;
       for (int i = 0; i < w.sq; ++i)
-        for (int j = 0; j < w.skv; ++j) {
-          const int diag = i + w.skv - w.sq;
-          n += (w.left < 0 || j >= diag - w.left) && (right < 0 || j <= diag + right);
-        }
+        for (int j = 0; j < w.skv; ++j) n += sees(w, causal, i, j);
       EXPECT_EQ(tools::visible_pairs(w.sq, w.skv, causal, w.left, w.right), n)
           << w.sq << " x " << w.skv << (causal ? " causal" : "") << " window (" << w.left << ", " << w.right << ")";
     }

@@ -479,6 +479,18 @@ QuantParams make_quant_params(const Problem& p, const Tensor& q, const Tensor& k
   return qp;
 }
 
+// Options' mask in the form FwdParams and ref::ExactParams hold it (their seqlen_q / seqlen_kv
+// set first): causal is window_right = 0, and a right edge alone makes a launch causal-shaped.
+// An edge that leaves no key of any row out (left >= Skv - 1, right >= Sq - 1; Sq, Skv the
+// longest sequences) is dropped, so such calls run the unwindowed kernels.
+template <typename P>
+void set_mask(const Options& opts, P* p) {
+  const bool right_open = opts.window_right < 0 || opts.window_right >= p->seqlen_q - 1;
+  p->causal = opts.causal || !right_open;
+  p->window_right = opts.causal ? 0 : std::max(opts.window_right, 0);
+  p->window_left = opts.window_left >= p->seqlen_kv - 1 ? -1 : opts.window_left;
+}
+
 FwdParams make_fwd_params(const Problem& p, const QuantizedQKV& x, const Tensor& out,
                           const Tensor* lse, const Options& opts) {
   FwdParams f;
@@ -489,13 +501,7 @@ FwdParams make_fwd_params(const Problem& p, const QuantizedQKV& x, const Tensor&
   f.total_kv = p.shape.total_kv;
   f.scheme = x.scheme;
   f.softmax_scale = p.softmax_scale;
-  // causal is window_right = 0; a right window alone makes a launch causal-shaped too. An edge
-  // past every key of every row is dropped (left >= Skv - 1 leaves no key of any row out, right
-  // >= Sq - 1 neither; Sq, Skv the longest sequences), so such calls run the unwindowed kernels.
-  const bool right_open = opts.window_right < 0 || opts.window_right >= f.seqlen_q - 1;
-  f.causal = opts.causal || !right_open;
-  f.window_right = opts.causal ? 0 : std::max(opts.window_right, 0);
-  f.window_left = opts.window_left >= f.seqlen_kv - 1 ? -1 : opts.window_left;
+  set_mask(opts, &f);
   f.block_n = opts.block_n;
   f.q8 = static_cast<const int8_t*>(x.q8.data); f.q_st = p.q.st;
   f.k8 = static_cast<const int8_t*>(x.k8.data); f.k_st = p.k.st;
@@ -1027,9 +1033,7 @@ Status attention_reference(const Tensor& q, const Tensor& k, const Tensor& v, co
   e.batch = p.shape.batch; e.heads_q = p.shape.heads_q; e.heads_kv = p.shape.heads_kv;
   e.seqlen_q = p.shape.seqlen_q; e.seqlen_kv = p.shape.seqlen_kv; e.head_dim = p.shape.head_dim;
   e.softmax_scale = opts.scale != 0.f ? opts.scale : 1.0f / std::sqrt(static_cast<float>(p.q.D));
-  e.causal = opts.causal || opts.window_right >= 0;
-  e.window_right = opts.causal ? 0 : std::max(opts.window_right, 0);
-  e.window_left = opts.window_left;
+  set_mask(opts, &e);
   e.in_dtype = q.dtype;
   e.q = q.data; e.q_st = p.q.st;
   e.k = k.data; e.k_st = p.k.st;

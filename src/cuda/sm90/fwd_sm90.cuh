@@ -106,8 +106,6 @@ __device__ long long g_trace[2][kTraceIters][kTracePhases];
 // tiles are equal, and their hot loop stays as it was (a dynamic variant of it measured 1% slower).
 template <bool Causal>
 constexpr bool kDynamic = Causal;
-// diag_shift of a non-causal launch run by a causal kernel: no key lies past any row's diagonal.
-constexpr int kNoDiagonal = 1 << 29;
 
 // Everything the kernel needs: the problem plus the TMA descriptors of Q, K and V^T.
 struct Params {
@@ -126,7 +124,8 @@ struct Params {
   // {sequence, row block} of all sequences, most key blocks first; each runs for every head.
   const int2* entries = nullptr;
   const int* entry_count = nullptr;
-  // Added to every tile's diagonal: kNoDiagonal when a causal kernel runs a non-causal launch.
+  // Added to every tile's diagonal: a window's right edge, or kNoEdge (params.h) when a causal
+  // kernel runs a non-causal launch.
   int diag_shift = 0;
   // Dynamic tile scheduling (kDynamic): a zeroed counter that the CTAs take their next tile
   // from after their first (blockIdx.x).
@@ -191,7 +190,7 @@ __device__ __forceinline__ int64_t part_row0(const Params& P, int split, int til
 // test and the causal mask read the same as for a whole tile.
 struct Tile {
   int b, h, hkv, m0, sq, skv, diag, n_blocks;
-  int first;  // Window kernels: position + first is a row's first key
+  int first;  // Window kernels only: position + first is a row's first key
   int64_t q0, k0, vcol0;
   int bc;  // batch coordinate of the TMA maps (0 for packed varlen tensors)
 };
@@ -229,7 +228,6 @@ __device__ __forceinline__ bool decode_tile(const Params& P, int unit, Tile& T) 
   if constexpr (Split) {
     // Window kernels (a sliding window's left edge, FwdParams::window_left): the blocks left of
     // the tile's lowest row's window are skipped, the ranges cut from the rest.
-    T.first = kNoFirstKey;
     int kb_first = 0;
     if constexpr (Window) {
       const int pos_lo = fwd::lowest_position(T.m0, min(T.m0 + kBlockM, T.sq) - 1, p.row_period);
@@ -243,7 +241,7 @@ __device__ __forceinline__ bool decode_tile(const Params& P, int unit, Tile& T) 
     T.vcol0 += key0;
     T.skv -= key0;
     T.diag -= key0;
-    T.first -= key0;
+    if constexpr (Window) T.first -= key0;
   }
   T.bc = p.cu_q ? 0 : T.b;
   return true;

@@ -241,7 +241,7 @@ Status launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   // Sliding windows run the causal split kernels too: the right edge is the diagonal moved by
   // window_right (0 for plain causal), or past every key when there is none.
   const bool causal_kernel = p.causal || varlen || window;
-  if (causal_kernel) prm.diag_shift = p.causal ? p.window_right : sm90::kNoDiagonal;
+  if (causal_kernel) prm.diag_shift = p.causal ? p.window_right : kNoEdge;
   const bool dynamic = causal_kernel ? sm90::kDynamic<true> : sm90::kDynamic<false>;
   const size_t part_rows = prm.num_splits > 1 ? size_t(prm.num_units) * sm90::kBlockM : 0;
   const size_t ml_off = 16, o_off = ml_off + part_rows * sizeof(float2);
