@@ -180,9 +180,13 @@ TEST(TileOrder, PackGqaRowsAddressesTheSameRows) {
     float lse_dummy = 0.f;
     p.lse = c.lse ? &lse_dummy : nullptr;
     p.lse_st = rows;
+    std::vector<float> sinks(c.hq);
+    for (int h = 0; h < c.hq; ++h) sinks[h] = float(h);  // each head's sink names its head
+    p.sinks = sinks.data();
     const FwdParams before = p;
     EXPECT_EQ(fwd::pack_gqa_rows(p), c.packs);
     if (!c.packs) {
+      for (int h = 0; h < c.hq; ++h) EXPECT_EQ(sink_of(p, h, c.sq - 1), float(h));
       EXPECT_EQ(p.heads_q, before.heads_q);
       EXPECT_EQ(p.seqlen_q, before.seqlen_q);
       EXPECT_EQ(p.causal, before.causal);
@@ -203,6 +207,7 @@ TEST(TileOrder, PackGqaRowsAddressesTheSameRows) {
           ASSERT_EQ(at(p.o_st, b, hk, r), at(before.o_st, b, h, s));
           ASSERT_EQ(at(p.qs_st, b, hk, r), at(before.qs_st, b, h, s));
           if (c.lse) ASSERT_EQ(at(p.lse_st, b, hk, r), at(before.lse_st, b, h, s));
+          ASSERT_EQ(sink_of(p, hk, r), float(h)) << "the sink of the row's query head";
           // The K/V head of the packed head is the query head's.
           ASSERT_EQ(hk / (p.heads_q / p.heads_kv), h / (before.heads_q / before.heads_kv));
         }

@@ -91,6 +91,17 @@ struct Options {
   // Rows that see no key give zeros (LSE -inf). Every backend, path and entry point.
   int window_left = -1;
   int window_right = -1;
+  // Attention sinks (gpt-oss; StreamingLLM's learned form): f32 [heads_q], one logit z_h per
+  // query head in the units of the scaled scores (scale * q.k, natural log). Each row's softmax
+  // gains the term e^z_h in its denominator and nothing in its numerator:
+  //   out = sum_j e^(s_j) v_j / (e^z_h + sum_j e^(s_j)),   lse = log(e^z_h + sum_j e^(s_j)).
+  // So the LSE includes the sink (flash_attn's learnable_sink does the same); a row that sees
+  // no key gives zeros and LSE z_h; z_h = -inf is no sink. Undefined (data == nullptr): none.
+  // In the memory space of q (device memory on the GPU, where the values are not checked:
+  // finite or -inf; the CPU backend refuses NaN and +inf). Every backend, path and entry point;
+  // with pre-quantized inputs of scheme accurate (or half) qkv.lse_offset must be defined,
+  // since the smoothed scores are shifted by it and the sink is not.
+  Tensor sinks;
   float scale = 0.0f;    // softmax scale; 0 means 1/sqrt(D)
   Layout layout = Layout::BHSD;  // of q, k, v, out (ignored by the varlen entry points)
   Scheme scheme = Scheme::accurate;

@@ -519,6 +519,7 @@ FwdParams make_fwd_params(const Problem& p, const QuantizedQKV& x, const Tensor&
     f.lse = static_cast<float*>(lse->data);
     f.lse_st = rows_strides(p.shape, true);
   }
+  f.sinks = static_cast<const float*>(opts.sinks.data);
   return f;
 }
 
@@ -567,7 +568,9 @@ Status run_fp_attention(Problem& p, const Tensor& q, const Tensor& k, const Tens
     pq.k = k8v;
     if (opts.scheme != Scheme::half) pq.v.st = qp.vt_st;
     FwdParams fp = make_fwd_params(pq, x, out, lse, opts);
-    if (!fp.lse) {  // only the LSE needs q . mean(K): without it Q rows wait for no K statistics
+    // Only the LSE and sinks need q . mean(K) (the frame of the smoothed scores): without them
+    // Q rows wait for no K statistics.
+    if (!fp.lse && !fp.sinks) {
       qp.lse_offset = nullptr;
       fp.lse_offset = nullptr;
     }
@@ -666,6 +669,7 @@ Status attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor
   Problem p;
   INTFA_TRY(validate_qkv(q, k, v, Form::dense, opts, &p));
   INTFA_TRY(validate_out(out, lse, p, false));
+  INTFA_TRY(api::check_sinks(opts, p.shape.heads_q, q, "q"));
   return run_fp_attention(p, q, k, v, out, lse, opts);
 }
 
@@ -677,6 +681,7 @@ Status attention_varlen(const Tensor& q, const Tensor& k, const Tensor& v,
   INTFA_TRY(validate_qkv(q, k, v, Form::varlen, opts, &p));
   INTFA_TRY(validate_varlen(cu_seqlens_q, cu_seqlens_kv, max_seqlen_q, max_seqlen_kv, opts, &p));
   INTFA_TRY(validate_out(out, lse, p, false));
+  INTFA_TRY(api::check_sinks(opts, p.shape.heads_q, q, "q"));
   return run_fp_attention(p, q, k, v, out, lse, opts);
 }
 
@@ -769,6 +774,11 @@ Status attention_int8(const QuantizedQKV& x, const Tensor& cu_seqlens_q,
     INTFA_TRY(api::check_exact_shape(*lse, "lse", DType::f32, rows_shape(s, true), rows_desc(s, true)));
     if (lse->on_device != p.gpu) return invalid("lse: expected the memory space of q8");
   }
+  INTFA_TRY(api::check_sinks(opts, s.heads_q, x.q8, "q8"));
+  if (opts.sinks.defined() && x.scheme != Scheme::paper && !x.lse_offset.defined())
+    return invalid("qkv.lse_offset: sinks with scheme " + std::string(to_string(x.scheme)) +
+                   " need it (the smoothed scores are shifted by scale * q . k_mean and the sink is not); "
+                   "expected the tensor quantize() / quantize_q() write, got undefined");
   FwdParams fp = make_fwd_params(p, x, out, lse, opts);
   fp.seqused_kv = static_cast<const int32_t*>(x.seqused_kv.data);
   if (paged) {
@@ -1028,6 +1038,7 @@ Status attention_reference(const Tensor& q, const Tensor& k, const Tensor& v, co
   p.shape.seqlen_kv = static_cast<int>(p.k.S);
   p.shape.head_dim = static_cast<int>(p.q.D);
   INTFA_TRY(validate_out(out, lse, p, true));
+  INTFA_TRY(api::check_sinks(opts, p.shape.heads_q, q, "q"));
   const View o = api::view_of(out, p.layout, Form::dense);
   ref::ExactParams e;
   e.batch = p.shape.batch; e.heads_q = p.shape.heads_q; e.heads_kv = p.shape.heads_kv;
@@ -1039,6 +1050,7 @@ Status attention_reference(const Tensor& q, const Tensor& k, const Tensor& v, co
   e.k = k.data; e.k_st = p.k.st;
   e.v = v.data; e.v_st = p.v.st;
   e.out = out.data; e.o_st = o.st; e.out_dtype = out.dtype;
+  e.sinks = static_cast<const float*>(opts.sinks.data);
   if (lse && lse->defined()) {
     e.lse = lse->data;
     e.lse_dtype = lse->dtype;

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <sstream>
 
 namespace intfa::api {
@@ -178,6 +179,22 @@ Status check_same_device(const Tensor& t, const char* name, const Tensor& ref,
   if (t.on_device != ref.on_device || (t.on_device && t.device_index != ref.device_index))
     return invalid(std::string(name) + ": expected " + where(ref) + " like " + ref_name +
                    ", got " + where(t));
+  return Status::OK();
+}
+
+Status check_sinks(const Options& o, int64_t heads_q, const Tensor& ref, const char* ref_name) {
+  if (!o.sinks.defined()) return Status::OK();
+  if (Status st = check_exact_shape(o.sinks, "sinks", DType::f32, {heads_q}, "[heads_q]"); !st.ok()) return st;
+  if (Status st = check_same_device(o.sinks, "sinks", ref, ref_name); !st.ok()) return st;
+  if (o.sinks.on_device) return Status::OK();  // device values are the kernels' to read
+  const float* z = static_cast<const float*>(o.sinks.data);
+  for (int64_t h = 0; h < heads_q; ++h) {
+    if (std::isnan(z[h]) || z[h] == std::numeric_limits<float>::infinity()) {
+      std::ostringstream os;
+      os << "sinks: expected finite logits or -inf (no sink), got " << z[h] << " for head " << h;
+      return invalid(os.str());
+    }
+  }
   return Status::OK();
 }
 

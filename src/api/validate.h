@@ -41,6 +41,9 @@ Status check_exact_shape(const Tensor& t, const char* name, DType dtype,
                          const std::vector<int64_t>& shape, const char* dims_desc, bool padded_rows = false);
 Status check_same_device(const Tensor& t, const char* name, const Tensor& ref, const char* ref_name);
 Status check_options(const Options& o);
+// Options::sinks, when defined: f32 [heads_q] in the memory space of `ref` (named ref_name); on
+// the host, values finite or -inf.
+Status check_sinks(const Options& o, int64_t heads_q, const Tensor& ref, const char* ref_name);
 // head_dim supported by the backend chosen (cpu: multiple of 16 in [16, 256]; GPU: 64, 128).
 Status check_head_dim(int64_t d, bool gpu);
 // cu_seqlens (int32 [nseq+1], host copy): first 0, non-decreasing, last == total; returns the

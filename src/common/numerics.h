@@ -18,6 +18,22 @@ constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kQMax = 127;    // symmetric int8 range used for Q, K, V (and paper's P)
 constexpr int kPMaxU8 = 255;  // unsigned P levels of the accurate scheme
 
+// Attention sinks (Options::sinks) at a row's end, in any backend's frame: a = log2 of the row's
+// sum there (m + log2 l, -inf for a row that saw no key), z2 = (z - lse_offset) log2 e the sink
+// logit in the same frame (the smoothed scores are shifted by lse_offset, the sink is not).
+// The row's output is multiplied by scale = 2^a / (2^a + 2^z2), and lse2 = log2(2^a + 2^z2),
+// taken around the larger term so nothing overflows, replaces a in the LSE. z2 = -inf gives
+// scale 1 and lse2 = a exactly; a = -inf gives scale 0 (zeros, as without a sink) and lse2 = z2.
+struct SinkFold {
+  float scale, lse2;
+};
+INTFA_HD SinkFold fold_sink(float a, float z2) {
+  const float hi = a > z2 ? a : z2, lo = a > z2 ? z2 : a;
+  if (!(hi > -INFINITY)) return {0.f, -INFINITY};  // no key and no sink
+  const float lse2 = hi + log2f(1.f + exp2f(lo - hi));
+  return {exp2f(a - lse2), lse2};
+}
+
 // Rows whose max |x| is below 2^-100 are treated as zero rows: 127/amax would overflow fp32
 // for bf16 inputs near FLT_MIN, and such values are far below any meaningful attention input.
 constexpr float kQuantTiny = 7.888609052210118e-31f;  // 2^-100

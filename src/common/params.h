@@ -131,6 +131,11 @@ struct FwdParams {
   // (-1: none). Last in the struct, so the kernels' parameter offsets stay as they were.
   int window_left = -1;
   int window_right = 0;
+  // Attention sinks (Options::sinks): f32 [heads_q] of the call, or null. Packed GQA rows
+  // (fwd::pack_gqa_rows) hold sink_g query heads of sink_rows rows each (sink_of).
+  const float* sinks = nullptr;
+  int sink_g = 1;
+  int sink_rows = 0x7fffffff;
 };
 
 // Window edges of a row at query position pos with diagonal diag = skv - sq: its last visible
@@ -143,6 +148,11 @@ INTFA_HD int last_key(const FwdParams& p, int pos, int diag) {
 }
 INTFA_HD int first_key(const FwdParams& p, int pos, int diag) {
   return p.window_left >= 0 ? pos + diag - p.window_left : kNoFirstKey;
+}
+
+// The sink logit of row `row` (index within its sequence) of head h.
+INTFA_HD float sink_of(const FwdParams& p, int h, int64_t row) {
+  return p.sinks[int64_t(h) * p.sink_g + row / p.sink_rows];
 }
 
 // Token range of sequence b: [tok0, tok0 + len).

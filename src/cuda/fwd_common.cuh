@@ -246,6 +246,35 @@ __device__ __forceinline__ void write_lse(const FwdParams& p, int b, int h, int6
   }
 }
 
+// Attention sinks (FwdParams::sinks, fold_sink) of the thread's two rows, by every lane of the
+// quad: inv_l scaled by each row's fold and lse2 the log2 of its whole denominator in the frame
+// of the smoothed scores (-inf: no key and no sink), for write_lse2.
+__device__ __forceinline__ void fold_sinks(const FwdParams& p, int b, int h, int64_t q0, int sq, const int (&row)[2],
+                                           const float (&l_full)[2], const float (&m_run)[2], float (&inv_l)[2],
+                                           float (&lse2)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    lse2[r] = l_full[r] > 0.f ? m_run[r] + log2f(l_full[r]) : neg_inf();
+    if (row[r] >= sq) continue;
+    const float off = p.lse_offset ? p.lse_offset[offset(p.qs_st, b, h, q0 + row[r])] : 0.f;
+    const SinkFold f = fold_sink(lse2[r], (sink_of(p, h, row[r]) - off) * kLog2e);
+    inv_l[r] *= f.scale;
+    lse2[r] = f.lse2;
+  }
+}
+
+// write_lse after fold_sinks.
+__device__ __forceinline__ void write_lse2(const FwdParams& p, int b, int h, int64_t q0, int sq, const int (&row)[2],
+                                           const float (&lse2)[2], int t) {
+  if (!p.lse || t != 0) return;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (row[r] >= sq) continue;
+    const float off = p.lse_offset ? p.lse_offset[offset(p.qs_st, b, h, q0 + row[r])] : 0.f;
+    p.lse[offset(p.lse_st, b, h, q0 + row[r])] = lse2[r] == neg_inf() ? neg_inf() : lse2[r] * kLn2 + off;
+  }
+}
+
 // The v_scale pairs of the thread's output channels (8 dn + 2t, +1), loaded before the first
 // output store: `out` may alias v_scale as far as the compiler knows, so loads interleaved with
 // the stores wait for them, one L2 round trip per channel group (~13k cycles per tile on an
@@ -268,8 +297,10 @@ __device__ __forceinline__ void epilogue(const FwdParams& p, int b, int h, int64
                                          const int (&row)[2], const float (&o)[D / 8][4],
                                          const float (&l_part)[2], const float (&m_run)[2], int t,
                                          const float2 (&v2)[D / 8]) {
-  float inv_l[2], l_full[2];
+  float inv_l[2], l_full[2], lse2[2];
   row_sums(l_part, l_full, inv_l);
+  const bool sinks = p.sinks != nullptr;
+  if (sinks) fold_sinks(p, b, h, q0, sq, row, l_full, m_run, inv_l, lse2);
 #pragma unroll
   for (int dn = 0; dn < D / 8; ++dn) {
     const int d = dn * 8 + 2 * t;
@@ -280,13 +311,14 @@ __device__ __forceinline__ void epilogue(const FwdParams& p, int b, int h, int64
       store_out2(p.out, p.out_dtype, idx, o[dn][2 * r] * v2[dn].x * inv_l[r], o[dn][2 * r + 1] * v2[dn].y * inv_l[r]);
     }
   }
-  write_lse(p, b, h, q0, sq, row, l_full, m_run, t);
+  if (sinks) write_lse2(p, b, h, q0, sq, row, lse2, t);
+  else write_lse(p, b, h, q0, sq, row, l_full, m_run, t);
 }
 
 // Merges the key-range partials of one query row. Split kernels leave, per key range, the row's
 // O * v_scale (not divided by l) and (m, l); then M = max m_s, L = sum l_s 2^(m_s - M),
 // O = sum O_s 2^(m_s - M) / L and LSE = (M + log2 L) ln 2 (+ the K-smoothing offset); a row that
-// saw no key (L = 0) gets 0 and -inf. One warp per row: ml and o point at range 0's partial row,
+// saw no key (L = 0) gets 0 and -inf. A sink (fold_sink) joins once, here. One warp per row: ml and o point at range 0's partial row,
 // range s's lies `stride` rows further. q_row: the row's token index (q0 + row) in b, h.
 template <int D>
 __device__ __forceinline__ void merge_split_row(const FwdParams& p, const float2* ml, const float* o, int64_t stride,
@@ -310,15 +342,19 @@ __device__ __forceinline__ void merge_split_row(const FwdParams& p, const float2
       acc[i].y += w * v.y;
     }
   }
-  const float inv_l = l > 0.f ? 1.f / l : 0.f;
+  float inv_l = l > 0.f ? 1.f / l : 0.f;
+  float lse2 = l > 0.f ? mx + log2f(l) : neg_inf();
+  const float off = p.lse_offset && (p.lse || p.sinks) ? p.lse_offset[offset(p.qs_st, b, h, q_row)] : 0.f;
+  if (p.sinks) {  // fold_sinks
+    const SinkFold f = fold_sink(lse2, (sink_of(p, h, q_row - seq_start(p.cu_q, b)) - off) * kLog2e);
+    inv_l *= f.scale;
+    lse2 = f.lse2;
+  }
   const int64_t idx = offset(p.o_st, b, h, q_row);
 #pragma unroll
   for (int i = 0; i < kPairs; ++i)
     store_out2(p.out, p.out_dtype, idx + 2 * (lane + 32 * i), acc[i].x * inv_l, acc[i].y * inv_l);
-  if (p.lse && lane == 0) {
-    const float off = p.lse_offset ? p.lse_offset[offset(p.qs_st, b, h, q_row)] : 0.f;
-    p.lse[offset(p.lse_st, b, h, q_row)] = l > 0.f ? (mx + log2f(l)) * kLn2 + off : neg_inf();
-  }
+  if (p.lse && lane == 0) p.lse[offset(p.lse_st, b, h, q_row)] = lse2 == neg_inf() ? neg_inf() : lse2 * kLn2 + off;
 }
 
 // Paged KV (FwdParams::block_table, pages a multiple of the kernel's key block kBlockN, so a

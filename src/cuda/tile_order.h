@@ -156,6 +156,8 @@ inline bool pack_gqa_rows(FwdParams& p) {
   // period 1, every row at position 0).
   if ((p.causal && p.seqlen_q > 1) || p.window_left >= 0) p.row_period = p.seqlen_q;
   p.causal = p.causal && p.seqlen_q > 1;  // a single query row sees every key up to its diagonal
+  p.sink_g = static_cast<int>(g);  // row r's query head: h * g + r / seqlen_q
+  p.sink_rows = p.seqlen_q;
   p.heads_q = p.heads_kv;
   p.seqlen_q = static_cast<int>(rows);
   return true;

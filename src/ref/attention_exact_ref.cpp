@@ -60,12 +60,20 @@ void attention_exact(const ExactParams& p) {
         const double* vj = &vv[static_cast<size_t>(j) * d];
         for (int c = 0; c < d; ++c) o[c] += w * vj[c];
       }
-      const int64_t ob = offset(p.o_st, b, h, q0 + r);
+      // A sink adds e^z to the denominator only: the weights are taken against max(mx, z).
+      const double z = p.sinks ? double(p.sinks[h]) : -std::numeric_limits<double>::infinity();
       const bool any = limit > first;
-      for (int c = 0; c < d; ++c) store_scalar(p.out, p.out_dtype, ob + c, any ? o[c] / sum : 0.0);
+      double ref = mx, wsum = sum;
+      if (z > -std::numeric_limits<double>::infinity()) {
+        ref = any ? std::max(mx, z) : z;
+        wsum = (any ? sum * std::exp(mx - ref) : 0.0) + std::exp(z - ref);
+      }
+      const double e = any ? std::exp(mx - ref) : 0.0;  // 1 without a sink
+      const int64_t ob = offset(p.o_st, b, h, q0 + r);
+      for (int c = 0; c < d; ++c) store_scalar(p.out, p.out_dtype, ob + c, any ? o[c] * e / wsum : 0.0);
       if (p.lse)
         store_scalar(p.lse, p.lse_dtype, offset(p.lse_st, b, h, q0 + r),
-                     any ? mx + std::log(sum) : -std::numeric_limits<double>::infinity());
+                     wsum > 0.0 ? ref + std::log(wsum) : -std::numeric_limits<double>::infinity());
     }
   });
 }

@@ -135,16 +135,20 @@ void attend_tile(const FwdParams& p, const Tile& t) {
   for (int i = 0; i < t.rows; ++i) {
     const int64_t obase = offset(p.o_st, t.b, t.h, t.q0 + t.m0 + i);
     const bool empty = !(l[i] > 0.f);
-    const float inv_l = empty ? 0.f : 1.f / l[i];
+    float inv_l = empty ? 0.f : 1.f / l[i];
+    const float off = p.lse_offset ? p.lse_offset[offset(p.qs_st, t.b, t.h, t.q0 + t.m0 + i)] : 0.f;
+    float lse = empty ? kNegInf : m[i] * kLn2 + std::log(l[i]) + off;
+    const float z = p.sinks ? sink_of(p, t.h, t.m0 + i) : kNegInf;
+    if (z > kNegInf) {  // the GPU kernels' epilogue (fold_sink; -inf is no sink there, bit for bit)
+      const SinkFold f = fold_sink(empty ? kNegInf : m[i] + std::log2(l[i]), (z - off) * kLog2e);
+      inv_l *= f.scale;
+      lse = f.lse2 == kNegInf ? kNegInf : f.lse2 * kLn2 + off;
+    }
     for (int c = 0; c < d; ++c) {
       const float o = empty ? 0.f : acc[i * d + c] * (vs ? vs[c] : 1.f) * inv_l;
       store_scalar(p.out, p.out_dtype, obase + c, o);
     }
-    if (p.lse) {
-      const int64_t li = offset(p.lse_st, t.b, t.h, t.q0 + t.m0 + i);
-      const float off = p.lse_offset ? p.lse_offset[offset(p.qs_st, t.b, t.h, t.q0 + t.m0 + i)] : 0.f;
-      p.lse[li] = empty ? kNegInf : m[i] * kLn2 + std::log(l[i]) + off;
-    }
+    if (p.lse) p.lse[offset(p.lse_st, t.b, t.h, t.q0 + t.m0 + i)] = lse;
   }
 }
 

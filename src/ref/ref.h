@@ -24,6 +24,7 @@ struct ExactParams {
   const void* v = nullptr;  Strides3 v_st;
   void* out = nullptr;  Strides3 o_st;  DType out_dtype = DType::f64;
   void* lse = nullptr;  Strides3 lse_st;  DType lse_dtype = DType::f64;
+  const float* sinks = nullptr;  // [heads_q] or null (Options::sinks)
 };
 
 void quantize(const QuantParams& p);

@@ -31,6 +31,7 @@ struct Case {
   std::vector<int> lens_q, lens_kv;  // non-empty: varlen
   std::vector<int32_t> used_kv;      // non-empty: seqused_kv, one count per sequence
   int window_left = -1, window_right = -1;  // Options' sliding window
+  std::vector<float> sinks;                 // non-empty: Options::sinks, one per query head
   DType out = DType::f32;
   Dist dist = Dist::normal;
   uint64_t seed = 1;
@@ -43,6 +44,7 @@ std::string describe(const Case& c) {
      << to_string(c.layout) << (c.lens_q.empty() ? "" : " varlen") << " out "
      << to_string(c.out) << " " << tools::to_string(c.dist) << (c.used_kv.empty() ? "" : " seqused_kv");
   if (c.window_left >= 0 || c.window_right >= 0) os << " window (" << c.window_left << ", " << c.window_right << ")";
+  if (!c.sinks.empty()) os << " sinks";
   return os.str();
 }
 
@@ -150,6 +152,8 @@ void check_kernel_vs_cpu(const Case& c, GpuPath path) {
   o.layout = c.layout;
   o.block_n = build_info().gpu_block_n;  // the kernel's key block: block-local maxima must match
   o.backend = Backend::cpu;
+  std::vector<float> sinks = c.sinks;
+  if (!sinks.empty()) o.sinks = make_tensor(sinks.data(), DType::f32, {int64_t(sinks.size())});
   const bool varlen = in.shape.varlen;
   Tensor none;
   Tensor cu_q_h = varlen ? make_tensor(in.cu_q.data(), DType::i32, {(int64_t)in.cu_q.size()}) : none;
@@ -186,6 +190,11 @@ void check_kernel_vs_cpu(const Case& c, GpuPath path) {
   }
   o.backend = Backend::gpu;
   o.path = path;
+  DeviceBuffer dsinks(std::max<size_t>(sinks.size(), 1) * 4);
+  if (!sinks.empty()) {
+    INTFA_ASSERT_OK(gpu_copy_to_device(dsinks.ptr, sinks.data(), sinks.size() * 4));
+    o.sinks = testing::on_device(o.sinks, dsinks.ptr);
+  }
   Tensor cu_q_d = varlen ? testing::on_device(cu_q_h, dcu_q.ptr) : none;
   Tensor cu_kv_d = varlen ? testing::on_device(cu_kv_h, dcu_kv.ptr) : none;
   Tensor out_d = testing::on_device(out_h, dout.ptr), lse_d = testing::on_device(lse_h, dlse.ptr);
@@ -597,6 +606,101 @@ TEST_F(AttentionGpu, KernelSlidingWindow) {
       check_kernel_vs_cpu(dv, GpuPath::decode);
     }
   }
+}
+
+// Sink logits per query head that matter for N(0, 1) scores over 100-5000 keys (LSE ~5-9): near
+// the LSE, below it, far above it (the row's output nearly vanishes) and -inf (no sink).
+std::vector<float> test_sinks(int hq) {
+  const float pick[] = {7.f, 1.f, 9.5f, -std::numeric_limits<float>::infinity(), 30.f, 5.f};
+  std::vector<float> z(hq);
+  for (int h = 0; h < hq; ++h) z[h] = pick[(h * 5 + 1) % 6];
+  return z;
+}
+
+// Attention sinks (Options::sinks) on every path against the CPU emulation (the same fold,
+// fold_sink): dense MHA and GQA (packed rows: each row's query head picks its sink), causal with
+// rows that see no key (zeros, LSE = the sink), gpt-oss's local layers (a 128-key window, D=64),
+// sm90's key-range splits (the sink joins once, in the combine), varlen with seqused_kv, paper,
+// decode steps and speculative steps on the decode kernel (split and not).
+TEST_F(AttentionGpu, KernelSinks) {
+  struct S { int batch, hq, hkv, sq, skv; bool causal; int left; Scheme scheme; Layout layout; };
+  int seed = 1900;
+  for (const S& w : std::vector<S>{
+           {2, 4, 4, 300, 300, false, -1, Scheme::accurate, Layout::BHSD},
+           {1, 8, 2, 257, 520, true, -1, Scheme::accurate, Layout::BSHD},   // GQA, packed causal rows
+           {1, 4, 2, 300, 100, true, -1, Scheme::paper, Layout::BHSD},     // rows that see no key
+           {2, 8, 1, 400, 400, true, 127, Scheme::accurate, Layout::BHSD}, // gpt-oss local layer
+           {1, 2, 1, 200, 5000, false, -1, Scheme::accurate, Layout::BHSD}, // few tiles: splits
+           {3, 16, 4, 5, 700, true, -1, Scheme::accurate, Layout::BHSD}}) { // speculative, packed rows
+    Case c;
+    c.batch = w.batch; c.hq = w.hq; c.hkv = w.hkv; c.sq = w.sq; c.skv = w.skv; c.causal = w.causal;
+    c.window_left = w.left; c.scheme = w.scheme; c.layout = w.layout; c.sinks = test_sinks(w.hq);
+    for (int d : {64, 128}) {
+      c.d = d; c.seed = ++seed;
+      for (GpuPath path : gpu_paths()) check_kernel_vs_cpu(c, path);
+    }
+  }
+  Case v;
+  v.hq = 4; v.hkv = 2; v.causal = true; v.sinks = test_sinks(4);
+  v.lens_q = {1, 17, 0, 300, 129, 40};
+  v.lens_kv = {5, 170, 9, 250, 400, 2000};
+  v.used_kv = {3, 170, 0, 260, 137, 1500};
+  v.seed = ++seed;
+  for (GpuPath path : gpu_paths()) check_kernel_vs_cpu(v, path);
+  for (const S& w : std::vector<S>{
+           {3, 8, 2, 1, 3000, false, -1, Scheme::accurate, Layout::BHSD},  // GQA decode, splits
+           {2, 8, 2, 1, 5000, true, -1, Scheme::paper, Layout::BSHD},      // paper: one range
+           {2, 16, 4, 4, 2000, true, 127, Scheme::accurate, Layout::BHSD}, // speculative, window
+           {4, 32, 8, 1, 200, false, -1, Scheme::accurate, Layout::BHSD}}) {  // short cache: one range
+    Case c;
+    c.batch = w.batch; c.hq = w.hq; c.hkv = w.hkv; c.sq = w.sq; c.skv = w.skv; c.causal = w.causal;
+    c.window_left = w.left; c.scheme = w.scheme; c.layout = w.layout; c.sinks = test_sinks(w.hq);
+    for (int d : {64, 128}) {
+      c.d = d; c.seed = ++seed;
+      for (GpuPath path : {GpuPath::decode, GpuPath::automatic}) check_kernel_vs_cpu(c, path);
+    }
+  }
+}
+
+// attention() with sinks and no LSE asked for: the quantizer must still make the LSE offset
+// (the sink's frame for accurate), which calls without an LSE otherwise skip. llm inputs (large K
+// means, so large offsets); each head's sink near the median of its rows' LSE, so the sink moves
+// about half the rows. Against the CPU backend's attention() with the same sinks and float64.
+TEST_F(AttentionGpu, EndToEndSinksWithoutLse) {
+  const int H = 6, S = 700, D = 128;
+  auto as_double = [](const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); };
+  for (GpuPath path : gpu_paths())
+    for (bool causal : {false, true}) {
+      SCOPED_TRACE(std::string("path ") + to_string(path) + (causal ? " causal" : ""));
+      auto x = tools::make_inputs(Dist::llm, 1, H, 2, S, S, D, DType::bf16, 1990 + causal);
+      Options o;
+      o.causal = causal;
+      o.backend = Backend::cpu;
+      o.block_n = build_info().gpu_block_n;
+      std::vector<float> cpu(x.q.size(), NAN), lse(size_t(H) * S, NAN);
+      Tensor tl = make_tensor(lse.data(), DType::f32, {1, H, S});
+      INTFA_ASSERT_OK(attention(x.tq(), x.tk(), x.tv(), make_tensor(cpu.data(), DType::f32, {1, H, S, D}), &tl, o));
+      std::vector<float> z(H);
+      for (int h = 0; h < H; ++h) {
+        std::vector<float> row(lse.begin() + h * S, lse.begin() + (h + 1) * S);
+        std::nth_element(row.begin(), row.begin() + S / 2, row.end());
+        z[h] = h == 4 ? -std::numeric_limits<float>::infinity() : row[S / 2] + float(h % 3 - 1);
+      }
+      o.sinks = make_tensor(z.data(), DType::f32, {H});
+      INTFA_ASSERT_OK(attention(x.tq(), x.tk(), x.tv(), make_tensor(cpu.data(), DType::f32, {1, H, S, D}), nullptr, o));
+      std::vector<double> ref(x.q.size());
+      INTFA_ASSERT_OK(attention_reference(x.tq(), x.tk(), x.tv(), make_tensor(ref.data(), DType::f64, {1, H, S, D}),
+                                          nullptr, o));
+      DeviceBuffer dq(x.q.data(), x.q.size() * 2), dk(x.k.data(), x.k.size() * 2), dv(x.v.data(), x.v.size() * 2),
+          dz(z.data(), z.size() * 4);
+      o.sinks = testing::on_device(o.sinks, dz.ptr);
+      std::vector<float> gpu;
+      ASSERT_NO_FATAL_FAILURE(run_attention_f32(x, dq, dk, dv, o, path, &gpu));
+      const auto m = tools::compare(as_double(gpu), as_double(cpu));
+      EXPECT_EQ(m.nonfinite, 0);
+      EXPECT_LT(m.rel_l2, 2e-3) << "GPU vs CPU emulation";
+      EXPECT_LT(tools::compare(as_double(gpu), ref).rel_l2, 6e-2) << "GPU vs float64 (accurate, llm: 3.4e-2 without sinks)";
+    }
 }
 
 // Path decode on more rows than one tile holds: a precise not_available, nothing launched.

@@ -98,6 +98,9 @@ void expect_paths_match_cpu(const QuantizedQKV& hq, const QuantizedQKV& gq, cons
   INTFA_ASSERT_OK(attention_int8(hq, Tensor(), Tensor(), 0, 0, tw, &twl, oc));
   std::vector<GpuPath> paths = {GpuPath::automatic, GpuPath::sm80};
   if (n * (Hq / Hkv) <= 16) paths.push_back(GpuPath::decode);  // rows per K/V head it takes
+  // Host sinks (o's, for the CPU backend) copied for the GPU calls.
+  DeviceBuffer dz(std::max<int64_t>(o.sinks.numel(), 1) * 4);
+  if (o.sinks.defined()) INTFA_ASSERT_OK(gpu_copy_to_device(dz.ptr, o.sinks.data, o.sinks.numel() * 4));
   GpuPath got;
   if (resolve_gpu_path(GpuPath::sm90, 0, &got).ok()) paths.push_back(GpuPath::sm90);
   for (GpuPath path : paths) {
@@ -105,6 +108,7 @@ void expect_paths_match_cpu(const QuantizedQKV& hq, const QuantizedQKV& gq, cons
     DeviceBuffer dout(want.size() * 4), dlse(want_lse.size() * 4);
     Options og = o;
     og.path = path;
+    if (o.sinks.defined()) og.sinks = on_device(o.sinks, dz.ptr);
     Tensor to = on_device(tw, dout.ptr), tl = on_device(twl, dlse.ptr);
     INTFA_ASSERT_OK(attention_int8(gq, Tensor(), Tensor(), 0, 0, to, &tl, og));
     INTFA_ASSERT_OK(gpu_synchronize());
@@ -330,6 +334,15 @@ TEST(KvCacheGpu, PagedMatchesCpu) {
         ow.causal = true;
         ow.window_left = 300;
         ASSERT_NO_FATAL_FAILURE(expect_paths_match_cpu(hp, gp, ow));
+        // gpt-oss's local layers over a paged cache: the window and a sink per query head.
+        {
+          SCOPED_TRACE("window and sinks");
+          std::vector<float> z(Hq);
+          for (int h = 0; h < Hq; ++h) z[h] = h % 4 == 3 ? -INFINITY : 3.f * float(h % 4) + 2.f;
+          Options oz = ow;
+          oz.sinks = make_tensor(z.data(), DType::f32, {Hq});
+          ASSERT_NO_FATAL_FAILURE(expect_paths_match_cpu(hp, gp, oz));
+        }
 
         // Paged and contiguous, the same kernel: the same bits.
         QuantizedQKV gc = cache_view(c.d, qs.d, cap);

@@ -373,13 +373,19 @@ __device__ __forceinline__ void store_rows(const Params& P, const Tile& T, int u
   const uint32_t odt = ptx::opaque_uniform(static_cast<uint32_t>(partial ? DType::f32 : p.out_dtype));
   const int es = odt == static_cast<uint32_t>(DType::f32) ? 4 : 2;
   const int row_bytes = D * es, stride = row_bytes + 16;
-  float inv_l[2], l_full[2];
+  float inv_l[2], l_full[2], lse2[2];
   fwd::row_sums(l_part, l_full, inv_l);
   int64_t prow0 = 0;  // row 0 of this unit's block of partial rows
   if (partial) {
     const int ptile = unit / P.num_splits;
     prow0 = part_row0(P, unit - ptile * P.num_splits, ptile);
     inv_l[0] = inv_l[1] = 1.f;
+  }
+  // Sinks run the split kernels (a sink in the whole-tile kernels' epilogue would move their
+  // hot loop, s14 / s15): final rows fold them in here, partial rows in combine_kernel.
+  const bool sinks = Split && !partial && p.sinks != nullptr;
+  if constexpr (Split) {
+    if (sinks) fwd::fold_sinks(p, T.b, T.h, T.q0, T.sq, row, l_full, m_run, inv_l, lse2);
   }
   if (copier) ptx::bulk_wait_read();  // the previous tile's rows have left the slice
   ptx::named_bar_sync(bar, 128);
@@ -407,7 +413,9 @@ __device__ __forceinline__ void store_rows(const Params& P, const Tile& T, int u
     ptx::bulk_store(dst, so_addr + crow * stride, row_bytes);
     ptx::bulk_commit();
   }
-  if (!partial) {
+  if (sinks) {
+    fwd::write_lse2(p, T.b, T.h, T.q0, T.sq, row, lse2, t);
+  } else if (!partial) {
     fwd::write_lse(p, T.b, T.h, T.q0, T.sq, row, l_full, m_run, t);
   } else if (t == 0) {
 #pragma unroll

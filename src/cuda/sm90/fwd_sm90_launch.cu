@@ -224,11 +224,11 @@ Status launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   st = check_cuda(device_sm_count(&sms), "sm90 forward: SM count");
   if (!st.ok()) return st;
   prm.num_splits = sm90::choose_splits(p, prm.num_tiles, sms);
-  // Only the split kernels read per-sequence key counts (decode_tile), pages and a sliding
-  // window's left edge; with one range (the rule's choice, and always for paper) they write final
-  // rows as the whole-tile kernels do.
+  // Only the split kernels read per-sequence key counts (decode_tile), pages, a sliding window's
+  // left edge and sinks; with one range (the rule's choice, and always for paper) they write
+  // final rows as the whole-tile kernels do.
   const bool window = p.window_left >= 0;
-  const bool split_kernel = prm.num_splits > 1 || p.seqused_kv != nullptr || paged || window;
+  const bool split_kernel = prm.num_splits > 1 || p.seqused_kv != nullptr || paged || window || p.sinks;
   prm.num_units = prm.num_tiles * prm.num_splits;
   // Scratch: [tile counter, tile count | (m, l) per split and row | O per split and row | varlen:
   // first tile per sequence, tile entries]. Causal and varlen units are handed out by the counter
