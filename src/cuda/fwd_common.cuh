@@ -291,15 +291,16 @@ __device__ __forceinline__ void load_v_scale(const FwdParams& p, int b, int hkv,
 
 // Writes O * v_scale / l for the thread's rows (row[r] < sq) and the LSE; fully masked rows give
 // 0 and -inf. o[dn] holds channels 8 dn + 2t, +1 of rows g (e = 0, 1) and g+8 (e = 2, 3); v2
-// their v_scale (load_v_scale).
-template <int D>
+// their v_scale (load_v_scale). kSinks: whether the kernel folds FwdParams::sinks in (the code
+// moves a kernel's hot loop, so sm80's non-causal kernels leave it to the causal ones).
+template <int D, bool kSinks>
 __device__ __forceinline__ void epilogue(const FwdParams& p, int b, int h, int64_t q0, int sq,
                                          const int (&row)[2], const float (&o)[D / 8][4],
                                          const float (&l_part)[2], const float (&m_run)[2], int t,
                                          const float2 (&v2)[D / 8]) {
   float inv_l[2], l_full[2], lse2[2];
   row_sums(l_part, l_full, inv_l);
-  const bool sinks = p.sinks != nullptr;
+  const bool sinks = kSinks && p.sinks != nullptr;
   if (sinks) fold_sinks(p, b, h, q0, sq, row, l_full, m_run, inv_l, lse2);
 #pragma unroll
   for (int dn = 0; dn < D / 8; ++dn) {

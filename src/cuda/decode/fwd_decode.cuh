@@ -367,7 +367,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<D, Paged>) fwd_kernel(const
   float2 v2[D / 8];
   fwd::load_v_scale<D>(p, b, hkv, t, v2);
   if (P.num_splits == 1) {
-    fwd::epilogue<D>(p, b, h, q0, sq, row, o, l_part, m_run, t, v2);
+    fwd::epilogue<D, true>(p, b, h, q0, sq, row, o, l_part, m_run, t, v2);
     return;
   }
   // A key range: O * v_scale and (m, l) of each row; a range that saw no key leaves O = 0 and

@@ -490,7 +490,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
   // ---- epilogue: O * v_scale / l, LSE; fully masked rows give 0 and -inf ----
   float2 v2[D / 8];
   fwd::load_v_scale<D>(p, b, hkv, t, v2);
-  fwd::epilogue<D>(p, b, h, q0, sq, row, o, l_part, m_run, t, v2);
+  fwd::epilogue<D, Causal>(p, b, h, q0, sq, row, o, l_part, m_run, t, v2);
 }
 
 // Test hook: a 128 x 128 block of int32 scores through the kernel's own smem layouts and
