@@ -44,8 +44,9 @@ def main():
     out = torch.empty_like(q)
     ws = torch.empty(intfa.quantized_bytes(1, 8, 8, 128, 128, 128), dtype=torch.uint8, device="cuda")
     stream = torch.cuda.current_stream().cuda_stream
-    args = (q.detach(), k.detach(), v.detach(), out, None, False, 0.0, "BHSD", "accurate", "auto",
-            "auto", 64, stream, ws)
+    # The binding's arguments: ..., causal, window_left, window_right, sinks, scale, ...
+    args = (q.detach(), k.detach(), v.detach(), out, None, False, -1, -1, None, 0.0, "BHSD",
+            "accurate", "auto", "auto", 64, stream, ws)
     lib_attention = _arrays.lib.attention
     rows = [
         ("torch SDPA (bf16)", lambda: F.scaled_dot_product_attention(q, k, v)),
@@ -53,8 +54,8 @@ def main():
         ("  custom op", lambda: _torch.attention_op(q, k, v, False, 0.0, "BHSD", "accurate", "auto", False)),
         ("  op implementation", lambda: _torch._attention_impl(q, k, v, False, 0.0, "BHSD", "accurate", "auto",
                                                                False)),
-        ("  _arrays.run_attention", lambda: _arrays.run_attention(fw, q, k, v, False, 0.0, "BHSD", "accurate",
-                                                                  "auto", False)),
+        ("  _arrays.run_attention", lambda: _arrays.run_attention(fw, q, k, v, False, (-1, -1), None, 0.0,
+                                                                  "BHSD", "accurate", "auto", False)),
         ("  binding, arguments ready", lambda: lib_attention(*args)),
         ("intfa.attention_int8", lambda: intfa.attention_int8(qkv)),
         ("intfa.quantize", lambda: intfa.quantize(q, k, v)),

@@ -282,34 +282,62 @@ const Json* only_row(const Json& j) {
   return rows && rows->items.size() == 1 ? &rows->items[0] : nullptr;
 }
 
+// The rel_l2 of the one row of an accuracy --json run of `args` (NaN, with a failure reported,
+// when there is no such row); the row's `field` must be the numbers `pair` (none: no field) and
+// the run's output contain `note`.
+double row_error(const std::string& args, const char* field, const std::vector<double>& pair,
+                 const std::string& note = "") {
+  CliResult r;
+  std::string text;
+  Json j = run_json(args, &r, &text);
+  EXPECT_EQ(r.status, 0) << args << "\n" << r.output;
+  EXPECT_NE(r.output.find(note), std::string::npos) << r.output;
+  const Json* row = only_row(j);
+  if (!row || !row->get("rel_l2")) {
+    ADD_FAILURE() << args << ": no row with rel_l2\n" << text;
+    return NAN;
+  }
+  const Json* f = row->get(field);
+  if (pair.empty()) {
+    EXPECT_EQ(f, nullptr) << "no option, no field " << field << ":\n" << text;
+  } else if (!f || f->type != Json::array || f->items.size() != pair.size()) {
+    ADD_FAILURE() << "expected the field " << field << " as an array of " << pair.size() << ":\n" << text;
+  } else {
+    for (size_t i = 0; i < pair.size(); ++i) EXPECT_EQ(f->items[i].num, pair[i]) << text;
+  }
+  return row->get("rel_l2")->num;
+}
+
 // --window L,R reaches intfa and the float64 reference alike (the error stays the scheme's
 // against a reference under the same mask), changes what is computed (another error than the
 // unwindowed run's on the same inputs), and shows in the header and the JSON row.
 TEST(Cli, AccuracyWithWindow) {
   const std::string args = "accuracy --device cpu --seq 200 --dist normal --scheme accurate --hdim 64 --heads 2 "
                            "--causal 1";
-  CliResult r, plain_r;
-  std::string text, plain_text;
-  Json j = run_json(args + " --window 15,0", &r, &text);
-  ASSERT_EQ(r.status, 0) << r.output;
-  EXPECT_NE(r.output.find("causal 1, window (15, 0),"), std::string::npos) << r.output;
-  const Json* row = only_row(j);
-  ASSERT_NE(row, nullptr) << text;
-  const Json* window = row->get("window");
-  ASSERT_TRUE(window && window->type == Json::array && window->items.size() == 2) << text;
-  EXPECT_EQ(window->items[0].num, 15);
-  EXPECT_EQ(window->items[1].num, 0);
-  ASSERT_NE(row->get("rel_l2"), nullptr) << text;
-  const double err = row->get("rel_l2")->num;
+  const double err = row_error(args + " --window 15,0", "window", {15, 0}, "causal 1, window (15, 0),");
   EXPECT_GT(err, 0);
-  EXPECT_LT(err, 5e-2) << "intfa and the reference ran under different masks?\n" << text;
-  Json plain = run_json(args, &plain_r, &plain_text);
-  ASSERT_EQ(plain_r.status, 0) << plain_r.output;
-  const Json* plain_row = only_row(plain);
-  ASSERT_NE(plain_row, nullptr) << plain_text;
-  EXPECT_EQ(plain_row->get("window"), nullptr) << "no window, no field:\n" << plain_text;
-  ASSERT_NE(plain_row->get("rel_l2"), nullptr) << plain_text;
-  EXPECT_NE(plain_row->get("rel_l2")->num, err) << "the window changed nothing";
+  EXPECT_LT(err, 5e-2) << "intfa and the reference ran under different masks?";
+  EXPECT_NE(row_error(args, "window", {}), err) << "the window changed nothing";
+}
+
+// --sinks reaches intfa and the float64 reference alike (the error stays the scheme's, which it
+// would not if only one side had them: causal rows of few keys are mostly sink), changes what is
+// computed (another error than the run without sinks on the same inputs), and shows in the
+// header and the JSON row (the logits' range); a bare --sinks is --sinks 1, --sinks 0 the run
+// without. demo takes it too.
+TEST(Cli, AccuracyWithSinks) {
+  const std::string args = "accuracy --device cpu --seq 200 --dist normal --scheme accurate --hdim 64 --heads 4 "
+                           "--heads-kv 2 --causal 1 --window 63,0";
+  const double err = row_error(args + " --sinks", "sinks", {0, 8},
+                               "causal 1, window (63, 0), sinks U[0, 8) per head,");
+  EXPECT_GT(err, 0);
+  EXPECT_LT(err, 5e-2) << "intfa and the reference ran with different sinks?";
+  const double plain = row_error(args, "sinks", {});
+  EXPECT_NE(plain, err) << "the sinks changed nothing";
+  EXPECT_EQ(row_error(args + " --sinks 0", "sinks", {}), plain);
+  CliResult demo = run_cli("demo --device cpu --seq 256 --heads 2 --sinks");
+  EXPECT_EQ(demo.status, 0) << demo.output;
+  EXPECT_NE(demo.output.find("sinks U[0, 8) per head"), std::string::npos) << demo.output;
 }
 
 // A usage error: exit status 2 and a message that names the option.
@@ -387,6 +415,16 @@ TEST(Cli, BadWindowNamesTheOption) {
   expect_usage_error("accuracy --device cpu --seq 64 --causal 1 --window 5,3", causal);
   expect_usage_error("bench --window 5,3", causal);
   expect_usage_error("bench --causal 1 --window x", "--window: expected LEFT,RIGHT");
+}
+
+// --sinks takes 0 or 1 (or nothing: 1), on every command that has it, bench before it looks
+// for a GPU.
+TEST(Cli, BadSinksNamesTheOption) {
+  for (const std::string bad : {"2", "-1", "yes"})
+    for (const std::string cmd : {"accuracy --device cpu --seq 64", "bench", "demo --device cpu"})
+      expect_usage_error(cmd + " --sinks " + bad, "--sinks: expected integers in [0, 1] separated by commas, got '" +
+                                                      bad + "'");
+  expect_usage_error("bench --sinks 0,1", "--sinks: expected one integer");
 }
 
 TEST(Cli, DeviceGpuWithoutGpuFails) {

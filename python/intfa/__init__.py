@@ -57,8 +57,8 @@ def _frameworks(**arrays):
     return fws[0]
 
 
-def attention(q, k, v, *, is_causal=False, window_size=_NO_WINDOW, scale=None, enable_gqa=False,
-              layout="BHSD", scheme="accurate", return_lse=False, path="auto"):
+def attention(q, k, v, *, is_causal=False, window_size=_NO_WINDOW, sinks=None, scale=None,
+              enable_gqa=False, layout="BHSD", scheme="accurate", return_lse=False, path="auto"):
     """Attention softmax(scale * q k^T) v with INT8 GEMMs.
 
     q: [B, Hq, Sq, D] (layout "BHSD") or [B, Sq, Hq, D] ("BSHD"), float16 or bfloat16.
@@ -69,6 +69,12 @@ def attention(q, k, v, *, is_causal=False, window_size=_NO_WINDOW, scale=None, e
         sees keys j with i + Skv - Sq - left <= j <= i + Skv - Sq + right; -1 leaves a side
         open, (-1, -1) is no window. Causal is right = 0, so with is_causal right must be -1 or
         0 (a Mistral-style local layer of W keys: is_causal=True, window_size=(W - 1, 0)).
+    sinks: attention sinks (gpt-oss's; flash_attn's learnable_sink), one logit z_h per query
+        head, [Hq], in the units of the scaled scores: each row's softmax denominator gains
+        e^z_h (nothing is added to the output), out = sum_j e^s_j v_j / (e^z_h + sum_j e^s_j),
+        and the LSE is log(e^z_h + sum_j e^s_j). A row that sees no key gives 0 and LSE z_h;
+        z_h = -inf is no sink for that head. A float array of any framework or a list of
+        numbers, converted to float32 on q's device. None (default): no sinks.
     scale: softmax scale; None means 1/sqrt(D).
     enable_gqa: allow Hq != Hkv (Hkv must divide Hq), as in torch SDPA.
     layout: "BHSD" (SDPA's) or "BSHD" (FlashAttention's); any strides with a contiguous last dim.
@@ -82,12 +88,14 @@ def attention(q, k, v, *, is_causal=False, window_size=_NO_WINDOW, scale=None, e
     window = _arrays.window_arg(window_size)
     if _is_torch(q):
         _arrays.check_gqa(q.shape, k.shape, layout, False, enable_gqa)
+        z = _arrays.sinks_arg(_torch._FW, sinks, q)
         out, lse = _torch.attention_call(q, k, v, bool(is_causal), _arrays.scale_arg(scale),
-                                       layout, scheme, path, bool(return_lse), *window)
+                                       layout, scheme, path, bool(return_lse), *window, z)
     else:
         fw = _frameworks(q=q, k=k, v=v)
         _arrays.check_gqa(q.shape, k.shape, layout, False, enable_gqa)
         out, lse = _arrays.run_attention(fw, q, k, v, bool(is_causal), window,
+                                         _arrays.sinks_arg(fw, sinks, q),
                                          _arrays.scale_arg(scale), layout, scheme, path,
                                          bool(return_lse))
     return (out, lse) if return_lse else out
@@ -102,8 +110,8 @@ def _max_seqlen(cu, given):
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_kv, max_seqlen_q=None, max_seqlen_kv=None,
-                     *, is_causal=False, window_size=_NO_WINDOW, scale=None, enable_gqa=False,
-                     scheme="accurate", return_lse=False, path="auto"):
+                     *, is_causal=False, window_size=_NO_WINDOW, sinks=None, scale=None,
+                     enable_gqa=False, scheme="accurate", return_lse=False, path="auto"):
     """Attention over packed variable-length sequences (as flash_attn_varlen_func).
 
     q: [Tq, Hq, D], k and v: [Tkv, Hkv, D] (all sequences concatenated), float16/bfloat16.
@@ -111,8 +119,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_kv, max_seqlen_q=None, ma
         (sequence i is rows cu[i]:cu[i+1]; empty sequences allowed).
     max_seqlen_q, max_seqlen_kv: the longest sequence of each; None reads them from cu_seqlens
         (a device-to-host copy for GPU arrays: pass them under torch.compile or graph capture).
-    Other arguments as in attention() (causal and window per sequence). LSE is float32
-    [Hq, Tq].
+    Other arguments as in attention() (causal and window per sequence; sinks per query head, as
+    there). LSE is float32 [Hq, Tq].
     """
     if not _is_torch(q):
         _frameworks(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_kv=cu_seqlens_kv)
@@ -121,14 +129,16 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_kv, max_seqlen_q=None, ma
     window = _arrays.window_arg(window_size)
     max_q = _max_seqlen(cu_seqlens_q, max_seqlen_q)
     max_kv = _max_seqlen(cu_seqlens_kv, max_seqlen_kv)
+    fw = _torch._FW if _is_torch(q) else _arrays.framework(q, "q")
+    z = _arrays.sinks_arg(fw, sinks, q)
     if _is_torch(q):
         out, lse = _torch.attention_varlen_call(q, k, v, cu_seqlens_q, cu_seqlens_kv, max_q, max_kv,
                                               bool(is_causal), s, scheme, path, bool(return_lse),
-                                              *window)
+                                              *window, z)
     else:
-        out, lse = _arrays.run_attention_varlen(_arrays.framework(q, "q"), q, k, v, cu_seqlens_q,
-                                                cu_seqlens_kv, max_q, max_kv, bool(is_causal),
-                                                window, s, scheme, path, bool(return_lse))
+        out, lse = _arrays.run_attention_varlen(fw, q, k, v, cu_seqlens_q, cu_seqlens_kv, max_q,
+                                                max_kv, bool(is_causal), window, z, s, scheme,
+                                                path, bool(return_lse))
     return (out, lse) if return_lse else out
 
 
@@ -201,8 +211,8 @@ def quantize(q, k, v, *, cu_seqlens_q=None, cu_seqlens_kv=None, layout="BHSD",
 
 
 def attention_int8(qkv, *, cu_seqlens_q=None, cu_seqlens_kv=None, max_seqlen_q=None,
-                   max_seqlen_kv=None, is_causal=False, window_size=_NO_WINDOW, scale=None,
-                   out_dtype=None, return_lse=False, path="auto", seqused_kv=None,
+                   max_seqlen_kv=None, is_causal=False, window_size=_NO_WINDOW, sinks=None,
+                   scale=None, out_dtype=None, return_lse=False, path="auto", seqused_kv=None,
                    block_table=None):
     """Attention on pre-quantized inputs (a QuantizedQKV from quantize(), or built by hand).
 
@@ -217,6 +227,10 @@ def attention_int8(qkv, *, cu_seqlens_q=None, cu_seqlens_kv=None, max_seqlen_q=N
         keys (all, or its seqused_kv[b]) are read, and must name a page of the pool; the others
         may be anything (-1). Defaults to qkv.block_table; None (both): a contiguous cache.
         On the GPU: pages of a multiple of 128 tokens (see QuantizedQKV).
+    sinks: as in attention() (converted to float32 on q8's device). With scheme accurate (or
+        half) qkv.lse_offset must be defined (quantize() and quantize_q() with k_mean write it;
+        KVCache's do): the smoothed scores are shifted by it and the sink is not, else a
+        ValueError naming qkv.lse_offset.
     out_dtype: float16, bfloat16 or float32 (a dtype or its name); default: qkv.dtype, else
         float16. Other arguments as in attention(). Returns out like q8, or (out, lse).
     """
@@ -242,17 +256,19 @@ def attention_int8(qkv, *, cu_seqlens_q=None, cu_seqlens_kv=None, max_seqlen_q=N
         torch = _torch.torch
         if isinstance(out_dtype, str):
             out_dtype = getattr(torch, out_dtype)
+        z = _arrays.sinks_arg(_torch._FW, sinks, qkv.q8)
         out, lse = _torch.attention_int8_call(
             qkv.q8, qkv.q_scale, qkv.lse_offset, qkv.k8, qkv.k_scale, qkv.k_mean, qkv.vt8,
             qkv.v_scale, qkv.v, cu_q, cu_kv, max_q, max_kv, qkv.scheme, qkv.layout,
-            bool(is_causal), s, out_dtype, bool(return_lse), path, used, table, *window)
+            bool(is_causal), s, out_dtype, bool(return_lse), path, used, table, *window, z)
     else:
         parts = {n: getattr(qkv, n) for n in _arrays.PART_NAMES + ("v",)}
         parts["seqused_kv"] = used
         parts["block_table"] = table
-        out, lse = _arrays.run_attention_int8(_arrays.framework(qkv.q8, "qkv.q8"), parts,
-                                              qkv.scheme, qkv.layout, cu_q, cu_kv, max_q, max_kv,
-                                              bool(is_causal), window, s,
+        fw = _arrays.framework(qkv.q8, "qkv.q8")
+        out, lse = _arrays.run_attention_int8(fw, parts, qkv.scheme, qkv.layout, cu_q, cu_kv,
+                                              max_q, max_kv, bool(is_causal), window,
+                                              _arrays.sinks_arg(fw, sinks, qkv.q8), s,
                                               _arrays.dtype_name(out_dtype), bool(return_lse),
                                               path)
     return (out, lse) if return_lse else out
@@ -480,14 +496,14 @@ class KVCache:
                             dtype=self.dtype if dtype is None else dtype,
                             seqused_kv=self.lengths)
 
-    def attention(self, q, *, is_causal=False, window_size=_NO_WINDOW, scale=None,
+    def attention(self, q, *, is_causal=False, window_size=_NO_WINDOW, sinks=None, scale=None,
                   return_lse=False, path="auto", out_dtype=None, max_seqlen_kv=None):
         """Attention of q ([B, Hq, Sq, D] or [B, Sq, Hq, D] in the cache's layout; Hq a multiple
         of Hkv) over the `length` tokens held. Causal is bottom-right aligned: query i sees keys
         j <= i + length - Sq, so the Sq queries of the last appended tokens see themselves and
         what precedes them; window_size against the same diagonal (a decode step with
         is_causal=True, window_size=(W - 1, 0) sees the last W tokens). out_dtype defaults to
-        q's dtype. Other arguments as in attention().
+        q's dtype. Other arguments (sinks included) as in attention().
         Ragged: sequence b over its lengths[b] tokens, causal and window against that count
         (query i sees keys j <= i + lengths[b] - Sq), through views of the first max_seqlen_kv tokens
         (default: length; counts past it are clamped to it). A CUDA graph captured with
@@ -497,14 +513,17 @@ class KVCache:
         fw = self._direct(q)
         if fw is not None:
             s = _arrays.scale_arg(scale)
+            z = _arrays.sinks_arg(fw, sinks, q)
             d = _arrays.dims(q.shape, self.layout, False)
             out_name = _out_dtype_name(q.dtype if out_dtype is None else out_dtype)
-            # A malformed q or an out_dtype intfa does not write: the generic path reports it.
-            if d is not None and min(d) >= 1 and out_name is not None:
-                out, lse = self._attention_direct(fw, q, d, bool(is_causal), window, s,
+            # A malformed q, an out_dtype intfa does not write or sinks that need grad: the
+            # generic path reports or takes them.
+            if d is not None and min(d) >= 1 and out_name is not None and \
+                    (z is None or self._direct(q, z) is not None):
+                out, lse = self._attention_direct(fw, q, d, bool(is_causal), window, z, s,
                                                   bool(return_lse), path, out_name, span)
                 return (out, lse) if return_lse else out
-        return _attend(self, q, is_causal, window, scale, return_lse, path, out_dtype,
+        return _attend(self, q, is_causal, window, sinks, scale, return_lse, path, out_dtype,
                        max_seqlen_kv=max_seqlen_kv)
 
     # The eager fast path. A decode loop calls append() and attention() once per step with
@@ -533,13 +552,14 @@ class KVCache:
                 return None
         return fw
 
-    def _attention_direct(self, fw, q, d, causal, window, scale, return_lse, path, out_name,
-                          span):
+    def _attention_direct(self, fw, q, d, causal, window, sinks, scale, return_lse, path,
+                          out_name, span):
         """attention() as quantize_q() and attention_int8() run it, in one binding call
         (_C.kv_attention): the same two C++ calls in that order on the same arrays, but for q8,
         q_scale and lse_offset (this call's scratch), which come from one allocation, and k8
         and k_scale, narrowed in C++ to the first `span` tokens as qkv()'s views are (and
-        lengths, the cache's own int32 array or None, as qkv()'s seqused_kv).
+        lengths, the cache's own int32 array or None, as qkv()'s seqused_kv). sinks: None or
+        sinks_arg()'s array.
         d: q's (B, H, S, D). Returns (out, lse or None)."""
         b, h, sq, dim = (int(x) for x in d)
         # lse_offset needs the K mean (accurate); paper writes zeros (as in quantize_q()).
@@ -553,8 +573,8 @@ class KVCache:
         with fw.device(q):
             _lib.kv_attention(arg(q), scratch, with_offset, arg(self.k8), arg(self.k_scale),
                               arg(self.k_mean), arg(self.vt8), arg(self.v_scale), span,
-                              self.lengths, arg(out), lse, causal, window[0], window[1], scale,
-                              self.layout, self.scheme, path, fw.stream(q))
+                              self.lengths, arg(out), lse, causal, window[0], window[1],
+                              arg(sinks), scale, self.layout, self.scheme, path, fw.stream(q))
         return out, lse
 
 
@@ -731,16 +751,17 @@ class PagedKVCache:
         self.lengths[b] = 0
         self.lengths_host[b] = 0
 
-    def attention(self, q, *, is_causal=False, window_size=_NO_WINDOW, scale=None,
+    def attention(self, q, *, is_causal=False, window_size=_NO_WINDOW, sinks=None, scale=None,
                   return_lse=False, path="auto", out_dtype=None):
         """Attention of q ([B, Hq, Sq, D] or [B, Sq, Hq, D] in the cache's layout; Hq a multiple
         of Hkv): sequence b over its lengths[b] tokens, read through its block table; causal and
         window_size are bottom-right against that count (query i sees keys j <= i + lengths[b] -
-        Sq), as a ragged KVCache's. out_dtype defaults to q's dtype. Other arguments as in
-        attention().
+        Sq), as a ragged KVCache's. out_dtype defaults to q's dtype. Other arguments (sinks
+        included) as in attention().
         On the GPU: page_size a multiple of 128 (else RuntimeError); the decode path for at most
         16 query rows per K/V head after GQA packing, the prefill kernels for more (chunks)."""
-        return _attend(self, q, is_causal, window_size, scale, return_lse, path, out_dtype)
+        return _attend(self, q, is_causal, window_size, sinks, scale, return_lse, path,
+                       out_dtype)
 
 
 def _check_prompt(k, v, layout, scheme, cls):
@@ -776,13 +797,16 @@ def _quantize_prompts(fw, k, v, parts, n, prompts, layout, scheme):
                          scheme)
 
 
-def _attend(cache, q, is_causal, window_size, scale, return_lse, path, out_dtype, **views):
+def _attend(cache, q, is_causal, window_size, sinks, scale, return_lse, path, out_dtype,
+            **views):
     """A cache's attention() through the public functions: quantize_q of q against its K mean,
-    then attention_int8 over cache.qkv(..., **views) (out_dtype defaults to q's dtype)."""
+    then attention_int8 over cache.qkv(..., **views) (out_dtype defaults to q's dtype). The
+    lse_offset that quantize_q writes against the K mean (accurate; paper: zeros) is what
+    attention_int8 needs for sinks."""
     q8, q_scale, lse_offset = quantize_q(q, cache.k_mean, scale=scale, layout=cache.layout,
                                          scheme=cache.scheme)
     return attention_int8(cache.qkv(q8, q_scale, lse_offset, q.dtype, **views),
-                          is_causal=is_causal, window_size=window_size, scale=scale,
+                          is_causal=is_causal, window_size=window_size, sinks=sinks, scale=scale,
                           out_dtype=out_dtype, return_lse=return_lse, path=path)
 
 
@@ -845,19 +869,21 @@ def _cache_dims(layout, tokens):
     return f"[B, Hkv, {tokens}, D]" if layout == "BHSD" else f"[B, {tokens}, Hkv, D]"
 
 
-def attention_reference(q, k, v, *, is_causal=False, window_size=_NO_WINDOW, scale=None,
-                        layout="BHSD", return_lse=False):
+def attention_reference(q, k, v, *, is_causal=False, window_size=_NO_WINDOW, sinks=None,
+                        scale=None, layout="BHSD", return_lse=False):
     """Exact attention in float64 on the CPU (intfa's accuracy oracle), for host arrays of any
-    float dtype (NumPy or torch CPU). GQA is allowed; is_causal and window_size as in
-    attention(). Returns float64 out (and float64 LSE)."""
+    float dtype (NumPy or torch CPU). GQA is allowed; is_causal, window_size and sinks as in
+    attention() (the sink logits are read as float32). Returns float64 out (and float64
+    LSE)."""
     window = _arrays.window_arg(window_size)
     fw = _frameworks(q=q, k=k, v=v)
+    z = _arrays.sinks_arg(fw, sinks, q)
     out = fw.empty(tuple(q.shape), "float64", q)
     rows = _arrays.rows_shape(q.shape, layout, False) if return_lse else None
     lse = fw.empty(rows, "float64", q) if rows else None
     _lib.attention_reference(fw.arg(q), fw.arg(k), fw.arg(v), fw.arg(out), fw.arg(lse),
-                             bool(is_causal), window[0], window[1], _arrays.scale_arg(scale),
-                             layout)
+                             bool(is_causal), window[0], window[1], fw.arg(z),
+                             _arrays.scale_arg(scale), layout)
     return (out, lse) if return_lse else out
 
 
@@ -949,7 +975,7 @@ def _flash_attn_args(dropout_p, softcap, alibi_slopes, causal, window_size, bloc
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                     softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
-                    scheme="accurate", path="auto"):
+                    learnable_sink=None, scheme="accurate", path="auto"):
     """FlashAttention-2's flash_attn_func, computed by intfa: a drop-in for code written against
     flash_attn (`from intfa import flash_attn_func`).
 
@@ -959,31 +985,35 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     (like q), or with return_attn_probs (out, softmax_lse, None): softmax_lse float32 (batch,
     nheads, seqlen_q); intfa never forms the probabilities, so the third item is None.
     deterministic is accepted and has no effect (the forward pass is deterministic). dropout_p
-    must be 0; softcap and alibi_slopes are not built (NotImplementedError). scheme and path are
-    intfa's (attention()).
+    must be 0; softcap and alibi_slopes are not built (NotImplementedError). learnable_sink
+    (keyword; FlashAttention 4's name): one sink logit per query head, (nheads,), any float
+    dtype, attention()'s sinks (softmax_lse then includes the sink, as FlashAttention 4's).
+    scheme and path are intfa's (attention()).
     """
     window = _flash_attn_args(dropout_p, softcap, alibi_slopes, causal, window_size)
-    r = attention(q, k, v, is_causal=causal, window_size=window, scale=softmax_scale, enable_gqa=True,
-                  layout="BSHD", scheme=scheme, return_lse=bool(return_attn_probs), path=path)
+    r = attention(q, k, v, is_causal=causal, window_size=window, sinks=learnable_sink,
+                  scale=softmax_scale, enable_gqa=True, layout="BSHD", scheme=scheme,
+                  return_lse=bool(return_attn_probs), path=path)
     return (r[0], r[1], None) if return_attn_probs else r
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                            dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                            softcap=0.0, alibi_slopes=None, deterministic=False,
-                           return_attn_probs=False, block_table=None, *, scheme="accurate",
-                           path="auto"):
+                           return_attn_probs=False, block_table=None, *, learnable_sink=None,
+                           scheme="accurate", path="auto"):
     """FlashAttention-2's flash_attn_varlen_func, computed by intfa (attention_varlen()).
 
     q: (total_q, nheads, headdim), k and v: (total_k, nheads_k, headdim), cu_seqlens_q / _k int32
     (batch + 1,) on q's device; causal and the window per sequence. softmax_lse is float32
     (nheads, total_q). block_table (fp16/bf16 pages) is not taken: intfa's paged caches are INT8
-    (PagedKVCache). Otherwise as flash_attn_func.
+    (PagedKVCache). Otherwise (learnable_sink included) as flash_attn_func.
     """
     window = _flash_attn_args(dropout_p, softcap, alibi_slopes, causal, window_size, block_table)
     r = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                         is_causal=causal, window_size=window, scale=softmax_scale, enable_gqa=True,
-                         scheme=scheme, return_lse=bool(return_attn_probs), path=path)
+                         is_causal=causal, window_size=window, sinks=learnable_sink,
+                         scale=softmax_scale, enable_gqa=True, scheme=scheme,
+                         return_lse=bool(return_attn_probs), path=path)
     return (r[0], r[1], None) if return_attn_probs else r
 
 

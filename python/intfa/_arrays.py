@@ -114,6 +114,45 @@ def window_arg(window_size):
     return left, right
 
 
+# Float dtypes a sinks array may come in (converted to float32 on q's device).
+_SINK_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def sinks_arg(fw, sinks, like):
+    """Attention sinks (Options::sinks: one logit per query head, [Hq]) as fw's contiguous
+    float32 array on the device of `like` (q, or q8), a copy when they are not one already;
+    None stays None (no sinks). They may be a float array of any framework (float16, bfloat16,
+    float32, float64) or a list / tuple of numbers; anything else is a TypeError naming sinks.
+    The shape is the C++ layer's to check (its ValueError names sinks)."""
+    if sinks is None:
+        return None
+    if isinstance(sinks, (list, tuple)):
+        try:
+            sinks = np.asarray(sinks, dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"sinks: expected numbers (one logit per query head), got "
+                            f"{sinks!r}") from e
+    elif type(sinks).__module__.split(".")[0] not in ("numpy", "torch", "cupy") or \
+            not hasattr(sinks, "dtype"):
+        raise TypeError(f"sinks: expected a float array of one logit per query head [Hq] "
+                        f"(numpy.ndarray, torch.Tensor, cupy.ndarray) or a list of numbers, got "
+                        f"{type(sinks).__module__}.{type(sinks).__qualname__}")
+    elif not fw.is_float(sinks):
+        raise TypeError(f"sinks: expected a float array (float16, bfloat16, float32 or "
+                        f"float64), got {sinks.dtype}")
+    return fw.float32_like(sinks, like)
+
+
+def host_float32(x):
+    """A float array of any framework as a float32 NumPy array (copied off the device)."""
+    mod = type(x).__module__.split(".")[0]
+    if mod == "torch":
+        x = x.detach().float().cpu().numpy()
+    elif mod == "cupy":
+        x = x.get()
+    return np.asarray(x, dtype=np.float32, order="C")  # no copy when it is one already
+
+
 def workspace_bytes(q_shape, k_shape, layout, scheme, varlen, nseq):
     """Bytes of GPU scratch the fp16/bf16 entry points quantize into, or None when the shapes
     are malformed (validation fails before any workspace is touched)."""
@@ -229,6 +268,12 @@ class NumpyArrays:
     def max_seqlen(self, cu):
         return int(np.max(np.diff(np.asarray(cu, dtype=np.int64)))) if len(cu) > 1 else 0
 
+    def is_float(self, x):
+        return dtype_name(x.dtype) in _SINK_DTYPES
+
+    def float32_like(self, x, like):
+        return host_float32(x)
+
 
 class CupyArrays:
     """CuPy device arrays: the GPU backend on CuPy's current stream."""
@@ -268,6 +313,14 @@ class CupyArrays:
 
     def max_seqlen(self, cu):
         return int(self.cp.max(self.cp.diff(cu.astype(self.cp.int64)))) if len(cu) > 1 else 0
+
+    def is_float(self, x):
+        return dtype_name(x.dtype) in _SINK_DTYPES
+
+    def float32_like(self, x, like):
+        src = x if isinstance(x, self.cp.ndarray) else host_float32(x)
+        with self.cp.cuda.Device(like.device.id):  # cupy.array copies onto this device
+            return self.cp.array(src, dtype=self.cp.float32, order="C")
 
 
 class TorchArrays:
@@ -329,6 +382,18 @@ class TorchArrays:
     def max_seqlen(self, cu):
         return int((cu[1:] - cu[:-1]).max().item()) if cu.numel() > 1 else 0
 
+    def is_float(self, x):
+        # is_floating_point(), not the dtype's name: torch.compile traces this.
+        if isinstance(x, self.torch.Tensor):
+            return x.is_floating_point()
+        return dtype_name(x.dtype) in _SINK_DTYPES
+
+    def float32_like(self, x, like):
+        # A tensor keeps its autograd state (as q's does); torch.compile traces the copy.
+        if not isinstance(x, self.torch.Tensor):
+            x = self.torch.from_numpy(host_float32(x))
+        return x.to(device=like.device, dtype=self.torch.float32).contiguous()
+
 
 _ADAPTERS = {}
 
@@ -359,20 +424,21 @@ def _num_sequences(cu):
     return cu.shape[0] - 1 if cu is not None and len(cu.shape) == 1 else 0
 
 
-def run_attention(fw, q, k, v, causal, window, scale, layout, scheme, path, return_lse):
+def run_attention(fw, q, k, v, causal, window, sinks, scale, layout, scheme, path, return_lse):
+    """sinks: None, or what sinks_arg() gives (float32 [Hq] on q's device)."""
     out = fw.out_like(q)
     rows = rows_shape(q.shape, layout, False) if return_lse else None
     lse = fw.empty(rows, "float32", q) if rows else None
     ws = _workspace(fw, q, k, layout, scheme, False, 0)
     with fw.device(q):
         lib.attention(fw.arg(q), fw.arg(k), fw.arg(v), fw.arg(out), fw.arg(lse), causal,
-                      window[0], window[1], scale, layout, scheme, "auto", path, 64,
-                      fw.stream(q), ws)
+                      window[0], window[1], fw.arg(sinks), scale, layout, scheme, "auto", path,
+                      64, fw.stream(q), ws)
     return out, lse
 
 
-def run_attention_varlen(fw, q, k, v, cu_q, cu_kv, max_q, max_kv, causal, window, scale, scheme,
-                         path, return_lse):
+def run_attention_varlen(fw, q, k, v, cu_q, cu_kv, max_q, max_kv, causal, window, sinks, scale,
+                         scheme, path, return_lse):
     out = fw.out_like(q)
     rows = rows_shape(q.shape, "BHSD", True) if return_lse else None
     lse = fw.empty(rows, "float32", q) if rows else None
@@ -380,7 +446,8 @@ def run_attention_varlen(fw, q, k, v, cu_q, cu_kv, max_q, max_kv, causal, window
     with fw.device(q):
         lib.attention_varlen(fw.arg(q), fw.arg(k), fw.arg(v), fw.arg(cu_q), fw.arg(cu_kv),
                              max_q, max_kv, fw.arg(out), fw.arg(lse), causal, window[0],
-                             window[1], scale, scheme, "auto", path, 64, fw.stream(q), ws)
+                             window[1], fw.arg(sinks), scale, scheme, "auto", path, 64,
+                             fw.stream(q), ws)
     return out, lse
 
 
@@ -491,7 +558,7 @@ def run_append_kv(fw, k_new, v_new, pos, cache_parts, scheme, cache_layout, layo
 
 
 def run_attention_int8(fw, parts, scheme, layout, cu_q, cu_kv, max_q, max_kv, causal, window,
-                       scale, out_dtype, return_lse, path):
+                       sinks, scale, out_dtype, return_lse, path):
     q8 = parts["q8"]
     varlen = cu_q is not None or cu_kv is not None
     out = fw.empty(q8.shape, out_dtype, q8)
@@ -500,6 +567,6 @@ def run_attention_int8(fw, parts, scheme, layout, cu_q, cu_kv, max_q, max_kv, ca
     with fw.device(q8):
         lib.attention_int8({n: fw.arg(a) for n, a in parts.items()}, scheme, layout,
                            fw.arg(cu_q), fw.arg(cu_kv), max_q, max_kv, fw.arg(out), fw.arg(lse),
-                           causal, window[0], window[1], scale, "auto", path, 64,
-                           fw.stream(q8))
+                           causal, window[0], window[1], fw.arg(sinks), scale, "auto", path,
+                           64, fw.stream(q8))
     return out, lse

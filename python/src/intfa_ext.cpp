@@ -293,11 +293,15 @@ Status parse_path_arg(const std::string& s, intfa::GpuPath* out) {
 
 // Keyword arguments shared by the entry points (see Options in intfa.h). window_left /
 // window_right are Python's window_size, passed on as they come (-1, -1 for the calls that do
-// not attend): Options' validation reports values out of range with its own message.
+// not attend): Options' validation reports values out of range with its own message. sinks
+// (the attention calls only; None or absent: no sinks) is imported into `views` as it comes
+// (the Python layer made it float32 [Hq] on q's device): the C++ layer checks its shape,
+// dtype and memory space and reports them naming `sinks`.
 Status make_options(bool causal, int window_left, int window_right, double scale,
                     const std::string& layout, const std::string& scheme,
                     const std::string& backend, const std::string& path, int block_n,
-                    uintptr_t stream, intfa::Options* o) {
+                    uintptr_t stream, intfa::Options* o, Views* views = nullptr,
+                    nb::handle sinks = nb::handle()) {
   o->causal = causal;
   o->window_left = window_left;
   o->window_right = window_right;
@@ -308,6 +312,7 @@ Status make_options(bool causal, int window_left, int window_right, double scale
     st = parse_name(backend, "backend", "'auto', 'cpu' or 'gpu'", intfa::parse_backend,
                     &o->backend);
   if (st.ok()) st = parse_path_arg(path, &o->path);
+  if (st.ok() && views) st = input(sinks, "sinks", *views, &o->sinks);
   o->block_n = block_n;
   o->stream = reinterpret_cast<void*>(stream);
   return st;
@@ -326,15 +331,15 @@ nb::object call(F&& f) {
 }
 
 nb::object attention(nb::handle q, nb::handle k, nb::handle v, nb::handle out, nb::handle lse,
-                     bool causal, int window_left, int window_right, double scale,
-                     const std::string& layout, const std::string& scheme,
+                     bool causal, int window_left, int window_right, nb::handle sinks,
+                     double scale, const std::string& layout, const std::string& scheme,
                      const std::string& backend, const std::string& path, int block_n,
                      uintptr_t stream, nb::handle workspace) {
   Views views;
   intfa::Options o;
   Tensor tq, tk, tv, to, tl;
   INTFA_PY_TRY(make_options(causal, window_left, window_right, scale, layout, scheme, backend,
-                            path, block_n, stream, &o));
+                            path, block_n, stream, &o, &views, sinks));
   INTFA_PY_TRY(input(q, "q", views, &tq));
   INTFA_PY_TRY(input(k, "k", views, &tk));
   INTFA_PY_TRY(input(v, "v", views, &tv));
@@ -347,14 +352,14 @@ nb::object attention(nb::handle q, nb::handle k, nb::handle v, nb::handle out, n
 nb::object attention_varlen(nb::handle q, nb::handle k, nb::handle v, nb::handle cu_q,
                             nb::handle cu_kv, int max_q, int max_kv, nb::handle out,
                             nb::handle lse, bool causal, int window_left, int window_right,
-                            double scale, const std::string& scheme, const std::string& backend,
-                            const std::string& path, int block_n, uintptr_t stream,
-                            nb::handle workspace) {
+                            nb::handle sinks, double scale, const std::string& scheme,
+                            const std::string& backend, const std::string& path, int block_n,
+                            uintptr_t stream, nb::handle workspace) {
   Views views;
   intfa::Options o;
   Tensor tq, tk, tv, tcq, tckv, to, tl;
   INTFA_PY_TRY(make_options(causal, window_left, window_right, scale, "BHSD", scheme, backend,
-                            path, block_n, stream, &o));
+                            path, block_n, stream, &o, &views, sinks));
   INTFA_PY_TRY(input(q, "q", views, &tq));
   INTFA_PY_TRY(input(k, "k", views, &tk));
   INTFA_PY_TRY(input(v, "v", views, &tv));
@@ -416,14 +421,15 @@ nb::object quantize(nb::handle q, nb::handle k, nb::handle v, nb::handle cu_q, n
 nb::object attention_int8(nb::dict parts, const std::string& scheme, const std::string& layout,
                           nb::handle cu_q, nb::handle cu_kv, int max_q, int max_kv,
                           nb::handle out, nb::handle lse, bool causal, int window_left,
-                          int window_right, double scale, const std::string& backend,
-                          const std::string& path, int block_n, uintptr_t stream) {
+                          int window_right, nb::handle sinks, double scale,
+                          const std::string& backend, const std::string& path, int block_n,
+                          uintptr_t stream) {
   Views views;
   intfa::Options o;
   Tensor tcq, tckv, to, tl;
   intfa::QuantizedQKV x;
   INTFA_PY_TRY(make_options(causal, window_left, window_right, scale, layout, scheme, backend,
-                            path, block_n, stream, &o));
+                            path, block_n, stream, &o, &views, sinks));
   INTFA_PY_TRY(quantized_from(parts, scheme, layout, false, views, &x));
   INTFA_PY_TRY(input(cu_q, "cu_seqlens_q", views, &tcq));
   INTFA_PY_TRY(input(cu_kv, "cu_seqlens_kv", views, &tckv));
@@ -542,8 +548,8 @@ Status carve_q_parts(const Tensor& q, const Tensor& scratch, bool with_offset, i
 // q_scale and lse_offset carved from `scratch`), then attention_int8 over the first `length`
 // tokens of the cache (k8 and k_scale given whole, over all capacity tokens, and narrowed here
 // as the views k8[:, :, :length] (BSHD: k8[:, :length]) and k_scale[..., :length] would be),
-// with seqused_kv as qkv() gives it (a ragged cache's lengths, else None).
-// The same two C++ calls with the same tensors as the quantize_q and attention_int8 functions
+// with seqused_kv as qkv() gives it (a ragged cache's lengths, else None) and the attention's
+// sinks (None: none). The same two C++ calls with the same tensors as the quantize_q and attention_int8 functions
 // above make, in that order, with the same errors: quantize_q's come first, then whatever the
 // attention side reports (its path, its arrays, its validation). One argument parse, one
 // import of each array and one GIL release instead of two; one scratch array instead of three.
@@ -551,8 +557,9 @@ nb::object kv_attention(nb::handle q, nb::handle scratch, bool with_offset, nb::
                         nb::handle k_scale, nb::handle k_mean, nb::handle vt8,
                         nb::handle v_scale, int64_t length, nb::handle seqused_kv,
                         nb::handle out, nb::handle lse, bool causal, int window_left,
-                        int window_right, double scale, const std::string& layout,
-                        const std::string& scheme, const std::string& path, uintptr_t stream) {
+                        int window_right, nb::handle sinks, double scale,
+                        const std::string& layout, const std::string& scheme,
+                        const std::string& path, uintptr_t stream) {
   Views views;
   // quantize_q's side, as quantize_q() above takes it.
   intfa::Options oq;
@@ -572,7 +579,7 @@ nb::object kv_attention(nb::handle q, nb::handle scratch, bool with_offset, nb::
   intfa::QuantizedQKV x = xq;  // q8, q_scale, lse_offset as quantize_q writes them
   Tensor to, tl;
   Status pending = make_options(causal, window_left, window_right, scale, layout, scheme, "auto",
-                                path, 64, stream, &oa);
+                                path, 64, stream, &oa, &views, sinks);
   struct Field { nb::handle h; const char* name; Tensor* t; };
   const Field fields[] = {{k8, "k8", &x.k8},
                           {k_scale, "k_scale", &x.k_scale},
@@ -601,12 +608,12 @@ nb::object kv_attention(nb::handle q, nb::handle scratch, bool with_offset, nb::
 
 nb::object attention_reference(nb::handle q, nb::handle k, nb::handle v, nb::handle out,
                                nb::handle lse, bool causal, int window_left, int window_right,
-                               double scale, const std::string& layout) {
+                               nb::handle sinks, double scale, const std::string& layout) {
   Views views;
   intfa::Options o;
   Tensor tq, tk, tv, to, tl;
   INTFA_PY_TRY(make_options(causal, window_left, window_right, scale, layout, "accurate", "cpu",
-                            "auto", 64, 0, &o));
+                            "auto", 64, 0, &o, &views, sinks));
   INTFA_PY_TRY(input(q, "q", views, &tq));
   INTFA_PY_TRY(input(k, "k", views, &tk));
   INTFA_PY_TRY(input(v, "v", views, &tv));
@@ -723,15 +730,15 @@ NB_MODULE(_C, m) {
             "(error, value): error is None or (exception name, message).";
   m.def("attention", &attention, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("out"),
         nb::arg("lse").none(), nb::arg("causal"), nb::arg("window_left"),
-        nb::arg("window_right"), nb::arg("scale"), nb::arg("layout"), nb::arg("scheme"),
-        nb::arg("backend"), nb::arg("path"), nb::arg("block_n"), nb::arg("stream"),
-        nb::arg("workspace").none());
+        nb::arg("window_right"), nb::arg("sinks").none(), nb::arg("scale"), nb::arg("layout"),
+        nb::arg("scheme"), nb::arg("backend"), nb::arg("path"), nb::arg("block_n"),
+        nb::arg("stream"), nb::arg("workspace").none());
   m.def("attention_varlen", &attention_varlen, nb::arg("q"), nb::arg("k"), nb::arg("v"),
         nb::arg("cu_seqlens_q"), nb::arg("cu_seqlens_kv"), nb::arg("max_seqlen_q"),
         nb::arg("max_seqlen_kv"), nb::arg("out"), nb::arg("lse").none(), nb::arg("causal"),
-        nb::arg("window_left"), nb::arg("window_right"), nb::arg("scale"), nb::arg("scheme"),
-        nb::arg("backend"), nb::arg("path"), nb::arg("block_n"), nb::arg("stream"),
-        nb::arg("workspace").none());
+        nb::arg("window_left"), nb::arg("window_right"), nb::arg("sinks").none(),
+        nb::arg("scale"), nb::arg("scheme"), nb::arg("backend"), nb::arg("path"),
+        nb::arg("block_n"), nb::arg("stream"), nb::arg("workspace").none());
   m.def("quantize", &quantize, nb::arg("q"), nb::arg("k"), nb::arg("v"),
         nb::arg("cu_seqlens_q").none(), nb::arg("cu_seqlens_kv").none(), nb::arg("parts"),
         nb::arg("layout"), nb::arg("scheme"), nb::arg("backend"), nb::arg("stream"));
@@ -739,8 +746,8 @@ NB_MODULE(_C, m) {
         nb::arg("layout"), nb::arg("cu_seqlens_q").none(), nb::arg("cu_seqlens_kv").none(),
         nb::arg("max_seqlen_q"), nb::arg("max_seqlen_kv"), nb::arg("out"),
         nb::arg("lse").none(), nb::arg("causal"), nb::arg("window_left"),
-        nb::arg("window_right"), nb::arg("scale"), nb::arg("backend"), nb::arg("path"),
-        nb::arg("block_n"), nb::arg("stream"));
+        nb::arg("window_right"), nb::arg("sinks").none(), nb::arg("scale"), nb::arg("backend"),
+        nb::arg("path"), nb::arg("block_n"), nb::arg("stream"));
   m.def("quantize_q", &quantize_q, nb::arg("q"), nb::arg("k_mean").none(), nb::arg("parts"),
         nb::arg("scale"), nb::arg("layout"), nb::arg("scheme"), nb::arg("backend"),
         nb::arg("stream"));
@@ -751,11 +758,12 @@ NB_MODULE(_C, m) {
         nb::arg("with_lse_offset"), nb::arg("k8"), nb::arg("k_scale"), nb::arg("k_mean").none(),
         nb::arg("vt8").none(), nb::arg("v_scale").none(), nb::arg("length"),
         nb::arg("seqused_kv").none(), nb::arg("out"), nb::arg("lse").none(), nb::arg("causal"),
-        nb::arg("window_left"), nb::arg("window_right"), nb::arg("scale"), nb::arg("layout"),
-        nb::arg("scheme"), nb::arg("path"), nb::arg("stream"));
+        nb::arg("window_left"), nb::arg("window_right"), nb::arg("sinks").none(),
+        nb::arg("scale"), nb::arg("layout"), nb::arg("scheme"), nb::arg("path"),
+        nb::arg("stream"));
   m.def("attention_reference", &attention_reference, nb::arg("q"), nb::arg("k"), nb::arg("v"),
         nb::arg("out"), nb::arg("lse").none(), nb::arg("causal"), nb::arg("window_left"),
-        nb::arg("window_right"), nb::arg("scale"), nb::arg("layout"));
+        nb::arg("window_right"), nb::arg("sinks").none(), nb::arg("scale"), nb::arg("layout"));
   m.def("quantized_bytes", &quantized_bytes, nb::arg("batch"), nb::arg("heads_q"),
         nb::arg("heads_kv"), nb::arg("seqlen_q"), nb::arg("seqlen_kv"), nb::arg("head_dim"),
         nb::arg("scheme"), nb::arg("varlen"), nb::arg("total_q"), nb::arg("total_kv"));

@@ -89,14 +89,15 @@ def check_paged_parts(paged, ragged, host):
 
 
 def paged_vs_ragged(q, k, v, k_new, v_new, lengths, steps, exact, host, max_seqlen_kv=None,
-                    path="auto", window_size=(-1, -1), **paged_args):
+                    path="auto", window_size=(-1, -1), sinks=None, **paged_args):
     """A PagedKVCache(k, v, lengths=lengths, **paged_args) and a ragged KVCache of its capacity
     over the same prompts, fed the same appends (steps: token counts, taken in order from k_new
     / v_new) and attended after each by those tokens' queries (causal on even steps, with LSE,
     a softmax scale on odd ones): outputs and LSE bit for bit (exact(got, want)), the same
     lengths and bytes (check_paged_parts, host(a): a as NumPy). max_seqlen_kv: the KVCache's
-    views (the GPU: the paged call's key range, its capacity). path and window_size (its right
-    edge -1 or 0: even steps are causal): both caches' attention. Returns (paged, ragged)."""
+    views (the GPU: the paged call's key range, its capacity). path, window_size (its right
+    edge -1 or 0: even steps are causal) and sinks: both caches' attention. Returns (paged,
+    ragged)."""
     paged = intfa.PagedKVCache(k, v, lengths=lengths, **paged_args)
     layout = paged.layout
     ragged = intfa.KVCache(k, v, paged.capacity, lengths=lengths, layout=layout,
@@ -107,7 +108,7 @@ def paged_vs_ragged(q, k, v, k_new, v_new, lengths, steps, exact, host, max_seql
         kt, vt, qt = (tok(x, end, end + n, layout) for x in (k_new, v_new, q))
         end += n
         kw = dict(is_causal=s % 2 == 0, return_lse=True, scale=None if s % 2 == 0 else 0.2, path=path,
-                  window_size=window_size)
+                  window_size=window_size, sinks=sinks)
         for cache in (paged, ragged):
             cache.append(kt, vt)
         out, lse = paged.attention(qt, **kw)

@@ -47,15 +47,15 @@ def step_generic(cache, kt, vt, qt, **kw):
 
 
 def ragged_vs_separate(q, k, v, k_new, v_new, lengths, steps, layout, scheme, same, exact,
-                       generic=False, capacity=48, window_size=(-1, -1)):
+                       generic=False, capacity=48, window_size=(-1, -1), sinks=None):
     """A ragged KVCache over prompts k, v (lengths[i] tokens of sequence i) and one KVCache per
     sequence over its own prompt tokens, fed the same appends (steps: token counts, taken in
     order from k_new / v_new) and attended with those tokens' queries (causal on even steps,
     GQA, with LSE; a softmax scale on odd ones). same(got, want) compares each sequence's output
     and LSE, exact(got, want) the cache parts each sequence holds. generic: drive the ragged
-    cache through the public functions (step_generic) instead of its methods. window_size: every
-    attention's (its right edge -1 or 0, as even steps are causal). Returns (ragged cache,
-    separate caches)."""
+    cache through the public functions (step_generic) instead of its methods. window_size and
+    sinks: every attention's (the window's right edge -1 or 0, as even steps are causal).
+    Returns (ragged cache, separate caches)."""
     ragged = intfa.KVCache(k, v, capacity, lengths=lengths, layout=layout, scheme=scheme)
     seps = [intfa.KVCache(tok(entry(k, i), 0, n, layout), tok(entry(v, i), 0, n, layout),
                           capacity, layout=layout, scheme=scheme)
@@ -65,7 +65,7 @@ def ragged_vs_separate(q, k, v, k_new, v_new, lengths, steps, layout, scheme, sa
         kt, vt, qt = (tok(x, end, end + n, layout) for x in (k_new, v_new, q))
         end += n
         kw = dict(is_causal=s % 2 == 0, return_lse=True, scale=None if s % 2 == 0 else 0.2,
-                  window_size=window_size)
+                  window_size=window_size, sinks=sinks)
         if generic:
             out, lse = step_generic(ragged, kt, vt, qt, **kw)
         else:

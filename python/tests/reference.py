@@ -13,11 +13,14 @@ def to_f64(x):
     return np.asarray(x).astype(np.float64)
 
 
-def attention_ref(q, k, v, causal=False, scale=None, layout="BHSD", window=(-1, -1)):
+def attention_ref(q, k, v, causal=False, scale=None, layout="BHSD", window=(-1, -1), sinks=None):
     """(out, lse) in float64. GQA by head repetition; the causal mask aligns to the bottom-right
     corner (query i sees keys j <= i + Skv - Sq), and so does the sliding window (left, right):
     keys i + Skv - Sq - left <= j <= i + Skv - Sq + right, -1 an open side; fully masked rows
-    give 0 and -inf."""
+    give 0 and -inf. sinks ([Hq] logits, or None): gpt-oss's attention sinks as its reference
+    computes them, one more score column per row of head h holding sinks[h], softmax over the
+    row, that column dropped; so it enters the denominator and the LSE only (a row that sees no
+    key gives 0 and LSE sinks[h]; -inf is no sink)."""
     q, k, v = to_f64(q), to_f64(k), to_f64(v)
     if layout == "BSHD":
         q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
@@ -35,10 +38,15 @@ def attention_ref(q, k, v, causal=False, scale=None, layout="BHSD", window=(-1, 
         s = np.where(j <= diag + right, s, -np.inf)
     if left >= 0:
         s = np.where(j >= diag - left, s, -np.inf)
+    if sinks is not None:
+        z = np.broadcast_to(to_f64(sinks)[None, :, None, None], s.shape[:3] + (1,))
+        s = np.concatenate([s, z], axis=-1)
     m = s.max(axis=-1, keepdims=True)
     m_safe = np.where(np.isfinite(m), m, 0.0)
     p = np.exp(s - m_safe)
     l = p.sum(axis=-1, keepdims=True)
+    if sinks is not None:
+        p = p[..., :-1]  # the sink's column: in l, not in the output
     out = np.einsum("bhij,bhjd->bhid", p, v) / np.where(l > 0, l, 1.0)
     with np.errstate(divide="ignore"):
         lse = (np.log(l) + m_safe)[..., 0]
@@ -47,7 +55,7 @@ def attention_ref(q, k, v, causal=False, scale=None, layout="BHSD", window=(-1, 
     return out, lse
 
 
-def varlen_ref(q, k, v, cu_q, cu_kv, causal=False, scale=None, window=(-1, -1)):
+def varlen_ref(q, k, v, cu_q, cu_kv, causal=False, scale=None, window=(-1, -1), sinks=None):
     """Packed [T, H, D] inputs: per-sequence attention_ref; returns (out [Tq,Hq,D], lse [Hq,Tq])."""
     q, k, v = to_f64(q), to_f64(k), to_f64(v)
     cu_q, cu_kv = np.asarray(to_f64(cu_q), np.int64), np.asarray(to_f64(cu_kv), np.int64)
@@ -58,10 +66,13 @@ def varlen_ref(q, k, v, cu_q, cu_kv, causal=False, scale=None, window=(-1, -1)):
         c, e = cu_kv[i], cu_kv[i + 1]
         if b == a:
             continue
-        if e == c:  # no keys: the whole sequence is masked
+        if e == c:  # no keys: the whole sequence is masked (LSE: the sink's logit, if any)
+            if sinks is not None:
+                lse[:, a:b] = to_f64(sinks)[:, None]
             continue
         o, l = attention_ref(q[None, a:b].transpose(0, 2, 1, 3), k[None, c:e].transpose(0, 2, 1, 3),
-                             v[None, c:e].transpose(0, 2, 1, 3), causal, scale, window=window)
+                             v[None, c:e].transpose(0, 2, 1, 3), causal, scale, window=window,
+                             sinks=sinks)
         out[a:b] = o[0].transpose(1, 0, 2)
         lse[:, a:b] = l[0]
     return out, lse

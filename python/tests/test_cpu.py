@@ -1,6 +1,8 @@
 """intfa through NumPy on the CPU backend: schemes, shapes, layouts, GQA, varlen, the quantized
 path and the error messages the C++ layer reports."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -1247,31 +1249,23 @@ def test_window_varlen_and_attention_int8(scheme, causal, window):
         exact(got, want)
 
 
-@pytest.mark.parametrize("scheme", ["accurate", "paper"])
-def test_window_kv_cache_decode_step_sees_the_last_w_keys(scheme, monkeypatch):
-    # A Mistral-style local layer (is_causal, window_size=(W - 1, 0)) over a KV cache: a decode
-    # step's query sees the cache's last W tokens (float64 attention over those alone, within
-    # the decode loop's tolerance), a chunk of 3 queries each its own last W; the fast path (one
-    # _C.kv_attention call) gives the bits of quantize_q + attention_int8 over qkv().
-    rng = np.random.default_rng(63)
-    n0, w, total = 40, 16, 46
-    q, k, v = qkv(rng, 2, 4, 2, total, total, 64)
-    cache = intfa.KVCache(tokens(k, 0, n0), tokens(v, 0, n0), 64, scheme=scheme)
+def cache_decode_loop(monkeypatch, q, k, v, scheme, step):
+    """A KVCache of the first 40 tokens of k, v (BHSD) fed tokens 40 to 45 (1, 1, 1, then 3 at
+    a time), each step attended by those tokens' queries qt with the keywords and against the
+    float64 (out, lse) that step(i, qt, end) gives (end: the tokens held): within the decode
+    loop's tolerance of it, and the fast path's bits (one _C.kv_attention call) those of what it
+    stands for, quantize_q of qt against the cache's K mean and attention_int8 over qkv()."""
+    cache = intfa.KVCache(tokens(k, 0, 40), tokens(v, 0, 40), 64, scheme=scheme)
     lib = intfa._arrays.lib
     kv_attention, calls = lib.kv_attention, []
     monkeypatch.setattr(lib, "kv_attention", lambda *a: calls.append(1) or kv_attention(*a))
-    end = n0
-    for n in [1, 1, 1, 3]:
+    end = 40
+    for i, n in enumerate([1, 1, 1, 3]):
         cache.append(tokens(k, end, end + n), tokens(v, end, end + n))
         end += n
         qt = tokens(q, end - n, end)
-        kw = dict(is_causal=True, window_size=(w - 1, 0), return_lse=True)
+        kw, (ref, ref_lse) = step(i, qt, end)
         out, lse = cache.attention(qt, **kw)
-        if n == 1:
-            ref, ref_lse = attention_ref(qt, tokens(k, end - w, end), tokens(v, end - w, end))
-        else:
-            ref, ref_lse = attention_ref(qt, tokens(k, 0, end), tokens(v, 0, end), causal=True,
-                                         window=(w - 1, 0))
         assert rel_l2(out, ref) < 0.05, (end, rel_l2(out, ref))
         np.testing.assert_allclose(lse, ref_lse, atol=5e-2)
         q8, q_scale, lse_offset = intfa.quantize_q(qt, cache.k_mean, scheme=scheme)
@@ -1281,45 +1275,78 @@ def test_window_kv_cache_decode_step_sees_the_last_w_keys(scheme, monkeypatch):
     assert len(calls) == 4
 
 
+@pytest.mark.parametrize("scheme", ["accurate", "paper"])
+def test_window_kv_cache_decode_step_sees_the_last_w_keys(scheme, monkeypatch):
+    # A Mistral-style local layer (is_causal, window_size=(W - 1, 0)) over a KV cache: a decode
+    # step's query sees the cache's last W tokens (float64 attention over those alone, within
+    # the decode loop's tolerance), a chunk of 3 queries each its own last W; the fast path (one
+    # _C.kv_attention call) gives the bits of quantize_q + attention_int8 over qkv().
+    rng = np.random.default_rng(63)
+    w = 16
+    q, k, v = qkv(rng, 2, 4, 2, 46, 46, 64)
+
+    def step(i, qt, end):
+        kw = dict(is_causal=True, window_size=(w - 1, 0), return_lse=True)
+        if qt.shape[2] == 1:
+            return kw, attention_ref(qt, tokens(k, end - w, end), tokens(v, end - w, end))
+        return kw, attention_ref(qt, tokens(k, 0, end), tokens(v, 0, end), causal=True,
+                                 window=(w - 1, 0))
+
+    cache_decode_loop(monkeypatch, q, k, v, scheme, step)
+
+
+def ragged_and_paged(generic, seed, hq, **attn):
+    """A ragged KVCache (prompts of 30, 12 and 21 tokens, GQA hq / 2) attending with `attn` is,
+    bit for bit, one cache per sequence (through its methods, or the public functions when
+    generic); without generic a PagedKVCache (16-token pages) with it is the ragged cache bit for
+    bit. Returns the ragged cache (holding 38, 20 and 29 tokens) and queries of one token."""
+    lengths, steps = [30, 12, 21], [1, 3, 1, 2, 1]
+    inputs = ragged_inputs(np_randn(np.random.default_rng(seed)), 3, hq, 2, 30, 8, 64, lengths)
+    ragged, _ = ragged_vs_separate(*inputs, lengths, steps, "BHSD", "accurate", exact, exact,
+                                   generic, **attn)
+    if not generic:
+        paged_vs_ragged(*inputs, lengths, steps, exact, np.asarray, num_pages=12, page_size=16,
+                        **attn)
+    return ragged, inputs[0][:, :, :1]
+
+
 @pytest.mark.parametrize("generic", [False, True])
 def test_window_ragged_and_paged_caches(generic):
     # A window's diagonal is each sequence's own count (seqused_kv): a ragged KVCache attending
     # with window_size=(6, 0) is, bit for bit, one cache per sequence (through its methods or
     # the public functions); a PagedKVCache with it is the ragged cache bit for bit.
-    rng = np.random.default_rng(64)
-    lengths, steps = [30, 12, 21], [1, 3, 1, 2, 1]
-    inputs = ragged_inputs(np_randn(rng), 3, 4, 2, 30, 8, 64, lengths)
-    ragged, _ = ragged_vs_separate(*inputs, lengths, steps, "BHSD", "accurate", exact, exact,
-                                   generic, window_size=(6, 0))
-    q = inputs[0][:, :, :1]  # the sequences hold 38, 20 and 29 tokens: the window cuts each
+    ragged, q = ragged_and_paged(generic, 64, 4, window_size=(6, 0))
+    # The sequences hold 38, 20 and 29 tokens: the window cuts each.
     assert not np.array_equal(ragged.attention(q, is_causal=True, window_size=(6, 0)),
                               ragged.attention(q, is_causal=True))
-    if not generic:
-        paged_vs_ragged(*inputs, lengths, steps, exact, np.asarray, num_pages=12, page_size=16,
-                        window_size=(6, 0))
 
 
-def test_window_errors():
-    # Range errors are the C++ layer's (ValueError, its message) on every entry point; what it
-    # cannot see (not a pair of ints, past 32 bits) is refused in Python.
-    rng = np.random.default_rng(65)
-    q, k, v = qkv(rng, 1, 2, 2, 16, 16, 64)
+def entry_points(q, k, v):
+    """{name: call(**keywords)} of every entry point that attends, over q, k, v (BHSD, one
+    sequence of 16 queries and 16 keys, GQA allowed): attention, attention_varlen (the same
+    tokens packed), attention_int8 (of quantize()), KVCache and PagedKVCache (of the prompt k,
+    v) .attention and attention_reference."""
     x = intfa.quantize(q, k, v)
     cu = np.array([0, 16], np.int32)
     cache = intfa.KVCache(k, v, 20)
     paged = intfa.PagedKVCache(k, v, 2, page_size=16)
-    calls = {
-        "attention": lambda **kw: intfa.attention(q, k, v, **kw),
-        "attention_varlen": lambda **kw: intfa.attention_varlen(q[0].swapaxes(0, 1),
-                                                                k[0].swapaxes(0, 1),
-                                                                v[0].swapaxes(0, 1), cu, cu,
+    packed = [a[0].swapaxes(0, 1) for a in (q, k, v)]
+    return {
+        "attention": lambda **kw: intfa.attention(q, k, v, enable_gqa=True, **kw),
+        "attention_varlen": lambda **kw: intfa.attention_varlen(*packed, cu, cu, enable_gqa=True,
                                                                 **kw),
         "attention_int8": lambda **kw: intfa.attention_int8(x, **kw),
         "KVCache.attention": lambda **kw: cache.attention(q, **kw),
         "PagedKVCache.attention": lambda **kw: paged.attention(q, **kw),
         "attention_reference": lambda **kw: intfa.attention_reference(q, k, v, **kw),
     }
-    for name, call in calls.items():
+
+
+def test_window_errors():
+    # Range errors are the C++ layer's (ValueError, its message) on every entry point; what it
+    # cannot see (not a pair of ints, past 32 bits) is refused in Python.
+    rng = np.random.default_rng(65)
+    for name, call in entry_points(*qkv(rng, 1, 2, 2, 16, 16, 64)).items():
         with pytest.raises(ValueError, match=r"^window_left / window_right: expected -1 \(no "
                                              r"edge\) or >= 0, got \(-2, 0\)$"):
             call(window_size=(-2, 0))
@@ -1345,3 +1372,283 @@ def test_window_errors():
             call(window_size=(2 ** 32, 0))
         exact(call(is_causal=True, window_size=(np.int64(3), np.int32(0))),  # NumPy ints
               call(is_causal=True, window_size=[3, 0]))
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention sinks: sinks=[Hq] logits (gpt-oss's sinks, FlashAttention 4's learnable_sink)
+# ------------------------------------------------------------------------------------------------
+def sink_logits(rng, hq, no_sink=None):
+    """float32 [hq] sink logits uniform in [0, 6): about the LSE of rows of a few to a few
+    hundred keys, so the sink takes a real share of each row; head no_sink gets -inf (none)."""
+    z = rng.uniform(0.0, 6.0, hq).astype(np.float32)
+    if no_sink is not None:
+        z[no_sink] = -np.inf
+    return z
+
+
+# (Sq, Skv, is_causal, window_size): square causal, Sq > Skv causal (its first 40 rows see no
+# key), a sliding window, non-causal Sq < Skv.
+SINK_CASES = [(64, 64, True, (-1, -1)), (70, 30, True, (-1, -1)), (50, 80, True, (15, 0)),
+              (40, 90, False, (-1, -1))]
+
+
+def sink_case_id(c):
+    sq, skv, causal, (left, right) = c
+    return f"{sq}x{skv}{'-causal' if causal else ''}" + (f"-({left},{right})" if left >= 0 else "")
+
+
+def test_sinks_reference_is_a_softmax_with_a_sink_column():
+    # gpt-oss's reference written out (transformers' gpt_oss eager attention): the sink as one
+    # more column of each row's scores, softmax over the row, the column dropped. The float64
+    # oracle (attention_reference) gives that output and the log of the whole denominator.
+    rng = np.random.default_rng(90)
+    q, k, v = qkv(rng, 1, 4, 2, 5, 7, 16)
+    z = np.array([1.5, -np.inf, 0.25, 3.0], np.float32)
+    out, lse = intfa.attention_reference(q, k, v, is_causal=True, sinks=z, return_lse=True)
+    qd, kd, vd = (x.astype(np.float64) for x in (q, k, v))
+    for h in range(4):
+        for i in range(5):
+            keys = range(i + 7 - 5 + 1)  # causal, bottom-right
+            scores = [qd[0, h, i] @ kd[0, h // 2, j] / 4.0 for j in keys] + [float(z[h])]
+            m = max(scores)
+            e = np.exp(np.array(scores) - m)
+            probs = e / e.sum()
+            want = sum(p * vd[0, h // 2, j] for p, j in zip(probs[:-1], keys))
+            np.testing.assert_allclose(out[0, h, i], want, rtol=0, atol=1e-12)
+            np.testing.assert_allclose(lse[0, h, i], m + np.log(e.sum()), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("scheme", ("float64",) + SCHEMES)
+@pytest.mark.parametrize("c", SINK_CASES, ids=sink_case_id)
+def test_sinks_match_the_numpy_oracle(scheme, c):
+    # Sinks (GQA 8 / 2, both layouts, a head without a sink) against reference.py's float64
+    # softmax with a sink column: the float64 oracle (attention_reference) to rounding;
+    # intfa.attention within the scheme's error, as the window tests bound it, and
+    # attention_int8 of quantize() its bits. Rows that see no key give 0 and an LSE of their
+    # head's logit (-inf for the head without one), the oracle's exactly.
+    sq, skv, causal, window = c
+    rng = np.random.default_rng(92 + sq)
+    z = sink_logits(rng, 8, no_sink=2)
+    for layout in ("BHSD", "BSHD"):
+        q, k, v = qkv(rng, 2, 8, 2, sq, skv, 64, layout)
+        kw = dict(is_causal=causal, window_size=window, sinks=z, layout=layout, return_lse=True)
+        ref, ref_lse = attention_ref(q, k, v, causal=causal, layout=layout, window=window,
+                                     sinks=z)
+        _, lse0 = attention_ref(q, k, v, causal=causal, layout=layout, window=window)
+        empty = np.isneginf(lse0)  # rows that see no key
+        if scheme == "float64":
+            out, lse = intfa.attention_reference(q, k, v, **kw)
+            np.testing.assert_allclose(out, ref, rtol=0, atol=1e-12)
+            np.testing.assert_allclose(lse, ref_lse, rtol=0, atol=1e-12)
+            exact(lse[empty], ref_lse[empty])
+            assert np.all(in_layout(layout, out)[0][empty] == 0)
+            continue
+        out, lse = intfa.attention(q, k, v, enable_gqa=True, scheme=scheme, **kw)
+        assert rel_l2(out, ref) < TOL[scheme]
+        np.testing.assert_array_equal(np.isfinite(lse), np.isfinite(ref_lse))
+        finite = np.isfinite(ref_lse)
+        np.testing.assert_allclose(lse[finite], ref_lse[finite], atol=WINDOW_LSE_TOL[scheme])
+        assert np.all(in_layout(layout, out)[0][empty] == 0)
+        np.testing.assert_allclose(lse[empty], ref_lse[empty], rtol=1e-6, atol=1e-6)
+        x = intfa.quantize(q, k, v, layout=layout, scheme=scheme)
+        del kw["layout"]
+        for got, want in zip(intfa.attention_int8(x, **kw), (out, lse)):
+            exact(got, want)
+
+
+def test_minus_inf_sinks_are_no_sinks():
+    # sinks = -inf for every head is no sink: the outputs and LSEs of every entry point bit for
+    # bit (the INT8 emulation skips the fold for a -inf sink, as fold_sink leaves the GPU's).
+    rng = np.random.default_rng(93)
+    q, k, v = qkv(rng, 2, 8, 2, 70, 30, 64)
+    none = np.full(8, -np.inf, np.float32)
+
+    def same(got, want):
+        exact(got[0], want[0])
+        exact(got[1], want[1])
+
+    for scheme in SCHEMES:
+        kw = dict(is_causal=True, enable_gqa=True, scheme=scheme, return_lse=True)
+        same(intfa.attention(q, k, v, sinks=none, **kw), intfa.attention(q, k, v, **kw))
+        x = intfa.quantize(q, k, v, scheme=scheme)
+        same(intfa.attention_int8(x, is_causal=True, sinks=[-np.inf] * 8, return_lse=True),
+             intfa.attention_int8(x, is_causal=True, return_lse=True))
+    kw = dict(is_causal=True, return_lse=True)
+    same(intfa.attention_reference(q, k, v, sinks=none, **kw),
+         intfa.attention_reference(q, k, v, **kw))
+    qp, kp, vp, cu_q, cu_kv = packed(rng, [5, 0, 30, 4], [9, 3, 20, 0], 8, 2, 64)
+    same(intfa.attention_varlen(qp, kp, vp, cu_q, cu_kv, sinks=none, enable_gqa=True, **kw),
+         intfa.attention_varlen(qp, kp, vp, cu_q, cu_kv, enable_gqa=True, **kw))
+    cache = intfa.KVCache(k, v, 40)
+    same(cache.attention(q[:, :, :2], sinks=none, **kw), cache.attention(q[:, :, :2], **kw))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_sinks_lse_is_the_logaddexp_of_the_sink(scheme):
+    # With the same scores and keys a sink changes only the denominator: lse_sink =
+    # logaddexp(lse, z) and out_sink = out * exp(lse - lse_sink), for the float64 oracle to
+    # rounding and for intfa to float32 rounding (the output to its fp16 rounding); rows that
+    # see no key: logaddexp(-inf, z) = z and 0.
+    rng = np.random.default_rng(94)
+    q, k, v = qkv(rng, 1, 8, 2, 70, 30, 64)
+    z = sink_logits(rng, 8, no_sink=7)
+    zz = z[None, :, None].astype(np.float64)
+    for window in ((-1, -1), (9, 0)):
+        kw = dict(is_causal=True, window_size=window, return_lse=True)
+        out0, lse0 = intfa.attention_reference(q, k, v, **kw)
+        out, lse = intfa.attention_reference(q, k, v, sinks=z, **kw)
+        np.testing.assert_allclose(lse, np.logaddexp(lse0, zz), rtol=0, atol=1e-12)
+        with np.errstate(invalid="ignore"):
+            factor = np.nan_to_num(np.exp(lse0 - lse))[..., None]
+        np.testing.assert_allclose(out, out0 * factor, rtol=0, atol=1e-12)
+        out0, lse0 = intfa.attention(q, k, v, enable_gqa=True, scheme=scheme, **kw)
+        out, lse = intfa.attention(q, k, v, enable_gqa=True, scheme=scheme, sinks=z, **kw)
+        np.testing.assert_allclose(lse, np.logaddexp(lse0.astype(np.float64), zz), rtol=1e-6,
+                                   atol=2e-6)
+        with np.errstate(invalid="ignore"):
+            factor = np.nan_to_num(np.exp(lse0.astype(np.float64) - lse))[..., None]
+        np.testing.assert_allclose(out.astype(np.float64), out0.astype(np.float64) * factor,
+                                   rtol=2e-3, atol=1e-4)
+
+
+def test_sinks_rows_that_see_no_key():
+    # Causal Sq = 70 > Skv = 30 and a window (3, 0) over it: the first 40 queries see no key;
+    # with a sink they give 0 and an LSE of their head's logit (-inf without a sink), on every
+    # entry point.
+    rng = np.random.default_rng(95)
+    q, k, v = qkv(rng, 1, 8, 2, 70, 30, 64)
+    z = sink_logits(rng, 8, no_sink=1)
+    want = np.broadcast_to(z[None, :, None], (1, 8, 40))
+    cache = intfa.KVCache(k, v, 32)
+    for window in ((-1, -1), (3, 0)):
+        kw = dict(is_causal=True, window_size=window, sinks=z, return_lse=True)
+        for out, lse in (intfa.attention(q, k, v, enable_gqa=True, **kw),
+                         intfa.attention_int8(intfa.quantize(q, k, v), **kw),
+                         cache.attention(q, **kw),
+                         intfa.attention_reference(q, k, v, **kw)):
+            assert np.all(out[:, :, :40] == 0)
+            np.testing.assert_allclose(lse[:, :, :40], want, rtol=1e-6, atol=1e-6)
+            assert np.all(np.isfinite(lse[:, :, 40:]))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_sinks_varlen_and_attention_int8(scheme):
+    # Varlen with sinks (an empty query sequence, one without keys: its rows 0 and LSE z, Sq <
+    # Skv and Sq > Skv, causal and windowed) within the scheme's error of float64 per sequence;
+    # attention_int8 of quantize() the same bits.
+    rng = np.random.default_rng(96)
+    q, k, v, cu_q, cu_kv = packed(rng, [5, 0, 70, 30, 4], [9, 3, 64, 20, 0], 8, 2, 64)
+    z = sink_logits(rng, 8, no_sink=4)
+    for causal, window in ((False, (-1, -1)), (True, (-1, -1)), (True, (7, 0))):
+        kw = dict(is_causal=causal, window_size=window, sinks=z, return_lse=True)
+        out, lse = intfa.attention_varlen(q, k, v, cu_q, cu_kv, enable_gqa=True, scheme=scheme,
+                                          **kw)
+        ref, ref_lse = varlen_ref(q, k, v, cu_q, cu_kv, causal=causal, window=window, sinks=z)
+        assert rel_l2(out, ref) < TOL[scheme]
+        np.testing.assert_array_equal(np.isfinite(lse), np.isfinite(ref_lse))
+        finite = np.isfinite(ref_lse)
+        np.testing.assert_allclose(lse[finite], ref_lse[finite], atol=WINDOW_LSE_TOL[scheme])
+        assert np.all(out[105:] == 0)  # the sequence without keys: 0 and the logits
+        np.testing.assert_allclose(lse[:, 105:], np.broadcast_to(z[:, None], (8, 4)),
+                                   rtol=1e-6, atol=1e-6)
+        x = intfa.quantize(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_kv=cu_kv, scheme=scheme)
+        for got, want in zip(intfa.attention_int8(x, **kw), (out, lse)):
+            exact(got, want)
+
+
+@pytest.mark.parametrize("scheme", ["accurate", "paper"])
+def test_sinks_kv_cache_decode(scheme, monkeypatch):
+    # A gpt-oss-style decode loop over a KVCache (GQA 8 / 2, sinks, causal, every other step a
+    # sliding window of 16 tokens): within the decode loop's tolerance of float64 with a sink
+    # column over the tokens the step sees; the fast path (one _C.kv_attention call) the bits
+    # of quantize_q + attention_int8 over qkv() (whose lse_offset the sinks need: accurate).
+    rng = np.random.default_rng(97)
+    q, k, v = qkv(rng, 2, 8, 2, 46, 46, 64)
+    z = sink_logits(rng, 8, no_sink=0)
+
+    def step(i, qt, end):
+        window = (15, 0) if i % 2 else (-1, -1)
+        return (dict(is_causal=True, window_size=window, sinks=z, return_lse=True),
+                attention_ref(qt, tokens(k, 0, end), tokens(v, 0, end), causal=True,
+                              window=window, sinks=z))
+
+    cache_decode_loop(monkeypatch, q, k, v, scheme, step)
+
+
+@pytest.mark.parametrize("generic", [False, True])
+def test_sinks_ragged_and_paged_caches(generic):
+    # Sinks (with a window) and per-sequence key counts (seqused_kv): a ragged KVCache is, bit
+    # for bit, one cache per sequence (through its methods or the public functions); a
+    # PagedKVCache is the ragged cache bit for bit.
+    z = sink_logits(np.random.default_rng(98), 8, no_sink=3)
+    ragged, q = ragged_and_paged(generic, 99, 8, sinks=z, window_size=(6, 0))
+    assert not np.array_equal(ragged.attention(q, is_causal=True, sinks=z),
+                              ragged.attention(q, is_causal=True))
+
+
+def test_sinks_any_float_dtype_or_numbers():
+    # float64, float16, bfloat16 (ml_dtypes) arrays, lists and tuples of numbers: float32 on
+    # q's device, the same bits as float32 logits of the same values (multiples of 1/4 here).
+    rng = np.random.default_rng(99)
+    q, k, v = qkv(rng, 1, 4, 2, 20, 24, 64)
+    z = np.array([0.5, 2.25, -np.inf, 4.0], np.float32)
+    kw = dict(is_causal=True, enable_gqa=True, return_lse=True)
+    want = intfa.attention(q, k, v, sinks=z, **kw)
+    forms = [z.astype(np.float64), z.astype(np.float16), z.tolist(), tuple(z.tolist()),
+             [0.5, 2.25, float("-inf"), 4]]
+    try:
+        import ml_dtypes
+        forms.append(z.astype(ml_dtypes.bfloat16))
+    except ImportError:
+        pass
+    for form in forms:
+        for got, w in zip(intfa.attention(q, k, v, sinks=form, **kw), want):
+            exact(got, w)
+    kw = dict(is_causal=True, return_lse=True)
+    ref = intfa.attention_reference(q, k, v, sinks=z, **kw)
+    for got, w in zip(intfa.attention_reference(q, k, v, sinks=z.astype(np.float16), **kw), ref):
+        exact(got, w)
+
+
+def test_sinks_errors():
+    # A wrong shape (the C++ layer's ValueError), a non-float array or what is not an array
+    # (TypeError), NaN / +inf on the CPU backend, all naming sinks, on every entry point; the
+    # accurate scheme's lse_offset that sinks need (qkv.lse_offset) when attention_int8 lacks it.
+    rng = np.random.default_rng(100)
+    q, k, v = qkv(rng, 1, 4, 2, 16, 16, 64)
+    x = intfa.quantize(q, k, v)
+    calls = entry_points(q, k, v)
+    calls["flash_attn_func"] = lambda sinks: intfa.flash_attn_func(
+        q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2), learnable_sink=sinks)
+    for name, call in calls.items():
+        for bad, shape in ((np.zeros(3, np.float32), "[3]"), (np.zeros(8, np.float32), "[8]"),
+                           (np.zeros((1, 4), np.float32), "[1, 4]"), ([1.0, 2.0], "[2]"),
+                           (np.float32(1.0), "[]")):
+            with pytest.raises(ValueError, match=r"^sinks: expected shape \[heads_q\] = \[4\], "
+                                                 r"got " + re.escape(shape) + "$"):
+                call(sinks=bad)
+        with pytest.raises(TypeError, match=r"^sinks: expected a float array \(float16, "
+                                            r"bfloat16, float32 or float64\), got int32$"):
+            call(sinks=np.arange(4, dtype=np.int32))
+        with pytest.raises(TypeError, match=r"^sinks: expected a float array of one logit per "
+                                            r"query head \[Hq\] .* got builtins.str$"):
+            call(sinks="0,1,2,3")
+        with pytest.raises(TypeError, match=r"^sinks: expected numbers \(one logit per query "
+                                            r"head\), got \['a', 'b'\]$"):
+            call(sinks=["a", "b"])
+        for value, shown in ((np.nan, "nan"), (np.inf, "inf")):
+            z = np.zeros(4, np.float32)
+            z[2] = value
+            with pytest.raises(ValueError, match=r"^sinks: expected finite logits or -inf \(no "
+                                                 r"sink\), got " + shown + " for head 2$"):
+                call(sinks=z)
+    z = sink_logits(rng, 4)
+    q8, q_scale, lse_offset = intfa.quantize_q(q)  # accurate without the K mean: no lse_offset
+    assert lse_offset is None
+    with pytest.raises(ValueError, match=r"^qkv.lse_offset: sinks with scheme accurate need it"):
+        intfa.attention_int8(x._replace(q8=q8, q_scale=q_scale, lse_offset=None), sinks=z)
+    intfa.attention_int8(x._replace(q8=q8, q_scale=q_scale, lse_offset=None))  # fine without
+    # paper's scores are not shifted: no lse_offset needed.
+    xp = intfa.quantize(q, k, v, scheme="paper")
+    exact(intfa.attention_int8(xp._replace(lse_offset=None), sinks=z),
+          intfa.attention_int8(xp, sinks=z))

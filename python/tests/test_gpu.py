@@ -27,9 +27,11 @@ def rand(*shape, dtype=torch.float16, seed=0):
     return torch.randn(*shape, generator=g, device="cuda", dtype=torch.float32).to(dtype)
 
 
-def ref_attention(q, k, v, causal=False, scale=None, layout="BHSD", window=(-1, -1)):
+def ref_attention(q, k, v, causal=False, scale=None, layout="BHSD", window=(-1, -1), sinks=None):
     """float64 attention on the GPU: (out, lse); bottom-right causal and sliding window (left,
-    right) (-1: an open side), -inf for empty rows."""
+    right) (-1: an open side), -inf for empty rows. sinks ([Hq] logits): one more score column
+    per row holding its head's logit, in the softmax and the LSE, dropped from the output
+    (gpt-oss's reference); an empty row then gives 0 and its logit."""
     q, k, v = q.double(), k.double(), v.double()
     if layout == "BSHD":
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))
@@ -45,8 +47,13 @@ def ref_attention(q, k, v, causal=False, scale=None, layout="BHSD", window=(-1, 
         s = s.masked_fill(j > diag + right, -math.inf)
     if left >= 0:
         s = s.masked_fill(j < diag - left, -math.inf)
+    if sinks is not None:
+        z = sinks.to(device=s.device, dtype=torch.float64).view(1, -1, 1, 1)
+        s = torch.cat([s, z.expand(*s.shape[:3], 1)], dim=-1)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0)[..., None])
+    if sinks is not None:
+        p = p[..., :-1]
     out = p @ v
     if layout == "BSHD":
         out = out.transpose(1, 2)
@@ -848,15 +855,25 @@ def test_window_on_the_decode_path(b, hq, hkv, sq, skv, causal, window):
     lse_close(lse, ref_lse)
 
 
+# Packed sequences for the varlen tests: one without queries, one without keys (sequence 4),
+# Sq < Skv and Sq > Skv, a long one.
+VARLEN_Q, VARLEN_KV = [1, 17, 0, 300, 129, 40], [5, 170, 9, 250, 0, 2000]
+
+
+def _varlen_inputs(hq, seed):
+    """(cu_q, cu_kv, q, k, v) on the GPU for VARLEN_Q / VARLEN_KV: hq query heads, 2 K/V heads,
+    D = 128."""
+    cu_q, cu_kv = (torch.tensor([0] + list(np.cumsum(lens)), dtype=torch.int32, device="cuda")
+                   for lens in (VARLEN_Q, VARLEN_KV))
+    return (cu_q, cu_kv, rand(sum(VARLEN_Q), hq, 128, seed=seed),
+            rand(sum(VARLEN_KV), 2, 128, seed=seed + 1), rand(sum(VARLEN_KV), 2, 128, seed=seed + 2))
+
+
 def test_window_varlen_on_the_gpu():
     """window_size on packed sequences (each its own diagonal; a sequence without queries, one
     without keys, Sq < Skv and Sq > Skv) on every prefill path, against the CPU backend."""
-    lens_q, lens_kv = [1, 17, 0, 300, 129, 40], [5, 170, 9, 250, 0, 2000]
-    cu_q = torch.tensor([0] + list(np.cumsum(lens_q)), dtype=torch.int32, device="cuda")
-    cu_kv = torch.tensor([0] + list(np.cumsum(lens_kv)), dtype=torch.int32, device="cuda")
-    q = rand(sum(lens_q), 4, 128, seed=201)
-    k = rand(sum(lens_kv), 2, 128, seed=202)
-    v = rand(sum(lens_kv), 2, 128, seed=203)
+    lens_q, lens_kv = VARLEN_Q, VARLEN_KV
+    cu_q, cu_kv, q, k, v = _varlen_inputs(4, 201)
     for causal, window in ((True, (90, 0)), (False, (60, 20))):
         kw = dict(is_causal=causal, window_size=window, enable_gqa=True, return_lse=True)
         out_c, lse_c = intfa.attention_varlen(q.cpu(), k.cpu(), v.cpu(), cu_q.cpu(), cu_kv.cpu(),
@@ -911,3 +928,230 @@ def test_flash_attn_func_on_the_gpu():
     want = intfa.attention_varlen(qp, kp, vp, cu_q, cu_k, 300, 550, is_causal=True,
                                   window_size=(128, 0), enable_gqa=True)
     assert torch.equal(out, want)
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention sinks (sinks=, flash_attn's learnable_sink)
+# ------------------------------------------------------------------------------------------------
+def _sinks(hq, seed, no_sink=None):
+    """float32 [hq] sink logits on the GPU, uniform in [0, 8) (about the LSE of rows of a few to
+    a few thousand keys: the sink takes a real share of each row); head no_sink -inf (none)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    z = torch.rand(hq, generator=g, device="cuda") * 8
+    if no_sink is not None:
+        z[no_sink] = -math.inf
+    return z
+
+
+def _sinks_vs_float64(out, lse, ref, ref_lse, empty, scheme, rows=lambda out: out):
+    """A GPU call with sinks against float64 with a sink column: within the scheme's error, the
+    LSE within lse_close's; rows that see no key (`empty`, a mask in the LSE's shape and order)
+    give 0 and their head's logit, to float32 rounding (-inf for a head without a sink)."""
+    assert rel_l2(out, ref) < TOL[scheme]
+    lse_close(lse, ref_lse)
+    assert torch.all(rows(out)[empty] == 0)
+    want = ref_lse[empty]
+    finite = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(lse[empty]), finite)
+    assert ((lse[empty][finite].double() - want[finite]).abs() <= 1e-5 * (1 + want[finite].abs())).all()
+
+
+# (B, Hq, Hkv, Sq, Skv, D, is_causal, window_size, scheme, layout) for the prefill kernels: a
+# gpt-oss layer (GQA 8 / 2 here, causal, a 128-key window), rows that see no key (Sq > Skv), a
+# non-causal one, few tiles over a long KV (sm90 splits the keys into ranges: the sinks join in
+# the combine kernel), grouped-query heads packed as rows of several tiles (non-causal BHSD).
+GPU_SINKS = [(2, 8, 2, 1000, 1000, 128, True, (127, 0), "accurate", "BHSD"),
+             (1, 8, 2, 300, 100, 64, True, (-1, -1), "paper", "BSHD"),
+             (2, 4, 4, 500, 700, 128, False, (-1, -1), "accurate", "BHSD"),
+             (1, 8, 2, 200, 5000, 128, True, (-1, -1), "accurate", "BHSD"),
+             (1, 16, 2, 64, 2000, 128, False, (-1, -1), "accurate", "BHSD")]
+
+
+@pytest.mark.parametrize("w", GPU_SINKS, ids=lambda w: "{1}-{2}-{3}x{4}-d{5}-{6}-{7[0]}_{7[1]}-{8}".format(*w))
+def test_sinks_on_the_prefill_paths(w):
+    """sinks on sm80, sm90 (Hopper) and auto against the CPU backend with the same sinks, and
+    within the scheme's error of float64 with a sink column; attention_int8 of quantize() the
+    bits of attention on each path."""
+    b, hq, hkv, sq, skv, d, causal, window, scheme, layout = w
+    q, k, v = make_qkv(b, hq, hkv, sq, skv, d, layout, seed=sq + skv + 1)
+    z = _sinks(hq, sq, no_sink=1)
+    kw = dict(is_causal=causal, window_size=window, sinks=z, enable_gqa=True, layout=layout,
+              scheme=scheme, return_lse=True)
+    out_c, lse_c = intfa.attention(q.cpu(), k.cpu(), v.cpu(), **kw)
+    ref, ref_lse = ref_attention(q, k, v, causal, layout=layout, window=window, sinks=z)
+    _, ref_lse0 = ref_attention(q, k, v, causal, layout=layout, window=window)
+    rows = (lambda out: out) if layout == "BHSD" else (lambda out: out.transpose(1, 2))
+    x = intfa.quantize(q, k, v, layout=layout, scheme=scheme)
+    kw8 = dict(is_causal=causal, window_size=window, sinks=z, return_lse=True)
+    for path in _prefill_paths() + ["auto"]:
+        out, lse = intfa.attention(q, k, v, path=path, **kw)
+        _window_vs_cpu(out, lse, out_c, lse_c, rows)
+        _sinks_vs_float64(out, lse, ref, ref_lse, torch.isneginf(ref_lse0), scheme, rows)
+        out8, lse8 = intfa.attention_int8(x, path=path, **kw8)
+        assert torch.equal(out8, out) and torch.equal(lse8, lse), path
+
+
+@pytest.mark.parametrize("b,hq,hkv,sq,skv,causal,window", [
+    (2, 32, 8, 1, 4000, True, (-1, -1)),   # a GQA decode step over a long cache: key ranges
+    (2, 32, 8, 1, 3000, True, (127, 0)),   # a gpt-oss local layer's decode step
+    (2, 16, 4, 4, 2000, True, (-1, -1)),   # speculative step: 16 rows per K/V head
+    (1, 2, 2, 16, 10, True, (3, 0))])      # Sq > Skv: rows that see no key
+def test_sinks_on_the_decode_path(b, hq, hkv, sq, skv, causal, window):
+    """sinks on the decode kernel (attention_int8 over a quantized KV; what auto runs for at
+    most 16 query rows per K/V head, GQA heads packed as rows of one tile) against the CPU
+    backend and float64 with a sink column; auto the bits of path="decode"."""
+    q, k, v = make_qkv(b, hq, hkv, sq, skv, 128, seed=skv + sq + 1)
+    z = _sinks(hq, skv, no_sink=hq - 1)
+    kw = dict(is_causal=causal, window_size=window, sinks=z, return_lse=True)
+    x = intfa.quantize(q, k, v)
+    out, lse = intfa.attention_int8(x, path="decode", **kw)
+    auto, auto_lse = intfa.attention_int8(x, **kw)
+    assert torch.equal(out, auto) and torch.equal(lse, auto_lse)
+    out_c, lse_c = intfa.attention_int8(intfa.quantize(q.cpu(), k.cpu(), v.cpu()), **kw)
+    _window_vs_cpu(out, lse, out_c, lse_c)
+    ref, ref_lse = ref_attention(q, k, v, causal, window=window, sinks=z)
+    _, ref_lse0 = ref_attention(q, k, v, causal, window=window)
+    _sinks_vs_float64(out, lse, ref, ref_lse, torch.isneginf(ref_lse0), "accurate")
+    # The prefill kernels (which take any row count) fold the sinks in as the decode kernel does.
+    for path in _prefill_paths():
+        assert rel_l2(intfa.attention_int8(x, path=path, **kw)[0], out) < 1e-2, path
+
+
+def test_minus_inf_sinks_on_the_gpu():
+    """sinks = -inf for every head is no sink (numerics.h, fold_sink: scale 1, the LSE
+    unchanged): on every path (the sm90 split kernels that sinks run included) the outputs and
+    the LSE of the calls without sinks, bit for bit."""
+    none = torch.full((8,), -math.inf, device="cuda")
+    q, k, v = make_qkv(2, 8, 2, 300, 700, 128, seed=210)
+    for scheme in ("accurate", "paper"):
+        for causal in (False, True):
+            kw = dict(is_causal=causal, enable_gqa=True, scheme=scheme, return_lse=True)
+            for path in _prefill_paths() + ["auto"]:
+                got = intfa.attention(q, k, v, sinks=none, path=path, **kw)
+                want = intfa.attention(q, k, v, path=path, **kw)
+                assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (scheme, path)
+    x = intfa.quantize(*make_qkv(2, 32, 8, 1, 3000, 128, seed=211))
+    for path in ["decode", "auto"] + _prefill_paths():
+        got = intfa.attention_int8(x, sinks=none.repeat(4), is_causal=True, return_lse=True, path=path)
+        want = intfa.attention_int8(x, is_causal=True, return_lse=True, path=path)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), path
+
+
+def test_sinks_varlen_on_the_gpu():
+    """sinks on packed sequences (a sequence without queries, one without keys: its rows 0 and
+    the logits, Sq < Skv and Sq > Skv, causal and windowed) on every prefill path, against the
+    CPU backend and float64 per sequence."""
+    lens_q, lens_kv = VARLEN_Q, VARLEN_KV
+    cu_q, cu_kv, q, k, v = _varlen_inputs(8, 212)
+    z = _sinks(8, 215, no_sink=0)
+    nokeys = slice(int(cu_q[4]), int(cu_q[5]))
+    for causal, window in ((True, (-1, -1)), (True, (90, 0)), (False, (-1, -1))):
+        kw = dict(is_causal=causal, window_size=window, sinks=z, enable_gqa=True, return_lse=True)
+        out_c, lse_c = intfa.attention_varlen(q.cpu(), k.cpu(), v.cpu(), cu_q.cpu(), cu_kv.cpu(),
+                                              **kw)
+        for path in _prefill_paths() + ["auto"]:
+            out, lse = intfa.attention_varlen(q, k, v, cu_q, cu_kv, max(lens_q), max(lens_kv),
+                                              path=path, **kw)
+            _window_vs_cpu(out, lse, out_c, lse_c, lambda out: out.transpose(0, 1))
+            assert torch.all(out[nokeys] == 0)
+            torch.testing.assert_close(lse[1:, nokeys], z[1:, None].expand(7, 129), rtol=1e-5,
+                                       atol=1e-5)
+            assert torch.all(torch.isneginf(lse[0, nokeys]))
+            for i in (1, 3, 5):
+                a, e = int(cu_q[i]), int(cu_q[i + 1])
+                c, f = int(cu_kv[i]), int(cu_kv[i + 1])
+                ref, ref_lse = ref_attention(q[None, a:e].transpose(1, 2), k[None, c:f].transpose(1, 2),
+                                             v[None, c:f].transpose(1, 2), causal, window=window,
+                                             sinks=z)
+                assert rel_l2(out[a:e], ref[0].transpose(0, 1)) < TOL["accurate"], (path, i)
+                lse_close(lse[:, a:e], ref_lse[0])
+
+
+def test_kv_cache_sinks_on_the_gpu():
+    """A gpt-oss-style decode loop (Hq=32, Hkv=8, one query per step, sinks, every other step a
+    128-token window) over a KVCache on the GPU: the fast path the bits of quantize_q +
+    attention_int8 over qkv(), close to the same cache on the CPU backend and to float64 with a
+    sink column; a PagedKVCache (decode steps and prompt chunks) the bits of a ragged KVCache of
+    its capacity on the same path."""
+    n0, total = 300, 304
+    q, k, v = make_qkv(2, 32, 8, total, total, 128, seed=216)
+    z = _sinks(32, 217, no_sink=5)
+    g = intfa.KVCache(_tok(k, 0, n0), _tok(v, 0, n0), 320)
+    c = intfa.KVCache(_tok(k, 0, n0).cpu(), _tok(v, 0, n0).cpu(), 320)
+    for t in range(n0, total):
+        g.append(_tok(k, t, t + 1), _tok(v, t, t + 1))
+        c.append(_tok(k, t, t + 1).cpu(), _tok(v, t, t + 1).cpu())
+        qt = _tok(q, t, t + 1)
+        window = (127, 0) if t % 2 else (-1, -1)
+        kw = dict(is_causal=True, window_size=window, sinks=z, return_lse=True)
+        out, lse = g.attention(qt, **kw)
+        q8, q_scale, lse_offset = intfa.quantize_q(qt, g.k_mean)
+        want, want_lse = intfa.attention_int8(g.qkv(q8, q_scale, lse_offset, qt.dtype), **kw)
+        assert torch.equal(out, want) and torch.equal(lse, want_lse)
+        out_c, lse_c = c.attention(qt.cpu(), **kw)
+        _window_vs_cpu(out, lse, out_c, lse_c)
+        ref, ref_lse = ref_attention(qt, _tok(k, 0, t + 1), _tok(v, 0, t + 1), causal=True,
+                                     window=window, sinks=z)
+        assert rel_l2(out, ref) < 0.05
+        lse_close(lse, ref_lse)
+    lengths, steps = [200, 127, 129], [1, 40, 17]
+    inputs = ragged_inputs(cuda_randn(218), 3, 8, 2, 200, 58, 128, lengths)
+    z8 = _sinks(8, 219, no_sink=2)
+    for path in ["auto"] + _prefill_paths():
+        paged_vs_ragged(*inputs, lengths, steps, exact, lambda a: a.cpu().numpy(), path=path,
+                        max_seqlen_kv=512, sinks=z8, window_size=(99, 0), num_pages=12,
+                        page_size=128, max_pages=4)
+
+
+def test_flash_attn_func_learnable_sink_on_the_gpu():
+    """flash_attn's learnable_sink (bfloat16 (nheads,), as FlashAttention 4 takes it) on CUDA
+    tensors: attention(sinks=...)'s bits, dense and varlen."""
+    q, k, v = make_qkv(2, 8, 2, 300, 700, 128, "BSHD", dtype=torch.bfloat16, seed=220)
+    z = _sinks(8, 221).bfloat16()
+    out, lse, _ = intfa.flash_attn_func(q, k, v, causal=True, window_size=(127, 0),
+                                        learnable_sink=z, return_attn_probs=True)
+    want, want_lse = intfa.attention(q, k, v, is_causal=True, window_size=(127, 0), sinks=z,
+                                     enable_gqa=True, layout="BSHD", return_lse=True)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    cu_q = torch.tensor([0, 100, 100, 400], dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor([0, 300, 450, 1000], dtype=torch.int32, device="cuda")
+    qp, kp, vp = rand(400, 8, 128, seed=222), rand(1000, 2, 128, seed=223), rand(1000, 2, 128, seed=224)
+    out = intfa.flash_attn_varlen_func(qp, kp, vp, cu_q, cu_k, 300, 550, causal=True,
+                                       learnable_sink=z)
+    want = intfa.attention_varlen(qp, kp, vp, cu_q, cu_k, 300, 550, is_causal=True, sinks=z,
+                                  enable_gqa=True)
+    assert torch.equal(out, want)
+
+
+def test_sinks_compile_graphs_and_errors_on_the_gpu():
+    """sinks under torch.compile(fullgraph=True) (eager's bits) and in a captured CUDA graph
+    (float32 logits on the device: replays read them, so a change between replays shows);
+    sinks given on the host are copied to q's device; a wrong shape names sinks."""
+    q, k, v = make_qkv(1, 8, 2, 256, 384, 128, seed=225)
+    z = _sinks(8, 226)
+
+    def fn(q, k, v, z):
+        return intfa.attention(q, k, v, is_causal=True, enable_gqa=True, sinks=z, return_lse=True)
+
+    torch._dynamo.reset()
+    got, want = torch.compile(fn, fullgraph=True)(q, k, v, z), fn(q, k, v, z)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    host = intfa.attention(q, k, v, is_causal=True, enable_gqa=True, sinks=z.cpu().numpy(),
+                           return_lse=True)
+    assert torch.equal(host[0], want[0]) and torch.equal(host[1], want[1])
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn(q, k, v, z)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = fn(q, k, v, z)
+    for shift in (0.0, 3.0):
+        z += shift
+        graph.replay()
+        torch.cuda.synchronize()
+        want = fn(q, k, v, z)
+        assert torch.equal(out, want[0]) and torch.equal(lse, want[1])
+    with pytest.raises(ValueError, match=r"^sinks: expected shape \[heads_q\] = \[8\], got \[2\]$"):
+        intfa.attention(q, k, v, enable_gqa=True, sinks=z[:2])

@@ -634,35 +634,52 @@ def test_opcheck_window():
                            torch.float16, True, "auto", None, None, -1, 5))
 
 
-def test_window_kv_cache_torch(monkeypatch):
-    # A local layer's decode steps (is_causal, window_size=(W - 1, 0)) over a torch KVCache: the
-    # fast path, the generic path through the custom ops (a query that needs grad) and
-    # torch.compile(fullgraph=True) of the step give the same bits, a NumPy cache too.
-    q, k, v = _decode_inputs()
-    window = (7, 0)
-
-    def step(cache, kt, vt, qt):
+def _decode_paths_agree(monkeypatch, q, k, v, check, variants=(), **attn):
+    """Decode steps over torch KVCaches of the first 37 tokens of k, v (tokens 37 to 40 appended
+    one at a time, each followed by attention(q's token, is_causal=True, return_lse=True,
+    **attn)): the fast path, the generic path through the custom ops (a query that needs grad),
+    torch.compile(fullgraph=True) of the step, a NumPy cache and the step with each of
+    `variants` (dicts of arguments that replace attn's) give the same bits; check(t, out, lse)
+    judges step t's result."""
+    def step(cache, kt, vt, qt, **kw):
         cache.append(kt, vt)
-        return cache.attention(qt, is_causal=True, window_size=window, return_lse=True)
+        return cache.attention(qt, is_causal=True, return_lse=True, **kw)
 
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    fast, slow, comp = (intfa.KVCache(k[:, :, :37], v[:, :, :37], 48) for _ in range(3))
+    fast, slow, comp, *others = (intfa.KVCache(k[:, :, :37], v[:, :, :37], 48)
+                                 for _ in range(3 + len(variants)))
     numpy = intfa.KVCache(k[:, :, :37].numpy(), v[:, :, :37].numpy(), 48)
+    attn_np = {n: a.numpy() if isinstance(a, torch.Tensor) else a for n, a in attn.items()}
     lib = intfa._arrays.lib
     kv_attention, calls = lib.kv_attention, []
     monkeypatch.setattr(lib, "kv_attention", lambda *a: calls.append(1) or kv_attention(*a))
     for t in range(37, 41):
         kt, vt, qt = k[:, :, t:t + 1], v[:, :, t:t + 1], q[:, :, t:t + 1]
-        out, lse = step(fast, kt, vt, qt)
-        for got in (step(slow, kt, vt, qt.clone().requires_grad_()), compiled(comp, kt, vt, qt)):
+        out, lse = step(fast, kt, vt, qt, **attn)
+        runs = [step(slow, kt, vt, qt.clone().requires_grad_(), **attn),
+                compiled(comp, kt, vt, qt, **attn)]
+        runs += [step(c, kt, vt, qt, **{**attn, **var}) for c, var in zip(others, variants)]
+        for got in runs:
             assert torch.equal(got[0].detach(), out) and torch.equal(got[1].detach(), lse)
-        out_n, lse_n = step(numpy, kt.numpy(), vt.numpy(), qt.numpy())
+        out_n, lse_n = step(numpy, kt.numpy(), vt.numpy(), qt.numpy(), **attn_np)
         np.testing.assert_array_equal(out.numpy(), out_n)
         np.testing.assert_array_equal(lse.numpy(), lse_n)
-        ref, _ = attention_ref(qt, k[:, :, t - 7:t + 1], v[:, :, t - 7:t + 1])
-        assert rel_l2(out, ref) < 0.05
+        check(t, out, lse)
     assert len(calls) == 8  # a fast-path step of the torch cache and one of the NumPy cache
+
+
+def test_window_kv_cache_torch(monkeypatch):
+    # A local layer's decode steps (is_causal, window_size=(W - 1, 0)) over a torch KVCache: the
+    # fast path, the generic path through the custom ops (a query that needs grad) and
+    # torch.compile(fullgraph=True) of the step give the same bits, a NumPy cache too.
+    q, k, v = _decode_inputs()
+
+    def check(t, out, lse):
+        ref, _ = attention_ref(q[:, :, t:t + 1], k[:, :, t - 7:t + 1], v[:, :, t - 7:t + 1])
+        assert rel_l2(out, ref) < 0.05
+
+    _decode_paths_agree(monkeypatch, q, k, v, check, window_size=(7, 0))
 
 
 def test_flash_attn_func_is_a_drop_in():
@@ -709,3 +726,153 @@ def test_flash_attn_func_refuses_what_intfa_does_not_build():
                                      block_table=torch.zeros(1, 1, dtype=torch.int32))
     with pytest.raises(TypeError, match=r"window_size: expected a pair of ints"):
         intfa.flash_attn_func(q, q, q, window_size=4)
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention sinks (sinks=, flash_attn's learnable_sink)
+# ------------------------------------------------------------------------------------------------
+def _sinks(hq, seed, no_sink=None, dtype=torch.float32):
+    """[hq] sink logits uniform in [0, 6) (multiples of 1/8, exact in bfloat16 too), head
+    no_sink -inf."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randint(0, 48, (hq,), generator=g).float() / 8
+    if no_sink is not None:
+        z[no_sink] = -float("inf")
+    return z.to(dtype)
+
+
+def test_sinks_torch_equals_numpy_and_float64():
+    # torch CPU tensors through the custom ops' implementations: NumPy's bits for attention,
+    # varlen and attention_int8 with sinks, within the scheme's error of float64 with a sink
+    # column; sinks as a bfloat16 tensor, a NumPy array, a list or a Parameter that requires grad
+    # (the op, as for q) give the bits of float32 sinks.
+    q, k, v = rand(2, 8, 70, 64, seed=110), rand(2, 2, 30, 64, seed=111), rand(2, 2, 30, 64, seed=112)
+    z = _sinks(8, 113, no_sink=3)
+    kw = dict(is_causal=True, window_size=(9, 0), return_lse=True, enable_gqa=True)
+    out, lse = intfa.attention(q, k, v, sinks=z, **kw)
+    out_n, lse_n = intfa.attention(q.numpy(), k.numpy(), v.numpy(), sinks=z.numpy(), **kw)
+    np.testing.assert_array_equal(out.numpy(), out_n)
+    np.testing.assert_array_equal(lse.numpy(), lse_n)
+    ref, ref_lse = attention_ref(q, k, v, causal=True, window=(9, 0), sinks=z)
+    assert rel_l2(out, ref) < 3e-2
+    assert torch.all(out[:, :, :40] == 0)
+    np.testing.assert_allclose(lse.numpy(), ref_lse, atol=5e-2)
+    for form in (z.bfloat16(), z.numpy(), z.tolist(), torch.nn.Parameter(z.bfloat16())):
+        got = intfa.attention(q, k, v, sinks=form, **kw)
+        assert torch.equal(got[0].detach(), out) and torch.equal(got[1].detach(), lse)
+    kw.pop("enable_gqa")
+    got = intfa.attention_int8(intfa.quantize(q, k, v), sinks=z, **kw)
+    assert torch.equal(got[0], out) and torch.equal(got[1], lse)
+    oracle, oracle_lse = intfa.attention_reference(q, k, v, is_causal=True, window_size=(9, 0),
+                                                   sinks=z.bfloat16(), return_lse=True)
+    np.testing.assert_allclose(oracle.numpy(), ref, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(oracle_lse.numpy(), ref_lse, rtol=0, atol=1e-12)
+    cu_q = torch.tensor([0, 10, 10, 50], dtype=torch.int32)
+    cu_kv = torch.tensor([0, 20, 25, 45], dtype=torch.int32)
+    qp, kp, vp = rand(50, 8, 64, seed=114), rand(45, 2, 64, seed=115), rand(45, 2, 64, seed=116)
+    kw = dict(is_causal=False, sinks=z, return_lse=True, enable_gqa=True)
+    out, lse = intfa.attention_varlen(qp, kp, vp, cu_q, cu_kv, 40, 20, **kw)
+    out_n, lse_n = intfa.attention_varlen(qp.numpy(), kp.numpy(), vp.numpy(), cu_q.numpy(),
+                                          cu_kv.numpy(), **kw)
+    np.testing.assert_array_equal(out.numpy(), out_n)
+    np.testing.assert_array_equal(lse.numpy(), lse_n)
+    ref, ref_lse = varlen_ref(qp, kp, vp, cu_q, cu_kv, sinks=z)
+    assert rel_l2(out, ref) < 3e-2
+    np.testing.assert_allclose(lse.numpy(), ref_lse, atol=5e-2)
+    with pytest.raises(ValueError, match=r"^sinks: expected shape \[heads_q\] = \[8\], got \[4\]$"):
+        intfa.attention(q, k, v, enable_gqa=True, sinks=z[:4])
+    with pytest.raises(TypeError, match=r"^sinks: expected a float array \(float16, bfloat16, "
+                                        r"float32 or float64\), got torch.int64$"):
+        intfa.attention(q, k, v, enable_gqa=True, sinks=torch.arange(8))
+
+
+def test_torch_compile_sinks_cpu():
+    # sinks under torch.compile(fullgraph=True): the conversion (a bfloat16 tensor to float32)
+    # is traced and the tensor reaches the custom ops as their last argument; the compiled
+    # graph's bits are eager's.
+    def fn(q, k, v, z):
+        out, lse = intfa.attention(q, k, v, is_causal=True, window_size=(5, 0), sinks=z,
+                                   return_lse=True)
+        x = intfa.quantize(q, k, v)
+        return out, lse, intfa.attention_int8(x, sinks=z * 2)
+
+    q, k, v = (rand(1, 2, 32, 64, seed=i) for i in range(117, 120))
+    z = _sinks(2, 120, dtype=torch.bfloat16)
+    got, want = _compile_check(fn, q, k, v, z)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    assert not torch.equal(want[0], intfa.attention(q, k, v, is_causal=True, window_size=(5, 0)))
+    assert torch.equal(want[2], intfa.attention(q, k, v, sinks=z.float() * 2))
+
+    def varlen(q, k, v, cu, z):
+        return intfa.attention_varlen(q, k, v, cu, cu, 20, 20, is_causal=True, sinks=z)
+
+    cu = torch.tensor([0, 12, 32], dtype=torch.int32)
+    qp, kp, vp = (x[0].transpose(0, 1) for x in (q, k, v))
+    got, want = _compile_check(varlen, qp, kp, vp, cu, z)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(not hasattr(torch.library, "opcheck"), reason="torch.library.opcheck")
+def test_opcheck_sinks():
+    # The attention ops take sinks (float32 [Hq] on q's device) last, after the window
+    # (default None: calls without them stay valid).
+    q, k, v = (rand(1, 2, 24, 64, seed=i) for i in range(3))
+    z = _sinks(2, 121)
+    torch.library.opcheck(torch.ops.intfa.attention.default,
+                          (q, k, v, True, 0.0, "BHSD", "accurate", "auto", True, -1, -1, z))
+    cu = torch.tensor([0, 10, 24], dtype=torch.int32)
+    qp, kp, vp = (x[0].transpose(0, 1) for x in (q, k, v))
+    torch.library.opcheck(torch.ops.intfa.attention_varlen.default,
+                          (qp, kp, vp, cu, cu, 14, 14, False, 0.0, "accurate", "auto", True, 3,
+                           2, z))
+    x = intfa.quantize(q, k, v)
+    torch.library.opcheck(torch.ops.intfa.attention_int8.default,
+                          (x.q8, x.q_scale, x.lse_offset, x.k8, x.k_scale, x.k_mean, x.vt8,
+                           x.v_scale, None, None, None, 0, 0, "accurate", "BHSD", True, 0.0,
+                           torch.float16, True, "auto", None, None, 4, 0, z))
+    with pytest.raises(TypeError, match=r"^sinks: expected dtype float32, got bfloat16$"):
+        torch.ops.intfa.attention(q, k, v, False, 0.0, "BHSD", "accurate", "auto", False, -1,
+                                  -1, z.bfloat16())
+
+
+def test_sinks_kv_cache_torch(monkeypatch):
+    # A decode loop with sinks over a torch KVCache (GQA 8 / 2): the fast path, the generic path
+    # through the custom ops (a query that needs grad, or a sink Parameter that does) and
+    # torch.compile(fullgraph=True) of the step give the same bits, a NumPy cache too, close to
+    # float64 with a sink column.
+    q, k, v = _decode_inputs(hq=8)
+    z = _sinks(8, 122, no_sink=6)
+
+    def check(t, out, lse):
+        ref, ref_lse = attention_ref(q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1], sinks=z)
+        assert rel_l2(out, ref) < 0.05
+        np.testing.assert_allclose(lse.numpy(), ref_lse, atol=5e-2)
+
+    _decode_paths_agree(monkeypatch, q, k, v, check, [dict(sinks=torch.nn.Parameter(z.clone()))],
+                        sinks=z)
+
+
+def test_flash_attn_func_learnable_sink():
+    # FlashAttention 4's learnable_sink (bfloat16 (nheads,) in its tests) on the drop-ins:
+    # attention(sinks=...)'s bits, dense and varlen; softmax_lse includes the sink.
+    q, k, v = rand(2, 70, 8, 64, seed=123), rand(2, 90, 2, 64, seed=124), rand(2, 90, 2, 64, seed=125)
+    z = _sinks(8, 126, dtype=torch.bfloat16)
+    out, lse, _ = intfa.flash_attn_func(q, k, v, causal=True, window_size=(20, 7),
+                                        learnable_sink=z, return_attn_probs=True)
+    want, want_lse = intfa.attention(q, k, v, is_causal=True, window_size=(20, 0), sinks=z,
+                                     enable_gqa=True, layout="BSHD", return_lse=True)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    ref, ref_lse = attention_ref(q, k, v, causal=True, layout="BSHD", window=(20, 0), sinks=z)
+    assert rel_l2(out, ref) < 3e-2
+    np.testing.assert_allclose(lse.numpy(), ref_lse, atol=5e-2)
+    cu_q = torch.tensor([0, 10, 10, 50], dtype=torch.int32)
+    cu_k = torch.tensor([0, 20, 25, 45], dtype=torch.int32)
+    qp, kp, vp = rand(50, 8, 64, seed=127), rand(45, 2, 64, seed=128), rand(45, 2, 64, seed=129)
+    out, lse, _ = intfa.flash_attn_varlen_func(qp, kp, vp, cu_q, cu_k, 40, 20, causal=True,
+                                               learnable_sink=z, return_attn_probs=True)
+    want, want_lse = intfa.attention_varlen(qp, kp, vp, cu_q, cu_k, 40, 20, is_causal=True,
+                                            sinks=z, enable_gqa=True, return_lse=True)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    with pytest.raises(ValueError, match=r"^sinks: expected shape \[heads_q\] = \[8\], got \[2\]$"):
+        intfa.flash_attn_func(q, k, v, learnable_sink=z[:2])

@@ -125,6 +125,14 @@ PagedCopy::PagedCopy(const QuantizedQKV& c, int page, Layout layout, int spare, 
   x.block_table = make_tensor(table.data(), DType::i32, {B, maxp});
 }
 
+std::vector<float> make_sinks(int heads_q, uint64_t seed) {
+  std::mt19937_64 rng(seed ^ 0x9e3779b97f4a7c15ull);
+  std::uniform_real_distribution<float> uniform(kSinkLo, kSinkHi);
+  std::vector<float> z(static_cast<size_t>(heads_q));
+  for (auto& e : z) e = uniform(rng);
+  return z;
+}
+
 double visible_pairs(int sq, int skv, bool causal, int left, int right) {
   if (causal) right = 0;
   double n = 0;

@@ -64,6 +64,13 @@ struct PagedCopy {
   }
 };
 
+// Attention sinks for the CLI's --sinks runs (Options::sinks): one logit per query head,
+// uniform in [kSinkLo, kSinkHi), from `seed` (drawn apart from make_inputs' values of the same
+// seed). The range is about the log-sum-exp of rows of one to a few thousand N(0,1) keys, so the
+// sink takes a real share of each row: neither negligible nor the whole softmax.
+constexpr float kSinkLo = 0.f, kSinkHi = 8.f;
+std::vector<float> make_sinks(int heads_q, uint64_t seed);
+
 // Query-key pairs a mask leaves visible (the bench's TOPS count them): row r of sq sees the keys
 // j of [0, skv) with r + skv - sq - left <= j <= r + skv - sq + right (the bottom-right
 // diagonal; causal is right = 0; -1 leaves a side open: Options' window).
