@@ -246,18 +246,28 @@ __device__ __forceinline__ void write_lse(const FwdParams& p, int b, int h, int6
   }
 }
 
-// Attention sinks (FwdParams::sinks, fold_sink) of the thread's two rows, by every lane of the
-// quad: inv_l scaled by each row's fold and lse2 the log2 of its whole denominator in the frame
-// of the smoothed scores (-inf: no key and no sink), for write_lse2.
-__device__ __forceinline__ void fold_sinks(const FwdParams& p, int b, int h, int64_t q0, int sq, const int (&row)[2],
-                                           const float (&l_full)[2], const float (&m_run)[2], float (&inv_l)[2],
-                                           float (&lse2)[2]) {
+// Attention sinks (FwdParams::sinks) of the thread's two rows in the frame of the smoothed
+// scores, z2 = (z - lse_offset) log2 e (-inf: none), for fold_sinks. Issued ahead of the
+// epilogue (sm90: a tile ahead, with the row scales), so its two loads' latency is hidden.
+__device__ __forceinline__ void load_sinks(const FwdParams& p, int b, int h, int64_t q0, int sq, const int (&row)[2],
+                                           float (&z2)[2]) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    lse2[r] = l_full[r] > 0.f ? m_run[r] + log2f(l_full[r]) : neg_inf();
-    if (row[r] >= sq) continue;
+    z2[r] = neg_inf();
+    if (!p.sinks || row[r] >= sq) continue;
     const float off = p.lse_offset ? p.lse_offset[offset(p.qs_st, b, h, q0 + row[r])] : 0.f;
-    const SinkFold f = fold_sink(lse2[r], (sink_of(p, h, row[r]) - off) * kLog2e);
+    z2[r] = (sink_of(p, h, row[r]) - off) * kLog2e;
+  }
+}
+
+// The sinks (fold_sink) of the thread's two rows, by every lane of the quad: inv_l scaled by
+// each row's fold and lse2 the log2 of its whole denominator (-inf: no key and no sink), for
+// write_lse2.
+__device__ __forceinline__ void fold_sinks(const float (&l_full)[2], const float (&m_run)[2], const float (&z2)[2],
+                                           float (&inv_l)[2], float (&lse2)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const SinkFold f = fold_sink(l_full[r] > 0.f ? m_run[r] + log2f(l_full[r]) : neg_inf(), z2[r]);
     inv_l[r] *= f.scale;
     lse2[r] = f.lse2;
   }
@@ -301,7 +311,11 @@ __device__ __forceinline__ void epilogue(const FwdParams& p, int b, int h, int64
   float inv_l[2], l_full[2], lse2[2];
   row_sums(l_part, l_full, inv_l);
   const bool sinks = kSinks && p.sinks != nullptr;
-  if (sinks) fold_sinks(p, b, h, q0, sq, row, l_full, m_run, inv_l, lse2);
+  if (sinks) {
+    float z2[2];
+    load_sinks(p, b, h, q0, sq, row, z2);
+    fold_sinks(l_full, m_run, z2, inv_l, lse2);
+  }
 #pragma unroll
   for (int dn = 0; dn < D / 8; ++dn) {
     const int d = dn * 8 + 2 * t;

@@ -353,7 +353,8 @@ template <int D, bool Split, typename Mark>
 __device__ __forceinline__ void store_rows(const Params& P, const Tile& T, int unit, int cw, int ctid, int bar,
                                            uint8_t* so, uint32_t so_addr, const int (&row)[2],
                                            const float (&o)[D / 8][4], const float (&l_part)[2],
-                                           const float (&m_run)[2], const float2 (&v2)[D / 8], Mark&& mark) {
+                                           const float (&m_run)[2], const float2 (&v2)[D / 8],
+                                           const float (&z2)[2], Mark&& mark) {
   const FwdParams& p = P.p;
   // Split kernels with one range (launches with key counts that do not split) write final rows.
   const bool partial = Split && P.num_splits > 1;
@@ -382,10 +383,11 @@ __device__ __forceinline__ void store_rows(const Params& P, const Tile& T, int u
     inv_l[0] = inv_l[1] = 1.f;
   }
   // Sinks run the split kernels (a sink in the whole-tile kernels' epilogue would move their
-  // hot loop, s14 / s15): final rows fold them in here, partial rows in combine_kernel.
+  // hot loop, s14 / s15): final rows fold them in here (z2: load_sinks, with v_scale), partial
+  // rows in combine_kernel.
   const bool sinks = Split && !partial && p.sinks != nullptr;
   if constexpr (Split) {
-    if (sinks) fwd::fold_sinks(p, T.b, T.h, T.q0, T.sq, row, l_full, m_run, inv_l, lse2);
+    if (sinks) fwd::fold_sinks(l_full, m_run, z2, inv_l, lse2);
   }
   if (copier) ptx::bulk_wait_read();  // the previous tile's rows have left the slice
   ptx::named_bar_sync(bar, 128);
@@ -827,6 +829,9 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
       it += nb;
     }
     fwd::load_v_scale<D>(p, T.b, T.hkv, t, v2);
+    // Split kernels: the rows' sinks, loaded with v_scale so their latency overlaps its.
+    float z2[2] = {kNegInf, kNegInf};
+    if constexpr (Split) fwd::load_sinks(p, T.b, T.h, T.q0, T.sq, row, z2);
     // The next tile and its row scales: the loads fly during the epilogue and the next tile's
     // first QK (a tile ahead, they cost the inner loop registers and spills).
     Tile Tn;
@@ -835,7 +840,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
     if (tile_n < P.num_units) load_rowf(Tn, rowf_n);
     trace_at(it - 1, 6);
     store_rows<D, Split>(P, T, tile, cw, ctid, 3 + cw, smem + S::kO + cw * S::kOSliceBytes, base + S::kO + cw * S::kOSliceBytes,
-                  row, o, l_part, m_run, v2, [&](int ph) { trace_at(it - 1, ph); });
+                  row, o, l_part, m_run, v2, z2, [&](int ph) { trace_at(it - 1, ph); });
     trace_at(it - 1, 5);
     tile = tile_n;
     T = Tn;
