@@ -30,12 +30,9 @@ TEST(AttentionInt8, QuantizeThenAttendEqualsAttention) {
       Result want = run_attention(x, o);
       ASSERT_TRUE(want.status.ok());
 
-      ProblemShape ps{B, Hq, Hkv, Sq, Skv, D};
-      AlignedBuffer buf(quantized_bytes(ps, s));
-      QuantizedQKV qx;
-      ASSERT_TRUE(alloc_quantized(ps, s, Layout::BHSD, buf.data(), buf.size(), false, 0, &qx).ok());
-      ASSERT_TRUE(quantize(x.tq(), x.tk(), x.tv(), Tensor(), Tensor(), o, qx).ok());
-      if (s == Scheme::half) qx.v = x.tv();
+      HostQuantized hq(x, o);
+      ASSERT_TRUE(hq.status.ok()) << hq.status.message();
+      const QuantizedQKV& qx = hq.qkv;
       std::vector<float> out(want.out.size(), NAN), lse(want.lse.size(), NAN);
       Tensor tl = make_tensor(lse.data(), DType::f32, {B, Hq, Sq});
       Status st = attention_int8(qx, Tensor(), Tensor(), 0, 0,

@@ -122,6 +122,22 @@ inline Result run_reference(tools::HostQKV& x, Options opts) {
   return r;
 }
 
+// quantize() of x (BHSD, dense) on the CPU backend into a buffer of its own; the half scheme
+// takes x's V as qkv.v, as attention() does.
+struct HostQuantized {
+  ProblemShape shape;
+  AlignedBuffer buf;
+  QuantizedQKV qkv;
+  Status status;
+  HostQuantized(tools::HostQKV& x, const Options& o)
+      : shape{x.batch, x.heads_q, x.heads_kv, x.seqlen_q, x.seqlen_kv, x.head_dim},
+        buf(quantized_bytes(shape, o.scheme)) {
+    status = alloc_quantized(shape, o.scheme, Layout::BHSD, buf.data(), buf.size(), false, 0, &qkv);
+    if (status.ok()) status = quantize(x.tq(), x.tk(), x.tv(), Tensor(), Tensor(), o, qkv);
+    if (o.scheme == Scheme::half) qkv.v = x.tv();
+  }
+};
+
 inline double rel_l2(const std::vector<double>& got, const std::vector<double>& ref) {
   return tools::compare(got, ref).rel_l2;
 }
