@@ -247,8 +247,9 @@ __device__ __forceinline__ void write_lse(const FwdParams& p, int b, int h, int6
 }
 
 // Attention sinks (FwdParams::sinks) of the thread's two rows in the frame of the smoothed
-// scores, z2 = (z - lse_offset) log2 e (-inf: none), for fold_sinks. Issued ahead of the
-// epilogue (sm90: a tile ahead, with the row scales), so its two loads' latency is hidden.
+// scores, z2 = (z - lse_offset) log2 e (-inf: none), for fold_sinks. sm90 issues the two loads
+// with the v_scale loads, ahead of the epilogue's barriers, so their latency overlaps (inside
+// the epilogue they cost a gpt-oss local layer 9.5%, before it 6%: docs/PERF_LOG.md s34).
 __device__ __forceinline__ void load_sinks(const FwdParams& p, int b, int h, int64_t q0, int sq, const int (&row)[2],
                                            float (&z2)[2]) {
 #pragma unroll
@@ -333,8 +334,9 @@ __device__ __forceinline__ void epilogue(const FwdParams& p, int b, int h, int64
 // Merges the key-range partials of one query row. Split kernels leave, per key range, the row's
 // O * v_scale (not divided by l) and (m, l); then M = max m_s, L = sum l_s 2^(m_s - M),
 // O = sum O_s 2^(m_s - M) / L and LSE = (M + log2 L) ln 2 (+ the K-smoothing offset); a row that
-// saw no key (L = 0) gets 0 and -inf. A sink (fold_sink) joins once, here. One warp per row: ml and o point at range 0's partial row,
-// range s's lies `stride` rows further. q_row: the row's token index (q0 + row) in b, h.
+// saw no key (L = 0) gets 0 and -inf. A sink (fold_sink) joins once, here. One warp per row: ml
+// and o point at range 0's partial row, range s's lies `stride` rows further. q_row: the row's
+// token index (q0 + row) in b, h.
 template <int D>
 __device__ __forceinline__ void merge_split_row(const FwdParams& p, const float2* ml, const float* o, int64_t stride,
                                                 int splits, int lane, int b, int h, int64_t q_row) {
