@@ -428,6 +428,30 @@ TEST(KvCache, PagedAttentionEqualsContiguous) {
             EXPECT_EQ(count_nan(got), 0);
             EXPECT_EQ(got, want);
             EXPECT_EQ(got_lse, want_lse);
+            if (window < 0) continue;
+            // The pages wholly before each sequence's first visible key (row 0's, the lowest)
+            // given back (-1): never read, the same bits; a window one page wider reaches a
+            // released page, which the host check names.
+            std::vector<int64_t> first(B);
+            for (int b = 0; b < B; ++b) {
+              const int64_t kv = ragged ? std::clamp(lens[b], 0, cap) : cap;
+              first[b] = std::max<int64_t>(0, kv - Sq - window);
+            }
+            pc.drop_pages_before(first);
+            std::fill(got.begin(), got.end(), NAN);
+            std::fill(got_lse.begin(), got_lse.end(), NAN);
+            st = attention_int8(pc.x, Tensor(), Tensor(), 0, 0, tout, &tgl, o);
+            ASSERT_TRUE(st.ok()) << st.message();
+            EXPECT_EQ(got, want);
+            EXPECT_EQ(got_lse, want_lse);
+            if (first[0] >= page) {
+              Options wider = o;
+              wider.window_left = window + page;
+              st = attention_int8(pc.x, Tensor(), Tensor(), 0, 0, tout, &tgl, wider);
+              EXPECT_EQ(st.code(), StatusCode::invalid_argument);
+              EXPECT_NE(st.message().find("block_table[0][" + std::to_string(first[0] / page - 1) +
+                                          "]: expected a page in [0, "), std::string::npos) << st.message();
+            }
           }
 }
 
@@ -487,6 +511,14 @@ TEST(KvCache, PagedErrors) {
   expect(append_kv(tokens(x.tk(), 0, 1), tokens(x.tv(), 0, 1), 0, o, pc.x), StatusCode::invalid_argument,
          "block_table[1][0]: expected a page in [0, 5)");
   pc.table[2] = 1;
+  // The pages before the new tokens (the V sweep's): a page or -1 (given back), nothing else.
+  pc.table[2] = -2;
+  expect(append_kv(tokens(x.tk(), 0, 1), tokens(x.tv(), 0, 1), 16, o, pc.x), StatusCode::invalid_argument,
+         "block_table[1][0]: expected a page in [0, 5) (it holds keys of sequence 1 that the V sweep requantizes; "
+         "-1: a released page), got -2");
+  pc.table[2] = -1;
+  EXPECT_TRUE(append_kv(tokens(x.tk(), 0, 1), tokens(x.tv(), 0, 1), 16, o, pc.x).ok());
+  pc.table[2] = 1;
   expect(append_kv(tokens(x.tk(), 0, 1), tokens(x.tv(), 0, 1), cap, o, pc.x), StatusCode::invalid_argument,
          "pos: expected 0 <= pos and pos + new tokens (1) <= the cache's 32 tokens, got pos 32");
   q = pc.x;
@@ -518,6 +550,10 @@ TEST(KvCache, PagedAppendEqualsContiguous) {
       std::vector<int64_t> end(B);
       for (int b = 0; b < B; ++b) end[b] = std::min<int64_t>(cap, (per_seq ? pos[b] : L0) + n);
       pc.drop_pages_past(end);
+      // Sequence 2's first two pages given back (-1, a local layer's window has passed them):
+      // the V sweep skips them (their bytes are not compared below).
+      const int64_t released = per_seq ? 2 * page : 0;
+      pc.drop_pages_before(std::vector<int64_t>{0, 0, released});
       const Tensor tpos = make_tensor(pos.data(), DType::i32, {B});
       for (const QuantizedQKV* cache : {&c.x, &pc.x}) {
         const Status st = per_seq ? append_kv(y.tk(), y.tv(), tpos, o, *cache) : append_kv(y.tk(), y.tv(), L0, o, *cache);
@@ -529,7 +565,7 @@ TEST(KvCache, PagedAppendEqualsContiguous) {
       int64_t checked = 0;
       for (int b = 0; b < B; ++b)
         for (int h = 0; h < Hkv; ++h)
-          for (int64_t t = 0; t < end[b]; ++t, ++checked) {
+          for (int64_t t = b == 2 ? released : 0; t < end[b]; ++t, ++checked) {
             const int64_t pg = pc.table[size_t(b) * (cap / page) + t / page], r = t % page;
             ASSERT_EQ(pc.ks[(pg * Hkv + h) * page + r], cs[b * ks.stride[0] + h * ks.stride[1] + t]) << b << " " << t;
             for (int d = 0; d < D; ++d) {
@@ -538,7 +574,7 @@ TEST(KvCache, PagedAppendEqualsContiguous) {
                         cv[b * vt.stride[0] + h * vt.stride[1] + d * vt.stride[2] + t]) << b << " " << h << " " << d << " " << t;
             }
           }
-      EXPECT_EQ(checked, Hkv * (end[0] + end[1] + end[2]));
+      EXPECT_EQ(checked, Hkv * (end[0] + end[1] + end[2] - released));
       EXPECT_EQ(pc.vs, std::vector<float>(vs, vs + B * Hkv * D));
       // Attention over each sequence's tokens: the same bits.
       HostQKV qx = tools::make_inputs(Dist::normal, B, Hq, Hkv, 1, 1, D, DType::bf16, 63);
@@ -554,10 +590,15 @@ TEST(KvCache, PagedAppendEqualsContiguous) {
       paged.lse_offset = qp.x.lse_offset;
       flat.seqused_kv = paged.seqused_kv = make_tensor(lens.data(), DType::i32, {B});
       std::vector<float> want(size_t(B) * Hq * D, NAN), got(want.size(), NAN);
+      Options oa = o;  // with released pages: a local layer's window, which does not reach them
+      if (released) {
+        oa.causal = true;
+        oa.window_left = 20;
+      }
       ASSERT_TRUE(attention_int8(flat, Tensor(), Tensor(), 0, 0, make_tensor(want.data(), DType::f32, {B, Hq, 1, D}),
-                                 nullptr, o).ok());
+                                 nullptr, oa).ok());
       const Status st = attention_int8(paged, Tensor(), Tensor(), 0, 0,
-                                       make_tensor(got.data(), DType::f32, {B, Hq, 1, D}), nullptr, o);
+                                       make_tensor(got.data(), DType::f32, {B, Hq, 1, D}), nullptr, oa);
       ASSERT_TRUE(st.ok()) << st.message();
       EXPECT_EQ(count_nan(got), 0);
       EXPECT_EQ(got, want);

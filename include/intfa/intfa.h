@@ -153,7 +153,10 @@ struct QuantizedQKV {
   // [num_pages, Hkv, D, >= page_size] (V^T within each page), with page_size a multiple of 16;
   // v_scale and k_mean stay per sequence, [B, Hkv, D]. Each sequence has max_pages * page_size
   // keys, or seqused_kv[b]; only the table entries of pages that hold its keys are read, and
-  // must name a page in [0, num_pages). Dense queries (no cu_seqlens), schemes paper and
+  // must name a page in [0, num_pages). Under a window's left edge (Options::window_left) the
+  // pages wholly before the first key of query row 0 (the lowest) are not read: a local layer
+  // may give them back (entry -1), and append_kv's V sweep skips -1 entries before its new
+  // tokens (Python: PagedKVCache.trim). Dense queries (no cu_seqlens), schemes paper and
   // accurate. On the GPU every path reads pages of a multiple of 128 tokens (other page sizes
   // answer not_available): the decode kernel for at most 16 query rows per (batch, K/V head)
   // after GQA packing, sm90 / sm80 for more (chunked prefill); append_kv writes them. The host

@@ -632,6 +632,7 @@ class PagedKVCache:
                                  f"capacity max_pages * page_size = {self.capacity}")
         self._free = list(range(num_pages))  # a heap: the lowest free page first
         self._table = [[-1] * max_pages for _ in range(b)]
+        self._first_held = [0] * b  # each sequence's first token still in a page (trim)
         self._allocate(held, "PagedKVCache (the prompts)")
         # The pool: V^T pages of exactly page_size columns (16-byte rows, as the GPU needs).
         self.k8 = fw.empty(_arrays.token_shape(num_pages, hkv, page_size, dim, layout), "int8",
@@ -680,7 +681,7 @@ class PagedKVCache:
         taken, when too few pages are free."""
         page = self.page_size
         wanted = [(b, j) for b, m in enumerate(counts)
-                  for j in range(-(-m // page)) if self._table[b][j] < 0]
+                  for j in range(self._first_held[b] // page, -(-m // page)) if self._table[b][j] < 0]
         if len(wanted) > len(self._free):
             raise ValueError(f"{what}: needs {len(wanted)} more pages, {len(self._free)} free "
                              f"(num_pages = {self.num_pages})")
@@ -750,6 +751,58 @@ class PagedKVCache:
         self._write_table()
         self.lengths[b] = 0
         self.lengths_host[b] = 0
+        self._first_held[b] = 0
+
+    def trim(self, keep):
+        """Gives back the pages a local (sliding-window) layer reads no more: sequence b keeps its
+        last `keep` tokens (from token lengths[b] - keep, down to the start of its page) and the
+        pages wholly before them return to the pool, their block_table entries -1. A decode step
+        with window_size=(W - 1, 0) reads the last W tokens of its cache after its append, so
+        trim(W - 1) after each step holds at most W - 1 + page_size tokens per sequence (vLLM
+        frees a sliding-window layer's blocks the same way). Later calls: append() works as before
+        (the V sweep skips given-back pages); attention() checks on the host that the window of
+        every query stays within the held tokens, else ValueError (a call whose first query would
+        see a given-back token; without a window every token is seen). attention_int8 over qkv()
+        does the same check on the CPU backend; on the GPU the kernels read no page before a
+        window's first key block, and an entry of -1 reads zeros. release(b) takes sequence b back
+        to no tokens. Returns the number of pages given back."""
+        value = _arrays.host_ints([keep])
+        if value is None or value[0] < 0:
+            raise ValueError(f"PagedKVCache.trim: keep: expected an int >= 0 (tokens each sequence "
+                             f"keeps), got {keep!r}")
+        keep, page = value[0], self.page_size
+        entries = []
+        for b, m in enumerate(self.lengths_host):
+            first = max(0, m - keep) // page * page
+            if first > self._first_held[b]:
+                entries += [(b, j) for j in range(first // page) if self._table[b][j] >= 0]
+                self._first_held[b] = first
+        if entries:
+            self._give_back(entries)
+            self._write_table()
+        return len(entries)
+
+    def _check_held(self, q, is_causal, window_size):
+        """attention()'s host check after trim(): every query's window starts at or after its
+        sequence's first held token (query 0's first key, lengths[b] - Sq - left, is the lowest)."""
+        if not any(self._first_held):
+            return
+        d = _arrays.dims(q.shape, self.layout, False)
+        if d is None:
+            return  # malformed q: attention_int8 reports it
+        sq = int(d[2])
+        left = _arrays.window_arg(window_size)[0]
+        for b, first in enumerate(self._first_held):
+            if first == 0:
+                continue
+            m = self.lengths_host[b]
+            seen = 0 if left < 0 else max(0, m - sq - left)
+            if seen < first:
+                raise ValueError(
+                    f"PagedKVCache.attention: sequence {b} holds tokens {first}..{m - 1} (trim() gave "
+                    f"back the pages before them), but its first query sees tokens from {seen} "
+                    f"(window_size {tuple(window_size)}, {sq} query rows, length {m}); expected a "
+                    f"window whose left edge stays within the held tokens")
 
     def attention(self, q, *, is_causal=False, window_size=_NO_WINDOW, sinks=None, scale=None,
                   return_lse=False, path="auto", out_dtype=None):
@@ -759,7 +812,9 @@ class PagedKVCache:
         Sq), as a ragged KVCache's. out_dtype defaults to q's dtype. Other arguments (sinks
         included) as in attention().
         On the GPU: page_size a multiple of 128 (else RuntimeError); the decode path for at most
-        16 query rows per K/V head after GQA packing, the prefill kernels for more (chunks)."""
+        16 query rows per K/V head after GQA packing, the prefill kernels for more (chunks).
+        After trim(): the window must stay within each sequence's held tokens (ValueError)."""
+        self._check_held(q, is_causal, window_size)
         return _attend(self, q, is_causal, window_size, sinks, scale, return_lse, path,
                        out_dtype)
 

@@ -1050,6 +1050,49 @@ def test_paged_kv_cache_equals_ragged_kv_cache(scheme, layout, page_size):
     assert paged.capacity == 12 * page_size and paged.max_pages == 12
 
 
+@pytest.mark.parametrize("scheme", ["accurate", "paper"])
+def test_paged_trim_local_layer(scheme):
+    # A local layer's decode loop (window (W - 1, 0)) over a PagedKVCache that gives back the pages
+    # its window has passed (trim(W - 1) after every step) is, bit for bit, the same loop over one
+    # that keeps every page, through V scales that grow (the sweep skips given-back pages); the
+    # pool gets the pages back; a call whose window reaches a given-back token, or one without a
+    # window, is a ValueError; release() takes a sequence back to none.
+    rng = np.random.default_rng(95)
+    b, hq, hkv, d, page, w, n0, steps = 2, 4, 2, 64, 16, 20, 40, 12
+    q, k, v = qkv(rng, b, hq, hkv, steps, n0, d)
+    _, k_new, v_new = qkv(rng, b, hq, hkv, 1, steps, d)
+    v_new[:, :, 7] *= 8  # a step whose V grows its scales: the sweep over the held pages
+    full = intfa.PagedKVCache(k, v, 20, page_size=page, max_pages=8, scheme=scheme)
+    trimmed = intfa.PagedKVCache(k, v, 20, page_size=page, max_pages=8, scheme=scheme)
+    freed = 0
+    for t in range(steps):
+        for cache in (full, trimmed):
+            cache.append(k_new[:, :, t:t + 1], v_new[:, :, t:t + 1])
+        kw = dict(is_causal=True, window_size=(w - 1, 0), return_lse=True)
+        want, got = full.attention(q[:, :, t:t + 1], **kw), trimmed.attention(q[:, :, t:t + 1], **kw)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+        freed += trimmed.trim(w - 1)
+    m = n0 + steps  # 52 tokens: the last 19 start at 33, in page 2
+    assert freed == 2 * b and trimmed.pages_free == full.pages_free + freed
+    assert [row[:3] for row in trimmed.block_table.tolist()] == [[-1, -1, row[2]] for row in
+                                                                 full.block_table.tolist()]
+    np.testing.assert_array_equal(trimmed.v_scale, full.v_scale)
+    qs = q[:, :, :1]
+    with pytest.raises(ValueError, match=r"sequence 0 holds tokens 32\.\.51 \(trim\(\) gave back"):
+        trimmed.attention(qs, is_causal=True)
+    with pytest.raises(ValueError, match=r"first query sees tokens from 31 \(window_size \(20, 0\)"):
+        trimmed.attention(qs, is_causal=True, window_size=(20, 0))
+    trimmed.attention(qs, is_causal=True, window_size=(19, 0))  # from 32: held
+    with pytest.raises(ValueError, match=r"keep: expected an int >= 0"):
+        trimmed.trim(-1)
+    assert m == trimmed.length
+    trimmed.release(0)
+    assert trimmed.lengths_host == [0, m] and trimmed.block_table.tolist()[0] == [-1] * 8
+    trimmed.append(k_new[:, :, :1], v_new[:, :, :1])  # sequence 0 from token 0 again
+    trimmed.attention(qs, is_causal=True, window_size=(18, 0))
+
+
 def test_paged_kv_cache_pool_release_and_errors():
     # A pool of 5 pages of 16 tokens, at most 3 per sequence: steps compared with a ragged
     # KVCache; a pool too small or a sequence too long is a ValueError that changes nothing, as

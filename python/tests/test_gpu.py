@@ -772,6 +772,34 @@ def test_paged_kv_cache_on_the_gpu():
     assert paged.lengths_host == [203, 130, 132] and paged.pages_free == 2
 
 
+@pytest.mark.parametrize("path", ["decode", "auto", "sm80"])
+def test_paged_trim_local_layer_on_the_gpu(path):
+    """A local layer's decode loop (window (W - 1, 0), W = 200; a gpt-oss-like GQA head group)
+    over a PagedKVCache of 128-token pages that gives back the pages its window has passed
+    (trim(W - 1) after every step) equals, bit for bit, the same loop over one that keeps every
+    page: the kernels read no page before a window's first key block (their entries are -1 in
+    the table), and the V sweep of a step whose scales grow skips them."""
+    b, hq, hkv, d, w, n0, steps = 2, 16, 2, 64, 200, 600, 6
+    q = rand(b, hq, steps, d, seed=80)
+    k, v = rand(b, hkv, n0, d, seed=81), rand(b, hkv, n0, d, seed=82)
+    k_new, v_new = rand(b, hkv, steps, d, seed=83), rand(b, hkv, steps, d, seed=84)
+    v_new[:, :, 3] *= 8  # its V grows the scales: the sweep over the held pages
+    full = intfa.PagedKVCache(k, v, 16, page_size=128, max_pages=8)
+    trimmed = intfa.PagedKVCache(k, v, 16, page_size=128, max_pages=8)
+    freed = trimmed.trim(w - 1)
+    for t in range(steps):
+        for cache in (full, trimmed):
+            cache.append(k_new[:, :, t:t + 1], v_new[:, :, t:t + 1])
+        kw = dict(is_causal=True, window_size=(w - 1, 0), return_lse=True, path=path)
+        want = full.attention(q[:, :, t:t + 1], **kw)
+        got = trimmed.attention(q[:, :, t:t + 1], **kw)
+        exact(got[0], want[0])
+        exact(got[1], want[1])
+        freed += trimmed.trim(w - 1)
+    assert freed == 3 * b and trimmed.pages_free == full.pages_free + freed
+    assert torch.equal(trimmed.v_scale, full.v_scale)
+
+
 def test_paged_kv_cache_chunked_prefill_on_the_gpu():
     """intfa.PagedKVCache on CUDA tensors fed a prompt's next chunks (40 and 17 tokens per
     sequence: 160 and 68 query rows per K/V head, which the prefill kernels read through the

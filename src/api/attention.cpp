@@ -231,19 +231,26 @@ Status validate_out(const Tensor& out, const Tensor* lse, const Problem& p, bool
 }
 
 // The table entries a paged call uses (host memory: the CPU backend): those of the pages that
-// hold sequence b's first keys(b) keys must name a page of the pool.
-template <typename Keys>
-Status check_pages(const int32_t* table, int64_t stride, int64_t batch, int64_t page, int64_t num_pages, Keys keys) {
-  for (int64_t b = 0; b < batch; ++b)
-    for (int64_t i = 0; i < (keys(b) + page - 1) / page; ++i) {
+// hold keys [first(b), keys(b)) of sequence b must name a page of the pool. The pages before
+// first(b): unchecked when the call does not read them (attention under a window's left edge),
+// else (swept: append_kv's V sweep) a page of the pool or -1, a page the caller released, which
+// the sweep skips (a local layer's cache gives back the pages its window has passed).
+template <typename Keys, typename First>
+Status check_pages(const int32_t* table, int64_t stride, int64_t batch, int64_t page, int64_t num_pages, Keys keys,
+                   First first, bool swept) {
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t used = first(b) / page;
+    for (int64_t i = swept ? 0 : used; i < (keys(b) + page - 1) / page; ++i) {
       const int32_t pg = table[b * stride + i];
-      if (pg < 0 || pg >= num_pages) {
+      if ((pg < 0 && !(i < used && pg == -1)) || pg >= num_pages) {
         std::ostringstream os;
         os << "block_table[" << b << "][" << i << "]: expected a page in [0, " << num_pages << ") (it holds keys of "
-           << "sequence " << b << "), got " << pg;
+           << "sequence " << b << (i < used ? " that the V sweep requantizes; -1: a released page" : "") << "), got "
+           << pg;
         return invalid(os.str());
       }
     }
+  }
   return Status::OK();
 }
 
@@ -786,11 +793,18 @@ Status attention_int8(const QuantizedQKV& x, const Tensor& cu_seqlens_q,
     fp.bt_stride = x.block_table.stride[0];
     fp.page_size = static_cast<int>(x.k8.shape[p.layout == Layout::BHSD ? 2 : 1]);
     fp.num_pages = num_pages;
-    // The host reads a host table; a device table is the kernel's to guard (FwdParams).
+    // The host reads a host table; a device table is the kernel's to guard (FwdParams). A
+    // window's left edge: no query reads the pages wholly before the first key of row 0 (the
+    // lowest), which may be released (-1); a block holding that key lies in one page on the GPU
+    // (pages of a multiple of its 128 keys), and the CPU loop reads no key before it.
+    auto kv = [&](int64_t b) {
+      return fp.seqused_kv ? std::clamp<int64_t>(fp.seqused_kv[b], 0, fp.seqlen_kv) : int64_t(fp.seqlen_kv);
+    };
     if (!p.gpu)
-      INTFA_TRY(check_pages(fp.block_table, fp.bt_stride, fp.batch, fp.page_size, num_pages, [&](int64_t b) {
-        return fp.seqused_kv ? std::clamp<int64_t>(fp.seqused_kv[b], 0, fp.seqlen_kv) : int64_t(fp.seqlen_kv);
-      }));
+      INTFA_TRY(check_pages(
+          fp.block_table, fp.bt_stride, fp.batch, fp.page_size, num_pages, kv,
+          [&](int64_t b) { return std::max<int64_t>(0, first_key(fp, 0, static_cast<int>(kv(b) - fp.seqlen_q))); },
+          false));
   }
   if (p.gpu) {
     GpuPath path;
@@ -991,9 +1005,10 @@ Status append_kv_impl(const Tensor& k_new, const Tensor& v_new, int64_t pos, con
     // The pages written (the new tokens within the capacity) and swept (the columns before them);
     // on the GPU the kernels guard the device table's entries (CacheQuantParams).
     if (!p.gpu)
-      INTFA_TRY(check_pages(c.block_table, c.bt_stride, K.B, page, num_pages, [&](int64_t b) {
-        return std::clamp<int64_t>(cache_pos0(c, static_cast<int>(b)) + K.S, 0, cap);
-      }));
+      INTFA_TRY(check_pages(
+          c.block_table, c.bt_stride, K.B, page, num_pages,
+          [&](int64_t b) { return std::clamp<int64_t>(cache_pos0(c, static_cast<int>(b)) + K.S, 0, cap); },
+          [&](int64_t b) { return std::clamp<int64_t>(cache_pos0(c, static_cast<int>(b)), 0, cap); }, true));
   }
   if (p.gpu) return cuda::quantize_cache(c, opts.stream);
   ref::quantize_cache(c);

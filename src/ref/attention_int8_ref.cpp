@@ -22,22 +22,28 @@ struct Tile {
 };
 
 // Loads key block [n0, n0+cols) as K^T (d x bn, so the score loop runs along keys) and V (bn x d).
-void load_kv_block(const FwdParams& p, const Tile& t, int n0, int cols, float* kt, float* ks,
+// Keys before j0 (left of every row's window) are not read: zeros (a paged cache may have given
+// their pages back).
+void load_kv_block(const FwdParams& p, const Tile& t, int n0, int cols, int j0, float* kt, float* ks,
                    float* vb) {
   const int d = p.head_dim, bn = p.block_n;
-  for (int j = 0; j < cols; ++j) {
+  for (int j = 0; j < j0; ++j) {
+    for (int c = 0; c < d; ++c) kt[c * bn + j] = 0.f, vb[j * d + c] = 0.f;
+    ks[j] = 0.f;
+  }
+  for (int j = j0; j < cols; ++j) {
     const KvPlace at = kv_place(p, t.b, n0 + j);
     const int8_t* krow = p.k8 + offset(p.k_st, at.sb, t.hkv, at.tok);
     for (int c = 0; c < d; ++c) kt[c * bn + j] = krow[c];
     ks[j] = p.k_scale[offset(p.ks_st, at.sb, t.hkv, at.tok)];
   }
   if (p.scheme == Scheme::half) {
-    for (int j = 0; j < cols; ++j) {
+    for (int j = j0; j < cols; ++j) {
       const int64_t base = offset(p.v_st, t.b, t.hkv, t.k0 + n0 + j);
       for (int c = 0; c < d; ++c) vb[j * d + c] = static_cast<float>(load_scalar(p.v, p.v_dtype, base + c));
     }
   } else {
-    for (int j = 0; j < cols; ++j) {
+    for (int j = j0; j < cols; ++j) {
       const KvPlace at = kv_place(p, t.b, n0 + j);
       const int8_t* col = p.vt8 + at.sb * p.vt_st.bs + t.hkv * p.vt_st.hs + at.col;
       for (int c = 0; c < d; ++c) vb[j * d + c] = col[c * p.vt_st.ts];
@@ -66,7 +72,7 @@ void attend_tile(const FwdParams& p, const Tile& t) {
 
   for (int n0 = kv_begin / bn * bn; n0 < kv_end; n0 += bn) {
     const int cols = std::min(bn, t.skv - n0);
-    load_kv_block(p, t, n0, cols, kt.data(), ks.data(), vb.data());
+    load_kv_block(p, t, n0, cols, std::max(0, kv_begin - n0), kt.data(), ks.data(), vb.data());
     std::fill(s.begin(), s.end(), 0.f);
     for (int i = 0; i < t.rows; ++i) {
       float* si = &s[i * bn];

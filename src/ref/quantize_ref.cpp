@@ -150,7 +150,9 @@ void quantize_cache(const CacheQuantParams& p) {
       grown[c] = v_needs_growth(amax[c], vs[c]) ? grown_v_scale(amax[c]) : vs[c];
       if (grown[c] != vs[c])  // every column the cache holds, but those the new tokens write
         for (int64_t col = 0; col < sweep; ++col)
-          if (!cache_writes(p, pos0, col)) vt_byte(c, col) = requantize_s8(vt_byte(c, col), vs[c], grown[c]);
+          // Paged: a page given back (-1, checked by the API) holds nothing to requantize.
+          if (!cache_writes(p, pos0, col) && (!p.block_table || cache_place(p, b, col).sb >= 0))
+            vt_byte(c, col) = requantize_s8(vt_byte(c, col), vs[c], grown[c]);
       vs[c] = grown[c];
       const float inv = inv_of_scale(vs[c]);
       for (int t = 0; t < p.tokens; ++t) {

@@ -62,6 +62,14 @@ struct PagedCopy {
       for (int64_t i = (std::clamp<int64_t>(counts[b], 0, maxp * page) + page - 1) / page; i < maxp; ++i)
         table[b * maxp + i] = -1;
   }
+  // Table entries of the pages wholly before sequence b's token firsts[b] set to -1: pages a
+  // local layer's cache gave back once its window had passed them.
+  template <typename Int>
+  void drop_pages_before(const std::vector<Int>& firsts) {
+    const int64_t maxp = x.block_table.shape[1], page = x.k_scale.shape[2];
+    for (size_t b = 0; b < firsts.size(); ++b)
+      for (int64_t i = 0; i < std::clamp<int64_t>(firsts[b], 0, maxp * page) / page; ++i) table[b * maxp + i] = -1;
+  }
 };
 
 // Attention sinks for the CLI's --sinks runs (Options::sinks): one logit per query head,
