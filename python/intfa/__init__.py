@@ -28,7 +28,8 @@ __all__ = [
     "QuantizedQKV", "quantize_q", "append_kv", "KVCache", "PagedKVCache", "quantized_bytes",
     "build_info", "device_info", "resolve_gpu_path",
     "patch_sdpa", "unpatch_sdpa", "sdpa_patched", "scaled_dot_product_attention",
-    "sdpa_supported", "flash_attn_func", "flash_attn_varlen_func", "__version__",
+    "sdpa_supported", "flash_attn_func", "flash_attn_varlen_func", "transformers_attention",
+    "register_transformers", "__version__",
 ]
 
 __version__ = _lib.build_info()["version"]
@@ -1070,6 +1071,60 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                          scale=softmax_scale, enable_gqa=True, scheme=scheme,
                          return_lse=bool(return_attn_probs), path=path)
     return (r[0], r[1], None) if return_attn_probs else r
+
+
+def transformers_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                           sliding_window=None, s_aux=None, *, scheme="accurate", path="auto",
+                           **kwargs):
+    """An attention function for Hugging Face transformers' AttentionInterface (register it with
+    register_transformers(); then attn_implementation="intfa"): transformers' calling convention
+    over intfa.attention.
+
+    query [B, Hq, Sq, D], key and value [B, Hkv, Skv, D] (torch, float16 / bfloat16; float32 is
+    computed in bfloat16 and returned in float32); causal (bottom-right, so decode steps over a
+    cache line up) as the module says (kwargs is_causal, else module.is_causal, else True);
+    scaling the softmax scale; sliding_window W: each query sees its last W keys, window_size
+    (W - 1, 0) (transformers' flash integration reads it the same way); s_aux: gpt-oss's sinks
+    (one logit per query head). Returns (out [B, Sq, Hq, D], None): intfa forms no attention
+    probabilities. attention_mask must be None, which the mask function register_transformers()
+    installs gives for batches without padding; a padded batch (its 2D padding mask) or a custom
+    4D mask is a NotImplementedError, as is dropout > 0 (intfa has no backward pass)."""
+    _need_torch("transformers_attention")
+    torch = _torch.torch
+    if dropout:
+        raise NotImplementedError(f"transformers_attention: dropout: intfa computes inference "
+                                  f"attention (no backward pass), expected 0.0, got {dropout}")
+    if attention_mask is not None:
+        raise NotImplementedError(
+            f"transformers_attention: attention_mask: expected None (a batch without padding, for "
+            f"which register_transformers()' mask function gives None), got a "
+            f"{tuple(attention_mask.shape)} mask: padded batches and custom masks are not taken")
+    causal = kwargs.get("is_causal")
+    if causal is None:
+        causal = getattr(module, "is_causal", True)
+    window = _NO_WINDOW
+    if sliding_window is not None:
+        window = (int(sliding_window) - 1, 0 if causal else int(sliding_window) - 1)
+    dtype = query.dtype
+    if dtype not in (torch.float16, torch.bfloat16):
+        query, key, value = (x.to(torch.bfloat16) for x in (query, key, value))
+    out = attention(query, key, value, is_causal=bool(causal), window_size=window, sinks=s_aux,
+                    scale=scaling, enable_gqa=True, scheme=scheme, path=path)
+    return out.transpose(1, 2).to(dtype), None
+
+
+def register_transformers(name="intfa"):
+    """Registers transformers_attention with transformers' AttentionInterface under `name`, and
+    transformers' FlashAttention mask function under the same name in its AttentionMaskInterface
+    (None for a batch without padding, the 2D padding mask otherwise), so a model loaded or set
+    with attn_implementation=name runs its attention on intfa: e.g. gpt-oss (sinks and sliding
+    windows), Llama, Mistral, Qwen. Returns the name."""
+    _need_torch("register_transformers")
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+    AttentionInterface.register(name, transformers_attention)
+    AttentionMaskInterface.register(name, flash_attention_mask)
+    return name
 
 
 if _torch is not None:

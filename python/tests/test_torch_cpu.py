@@ -876,3 +876,88 @@ def test_flash_attn_func_learnable_sink():
     assert torch.equal(out, want) and torch.equal(lse, want_lse)
     with pytest.raises(ValueError, match=r"^sinks: expected shape \[heads_q\] = \[8\], got \[2\]$"):
         intfa.flash_attn_func(q, k, v, learnable_sink=z[:2])
+
+
+def _tiny_gpt_oss(seed):
+    """A random two-layer gpt-oss (transformers' GptOss: GQA, sinks, a 8-token sliding window on
+    layer 0, full causal on layer 1) in bfloat16, with sinks near the LSE of its rows so they
+    take a real share of the softmax."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.GptOssConfig(
+        vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, intermediate_size=64, num_local_experts=4,
+        num_experts_per_tok=2, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=256)
+    model = transformers.GptOssForCausalLM(cfg).to(torch.bfloat16).eval()
+    for module in model.modules():
+        if hasattr(module, "sinks"):
+            torch.nn.init.normal_(module.sinks, mean=2.0, std=1.0)
+    return model
+
+
+def test_transformers_gpt_oss_runs_on_intfa():
+    # register_transformers(): a gpt-oss model with attn_implementation="intfa" against the same
+    # model in float32 (eager): logits within INT8 error (0.6% measured; the bfloat16 eager model
+    # is 0.5% off), prefill and cached greedy generation (decode steps, bottom-right causal over
+    # the cache) alike; dropping the sinks or the window from the call moves the logits tens of
+    # percent, so both are used.
+    model, ref = _tiny_gpt_oss(1), _tiny_gpt_oss(1).float()
+    ref.set_attn_implementation("eager")
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(2))
+    name = intfa.register_transformers()
+
+    def rel(a, b):
+        return float((a.float() - b.float()).norm() / b.float().norm())
+
+    def logits(impl, x):
+        model.set_attn_implementation(impl)
+        with torch.no_grad():
+            return model(x).logits
+
+    with torch.no_grad():
+        want = ref(ids).logits
+    err = rel(logits(name, ids), want)
+    assert err < 3e-2
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+    AttentionMaskInterface.register("intfa_without", flash_attention_mask)
+    for drop in ("s_aux", "sliding_window"):
+        AttentionInterface.register(
+            "intfa_without",
+            lambda *a, _d=drop, **kw: intfa.transformers_attention(*a, **{**kw, _d: None}))
+        off = rel(logits("intfa_without", ids), want)
+        assert off > max(0.15, 4 * err), f"without {drop}: {off} against {err}"
+    model.set_attn_implementation(name)
+    with torch.no_grad():
+        out = model.generate(ids[:1, :10], max_new_tokens=5, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+        teacher = ref(out.sequences).logits[0, 9:14]  # the float32 model on the same prefixes
+    for step, x in enumerate(out.logits):
+        assert rel(x[0], teacher[step]) < 3e-2, step
+
+
+def test_transformers_attention_refusals():
+    # transformers_attention is intfa.attention in transformers' layout (out [B, Sq, Hq, D]),
+    # bit for bit; float32 runs in bfloat16; a mask, dropout are refused by name.
+    class Module:
+        is_causal = True
+
+    q, k, v = (rand(2, 4 if i == 0 else 2, 24, 32, dtype=torch.bfloat16, seed=10 + i)
+               for i in range(3))
+    z = torch.tensor([1.0, 2.0, -1.0, 3.0])
+    out, probs = intfa.transformers_attention(Module(), q, k, v, None, scaling=0.2,
+                                              sliding_window=6, s_aux=z)
+    assert probs is None and out.shape == (2, 24, 4, 32)
+    want = intfa.attention(q, k, v, is_causal=True, window_size=(5, 0), sinks=z, scale=0.2,
+                           enable_gqa=True)
+    assert torch.equal(out, want.transpose(1, 2))
+    out32, _ = intfa.transformers_attention(Module(), q.float(), k.float(), v.float(), None)
+    assert out32.dtype == torch.float32
+    assert torch.equal(out32, intfa.attention(q, k, v, is_causal=True, enable_gqa=True)
+                       .transpose(1, 2).float())
+    with pytest.raises(NotImplementedError, match=r"attention_mask: expected None .* got a "
+                                                  r"\(2, 24\) mask"):
+        intfa.transformers_attention(Module(), q, k, v, torch.ones(2, 24, dtype=torch.bool))
+    with pytest.raises(NotImplementedError, match=r"dropout: .* expected 0.0, got 0.1"):
+        intfa.transformers_attention(Module(), q, k, v, None, dropout=0.1)
