@@ -1086,19 +1086,22 @@ def transformers_attention(module, query, key, value, attention_mask, scaling=No
     scaling the softmax scale; sliding_window W: each query sees its last W keys, window_size
     (W - 1, 0) (transformers' flash integration reads it the same way); s_aux: gpt-oss's sinks
     (one logit per query head). Returns (out [B, Sq, Hq, D], None): intfa forms no attention
-    probabilities. attention_mask must be None, which the mask function register_transformers()
-    installs gives for batches without padding; a padded batch (its 2D padding mask) or a custom
-    4D mask is a NotImplementedError, as is dropout > 0 (intfa has no backward pass)."""
+    probabilities. attention_mask: None (what the mask function register_transformers() installs
+    gives for a batch without padding), or a padded batch's 2D mask [B, L] (True / 1: a token),
+    which runs as attention_varlen over the tokens alone (queries: the last Sq columns; each
+    sequence causal against its own count, as transformers' flash path unpads), padded query
+    rows giving zeros; a custom 4D mask is a NotImplementedError, as is dropout > 0 (intfa has no
+    backward pass)."""
     _need_torch("transformers_attention")
     torch = _torch.torch
     if dropout:
         raise NotImplementedError(f"transformers_attention: dropout: intfa computes inference "
                                   f"attention (no backward pass), expected 0.0, got {dropout}")
-    if attention_mask is not None:
+    if attention_mask is not None and attention_mask.dim() != 2:
         raise NotImplementedError(
-            f"transformers_attention: attention_mask: expected None (a batch without padding, for "
-            f"which register_transformers()' mask function gives None), got a "
-            f"{tuple(attention_mask.shape)} mask: padded batches and custom masks are not taken")
+            f"transformers_attention: attention_mask: expected None or a padded batch's 2D mask "
+            f"[batch, tokens] (register_transformers()' mask function gives them), got a "
+            f"{tuple(attention_mask.shape)} mask: custom masks are not taken")
     causal = kwargs.get("is_causal")
     if causal is None:
         causal = getattr(module, "is_causal", True)
@@ -1108,9 +1111,27 @@ def transformers_attention(module, query, key, value, attention_mask, scaling=No
     dtype = query.dtype
     if dtype not in (torch.float16, torch.bfloat16):
         query, key, value = (x.to(torch.bfloat16) for x in (query, key, value))
-    out = attention(query, key, value, is_causal=bool(causal), window_size=window, sinks=s_aux,
-                    scale=scaling, enable_gqa=True, scheme=scheme, path=path)
-    return out.transpose(1, 2).to(dtype), None
+    if attention_mask is None:
+        out = attention(query, key, value, is_causal=bool(causal), window_size=window, sinks=s_aux,
+                        scale=scaling, enable_gqa=True, scheme=scheme, path=path)
+        return out.transpose(1, 2).to(dtype), None
+    # A padded batch: its tokens packed (THD), sequence b's keys where mask[b] holds (a static
+    # cache's K / V may run past the mask: cut to it), its queries where the last Sq columns do.
+    mask = attention_mask.to(device=query.device, dtype=torch.bool)
+    b, sq = query.shape[0], query.shape[2]
+    key, value = key[:, :, :mask.shape[1]], value[:, :, :mask.shape[1]]
+    qmask = mask[:, -sq:]
+    q_t, k_t, v_t = query.transpose(1, 2)[qmask], key.transpose(1, 2)[mask], value.transpose(1, 2)[mask]
+    counts_q, counts_k = qmask.sum(1, dtype=torch.int32), mask.sum(1, dtype=torch.int32)
+    zero = counts_q.new_zeros(1)
+    cu_q, cu_k = torch.cat([zero, counts_q.cumsum(0, dtype=torch.int32)]), torch.cat(
+        [zero, counts_k.cumsum(0, dtype=torch.int32)])
+    packed = attention_varlen(q_t, k_t, v_t, cu_q, cu_k, int(counts_q.max()), int(counts_k.max()),
+                              is_causal=bool(causal), window_size=window, sinks=s_aux,
+                              scale=scaling, enable_gqa=True, scheme=scheme, path=path)
+    out = packed.new_zeros(b, sq, *packed.shape[1:])
+    out[qmask] = packed
+    return out.to(dtype), None
 
 
 def register_transformers(name="intfa"):

@@ -935,6 +935,20 @@ def test_transformers_gpt_oss_runs_on_intfa():
         teacher = ref(out.sequences).logits[0, 9:14]  # the float32 model on the same prefixes
     for step, x in enumerate(out.logits):
         assert rel(x[0], teacher[step]) < 3e-2, step
+    # A left-padded batch (the padding mask: attention_varlen over the tokens) generates what
+    # each prompt generates alone.
+    prompts = [ids[0, :12], ids[1, :7]]
+    batch = torch.stack([torch.cat([p.new_zeros(12 - len(p)), p]) for p in prompts])
+    mask = torch.stack([torch.arange(12) >= 12 - len(p) for p in prompts]).long()
+    kw = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True,
+              pad_token_id=0)
+    with torch.no_grad():
+        both = model.generate(batch, attention_mask=mask, **kw)
+        for i, p in enumerate(prompts):
+            alone = model.generate(p[None], **kw)
+            assert torch.equal(both.sequences[i, 12:], alone.sequences[0, len(p):]), i
+            for step, x in enumerate(alone.logits):
+                assert rel(both.logits[step][i], x[0]) < 1e-2, (i, step)
 
 
 def test_transformers_attention_refusals():
@@ -956,8 +970,18 @@ def test_transformers_attention_refusals():
     assert out32.dtype == torch.float32
     assert torch.equal(out32, intfa.attention(q, k, v, is_causal=True, enable_gqa=True)
                        .transpose(1, 2).float())
-    with pytest.raises(NotImplementedError, match=r"attention_mask: expected None .* got a "
-                                                  r"\(2, 24\) mask"):
-        intfa.transformers_attention(Module(), q, k, v, torch.ones(2, 24, dtype=torch.bool))
+    with pytest.raises(NotImplementedError, match=r"attention_mask: expected None or a padded "
+                                                  r"batch's 2D mask .* got a \(2, 1, 24, 24\) mask"):
+        intfa.transformers_attention(Module(), q, k, v, torch.ones(2, 1, 24, 24, dtype=torch.bool))
+    # A padded batch's 2D mask: sequence 0 left-padded by 5 tokens, sequence 1 by none; each
+    # sequence's tokens alone through intfa.attention, bit for bit; its padded query rows zeros.
+    mask = torch.ones(2, 24, dtype=torch.bool)
+    mask[0, :5] = False
+    out, _ = intfa.transformers_attention(Module(), q, k, v, mask, sliding_window=6, s_aux=z)
+    assert torch.equal(out[0, :5], torch.zeros_like(out[0, :5]))
+    for i, first in ((0, 5), (1, 0)):
+        alone = intfa.attention(q[i:i + 1, :, first:], k[i:i + 1, :, first:], v[i:i + 1, :, first:],
+                                is_causal=True, window_size=(5, 0), sinks=z, enable_gqa=True)
+        assert torch.equal(out[i:i + 1, first:], alone.transpose(1, 2))
     with pytest.raises(NotImplementedError, match=r"dropout: .* expected 0.0, got 0.1"):
         intfa.transformers_attention(Module(), q, k, v, None, dropout=0.1)
