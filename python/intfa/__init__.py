@@ -1123,9 +1123,7 @@ def transformers_attention(module, query, key, value, attention_mask, scaling=No
     qmask = mask[:, -sq:]
     q_t, k_t, v_t = query.transpose(1, 2)[qmask], key.transpose(1, 2)[mask], value.transpose(1, 2)[mask]
     counts_q, counts_k = qmask.sum(1, dtype=torch.int32), mask.sum(1, dtype=torch.int32)
-    zero = counts_q.new_zeros(1)
-    cu_q, cu_k = torch.cat([zero, counts_q.cumsum(0, dtype=torch.int32)]), torch.cat(
-        [zero, counts_k.cumsum(0, dtype=torch.int32)])
+    cu_q, cu_k = (torch.nn.functional.pad(c.cumsum(0, dtype=torch.int32), (1, 0)) for c in (counts_q, counts_k))
     packed = attention_varlen(q_t, k_t, v_t, cu_q, cu_k, int(counts_q.max()), int(counts_k.max()),
                               is_causal=bool(causal), window_size=window, sinks=s_aux,
                               scale=scaling, enable_gqa=True, scheme=scheme, path=path)

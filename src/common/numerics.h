@@ -27,6 +27,8 @@ constexpr int kPMaxU8 = 255;  // unsigned P levels of the accurate scheme
 struct SinkFold {
   float scale, lse2;
 };
+// A sink logit z in the kernels' frame: z2 = (z - lse_offset) log2 e.
+INTFA_HD float sink_frame(float z, float lse_offset) { return (z - lse_offset) * kLog2e; }
 INTFA_HD SinkFold fold_sink(float a, float z2) {
   const float hi = a > z2 ? a : z2, lo = a > z2 ? z2 : a;
   if (!(hi > -INFINITY)) return {0.f, -INFINITY};  // no key and no sink

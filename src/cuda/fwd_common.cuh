@@ -246,6 +246,13 @@ __device__ __forceinline__ void write_lse(const FwdParams& p, int b, int h, int6
   }
 }
 
+// log2 of a row's softmax denominator (m the running max, l the sum in its frame); -inf for a
+// row that saw no key. lse_of: the LSE written for it, natural log plus the K-smoothing offset.
+__device__ __forceinline__ float row_log2_sum(float m, float l) { return l > 0.f ? m + log2f(l) : neg_inf(); }
+__device__ __forceinline__ float lse_of(float lse2, float off) {
+  return lse2 == neg_inf() ? neg_inf() : lse2 * kLn2 + off;
+}
+
 // Attention sinks (FwdParams::sinks) of the thread's two rows in the frame of the smoothed
 // scores, z2 = (z - lse_offset) log2 e (-inf: none), for fold_sinks. sm90 issues the two loads
 // with the v_scale loads, ahead of the epilogue's barriers, so their latency overlaps (inside
@@ -257,7 +264,7 @@ __device__ __forceinline__ void load_sinks(const FwdParams& p, int b, int h, int
     z2[r] = neg_inf();
     if (!p.sinks || row[r] >= sq) continue;
     const float off = p.lse_offset ? p.lse_offset[offset(p.qs_st, b, h, q0 + row[r])] : 0.f;
-    z2[r] = (sink_of(p, h, row[r]) - off) * kLog2e;
+    z2[r] = sink_frame(sink_of(p, h, row[r]), off);
   }
 }
 
@@ -268,7 +275,7 @@ __device__ __forceinline__ void fold_sinks(const float (&l_full)[2], const float
                                            float (&inv_l)[2], float (&lse2)[2]) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const SinkFold f = fold_sink(l_full[r] > 0.f ? m_run[r] + log2f(l_full[r]) : neg_inf(), z2[r]);
+    const SinkFold f = fold_sink(row_log2_sum(m_run[r], l_full[r]), z2[r]);
     inv_l[r] *= f.scale;
     lse2[r] = f.lse2;
   }
@@ -282,7 +289,7 @@ __device__ __forceinline__ void write_lse2(const FwdParams& p, int b, int h, int
   for (int r = 0; r < 2; ++r) {
     if (row[r] >= sq) continue;
     const float off = p.lse_offset ? p.lse_offset[offset(p.qs_st, b, h, q0 + row[r])] : 0.f;
-    p.lse[offset(p.lse_st, b, h, q0 + row[r])] = lse2[r] == neg_inf() ? neg_inf() : lse2[r] * kLn2 + off;
+    p.lse[offset(p.lse_st, b, h, q0 + row[r])] = lse_of(lse2[r], off);
   }
 }
 
@@ -360,10 +367,10 @@ __device__ __forceinline__ void merge_split_row(const FwdParams& p, const float2
     }
   }
   float inv_l = l > 0.f ? 1.f / l : 0.f;
-  float lse2 = l > 0.f ? mx + log2f(l) : neg_inf();
+  float lse2 = row_log2_sum(mx, l);
   const float off = p.lse_offset && (p.lse || p.sinks) ? p.lse_offset[offset(p.qs_st, b, h, q_row)] : 0.f;
   if (p.sinks) {  // fold_sinks
-    const SinkFold f = fold_sink(lse2, (sink_of(p, h, q_row - seq_start(p.cu_q, b)) - off) * kLog2e);
+    const SinkFold f = fold_sink(lse2, sink_frame(sink_of(p, h, q_row - seq_start(p.cu_q, b)), off));
     inv_l *= f.scale;
     lse2 = f.lse2;
   }
@@ -371,7 +378,7 @@ __device__ __forceinline__ void merge_split_row(const FwdParams& p, const float2
 #pragma unroll
   for (int i = 0; i < kPairs; ++i)
     store_out2(p.out, p.out_dtype, idx + 2 * (lane + 32 * i), acc[i].x * inv_l, acc[i].y * inv_l);
-  if (p.lse && lane == 0) p.lse[offset(p.lse_st, b, h, q_row)] = lse2 == neg_inf() ? neg_inf() : lse2 * kLn2 + off;
+  if (p.lse && lane == 0) p.lse[offset(p.lse_st, b, h, q_row)] = lse_of(lse2, off);
 }
 
 // Paged KV (FwdParams::block_table, pages a multiple of the kernel's key block kBlockN, so a

@@ -146,7 +146,7 @@ void attend_tile(const FwdParams& p, const Tile& t) {
     float lse = empty ? kNegInf : m[i] * kLn2 + std::log(l[i]) + off;
     const float z = p.sinks ? sink_of(p, t.h, t.m0 + i) : kNegInf;
     if (z > kNegInf) {  // the GPU kernels' epilogue (fold_sink; -inf is no sink there, bit for bit)
-      const SinkFold f = fold_sink(empty ? kNegInf : m[i] + std::log2(l[i]), (z - off) * kLog2e);
+      const SinkFold f = fold_sink(empty ? kNegInf : m[i] + std::log2(l[i]), sink_frame(z, off));
       inv_l *= f.scale;
       lse = f.lse2 == kNegInf ? kNegInf : f.lse2 * kLn2 + off;
     }

@@ -386,9 +386,7 @@ __device__ __forceinline__ void store_rows(const Params& P, const Tile& T, int u
   // hot loop, s14 / s15): final rows fold them in here (z2: load_sinks, with v_scale), partial
   // rows in combine_kernel.
   const bool sinks = Split && !partial && p.sinks != nullptr;
-  if constexpr (Split) {
-    if (sinks) fwd::fold_sinks(l_full, m_run, z2, inv_l, lse2);
-  }
+  if (sinks) fwd::fold_sinks(l_full, m_run, z2, inv_l, lse2);
   if (copier) ptx::bulk_wait_read();  // the previous tile's rows have left the slice
   ptx::named_bar_sync(bar, 128);
   mark(8);
