@@ -17,6 +17,7 @@ from paged import drop_pages, page_copy, paged_vs_ragged  # noqa: E402
 from ragged import (Sequence, check_parts, in_layout, ragged_inputs,  # noqa: E402
                     ragged_vs_separate, seq_view)
 from reference import rel_l2  # noqa: E402
+from tiny_models import rel, tiny_gpt_oss  # noqa: E402
 
 TOL = {"accurate": 3e-2, "paper": 6e-2}
 F = torch.nn.functional
@@ -1183,3 +1184,31 @@ def test_sinks_compile_graphs_and_errors_on_the_gpu():
         assert torch.equal(out, want[0]) and torch.equal(lse, want[1])
     with pytest.raises(ValueError, match=r"^sinks: expected shape \[heads_q\] = \[8\], got \[2\]$"):
         intfa.attention(q, k, v, enable_gqa=True, sinks=z[:2])
+
+
+# ------------------------------------------------------------------------------------------------
+# Hugging Face transformers
+# ------------------------------------------------------------------------------------------------
+def test_transformers_gpt_oss_on_the_gpu():
+    # register_transformers() with the model on the GPU (head dim 64, gpt-oss's own): the prompt
+    # runs the prefill kernels (layer 0 a 8-token sliding window, layer 1 full causal, both with
+    # sinks), cached greedy generation the decode path; a left-padded batch runs attention_varlen.
+    # Against the same model in float32 (eager attention) on the GPU: logits within INT8 error.
+    model, ref = tiny_gpt_oss(1, head_dim=64).cuda(), tiny_gpt_oss(1, head_dim=64).float().cuda()
+    ref.set_attn_implementation("eager")
+    model.set_attn_implementation(intfa.register_transformers())
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(2)).cuda()
+    with torch.no_grad():
+        assert rel(model(ids).logits, ref(ids).logits) < 3e-2
+        out = model.generate(ids[:1, :10], max_new_tokens=5, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+        teacher = ref(out.sequences).logits[0, 9:14]  # the float32 model on the same prefixes
+        for step, x in enumerate(out.logits):
+            assert rel(x[0], teacher[step]) < 3e-2, step
+        # Left-padded batch: each prompt's last logits as when it runs alone.
+        prompts = [ids[0, :12], ids[1, :7]]
+        batch = torch.stack([torch.cat([p.new_zeros(12 - len(p)), p]) for p in prompts])
+        mask = torch.stack([torch.arange(12, device="cuda") >= 12 - len(p) for p in prompts]).long()
+        both = model(batch, attention_mask=mask).logits[:, -1]
+        for i, p in enumerate(prompts):
+            assert rel(both[i], model(p[None]).logits[0, -1]) < 1e-2, i

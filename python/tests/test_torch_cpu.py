@@ -12,6 +12,7 @@ from paged import (check_paged_parts, drop_pages, page_copy, paged_vs_ragged,  #
 from ragged import (Sequence, check_parts, in_layout, ragged_inputs,  # noqa: E402
                     ragged_vs_separate)
 from reference import attention_ref, rel_l2, varlen_ref  # noqa: E402
+from tiny_models import rel, tiny_gpt_oss  # noqa: E402
 
 
 def rand(*shape, dtype=torch.float16, seed=0):
@@ -878,37 +879,16 @@ def test_flash_attn_func_learnable_sink():
         intfa.flash_attn_func(q, k, v, learnable_sink=z[:2])
 
 
-def _tiny_gpt_oss(seed):
-    """A random two-layer gpt-oss (transformers' GptOss: GQA, sinks, a 8-token sliding window on
-    layer 0, full causal on layer 1) in bfloat16, with sinks near the LSE of its rows so they
-    take a real share of the softmax."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(seed)
-    cfg = transformers.GptOssConfig(
-        vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, intermediate_size=64, num_local_experts=4,
-        num_experts_per_tok=2, sliding_window=8,
-        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=256)
-    model = transformers.GptOssForCausalLM(cfg).to(torch.bfloat16).eval()
-    for module in model.modules():
-        if hasattr(module, "sinks"):
-            torch.nn.init.normal_(module.sinks, mean=2.0, std=1.0)
-    return model
-
-
 def test_transformers_gpt_oss_runs_on_intfa():
     # register_transformers(): a gpt-oss model with attn_implementation="intfa" against the same
     # model in float32 (eager): logits within INT8 error (0.6% measured; the bfloat16 eager model
     # is 0.5% off), prefill and cached greedy generation (decode steps, bottom-right causal over
     # the cache) alike; dropping the sinks or the window from the call moves the logits tens of
     # percent, so both are used.
-    model, ref = _tiny_gpt_oss(1), _tiny_gpt_oss(1).float()
+    model, ref = tiny_gpt_oss(1), tiny_gpt_oss(1).float()
     ref.set_attn_implementation("eager")
     ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(2))
     name = intfa.register_transformers()
-
-    def rel(a, b):
-        return float((a.float() - b.float()).norm() / b.float().norm())
 
     def logits(impl, x):
         model.set_attn_implementation(impl)
