@@ -157,9 +157,11 @@ struct QuantizedQKV {
   // pages wholly before the first key of query row 0 (the lowest) are not read: a local layer
   // may give them back (entry -1), and append_kv's V sweep skips -1 entries before its new
   // tokens (Python: PagedKVCache.trim). Dense queries (no cu_seqlens), schemes paper and
-  // accurate. On the GPU every path reads pages of a multiple of 128 tokens (other page sizes
-  // answer not_available): the decode kernel for at most 16 query rows per (batch, K/V head)
-  // after GQA packing, sm90 / sm80 for more (chunked prefill); append_kv writes them. The host
+  // accurate. On the GPU every path reads pages of a multiple of 128 tokens, and the decode and
+  // sm80 kernels also pages of 16, 32 or 64 tokens (other page sizes answer not_available; sm90
+  // answers it for pages under 128, where path auto runs sm80): the decode kernel for at most 16
+  // query rows per (batch, K/V head) after GQA packing, sm90 / sm80 for more (chunked prefill);
+  // append_kv writes any of them. The host
   // cannot check a device table, so there an entry outside the pool reads zeros (K, V, K
   // scales) and is written nowhere, never memory past the pool.
   Tensor block_table;

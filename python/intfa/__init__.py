@@ -161,9 +161,10 @@ class QuantizedQKV(NamedTuple):
     D, >= page_size] (V^T within each page), with page_size a multiple of 16; k_mean and v_scale
     stay per sequence, [B, Hkv, D]. Read by attention_int8 and append_kv; dense queries, schemes
     paper and accurate. On the GPU, attention_int8 reads pages of a multiple of 128 tokens on
-    every path (the decode path for at most 16 query rows per (batch, K/V head) after GQA
-    packing, sm90 / sm80 for more: chunked prefill), and the table entries are not checked there: an entry outside
-    the pool reads zeros and is written nowhere (the CPU backend raises ValueError).
+    every path, and of 16, 32 or 64 tokens on the decode and sm80 paths (the decode path for at
+    most 16 query rows per (batch, K/V head) after GQA packing, sm90 / sm80 for more: chunked
+    prefill), and the table entries are not checked there: an entry outside the pool reads
+    zeros and is written nowhere (the CPU backend raises ValueError).
     """
     scheme: str
     layout: str
@@ -227,7 +228,7 @@ def attention_int8(qkv, *, cu_seqlens_q=None, cu_seqlens_kv=None, max_seqlen_q=N
         paged KV cache (see QuantizedQKV). Only the entries of pages that hold a sequence's
         keys (all, or its seqused_kv[b]) are read, and must name a page of the pool; the others
         may be anything (-1). Defaults to qkv.block_table; None (both): a contiguous cache.
-        On the GPU: pages of a multiple of 128 tokens (see QuantizedQKV).
+        On the GPU: pages of a multiple of 128 tokens, or 16, 32 or 64 (see QuantizedQKV).
     sinks: as in attention() (converted to float32 on q8's device). With scheme accurate (or
         half) qkv.lse_offset must be defined (quantize() and quantize_q() with k_mean write it;
         KVCache's do): the smoothed scores are shifted by it and the sink is not, else a
@@ -597,9 +598,9 @@ class PagedKVCache:
     bytes). Schemes "accurate" and "paper".
 
     num_pages: the pool's pages; page_size: tokens per page, a multiple of 16 (GPU attention:
-    a multiple of 128); max_pages: the block table's width, the most pages a sequence holds
-    (default: num_pages), so each sequence holds at most capacity = max_pages * page_size
-    tokens. Pages are handed out on the host, lowest free index first: ceil(lengths[b] /
+    a multiple of 128, or 16, 32 or 64 on the decode and sm80 paths); max_pages: the block
+    table's width, the most pages a sequence holds (default: num_pages), so each sequence holds
+    at most capacity = max_pages * page_size tokens. Pages are handed out on the host, lowest free index first: ceil(lengths[b] /
     page_size) per sequence for its prompt, then, before each append(), those its new tokens
     need. A ValueError (and nothing changed) when the pool has too few free pages or a sequence
     would pass its capacity.
@@ -812,7 +813,8 @@ class PagedKVCache:
         window_size are bottom-right against that count (query i sees keys j <= i + lengths[b] -
         Sq), as a ragged KVCache's. out_dtype defaults to q's dtype. Other arguments (sinks
         included) as in attention().
-        On the GPU: page_size a multiple of 128 (else RuntimeError); the decode path for at most
+        On the GPU: page_size a multiple of 128, or 16, 32 or 64 (decode and sm80 paths; path
+        auto runs sm80 for chunks), else RuntimeError; the decode path for at most
         16 query rows per K/V head after GQA packing, the prefill kernels for more (chunks).
         After trim(): the window must stay within each sequence's held tokens (ValueError)."""
         self._check_held(q, is_causal, window_size)

@@ -415,4 +415,28 @@ struct PageWalk {
   }
 };
 
+// Pages smaller than a key block: 16, 32 or 64 tokens (vLLM's block sizes; the kernels'
+// SmallPages instantiations). A block then spans several pages, so every 16-key piece the loads
+// copy (a page holds whole pieces) finds its own entry: page(key) reads the entry of the page
+// holding `key`, and tok(key) is the key's token within that page. The entries of a block are
+// neighbours in the table row, so after the first they are L1 hits; a key at or past the
+// sequence's count reads no entry (the table row may end before the block does).
+struct SmallPages {
+  const int32_t* row = nullptr;  // sequence b's table row
+  int shift = 0;                 // log2(page_size)
+  int64_t num_pages = 0;
+
+  __device__ __forceinline__ void start(const FwdParams& p, int b) {
+    row = p.block_table + b * p.bt_stride;
+    shift = __ffs(p.page_size) - 1;
+    num_pages = p.num_pages;
+  }
+  // The page holding `key` (-1 outside the pool, or when !in_seq: nothing is copied then).
+  __device__ __forceinline__ int page(int key, bool in_seq) const {
+    const int pg = in_seq ? __ldg(row + (key >> shift)) : -1;
+    return pg >= 0 && pg < num_pages ? pg : -1;
+  }
+  __device__ __forceinline__ int tok(int key) const { return key & ((1 << shift) - 1); }
+};
+
 }  // namespace intfa::fwd

@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -103,6 +104,9 @@ void expect_paths_match_cpu(const QuantizedQKV& hq, const QuantizedQKV& gq, cons
   if (o.sinks.defined()) INTFA_ASSERT_OK(gpu_copy_to_device(dz.ptr, o.sinks.data, o.sinks.numel() * 4));
   GpuPath got;
   if (resolve_gpu_path(GpuPath::sm90, 0, &got).ok()) paths.push_back(GpuPath::sm90);
+  // Pages of 16, 32 or 64 tokens: the decode and sm80 kernels read them, sm90 answers
+  // not_available (the automatic path then runs sm80).
+  const bool small_pages = gq.block_table.defined() && gq.k_scale.shape[2] < 128;
   for (GpuPath path : paths) {
     SCOPED_TRACE(std::string("path ") + to_string(path));
     DeviceBuffer dout(want.size() * 4), dlse(want_lse.size() * 4);
@@ -110,6 +114,13 @@ void expect_paths_match_cpu(const QuantizedQKV& hq, const QuantizedQKV& gq, cons
     og.path = path;
     if (o.sinks.defined()) og.sinks = on_device(o.sinks, dz.ptr);
     Tensor to = on_device(tw, dout.ptr), tl = on_device(twl, dlse.ptr);
+    if (small_pages && path == GpuPath::sm90) {
+      const Status st = attention_int8(gq, Tensor(), Tensor(), 0, 0, to, &tl, og);
+      EXPECT_EQ(st.code(), StatusCode::not_available) << st.message();
+      EXPECT_NE(st.message().find("the GPU sm90 path takes pages of a multiple of 128 tokens, got page_size"),
+                std::string::npos) << st.message();
+      continue;
+    }
     INTFA_ASSERT_OK(attention_int8(gq, Tensor(), Tensor(), 0, 0, to, &tl, og));
     INTFA_ASSERT_OK(gpu_synchronize());
     const std::vector<float> out = dout.to_host<float>(), lse = dlse.to_host<float>();
@@ -269,13 +280,14 @@ struct DevicePages {
   }
 };
 
-// Paged KV on the GPU (pages of 256 tokens, shuffled in a pool with spare garbage pages,
-// entries past each sequence's tokens -1): append_kv at a position per sequence, with V scales
-// that grow, leaves the pool byte-identical to the CPU backend's; attention over it on every
-// path that takes the call matches the CPU emulation, and equals, bit for bit, the same
-// kernel's attention over the contiguous cache that holds the same tokens. Pages of 64 tokens
-// answer not_available, and a table entry outside the pool reads nothing past it (finite
-// output; memcheck runs this test).
+// Paged KV on the GPU (pages of 256, 16, 64 or 32 tokens, shuffled in a pool with spare
+// garbage pages, entries past each sequence's tokens -1): append_kv at a position per sequence,
+// with V scales that grow, leaves the pool byte-identical to the CPU backend's; attention over it
+// on every path that takes the call matches the CPU emulation, and equals, bit for bit, the same
+// kernel's attention over the contiguous cache that holds the same tokens (sm90 answers
+// not_available for pages under 128 tokens). Pages of 48 tokens answer not_available on every
+// path, and a table entry outside the pool reads nothing past it (finite output; memcheck runs
+// this test).
 TEST(KvCacheGpu, PagedMatchesCpu) {
   INTFA_REQUIRE_GPU();
   GpuPath resolved;
@@ -285,8 +297,11 @@ TEST(KvCacheGpu, PagedMatchesCpu) {
       // n = 1, 3: decode steps (4 n rows per K/V head: the decode kernel); n = 40: a chunk of a
       // prompt appended and attended at once (chunked prefill; 160 rows: sm90 or sm80).
       for (int n : {1, 3, 40}) {
-        SCOPED_TRACE(std::string(to_string(s)) + " D" + std::to_string(D) + " n" + std::to_string(n));
-        const int B = 3, Hq = 8, Hkv = 2, cap = 1024, page = 256;
+        // Every page size meets every n over the four (scheme, head dim) pairs.
+        const int page = std::array<int, 4>{256, 16, 64, 32}[(2 * int(s == Scheme::paper) + int(D == 128) + n) % 4];
+        SCOPED_TRACE(std::string(to_string(s)) + " D" + std::to_string(D) + " n" + std::to_string(n) + " page " +
+                     std::to_string(page));
+        const int B = 3, Hq = 8, Hkv = 2, cap = 1024;
         // The paths a call of n rows per sequence can name: decode takes at most 16 rows per K/V
         // head, sm90 needs a Hopper GPU.
         auto skip = [&](GpuPath path) {
@@ -354,7 +369,7 @@ TEST(KvCacheGpu, PagedMatchesCpu) {
         Options od = o;
         for (const Options& base : {o, ow})
           for (GpuPath path : {GpuPath::decode, GpuPath::sm80, GpuPath::sm90}) {
-            if (skip(path)) continue;
+            if (skip(path) || (path == GpuPath::sm90 && page < 128)) continue;
             SCOPED_TRACE(std::string("path ") + to_string(path) + (base.window_left >= 0 ? ", window" : ""));
             od = base;
             od.path = path;
@@ -367,21 +382,27 @@ TEST(KvCacheGpu, PagedMatchesCpu) {
           }
         od = o;
 
-        // Pages the GPU kernels do not take (64 tokens): not_available on every path that reads
-        // pages, never a kernel reading the pool as a contiguous cache.
-        PagedCopy pc64(c.h, 64, Layout::BHSD, 0, 9);
-        DevicePages dp64(pc64);
-        QuantizedQKV g64 = dp64.x;
-        g64.q8 = gp.q8;
-        g64.q_scale = gp.q_scale;
-        g64.lse_offset = gp.lse_offset;
+        // Pages the GPU kernels do not take (48 tokens, over the first 960 of the cache):
+        // not_available on every path that reads pages, never a kernel reading the pool as a
+        // contiguous cache.
+        QuantizedQKV first960 = c.h;
+        first960.k8.shape[2] = first960.k_scale.shape[2] = first960.vt8.shape[3] = 960;
+        PagedCopy pc48(first960, 48, Layout::BHSD, 0, 9);
+        DevicePages dp48(pc48);
+        QuantizedQKV g48 = dp48.x;
+        g48.q8 = gp.q8;
+        g48.q_scale = gp.q_scale;
+        g48.lse_offset = gp.lse_offset;
         for (GpuPath path : {GpuPath::automatic, GpuPath::decode, GpuPath::sm80, GpuPath::sm90}) {
           if (skip(path)) continue;
           od.path = path;
-          const Status st64 = attention_int8(g64, Tensor(), Tensor(), 0, 0, t1, &tl1, od);
-          EXPECT_EQ(st64.code(), StatusCode::not_available) << st64.message();
-          EXPECT_NE(st64.message().find("pages of a multiple of 128 tokens, got page_size 64"), std::string::npos)
-              << st64.message();
+          const Status st48 = attention_int8(g48, Tensor(), Tensor(), 0, 0, t1, &tl1, od);
+          EXPECT_EQ(st48.code(), StatusCode::not_available) << st48.message();
+          EXPECT_NE(st48.message().find(path == GpuPath::sm90 ? "pages of a multiple of 128 tokens, got page_size 48"
+                                                               : "pages of a multiple of 128 tokens or of 16, 32 or "
+                                                                 "64 tokens, got page_size 48"),
+                    std::string::npos)
+              << st48.message();
         }
 
         // Entries past the pool (sequence 0's first page, then -1): nothing read past it, finite
@@ -389,7 +410,7 @@ TEST(KvCacheGpu, PagedMatchesCpu) {
         for (const int32_t bad : {int32_t(pc.x.k8.shape[0]) + 1000, -1}) {
           INTFA_ASSERT_OK(gpu_copy_to_device(dp.table.ptr, &bad, 4));
           for (GpuPath path : {GpuPath::automatic, GpuPath::decode, GpuPath::sm80, GpuPath::sm90}) {
-            if (skip(path)) continue;
+            if (skip(path) || (path == GpuPath::sm90 && page < 128)) continue;
             SCOPED_TRACE(std::string("entry ") + std::to_string(bad) + ", path " + to_string(path));
             od.path = path;
             INTFA_ASSERT_OK(gpu_memset(o1.ptr, 0xFF, o1.bytes));

@@ -77,7 +77,9 @@ constexpr int kMinCtas = Paged && D == 64 ? 4 : 0;
 // which is read one block ahead of its copies so the table's round trip overlaps a block's
 // compute. The contiguous kernels' load code is kept apart (if constexpr) rather than shared:
 // sharing it changed the D = 64 kernel's schedule.
-template <int D, int Stages, bool Paged>
+// SmallPages (with Paged; pages of 16, 32 or 64 tokens): a block spans several pages, and each
+// K row, V^T chunk and K scale the thread copies looks up its own page (fwd::SmallPages).
+template <int D, int Stages, bool Paged, bool SmallPages = false>
 __global__ void __launch_bounds__(kThreads, kMinCtas<D, Paged>) fwd_kernel(const __grid_constant__ Params P) {
   using S = Smem<D, Stages>;
   constexpr int kStages = Stages;
@@ -113,13 +115,15 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<D, Paged>) fwd_kernel(const
   // in the prologue, PERF_LOG d7, but the D = 64 kernel then needs less spill).
   fwd::PageWalk<kBlockN> walk;
   int tok0 = 0;
-  if constexpr (Paged) {
+  if constexpr (Paged && !SmallPages) {
     walk.start(p, b, kb0);
     tok0 = walk.rd_tok;
   }
   int first_pages[kStages];
 #pragma unroll
-  for (int s = 0; s < kStages; ++s) first_pages[s] = Paged && s < count ? walk.read(p) : -1;
+  for (int s = 0; s < kStages; ++s) first_pages[s] = Paged && !SmallPages && s < count ? walk.read(p) : -1;
+  fwd::SmallPages small_pages;
+  if constexpr (SmallPages) small_pages.start(p, b);
 
   int row[2], key_last[2], key_first[2];
   float rowf[2], m_run[2], l_part[2];
@@ -183,6 +187,44 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<D, Paged>) fwd_kernel(const
       ptx::cp_async_4B(base + S::kK + S::kV + 4 * tid, valid ? ks : ks_page0, valid);
     }
   };
+  // SmallPages: the same copies, each source through the page of its own keys. The thread's
+  // entries of a block (its K rows', its V^T chunk's, its K scale's) are read a block ahead of
+  // the copies (BlockPages), so the table's round trip stays off the copies' path.
+  struct BlockPages {
+    int k[kBlockN / kKRows], v, ks;
+  };
+  auto block_pages = [&](int n) {
+    BlockPages bp;
+    const int key0 = n * kBlockN;
+#pragma unroll
+    for (int it = 0; it < kBlockN / kKRows; ++it) {
+      const int key = key0 + kr + it * kKRows;
+      bp.k[it] = small_pages.page(key, key < skv);
+    }
+    bp.v = small_pages.page(key0 + 16 * vc, key0 + 16 * vc < skv);
+    bp.ks = small_pages.page(key0 + tid, tid < kBlockN && key0 + tid < skv);
+    return bp;
+  };
+  auto load_block_small = [&](int n, int stage, const BlockPages& bp) {
+    const int key0 = n * kBlockN;
+    const uint32_t base = stage_base(stage);
+#pragma unroll
+    for (int it = 0; it < kBlockN / kKRows; ++it) {
+      const int pg = bp.k[it];
+      const int8_t* src =
+          k_page0 + max(pg, 0) * p.k_st.bs + int64_t(small_pages.tok(key0 + kr + it * kKRows) - kr) * p.k_st.ts;
+      ptx::cp_async_16B(base + k_off + it * kKRows * D, pg >= 0 ? src : k_page0, pg >= 0);
+    }
+    const int vpg = bp.v;
+    const int8_t* src = v_page0 + max(vpg, 0) * p.vt_st.bs + small_pages.tok(key0 + 16 * vc) - 16 * vc;
+#pragma unroll
+    for (int it = 0; it < D / kVRows; ++it, src = opaque(src + v_step))
+      ptx::cp_async_16B(base + S::kK + v_off + it * kVRows * kBlockN, vpg >= 0 ? src : v_page0, vpg >= 0);
+    if (tid < kBlockN) {
+      const float* ks = ks_page0 + max(bp.ks, 0) * p.ks_st.bs + small_pages.tok(key0 + tid);
+      ptx::cp_async_4B(base + S::kK + S::kV + 4 * tid, bp.ks >= 0 ? ks : ks_page0, bp.ks >= 0);
+    }
+  };
   auto load_block = [&](int n, int stage) {
     const int key0 = n * kBlockN, k_left = skv - key0 - kr;
     const uint32_t base = stage_base(stage);
@@ -220,7 +262,9 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<D, Paged>) fwd_kernel(const
     // The first kStages - 1 blocks (one group each, empty past the range).
 #pragma unroll
     for (int s = 0, tok = tok0; s < kStages - 1; ++s, tok = walk.next_tok(p, tok)) {
-      if constexpr (Paged) {
+      if constexpr (SmallPages) {
+        if (s < count) load_block_small(kb0 + s, s, block_pages(kb0 + s));
+      } else if constexpr (Paged) {
         if (s < count) load_block_paged(kb0 + s, s, first_pages[s], tok);
       } else {
         if (s < count) load_block(kb0 + s, s);
@@ -230,6 +274,8 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<D, Paged>) fwd_kernel(const
   }
   // Paged: the page of the next block to load (its place in the page: walk.last_tok).
   int next_page = first_pages[kStages - 1];
+  BlockPages next_pages;  // SmallPages: the entries of the next block to load
+  if constexpr (SmallPages) next_pages = block_pages(kb0 + kStages - 1);
 
   // Warp w's keys are the block's 32-key step w: n-tiles 4w .. 4w + 3 of the permuted QK^T
   // layout (sm80::permuted_key), k step w of the PV product.
@@ -250,7 +296,12 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<D, Paged>) fwd_kernel(const
     // every warp is done with block i - 1, whose stage block i + kStages - 1 refills.
     ptx::cp_async_wait<kStages - 2>();
     __syncthreads();
-    if constexpr (Paged) {
+    if constexpr (SmallPages) {
+      if (i + kStages - 1 < count) {
+        load_block_small(n + kStages - 1, (i + kStages - 1) % kStages, next_pages);
+        if (i + kStages < count) next_pages = block_pages(n + kStages);
+      }
+    } else if constexpr (Paged) {
       if (i + kStages - 1 < count) {
         load_block_paged(n + kStages - 1, (i + kStages - 1) % kStages, next_page, walk.last_tok(p));
         if (i + kStages < count) next_page = walk.read(p);
@@ -401,10 +452,10 @@ __global__ void __launch_bounds__(128) combine_kernel(const __grid_constant__ Pa
 }
 
 // Host side (fwd_decode_launch.cuh): the kernel's resident CTAs per SM (cached per device) and
-// the launch of one (head dim, ring depth).
-template <int D, int Stages, bool Paged>
+// the launch of one (head dim, ring depth, paged KV, pages smaller than a block).
+template <int D, int Stages, bool Paged, bool SmallPages = false>
 Status occupancy(int* ctas);
-template <int D, int Stages, bool Paged>
+template <int D, int Stages, bool Paged, bool SmallPages = false>
 Status launch_fwd(const Params& prm, cudaStream_t stream);
 
 }  // namespace intfa::decode

@@ -10,15 +10,23 @@
 namespace intfa::cuda {
 namespace {
 
-// Calls f(D, Stages, Paged), as std::integral_constant arguments, for the decode kernel a launch
-// of head dim 128 (else 64), ring depth `stages` (4 only at D = 128) and paged or contiguous KV
-// runs: the one place that maps those to an instantiation.
+// Calls f(D, Stages, Paged, SmallPages), as std::integral_constant arguments, for the decode
+// kernel a launch of head dim 128 (else 64), ring depth `stages` (4 only at D = 128, and not
+// with pages smaller than a block) and contiguous KV, pages of a multiple of the key block or
+// smaller pages runs: the one place that maps those to an instantiation.
 template <typename F>
-Status with_kernel(bool d128, int stages, bool paged, F&& f) {
+Status with_kernel(bool d128, int stages, bool paged, bool small, F&& f) {
   using std::integral_constant;
-  auto pick = [&](auto d, auto s) { return paged ? f(d, s, std::true_type{}) : f(d, s, std::false_type{}); };
+  using Yes = std::true_type;
+  using No = std::false_type;
+  auto pick = [&](auto d, auto s) {
+    if (!paged) return f(d, s, No{}, No{});
+    if constexpr (decltype(s)::value == 3)
+      if (small) return f(d, s, Yes{}, Yes{});
+    return f(d, s, Yes{}, No{});
+  };
   if (!d128) return pick(integral_constant<int, 64>{}, integral_constant<int, 3>{});
-  if (stages == 4) return pick(integral_constant<int, 128>{}, integral_constant<int, 4>{});
+  if (stages == 4 && !small) return pick(integral_constant<int, 128>{}, integral_constant<int, 4>{});
   return pick(integral_constant<int, 128>{}, integral_constant<int, 3>{});
 }
 
@@ -44,8 +52,8 @@ Status launch_fwd_decode(const FwdParams& p, cudaStream_t stream) {
                       " query rows per (batch, K/V head) after GQA packing (heads_q / heads_kv x seqlen_q, or "
                       "seqlen_q when the heads cannot pack), got " + std::to_string(p.seqlen_q) +
                       "; use path auto, sm80 or sm90");
-  const bool paged = p.block_table != nullptr;
-  if (Status st = check_paged(p, "decode", decode::kBlockN); !st.ok()) return st;
+  const bool paged = p.block_table != nullptr, small = paged && p.page_size < decode::kBlockN;
+  if (Status st = check_paged(p, "decode", decode::kBlockN, true); !st.ok()) return st;
   if (p.seqlen_q < 1 || p.batch < 1) return Status::OK();
   // Shared memory: D = 128 takes ~100 KB (three 32 KB stages), more than sm_86 / sm_89 give one
   // block (99 KB); there the automatic path runs the prefill kernel instead. 4 stages only where
@@ -71,8 +79,8 @@ Status launch_fwd_decode(const FwdParams& p, cudaStream_t stream) {
   st = check_cuda(device_sm_count(&sms), "decode forward: SM count");
   // Resident CTAs per SM of the kernel a launch of `stages` would run.
   auto occupancy = [&](int stages, int* n) {
-    return with_kernel(d128, stages, paged, [&](auto d, auto s, auto pg) {
-      return decode::occupancy<decltype(d)::value, decltype(s)::value, decltype(pg)::value>(n);
+    return with_kernel(d128, stages, paged, small, [&](auto d, auto s, auto pg, auto sp) {
+      return decode::occupancy<decltype(d)::value, decltype(s)::value, decltype(pg)::value, decltype(sp)::value>(n);
     });
   };
   if (st.ok()) st = occupancy(3, &ctas);
@@ -100,7 +108,10 @@ Status launch_fwd_decode(const FwdParams& p, cudaStream_t stream) {
   // B = 64 with 2k, so D = 64 has only the 3-stage kernel.
   int stages = heads * prm.num_splits <= static_cast<long long>(sms) * ctas ? 4 : 3;
   if (forced_stages == 3 || forced_stages == 4) stages = forced_stages;
-  if (!d128 || smem4 > smem_max) stages = 3;
+  // Pages smaller than a block: 3 stages always (two CTAs per SM hide the longer load issue of
+  // a block's per-row pages; H200, B = 16 with 8k keys, page 64 / 32 / 16: 4 stages 0.107 /
+  // 0.123 / 0.166 ms, 3 stages 0.088 / 0.095 / 0.117; no 4-stage kernel for them).
+  if (!d128 || smem4 > smem_max || small) stages = 3;
   if (stages == 4) {
     st = occupancy(4, &ctas);
     if (!st.ok()) return st;
@@ -120,8 +131,9 @@ Status launch_fwd_decode(const FwdParams& p, cudaStream_t stream) {
     prm.part_ml = static_cast<float2*>(scratch);
     prm.part_o = reinterpret_cast<float*>(prm.part_ml + rows);
   }
-  st = with_kernel(d128, stages, paged, [&](auto d, auto s, auto pg) {
-    return decode::launch_fwd<decltype(d)::value, decltype(s)::value, decltype(pg)::value>(prm, stream);
+  st = with_kernel(d128, stages, paged, small, [&](auto d, auto s, auto pg, auto sp) {
+    return decode::launch_fwd<decltype(d)::value, decltype(s)::value, decltype(pg)::value, decltype(sp)::value>(
+        prm, stream);
   });
   if (!scratch) return st;
   const Status fst = scratch_free(scratch, stream, "decode forward: partial rows");

@@ -1,5 +1,6 @@
-// Host launcher template for the decode kernel; fwd_decode_d{64_s3,128_s3,128_s4}[_paged].cu
-// instantiate one (head dim, ring depth, paged or contiguous KV) each.
+// Host launcher template for the decode kernel; fwd_decode_d{64_s3,128_s3,128_s4}[_paged].cu and
+// fwd_decode_d{64,128}_s3_paged_small.cu instantiate one (head dim, ring depth, contiguous KV /
+// pages / pages smaller than a key block) each.
 #pragma once
 
 #include "cuda/decode/fwd_decode.cuh"
@@ -8,24 +9,24 @@
 namespace intfa::decode {
 
 // Resident CTAs per SM of the kernel for head dim D (cached per device), for the split rule.
-template <int D, int Stages, bool Paged>
+template <int D, int Stages, bool Paged, bool SmallPages>
 Status occupancy(int* ctas) {
   static cuda::PerDevice cache;
   using S = Smem<D, Stages>;
   return cuda::check_cuda(cuda::once_per_device(cache, [](int, int* n) {
-    cudaError_t e = cudaFuncSetAttribute(fwd_kernel<D, Stages, Paged>, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kBytes);
+    cudaError_t e = cudaFuncSetAttribute(fwd_kernel<D, Stages, Paged, SmallPages>, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kBytes);
     if (e == cudaSuccess)
-      e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(n, fwd_kernel<D, Stages, Paged>, kThreads, S::kBytes);
+      e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(n, fwd_kernel<D, Stages, Paged, SmallPages>, kThreads, S::kBytes);
     return e;
   }, ctas), "decode forward: occupancy");
 }
 
-template <int D, int Stages, bool Paged>
+template <int D, int Stages, bool Paged, bool SmallPages>
 Status launch_fwd(const Params& prm, cudaStream_t stream) {
   int ctas = 0;  // also opts the kernel in to its shared memory
-  Status st = occupancy<D, Stages, Paged>(&ctas);
+  Status st = occupancy<D, Stages, Paged, SmallPages>(&ctas);
   if (!st.ok()) return st;
-  fwd_kernel<D, Stages, Paged><<<prm.num_units, kThreads, Smem<D, Stages>::kBytes, stream>>>(prm);
+  fwd_kernel<D, Stages, Paged, SmallPages><<<prm.num_units, kThreads, Smem<D, Stages>::kBytes, stream>>>(prm);
   st = cuda::check_cuda(cudaGetLastError(), "decode forward kernel launch");
   if (!st.ok() || prm.num_splits == 1) return st;
   const int64_t blocks = int64_t(prm.p.batch) * prm.p.heads_q * (kRows / 4);

@@ -247,11 +247,37 @@ struct KvLoader {
                        valid ? ks_ptr + pg * p.ks_st.bs + tok + tid : ks_ptr, valid);
     }
   }
+  // Pages smaller than the block (fwd::SmallPages): each K row, V^T chunk and K scale through
+  // the page of its own key; key_base is where the block indices' keys start in the sequence
+  // (rows and skv count from it).
+  __device__ void load_small(int n, int key_base, int skv, const fwd::SmallPages& sp, const FwdParams& p,
+                             uint32_t stage_base, int tid) const {
+    const int key0 = n * kBlockN;
+#pragma unroll
+    for (int it = 0; it < kKPasses; ++it) {
+      const int r = key0 + k_row0 + it * kKRowsPerPass, pg = sp.page(key_base + r, r < skv);
+      const int8_t* src = k_ptr + max(pg, 0) * p.k_st.bs + int64_t(sp.tok(key_base + r) - k_row0) * k_row_stride;
+      ptx::cp_async_16B(stage_base + k_smem0 + it * kKRowsPerPass * D, pg >= 0 ? src : k_ptr, pg >= 0);
+    }
+    const int c = key0 + v_col0, vpg = sp.page(key_base + c, c < skv);
+    const int8_t* src = v_ptr + max(vpg, 0) * p.vt_st.bs + sp.tok(key_base + c) - v_col0;
+#pragma unroll
+    for (int it = 0; it < kVPasses; ++it)
+      ptx::cp_async_16B(stage_base + Smem<D>::kK + v_smem0 + it * kVRowsPerPass * kBlockN,
+                        vpg >= 0 ? src + it * kVRowsPerPass * v_row_stride : v_ptr, vpg >= 0);
+    if (tid < kBlockN) {
+      const int k = key0 + tid, pg = sp.page(key_base + k, k < skv);
+      ptx::cp_async_4B(stage_base + Smem<D>::kK + Smem<D>::kV + 4 * tid,
+                       pg >= 0 ? ks_ptr + max(pg, 0) * p.ks_st.bs + sp.tok(key_base + k) : ks_ptr, pg >= 0);
+    }
+  }
 };
 
 // Paged (FwdParams::block_table, dense queries, pages a multiple of 128 keys): K, V^T and the K
 // scales of each key block are read through the block's table entry, read one block ahead.
-template <int D, bool Causal, bool Paged>
+// SmallPages (with Paged; pages of 16, 32 or 64 tokens): through the entry of each row's or
+// chunk's own page (KvLoader::load_small).
+template <int D, bool Causal, bool Paged, bool SmallPages = false>
 __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdParams p) {
   using S = Smem<D>;
   using L = KvLoader<D>;
@@ -326,6 +352,8 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
   // Paged: the walk over sequence b's table and the page of the next block to load.
   fwd::PageWalk<kBlockN> walk;
   int next_page = -1;
+  fwd::SmallPages small_pages;
+  if constexpr (SmallPages) small_pages.start(p, b);
   const uint32_t smem_base = ptx::smem_u32(smem);
   auto stage_base = [&](int stage) { return smem_base + S::kQ + stage * S::kStage; };
 
@@ -380,7 +408,9 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
       ptx::cp_async_16B(smem_base + swz128(r * D + c * 16),
                         valid ? q_base + r * p.q_st.ts + c * 16 : q_base, valid);
     }
-    if constexpr (Paged) {
+    if constexpr (SmallPages) {
+      loader.load_small(0, key_base, skv, small_pages, p, stage_base(0), tid);
+    } else if constexpr (Paged) {
       walk.start(p, b, key_base / kBlockN);
       const int page0 = walk.read(p);  // causal kernels: a window may start mid-page
       loader.load_paged(0, page0, Causal ? walk.last_tok(p) : 0, skv, p, stage_base(0), tid);
@@ -472,7 +502,9 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
     ptx::cp_async_wait<0>();
     __syncthreads();  // block n landed for everyone; everyone finished with the stage refilled next
     if (n + 1 < n_blocks) {
-      if constexpr (Paged) {
+      if constexpr (SmallPages) {
+        loader.load_small(n + 1, key_base, skv, small_pages, p, stage_base((n + 1) % S::kStages), tid);
+      } else if constexpr (Paged) {
         loader.load_paged(n + 1, next_page, walk.last_tok(p), skv, p, stage_base((n + 1) % S::kStages), tid);
         if (n + 2 < n_blocks) next_page = walk.read(p);
       } else {
@@ -530,8 +562,9 @@ __global__ void __launch_bounds__(kThreads) qk_block_test_kernel(const int8_t* q
   }
 }
 
-// Host launcher for one (head dim, causal, paged) instantiation; defined in fwd_sm80_launch.cuh.
-template <int D, bool Causal, bool Paged>
+// Host launcher for one (head dim, causal, paged, small pages) instantiation; defined in
+// fwd_sm80_launch.cuh.
+template <int D, bool Causal, bool Paged, bool SmallPages = false>
 Status launch_fwd(const FwdParams& p, cudaStream_t stream);
 
 }  // namespace intfa::sm80

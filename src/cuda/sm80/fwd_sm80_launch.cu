@@ -9,24 +9,27 @@ Status launch_fwd_sm80(const FwdParams& p, cudaStream_t stream) {
     return Status(StatusCode::not_available, "scheme: half is not available on the sm80 path");
   if (static_cast<int64_t>(p.batch) > 65535 || p.heads_q > 65535)
     return Status(StatusCode::invalid_argument, "batch/heads: the sm80 grid takes at most 65535 of each");
-  // Paged KV: pages of a multiple of 128 keys on every GPU path (the decode and sm90 kernels'
-  // block), which the sm80 block (64 or 128) divides.
+  // Paged KV: pages of a multiple of 128 keys (the decode and sm90 kernels' block), which the
+  // sm80 block (64 or 128) divides, or of 16, 32 or 64 keys (the SmallPages kernels).
   static_assert(128 % sm80::kBlockN == 0, "pages of 128 keys hold whole key blocks");
-  if (Status st = check_paged(p, "sm80", 128); !st.ok()) return st;
+  if (Status st = check_paged(p, "sm80", 128, true); !st.ok()) return st;
   if (p.head_dim != 64 && p.head_dim != 128)
     return Status(StatusCode::invalid_argument,
                   "head_dim: expected 64 or 128 on the sm80 path, got " + std::to_string(p.head_dim));
   using L = Status (*)(const FwdParams&, cudaStream_t);
-  // [head dim 64 / 128][causal kernel][paged]. The causal kernels also take sliding windows and
-  // sinks (non-causal calls with the diagonal past every key, last_key): the non-causal kernels
-  // stay without them (H200, 4k D=128: 2.5% slower with the sink fold in their epilogue).
+  // [head dim 64 / 128][causal kernel][contiguous, paged, pages smaller than 128 keys]. The causal
+  // kernels also take sliding windows and sinks (non-causal calls with the diagonal past every
+  // key, last_key): the non-causal kernels stay without them (H200, 4k D=128: 2.5% slower with
+  // the sink fold in their epilogue).
   const bool causal_kernel = p.causal || p.window_left >= 0 || p.sinks != nullptr;
-  static constexpr L kLaunch[2][2][2] = {
-      {{sm80::launch_fwd<64, false, false>, sm80::launch_fwd<64, false, true>},
-       {sm80::launch_fwd<64, true, false>, sm80::launch_fwd<64, true, true>}},
-      {{sm80::launch_fwd<128, false, false>, sm80::launch_fwd<128, false, true>},
-       {sm80::launch_fwd<128, true, false>, sm80::launch_fwd<128, true, true>}}};
-  return kLaunch[p.head_dim == 128][causal_kernel][p.block_table != nullptr](p, stream);
+  static constexpr L kLaunch[2][2][3] = {
+      {{sm80::launch_fwd<64, false, false>, sm80::launch_fwd<64, false, true>, sm80::launch_fwd<64, false, true, true>},
+       {sm80::launch_fwd<64, true, false>, sm80::launch_fwd<64, true, true>, sm80::launch_fwd<64, true, true, true>}},
+      {{sm80::launch_fwd<128, false, false>, sm80::launch_fwd<128, false, true>,
+        sm80::launch_fwd<128, false, true, true>},
+       {sm80::launch_fwd<128, true, false>, sm80::launch_fwd<128, true, true>, sm80::launch_fwd<128, true, true, true>}}};
+  const int pages = !p.block_table ? 0 : p.page_size % 128 == 0 ? 1 : 2;
+  return kLaunch[p.head_dim == 128][causal_kernel][pages](p, stream);
 }
 
 int sm80_block_n() { return sm80::kBlockN; }

@@ -6,9 +6,9 @@
 
 namespace intfa::sm80 {
 
-template <int D, bool Causal, bool Paged>
+template <int D, bool Causal, bool Paged, bool SmallPages>
 Status launch_fwd(const FwdParams& p, cudaStream_t stream) {
-  auto kernel = fwd_kernel<D, Causal, Paged>;
+  auto kernel = fwd_kernel<D, Causal, Paged, SmallPages>;
   constexpr int kSmem = Smem<D>::kBytes;
   static cuda::PerDevice setup;
   Status st = cuda::check_cuda(cuda::opt_in_smem_once(setup, kernel, kSmem), "sm80 forward: cudaFuncSetAttribute");
