@@ -17,7 +17,7 @@ from paged import drop_pages, page_copy, paged_vs_ragged  # noqa: E402
 from ragged import (Sequence, check_parts, in_layout, ragged_inputs,  # noqa: E402
                     ragged_vs_separate, seq_view)
 from reference import rel_l2  # noqa: E402
-from tiny_models import rel, tiny_gpt_oss  # noqa: E402
+from tiny_models import check_greedy_steps, left_padded, rel, tiny_gpt_oss  # noqa: E402
 
 TOL = {"accurate": 3e-2, "paper": 6e-2}
 F = torch.nn.functional
@@ -1228,15 +1228,11 @@ def test_transformers_gpt_oss_on_the_gpu():
     ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(2)).cuda()
     with torch.no_grad():
         assert rel(model(ids).logits, ref(ids).logits) < 3e-2
-        out = model.generate(ids[:1, :10], max_new_tokens=5, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True)
-        teacher = ref(out.sequences).logits[0, 9:14]  # the float32 model on the same prefixes
-        for step, x in enumerate(out.logits):
-            assert rel(x[0], teacher[step]) < 3e-2, step
+    check_greedy_steps(model, ref, ids[:1, :10])
+    with torch.no_grad():
         # Left-padded batch: each prompt's last logits as when it runs alone.
         prompts = [ids[0, :12], ids[1, :7]]
-        batch = torch.stack([torch.cat([p.new_zeros(12 - len(p)), p]) for p in prompts])
-        mask = torch.stack([torch.arange(12, device="cuda") >= 12 - len(p) for p in prompts]).long()
+        batch, mask = left_padded(prompts, 12)
         both = model(batch, attention_mask=mask).logits[:, -1]
         for i, p in enumerate(prompts):
             assert rel(both[i], model(p[None]).logits[0, -1]) < 1e-2, i

@@ -12,7 +12,7 @@ from paged import (check_paged_parts, drop_pages, page_copy, paged_vs_ragged,  #
 from ragged import (Sequence, check_parts, in_layout, ragged_inputs,  # noqa: E402
                     ragged_vs_separate)
 from reference import attention_ref, rel_l2, varlen_ref  # noqa: E402
-from tiny_models import rel, tiny_gpt_oss  # noqa: E402
+from tiny_models import check_greedy_steps, left_padded, rel, tiny_gpt_oss  # noqa: E402
 
 
 def rand(*shape, dtype=torch.float16, seed=0):
@@ -909,17 +909,11 @@ def test_transformers_gpt_oss_runs_on_intfa():
         off = rel(logits("intfa_without", ids), want)
         assert off > max(0.15, 4 * err), f"without {drop}: {off} against {err}"
     model.set_attn_implementation(name)
-    with torch.no_grad():
-        out = model.generate(ids[:1, :10], max_new_tokens=5, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True)
-        teacher = ref(out.sequences).logits[0, 9:14]  # the float32 model on the same prefixes
-    for step, x in enumerate(out.logits):
-        assert rel(x[0], teacher[step]) < 3e-2, step
+    check_greedy_steps(model, ref, ids[:1, :10])
     # A left-padded batch (the padding mask: attention_varlen over the tokens) generates what
     # each prompt generates alone.
     prompts = [ids[0, :12], ids[1, :7]]
-    batch = torch.stack([torch.cat([p.new_zeros(12 - len(p)), p]) for p in prompts])
-    mask = torch.stack([torch.arange(12) >= 12 - len(p) for p in prompts]).long()
+    batch, mask = left_padded(prompts, 12)
     kw = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True,
               pad_token_id=0)
     with torch.no_grad():

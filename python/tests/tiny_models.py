@@ -25,3 +25,24 @@ def tiny_gpt_oss(seed, head_dim=32):
 
 def rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def check_greedy_steps(model, ref, prompt, steps=5, tol=3e-2):
+    """model generates greedily from prompt [1, n] with its cache (decode steps); each step's
+    logits are within tol of ref's (the float32 model) on the same prefix."""
+    torch = pytest.importorskip("torch")
+    n = prompt.shape[1]
+    with torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=steps, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+        teacher = ref(out.sequences).logits[0, n - 1:n - 1 + steps]
+    for step, x in enumerate(out.logits):
+        assert rel(x[0], teacher[step]) < tol, step
+
+
+def left_padded(prompts, width):
+    """The prompts (1-D token tensors) left-padded with 0 to width: (batch, 2D attention mask)."""
+    torch = pytest.importorskip("torch")
+    batch = torch.stack([torch.cat([p.new_zeros(width - len(p)), p]) for p in prompts])
+    cols = torch.arange(width, device=batch.device)
+    return batch, torch.stack([cols >= width - len(p) for p in prompts]).long()
