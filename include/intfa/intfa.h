@@ -154,9 +154,10 @@ struct QuantizedQKV {
   // v_scale and k_mean stay per sequence, [B, Hkv, D]. Each sequence has max_pages * page_size
   // keys, or seqused_kv[b]; only the table entries of pages that hold its keys are read, and
   // must name a page in [0, num_pages). Under a window's left edge (Options::window_left) the
-  // pages wholly before the first key of query row 0 (the lowest) are not read: a local layer
-  // may give them back (entry -1), and append_kv's V sweep skips -1 entries before its new
-  // tokens (Python: PagedKVCache.trim). Dense queries (no cu_seqlens), schemes paper and
+  // pages wholly before the first key of query row 0 (the lowest) are not read (with pages of
+  // 16-64 tokens on the GPU, those in that key's 128-key block are, and their keys masked): a
+  // local layer may give them back (entry -1, which reads nothing), and append_kv's V sweep
+  // skips -1 entries before its new tokens (Python: PagedKVCache.trim). Dense queries (no cu_seqlens), schemes paper and
   // accurate. On the GPU every path reads pages of a multiple of 128 tokens, and the decode and
   // sm80 kernels also pages of 16, 32 or 64 tokens (other page sizes answer not_available; sm90
   // answers it for pages under 128, where path auto runs sm80): the decode kernel for at most 16
