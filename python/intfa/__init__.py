@@ -600,9 +600,9 @@ class PagedKVCache:
     num_pages: the pool's pages; page_size: tokens per page, a multiple of 16 (GPU attention:
     a multiple of 128, or 16, 32 or 64 on the decode and sm80 paths); max_pages: the block
     table's width, the most pages a sequence holds (default: num_pages), so each sequence holds
-    at most capacity = max_pages * page_size tokens. Pages are handed out on the host, lowest free index first: ceil(lengths[b] /
-    page_size) per sequence for its prompt, then, before each append(), those its new tokens
-    need. A ValueError (and nothing changed) when the pool has too few free pages or a sequence
+    at most capacity = max_pages * page_size tokens. Pages are handed out on the host, lowest
+    free index first: ceil(lengths[b] / page_size) per sequence for its prompt, then, before
+    each append(), those its new tokens need. A ValueError (and nothing changed) when the pool has too few free pages or a sequence
     would pass its capacity.
 
     Attributes: lengths (int32 [B] on the cache's device, each sequence's tokens, read by the
@@ -784,7 +784,7 @@ class PagedKVCache:
             self._write_table()
         return len(entries)
 
-    def _check_held(self, q, is_causal, window_size):
+    def _check_held(self, q, window_size):
         """attention()'s host check after trim(): every query's window starts at or after its
         sequence's first held token (query 0's first key, lengths[b] - Sq - left, is the lowest)."""
         if not any(self._first_held):
@@ -817,7 +817,7 @@ class PagedKVCache:
         auto runs sm80 for chunks), else RuntimeError; the decode path for at most
         16 query rows per K/V head after GQA packing, the prefill kernels for more (chunks).
         After trim(): the window must stay within each sequence's held tokens (ValueError)."""
-        self._check_held(q, is_causal, window_size)
+        self._check_held(q, window_size)
         return _attend(self, q, is_causal, window_size, sinks, scale, return_lse, path,
                        out_dtype)
 

@@ -793,10 +793,10 @@ Status attention_int8(const QuantizedQKV& x, const Tensor& cu_seqlens_q,
     fp.bt_stride = x.block_table.stride[0];
     fp.page_size = static_cast<int>(x.k8.shape[p.layout == Layout::BHSD ? 2 : 1]);
     fp.num_pages = num_pages;
-    // The host reads a host table; a device table is the kernel's to guard (FwdParams). A
-    // window's left edge: no query reads the pages wholly before the first key of row 0 (the
-    // lowest), which may be released (-1); a block holding that key lies in one page on the GPU
-    // (pages of a multiple of its 128 keys), and the CPU loop reads no key before it.
+    // The host reads a host table (the CPU backend, whose loop reads no key before a window's
+    // first); a device table is the kernels' to guard (FwdParams). A window's left edge: the
+    // pages wholly before the first key of row 0 (the lowest) may be released (-1), so they
+    // are not checked.
     auto kv = [&](int64_t b) {
       return fp.seqused_kv ? std::clamp<int64_t>(fp.seqused_kv[b], 0, fp.seqlen_kv) : int64_t(fp.seqlen_kv);
     };

@@ -27,6 +27,10 @@ constexpr int kPMaxU8 = 255;  // unsigned P levels of the accurate scheme
 struct SinkFold {
   float scale, lse2;
 };
+// log2 of a row's softmax denominator (m the running max, l the sum in its frame); -inf for a
+// row that saw no key. lse_of: the LSE written for it, natural log plus the K-smoothing offset.
+INTFA_HD float row_log2_sum(float m, float l) { return l > 0.f ? m + log2f(l) : -INFINITY; }
+INTFA_HD float lse_of(float lse2, float off) { return lse2 == -INFINITY ? -INFINITY : lse2 * kLn2 + off; }
 // A sink logit z in the kernels' frame: z2 = (z - lse_offset) log2 e.
 INTFA_HD float sink_frame(float z, float lse_offset) { return (z - lse_offset) * kLog2e; }
 INTFA_HD SinkFold fold_sink(float a, float z2) {

@@ -20,18 +20,17 @@ Status check_cuda(cudaError_t err, const char* what) {
                     cudaGetErrorString(err) + ")");
 }
 
-Status check_paged(const FwdParams& p, const char* path, int block_n, bool small_ok) {
-  if (!p.block_table) return Status::OK();
-  const bool small = p.page_size == 16 || p.page_size == 32 || p.page_size == 64;
-  if (p.page_size % block_n != 0 && !(small_ok && small))
-    return Status(StatusCode::not_available, std::string("block_table: the GPU ") + path +
-                                                 " path takes pages of a multiple of " + std::to_string(block_n) +
-                                                 (small_ok ? " tokens or of 16, 32 or 64" : "") +
-                                                 " tokens, got page_size " + std::to_string(p.page_size) +
-                                                 (small ? " (the decode and sm80 paths take it, the CPU backend any "
-                                                          "multiple of 16)"
-                                                        : " (the CPU backend takes multiples of 16)"));
-  return Status::OK();
+Status check_paged(const FwdParams& p, const char* path, int block_n, bool* small) {
+  const bool is_small = p.block_table && (p.page_size == 16 || p.page_size == 32 || p.page_size == 64);
+  if (small) *small = is_small;
+  if (!p.block_table || p.page_size % block_n == 0 || (small && is_small)) return Status::OK();
+  return Status(StatusCode::not_available, std::string("block_table: the GPU ") + path +
+                                               " path takes pages of a multiple of " + std::to_string(block_n) +
+                                               (small ? " tokens or of 16, 32 or 64" : "") +
+                                               " tokens, got page_size " + std::to_string(p.page_size) +
+                                               (is_small ? " (the decode and sm80 paths take it, the CPU backend any "
+                                                           "multiple of 16)"
+                                                         : " (the CPU backend takes multiples of 16)"));
 }
 
 cudaError_t device_sm_count(int* sms) {

@@ -246,13 +246,6 @@ __device__ __forceinline__ void write_lse(const FwdParams& p, int b, int h, int6
   }
 }
 
-// log2 of a row's softmax denominator (m the running max, l the sum in its frame); -inf for a
-// row that saw no key. lse_of: the LSE written for it, natural log plus the K-smoothing offset.
-__device__ __forceinline__ float row_log2_sum(float m, float l) { return l > 0.f ? m + log2f(l) : neg_inf(); }
-__device__ __forceinline__ float lse_of(float lse2, float off) {
-  return lse2 == neg_inf() ? neg_inf() : lse2 * kLn2 + off;
-}
-
 // Attention sinks (FwdParams::sinks) of the thread's two rows in the frame of the smoothed
 // scores, z2 = (z - lse_offset) log2 e (-inf: none), for fold_sinks. sm90 issues the two loads
 // with the v_scale loads, ahead of the epilogue's barriers, so their latency overlaps (inside

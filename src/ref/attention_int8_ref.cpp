@@ -146,9 +146,9 @@ void attend_tile(const FwdParams& p, const Tile& t) {
     float lse = empty ? kNegInf : m[i] * kLn2 + std::log(l[i]) + off;
     const float z = p.sinks ? sink_of(p, t.h, t.m0 + i) : kNegInf;
     if (z > kNegInf) {  // the GPU kernels' epilogue (fold_sink; -inf is no sink there, bit for bit)
-      const SinkFold f = fold_sink(empty ? kNegInf : m[i] + std::log2(l[i]), sink_frame(z, off));
+      const SinkFold f = fold_sink(row_log2_sum(m[i], l[i]), sink_frame(z, off));
       inv_l *= f.scale;
-      lse = f.lse2 == kNegInf ? kNegInf : f.lse2 * kLn2 + off;
+      lse = lse_of(f.lse2, off);
     }
     for (int c = 0; c < d; ++c) {
       const float o = empty ? 0.f : acc[i * d + c] * (vs ? vs[c] : 1.f) * inv_l;

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda/launchers.h"
 #include "gpu_test_util.h"
 #include "kv_cache_util.h"
 #include "inputs.h"
@@ -279,6 +280,42 @@ struct DevicePages {
     EXPECT_EQ(gvs, pc.vs) << "v_scale";
   }
 };
+
+// The page sizes each GPU path takes (host code, no GPU needed): a multiple of its key block, and
+// on the paths with SmallPages kernels (a flag to report them) 16, 32 or 64 tokens; else
+// not_available naming the page size. A contiguous call passes and reports no small pages.
+TEST(PagedLaunch, PageSizesEachPathTakes) {
+  int32_t table[1] = {0};
+  FwdParams p;
+  bool small = true;
+  INTFA_ASSERT_OK(cuda::check_paged(p, "decode", 128, &small));
+  EXPECT_FALSE(small);
+  p.block_table = table;
+  for (int page : {128, 256, 384, 16, 32, 64, 48, 96, 8}) {
+    SCOPED_TRACE("page " + std::to_string(page));
+    p.page_size = page;
+    const bool block = page % 128 == 0, tiny = page == 16 || page == 32 || page == 64;
+    small = !tiny;
+    const Status with_small = cuda::check_paged(p, "sm80", 128, &small);
+    EXPECT_EQ(with_small.ok(), block || tiny) << with_small.message();
+    if (with_small.ok()) EXPECT_EQ(small, tiny);
+    const Status tma = cuda::check_paged(p, "sm90", 128);
+    EXPECT_EQ(tma.ok(), block) << tma.message();
+    if (!with_small.ok()) {
+      EXPECT_EQ(with_small.code(), StatusCode::not_available);
+      EXPECT_EQ(with_small.message(), "block_table: the GPU sm80 path takes pages of a multiple of 128 tokens or of "
+                                      "16, 32 or 64 tokens, got page_size " + std::to_string(page) +
+                                      " (the CPU backend takes multiples of 16)");
+    }
+    if (!tma.ok()) {
+      EXPECT_EQ(tma.code(), StatusCode::not_available);
+      EXPECT_EQ(tma.message(), "block_table: the GPU sm90 path takes pages of a multiple of 128 tokens, got page_size " +
+                                   std::to_string(page) +
+                                   (tiny ? " (the decode and sm80 paths take it, the CPU backend any multiple of 16)"
+                                         : " (the CPU backend takes multiples of 16)"));
+    }
+  }
+}
 
 // Paged KV on the GPU (pages of 256, 16, 64 or 32 tokens, shuffled in a pool with spare
 // garbage pages, entries past each sequence's tokens -1): append_kv at a position per sequence,

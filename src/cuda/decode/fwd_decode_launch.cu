@@ -52,8 +52,9 @@ Status launch_fwd_decode(const FwdParams& p, cudaStream_t stream) {
                       " query rows per (batch, K/V head) after GQA packing (heads_q / heads_kv x seqlen_q, or "
                       "seqlen_q when the heads cannot pack), got " + std::to_string(p.seqlen_q) +
                       "; use path auto, sm80 or sm90");
-  const bool paged = p.block_table != nullptr, small = paged && p.page_size < decode::kBlockN;
-  if (Status st = check_paged(p, "decode", decode::kBlockN, true); !st.ok()) return st;
+  const bool paged = p.block_table != nullptr;
+  bool small = false;  // pages of 16, 32 or 64 tokens: the SmallPages kernels
+  if (Status st = check_paged(p, "decode", decode::kBlockN, &small); !st.ok()) return st;
   if (p.seqlen_q < 1 || p.batch < 1) return Status::OK();
   // Shared memory: D = 128 takes ~100 KB (three 32 KB stages), more than sm_86 / sm_89 give one
   // block (99 KB); there the automatic path runs the prefill kernel instead. 4 stages only where

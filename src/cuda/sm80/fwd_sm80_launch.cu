@@ -12,7 +12,8 @@ Status launch_fwd_sm80(const FwdParams& p, cudaStream_t stream) {
   // Paged KV: pages of a multiple of 128 keys (the decode and sm90 kernels' block), which the
   // sm80 block (64 or 128) divides, or of 16, 32 or 64 keys (the SmallPages kernels).
   static_assert(128 % sm80::kBlockN == 0, "pages of 128 keys hold whole key blocks");
-  if (Status st = check_paged(p, "sm80", 128, true); !st.ok()) return st;
+  bool small = false;
+  if (Status st = check_paged(p, "sm80", 128, &small); !st.ok()) return st;
   if (p.head_dim != 64 && p.head_dim != 128)
     return Status(StatusCode::invalid_argument,
                   "head_dim: expected 64 or 128 on the sm80 path, got " + std::to_string(p.head_dim));
@@ -28,7 +29,7 @@ Status launch_fwd_sm80(const FwdParams& p, cudaStream_t stream) {
       {{sm80::launch_fwd<128, false, false>, sm80::launch_fwd<128, false, true>,
         sm80::launch_fwd<128, false, true, true>},
        {sm80::launch_fwd<128, true, false>, sm80::launch_fwd<128, true, true>, sm80::launch_fwd<128, true, true, true>}}};
-  const int pages = !p.block_table ? 0 : p.page_size % 128 == 0 ? 1 : 2;
+  const int pages = small ? 2 : p.block_table ? 1 : 0;
   return kLaunch[p.head_dim == 128][causal_kernel][pages](p, stream);
 }
 
