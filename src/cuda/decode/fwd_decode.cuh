@@ -187,43 +187,23 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<D, Paged>) fwd_kernel(const
       ptx::cp_async_4B(base + S::kK + S::kV + 4 * tid, valid ? ks : ks_page0, valid);
     }
   };
-  // SmallPages: the same copies, each source through the page of its own keys. The thread's
-  // entries of a block (its K rows', its V^T chunk's, its K scale's) are read a block ahead of
-  // the copies (BlockPages), so the table's round trip stays off the copies' path.
-  struct BlockPages {
-    int k[kBlockN / kKRows], v, ks;
+  // SmallPages: the thread's piece of each block (sm80::SmallPageTile) through the piece's page,
+  // whose table entry is read a block ahead of the copies (next_piece_page below), so the
+  // table's round trip stays off the copies' path.
+  const sm80::SmallPageTile<D, kThreads, kBlockN> small_tile(tid);
+  const int8_t* const k_head = p.k8 + hkv * p.k_st.hs;
+  const int8_t* const v_head = p.vt8 + hkv * p.vt_st.hs;
+  auto piece_page = [&](int n) {
+    const int key = n * kBlockN + small_tile.first_key();
+    return small_pages.page(key, key < skv);
   };
-  auto block_pages = [&](int n) {
-    BlockPages bp;
-    const int key0 = n * kBlockN;
-#pragma unroll
-    for (int it = 0; it < kBlockN / kKRows; ++it) {
-      const int key = key0 + kr + it * kKRows;
-      bp.k[it] = small_pages.page(key, key < skv);
-    }
-    bp.v = small_pages.page(key0 + 16 * vc, key0 + 16 * vc < skv);
-    bp.ks = small_pages.page(key0 + tid, tid < kBlockN && key0 + tid < skv);
-    return bp;
-  };
-  auto load_block_small = [&](int n, int stage, const BlockPages& bp) {
-    const int key0 = n * kBlockN;
+  auto load_block_small = [&](int n, int stage, int pg) {
+    const int key = n * kBlockN + small_tile.first_key(), tok = small_pages.tok(key);
+    const int64_t page = max(pg, 0);
     const uint32_t base = stage_base(stage);
-#pragma unroll
-    for (int it = 0; it < kBlockN / kKRows; ++it) {
-      const int pg = bp.k[it];
-      const int8_t* src =
-          k_page0 + max(pg, 0) * p.k_st.bs + int64_t(small_pages.tok(key0 + kr + it * kKRows) - kr) * p.k_st.ts;
-      ptx::cp_async_16B(base + k_off + it * kKRows * D, pg >= 0 ? src : k_page0, pg >= 0);
-    }
-    const int vpg = bp.v;
-    const int8_t* src = v_page0 + max(vpg, 0) * p.vt_st.bs + small_pages.tok(key0 + 16 * vc) - 16 * vc;
-#pragma unroll
-    for (int it = 0; it < D / kVRows; ++it, src = opaque(src + v_step))
-      ptx::cp_async_16B(base + S::kK + v_off + it * kVRows * kBlockN, vpg >= 0 ? src : v_page0, vpg >= 0);
-    if (tid < kBlockN) {
-      const float* ks = ks_page0 + max(bp.ks, 0) * p.ks_st.bs + small_pages.tok(key0 + tid);
-      ptx::cp_async_4B(base + S::kK + S::kV + 4 * tid, bp.ks >= 0 ? ks : ks_page0, bp.ks >= 0);
-    }
+    small_tile.copy(base, base + S::kK, base + S::kK + S::kV, k_head + page * p.k_st.bs + int64_t(tok) * p.k_st.ts,
+                    p.k_st.ts, v_head + page * p.vt_st.bs + tok, p.vt_st.ts, ks_page0 + page * p.ks_st.bs + tok,
+                    pg >= 0, skv - key);
   };
   auto load_block = [&](int n, int stage) {
     const int key0 = n * kBlockN, k_left = skv - key0 - kr;
@@ -263,7 +243,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<D, Paged>) fwd_kernel(const
 #pragma unroll
     for (int s = 0, tok = tok0; s < kStages - 1; ++s, tok = walk.next_tok(p, tok)) {
       if constexpr (SmallPages) {
-        if (s < count) load_block_small(kb0 + s, s, block_pages(kb0 + s));
+        if (s < count) load_block_small(kb0 + s, s, piece_page(kb0 + s));
       } else if constexpr (Paged) {
         if (s < count) load_block_paged(kb0 + s, s, first_pages[s], tok);
       } else {
@@ -274,8 +254,8 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<D, Paged>) fwd_kernel(const
   }
   // Paged: the page of the next block to load (its place in the page: walk.last_tok).
   int next_page = first_pages[kStages - 1];
-  BlockPages next_pages;  // SmallPages: the entries of the next block to load
-  if constexpr (SmallPages) next_pages = block_pages(kb0 + kStages - 1);
+  int next_piece_page = -1;  // SmallPages: the thread's piece's page in the next block to load
+  if constexpr (SmallPages) next_piece_page = piece_page(kb0 + kStages - 1);
 
   // Warp w's keys are the block's 32-key step w: n-tiles 4w .. 4w + 3 of the permuted QK^T
   // layout (sm80::permuted_key), k step w of the PV product.
@@ -298,8 +278,8 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<D, Paged>) fwd_kernel(const
     __syncthreads();
     if constexpr (SmallPages) {
       if (i + kStages - 1 < count) {
-        load_block_small(n + kStages - 1, (i + kStages - 1) % kStages, next_pages);
-        if (i + kStages < count) next_pages = block_pages(n + kStages);
+        load_block_small(n + kStages - 1, (i + kStages - 1) % kStages, next_piece_page);
+        if (i + kStages < count) next_piece_page = piece_page(n + kStages);
       }
     } else if constexpr (Paged) {
       if (i + kStages - 1 < count) {

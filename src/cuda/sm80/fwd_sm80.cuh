@@ -87,11 +87,67 @@ __device__ __forceinline__ int swz128(int byte) { return byte ^ (((byte >> 7) & 
 // K tile swizzle matched to the permuted row sets {base + 4a + e : a < 4, e < 2} that one
 // ldmatrix reads: XOR with bits (0, 2, 3) of the row makes those eight rows conflict-free.
 template <int D>
-__device__ __forceinline__ int k_tile_offset(int row, int chunk) {
+__host__ __device__ constexpr int k_swizzle_bits(int row) {
   constexpr int kShift = D == 128 ? 0 : 1;  // D = 64: two rows share a 128-byte line
-  const int h = ((row & 1) | (((row >> 2) & 3) << 1)) >> kShift;
-  return row * D + ((chunk ^ h) << 4);
+  return ((row & 1) | (((row >> 2) & 3) << 1)) >> kShift;
 }
+template <int D>
+__device__ __forceinline__ int k_tile_offset(int row, int chunk) {
+  return row * D + ((chunk ^ k_swizzle_bits<D>(row)) << 4);
+}
+
+// One key block's copies over pages smaller than it (fwd::SmallPages: 16, 32 or 64 tokens), for
+// both kernels that feed sm80's fragment code (sm80, decode). The block is BlockN / 16 pieces of
+// 16 keys, each inside one page, and every thread copies bytes of one piece only (its K rows'
+// chunks, its channels' 16-key V^T chunks, one K scale), so it needs one table entry per block
+// (the loaders of pages >= BlockN give a thread one K row of eight pieces). A warp's copy still
+// reads whole lines: two pieces' K rows (2 x 128 bytes each at D = 128) or V^T rows (16 channels
+// x 16 bytes, contiguous in a page's V^T), as many lines per copy as the contiguous loader.
+template <int D, int Threads, int BlockN>
+struct SmallPageTile {
+  static constexpr int kPieces = BlockN / 16;
+  static constexpr int kTpp = Threads / kPieces;  // threads per piece
+  static constexpr int kKChunks = D / 16;         // 16-byte chunks per K row
+  static constexpr int kKStep = kTpp / kKChunks;  // a piece's rows per pass
+  static constexpr int kKPasses = 16 / kKStep;
+  static constexpr int kVPasses = D / kTpp;  // a piece's channels per pass: kTpp
+  static_assert(kTpp % 16 == 0 && kKStep >= 1 && 16 % kKStep == 0 && kVPasses >= 1, "a piece's copies split evenly");
+  int piece, lane;          // the thread's piece and its place among the piece's threads
+  int k_row;                // its first K row within the piece (then every kKStep-th)
+  int k_dst0, v_dst0;       // its first K / V^T chunk's offset in a stage's K / V^T tile
+  __device__ __forceinline__ explicit SmallPageTile(int tid)
+      : piece(tid / kTpp), lane(tid % kTpp), k_row(lane / kKChunks),
+        k_dst0(k_tile_offset<D>(16 * piece + k_row, lane % kKChunks)), v_dst0(swz128(lane * BlockN + 16 * piece)) {}
+  __device__ __forceinline__ int first_key() const { return 16 * piece; }  // within the block
+  // Copies the thread's bytes of a block. k_src / v_src / ks_src: the piece's first K row, V^T
+  // column and K scale in its page; keys_left: the sequence's keys from the piece's first on;
+  // page_ok: the piece's page is in the pool. K rows and K scales past the sequence are zero-
+  // filled (the scores' mask adds -inf to them), a V^T chunk is copied if its first key is in it
+  // (P is 0 past the sequence).
+  __device__ __forceinline__ void copy(uint32_t k_tile, uint32_t v_tile, uint32_t ks_tile, const int8_t* k_src,
+                                       int64_t k_ts, const int8_t* v_src, int64_t v_ts, const float* ks_src,
+                                       bool page_ok, int keys_left) const {
+    auto opaque = [](const int8_t* ptr) {  // as load_paged: keeps each pass's address from being hoisted
+      asm volatile("" : "+l"(ptr));
+      return ptr;
+    };
+    const int k_left = page_ok ? keys_left - k_row : 0;
+    k_src += k_row * k_ts + 16 * (lane % kKChunks);
+#pragma unroll
+    for (int it = 0; it < kKPasses; ++it, k_src = opaque(k_src + kKStep * k_ts)) {
+      // Row k_row + kKStep * it: k_row < kKStep, so its swizzle bits are k_row's XOR those of
+      // kKStep * it, and the offset is the first one's XOR a constant, plus whole lines.
+      const int dst = (k_dst0 ^ (k_swizzle_bits<D>(kKStep * it) << 4)) + kKStep * it * D;
+      ptx::cp_async_16B(k_tile + dst, k_src, it * kKStep < k_left);
+    }
+    const bool v_ok = page_ok && keys_left > 0;
+    v_src += lane * v_ts;
+#pragma unroll
+    for (int it = 0; it < kVPasses; ++it, v_src = opaque(v_src + kTpp * v_ts))
+      ptx::cp_async_16B(v_tile + v_dst0 + it * kTpp * BlockN, v_src, v_ok);
+    if (lane < 16) ptx::cp_async_4B(ks_tile + 4 * (16 * piece + lane), ks_src + lane, page_ok && lane < keys_left);
+  }
+};
 
 // Key (within a 128-key block) that column n of n-tile j of the QK^T product holds.
 __device__ __forceinline__ int permuted_key(int j, int n) {
@@ -247,29 +303,17 @@ struct KvLoader {
                        valid ? ks_ptr + pg * p.ks_st.bs + tok + tid : ks_ptr, valid);
     }
   }
-  // Pages smaller than the block (fwd::SmallPages): each K row, V^T chunk and K scale through
-  // the page of its own key; key_base is where the block indices' keys start in the sequence
-  // (rows and skv count from it).
+  // Pages smaller than the block (fwd::SmallPages): the thread's piece of block n through its
+  // page (SmallPageTile); key_base is where the block indices' keys start in the sequence (rows
+  // and skv count from it); k_head / v_head / ks_head: the head's bytes in page 0.
   __device__ void load_small(int n, int key_base, int skv, const fwd::SmallPages& sp, const FwdParams& p,
-                             uint32_t stage_base, int tid) const {
-    const int key0 = n * kBlockN;
-#pragma unroll
-    for (int it = 0; it < kKPasses; ++it) {
-      const int r = key0 + k_row0 + it * kKRowsPerPass, pg = sp.page(key_base + r, r < skv);
-      const int8_t* src = k_ptr + max(pg, 0) * p.k_st.bs + int64_t(sp.tok(key_base + r) - k_row0) * k_row_stride;
-      ptx::cp_async_16B(stage_base + k_smem0 + it * kKRowsPerPass * D, pg >= 0 ? src : k_ptr, pg >= 0);
-    }
-    const int c = key0 + v_col0, vpg = sp.page(key_base + c, c < skv);
-    const int8_t* src = v_ptr + max(vpg, 0) * p.vt_st.bs + sp.tok(key_base + c) - v_col0;
-#pragma unroll
-    for (int it = 0; it < kVPasses; ++it)
-      ptx::cp_async_16B(stage_base + Smem<D>::kK + v_smem0 + it * kVRowsPerPass * kBlockN,
-                        vpg >= 0 ? src + it * kVRowsPerPass * v_row_stride : v_ptr, vpg >= 0);
-    if (tid < kBlockN) {
-      const int k = key0 + tid, pg = sp.page(key_base + k, k < skv);
-      ptx::cp_async_4B(stage_base + Smem<D>::kK + Smem<D>::kV + 4 * tid,
-                       pg >= 0 ? ks_ptr + max(pg, 0) * p.ks_st.bs + sp.tok(key_base + k) : ks_ptr, pg >= 0);
-    }
+                             const SmallPageTile<D, kThreads, kBlockN>& tile, const int8_t* k_head,
+                             const int8_t* v_head, const float* ks_head, uint32_t stage_base) const {
+    const int key = n * kBlockN + tile.first_key(), pg = sp.page(key_base + key, key < skv), tok = sp.tok(key_base + key);
+    const int64_t page = max(pg, 0);
+    tile.copy(stage_base, stage_base + Smem<D>::kK, stage_base + Smem<D>::kK + Smem<D>::kV,
+              k_head + page * p.k_st.bs + int64_t(tok) * k_row_stride, k_row_stride, v_head + page * p.vt_st.bs + tok,
+              v_row_stride, ks_head + page * p.ks_st.bs + tok, pg >= 0, skv - key);
   }
 };
 
@@ -354,6 +398,11 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
   int next_page = -1;
   fwd::SmallPages small_pages;
   if constexpr (SmallPages) small_pages.start(p, b);
+  // SmallPages: the thread's piece of each block and the head's bytes in page 0.
+  const SmallPageTile<D, kThreads, kBlockN> small_tile(tid);
+  const int8_t* const k_head = p.k8 + hkv * p.k_st.hs;
+  const int8_t* const v_head = p.vt8 + hkv * p.vt_st.hs;
+  const float* const ks_head = p.k_scale + hkv * p.ks_st.hs;
   const uint32_t smem_base = ptx::smem_u32(smem);
   auto stage_base = [&](int stage) { return smem_base + S::kQ + stage * S::kStage; };
 
@@ -409,7 +458,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
                         valid ? q_base + r * p.q_st.ts + c * 16 : q_base, valid);
     }
     if constexpr (SmallPages) {
-      loader.load_small(0, key_base, skv, small_pages, p, stage_base(0), tid);
+      loader.load_small(0, key_base, skv, small_pages, p, small_tile, k_head, v_head, ks_head, stage_base(0));
     } else if constexpr (Paged) {
       walk.start(p, b, key_base / kBlockN);
       const int page0 = walk.read(p);  // causal kernels: a window may start mid-page
@@ -503,7 +552,8 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
     __syncthreads();  // block n landed for everyone; everyone finished with the stage refilled next
     if (n + 1 < n_blocks) {
       if constexpr (SmallPages) {
-        loader.load_small(n + 1, key_base, skv, small_pages, p, stage_base((n + 1) % S::kStages), tid);
+        loader.load_small(n + 1, key_base, skv, small_pages, p, small_tile, k_head, v_head, ks_head,
+                          stage_base((n + 1) % S::kStages));
       } else if constexpr (Paged) {
         loader.load_paged(n + 1, next_page, walk.last_tok(p), skv, p, stage_base((n + 1) % S::kStages), tid);
         if (n + 2 < n_blocks) next_page = walk.read(p);
