@@ -158,9 +158,8 @@ struct QuantizedQKV {
   // 16-64 tokens on the GPU, those in that key's 128-key block are, and their keys masked): a
   // local layer may give them back (entry -1, which reads nothing), and append_kv's V sweep
   // skips -1 entries before its new tokens (Python: PagedKVCache.trim). Dense queries (no cu_seqlens), schemes paper and
-  // accurate. On the GPU every path reads pages of a multiple of 128 tokens, and the decode and
-  // sm80 kernels also pages of 16, 32 or 64 tokens (other page sizes answer not_available; sm90
-  // answers it for pages under 128, where path auto runs sm80): the decode kernel for at most 16
+  // accurate. On the GPU every path reads pages of a multiple of 128 tokens or of 16, 32 or 64
+  // tokens (other page sizes answer not_available): the decode kernel for at most 16
   // query rows per (batch, K/V head) after GQA packing, sm90 / sm80 for more (chunked prefill);
   // append_kv writes any of them. The host
   // cannot check a device table, so there an entry outside the pool reads zeros (K, V, K

@@ -160,10 +160,9 @@ class QuantizedQKV(NamedTuple):
     [num_pages, page_size, Hkv, D]), k_scale [num_pages, Hkv, page_size], vt8 [num_pages, Hkv,
     D, >= page_size] (V^T within each page), with page_size a multiple of 16; k_mean and v_scale
     stay per sequence, [B, Hkv, D]. Read by attention_int8 and append_kv; dense queries, schemes
-    paper and accurate. On the GPU, attention_int8 reads pages of a multiple of 128 tokens on
-    every path, and of 16, 32 or 64 tokens on the decode and sm80 paths (the decode path for at
-    most 16 query rows per (batch, K/V head) after GQA packing, sm90 / sm80 for more: chunked
-    prefill), and the table entries are not checked there: an entry outside the pool reads
+    paper and accurate. On the GPU, attention_int8 reads pages of a multiple of 128 tokens, or of
+    16, 32 or 64 tokens, on every path (the decode path for at most 16 query rows per (batch,
+    K/V head) after GQA packing, sm90 / sm80 for more: chunked prefill), and the table entries are not checked there: an entry outside the pool reads
     zeros and is written nowhere (the CPU backend raises ValueError).
     """
     scheme: str
@@ -598,7 +597,7 @@ class PagedKVCache:
     bytes). Schemes "accurate" and "paper".
 
     num_pages: the pool's pages; page_size: tokens per page, a multiple of 16 (GPU attention:
-    a multiple of 128, or 16, 32 or 64 on the decode and sm80 paths); max_pages: the block
+    a multiple of 128, or 16, 32 or 64); max_pages: the block
     table's width, the most pages a sequence holds (default: num_pages), so each sequence holds
     at most capacity = max_pages * page_size tokens. Pages are handed out on the host, lowest
     free index first: ceil(lengths[b] / page_size) per sequence for its prompt, then, before
@@ -813,8 +812,8 @@ class PagedKVCache:
         window_size are bottom-right against that count (query i sees keys j <= i + lengths[b] -
         Sq), as a ragged KVCache's. out_dtype defaults to q's dtype. Other arguments (sinks
         included) as in attention().
-        On the GPU: page_size a multiple of 128, or 16, 32 or 64 (decode and sm80 paths; path
-        auto runs sm80 for chunks), else RuntimeError; the decode path for at most
+        On the GPU: page_size a multiple of 128, or 16, 32 or 64, else RuntimeError; the decode
+        path for at most
         16 query rows per K/V head after GQA packing, the prefill kernels for more (chunks).
         After trim(): the window must stay within each sequence's held tokens (ValueError)."""
         self._check_held(q, window_size)

@@ -823,11 +823,10 @@ def test_paged_kv_cache_chunked_prefill_on_the_gpu():
 @pytest.mark.parametrize("page", [16, 32, 64])
 def test_paged_kv_cache_small_pages_on_the_gpu(page):
     """PagedKVCache with pages smaller than a key block (16, 32 or 64 tokens, vLLM's block sizes:
-    the decode and sm80 kernels look up each K row, V^T chunk and K scale in its own page) on
-    CUDA tensors, against a ragged KVCache of its capacity on the same path, outputs and LSE bit
-    for bit: decode steps on the decode kernel (also with a sliding window and sinks), a prompt's
-    chunks around a decode step on sm80; path auto runs the paged chunk on sm80, and sm90, whose
-    TMA boxes are whole key blocks, answers RuntimeError naming the page size."""
+    each kernel's SmallPages form) on CUDA tensors, against a ragged KVCache of its capacity on
+    the same path, outputs and LSE bit for bit: decode steps on the decode kernel (also with a
+    sliding window and sinks), a prompt's chunks around a decode step on sm80 and (Hopper) sm90,
+    a windowed chunk on sm90; path auto runs the card's kernel for the chunk."""
     lengths = [200, 127, 129]
     q, k, v, k_new, v_new = ragged_inputs(cuda_randn(192 + page), 3, 8, 2, 200, 58, 128, lengths)
     args = dict(max_seqlen_kv=512, num_pages=3 * 512 // page + 2, page_size=page, max_pages=512 // page)
@@ -836,16 +835,17 @@ def test_paged_kv_cache_small_pages_on_the_gpu(page):
     z = torch.linspace(-1.0, 4.0, 8, device="cuda")
     paged_vs_ragged(q, k, v, k_new, v_new, lengths, [1, 1], exact, host, path="decode",
                     window_size=(60, 0), sinks=z, **args)
-    paged, _ = paged_vs_ragged(q, k, v, k_new, v_new, lengths, [40, 1, 17], exact, host, path="sm80",
-                               **args)
+    prefill = ["sm80"] + (["sm90"] if intfa.resolve_gpu_path() == "sm90" else [])
+    for path in prefill:
+        paged, _ = paged_vs_ragged(q, k, v, k_new, v_new, lengths, [40, 1, 17], exact, host, path=path,
+                                   **args)
+    if prefill[-1] == "sm90":
+        paged_vs_ragged(q, k, v, k_new, v_new, lengths, [40, 17], exact, host, path="sm90",
+                        window_size=(70, 0), **args)
     chunk = q[:, :, :17]
     auto = paged.attention(chunk, is_causal=True, return_lse=True)
-    named = paged.attention(chunk, is_causal=True, return_lse=True, path="sm80")
+    named = paged.attention(chunk, is_causal=True, return_lse=True, path=prefill[-1])
     assert torch.equal(auto[0], named[0]) and torch.equal(auto[1], named[1])
-    if intfa.resolve_gpu_path() == "sm90":
-        with pytest.raises(RuntimeError, match=f"sm90 path takes pages of a multiple of 128 tokens, "
-                                               f"got page_size {page}"):
-            paged.attention(chunk, is_causal=True, path="sm90")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -22,15 +22,12 @@ Status check_cuda(cudaError_t err, const char* what) {
 
 Status check_paged(const FwdParams& p, const char* path, int block_n, bool* small) {
   const bool is_small = p.block_table && (p.page_size == 16 || p.page_size == 32 || p.page_size == 64);
-  if (small) *small = is_small;
-  if (!p.block_table || p.page_size % block_n == 0 || (small && is_small)) return Status::OK();
+  *small = is_small;
+  if (!p.block_table || p.page_size % block_n == 0 || is_small) return Status::OK();
   return Status(StatusCode::not_available, std::string("block_table: the GPU ") + path +
                                                " path takes pages of a multiple of " + std::to_string(block_n) +
-                                               (small ? " tokens or of 16, 32 or 64" : "") +
-                                               " tokens, got page_size " + std::to_string(p.page_size) +
-                                               (is_small ? " (the decode and sm80 paths take it, the CPU backend any "
-                                                           "multiple of 16)"
-                                                         : " (the CPU backend takes multiples of 16)"));
+                                               " tokens or of 16, 32 or 64 tokens, got page_size " +
+                                               std::to_string(p.page_size) + " (the CPU backend takes multiples of 16)");
 }
 
 cudaError_t device_sm_count(int* sms) {

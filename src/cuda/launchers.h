@@ -94,10 +94,10 @@ Status launch_qk_block_test_sm80(int head_dim, const int8_t* q8, const int8_t* k
 Status check_cuda(cudaError_t err, const char* what);
 
 // A paged call (FwdParams::block_table) as the kernels of `path` take it: pages of a multiple of
-// their key block `block_n` (one table entry per block) or, where the path has SmallPages
-// kernels (small non-null), of 16, 32 or 64 tokens, which *small then reports; else
-// not_available. OK for a contiguous call (*small false). (Paged calls have dense queries:
-// attention_int8's validation refuses cu_seqlens.)
-Status check_paged(const FwdParams& p, const char* path, int block_n, bool* small = nullptr);
+// their key block `block_n` (one table entry per block) or of 16, 32 or 64 tokens (every path's
+// SmallPages kernels), which *small then reports; else not_available. OK for a contiguous call
+// (*small false). (Paged calls have dense queries: attention_int8's validation refuses
+// cu_seqlens.)
+Status check_paged(const FwdParams& p, const char* path, int block_n, bool* small);
 
 }  // namespace intfa::cuda

@@ -105,9 +105,6 @@ void expect_paths_match_cpu(const QuantizedQKV& hq, const QuantizedQKV& gq, cons
   if (o.sinks.defined()) INTFA_ASSERT_OK(gpu_copy_to_device(dz.ptr, o.sinks.data, o.sinks.numel() * 4));
   GpuPath got;
   if (resolve_gpu_path(GpuPath::sm90, 0, &got).ok()) paths.push_back(GpuPath::sm90);
-  // Pages of 16, 32 or 64 tokens: the decode and sm80 kernels read them, sm90 answers
-  // not_available (the automatic path then runs sm80).
-  const bool small_pages = gq.block_table.defined() && gq.k_scale.shape[2] < 128;
   for (GpuPath path : paths) {
     SCOPED_TRACE(std::string("path ") + to_string(path));
     DeviceBuffer dout(want.size() * 4), dlse(want_lse.size() * 4);
@@ -115,13 +112,6 @@ void expect_paths_match_cpu(const QuantizedQKV& hq, const QuantizedQKV& gq, cons
     og.path = path;
     if (o.sinks.defined()) og.sinks = on_device(o.sinks, dz.ptr);
     Tensor to = on_device(tw, dout.ptr), tl = on_device(twl, dlse.ptr);
-    if (small_pages && path == GpuPath::sm90) {
-      const Status st = attention_int8(gq, Tensor(), Tensor(), 0, 0, to, &tl, og);
-      EXPECT_EQ(st.code(), StatusCode::not_available) << st.message();
-      EXPECT_NE(st.message().find("the GPU sm90 path takes pages of a multiple of 128 tokens, got page_size"),
-                std::string::npos) << st.message();
-      continue;
-    }
     INTFA_ASSERT_OK(attention_int8(gq, Tensor(), Tensor(), 0, 0, to, &tl, og));
     INTFA_ASSERT_OK(gpu_synchronize());
     const std::vector<float> out = dout.to_host<float>(), lse = dlse.to_host<float>();
@@ -281,9 +271,9 @@ struct DevicePages {
   }
 };
 
-// The page sizes each GPU path takes (host code, no GPU needed): a multiple of its key block, and
-// on the paths with SmallPages kernels (a flag to report them) 16, 32 or 64 tokens; else
-// not_available naming the page size. A contiguous call passes and reports no small pages.
+// The page sizes each GPU path takes (host code, no GPU needed): a multiple of its key block, or
+// 16, 32 or 64 tokens (every path's SmallPages kernels; a flag reports them); else not_available
+// naming the page size. A contiguous call passes and reports no small pages.
 TEST(PagedLaunch, PageSizesEachPathTakes) {
   int32_t table[1] = {0};
   FwdParams p;
@@ -295,24 +285,19 @@ TEST(PagedLaunch, PageSizesEachPathTakes) {
     SCOPED_TRACE("page " + std::to_string(page));
     p.page_size = page;
     const bool block = page % 128 == 0, tiny = page == 16 || page == 32 || page == 64;
-    small = !tiny;
-    const Status with_small = cuda::check_paged(p, "sm80", 128, &small);
-    EXPECT_EQ(with_small.ok(), block || tiny) << with_small.message();
-    if (with_small.ok()) EXPECT_EQ(small, tiny);
-    const Status tma = cuda::check_paged(p, "sm90", 128);
-    EXPECT_EQ(tma.ok(), block) << tma.message();
-    if (!with_small.ok()) {
-      EXPECT_EQ(with_small.code(), StatusCode::not_available);
-      EXPECT_EQ(with_small.message(), "block_table: the GPU sm80 path takes pages of a multiple of 128 tokens or of "
-                                      "16, 32 or 64 tokens, got page_size " + std::to_string(page) +
-                                      " (the CPU backend takes multiples of 16)");
-    }
-    if (!tma.ok()) {
-      EXPECT_EQ(tma.code(), StatusCode::not_available);
-      EXPECT_EQ(tma.message(), "block_table: the GPU sm90 path takes pages of a multiple of 128 tokens, got page_size " +
-                                   std::to_string(page) +
-                                   (tiny ? " (the decode and sm80 paths take it, the CPU backend any multiple of 16)"
-                                         : " (the CPU backend takes multiples of 16)"));
+    for (const char* path : {"decode", "sm80", "sm90"}) {
+      SCOPED_TRACE(path);
+      small = !tiny;
+      const Status st = cuda::check_paged(p, path, 128, &small);
+      EXPECT_EQ(st.ok(), block || tiny) << st.message();
+      if (st.ok()) {
+        EXPECT_EQ(small, tiny);
+      } else {
+        EXPECT_EQ(st.code(), StatusCode::not_available);
+        EXPECT_EQ(st.message(), std::string("block_table: the GPU ") + path +
+                                    " path takes pages of a multiple of 128 tokens or of 16, 32 or 64 tokens, got "
+                                    "page_size " + std::to_string(page) + " (the CPU backend takes multiples of 16)");
+      }
     }
   }
 }
@@ -321,10 +306,10 @@ TEST(PagedLaunch, PageSizesEachPathTakes) {
 // garbage pages, entries past each sequence's tokens -1): append_kv at a position per sequence,
 // with V scales that grow, leaves the pool byte-identical to the CPU backend's; attention over it
 // on every path that takes the call matches the CPU emulation, and equals, bit for bit, the same
-// kernel's attention over the contiguous cache that holds the same tokens (sm90 answers
-// not_available for pages under 128 tokens). Pages of 48 tokens answer not_available on every
-// path, and a table entry outside the pool reads nothing past it (finite output; memcheck runs
-// this test).
+// kernel's attention over the contiguous cache that holds the same tokens (every path, pages
+// under 128 tokens included, with and without a sliding window). Pages of 48 tokens answer
+// not_available on every path, and a table entry outside the pool reads nothing past it (finite
+// output; memcheck runs this test).
 TEST(KvCacheGpu, PagedMatchesCpu) {
   INTFA_REQUIRE_GPU();
   GpuPath resolved;
@@ -406,7 +391,7 @@ TEST(KvCacheGpu, PagedMatchesCpu) {
         Options od = o;
         for (const Options& base : {o, ow})
           for (GpuPath path : {GpuPath::decode, GpuPath::sm80, GpuPath::sm90}) {
-            if (skip(path) || (path == GpuPath::sm90 && page < 128)) continue;
+            if (skip(path)) continue;
             SCOPED_TRACE(std::string("path ") + to_string(path) + (base.window_left >= 0 ? ", window" : ""));
             od = base;
             od.path = path;
@@ -435,9 +420,7 @@ TEST(KvCacheGpu, PagedMatchesCpu) {
           od.path = path;
           const Status st48 = attention_int8(g48, Tensor(), Tensor(), 0, 0, t1, &tl1, od);
           EXPECT_EQ(st48.code(), StatusCode::not_available) << st48.message();
-          EXPECT_NE(st48.message().find(path == GpuPath::sm90 ? "pages of a multiple of 128 tokens, got page_size 48"
-                                                               : "pages of a multiple of 128 tokens or of 16, 32 or "
-                                                                 "64 tokens, got page_size 48"),
+          EXPECT_NE(st48.message().find("pages of a multiple of 128 tokens or of 16, 32 or 64 tokens, got page_size 48"),
                     std::string::npos)
               << st48.message();
         }
@@ -447,7 +430,7 @@ TEST(KvCacheGpu, PagedMatchesCpu) {
         for (const int32_t bad : {int32_t(pc.x.k8.shape[0]) + 1000, -1}) {
           INTFA_ASSERT_OK(gpu_copy_to_device(dp.table.ptr, &bad, 4));
           for (GpuPath path : {GpuPath::automatic, GpuPath::decode, GpuPath::sm80, GpuPath::sm90}) {
-            if (skip(path) || (path == GpuPath::sm90 && page < 128)) continue;
+            if (skip(path)) continue;
             SCOPED_TRACE(std::string("entry ") + std::to_string(bad) + ", path " + to_string(path));
             od.path = path;
             INTFA_ASSERT_OK(gpu_memset(o1.ptr, 0xFF, o1.bytes));

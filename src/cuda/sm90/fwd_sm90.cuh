@@ -437,18 +437,84 @@ __global__ void __launch_bounds__(128) combine_kernel(const __grid_constant__ Pa
                           P.num_splits, lane, T.b, T.h, T.q0 + T.m0 + lr);
 }
 
+// The permute warps' work for one tile's key blocks over pages of 16, 32 or 64 tokens
+// (SmallPages, see fwd_kernel): thread pt takes 16-key piece pt % 8 of every block and rows
+// (channels) pt / 8, + 12, ... of its V^T: it waits until the consumers free the stage, copies
+// those chunks from the piece's page into the places a whole-block TMA box would have put them
+// (the 128-byte swizzle: chunk c of row r at c ^ (r % 8)), meanwhile loads the K scales of the
+// piece's keys pt / 8 and (pt / 8 < 4) 12 + pt / 8, then permutes its own chunks and releases
+// the stage as the TMA path does. `it` counts the CTA's key blocks (the ring position).
+template <int D>
+__device__ __forceinline__ void permute_small_pages(const Params& P, const Tile& T, uint8_t* smem, uint32_t base,
+                                                 const Bars& bars, int pt, int& it) {
+  using S = Smem<D>;
+  constexpr int kPieces = kBlockN / 16, kRowStep = kPermuteThreads / kPieces;
+  static_assert(kPermuteThreads % kPieces == 0 && kRowStep >= 16 - kRowStep, "two K scales per thread cover a piece");
+  const FwdParams& p = P.p;
+  fwd::SmallPages small_pages;
+  small_pages.start(p, T.b);
+  const int piece = pt % kPieces, r0 = pt / kPieces;
+  const int8_t* const v_head = p.vt8 + T.hkv * p.vt_st.hs;
+  const float* const ks_head = p.k_scale + T.hkv * p.ks_st.hs;
+  for (int n = 0; n < T.n_blocks; ++n, ++it) {
+    const int st = it % kStages;
+    const uint32_t ph = (it / kStages) & 1;
+    // The piece's first key, from the unit's first (T.k0; T.skv counts from there too).
+    const int key = n * kBlockN + 16 * piece;
+    const int pg = small_pages.page(int(T.k0) + key, key < T.skv), tok = small_pages.tok(int(T.k0) + key);
+    const int64_t page = max(pg, 0);
+    ptx::mbarrier_wait(bars.v_empty(st), ph ^ 1);  // the consumers are done with the stage
+    const uint32_t v_tile = base + S::kV + st * S::kVBytes;
+    const int8_t* src = v_head + page * p.vt_st.bs + tok + r0 * p.vt_st.ts;
+    for (int r = r0; r < D; r += kRowStep, src += kRowStep * p.vt_st.ts)
+      ptx::cp_async_16B(v_tile + r * kBlockN + ((piece ^ (r & 7)) << 4), src, pg >= 0);
+    ptx::cp_async_commit();
+    float ks[2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int i = r0 + j * kRowStep;  // key of the piece
+      ks[j] = pg >= 0 && i < 16 && key + i < T.skv ? __ldg(ks_head + page * p.ks_st.bs + tok + i) : 0.f;
+    }
+    float* sKs = reinterpret_cast<float*>(smem + S::kKs + st * S::kKsBytes);
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int i = r0 + j * kRowStep, kb = 16 * piece + i;  // key within the block
+      if (i >= 16) continue;
+      sKs[4 * (kb / 2) + (kb & 1)] = ks[j];
+      sKs[4 * (kb / 2) + 2 + (kb & 1)] = key + i < T.skv ? -ptx::kMagic * ks[j] : fwd::neg_inf();
+    }
+    ptx::cp_async_wait<0>();
+    uint4* v = reinterpret_cast<uint4*>(smem + S::kV + st * S::kVBytes);
+    for (int r = r0; r < D; r += kRowStep) {
+      const int c = r * (kBlockN / 16) + (piece ^ (r & 7));
+      v[c] = permute_chunk(v[c]);
+    }
+    ptx::fence_proxy_async_shared();  // the wgmma reads V^T through the async proxy
+    ptx::mbarrier_arrive(bars.v_ready(st));
+  }
+}
+
 // Split: the tiles' key blocks are split into P.num_splits ranges (work units), whose partial
 // results combine_kernel merges (launches with fewer tiles than SMs, fwd_sm90_launch.cu).
 // Paged (FwdParams::block_table; split kernels only, which read per-sequence key counts): the TMA
 // maps describe the page pools, and each key block's K and V^T boxes and K scales are taken
 // from the block's page (fwd::PageWalk, each table entry read a block ahead). A page outside
 // the pool becomes a box past the map's last page, which TMA fills with zeros.
+// SmallPages (with Paged; pages of 16, 32 or 64 tokens, vLLM's block sizes): a key block spans
+// 128 / page_size pages, each a whole page (blocks start at multiples of 128 keys). Warp 0 loads
+// K as one box per page (the map's box is a page; boxes at page-sized offsets of the stage keep
+// the swizzle of one whole-block box, which follows the shared-memory address). V^T cannot come
+// by TMA: a page's 16-64 keys are a fraction of the tile's 128-byte rows. The permute warps copy
+// it instead (cp.async, zero-filled outside the pool), each thread the chunks of one 16-key piece
+// it then permutes, so one table entry per thread and block serves its V^T chunks and K scales.
+// Only the producer warpgroup's code differs; the consumers' is the paged kernels'.
 // Window (causal split kernels only): sliding windows (FwdParams::window_left), each tile's
 // key blocks starting at its lowest row's window and a per-score mask on the left edge's
 // blocks. An axis of its own: in the causal split kernels the left edge moved their loops
 // (sass-loop-diff order similarity 0.67) and cost a prompt chunk 3.6% (H200, PERF_LOG s33).
-template <int D, bool Causal, bool Split, bool Paged, bool Window>
+template <int D, bool Causal, bool Split, bool Paged, bool Window, bool SmallPages = false>
 __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant__ Params P) {
+  static_assert(!SmallPages || Paged, "small pages are paged");
   using S = Smem<D>;
   const FwdParams& p = P.p;
   constexpr int kMagicBits = 0x4B400000;  // 1.5 * 2^23: int32 x + these bits read as 1.5*2^23 + x
@@ -486,7 +552,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
       if (lane != 0) return;
       ptx::prefetch_tensormap(&P.tm_q);
       ptx::prefetch_tensormap(&P.tm_k);
-      ptx::prefetch_tensormap(&P.tm_v);
+      if constexpr (!SmallPages) ptx::prefetch_tensormap(&P.tm_v);  // small pages: no V^T map
       // The loads of one tile: Q once the consumers are done with the previous tile's, then K and
       // V^T of each key block into the ring.
       auto load_tile = [&](const Tile& T, int& it, int& tc) {
@@ -498,7 +564,10 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
         // entry outside the pool: the page past the last one).
         fwd::PageWalk<kBlockN> walk;
         int tok = 0, pg = 0;
-        if constexpr (Paged) {
+        fwd::SmallPages small_pages;
+        if constexpr (SmallPages) {
+          small_pages.start(p, T.b);
+        } else if constexpr (Paged) {
           walk.start(p, T.b, int(T.k0 / kBlockN));
           tok = walk.rd_tok;
           pg = walk.read(p);
@@ -506,6 +575,27 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
         for (int n = 0; n < T.n_blocks; ++n, ++it) {
           const int st = it % kStages;
           const uint32_t ph = (it / kStages) & 1;
+          if constexpr (SmallPages) {
+            // One K box per page, the entries read before the wait (which hides their latency);
+            // a page outside the pool or past the sequence: the box past the last page (zeros).
+            constexpr int kMaxBoxes = kBlockN / 16;
+            const int rows = p.page_size, first = n * kBlockN;  // keys from the unit's first (T.k0)
+            int pages[kMaxBoxes];
+#pragma unroll
+            for (int j = 0; j < kMaxBoxes; ++j) {
+              const int key = first + j * rows;
+              const int e = j * rows < kBlockN ? small_pages.page(int(T.k0) + key, key < T.skv) : -1;
+              pages[j] = e < 0 ? int(p.num_pages) : e;
+            }
+            ptx::mbarrier_wait(bars.k_empty(st), ph ^ 1);
+            ptx::mbarrier_arrive_expect_tx(bars.k_full(st), S::kKBytes);
+#pragma unroll
+            for (int j = 0; j < kMaxBoxes; ++j)
+              if (j * rows < kBlockN)
+                ptx::tma_load_4d(base + S::kK + st * S::kKBytes + j * rows * D, &P.tm_k, bars.k_full(st), 0, 0,
+                                 T.hkv, pages[j]);
+            continue;
+          }
           const int key = tok, page = pg < 0 ? int(p.num_pages) : pg;
           if constexpr (Paged) {
             if (n + 1 < T.n_blocks) {
@@ -571,6 +661,10 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
           in_pool = pg >= 0;
           ks_next = p.k_scale + T.hkv * p.ks_st.hs + max(pg, 0) * p.ks_st.bs + tok;
         };
+        if constexpr (SmallPages) {
+          permute_small_pages<D>(P, T, smem, base, bars, pt, it);
+          continue;
+        }
         if constexpr (Paged) {
           walk.start(p, T.b, int(T.k0 / kBlockN));
           next_scales();
@@ -878,9 +972,9 @@ __global__ void __launch_bounds__(128) qk_block_test_kernel(const int8_t* q8, co
 
 int choose_splits(const FwdParams& p, int num_tiles, int sms);  // fwd_sm90_launch.cu
 
-// Host launcher for one (head dim, causal, split, paged, window) instantiation; defined in
+// Host launcher for one (head dim, causal, split, paged, window, small pages) instantiation; defined in
 // fwd_sm90_launch.cuh.
-template <int D, bool Causal, bool Split, bool Paged, bool Window = false>
+template <int D, bool Causal, bool Split, bool Paged, bool Window = false, bool SmallPages = false>
 Status launch_fwd(const Params& prm, cudaStream_t stream);
 
 }  // namespace intfa::sm90

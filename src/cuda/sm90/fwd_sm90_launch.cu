@@ -177,16 +177,18 @@ Status make_params(const FwdParams& p, Params* prm) {
   Status st = encode_4d(&prm->tm_q, p.q8, "q8", {D, tq, uint64_t(p.heads_q), nb}, p.q_st.ts, p.q_st.hs,
                         p.q_st.bs, uint32_t(D), kBlockM, swz);
   // Paged KV: the maps span the page pools (page_size tokens by num_pages pages, a box of
-  // kBlockN keys inside one page); the kernel's batch coordinate is then the block's page.
-  const bool paged = p.block_table != nullptr;
+  // kBlockN keys inside one page); the kernel's batch coordinate is then the block's page. Pages
+  // smaller than a key block (fwd_kernel's SmallPages): a K box is one page, and V^T has no map
+  // (the permute warps copy it).
+  const bool paged = p.block_table != nullptr, small = paged && p.page_size < kBlockN;
   const uint64_t kv_tokens = paged ? uint64_t(p.page_size) : tk, kv_batch = paged ? uint64_t(p.num_pages) : nb;
   if (st.ok())
     st = encode_4d(&prm->tm_k, p.k8, "k8", {D, kv_tokens, uint64_t(p.heads_kv), kv_batch}, p.k_st.ts, p.k_st.hs,
-                   p.k_st.bs, uint32_t(D), kBlockN, swz);
+                   p.k_st.bs, uint32_t(D), small ? uint32_t(p.page_size) : kBlockN, swz);
   const uint64_t cols = paged    ? uint64_t(p.page_size)
                         : varlen ? uint64_t(vt_varlen_columns(p.total_kv, p.batch))
                                  : uint64_t(p.seqlen_kv);
-  if (st.ok())
+  if (st.ok() && !small)
     st = encode_4d(&prm->tm_v, p.vt8, "vt8", {cols, D, uint64_t(p.heads_kv), kv_batch}, p.vt_st.ts, p.vt_st.hs,
                    p.vt_st.bs, kBlockN, uint32_t(D), CU_TENSOR_MAP_SWIZZLE_128B);
   if (!st.ok()) return st;
@@ -212,9 +214,10 @@ Status launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   if (p.head_dim != 64 && p.head_dim != 128)
     return Status(StatusCode::invalid_argument,
                   "head_dim: expected 64 or 128 on the sm90 path, got " + std::to_string(p.head_dim));
-  // Paged KV: a key block (one TMA box) lies in one page.
+  // Paged KV: a key block (one TMA box) lies in one page, or spans pages of 16, 32 or 64 tokens.
   const bool paged = p.block_table != nullptr;
-  if (Status st = check_paged(p, "sm90", sm90::kBlockN); !st.ok()) return st;
+  bool small = false;
+  if (Status st = check_paged(p, "sm90", sm90::kBlockN, &small); !st.ok()) return st;
   // TMA needs 16-byte aligned bases and strides: other tensors are refused (not_available), and
   // the automatic path then runs them on sm80.
   sm90::Params prm;
@@ -277,22 +280,25 @@ Status launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   }
   if (st.ok()) {
     using L = Status (*)(const sm90::Params&, cudaStream_t);
-    // [head dim 64 / 128][causal][whole tiles, split, split over pages]
-    static constexpr L kLaunch[2][2][3] = {
+    // [head dim 64 / 128][causal][whole tiles, split, split over pages, split over small pages]
+    static constexpr L kLaunch[2][2][4] = {
         {{sm90::launch_fwd<64, false, false, false>, sm90::launch_fwd<64, false, true, false>,
-          sm90::launch_fwd<64, false, true, true>},
+          sm90::launch_fwd<64, false, true, true>, sm90::launch_fwd<64, false, true, true, false, true>},
          {sm90::launch_fwd<64, true, false, false>, sm90::launch_fwd<64, true, true, false>,
-          sm90::launch_fwd<64, true, true, true>}},
+          sm90::launch_fwd<64, true, true, true>, sm90::launch_fwd<64, true, true, true, false, true>}},
         {{sm90::launch_fwd<128, false, false, false>, sm90::launch_fwd<128, false, true, false>,
-          sm90::launch_fwd<128, false, true, true>},
+          sm90::launch_fwd<128, false, true, true>, sm90::launch_fwd<128, false, true, true, false, true>},
          {sm90::launch_fwd<128, true, false, false>, sm90::launch_fwd<128, true, true, false>,
-          sm90::launch_fwd<128, true, true, true>}}};
-    // Sliding windows: [head dim 64 / 128][paged]
-    static constexpr L kWindow[2][2] = {
-        {sm90::launch_fwd<64, true, true, false, true>, sm90::launch_fwd<64, true, true, true, true>},
-        {sm90::launch_fwd<128, true, true, false, true>, sm90::launch_fwd<128, true, true, true, true>}};
-    st = window ? kWindow[p.head_dim == 128][paged](prm, stream)
-                : kLaunch[p.head_dim == 128][causal_kernel][paged ? 2 : split_kernel ? 1 : 0](prm, stream);
+          sm90::launch_fwd<128, true, true, true>, sm90::launch_fwd<128, true, true, true, false, true>}}};
+    // Sliding windows: [head dim 64 / 128][contiguous, paged, small pages]
+    static constexpr L kWindow[2][3] = {
+        {sm90::launch_fwd<64, true, true, false, true>, sm90::launch_fwd<64, true, true, true, true>,
+         sm90::launch_fwd<64, true, true, true, true, true>},
+        {sm90::launch_fwd<128, true, true, false, true>, sm90::launch_fwd<128, true, true, true, true>,
+         sm90::launch_fwd<128, true, true, true, true, true>}};
+    const int kv_form = small ? 2 : paged ? 1 : 0;
+    st = window ? kWindow[p.head_dim == 128][kv_form](prm, stream)
+                : kLaunch[p.head_dim == 128][causal_kernel][paged ? 1 + kv_form : split_kernel ? 1 : 0](prm, stream);
   }
   if (!scratch) return st;
   const Status fst = scratch_free(scratch, stream, "sm90 forward: scratch");

@@ -1,6 +1,7 @@
 // Host launcher template for the sm90 forward kernel; each fwd_sm90_d*_*.cu instantiates one
 // (head dim, causal) pair, with and without key-range splits, the split kernels over paged KV
-// caches, and the sliding-window kernels (causal, split, contiguous or paged).
+// caches (pages of a multiple of 128 tokens, or small: 16, 32 or 64), and the sliding-window
+// kernels (causal, split, contiguous or paged).
 #pragma once
 
 #include "cuda/launchers.h"
@@ -11,10 +12,11 @@
 
 namespace intfa::sm90 {
 
-template <int D, bool Causal, bool Split, bool Paged, bool Window>
+template <int D, bool Causal, bool Split, bool Paged, bool Window, bool SmallPages>
 Status launch_fwd(const Params& prm, cudaStream_t stream) {
   static_assert(!Window || (Causal && Split), "windows run the causal split kernels");
-  auto kernel = fwd_kernel<D, Causal, Split, Paged, Window>;
+  static_assert(!Paged || Split, "paged launches run the split kernels");
+  auto kernel = fwd_kernel<D, Causal, Split, Paged, Window, SmallPages>;
   constexpr int kSmem = Smem<D>::kAlloc;
   static cuda::PerDevice setup;
   int sms = 1;
