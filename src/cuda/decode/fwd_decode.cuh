@@ -77,8 +77,8 @@ constexpr int kMinCtas = Paged && D == 64 ? 4 : 0;
 // which is read one block ahead of its copies so the table's round trip overlaps a block's
 // compute. The contiguous kernels' load code is kept apart (if constexpr) rather than shared:
 // sharing it changed the D = 64 kernel's schedule.
-// SmallPages (with Paged; pages of 16, 32 or 64 tokens): a block spans several pages, and each
-// K row, V^T chunk and K scale the thread copies looks up its own page (fwd::SmallPages).
+// SmallPages (with Paged; pages of 16, 32 or 64 tokens): a block spans several pages; each
+// thread copies one 16-key piece of it through that piece's page (sm80::SmallPageTile).
 template <int D, int Stages, bool Paged, bool SmallPages = false>
 __global__ void __launch_bounds__(kThreads, kMinCtas<D, Paged>) fwd_kernel(const __grid_constant__ Params P) {
   using S = Smem<D, Stages>;

@@ -109,9 +109,10 @@ Status launch_fwd_decode(const FwdParams& p, cudaStream_t stream) {
   // B = 64 with 2k, so D = 64 has only the 3-stage kernel.
   int stages = heads * prm.num_splits <= static_cast<long long>(sms) * ctas ? 4 : 3;
   if (forced_stages == 3 || forced_stages == 4) stages = forced_stages;
-  // Pages smaller than a block: 3 stages always (two CTAs per SM hide the longer load issue of
-  // a block's per-row pages; H200, B = 16 with 8k keys, page 64 / 32 / 16: 4 stages 0.107 /
-  // 0.123 / 0.166 ms, 3 stages 0.088 / 0.095 / 0.117; no 4-stage kernel for them).
+  // Pages smaller than a block: 3 stages always (two CTAs per SM hid the longer load issue of
+  // the first small-page loader, one entry per K row; H200, B = 16 with 8k keys, page 64 / 32 /
+  // 16: 4 stages 0.107 / 0.123 / 0.166 ms, 3 stages 0.088 / 0.095 / 0.117; no 4-stage kernel
+  // for them, not re-measured with SmallPageTile).
   if (!d128 || smem4 > smem_max || small) stages = 3;
   if (stages == 4) {
     st = occupancy(4, &ctas);

@@ -319,8 +319,8 @@ struct KvLoader {
 
 // Paged (FwdParams::block_table, dense queries, pages a multiple of 128 keys): K, V^T and the K
 // scales of each key block are read through the block's table entry, read one block ahead.
-// SmallPages (with Paged; pages of 16, 32 or 64 tokens): through the entry of each row's or
-// chunk's own page (KvLoader::load_small).
+// SmallPages (with Paged; pages of 16, 32 or 64 tokens): each thread's 16-key piece of a block
+// through the piece's page (SmallPageTile, KvLoader::load_small).
 template <int D, bool Causal, bool Paged, bool SmallPages = false>
 __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdParams p) {
   using S = Smem<D>;

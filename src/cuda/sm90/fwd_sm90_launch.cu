@@ -167,7 +167,7 @@ int choose_splits(const FwdParams& p, int num_tiles, int sms) {
 
 // Q and K rows (D bytes) swizzled to their width, V^T rows (kBlockN = 128 keys) with 128-byte
 // swizzle, as the wgmma descriptors expect. Out-of-range boxes are zero-filled.
-Status make_params(const FwdParams& p, Params* prm) {
+Status make_params(const FwdParams& p, bool small, Params* prm) {
   prm->p = p;
   const uint64_t D = p.head_dim;
   const bool varlen = p.cu_q != nullptr;
@@ -178,9 +178,9 @@ Status make_params(const FwdParams& p, Params* prm) {
                         p.q_st.bs, uint32_t(D), kBlockM, swz);
   // Paged KV: the maps span the page pools (page_size tokens by num_pages pages, a box of
   // kBlockN keys inside one page); the kernel's batch coordinate is then the block's page. Pages
-  // smaller than a key block (fwd_kernel's SmallPages): a K box is one page, and V^T has no map
-  // (the permute warps copy it).
-  const bool paged = p.block_table != nullptr, small = paged && p.page_size < kBlockN;
+  // smaller than a key block (small, as check_paged reports it; fwd_kernel's SmallPages): a K
+  // box is one page, and V^T has no map (the permute warps copy it).
+  const bool paged = p.block_table != nullptr;
   const uint64_t kv_tokens = paged ? uint64_t(p.page_size) : tk, kv_batch = paged ? uint64_t(p.num_pages) : nb;
   if (st.ok())
     st = encode_4d(&prm->tm_k, p.k8, "k8", {D, kv_tokens, uint64_t(p.heads_kv), kv_batch}, p.k_st.ts, p.k_st.hs,
@@ -221,7 +221,7 @@ Status launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   // TMA needs 16-byte aligned bases and strides: other tensors are refused (not_available), and
   // the automatic path then runs them on sm80.
   sm90::Params prm;
-  Status st = sm90::make_params(p, &prm);
+  Status st = sm90::make_params(p, small, &prm);
   if (!st.ok() || prm.num_tiles == 0) return st;
   int sms = 1;
   st = check_cuda(device_sm_count(&sms), "sm90 forward: SM count");
@@ -296,9 +296,9 @@ Status launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
          sm90::launch_fwd<64, true, true, true, true, true>},
         {sm90::launch_fwd<128, true, true, false, true>, sm90::launch_fwd<128, true, true, true, true>,
          sm90::launch_fwd<128, true, true, true, true, true>}};
-    const int kv_form = small ? 2 : paged ? 1 : 0;
-    st = window ? kWindow[p.head_dim == 128][kv_form](prm, stream)
-                : kLaunch[p.head_dim == 128][causal_kernel][paged ? 1 + kv_form : split_kernel ? 1 : 0](prm, stream);
+    const int pages = small ? 2 : paged ? 1 : 0;  // contiguous, paged, small pages
+    st = window ? kWindow[p.head_dim == 128][pages](prm, stream)
+                : kLaunch[p.head_dim == 128][causal_kernel][paged ? 1 + pages : split_kernel ? 1 : 0](prm, stream);
   }
   if (!scratch) return st;
   const Status fst = scratch_free(scratch, stream, "sm90 forward: scratch");
