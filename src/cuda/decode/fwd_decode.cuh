@@ -190,7 +190,8 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<D, Paged>) fwd_kernel(const
   // SmallPages: the thread's piece of each block (sm80::SmallPageTile) through the piece's page,
   // whose table entry is read a block ahead of the copies (next_piece_page below), so the
   // table's round trip stays off the copies' path.
-  const sm80::SmallPageTile<D, kThreads, kBlockN> small_tile(tid);
+  const bool vt_cm = SmallPages && p.page_size == 16;  // V^T in core-matrix order (sm80::vt_chunk_offset)
+  const sm80::SmallPageTile<D, kThreads, kBlockN> small_tile(tid, vt_cm);
   const int8_t* const k_head = p.k8 + hkv * p.k_st.hs;
   const int8_t* const v_head = p.vt8 + hkv * p.vt_st.hs;
   auto piece_page = [&](int n) {
@@ -264,7 +265,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<D, Paged>) fwd_kernel(const
   // PV ldmatrix: lanes 0-15 read channel tile dn (V^T rows 8 dn + lane % 8, the step's two
   // 16-key chunks), lanes 16-31 tile dn + 1.
   const int v_lane_off =
-      sm80::swz128((8 * (lane >> 4) + (lane & 7)) * kBlockN + (2 * warp + ((lane >> 3) & 1)) * 16);
+      sm80::vt_chunk_offset<kBlockN>(8 * (lane >> 4) + (lane & 7), 2 * warp + ((lane >> 3) & 1), vt_cm);
 
   const bool block_local = p.scheme == Scheme::accurate;
   const float levels = block_local ? 255.f : 127.f;

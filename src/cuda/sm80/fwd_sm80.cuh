@@ -84,6 +84,18 @@ struct Smem {
 // chunk (ldmatrix) hit eight different bank groups.
 __device__ __forceinline__ int swz128(int byte) { return byte ^ (((byte >> 7) & 7) << 4); }
 
+// Offset of V^T chunk (channel c, 16-key chunk q) in a stage's V^T tile of BlockN keys. Row
+// order: channel rows of BlockN bytes, 128-byte swizzle (swz128). Core-matrix order (`cm`, pages
+// of 16 tokens): each 8-channel x 16-key ldmatrix tile is 128 contiguous bytes. A 16-token page
+// holds a head's V^T as 16-byte channel rows back to back, and a copy's two halves of one 32-byte
+// global sector are read as one sector only if they land in one 32-byte piece of shared memory:
+// channels c, c + 1 are 16 bytes apart in core-matrix order, a row apart in row order (ncu, H200,
+// decode: twice the V sectors from L2). Either order steps 8 * BlockN bytes per 8 channels.
+template <int BlockN>
+__device__ __forceinline__ int vt_chunk_offset(int c, int q, bool cm) {
+  return cm ? (c >> 3) * 8 * BlockN + q * 128 + (c & 7) * 16 : swz128(c * BlockN + q * 16);
+}
+
 // K tile swizzle matched to the permuted row sets {base + 4a + e : a < 4, e < 2} that one
 // ldmatrix reads: XOR with bits (0, 2, 3) of the row makes those eight rows conflict-free.
 template <int D>
@@ -102,7 +114,8 @@ __device__ __forceinline__ int k_tile_offset(int row, int chunk) {
 // chunks, its channels' 16-key V^T chunks, one K scale), so it needs one table entry per block
 // (the loaders of pages >= BlockN give a thread one K row of eight pieces). A warp's copy still
 // reads whole lines: two pieces' K rows (2 x 128 bytes each at D = 128) or V^T rows (16 channels
-// x 16 bytes, contiguous in a page's V^T), as many lines per copy as the contiguous loader.
+// x 16 bytes, contiguous in a page's V^T), as many lines per copy as the contiguous loader; over
+// 16-token pages the V^T tile is in core-matrix order so that those lines cost one L2 read each.
 template <int D, int Threads, int BlockN>
 struct SmallPageTile {
   static constexpr int kPieces = BlockN / 16;
@@ -115,9 +128,10 @@ struct SmallPageTile {
   int piece, lane;          // the thread's piece and its place among the piece's threads
   int k_row;                // its first K row within the piece (then every kKStep-th)
   int k_dst0, v_dst0;       // its first K / V^T chunk's offset in a stage's K / V^T tile
-  __device__ __forceinline__ explicit SmallPageTile(int tid)
+  // cm: the V^T tile in core-matrix order (vt_chunk_offset; pages of 16 tokens).
+  __device__ __forceinline__ SmallPageTile(int tid, bool cm)
       : piece(tid / kTpp), lane(tid % kTpp), k_row(lane / kKChunks),
-        k_dst0(k_tile_offset<D>(16 * piece + k_row, lane % kKChunks)), v_dst0(swz128(lane * BlockN + 16 * piece)) {}
+        k_dst0(k_tile_offset<D>(16 * piece + k_row, lane % kKChunks)), v_dst0(vt_chunk_offset<BlockN>(lane, piece, cm)) {}
   __device__ __forceinline__ int first_key() const { return 16 * piece; }  // within the block
   // Copies the thread's bytes of a block. k_src / v_src / ks_src: the piece's first K row, V^T
   // column and K scale in its page; keys_left: the sequence's keys from the piece's first on;
@@ -399,7 +413,9 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
   fwd::SmallPages small_pages;
   if constexpr (SmallPages) small_pages.start(p, b);
   // SmallPages: the thread's piece of each block and the head's bytes in page 0.
-  const SmallPageTile<D, kThreads, kBlockN> small_tile(tid);
+  // SmallPages over 16-token pages: the V^T tile in core-matrix order (vt_chunk_offset).
+  const bool vt_cm = SmallPages && p.page_size == 16;
+  const SmallPageTile<D, kThreads, kBlockN> small_tile(tid, vt_cm);
   const int8_t* const k_head = p.k8 + hkv * p.k_st.hs;
   const int8_t* const v_head = p.vt8 + hkv * p.vt_st.hs;
   const float* const ks_head = p.k_scale + hkv * p.ks_st.hs;
@@ -418,8 +434,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
     for (int par = 0; par < kVPar; ++par)
 #pragma unroll
       for (int cc = 0; cc < kBlockN / 64; ++cc)
-        v_lane_off[par][cc] = swz128((par * 8 + (lane & 7)) * kBlockN + (4 * cc + mi) * 16) -
-                              par * 8 * kBlockN;
+        v_lane_off[par][cc] = vt_chunk_offset<kBlockN>(par * 8 + (lane & 7), 4 * cc + mi, vt_cm) - par * 8 * kBlockN;
   }
 
   // ---- per-thread row state: rows g and g+8 of this warp's 16 ----
