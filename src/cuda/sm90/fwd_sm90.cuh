@@ -444,36 +444,51 @@ __global__ void __launch_bounds__(128) combine_kernel(const __grid_constant__ Pa
 // (the 128-byte swizzle: chunk c of row r at c ^ (r % 8)), meanwhile loads the K scales of the
 // piece's keys pt / 8 and (pt / 8 < 4) 12 + pt / 8, then permutes its own chunks and releases
 // the stage as the TMA path does. `it` counts the CTA's key blocks (the ring position).
+// These warps share each scheduler with two consumer warps, whose loop is bound by issue and
+// latency (PERF_LOG s36 / s37): every instruction here is taken from them, so both loops are
+// unrolled over the thread's fixed rows (the swizzle of row r0 + 12 i alternates between two
+// chunk columns) and everything but the page's address is computed once per tile.
 template <int D>
 __device__ __forceinline__ void permute_small_pages(const Params& P, const Tile& T, uint8_t* smem, uint32_t base,
                                                  const Bars& bars, int pt, int& it) {
   using S = Smem<D>;
   constexpr int kPieces = kBlockN / 16, kRowStep = kPermuteThreads / kPieces;
+  constexpr int kRows = (D + kRowStep - 1) / kRowStep;  // the most rows a thread copies
   static_assert(kPermuteThreads % kPieces == 0 && kRowStep >= 16 - kRowStep, "two K scales per thread cover a piece");
+  static_assert(kRowStep % 8 == 4, "rows r0 + kRowStep i alternate between two swizzle columns");
   const FwdParams& p = P.p;
   fwd::SmallPages small_pages;
   small_pages.start(p, T.b);
   const int piece = pt % kPieces, r0 = pt / kPieces;
-  const int8_t* const v_head = p.vt8 + T.hkv * p.vt_st.hs;
-  const float* const ks_head = p.k_scale + T.hkv * p.ks_st.hs;
+  const bool last_row = r0 + (kRows - 1) * kRowStep < D;  // the thread has a kRows-th row
+  // Blocks start at multiples of 128 keys (T.k0 too), so the piece's first key sits at the same
+  // place of its page in every block.
+  const int tok = small_pages.tok(16 * piece);
+  const int8_t* const v_thread = p.vt8 + T.hkv * p.vt_st.hs + tok + r0 * p.vt_st.ts;
+  const int64_t v_step = kRowStep * p.vt_st.ts;
+  const float* const ks_head = p.k_scale + T.hkv * p.ks_st.hs + tok;
+  // Byte offsets in a stage's V^T tile of the thread's even and odd rows (less 12 rows per i).
+  const int off_even = r0 * kBlockN + ((piece ^ (r0 & 7)) << 4), off_odd = off_even ^ (4 << 4);
   for (int n = 0; n < T.n_blocks; ++n, ++it) {
     const int st = it % kStages;
     const uint32_t ph = (it / kStages) & 1;
     // The piece's first key, from the unit's first (T.k0; T.skv counts from there too).
     const int key = n * kBlockN + 16 * piece;
-    const int pg = small_pages.page(int(T.k0) + key, key < T.skv), tok = small_pages.tok(int(T.k0) + key);
+    const int pg = small_pages.page(int(T.k0) + key, key < T.skv);
     const int64_t page = max(pg, 0);
     ptx::mbarrier_wait(bars.v_empty(st), ph ^ 1);  // the consumers are done with the stage
     const uint32_t v_tile = base + S::kV + st * S::kVBytes;
-    const int8_t* src = v_head + page * p.vt_st.bs + tok + r0 * p.vt_st.ts;
-    for (int r = r0; r < D; r += kRowStep, src += kRowStep * p.vt_st.ts)
-      ptx::cp_async_16B(v_tile + r * kBlockN + ((piece ^ (r & 7)) << 4), src, pg >= 0);
+    const int8_t* src = v_thread + page * p.vt_st.bs;
+#pragma unroll
+    for (int i = 0; i < kRows; ++i, src += v_step)
+      if (i < kRows - 1 || last_row)
+        ptx::cp_async_16B(v_tile + ((i & 1) ? off_odd : off_even) + i * kRowStep * kBlockN, src, pg >= 0);
     ptx::cp_async_commit();
     float ks[2];
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       const int i = r0 + j * kRowStep;  // key of the piece
-      ks[j] = pg >= 0 && i < 16 && key + i < T.skv ? __ldg(ks_head + page * p.ks_st.bs + tok + i) : 0.f;
+      ks[j] = pg >= 0 && i < 16 && key + i < T.skv ? __ldg(ks_head + page * p.ks_st.bs + i) : 0.f;
     }
     float* sKs = reinterpret_cast<float*>(smem + S::kKs + st * S::kKsBytes);
 #pragma unroll
@@ -484,10 +499,13 @@ __device__ __forceinline__ void permute_small_pages(const Params& P, const Tile&
       sKs[4 * (kb / 2) + 2 + (kb & 1)] = key + i < T.skv ? -ptx::kMagic * ks[j] : fwd::neg_inf();
     }
     ptx::cp_async_wait<0>();
-    uint4* v = reinterpret_cast<uint4*>(smem + S::kV + st * S::kVBytes);
-    for (int r = r0; r < D; r += kRowStep) {
-      const int c = r * (kBlockN / 16) + (piece ^ (r & 7));
-      v[c] = permute_chunk(v[c]);
+    uint8_t* const v = smem + S::kV + st * S::kVBytes;
+#pragma unroll
+    for (int i = 0; i < kRows; ++i) {
+      if (i < kRows - 1 || last_row) {
+        uint4* c = reinterpret_cast<uint4*>(v + ((i & 1) ? off_odd : off_even) + i * kRowStep * kBlockN);
+        *c = permute_chunk(*c);
+      }
     }
     ptx::fence_proxy_async_shared();  // the wgmma reads V^T through the async proxy
     ptx::mbarrier_arrive(bars.v_ready(st));
