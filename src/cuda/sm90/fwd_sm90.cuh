@@ -522,7 +522,8 @@ __device__ __forceinline__ void permute_small_pages(const Params& P, const Tile&
 // 128 / page_size pages, each a whole page (blocks start at multiples of 128 keys). Warp 0 loads
 // K as one box per page (the map's box is a page; boxes at page-sized offsets of the stage keep
 // the swizzle of one whole-block box, which follows the shared-memory address). V^T cannot come
-// by TMA: a page's 16-64 keys are a fraction of the tile's 128-byte rows. The permute warps copy
+// by TMA: a page's 16-64 keys are a fraction of the tile's 128-byte rows (boxes into a staging
+// slot, moved by the permute warps, were slower: 16- or 32-byte TMA rows). The permute warps copy
 // it instead (cp.async, zero-filled outside the pool), each thread the chunks of one 16-key piece
 // it then permutes, so one table entry per thread and block serves its V^T chunks and K scales.
 // Only the producer warpgroup's code differs; the consumers' is the paged kernels'.
