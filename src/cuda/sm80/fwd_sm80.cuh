@@ -28,6 +28,7 @@
 #include "common/params.h"
 #include "cuda/fwd_common.cuh"
 #include "cuda/ptx/ptx_sm80.cuh"
+#include "cuda/sm80/tile_layout.h"
 
 namespace intfa::sm80 {
 
@@ -79,34 +80,6 @@ struct Smem {
   static constexpr int kStages = kDeferPv ? 3 : 2;
   static constexpr int kBytes = kQ + kStages * kStage;
 };
-
-// 128-byte-line XOR swizzle of 16-byte chunks: eight consecutive rows read at the same column
-// chunk (ldmatrix) hit eight different bank groups.
-__device__ __forceinline__ int swz128(int byte) { return byte ^ (((byte >> 7) & 7) << 4); }
-
-// Offset of V^T chunk (channel c, 16-key chunk q) in a stage's V^T tile of BlockN keys. Row
-// order: channel rows of BlockN bytes, 128-byte swizzle (swz128). Core-matrix order (`cm`, pages
-// of 16 tokens): each 8-channel x 16-key ldmatrix tile is 128 contiguous bytes. A 16-token page
-// holds a head's V^T as 16-byte channel rows back to back, and a copy's two halves of one 32-byte
-// global sector are read as one sector only if they land in one 32-byte piece of shared memory:
-// channels c, c + 1 are 16 bytes apart in core-matrix order, a row apart in row order (ncu, H200,
-// decode: twice the V sectors from L2). Either order steps 8 * BlockN bytes per 8 channels.
-template <int BlockN>
-__device__ __forceinline__ int vt_chunk_offset(int c, int q, bool cm) {
-  return cm ? (c >> 3) * 8 * BlockN + q * 128 + (c & 7) * 16 : swz128(c * BlockN + q * 16);
-}
-
-// K tile swizzle matched to the permuted row sets {base + 4a + e : a < 4, e < 2} that one
-// ldmatrix reads: XOR with bits (0, 2, 3) of the row makes those eight rows conflict-free.
-template <int D>
-__host__ __device__ constexpr int k_swizzle_bits(int row) {
-  constexpr int kShift = D == 128 ? 0 : 1;  // D = 64: two rows share a 128-byte line
-  return ((row & 1) | (((row >> 2) & 3) << 1)) >> kShift;
-}
-template <int D>
-__device__ __forceinline__ int k_tile_offset(int row, int chunk) {
-  return row * D + ((chunk ^ k_swizzle_bits<D>(row)) << 4);
-}
 
 // One key block's copies over pages smaller than it (fwd::SmallPages: 16, 32 or 64 tokens), for
 // both kernels that feed sm80's fragment code (sm80, decode). The block is BlockN / 16 pieces of
@@ -162,11 +135,6 @@ struct SmallPageTile {
     if (lane < 16) ptx::cp_async_4B(ks_tile + 4 * (16 * piece + lane), ks_src + lane, page_ok && lane < keys_left);
   }
 };
-
-// Key (within a 128-key block) that column n of n-tile j of the QK^T product holds.
-__device__ __forceinline__ int permuted_key(int j, int n) {
-  return 32 * (j >> 2) + ((j & 1) << 1) + ((j & 2) << 3) + 4 * (n >> 1) + (n & 1);
-}
 
 // A fragments of this warp's 16 Q rows for every 32-wide k step of D (kept in registers).
 template <int D>
