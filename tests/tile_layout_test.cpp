@@ -61,7 +61,7 @@ TEST(TileLayout, SixteenTokenPagesKeepTheirSectorsWhole) {
       const int a = sm80::vt_chunk_offset<128>(c, q, true), b = sm80::vt_chunk_offset<128>(c + 1, q, true);
       EXPECT_EQ(a / 32, b / 32) << "core-matrix order, channels " << c << ", " << c + 1 << ", chunk " << q;
       EXPECT_NE(sm80::vt_chunk_offset<128>(c, q, false) / 32, sm80::vt_chunk_offset<128>(c + 1, q, false) / 32)
-          << "row order would need no core-matrix order at 16 tokens";
+          << "row order splits the sector (why 16-token pages take core-matrix order)";
     }
   for (int c = 0; c < 128; ++c)
     for (int q = 0; q < 8; q += 2)

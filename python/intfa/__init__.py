@@ -162,8 +162,9 @@ class QuantizedQKV(NamedTuple):
     stay per sequence, [B, Hkv, D]. Read by attention_int8 and append_kv; dense queries, schemes
     paper and accurate. On the GPU, attention_int8 reads pages of a multiple of 128 tokens, or of
     16, 32 or 64 tokens, on every path (the decode path for at most 16 query rows per (batch,
-    K/V head) after GQA packing, sm90 / sm80 for more: chunked prefill), and the table entries are not checked there: an entry outside the pool reads
-    zeros and is written nowhere (the CPU backend raises ValueError).
+    K/V head) after GQA packing, sm90 / sm80 for more: chunked prefill), and the table entries
+    are not checked there: an entry outside the pool reads zeros and is written nowhere (the CPU
+    backend raises ValueError).
     """
     scheme: str
     layout: str
@@ -597,12 +598,12 @@ class PagedKVCache:
     bytes). Schemes "accurate" and "paper".
 
     num_pages: the pool's pages; page_size: tokens per page, a multiple of 16 (GPU attention:
-    a multiple of 128, or 16, 32 or 64); max_pages: the block
-    table's width, the most pages a sequence holds (default: num_pages), so each sequence holds
-    at most capacity = max_pages * page_size tokens. Pages are handed out on the host, lowest
-    free index first: ceil(lengths[b] / page_size) per sequence for its prompt, then, before
-    each append(), those its new tokens need. A ValueError (and nothing changed) when the pool has too few free pages or a sequence
-    would pass its capacity.
+    a multiple of 128, or 16, 32 or 64); max_pages: the block table's width, the most pages a
+    sequence holds (default: num_pages), so each sequence holds at most capacity = max_pages *
+    page_size tokens. Pages are handed out on the host, lowest free index first:
+    ceil(lengths[b] / page_size) per sequence for its prompt, then, before each append(), those
+    its new tokens need. A ValueError (and nothing changed) when the pool has too few free pages
+    or a sequence would pass its capacity.
 
     Attributes: lengths (int32 [B] on the cache's device, each sequence's tokens, read by the
     kernels) and lengths_host (the same as a list of Python ints), length (the longest),
@@ -813,8 +814,8 @@ class PagedKVCache:
         Sq), as a ragged KVCache's. out_dtype defaults to q's dtype. Other arguments (sinks
         included) as in attention().
         On the GPU: page_size a multiple of 128, or 16, 32 or 64, else RuntimeError; the decode
-        path for at most
-        16 query rows per K/V head after GQA packing, the prefill kernels for more (chunks).
+        path for at most 16 query rows per K/V head after GQA packing, the prefill kernels for
+        more (chunks).
         After trim(): the window must stay within each sequence's held tokens (ValueError)."""
         self._check_held(q, window_size)
         return _attend(self, q, is_causal, window_size, sinks, scale, return_lse, path,

@@ -380,8 +380,8 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
   int next_page = -1;
   fwd::SmallPages small_pages;
   if constexpr (SmallPages) small_pages.start(p, b);
-  // SmallPages: the thread's piece of each block and the head's bytes in page 0.
-  // SmallPages over 16-token pages: the V^T tile in core-matrix order (vt_chunk_offset).
+  // SmallPages: the thread's piece of each block (over 16-token pages with the V^T tile in
+  // core-matrix order, vt_chunk_offset) and the head's bytes in page 0.
   const bool vt_cm = SmallPages && p.page_size == 16;
   const SmallPageTile<D, kThreads, kBlockN> small_tile(tid, vt_cm);
   const int8_t* const k_head = p.k8 + hkv * p.k_st.hs;

@@ -467,8 +467,11 @@ __device__ __forceinline__ void permute_small_pages(const Params& P, const Tile&
   const int8_t* const v_thread = p.vt8 + T.hkv * p.vt_st.hs + tok + r0 * p.vt_st.ts;
   const int64_t v_step = kRowStep * p.vt_st.ts;
   const float* const ks_head = p.k_scale + T.hkv * p.ks_st.hs + tok;
-  // Byte offsets in a stage's V^T tile of the thread's even and odd rows (less 12 rows per i).
+  // Row r0 + 12 i of the thread: whether it has it, and its chunk's byte offset in a stage's V^T
+  // tile (the even and odd rows' offsets, plus 12 rows per i).
   const int off_even = r0 * kBlockN + ((piece ^ (r0 & 7)) << 4), off_odd = off_even ^ (4 << 4);
+  auto has_row = [&](int i) { return i < kRows - 1 || last_row; };
+  auto row_off = [&](int i) { return ((i & 1) ? off_odd : off_even) + i * kRowStep * kBlockN; };
   for (int n = 0; n < T.n_blocks; ++n, ++it) {
     const int st = it % kStages;
     const uint32_t ph = (it / kStages) & 1;
@@ -481,8 +484,7 @@ __device__ __forceinline__ void permute_small_pages(const Params& P, const Tile&
     const int8_t* src = v_thread + page * p.vt_st.bs;
 #pragma unroll
     for (int i = 0; i < kRows; ++i, src += v_step)
-      if (i < kRows - 1 || last_row)
-        ptx::cp_async_16B(v_tile + ((i & 1) ? off_odd : off_even) + i * kRowStep * kBlockN, src, pg >= 0);
+      if (has_row(i)) ptx::cp_async_16B(v_tile + row_off(i), src, pg >= 0);
     ptx::cp_async_commit();
     float ks[2];
 #pragma unroll
@@ -502,8 +504,8 @@ __device__ __forceinline__ void permute_small_pages(const Params& P, const Tile&
     uint8_t* const v = smem + S::kV + st * S::kVBytes;
 #pragma unroll
     for (int i = 0; i < kRows; ++i) {
-      if (i < kRows - 1 || last_row) {
-        uint4* c = reinterpret_cast<uint4*>(v + ((i & 1) ? off_odd : off_even) + i * kRowStep * kBlockN);
+      if (has_row(i)) {
+        uint4* c = reinterpret_cast<uint4*>(v + row_off(i));
         *c = permute_chunk(*c);
       }
     }
