@@ -75,6 +75,14 @@ __device__ __forceinline__ void cp_async_16B(uint32_t smem_addr, const void* gme
                "r"(src_bytes));
 }
 
+// cp.async.ca 16 bytes (allocates in L1): for copies whose two halves of a 32-byte sector land
+// in different 32-byte pieces of shared memory, so the second half may hit L1 instead of L2.
+__device__ __forceinline__ void cp_async_16B_ca(uint32_t smem_addr, const void* gmem, bool valid) {
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(gmem),
+               "r"(src_bytes));
+}
+
 // cp.async.ca 4 bytes, for per-token scale rows whose start is only 4-byte aligned (varlen).
 __device__ __forceinline__ void cp_async_4B(uint32_t smem_addr, const void* gmem, bool valid) {
   const int src_bytes = valid ? 4 : 0;
