@@ -406,7 +406,8 @@ TEST(KvCache, PagedAttentionEqualsContiguous) {
             Options o = qc.o;
             o.window_left = window;
             QuantizedQKV flat = qc.view();
-            PagedCopy pc(flat, page, layout, 5, 7 + ragged);
+            // Causal calls read V^T pages with padded rows (a strided vt8).
+            PagedCopy pc(flat, page, layout, 5, 7 + ragged, causal ? 16 : 0);
             std::vector<int32_t> lens = {45, -3, 100};
             if (ragged) {
               flat.seqused_kv = pc.x.seqused_kv = make_tensor(lens.data(), DType::i32, {B});

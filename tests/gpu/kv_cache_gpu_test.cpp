@@ -403,6 +403,30 @@ TEST(KvCacheGpu, PagedMatchesCpu) {
             EXPECT_EQ(l1.to_host<uint32_t>(), l2.to_host<uint32_t>()) << "paged vs contiguous LSE bits";
           }
         od = o;
+        // Small pages whose V^T rows are padded (a strided vt8, rows of page + 16 bytes; every
+        // small-page loader steps by the row stride, not the page size): the same bits.
+        if (page < 128) {
+          SCOPED_TRACE("padded V^T pages");
+          PagedCopy padded(c.h, page, Layout::BHSD, 2, 7 + n, 16);
+          DevicePages dpad(padded);
+          QuantizedQKV gq = dpad.x;
+          gq.q8 = gp.q8;
+          gq.q_scale = gp.q_scale;
+          gq.lse_offset = gp.lse_offset;
+          gq.seqused_kv = gp.seqused_kv;
+          for (GpuPath path : {GpuPath::decode, GpuPath::sm80, GpuPath::sm90}) {
+            if (skip(path)) continue;
+            SCOPED_TRACE(std::string("path ") + to_string(path));
+            od.path = path;
+            for (DeviceBuffer* buf : {&o1, &o2}) INTFA_ASSERT_OK(gpu_memset(buf->ptr, 0xFF, buf->bytes));
+            INTFA_ASSERT_OK(attention_int8(gq, Tensor(), Tensor(), 0, 0, t1, &tl1, od));
+            INTFA_ASSERT_OK(attention_int8(gc, Tensor(), Tensor(), 0, 0, t2, &tl2, od));
+            INTFA_ASSERT_OK(gpu_synchronize());
+            EXPECT_EQ(o1.to_host<uint32_t>(), o2.to_host<uint32_t>()) << "padded pages vs contiguous output bits";
+            EXPECT_EQ(l1.to_host<uint32_t>(), l2.to_host<uint32_t>()) << "padded pages vs contiguous LSE bits";
+          }
+          od = o;
+        }
 
         // Pages the GPU kernels do not take (48 tokens, over the first 960 of the cache):
         // not_available on every path that reads pages, never a kernel reading the pool as a

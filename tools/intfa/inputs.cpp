@@ -84,7 +84,7 @@ Metrics compare(const std::vector<double>& got, const std::vector<double>& ref) 
   return m;
 }
 
-PagedCopy::PagedCopy(const QuantizedQKV& c, int page, Layout layout, int spare, uint32_t seed) {
+PagedCopy::PagedCopy(const QuantizedQKV& c, int page, Layout layout, int spare, uint32_t seed, int vt_pad) {
   const int64_t B = c.k8.shape[0], H = c.k8.shape[1], cap = c.k8.shape[2], D = c.k8.shape[3];
   const int64_t maxp = cap / page, P = B * maxp + spare;
   std::vector<int32_t> perm(static_cast<size_t>(P));
@@ -93,7 +93,8 @@ PagedCopy::PagedCopy(const QuantizedQKV& c, int page, Layout layout, int spare, 
   if (seed) std::shuffle(perm.begin(), perm.end(), rng);  // seed 0: in order
   table.assign(perm.begin(), perm.begin() + B * maxp);
   k8.assign(size_t(P * H * page * D), 0x7f);
-  vt8.assign(size_t(P * H * D * page), 0x7f);
+  const int64_t vt_row = page + vt_pad;
+  vt8.assign(size_t(P * H * D * vt_row), 0x7f);
   ks.assign(size_t(P * H * page), NAN);
   const bool bhsd = layout == Layout::BHSD;
   const int8_t* ck = static_cast<const int8_t*>(c.k8.data);
@@ -106,7 +107,7 @@ PagedCopy::PagedCopy(const QuantizedQKV& c, int page, Layout layout, int spare, 
         const int64_t krow = bhsd ? (pg * H + h) * page + r : (pg * page + r) * H + h;
         for (int64_t d = 0; d < D; ++d) {
           k8[krow * D + d] = ck[b * c.k8.stride[0] + h * c.k8.stride[1] + t * c.k8.stride[2] + d];
-          vt8[((pg * H + h) * D + d) * page + r] = cv[b * c.vt8.stride[0] + h * c.vt8.stride[1] + d * c.vt8.stride[2] + t];
+          vt8[((pg * H + h) * D + d) * vt_row + r] = cv[b * c.vt8.stride[0] + h * c.vt8.stride[1] + d * c.vt8.stride[2] + t];
         }
         ks[(pg * H + h) * page + r] = cs[b * c.k_scale.stride[0] + h * c.k_scale.stride[1] + t];
       }
@@ -121,6 +122,9 @@ PagedCopy::PagedCopy(const QuantizedQKV& c, int page, Layout layout, int spare, 
   }
   x.k8 = bhsd ? make_tensor(k8.data(), DType::i8, {P, H, page, D}) : make_tensor(k8.data(), DType::i8, {P, page, H, D});
   x.vt8 = make_tensor(vt8.data(), DType::i8, {P, H, D, page});
+  x.vt8.stride[2] = vt_row;
+  x.vt8.stride[1] = D * vt_row;
+  x.vt8.stride[0] = H * D * vt_row;
   x.k_scale = make_tensor(ks.data(), DType::f32, {P, H, page});
   x.block_table = make_tensor(table.data(), DType::i32, {B, maxp});
 }

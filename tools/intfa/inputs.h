@@ -45,14 +45,15 @@ Metrics compare(const std::vector<double>& got, const std::vector<double>& ref);
 // A paged copy of a contiguous BHSD host cache c (the tests' and the bench's paged KV) (seqlen cap, a multiple of `page`): each
 // sequence's pages scattered over a pool in a shuffled order, with `spare` pages of garbage
 // (bytes 0x7f, NaN scales) the table never names. k8 in `layout` ([P, Hkv, page, D] or
-// [P, page, Hkv, D]); per-sequence parts (v_scale, k_mean) copied.
+// [P, page, Hkv, D]); per-sequence parts (v_scale, k_mean) copied. vt_pad: V^T pages with rows
+// of page + vt_pad bytes (a strided vt8 [P, Hkv, D, page]; the pad is garbage too).
 struct PagedCopy {
   std::vector<int8_t> k8, vt8;
   std::vector<float> ks, vs, km;
   std::vector<int32_t> table;
   QuantizedQKV x;
   // seed 0: the pages in order (sequence b's page i is page b * max_pages + i).
-  PagedCopy(const QuantizedQKV& c, int page, Layout layout, int spare, uint32_t seed);
+  PagedCopy(const QuantizedQKV& c, int page, Layout layout, int spare, uint32_t seed, int vt_pad = 0);
   // Table entries of the pages past sequence b's first counts[b] tokens (clamped to [0, the
   // table's tokens]) set to -1: a call that touches only those tokens never reads them.
   template <typename Int>
