@@ -248,6 +248,190 @@ TEST(KvCache, AppendGrowsTheVScaleInsteadOfClamping) {
   }
 }
 
+// Options::fixed_v_scale: the same cache and tokens as above, but nothing grows: values past a
+// scale saturate at +-127, v_scale is not written and no byte but the new column changes.
+TEST(KvCache, FixedVScaleSaturatesAndChangesNothingElse) {
+  for (Scheme s : {Scheme::accurate, Scheme::paper}) {
+    SCOPED_TRACE(to_string(s));
+    const int cap = 8, D = 16, pos = 2;
+    Cache c(1, 1, cap, D, s);
+    std::vector<float> vs(D, 0.01f);
+    vs[1] = 1.f;
+    if (s == Scheme::paper) vs.assign(D, 0.01f);
+    std::memcpy(c.x.v_scale.data, vs.data(), D * sizeof(float));
+    std::memset(c.x.k_mean.data, 0, D * sizeof(float));
+    int8_t* vt = static_cast<int8_t*>(c.x.vt8.data);
+    const int64_t ds = c.x.vt8.stride[2], cols = c.x.vt8.shape[3];
+    for (int d = 0; d < D; ++d)
+      for (int64_t col = 0; col < cols; ++col) vt[d * ds + col] = static_cast<int8_t>((col * 37 + d * 11) % 255 - 127);
+    const std::vector<int8_t> before(vt, vt + D * ds);
+    std::vector<uint16_t> k(D, 0x3c00), v(D, 0x3c00);  // fp16 1.0: 100 levels of 0.01
+    v[0] = 0x4a00;                                      // 12.0: saturates
+    v[2] = 0xca00;                                      // -12.0
+    v[3] = 0x2c00;                                      // 0.0625: 6.25 levels, rounds to 6
+    Options o;
+    o.scheme = s;
+    o.fixed_v_scale = true;
+    ASSERT_TRUE(append_kv(make_tensor(k.data(), DType::f16, {1, 1, 1, D}), make_tensor(v.data(), DType::f16, {1, 1, 1, D}),
+                          pos, o, c.x).ok());
+    EXPECT_EQ(std::memcmp(c.x.v_scale.data, vs.data(), D * sizeof(float)), 0) << "v_scale unchanged";
+    for (int d = 0; d < D; ++d) {
+      SCOPED_TRACE("channel " + std::to_string(d));
+      const float val = tools::to_float(v[d], DType::f16);
+      const int want = static_cast<int>(std::clamp(std::nearbyint(val * (1.f / vs[d])), -127.f, 127.f));
+      EXPECT_EQ(vt[d * ds + pos], want);
+      for (int64_t col = 0; col < cols; ++col)
+        if (col != pos) ASSERT_EQ(vt[d * ds + col], before[d * ds + col]) << "column " << col;
+    }
+    EXPECT_EQ(vt[0 * ds + pos], 127);
+    EXPECT_EQ(vt[2 * ds + pos], -127);
+    EXPECT_EQ(vt[3 * ds + pos], 6);
+  }
+}
+
+// One set of statistics for every sequence (k_mean, v_scale [Hkv, D] seen as [B, Hkv, D] with
+// batch stride 0), where they are only read: quantize_q, append_kv with fixed_v_scale and
+// attention_int8 give the bits they give with the set copied per sequence; where they would be
+// written (quantize(), append_kv growing scales) the call names the tensor.
+TEST(KvCache, SharedStatisticsEqualCopiesPerSequence) {
+  for (Scheme s : {Scheme::accurate, Scheme::paper}) {
+    SCOPED_TRACE(to_string(s));
+    const int B = 3, Hq = 4, Hkv = 2, cap = 48, D = 32, L0 = 20, n = 5;
+    HostQKV x = tools::make_inputs(Dist::llm, B, Hq, Hkv, 2, cap, D, DType::bf16, 91 + int(s));
+    Options o;
+    o.scheme = s;
+    o.fixed_v_scale = true;
+    Cache shared(B, Hkv, cap, D, s), copied(B, Hkv, cap, D, s);
+    ASSERT_TRUE(quantize_prompt(x.tk(), x.tv(), L0, o, copied.x).ok());
+    // Sequence 0's statistics for all; both caches hold the same prompt bytes.
+    const size_t set = size_t(Hkv) * D;
+    std::vector<float> km(static_cast<float*>(copied.x.k_mean.data), static_cast<float*>(copied.x.k_mean.data) + set);
+    std::vector<float> vs(static_cast<float*>(copied.x.v_scale.data), static_cast<float*>(copied.x.v_scale.data) + set);
+    for (int b = 0; b < B; ++b) {
+      std::memcpy(static_cast<float*>(copied.x.k_mean.data) + b * set, km.data(), set * sizeof(float));
+      std::memcpy(static_cast<float*>(copied.x.v_scale.data) + b * set, vs.data(), set * sizeof(float));
+    }
+    std::memcpy(shared.buf->data(), copied.buf->data(), copied.buf->size());
+    for (auto [t, v] : {std::pair<Tensor*, std::vector<float>*>{&shared.x.k_mean, &km}, {&shared.x.v_scale, &vs}}) {
+      t->data = v->data();
+      t->stride[0] = 0;
+    }
+    // Tokens L0 .. L0 + n - 1 of x's keys and values (some past the scales: they saturate).
+    const Tensor kn = tokens(x.tk(), L0, n), vn = tokens(x.tv(), L0, n);
+    for (Cache* c : {&shared, &copied}) {
+      const Status st = append_kv(kn, vn, L0, o, c->x);
+      ASSERT_TRUE(st.ok()) << st.message();
+    }
+    EXPECT_EQ(std::memcmp(shared.buf->data(), copied.buf->data(), copied.buf->size()), 0) << "cache bytes";
+    EXPECT_EQ(std::vector<float>(static_cast<float*>(copied.x.v_scale.data), static_cast<float*>(copied.x.v_scale.data) + set), vs);
+    QParts qs(B, Hq, 2, D, s), qc(B, Hq, 2, D, s);
+    ASSERT_TRUE(quantize_q(x.tq(), shared.x.k_mean, o, qs.x).ok());
+    ASSERT_TRUE(quantize_q(x.tq(), copied.x.k_mean, o, qc.x).ok());
+    EXPECT_EQ(qs.off, qc.off);
+    std::vector<float> want(size_t(B) * Hq * 2 * D, NAN), got(want.size(), NAN);
+    o.causal = true;
+    ASSERT_TRUE(attention_int8(copied.view(qc.x, L0 + n), Tensor(), Tensor(), 0, 0,
+                               make_tensor(want.data(), DType::f32, {B, Hq, 2, D}), nullptr, o).ok());
+    const Status st = attention_int8(shared.view(qs.x, L0 + n), Tensor(), Tensor(), 0, 0,
+                                     make_tensor(got.data(), DType::f32, {B, Hq, 2, D}), nullptr, o);
+    ASSERT_TRUE(st.ok()) << st.message();
+    EXPECT_EQ(count_nan(got), 0);
+    EXPECT_EQ(got, want);
+    // Written statistics cannot be shared.
+    o.fixed_v_scale = false;
+    Status grow = append_kv(kn, vn, L0, o, shared.x);
+    EXPECT_EQ(grow.code(), StatusCode::invalid_argument);
+    EXPECT_NE(grow.message().find("cache.v_scale: a batch stride of 0"), std::string::npos) << grow.message();
+    EXPECT_NE(grow.message().find("fixed_v_scale"), std::string::npos) << grow.message();
+    QParts q1(B, Hkv, 1, D, s);
+    const Status wq = quantize(tokens(x.tk(), 0, 1), tokens(x.tk(), 0, L0), tokens(x.tv(), 0, L0), Tensor(), Tensor(),
+                               o, cache_view(shared.x, q1.x, L0));
+    EXPECT_EQ(wq.code(), StatusCode::invalid_argument);
+    EXPECT_NE(wq.message().find("k_mean: expected a contiguous tensor, got stride 0 in dim 0"), std::string::npos)
+        << wq.message();
+  }
+}
+
+// Prefix caching over a paged pool: sequences 1 and 2 start with sequence 0's first two pages
+// (the same table entries) and go on in pages of their own. With one set of statistics and
+// fixed_v_scale, appends to any of them leave the shared pages as they were, and each sequence's
+// attention equals a contiguous cache holding its tokens.
+TEST(KvCache, SharedPrefixPagesStayValid) {
+  for (Scheme s : {Scheme::accurate, Scheme::paper}) {
+    SCOPED_TRACE(to_string(s));
+    const int B = 3, Hq = 4, Hkv = 2, cap = 64, D = 32, page = 16, prefix = 2 * page, n = 3;
+    // Every sequence's tokens: the shared prefix (x's sequence 0), then its own.
+    HostQKV x = tools::make_inputs(Dist::llm, B, Hq, Hkv, 1, cap, D, DType::bf16, 95 + int(s));
+    HostQKV y = tools::make_inputs(Dist::llm, B, Hkv, Hkv, 1, n, D, DType::bf16, 96 + int(s));
+    Options o;
+    o.scheme = s;
+    o.fixed_v_scale = true;
+    const std::vector<int32_t> lens = {prefix + 5, prefix + 11, prefix};  // before the appends
+    // The contiguous reference: sequence 0's statistics from its prompt, for every sequence.
+    Cache flat(B, Hkv, cap, D, s);
+    {
+      Cache first(1, Hkv, cap, D, s);
+      ASSERT_TRUE(quantize_prompt(batch_slice(x.tk(), 0), batch_slice(x.tv(), 0), lens[0], o, first.x).ok());
+      for (int b = 0; b < B; ++b) {
+        const size_t set = size_t(Hkv) * D * sizeof(float);
+        std::memcpy(static_cast<char*>(flat.x.k_mean.data) + b * set, first.x.k_mean.data, set);
+        std::memcpy(static_cast<char*>(flat.x.v_scale.data) + b * set, first.x.v_scale.data, set);
+      }
+    }
+    // Each sequence's prompt appended with those statistics: sequence 0's prefix tokens for all.
+    for (int b = 0; b < B; ++b) {
+      QuantizedQKV one = batch_of(flat.x, b);
+      ASSERT_TRUE(append_kv(tokens(batch_slice(x.tk(), 0), 0, prefix), tokens(batch_slice(x.tv(), 0), 0, prefix), 0, o,
+                            one).ok());
+      if (lens[b] > prefix)
+        ASSERT_TRUE(append_kv(tokens(batch_slice(x.tk(), b), prefix, lens[b] - prefix),
+                              tokens(batch_slice(x.tv(), b), prefix, lens[b] - prefix), prefix, o, one).ok());
+    }
+    // The pool: a paged copy in which sequences 1 and 2 name sequence 0's first two pages.
+    PagedCopy pc(flat.x, page, Layout::BHSD, 2, 5);
+    const int maxp = cap / page;
+    for (int b = 1; b < B; ++b)
+      for (int j = 0; j < prefix / page; ++j) pc.table[size_t(b) * maxp + j] = pc.table[j];
+    std::vector<int64_t> held(lens.begin(), lens.end());
+    for (int b = 0; b < B; ++b) held[b] += n;
+    pc.drop_pages_past(held);
+    auto shared_pages = [&] {
+      std::vector<int8_t> bytes;
+      for (int j = 0; j < prefix / page; ++j) {
+        const int64_t pg = pc.table[j];
+        const size_t kb = size_t(Hkv) * page * D;
+        bytes.insert(bytes.end(), pc.k8.begin() + pg * kb, pc.k8.begin() + (pg + 1) * kb);
+        bytes.insert(bytes.end(), pc.vt8.begin() + pg * kb, pc.vt8.begin() + (pg + 1) * kb);
+      }
+      return bytes;
+    };
+    const std::vector<int8_t> before = shared_pages();
+    std::vector<int32_t> pos = lens;
+    const Tensor tpos = make_tensor(pos.data(), DType::i32, {B});
+    for (const QuantizedQKV* c : {&flat.x, &pc.x}) {
+      const Status st = append_kv(y.tk(), y.tv(), tpos, o, *c);
+      ASSERT_TRUE(st.ok()) << st.message();
+    }
+    EXPECT_EQ(shared_pages(), before) << "the shared prefix pages changed";
+    QParts qp(B, Hq, 1, D, s);
+    ASSERT_TRUE(quantize_q(x.tq(), flat.x.k_mean, o, qp.x).ok());
+    std::vector<int32_t> used(held.begin(), held.end());
+    QuantizedQKV want_x = flat.view(qp.x, cap), got_x = pc.x;
+    got_x.q8 = qp.x.q8;
+    got_x.q_scale = qp.x.q_scale;
+    got_x.lse_offset = qp.x.lse_offset;
+    want_x.seqused_kv = got_x.seqused_kv = make_tensor(used.data(), DType::i32, {B});
+    std::vector<float> want(size_t(B) * Hq * D, NAN), got(want.size(), NAN);
+    ASSERT_TRUE(attention_int8(want_x, Tensor(), Tensor(), 0, 0, make_tensor(want.data(), DType::f32, {B, Hq, 1, D}),
+                               nullptr, o).ok());
+    const Status st = attention_int8(got_x, Tensor(), Tensor(), 0, 0, make_tensor(got.data(), DType::f32, {B, Hq, 1, D}),
+                                     nullptr, o);
+    ASSERT_TRUE(st.ok()) << st.message();
+    EXPECT_EQ(count_nan(got), 0);
+    EXPECT_EQ(got, want);
+  }
+}
+
 // attention_int8 over a strided view of the cache equals the same tokens copied out compactly.
 TEST(KvCache, AttentionOverCacheViewsEqualsCompactCopy) {
   const Scheme s = Scheme::accurate;

@@ -112,6 +112,13 @@ struct Options {
   // GPU: scratch memory for the quantized tensors of attention()/attention_varlen(). If not given
   // (data == nullptr) the library allocates it stream-ordered (cudaMallocAsync) and frees it after.
   Tensor workspace;
+  // append_kv only: keep the cache's V scales as they are (static scales, as FP8 KV caches keep
+  // theirs). A new value past 127 levels of its channel's scale (paper: the head's) saturates at
+  // +-127 instead of growing the scale and requantizing what the cache holds, so append_kv
+  // writes only its new tokens' bytes and never v_scale. Bytes once written then never change:
+  // pages may be shared by sequences whose k_mean and v_scale are equal (prefix caching), e.g.
+  // one set for every sequence through a batch stride of 0 (docs/KV_CACHE.md, "Shared pages").
+  bool fixed_v_scale = false;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -133,6 +140,8 @@ struct QuantizedQKV {
   Tensor lse_offset;  // f32 like q_scale: scale * Q.kmean, added to the LSE (may be undefined: 0)
   Tensor k8;          // int8, same shape as k (smoothed K' for accurate/half)
   Tensor k_scale;     // f32 [B,Hkv,Skv] (rows may be padded: a cache's first Skv tokens) or [Hkv,Tkv]
+  // k_mean and v_scale where they are only read (attention_int8, quantize_q, append_kv; v_scale
+  // there with Options::fixed_v_scale) may have a batch stride of 0: one set for every sequence.
   Tensor k_mean;      // f32 [B,Hkv,D] or [nseq,Hkv,D] (accurate/half; informational)
   Tensor vt8;         // int8 V transposed (paper, accurate): [B,Hkv,D,>=Skv], or for varlen
                       // [Hkv,D,>=Tkv+16*(nseq+1)] with sequence b at column
@@ -229,7 +238,8 @@ Status quantize_q(const Tensor& q, const Tensor& k_mean, const Options& opts, co
 // (paper: the head's one scale, every channel) grows to 1.25 * max|v_new| / 127 and the other
 // columns of its vt8 rows (the whole capacity) are requantized, round(x8 * s_old * (1 / s_new)):
 // the cache's v_scale and vt8 may change outside pos .. pos + n - 1. Schemes paper and accurate
-// (half: not_available).
+// (half: not_available). With opts.fixed_v_scale nothing grows: such values saturate at +-127 and
+// only the new tokens' bytes are written (cache.v_scale may then be shared, batch stride 0).
 Status append_kv(const Tensor& k_new, const Tensor& v_new, int64_t pos, const Options& opts,
                  const QuantizedQKV& cache);
 // The same with a position per sequence (ragged batches): pos int32 [B] on the device of k_new;

@@ -310,13 +310,14 @@ def _cache_parts(cache):
     return parts
 
 
-def append_kv(cache, k_new, v_new, pos, *, layout=None):
+def append_kv(cache, k_new, v_new, pos, *, layout=None, fixed_v_scale=False):
     """Writes n new tokens into an INT8 KV cache in place, as tokens pos .. pos + n - 1.
 
     cache: a QuantizedQKV (e.g. a KVCache's, or quantize()'s) whose k8 [B, Hkv, C, D] (its
         layout), k_scale [B, Hkv, C] and vt8 [B, Hkv, D, >= C] hold C tokens; its k_mean
         (accurate) and v_scale are the statistics the new tokens are quantized with (a V
-        channel's scale grows, in place, when a new value lies beyond it).
+        channel's scale grows, in place, when a new value lies beyond it, and the bytes the
+        cache holds in that channel are requantized).
         Schemes paper and accurate (half: RuntimeError). A paged cache (cache.block_table set,
         see QuantizedQKV) holds max_pages * page_size tokens per sequence:
         the tokens go to the pages its table names, and the entries of the pages an append
@@ -326,6 +327,11 @@ def append_kv(cache, k_new, v_new, pos, *, layout=None):
         k_new's device (sequence b's tokens go to pos[b] .. pos[b] + n - 1; read by the kernels,
         so unchecked: tokens that fall outside [0, C) are not written).
     layout: of k_new and v_new; None means cache.layout.
+    fixed_v_scale: keep v_scale as it is: a new value beyond 127 levels of its scale saturates
+        at +-127, and only the new tokens' bytes are written, so pages once written never
+        change and may be shared by sequences with equal statistics (prefix caching). k_mean
+        and v_scale may then be one set for every sequence, e.g. a [Hkv, D] tensor expanded to
+        [B, Hkv, D] (batch stride 0; docs/KV_CACHE.md, "Shared pages").
     Returns None.
     """
     layout = cache.layout if layout is None else layout
@@ -343,14 +349,15 @@ def append_kv(cache, k_new, v_new, pos, *, layout=None):
                 parts[n] = k_new.new_empty((0,), dtype=_torch.torch.int8)
         call = _torch.append_kv_ragged_call if per_sequence else _torch.append_kv_call
         call(k_new, v_new, pos, parts["k8"], parts["k_scale"], parts["k_mean"], parts["vt8"],
-             parts["v_scale"], cache.scheme, cache.layout, layout, parts["block_table"])
+             parts["v_scale"], cache.scheme, cache.layout, layout, parts["block_table"],
+             bool(fixed_v_scale))
     else:
         optional = {"pos": pos if per_sequence else None,
                     "cache.block_table": parts["block_table"]}
         fw = _frameworks(k_new=k_new, v_new=v_new,
                          **{n: a for n, a in optional.items() if a is not None})
         _arrays.run_append_kv(fw, k_new, v_new, fw.arg(pos) if per_sequence else pos, parts,
-                              cache.scheme, cache.layout, layout)
+                              cache.scheme, cache.layout, layout, fixed_v_scale)
 
 
 class KVCache:

@@ -548,13 +548,14 @@ def run_quantize_q(fw, q, k_mean, scale, layout, scheme):
     return q8, q_scale, lse_offset
 
 
-def run_append_kv(fw, k_new, v_new, pos, cache_parts, scheme, cache_layout, layout):
+def run_append_kv(fw, k_new, v_new, pos, cache_parts, scheme, cache_layout, layout,
+                  fixed_v_scale=False):
     """pos: an int, or the positions of each sequence (int32 [B], read by the kernels) as
     fw.arg() passes an array: the binding calls the matching C++ overload."""
     with fw.device(k_new):
         lib.append_kv(fw.arg(k_new), fw.arg(v_new), pos,
                       {n: fw.arg(a) for n, a in cache_parts.items() if a is not None}, scheme,
-                      cache_layout, layout, "auto", fw.stream(k_new))
+                      cache_layout, layout, "auto", fw.stream(k_new), bool(fixed_v_scale))
 
 
 def run_attention_int8(fw, parts, scheme, layout, cu_q, cu_kv, max_q, max_kv, causal, window,

@@ -133,23 +133,25 @@ def _quantize_q_fake(q, k_mean, scale, layout, scheme):
 def _append_kv_impl(k_new: Tensor, v_new: Tensor, pos: int, k8: Tensor, k_scale: Tensor,
                     k_mean: Optional[Tensor], vt8: Tensor, v_scale: Tensor, scheme: str,
                     cache_layout: str, layout: str,
-                    block_table: Optional[Tensor] = None) -> None:
+                    block_table: Optional[Tensor] = None, fixed_v_scale: bool = False) -> None:
     parts = dict(k8=k8, k_scale=k_scale, k_mean=k_mean, vt8=vt8, v_scale=v_scale,
                  block_table=block_table)
-    _arrays.run_append_kv(_FW, k_new, v_new, pos, parts, scheme, cache_layout, layout)
+    _arrays.run_append_kv(_FW, k_new, v_new, pos, parts, scheme, cache_layout, layout,
+                          fixed_v_scale)
 
 
 def _append_kv_ragged_impl(k_new: Tensor, v_new: Tensor, pos: Tensor, k8: Tensor,
                            k_scale: Tensor, k_mean: Optional[Tensor], vt8: Tensor,
                            v_scale: Tensor, scheme: str, cache_layout: str, layout: str,
-                           block_table: Optional[Tensor] = None) -> None:
+                           block_table: Optional[Tensor] = None,
+                           fixed_v_scale: bool = False) -> None:
     # append_kv with a position per sequence (int32 [B]): the same call, another schema.
     _append_kv_impl(k_new, v_new, _FW.arg(pos), k8, k_scale, k_mean, vt8, v_scale, scheme,
-                    cache_layout, layout, block_table)
+                    cache_layout, layout, block_table, fixed_v_scale)
 
 
 def _append_kv_fake(k_new, v_new, pos, k8, k_scale, k_mean, vt8, v_scale, scheme, cache_layout,
-                    layout, block_table=None):
+                    layout, block_table=None, fixed_v_scale=False):
     return None
 
 

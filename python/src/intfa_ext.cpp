@@ -463,13 +463,15 @@ nb::object quantize_q(nb::handle q, nb::handle k_mean, nb::dict parts, double sc
 
 nb::object append_kv(nb::handle k_new, nb::handle v_new, nb::handle pos, nb::dict cache,
                      const std::string& scheme, const std::string& cache_layout,
-                     const std::string& layout, const std::string& backend, uintptr_t stream) {
+                     const std::string& layout, const std::string& backend, uintptr_t stream,
+                     bool fixed_v_scale) {
   Views views;
   intfa::Options o;
   Tensor tk, tv;
   intfa::QuantizedQKV x;
   INTFA_PY_TRY(
       make_options(false, -1, -1, 0.0, layout, scheme, backend, "auto", 64, stream, &o));
+  o.fixed_v_scale = fixed_v_scale;
   INTFA_PY_TRY(parse_scheme_arg(scheme, "cache.scheme", &x.scheme));
   INTFA_PY_TRY(parse_layout_arg(cache_layout, &x.layout));
   INTFA_PY_TRY(input(k_new, "k_new", views, &tk));
@@ -753,7 +755,7 @@ NB_MODULE(_C, m) {
         nb::arg("stream"));
   m.def("append_kv", &append_kv, nb::arg("k_new"), nb::arg("v_new"), nb::arg("pos"),
         nb::arg("cache"), nb::arg("scheme"), nb::arg("cache_layout"), nb::arg("layout"),
-        nb::arg("backend"), nb::arg("stream"));
+        nb::arg("backend"), nb::arg("stream"), nb::arg("fixed_v_scale") = false);
   m.def("kv_attention", &kv_attention, nb::arg("q"), nb::arg("scratch"),
         nb::arg("with_lse_offset"), nb::arg("k8"), nb::arg("k_scale"), nb::arg("k_mean").none(),
         nb::arg("vt8").none(), nb::arg("v_scale").none(), nb::arg("length"),

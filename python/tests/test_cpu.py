@@ -655,6 +655,38 @@ def test_append_kv_low_level():
     np.testing.assert_array_equal(a.vt8[..., :33], b.vt8[..., :33])
 
 
+def test_append_kv_fixed_v_scale_with_shared_statistics():
+    # One set of statistics for the batch (NumPy broadcast views, batch stride 0) and
+    # fixed_v_scale: the bytes a per-sequence copy of the set gives, values past a scale
+    # saturated, v_scale never written; attention the same bits. Without fixed_v_scale the
+    # shared scales are refused (append_kv would grow them per sequence).
+    rng = np.random.default_rng(31)
+    q, k, v = qkv(rng, 3, 4, 2, 1, 40, 64)
+    x = intfa.quantize(q, k, v)
+    km = np.broadcast_to(x.k_mean[:1], x.k_mean.shape)
+    vs = np.broadcast_to(x.v_scale[:1], x.v_scale.shape)
+    assert km.strides[0] == 0 and vs.strides[0] == 0
+    shared = x._replace(k_mean=km, v_scale=vs)
+    copied = x._replace(k8=x.k8.copy(), k_scale=x.k_scale.copy(), vt8=x.vt8.copy(),
+                        k_mean=np.ascontiguousarray(km), v_scale=np.ascontiguousarray(vs))
+    k2 = (k[:, :, 10:13] * 4).astype(np.float16)
+    v2 = (v[:, :, 10:13] * 4).astype(np.float16)
+    for c in (shared, copied):
+        assert intfa.append_kv(c, k2, v2, 10, fixed_v_scale=True) is None
+    for part in ("k8", "k_scale", "vt8"):
+        np.testing.assert_array_equal(getattr(shared, part), getattr(copied, part))
+    np.testing.assert_array_equal(copied.v_scale, vs)
+    assert (np.abs(copied.vt8[..., 10:13].astype(np.int32)) == 127).any()  # saturated
+    outs = []
+    for c in (shared, copied):
+        q8, q_scale, lse_offset = intfa.quantize_q(q, c.k_mean)
+        outs.append(intfa.attention_int8(c._replace(q8=q8, q_scale=q_scale,
+                                                    lse_offset=lse_offset)))
+    np.testing.assert_array_equal(outs[0], outs[1])
+    with pytest.raises(ValueError, match=r"cache.v_scale: a batch stride of 0 .*fixed_v_scale"):
+        intfa.append_kv(shared, k2, v2, 10)
+
+
 def test_kv_cache_errors():
     rng = np.random.default_rng(27)
     q, k, v = qkv(rng, 1, 4, 2, 1, 40, 64)

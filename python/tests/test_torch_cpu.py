@@ -959,3 +959,27 @@ def test_transformers_attention_refusals():
         assert torch.equal(out[i:i + 1, first:], alone.transpose(1, 2))
     with pytest.raises(NotImplementedError, match=r"dropout: .* expected 0.0, got 0.1"):
         intfa.transformers_attention(Module(), q, k, v, None, dropout=0.1)
+
+
+def test_append_kv_fixed_v_scale_shared_statistics_torch():
+    # The NumPy test's case with torch tensors: statistics expanded from one sequence's (batch
+    # stride 0), appended with fixed_v_scale eagerly and through intfa::append_kv (its
+    # fixed_v_scale argument last): the bytes of a per-sequence copy, v_scale untouched.
+    q, k, v = rand(3, 4, 1, 64, seed=31), rand(3, 2, 40, 64, seed=32), rand(3, 2, 40, 64, seed=33)
+    x = intfa.quantize(q, k, v)
+    km, vs = x.k_mean[:1].expand(3, -1, -1), x.v_scale[:1].expand(3, -1, -1)
+    assert km.stride(0) == 0 and vs.stride(0) == 0
+    shared = x._replace(k_mean=km, v_scale=vs)
+    copied = x._replace(k8=x.k8.clone(), k_scale=x.k_scale.clone(), vt8=x.vt8.clone(),
+                        k_mean=km.contiguous(), v_scale=vs.contiguous())
+    k2, v2 = (k[:, :, 10:14] * 4).half(), (v[:, :, 10:14] * 4).half()
+    before = vs.clone()
+    intfa.append_kv(shared, k2[:, :, :2], v2[:, :, :2], 10, fixed_v_scale=True)
+    torch.ops.intfa.append_kv.default(k2[:, :, 2:], v2[:, :, 2:], 12, shared.k8, shared.k_scale,
+                                      shared.k_mean, shared.vt8, shared.v_scale, "accurate",
+                                      "BHSD", "BHSD", None, True)
+    intfa.append_kv(copied, k2, v2, 10, fixed_v_scale=True)
+    for part in ("k8", "k_scale", "vt8"):
+        assert torch.equal(getattr(shared, part), getattr(copied, part)), part
+    assert torch.equal(vs, before) and torch.equal(copied.v_scale, before)
+    assert (copied.vt8[..., 10:14].abs() == 127).any()  # saturated

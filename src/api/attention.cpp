@@ -328,8 +328,8 @@ Status check_paged(const QuantizedQKV& x, Problem* p, int64_t* num_pages) {
 }
 
 // validate_quantized for a paged cache: pages of k8, k_scale and vt8 (check_paged has set the
-// problem's keys), per-sequence v_scale and k_mean.
-Status validate_paged(const QuantizedQKV& x, const View& q8, const View& k8, Problem* p) {
+// problem's keys), per-sequence v_scale and k_mean (shared_stats: possibly one set for all).
+Status validate_paged(const QuantizedQKV& x, const View& q8, const View& k8, Problem* p, bool shared_stats) {
   const ProblemShape& s = p->shape;
   std::ostringstream os;
   if (k8.H != s.heads_kv || k8.D != s.head_dim || k8.S * x.block_table.shape[1] != s.seqlen_kv) {
@@ -345,10 +345,12 @@ Status validate_paged(const QuantizedQKV& x, const View& q8, const View& k8, Pro
   INTFA_TRY(api::check_exact_shape(x.k_scale, "k_scale", DType::f32, {k8.B, k8.H, k8.S},
                                    "[num_pages, heads_kv, page_size]"));
   if (x.k_mean.defined())
-    INTFA_TRY(api::check_exact_shape(x.k_mean, "k_mean", DType::f32, channel_shape(s), channel_desc(s)));
+    INTFA_TRY(api::check_exact_shape(x.k_mean, "k_mean", DType::f32, channel_shape(s), channel_desc(s), false,
+                                     shared_stats));
   const Tensor& vt = x.vt8;
   INTFA_TRY(check_vt_pages(vt, "vt8", k8.B, k8.H, k8.D, k8.S, p->gpu));
-  INTFA_TRY(api::check_exact_shape(x.v_scale, "v_scale", DType::f32, channel_shape(s), channel_desc(s)));
+  INTFA_TRY(api::check_exact_shape(x.v_scale, "v_scale", DType::f32, channel_shape(s), channel_desc(s), false,
+                                   shared_stats));
   for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&x.q_scale, "q_scale"},
                                 {&x.k_scale, "k_scale"}, {&x.k8, "k8"}, {&x.vt8, "vt8"}, {&x.v_scale, "v_scale"}})
     INTFA_TRY(api::check_same_device(*t, name, x.q8, "q8"));
@@ -357,7 +359,9 @@ Status validate_paged(const QuantizedQKV& x, const View& q8, const View& k8, Pro
 }
 
 // Validates a QuantizedQKV against the problem (for quantize() outputs and attention_int8()).
-Status validate_quantized(const QuantizedQKV& x, Problem* p, bool need_v_or_vt) {
+// shared_stats (attention_int8, which only reads them): k_mean and v_scale may have a batch
+// stride of 0, one set of statistics for every sequence (pages shared by sequences).
+Status validate_quantized(const QuantizedQKV& x, Problem* p, bool need_v_or_vt, bool shared_stats) {
   const ProblemShape& s = p->shape;
   View q8, k8;
   INTFA_TRY(api::check_operand(x.q8, "q8", p->layout, p->form, {DType::i8}, p->gpu, &q8));
@@ -368,7 +372,7 @@ Status validate_quantized(const QuantizedQKV& x, Problem* p, bool need_v_or_vt) 
     return invalid(os.str());
   }
   const bool paged = x.block_table.defined();
-  if (paged) return validate_paged(x, q8, k8, p);
+  if (paged) return validate_paged(x, q8, k8, p, shared_stats);
   if (k8.B != p->k.B || k8.H != p->k.H || k8.S != p->k.S || k8.D != p->k.D) {
     os << "k8: expected the shape of k, got " << api::shape_str(x.k8);
     return invalid(os.str());
@@ -382,7 +386,8 @@ Status validate_quantized(const QuantizedQKV& x, Problem* p, bool need_v_or_vt) 
   if (x.lse_offset.defined())
     INTFA_TRY(api::check_exact_shape(x.lse_offset, "lse_offset", DType::f32, rows_shape(s, true), rows_desc(s, true)));
   if (x.k_mean.defined())
-    INTFA_TRY(api::check_exact_shape(x.k_mean, "k_mean", DType::f32, channel_shape(s), channel_desc(s)));
+    INTFA_TRY(api::check_exact_shape(x.k_mean, "k_mean", DType::f32, channel_shape(s), channel_desc(s), false,
+                                     shared_stats));
   for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&x.q_scale, "q_scale"},
                                 {&x.k_scale, "k_scale"}, {&x.k8, "k8"}, {&x.q8, "q8"}}) {
     if (t->on_device != p->gpu || (p->gpu && t->device_index != p->device))
@@ -433,7 +438,8 @@ Status validate_quantized(const QuantizedQKV& x, Problem* p, bool need_v_or_vt) 
     return invalid(os.str());
   }
   if (vt.on_device != p->gpu) return invalid("vt8: expected the memory space of q8");
-  INTFA_TRY(api::check_exact_shape(x.v_scale, "v_scale", DType::f32, channel_shape(s), channel_desc(s)));
+  INTFA_TRY(api::check_exact_shape(x.v_scale, "v_scale", DType::f32, channel_shape(s), channel_desc(s), false,
+                                   shared_stats));
   p->v.st = varlen ? Strides3{0, vt.stride[0], vt.stride[1]}
                    : Strides3{vt.stride[0], vt.stride[1], vt.stride[2]};
   return Status::OK();
@@ -516,7 +522,9 @@ FwdParams make_fwd_params(const Problem& p, const QuantizedQKV& x, const Tensor&
     f.v = x.v.data; f.v_st = p.v.st; f.v_dtype = x.v.dtype;
   } else {
     f.vt8 = static_cast<const int8_t*>(x.vt8.data); f.vt_st = p.v.st;
-    f.v_scale = static_cast<const float*>(x.v_scale.data); f.vs_st = channel_strides(p.shape);
+    // The tensor's own strides: a batch stride of 0 is one set shared by the sequences.
+    f.v_scale = static_cast<const float*>(x.v_scale.data);
+    f.vs_st = {x.v_scale.stride[0], x.v_scale.stride[1], 0};
   }
   f.q_scale = static_cast<const float*>(x.q_scale.data); f.qs_st = rows_strides(p.shape, true);
   f.lse_offset = static_cast<const float*>(x.lse_offset.data);
@@ -714,7 +722,7 @@ Status quantize(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
     return invalid("out.block_table: quantize() writes contiguous tensors; expected undefined (copy its rows into "
                    "pages for a paged cache)");
   Problem pv = p;
-  INTFA_TRY(validate_quantized(out, &pv, opts.scheme != Scheme::half));
+  INTFA_TRY(validate_quantized(out, &pv, opts.scheme != Scheme::half, false));
   View q8v = pv.q, k8v = pv.k;
   QuantParams qp = make_quant_params(p, q, k, v, out, opts.scheme, q8v, k8v);
   if (p.gpu) {
@@ -762,7 +770,7 @@ Status attention_int8(const QuantizedQKV& x, const Tensor& cu_seqlens_q,
   p.softmax_scale = opts.scale != 0.f ? opts.scale : 1.0f / std::sqrt(static_cast<float>(p.q.D));
   if (form == Form::varlen)
     INTFA_TRY(validate_varlen(cu_seqlens_q, cu_seqlens_kv, max_seqlen_q, max_seqlen_kv, opts, &p));
-  INTFA_TRY(validate_quantized(x, &p, true));
+  INTFA_TRY(validate_quantized(x, &p, true, true));
   if (x.seqused_kv.defined()) {
     INTFA_TRY(api::check_exact_shape(x.seqused_kv, "seqused_kv", DType::i32, {int64_t(s.batch)},
                                      form == Form::varlen ? "[num_sequences]" : "[batch]"));
@@ -849,7 +857,8 @@ Status quantize_q(const Tensor& q, const Tensor& k_mean, const Options& opts, co
          << api::shape_str(k_mean);
       return invalid(os.str());
     }
-    INTFA_TRY(api::check_exact_shape(k_mean, "k_mean", DType::f32, {Q.B, hkv, Q.D}, "[batch, heads_kv, head_dim]"));
+    INTFA_TRY(api::check_exact_shape(k_mean, "k_mean", DType::f32, {Q.B, hkv, Q.D}, "[batch, heads_kv, head_dim]",
+                                     false, true));
     INTFA_TRY(api::check_same_device(k_mean, "k_mean", q, "q"));
   }
   for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&out.q8, "out.q8"}, {&out.q_scale, "out.q_scale"},
@@ -869,7 +878,7 @@ Status quantize_q(const Tensor& q, const Tensor& k_mean, const Options& opts, co
   c.x_st = Q.st;
   if (use_mean) {
     c.mean = static_cast<const float*>(k_mean.data);
-    c.mean_st = {hkv * Q.D, Q.D, 0};
+    c.mean_st = {k_mean.stride[0], k_mean.stride[1], 0};
   }
   c.x8 = static_cast<int8_t*>(out.q8.data);
   c.x8_st = q8.st;
@@ -944,11 +953,15 @@ Status append_kv_impl(const Tensor& k_new, const Tensor& v_new, int64_t pos, con
   else
     INTFA_TRY(api::check_exact_shape(cache.k_scale, "cache.k_scale", DType::f32, {K.B, K.H, cap},
                                      "[batch, heads_kv, cache tokens]"));
+  // k_mean is only read; v_scale too with fixed_v_scale (else it grows per sequence).
   if (opts.scheme == Scheme::accurate)
     INTFA_TRY(api::check_exact_shape(cache.k_mean, "cache.k_mean", DType::f32, {K.B, K.H, K.D},
-                                     "[batch, heads_kv, head_dim]"));
+                                     "[batch, heads_kv, head_dim]", false, true));
+  if (!opts.fixed_v_scale && K.B > 1 && cache.v_scale.ndim == 3 && cache.v_scale.stride[0] == 0)
+    return invalid("cache.v_scale: a batch stride of 0 (one set of V scales for every sequence) needs "
+                   "opts.fixed_v_scale = true; without it append_kv grows each sequence's scales");
   INTFA_TRY(api::check_exact_shape(cache.v_scale, "cache.v_scale", DType::f32, {K.B, K.H, K.D},
-                                   "[batch, heads_kv, head_dim]"));
+                                   "[batch, heads_kv, head_dim]", false, opts.fixed_v_scale));
   const Tensor& vt = cache.vt8;
   if (!vt.defined()) return invalid("cache.vt8: expected a tensor, got null data");
   if (vt.dtype != DType::i8) {
@@ -982,7 +995,7 @@ Status append_kv_impl(const Tensor& k_new, const Tensor& v_new, int64_t pos, con
   c.x_st = K.st;
   if (opts.scheme == Scheme::accurate) {
     c.mean = static_cast<const float*>(cache.k_mean.data);
-    c.mean_st = {K.H * K.D, K.D, 0};
+    c.mean_st = {cache.k_mean.stride[0], cache.k_mean.stride[1], 0};
     c.subtract_mean = true;
   }
   c.x8 = static_cast<int8_t*>(cache.k8.data);
@@ -992,7 +1005,8 @@ Status append_kv_impl(const Tensor& k_new, const Tensor& v_new, int64_t pos, con
   c.v = v_new.data;
   c.v_st = V.st;
   c.v_scale = static_cast<float*>(cache.v_scale.data);
-  c.vs_st = {K.H * K.D, K.D, 0};
+  c.vs_st = {cache.v_scale.stride[0], cache.v_scale.stride[1], 0};
+  c.fixed_v_scale = opts.fixed_v_scale;
   c.vt8 = static_cast<int8_t*>(vt.data);
   c.vt_st = {vt.stride[0], vt.stride[1], vt.stride[2]};
   c.vt_cols = vt.shape[3];

@@ -128,8 +128,8 @@ Status check_qk_shapes(const View& q, const View& k, const char* q_name, const c
   return Status::OK();
 }
 
-Status check_exact_shape(const Tensor& t, const char* name, DType dtype,
-                         const std::vector<int64_t>& shape, const char* dims_desc, bool padded_rows) {
+Status check_exact_shape(const Tensor& t, const char* name, DType dtype, const std::vector<int64_t>& shape,
+                         const char* dims_desc, bool padded_rows, bool shared_first) {
   std::ostringstream os;
   if (!t.defined()) return invalid(std::string(name) + ": expected a tensor, got null data");
   if (t.dtype != dtype) {
@@ -148,7 +148,7 @@ Status check_exact_shape(const Tensor& t, const char* name, DType dtype,
   // last may step further (a cache's first tokens), never less, so no two entries share memory.
   int64_t expect = 1;
   for (int i = t.ndim - 1; i >= 0; --i) {
-    if (t.shape[i] <= 1) continue;
+    if (t.shape[i] <= 1 || (shared_first && i == 0 && t.ndim > 1 && t.stride[0] == 0)) continue;
     const bool last = i == t.ndim - 1;
     if (padded_rows && !last ? t.stride[i] < expect : t.stride[i] != expect) {
       if (padded_rows && last)

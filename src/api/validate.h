@@ -36,9 +36,11 @@ Status check_operand(const Tensor& t, const char* name, Layout layout, Form form
                      const std::vector<DType>& dtypes, bool gpu, View* view);
 // A per-row/per-channel side tensor (scales, lse): rank = shape.size(), exact shape, dtype,
 // row-major contiguous; with padded_rows (k_scale of a KV cache's first tokens) the dims but the
-// last may have larger strides.
-Status check_exact_shape(const Tensor& t, const char* name, DType dtype,
-                         const std::vector<int64_t>& shape, const char* dims_desc, bool padded_rows = false);
+// last may have larger strides; with shared_first (statistics that are only read: k_mean and
+// v_scale of attention_int8, quantize_q, append_kv with fixed_v_scale) the first dim may also
+// have stride 0, one set of entries for every sequence.
+Status check_exact_shape(const Tensor& t, const char* name, DType dtype, const std::vector<int64_t>& shape,
+                         const char* dims_desc, bool padded_rows = false, bool shared_first = false);
 Status check_same_device(const Tensor& t, const char* name, const Tensor& ref, const char* ref_name);
 Status check_options(const Options& o);
 // Options::sinks, when defined: f32 [heads_q] in the memory space of `ref` (named ref_name); on

@@ -76,6 +76,9 @@ struct CacheQuantParams {
   int8_t* vt8 = nullptr;  Strides3 vt_st;          // ts = stride of d
   int64_t vt_cols = 0;
   bool v_per_tensor = false;
+  // Options::fixed_v_scale: v_scale is only read (it may be shared by the sequences, batch
+  // stride 0); new values past 127 levels saturate, nothing already in the cache changes.
+  bool fixed_v_scale = false;
   // append_kv into a paged cache: column c of sequence b is token c % page_size of page
   // block_table[b * bt_stride + c / page_size], the page standing where a sequence stands in
   // x8_st, s_st and vt_st; a V sweep requantizes only the columns before the new tokens (the

@@ -147,13 +147,13 @@ void quantize_cache(const CacheQuantParams& p) {
     // Paged: only the columns before the new tokens are the sequence's.
     const int64_t sweep = p.block_table ? std::min(std::max<int64_t>(pos0, 0), p.cap) : p.vt_cols;
     for (int c = 0; c < d; ++c) {
-      grown[c] = v_needs_growth(amax[c], vs[c]) ? grown_v_scale(amax[c]) : vs[c];
+      grown[c] = !p.fixed_v_scale && v_needs_growth(amax[c], vs[c]) ? grown_v_scale(amax[c]) : vs[c];
       if (grown[c] != vs[c])  // every column the cache holds, but those the new tokens write
         for (int64_t col = 0; col < sweep; ++col)
           // Paged: a page given back (-1, checked by the API) holds nothing to requantize.
           if (!cache_writes(p, pos0, col) && (!p.block_table || cache_place(p, b, col).sb >= 0))
             vt_byte(c, col) = requantize_s8(vt_byte(c, col), vs[c], grown[c]);
-      vs[c] = grown[c];
+      if (!p.fixed_v_scale) vs[c] = grown[c];  // fixed: only read (maybe shared by the batch)
       const float inv = inv_of_scale(vs[c]);
       for (int t = 0; t < p.tokens; ++t) {
         const int64_t at = cache_pos(p, pos0, t);

@@ -271,6 +271,109 @@ struct DevicePages {
   }
 };
 
+// Prefix caching on the GPU (KvCache.SharedPrefixPagesStayValid on the host): sequences 1 and 2
+// name sequence 0's first two pages, and one set of statistics (batch stride 0) serves all.
+// append_kv with fixed_v_scale leaves the pool byte-identical to the CPU's (the shared pages as
+// they were), and attention over it matches the CPU emulation on every path and equals, bit for
+// bit, the same call with the statistics copied per sequence.
+TEST(KvCacheGpu, SharedPrefixPagesMatchCpu) {
+  INTFA_REQUIRE_GPU();
+  for (Scheme s : {Scheme::accurate, Scheme::paper})
+    for (int D : {64, 128})
+      for (int n : {3, 40}) {
+        const int page = (D == 128) == (n == 3) ? 16 : 128, cap = std::max(4 * page, 128), prefix = 2 * page;
+        SCOPED_TRACE(std::string(to_string(s)) + " D" + std::to_string(D) + " n" + std::to_string(n) + " page " +
+                     std::to_string(page));
+        const int B = 3, Hq = 8, Hkv = 2;
+        tools::HostQKV x = tools::make_inputs(Dist::llm, B, Hq, Hkv, n, cap, D, DType::bf16, 120 + D + n + int(s));
+        tools::HostQKV y = tools::make_inputs(Dist::llm, B, Hkv, Hkv, 1, n, D, DType::bf16, 121 + D + n + int(s));
+        Options o;
+        o.scheme = s;
+        o.causal = n > 1;
+        o.fixed_v_scale = true;
+        const std::vector<int32_t> lens = {prefix + 5, prefix + 40, prefix};
+        // Sequence 0's prompt statistics for every sequence; each prompt appended with them, the
+        // first `prefix` tokens sequence 0's for all.
+        Caches first(1, Hkv, cap, D, s), flat(B, Hkv, cap, D, s);
+        ASSERT_TRUE(quantize_prompt(batch_slice(x.tk(), 0), batch_slice(x.tv(), 0), lens[0], o, first.h).ok());
+        const size_t set = size_t(Hkv) * D;
+        std::vector<float> km(static_cast<float*>(first.h.k_mean.data), static_cast<float*>(first.h.k_mean.data) + set);
+        std::vector<float> vs(static_cast<float*>(first.h.v_scale.data), static_cast<float*>(first.h.v_scale.data) + set);
+        for (int b = 0; b < B; ++b) {
+          std::memcpy(static_cast<float*>(flat.h.k_mean.data) + b * set, km.data(), set * 4);
+          std::memcpy(static_cast<float*>(flat.h.v_scale.data) + b * set, vs.data(), set * 4);
+          QuantizedQKV one = batch_of(flat.h, b);
+          INTFA_ASSERT_OK(append_kv(tokens(batch_slice(x.tk(), 0), 0, prefix), tokens(batch_slice(x.tv(), 0), 0, prefix),
+                                    0, o, one));
+          if (lens[b] > prefix)
+            INTFA_ASSERT_OK(append_kv(tokens(batch_slice(x.tk(), b), prefix, lens[b] - prefix),
+                                      tokens(batch_slice(x.tv(), b), prefix, lens[b] - prefix), prefix, o, one));
+        }
+        PagedCopy pc(flat.h, page, Layout::BHSD, 2, 7);
+        const int maxp = cap / page;
+        for (int b = 1; b < B; ++b)
+          for (int j = 0; j < 2; ++j) pc.table[size_t(b) * maxp + j] = pc.table[j];
+        std::vector<int32_t> used(lens);
+        for (int32_t& u : used) u += n;
+        pc.drop_pages_past(used);
+        DevicePages dp(pc);
+        // The shared set on both sides: [B, Hkv, D] with batch stride 0.
+        DeviceBuffer dkm(km.data(), set * 4), dvs(vs.data(), set * 4);
+        QuantizedQKV hq = pc.x, gq = dp.x;
+        hq.k_mean = make_tensor(km.data(), DType::f32, {B, Hkv, D});
+        hq.v_scale = make_tensor(vs.data(), DType::f32, {B, Hkv, D});
+        gq.k_mean = on_device(hq.k_mean, dkm.ptr);
+        gq.v_scale = on_device(hq.v_scale, dvs.ptr);
+        for (Tensor* t : {&hq.k_mean, &hq.v_scale, &gq.k_mean, &gq.v_scale}) t->stride[0] = 0;
+        const std::vector<int8_t> k8_before = pc.k8, vt8_before = pc.vt8;
+        DeviceBuffer dpos(lens.data(), lens.size() * 4), dk(y.k.data(), y.k.size() * 2), dv(y.v.data(), y.v.size() * 2);
+        const Tensor tpos = make_tensor(const_cast<int32_t*>(lens.data()), DType::i32, {B});
+        INTFA_ASSERT_OK(append_kv(y.tk(), y.tv(), tpos, o, hq));
+        INTFA_ASSERT_OK(append_kv(on_device(y.tk(), dk.ptr), on_device(y.tv(), dv.ptr), on_device(tpos, dpos.ptr), o, gq));
+        INTFA_ASSERT_OK(gpu_synchronize());
+        ASSERT_NO_FATAL_FAILURE(dp.same(pc));
+        EXPECT_EQ(dvs.to_host<float>(), vs) << "the shared V scales were written";
+        for (int j = 0; j < 2; ++j) {  // the shared pages, as they were
+          const size_t at = size_t(pc.table[j]) * Hkv * page * D, bytes = size_t(Hkv) * page * D;
+          ASSERT_EQ(std::memcmp(pc.k8.data() + at, k8_before.data() + at, bytes), 0) << "k8 of shared page " << j;
+          ASSERT_EQ(std::memcmp(pc.vt8.data() + at, vt8_before.data() + at, bytes), 0) << "vt8 of shared page " << j;
+        }
+        QSide qs(B, Hq, n, D, s);
+        INTFA_ASSERT_OK(qs.quantize_on_host(x.tq(), hq.k_mean, o));
+        DeviceBuffer dused(used.data(), used.size() * 4);
+        for (QuantizedQKV* q : {&hq, &gq}) {
+          const QuantizedQKV& side = q == &hq ? qs.h : qs.d;
+          q->q8 = side.q8;
+          q->q_scale = side.q_scale;
+          q->lse_offset = side.lse_offset;
+        }
+        hq.seqused_kv = make_tensor(used.data(), DType::i32, {B});
+        gq.seqused_kv = on_device(hq.seqused_kv, dused.ptr);
+        ASSERT_NO_FATAL_FAILURE(expect_paths_match_cpu(hq, gq, o));
+        // The statistics copied per sequence (the pool's own [B, Hkv, D]): the same bits.
+        QuantizedQKV gc = gq;
+        gc.k_mean = dp.x.k_mean;
+        gc.v_scale = dp.x.v_scale;
+        const size_t rows = size_t(B) * Hq * n;
+        DeviceBuffer o1(rows * D * 4), o2(rows * D * 4);
+        const Tensor to = make_tensor(nullptr, DType::f32, {B, Hq, n, D});
+        GpuPath resolved;
+        for (GpuPath path : {GpuPath::decode, GpuPath::sm80, GpuPath::sm90}) {
+          if ((path == GpuPath::decode && n * (Hq / Hkv) > 16) ||
+              (path == GpuPath::sm90 && !resolve_gpu_path(GpuPath::sm90, 0, &resolved).ok()))
+            continue;
+          SCOPED_TRACE(std::string("path ") + to_string(path));
+          Options op = o;
+          op.path = path;
+          for (DeviceBuffer* buf : {&o1, &o2}) INTFA_ASSERT_OK(gpu_memset(buf->ptr, 0xFF, buf->bytes));
+          INTFA_ASSERT_OK(attention_int8(gq, Tensor(), Tensor(), 0, 0, on_device(to, o1.ptr), nullptr, op));
+          INTFA_ASSERT_OK(attention_int8(gc, Tensor(), Tensor(), 0, 0, on_device(to, o2.ptr), nullptr, op));
+          INTFA_ASSERT_OK(gpu_synchronize());
+          EXPECT_EQ(o1.to_host<uint32_t>(), o2.to_host<uint32_t>()) << "shared vs copied statistics";
+        }
+      }
+}
+
 // The page sizes each GPU path takes (host code, no GPU needed): a multiple of its key block, or
 // 16, 32 or 64 tokens (every path's SmallPages kernels; a flag reports them); else not_available
 // naming the page size. A contiguous call passes and reports no small pages.

@@ -164,7 +164,7 @@ __global__ void __launch_bounds__(kVThreads) cache_v_kernel(const CacheQuantPara
     if (c >= p.head_dim) continue;
     const float a = p.v_per_tensor ? head : amax[k], s = vs[c];
     s_old[c] = s;
-    s_new[c] = v_needs_growth(a, s) ? grown_v_scale(a) : s;
+    s_new[c] = !p.fixed_v_scale && v_needs_growth(a, s) ? grown_v_scale(a) : s;
     if (s_new[c] != s) s_grown[atomicAdd(&s_count, 1)] = c;
   }
   __syncthreads();
@@ -181,7 +181,7 @@ __global__ void __launch_bounds__(kVThreads) cache_v_kernel(const CacheQuantPara
   for (int k = 0; k < 2; ++k) {
     const int c = threadIdx.x + k * kVThreads;
     if (c >= p.head_dim) continue;
-    vs[c] = s_new[c];
+    if (!p.fixed_v_scale) vs[c] = s_new[c];  // fixed: only read (maybe shared by the batch)
     const float inv = inv_of_scale(s_new[c]);
     for (int t = 0; t < p.tokens; ++t) {
       const int64_t at = cache_pos(p, pos0, t);
