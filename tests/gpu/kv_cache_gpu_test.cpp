@@ -88,8 +88,10 @@ struct AppendCase {
 };
 
 // attention_int8 over `gq` on every GPU path (paged caches too) against the CPU emulation (the
-// kernels' key block) over `hq`, the same cache on the host.
-void expect_paths_match_cpu(const QuantizedQKV& hq, const QuantizedQKV& gq, const Options& o) {
+// kernels' key block) over `hq`, the same cache on the host. lse_tol: the LSE bound, relative to
+// 1 + |lse| (accurate's l is a sum of P8 levels, and a row whose l is one key's 255 levels moves
+// by 1/255 = 3.9e-3 for each level that ex2.approx rounds the other way than exp2).
+void expect_paths_match_cpu(const QuantizedQKV& hq, const QuantizedQKV& gq, const Options& o, float lse_tol = 5e-3f) {
   const int B = int(hq.q8.shape[0]), Hq = int(hq.q8.shape[1]), n = int(hq.q8.shape[2]), D = int(hq.q8.shape[3]);
   const int Hkv = int(hq.k8.shape[1]);
   std::vector<float> want(size_t(B) * Hq * n * D, NAN), want_lse(size_t(B) * Hq * n, NAN);
@@ -126,7 +128,7 @@ void expect_paths_match_cpu(const QuantizedQKV& hq, const QuantizedQKV& gq, cons
         for (int d = 0; d < D; ++d) ASSERT_EQ(out[r * D + d], 0.f) << "row " << r;
         continue;
       }
-      ASSERT_LT(std::fabs(lse[r] - want_lse[r]), 5e-3f * (1.f + std::fabs(want_lse[r]))) << "lse row " << r;
+      ASSERT_LT(std::fabs(lse[r] - want_lse[r]), lse_tol * (1.f + std::fabs(want_lse[r]))) << "lse row " << r;
     }
   }
 }
@@ -349,7 +351,9 @@ TEST(KvCacheGpu, SharedPrefixPagesMatchCpu) {
         }
         hq.seqused_kv = make_tensor(used.data(), DType::i32, {B});
         gq.seqused_kv = on_device(hq.seqused_kv, dused.ptr);
-        ASSERT_NO_FATAL_FAILURE(expect_paths_match_cpu(hq, gq, o));
+        // 960 rows of 40-token chunks over LLM-like keys: some rows' l is nearly one key's, where
+        // two or three level flips (above) reach 8e-3 (measured: 7.4e-3 at |lse| = 0.1, H200).
+        ASSERT_NO_FATAL_FAILURE(expect_paths_match_cpu(hq, gq, o, 1.2e-2f));
         // The statistics copied per sequence (the pool's own [B, Hkv, D]): the same bits.
         QuantizedQKV gc = gq;
         gc.k_mean = dp.x.k_mean;
