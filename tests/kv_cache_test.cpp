@@ -203,89 +203,91 @@ TEST(KvCache, AppendFollowsTheRule) {
   }
 }
 
+// One head of 16 channels in a cache of 8 tokens: V scales 0.01 (accurate: channel 1's 1.0), a
+// pattern of V^T bytes, K mean 0; a new token at `pos` whose K and V are 1.0 (100 levels), but V
+// channels 0 and 2 (+-12.0: 1200 levels) and 3 (0.0625: 6.25 levels).
+struct OneHeadAppend {
+  static constexpr int cap = 8, D = 16, pos = 2;
+  Cache c;
+  std::vector<float> vs;
+  int8_t* vt;
+  int64_t ds, cols;
+  std::vector<int8_t> before;
+  std::vector<uint16_t> k, v;
+  explicit OneHeadAppend(Scheme s) : c(1, 1, cap, D, s), vs(D, 0.01f), k(D, 0x3c00), v(D, 0x3c00) {
+    if (s != Scheme::paper) vs[1] = 1.f;
+    std::memcpy(c.x.v_scale.data, vs.data(), D * sizeof(float));
+    std::memset(c.x.k_mean.data, 0, D * sizeof(float));
+    vt = static_cast<int8_t*>(c.x.vt8.data);
+    ds = c.x.vt8.stride[2];
+    cols = c.x.vt8.shape[3];
+    for (int d = 0; d < D; ++d)
+      for (int64_t col = 0; col < cols; ++col) vt[d * ds + col] = static_cast<int8_t>((col * 37 + d * 11) % 255 - 127);
+    before.assign(vt, vt + D * ds);
+    v[0] = 0x4a00;
+    v[2] = 0xca00;
+    v[3] = 0x2c00;
+  }
+  Status append(const Options& o) {
+    return append_kv(make_tensor(k.data(), DType::f16, {1, 1, 1, D}), make_tensor(v.data(), DType::f16, {1, 1, 1, D}), pos,
+                     o, c.x);
+  }
+};
+
 // V beyond the range of a channel's scale grows that scale to 1.25 x amax / 127 and requantizes
 // the bytes the cache holds; paper grows the head's one scale; values within range leave the
 // cache alone.
 TEST(KvCache, AppendGrowsTheVScaleInsteadOfClamping) {
   for (Scheme s : {Scheme::accurate, Scheme::paper}) {
     SCOPED_TRACE(to_string(s));
-    const int cap = 8, D = 16, pos = 2;
-    Cache c(1, 1, cap, D, s);
-    const bool paper = s == Scheme::paper;
-    std::vector<float> vs(D, 0.01f);
-    if (!paper) vs[1] = 1.f;
-    std::memcpy(c.x.v_scale.data, vs.data(), D * sizeof(float));
-    std::memset(c.x.k_mean.data, 0, D * sizeof(float));
-    int8_t* vt = static_cast<int8_t*>(c.x.vt8.data);
-    const int64_t ds = c.x.vt8.stride[2], cols = c.x.vt8.shape[3];
-    for (int d = 0; d < D; ++d)
-      for (int64_t col = 0; col < cols; ++col) vt[d * ds + col] = static_cast<int8_t>((col * 37 + d * 11) % 255 - 127);
-    const std::vector<int8_t> before(vt, vt + D * ds);
-    std::vector<uint16_t> k(D, 0x3c00), v(D, 0x3c00);  // fp16 1.0: 100 levels of 0.01
-    v[0] = 0x4a00;                                      // 12.0: 1200 levels
-    v[2] = 0xca00;                                      // -12.0
+    OneHeadAppend a(s);
+    const int D = a.D, pos = a.pos;
     Options o;
     o.scheme = s;
-    ASSERT_TRUE(append_kv(make_tensor(k.data(), DType::f16, {1, 1, 1, D}), make_tensor(v.data(), DType::f16, {1, 1, 1, D}),
-                          pos, o, c.x).ok());
+    ASSERT_TRUE(a.append(o).ok());
     const float grown = 12.f / 127.f * 1.25f;
-    const float* got_vs = static_cast<const float*>(c.x.v_scale.data);
+    const float* got_vs = static_cast<const float*>(a.c.x.v_scale.data);
     for (int d = 0; d < D; ++d) {
-      const bool grows = paper || d == 0 || d == 2;  // paper: the head's one scale
+      const bool grows = s == Scheme::paper || d == 0 || d == 2;  // paper: the head's one scale
       SCOPED_TRACE("channel " + std::to_string(d));
-      ASSERT_EQ(got_vs[d], grows ? grown : vs[d]);
-      const float val = tools::to_float(v[d], DType::f16);
-      EXPECT_EQ(vt[d * ds + pos], static_cast<int>(std::nearbyint(val * (1.f / got_vs[d]))));
-      for (int64_t col = 0; col < cols; ++col) {
+      ASSERT_EQ(got_vs[d], grows ? grown : a.vs[d]);
+      const float val = tools::to_float(a.v[d], DType::f16);
+      EXPECT_EQ(a.vt[d * a.ds + pos], static_cast<int>(std::nearbyint(val * (1.f / got_vs[d]))));
+      for (int64_t col = 0; col < a.cols; ++col) {
         if (col == pos) continue;
-        const int8_t old = before[d * ds + col];
-        const int want = grows ? static_cast<int>(std::nearbyint(float(old) * vs[d] * (1.f / grown))) : old;
-        ASSERT_EQ(vt[d * ds + col], want) << "column " << col;
+        const int8_t old = a.before[d * a.ds + col];
+        const int want = grows ? static_cast<int>(std::nearbyint(float(old) * a.vs[d] * (1.f / grown))) : old;
+        ASSERT_EQ(a.vt[d * a.ds + col], want) << "column " << col;
       }
     }
-    EXPECT_EQ(vt[0 * ds + pos], 102);  // 12 / (1.25 * 12 / 127) = 101.6
-    EXPECT_EQ(vt[2 * ds + pos], -102);
+    EXPECT_EQ(a.vt[0 * a.ds + pos], 102);  // 12 / (1.25 * 12 / 127) = 101.6
+    EXPECT_EQ(a.vt[2 * a.ds + pos], -102);
   }
 }
 
-// Options::fixed_v_scale: the same cache and tokens as above, but nothing grows: values past a
-// scale saturate at +-127, v_scale is not written and no byte but the new column changes.
+// Options::fixed_v_scale: the same cache and token, but nothing grows: values past a scale
+// saturate at +-127, v_scale is not written and no byte but the new column changes.
 TEST(KvCache, FixedVScaleSaturatesAndChangesNothingElse) {
   for (Scheme s : {Scheme::accurate, Scheme::paper}) {
     SCOPED_TRACE(to_string(s));
-    const int cap = 8, D = 16, pos = 2;
-    Cache c(1, 1, cap, D, s);
-    std::vector<float> vs(D, 0.01f);
-    vs[1] = 1.f;
-    if (s == Scheme::paper) vs.assign(D, 0.01f);
-    std::memcpy(c.x.v_scale.data, vs.data(), D * sizeof(float));
-    std::memset(c.x.k_mean.data, 0, D * sizeof(float));
-    int8_t* vt = static_cast<int8_t*>(c.x.vt8.data);
-    const int64_t ds = c.x.vt8.stride[2], cols = c.x.vt8.shape[3];
-    for (int d = 0; d < D; ++d)
-      for (int64_t col = 0; col < cols; ++col) vt[d * ds + col] = static_cast<int8_t>((col * 37 + d * 11) % 255 - 127);
-    const std::vector<int8_t> before(vt, vt + D * ds);
-    std::vector<uint16_t> k(D, 0x3c00), v(D, 0x3c00);  // fp16 1.0: 100 levels of 0.01
-    v[0] = 0x4a00;                                      // 12.0: saturates
-    v[2] = 0xca00;                                      // -12.0
-    v[3] = 0x2c00;                                      // 0.0625: 6.25 levels, rounds to 6
+    OneHeadAppend a(s);
+    const int D = a.D, pos = a.pos;
     Options o;
     o.scheme = s;
     o.fixed_v_scale = true;
-    ASSERT_TRUE(append_kv(make_tensor(k.data(), DType::f16, {1, 1, 1, D}), make_tensor(v.data(), DType::f16, {1, 1, 1, D}),
-                          pos, o, c.x).ok());
-    EXPECT_EQ(std::memcmp(c.x.v_scale.data, vs.data(), D * sizeof(float)), 0) << "v_scale unchanged";
+    ASSERT_TRUE(a.append(o).ok());
+    EXPECT_EQ(std::memcmp(a.c.x.v_scale.data, a.vs.data(), D * sizeof(float)), 0) << "v_scale unchanged";
     for (int d = 0; d < D; ++d) {
       SCOPED_TRACE("channel " + std::to_string(d));
-      const float val = tools::to_float(v[d], DType::f16);
-      const int want = static_cast<int>(std::clamp(std::nearbyint(val * (1.f / vs[d])), -127.f, 127.f));
-      EXPECT_EQ(vt[d * ds + pos], want);
-      for (int64_t col = 0; col < cols; ++col)
-        if (col != pos) ASSERT_EQ(vt[d * ds + col], before[d * ds + col]) << "column " << col;
+      const float val = tools::to_float(a.v[d], DType::f16);
+      const int want = static_cast<int>(std::clamp(std::nearbyint(val * (1.f / a.vs[d])), -127.f, 127.f));
+      EXPECT_EQ(a.vt[d * a.ds + pos], want);
+      for (int64_t col = 0; col < a.cols; ++col)
+        if (col != pos) ASSERT_EQ(a.vt[d * a.ds + col], a.before[d * a.ds + col]) << "column " << col;
     }
-    EXPECT_EQ(vt[0 * ds + pos], 127);
-    EXPECT_EQ(vt[2 * ds + pos], -127);
-    EXPECT_EQ(vt[3 * ds + pos], 6);
+    EXPECT_EQ(a.vt[0 * a.ds + pos], 127);
+    EXPECT_EQ(a.vt[2 * a.ds + pos], -127);
+    EXPECT_EQ(a.vt[3 * a.ds + pos], 6);
   }
 }
 

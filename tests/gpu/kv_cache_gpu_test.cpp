@@ -59,6 +59,14 @@ struct QSide {
     d.q_scale = on_device(h.q_scale, ds.ptr);
     d.lse_offset = on_device(h.lse_offset, doff.ptr);
   }
+  // These queries as the query parts of a host and a device QuantizedQKV.
+  void set_queries(QuantizedQKV* host, QuantizedQKV* dev) const {
+    for (auto [x, side] : {std::pair<QuantizedQKV*, const QuantizedQKV*>{host, &h}, {dev, &d}}) {
+      x->q8 = side->q8;
+      x->q_scale = side->q_scale;
+      x->lse_offset = side->lse_offset;
+    }
+  }
   // The same queries on both sides: q quantized on the host against k_mean, copied to the device.
   Status quantize_on_host(const Tensor& q, const Tensor& k_mean, const Options& o) {
     Status st = quantize_q(q, k_mean, o, h);
@@ -343,12 +351,7 @@ TEST(KvCacheGpu, SharedPrefixPagesMatchCpu) {
         QSide qs(B, Hq, n, D, s);
         INTFA_ASSERT_OK(qs.quantize_on_host(x.tq(), hq.k_mean, o));
         DeviceBuffer dused(used.data(), used.size() * 4);
-        for (QuantizedQKV* q : {&hq, &gq}) {
-          const QuantizedQKV& side = q == &hq ? qs.h : qs.d;
-          q->q8 = side.q8;
-          q->q_scale = side.q_scale;
-          q->lse_offset = side.lse_offset;
-        }
+        qs.set_queries(&hq, &gq);
         hq.seqused_kv = make_tensor(used.data(), DType::i32, {B});
         gq.seqused_kv = on_device(hq.seqused_kv, dused.ptr);
         // 960 rows of 40-token chunks over LLM-like keys: some rows' l is nearly one key's, where
@@ -463,12 +466,7 @@ TEST(KvCacheGpu, PagedMatchesCpu) {
         INTFA_ASSERT_OK(qs.quantize_on_host(x.tq(), c.h.k_mean, o));
         DeviceBuffer dused(used.data(), used.size() * 4);
         QuantizedQKV hp = pc.x, gp = dp.x;
-        for (QuantizedQKV* q : {&hp, &gp}) {
-          const QuantizedQKV& side = q == &hp ? qs.h : qs.d;
-          q->q8 = side.q8;
-          q->q_scale = side.q_scale;
-          q->lse_offset = side.lse_offset;
-        }
+        qs.set_queries(&hp, &gp);
         hp.seqused_kv = make_tensor(used.data(), DType::i32, {B});
         gp.seqused_kv = on_device(hp.seqused_kv, dused.ptr);
         ASSERT_NO_FATAL_FAILURE(expect_paths_match_cpu(hp, gp, o));
