@@ -612,6 +612,16 @@ class PagedKVCache:
     its new tokens need. A ValueError (and nothing changed) when the pool has too few free pages
     or a sequence would pass its capacity.
 
+    v_headroom (None, or a number >= 1): shared pages (prefix caching). By default each sequence
+    has its own statistics and its V scales grow as values past them arrive (what append_kv
+    does), so no page is shared. With v_headroom, the batch has one set (docs/KV_CACHE.md,
+    "Shared pages"): k_mean the mean of every prompt token's K, v_scale the largest of the
+    prompts' per-channel V scales times v_headroom, kept static (appends use fixed_v_scale: a V
+    value past its scale saturates); k_mean and v_scale are then [Hkv, D] sets expanded to [B,
+    Hkv, D] (batch stride 0). A page once written never changes, and share_prefix(dst, src,
+    tokens) lets sequence dst start with src's first tokens without a copy: the pages are
+    counted by reference and go back to the pool when no sequence holds them.
+
     Attributes: lengths (int32 [B] on the cache's device, each sequence's tokens, read by the
     kernels) and lengths_host (the same as a list of Python ints), length (the longest),
     block_table (int32 [B, max_pages] on the cache's device, -1 where no page is held), pages_free,
@@ -619,12 +629,18 @@ class PagedKVCache:
     heads_kv, head_dim, and the parts: the pool's pages k8 [num_pages, Hkv, page_size, D] (BSHD:
     [num_pages, page_size, Hkv, D]), k_scale [num_pages, Hkv, page_size] and vt8 [num_pages,
     Hkv, D, page_size], and the per-sequence statistics k_mean [B, Hkv, D] (None for paper) and
-    v_scale [B, Hkv, D]. Parts past a sequence's tokens hold no meaning.
+    v_scale [B, Hkv, D], and shared (whether v_headroom was given). Parts past a sequence's tokens
+    hold no meaning.
     """
 
     def __init__(self, k, v, num_pages, *, page_size=128, max_pages=None, lengths=None,
-                 layout="BHSD", scheme="accurate"):
+                 layout="BHSD", scheme="accurate", v_headroom=None):
         fw, (b, hkv, n, dim) = _check_prompt(k, v, layout, scheme, "PagedKVCache")
+        if v_headroom is not None and not (isinstance(v_headroom, (int, float)) and
+                                           not isinstance(v_headroom, bool) and v_headroom >= 1):
+            raise ValueError(f"v_headroom: expected None or a number >= 1 (the static V scales "
+                             f"over the prompts' largest), got {v_headroom!r}")
+        self.shared = v_headroom is not None
         page_size = _count_arg(page_size, "page_size", 16)
         num_pages = _count_arg(num_pages, "num_pages", 1)
         max_pages = num_pages if max_pages is None else _count_arg(max_pages, "max_pages", 1)
@@ -640,6 +656,7 @@ class PagedKVCache:
                 raise ValueError(f"PagedKVCache: sequence {i}'s prompt of {m} tokens exceeds the "
                                  f"capacity max_pages * page_size = {self.capacity}")
         self._free = list(range(num_pages))  # a heap: the lowest free page first
+        self._refs = [0] * num_pages  # the table entries naming each page (share_prefix)
         self._table = [[-1] * max_pages for _ in range(b)]
         self._first_held = [0] * b  # each sequence's first token still in a page (trim)
         self._allocate(held, "PagedKVCache (the prompts)")
@@ -656,6 +673,8 @@ class PagedKVCache:
                      parts["vt8"]):
             part[...] = 0  # tokens no sequence holds: zeros, not uninitialized memory
         _quantize_prompts(fw, k, v, parts, n, prompts, layout, scheme)
+        if self.shared:
+            _share_statistics(fw, k, v, parts, held, min(n, span), layout, scheme, v_headroom)
         for i, row in enumerate(self._table):
             for j, page in enumerate(row[:-(-held[i] // page_size)]):
                 t = slice(j * page_size, (j + 1) * page_size)
@@ -696,12 +715,17 @@ class PagedKVCache:
                              f"(num_pages = {self.num_pages})")
         for b, j in wanted:
             self._table[b][j] = heapq.heappop(self._free)
+            self._refs[self._table[b][j]] = 1
         return wanted
 
     def _give_back(self, entries):
-        """The pages at the host table's (b, j) entries back to the free list; entries -1."""
+        """The host table's (b, j) entries set to -1; a page no entry names any more goes back to
+        the free list."""
         for b, j in entries:
-            heapq.heappush(self._free, self._table[b][j])
+            page = self._table[b][j]
+            self._refs[page] -= 1
+            if self._refs[page] == 0:
+                heapq.heappush(self._free, page)
             self._table[b][j] = -1
 
     def _write_table(self):
@@ -738,7 +762,7 @@ class PagedKVCache:
         try:
             if taken:
                 self._write_table()
-            append_kv(self.qkv(), k_new, v_new, self.lengths)
+            append_kv(self.qkv(), k_new, v_new, self.lengths, fixed_v_scale=self.shared)
         except BaseException:
             if taken:
                 self._give_back(taken)
@@ -746,6 +770,80 @@ class PagedKVCache:
             raise
         self.lengths += n  # in place: a framework op
         self.lengths_host = [m + n for m in self.lengths_host]
+
+    def append_to(self, b, k_new, v_new):
+        """Appends n tokens to sequence b alone ([1, Hkv, n, D] or [1, n, Hkv, D] in the cache's
+        layout) at position lengths[b], with its statistics (a request's own prompt after
+        share_prefix, or a prompt chunk); then lengths[b] += n. Pages, errors and the state
+        after an error as in append()."""
+        b = self._sequence(b, "PagedKVCache.append_to", "b")
+        d = _arrays.dims(k_new.shape, self.layout, False)
+        n = int(d[2]) if d is not None else 0
+        m = self.lengths_host[b]
+        if m + n > self.capacity:
+            raise ValueError(
+                f"PagedKVCache.append_to: {n} new tokens do not fit sequence {b}: capacity "
+                f"{self.capacity}, length {m} (length + n = {m + n} > capacity)")
+        counts = list(self.lengths_host)
+        counts[b] = m + n
+        taken = self._allocate(counts, "PagedKVCache.append_to")
+        one = self.qkv()._replace(
+            k_mean=None if self.k_mean is None else _arrays.batch_entry(self.k_mean, b),
+            v_scale=_arrays.batch_entry(self.v_scale, b), seqused_kv=None,
+            block_table=_arrays.batch_entry(self.block_table, b))
+        try:
+            if taken:
+                self._write_table()
+            append_kv(one, k_new, v_new, m, fixed_v_scale=self.shared)
+        except BaseException:
+            if taken:
+                self._give_back(taken)
+                self._write_table()
+            raise
+        self.lengths[b] = m + n
+        self.lengths_host[b] = m + n
+
+    def share_prefix(self, dst, src, tokens):
+        """Sequence dst starts with sequence src's first `tokens` tokens (a multiple of
+        page_size, at most src's length): its table names src's pages for them, no bytes are
+        copied, and append() / append_to() then write dst's tokens into pages of its own. Only
+        for a cache with shared statistics (v_headroom), whose pages never change once written;
+        dst must hold no tokens (a fresh release(dst)). The pages go back to the pool when
+        neither sequence holds them any more (release, trim)."""
+        dst = self._sequence(dst, "PagedKVCache.share_prefix", "dst")
+        src = self._sequence(src, "PagedKVCache.share_prefix", "src")
+        if not self.shared:
+            raise ValueError("PagedKVCache.share_prefix: pages are shared only by a cache with one "
+                             "set of static statistics (PagedKVCache(..., v_headroom=...)); this "
+                             "cache grows each sequence's V scales")
+        page = self.page_size
+        count = _arrays.host_ints([tokens])
+        m = self.lengths_host[src]
+        if count is None or count[0] < page or count[0] % page or count[0] > m:
+            raise ValueError(f"PagedKVCache.share_prefix: tokens: expected a positive multiple of "
+                             f"page_size {page} up to sequence {src}'s length {m}, got {tokens!r}")
+        tokens = count[0]
+        if dst == src or self.lengths_host[dst] or any(e >= 0 for e in self._table[dst]):
+            raise ValueError(f"PagedKVCache.share_prefix: dst: expected a sequence other than src "
+                             f"that holds no tokens (release({dst}) first), got {dst} with length "
+                             f"{self.lengths_host[dst]}")
+        if self._first_held[src] > 0:
+            raise ValueError(f"PagedKVCache.share_prefix: sequence {src} gave back its first "
+                             f"{self._first_held[src]} tokens (trim); expected all of its prefix")
+        for j in range(tokens // page):
+            self._table[dst][j] = self._table[src][j]
+            self._refs[self._table[src][j]] += 1
+        self._write_table()
+        self.lengths[dst] = tokens
+        self.lengths_host[dst] = tokens
+        self._first_held[dst] = 0
+
+    def _sequence(self, b, what, name):
+        """A sequence index argument as a Python int in [0, batch); ValueError otherwise."""
+        index = _arrays.host_ints([b])
+        if index is None or not 0 <= index[0] < self.batch:
+            raise ValueError(f"{what}: {name}: expected a sequence in [0, {self.batch}), got {b!r}")
+        return index[0]
 
     def release(self, b):
         """Gives sequence b's pages back to the pool: its length becomes 0 and its table row -1.
@@ -847,6 +945,29 @@ def _check_prompt(k, v, layout, scheme, cls):
         raise ValueError(f"k: expected every size of {_cache_dims(layout, 'L0')} >= 1 (the "
                          f"prompt fixes the cache's statistics), got shape {tuple(k.shape)}")
     return fw, d
+
+
+def _share_statistics(fw, k, v, parts, held, n, layout, scheme, headroom):
+    """PagedKVCache(v_headroom=): the prompts' per-sequence statistics in `parts` replaced by one
+    set for the batch, expanded to [B, Hkv, D] (batch stride 0): k_mean the mean of every prompt
+    token's K (the sequences' means weighted by their lengths `held`; accurate only), v_scale the
+    largest per-channel scale times `headroom`; then the prompts' first n tokens written again
+    with the set (append_kv with fixed_v_scale: K against its mean, V by its scales)."""
+    shape = tuple(parts["v_scale"].shape)
+    w = _np.asarray(held, dtype=_np.float64)[:, None, None]
+    vs = _np.asarray(parts["v_scale"].tolist(), dtype=_np.float32).max(axis=0)
+    sets = {"v_scale": (vs * _np.float32(headroom)).astype(_np.float32)}
+    if scheme == "accurate":
+        km = _np.asarray(parts["k_mean"].tolist(), dtype=_np.float64)
+        sets["k_mean"] = ((km * w).sum(axis=0) / w.sum()).astype(_np.float32)
+    for name, values in sets.items():
+        parts[name] = fw.broadcast(fw.array([values.tolist()], "float32", k), shape)
+    cache = QuantizedQKV(scheme=scheme, layout=layout, q8=None, q_scale=None, lse_offset=None,
+                         k8=parts["k8"], k_scale=parts["k_scale"],
+                         k_mean=parts.get("k_mean") if scheme == "accurate" else None,
+                         vt8=parts["vt8"], v_scale=parts["v_scale"])
+    append_kv(cache, _arrays.first_tokens(k, n, layout), _arrays.first_tokens(v, n, layout), 0,
+              fixed_v_scale=True)
 
 
 def _quantize_prompts(fw, k, v, parts, n, prompts, layout, scheme):

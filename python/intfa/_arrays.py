@@ -244,6 +244,9 @@ class NumpyArrays:
     def array(self, values, dtype, like):
         return np.array(values, dtype=self.np_dtype(dtype))
 
+    def broadcast(self, x, shape):
+        return np.broadcast_to(x, shape)
+
     def out_like(self, q):
         dt = q.dtype.name if q.dtype.name in FLOAT_INPUTS else "float16"
         return np.empty(q.shape, dtype=self.np_dtype(dt))
@@ -298,6 +301,9 @@ class CupyArrays:
         with self.cp.cuda.Device(like.device.id):
             return self.cp.array(values, dtype=dtype)
 
+    def broadcast(self, x, shape):
+        return self.cp.broadcast_to(x, shape)
+
     def out_like(self, q):
         dt = q.dtype.name if q.dtype.name in FLOAT_INPUTS else "float16"
         return self.empty(q.shape, dt, q)
@@ -348,6 +354,9 @@ class TorchArrays:
 
     def array(self, values, dtype, like):
         return self.torch.tensor(values, dtype=getattr(self.torch, dtype), device=like.device)
+
+    def broadcast(self, x, shape):
+        return x.expand(*shape)
 
     def out_like(self, q):
         # empty_like keeps q's strides when q is dense (e.g. a BSHD tensor seen as BHSD), so the

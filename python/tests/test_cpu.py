@@ -1727,3 +1727,68 @@ def test_sinks_errors():
     xp = intfa.quantize(q, k, v, scheme="paper")
     exact(intfa.attention_int8(xp._replace(lse_offset=None), sinks=z),
           intfa.attention_int8(xp, sinks=z))
+
+
+def test_paged_kv_cache_shared_prefix_pages():
+    # PagedKVCache(v_headroom=): one set of statistics (batch stride 0; v_scale the prompts'
+    # largest x 2), share_prefix() hands sequence 0's first two pages to a released sequence 2,
+    # append_to() writes 2's own tokens, append() a step for all: the shared pages never change,
+    # sequence 2's attention equals a contiguous cache of its tokens with the same set (bits),
+    # and the pages go back to the pool when no sequence holds them.
+    rng = np.random.default_rng(41)
+    page, hkv, d = 16, 2, 64
+    q, k, v = qkv(rng, 3, 4, hkv, 1, 60, d)
+    cache = intfa.PagedKVCache(k, v, 24, page_size=page, max_pages=6, lengths=[60, 40, 20],
+                               v_headroom=2.0)
+    assert cache.shared and cache.v_scale.strides[0] == 0 and cache.k_mean.strides[0] == 0
+    own = intfa.KVCache(k, v, 64, lengths=[60, 40, 20])  # per-sequence statistics
+    np.testing.assert_array_equal(cache.v_scale[1], own.v_scale.max(axis=0) * np.float32(2))
+    for b, m in enumerate([60, 40, 20]):
+        ref, _ = attention_ref(q[b:b + 1], k[b:b + 1, :, :m], v[b:b + 1, :, :m])
+        assert rel_l2(cache.attention(q)[b:b + 1], ref) < TOL["accurate"]
+    free = cache.pages_free
+    cache.release(2)
+    assert cache.pages_free == free + 2
+    cache.share_prefix(2, 0, 2 * page)
+    assert cache.lengths_host[2] == 2 * page and cache.pages_free == free + 2
+    assert list(cache.block_table[2, :2]) == list(cache.block_table[0, :2])
+    shared = [int(x) for x in cache.block_table[0, :2]]
+    before = cache.k8[shared].copy(), cache.vt8[shared].copy(), cache.k_scale[shared].copy()
+    sk, sv = (randn(rng, (1, hkv, 10, d)) for _ in range(2))
+    cache.append_to(2, sk, sv)
+    nk, nv = (randn(rng, (3, hkv, 1, d)) * 3 for _ in range(2))  # some V past the scales
+    cache.append(nk.astype(np.float16), nv.astype(np.float16))
+    assert cache.lengths_host == [61, 41, 2 * page + 11]
+    for got, want in zip((cache.k8[shared], cache.vt8[shared], cache.k_scale[shared]), before):
+        np.testing.assert_array_equal(got, want)
+    # Sequence 2 as a contiguous cache: the prefix, its own tokens, the step's token.
+    toks = [np.concatenate(x, axis=2) for x in ((k[:1, :, :2 * page], sk, nk[2:3].astype(np.float16)),
+                                                 (v[:1, :, :2 * page], sv, nv[2:3].astype(np.float16)))]
+    n = toks[0].shape[2]
+    cont = intfa.QuantizedQKV(scheme="accurate", layout="BHSD", q8=None, q_scale=None,
+                              lse_offset=None, k8=np.zeros((1, hkv, 64, d), np.int8),
+                              k_scale=np.zeros((1, hkv, 64), np.float32),
+                              k_mean=cache.k_mean[2:3], vt8=np.zeros((1, hkv, d, 64), np.int8),
+                              v_scale=cache.v_scale[2:3])
+    intfa.append_kv(cont, toks[0], toks[1], 0, fixed_v_scale=True)
+    q8, q_scale, lse_offset = intfa.quantize_q(q[2:3], cont.k_mean)
+    want = intfa.attention_int8(cont._replace(q8=q8, q_scale=q_scale, lse_offset=lse_offset,
+                                              k8=cont.k8[:, :, :n], k_scale=cont.k_scale[..., :n]))
+    np.testing.assert_array_equal(cache.attention(q)[2:3], want)
+    # Pages by reference: sequence 0's release keeps the two shared ones; 2's frees them.
+    free = cache.pages_free
+    cache.release(0)
+    assert cache.pages_free == free + 4 - 2
+    cache.release(2)
+    assert cache.pages_free == free + 4 + 1
+    # Errors name what is wrong.
+    with pytest.raises(ValueError, match="tokens: expected a positive multiple of page_size 16"):
+        cache.share_prefix(0, 1, 20)
+    with pytest.raises(ValueError, match="dst: expected a sequence other than src that holds no"):
+        cache.share_prefix(1, 1, 16)
+    growing = intfa.PagedKVCache(k, v, 24, page_size=page, max_pages=6)
+    growing.release(2)
+    with pytest.raises(ValueError, match="shared only by a cache with one set of static"):
+        growing.share_prefix(2, 0, 16)
+    with pytest.raises(ValueError, match="v_headroom: expected None or a number >= 1"):
+        intfa.PagedKVCache(k, v, 24, page_size=page, v_headroom=0.5)

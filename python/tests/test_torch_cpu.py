@@ -983,3 +983,19 @@ def test_append_kv_fixed_v_scale_shared_statistics_torch():
         assert torch.equal(getattr(shared, part), getattr(copied, part)), part
     assert torch.equal(vs, before) and torch.equal(copied.v_scale, before)
     assert (copied.vt8[..., 10:14].abs() == 127).any()  # saturated
+
+
+def test_paged_kv_cache_shared_prefix_torch():
+    # PagedKVCache(v_headroom=) with share_prefix / append_to on torch tensors: the NumPy
+    # cache's bits (expand() views for the shared statistics).
+    q, k, v = rand(3, 4, 1, 64, seed=41), rand(3, 2, 60, 64, seed=42), rand(3, 2, 60, 64, seed=43)
+    sk, sv = rand(1, 2, 10, 64, seed=44), rand(1, 2, 10, 64, seed=45)
+    outs = []
+    for to in (lambda x: x, lambda x: x.numpy()):
+        cache = intfa.PagedKVCache(to(k), to(v), 24, page_size=16, max_pages=6,
+                                   lengths=[60, 40, 20], v_headroom=2.0)
+        cache.release(2)
+        cache.share_prefix(2, 0, 32)
+        cache.append_to(2, to(sk), to(sv))
+        outs.append(np.asarray(cache.attention(to(q))))
+    assert torch.equal(torch.from_numpy(outs[1]), torch.from_numpy(outs[0]))
