@@ -848,6 +848,32 @@ def test_paged_kv_cache_small_pages_on_the_gpu(page):
     assert torch.equal(auto[0], named[0]) and torch.equal(auto[1], named[1])
 
 
+def test_paged_kv_cache_shared_prefix_on_the_gpu():
+    """PagedKVCache(v_headroom=) over 16-token pages with share_prefix / append_to on CUDA tensors
+    against the same calls on the CPU backend: the pool, the table and the shared statistics
+    equal bit for bit (the quantizers are exact), attention of a decode step and of a 17-row
+    chunk within test_paged_kv_on_the_gpu's tolerance."""
+    q = rand(3, 8, 17, 128, seed=51)
+    k, v = rand(3, 2, 200, 128, seed=52), rand(3, 2, 200, 128, seed=53)
+    sk, sv = rand(1, 2, 40, 128, seed=54), rand(1, 2, 40, 128, seed=55)
+    caches = []
+    for dev in ("cuda", "cpu"):
+        cache = intfa.PagedKVCache(k.to(dev), v.to(dev), 40, page_size=16, max_pages=20,
+                                   lengths=[200, 150, 60], v_headroom=2.0)
+        cache.release(2)
+        cache.share_prefix(2, 0, 128)
+        cache.append_to(2, sk.to(dev), sv.to(dev))
+        caches.append(cache)
+    g, h = caches
+    assert g.lengths_host == h.lengths_host == [200, 150, 168]
+    for part in ("k8", "k_scale", "vt8", "k_mean", "v_scale", "block_table", "lengths"):
+        assert torch.equal(getattr(g, part).cpu(), getattr(h, part)), part
+    for rows in (1, 17):
+        out_g = g.attention(q[:, :, :rows], is_causal=True)
+        out_h = h.attention(q[:, :, :rows].cpu(), is_causal=True)
+        assert rel_l2(out_g.cpu(), out_h) < 1e-2, rows
+
+
 # ------------------------------------------------------------------------------------------------
 # Sliding-window attention (window_size)
 # ------------------------------------------------------------------------------------------------
