@@ -203,18 +203,41 @@ TEST(KvCache, AppendFollowsTheRule) {
   }
 }
 
+// attention_int8 of one query row per head (qp's) over a contiguous cache view `flat` and over
+// `paged`, its paged copy, each sequence b attending to its first used[b] keys: no NaN, the same
+// bits.
+void expect_paged_equals_flat(QuantizedQKV flat, QuantizedQKV paged, const QuantizedQKV& qp,
+                              std::vector<int32_t> used, const Options& o) {
+  const int64_t B = qp.q8.shape[0], Hq = qp.q8.shape[1], D = qp.q8.shape[3];
+  for (QuantizedQKV* x : {&flat, &paged}) {
+    x->q8 = qp.q8;
+    x->q_scale = qp.q_scale;
+    x->lse_offset = qp.lse_offset;
+    x->seqused_kv = make_tensor(used.data(), DType::i32, {B});
+  }
+  std::vector<float> want(size_t(B * Hq * D), NAN), got(want.size(), NAN);
+  ASSERT_TRUE(attention_int8(flat, Tensor(), Tensor(), 0, 0, make_tensor(want.data(), DType::f32, {B, Hq, 1, D}),
+                             nullptr, o).ok());
+  const Status st = attention_int8(paged, Tensor(), Tensor(), 0, 0, make_tensor(got.data(), DType::f32, {B, Hq, 1, D}),
+                                   nullptr, o);
+  ASSERT_TRUE(st.ok()) << st.message();
+  EXPECT_EQ(count_nan(got), 0);
+  EXPECT_EQ(got, want);
+}
+
 // One head of 16 channels in a cache of 8 tokens: V scales 0.01 (accurate: channel 1's 1.0), a
 // pattern of V^T bytes, K mean 0; a new token at `pos` whose K and V are 1.0 (100 levels), but V
 // channels 0 and 2 (+-12.0: 1200 levels) and 3 (0.0625: 6.25 levels).
 struct OneHeadAppend {
   static constexpr int cap = 8, D = 16, pos = 2;
+  Scheme scheme;
   Cache c;
   std::vector<float> vs;
   int8_t* vt;
   int64_t ds, cols;
   std::vector<int8_t> before;
   std::vector<uint16_t> k, v;
-  explicit OneHeadAppend(Scheme s) : c(1, 1, cap, D, s), vs(D, 0.01f), k(D, 0x3c00), v(D, 0x3c00) {
+  explicit OneHeadAppend(Scheme s) : scheme(s), c(1, 1, cap, D, s), vs(D, 0.01f), k(D, 0x3c00), v(D, 0x3c00) {
     if (s != Scheme::paper) vs[1] = 1.f;
     std::memcpy(c.x.v_scale.data, vs.data(), D * sizeof(float));
     std::memset(c.x.k_mean.data, 0, D * sizeof(float));
@@ -228,7 +251,10 @@ struct OneHeadAppend {
     v[2] = 0xca00;
     v[3] = 0x2c00;
   }
-  Status append(const Options& o) {
+  Status append(bool fixed_v_scale) {
+    Options o;
+    o.scheme = scheme;
+    o.fixed_v_scale = fixed_v_scale;
     return append_kv(make_tensor(k.data(), DType::f16, {1, 1, 1, D}), make_tensor(v.data(), DType::f16, {1, 1, 1, D}), pos,
                      o, c.x);
   }
@@ -241,10 +267,8 @@ TEST(KvCache, AppendGrowsTheVScaleInsteadOfClamping) {
   for (Scheme s : {Scheme::accurate, Scheme::paper}) {
     SCOPED_TRACE(to_string(s));
     OneHeadAppend a(s);
+    ASSERT_TRUE(a.append(false).ok());
     const int D = a.D, pos = a.pos;
-    Options o;
-    o.scheme = s;
-    ASSERT_TRUE(a.append(o).ok());
     const float grown = 12.f / 127.f * 1.25f;
     const float* got_vs = static_cast<const float*>(a.c.x.v_scale.data);
     for (int d = 0; d < D; ++d) {
@@ -271,11 +295,8 @@ TEST(KvCache, FixedVScaleSaturatesAndChangesNothingElse) {
   for (Scheme s : {Scheme::accurate, Scheme::paper}) {
     SCOPED_TRACE(to_string(s));
     OneHeadAppend a(s);
+    ASSERT_TRUE(a.append(true).ok());
     const int D = a.D, pos = a.pos;
-    Options o;
-    o.scheme = s;
-    o.fixed_v_scale = true;
-    ASSERT_TRUE(a.append(o).ok());
     EXPECT_EQ(std::memcmp(a.c.x.v_scale.data, a.vs.data(), D * sizeof(float)), 0) << "v_scale unchanged";
     for (int d = 0; d < D; ++d) {
       SCOPED_TRACE("channel " + std::to_string(d));
@@ -417,20 +438,8 @@ TEST(KvCache, SharedPrefixPagesStayValid) {
     EXPECT_EQ(shared_pages(), before) << "the shared prefix pages changed";
     QParts qp(B, Hq, 1, D, s);
     ASSERT_TRUE(quantize_q(x.tq(), flat.x.k_mean, o, qp.x).ok());
-    std::vector<int32_t> used(held.begin(), held.end());
-    QuantizedQKV want_x = flat.view(qp.x, cap), got_x = pc.x;
-    got_x.q8 = qp.x.q8;
-    got_x.q_scale = qp.x.q_scale;
-    got_x.lse_offset = qp.x.lse_offset;
-    want_x.seqused_kv = got_x.seqused_kv = make_tensor(used.data(), DType::i32, {B});
-    std::vector<float> want(size_t(B) * Hq * D, NAN), got(want.size(), NAN);
-    ASSERT_TRUE(attention_int8(want_x, Tensor(), Tensor(), 0, 0, make_tensor(want.data(), DType::f32, {B, Hq, 1, D}),
-                               nullptr, o).ok());
-    const Status st = attention_int8(got_x, Tensor(), Tensor(), 0, 0, make_tensor(got.data(), DType::f32, {B, Hq, 1, D}),
-                                     nullptr, o);
-    ASSERT_TRUE(st.ok()) << st.message();
-    EXPECT_EQ(count_nan(got), 0);
-    EXPECT_EQ(got, want);
+    ASSERT_NO_FATAL_FAILURE(
+        expect_paged_equals_flat(flat.view(qp.x, cap), pc.x, qp.x, std::vector<int32_t>(held.begin(), held.end()), o));
   }
 }
 
@@ -770,25 +779,13 @@ TEST(KvCache, PagedAppendEqualsContiguous) {
       const Tensor tkm = make_tensor(s == Scheme::accurate ? static_cast<float*>(c.x.k_mean.data) : km_stats.data(),
                                      DType::f32, {B, Hkv, D});
       ASSERT_TRUE(quantize_q(qx.tq(), tkm, o, qp.x).ok());
-      std::vector<int32_t> lens(end.begin(), end.end());
-      QuantizedQKV flat = c.view(qp.x, cap), paged = pc.x;
-      paged.q8 = qp.x.q8;
-      paged.q_scale = qp.x.q_scale;
-      paged.lse_offset = qp.x.lse_offset;
-      flat.seqused_kv = paged.seqused_kv = make_tensor(lens.data(), DType::i32, {B});
-      std::vector<float> want(size_t(B) * Hq * D, NAN), got(want.size(), NAN);
       Options oa = o;  // with released pages: a local layer's window, which does not reach them
       if (released) {
         oa.causal = true;
         oa.window_left = 20;
       }
-      ASSERT_TRUE(attention_int8(flat, Tensor(), Tensor(), 0, 0, make_tensor(want.data(), DType::f32, {B, Hq, 1, D}),
-                                 nullptr, oa).ok());
-      const Status st = attention_int8(paged, Tensor(), Tensor(), 0, 0,
-                                       make_tensor(got.data(), DType::f32, {B, Hq, 1, D}), nullptr, oa);
-      ASSERT_TRUE(st.ok()) << st.message();
-      EXPECT_EQ(count_nan(got), 0);
-      EXPECT_EQ(got, want);
+      ASSERT_NO_FATAL_FAILURE(
+          expect_paged_equals_flat(c.view(qp.x, cap), pc.x, qp.x, std::vector<int32_t>(end.begin(), end.end()), oa));
     }
 }
 
