@@ -151,6 +151,9 @@ class QuantizedQKV(NamedTuple):
     (a view with padded rows), v_scale float32 [B, Hkv, D]. Varlen: q8 [Tq, Hq, D],
     q_scale/lse_offset [Hq, Tq], k8 [Tkv, Hkv, D], k_scale [Hkv, Tkv], vt8 [Hkv, D, Tkv],
     k_mean/v_scale [nseq, Hkv, D]. Scheme "half" keeps v as given and has no vt8/v_scale.
+    k_mean and v_scale may be one set for every sequence (a [Hkv, D] array expanded to [B, Hkv,
+    D], batch stride 0) where they are only read: attention_int8, quantize_q, and append_kv with
+    fixed_v_scale=True (shared pages; docs/KV_CACHE.md).
     seqused_kv (attention_int8 only, optional): int32 [B] (varlen: [nseq]) on q8's device, the
     keys each sequence attends to (its first seqused_kv[b], clamped to [0, Skv]; FlashAttention's
     seqused_k), read by the kernels: a batch of caches of different lengths in one call.
