@@ -130,28 +130,53 @@ def _quantize_q_fake(q, k_mean, scale, layout, scheme):
     return q8, q_scale, _lse_or_empty(lse_offset, q)
 
 
-def _append_kv_impl(k_new: Tensor, v_new: Tensor, pos: int, k8: Tensor, k_scale: Tensor,
-                    k_mean: Optional[Tensor], vt8: Tensor, v_scale: Tensor, scheme: str,
-                    cache_layout: str, layout: str,
-                    block_table: Optional[Tensor] = None, fixed_v_scale: bool = False) -> None:
+def _append(k_new, v_new, pos, k8, k_scale, k_mean, vt8, v_scale, scheme, cache_layout, layout,
+            block_table, fixed_v_scale):
     parts = dict(k8=k8, k_scale=k_scale, k_mean=k_mean, vt8=vt8, v_scale=v_scale,
                  block_table=block_table)
     _arrays.run_append_kv(_FW, k_new, v_new, pos, parts, scheme, cache_layout, layout,
                           fixed_v_scale)
 
 
+def _append_kv_impl(k_new: Tensor, v_new: Tensor, pos: int, k8: Tensor, k_scale: Tensor,
+                    k_mean: Optional[Tensor], vt8: Tensor, v_scale: Tensor, scheme: str,
+                    cache_layout: str, layout: str,
+                    block_table: Optional[Tensor] = None) -> None:
+    _append(k_new, v_new, pos, k8, k_scale, k_mean, vt8, v_scale, scheme, cache_layout, layout,
+            block_table, False)
+
+
 def _append_kv_ragged_impl(k_new: Tensor, v_new: Tensor, pos: Tensor, k8: Tensor,
                            k_scale: Tensor, k_mean: Optional[Tensor], vt8: Tensor,
                            v_scale: Tensor, scheme: str, cache_layout: str, layout: str,
-                           block_table: Optional[Tensor] = None,
-                           fixed_v_scale: bool = False) -> None:
+                           block_table: Optional[Tensor] = None) -> None:
     # append_kv with a position per sequence (int32 [B]): the same call, another schema.
-    _append_kv_impl(k_new, v_new, _FW.arg(pos), k8, k_scale, k_mean, vt8, v_scale, scheme,
-                    cache_layout, layout, block_table, fixed_v_scale)
+    _append(k_new, v_new, _FW.arg(pos), k8, k_scale, k_mean, vt8, v_scale, scheme, cache_layout,
+            layout, block_table, False)
+
+
+# append_kv(fixed_v_scale=True): the same schemas, but v_scale only read, so that it may be a set
+# expand()ed over the batch (shared pages), which an op mutating it cannot take under
+# torch.compile ("more than one element of the written-to tensor refers to a single memory
+# location").
+def _append_kv_fixed_impl(k_new: Tensor, v_new: Tensor, pos: int, k8: Tensor, k_scale: Tensor,
+                          k_mean: Optional[Tensor], vt8: Tensor, v_scale: Tensor, scheme: str,
+                          cache_layout: str, layout: str,
+                          block_table: Optional[Tensor] = None) -> None:
+    _append(k_new, v_new, pos, k8, k_scale, k_mean, vt8, v_scale, scheme, cache_layout, layout,
+            block_table, True)
+
+
+def _append_kv_fixed_ragged_impl(k_new: Tensor, v_new: Tensor, pos: Tensor, k8: Tensor,
+                                 k_scale: Tensor, k_mean: Optional[Tensor], vt8: Tensor,
+                                 v_scale: Tensor, scheme: str, cache_layout: str, layout: str,
+                                 block_table: Optional[Tensor] = None) -> None:
+    _append(k_new, v_new, _FW.arg(pos), k8, k_scale, k_mean, vt8, v_scale, scheme, cache_layout,
+            layout, block_table, True)
 
 
 def _append_kv_fake(k_new, v_new, pos, k8, k_scale, k_mean, vt8, v_scale, scheme, cache_layout,
-                    layout, block_table=None, fixed_v_scale=False):
+                    layout, block_table=None):
     return None
 
 
@@ -197,6 +222,10 @@ append_kv_op = _register("append_kv", _append_kv_impl, _append_kv_fake,
 # The same with a position per sequence (pos: int32 [B] on the cache's device; a ragged cache).
 append_kv_ragged_op = _register("append_kv_ragged", _append_kv_ragged_impl, _append_kv_fake,
                                 mutates_args=("k8", "k_scale", "vt8", "v_scale"))
+append_kv_fixed_op = _register("append_kv_fixed", _append_kv_fixed_impl, _append_kv_fake,
+                               mutates_args=("k8", "k_scale", "vt8"))
+append_kv_fixed_ragged_op = _register("append_kv_fixed_ragged", _append_kv_fixed_ragged_impl,
+                                      _append_kv_fake, mutates_args=("k8", "k_scale", "vt8"))
 quantize_into_op = _register("quantize_into", _quantize_into_impl, _quantize_into_fake,
                              mutates_args=("q8", "q_scale", "lse_offset", "k8", "k_scale",
                                            "k_mean", "vt8", "v_scale"))
@@ -244,6 +273,9 @@ attention_int8_call = _direct_or_op(attention_int8_op, _attention_int8_impl)
 quantize_q_call = _direct_or_op(quantize_q_op, _quantize_q_impl)
 append_kv_call = _direct_or_op(append_kv_op, _append_kv_impl)
 append_kv_ragged_call = _direct_or_op(append_kv_ragged_op, _append_kv_ragged_impl)
+append_kv_fixed_call = _direct_or_op(append_kv_fixed_op, _append_kv_fixed_impl)
+append_kv_fixed_ragged_call = _direct_or_op(append_kv_fixed_ragged_op,
+                                            _append_kv_fixed_ragged_impl)
 quantize_into_call = _direct_or_op(quantize_into_op, _quantize_into_impl)
 
 

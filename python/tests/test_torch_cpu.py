@@ -963,8 +963,9 @@ def test_transformers_attention_refusals():
 
 def test_append_kv_fixed_v_scale_shared_statistics_torch():
     # The NumPy test's case with torch tensors: statistics expanded from one sequence's (batch
-    # stride 0), appended with fixed_v_scale eagerly and through intfa::append_kv (its
-    # fixed_v_scale argument last): the bytes of a per-sequence copy, v_scale untouched.
+    # stride 0), appended with fixed_v_scale eagerly and through intfa::append_kv_fixed (which
+    # does not mutate v_scale): the bytes of a per-sequence copy, v_scale untouched; and a step
+    # under torch.compile(fullgraph=True) with the expand()ed set: eager's bits.
     q, k, v = rand(3, 4, 1, 64, seed=31), rand(3, 2, 40, 64, seed=32), rand(3, 2, 40, 64, seed=33)
     x = intfa.quantize(q, k, v)
     km, vs = x.k_mean[:1].expand(3, -1, -1), x.v_scale[:1].expand(3, -1, -1)
@@ -975,14 +976,29 @@ def test_append_kv_fixed_v_scale_shared_statistics_torch():
     k2, v2 = (k[:, :, 10:14] * 4).half(), (v[:, :, 10:14] * 4).half()
     before = vs.clone()
     intfa.append_kv(shared, k2[:, :, :2], v2[:, :, :2], 10, fixed_v_scale=True)
-    torch.ops.intfa.append_kv.default(k2[:, :, 2:], v2[:, :, 2:], 12, shared.k8, shared.k_scale,
-                                      shared.k_mean, shared.vt8, shared.v_scale, "accurate",
-                                      "BHSD", "BHSD", None, True)
+    torch.ops.intfa.append_kv_fixed.default(k2[:, :, 2:], v2[:, :, 2:], 12, shared.k8,
+                                            shared.k_scale, shared.k_mean, shared.vt8,
+                                            shared.v_scale, "accurate", "BHSD", "BHSD", None)
     intfa.append_kv(copied, k2, v2, 10, fixed_v_scale=True)
     for part in ("k8", "k_scale", "vt8"):
         assert torch.equal(getattr(shared, part), getattr(copied, part)), part
     assert torch.equal(vs, before) and torch.equal(copied.v_scale, before)
     assert (copied.vt8[..., 10:14].abs() == 127).any()  # saturated
+
+    def step(cache, kt, vt, at, qt):
+        intfa.append_kv(cache, kt, vt, at, fixed_v_scale=True)
+        q8, q_scale, lse_offset = intfa.quantize_q(qt, cache.k_mean)
+        return intfa.attention_int8(cache._replace(q8=q8, q_scale=q_scale, lse_offset=lse_offset,
+                                                   k8=cache.k8[:, :, :at + 1],
+                                                   k_scale=cache.k_scale[..., :at + 1]))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    twin = shared._replace(k8=shared.k8.clone(), k_scale=shared.k_scale.clone(),
+                           vt8=shared.vt8.clone())
+    args = (k[:, :, 14:15] * 3, v[:, :, 14:15] * 3, 14, q)
+    assert torch.equal(compiled(shared, *args), step(twin, *args))
+    assert torch.equal(shared.vt8, twin.vt8) and torch.equal(vs, before)
 
 
 def test_paged_kv_cache_shared_prefix_torch():
