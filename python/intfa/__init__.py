@@ -351,7 +351,8 @@ def append_kv(cache, k_new, v_new, pos, *, layout=None, fixed_v_scale=False):
             if parts[n] is None:  # a part the scheme lacks (half): the C++ layer reports it
                 parts[n] = k_new.new_empty((0,), dtype=_torch.torch.int8)
         if fixed_v_scale:  # ops that do not mutate v_scale (it may be expand()ed)
-            call = _torch.append_kv_fixed_ragged_call if per_sequence else _torch.append_kv_fixed_call
+            call = (_torch.append_kv_fixed_ragged_call if per_sequence
+                    else _torch.append_kv_fixed_call)
         else:
             call = _torch.append_kv_ragged_call if per_sequence else _torch.append_kv_call
         call(k_new, v_new, pos, parts["k8"], parts["k_scale"], parts["k_mean"], parts["vt8"],

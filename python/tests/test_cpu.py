@@ -1762,8 +1762,9 @@ def test_paged_kv_cache_shared_prefix_pages():
     for got, want in zip((cache.k8[shared], cache.vt8[shared], cache.k_scale[shared]), before):
         np.testing.assert_array_equal(got, want)
     # Sequence 2 as a contiguous cache: the prefix, its own tokens, the step's token.
-    toks = [np.concatenate(x, axis=2) for x in ((k[:1, :, :2 * page], sk, nk[2:3].astype(np.float16)),
-                                                 (v[:1, :, :2 * page], sv, nv[2:3].astype(np.float16)))]
+    step_k, step_v = nk[2:3].astype(np.float16), nv[2:3].astype(np.float16)
+    toks = [np.concatenate(x, axis=2)
+            for x in ((k[:1, :, :2 * page], sk, step_k), (v[:1, :, :2 * page], sv, step_v))]
     n = toks[0].shape[2]
     cont = intfa.QuantizedQKV(scheme="accurate", layout="BHSD", q8=None, q_scale=None,
                               lse_offset=None, k8=np.zeros((1, hkv, 64, d), np.int8),
