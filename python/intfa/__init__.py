@@ -739,15 +739,27 @@ class PagedKVCache:
         self.block_table[...] = _arrays.framework(self.block_table, "block_table").array(
             self._table, "int32", self.block_table)
 
-    def qkv(self, q8=None, q_scale=None, lse_offset=None, dtype=None):
+    def qkv(self, q8=None, q_scale=None, lse_offset=None, dtype=None, max_seqlen_kv=None):
         """A QuantizedQKV over the pool (k8, k_scale, vt8 pages, block_table, seqused_kv =
         lengths) with the given quantized queries, for attention_int8 (or, without them,
-        append_kv)."""
+        append_kv). max_seqlen_kv: the keys the table view spans, rounded up to whole pages
+        (a view of the first columns; None: the whole table, capacity keys)."""
+        table = self.block_table
+        if max_seqlen_kv is not None:
+            table = table[:, :self._table_pages(max_seqlen_kv)]
         return QuantizedQKV(scheme=self.scheme, layout=self.layout, q8=q8, q_scale=q_scale,
                             lse_offset=lse_offset, k8=self.k8, k_scale=self.k_scale,
                             k_mean=self.k_mean, vt8=self.vt8, v_scale=self.v_scale,
                             dtype=self.dtype if dtype is None else dtype,
-                            seqused_kv=self.lengths, block_table=self.block_table)
+                            seqused_kv=self.lengths, block_table=table)
+
+    def _table_pages(self, max_seqlen_kv):
+        """The table columns that span max_seqlen_kv keys (an int in [length, capacity])."""
+        m = _arrays.host_ints([max_seqlen_kv])
+        if m is None or not max(self.length, 1) <= m[0] <= self.capacity:
+            raise ValueError(f"max_seqlen_kv: expected an int in [the longest sequence's length "
+                             f"{self.length}, capacity {self.capacity}], got {max_seqlen_kv!r}")
+        return -(-m[0] // self.page_size)
 
     def append(self, k_new, v_new):
         """Appends n tokens per sequence ([B, Hkv, n, D] or [B, n, Hkv, D] in the cache's
@@ -918,19 +930,26 @@ class PagedKVCache:
                     f"window whose left edge stays within the held tokens")
 
     def attention(self, q, *, is_causal=False, window_size=_NO_WINDOW, sinks=None, scale=None,
-                  return_lse=False, path="auto", out_dtype=None):
+                  return_lse=False, path="auto", out_dtype=None, max_seqlen_kv=None):
         """Attention of q ([B, Hq, Sq, D] or [B, Sq, Hq, D] in the cache's layout; Hq a multiple
         of Hkv): sequence b over its lengths[b] tokens, read through its block table; causal and
         window_size are bottom-right against that count (query i sees keys j <= i + lengths[b] -
         Sq), as a ragged KVCache's. out_dtype defaults to q's dtype. Other arguments (sinks
         included) as in attention().
+        max_seqlen_kv: the key range of the call, rounded up to whole pages (a view of the
+        table's first columns): None, the longest sequence's length, so that the kernels size
+        their key-range splits for the tokens held, not for the table's capacity (a pool's
+        max_pages is often far more than any sequence holds); an int in [length, capacity]
+        fixes it (the results may differ in the last bits between ranges: the splits' partial
+        sums are merged in another order).
         On the GPU: page_size a multiple of 128, or 16, 32 or 64, else RuntimeError; the decode
         path for at most 16 query rows per K/V head after GQA packing, the prefill kernels for
         more (chunks).
         After trim(): the window must stay within each sequence's held tokens (ValueError)."""
         self._check_held(q, window_size)
+        span = max(self.length, 1) if max_seqlen_kv is None else max_seqlen_kv
         return _attend(self, q, is_causal, window_size, sinks, scale, return_lse, path,
-                       out_dtype)
+                       out_dtype, max_seqlen_kv=span)
 
 
 def _check_prompt(k, v, layout, scheme, cls):

@@ -94,8 +94,9 @@ def paged_vs_ragged(q, k, v, k_new, v_new, lengths, steps, exact, host, max_seql
     over the same prompts, fed the same appends (steps: token counts, taken in order from k_new
     / v_new) and attended after each by those tokens' queries (causal on even steps, with LSE,
     a softmax scale on odd ones): outputs and LSE bit for bit (exact(got, want)), the same
-    lengths and bytes (check_paged_parts, host(a): a as NumPy). max_seqlen_kv: the KVCache's
-    views (the GPU: the paged call's key range, its capacity). path, window_size (its right
+    lengths and bytes (check_paged_parts, host(a): a as NumPy). max_seqlen_kv: both calls' key
+    range (None: each cache's default, the longest sequence; the GPU tests pass the capacity,
+    so that both launches split the same keys). path, window_size (its right
     edge -1 or 0: even steps are causal) and sinks: both caches' attention. Returns (paged,
     ragged)."""
     paged = intfa.PagedKVCache(k, v, lengths=lengths, **paged_args)
@@ -111,7 +112,7 @@ def paged_vs_ragged(q, k, v, k_new, v_new, lengths, steps, exact, host, max_seql
                   window_size=window_size, sinks=sinks)
         for cache in (paged, ragged):
             cache.append(kt, vt)
-        out, lse = paged.attention(qt, **kw)
+        out, lse = paged.attention(qt, max_seqlen_kv=max_seqlen_kv, **kw)
         want, want_lse = ragged.attention(qt, max_seqlen_kv=max_seqlen_kv, **kw)
         exact(out, want)
         exact(lse, want_lse)

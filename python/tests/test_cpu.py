@@ -1776,6 +1776,11 @@ def test_paged_kv_cache_shared_prefix_pages():
     want = intfa.attention_int8(cont._replace(q8=q8, q_scale=q_scale, lse_offset=lse_offset,
                                               k8=cont.k8[:, :, :n], k_scale=cont.k_scale[..., :n]))
     np.testing.assert_array_equal(cache.attention(q)[2:3], want)
+    # The key range: by default the longest sequence's pages (a view of the table's first
+    # columns); the whole table gives the same bits on the CPU backend.
+    np.testing.assert_array_equal(cache.attention(q), cache.attention(q, max_seqlen_kv=cache.capacity))
+    with pytest.raises(ValueError, match=r"max_seqlen_kv: expected an int in \[the longest"):
+        cache.attention(q, max_seqlen_kv=cache.length - 1)
     # Pages by reference: sequence 0's release keeps the two shared ones; 2's frees them.
     free = cache.pages_free
     cache.release(0)
