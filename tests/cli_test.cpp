@@ -401,6 +401,10 @@ TEST(Cli, BenchArgumentErrorsNameTheOption) {
   expect_usage_error("bench --page 256 --seq 1000", "--page: must divide every --seq (1000)");
   expect_usage_error("bench --page 256 --varlen 256,512", "--page: paged KV takes dense queries");
   expect_usage_error("bench --page 256 --seq 512 --page-order random", "--page-order: expected shuffled or ordered");
+  expect_usage_error("bench --seq 512 --table-pages 8", "--table-pages: needs --page");
+  expect_usage_error("bench --page 128 --seq 512 --table-pages 8", "--table-pages: needs --seqused 1 or 2");
+  expect_usage_error("bench --page 128 --seq 1024 --seqused 1 --table-pages 4",
+                     "--table-pages: expected at least --seq / --page = 8 pages, got 4");
 }
 
 // --window takes LEFT,RIGHT, each -1 or >= 0, and RIGHT at most 0 where a run is causal; bench

@@ -441,6 +441,10 @@ struct BenchShape {
   // tools::PagedCopy, shuffled or each sequence's in order); 0: the contiguous tensors.
   int page = 0;
   bool page_shuffled = true;
+  // The block table's width in pages (0: the sequence's own, seq / page): a wider table has -1
+  // past each sequence's pages, as a serving pool's table sized for the longest request; the
+  // launch then spans table_pages * page keys, of which seqused_kv counts seq.
+  int table_pages = 0;
 };
 
 // The paged copy of the quantized K/V of `qx` (device memory at `base`, laid out by
@@ -450,7 +454,7 @@ struct DevicePagedKv {
   std::unique_ptr<tools::PagedCopy> host;
   std::unique_ptr<DeviceBuf> k8, vt8, ks, table;
   QuantizedQKV view(const QuantizedQKV& qx, const void* base, const ProblemShape& ps, Scheme sc, size_t bytes,
-                    int page, bool shuffled) {
+                    int page, bool shuffled, int table_pages) {
     std::vector<uint8_t> raw(bytes + 256);
     void* hb = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(raw.data()) + 255) & ~uintptr_t(255));
     QuantizedQKV hx;
@@ -461,12 +465,18 @@ struct DevicePagedKv {
     k8 = std::make_unique<DeviceBuf>(h.k8.data(), h.k8.size());
     vt8 = std::make_unique<DeviceBuf>(h.vt8.data(), h.vt8.size());
     ks = std::make_unique<DeviceBuf>(h.ks.data(), h.ks.size() * sizeof(float));
-    table = std::make_unique<DeviceBuf>(h.table.data(), h.table.size() * sizeof(int32_t));
+    // The table, widened to table_pages columns of -1 past each sequence's own.
+    const int64_t B = h.x.block_table.shape[0], own = h.x.block_table.shape[1];
+    const int64_t cols = std::max<int64_t>(own, table_pages);
+    std::vector<int32_t> wide(size_t(B * cols), -1);
+    for (int64_t b = 0; b < B; ++b)
+      std::copy(h.table.begin() + b * own, h.table.begin() + (b + 1) * own, wide.begin() + b * cols);
+    table = std::make_unique<DeviceBuf>(wide.data(), wide.size() * sizeof(int32_t));
     QuantizedQKV x = qx;
     x.k8 = on_device(h.x.k8, k8->ptr);
     x.vt8 = on_device(h.x.vt8, vt8->ptr);
     x.k_scale = on_device(h.x.k_scale, ks->ptr);
-    x.block_table = on_device(h.x.block_table, table->ptr);
+    x.block_table = make_tensor(table->ptr, DType::i32, {B, cols}, true);
     return x;
   }
 };
@@ -539,7 +549,7 @@ void bench_shape(const BenchShape& sh, const std::vector<Scheme>& schemes, const
       check(quantize(tq, tk, tv, tcu, tcu, o, qx), "quantize");
       if (sh.page && !paged.host) {
         const Tensor used_kv = qk.seqused_kv;
-        qk = paged.view(qx, ws.ptr, ps, sc, qbytes, sh.page, sh.page_shuffled);
+        qk = paged.view(qx, ws.ptr, ps, sc, qbytes, sh.page, sh.page_shuffled, sh.table_pages);
         qk.seqused_kv = used_kv;
       }
       BenchCtx kern{[&] { return attention_int8(qk, tcu, tcu, sh.seq_q, sh.seq, to, nullptr, o); }};
@@ -592,6 +602,7 @@ void bench_shape(const BenchShape& sh, const std::vector<Scheme>& schemes, const
       if (sh.page)
         extra += ", \"page_size\": " + std::to_string(sh.page) + ", \"pages\": \"" +
                  (sh.page_shuffled ? "shuffled" : "ordered") + "\"";
+      if (sh.table_pages) extra += ", \"table_pages\": " + std::to_string(sh.table_pages);
       for (int e = 0; e < (has_e2e ? 2 : 1); ++e) {
         rows << (rows.tellp() > 0 ? ",\n" : "") << "    {\"provider\": \"intfa\", \"path\": \""
              << to_string(row_path(path_req, path, sh, sc)) << "\", \"scheme\": \"" << to_string(sc) << "\", \"seq\": " << sh.seq << extra
@@ -606,7 +617,7 @@ void bench_shape(const BenchShape& sh, const std::vector<Scheme>& schemes, const
 
 int cmd_bench(const Args& a) {
   a.allow({"--seq", "--seq-q", "--varlen", "--hdim", "--causal", "--window", "--sinks", "--scheme", "--batch",
-           "--heads", "--heads-kv", "--path", "--json", "--reps", "--dtype", "--seqused", "--page", "--page-order"});
+           "--heads", "--heads-kv", "--path", "--json", "--reps", "--dtype", "--seqused", "--page", "--page-order", "--table-pages"});
   // Arguments first, so that a bad one is reported on any machine.
   const auto seqs = a.ints("--seq", "1024,4096,16384", 1, 1 << 20);
   const auto hdims = a.ints("--hdim", "128,64", 16, 256);
@@ -636,6 +647,16 @@ int cmd_bench(const Args& a) {
     if (page % 16) throw UsageError{"--page: expected a multiple of 16 tokens"};
     for (int s : seqs)
       if (s % page) throw UsageError{"--page: must divide every --seq (" + std::to_string(s) + ")"};
+  }
+  // A block table wider than the sequences' pages (a pool's table sized for longer requests).
+  const int table_pages = a.integer("--table-pages", 0, 0, 1 << 20);
+  if (table_pages) {
+    if (!page) throw UsageError{"--table-pages: needs --page"};
+    if (!seqused) throw UsageError{"--table-pages: needs --seqused 1 or 2 (the keys each sequence holds)"};
+    for (int s : seqs)
+      if (int64_t(table_pages) * page < s)
+        throw UsageError{"--table-pages: expected at least --seq / --page = " + std::to_string(s / page) +
+                         " pages, got " + std::to_string(table_pages)};
   }
   // Packed varlen batch: one sequence per length (queries = keys), in place of --batch/--seq.
   const std::vector<int> lens = a.str("--varlen", "").empty() ? std::vector<int>() : a.ints("--varlen", "", 1, 1 << 20);
@@ -681,7 +702,7 @@ int cmd_bench(const Args& a) {
     }
     for (int seq : seqs)
       bench_shape({batch, heads, heads_kv, seq_q_opt ? seq_q_opt : seq, seq, hdim, {}, seqused, page,
-                   page_order == "shuffled"}, schemes, causals,
+                   page_order == "shuffled", table_pages}, schemes, causals,
                   mask, dtype, path_req, path, reps, rows);
   }
   if (!json.empty()) {
@@ -704,11 +725,13 @@ void usage(FILE* f) {
                "           [--json FILE]\n"
                "  bench [--seq ..] [--seq-q N | --varlen L1,L2,..] [--hdim 128,64] [--causal 0,1] [--window L,R] [--sinks]\n"
                "        [--scheme ..] [--path auto|sm80|sm90|decode] [--batch 4] [--heads 32] [--heads-kv H] [--reps 20]\n"
-               "        [--seqused 0|1|2] [--page N [--page-order O]] [--json FILE]   (needs a GPU; --seq-q: query rows when fewer than the keys;\n"
+               "        [--seqused 0|1|2] [--page N [--page-order O] [--table-pages P]] [--json FILE]   (needs a GPU; --seq-q: query rows when fewer than the keys;\n"
                "        --seqused 1: kernel-only runs count every sequence's keys through seqused_kv, 2: sequence b\n"
                "        counts (b + 1) / B of its keys, a ragged batch; --page N: the kernel reads a paged copy\n"
                "        of the cache, N-token pages in a pool, --page-order shuffled (default) or ordered;\n"
-               "        no end-to-end column: a paged cache is quantized as tokens arrive)\n"
+               "        no end-to-end column: a paged cache is quantized as tokens arrive; --table-pages P: the\n"
+               "        block table P pages wide, -1 past each sequence's pages, as a pool's table sized for\n"
+               "        longer requests: the launch spans P * N keys, seqused_kv counts the sequence's)\n"
                "  --window LEFT,RIGHT: sliding-window attention (FlashAttention's window_size): query i sees keys\n"
                "        i + Skv - Sq - LEFT .. i + Skv - Sq + RIGHT, -1 an open side (default -1,-1: no window);\n"
                "        causal is RIGHT = 0 (a Mistral-style local layer of W keys: --causal 1 --window W-1,0)\n"
