@@ -130,49 +130,37 @@ def _quantize_q_fake(q, k_mean, scale, layout, scheme):
     return q8, q_scale, _lse_or_empty(lse_offset, q)
 
 
-def _append(k_new, v_new, pos, k8, k_scale, k_mean, vt8, v_scale, scheme, cache_layout, layout,
-            block_table, fixed_v_scale):
-    parts = dict(k8=k8, k_scale=k_scale, k_mean=k_mean, vt8=vt8, v_scale=v_scale,
-                 block_table=block_table)
-    _arrays.run_append_kv(_FW, k_new, v_new, pos, parts, scheme, cache_layout, layout,
-                          fixed_v_scale)
+def _append_kv_impls(fixed_v_scale):
+    """The implementations of intfa::append_kv and append_kv_ragged (a position per sequence:
+    int32 [B], the same call under another schema). fixed_v_scale: those of append_kv_fixed and
+    append_kv_fixed_ragged, the same schemas with v_scale only read, so that it may be a set
+    expand()ed over the batch (shared pages), which an op mutating it cannot take under
+    torch.compile ("more than one element of the written-to tensor refers to a single memory
+    location")."""
+    def run(k_new, v_new, pos, k8, k_scale, k_mean, vt8, v_scale, scheme, cache_layout, layout,
+            block_table):
+        parts = dict(k8=k8, k_scale=k_scale, k_mean=k_mean, vt8=vt8, v_scale=v_scale,
+                     block_table=block_table)
+        _arrays.run_append_kv(_FW, k_new, v_new, pos, parts, scheme, cache_layout, layout,
+                              fixed_v_scale)
+
+    def dense(k_new: Tensor, v_new: Tensor, pos: int, k8: Tensor, k_scale: Tensor,
+              k_mean: Optional[Tensor], vt8: Tensor, v_scale: Tensor, scheme: str,
+              cache_layout: str, layout: str, block_table: Optional[Tensor] = None) -> None:
+        run(k_new, v_new, pos, k8, k_scale, k_mean, vt8, v_scale, scheme, cache_layout, layout,
+            block_table)
+
+    def ragged(k_new: Tensor, v_new: Tensor, pos: Tensor, k8: Tensor, k_scale: Tensor,
+               k_mean: Optional[Tensor], vt8: Tensor, v_scale: Tensor, scheme: str,
+               cache_layout: str, layout: str, block_table: Optional[Tensor] = None) -> None:
+        run(k_new, v_new, _FW.arg(pos), k8, k_scale, k_mean, vt8, v_scale, scheme, cache_layout,
+            layout, block_table)
+
+    return dense, ragged
 
 
-def _append_kv_impl(k_new: Tensor, v_new: Tensor, pos: int, k8: Tensor, k_scale: Tensor,
-                    k_mean: Optional[Tensor], vt8: Tensor, v_scale: Tensor, scheme: str,
-                    cache_layout: str, layout: str,
-                    block_table: Optional[Tensor] = None) -> None:
-    _append(k_new, v_new, pos, k8, k_scale, k_mean, vt8, v_scale, scheme, cache_layout, layout,
-            block_table, False)
-
-
-def _append_kv_ragged_impl(k_new: Tensor, v_new: Tensor, pos: Tensor, k8: Tensor,
-                           k_scale: Tensor, k_mean: Optional[Tensor], vt8: Tensor,
-                           v_scale: Tensor, scheme: str, cache_layout: str, layout: str,
-                           block_table: Optional[Tensor] = None) -> None:
-    # append_kv with a position per sequence (int32 [B]): the same call, another schema.
-    _append(k_new, v_new, _FW.arg(pos), k8, k_scale, k_mean, vt8, v_scale, scheme, cache_layout,
-            layout, block_table, False)
-
-
-# append_kv(fixed_v_scale=True): the same schemas, but v_scale only read, so that it may be a set
-# expand()ed over the batch (shared pages), which an op mutating it cannot take under
-# torch.compile ("more than one element of the written-to tensor refers to a single memory
-# location").
-def _append_kv_fixed_impl(k_new: Tensor, v_new: Tensor, pos: int, k8: Tensor, k_scale: Tensor,
-                          k_mean: Optional[Tensor], vt8: Tensor, v_scale: Tensor, scheme: str,
-                          cache_layout: str, layout: str,
-                          block_table: Optional[Tensor] = None) -> None:
-    _append(k_new, v_new, pos, k8, k_scale, k_mean, vt8, v_scale, scheme, cache_layout, layout,
-            block_table, True)
-
-
-def _append_kv_fixed_ragged_impl(k_new: Tensor, v_new: Tensor, pos: Tensor, k8: Tensor,
-                                 k_scale: Tensor, k_mean: Optional[Tensor], vt8: Tensor,
-                                 v_scale: Tensor, scheme: str, cache_layout: str, layout: str,
-                                 block_table: Optional[Tensor] = None) -> None:
-    _append(k_new, v_new, _FW.arg(pos), k8, k_scale, k_mean, vt8, v_scale, scheme, cache_layout,
-            layout, block_table, True)
+_append_kv_impl, _append_kv_ragged_impl = _append_kv_impls(False)
+_append_kv_fixed_impl, _append_kv_fixed_ragged_impl = _append_kv_impls(True)
 
 
 def _append_kv_fake(k_new, v_new, pos, k8, k_scale, k_mean, vt8, v_scale, scheme, cache_layout,
