@@ -390,52 +390,23 @@ TEST(KvCache, SharedPrefixPagesStayValid) {
     o.scheme = s;
     o.fixed_v_scale = true;
     const std::vector<int32_t> lens = {prefix + 5, prefix + 11, prefix};  // before the appends
-    // The contiguous reference: sequence 0's statistics from its prompt, for every sequence.
-    Cache flat(B, Hkv, cap, D, s);
-    {
-      Cache first(1, Hkv, cap, D, s);
-      ASSERT_TRUE(quantize_prompt(batch_slice(x.tk(), 0), batch_slice(x.tv(), 0), lens[0], o, first.x).ok());
-      for (int b = 0; b < B; ++b) {
-        const size_t set = size_t(Hkv) * D * sizeof(float);
-        std::memcpy(static_cast<char*>(flat.x.k_mean.data) + b * set, first.x.k_mean.data, set);
-        std::memcpy(static_cast<char*>(flat.x.v_scale.data) + b * set, first.x.v_scale.data, set);
-      }
-    }
-    // Each sequence's prompt appended with those statistics: sequence 0's prefix tokens for all.
-    for (int b = 0; b < B; ++b) {
-      QuantizedQKV one = batch_of(flat.x, b);
-      ASSERT_TRUE(append_kv(tokens(batch_slice(x.tk(), 0), 0, prefix), tokens(batch_slice(x.tv(), 0), 0, prefix), 0, o,
-                            one).ok());
-      if (lens[b] > prefix)
-        ASSERT_TRUE(append_kv(tokens(batch_slice(x.tk(), b), prefix, lens[b] - prefix),
-                              tokens(batch_slice(x.tv(), b), prefix, lens[b] - prefix), prefix, o, one).ok());
-    }
-    // The pool: a paged copy in which sequences 1 and 2 name sequence 0's first two pages.
+    // The contiguous reference: sequence 0's statistics from its prompt for every sequence, and
+    // each prompt written with them; the pool: a paged copy in which sequences 1 and 2 name
+    // sequence 0's first two pages.
+    Cache flat(B, Hkv, cap, D, s), first(1, Hkv, cap, D, s);
+    ASSERT_TRUE(write_shared_prompts(x.tk(), x.tv(), lens, prefix, o, first.x, flat.x).ok());
     PagedCopy pc(flat.x, page, Layout::BHSD, 2, 5);
-    const int maxp = cap / page;
-    for (int b = 1; b < B; ++b)
-      for (int j = 0; j < prefix / page; ++j) pc.table[size_t(b) * maxp + j] = pc.table[j];
+    const std::vector<int8_t> before = share_first_pages(pc, prefix / page);
     std::vector<int64_t> held(lens.begin(), lens.end());
     for (int b = 0; b < B; ++b) held[b] += n;
     pc.drop_pages_past(held);
-    auto shared_pages = [&] {
-      std::vector<int8_t> bytes;
-      for (int j = 0; j < prefix / page; ++j) {
-        const int64_t pg = pc.table[j];
-        const size_t kb = size_t(Hkv) * page * D;
-        bytes.insert(bytes.end(), pc.k8.begin() + pg * kb, pc.k8.begin() + (pg + 1) * kb);
-        bytes.insert(bytes.end(), pc.vt8.begin() + pg * kb, pc.vt8.begin() + (pg + 1) * kb);
-      }
-      return bytes;
-    };
-    const std::vector<int8_t> before = shared_pages();
     std::vector<int32_t> pos = lens;
     const Tensor tpos = make_tensor(pos.data(), DType::i32, {B});
     for (const QuantizedQKV* c : {&flat.x, &pc.x}) {
       const Status st = append_kv(y.tk(), y.tv(), tpos, o, *c);
       ASSERT_TRUE(st.ok()) << st.message();
     }
-    EXPECT_EQ(shared_pages(), before) << "the shared prefix pages changed";
+    EXPECT_EQ(shared_page_bytes(pc, prefix / page), before) << "the shared prefix pages changed";
     QParts qp(B, Hq, 1, D, s);
     ASSERT_TRUE(quantize_q(x.tq(), flat.x.k_mean, o, qp.x).ok());
     ASSERT_NO_FATAL_FAILURE(

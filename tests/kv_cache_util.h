@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "intfa/intfa.h"
@@ -90,5 +91,48 @@ inline Status quantize_prompt(const Tensor& k, const Tensor& v, int64_t L0, cons
 }
 
 using tools::PagedCopy;
+
+// The shared-prefix tests' caches (docs/KV_CACHE.md, "Shared pages"): sequence 0's prompt
+// statistics (quantize() of its first lens[0] tokens of host k, v [B, Hkv, S, D] into `first`, a
+// one-sequence host cache) copied into every sequence of the host cache `flat`, then each
+// sequence's prompt written with them by append_kv (o.fixed_v_scale): sequence 0's first
+// `prefix` tokens, then its own up to lens[b].
+inline Status write_shared_prompts(const Tensor& k, const Tensor& v, const std::vector<int32_t>& lens, int prefix,
+                                   const Options& o, const QuantizedQKV& first, const QuantizedQKV& flat) {
+  Status st = quantize_prompt(batch_slice(k, 0), batch_slice(v, 0), lens[0], o, first);
+  const size_t set = size_t(flat.v_scale.shape[1] * flat.v_scale.shape[2]) * sizeof(float);
+  for (size_t b = 0; st.ok() && b < lens.size(); ++b) {
+    std::memcpy(static_cast<char*>(flat.k_mean.data) + b * set, first.k_mean.data, set);
+    std::memcpy(static_cast<char*>(flat.v_scale.data) + b * set, first.v_scale.data, set);
+    const QuantizedQKV one = batch_of(flat, int64_t(b));
+    st = append_kv(tokens(batch_slice(k, 0), 0, prefix), tokens(batch_slice(v, 0), 0, prefix), 0, o, one);
+    if (st.ok() && lens[b] > prefix)
+      st = append_kv(tokens(batch_slice(k, int64_t(b)), prefix, lens[b] - prefix),
+                     tokens(batch_slice(v, int64_t(b)), prefix, lens[b] - prefix), prefix, o, one);
+  }
+  return st;
+}
+
+// The k8 and vt8 bytes of sequence 0's first `pages` pages of a (BHSD, unpadded) PagedCopy.
+inline std::vector<int8_t> shared_page_bytes(const PagedCopy& pc, int pages) {
+  const Tensor& k8 = pc.x.k8;
+  const size_t bytes = size_t(k8.shape[1] * k8.shape[2] * k8.shape[3]);  // one page of K (and of V^T)
+  std::vector<int8_t> out;
+  for (int j = 0; j < pages; ++j) {
+    const size_t at = size_t(pc.table[size_t(j)]) * bytes;
+    out.insert(out.end(), pc.k8.begin() + at, pc.k8.begin() + at + bytes);
+    out.insert(out.end(), pc.vt8.begin() + at, pc.vt8.begin() + at + bytes);
+  }
+  return out;
+}
+
+// Sequences 1 .. B - 1 of a (BHSD, unpadded) PagedCopy name sequence 0's first `pages` pages;
+// returns those pages' bytes (shared_page_bytes), to compare after the appends.
+inline std::vector<int8_t> share_first_pages(PagedCopy& pc, int pages) {
+  const int64_t B = pc.x.block_table.shape[0], maxp = pc.x.block_table.shape[1];
+  for (int64_t b = 1; b < B; ++b)
+    for (int j = 0; j < pages; ++j) pc.table[size_t(b * maxp + j)] = pc.table[size_t(j)];
+  return shared_page_bytes(pc, pages);
+}
 
 }  // namespace intfa::testing

@@ -776,16 +776,8 @@ class PagedKVCache:
                     f"PagedKVCache.append: {n} new tokens do not fit sequence {b}: capacity "
                     f"{self.capacity} (max_pages {self.max_pages} * page_size "
                     f"{self.page_size}), length {m}, n {n} (length + n = {m + n} > capacity)")
-        taken = self._allocate([m + n for m in self.lengths_host], "PagedKVCache.append")
-        try:
-            if taken:
-                self._write_table()
-            append_kv(self.qkv(), k_new, v_new, self.lengths, fixed_v_scale=self.shared)
-        except BaseException:
-            if taken:
-                self._give_back(taken)
-                self._write_table()
-            raise
+        self._append_into_pages([m + n for m in self.lengths_host], "PagedKVCache.append",
+                                 self.qkv(), k_new, v_new, self.lengths)
         self.lengths += n  # in place: a framework op
         self.lengths_host = [m + n for m in self.lengths_host]
 
@@ -804,20 +796,11 @@ class PagedKVCache:
                 f"{self.capacity}, length {m} (length + n = {m + n} > capacity)")
         counts = list(self.lengths_host)
         counts[b] = m + n
-        taken = self._allocate(counts, "PagedKVCache.append_to")
         one = self.qkv()._replace(
             k_mean=None if self.k_mean is None else _arrays.batch_entry(self.k_mean, b),
             v_scale=_arrays.batch_entry(self.v_scale, b), seqused_kv=None,
             block_table=_arrays.batch_entry(self.block_table, b))
-        try:
-            if taken:
-                self._write_table()
-            append_kv(one, k_new, v_new, m, fixed_v_scale=self.shared)
-        except BaseException:
-            if taken:
-                self._give_back(taken)
-                self._write_table()
-            raise
+        self._append_into_pages(counts, "PagedKVCache.append_to", one, k_new, v_new, m)
         self.lengths[b] = m + n
         self.lengths_host[b] = m + n
 
@@ -856,22 +839,34 @@ class PagedKVCache:
         self.lengths_host[dst] = tokens
         self._first_held[dst] = 0
 
-    def _sequence(self, b, what, name):
-        """A sequence index argument as a Python int in [0, batch); ValueError otherwise."""
+    def _append_into_pages(self, counts, what, cache, k_new, v_new, pos):
+        """append_kv(cache, k_new, v_new, pos) after taking the pages that sequence b's first
+        counts[b] tokens need (block_table rewritten when any are); an error gives them back."""
+        taken = self._allocate(counts, what)
+        try:
+            if taken:
+                self._write_table()
+            append_kv(cache, k_new, v_new, pos, fixed_v_scale=self.shared)
+        except BaseException:
+            if taken:
+                self._give_back(taken)
+                self._write_table()
+            raise
+
+    def _sequence(self, b, what, name=None):
+        """A sequence index argument (`name`, if given) as a Python int in [0, batch);
+        ValueError otherwise."""
         index = _arrays.host_ints([b])
         if index is None or not 0 <= index[0] < self.batch:
-            raise ValueError(f"{what}: {name}: expected a sequence in [0, {self.batch}), got {b!r}")
+            arg = f"{name}: " if name else ""
+            raise ValueError(f"{what}: {arg}expected a sequence in [0, {self.batch}), got {b!r}")
         return index[0]
 
     def release(self, b):
         """Gives sequence b's pages back to the pool: its length becomes 0 and its table row -1.
         The sequence stays in the batch (its statistics as they were): a later append() writes
         its tokens from position 0, into pages taken again."""
-        index = _arrays.host_ints([b])
-        if index is None or not 0 <= index[0] < self.batch:
-            raise ValueError(f"PagedKVCache.release: expected a sequence in [0, {self.batch}), "
-                             f"got {b!r}")
-        b = index[0]
+        b = self._sequence(b, "PagedKVCache.release")
         self._give_back([(b, j) for j, page in enumerate(self._table[b]) if page >= 0])
         self._write_table()
         self.lengths[b] = 0

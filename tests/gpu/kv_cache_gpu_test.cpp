@@ -302,27 +302,15 @@ TEST(KvCacheGpu, SharedPrefixPagesMatchCpu) {
         o.causal = n > 1;
         o.fixed_v_scale = true;
         const std::vector<int32_t> lens = {prefix + 5, prefix + 40, prefix};
-        // Sequence 0's prompt statistics for every sequence; each prompt appended with them, the
-        // first `prefix` tokens sequence 0's for all.
+        // Sequence 0's prompt statistics for every sequence, each prompt written with them; the
+        // pool names sequence 0's first two pages in sequences 1 and 2's table rows.
         Caches first(1, Hkv, cap, D, s), flat(B, Hkv, cap, D, s);
-        ASSERT_TRUE(quantize_prompt(batch_slice(x.tk(), 0), batch_slice(x.tv(), 0), lens[0], o, first.h).ok());
+        INTFA_ASSERT_OK(write_shared_prompts(x.tk(), x.tv(), lens, prefix, o, first.h, flat.h));
         const size_t set = size_t(Hkv) * D;
         std::vector<float> km(static_cast<float*>(first.h.k_mean.data), static_cast<float*>(first.h.k_mean.data) + set);
         std::vector<float> vs(static_cast<float*>(first.h.v_scale.data), static_cast<float*>(first.h.v_scale.data) + set);
-        for (int b = 0; b < B; ++b) {
-          std::memcpy(static_cast<float*>(flat.h.k_mean.data) + b * set, km.data(), set * 4);
-          std::memcpy(static_cast<float*>(flat.h.v_scale.data) + b * set, vs.data(), set * 4);
-          QuantizedQKV one = batch_of(flat.h, b);
-          INTFA_ASSERT_OK(append_kv(tokens(batch_slice(x.tk(), 0), 0, prefix), tokens(batch_slice(x.tv(), 0), 0, prefix),
-                                    0, o, one));
-          if (lens[b] > prefix)
-            INTFA_ASSERT_OK(append_kv(tokens(batch_slice(x.tk(), b), prefix, lens[b] - prefix),
-                                      tokens(batch_slice(x.tv(), b), prefix, lens[b] - prefix), prefix, o, one));
-        }
         PagedCopy pc(flat.h, page, Layout::BHSD, 2, 7);
-        const int maxp = cap / page;
-        for (int b = 1; b < B; ++b)
-          for (int j = 0; j < 2; ++j) pc.table[size_t(b) * maxp + j] = pc.table[j];
+        const std::vector<int8_t> before = share_first_pages(pc, 2);
         std::vector<int32_t> used(lens);
         for (int32_t& u : used) u += n;
         pc.drop_pages_past(used);
@@ -335,7 +323,6 @@ TEST(KvCacheGpu, SharedPrefixPagesMatchCpu) {
         gq.k_mean = on_device(hq.k_mean, dkm.ptr);
         gq.v_scale = on_device(hq.v_scale, dvs.ptr);
         for (Tensor* t : {&hq.k_mean, &hq.v_scale, &gq.k_mean, &gq.v_scale}) t->stride[0] = 0;
-        const std::vector<int8_t> k8_before = pc.k8, vt8_before = pc.vt8;
         DeviceBuffer dpos(lens.data(), lens.size() * 4), dk(y.k.data(), y.k.size() * 2), dv(y.v.data(), y.v.size() * 2);
         const Tensor tpos = make_tensor(const_cast<int32_t*>(lens.data()), DType::i32, {B});
         INTFA_ASSERT_OK(append_kv(y.tk(), y.tv(), tpos, o, hq));
@@ -343,11 +330,7 @@ TEST(KvCacheGpu, SharedPrefixPagesMatchCpu) {
         INTFA_ASSERT_OK(gpu_synchronize());
         ASSERT_NO_FATAL_FAILURE(dp.same(pc));
         EXPECT_EQ(dvs.to_host<float>(), vs) << "the shared V scales were written";
-        for (int j = 0; j < 2; ++j) {  // the shared pages, as they were
-          const size_t at = size_t(pc.table[j]) * Hkv * page * D, bytes = size_t(Hkv) * page * D;
-          ASSERT_EQ(std::memcmp(pc.k8.data() + at, k8_before.data() + at, bytes), 0) << "k8 of shared page " << j;
-          ASSERT_EQ(std::memcmp(pc.vt8.data() + at, vt8_before.data() + at, bytes), 0) << "vt8 of shared page " << j;
-        }
+        EXPECT_EQ(shared_page_bytes(pc, 2), before) << "the shared prefix pages changed";
         QSide qs(B, Hq, n, D, s);
         INTFA_ASSERT_OK(qs.quantize_on_host(x.tq(), hq.k_mean, o));
         DeviceBuffer dused(used.data(), used.size() * 4);
