@@ -110,6 +110,22 @@ TEST(TileOrder, DecodeSplitCountRule) {
       EXPECT_LE(cost(s), cost(1));
       if (blocks <= 1024) EXPECT_LE(cost(s), cost(blocks));
     }
+  // The rule visits one count per run of equal waves; a scan of every count up to 1024 (the
+  // rule's definition) picks the same, ties to the fewer ranges included.
+  auto scan = [](int blocks, long long heads, int slots) {
+    int best = 1;
+    long long best_cost = -1;
+    for (int s = 1; s <= blocks && s <= 1024; ++s) {
+      const long long cost = (heads * s + slots - 1) / slots * ((blocks + s - 1) / s + 1);
+      if (best_cost < 0 || cost < best_cost) best = s, best_cost = cost;
+    }
+    return best;
+  };
+  for (int sl : {1, 7, 132, 264, 396, 528})
+    for (int blocks : {2, 3, 5, 16, 17, 31, 64, 100, 255, 256, 1000, 1024, 1025, 4096, 100000})
+      for (long long heads : {1LL, 2LL, 3LL, 8LL, 31LL, 64LL, 133LL, 512LL, 2048LL, 100000LL})
+        EXPECT_EQ(fwd::decode_split_count(true, blocks, heads, sl, 0), scan(blocks, heads, sl))
+            << "blocks " << blocks << " heads " << heads << " slots " << sl;
 }
 
 // Query positions of packed rows: within one period, across a boundary, over several periods,

@@ -37,6 +37,13 @@ cudaError_t device_sm_count(int* sms) {
   }, sms);
 }
 
+cudaError_t device_compute_major(int* major) {
+  static PerDevice cache;
+  return once_per_device(cache, [](int dev, int* n) {
+    return cudaDeviceGetAttribute(n, cudaDevAttrComputeCapabilityMajor, dev);
+  }, major);
+}
+
 bool built() { return true; }
 int kernel_block_n() { return sm80_block_n(); }
 

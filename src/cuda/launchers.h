@@ -48,6 +48,33 @@ cudaError_t once_per_device(PerDevice& cache, Init&& init, int* out) {
 // Streaming multiprocessors of the current device (cached).
 cudaError_t device_sm_count(int* sms);
 
+// Compute capability major of the current device (cached).
+cudaError_t device_compute_major(int* major);
+
+// Launches `kernel` (grid x block threads, no dynamic shared memory) after the stream's previous
+// kernel as its programmatic dependent where the card has them (sm_90 on): its CTAs may start
+// once every CTA of that kernel has run ptx::griddepcontrol_launch_dependents() (or exited),
+// which hides the launch latency behind the end of that kernel. So `kernel` must call
+// ptx::griddepcontrol_wait() before it reads anything the previous kernel wrote. Elsewhere a
+// plain launch.
+template <typename... Args>
+cudaError_t launch_dependent(void (*kernel)(Args...), unsigned grid, unsigned block, cudaStream_t stream,
+                             const Args&... args) {
+  int major = 0;
+  const cudaError_t e = device_compute_major(&major);
+  if (e != cudaSuccess) return e;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(block);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = major >= 9 ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, args...);
+}
+
 // Opts `kernel` in to `bytes` of dynamic shared memory (needed above 48 KB), once per device.
 template <typename Kernel>
 cudaError_t opt_in_smem_once(PerDevice& cache, Kernel kernel, int bytes) {

@@ -76,21 +76,32 @@ INTFA_HD void split_range(int n, int splits, int split, int& kb0, int& count) {
 // unit's start (Q and its first block's latency) and its partial rows. H200, B=1 Hq=32 Hkv=8
 // Skv=32k, a first rule (twice the slots, >= 4 blocks per range) gave 512 units on 396 slots:
 // 1.3 waves. Ties go to fewer ranges. `accurate` only (as split_count); forced > 0 overrides.
+// The counts that take the same waves form runs, and within a run the cost falls with the
+// count, so the search visits one count per run and stops once 2 x waves (a cost no range can
+// go below) passes the best: a few dozen steps where a scan of every count up to the blocks took
+// ~10 us of host time per call at 1024 blocks (a paged call's table sized for 128k tokens),
+// longer than the decode step it sized.
 INTFA_HD int decode_split_count(bool accurate, int key_blocks, long long heads, int slots, int forced) {
   if (!accurate || key_blocks < 2 || heads < 1) return 1;
   if (forced > 0) return forced < key_blocks ? forced : key_blocks;
   if (slots < 1) slots = 1;
-  int best = 1;
-  long long best_cost = -1;
-  for (int s = 1; s <= key_blocks && s <= 1024; ++s) {
+  const long long most = key_blocks < 1024 ? key_blocks : 1024;
+  long long best = 1, best_cost = -1;
+  for (long long s = 1; s <= most;) {
     const long long waves = (heads * s + slots - 1) / slots;
-    const long long cost = waves * ((key_blocks + s - 1) / s + 1);
+    if (best_cost >= 0 && 2 * waves > best_cost) break;
+    long long last = waves * slots / heads;  // the run of counts with these waves: s .. last
+    if (last > most) last = most;
+    const long long per = (key_blocks + last - 1) / last;             // blocks per range at `last`
+    const long long first = (key_blocks + per - 1) / per;             // the fewest ranges of `per`
+    const long long cost = waves * (per + 1);
     if (best_cost < 0 || cost < best_cost) {
-      best = s;
+      best = first > s ? first : s;
       best_cost = cost;
     }
+    s = last + 1;
   }
-  return best;
+  return static_cast<int>(best);
 }
 
 // Bottom-right causal masking. A row at query position r sees keys <= r + diag, diag = Skv - Sq.

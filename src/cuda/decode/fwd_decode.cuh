@@ -11,7 +11,8 @@
 // against) is exchanged through shared memory, so all warps keep the same running max and their
 // partial O and l add up at the end. `accurate` cuts each head's key blocks into ranges so the
 // units fill the GPU (fwd::decode_split_count), and combine_kernel merges them
-// (fwd::merge_split_row, as the sm90 splits). `paper` keeps one range per head: its P8 is
+// (fwd::merge_split_row, as the sm90 splits; launched as this kernel's programmatic dependent,
+// cuda::launch_dependent). `paper` keeps one range per head: its P8 is
 // quantized against the running max, which a range would restart.
 //
 // Per block the warps run the sm80 path's fragment code (mma.sync m16n8k32, ldmatrix, the K rows
@@ -81,6 +82,9 @@ constexpr int kMinCtas = Paged && D == 64 ? 4 : 0;
 // thread copies one 16-key piece of it through that piece's page (sm80::SmallPageTile).
 template <int D, int Stages, bool Paged, bool SmallPages = false>
 __global__ void __launch_bounds__(kThreads, kMinCtas<D, Paged>) fwd_kernel(const __grid_constant__ Params P) {
+  // The combine kernel's CTAs may take their SM slots while this grid runs (they wait for its
+  // end there): its launch latency then overlaps this grid instead of following it.
+  ptx::griddepcontrol_launch_dependents();
   using S = Smem<D, Stages>;
   constexpr int kStages = Stages;
   const FwdParams& p = P.p;
@@ -422,6 +426,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<D, Paged>) fwd_kernel(const
 // Merges the key ranges of every row. One warp per row, 4 rows per block of 128 threads.
 template <int D>
 __global__ void __launch_bounds__(128) combine_kernel(const __grid_constant__ Params P) {
+  ptx::griddepcontrol_wait();  // the partial rows of fwd_kernel (a programmatic dependent launch)
   const FwdParams& p = P.p;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int bh = blockIdx.x / (kRows / 4), row = (blockIdx.x % (kRows / 4)) * 4 + warp;

@@ -30,8 +30,8 @@ Status launch_fwd(const Params& prm, cudaStream_t stream) {
   st = cuda::check_cuda(cudaGetLastError(), "decode forward kernel launch");
   if (!st.ok() || prm.num_splits == 1) return st;
   const int64_t blocks = int64_t(prm.p.batch) * prm.p.heads_q * (kRows / 4);
-  combine_kernel<D><<<static_cast<unsigned>(blocks), 128, 0, stream>>>(prm);
-  return cuda::check_cuda(cudaGetLastError(), "decode split combine kernel launch");
+  return cuda::check_cuda(cuda::launch_dependent(combine_kernel<D>, static_cast<unsigned>(blocks), 128, stream, prm),
+                          "decode split combine kernel launch");
 }
 
 }  // namespace intfa::decode

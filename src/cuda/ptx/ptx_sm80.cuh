@@ -92,6 +92,22 @@ __device__ __forceinline__ void cp_async_4B(uint32_t smem_addr, const void* gmem
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
 
+// griddepcontrol (programmatic dependent launch, PTX 7.8, sm_90; no-ops where the kernels are
+// built for earlier cards, whose launches then serialize as usual): launch_dependents lets the
+// next kernel of the stream, launched with cudaLaunchAttributeProgrammaticStreamSerialization,
+// start its CTAs once every CTA of this grid has issued it or exited; wait, in that kernel,
+// returns once the grid before it has completed and its memory writes are visible.
+__device__ __forceinline__ void griddepcontrol_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void griddepcontrol_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
