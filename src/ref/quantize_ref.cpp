@@ -136,12 +136,15 @@ void quantize_cache(const CacheQuantParams& p) {
     const int b = static_cast<int>(i / p.heads_kv), h = static_cast<int>(i % p.heads_kv);
     float* vs = p.v_scale + b * p.vs_st.bs + h * p.vs_st.hs;
     auto v_at = [&](int t, int c) { return static_cast<float>(load_scalar(p.v, p.in_dtype, offset(p.v_st, b, h, t) + c)); };
-    // The new values' range per channel (per tensor: over all channels), and the scales that grow.
+    // The new values' range per channel (per tensor: over all channels), and the scales that grow
+    // (fixed scales never do: no range needed).
     std::vector<float> amax(d, 0.f), grown(d);
     const int64_t pos0 = cache_pos0(p, b);
-    for (int c = 0; c < d; ++c)
-      for (int t = 0; t < p.tokens; ++t) amax[c] = std::max(amax[c], std::fabs(v_at(t, c)));
-    if (p.v_per_tensor) std::fill(amax.begin(), amax.end(), *std::max_element(amax.begin(), amax.end()));
+    if (!p.fixed_v_scale) {
+      for (int c = 0; c < d; ++c)
+        for (int t = 0; t < p.tokens; ++t) amax[c] = std::max(amax[c], std::fabs(v_at(t, c)));
+      if (p.v_per_tensor) std::fill(amax.begin(), amax.end(), *std::max_element(amax.begin(), amax.end()));
+    }
     // V^T byte of channel c, column col (paged: the page holding it).
     auto vt_byte = [&](int c, int64_t col) -> int8_t& { return p.vt8[cache_vt_offset(p, cache_place(p, b, col), h, c)]; };
     // Paged: only the columns before the new tokens are the sequence's.

@@ -141,15 +141,16 @@ __global__ void __launch_bounds__(kVThreads) cache_v_kernel(const CacheQuantPara
   const int64_t pos0 = cache_pos0(p, b);
   auto v_at = [&](int t, int c) { return load_in(p.v, p.in_dtype, offset(p.v_st, b, h, t) + c); };
   if (threadIdx.x == 0) s_count = 0;
+  // The new tokens' |v| range (fixed scales never grow: not read for it).
   float amax[2] = {0.f, 0.f}, head = 0.f;
 #pragma unroll
   for (int k = 0; k < 2; ++k) {
     const int c = threadIdx.x + k * kVThreads;
-    if (c >= p.head_dim) continue;
+    if (c >= p.head_dim || p.fixed_v_scale) continue;
     for (int t = 0; t < p.tokens; ++t) amax[k] = fmaxf(amax[k], fabsf(v_at(t, c)));
     head = fmaxf(head, amax[k]);
   }
-  if (p.v_per_tensor) {
+  if (p.v_per_tensor && !p.fixed_v_scale) {  // uniform over the block (its barrier)
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) head = fmaxf(head, __shfl_xor_sync(0xffffffffu, head, o));
     if (threadIdx.x % 32 == 0) s_red[threadIdx.x / 32] = head;

@@ -428,6 +428,7 @@ __device__ __forceinline__ void store_rows(const Params& P, const Tile& T, int u
 // block of 128 threads.
 template <int D, bool Causal>
 __global__ void __launch_bounds__(128) combine_kernel(const __grid_constant__ Params P) {
+  ptx::griddepcontrol_wait();  // fwd_kernel's partial rows (a programmatic dependent launch)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int tile = blockIdx.x / (kBlockM / 4), lr = (blockIdx.x % (kBlockM / 4)) * 4 + warp;
   Tile T;
@@ -539,6 +540,9 @@ __device__ __forceinline__ void permute_small_pages(const Params& P, const Tile&
 template <int D, bool Causal, bool Split, bool Paged, bool Window, bool SmallPages = false>
 __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant__ Params P) {
   static_assert(!SmallPages || Paged, "small pages are paged");
+  // Split launches: the combine kernel (a programmatic dependent, cuda::launch_dependent) may
+  // start on the SMs this grid leaves free and wait for its end there (PERF_LOG d13).
+  if constexpr (Split) ptx::griddepcontrol_launch_dependents();
   using S = Smem<D>;
   const FwdParams& p = P.p;
   constexpr int kMagicBits = 0x4B400000;  // 1.5 * 2^23: int32 x + these bits read as 1.5*2^23 + x

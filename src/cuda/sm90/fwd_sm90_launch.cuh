@@ -36,8 +36,9 @@ Status launch_fwd(const Params& prm, cudaStream_t stream) {
   if (Split && prm.num_splits > 1) {
     Status cst = cuda::check_cuda(cudaGetLastError(), "sm90 forward kernel launch");
     if (!cst.ok()) return cst;
-    combine_kernel<D, Causal><<<prm.num_tiles * (kBlockM / 4), 128, 0, stream>>>(prm);
-    return cuda::check_cuda(cudaGetLastError(), "sm90 split combine kernel launch");
+    return cuda::check_cuda(
+        cuda::launch_dependent(combine_kernel<D, Causal>, unsigned(prm.num_tiles * (kBlockM / 4)), 128, stream, prm),
+        "sm90 split combine kernel launch");
   }
 #if INTFA_SM90_TRACE
   static int traced = 0;
