@@ -1,6 +1,7 @@
 // CUDA backend entry: device queries, path resolution, scratch memory, and dispatch to the
 // kernel families (quantization, sm80). The API layer reaches it only through backend.h.
 #include <algorithm>
+#include <cstdlib>
 #include <cstdint>
 #include <mutex>
 #include <string>
@@ -42,6 +43,14 @@ cudaError_t device_compute_major(int* major) {
   return once_per_device(cache, [](int dev, int* n) {
     return cudaDeviceGetAttribute(n, cudaDevAttrComputeCapabilityMajor, dev);
   }, major);
+}
+
+bool pdl_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("INTFA_PDL");
+    return !(e && std::string(e) == "0");
+  }();
+  return on;
 }
 
 bool built() { return true; }

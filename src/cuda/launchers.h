@@ -55,14 +55,16 @@ cudaError_t device_compute_major(int* major);
 // kernel as its programmatic dependent where the card has them (sm_90 on): its CTAs may start
 // once every CTA of that kernel has run ptx::griddepcontrol_launch_dependents() (or exited),
 // which hides the launch latency behind the end of that kernel. So `kernel` must call
-// ptx::griddepcontrol_wait() before it reads anything the previous kernel wrote. Elsewhere a
-// plain launch.
+// ptx::griddepcontrol_wait() before it reads anything the previous kernel wrote. Elsewhere, or
+// with INTFA_PDL=0 in the environment (same-build A/B timing), a plain launch.
+bool pdl_enabled();
 template <typename... Args>
 cudaError_t launch_dependent(void (*kernel)(Args...), unsigned grid, unsigned block, cudaStream_t stream,
                              const Args&... args) {
   int major = 0;
   const cudaError_t e = device_compute_major(&major);
   if (e != cudaSuccess) return e;
+  if (!pdl_enabled()) major = 0;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(grid);
   cfg.blockDim = dim3(block);
