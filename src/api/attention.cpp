@@ -15,6 +15,7 @@ namespace intfa {
 namespace {
 
 using api::Form;
+using api::MessageStream;
 using api::invalid;
 using api::View;
 
@@ -69,7 +70,7 @@ Status choose_backend(const Tensor& q, const Options& o, bool* gpu) {
 Status read_cu_seqlens(const Tensor& cu, const char* name, const Problem& p, int64_t total,
                        int max_seqlen, const char* max_name, void* stream,
                        std::vector<int32_t>* host, const int32_t** dev_ptr) {
-  std::ostringstream os;
+  MessageStream os;
   if (!cu.defined()) return invalid(std::string(name) + ": expected a tensor, got null data");
   if (cu.dtype != DType::i32) {
     os << name << ": expected dtype int32, got " << to_string(cu.dtype);
@@ -127,7 +128,7 @@ Status validate_qkv(const Tensor& q, const Tensor& k, const Tensor& v, Form form
   INTFA_TRY(api::check_same_device(k, "k", q, "q"));
   INTFA_TRY(api::check_same_device(v, "v", q, "q"));
   p->dtype = q.dtype;
-  std::ostringstream os;
+  MessageStream os;
   for (const Tensor* t : {&k, &v}) {
     if (t->dtype != q.dtype) {
       os << (t == &k ? "k" : "v") << ": expected dtype " << to_string(q.dtype) << " (as q), got "
@@ -180,7 +181,7 @@ Status validate_varlen(const Tensor& cu_q, const Tensor& cu_kv, int max_q, int m
   INTFA_TRY(read_cu_seqlens(cu_kv, "cu_seqlens_kv", *p, s.total_kv, max_kv, "max_seqlen_kv",
                             opts.stream, &p->cu_kv_host, &p->cu_kv));
   if (cu_q.shape[0] != cu_kv.shape[0]) {
-    std::ostringstream os;
+    MessageStream os;
     os << "cu_seqlens_kv: expected " << cu_q.shape[0] << " entries (as cu_seqlens_q), got "
        << cu_kv.shape[0];
     return invalid(os.str());
@@ -243,7 +244,7 @@ Status check_pages(const int32_t* table, int64_t stride, int64_t batch, int64_t 
     for (int64_t i = swept ? 0 : used; i < (keys(b) + page - 1) / page; ++i) {
       const int32_t pg = table[b * stride + i];
       if ((pg < 0 && !(i < used && pg == -1)) || pg >= num_pages) {
-        std::ostringstream os;
+        MessageStream os;
         os << "block_table[" << b << "][" << i << "]: expected a page in [0, " << num_pages << ") (it holds keys of "
            << "sequence " << b << (i < used ? " that the V sweep requantizes; -1: a released page" : "") << "), got "
            << pg;
@@ -257,7 +258,7 @@ Status check_pages(const int32_t* table, int64_t stride, int64_t batch, int64_t 
 // block_table as a paged call takes it: int32 [batch, max_pages >= 1], contiguous last dim,
 // in the memory space of `like`.
 Status check_table_tensor(const Tensor& bt, const char* name, int64_t batch, const Tensor& like, const char* like_name) {
-  std::ostringstream os;
+  MessageStream os;
   if (bt.dtype != DType::i32) {
     os << name << ": expected dtype int32, got " << to_string(bt.dtype);
     return Status(StatusCode::unsupported_type, os.str());
@@ -272,7 +273,7 @@ Status check_table_tensor(const Tensor& bt, const char* name, int64_t batch, con
 
 // A page size (the token dim of k8's pages): a multiple of 16, and max_pages of them < 2^31.
 Status check_page_size(int64_t page, int64_t max_pages, const char* k8_name) {
-  std::ostringstream os;
+  MessageStream os;
   if (page % 16 != 0) {
     os << k8_name << ": page_size (the token dim of the pages) must be a multiple of 16, got " << page;
     return invalid(os.str());
@@ -288,7 +289,7 @@ Status check_page_size(int64_t page, int64_t max_pages, const char* k8_name) {
 // dim contiguous; on the GPU, rows of 16-byte chunks (aligned pointer and strides).
 Status check_vt_pages(const Tensor& vt, const char* name, int64_t num_pages, int64_t heads, int64_t dim,
                       int64_t page, bool gpu) {
-  std::ostringstream os;
+  MessageStream os;
   if (!vt.defined()) return invalid(std::string(name) + ": expected a tensor, got null data");
   if (vt.dtype != DType::i8) {
     os << name << ": expected dtype int8, got " << to_string(vt.dtype);
@@ -313,7 +314,7 @@ Status check_vt_pages(const Tensor& vt, const char* name, int64_t num_pages, int
 // pages, its token dim page_size), and the problem sees B sequences of max_pages * page_size
 // keys. Leaves the page count in *num_pages.
 Status check_paged(const QuantizedQKV& x, Problem* p, int64_t* num_pages) {
-  std::ostringstream os;
+  MessageStream os;
   if (x.scheme == Scheme::half)
     return Status(StatusCode::not_available, "block_table: paged KV holds int8 V^T pages (schemes paper and "
                                              "accurate); half keeps V in fp16/bf16");
@@ -331,7 +332,7 @@ Status check_paged(const QuantizedQKV& x, Problem* p, int64_t* num_pages) {
 // problem's keys), per-sequence v_scale and k_mean (shared_stats: possibly one set for all).
 Status validate_paged(const QuantizedQKV& x, const View& q8, const View& k8, Problem* p, bool shared_stats) {
   const ProblemShape& s = p->shape;
-  std::ostringstream os;
+  MessageStream os;
   if (k8.H != s.heads_kv || k8.D != s.head_dim || k8.S * x.block_table.shape[1] != s.seqlen_kv) {
     os << "k8: expected pages [num_pages, heads_kv = " << s.heads_kv << ", page_size, head_dim = " << s.head_dim
        << "] (BHSD order), got " << api::shape_str(x.k8);
@@ -366,7 +367,7 @@ Status validate_quantized(const QuantizedQKV& x, Problem* p, bool need_v_or_vt, 
   View q8, k8;
   INTFA_TRY(api::check_operand(x.q8, "q8", p->layout, p->form, {DType::i8}, p->gpu, &q8));
   INTFA_TRY(api::check_operand(x.k8, "k8", p->layout, p->form, {DType::i8}, p->gpu, &k8));
-  std::ostringstream os;
+  MessageStream os;
   if (q8.B != p->q.B || q8.H != p->q.H || q8.S != p->q.S || q8.D != p->q.D) {
     os << "q8: expected the shape of q, got " << api::shape_str(x.q8);
     return invalid(os.str());
@@ -555,7 +556,7 @@ Status run_fp_attention(Problem& p, const Tensor& q, const Tensor& k, const Tens
     if (opts.workspace.defined()) {
       const int64_t have = opts.workspace.numel() * static_cast<int64_t>(dtype_size(opts.workspace.dtype));
       if (have < static_cast<int64_t>(bytes)) {
-        std::ostringstream os;
+        MessageStream os;
         os << "workspace: expected at least " << bytes << " bytes, got " << have;
         return invalid(os.str());
       }
@@ -671,7 +672,7 @@ Status alloc_quantized(const ProblemShape& s, Scheme scheme, Layout layout, void
     return invalid("shape: every size must be >= 1");
   const size_t need = quantized_bytes(s, scheme);
   if (bytes < need) {
-    std::ostringstream os;
+    MessageStream os;
     os << "bytes: expected at least " << need << " (quantized_bytes), got " << bytes;
     return invalid(os.str());
   }
@@ -710,7 +711,7 @@ Status quantize(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
                               static_cast<int>(p.k.S), opts, &p));
   }
   if (out.scheme != opts.scheme) {
-    std::ostringstream os;
+    MessageStream os;
     os << "out.scheme: expected " << to_string(opts.scheme) << " (as options), got "
        << to_string(out.scheme);
     return invalid(os.str());
@@ -755,7 +756,7 @@ Status attention_int8(const QuantizedQKV& x, const Tensor& cu_seqlens_q,
   int64_t num_pages = 0;
   if (paged) INTFA_TRY(check_paged(x, &p, &num_pages));
   INTFA_TRY(api::check_qk_shapes(p.q, p.k, "q8", "k8", form));
-  std::ostringstream os;
+  MessageStream os;
   INTFA_TRY(api::check_head_dim(p.q.D, p.gpu));
   if (p.gpu && x.scheme == Scheme::half)
     return Status(StatusCode::not_available, "qkv.scheme: half is not available on the GPU paths in this build");
@@ -831,7 +832,7 @@ Status quantize_q(const Tensor& q, const Tensor& k_mean, const Options& opts, co
   p.device = q.device_index;
   INTFA_TRY(api::check_operand(q, "q", p.layout, Form::dense, kInputTypes, p.gpu, &p.q));
   INTFA_TRY(api::check_head_dim(p.q.D, p.gpu));
-  std::ostringstream os;
+  MessageStream os;
   if (out.scheme != opts.scheme) {
     os << "out.scheme: expected " << to_string(opts.scheme) << " (as options), got " << to_string(out.scheme);
     return invalid(os.str());
@@ -897,7 +898,7 @@ namespace {
 Status append_kv_impl(const Tensor& k_new, const Tensor& v_new, int64_t pos, const Tensor* pos_b,
                       const Options& opts, const QuantizedQKV& cache) {
   INTFA_TRY(api::check_options(opts));
-  std::ostringstream os;
+  MessageStream os;
   if (cache.scheme != opts.scheme) {
     os << "cache.scheme: expected " << to_string(opts.scheme) << " (as options), got " << to_string(cache.scheme);
     return invalid(os.str());
@@ -1052,7 +1053,7 @@ Status attention_reference(const Tensor& q, const Tensor& k, const Tensor& v, co
   INTFA_TRY(api::check_operand(q, "q", p.layout, Form::dense, any, false, &p.q));
   INTFA_TRY(api::check_operand(k, "k", p.layout, Form::dense, {q.dtype}, false, &p.k));
   INTFA_TRY(api::check_operand(v, "v", p.layout, Form::dense, {q.dtype}, false, &p.v));
-  std::ostringstream os;
+  MessageStream os;
   if (p.k.B != p.q.B || p.v.B != p.q.B || p.k.D != p.q.D || p.v.D != p.q.D || p.v.S != p.k.S ||
       p.v.H != p.k.H || p.q.H % p.k.H != 0) {
     os << "k/v: shapes " << api::shape_str(k) << " / " << api::shape_str(v)

@@ -35,7 +35,7 @@ Status check_operand(const Tensor& t, const char* name, Layout layout, Form form
   const char* dims = varlen ? "[total_tokens, heads, head_dim]"
                    : layout == Layout::BHSD ? "[batch, heads, seqlen, head_dim] (layout BHSD)"
                                             : "[batch, seqlen, heads, head_dim] (layout BSHD)";
-  std::ostringstream os;
+  MessageStream os;
   if (!t.defined()) return invalid(std::string(name) + ": expected a tensor, got null data");
   if (t.ndim != rank) {
     os << name << ": expected " << rank << " dims " << dims << ", got " << t.ndim << " dims";
@@ -112,7 +112,7 @@ View view_of(const Tensor& t, Layout layout, Form form) {
 
 Status check_qk_shapes(const View& q, const View& k, const char* q_name, const char* k_name,
                        Form form) {
-  std::ostringstream os;
+  MessageStream os;
   if (form == Form::dense && k.B != q.B) {
     os << k_name << ": batch expected " << q.B << " (as " << q_name << "), got " << k.B;
     return invalid(os.str());
@@ -130,7 +130,7 @@ Status check_qk_shapes(const View& q, const View& k, const char* q_name, const c
 
 Status check_exact_shape(const Tensor& t, const char* name, DType dtype, const std::vector<int64_t>& shape,
                          const char* dims_desc, bool padded_rows, bool shared_first) {
-  std::ostringstream os;
+  MessageStream os;
   if (!t.defined()) return invalid(std::string(name) + ": expected a tensor, got null data");
   if (t.dtype != dtype) {
     os << name << ": expected dtype " << to_string(dtype) << ", got " << to_string(t.dtype);
@@ -190,7 +190,7 @@ Status check_sinks(const Options& o, int64_t heads_q, const Tensor& ref, const c
   const float* z = static_cast<const float*>(o.sinks.data);
   for (int64_t h = 0; h < heads_q; ++h) {
     if (std::isnan(z[h]) || z[h] == std::numeric_limits<float>::infinity()) {
-      std::ostringstream os;
+      MessageStream os;
       os << "sinks: expected finite logits or -inf (no sink), got " << z[h] << " for head " << h;
       return invalid(os.str());
     }
@@ -199,7 +199,7 @@ Status check_sinks(const Options& o, int64_t heads_q, const Tensor& ref, const c
 }
 
 Status check_options(const Options& o) {
-  std::ostringstream os;
+  MessageStream os;
   const int scheme = static_cast<int>(o.scheme);
   if (scheme < 0 || scheme > 2) {
     os << "scheme: unknown value " << scheme << " (expected paper, accurate or half)";
@@ -242,7 +242,7 @@ Status check_options(const Options& o) {
 }
 
 Status check_head_dim(int64_t d, bool gpu) {
-  std::ostringstream os;
+  MessageStream os;
   if (gpu) {
     if (d != 64 && d != 128) {
       os << "head_dim: expected 64 or 128 on the GPU, got " << d;
@@ -257,7 +257,7 @@ Status check_head_dim(int64_t d, bool gpu) {
 
 Status check_cu_seqlens(const std::vector<int32_t>& cu, const char* name, int64_t total,
                         int max_seqlen, const char* max_name) {
-  std::ostringstream os;
+  MessageStream os;
   if (cu.size() < 2) {
     os << name << ": expected at least 2 entries (nseq + 1), got " << cu.size();
     return invalid(os.str());
