@@ -507,6 +507,40 @@ def test_kv_cache_decode_step_in_a_cuda_graph():
     assert torch.equal(cache.vt8[..., :n0 + 1], eager.vt8[..., :n0 + 1])
 
 
+def test_split_launches_in_a_cuda_graph():
+    """Launches with key-range splits, whose combine kernel starts as a programmatic dependent of
+    the attention kernel (sm_90), captured in a CUDA graph: a decode step over a 3000-token cache
+    (the decode kernel's ranges) and a few-tile prompt call over 5000 keys (sm90's, or sm80's
+    single pass elsewhere); each replay, with new inputs copied in, gives the eager bits."""
+    n0 = 3000
+    q, k, v = make_qkv(1, 8, 2, n0 + 1, n0 + 1, 128, seed=135)
+    kt, vt, qt = (_tok(x, n0, n0 + 1).clone() for x in (k, v, q))
+    warm, cache, eager = (intfa.KVCache(k[:, :, :n0], v[:, :, :n0], 4096) for _ in range(3))
+    graph, out = _capture_step(warm, cache, kt, vt, qt, return_lse=True)
+    graph.replay()
+    eager.append(kt, vt)
+    want = eager.attention(qt, is_causal=True, return_lse=True)
+    torch.cuda.synchronize()
+    assert torch.equal(out[0], want[0]) and torch.equal(out[1], want[1])
+    pq, pk, pv = make_qkv(1, 2, 2, 200, 5000, 128, seed=136)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        intfa.attention(pq, pk, pv, return_lse=True)
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        got, got_lse = intfa.attention(pq, pk, pv, return_lse=True)
+    for seed in (137, 138):
+        for dst, src in zip((pq, pk, pv), make_qkv(1, 2, 2, 200, 5000, 128, seed=seed)):
+            dst.copy_(src)
+        g.replay()
+        want, want_lse = intfa.attention(pq, pk, pv, return_lse=True)
+        torch.cuda.synchronize()
+        assert torch.equal(got, want) and torch.equal(got_lse, want_lse)
+        assert rel_l2(got, ref_attention(pq, pk, pv)[0]) < 3e-2
+
+
 def test_kv_cache_fast_path_on_the_gpu():
     """KVCache's eager fast path (the binding called directly, attention in one call, the
     current stream read raw) on a side stream, against the generic calls it stands for,
