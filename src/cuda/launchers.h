@@ -62,9 +62,8 @@ template <typename... Args>
 cudaError_t launch_dependent(void (*kernel)(Args...), unsigned grid, unsigned block, cudaStream_t stream,
                              const Args&... args) {
   int major = 0;
-  const cudaError_t e = device_compute_major(&major);
-  if (e != cudaSuccess) return e;
-  if (!pdl_enabled()) major = 0;
+  if (pdl_enabled())
+    if (const cudaError_t e = device_compute_major(&major); e != cudaSuccess) return e;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(grid);
   cfg.blockDim = dim3(block);
