@@ -28,6 +28,36 @@ def time_ms(fn, reps, warmup=5):
     return times[len(times) // 2]
 
 
+def graph_time_ms(fn, calls, reps):
+    """Per-call median of CUDA-graph replays of `calls` back-to-back fn() calls (what
+    `intfa bench --graph` does): no host enqueue in the time, as in a serving loop that replays
+    graphs. One eager call first (lazy set-up stays out of the capture)."""
+    import torch
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    g.replay()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / calls)
+    times.sort()
+    return times[len(times) // 2]
+
+
 # Measured INT8 mma.sync peak (m16n8k32, register-only loop) on these cards: anchors.md.
 MMA_SYNC_INT8_PEAK = {"H100": 1294.0, "H200": 1294.0}
 
@@ -50,6 +80,8 @@ def main():
     ap.add_argument("--seq-q", type=int, default=0,
                     help="query rows when fewer than the keys (--seq), e.g. 1 for a decode step; 0: square")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--graph", type=int, default=0,
+                    help="time CUDA-graph replays of this many back-to-back calls (as `intfa bench --graph`); 0: each call alone")
     ap.add_argument("--intfa", action="append", default=[],
                     help="JSON written by `intfa bench --json` in this run (repeatable: one per path)")
     ap.add_argument("--json", help="merged output")
@@ -82,6 +114,7 @@ def main():
     copy_gbs = 2 * x.numel() / ms / 1e6
     del x, y
     hkv = a.heads_kv or a.heads
+    timer = (lambda fn, reps: graph_time_ms(fn, a.graph, reps)) if a.graph else time_ms
     gqa = hkv != a.heads
     for d in [int(v) for v in a.hdim.split(",")]:
         for n in [int(v) for v in a.seq.split(",")]:
@@ -91,6 +124,8 @@ def main():
             # Extra row fields naming a shape other than B x H x N x N.
             extra = dict(seq_q=sq) if sq != n else {}
             extra["batch"] = a.batch
+            if a.graph:
+                extra["graph_calls"] = a.graph
             if gqa:
                 extra["heads_kv"] = hkv
             qkv = None
@@ -111,7 +146,7 @@ def main():
                     runs = ((False, lambda: intfa.attention_int8(qkv[sc], is_causal=c, out_dtype=torch.bfloat16)),
                             (True, lambda: intfa.attention(q, k, v, is_causal=c, scheme=sc, enable_gqa=gqa)))
                     for e2e, fn in runs:
-                        ms = time_ms(fn, a.reps)
+                        ms = timer(fn, a.reps)
                         rows.append(dict(provider="intfa_py", path=py_path, scheme=sc, seq=n, hdim=d, causal=causal,
                                          e2e=e2e, ms=round(ms, 4), tops=round(ops / ms / 1e9, 2), **extra))
                 if causal and sq != n:
@@ -122,8 +157,8 @@ def main():
                     try:
                         with sdpa_kernel(be):
                             kw = dict(enable_gqa=True) if gqa else {}
-                            ms = time_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=bool(causal), **kw),
-                                         a.reps)
+                            ms = timer(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=bool(causal), **kw),
+                                       a.reps)
                     except RuntimeError as e:
                         print(f"  {name} d{d} n{n} causal{causal}: unavailable ({str(e).splitlines()[0][:80]})", file=sys.stderr)
                         continue
@@ -137,6 +172,7 @@ def main():
     allrows = intfa_rows + rows
     base = {(r["provider"], r["seq"], r["hdim"], r["causal"]): r["tops"] for r in rows}
     shape = f"B={a.batch} H={a.heads}" + (f" Hkv={hkv}" if gqa else "") + (f" Sq={a.seq_q}" if a.seq_q else "")
+    shape += f"; graphs of {a.graph} calls" if a.graph else ""
     print(f"\n== {card}: TOPS ({shape}); copy bandwidth {copy_gbs:.0f} GB/s ==")
     peak = int8_peak(card)
     sol = {}

@@ -291,6 +291,13 @@ Status gpu_synchronize();
 // `reps` calls after `warmup` calls. `run` returning an error stops the timing with that error.
 Status gpu_time_ms(Status (*run)(void* ctx), void* ctx, int warmup, int reps, void* stream,
                    double* median_ms);
+// Median time in ms per call of `run` replayed from a CUDA graph: one eager call, then `calls`
+// calls of run(ctx, stream) captured back to back on a stream of the timer's own, the graph
+// launched twice to warm up and `reps` times between CUDA events (each sample = launch / calls).
+// What a caller that replays graphs sees (serving loops, torch.compile's cudagraphs): no host
+// enqueue in the time, and consecutive calls' kernels back to back.
+Status gpu_graph_time_ms(Status (*run)(void* ctx, void* stream), void* ctx, int calls, int reps,
+                         double* median_ms);
 
 // fp16/bf16 <-> f32 on the host (round to nearest even), for tools and tests.
 uint16_t float_to_half_bits(float);

@@ -1118,6 +1118,10 @@ Status gpu_time_ms(Status (*run)(void*), void* ctx, int warmup, int reps, void* 
   if (warmup < 0 || reps < 1) return invalid("reps: expected >= 1 (and warmup >= 0)");
   return cuda::gpu_time_ms(run, ctx, warmup, reps, stream, median_ms);
 }
+Status gpu_graph_time_ms(Status (*run)(void*, void*), void* ctx, int calls, int reps, double* median_ms) {
+  if (calls < 1 || reps < 1) return invalid("calls, reps: expected >= 1");
+  return cuda::gpu_graph_time_ms(run, ctx, calls, reps, median_ms);
+}
 
 Status resolve_gpu_path(GpuPath requested, int device_index, GpuPath* resolved) {
   return cuda::resolve_path(requested, device_index, resolved);

@@ -34,5 +34,6 @@ Status gpu_copy(void*, const void*, size_t, bool) { return unavailable(); }
 Status gpu_memset(void*, int, size_t) { return unavailable(); }
 Status gpu_synchronize() { return unavailable(); }
 Status gpu_time_ms(Status (*)(void*), void*, int, int, void*, double*) { return unavailable(); }
+Status gpu_graph_time_ms(Status (*)(void*, void*), void*, int, int, double*) { return unavailable(); }
 
 }  // namespace intfa::cuda

@@ -44,5 +44,7 @@ Status gpu_memset(void* ptr, int byte, size_t bytes);
 Status gpu_synchronize();
 Status gpu_time_ms(Status (*run)(void* ctx), void* ctx, int warmup, int reps, void* stream,
                    double* median_ms);
+Status gpu_graph_time_ms(Status (*run)(void* ctx, void* stream), void* ctx, int calls, int reps,
+                         double* median_ms);
 
 }  // namespace intfa::cuda

@@ -51,22 +51,24 @@ cudaError_t device_sm_count(int* sms);
 // Compute capability major of the current device (cached).
 cudaError_t device_compute_major(int* major);
 
-// Launches `kernel` (grid x block threads, no dynamic shared memory) after the stream's previous
-// kernel as its programmatic dependent where the card has them (sm_90 on): its CTAs may start
-// once every CTA of that kernel has run ptx::griddepcontrol_launch_dependents() (or exited),
-// which hides the launch latency behind the end of that kernel. So `kernel` must call
-// ptx::griddepcontrol_wait() before it reads anything the previous kernel wrote. Elsewhere, or
-// with INTFA_PDL=0 in the environment (same-build A/B timing), a plain launch.
+// Launches `kernel` (grid x block threads, `smem` bytes of dynamic shared memory) after the
+// stream's previous kernel as its programmatic dependent where the card has them (sm_90 on): its
+// CTAs may start once every CTA of that kernel has run ptx::griddepcontrol_launch_dependents()
+// (or exited), which hides the launch latency and the CTAs' set-up behind the end of that
+// kernel. So `kernel` must call ptx::griddepcontrol_wait() before it touches global memory the
+// previous kernel may read or write. Elsewhere, or with INTFA_PDL=0 in the environment
+// (same-build A/B timing), a plain launch.
 bool pdl_enabled();
 template <typename... Args>
-cudaError_t launch_dependent(void (*kernel)(Args...), unsigned grid, unsigned block, cudaStream_t stream,
+cudaError_t launch_dependent(void (*kernel)(Args...), dim3 grid, unsigned block, size_t smem, cudaStream_t stream,
                              const Args&... args) {
   int major = 0;
   if (pdl_enabled())
     if (const cudaError_t e = device_compute_major(&major); e != cudaSuccess) return e;
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(grid);
+  cfg.gridDim = grid;
   cfg.blockDim = dim3(block);
+  cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;

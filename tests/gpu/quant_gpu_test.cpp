@@ -694,4 +694,68 @@ TEST(QuantGpu, Bandwidth) {
   }
 }
 
+// intfa::gpu_graph_time_ms (what `intfa bench --graph` times with): a replayed graph writes what
+// the eager call writes, and a run that fails, eagerly or while the graph is captured, comes back
+// as its own error with the capture ended (the next call on the legacy stream works).
+struct GraphRun {
+  BenchCtx* c = nullptr;
+  int calls = 0, fail_at = -1;
+};
+Status graph_run(void* p, void* stream) {
+  auto* g = static_cast<GraphRun*>(p);
+  if (g->calls++ == g->fail_at) return Status(StatusCode::invalid_argument, "graph_run: failing on purpose");
+  Options o = g->c->opts;
+  o.stream = stream;
+  return quantize(g->c->q, g->c->k, g->c->v, g->c->none, g->c->none, o, g->c->x);
+}
+
+TEST(QuantGpu, GraphTimerReplaysAndReportsErrors) {
+  REQUIRE_GPU();
+  const int H = 2, N = 300, D = 64;
+  const tools::HostQKV in = tools::make_inputs(Dist::llm, 1, H, H, N, N, D, DType::bf16, 41);
+  const size_t n = in.q.size() * 2;
+  DevBuf dq(n), dk(n), dv(n);
+  ASSERT_TRUE(dq.ptr && dk.ptr && dv.ptr);
+  GPU_OK(gpu_copy_to_device(dq.ptr, in.q.data(), n));
+  GPU_OK(gpu_copy_to_device(dk.ptr, in.k.data(), n));
+  GPU_OK(gpu_copy_to_device(dv.ptr, in.v.data(), n));
+  ProblemShape shape;
+  shape.batch = 1; shape.heads_q = H; shape.heads_kv = H; shape.seqlen_q = N; shape.seqlen_kv = N;
+  shape.head_dim = D;
+  const size_t bytes = quantized_bytes(shape, Scheme::accurate);
+  DevBuf eager(bytes), graphed(bytes);
+  ASSERT_TRUE(eager.ptr && graphed.ptr);
+  BenchCtx c;
+  c.q = make_tensor(dq.ptr, DType::bf16, {1, H, N, D}, true);
+  c.k = make_tensor(dk.ptr, DType::bf16, {1, H, N, D}, true);
+  c.v = make_tensor(dv.ptr, DType::bf16, {1, H, N, D}, true);
+  GPU_OK(alloc_quantized(shape, Scheme::accurate, Layout::BHSD, eager.ptr, bytes, true, 0, &c.x));
+  GPU_OK(quantize(c.q, c.k, c.v, c.none, c.none, c.opts, c.x));
+  GPU_OK(gpu_synchronize());
+  std::vector<uint8_t> want(bytes), got(bytes);
+  GPU_OK(gpu_copy_to_host(want.data(), eager.ptr, bytes));
+
+  GPU_OK(gpu_memset(graphed.ptr, 0xa5, bytes));  // poisoned: the graph's calls must write it all
+  GPU_OK(alloc_quantized(shape, Scheme::accurate, Layout::BHSD, graphed.ptr, bytes, true, 0, &c.x));
+  GraphRun g;
+  g.c = &c;
+  double ms = 0;
+  GPU_OK(gpu_graph_time_ms(graph_run, &g, 3, 4, &ms));
+  EXPECT_EQ(g.calls, 1 + 3);  // one eager call, three captured; the replays call nothing on the host
+  EXPECT_GT(ms, 0.0);
+  GPU_OK(gpu_copy_to_host(got.data(), graphed.ptr, bytes));
+  EXPECT_EQ(0, std::memcmp(want.data(), got.data(), bytes)) << "graph replay wrote other bytes";
+
+  for (int fail_at : {0, 2}) {  // the eager call; the second captured call
+    GraphRun bad;
+    bad.c = &c;
+    bad.fail_at = fail_at;
+    const Status st = gpu_graph_time_ms(graph_run, &bad, 3, 4, &ms);
+    EXPECT_EQ(st.code(), StatusCode::invalid_argument) << "fail_at " << fail_at << ": " << st.message();
+    EXPECT_NE(st.message().find("failing on purpose"), std::string::npos) << st.message();
+    GPU_OK(quantize(c.q, c.k, c.v, c.none, c.none, c.opts, c.x));  // no capture left open
+    GPU_OK(gpu_synchronize());
+  }
+}
+
 }  // namespace

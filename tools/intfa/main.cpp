@@ -425,9 +425,17 @@ int cmd_accuracy(const Args& a) {
 
 // Bench: kernel-only (pre-quantized inputs) and end-to-end (quantization included).
 struct BenchCtx {
-  std::function<Status()> fn;
+  std::function<Status(void* stream)> fn;
 };
-Status bench_trampoline(void* ctx) { return static_cast<BenchCtx*>(ctx)->fn(); }
+Status bench_trampoline(void* ctx) { return static_cast<BenchCtx*>(ctx)->fn(nullptr); }
+Status bench_graph_trampoline(void* ctx, void* stream) { return static_cast<BenchCtx*>(ctx)->fn(stream); }
+
+// How a row is timed: each call alone between CUDA events (graph_calls 0: host enqueue included,
+// what an eager caller sees), or replayed from a CUDA graph of graph_calls back-to-back calls.
+Status time_bench_ctx(BenchCtx* ctx, int reps, int graph_calls, double* ms) {
+  return graph_calls ? gpu_graph_time_ms(bench_graph_trampoline, ctx, graph_calls, reps, ms)
+                     : gpu_time_ms(bench_trampoline, ctx, 3, reps, nullptr, ms);
+}
 
 // One bench shape: dense (lens empty: B sequences of seq_q queries and seq keys) or packed
 // varlen (lens: one sequence per entry, queries = keys, THD tensors with cu_seqlens).
@@ -495,7 +503,7 @@ GpuPath row_path(GpuPath requested, GpuPath resolved, const BenchShape& sh, Sche
 // window and the sinks of `mask`, host logits copied to the device here); prints a line and
 // appends two JSON rows per case.
 void bench_shape(const BenchShape& sh, const std::vector<Scheme>& schemes, const std::vector<int>& causals,
-                 const Options& mask, DType dtype, GpuPath path_req, GpuPath path, int reps,
+                 const Options& mask, DType dtype, GpuPath path_req, GpuPath path, int reps, int graph_calls,
                  std::ostringstream& rows) {
   const bool varlen = !sh.lens.empty();
   int64_t total = 0;
@@ -552,8 +560,13 @@ void bench_shape(const BenchShape& sh, const std::vector<Scheme>& schemes, const
         qk = paged.view(qx, ws.ptr, ps, sc, qbytes, sh.page, sh.page_shuffled, sh.table_pages);
         qk.seqused_kv = used_kv;
       }
-      BenchCtx kern{[&] { return attention_int8(qk, tcu, tcu, sh.seq_q, sh.seq, to, nullptr, o); }};
-      BenchCtx e2e{[&] {
+      // s: the graph timer's stream, or nullptr (the legacy default stream) for eager timing.
+      BenchCtx kern{[&](void* s) {
+        o.stream = s;
+        return attention_int8(qk, tcu, tcu, sh.seq_q, sh.seq, to, nullptr, o);
+      }};
+      BenchCtx e2e{[&](void* s) {
+        o.stream = s;
         return varlen ? attention_varlen(tq, tk, tv, tcu, tcu, sh.seq_q, sh.seq, to, nullptr, o)
                       : attention(tq, tk, tv, to, nullptr, o);
       }};
@@ -561,8 +574,8 @@ void bench_shape(const BenchShape& sh, const std::vector<Scheme>& schemes, const
       // end-to-end form: attention() over the bf16 tensors would time the contiguous path.
       const bool has_e2e = sh.page == 0;
       double k_ms = 0, e_ms = 0;
-      check(gpu_time_ms(bench_trampoline, &kern, 3, reps, nullptr, &k_ms), "bench kernel");
-      if (has_e2e) check(gpu_time_ms(bench_trampoline, &e2e, 3, reps, nullptr, &e_ms), "bench e2e");
+      check(time_bench_ctx(&kern, reps, graph_calls, &k_ms), "bench kernel");
+      if (has_e2e) check(time_bench_ctx(&e2e, reps, graph_calls, &e_ms), "bench e2e");
       // Square causal without a window counts half the pairs (design.md); otherwise the pairs
       // the mask (bottom-right causal, the window) leaves visible. Varlen: the sum over its
       // sequences.
@@ -583,10 +596,10 @@ void bench_shape(const BenchShape& sh, const std::vector<Scheme>& schemes, const
       const double k_tops = ops / k_ms / 1e9, e_tops = has_e2e ? ops / e_ms / 1e9 : 0;
       char e2e_cols[64];
       if (has_e2e)
-        std::snprintf(e2e_cols, sizeof e2e_cols, "%10.3f %8.1f  %6.3f", e_ms, e_tops, k_ms / e_ms);
+        std::snprintf(e2e_cols, sizeof e2e_cols, "%10.4f %8.1f  %6.3f", e_ms, e_tops, k_ms / e_ms);
       else
         std::snprintf(e2e_cols, sizeof e2e_cols, "%10s %8s  %6s", "-", "-", "-");
-      std::printf("%-9s %6d %5d %7d  %10.3f %8.1f  %s\n", to_string(sc), sh.seq, sh.hdim, causal, k_ms, k_tops,
+      std::printf("%-9s %6d %5d %7d  %10.4f %8.1f  %s\n", to_string(sc), sh.seq, sh.hdim, causal, k_ms, k_tops,
                   e2e_cols);
       std::fflush(stdout);
       std::string extra;
@@ -604,6 +617,7 @@ void bench_shape(const BenchShape& sh, const std::vector<Scheme>& schemes, const
         extra += ", \"page_size\": " + std::to_string(sh.page) + ", \"pages\": \"" +
                  (sh.page_shuffled ? "shuffled" : "ordered") + "\"";
       if (sh.table_pages) extra += ", \"table_pages\": " + std::to_string(sh.table_pages);
+      if (graph_calls) extra += ", \"graph_calls\": " + std::to_string(graph_calls);
       for (int e = 0; e < (has_e2e ? 2 : 1); ++e) {
         rows << (rows.tellp() > 0 ? ",\n" : "") << "    {\"provider\": \"intfa\", \"path\": \""
              << to_string(row_path(path_req, path, sh, sc)) << "\", \"scheme\": \"" << to_string(sc) << "\", \"seq\": " << sh.seq << extra
@@ -618,7 +632,7 @@ void bench_shape(const BenchShape& sh, const std::vector<Scheme>& schemes, const
 
 int cmd_bench(const Args& a) {
   a.allow({"--seq", "--seq-q", "--varlen", "--hdim", "--causal", "--window", "--sinks", "--scheme", "--batch",
-           "--heads", "--heads-kv", "--path", "--json", "--reps", "--dtype", "--seqused", "--page", "--page-order", "--table-pages"});
+           "--heads", "--heads-kv", "--path", "--json", "--reps", "--dtype", "--seqused", "--page", "--page-order", "--table-pages", "--graph"});
   // Arguments first, so that a bad one is reported on any machine.
   const auto seqs = a.ints("--seq", "1024,4096,16384", 1, 1 << 20);
   const auto hdims = a.ints("--hdim", "128,64", 16, 256);
@@ -638,6 +652,9 @@ int cmd_bench(const Args& a) {
   // against a long cache. 0: square.
   const int seq_q_opt = a.integer("--seq-q", 0, 0, 1 << 20);
   const int seqused = a.integer("--seqused", 0, 0, 2);
+  // Time each row as CUDA graphs of this many back-to-back calls (no host enqueue between
+  // them); 0: every call alone between events.
+  const int graph_calls = a.integer("--graph", 0, 0, 1000);
   // Kernel-only runs over a paged copy of the cache (pages of this many tokens); 0: contiguous.
   const int page = a.integer("--page", 0, 0, 1 << 20);
   const std::string page_order = a.str("--page-order", "shuffled");
@@ -686,11 +703,13 @@ int cmd_bench(const Args& a) {
   what += window_note(mask) + sinks_note(mask);
   if (seqused) what += seqused == 2 ? ", kernel-only with ragged seqused_kv ((b + 1) / B of the keys)"
                                     : ", kernel-only with seqused_kv";
-  std::printf("intfa bench on %s (%d SMs): %s H=%d Hkv=%d %s, path %s, median of %d%s\n",
+  const std::string timing = graph_calls ? " CUDA-graph launches of " + std::to_string(graph_calls) + " calls (per call)"
+                                         : " calls, each timed alone (host enqueue included)";
+  std::printf("intfa bench on %s (%d SMs): %s H=%d Hkv=%d %s, path %s, median of %d%s%s\n",
               dev.name.c_str(), dev.sm_count, what.c_str(), heads, heads_kv, to_string(dtype),
               (path_req == GpuPath::automatic ? std::string("auto (") + to_string(path) + ", decode for decode-sized calls)"
                                               : std::string(to_string(path))).c_str(),
-              reps, seq_q_opt ? (", " + std::to_string(seq_q_opt) + " query rows (seq = keys)").c_str() : "");
+              reps, timing.c_str(), seq_q_opt ? (", " + std::to_string(seq_q_opt) + " query rows (seq = keys)").c_str() : "");
   std::printf("%-9s %6s %5s %7s  %10s %8s  %10s %8s  %6s\n", "scheme", "seq", "hdim", "causal",
               "kernel_ms", "TOPS", "e2e_ms", "TOPS", "e2e/k");
   std::ostringstream rows;
@@ -698,13 +717,13 @@ int cmd_bench(const Args& a) {
     if (!lens.empty()) {
       const int longest = *std::max_element(lens.begin(), lens.end());
       bench_shape({int(lens.size()), heads, heads_kv, longest, longest, hdim, lens, seqused}, schemes, causals,
-                  mask, dtype, path_req, path, reps, rows);
+                  mask, dtype, path_req, path, reps, graph_calls, rows);
       continue;
     }
     for (int seq : seqs)
       bench_shape({batch, heads, heads_kv, seq_q_opt ? seq_q_opt : seq, seq, hdim, {}, seqused, page,
                    page_order == "shuffled", table_pages}, schemes, causals,
-                  mask, dtype, path_req, path, reps, rows);
+                  mask, dtype, path_req, path, reps, graph_calls, rows);
   }
   if (!json.empty()) {
     std::ofstream f(json);
@@ -726,13 +745,14 @@ void usage(FILE* f) {
                "           [--json FILE]\n"
                "  bench [--seq ..] [--seq-q N | --varlen L1,L2,..] [--hdim 128,64] [--causal 0,1] [--window L,R] [--sinks]\n"
                "        [--scheme ..] [--path auto|sm80|sm90|decode] [--batch 4] [--heads 32] [--heads-kv H] [--reps 20]\n"
-               "        [--seqused 0|1|2] [--page N [--page-order O] [--table-pages P]] [--json FILE]   (needs a GPU; --seq-q: query rows when fewer than the keys;\n"
+               "        [--seqused 0|1|2] [--page N [--page-order O] [--table-pages P]] [--graph N] [--json FILE]   (needs a GPU; --seq-q: query rows when fewer than the keys;\n"
                "        --seqused 1: kernel-only runs count every sequence's keys through seqused_kv, 2: sequence b\n"
                "        counts (b + 1) / B of its keys, a ragged batch; --page N: the kernel reads a paged copy\n"
                "        of the cache, N-token pages in a pool, --page-order shuffled (default) or ordered;\n"
                "        no end-to-end column: a paged cache is quantized as tokens arrive; --table-pages P: the\n"
                "        block table P pages wide, -1 past each sequence's pages, as a pool's table sized for\n"
-               "        longer requests: the launch spans P * N keys, seqused_kv counts the sequence's)\n"
+               "        longer requests: the launch spans P * N keys, seqused_kv counts the sequence's;\n"
+               "        --graph N: time CUDA-graph replays of N back-to-back calls, no host enqueue in the time)\n"
                "  --window LEFT,RIGHT: sliding-window attention (FlashAttention's window_size): query i sees keys\n"
                "        i + Skv - Sq - LEFT .. i + Skv - Sq + RIGHT, -1 an open side (default -1,-1: no window);\n"
                "        causal is RIGHT = 0 (a Mistral-style local layer of W keys: --causal 1 --window W-1,0)\n"

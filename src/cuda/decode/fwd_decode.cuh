@@ -82,6 +82,9 @@ constexpr int kMinCtas = Paged && D == 64 ? 4 : 0;
 // thread copies one 16-key piece of it through that piece's page (sm80::SmallPageTile).
 template <int D, int Stages, bool Paged, bool SmallPages = false>
 __global__ void __launch_bounds__(kThreads, kMinCtas<D, Paged>) fwd_kernel(const __grid_constant__ Params P) {
+  // Launched as a programmatic dependent (cuda::launch_dependent): nothing global is touched
+  // before the previous kernel's writes are visible.
+  ptx::griddepcontrol_wait();
   // The combine kernel's CTAs may take their SM slots while this grid runs (they wait for its
   // end there): its launch latency then overlaps this grid instead of following it.
   ptx::griddepcontrol_launch_dependents();

@@ -570,6 +570,9 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
     }
     ptx::fence_barrier_init();
   }
+  // A programmatic dependent launch (cuda::launch_dependent): the set-up above overlapped the
+  // previous kernel's end; its writes are visible past this wait.
+  ptx::griddepcontrol_wait();
   __syncthreads();
 
   if (wg == 0) {

@@ -32,14 +32,15 @@ Status launch_fwd(const Params& prm, cudaStream_t stream) {
   }();
   if (grid_cap > 0 && grid_cap < sms) sms = grid_cap;
   const int grid = prm.num_units < sms ? prm.num_units : sms;
-  kernel<<<grid, kThreads, kSmem, stream>>>(prm);
-  if (Split && prm.num_splits > 1) {
-    Status cst = cuda::check_cuda(cudaGetLastError(), "sm90 forward kernel launch");
-    if (!cst.ok()) return cst;
-    return cuda::check_cuda(
-        cuda::launch_dependent(combine_kernel<D, Causal>, unsigned(prm.num_tiles * (kBlockM / 4)), 128, stream, prm),
-        "sm90 split combine kernel launch");
-  }
+  // A programmatic dependent of the stream's previous kernel (the quantizer in attention()): the
+  // CTAs initialize their barriers while it ends and wait for its writes before any load.
+  st = cuda::check_cuda(cuda::launch_dependent(kernel, dim3(grid), kThreads, kSmem, stream, prm),
+                        "sm90 forward kernel launch");
+  if (!st.ok()) return st;
+  if (Split && prm.num_splits > 1)
+    return cuda::check_cuda(cuda::launch_dependent(combine_kernel<D, Causal>, dim3(unsigned(prm.num_tiles * (kBlockM / 4))),
+                                                   128, 0, stream, prm),
+                            "sm90 split combine kernel launch");
 #if INTFA_SM90_TRACE
   static int traced = 0;
   static const int trace_at = [] {
