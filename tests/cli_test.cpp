@@ -405,6 +405,8 @@ TEST(Cli, BenchArgumentErrorsNameTheOption) {
   expect_usage_error("bench --page 128 --seq 512 --table-pages 8", "--table-pages: needs --seqused 1 or 2");
   expect_usage_error("bench --page 128 --seq 1024 --seqused 1 --table-pages 4",
                      "--table-pages: expected at least --seq / --page = 8 pages, got 4");
+  expect_usage_error("bench --graph -1", "--graph: expected integers in [0, 1000]");
+  expect_usage_error("bench --graph 20x", "--graph: expected integers in [0, 1000]");
 }
 
 // --window takes LEFT,RIGHT, each -1 or >= 0, and RIGHT at most 0 where a run is causal; bench
