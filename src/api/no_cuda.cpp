@@ -28,6 +28,7 @@ Status copy_to_host_sync(void*, const void*, size_t, void*, bool*) { return unav
 Status debug_qk_block_sm80(int, const int8_t*, const int8_t*, int32_t*) { return unavailable(); }
 Status debug_qk_block_sm90(int, const int8_t*, const int8_t*, int32_t*) { return unavailable(); }
 Status debug_exp2_poly(const float*, float*, int) { return unavailable(); }
+Status debug_programmatic_launches(long long*) { return unavailable(); }
 Status gpu_malloc(void**, size_t, int) { return unavailable(); }
 Status gpu_free(void*) { return unavailable(); }
 Status gpu_copy(void*, const void*, size_t, bool) { return unavailable(); }

@@ -1,6 +1,7 @@
 // CUDA backend entry: device queries, path resolution, scratch memory, and dispatch to the
 // kernel families (quantization, sm80). The API layer reaches it only through backend.h.
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstdint>
 #include <mutex>
@@ -38,11 +39,13 @@ cudaError_t device_sm_count(int* sms) {
   }, sms);
 }
 
-cudaError_t device_compute_major(int* major) {
-  static PerDevice cache;
-  return once_per_device(cache, [](int dev, int* n) {
-    return cudaDeviceGetAttribute(n, cudaDevAttrComputeCapabilityMajor, dev);
-  }, major);
+namespace {
+std::atomic<long long> g_programmatic_launches{0};
+}
+void count_programmatic_launch() { g_programmatic_launches.fetch_add(1, std::memory_order_relaxed); }
+Status debug_programmatic_launches(long long* count) {
+  *count = g_programmatic_launches.load(std::memory_order_relaxed);
+  return Status::OK();
 }
 
 bool pdl_enabled() {

@@ -36,6 +36,9 @@ Status debug_qk_block_sm80(int head_dim, const int8_t* q8, const int8_t* k8, int
 Status debug_qk_block_sm90(int head_dim, const int8_t* q8, const int8_t* k8, int32_t* s);
 // y[i] = fwd::exp2_poly(x[i]) for n device floats: the kernels' FMA-pipe exponential.
 Status debug_exp2_poly(const float* x, float* y, int n);
+// Launches made as programmatic dependents so far in this process (cuda::launch_dependent), so a
+// test can see that the guard on the loaded kernel's PTX target lets them happen on sm_90.
+Status debug_programmatic_launches(long long* count);
 
 Status gpu_malloc(void** ptr, size_t bytes, int device_index);
 Status gpu_free(void* ptr);

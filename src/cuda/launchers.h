@@ -48,23 +48,34 @@ cudaError_t once_per_device(PerDevice& cache, Init&& init, int* out) {
 // Streaming multiprocessors of the current device (cached).
 cudaError_t device_sm_count(int* sms);
 
-// Compute capability major of the current device (cached).
-cudaError_t device_compute_major(int* major);
-
 // Launches `kernel` (grid x block threads, `smem` bytes of dynamic shared memory) after the
 // stream's previous kernel as its programmatic dependent where the card has them (sm_90 on): its
 // CTAs may start once every CTA of that kernel has run ptx::griddepcontrol_launch_dependents()
 // (or exited), which hides the launch latency and the CTAs' set-up behind the end of that
 // kernel. So `kernel` must call ptx::griddepcontrol_wait() before it touches global memory the
-// previous kernel may read or write. Elsewhere, or with INTFA_PDL=0 in the environment
-// (same-build A/B timing), a plain launch.
+// previous kernel may read or write. That wait exists only in code compiled for sm_90 or later
+// (ptx_sm80.cuh): a kernel the driver compiled from older PTX (a build with compute_80 PTX run
+// on a Hopper card) has none, so the launch is programmatic only where the loaded kernel's PTX
+// target is 9.0 or later; `cache` (one per launch site, so per kernel) holds that answer per
+// device. Elsewhere, or with INTFA_PDL=0 in the environment (same-build A/B timing), a plain
+// launch.
 bool pdl_enabled();
+void count_programmatic_launch();  // for debug_programmatic_launches (backend.h)
 template <typename... Args>
-cudaError_t launch_dependent(void (*kernel)(Args...), dim3 grid, unsigned block, size_t smem, cudaStream_t stream,
-                             const Args&... args) {
-  int major = 0;
-  if (pdl_enabled())
-    if (const cudaError_t e = device_compute_major(&major); e != cudaSuccess) return e;
+cudaError_t launch_dependent(PerDevice& cache, void (*kernel)(Args...), dim3 grid, unsigned block, size_t smem,
+                             cudaStream_t stream, const Args&... args) {
+  int dependent = 0;
+  if (pdl_enabled()) {
+    const cudaError_t e = once_per_device(cache, [&](int dev, int* ok) {
+      int major = 0;
+      cudaFuncAttributes fa = {};
+      cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+      if (err == cudaSuccess) err = cudaFuncGetAttributes(&fa, kernel);
+      *ok = major >= 9 && fa.ptxVersion >= 90;
+      return err;
+    }, &dependent);
+    if (e != cudaSuccess) return e;
+  }
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = dim3(block);
@@ -74,7 +85,8 @@ cudaError_t launch_dependent(void (*kernel)(Args...), dim3 grid, unsigned block,
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = major >= 9 ? 1 : 0;
+  cfg.numAttrs = dependent ? 1 : 0;
+  if (dependent) count_programmatic_launch();
   return cudaLaunchKernelEx(&cfg, kernel, args...);
 }
 

@@ -6,8 +6,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "cuda/backend.h"
@@ -539,6 +541,34 @@ TEST_F(AttentionGpu, KernelDecodeSmallRows) {
   Case a;
   a.batch = 2; a.hq = 8; a.hkv = 2; a.sq = 1; a.skv = 4000; a.seed = ++seed;
   check_kernel_vs_cpu(a, GpuPath::automatic);
+}
+
+// On an sm_90 card the split launches' kernels start as programmatic dependents
+// (cuda::launch_dependent): the guard that keeps kernels without griddepcontrol.wait (code the
+// driver compiled from pre-sm_90 PTX) off that launch form reads the loaded kernel's PTX target,
+// and must let this build's sm_90 code through: the sm90 kernel always, the decode kernel where
+// the portable kernels were built for 90. Both with key-range splits: forward and combine.
+TEST_F(AttentionGpu, SplitLaunchesAreProgrammaticOnSm90) {
+  if (device_info(0).major < 9) GTEST_SKIP() << "programmatic launches need sm_90";
+  if (const char* e = std::getenv("INTFA_PDL"); e && std::string(e) == "0") GTEST_SKIP() << "INTFA_PDL=0";
+  const std::string archs = build_info().cuda_archs;  // "sm80 kernels for 80-real 90-real; sm90 ..."
+  const bool decode_sm90_code = archs.substr(0, archs.find(';')).find("90") != std::string::npos;
+  long long n0 = 0, n1 = 0, n2 = 0;
+  INTFA_ASSERT_OK(cuda::debug_programmatic_launches(&n0));
+  if (decode_sm90_code) {
+    Case c = dense_case({1, 16, 1, 1, 20000, false, Layout::BSHD, DType::f32, Scheme::accurate}, 1401);
+    check_kernel_vs_cpu(c, GpuPath::decode);
+  }
+  INTFA_ASSERT_OK(cuda::debug_programmatic_launches(&n1));
+  if (decode_sm90_code) EXPECT_GE(n1 - n0, 2) << "the decode kernel and its combine (" << archs << ")";
+  GpuPath got;
+  if (resolve_gpu_path(GpuPath::sm90, 0, &got).ok()) {
+    Case c;
+    c.hq = 2; c.hkv = 1; c.sq = 200; c.skv = 5000; c.seed = 1402;  // few tiles: key-range splits
+    check_kernel_vs_cpu(c, GpuPath::sm90);
+    INTFA_ASSERT_OK(cuda::debug_programmatic_launches(&n2));
+    EXPECT_GE(n2 - n1, 2) << "the sm90 kernel and its combine";
+  }
 }
 
 // Sliding-window attention (Options::window_left / window_right) on every path against the CPU

@@ -28,12 +28,14 @@ Status launch_fwd(const Params& prm, cudaStream_t stream) {
   if (!st.ok()) return st;
   // A programmatic dependent of the step's previous kernel (quantize_q, append_kv): its CTAs set
   // up while that kernel ends and wait for its writes at the top.
-  st = cuda::check_cuda(cuda::launch_dependent(fwd_kernel<D, Stages, Paged, SmallPages>, dim3(prm.num_units), kThreads,
-                                               Smem<D, Stages>::kBytes, stream, prm),
+  static cuda::PerDevice pdl_fwd, pdl_combine;
+  st = cuda::check_cuda(cuda::launch_dependent(pdl_fwd, fwd_kernel<D, Stages, Paged, SmallPages>, dim3(prm.num_units),
+                                               kThreads, Smem<D, Stages>::kBytes, stream, prm),
                         "decode forward kernel launch");
   if (!st.ok() || prm.num_splits == 1) return st;
   const int64_t blocks = int64_t(prm.p.batch) * prm.p.heads_q * (kRows / 4);
-  return cuda::check_cuda(cuda::launch_dependent(combine_kernel<D>, dim3(static_cast<unsigned>(blocks)), 128, 0, stream, prm),
+  return cuda::check_cuda(cuda::launch_dependent(pdl_combine, combine_kernel<D>, dim3(static_cast<unsigned>(blocks)), 128,
+                                                 0, stream, prm),
                           "decode split combine kernel launch");
 }
 

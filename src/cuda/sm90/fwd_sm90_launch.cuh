@@ -34,12 +34,13 @@ Status launch_fwd(const Params& prm, cudaStream_t stream) {
   const int grid = prm.num_units < sms ? prm.num_units : sms;
   // A programmatic dependent of the stream's previous kernel (the quantizer in attention()): the
   // CTAs initialize their barriers while it ends and wait for its writes before any load.
-  st = cuda::check_cuda(cuda::launch_dependent(kernel, dim3(grid), kThreads, kSmem, stream, prm),
+  static cuda::PerDevice pdl_fwd, pdl_combine;
+  st = cuda::check_cuda(cuda::launch_dependent(pdl_fwd, kernel, dim3(grid), kThreads, kSmem, stream, prm),
                         "sm90 forward kernel launch");
   if (!st.ok()) return st;
   if (Split && prm.num_splits > 1)
-    return cuda::check_cuda(cuda::launch_dependent(combine_kernel<D, Causal>, dim3(unsigned(prm.num_tiles * (kBlockM / 4))),
-                                                   128, 0, stream, prm),
+    return cuda::check_cuda(cuda::launch_dependent(pdl_combine, combine_kernel<D, Causal>,
+                                                   dim3(unsigned(prm.num_tiles * (kBlockM / 4))), 128, 0, stream, prm),
                             "sm90 split combine kernel launch");
 #if INTFA_SM90_TRACE
   static int traced = 0;
