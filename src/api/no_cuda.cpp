@@ -29,6 +29,7 @@ Status debug_qk_block_sm80(int, const int8_t*, const int8_t*, int32_t*) { return
 Status debug_qk_block_sm90(int, const int8_t*, const int8_t*, int32_t*) { return unavailable(); }
 Status debug_exp2_poly(const float*, float*, int) { return unavailable(); }
 Status debug_programmatic_launches(long long*) { return unavailable(); }
+Status debug_check_cuda(int, const char*) { return unavailable(); }
 Status gpu_malloc(void**, size_t, int) { return unavailable(); }
 Status gpu_free(void*) { return unavailable(); }
 Status gpu_copy(void*, const void*, size_t, bool) { return unavailable(); }

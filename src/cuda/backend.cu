@@ -17,9 +17,23 @@ namespace intfa::cuda {
 
 Status check_cuda(cudaError_t err, const char* what) {
   if (err == cudaSuccess) return Status::OK();
-  return Status(StatusCode::device_error,
-                std::string(what) + ": CUDA error " + cudaGetErrorName(err) + " (" +
-                    cudaGetErrorString(err) + ")");
+  std::string msg = std::string(what) + ": CUDA error " + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")";
+  // A card this build has no code for (e.g. compute capability 10.x or 12.x with the default
+  // "80-real;90-real", which ships no PTX to compile): say what the build has and how to add it.
+  // (The runtime reports it at the first launch or function-attribute call, as one of the two.)
+  if (err == cudaErrorNoKernelImageForDevice || err == cudaErrorInvalidDeviceFunction) {
+    int dev = 0, major = 0, minor = 0;
+    if (cudaGetDevice(&dev) == cudaSuccess &&
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess) {
+      std::string archs = INTFA_SM80_ARCHS;  // space-joined CMake list
+      std::replace(archs.begin(), archs.end(), ' ', ';');
+      msg += "; this build has " + std::string(compiled_archs()) + ", none for compute capability " +
+             std::to_string(major) + "." + std::to_string(minor) + ": rebuild with -DINTFA_SM80_ARCHS=\"" + archs +
+             ";" + std::to_string(major * 10 + minor) + "-real\"";
+    }
+  }
+  return Status(StatusCode::device_error, msg);
 }
 
 Status check_paged(const FwdParams& p, const char* path, int block_n, bool* small) {
@@ -47,6 +61,8 @@ Status debug_programmatic_launches(long long* count) {
   *count = g_programmatic_launches.load(std::memory_order_relaxed);
   return Status::OK();
 }
+
+Status debug_check_cuda(int err, const char* what) { return check_cuda(static_cast<cudaError_t>(err), what); }
 
 bool pdl_enabled() {
   static const bool on = [] {

@@ -39,6 +39,8 @@ Status debug_exp2_poly(const float* x, float* y, int n);
 // Launches made as programmatic dependents so far in this process (cuda::launch_dependent), so a
 // test can see that the guard on the loaded kernel's PTX target lets them happen on sm_90.
 Status debug_programmatic_launches(long long* count);
+// check_cuda(err, what) for a CUDA error code given as an int (tests without CUDA headers).
+Status debug_check_cuda(int err, const char* what);
 
 Status gpu_malloc(void** ptr, size_t bytes, int device_index);
 Status gpu_free(void* ptr);

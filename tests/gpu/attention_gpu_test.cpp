@@ -571,6 +571,21 @@ TEST_F(AttentionGpu, SplitLaunchesAreProgrammaticOnSm90) {
   }
 }
 
+// A card the build has no code for fails at its first launch with "no kernel image"; the error
+// then names the build's archs, the card's compute capability and the CMake option that adds it
+// (message checked on this card with the error code the runtime would give there: 209).
+TEST_F(AttentionGpu, NoKernelImageErrorSaysHowToRebuild) {
+  const DeviceInfo d = device_info(0);
+  const Status st = cuda::debug_check_cuda(209, "sm80 forward kernel launch");
+  EXPECT_EQ(st.code(), StatusCode::device_error);
+  const std::string want = "none for compute capability " + std::to_string(d.major) + "." + std::to_string(d.minor) +
+                           ": rebuild with -DINTFA_SM80_ARCHS=\"";
+  EXPECT_NE(st.message().find("sm80 forward kernel launch: CUDA error cudaErrorNoKernelImageForDevice"),
+            std::string::npos) << st.message();
+  EXPECT_NE(st.message().find(want), std::string::npos) << st.message();
+  EXPECT_NE(st.message().find(std::to_string(d.major * 10 + d.minor) + "-real\""), std::string::npos) << st.message();
+}
+
 // Sliding-window attention (Options::window_left / window_right) on every path against the CPU
 // emulation with its LSE: causal local layers (Mistral / Gemma: window_left = W - 1), a window of
 // the diagonal alone, two-sided and one-sided non-causal windows, Sq != Skv (rows that see no
