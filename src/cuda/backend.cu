@@ -316,38 +316,8 @@ Status gpu_memset(void* ptr, int byte, size_t bytes) {
 }
 Status gpu_synchronize() { return check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize"); }
 
-Status gpu_time_ms(Status (*run)(void* ctx), void* ctx, int warmup, int reps, void* stream,
-                   double* median_ms) {
-  cudaStream_t s = static_cast<cudaStream_t>(stream);
-  for (int i = 0; i < warmup; ++i) {
-    Status st = run(ctx);
-    if (!st.ok()) return st;
-  }
-  cudaEvent_t start, stop;
-  Status st = check_cuda(cudaEventCreate(&start), "cudaEventCreate");
-  if (!st.ok()) return st;
-  st = check_cuda(cudaEventCreate(&stop), "cudaEventCreate");
-  std::vector<float> times;
-  for (int i = 0; st.ok() && i < reps; ++i) {
-    cudaEventRecord(start, s);
-    st = run(ctx);
-    if (!st.ok()) break;
-    cudaEventRecord(stop, s);
-    st = check_cuda(cudaEventSynchronize(stop), "timing");
-    float ms = 0.f;
-    if (st.ok()) st = check_cuda(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime");
-    times.push_back(ms);
-  }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  if (!st.ok()) return st;
-  std::sort(times.begin(), times.end());
-  *median_ms = times[times.size() / 2];
-  return Status::OK();
-}
-
 namespace {
-// Owners of the graph timer's CUDA objects, so every early return releases them.
+// Owners of the timers' CUDA objects, so every early return releases them.
 struct StreamOwner {
   cudaStream_t s = nullptr;
   ~StreamOwner() { if (s) cudaStreamDestroy(s); }
@@ -367,13 +337,45 @@ struct EventPair {
     if (stop) cudaEventDestroy(stop);
   }
 };
+
+// Median over `reps` samples of the time of what enqueue() puts on `s` (between two events),
+// each divided by `per` (the calls one sample holds). enqueue() failing stops with its error.
+template <typename Enqueue>
+Status median_event_ms(cudaStream_t s, int reps, int per, Enqueue&& enqueue, double* median_ms) {
+  EventPair ev;
+  Status st = check_cuda(cudaEventCreate(&ev.start), "cudaEventCreate");
+  if (st.ok()) st = check_cuda(cudaEventCreate(&ev.stop), "cudaEventCreate");
+  std::vector<float> times;
+  for (int i = 0; st.ok() && i < reps; ++i) {
+    cudaEventRecord(ev.start, s);
+    st = enqueue();
+    if (!st.ok()) break;
+    cudaEventRecord(ev.stop, s);
+    st = check_cuda(cudaEventSynchronize(ev.stop), "timing");
+    float ms = 0.f;
+    if (st.ok()) st = check_cuda(cudaEventElapsedTime(&ms, ev.start, ev.stop), "cudaEventElapsedTime");
+    times.push_back(ms / static_cast<float>(per));
+  }
+  if (!st.ok()) return st;
+  std::sort(times.begin(), times.end());
+  *median_ms = times[times.size() / 2];
+  return Status::OK();
+}
 }  // namespace
+
+Status gpu_time_ms(Status (*run)(void* ctx), void* ctx, int warmup, int reps, void* stream,
+                   double* median_ms) {
+  for (int i = 0; i < warmup; ++i) {
+    Status st = run(ctx);
+    if (!st.ok()) return st;
+  }
+  return median_event_ms(static_cast<cudaStream_t>(stream), reps, 1, [&] { return run(ctx); }, median_ms);
+}
 
 Status gpu_graph_time_ms(Status (*run)(void* ctx, void* stream), void* ctx, int calls, int reps,
                          double* median_ms) {
   StreamOwner so;
   GraphOwner go;
-  EventPair ev;
   Status st = check_cuda(cudaStreamCreateWithFlags(&so.s, cudaStreamNonBlocking), "graph timing: cudaStreamCreate");
   // One eager call first: one-time set-up (function attributes, the scratch pool) is not
   // something a capture may do, and a failing call is reported as itself, not as a capture error.
@@ -390,22 +392,10 @@ Status gpu_graph_time_ms(Status (*run)(void* ctx, void* stream), void* ctx, int 
   for (int i = 0; st.ok() && i < 2; ++i)  // warm-up: the first launch uploads the graph
     st = check_cuda(cudaGraphLaunch(go.exec, so.s), "graph timing: launch");
   if (st.ok()) st = check_cuda(cudaStreamSynchronize(so.s), "graph timing: warm-up");
-  if (st.ok()) st = check_cuda(cudaEventCreate(&ev.start), "cudaEventCreate");
-  if (st.ok()) st = check_cuda(cudaEventCreate(&ev.stop), "cudaEventCreate");
-  std::vector<float> times;
-  for (int i = 0; st.ok() && i < reps; ++i) {
-    cudaEventRecord(ev.start, so.s);
-    st = check_cuda(cudaGraphLaunch(go.exec, so.s), "graph timing: launch");
-    cudaEventRecord(ev.stop, so.s);
-    if (st.ok()) st = check_cuda(cudaEventSynchronize(ev.stop), "graph timing");
-    float ms = 0.f;
-    if (st.ok()) st = check_cuda(cudaEventElapsedTime(&ms, ev.start, ev.stop), "cudaEventElapsedTime");
-    times.push_back(ms / static_cast<float>(calls));
-  }
   if (!st.ok()) return st;
-  std::sort(times.begin(), times.end());
-  *median_ms = times[times.size() / 2];
-  return Status::OK();
+  return median_event_ms(so.s, reps, calls, [&] {
+    return check_cuda(cudaGraphLaunch(go.exec, so.s), "graph timing: launch");
+  }, median_ms);
 }
 
 }  // namespace intfa::cuda
