@@ -139,8 +139,8 @@ def main():
                     pairs = float(sum(min(max(r + n - sq + 1, 0), n) for r in range(sq)))
                 ops = 4.0 * a.batch * a.heads * pairs * d
                 # The automatic path runs the decode kernel for at most 16 query rows per K/V head
-                # (GQA heads packed into rows: these BHSD tensors always pack).
-                py_path = "decode" if path and sq * (a.heads // hkv) <= 16 else path
+                # (GQA heads packed into rows: these BHSD tensors always pack), head dim 256 on sm80.
+                py_path = path and ("sm80" if d == 256 else "decode" if sq * (a.heads // hkv) <= 16 else path)
                 for sc in (qkv or {}):
                     c = bool(causal)
                     runs = ((False, lambda: intfa.attention_int8(qkv[sc], is_causal=c, out_dtype=torch.bfloat16)),

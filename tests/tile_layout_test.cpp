@@ -45,7 +45,7 @@ void check_vt_layout(int D, bool cm) {
 }
 
 TEST(TileLayout, VtTileOrdersAreBijectionsWithConflictFreeReads) {
-  for (int D : {64, 128})
+  for (int D : {64, 128, 256})
     for (bool cm : {false, true}) {
       check_vt_layout<128>(D, cm);
       check_vt_layout<64>(D, cm);
@@ -97,6 +97,67 @@ void check_k_layout() {
 TEST(TileLayout, KTileRowSetsReadConflictFree) {
   check_k_layout<64>();
   check_k_layout<128>();
+  check_k_layout<256>();
+}
+
+// The loaders place pass it's K chunk from the thread's first offset (k_pass_offset): it must be
+// where k_tile_offset puts that row, for every rows-per-pass step the loaders use (the contiguous
+// and paged loaders: 128 threads / (D / 16) chunks per row; the small-page pieces: 2 .. 8). At
+// D = 256 the contiguous step is 8 rows, and a plain "+ rows * D" misplaced every other pass.
+template <int D>
+void check_k_passes() {
+  for (int step : {1, 2, 4, 8, 16, 32})
+    for (int row0 = 0; row0 < step; ++row0)
+      for (int c = 0; c < D / 16; ++c)
+        for (int it = 0; step * (it + 1) <= 128; ++it)
+          ASSERT_EQ(sm80::k_pass_offset<D>(sm80::k_tile_offset<D>(row0, c), step, it),
+                    sm80::k_tile_offset<D>(row0 + step * it, c))
+              << "D " << D << " step " << step << " row " << row0 << " chunk " << c << " pass " << it;
+}
+
+TEST(TileLayout, KLoaderPassesLandOnTheirRows) {
+  check_k_passes<64>();
+  check_k_passes<128>();
+  check_k_passes<256>();
+}
+
+// The Q tile (64 rows of D bytes): every chunk one place inside its line, and the A-fragment
+// reads (ldmatrix: rows 8a .. 8a + 7 at one column chunk) on eight bank groups. At D = 256 the
+// 128-byte-line swizzle would give rows r and r + 4 the same group (a row is two lines).
+template <int D>
+void check_q_layout() {
+  SCOPED_TRACE("D " + std::to_string(D));
+  constexpr int kRows = 64, kChunks = D / 16;
+  std::vector<int> seen(static_cast<size_t>(kRows) * kChunks, 0);
+  for (int r = 0; r < kRows; ++r)
+    for (int c = 0; c < kChunks; ++c) {
+      const int off = sm80::q_tile_offset<D>(r, c);
+      ASSERT_EQ(off % 16, 0);
+      // Rows of 64 bytes share a line, and the line swizzle moves chunks between the two.
+      ASSERT_GE(off, D >= 128 ? r * D : r / 2 * 128);
+      ASSERT_LT(off, D >= 128 ? (r + 1) * D : (r / 2 + 1) * 128);
+      ++seen[static_cast<size_t>(off / 16)];
+    }
+  for (int n : seen) ASSERT_EQ(n, 1);
+  for (int a = 0; a < kRows / 8; ++a)
+    for (int c = 0; c < kChunks; ++c) {
+      std::set<int> groups, line_swizzle;
+      for (int e = 0; e < 8; ++e) {
+        groups.insert(bank_group(sm80::q_tile_offset<D>(8 * a + e, c)));
+        line_swizzle.insert(bank_group(sm80::swz128((8 * a + e) * D + 16 * c)));
+      }
+      EXPECT_EQ(groups.size(), 8u) << "rows " << 8 * a << "+, chunk " << c;
+      if (D > 128) EXPECT_EQ(line_swizzle.size(), 4u) << "why D = 256 has its own Q swizzle";
+    }
+}
+
+TEST(TileLayout, QTileReadsConflictFree) {
+  check_q_layout<64>();
+  check_q_layout<128>();
+  check_q_layout<256>();
+  // D <= 128 keeps the line swizzle the kernels had (their code is unchanged).
+  for (int r = 0; r < 64; ++r)
+    for (int c = 0; c < 8; ++c) EXPECT_EQ(sm80::q_tile_offset<128>(r, c), sm80::swz128(r * 128 + 16 * c));
 }
 
 // The register-layout trick: thread t (lane % 4) holds accumulator columns 2t and 2t + 1 of every

@@ -262,9 +262,13 @@ struct BuildInfo {
   std::string version;
   bool cuda_built = false;
   std::string cuda_archs;  // e.g. "sm_80 sm_90a"
-  int gpu_block_n = 0;     // key block of the GPU kernel (for block-exact CPU emulation)
+  int gpu_block_n = 0;     // key block of the GPU kernels at head_dim 64 and 128 (gpu_block_n())
 };
 BuildInfo build_info();
+// Key block of the GPU kernels at head_dim, for block-exact CPU emulation (Options::block_n): 128,
+// or 64 at head_dim 256 (the sm80 kernel, which every GPU runs that head dim on); 0 for a head
+// dim the GPU backend does not take or without the CUDA backend.
+int gpu_block_n(int head_dim);
 
 struct DeviceInfo {
   bool present = false;

@@ -270,7 +270,7 @@ quantize_into_call = _direct_or_op(quantize_into_op, _quantize_into_impl)
 # ------------------------------------------------------------------------------------------------
 # F.scaled_dot_product_attention routing
 # ------------------------------------------------------------------------------------------------
-_GPU_HEAD_DIMS = (64, 128)
+_GPU_HEAD_DIMS = (64, 128, 256)
 # Query rows per K/V head below which the SDPA stand-in leaves a call to torch: intfa.attention
 # quantizes all of K and V in every call, which a call of fewer rows than one 128-row tile per
 # K/V head does not pay back (an H200 decode step, Sq = 1 with 4 query heads per K/V head:
@@ -310,7 +310,7 @@ def sdpa_supported(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
                    scale=None, enable_gqa=False):
     """True when intfa can serve this F.scaled_dot_product_attention call with the same
     meaning: no mask, no dropout, CUDA fp16/bf16 4-d tensors of one device and dtype, head dim
-    64 or 128 (also for V), no gradient needed, and causal only when Sq == Skv (torch aligns the
+    64, 128 or 256 (also for V), no gradient needed, and causal only when Sq == Skv (torch aligns the
     causal mask to the top-left corner, intfa to the bottom-right; they agree when square); and
     worth it: at least 128 query rows per K/V head (Sq * Hq / Hkv), since every call quantizes
     K and V."""

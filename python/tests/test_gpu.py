@@ -106,6 +106,24 @@ def test_random_shapes_match_float64(scheme, cfg):
     lse_close(lse, ref_lse)
 
 
+@pytest.mark.parametrize("scheme", ["accurate", "paper"])
+@pytest.mark.parametrize("cfg", [
+    dict(b=2, hq=4, hkv=2, sq=300, skv=300, causal=True, layout="BHSD", dtype=torch.float16),
+    dict(b=1, hq=8, hkv=1, sq=77, skv=1000, causal=False, layout="BSHD", dtype=torch.bfloat16),
+    dict(b=3, hq=8, hkv=2, sq=1, skv=513, causal=True, layout="BHSD", dtype=torch.bfloat16),
+], ids=["causal-gqa", "mqa-bshd", "decode-step"])
+def test_head_dim_256_matches_float64(scheme, cfg):
+    """Head dim 256 (the sm80 kernel on every GPU, Hopper included) end to end against float64."""
+    q, k, v = make_qkv(cfg["b"], cfg["hq"], cfg["hkv"], cfg["sq"], cfg["skv"], 256,
+                       cfg["layout"], cfg["dtype"], seed=256 + cfg["sq"])
+    out, lse = intfa.attention(q, k, v, is_causal=cfg["causal"], enable_gqa=True,
+                               layout=cfg["layout"], scheme=scheme, return_lse=True)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    ref, ref_lse = ref_attention(q, k, v, cfg["causal"], layout=cfg["layout"])
+    assert rel_l2(out, ref) < TOL[scheme]
+    lse_close(lse, ref_lse)
+
+
 @pytest.mark.parametrize("sq,skv", [(100, 300), (300, 100), (1, 513), (257, 256)])
 def test_causal_sq_ne_skv_bottom_right(sq, skv):
     q, k, v = make_qkv(2, 4, 4, sq, skv, 128, seed=7)
@@ -199,7 +217,7 @@ def test_decode_steps(sq, causal):
 
 def test_errors_on_the_gpu():
     q, k, v = make_qkv(1, 2, 2, 64, 64, 96)
-    with pytest.raises(ValueError, match="head_dim: expected 64 or 128 on the GPU, got 96"):
+    with pytest.raises(ValueError, match="head_dim: expected 64, 128 or 256 on the GPU, got 96"):
         intfa.attention(q, k, v)
     q, k, v = make_qkv(1, 2, 2, 64, 64, 64)
     with pytest.raises(ValueError, match="dim"):
@@ -363,6 +381,8 @@ def test_patch_sdpa_routes_supported_calls_only():
             (make_qkv(2, 8, 2, 1, 512, 128), dict(enable_gqa=True)),  # decode: 4 rows per K/V head
             ((q.float(), k.float(), v.float()), {}),
         ]
+        q2, k2, v2 = make_qkv(1, 2, 2, 200, 200, 256, seed=81)  # head dim 256: the sm80 kernel
+        assert torch.equal(F.scaled_dot_product_attention(q2, k2, v2), intfa.attention(q2, k2, v2))
         for args, kw in fallbacks:
             assert not intfa.sdpa_supported(*args, **kw)
             assert torch.equal(F.scaled_dot_product_attention(*args, **kw),
@@ -421,7 +441,7 @@ def _kv_inputs(d, layout, n0, total, seed):
 
 
 @pytest.mark.parametrize("scheme", ["accurate", "paper"])
-@pytest.mark.parametrize("d,layout", [(64, "BHSD"), (128, "BSHD")])
+@pytest.mark.parametrize("d,layout", [(64, "BHSD"), (128, "BSHD"), (256, "BHSD")])
 def test_kv_cache_decode_matches_cpu(scheme, d, layout):
     """A KV cache on the GPU against the same cache on the CPU backend: a 37-token prompt, 5
     decode steps (GQA 4/2) and a causal chunk of 3; the cache parts bit-identical after every
@@ -581,7 +601,7 @@ def test_kv_cache_errors_on_the_gpu():
         cache.append(k[:, :, :2], v[:, :, :2])
     with pytest.raises(ValueError, match="memory"):  # the cache is on the GPU, k_new not
         cache.append(k[:, :, :1].cpu(), v[:, :, :1].cpu())
-    with pytest.raises(ValueError, match="head_dim: expected 64 or 128 on the GPU, got 96"):
+    with pytest.raises(ValueError, match="head_dim: expected 64, 128 or 256 on the GPU, got 96"):
         intfa.KVCache(*make_qkv(1, 2, 2, 1, 8, 96)[1:], 16)
 
 

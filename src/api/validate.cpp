@@ -244,8 +244,8 @@ Status check_options(const Options& o) {
 Status check_head_dim(int64_t d, bool gpu) {
   MessageStream os;
   if (gpu) {
-    if (d != 64 && d != 128) {
-      os << "head_dim: expected 64 or 128 on the GPU, got " << d;
+    if (d != 64 && d != 128 && d != 256) {
+      os << "head_dim: expected 64, 128 or 256 on the GPU, got " << d;
       return invalid(os.str());
     }
   } else if (d < 16 || d > 256 || d % 16 != 0) {

@@ -73,7 +73,9 @@ bool pdl_enabled() {
 }
 
 bool built() { return true; }
-int kernel_block_n() { return sm80_block_n(); }
+// The sm90 and decode kernels take 128-key blocks, the sm80 kernel's at head dims 64 and 128
+// (decode::kSameBlocksAsSm80; the sm90 launcher's check_paged), so one value per head dim.
+int kernel_block_n(int head_dim) { return sm80_block_n(head_dim); }
 
 #ifndef INTFA_HAVE_SM90
 #define INTFA_HAVE_SM90 0

@@ -10,7 +10,7 @@
 namespace intfa::cuda {
 
 bool built();
-int kernel_block_n();
+int kernel_block_n(int head_dim);
 const char* compiled_archs();
 DeviceInfo device_info(int device_index);
 // Picks the kernel family for the current device (or checks the requested one can run).

@@ -113,7 +113,7 @@ Status launch_quantize_cache(const CacheQuantParams& p, cudaStream_t stream);
 
 // src/cuda/sm80: mma.sync INT8 flash attention (runs on sm_80 and newer).
 Status launch_fwd_sm80(const FwdParams& p, cudaStream_t stream);
-int sm80_block_n();  // keys per block of the sm80 kernel
+int sm80_block_n(int head_dim);  // keys per block of the sm80 kernel at head_dim (0: not built)
 
 // src/cuda/decode: at most 16 query rows per (batch, head) after GQA packing, one CTA of four
 // warps per (batch, head, key range); mma.sync, so sm_80 and newer. decode_takes: the shapes it

@@ -152,7 +152,7 @@ void check_kernel_vs_cpu(const Case& c, GpuPath path) {
   o.window_left = c.window_left;
   o.window_right = c.window_right;
   o.layout = c.layout;
-  o.block_n = build_info().gpu_block_n;  // the kernel's key block: block-local maxima must match
+  o.block_n = gpu_block_n(c.d);  // the kernel's key block: block-local maxima must match
   o.backend = Backend::cpu;
   std::vector<float> sinks = c.sinks;
   if (!sinks.empty()) o.sinks = make_tensor(sinks.data(), DType::f32, {int64_t(sinks.size())});
@@ -285,7 +285,8 @@ TEST_F(AttentionGpu, Exp2PolyAccuracy) {
 
 TEST_F(AttentionGpu, ScoreBlockBitExact) {  // 128 x 128 scores, any kernel key block, every path
   for (GpuPath path : gpu_paths())
-  for (int d : {64, 128}) {
+  for (int d : {64, 128, 256}) {
+    if (d == 256 && path == GpuPath::sm90) continue;  // head dim 256: the sm80 kernel only
     SCOPED_TRACE(to_string(path));
     std::mt19937 rng(d);
     std::uniform_int_distribution<int> dist(-127, 127);
@@ -322,6 +323,91 @@ TEST_F(AttentionGpu, KernelMatchesCpuEmulationSchemesAndDims) {
         c.seed = 11 + d + causal;
         for (GpuPath path : gpu_paths()) check_kernel_vs_cpu(c, path);
       }
+}
+
+// Head dim 256 (Gemma-style models): the sm80 kernel with its 64-key blocks, which the automatic
+// path takes on every GPU (on Hopper after the sm90 launcher declines it), against the CPU
+// emulation at that block: both schemes, causal with Sq != Skv and rows that see no key, odd
+// lengths, the three distributions, GQA packed rows (decode steps), MQA, BSHD, fp16 / bf16
+// outputs, varlen, per-sequence key counts, a sliding window and sinks, each with its LSE.
+TEST_F(AttentionGpu, KernelHeadDim256) {
+  EXPECT_EQ(gpu_block_n(256), 64);
+  std::vector<Case> cases;
+  uint64_t seed = 2560;
+  for (Scheme sc : {Scheme::paper, Scheme::accurate})
+    for (bool causal : {false, true}) {
+      Case c;
+      c.scheme = sc; c.causal = causal; c.batch = 2; c.hq = 3; c.hkv = 3; c.sq = 300; c.skv = 300;
+      cases.push_back(c);
+    }
+  for (int n : {1, 17, 127, 1000})
+    for (Dist dist : {Dist::normal, Dist::uniform, Dist::llm}) {
+      Case c;
+      c.sq = c.skv = n; c.dist = dist; c.hq = c.hkv = n >= 1000 ? 1 : 2;
+      cases.push_back(c);
+    }
+  for (auto [sq, skv] : std::vector<std::pair<int, int>>{{100, 300}, {300, 100}, {1, 257}, {257, 1}}) {
+    Case c;
+    c.causal = true; c.sq = sq; c.skv = skv;
+    cases.push_back(c);
+  }
+  for (const DenseShape& sh : std::vector<DenseShape>{
+           {3, 8, 2, 1, 3000, true, Layout::BHSD, DType::f32, Scheme::accurate},   // decode steps, packed
+           {2, 8, 2, 5, 700, true, Layout::BSHD, DType::bf16, Scheme::paper},      // speculative steps
+           {2, 8, 1, 200, 333, false, Layout::BSHD, DType::f16, Scheme::accurate},  // MQA
+           {1, 4, 2, 100, 333, true, Layout::BHSD, DType::bf16, Scheme::accurate}})
+    cases.push_back(dense_case(sh, 0));
+  {
+    Case c;
+    c.hq = 4; c.hkv = 2; c.lens_q = {1, 17, 0, 300, 129}; c.lens_kv = {5, 17, 9, 250, 400};
+    for (bool causal : {false, true}) {
+      c.causal = causal;
+      cases.push_back(c);
+    }
+    Case u;
+    u.batch = 3; u.hq = 4; u.hkv = 2; u.sq = 70; u.skv = 500; u.used_kv = {500, 0, 131};
+    cases.push_back(u);
+    Case w;
+    w.causal = true; w.sq = w.skv = 700; w.window_left = 200; w.sinks = {1.5f, -2.f};
+    cases.push_back(w);
+  }
+  for (Case& c : cases) {
+    c.d = 256;
+    c.seed = ++seed;
+    for (GpuPath path : {GpuPath::sm80, GpuPath::automatic}) check_kernel_vs_cpu(c, path);
+  }
+}
+
+// The paths without a head-dim-256 kernel say so when named; the automatic path runs sm80.
+TEST_F(AttentionGpu, HeadDim256NamedPathsWithoutItRefuse) {
+  Case c;
+  c.d = 256; c.sq = 1; c.skv = 200; c.hq = 8; c.hkv = 2;
+  Inputs in = make_case_inputs(c);
+  const size_t qbytes = quantized_bytes(in.shape, c.scheme);
+  DeviceBuffer db(qbytes), dq(in.q.data(), in.q.size() * 2), dk(in.k.data(), in.k.size() * 2),
+      dv(in.v.data(), in.v.size() * 2), dout(in.q.size() * 4);
+  QuantizedQKV qx;
+  INTFA_ASSERT_OK(alloc_quantized(in.shape, c.scheme, c.layout, db.ptr, qbytes, true, 0, &qx));
+  Options o;
+  o.backend = Backend::gpu;
+  Tensor none;
+  INTFA_ASSERT_OK(quantize(testing::on_device(in.tq, dq.ptr), testing::on_device(in.tk, dk.ptr),
+                           testing::on_device(in.tv, dv.ptr), none, none, o, qx));
+  Tensor out = make_tensor(dout.ptr, DType::f32, {1, 8, 1, 256}, true);
+  std::vector<GpuPath> named = {GpuPath::decode};
+  if (gpu_paths().size() > 1) named.push_back(GpuPath::sm90);
+  for (GpuPath path : named) {
+    o.path = path;
+    const Status st = attention_int8(qx, none, none, 1, 200, out, nullptr, o);
+    EXPECT_EQ(st.code(), StatusCode::not_available) << to_string(path) << ": " << st.message();
+    EXPECT_NE(st.message().find("head_dim: expected 64 or 128 on the " + std::string(to_string(path)) +
+                                " path, got 256 (head_dim 256 runs on the sm80 path)"),
+              std::string::npos)
+        << st.message();
+  }
+  o.path = GpuPath::automatic;
+  INTFA_ASSERT_OK(attention_int8(qx, none, none, 1, 200, out, nullptr, o));
+  INTFA_ASSERT_OK(gpu_synchronize());
 }
 
 TEST_F(AttentionGpu, KernelOddLengthsAndDistributions) {
@@ -721,7 +807,7 @@ TEST_F(AttentionGpu, EndToEndSinksWithoutLse) {
       Options o;
       o.causal = causal;
       o.backend = Backend::cpu;
-      o.block_n = build_info().gpu_block_n;
+      o.block_n = gpu_block_n(D);
       std::vector<float> cpu(x.q.size(), NAN), lse(size_t(H) * S, NAN);
       Tensor tl = make_tensor(lse.data(), DType::f32, {1, H, S});
       INTFA_ASSERT_OK(attention(x.tq(), x.tk(), x.tv(), make_tensor(cpu.data(), DType::f32, {1, H, S, D}), &tl, o));
@@ -784,7 +870,7 @@ TEST_F(AttentionGpu, EndToEndAccuracyVsFloat64) {
       INTFA_ASSERT_OK(attention_reference(x.tq(), x.tk(), x.tv(), ref_t, nullptr, o));
       std::vector<float> cpu(x.q.size(), NAN);
       o.backend = Backend::cpu;
-      o.block_n = build_info().gpu_block_n;
+      o.block_n = gpu_block_n(d);
       INTFA_ASSERT_OK(attention(x.tq(), x.tk(), x.tv(), make_tensor(cpu.data(), DType::f32, {1, h, n, d}), nullptr, o));
       DeviceBuffer dq(x.q.data(), x.q.size() * 2), dk(x.k.data(), x.k.size() * 2),
           dv(x.v.data(), x.v.size() * 2), dout(x.q.size() * 4);
@@ -867,7 +953,7 @@ TEST_F(AttentionGpu, CausalManyTilesAllHeadGroups) {
       Options oc;
       oc.causal = true;
       oc.backend = Backend::cpu;
-      oc.block_n = build_info().gpu_block_n;
+      oc.block_n = gpu_block_n(D);
       INTFA_ASSERT_OK(attention(make_tensor(q1.data(), DType::bf16, {1, 1, S, D}),
                                 make_tensor(k1.data(), DType::bf16, {1, 1, S, D}),
                                 make_tensor(v1.data(), DType::bf16, {1, 1, S, D}),

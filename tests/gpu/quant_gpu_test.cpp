@@ -409,7 +409,7 @@ TEST(QuantGpu, SchemesDtypesLayouts) {
   for (Scheme s : {Scheme::paper, Scheme::accurate, Scheme::half})
     for (DType dt : {DType::f16, DType::bf16})
       for (Layout l : {Layout::BHSD, Layout::BSHD})
-        for (int d : {64, 128}) {
+        for (int d : {64, 128, 256}) {
           Case c;
           c.scheme = s; c.dtype = dt; c.layout = l; c.d = d;
           c.batch = 2; c.hq = 8; c.hkv = 2;  // GQA
@@ -445,7 +445,7 @@ TEST(QuantGpu, Varlen) {
   int i = 0;
   for (Scheme s : {Scheme::paper, Scheme::accurate, Scheme::half})
     for (DType dt : {DType::f16, DType::bf16})
-      for (int d : {64, 128}) {
+      for (int d : {64, 128, 256}) {
         Case c;
         c.scheme = s; c.dtype = dt; c.d = d;
         c.hq = 8; c.hkv = 2;

@@ -360,8 +360,9 @@ int cmd_accuracy(const Args& a) {
   std::vector<float> z(sinks ? size_t(heads) : 0);  // each input set's sink logits (--sinks)
   base.sinks = sinks_tensor(z);
 
-  // The GPU kernel's key block is fixed at build time; --block sets the CPU emulation's.
-  const int eff_block = backend == Backend::gpu ? build_info().gpu_block_n : block;
+  // The GPU kernels' key block is fixed per head dim at build time; --block sets the CPU
+  // emulation's.
+  const int eff_block = backend == Backend::gpu ? gpu_block_n(hdim) : block;
   std::printf("intfa accuracy: backend %s, B=%d H=%d Hkv=%d D=%d %s, key block %d, causal %d%s%s, "
               "output fp32 vs float64 reference\n",
               to_string(backend), batch, heads, heads_kv, hdim, to_string(dtype), eff_block, causal,
@@ -491,9 +492,11 @@ struct DevicePagedKv {
 
 // The kernel a row's calls run, for its JSON label: the path named, or for path auto the one
 // the dispatcher picks, the decode kernel for at most 16 query rows per K/V head after GQA
-// packing (as bench/compare.py labels its in-process rows), else `resolved` (sm90 on Hopper).
+// packing (as bench/compare.py labels its in-process rows), sm80 at head dim 256 (the one kernel
+// built for it), else `resolved` (sm90 on Hopper).
 GpuPath row_path(GpuPath requested, GpuPath resolved, const BenchShape& sh, Scheme sc) {
   if (requested != GpuPath::automatic) return resolved;
+  if (sh.hdim == 256) return GpuPath::sm80;
   const bool decode = sh.lens.empty() && sc != Scheme::half && (sh.hdim == 64 || sh.hdim == 128) &&
                       int64_t(sh.seq_q) * (sh.heads / sh.heads_kv) <= 16;
   return decode ? GpuPath::decode : resolved;

@@ -244,7 +244,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<D, Paged>) fwd_kernel(const
     if (tid < kRows * (D / 16)) {
       const int r = tid / (D / 16), c = tid % (D / 16);
       const bool valid = r < sq;
-      ptx::cp_async_16B(smem_base + sm80::swz128(r * D + 16 * c), valid ? q_rows + r * p.q_st.ts + 16 * c : q_rows,
+      ptx::cp_async_16B(smem_base + sm80::q_tile_offset<D>(r, c), valid ? q_rows + r * p.q_st.ts + 16 * c : q_rows,
                         valid);
     }
     // The first kStages - 1 blocks (one group each, empty past the range).

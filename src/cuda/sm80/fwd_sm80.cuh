@@ -1,7 +1,7 @@
 // INT8 flash-attention forward for sm_80 and newer (mma.sync m16n8k32, ldmatrix, cp.async).
 //
 // One CTA = 64 query rows of one (batch, head), 4 warps x 16 rows, two CTAs per SM. Per key
-// block of 128 (2-stage cp.async ring):
+// block of 128 (64 at head dim 256, kBlockNFor; 2-stage cp.async ring):
 //   S = Q8 K8^T (s8.s8 -> s32) -> scores in log2 units t = S * s_k[j] * (s_q[i] * scale * log2 e)
 //   -> online softmax -> P8 (u8) -> O += (P8 V8) * c (u8.s8 -> s32, folded in per block).
 // Both mma products accumulate from the bits of 1.5 * 2^23, so their int32 results read directly
@@ -65,17 +65,23 @@ constexpr int kCtasPerSm = INTFA_SM80_CTAS_PER_SM;
 constexpr bool kDeferPv = INTFA_SM80_DEFER_PV != 0;
 // At D = 128 the Q fragments are re-read from shared memory every block (4 ldmatrix per warp):
 // the 16 registers this frees remove the spills (44 -> 4 bytes) and measured +2.3% on an H200;
-// at D = 64 keeping them in registers is 2.7% faster (docs/PERF_LOG.md).
+// at D = 64 keeping them in registers is 2.7% faster (docs/PERF_LOG.md). D = 256 reads each
+// k step's fragment just before its mma (qk_block_streamed_q).
 template <int D>
 constexpr bool reload_q() { return D == 128; }
 static_assert(kBlockN == 64 || kBlockN == 128, "key block");
+// The key block at head dim D. D = 256 takes 64 keys: O alone holds 128 registers per thread
+// there (16 rows x 256 channels per warp), and 128-key scores (64 more) spilled ~0.4 KB; at 64
+// keys two CTAs (80.5 KB of shared memory each) share an SM, as at D <= 128.
+template <int D>
+constexpr int kBlockNFor = D > 128 ? 64 : kBlockN;
 
 template <int D>
 struct Smem {
-  static constexpr int kQ = kBlockM * D;          // int8 Q tile
-  static constexpr int kK = kBlockN * D;          // int8 K tile (rows = keys)
-  static constexpr int kV = D * kBlockN;          // int8 V^T tile (rows = channels)
-  static constexpr int kKs = kBlockN * 4;         // fp32 k_scale of the block
+  static constexpr int kQ = kBlockM * D;         // int8 Q tile
+  static constexpr int kK = kBlockNFor<D> * D;   // int8 K tile (rows = keys)
+  static constexpr int kV = D * kBlockNFor<D>;   // int8 V^T tile (rows = channels)
+  static constexpr int kKs = kBlockNFor<D> * 4;  // fp32 k_scale of the block
   static constexpr int kStage = kK + kV + kKs;
   static constexpr int kStages = kDeferPv ? 3 : 2;
   static constexpr int kBytes = kQ + kStages * kStage;
@@ -122,9 +128,7 @@ struct SmallPageTile {
     k_src += k_row * k_ts + 16 * (lane % kKChunks);
 #pragma unroll
     for (int it = 0; it < kKPasses; ++it, k_src = opaque(k_src + kKStep * k_ts)) {
-      // Row k_row + kKStep * it: k_row < kKStep, so its swizzle bits are k_row's XOR those of
-      // kKStep * it, and the offset is the first one's XOR a constant, plus whole lines.
-      const int dst = (k_dst0 ^ (k_swizzle_bits<D>(kKStep * it) << 4)) + kKStep * it * D;
+      const int dst = k_pass_offset<D>(k_dst0, kKStep, it);  // row k_row + kKStep * it
       ptx::cp_async_16B(k_tile + dst, k_src, it * kKStep < k_left);
     }
     const bool v_ok = page_ok && keys_left > 0;
@@ -136,16 +140,20 @@ struct SmallPageTile {
   }
 };
 
+// The A fragment of this warp's 16 Q rows for 32-wide k step kk of D.
+template <int D>
+__device__ __forceinline__ void load_q_frag(const uint8_t* sQ, int warp, int lane, int kk, uint32_t (&a)[4]) {
+  const int r = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+  const int c = 2 * kk + (lane >> 4);
+  ptx::ldmatrix_x4(a, ptx::smem_u32(sQ + q_tile_offset<D>(r, c)));
+}
+
 // A fragments of this warp's 16 Q rows for every 32-wide k step of D (kept in registers).
 template <int D>
 __device__ __forceinline__ void load_q_frags(const uint8_t* sQ, int warp, int lane,
                                              uint32_t (&qf)[D / 32][4]) {
 #pragma unroll
-  for (int kk = 0; kk < D / 32; ++kk) {
-    const int r = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-    const int c = 2 * kk + (lane >> 4);
-    ptx::ldmatrix_x4(qf[kk], ptx::smem_u32(sQ + swz128(r * D + c * 16)));
-  }
+  for (int kk = 0; kk < D / 32; ++kk) load_q_frag<D>(sQ, warp, lane, kk, qf[kk]);
 }
 
 // Lane offsets of the K^T ldmatrix reads: n-tile pair jj reads keys key0 + 16 jj (the key
@@ -158,32 +166,52 @@ __device__ __forceinline__ void k_lane_offsets(int lane, int (&off)[D / 32]) {
   for (int kk = 0; kk < D / 32; ++kk) off[kk] = k_tile_offset<D>(key0, 2 * kk + (mi & 1));
 }
 
-// One 32-wide k step of S (16 x kBlockN, int32) += Q8 K8^T for a key block, K rows permuted
+// One 32-wide k step of S (16 x kBlockNFor<D> keys, int32) += Q8 K8^T for a key block, K rows permuted
 // per permuted_key(). sK is the shared-memory address of the K tile.
+// a: the Q fragment of step kk.
 template <int D>
-__device__ __forceinline__ void qk_kstep(const uint32_t (&qf)[D / 32][4], uint32_t sK,
-                                         const int (&k_lane_off)[D / 32], int kk,
-                                         int (&s)[kBlockN / 8][4]) {
+__device__ __forceinline__ void qk_kstep(const uint32_t (&a)[4], uint32_t sK, const int (&k_lane_off)[D / 32],
+                                         int kk, int (&s)[kBlockNFor<D> / 8][4]) {
 #pragma unroll
-  for (int jj = 0; jj < kBlockN / 16; ++jj) {
+  for (int jj = 0; jj < kBlockNFor<D> / 16; ++jj) {
     uint32_t bf[4];
     ptx::ldmatrix_x4(bf, sK + k_lane_off[kk] + jj * 16 * D);
     const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
-    ptx::mma_m16n8k32_s8s8(s[2 * jj], qf[kk], b0);
-    ptx::mma_m16n8k32_s8s8(s[2 * jj + 1], qf[kk], b1);
+    ptx::mma_m16n8k32_s8s8(s[2 * jj], a, b0);
+    ptx::mma_m16n8k32_s8s8(s[2 * jj + 1], a, b1);
   }
+}
+
+template <int N>
+__device__ __forceinline__ void fill_scores(int init, int (&s)[N / 8][4]) {
+#pragma unroll
+  for (int j = 0; j < N / 8; ++j)
+    for (int e = 0; e < 4; ++e) s[j][e] = init;
 }
 
 // The whole block: S = init + Q8 K8^T.
 template <int D>
 __device__ __forceinline__ void qk_block(const uint32_t (&qf)[D / 32][4], uint32_t sK,
                                          const int (&k_lane_off)[D / 32], int init,
-                                         int (&s)[kBlockN / 8][4]) {
+                                         int (&s)[kBlockNFor<D> / 8][4]) {
+  fill_scores<kBlockNFor<D>>(init, s);
 #pragma unroll
-  for (int j = 0; j < kBlockN / 8; ++j)
-    for (int e = 0; e < 4; ++e) s[j][e] = init;
+  for (int kk = 0; kk < D / 32; ++kk) qk_kstep<D>(qf[kk], sK, k_lane_off, kk, s);
+}
+
+// The same with each step's Q fragment read from shared memory just before its mma: at D = 256
+// the 32 registers of a whole Q row set, next to O's 128 and S's 64, spilled ~0.5 KB.
+template <int D>
+__device__ __forceinline__ void qk_block_streamed_q(const uint8_t* sQ, int warp, int lane, uint32_t sK,
+                                                    const int (&k_lane_off)[D / 32], int init,
+                                                    int (&s)[kBlockNFor<D> / 8][4]) {
+  fill_scores<kBlockNFor<D>>(init, s);
 #pragma unroll
-  for (int kk = 0; kk < D / 32; ++kk) qk_kstep<D>(qf, sK, k_lane_off, kk, s);
+  for (int kk = 0; kk < D / 32; ++kk) {
+    uint32_t a[4];
+    load_q_frag<D>(sQ, warp, lane, kk, a);
+    qk_kstep<D>(a, sK, k_lane_off, kk, s);
+  }
 }
 
 // u = S * s_k for N keys (whole 32-key steps of the permuted layout) starting at key0, with one
@@ -217,12 +245,16 @@ __device__ __forceinline__ void scale_scores(const int (&s)[N / 8][4], const flo
 // index moves them, so the address math happens once instead of every block.
 template <int D>
 struct KvLoader {
+  static constexpr int kBN = kBlockNFor<D>;
   static constexpr int kKChunks = D / 16;                  // 16-byte chunks per K row
   static constexpr int kKRowsPerPass = kThreads / kKChunks;
-  static constexpr int kKPasses = kBlockN / kKRowsPerPass;
-  static constexpr int kVChunks = kBlockN / 16;             // per V^T row
+  static constexpr int kKPasses = kBN / kKRowsPerPass;
+  static constexpr int kVChunks = kBN / 16;             // per V^T row
   static constexpr int kVRowsPerPass = kThreads / kVChunks;
   static constexpr int kVPasses = D / kVRowsPerPass;
+
+  // Where pass it's K chunk goes (row k_row0 + kKRowsPerPass * it).
+  __device__ __forceinline__ int k_dst(int it) const { return k_pass_offset<D>(k_smem0, kKRowsPerPass, it); }
 
   const int8_t* k_ptr;  // this thread's first K chunk of block 0
   const int8_t* v_ptr;  // this thread's first V^T chunk of block 0
@@ -231,23 +263,23 @@ struct KvLoader {
   int k_row0, v_col0, k_smem0, v_smem0;
 
   __device__ void load(int n, int skv, uint32_t stage_base, int tid) const {
-    const int64_t key0 = int64_t(n) * kBlockN;
+    const int64_t key0 = int64_t(n) * kBN;
 #pragma unroll
     for (int it = 0; it < kKPasses; ++it) {
       const int r = k_row0 + it * kKRowsPerPass;
       const bool valid = key0 + r < skv;  // rows past the end load as zeros
       const int8_t* src = k_ptr + (key0 + it * kKRowsPerPass) * k_row_stride;
-      ptx::cp_async_16B(stage_base + k_smem0 + it * kKRowsPerPass * D, valid ? src : k_ptr, valid);
+      ptx::cp_async_16B(stage_base + k_dst(it), valid ? src : k_ptr, valid);
     }
     // A V^T chunk that starts before skv may run into the row's padding: P is 0 there.
     const bool v_valid = key0 + v_col0 < skv;
 #pragma unroll
     for (int it = 0; it < kVPasses; ++it) {
       const int8_t* src = v_ptr + key0 + it * kVRowsPerPass * v_row_stride;
-      ptx::cp_async_16B(stage_base + Smem<D>::kK + v_smem0 + it * kVRowsPerPass * kBlockN,
+      ptx::cp_async_16B(stage_base + Smem<D>::kK + v_smem0 + it * kVRowsPerPass * kBN,
                         v_valid ? src : v_ptr, v_valid);
     }
-    if (tid < kBlockN) {
+    if (tid < kBN) {
       const bool valid = key0 + tid < skv;
       ptx::cp_async_4B(stage_base + Smem<D>::kK + Smem<D>::kV + 4 * tid,
                        valid ? ks_ptr + key0 + tid : ks_ptr, valid);
@@ -258,7 +290,7 @@ struct KvLoader {
   // load() so the contiguous kernels' code stays as it was.
   __device__ void load_paged(int n, int page, int tok, int skv, const FwdParams& p, uint32_t stage_base,
                              int tid) const {
-    const int key0 = n * kBlockN, pg = max(page, 0);
+    const int key0 = n * kBN, pg = max(page, 0);
     const int k_left = page < 0 ? 0 : skv - key0 - k_row0;
     // The sources step by a fixed stride through an empty asm, which keeps ptxas from hoisting
     // every pass's 64-bit address (the decode kernel's loads do the same).
@@ -271,15 +303,15 @@ struct KvLoader {
 #pragma unroll
     for (int it = 0; it < kKPasses; ++it, src = opaque(src + k_step)) {
       const bool valid = it * kKRowsPerPass < k_left;
-      ptx::cp_async_16B(stage_base + k_smem0 + it * kKRowsPerPass * D, valid ? src : k_ptr, valid);
+      ptx::cp_async_16B(stage_base + k_dst(it), valid ? src : k_ptr, valid);
     }
     const bool v_valid = page >= 0 && key0 + v_col0 < skv;
     src = v_ptr + pg * p.vt_st.bs + tok;
 #pragma unroll
     for (int it = 0; it < kVPasses; ++it, src = opaque(src + v_step))
-      ptx::cp_async_16B(stage_base + Smem<D>::kK + v_smem0 + it * kVRowsPerPass * kBlockN, v_valid ? src : v_ptr,
+      ptx::cp_async_16B(stage_base + Smem<D>::kK + v_smem0 + it * kVRowsPerPass * kBN, v_valid ? src : v_ptr,
                         v_valid);
-    if (tid < kBlockN) {
+    if (tid < kBN) {
       const bool valid = page >= 0 && key0 + tid < skv;
       ptx::cp_async_4B(stage_base + Smem<D>::kK + Smem<D>::kV + 4 * tid,
                        valid ? ks_ptr + pg * p.ks_st.bs + tok + tid : ks_ptr, valid);
@@ -289,9 +321,9 @@ struct KvLoader {
   // page (SmallPageTile); key_base is where the block indices' keys start in the sequence (rows
   // and skv count from it); k_head / v_head / ks_head: the head's bytes in page 0.
   __device__ void load_small(int n, int key_base, int skv, const fwd::SmallPages& sp, const FwdParams& p,
-                             const SmallPageTile<D, kThreads, kBlockN>& tile, const int8_t* k_head,
+                             const SmallPageTile<D, kThreads, kBN>& tile, const int8_t* k_head,
                              const int8_t* v_head, const float* ks_head, uint32_t stage_base) const {
-    const int key = n * kBlockN + tile.first_key(), pg = sp.page(key_base + key, key < skv), tok = sp.tok(key_base + key);
+    const int key = n * kBN + tile.first_key(), pg = sp.page(key_base + key, key < skv), tok = sp.tok(key_base + key);
     const int64_t page = max(pg, 0);
     tile.copy(stage_base, stage_base + Smem<D>::kK, stage_base + Smem<D>::kK + Smem<D>::kV,
               k_head + page * p.k_st.bs + int64_t(tok) * k_row_stride, k_row_stride, v_head + page * p.vt_st.bs + tok,
@@ -307,6 +339,7 @@ template <int D, bool Causal, bool Paged, bool SmallPages = false>
 __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdParams p) {
   using S = Smem<D>;
   using L = KvLoader<D>;
+  constexpr int kBN = kBlockNFor<D>;
   const float kNegInf = -__int_as_float(0x7f800000);
   // Accumulators start at the bits of 1.5 * 2^23: the int32 mma result then reads directly as
   // the fp32 value 1.5 * 2^23 + sum (exact for |sum| < 2^22), so no conversion instruction.
@@ -343,12 +376,12 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
   int pos_lo = 0, pos_hi = 0;
   if constexpr (Causal) {
     fwd::row_positions(m0, min(m0 + kBlockM, sq) - 1, period, pos_lo, pos_hi);
-    key_base = max(0, first_key(p, pos_lo, diag)) / kBlockN * kBlockN;
+    key_base = max(0, first_key(p, pos_lo, diag)) / kBN * kBN;
     skv -= key_base;
     diag -= key_base;
   }
   const int kv_end = Causal ? min(skv, last_key(p, pos_hi, diag) + 1) : skv;
-  const int n_blocks = kv_end > 0 ? (kv_end + kBlockN - 1) / kBlockN : 0;
+  const int n_blocks = kv_end > 0 ? (kv_end + kBN - 1) / kBN : 0;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
@@ -372,18 +405,18 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
     loader.v_ptr = Paged ? p.vt8 + hkv * p.vt_st.hs + vd * p.vt_st.ts + vc * 16
                          : p.vt8 + b * p.vt_st.bs + hkv * p.vt_st.hs + vt_seq_start(p.cu_kv, b) + key_base +
                                vd * p.vt_st.ts + vc * 16;
-    loader.v_smem0 = swz128(vd * kBlockN + vc * 16);
+    loader.v_smem0 = swz128(vd * kBN + vc * 16);
     loader.ks_ptr = Paged ? p.k_scale + hkv * p.ks_st.hs : p.k_scale + offset(p.ks_st, b, hkv, k0);
   }
   // Paged: the walk over sequence b's table and the page of the next block to load.
-  fwd::PageWalk<kBlockN> walk;
+  fwd::PageWalk<kBN> walk;
   int next_page = -1;
   fwd::SmallPages small_pages;
   if constexpr (SmallPages) small_pages.start(p, b);
   // SmallPages: the thread's piece of each block (over 16-token pages with the V^T tile in
   // core-matrix order, vt_chunk_offset) and the head's bytes in page 0.
   const bool vt_cm = SmallPages && p.page_size == 16;
-  const SmallPageTile<D, kThreads, kBlockN> small_tile(tid, vt_cm);
+  const SmallPageTile<D, kThreads, kBN> small_tile(tid, vt_cm);
   const int8_t* const k_head = p.k8 + hkv * p.k_st.hs;
   const int8_t* const v_head = p.vt8 + hkv * p.vt_st.hs;
   const float* const ks_head = p.k_scale + hkv * p.ks_st.hs;
@@ -391,18 +424,18 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
   auto stage_base = [&](int stage) { return smem_base + S::kQ + stage * S::kStage; };
 
   // Lane offsets of the ldmatrix reads. PV: channel tile dn reads V^T rows 8 dn + lane % 8.
-  // With 64-byte V^T rows (kBlockN = 64) an 8-row tile spans 4 swizzle lines, so the lane
+  // With 64-byte V^T rows (kBN = 64) an 8-row tile spans 4 swizzle lines, so the lane
   // offset differs between even and odd channel tiles.
-  constexpr int kVPar = kBlockN == 64 ? 2 : 1;
-  int k_lane_off[D / 32], v_lane_off[kVPar][kBlockN / 64];
+  constexpr int kVPar = kBN == 64 ? 2 : 1;
+  int k_lane_off[D / 32], v_lane_off[kVPar][kBN / 64];
   {
     const int mi = lane >> 3;
     k_lane_offsets<D>(lane, k_lane_off);
 #pragma unroll
     for (int par = 0; par < kVPar; ++par)
 #pragma unroll
-      for (int cc = 0; cc < kBlockN / 64; ++cc)
-        v_lane_off[par][cc] = vt_chunk_offset<kBlockN>(par * 8 + (lane & 7), 4 * cc + mi, vt_cm) - par * 8 * kBlockN;
+      for (int cc = 0; cc < kBN / 64; ++cc)
+        v_lane_off[par][cc] = vt_chunk_offset<kBN>(par * 8 + (lane & 7), 4 * cc + mi, vt_cm) - par * 8 * kBN;
   }
 
   // ---- per-thread row state: rows g and g+8 of this warp's 16 ----
@@ -437,13 +470,13 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
     for (int i = tid; i < kBlockM * kChunks; i += kThreads) {
       const int r = i / kChunks, c = i % kChunks;
       const bool valid = m0 + r < sq;
-      ptx::cp_async_16B(smem_base + swz128(r * D + c * 16),
+      ptx::cp_async_16B(smem_base + q_tile_offset<D>(r, c),
                         valid ? q_base + r * p.q_st.ts + c * 16 : q_base, valid);
     }
     if constexpr (SmallPages) {
       loader.load_small(0, key_base, skv, small_pages, p, small_tile, k_head, v_head, ks_head, stage_base(0));
     } else if constexpr (Paged) {
-      walk.start(p, b, key_base / kBlockN);
+      walk.start(p, b, key_base / kBN);
       const int page0 = walk.read(p);  // causal kernels: a window may start mid-page
       loader.load_paged(0, page0, Causal ? walk.last_tok(p) : 0, skv, p, stage_base(0), tid);
       if (n_blocks > 1) next_page = walk.read(p);
@@ -455,16 +488,16 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
 
   // O = O * alpha + (P8 V8) * c for channel tiles [dn0, dn1): the magic-biased mma result x
   // gives (x - M) c + O alpha as FFMA(x, c, FFMA(O, alpha, -M c)), two instructions per output.
-  auto pv_tiles = [&](const uint32_t (&pf)[kBlockN / 32][4], uint32_t sV, const float (&alpha)[2],
+  auto pv_tiles = [&](const uint32_t (&pf)[kBN / 32][4], uint32_t sV, const float (&alpha)[2],
                       const float (&cfac)[2], int dn0, int dn1) {
     const float nmc[2] = {-ptx::kMagic * cfac[0], -ptx::kMagic * cfac[1]};
 #pragma unroll
     for (int dn = dn0; dn < dn1; ++dn) {
       int acc[4] = {kMagicBits, kMagicBits, kMagicBits, kMagicBits};
 #pragma unroll
-      for (int cc = 0; cc < kBlockN / 64; ++cc) {
+      for (int cc = 0; cc < kBN / 64; ++cc) {
         uint32_t vf[4];
-        ptx::ldmatrix_x4(vf, sV + v_lane_off[dn & (kVPar - 1)][cc] + dn * 8 * kBlockN);
+        ptx::ldmatrix_x4(vf, sV + v_lane_off[dn & (kVPar - 1)][cc] + dn * 8 * kBN);
         const uint32_t b0[2] = {vf[0], vf[1]}, b1[2] = {vf[2], vf[3]};
         ptx::mma_m16n8k32_u8s8(acc, pf[2 * cc], b0);
         ptx::mma_m16n8k32_u8s8(acc, pf[2 * cc + 1], b1);
@@ -478,47 +511,47 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
   };
   // Deferred PV state: the previous block's P, factors and V stage. Before the first block they
   // make an exact no-op (P = 0, c = 0, alpha = 1; the stage holds finite int8 of any value).
-  uint32_t pf_prev[kBlockN / 32][4] = {};
+  uint32_t pf_prev[kBN / 32][4] = {};
   float alpha_prev[2] = {1.f, 1.f}, cfac_prev[2] = {0.f, 0.f};
   uint32_t sV_prev = stage_base(S::kStages - 1) + S::kK;
 
   // Everything of key block n after its scores: softmax, P, l and the PV product (or, deferred,
   // the previous block's PV in slices).
-  auto softmax_pv = [&](int n, const int (&s_cur)[kBlockN / 8][4]) {
+  auto softmax_pv = [&](int n, const int (&s_cur)[kBN / 8][4]) {
     const int stage = n % S::kStages;
     const uint32_t sV = stage_base(stage) + S::kK;
     const float* sKs = reinterpret_cast<const float*>(smem + S::kQ + stage * S::kStage + S::kK + S::kV);
 
 
     // ---- u = S * s_k; the causal diagonal a per-score mask ----
-    float u[kBlockN / 8][4];
-    scale_scores<kBlockN>(s_cur, sKs, n * kBlockN, skv, t, u);
-    if (Causal && ((n + 1) * kBlockN - 1 > warp_key_last || n * kBlockN < warp_key_first)) {  // edge blocks
+    float u[kBN / 8][4];
+    scale_scores<kBN>(s_cur, sKs, n * kBN, skv, t, u);
+    if (Causal && ((n + 1) * kBN - 1 > warp_key_last || n * kBN < warp_key_first)) {  // edge blocks
 #pragma unroll
-      for (int j = 0; j < kBlockN / 8; ++j)
+      for (int j = 0; j < kBN / 8; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int key = n * kBlockN + permuted_key(j, 2 * t + (e & 1));
+          const int key = n * kBN + permuted_key(j, 2 * t + (e & 1));
           if (key > key_last[e >> 1] || key < key_first[e >> 1]) u[j][e] = kNegInf;
         }
     }
 
     float alpha[2], cfac[2], neg_ref[2];
-    fwd::row_update<kBlockN>(u, rowf, block_local, inv_levels, m_run, alpha, cfac, neg_ref);
+    fwd::row_update<kBN>(u, rowf, block_local, inv_levels, m_run, alpha, cfac, neg_ref);
 
     // ---- P = round(levels * exp2(t - ref)) packed into PV A fragments; when deferred, the
     // previous block's PV runs in slices between these exponentials ----
     auto prev_pv = [&](int c) {
       if (!kDeferPv) return;
-      constexpr int kTiles = D / 8, kChunks = kBlockN / 32;
+      constexpr int kTiles = D / 8, kChunks = kBN / 32;
       pv_tiles(pf_prev, sV_prev, alpha_prev, cfac_prev, c * kTiles / kChunks, (c + 1) * kTiles / kChunks);
     };
-    uint32_t pf[kBlockN / 32][4];
-    fwd::make_p_and_l<kBlockN, INTFA_SM80_EXP_POLY>(u, rowf, neg_ref, alpha, cfac, block_local, levels, pf, l_part, prev_pv);
+    uint32_t pf[kBN / 32][4];
+    fwd::make_p_and_l<kBN, INTFA_SM80_EXP_POLY>(u, rowf, neg_ref, alpha, cfac, block_local, levels, pf, l_part, prev_pv);
 
     if (kDeferPv) {
 #pragma unroll
-      for (int c = 0; c < kBlockN / 32; ++c)
+      for (int c = 0; c < kBN / 32; ++c)
         for (int e = 0; e < 4; ++e) pf_prev[c][e] = pf[c][e];
       alpha_prev[0] = alpha[0]; alpha_prev[1] = alpha[1];
       cfac_prev[0] = cfac[0]; cfac_prev[1] = cfac[1];
@@ -528,7 +561,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
     }
   };
 
-  int s_cur[kBlockN / 8][4];
+  int s_cur[kBN / 8][4];
   for (int n = 0; n < n_blocks; ++n) {
     const int stage = n % S::kStages;
     ptx::cp_async_wait<0>();
@@ -545,9 +578,13 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
       }
       ptx::cp_async_commit();
     }
-    if (n == 0 || reload_q<D>()) load_q_frags<D>(sQ, warp, lane, qf);
     // ---- S = Q K^T (keys permuted so S is already in PV A-fragment order) ----
-    qk_block<D>(qf, stage_base(stage), k_lane_off, kMagicBits, s_cur);
+    if constexpr (D > 128) {
+      qk_block_streamed_q<D>(sQ, warp, lane, stage_base(stage), k_lane_off, kMagicBits, s_cur);
+    } else {
+      if (n == 0 || reload_q<D>()) load_q_frags<D>(sQ, warp, lane, qf);
+      qk_block<D>(qf, stage_base(stage), k_lane_off, kMagicBits, s_cur);
+    }
     softmax_pv(n, s_cur);
   }
   if (kDeferPv && n_blocks > 0) pv_tiles(pf_prev, sV_prev, alpha_prev, cfac_prev, 0, D / 8);
@@ -565,33 +602,34 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
 template <int D>
 __global__ void __launch_bounds__(kThreads) qk_block_test_kernel(const int8_t* q8, const int8_t* k8,
                                                                   int32_t* s_out) {
+  constexpr int kBN = kBlockNFor<D>;
   __shared__ __align__(128) uint8_t sQ[kBlockM * D];
-  __shared__ __align__(128) uint8_t sK[kBlockN * D];
+  __shared__ __align__(128) uint8_t sK[kBN * D];
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   q8 += blockIdx.x * kBlockM * D;
   s_out += blockIdx.x * kBlockM * 128;
   for (int i = tid; i < kBlockM * D / 16; i += kThreads) {
     const int r = i / (D / 16), c = i % (D / 16);
-    *reinterpret_cast<int4*>(sQ + swz128(r * D + c * 16)) = reinterpret_cast<const int4*>(q8 + r * D)[c];
+    *reinterpret_cast<int4*>(sQ + q_tile_offset<D>(r, c)) = reinterpret_cast<const int4*>(q8 + r * D)[c];
   }
   uint32_t qf[D / 32][4];
-  for (int kb = 0; kb < 128 / kBlockN; ++kb) {
+  for (int kb = 0; kb < 128 / kBN; ++kb) {
     __syncthreads();
-    for (int i = tid; i < kBlockN * D / 16; i += kThreads) {
+    for (int i = tid; i < kBN * D / 16; i += kThreads) {
       const int r = i / (D / 16), c = i % (D / 16);
       *reinterpret_cast<int4*>(sK + k_tile_offset<D>(r, c)) =
-          reinterpret_cast<const int4*>(k8 + (kb * kBlockN + r) * D)[c];
+          reinterpret_cast<const int4*>(k8 + (kb * kBN + r) * D)[c];
     }
     __syncthreads();
     if (kb == 0) load_q_frags<D>(sQ, warp, lane, qf);
     int k_lane_off[D / 32];
     k_lane_offsets<D>(lane, k_lane_off);
-    int s[kBlockN / 8][4];
+    int s[kBN / 8][4];
     qk_block<D>(qf, ptx::smem_u32(sK), k_lane_off, 0, s);
     const int g = lane / 4, t = lane % 4;
-    for (int j = 0; j < kBlockN / 8; ++j)
+    for (int j = 0; j < kBN / 8; ++j)
       for (int e = 0; e < 4; ++e)
-        s_out[(warp * 16 + g + 8 * (e >> 1)) * 128 + kb * kBlockN + permuted_key(j, 2 * t + (e & 1))] = s[j][e];
+        s_out[(warp * 16 + g + 8 * (e >> 1)) * 128 + kb * kBN + permuted_key(j, 2 * t + (e & 1))] = s[j][e];
   }
 }
 

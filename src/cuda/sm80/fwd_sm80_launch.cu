@@ -14,26 +14,33 @@ Status launch_fwd_sm80(const FwdParams& p, cudaStream_t stream) {
   static_assert(128 % sm80::kBlockN == 0, "pages of 128 keys hold whole key blocks");
   bool small = false;
   if (Status st = check_paged(p, "sm80", 128, &small); !st.ok()) return st;
-  if (p.head_dim != 64 && p.head_dim != 128)
+  const int dim_index = p.head_dim == 64 ? 0 : p.head_dim == 128 ? 1 : p.head_dim == 256 ? 2 : -1;
+  if (dim_index < 0)
     return Status(StatusCode::invalid_argument,
-                  "head_dim: expected 64 or 128 on the sm80 path, got " + std::to_string(p.head_dim));
+                  "head_dim: expected 64, 128 or 256 on the sm80 path, got " + std::to_string(p.head_dim));
   using L = Status (*)(const FwdParams&, cudaStream_t);
-  // [head dim 64 / 128][causal kernel][contiguous, paged, pages smaller than 128 keys]. The causal
-  // kernels also take sliding windows and sinks (non-causal calls with the diagonal past every
-  // key, last_key): the non-causal kernels stay without them (H200, 4k D=128: 2.5% slower with
-  // the sink fold in their epilogue).
+  // [head dim 64 / 128 / 256][causal kernel][contiguous, paged, pages smaller than 128 keys]. The
+  // causal kernels also take sliding windows and sinks (non-causal calls with the diagonal past
+  // every key, last_key): the non-causal kernels stay without them (H200, 4k D=128: 2.5% slower
+  // with the sink fold in their epilogue).
   const bool causal_kernel = p.causal || p.window_left >= 0 || p.sinks != nullptr;
-  static constexpr L kLaunch[2][2][3] = {
-      {{sm80::launch_fwd<64, false, false>, sm80::launch_fwd<64, false, true>, sm80::launch_fwd<64, false, true, true>},
-       {sm80::launch_fwd<64, true, false>, sm80::launch_fwd<64, true, true>, sm80::launch_fwd<64, true, true, true>}},
-      {{sm80::launch_fwd<128, false, false>, sm80::launch_fwd<128, false, true>,
-        sm80::launch_fwd<128, false, true, true>},
-       {sm80::launch_fwd<128, true, false>, sm80::launch_fwd<128, true, true>, sm80::launch_fwd<128, true, true, true>}}};
+#define INTFA_SM80_ROW(D)                                                                                  \
+  {{sm80::launch_fwd<D, false, false>, sm80::launch_fwd<D, false, true>, sm80::launch_fwd<D, false, true, true>}, \
+   {sm80::launch_fwd<D, true, false>, sm80::launch_fwd<D, true, true>, sm80::launch_fwd<D, true, true, true>}}
+  static constexpr L kLaunch[3][2][3] = {INTFA_SM80_ROW(64), INTFA_SM80_ROW(128), INTFA_SM80_ROW(256)};
+#undef INTFA_SM80_ROW
   const int pages = small ? 2 : p.block_table ? 1 : 0;
-  return kLaunch[p.head_dim == 128][causal_kernel][pages](p, stream);
+  return kLaunch[dim_index][causal_kernel][pages](p, stream);
 }
 
-int sm80_block_n() { return sm80::kBlockN; }
+int sm80_block_n(int head_dim) {
+  switch (head_dim) {
+    case 64: return sm80::kBlockNFor<64>;
+    case 128: return sm80::kBlockNFor<128>;
+    case 256: return sm80::kBlockNFor<256>;
+    default: return 0;
+  }
+}
 
 Status launch_qk_block_test_sm80(int head_dim, const int8_t* q8, const int8_t* k8, int32_t* s,
                                  cudaStream_t stream) {
@@ -41,8 +48,10 @@ Status launch_qk_block_test_sm80(int head_dim, const int8_t* q8, const int8_t* k
     sm80::qk_block_test_kernel<64><<<128 / sm80::kBlockM, sm80::kThreads, 0, stream>>>(q8, k8, s);
   else if (head_dim == 128)
     sm80::qk_block_test_kernel<128><<<128 / sm80::kBlockM, sm80::kThreads, 0, stream>>>(q8, k8, s);
+  else if (head_dim == 256)
+    sm80::qk_block_test_kernel<256><<<128 / sm80::kBlockM, sm80::kThreads, 0, stream>>>(q8, k8, s);
   else
-    return Status(StatusCode::invalid_argument, "head_dim: expected 64 or 128");
+    return Status(StatusCode::invalid_argument, "head_dim: expected 64, 128 or 256");
   return check_cuda(cudaGetLastError(), "qk block test kernel");
 }
 

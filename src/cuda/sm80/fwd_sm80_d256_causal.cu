@@ -1,0 +1,6 @@
+// Instantiation: sm80 forward, head_dim 256, causal.
+#include "cuda/sm80/fwd_sm80_launch.cuh"
+
+namespace intfa::sm80 {
+template Status launch_fwd<256, true, false>(const FwdParams&, cudaStream_t);
+}  // namespace intfa::sm80
