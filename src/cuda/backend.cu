@@ -18,8 +18,9 @@ namespace intfa::cuda {
 Status check_cuda(cudaError_t err, const char* what) {
   if (err == cudaSuccess) return Status::OK();
   std::string msg = std::string(what) + ": CUDA error " + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")";
-  // A card this build has no code for (e.g. compute capability 10.x or 12.x with the default
-  // "80-real;90-real", which ships no PTX to compile): say what the build has and how to add it.
+  // A card this build has no code for (e.g. compute capability 10.x or 12.x with an arch list
+  // such as "80-real;90-real" that ships no PTX to compile): say what the build has and how to
+  // add it.
   // (The runtime reports it at the first launch or function-attribute call, as one of the two.)
   if (err == cudaErrorNoKernelImageForDevice || err == cudaErrorInvalidDeviceFunction) {
     int dev = 0, major = 0, minor = 0;
@@ -83,7 +84,7 @@ int kernel_block_n(int head_dim) { return sm80_block_n(head_dim); }
 constexpr bool kHaveSm90 = INTFA_HAVE_SM90 != 0;
 
 const char* compiled_archs() {
-  // CMake's arch list for the portable kernels, e.g. "80-real;90-real".
+  // CMake's arch list for the portable kernels, e.g. "80-real 90-real 90-virtual".
   return kHaveSm90 ? "sm80 kernels for " INTFA_SM80_ARCHS "; sm90 kernel for 90a"
                    : "sm80 kernels for " INTFA_SM80_ARCHS;
 }
