@@ -71,8 +71,8 @@ template <int D>
 constexpr bool reload_q() { return D == 128; }
 static_assert(kBlockN == 64 || kBlockN == 128, "key block");
 // The key block at head dim D. D = 256 takes 64 keys: O alone holds 128 registers per thread
-// there (16 rows x 256 channels per warp), and 128-key scores (64 more) spilled ~0.4 KB; at 64
-// keys two CTAs (80.5 KB of shared memory each) share an SM, as at D <= 128.
+// there (16 rows x 256 channels per warp), and 128-key scores (64 more) spilled ~0.3 KB even with
+// Q streamed; at 64 keys two CTAs (80.5 KB of shared memory each) share an SM, as at D <= 128.
 template <int D>
 constexpr int kBlockNFor = D > 128 ? 64 : kBlockN;
 
@@ -166,9 +166,8 @@ __device__ __forceinline__ void k_lane_offsets(int lane, int (&off)[D / 32]) {
   for (int kk = 0; kk < D / 32; ++kk) off[kk] = k_tile_offset<D>(key0, 2 * kk + (mi & 1));
 }
 
-// One 32-wide k step of S (16 x kBlockNFor<D> keys, int32) += Q8 K8^T for a key block, K rows permuted
-// per permuted_key(). sK is the shared-memory address of the K tile.
-// a: the Q fragment of step kk.
+// One 32-wide k step of S (16 rows x the block's keys, int32) += Q8 K8^T, K rows permuted per
+// permuted_key(). a: the Q fragment of step kk; sK: the shared-memory address of the K tile.
 template <int D>
 __device__ __forceinline__ void qk_kstep(const uint32_t (&a)[4], uint32_t sK, const int (&k_lane_off)[D / 32],
                                          int kk, int (&s)[kBlockNFor<D> / 8][4]) {
@@ -199,8 +198,8 @@ __device__ __forceinline__ void qk_block(const uint32_t (&qf)[D / 32][4], uint32
   for (int kk = 0; kk < D / 32; ++kk) qk_kstep<D>(qf[kk], sK, k_lane_off, kk, s);
 }
 
-// The same with each step's Q fragment read from shared memory just before its mma: at D = 256
-// the 32 registers of a whole Q row set, next to O's 128 and S's 64, spilled ~0.5 KB.
+// The same with each step's Q fragment read from shared memory just before its mma (D = 256: a
+// whole Q row set is 32 registers, next to O's 128; with it the 128-key version spilled ~0.5 KB).
 template <int D>
 __device__ __forceinline__ void qk_block_streamed_q(const uint8_t* sQ, int warp, int lane, uint32_t sK,
                                                     const int (&k_lane_off)[D / 32], int init,
@@ -249,7 +248,7 @@ struct KvLoader {
   static constexpr int kKChunks = D / 16;                  // 16-byte chunks per K row
   static constexpr int kKRowsPerPass = kThreads / kKChunks;
   static constexpr int kKPasses = kBN / kKRowsPerPass;
-  static constexpr int kVChunks = kBN / 16;             // per V^T row
+  static constexpr int kVChunks = kBN / 16;                // per V^T row
   static constexpr int kVRowsPerPass = kThreads / kVChunks;
   static constexpr int kVPasses = D / kVRowsPerPass;
 
