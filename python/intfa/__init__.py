@@ -1240,13 +1240,19 @@ def transformers_attention(module, query, key, value, attention_mask, scaling=No
     gives for a batch without padding), or a padded batch's 2D mask [B, L] (True / 1: a token),
     which runs as attention_varlen over the tokens alone (queries: the last Sq columns; each
     sequence causal against its own count, as transformers' flash path unpads), padded query
-    rows giving zeros; a custom 4D mask is a NotImplementedError, as is dropout > 0 (intfa has no
-    backward pass)."""
+    rows giving zeros; a custom 4D mask is a NotImplementedError, as are dropout > 0 (intfa has no
+    backward pass) and logit soft-capping (kwarg softcap, Gemma 2's attn_logit_softcapping: not
+    built; ignoring it would change every score)."""
     _need_torch("transformers_attention")
     torch = _torch.torch
     if dropout:
         raise NotImplementedError(f"transformers_attention: dropout: intfa computes inference "
                                   f"attention (no backward pass), expected 0.0, got {dropout}")
+    softcap = kwargs.get("softcap")
+    if softcap:
+        raise NotImplementedError(f"transformers_attention: softcap: logit soft-capping is not built "
+                                  f"in intfa (expected None or 0.0, got {softcap}); load the model "
+                                  f"with another attn_implementation")
     if attention_mask is not None and attention_mask.dim() != 2:
         raise NotImplementedError(
             f"transformers_attention: attention_mask: expected None or a padded batch's 2D mask "

@@ -959,6 +959,11 @@ def test_transformers_attention_refusals():
         assert torch.equal(out[i:i + 1, first:], alone.transpose(1, 2))
     with pytest.raises(NotImplementedError, match=r"dropout: .* expected 0.0, got 0.1"):
         intfa.transformers_attention(Module(), q, k, v, None, dropout=0.1)
+    # Gemma 2 passes its attn_logit_softcapping as softcap: refused, not ignored.
+    with pytest.raises(NotImplementedError, match=r"softcap: .*expected None or 0\.0, got 50\.0"):
+        intfa.transformers_attention(Module(), q, k, v, None, softcap=50.0)
+    out_none, _ = intfa.transformers_attention(Module(), q, k, v, None, softcap=None)
+    assert torch.equal(out_none, out32.to(torch.bfloat16))
 
 
 def test_append_kv_fixed_v_scale_shared_statistics_torch():
