@@ -1241,8 +1241,9 @@ def transformers_attention(module, query, key, value, attention_mask, scaling=No
     which runs as attention_varlen over the tokens alone (queries: the last Sq columns; each
     sequence causal against its own count, as transformers' flash path unpads), padded query
     rows giving zeros; a custom 4D mask is a NotImplementedError, as are dropout > 0 (intfa has no
-    backward pass) and logit soft-capping (kwarg softcap, Gemma 2's attn_logit_softcapping: not
-    built; ignoring it would change every score)."""
+    backward pass), logit soft-capping (kwarg softcap, Gemma 2's attn_logit_softcapping: not
+    built; ignoring it would change every score) and padding-free packed rows (kwargs
+    cu_seq_lens_q / cu_seq_lens_k)."""
     _need_torch("transformers_attention")
     torch = _torch.torch
     if dropout:
@@ -1253,6 +1254,12 @@ def transformers_attention(module, query, key, value, attention_mask, scaling=No
         raise NotImplementedError(f"transformers_attention: softcap: logit soft-capping is not built "
                                   f"in intfa (expected None or 0.0, got {softcap}); load the model "
                                   f"with another attn_implementation")
+    for name in ("cu_seq_lens_q", "cu_seq_lens_k"):
+        if kwargs.get(name) is not None:  # padding-free packing: one row holding many sequences
+            raise NotImplementedError(
+                f"transformers_attention: {name}: packed sequences in one row are not taken "
+                f"(expected None); pass a padded batch with its 2D attention_mask, or call "
+                f"intfa.attention_varlen")
     if attention_mask is not None and attention_mask.dim() != 2:
         raise NotImplementedError(
             f"transformers_attention: attention_mask: expected None or a padded batch's 2D mask "

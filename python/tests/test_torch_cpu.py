@@ -962,6 +962,8 @@ def test_transformers_attention_refusals():
     # Gemma 2 passes its attn_logit_softcapping as softcap: refused, not ignored.
     with pytest.raises(NotImplementedError, match=r"softcap: .*expected None or 0\.0, got 50\.0"):
         intfa.transformers_attention(Module(), q, k, v, None, softcap=50.0)
+    with pytest.raises(NotImplementedError, match=r"cu_seq_lens_q: packed sequences in one row"):
+        intfa.transformers_attention(Module(), q, k, v, None, cu_seq_lens_q=torch.tensor([0, 10, 24]))
     out_none, _ = intfa.transformers_attention(Module(), q, k, v, None, softcap=None)
     assert torch.equal(out_none, out32.to(torch.bfloat16))
 
