@@ -47,6 +47,14 @@ Status check_paged(const FwdParams& p, const char* path, int block_n, bool* smal
                                                std::to_string(p.page_size) + " (the CPU backend takes multiples of 16)");
 }
 
+Status check_head_dim_64_128(const FwdParams& p, const char* path) {
+  if (p.head_dim == 64 || p.head_dim == 128) return Status::OK();
+  const bool d256 = p.head_dim == 256;
+  return Status(d256 ? StatusCode::not_available : StatusCode::invalid_argument,
+                std::string("head_dim: expected 64 or 128 on the ") + path + " path, got " +
+                    std::to_string(p.head_dim) + (d256 ? " (head_dim 256 runs on the sm80 path)" : ""));
+}
+
 cudaError_t device_sm_count(int* sms) {
   static PerDevice cache;
   return once_per_device(cache, [](int dev, int* n) {

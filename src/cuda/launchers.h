@@ -141,5 +141,8 @@ Status check_cuda(cudaError_t err, const char* what);
 // (*small false). (Paged calls have dense queries: attention_int8's validation refuses
 // cu_seqlens.)
 Status check_paged(const FwdParams& p, const char* path, int block_n, bool* small);
+// The sm90 and decode kernels' head dims (64, 128). Head dim 256 is not_available there (the sm80
+// kernel runs it, and the automatic path falls back to it); any other is invalid_argument.
+Status check_head_dim_64_128(const FwdParams& p, const char* path);
 
 }  // namespace intfa::cuda

@@ -291,13 +291,12 @@ int cmd_info() {
   if (d.present) {
     std::printf("GPU: %s, compute capability %d.%d, %d SMs, %.1f GiB\n", d.name.c_str(), d.major,
                 d.minor, d.sm_count, d.memory_bytes / 1073741824.0);
-    GpuPath p = GpuPath::automatic;
+    GpuPath p;
     Status st = resolve_gpu_path(GpuPath::automatic, 0, &p);
-    const char* note = p == GpuPath::sm90 ? " (head dims 64, 128; 256 on sm80; decode kernel for <= 16 query rows "
-                                            "per batch and K/V head at 64, 128)"
-                                          : " (decode kernel for <= 16 query rows per batch and K/V head at head dims "
-                                            "64, 128)";
-    std::printf("GPU path: %s%s\n", st.ok() ? to_string(p) : st.message().c_str(), st.ok() ? note : "");
+    std::printf("GPU path: %s%s\n", st.ok() ? to_string(p) : st.message().c_str(),
+                st.ok() ? " (head dim 256 on sm80; decode kernel for <= 16 query rows per batch and K/V head at "
+                          "head dims 64, 128)"
+                        : "");
   } else {
     std::printf("GPU: none (%s); the CPU backend serves every call\n", d.error.c_str());
   }

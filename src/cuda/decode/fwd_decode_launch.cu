@@ -43,10 +43,7 @@ Status launch_fwd_decode(const FwdParams& p, cudaStream_t stream) {
   if (!decode::kSameBlocksAsSm80)
     return Status(StatusCode::not_available, "path: decode needs the sm80 kernel's 128-key blocks (this build "
                                              "sets INTFA_SM80_BLOCK_N to another size)");
-  if (p.head_dim != 64 && p.head_dim != 128)
-    return Status(p.head_dim == 256 ? StatusCode::not_available : StatusCode::invalid_argument,
-                  "head_dim: expected 64 or 128 on the decode path, got " + std::to_string(p.head_dim) +
-                      (p.head_dim == 256 ? " (head_dim 256 runs on the sm80 path)" : ""));
+  if (Status st = check_head_dim_64_128(p, "decode"); !st.ok()) return st;
   if (p.seqlen_q > decode::kRows)
     return Status(StatusCode::not_available,
                   "path: decode takes at most " + std::to_string(decode::kRows) +

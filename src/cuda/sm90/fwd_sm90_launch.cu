@@ -212,11 +212,8 @@ Status launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   if (p.scheme == Scheme::half)
     return Status(StatusCode::not_available, "scheme: half is not available on the sm90 path");
   // Head dim 256 is built for the portable kernel only (its O alone would take 128 of a consumer
-  // thread's 240 registers here): the automatic path runs it on sm80.
-  if (p.head_dim != 64 && p.head_dim != 128)
-    return Status(p.head_dim == 256 ? StatusCode::not_available : StatusCode::invalid_argument,
-                  "head_dim: expected 64 or 128 on the sm90 path, got " + std::to_string(p.head_dim) +
-                      (p.head_dim == 256 ? " (head_dim 256 runs on the sm80 path)" : ""));
+  // thread's 240 registers here).
+  if (Status st = check_head_dim_64_128(p, "sm90"); !st.ok()) return st;
   // Paged KV: a key block (one TMA box) lies in one page, or spans pages of 16, 32 or 64 tokens.
   const bool paged = p.block_table != nullptr;
   bool small = false;
