@@ -378,6 +378,44 @@ TEST_F(AttentionGpu, KernelHeadDim256) {
   }
 }
 
+// Head dim 256 with key-range splits: shapes of fewer query tiles than the GPU's CTA slots over
+// at least 16 key blocks, which the sm80 launcher cuts into ranges (fwd::split_count, `accurate`)
+// merged by its combine kernel: decode steps (packed GQA rows), a short prompt over a long cache
+// (causal, BSHD, bf16 out), few heads non-causal, varlen with a sequence of no keys and one of
+// no queries, per-sequence key counts with a 0, a sliding window with sinks, odd lengths so the
+// last range is short (or empty), each with its LSE; `paper` on a decode step (one range).
+TEST_F(AttentionGpu, KernelHeadDim256Splits) {
+  std::vector<Case> cases;
+  for (const DenseShape& sh : std::vector<DenseShape>{
+           {1, 8, 2, 1, 5001, true, Layout::BHSD, DType::f32, Scheme::accurate},     // decode, 2 tiles
+           {2, 16, 8, 1, 2047, true, Layout::BSHD, DType::bf16, Scheme::accurate},   // decode, 16 tiles
+           {1, 4, 2, 40, 3000, true, Layout::BSHD, DType::bf16, Scheme::accurate},   // chunk over a cache
+           {1, 2, 1, 130, 4100, false, Layout::BHSD, DType::f16, Scheme::accurate},  // few heads
+           {1, 8, 2, 1, 3000, true, Layout::BHSD, DType::f32, Scheme::paper}})       // one range
+    cases.push_back(dense_case(sh, 0));
+  {
+    Case v;
+    v.hq = 4; v.hkv = 2; v.lens_q = {1, 33, 0, 2}; v.lens_kv = {4000, 0, 1500, 1100};
+    for (bool causal : {false, true}) {
+      v.causal = causal;
+      cases.push_back(v);
+    }
+    Case u;
+    u.batch = 3; u.hq = 4; u.hkv = 2; u.sq = 3; u.skv = 3000; u.used_kv = {3000, 0, 1131};
+    u.causal = true;
+    cases.push_back(u);
+    Case w;
+    w.causal = true; w.sq = 2; w.skv = 4000; w.hq = 2; w.hkv = 1; w.window_left = 2500; w.sinks = {1.5f, -2.f};
+    cases.push_back(w);
+  }
+  uint64_t seed = 2600;
+  for (Case& c : cases) {
+    c.d = 256;
+    c.seed = ++seed;
+    for (GpuPath path : {GpuPath::sm80, GpuPath::automatic}) check_kernel_vs_cpu(c, path);
+  }
+}
+
 // The paths without a head-dim-256 kernel say so when named; the automatic path runs sm80.
 TEST_F(AttentionGpu, HeadDim256NamedPathsWithoutItRefuse) {
   Case c;

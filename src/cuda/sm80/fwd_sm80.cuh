@@ -23,6 +23,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "common/numerics.h"
 #include "common/params.h"
@@ -75,6 +76,39 @@ static_assert(kBlockN == 64 || kBlockN == 128, "key block");
 // Q streamed; at 64 keys two CTAs (80.5 KB of shared memory each) share an SM, as at D <= 128.
 template <int D>
 constexpr int kBlockNFor = D > 128 ? 64 : kBlockN;
+
+// Key-range splits (D = 256). A launch with fewer query tiles than CTA slots (a decode step: one
+// 64-row tile per (batch, K/V head) holding its packed GQA rows; few heads over a long prompt)
+// cuts each tile's key blocks into ranges that run as CTAs of their own (fwd::split_count,
+// `accurate` only: `paper` quantizes P8 against the running max, which a range would restart);
+// combine_kernel merges their partial rows (fwd::merge_split_row, as the sm90 and decode
+// kernels' splits). A template axis (`Split`, its own instantiations): as a run-time branch it
+// cost the whole-tile D = 256 kernel 2.5% (H200, B=4 H=32 N=4k, 397 -> 388 TOPS, same call), as
+// it had cost sm90 (PERF_LOG s25). Built at D = 256, where this kernel is the only one: at
+// D <= 128 the decode kernel takes short queries and sm90's splits few tiles on Hopper.
+template <int D>
+constexpr bool kSplitsBuilt = D > 128;
+
+// Split kernels' parameters: the call's, plus the key-range split.
+struct Params {
+  FwdParams p;
+  int num_splits = 1;  // key ranges per query tile; unit = tile * num_splits + split
+  int num_tiles = 0;   // query tiles: ceil(seqlen_q / kBlockM) x heads_q x batch
+  // Each unit's rows leave O * v_scale (not divided by l) and (m, l) here, [split][tile][kBlockM]
+  // [D] and [split][tile][kBlockM], tile = (b * heads_q + h) * m tiles + m.
+  float* part_o = nullptr;
+  float2* part_ml = nullptr;
+};
+
+// The kernel's parameter: Params where it splits, the call's FwdParams alone elsewhere.
+template <bool Split>
+using KernelParams = std::conditional_t<Split, Params, FwdParams>;
+__device__ __forceinline__ const FwdParams& fwd_params(const Params& P) { return P.p; }
+__device__ __forceinline__ const FwdParams& fwd_params(const FwdParams& p) { return p; }
+
+__device__ __forceinline__ int64_t part_row0(const Params& P, int split, int tile) {
+  return (int64_t(split) * P.num_tiles + tile) * kBlockM;
+}
 
 template <int D>
 struct Smem {
@@ -334,8 +368,10 @@ struct KvLoader {
 // scales of each key block are read through the block's table entry, read one block ahead.
 // SmallPages (with Paged; pages of 16, 32 or 64 tokens): each thread's 16-key piece of a block
 // through the piece's page (SmallPageTile, KvLoader::load_small).
-template <int D, bool Causal, bool Paged, bool SmallPages = false>
-__global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdParams p) {
+// Split: the unit's key range of its tile, partial rows out (Params above).
+template <int D, bool Causal, bool Paged, bool SmallPages = false, bool Split = false>
+__global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const __grid_constant__ KernelParams<Split> P) {
+  const FwdParams& p = fwd_params(P);
   using S = Smem<D>;
   using L = KvLoader<D>;
   constexpr int kBN = kBlockNFor<D>;
@@ -348,16 +384,25 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
 
   // Causal: a 1-D grid in fwd::causal_tile's order (longest rows first over groups of heads);
   // otherwise (row tile, head, batch).
-  int m_block, h, b;
+  // Split kernels: blockIdx.x / num_splits is that index of the tile, the rest its key range.
+  int m_block, h, b, split = 0;
+  int tile_x = blockIdx.x;
+  if constexpr (Split) {
+    tile_x = blockIdx.x / P.num_splits;
+    split = blockIdx.x - tile_x * P.num_splits;
+    // combine_kernel (a programmatic dependent) may take its SM slots while this grid runs; it
+    // waits for the grid's end there, so its launch latency overlaps this grid.
+    ptx::griddepcontrol_launch_dependents();
+  }
   if constexpr (Causal) {
     const int num_m = (p.seqlen_q + kBlockM - 1) / kBlockM, bh_count = p.batch * p.heads_q;
     int bh, mi;
-    fwd::causal_tile(blockIdx.x, num_m, bh_count, fwd::causal_head_group(p.batch, p.heads_q, p.seqlen_kv, D), bh, mi);
+    fwd::causal_tile(tile_x, num_m, bh_count, fwd::causal_head_group(p.batch, p.heads_q, p.seqlen_kv, D), bh, mi);
     m_block = num_m - 1 - mi;
     b = bh / p.heads_q;
     h = bh - b * p.heads_q;
   } else {
-    m_block = blockIdx.x;
+    m_block = tile_x;
     h = blockIdx.y;
     b = blockIdx.z;
   }
@@ -381,6 +426,14 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
   }
   const int kv_end = Causal ? min(skv, last_key(p, pos_hi, diag) + 1) : skv;
   const int n_blocks = kv_end > 0 ? (kv_end + kBN - 1) / kBN : 0;
+  // The CTA's key blocks kb0 .. kb_end - 1: all of the tile's, or its split's range (which may be
+  // empty: its partial rows then say so, m = -inf and l = 0).
+  int kb0 = 0, kb_end = n_blocks;
+  if constexpr (Split) {
+    int count = 0;
+    fwd::split_range(n_blocks, P.num_splits, split, kb0, count);
+    kb_end = kb0 + count;
+  }
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
@@ -464,7 +517,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
     for (int e = 0; e < 4; ++e) o[dn][e] = 0.f;
   uint32_t qf[D / 32][4];
 
-  if (n_blocks > 0) {
+  if (kb_end > kb0) {
     constexpr int kChunks = D / 16;
     for (int i = tid; i < kBlockM * kChunks; i += kThreads) {
       const int r = i / kChunks, c = i % kChunks;
@@ -473,14 +526,14 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
                         valid ? q_base + r * p.q_st.ts + c * 16 : q_base, valid);
     }
     if constexpr (SmallPages) {
-      loader.load_small(0, key_base, skv, small_pages, p, small_tile, k_head, v_head, ks_head, stage_base(0));
+      loader.load_small(kb0, key_base, skv, small_pages, p, small_tile, k_head, v_head, ks_head, stage_base(0));
     } else if constexpr (Paged) {
-      walk.start(p, b, key_base / kBN);
-      const int page0 = walk.read(p);  // causal kernels: a window may start mid-page
-      loader.load_paged(0, page0, Causal ? walk.last_tok(p) : 0, skv, p, stage_base(0), tid);
-      if (n_blocks > 1) next_page = walk.read(p);
+      walk.start(p, b, key_base / kBN + kb0);
+      const int page0 = walk.read(p);  // causal kernels and key ranges may start mid-page
+      loader.load_paged(kb0, page0, Causal || Split ? walk.last_tok(p) : 0, skv, p, stage_base(0), tid);
+      if (kb_end - kb0 > 1) next_page = walk.read(p);
     } else {
-      loader.load(0, skv, stage_base(0), tid);
+      loader.load(kb0, skv, stage_base(0), tid);
     }
     ptx::cp_async_commit();
   }
@@ -517,7 +570,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
   // Everything of key block n after its scores: softmax, P, l and the PV product (or, deferred,
   // the previous block's PV in slices).
   auto softmax_pv = [&](int n, const int (&s_cur)[kBN / 8][4]) {
-    const int stage = n % S::kStages;
+    const int stage = (n - kb0) % S::kStages;
     const uint32_t sV = stage_base(stage) + S::kK;
     const float* sKs = reinterpret_cast<const float*>(smem + S::kQ + stage * S::kStage + S::kK + S::kV);
 
@@ -561,19 +614,19 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
   };
 
   int s_cur[kBN / 8][4];
-  for (int n = 0; n < n_blocks; ++n) {
-    const int stage = n % S::kStages;
+  for (int n = kb0; n < kb_end; ++n) {
+    const int stage = (n - kb0) % S::kStages;
     ptx::cp_async_wait<0>();
     __syncthreads();  // block n landed for everyone; everyone finished with the stage refilled next
-    if (n + 1 < n_blocks) {
+    if (n + 1 < kb_end) {
       if constexpr (SmallPages) {
         loader.load_small(n + 1, key_base, skv, small_pages, p, small_tile, k_head, v_head, ks_head,
-                          stage_base((n + 1) % S::kStages));
+                          stage_base((n + 1 - kb0) % S::kStages));
       } else if constexpr (Paged) {
-        loader.load_paged(n + 1, next_page, walk.last_tok(p), skv, p, stage_base((n + 1) % S::kStages), tid);
-        if (n + 2 < n_blocks) next_page = walk.read(p);
+        loader.load_paged(n + 1, next_page, walk.last_tok(p), skv, p, stage_base((n + 1 - kb0) % S::kStages), tid);
+        if (n + 2 < kb_end) next_page = walk.read(p);
       } else {
-        loader.load(n + 1, skv, stage_base((n + 1) % S::kStages), tid);
+        loader.load(n + 1, skv, stage_base((n + 1 - kb0) % S::kStages), tid);
       }
       ptx::cp_async_commit();
     }
@@ -586,12 +639,46 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const FwdPara
     }
     softmax_pv(n, s_cur);
   }
-  if (kDeferPv && n_blocks > 0) pv_tiles(pf_prev, sV_prev, alpha_prev, cfac_prev, 0, D / 8);
+  if (kDeferPv && kb_end > kb0) pv_tiles(pf_prev, sV_prev, alpha_prev, cfac_prev, 0, D / 8);
 
   // ---- epilogue: O * v_scale / l, LSE; fully masked rows give 0 and -inf ----
   float2 v2[D / 8];
   fwd::load_v_scale<D>(p, b, hkv, t, v2);
-  fwd::epilogue<D, Causal>(p, b, h, q0, sq, row, o, l_part, m_run, t, v2);
+  if constexpr (Split) {
+    // A key range: O * v_scale and (m, l) of each row (sinks and the LSE join in the merge).
+    float inv_l[2], l_full[2];
+    fwd::row_sums(l_part, l_full, inv_l);
+    const int num_m = (p.seqlen_q + kBlockM - 1) / kBlockM;
+    const int64_t prow0 = part_row0(P, split, (b * p.heads_q + h) * num_m + m_block) - m0;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (row[r] >= sq) continue;
+      float* orow = P.part_o + (prow0 + row[r]) * D;
+#pragma unroll
+      for (int dn = 0; dn < D / 8; ++dn)
+        *reinterpret_cast<float2*>(orow + dn * 8 + 2 * t) =
+            make_float2(o[dn][2 * r] * v2[dn].x, o[dn][2 * r + 1] * v2[dn].y);
+      if (t == 0) P.part_ml[prow0 + row[r]] = make_float2(m_run[r], l_full[r]);
+    }
+  } else {
+    fwd::epilogue<D, Causal>(p, b, h, q0, sq, row, o, l_part, m_run, t, v2);
+  }
+}
+
+// Merges the key ranges of every row of the split kernels (fwd::merge_split_row). One warp per
+// row, 4 rows per block of 128 threads; block = tile * (kBlockM / 4) + row / 4.
+template <int D>
+__global__ void __launch_bounds__(128) combine_kernel(const __grid_constant__ Params P) {
+  ptx::griddepcontrol_wait();  // the partial rows of fwd_kernel (a programmatic dependent launch)
+  const FwdParams& p = P.p;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int tile = blockIdx.x / (kBlockM / 4), r = (blockIdx.x % (kBlockM / 4)) * 4 + warp;
+  const int num_m = (p.seqlen_q + kBlockM - 1) / kBlockM, bh = tile / num_m, m0 = (tile - bh * num_m) * kBlockM;
+  const int b = bh / p.heads_q, h = bh - b * p.heads_q;
+  if (m0 + r >= seq_len(p.cu_q, b, p.seqlen_q)) return;
+  const int64_t prow = part_row0(P, 0, tile) + r;
+  fwd::merge_split_row<D>(p, P.part_ml + prow, P.part_o + prow * D, int64_t(P.num_tiles) * kBlockM, P.num_splits,
+                          lane, b, h, seq_start(p.cu_q, b) + m0 + r);
 }
 
 // Test hook: a 128 x 128 block of int32 scores through the kernel's own smem layouts and
@@ -632,9 +719,12 @@ __global__ void __launch_bounds__(kThreads) qk_block_test_kernel(const int8_t* q
   }
 }
 
-// Host launcher for one (head dim, causal, paged, small pages) instantiation; defined in
-// fwd_sm80_launch.cuh.
+// Host launchers for one (head dim, causal, paged, small pages) instantiation, defined in
+// fwd_sm80_launch.cuh: launch_fwd picks the key-range split and runs the whole-tile kernel or
+// hands over to launch_fwd_split (the split kernel and the merge; its own .cu files).
 template <int D, bool Causal, bool Paged, bool SmallPages = false>
 Status launch_fwd(const FwdParams& p, cudaStream_t stream);
+template <int D, bool Causal, bool Paged, bool SmallPages = false>
+Status launch_fwd_split(const FwdParams& p, int num_splits, cudaStream_t stream);
 
 }  // namespace intfa::sm80

@@ -1,0 +1,6 @@
+// Instantiation: sm80 forward, head_dim 256, non-causal, key-range splits.
+#include "cuda/sm80/fwd_sm80_split_launch.cuh"
+
+namespace intfa::sm80 {
+template Status launch_fwd_split<256, false, false>(const FwdParams&, int, cudaStream_t);
+}  // namespace intfa::sm80
