@@ -331,6 +331,27 @@ __device__ __forceinline__ void epilogue(const FwdParams& p, int b, int h, int64
   else write_lse(p, b, h, q0, sq, row, l_full, m_run, t);
 }
 
+// A key range's partial rows (split kernels, for merge_split_row): O * v_scale (not divided by
+// l) and (m, l) of the thread's rows row[r] < sq, at rows prow0 + row[r] of part_o (D floats
+// each) and part_ml; l_full from row_sums. A range that saw no key leaves O = 0 and m = -inf,
+// which the merge weighs 0.
+template <int D>
+__device__ __forceinline__ void write_partial_rows(float* part_o, float2* part_ml, int64_t prow0, int sq,
+                                                   const int (&row)[2], const float (&o)[D / 8][4],
+                                                   const float (&l_full)[2], const float (&m_run)[2], int t,
+                                                   const float2 (&v2)[D / 8]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (row[r] >= sq) continue;
+    float* orow = part_o + (prow0 + row[r]) * D;
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn)
+      *reinterpret_cast<float2*>(orow + dn * 8 + 2 * t) =
+          make_float2(o[dn][2 * r] * v2[dn].x, o[dn][2 * r + 1] * v2[dn].y);
+    if (t == 0) part_ml[prow0 + row[r]] = make_float2(m_run[r], l_full[r]);
+  }
+}
+
 // Merges the key-range partials of one query row. Split kernels leave, per key range, the row's
 // O * v_scale (not divided by l) and (m, l); then M = max m_s, L = sum l_s 2^(m_s - M),
 // O = sum O_s 2^(m_s - M) / L and LSE = (M + log2 L) ln 2 (+ the K-smoothing offset); a row that

@@ -409,21 +409,11 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<D, Paged>) fwd_kernel(const
     fwd::epilogue<D, true>(p, b, h, q0, sq, row, o, l_part, m_run, t, v2);
     return;
   }
-  // A key range: O * v_scale and (m, l) of each row; a range that saw no key leaves O = 0 and
-  // m = -inf, which the merge weighs 0.
+  // A key range: its partial rows for combine_kernel.
   float inv_l[2], l_full[2];
   fwd::row_sums(l_part, l_full, inv_l);
   const int64_t prow0 = part_row0(P, split, bh);
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    if (row[r] >= sq) continue;
-    float* orow = P.part_o + (prow0 + row[r]) * D;
-#pragma unroll
-    for (int dn = 0; dn < D / 8; ++dn)
-      *reinterpret_cast<float2*>(orow + dn * 8 + 2 * t) =
-          make_float2(o[dn][2 * r] * v2[dn].x, o[dn][2 * r + 1] * v2[dn].y);
-    if (t == 0) P.part_ml[prow0 + row[r]] = make_float2(m_run[r], l_full[r]);
-  }
+  fwd::write_partial_rows<D>(P.part_o, P.part_ml, prow0, sq, row, o, l_full, m_run, t, v2);
 }
 
 // Merges the key ranges of every row. One warp per row, 4 rows per block of 128 threads.

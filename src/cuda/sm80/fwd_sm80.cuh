@@ -645,21 +645,12 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const __grid_
   float2 v2[D / 8];
   fwd::load_v_scale<D>(p, b, hkv, t, v2);
   if constexpr (Split) {
-    // A key range: O * v_scale and (m, l) of each row (sinks and the LSE join in the merge).
+    // A key range: its partial rows (sinks and the LSE join in the merge).
     float inv_l[2], l_full[2];
     fwd::row_sums(l_part, l_full, inv_l);
     const int num_m = (p.seqlen_q + kBlockM - 1) / kBlockM;
     const int64_t prow0 = part_row0(P, split, (b * p.heads_q + h) * num_m + m_block) - m0;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      if (row[r] >= sq) continue;
-      float* orow = P.part_o + (prow0 + row[r]) * D;
-#pragma unroll
-      for (int dn = 0; dn < D / 8; ++dn)
-        *reinterpret_cast<float2*>(orow + dn * 8 + 2 * t) =
-            make_float2(o[dn][2 * r] * v2[dn].x, o[dn][2 * r + 1] * v2[dn].y);
-      if (t == 0) P.part_ml[prow0 + row[r]] = make_float2(m_run[r], l_full[r]);
-    }
+    fwd::write_partial_rows<D>(P.part_o, P.part_ml, prow0, sq, row, o, l_full, m_run, t, v2);
   } else {
     fwd::epilogue<D, Causal>(p, b, h, q0, sq, row, o, l_part, m_run, t, v2);
   }
