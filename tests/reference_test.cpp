@@ -234,5 +234,52 @@ TEST(Reference, KeyShiftInvariance) {
     }
 }
 
+// The bench's parallel input generator (tools::make_inputs_parallel): the shape, the same values
+// for the same seed and others for another, and each distribution's traits per tensor: normal
+// N(0, 1); uniform in [0, 1); llm with Q and K channels 0-3 scaled x10 and V not.
+TEST(Inputs, ParallelGeneratorKeepsTheDistributions) {
+  using tools::Dist;
+  const int B = 2, Hq = 4, Hkv = 2, Sq = 33, Skv = 257, D = 64;
+  auto a = tools::make_inputs_parallel(Dist::normal, B, Hq, Hkv, Sq, Skv, D, DType::bf16, 5);
+  ASSERT_EQ(a.q.size(), size_t(B) * Hq * Sq * D);
+  ASSERT_EQ(a.k.size(), size_t(B) * Hkv * Skv * D);
+  ASSERT_EQ(a.v.size(), a.k.size());
+  EXPECT_EQ(a.q, tools::make_inputs_parallel(Dist::normal, B, Hq, Hkv, Sq, Skv, D, DType::bf16, 5).q);
+  EXPECT_NE(a.k, tools::make_inputs_parallel(Dist::normal, B, Hq, Hkv, Sq, Skv, D, DType::bf16, 6).k);
+  EXPECT_NE(std::vector<uint16_t>(a.k.begin(), a.k.begin() + Skv * D),
+            std::vector<uint16_t>(a.k.begin() + Skv * D, a.k.begin() + 2 * Skv * D))
+      << "two heads drew the same values";
+  auto moments = [](const std::vector<uint16_t>& bits, DType dt, int d, int channel, double* mean, double* var) {
+    double s = 0, s2 = 0;
+    int64_t n = 0;
+    for (size_t i = channel; i < bits.size(); i += d) {
+      const double x = tools::to_float(bits[i], dt);
+      s += x; s2 += x * x; ++n;
+    }
+    *mean = s / n;
+    *var = s2 / n - *mean * *mean;
+  };
+  double mean, var;
+  moments(a.v, DType::bf16, 1, 0, &mean, &var);
+  EXPECT_LT(std::fabs(mean), 0.03);
+  EXPECT_NEAR(var, 1.0, 0.05);
+  auto u = tools::make_inputs_parallel(Dist::uniform, B, Hq, Hkv, Sq, Skv, D, DType::f16, 5);
+  for (uint16_t bits : u.k) {
+    const float x = tools::to_float(bits, DType::f16);
+    ASSERT_TRUE(x >= 0.f && x <= 1.f) << x;  // [0, 1) rounded to fp16
+  }
+  moments(u.q, DType::f16, 1, 0, &mean, &var);
+  EXPECT_NEAR(mean, 0.5, 0.02);
+  auto l = tools::make_inputs_parallel(Dist::llm, B, Hq, Hkv, Sq, Skv, D, DType::bf16, 5);
+  double m0, v0, m9, v9;
+  moments(l.q, DType::bf16, D, 0, &m0, &v0);
+  moments(l.q, DType::bf16, D, 9, &m9, &v9);
+  EXPECT_NEAR(v0 / v9, 100.0, 25.0) << "Q channel 0 scaled x10";
+  moments(l.k, DType::bf16, D, 9, &m9, &v9);
+  EXPECT_GT(v9, 4.0) << "K offsets per channel and head (4 N(0, 1))";
+  moments(l.v, DType::bf16, D, 0, &m0, &v0);
+  EXPECT_NEAR(v0, 1.0, 0.2) << "V unscaled";
+}
+
 }  // namespace
 }  // namespace intfa::testing

@@ -2,9 +2,12 @@
 #include "inputs.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <random>
+#include <thread>
 #include <utility>
+#include <vector>
 
 namespace intfa::tools {
 
@@ -60,6 +63,73 @@ HostQKV make_inputs(Dist dist, int batch, int heads_q, int heads_kv, int seqlen_
     x.k[i] = to_bits(val, dtype);
   }
   for (auto& e : x.v) e = to_bits(draw(), dtype);
+  return x;
+}
+
+HostQKV make_inputs_parallel(Dist dist, int batch, int heads_q, int heads_kv, int seqlen_q, int seqlen_kv,
+                             int head_dim, DType dtype, uint64_t seed) {
+  HostQKV x;
+  x.batch = batch; x.heads_q = heads_q; x.heads_kv = heads_kv;
+  x.seqlen_q = seqlen_q; x.seqlen_kv = seqlen_kv; x.head_dim = head_dim; x.dtype = dtype;
+  const int64_t d = head_dim, q_len = int64_t(seqlen_q) * d, kv_len = int64_t(seqlen_kv) * d;
+  const int64_t q_slices = int64_t(batch) * heads_q, kv_slices = int64_t(batch) * heads_kv;
+  x.q.resize(static_cast<size_t>(q_slices * q_len));
+  x.k.resize(static_cast<size_t>(kv_slices * kv_len));
+  x.v.resize(x.k.size());
+  // Slice s: Q's (b, h) for s < q_slices, then K's, then V's; each as make_inputs draws that
+  // tensor (llm: Q and K channels 0-3 x10, K offsets per channel of the slice's head).
+  auto fill = [&](int64_t s) {
+    const int tensor = s < q_slices ? 0 : s < q_slices + kv_slices ? 1 : 2;
+    const int64_t local = tensor == 0 ? s : tensor == 1 ? s - q_slices : s - q_slices - kv_slices;
+    uint16_t* out = tensor == 0 ? x.q.data() + local * q_len : (tensor == 1 ? x.k : x.v).data() + local * kv_len;
+    const int64_t n = tensor == 0 ? q_len : kv_len;
+    // A splitmix64 stream per slice (a 64-bit state stepped by the golden ratio, then mixed):
+    // uniforms from 24 of its bits, normals in pairs by Box-Muller. ~5x cheaper per value than
+    // std::normal_distribution over mt19937_64, and plenty for test inputs.
+    uint64_t state = seed ^ (0xD1B54A32D192ED03ull * static_cast<uint64_t>(s + 1));
+    auto next = [&state] {
+      uint64_t z = (state += 0x9E3779B97F4A7C15ull);
+      z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+      z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+      return z ^ (z >> 31);
+    };
+    auto uniform = [&] { return static_cast<float>(next() >> 40) * 0x1p-24f; };  // [0, 1)
+    float spare = 0.f;
+    bool have_spare = false;
+    auto normal = [&] {
+      if (have_spare) {
+        have_spare = false;
+        return spare;
+      }
+      const uint64_t z = next();
+      const float u1 = (static_cast<float>(z >> 40) + 1.f) * 0x1p-24f;  // (0, 1]
+      const float u2 = static_cast<float>((z >> 16) & 0xFFFFFF) * 0x1p-24f;
+      const float r = std::sqrt(-2.f * std::log(u1)), a = 6.2831853f * u2;
+      spare = r * std::sin(a);
+      have_spare = true;
+      return r * std::cos(a);
+    };
+    std::vector<float> offset(d, 0.f);
+    if (dist == Dist::llm && tensor == 1)
+      for (auto& o : offset) o = 4.f * normal();
+    const bool scaled = dist == Dist::llm && tensor < 2;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t c = i % d;
+      float val = (dist == Dist::uniform ? uniform() : normal()) + offset[c];
+      if (scaled && c < 4) val *= 10.f;
+      out[i] = to_bits(val, dtype);
+    }
+  };
+  const int64_t slices = q_slices + 2 * kv_slices;
+  const int threads = static_cast<int>(std::min<int64_t>(std::max(1u, std::thread::hardware_concurrency()), slices));
+  std::atomic<int64_t> next{0};
+  auto worker = [&] {
+    for (int64_t s; (s = next.fetch_add(1)) < slices;) fill(s);
+  };
+  std::vector<std::thread> pool;
+  for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
+  worker();
+  for (auto& t : pool) t.join();
   return x;
 }
 

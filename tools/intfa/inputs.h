@@ -31,6 +31,15 @@ struct HostQKV {
 HostQKV make_inputs(Dist dist, int batch, int heads_q, int heads_kv, int seqlen_q, int seqlen_kv,
                     int head_dim, DType dtype, uint64_t seed);
 
+// The same distributions with each (tensor, batch, head) slice drawn from a generator of its own
+// (a splitmix64 stream seeded from `seed` and the slice; normals by Box-Muller), the slices on all
+// host threads: other values than make_inputs', the same for any thread count. For shapes where
+// only timing matters (intfa bench): make_inputs draws ~15-30M values per second on one core, so
+// one bench shape of 800M values (B=4, H=32, N=16k, D=128) took ~30-60 s of a lent GPU machine
+// before its first launch.
+HostQKV make_inputs_parallel(Dist dist, int batch, int heads_q, int heads_kv, int seqlen_q, int seqlen_kv,
+                             int head_dim, DType dtype, uint64_t seed);
+
 float to_float(uint16_t bits, DType dtype);
 
 struct Metrics {
