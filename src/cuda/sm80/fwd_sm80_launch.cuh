@@ -10,6 +10,11 @@
 
 namespace intfa::sm80 {
 
+// Query tiles of kBlockM rows: ceil(seqlen_q / kBlockM) per (batch, head).
+inline int64_t query_tiles(const FwdParams& p) {
+  return int64_t((p.seqlen_q + kBlockM - 1) / kBlockM) * p.heads_q * p.batch;
+}
+
 // Key ranges per query tile: fwd::split_count over the CTA slots (SMs x resident CTAs of the
 // whole-tile kernel, which the split kernel matches: same threads, shared memory and register
 // cap), with the INTFA_SM80_SPLITS override (tests, sanitizer runs) read once. 1 where no split
@@ -42,10 +47,10 @@ Status choose_splits(const FwdParams& p, int64_t tiles, int* splits) {
 // which the hardware hands out in index order as SMs free up; (row tile, head, batch) otherwise.
 // Split kernels take num_splits units per tile along x.
 inline Status make_grid(const FwdParams& p, bool causal, int num_splits, dim3* grid) {
-  const int num_m = (p.seqlen_q + kBlockM - 1) / kBlockM;
-  const int64_t units = int64_t(num_m) * p.heads_q * p.batch * num_splits;
+  const int64_t units = query_tiles(p) * num_splits;
   if (causal && units >= (int64_t(1) << 31))
     return Status(StatusCode::invalid_argument, "sm80 path: more than 2^31 - 1 causal query tiles");
+  const int num_m = (p.seqlen_q + kBlockM - 1) / kBlockM;
   *grid = causal ? dim3(static_cast<unsigned>(units)) : dim3(num_m * num_splits, p.heads_q, p.batch);
   return Status::OK();
 }
@@ -57,9 +62,8 @@ Status launch_fwd(const FwdParams& p, cudaStream_t stream) {
   static cuda::PerDevice setup;
   Status st = cuda::check_cuda(cuda::opt_in_smem_once(setup, kernel, kSmem), "sm80 forward: cudaFuncSetAttribute");
   if (!st.ok()) return st;
-  const int64_t tiles = int64_t((p.seqlen_q + kBlockM - 1) / kBlockM) * p.heads_q * p.batch;
   int splits = 1;
-  st = choose_splits<D, Causal, Paged, SmallPages>(p, tiles, &splits);
+  st = choose_splits<D, Causal, Paged, SmallPages>(p, query_tiles(p), &splits);
   if (!st.ok()) return st;
   if constexpr (kSplitsBuilt<D>)
     if (splits > 1) return launch_fwd_split<D, Causal, Paged, SmallPages>(p, splits, stream);

@@ -20,7 +20,7 @@ Status launch_fwd_split(const FwdParams& p, int num_splits, cudaStream_t stream)
   Params prm;
   prm.p = p;
   prm.num_splits = num_splits;
-  const int64_t tiles = int64_t((p.seqlen_q + kBlockM - 1) / kBlockM) * p.heads_q * p.batch;
+  const int64_t tiles = query_tiles(p);
   prm.num_tiles = static_cast<int>(tiles);  // < 2^30 (choose_splits)
   dim3 grid;
   st = make_grid(p, Causal, num_splits, &grid);
