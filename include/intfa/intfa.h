@@ -102,6 +102,14 @@ struct Options {
   // with pre-quantized inputs of scheme accurate (or half) qkv.lse_offset must be defined,
   // since the smoothed scores are shifted by it and the sink is not.
   Tensor sinks;
+  // Logit soft-capping (Gemma 2's attn_logit_softcapping, Grok's; FlashAttention's softcap):
+  // each score s = scale * q.k becomes softcap * tanh(s / softcap) before the softmax; 0 (the
+  // default) is none. With accurate / half the smoothed scores are moved back by scale *
+  // q . k_mean before the tanh (softmax is invariant to that shift, the tanh is not), so
+  // pre-quantized inputs of those schemes need qkv.lse_offset, as sinks do. Sinks are not
+  // capped. CPU backend and the GPU's sm80 path with contiguous K / V (path auto takes it
+  // there; sm90, decode and paged caches: not_available).
+  float softcap = 0.0f;
   float scale = 0.0f;    // softmax scale; 0 means 1/sqrt(D)
   Layout layout = Layout::BHSD;  // of q, k, v, out (ignored by the varlen entry points)
   Scheme scheme = Scheme::accurate;

@@ -59,7 +59,8 @@ def _frameworks(**arrays):
 
 
 def attention(q, k, v, *, is_causal=False, window_size=_NO_WINDOW, sinks=None, scale=None,
-              enable_gqa=False, layout="BHSD", scheme="accurate", return_lse=False, path="auto"):
+              enable_gqa=False, layout="BHSD", scheme="accurate", return_lse=False, path="auto",
+              softcap=None):
     """Attention softmax(scale * q k^T) v with INT8 GEMMs.
 
     q: [B, Hq, Sq, D] (layout "BHSD") or [B, Sq, Hq, D] ("BSHD"), float16 or bfloat16.
@@ -82,6 +83,10 @@ def attention(q, k, v, *, is_causal=False, window_size=_NO_WINDOW, sinks=None, s
     scheme: "accurate" (default), "paper" or "half" (half: CPU backend only).
     return_lse: also return the log-sum-exp, float32 [B, Hq, Sq], natural log.
     path: GPU kernel family "auto", "sm80", "sm90" or "decode" (ignored on the CPU).
+    softcap: logit soft-capping (Gemma 2's attn_logit_softcapping, flash_attn's softcap): each
+        scaled score s becomes softcap * tanh(s / softcap) before the softmax (the LSE is that
+        of the capped scores; sinks are not capped). None or 0.0: none. On the GPU the sm80
+        kernel runs it (path "auto" picks it; "sm90", "decode" and paged caches: RuntimeError).
 
     Returns out (like q, dtype of q) or (out, lse).
     """
@@ -91,14 +96,15 @@ def attention(q, k, v, *, is_causal=False, window_size=_NO_WINDOW, sinks=None, s
         _arrays.check_gqa(q.shape, k.shape, layout, False, enable_gqa)
         z = _arrays.sinks_arg(_torch._FW, sinks, q)
         out, lse = _torch.attention_call(q, k, v, bool(is_causal), _arrays.scale_arg(scale),
-                                       layout, scheme, path, bool(return_lse), *window, z)
+                                       layout, scheme, path, bool(return_lse), *window, z,
+                                       _arrays.softcap_arg(softcap))
     else:
         fw = _frameworks(q=q, k=k, v=v)
         _arrays.check_gqa(q.shape, k.shape, layout, False, enable_gqa)
         out, lse = _arrays.run_attention(fw, q, k, v, bool(is_causal), window,
                                          _arrays.sinks_arg(fw, sinks, q),
                                          _arrays.scale_arg(scale), layout, scheme, path,
-                                         bool(return_lse))
+                                         bool(return_lse), _arrays.softcap_arg(softcap))
     return (out, lse) if return_lse else out
 
 
@@ -112,7 +118,8 @@ def _max_seqlen(cu, given):
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_kv, max_seqlen_q=None, max_seqlen_kv=None,
                      *, is_causal=False, window_size=_NO_WINDOW, sinks=None, scale=None,
-                     enable_gqa=False, scheme="accurate", return_lse=False, path="auto"):
+                     enable_gqa=False, scheme="accurate", return_lse=False, path="auto",
+                     softcap=None):
     """Attention over packed variable-length sequences (as flash_attn_varlen_func).
 
     q: [Tq, Hq, D], k and v: [Tkv, Hkv, D] (all sequences concatenated), float16/bfloat16.
@@ -120,8 +127,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_kv, max_seqlen_q=None, ma
         (sequence i is rows cu[i]:cu[i+1]; empty sequences allowed).
     max_seqlen_q, max_seqlen_kv: the longest sequence of each; None reads them from cu_seqlens
         (a device-to-host copy for GPU arrays: pass them under torch.compile or graph capture).
-    Other arguments as in attention() (causal and window per sequence; sinks per query head, as
-    there). LSE is float32 [Hq, Tq].
+    Other arguments as in attention() (causal and window per sequence; sinks per query head and
+    softcap as there). LSE is float32 [Hq, Tq].
     """
     if not _is_torch(q):
         _frameworks(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_kv=cu_seqlens_kv)
@@ -135,11 +142,12 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_kv, max_seqlen_q=None, ma
     if _is_torch(q):
         out, lse = _torch.attention_varlen_call(q, k, v, cu_seqlens_q, cu_seqlens_kv, max_q, max_kv,
                                               bool(is_causal), s, scheme, path, bool(return_lse),
-                                              *window, z)
+                                              *window, z, _arrays.softcap_arg(softcap))
     else:
         out, lse = _arrays.run_attention_varlen(fw, q, k, v, cu_seqlens_q, cu_seqlens_kv, max_q,
                                                 max_kv, bool(is_causal), window, z, s, scheme,
-                                                path, bool(return_lse))
+                                                path, bool(return_lse),
+                                                _arrays.softcap_arg(softcap))
     return (out, lse) if return_lse else out
 
 
@@ -218,7 +226,7 @@ def quantize(q, k, v, *, cu_seqlens_q=None, cu_seqlens_kv=None, layout="BHSD",
 def attention_int8(qkv, *, cu_seqlens_q=None, cu_seqlens_kv=None, max_seqlen_q=None,
                    max_seqlen_kv=None, is_causal=False, window_size=_NO_WINDOW, sinks=None,
                    scale=None, out_dtype=None, return_lse=False, path="auto", seqused_kv=None,
-                   block_table=None):
+                   block_table=None, softcap=None):
     """Attention on pre-quantized inputs (a QuantizedQKV from quantize(), or built by hand).
 
     cu_seqlens_q/kv, max_seqlen_q/kv: varlen only; default to those stored in qkv (and the
@@ -236,6 +244,9 @@ def attention_int8(qkv, *, cu_seqlens_q=None, cu_seqlens_kv=None, max_seqlen_q=N
         half) qkv.lse_offset must be defined (quantize() and quantize_q() with k_mean write it;
         KVCache's do): the smoothed scores are shifted by it and the sink is not, else a
         ValueError naming qkv.lse_offset.
+    softcap: as in attention(); with accurate (or half) qkv.lse_offset must be defined too (the
+        K-mean term enters the tanh), else a ValueError naming qkv.lse_offset. Contiguous
+        caches only on the GPU (paged: RuntimeError).
     out_dtype: float16, bfloat16 or float32 (a dtype or its name); default: qkv.dtype, else
         float16. Other arguments as in attention(). Returns out like q8, or (out, lse).
     """
@@ -265,7 +276,8 @@ def attention_int8(qkv, *, cu_seqlens_q=None, cu_seqlens_kv=None, max_seqlen_q=N
         out, lse = _torch.attention_int8_call(
             qkv.q8, qkv.q_scale, qkv.lse_offset, qkv.k8, qkv.k_scale, qkv.k_mean, qkv.vt8,
             qkv.v_scale, qkv.v, cu_q, cu_kv, max_q, max_kv, qkv.scheme, qkv.layout,
-            bool(is_causal), s, out_dtype, bool(return_lse), path, used, table, *window, z)
+            bool(is_causal), s, out_dtype, bool(return_lse), path, used, table, *window, z,
+            _arrays.softcap_arg(softcap))
     else:
         parts = {n: getattr(qkv, n) for n in _arrays.PART_NAMES + ("v",)}
         parts["seqused_kv"] = used
@@ -275,7 +287,7 @@ def attention_int8(qkv, *, cu_seqlens_q=None, cu_seqlens_kv=None, max_seqlen_q=N
                                               max_q, max_kv, bool(is_causal), window,
                                               _arrays.sinks_arg(fw, sinks, qkv.q8), s,
                                               _arrays.dtype_name(out_dtype), bool(return_lse),
-                                              path)
+                                              path, _arrays.softcap_arg(softcap))
     return (out, lse) if return_lse else out
 
 
@@ -1076,10 +1088,10 @@ def _cache_dims(layout, tokens):
 
 
 def attention_reference(q, k, v, *, is_causal=False, window_size=_NO_WINDOW, sinks=None,
-                        scale=None, layout="BHSD", return_lse=False):
+                        scale=None, layout="BHSD", return_lse=False, softcap=None):
     """Exact attention in float64 on the CPU (intfa's accuracy oracle), for host arrays of any
-    float dtype (NumPy or torch CPU). GQA is allowed; is_causal, window_size and sinks as in
-    attention() (the sink logits are read as float32). Returns float64 out (and float64
+    float dtype (NumPy or torch CPU). GQA is allowed; is_causal, window_size, sinks and softcap
+    as in attention() (the sink logits are read as float32). Returns float64 out (and float64
     LSE)."""
     window = _arrays.window_arg(window_size)
     fw = _frameworks(q=q, k=k, v=v)
@@ -1089,7 +1101,7 @@ def attention_reference(q, k, v, *, is_causal=False, window_size=_NO_WINDOW, sin
     lse = fw.empty(rows, "float64", q) if rows else None
     _lib.attention_reference(fw.arg(q), fw.arg(k), fw.arg(v), fw.arg(out), fw.arg(lse),
                              bool(is_causal), window[0], window[1], fw.arg(z),
-                             _arrays.scale_arg(scale), layout)
+                             _arrays.scale_arg(scale), layout, _arrays.softcap_arg(softcap))
     return (out, lse) if return_lse else out
 
 
@@ -1161,14 +1173,11 @@ def sdpa_supported(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
                                  enable_gqa)
 
 
-def _flash_attn_args(dropout_p, softcap, alibi_slopes, causal, window_size, block_table=None):
+def _flash_attn_args(dropout_p, alibi_slopes, causal, window_size, block_table=None):
     """FlashAttention-2's arguments that intfa does not take, refused by name; the window as
     FlashAttention reads it (causal sets its right edge to 0)."""
     if dropout_p != 0.0:
         raise ValueError(f"dropout_p: intfa computes inference attention, expected 0.0, got {dropout_p}")
-    if softcap != 0.0:
-        raise NotImplementedError(f"softcap: logit soft-capping is not built in intfa (expected 0.0, "
-                                  f"got {softcap})")
     if alibi_slopes is not None:
         raise NotImplementedError("alibi_slopes: ALiBi is not built in intfa (expected None)")
     if block_table is not None:
@@ -1191,15 +1200,16 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     (like q), or with return_attn_probs (out, softmax_lse, None): softmax_lse float32 (batch,
     nheads, seqlen_q); intfa never forms the probabilities, so the third item is None.
     deterministic is accepted and has no effect (the forward pass is deterministic). dropout_p
-    must be 0; softcap and alibi_slopes are not built (NotImplementedError). learnable_sink
+    must be 0; alibi_slopes is not built (NotImplementedError). softcap > 0 caps the scaled
+    scores at softcap * tanh(s / softcap) (attention()'s softcap). learnable_sink
     (keyword; FlashAttention 4's name): one sink logit per query head, (nheads,), any float
     dtype, attention()'s sinks (softmax_lse then includes the sink, as FlashAttention 4's).
     scheme and path are intfa's (attention()).
     """
-    window = _flash_attn_args(dropout_p, softcap, alibi_slopes, causal, window_size)
+    window = _flash_attn_args(dropout_p, alibi_slopes, causal, window_size)
     r = attention(q, k, v, is_causal=causal, window_size=window, sinks=learnable_sink,
                   scale=softmax_scale, enable_gqa=True, layout="BSHD", scheme=scheme,
-                  return_lse=bool(return_attn_probs), path=path)
+                  return_lse=bool(return_attn_probs), path=path, softcap=softcap)
     return (r[0], r[1], None) if return_attn_probs else r
 
 
@@ -1215,12 +1225,50 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     (nheads, total_q). block_table (fp16/bf16 pages) is not taken: intfa's paged caches are INT8
     (PagedKVCache). Otherwise (learnable_sink included) as flash_attn_func.
     """
-    window = _flash_attn_args(dropout_p, softcap, alibi_slopes, causal, window_size, block_table)
+    window = _flash_attn_args(dropout_p, alibi_slopes, causal, window_size, block_table)
     r = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                          is_causal=causal, window_size=window, sinks=learnable_sink,
                          scale=softmax_scale, enable_gqa=True, scheme=scheme,
-                         return_lse=bool(return_attn_probs), path=path)
+                         return_lse=bool(return_attn_probs), path=path, softcap=softcap)
     return (r[0], r[1], None) if return_attn_probs else r
+
+
+def _packed_rows(query, key, attention_mask, kwargs):
+    """The sequences of a padding-free packed batch (transformers' DataCollatorWithFlattening and
+    the like) as (cu_q, cu_k, max_q, max_k) over the batch's flattened tokens, or None for an
+    ordinary batch. transformers passes them as cu_seq_lens_q / cu_seq_lens_k (with
+    max_length_q / max_length_k), or only as position_ids that restart at 0 where a sequence
+    starts; its flash path reads both the same way (position_ids only for one row of queries
+    and keys alike, no cache). A padded batch's 2D mask takes precedence, as there."""
+    torch = _torch.torch
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if attention_mask is None and (cu_q is not None or cu_k is not None):
+        if cu_q is None or cu_k is None:
+            missing = "cu_seq_lens_k" if cu_k is None else "cu_seq_lens_q"
+            raise ValueError(f"transformers_attention: {missing}: packed sequences need both "
+                             f"cu_seq_lens_q and cu_seq_lens_k, got only one")
+        cu_q, cu_k = (c.to(device=query.device, dtype=torch.int32) for c in (cu_q, cu_k))
+        max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
+        return (cu_q, cu_k, None if max_q is None else int(max_q),
+                None if max_k is None else int(max_k))
+    pos = kwargs.get("position_ids")
+    if (attention_mask is not None or pos is None or not hasattr(pos, "dim") or pos.dim() != 2
+            or query.shape[0] != 1 or pos.shape != (1, query.shape[2])):
+        return None  # (3D position ids are M-RoPE's, not a packing)
+    pos = pos[0].to(query.device)
+    if bool((pos == torch.arange(pos.shape[0], device=pos.device) + pos[0]).all()):
+        return None  # one sequence (positions may start past 0 over a cache)
+    if key.shape[2] != query.shape[2]:
+        raise NotImplementedError(
+            f"transformers_attention: position_ids: restarting positions pack several sequences "
+            f"in one row; over a cache of other keys (queries {query.shape[2]}, keys "
+            f"{key.shape[2]}) that is not taken: expected as many keys as queries")
+    starts = (pos == 0).nonzero().view(-1)
+    if starts.numel() == 0 or int(starts[0]) != 0:
+        starts = torch.cat([starts.new_zeros(1), starts])
+    cu = torch.cat([starts, starts.new_tensor([pos.shape[0]])]).to(torch.int32)
+    longest = int(cu.diff().max())
+    return cu, cu, longest, longest
 
 
 def transformers_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -1240,26 +1288,19 @@ def transformers_attention(module, query, key, value, attention_mask, scaling=No
     gives for a batch without padding), or a padded batch's 2D mask [B, L] (True / 1: a token),
     which runs as attention_varlen over the tokens alone (queries: the last Sq columns; each
     sequence causal against its own count, as transformers' flash path unpads), padded query
-    rows giving zeros; a custom 4D mask is a NotImplementedError, as are dropout > 0 (intfa has no
-    backward pass), logit soft-capping (kwarg softcap, Gemma 2's attn_logit_softcapping: not
-    built; ignoring it would change every score) and padding-free packed rows (kwargs
-    cu_seq_lens_q / cu_seq_lens_k)."""
+    rows giving zeros. Padding-free packed batches (one row of queries holding many sequences,
+    transformers' DataCollatorWithFlattening) run as attention_varlen with each sequence causal
+    against its own keys, as transformers' flash path runs them: from kwargs cu_seq_lens_q /
+    cu_seq_lens_k (and max_length_q / max_length_k) when given, else from position_ids that
+    restart at 0 where a sequence starts (one row, as many keys as queries). Logit soft-capping
+    (kwarg softcap, Gemma 2's attn_logit_softcapping) is attention()'s softcap. A custom 4D mask
+    is a NotImplementedError, as is dropout > 0 (intfa has no backward pass)."""
     _need_torch("transformers_attention")
     torch = _torch.torch
     if dropout:
         raise NotImplementedError(f"transformers_attention: dropout: intfa computes inference "
                                   f"attention (no backward pass), expected 0.0, got {dropout}")
     softcap = kwargs.get("softcap")
-    if softcap:
-        raise NotImplementedError(f"transformers_attention: softcap: logit soft-capping is not built "
-                                  f"in intfa (expected None or 0.0, got {softcap}); load the model "
-                                  f"with another attn_implementation")
-    for name in ("cu_seq_lens_q", "cu_seq_lens_k"):
-        if kwargs.get(name) is not None:  # padding-free packing: one row holding many sequences
-            raise NotImplementedError(
-                f"transformers_attention: {name}: packed sequences in one row are not taken "
-                f"(expected None); pass a padded batch with its 2D attention_mask, or call "
-                f"intfa.attention_varlen")
     if attention_mask is not None and attention_mask.dim() != 2:
         raise NotImplementedError(
             f"transformers_attention: attention_mask: expected None or a padded batch's 2D mask "
@@ -1274,9 +1315,21 @@ def transformers_attention(module, query, key, value, attention_mask, scaling=No
     dtype = query.dtype
     if dtype not in (torch.float16, torch.bfloat16):
         query, key, value = (x.to(torch.bfloat16) for x in (query, key, value))
+    packed = _packed_rows(query, key, attention_mask, kwargs)
+    if packed is not None:
+        # Padding-free packing: the batch's rows are one token stream holding many sequences,
+        # each causal against its own keys only (as transformers' flash path runs them).
+        cu_q, cu_k, max_q, max_k = packed
+        b, hq, sq, d = query.shape
+        q_t, k_t, v_t = (x.transpose(1, 2).reshape(-1, x.shape[1], d) for x in (query, key, value))
+        out = attention_varlen(q_t, k_t, v_t, cu_q, cu_k, max_q, max_k, is_causal=bool(causal),
+                               window_size=window, sinks=s_aux, scale=scaling, enable_gqa=True,
+                               scheme=scheme, path=path, softcap=softcap)
+        return out.view(b, sq, hq, d).to(dtype), None
     if attention_mask is None:
         out = attention(query, key, value, is_causal=bool(causal), window_size=window, sinks=s_aux,
-                        scale=scaling, enable_gqa=True, scheme=scheme, path=path)
+                        scale=scaling, enable_gqa=True, scheme=scheme, path=path,
+                        softcap=softcap)
         return out.transpose(1, 2).to(dtype), None
     # A padded batch: its tokens packed (THD), sequence b's keys where mask[b] holds (a static
     # cache's K / V may run past the mask: cut to it), its queries where the last Sq columns do.
@@ -1289,7 +1342,8 @@ def transformers_attention(module, query, key, value, attention_mask, scaling=No
     cu_q, cu_k = (torch.nn.functional.pad(c.cumsum(0, dtype=torch.int32), (1, 0)) for c in (counts_q, counts_k))
     packed = attention_varlen(q_t, k_t, v_t, cu_q, cu_k, int(counts_q.max()), int(counts_k.max()),
                               is_causal=bool(causal), window_size=window, sinks=s_aux,
-                              scale=scaling, enable_gqa=True, scheme=scheme, path=path)
+                              scale=scaling, enable_gqa=True, scheme=scheme, path=path,
+                              softcap=softcap)
     out = packed.new_zeros(b, sq, *packed.shape[1:])
     out[qmask] = packed
     return out.to(dtype), None

@@ -86,6 +86,17 @@ def scale_arg(scale):
     return scale
 
 
+def softcap_arg(softcap):
+    """None -> 0.0 (no soft-capping); a number as a float (the C++ layer checks its range and
+    names softcap)."""
+    if softcap is None:
+        return 0.0
+    try:
+        return float(softcap)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"softcap: expected a number or None, got {softcap!r}") from e
+
+
 # window_size=(-1, -1): no window (FlashAttention's default). The entry points take this object
 # as their default, which window_arg() passes on without looking inside.
 NO_WINDOW = (-1, -1)
@@ -433,8 +444,10 @@ def _num_sequences(cu):
     return cu.shape[0] - 1 if cu is not None and len(cu.shape) == 1 else 0
 
 
-def run_attention(fw, q, k, v, causal, window, sinks, scale, layout, scheme, path, return_lse):
-    """sinks: None, or what sinks_arg() gives (float32 [Hq] on q's device)."""
+def run_attention(fw, q, k, v, causal, window, sinks, scale, layout, scheme, path, return_lse,
+                  softcap=0.0):
+    """sinks: None, or what sinks_arg() gives (float32 [Hq] on q's device); softcap: what
+    softcap_arg() gives."""
     out = fw.out_like(q)
     rows = rows_shape(q.shape, layout, False) if return_lse else None
     lse = fw.empty(rows, "float32", q) if rows else None
@@ -442,12 +455,12 @@ def run_attention(fw, q, k, v, causal, window, sinks, scale, layout, scheme, pat
     with fw.device(q):
         lib.attention(fw.arg(q), fw.arg(k), fw.arg(v), fw.arg(out), fw.arg(lse), causal,
                       window[0], window[1], fw.arg(sinks), scale, layout, scheme, "auto", path,
-                      64, fw.stream(q), ws)
+                      64, fw.stream(q), ws, softcap)
     return out, lse
 
 
 def run_attention_varlen(fw, q, k, v, cu_q, cu_kv, max_q, max_kv, causal, window, sinks, scale,
-                         scheme, path, return_lse):
+                         scheme, path, return_lse, softcap=0.0):
     out = fw.out_like(q)
     rows = rows_shape(q.shape, "BHSD", True) if return_lse else None
     lse = fw.empty(rows, "float32", q) if rows else None
@@ -456,7 +469,7 @@ def run_attention_varlen(fw, q, k, v, cu_q, cu_kv, max_q, max_kv, causal, window
         lib.attention_varlen(fw.arg(q), fw.arg(k), fw.arg(v), fw.arg(cu_q), fw.arg(cu_kv),
                              max_q, max_kv, fw.arg(out), fw.arg(lse), causal, window[0],
                              window[1], fw.arg(sinks), scale, scheme, "auto", path, 64,
-                             fw.stream(q), ws)
+                             fw.stream(q), ws, softcap)
     return out, lse
 
 
@@ -568,7 +581,7 @@ def run_append_kv(fw, k_new, v_new, pos, cache_parts, scheme, cache_layout, layo
 
 
 def run_attention_int8(fw, parts, scheme, layout, cu_q, cu_kv, max_q, max_kv, causal, window,
-                       sinks, scale, out_dtype, return_lse, path):
+                       sinks, scale, out_dtype, return_lse, path, softcap=0.0):
     q8 = parts["q8"]
     varlen = cu_q is not None or cu_kv is not None
     out = fw.empty(q8.shape, out_dtype, q8)
@@ -578,5 +591,5 @@ def run_attention_int8(fw, parts, scheme, layout, cu_q, cu_kv, max_q, max_kv, ca
         lib.attention_int8({n: fw.arg(a) for n, a in parts.items()}, scheme, layout,
                            fw.arg(cu_q), fw.arg(cu_kv), max_q, max_kv, fw.arg(out), fw.arg(lse),
                            causal, window[0], window[1], fw.arg(sinks), scale, "auto", path,
-                           64, fw.stream(q8))
+                           64, fw.stream(q8), softcap)
     return out, lse

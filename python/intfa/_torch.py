@@ -32,18 +32,19 @@ def _fake_lse(q, layout, varlen, return_lse):
 
 # The sliding window (window_size) travels as two ints in the attention ops, then the attention
 # sinks as an optional tensor (float32 [Hq] on q's device; the public functions convert them),
-# all last with defaults, so that calls written for the ops without them stay valid.
+# then the soft-capping value, all last with defaults, so that calls written for the ops without
+# them stay valid.
 def _attention_impl(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float, layout: str,
                     scheme: str, path: str, return_lse: bool, window_left: int = -1,
-                    window_right: int = -1,
-                    sinks: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                    window_right: int = -1, sinks: Optional[Tensor] = None,
+                    softcap: float = 0.0) -> Tuple[Tensor, Tensor]:
     out, lse = _arrays.run_attention(_FW, q, k, v, is_causal, (window_left, window_right), sinks,
-                                     scale, layout, scheme, path, return_lse)
+                                     scale, layout, scheme, path, return_lse, softcap)
     return out, _lse_or_empty(lse, q)
 
 
 def _attention_fake(q, k, v, is_causal, scale, layout, scheme, path, return_lse, window_left=-1,
-                    window_right=-1, sinks=None):
+                    window_right=-1, sinks=None, softcap=0.0):
     return _FW.out_like(q), _fake_lse(q, layout, False, return_lse)
 
 
@@ -51,17 +52,18 @@ def _attention_varlen_impl(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
                            cu_seqlens_kv: Tensor, max_seqlen_q: int, max_seqlen_kv: int,
                            is_causal: bool, scale: float, scheme: str, path: str,
                            return_lse: bool, window_left: int = -1, window_right: int = -1,
-                           sinks: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                           sinks: Optional[Tensor] = None,
+                           softcap: float = 0.0) -> Tuple[Tensor, Tensor]:
     out, lse = _arrays.run_attention_varlen(_FW, q, k, v, cu_seqlens_q, cu_seqlens_kv,
                                             max_seqlen_q, max_seqlen_kv, is_causal,
                                             (window_left, window_right), sinks, scale, scheme,
-                                            path, return_lse)
+                                            path, return_lse, softcap)
     return out, _lse_or_empty(lse, q)
 
 
 def _attention_varlen_fake(q, k, v, cu_seqlens_q, cu_seqlens_kv, max_seqlen_q, max_seqlen_kv,
                            is_causal, scale, scheme, path, return_lse, window_left=-1,
-                           window_right=-1, sinks=None):
+                           window_right=-1, sinks=None, softcap=0.0):
     return _FW.out_like(q), _fake_lse(q, "BHSD", True, return_lse)
 
 
@@ -93,22 +95,24 @@ def _attention_int8_impl(q8: Tensor, q_scale: Tensor, lse_offset: Optional[Tenso
                          is_causal: bool, scale: float, out_dtype: torch.dtype, return_lse: bool,
                          path: str, seqused_kv: Optional[Tensor] = None,
                          block_table: Optional[Tensor] = None, window_left: int = -1,
-                         window_right: int = -1,
-                         sinks: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                         window_right: int = -1, sinks: Optional[Tensor] = None,
+                         softcap: float = 0.0) -> Tuple[Tensor, Tensor]:
     parts = dict(q8=q8, q_scale=q_scale, lse_offset=lse_offset, k8=k8, k_scale=k_scale,
                  k_mean=k_mean, vt8=vt8, v_scale=v_scale, v=v, seqused_kv=seqused_kv,
                  block_table=block_table)
     out, lse = _arrays.run_attention_int8(_FW, parts, scheme, layout, cu_seqlens_q,
                                           cu_seqlens_kv, max_seqlen_q, max_seqlen_kv, is_causal,
                                           (window_left, window_right), sinks, scale,
-                                          _arrays.dtype_name(out_dtype), return_lse, path)
+                                          _arrays.dtype_name(out_dtype), return_lse, path,
+                                          softcap)
     return out, _lse_or_empty(lse, q8)
 
 
 def _attention_int8_fake(q8, q_scale, lse_offset, k8, k_scale, k_mean, vt8, v_scale, v,
                          cu_seqlens_q, cu_seqlens_kv, max_seqlen_q, max_seqlen_kv, scheme, layout,
                          is_causal, scale, out_dtype, return_lse, path, seqused_kv=None,
-                         block_table=None, window_left=-1, window_right=-1, sinks=None):
+                         block_table=None, window_left=-1, window_right=-1, sinks=None,
+                         softcap=0.0):
     varlen = cu_seqlens_q is not None or cu_seqlens_kv is not None
     out = q8.new_empty(q8.shape, dtype=out_dtype)
     return out, _fake_lse(q8, layout, varlen, return_lse)

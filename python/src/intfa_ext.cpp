@@ -334,12 +334,13 @@ nb::object attention(nb::handle q, nb::handle k, nb::handle v, nb::handle out, n
                      bool causal, int window_left, int window_right, nb::handle sinks,
                      double scale, const std::string& layout, const std::string& scheme,
                      const std::string& backend, const std::string& path, int block_n,
-                     uintptr_t stream, nb::handle workspace) {
+                     uintptr_t stream, nb::handle workspace, double softcap) {
   Views views;
   intfa::Options o;
   Tensor tq, tk, tv, to, tl;
   INTFA_PY_TRY(make_options(causal, window_left, window_right, scale, layout, scheme, backend,
                             path, block_n, stream, &o, &views, sinks));
+  o.softcap = static_cast<float>(softcap);
   INTFA_PY_TRY(input(q, "q", views, &tq));
   INTFA_PY_TRY(input(k, "k", views, &tk));
   INTFA_PY_TRY(input(v, "v", views, &tv));
@@ -354,12 +355,13 @@ nb::object attention_varlen(nb::handle q, nb::handle k, nb::handle v, nb::handle
                             nb::handle lse, bool causal, int window_left, int window_right,
                             nb::handle sinks, double scale, const std::string& scheme,
                             const std::string& backend, const std::string& path, int block_n,
-                            uintptr_t stream, nb::handle workspace) {
+                            uintptr_t stream, nb::handle workspace, double softcap) {
   Views views;
   intfa::Options o;
   Tensor tq, tk, tv, tcq, tckv, to, tl;
   INTFA_PY_TRY(make_options(causal, window_left, window_right, scale, "BHSD", scheme, backend,
                             path, block_n, stream, &o, &views, sinks));
+  o.softcap = static_cast<float>(softcap);
   INTFA_PY_TRY(input(q, "q", views, &tq));
   INTFA_PY_TRY(input(k, "k", views, &tk));
   INTFA_PY_TRY(input(v, "v", views, &tv));
@@ -423,13 +425,14 @@ nb::object attention_int8(nb::dict parts, const std::string& scheme, const std::
                           nb::handle out, nb::handle lse, bool causal, int window_left,
                           int window_right, nb::handle sinks, double scale,
                           const std::string& backend, const std::string& path, int block_n,
-                          uintptr_t stream) {
+                          uintptr_t stream, double softcap) {
   Views views;
   intfa::Options o;
   Tensor tcq, tckv, to, tl;
   intfa::QuantizedQKV x;
   INTFA_PY_TRY(make_options(causal, window_left, window_right, scale, layout, scheme, backend,
                             path, block_n, stream, &o, &views, sinks));
+  o.softcap = static_cast<float>(softcap);
   INTFA_PY_TRY(quantized_from(parts, scheme, layout, false, views, &x));
   INTFA_PY_TRY(input(cu_q, "cu_seqlens_q", views, &tcq));
   INTFA_PY_TRY(input(cu_kv, "cu_seqlens_kv", views, &tckv));
@@ -610,12 +613,14 @@ nb::object kv_attention(nb::handle q, nb::handle scratch, bool with_offset, nb::
 
 nb::object attention_reference(nb::handle q, nb::handle k, nb::handle v, nb::handle out,
                                nb::handle lse, bool causal, int window_left, int window_right,
-                               nb::handle sinks, double scale, const std::string& layout) {
+                               nb::handle sinks, double scale, const std::string& layout,
+                               double softcap) {
   Views views;
   intfa::Options o;
   Tensor tq, tk, tv, to, tl;
   INTFA_PY_TRY(make_options(causal, window_left, window_right, scale, layout, "accurate", "cpu",
                             "auto", 64, 0, &o, &views, sinks));
+  o.softcap = static_cast<float>(softcap);
   INTFA_PY_TRY(input(q, "q", views, &tq));
   INTFA_PY_TRY(input(k, "k", views, &tk));
   INTFA_PY_TRY(input(v, "v", views, &tv));
@@ -734,13 +739,14 @@ NB_MODULE(_C, m) {
         nb::arg("lse").none(), nb::arg("causal"), nb::arg("window_left"),
         nb::arg("window_right"), nb::arg("sinks").none(), nb::arg("scale"), nb::arg("layout"),
         nb::arg("scheme"), nb::arg("backend"), nb::arg("path"), nb::arg("block_n"),
-        nb::arg("stream"), nb::arg("workspace").none());
+        nb::arg("stream"), nb::arg("workspace").none(), nb::arg("softcap") = 0.0);
   m.def("attention_varlen", &attention_varlen, nb::arg("q"), nb::arg("k"), nb::arg("v"),
         nb::arg("cu_seqlens_q"), nb::arg("cu_seqlens_kv"), nb::arg("max_seqlen_q"),
         nb::arg("max_seqlen_kv"), nb::arg("out"), nb::arg("lse").none(), nb::arg("causal"),
         nb::arg("window_left"), nb::arg("window_right"), nb::arg("sinks").none(),
         nb::arg("scale"), nb::arg("scheme"), nb::arg("backend"), nb::arg("path"),
-        nb::arg("block_n"), nb::arg("stream"), nb::arg("workspace").none());
+        nb::arg("block_n"), nb::arg("stream"), nb::arg("workspace").none(),
+        nb::arg("softcap") = 0.0);
   m.def("quantize", &quantize, nb::arg("q"), nb::arg("k"), nb::arg("v"),
         nb::arg("cu_seqlens_q").none(), nb::arg("cu_seqlens_kv").none(), nb::arg("parts"),
         nb::arg("layout"), nb::arg("scheme"), nb::arg("backend"), nb::arg("stream"));
@@ -749,7 +755,7 @@ NB_MODULE(_C, m) {
         nb::arg("max_seqlen_q"), nb::arg("max_seqlen_kv"), nb::arg("out"),
         nb::arg("lse").none(), nb::arg("causal"), nb::arg("window_left"),
         nb::arg("window_right"), nb::arg("sinks").none(), nb::arg("scale"), nb::arg("backend"),
-        nb::arg("path"), nb::arg("block_n"), nb::arg("stream"));
+        nb::arg("path"), nb::arg("block_n"), nb::arg("stream"), nb::arg("softcap") = 0.0);
   m.def("quantize_q", &quantize_q, nb::arg("q"), nb::arg("k_mean").none(), nb::arg("parts"),
         nb::arg("scale"), nb::arg("layout"), nb::arg("scheme"), nb::arg("backend"),
         nb::arg("stream"));
@@ -765,7 +771,8 @@ NB_MODULE(_C, m) {
         nb::arg("stream"));
   m.def("attention_reference", &attention_reference, nb::arg("q"), nb::arg("k"), nb::arg("v"),
         nb::arg("out"), nb::arg("lse").none(), nb::arg("causal"), nb::arg("window_left"),
-        nb::arg("window_right"), nb::arg("sinks").none(), nb::arg("scale"), nb::arg("layout"));
+        nb::arg("window_right"), nb::arg("sinks").none(), nb::arg("scale"), nb::arg("layout"),
+        nb::arg("softcap") = 0.0);
   m.def("quantized_bytes", &quantized_bytes, nb::arg("batch"), nb::arg("heads_q"),
         nb::arg("heads_kv"), nb::arg("seqlen_q"), nb::arg("seqlen_kv"), nb::arg("head_dim"),
         nb::arg("scheme"), nb::arg("varlen"), nb::arg("total_q"), nb::arg("total_kv"));

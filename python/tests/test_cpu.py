@@ -1798,3 +1798,81 @@ def test_paged_kv_cache_shared_prefix_pages():
         growing.share_prefix(2, 0, 16)
     with pytest.raises(ValueError, match="v_headroom: expected None or a number >= 1"):
         intfa.PagedKVCache(k, v, 24, page_size=page, v_headroom=0.5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Logit soft-capping (softcap=)
+# ------------------------------------------------------------------------------------------------
+def test_softcap_reference_is_the_capped_softmax():
+    # Gemma 2's attention written out: scores scale q.k, capped at softcap * tanh(s / softcap),
+    # softmax over the visible keys. The float64 oracle gives that output and LSE.
+    rng = np.random.default_rng(96)
+    q, k, v = qkv(rng, 1, 4, 2, 5, 7, 16)
+    q *= 4  # scores of several units, so a cap of 1.5 moves them
+    out, lse = intfa.attention_reference(q, k, v, is_causal=True, softcap=1.5, return_lse=True)
+    qd, kd, vd = (x.astype(np.float64) for x in (q, k, v))
+    for h in range(4):
+        for i in range(5):
+            keys = range(i + 7 - 5 + 1)  # causal, bottom-right
+            scores = np.array([1.5 * np.tanh(qd[0, h, i] @ kd[0, h // 2, j] / 4.0 / 1.5)
+                               for j in keys])
+            e = np.exp(scores - scores.max())
+            want = sum(p * vd[0, h // 2, j] for p, j in zip(e / e.sum(), keys))
+            np.testing.assert_allclose(out[0, h, i], want, rtol=0, atol=1e-12)
+            np.testing.assert_allclose(lse[0, h, i], scores.max() + np.log(e.sum()), rtol=0,
+                                       atol=1e-12)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_softcap_attention_within_scheme_error(scheme):
+    # attention / attention_varlen with softcap against the float64 oracle with it, within the
+    # scheme's error (GQA, both layouts, causal and a window), and far from the uncapped call;
+    # K with a per-channel offset (the smoothed schemes must put the K-mean term back before the
+    # tanh). attention_int8 of quantize() gives attention's bits; attention_varlen each
+    # sequence's attention() bits (sequences without keys: zeros).
+    rng = np.random.default_rng(97)
+    for layout in ("BHSD", "BSHD"):
+        q, k, v = qkv(rng, 2, 8, 2, 70, 90, 64, layout)
+        q *= 3
+        if scheme != "paper":  # a per-channel offset (paper's own error grows with it)
+            k += np.float16(2.0) * rng.standard_normal(64).astype(np.float16)
+        for window in ((-1, -1), (20, 0)):
+            kw = dict(is_causal=True, window_size=window, layout=layout, return_lse=True)
+            ref, ref_lse = intfa.attention_reference(q, k, v, softcap=5.0, **kw)
+            out, lse = intfa.attention(q, k, v, enable_gqa=True, scheme=scheme, softcap=5.0, **kw)
+            plain = intfa.attention(q, k, v, enable_gqa=True, scheme=scheme, **kw)[0]
+            err = rel_l2(out, ref)
+            assert err < TOL[scheme]
+            assert rel_l2(plain, ref) > max(0.1, 4 * err)
+            # (scores three times the window tests' and an offset K: twice their LSE bound)
+            np.testing.assert_allclose(lse, ref_lse, atol=2 * WINDOW_LSE_TOL[scheme])
+            x = intfa.quantize(q, k, v, layout=layout, scheme=scheme)
+            del kw["layout"]
+            for got, want in zip(intfa.attention_int8(x, softcap=5.0, **kw), (out, lse)):
+                exact(got, want)
+    qp, kp, vp, cu_q, cu_kv = packed(rng, [5, 0, 30, 4], [9, 3, 20, 0], 8, 2, 64)
+    kw = dict(is_causal=True, enable_gqa=True, return_lse=True)
+    out, lse = intfa.attention_varlen(qp * 3, kp, vp, cu_q, cu_kv, scheme=scheme, softcap=2.0, **kw)
+    for q0, q1, k0, k1 in zip(cu_q[:-1], cu_q[1:], cu_kv[:-1], cu_kv[1:]):
+        if q1 == q0 or k1 == k0:
+            assert np.all(out[q0:q1] == 0)
+            continue
+        one = [x[None].transpose(0, 2, 1, 3) for x in (qp[q0:q1] * 3, kp[k0:k1], vp[k0:k1])]
+        want, want_lse = intfa.attention(*one, scheme=scheme, softcap=2.0, **kw)
+        exact(out[q0:q1], want[0].transpose(1, 0, 2))
+        exact(lse[:, q0:q1], want_lse[0])
+
+
+def test_softcap_errors():
+    rng = np.random.default_rng(98)
+    q, k, v = qkv(rng, 1, 2, 2, 8, 8, 32)
+    for bad in (-1.0, float("nan"), float("inf")):
+        for call in (intfa.attention, intfa.attention_reference):
+            with pytest.raises(ValueError, match=r"^softcap: expected a finite value >= 0 "
+                                                 r"\(0: no soft-capping\), got"):
+                call(q, k, v, softcap=bad)
+    with pytest.raises(TypeError, match=r"softcap: expected a number or None, got 'x'"):
+        intfa.attention(q, k, v, softcap="x")
+    x = intfa.quantize(q, k, v)
+    with pytest.raises(ValueError, match=r"^qkv.lse_offset: softcap with scheme accurate needs it"):
+        intfa.attention_int8(x._replace(lse_offset=None), softcap=5.0)

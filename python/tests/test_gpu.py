@@ -17,7 +17,8 @@ from paged import drop_pages, page_copy, paged_vs_ragged  # noqa: E402
 from ragged import (Sequence, check_parts, in_layout, ragged_inputs,  # noqa: E402
                     ragged_vs_separate, seq_view)
 from reference import rel_l2  # noqa: E402
-from tiny_models import check_greedy_steps, left_padded, rel, tiny_gpt_oss  # noqa: E402
+from tiny_models import (check_greedy_steps, check_packed_prompts, left_padded, rel,  # noqa: E402
+                         tiny_gpt_oss)
 
 TOL = {"accurate": 3e-2, "paper": 6e-2}
 F = torch.nn.functional
@@ -1316,3 +1317,47 @@ def test_transformers_gpt_oss_on_the_gpu():
         both = model(batch, attention_mask=mask).logits[:, -1]
         for i, p in enumerate(prompts):
             assert rel(both[i], model(p[None]).logits[0, -1]) < 1e-2, i
+    # Padding-free packing (position_ids restarting per prompt): each prompt as alone.
+    check_packed_prompts(model, [ids[0, :12], ids[1, :7], ids[0, 20:29]])
+
+
+# ------------------------------------------------------------------------------------------------
+# Logit soft-capping
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("d,causal,layout,scheme", [
+    (128, True, "BHSD", "accurate"), (64, False, "BSHD", "accurate"), (256, True, "BHSD", "paper")])
+def test_softcap_on_the_gpu(d, causal, layout, scheme):
+    """softcap (Gemma 2's 50 on scores scaled up to reach it) on sm80 and auto against the CPU
+    backend and float64; a decode step (auto: the sm80 kernel), flash_attn_func and
+    torch.compile give the same bits; sm90 and decode refuse it by name."""
+    q, k, v = make_qkv(2, 8, 2, 300, 300, d, layout, seed=d + causal)
+    q = q * 40  # scores of tens
+    kw = dict(is_causal=causal, enable_gqa=True, layout=layout, scheme=scheme, return_lse=True,
+              softcap=50.0)
+    out_c, lse_c = intfa.attention(q.cpu(), k.cpu(), v.cpu(), **kw)
+    ref = intfa.attention_reference(q.cpu(), k.cpu(), v.cpu(), is_causal=causal, layout=layout,
+                                    softcap=50.0)
+    plain = intfa.attention(q, k, v, is_causal=causal, enable_gqa=True, layout=layout,
+                            scheme=scheme)
+    rows = (lambda out: out) if layout == "BHSD" else (lambda out: out.transpose(1, 2))
+    for path in ("sm80", "auto"):
+        out, lse = intfa.attention(q, k, v, path=path, **kw)
+        _window_vs_cpu(out, lse, out_c, lse_c, rows)
+        err = rel_l2(out.cpu(), ref)
+        assert err < TOL[scheme]
+        assert rel_l2(plain.cpu(), ref) > max(0.1, 4 * err)
+    del kw["return_lse"]
+    compiled = torch.compile(lambda a, b, c: intfa.attention(a, b, c, **kw), fullgraph=True)
+    assert torch.equal(compiled(q, k, v), intfa.attention(q, k, v, **kw))
+    if layout == "BSHD":
+        assert torch.equal(intfa.flash_attn_func(q, k, v, causal=causal, softcap=50.0,
+                                                 scheme=scheme),
+                           intfa.attention(q, k, v, **kw))
+    step = [x[:, :, -1:] if layout == "BHSD" else x[:, -1:] for x in (q,)][0]
+    x = intfa.quantize(step, k, v, layout=layout, scheme=scheme)
+    one = intfa.attention_int8(x, is_causal=causal, softcap=50.0)
+    x_c = intfa.quantize(step.cpu(), k.cpu(), v.cpu(), layout=layout, scheme=scheme)
+    assert rel_l2(one.cpu(), intfa.attention_int8(x_c, is_causal=causal, softcap=50.0)) < 1e-2
+    for path in ["decode"] + (["sm90"] if intfa.resolve_gpu_path() == "sm90" else []):
+        with pytest.raises(RuntimeError, match=f"softcap: not built on the {path} path"):
+            intfa.attention(q, k, v, path=path, **kw)

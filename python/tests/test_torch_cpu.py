@@ -12,7 +12,8 @@ from paged import (check_paged_parts, drop_pages, page_copy, paged_vs_ragged,  #
 from ragged import (Sequence, check_parts, in_layout, ragged_inputs,  # noqa: E402
                     ragged_vs_separate)
 from reference import attention_ref, rel_l2, varlen_ref  # noqa: E402
-from tiny_models import check_greedy_steps, left_padded, rel, tiny_gpt_oss  # noqa: E402
+from tiny_models import (check_greedy_steps, check_packed_prompts, left_padded, rel,  # noqa: E402
+                         tiny_gpt_oss)
 
 
 def rand(*shape, dtype=torch.float16, seed=0):
@@ -717,8 +718,12 @@ def test_flash_attn_func_refuses_what_intfa_does_not_build():
     with pytest.raises(ValueError, match=r"dropout_p: intfa computes inference attention, "
                                          r"expected 0.0, got 0.1"):
         intfa.flash_attn_func(q, q, q, dropout_p=0.1)
-    with pytest.raises(NotImplementedError, match=r"softcap: logit soft-capping is not built"):
-        intfa.flash_attn_func(q, q, q, softcap=30.0)
+    # softcap is built: attention()'s (flash_attn_varlen_func's likewise).
+    assert torch.equal(intfa.flash_attn_func(q, q, q, softcap=0.5, causal=True),
+                       intfa.attention(q, q, q, layout="BSHD", is_causal=True, softcap=0.5))
+    cu8 = torch.tensor([0, 3, 8], dtype=torch.int32)
+    assert torch.equal(intfa.flash_attn_varlen_func(q[0], q[0], q[0], cu8, cu8, 5, 5, softcap=0.5),
+                       intfa.attention_varlen(q[0], q[0], q[0], cu8, cu8, softcap=0.5))
     with pytest.raises(NotImplementedError, match=r"alibi_slopes: ALiBi is not built"):
         intfa.flash_attn_func(q, q, q, alibi_slopes=torch.ones(2))
     cu = torch.tensor([0, 8], dtype=torch.int32)
@@ -923,6 +928,8 @@ def test_transformers_gpt_oss_runs_on_intfa():
             assert torch.equal(both.sequences[i, 12:], alone.sequences[0, len(p):]), i
             for step, x in enumerate(alone.logits):
                 assert rel(both.logits[step][i], x[0]) < 1e-2, (i, step)
+    # Padding-free packing (position_ids restarting per prompt): each prompt as alone.
+    check_packed_prompts(model, [ids[0, :12], ids[1, :7], ids[0, 20:29]])
 
 
 def test_transformers_attention_refusals():
@@ -959,13 +966,60 @@ def test_transformers_attention_refusals():
         assert torch.equal(out[i:i + 1, first:], alone.transpose(1, 2))
     with pytest.raises(NotImplementedError, match=r"dropout: .* expected 0.0, got 0.1"):
         intfa.transformers_attention(Module(), q, k, v, None, dropout=0.1)
-    # Gemma 2 passes its attn_logit_softcapping as softcap: refused, not ignored.
-    with pytest.raises(NotImplementedError, match=r"softcap: .*expected None or 0\.0, got 50\.0"):
-        intfa.transformers_attention(Module(), q, k, v, None, softcap=50.0)
-    with pytest.raises(NotImplementedError, match=r"cu_seq_lens_q: packed sequences in one row"):
-        intfa.transformers_attention(Module(), q, k, v, None, cu_seq_lens_q=torch.tensor([0, 10, 24]))
+    # Gemma 2 passes its attn_logit_softcapping as softcap: attention()'s softcap.
+    capped, _ = intfa.transformers_attention(Module(), q, k, v, None, softcap=5.0)
+    assert torch.equal(capped, intfa.attention(q, k, v, is_causal=True, enable_gqa=True,
+                                               softcap=5.0).transpose(1, 2))
+    assert not torch.equal(capped, out32.to(torch.bfloat16))
     out_none, _ = intfa.transformers_attention(Module(), q, k, v, None, softcap=None)
     assert torch.equal(out_none, out32.to(torch.bfloat16))
+
+
+def test_transformers_attention_packed_rows():
+    # Padding-free packing: one row of 24 tokens holding sequences of 10, 0 and 14 tokens, given
+    # as cu_seq_lens_q / cu_seq_lens_k or as position_ids restarting at 0. Each sequence's rows
+    # are what intfa.attention gives it alone (bit for bit: the same per-sequence quantization);
+    # without the packing the last 14 rows would see the first 10 tokens.
+    class Module:
+        is_causal = True
+
+    q, k, v = (rand(1, 4 if i == 0 else 2, 24, 32, dtype=torch.bfloat16, seed=30 + i)
+               for i in range(3))
+    z = torch.tensor([1.0, 2.0, -1.0, 3.0])
+    kw = dict(scaling=0.2, sliding_window=6, s_aux=z)
+    cu = torch.tensor([0, 10, 10, 24], dtype=torch.int32)
+    by_cu, _ = intfa.transformers_attention(Module(), q, k, v, None, cu_seq_lens_q=cu,
+                                            cu_seq_lens_k=cu.long(), max_length_q=14,
+                                            max_length_k=14, **kw)
+    pos = torch.cat([torch.arange(10), torch.arange(14)])[None]
+    by_pos, _ = intfa.transformers_attention(Module(), q, k, v, None, position_ids=pos, **kw)
+    assert by_cu.shape == (1, 24, 4, 32) and torch.equal(by_cu, by_pos)
+    for lo, hi in ((0, 10), (10, 24)):
+        alone = intfa.attention(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], is_causal=True,
+                                window_size=(5, 0), sinks=z, scale=0.2, enable_gqa=True)
+        assert torch.equal(by_cu[:, lo:hi], alone.transpose(1, 2)), lo
+    whole = intfa.attention(q, k, v, is_causal=True, window_size=(5, 0), sinks=z, scale=0.2,
+                            enable_gqa=True).transpose(1, 2)
+    assert not torch.equal(by_cu[:, 10:], whole[:, 10:])
+    # Positions that do not restart (one sequence, maybe past a cache's start) are no packing;
+    # neither are M-RoPE's 3D position ids. A first sequence that starts past 0 still ends
+    # where the next position 0 is.
+    for p in (torch.arange(24)[None], torch.arange(5, 29)[None], torch.arange(24).expand(3, 1, 24)):
+        out, _ = intfa.transformers_attention(Module(), q, k, v, None, position_ids=p, **kw)
+        assert torch.equal(out, whole)
+    late = torch.cat([torch.arange(3, 13), torch.arange(14)])[None]
+    out, _ = intfa.transformers_attention(Module(), q, k, v, None, position_ids=late, **kw)
+    assert torch.equal(out, by_cu)
+    # A 2D padding mask wins over position ids (transformers' flash path reads it first).
+    out, _ = intfa.transformers_attention(Module(), q, k, v, torch.ones(1, 24, dtype=torch.bool),
+                                          position_ids=pos, **kw)
+    assert torch.equal(out, whole)
+    with pytest.raises(ValueError, match=r"cu_seq_lens_k: packed sequences need both"):
+        intfa.transformers_attention(Module(), q, k, v, None, cu_seq_lens_q=cu)
+    with pytest.raises(NotImplementedError, match=r"position_ids: .* \(queries 4, keys 24\) .* "
+                                                  r"expected as many keys as queries"):
+        intfa.transformers_attention(Module(), q[:, :, 20:], k, v, None,
+                                     position_ids=torch.tensor([[7, 8, 0, 1]]))
 
 
 def test_append_kv_fixed_v_scale_shared_statistics_torch():

@@ -46,3 +46,20 @@ def left_padded(prompts, width):
     batch = torch.stack([torch.cat([p.new_zeros(width - len(p)), p]) for p in prompts])
     cols = torch.arange(width, device=batch.device)
     return batch, torch.stack([cols >= width - len(p) for p in prompts]).long()
+
+
+def check_packed_prompts(model, prompts, tol=1e-2):
+    """The prompts (1-D token tensors) packed padding-free into one row, with position_ids
+    restarting at 0 per prompt (transformers' DataCollatorWithFlattening): each prompt's logits
+    within tol of the prompt run alone, and not those of the row read as one sequence."""
+    torch = pytest.importorskip("torch")
+    row = torch.cat(prompts)[None]
+    pos = torch.cat([torch.arange(len(p), device=row.device) for p in prompts])[None]
+    with torch.no_grad():
+        packed = model(row, position_ids=pos).logits[0]
+        lo = 0
+        for i, p in enumerate(prompts):
+            alone = model(p[None]).logits[0]
+            assert rel(packed[lo:lo + len(p)], alone) < tol, i
+            lo += len(p)
+        assert rel(model(row).logits[0, len(prompts[0]):], packed[len(prompts[0]):]) > 5 * tol

@@ -536,6 +536,12 @@ FwdParams make_fwd_params(const Problem& p, const QuantizedQKV& x, const Tensor&
     f.lse_st = rows_strides(p.shape, true);
   }
   f.sinks = static_cast<const float*>(opts.sinks.data);
+  if (opts.softcap > 0.f) {
+    // The K-mean term goes into the scores before the tanh; the LSE and sinks then take none.
+    f.softcap = opts.softcap;
+    f.score_offset = f.lse_offset;
+    f.lse_offset = nullptr;
+  }
   return f;
 }
 
@@ -584,9 +590,9 @@ Status run_fp_attention(Problem& p, const Tensor& q, const Tensor& k, const Tens
     pq.k = k8v;
     if (opts.scheme != Scheme::half) pq.v.st = qp.vt_st;
     FwdParams fp = make_fwd_params(pq, x, out, lse, opts);
-    // Only the LSE and sinks need q . mean(K) (the frame of the smoothed scores): without them
-    // Q rows wait for no K statistics.
-    if (!fp.lse && !fp.sinks) {
+    // Only the LSE, sinks and soft-capping need q . mean(K) (the frame of the smoothed
+    // scores): without them Q rows wait for no K statistics.
+    if (!fp.lse && !fp.sinks && !(fp.softcap > 0.f)) {
       qp.lse_offset = nullptr;
       fp.lse_offset = nullptr;
     }
@@ -795,6 +801,10 @@ Status attention_int8(const QuantizedQKV& x, const Tensor& cu_seqlens_q,
     return invalid("qkv.lse_offset: sinks with scheme " + std::string(to_string(x.scheme)) +
                    " need it (the smoothed scores are shifted by scale * q . k_mean and the sink is not); "
                    "expected the tensor quantize() / quantize_q() write, got undefined");
+  if (opts.softcap > 0.f && x.scheme != Scheme::paper && !x.lse_offset.defined())
+    return invalid("qkv.lse_offset: softcap with scheme " + std::string(to_string(x.scheme)) +
+                   " needs it (the smoothed scores are shifted by scale * q . k_mean, which the tanh does "
+                   "not ignore); expected the tensor quantize() / quantize_q() write, got undefined");
   FwdParams fp = make_fwd_params(p, x, out, lse, opts);
   fp.seqused_kv = static_cast<const int32_t*>(x.seqused_kv.data);
   if (paged) {
@@ -1081,6 +1091,7 @@ Status attention_reference(const Tensor& q, const Tensor& k, const Tensor& v, co
   e.v = v.data; e.v_st = p.v.st;
   e.out = out.data; e.o_st = o.st; e.out_dtype = out.dtype;
   e.sinks = static_cast<const float*>(opts.sinks.data);
+  e.softcap = opts.softcap;
   if (lse && lse->defined()) {
     e.lse = lse->data;
     e.lse_dtype = lse->dtype;

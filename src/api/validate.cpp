@@ -224,6 +224,10 @@ Status check_options(const Options& o) {
     os << "scale: expected a finite value > 0 (0 means 1/sqrt(head_dim)), got " << o.scale;
     return invalid(os.str());
   }
+  if (!std::isfinite(o.softcap) || o.softcap < 0.f) {
+    os << "softcap: expected a finite value >= 0 (0: no soft-capping), got " << o.softcap;
+    return invalid(os.str());
+  }
   if (o.window_left < -1 || o.window_right < -1) {
     os << "window_left / window_right: expected -1 (no edge) or >= 0, got (" << o.window_left << ", "
        << o.window_right << ")";

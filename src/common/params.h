@@ -139,6 +139,12 @@ struct FwdParams {
   const float* sinks = nullptr;
   int sink_g = 1;
   int sink_rows = 0x7fffffff;
+  // Logit soft-capping (Options::softcap; 0: none): scores become softcap * tanh(s / softcap),
+  // s = scale * q.k + score_offset[row] (the smoothed schemes' K-mean term, lse_offset's rows,
+  // moved here so the LSE and sinks take no offset: the capped scores are unsmoothed). Set by
+  // make_fwd_params. Last, so the other kernels' parameter offsets stay.
+  float softcap = 0.f;
+  const float* score_offset = nullptr;  // like q_scale, may be null (paper: none)
 };
 
 // Window edges of a row at query position pos with diagonal diag = skv - sq: its last visible

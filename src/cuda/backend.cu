@@ -194,6 +194,14 @@ Status attention_int8(const FwdParams& params, GpuPath path, bool fallback, void
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   FwdParams p = params;
   fwd::pack_gqa_rows(p);  // GQA heads as rows where the rows see the same keys (tile_order.h)
+  // Soft-capping is built in the sm80 kernel only (its Softcap instantiations).
+  if (p.softcap > 0.f) {
+    if (!fallback && (path == GpuPath::sm90 || path == GpuPath::decode))
+      return Status(StatusCode::not_available, std::string("softcap: not built on the ") +
+                                                   (path == GpuPath::sm90 ? "sm90" : "decode") +
+                                                   " path (path sm80 or auto runs it)");
+    return launch_fwd_sm80(p, s);
+  }
   // At most 16 rows per (batch, head) left: the decode kernel, unless a path was named. Every
   // path reads paged caches (FwdParams::block_table) too.
   if (path == GpuPath::decode || (fallback && decode_takes(p))) {

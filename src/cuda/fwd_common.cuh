@@ -120,6 +120,25 @@ __device__ __forceinline__ void row_update(const float (&u)[N / 8][4], const flo
   row_factors(m_old, m_run, ref, inv_levels, alpha, cfac);
 }
 
+// Logit soft-capping of a block's scores (FwdParams::softcap): u <- tanh(u a + b) per score,
+// a and b per row (the kernel folds its row factor, 1 / softcap and the K-mean offset into
+// them, both times 2 log2 e), so the softmax then takes u against the row factor softcap log2 e.
+// tanh(y) = 1 - 2 / (1 + e^(2y)) by MUFU.EX2 and MUFU.RCP: within ~1e-7 of tanh in absolute
+// terms, which is what the scores see (tanh.approx.f32 is off by up to 2^-11 relative, ~5e-3 of
+// a score at softcap 50 and beyond the tests' CPU-emulation tolerance). Masked keys (-inf) stay
+// -inf.
+template <int N>
+__device__ __forceinline__ void softcap_scores(float (&u)[N / 8][4], const float (&a)[2], const float (&b)[2]) {
+#pragma unroll
+  for (int j = 0; j < N / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float x = __fmaf_rn(u[j][e], a[e >> 1], b[e >> 1]);
+      const float t = __fmaf_rn(-2.f, __fdividef(1.f, 1.f + ptx::ex2_approx(x)), 1.f);
+      u[j][e] = u[j][e] == neg_inf() ? neg_inf() : t;
+    }
+}
+
 // 2^x on the FMA pipe, for x <= ~0 (scores against a row maximum). MUFU.EX2 takes 16 lanes per
 // clock per SM against the FMA pipe's 128, and in the sm90 kernel the exp2 phases of the two
 // consumer warpgroups queue on it (ncu: MIO-throttle stalls), so a share of the exponentials

@@ -51,7 +51,11 @@ void attention_exact(const ExactParams& p) {
         for (int j = first; j < limit; ++j) s[j] += qc * kc[j];
       }
       double mx = -std::numeric_limits<double>::infinity();
-      for (int j = first; j < limit; ++j) mx = std::max(mx, s[j] *= p.softmax_scale);
+      for (int j = first; j < limit; ++j) {
+        s[j] *= p.softmax_scale;
+        if (p.softcap > 0.0) s[j] = p.softcap * std::tanh(s[j] / p.softcap);
+        mx = std::max(mx, s[j]);
+      }
       double sum = 0.0;
       std::fill(o.begin(), o.end(), 0.0);
       for (int j = first; j < limit; ++j) {

@@ -53,7 +53,7 @@ void load_kv_block(const FwdParams& p, const Tile& t, int n0, int cols, int j0, 
 
 void attend_tile(const FwdParams& p, const Tile& t) {
   const int d = p.head_dim, bn = p.block_n;
-  std::vector<float> qf(kBlockM * d), rowf(kBlockM), m(kBlockM, kNegInf), l(kBlockM, 0.f);
+  std::vector<float> qf(kBlockM * d), rowf(kBlockM), m(kBlockM, kNegInf), l(kBlockM, 0.f), cap_b(kBlockM, 0.f);
   std::vector<float> acc(kBlockM * d, 0.f), kt(d * bn), ks(bn), vb(bn * d), s(kBlockM * bn);
   std::vector<float> prow(bn), pv(d);
 
@@ -62,7 +62,12 @@ void attend_tile(const FwdParams& p, const Tile& t) {
     const int8_t* qrow = p.q8 + offset(p.q_st, t.b, t.h, t.q0 + t.m0 + i);
     for (int c = 0; c < d; ++c) qf[i * d + c] = qrow[c];
     rowf[i] = p.q_scale[offset(p.qs_st, t.b, t.h, t.q0 + t.m0 + i)] * p.softmax_scale * kLog2e;
+    if (p.score_offset) cap_b[i] = p.score_offset[offset(p.qs_st, t.b, t.h, t.q0 + t.m0 + i)] / p.softcap;
   }
+  // Soft-capping: t (log2 units) -> softcap log2(e) tanh(t / (softcap log2 e) + offset / softcap),
+  // the offset being the smoothed schemes' K-mean term (FwdParams::score_offset).
+  const bool capped = p.softcap > 0.f;
+  const float cap2 = p.softcap * kLog2e, inv_cap2 = capped ? 1.f / cap2 : 0.f;
   // Bottom-right diagonal: row r sees keys first_key(r) .. last_key(r) (causal: <= r + skv - sq;
   // a sliding window bounds both sides). Blocks stay aligned to key 0 as on the GPU, so a block
   // the window cuts holds the same keys there.
@@ -90,6 +95,7 @@ void attend_tile(const FwdParams& p, const Tile& t) {
       float mb = kNegInf;
       for (int j = first; j < limit; ++j) {
         si[j] = si[j] * rowf[i] * ks[j];
+        if (capped) si[j] = cap2 * std::tanh(std::fma(si[j], inv_cap2, cap_b[i]));
         mb = std::max(mb, si[j]);
       }
       const float m_new = std::max(m[i], mb);

@@ -25,6 +25,7 @@ struct ExactParams {
   void* out = nullptr;  Strides3 o_st;  DType out_dtype = DType::f64;
   void* lse = nullptr;  Strides3 lse_st;  DType lse_dtype = DType::f64;
   const float* sinks = nullptr;  // [heads_q] or null (Options::sinks)
+  double softcap = 0.0;          // Options::softcap (0: none)
 };
 
 void quantize(const QuantParams& p);

@@ -34,6 +34,7 @@ struct Case {
   std::vector<int32_t> used_kv;      // non-empty: seqused_kv, one count per sequence
   int window_left = -1, window_right = -1;  // Options' sliding window
   std::vector<float> sinks;                 // non-empty: Options::sinks, one per query head
+  float softcap = 0.f;                      // Options::softcap
   DType out = DType::f32;
   Dist dist = Dist::normal;
   uint64_t seed = 1;
@@ -47,6 +48,7 @@ std::string describe(const Case& c) {
      << to_string(c.out) << " " << tools::to_string(c.dist) << (c.used_kv.empty() ? "" : " seqused_kv");
   if (c.window_left >= 0 || c.window_right >= 0) os << " window (" << c.window_left << ", " << c.window_right << ")";
   if (!c.sinks.empty()) os << " sinks";
+  if (c.softcap > 0.f) os << " softcap " << c.softcap;
   return os.str();
 }
 
@@ -154,6 +156,7 @@ void check_kernel_vs_cpu(const Case& c, GpuPath path) {
   o.layout = c.layout;
   o.block_n = gpu_block_n(c.d);  // the kernel's key block: block-local maxima must match
   o.backend = Backend::cpu;
+  o.softcap = c.softcap;
   std::vector<float> sinks = c.sinks;
   if (!sinks.empty()) o.sinks = make_tensor(sinks.data(), DType::f32, {int64_t(sinks.size())});
   const bool varlen = in.shape.varlen;
@@ -870,6 +873,87 @@ TEST_F(AttentionGpu, EndToEndSinksWithoutLse) {
       EXPECT_LT(m.rel_l2, 2e-3) << "GPU vs CPU emulation";
       EXPECT_LT(tools::compare(as_double(gpu), ref).rel_l2, 6e-2) << "GPU vs float64 (accurate, llm: 3.4e-2 without sinks)";
     }
+}
+
+// Logit soft-capping (Options::softcap) on the sm80 kernel (its Softcap instantiations), by name
+// and through path auto (which takes it there from sm90 and decode shapes), against the CPU
+// emulation: head dims 64 / 128 / 256, causal and not, GQA packed rows and decode steps, varlen
+// with empty sequences and seqused_kv, a window with sinks, both schemes, llm inputs (large K
+// means: the K-mean term must enter the tanh) and a strong cap on normal ones.
+TEST_F(AttentionGpu, KernelSoftcap) {
+  struct S { int batch, hq, hkv, sq, skv; bool causal; int left; Scheme scheme; Layout layout; Dist dist; float cap; };
+  int seed = 2100;
+  for (const S& w : std::vector<S>{
+           {2, 4, 4, 300, 300, false, -1, Scheme::accurate, Layout::BHSD, Dist::llm, 30.f},
+           {1, 8, 2, 257, 520, true, -1, Scheme::accurate, Layout::BSHD, Dist::normal, 2.f},  // GQA rows
+           {1, 4, 2, 300, 100, true, -1, Scheme::paper, Layout::BHSD, Dist::llm, 50.f},  // rows without keys
+           {2, 8, 1, 400, 400, true, 127, Scheme::accurate, Layout::BHSD, Dist::llm, 8.f},   // window + sinks
+           {3, 8, 2, 1, 1500, false, -1, Scheme::accurate, Layout::BHSD, Dist::llm, 50.f}}) { // decode steps
+    Case c;
+    c.batch = w.batch; c.hq = w.hq; c.hkv = w.hkv; c.sq = w.sq; c.skv = w.skv; c.causal = w.causal;
+    c.window_left = w.left; c.scheme = w.scheme; c.layout = w.layout; c.dist = w.dist; c.softcap = w.cap;
+    if (w.left >= 0) c.sinks = test_sinks(w.hq);
+    for (int d : {64, 128, 256}) {
+      c.d = d; c.seed = ++seed;
+      c.out = d == 256 ? DType::bf16 : DType::f32;
+      for (GpuPath path : {GpuPath::sm80, GpuPath::automatic}) check_kernel_vs_cpu(c, path);
+    }
+  }
+  Case v;
+  v.hq = 4; v.hkv = 2; v.causal = true; v.softcap = 20.f; v.dist = Dist::llm;
+  v.lens_q = {1, 17, 0, 300, 129, 40};
+  v.lens_kv = {5, 170, 9, 250, 400, 2000};
+  v.used_kv = {3, 170, 0, 260, 137, 1500};
+  v.seed = ++seed;
+  for (GpuPath path : {GpuPath::sm80, GpuPath::automatic}) check_kernel_vs_cpu(v, path);
+}
+
+// attention() with softcap and no LSE asked for: the quantizer must still make the K-mean term
+// (it enters the tanh), which calls without an LSE otherwise skip. llm inputs (large K means),
+// against the CPU backend's attention() and float64; the uncapped GPU call is far from the
+// capped reference. The sm90 and decode paths refuse softcap by name.
+TEST_F(AttentionGpu, EndToEndSoftcapWithoutLse) {
+  const int H = 6, S = 700, D = 128;
+  auto as_double = [](const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); };
+  for (bool causal : {false, true}) {
+    SCOPED_TRACE(causal ? "causal" : "non-causal");
+    auto x = tools::make_inputs(Dist::llm, 1, H, 2, S, S, D, DType::bf16, 2190 + causal);
+    Options o;
+    o.causal = causal;
+    o.backend = Backend::cpu;
+    o.block_n = gpu_block_n(D);
+    o.softcap = 30.f;
+    std::vector<float> cpu(x.q.size(), NAN);
+    INTFA_ASSERT_OK(attention(x.tq(), x.tk(), x.tv(), make_tensor(cpu.data(), DType::f32, {1, H, S, D}), nullptr, o));
+    std::vector<double> ref(x.q.size());
+    INTFA_ASSERT_OK(attention_reference(x.tq(), x.tk(), x.tv(), make_tensor(ref.data(), DType::f64, {1, H, S, D}),
+                                        nullptr, o));
+    DeviceBuffer dq(x.q.data(), x.q.size() * 2), dk(x.k.data(), x.k.size() * 2), dv(x.v.data(), x.v.size() * 2);
+    std::vector<float> gpu, plain;
+    ASSERT_NO_FATAL_FAILURE(run_attention_f32(x, dq, dk, dv, o, GpuPath::automatic, &gpu));
+    const auto m = tools::compare(as_double(gpu), as_double(cpu));
+    EXPECT_EQ(m.nonfinite, 0);
+    EXPECT_LT(m.rel_l2, 2e-3) << "GPU vs CPU emulation";
+    const double err = tools::compare(as_double(gpu), ref).rel_l2;
+    EXPECT_LT(err, 3e-2) << "GPU vs float64";
+    Options off = o;
+    off.softcap = 0.f;
+    ASSERT_NO_FATAL_FAILURE(run_attention_f32(x, dq, dk, dv, off, GpuPath::automatic, &plain));
+    EXPECT_GT(tools::compare(as_double(plain), ref).rel_l2, std::max(0.1, 4 * err)) << "the cap is applied";
+    for (GpuPath path : {GpuPath::sm90, GpuPath::decode}) {
+      if (path == GpuPath::sm90 && gpu_paths().size() < 2) continue;  // not a Hopper card
+      DeviceBuffer dout(x.q.size() * 4);
+      o.backend = Backend::gpu;
+      o.path = path;
+      Tensor out_d = make_tensor(dout.ptr, DType::f32, {1, H, S, D}, true);
+      const Status st = attention(testing::on_device(x.tq(), dq.ptr), testing::on_device(x.tk(), dk.ptr),
+                                  testing::on_device(x.tv(), dv.ptr), out_d, nullptr, o);
+      EXPECT_EQ(st.code(), StatusCode::not_available) << st.message();
+      EXPECT_NE(st.message().find(std::string("softcap: not built on the ") + to_string(path) + " path"),
+                std::string::npos)
+          << st.message();
+    }
+  }
 }
 
 // Path decode on more rows than one tile holds: a precise not_available, nothing launched.

@@ -182,6 +182,22 @@ Tensor sinks_tensor(std::vector<float>& z) {
   return z.empty() ? Tensor() : make_tensor(z.data(), DType::f32, {static_cast<int64_t>(z.size())});
 }
 
+// --softcap X: logit soft-capping (Options::softcap), X * tanh(s / X); 0 (default): none.
+float parse_softcap(const Args& a) {
+  const std::string s = a.str("--softcap", "0");
+  char* end = nullptr;
+  const double v = std::strtod(s.c_str(), &end);
+  if (s.empty() || *end != '\0' || !std::isfinite(v) || v < 0 || v > 1e30)
+    throw UsageError{"--softcap: expected a finite number >= 0 (0: none), got '" + s + "'"};
+  return static_cast<float>(v);
+}
+
+// ", softcap X" for a header line and the `, "softcap": X` field of a JSON row, or nothing.
+std::string softcap_note(const Options& o) { return o.softcap > 0.f ? ", softcap " + fmt(o.softcap, "%g") : ""; }
+std::string softcap_json(const Options& o) {
+  return o.softcap > 0.f ? ", \"softcap\": " + fmt(o.softcap, "%g") : "";
+}
+
 // ", sinks U[0, 8) per head" for a header line, or nothing without sinks.
 std::string sinks_note(const Options& o) {
   if (!o.sinks.defined()) return "";
@@ -275,6 +291,7 @@ std::vector<double> run_exact(tools::HostQKV& x, const Options& mask, double* ms
   o.window_left = mask.window_left;
   o.window_right = mask.window_right;
   o.sinks = mask.sinks;
+  o.softcap = mask.softcap;
   double t0 = now_ms();
   check(attention_reference(x.tq(), x.tk(), x.tv(), out, nullptr, o), "attention_reference");
   if (ms) *ms = now_ms() - t0;
@@ -337,7 +354,7 @@ int cmd_demo(const Args& a) {
 
 int cmd_accuracy(const Args& a) {
   a.allow({"--device", "--seq", "--dist", "--scheme", "--batch", "--heads", "--heads-kv", "--hdim",
-           "--block", "--dtype", "--causal", "--window", "--sinks", "--seed", "--json", "--path"});
+           "--block", "--dtype", "--causal", "--window", "--sinks", "--softcap", "--seed", "--json", "--path"});
   const Backend backend = parse_device(a);
   const auto seqs = a.ints("--seq", "1024,4096", 1, 1 << 20);
   const auto dists = parse_dists(a, "normal,uniform,llm");
@@ -359,6 +376,7 @@ int cmd_accuracy(const Args& a) {
   base.causal = causal;
   std::tie(base.window_left, base.window_right) = parse_window(a, causal);
   base.path = parse_gpu_path(a);
+  base.softcap = parse_softcap(a);
   std::vector<float> z(sinks ? size_t(heads) : 0);  // each input set's sink logits (--sinks)
   base.sinks = sinks_tensor(z);
 
@@ -368,7 +386,7 @@ int cmd_accuracy(const Args& a) {
   std::printf("intfa accuracy: backend %s, B=%d H=%d Hkv=%d D=%d %s, key block %d, causal %d%s%s, "
               "output fp32 vs float64 reference\n",
               to_string(backend), batch, heads, heads_kv, hdim, to_string(dtype), eff_block, causal,
-              window_note(base).c_str(), sinks_note(base).c_str());
+              window_note(base).c_str(), (sinks_note(base) + softcap_note(base)).c_str());
   std::printf("%-9s %-8s %6s  %9s %9s %9s %9s %9s\n", "scheme", "dist", "seq", "rel_l2",
               "rel_l1", "cosine", "max_abs", "mean_rel");
   std::ostringstream rows;
@@ -406,7 +424,7 @@ int cmd_accuracy(const Args& a) {
              << "\", \"dist\": \"" << tools::to_string(dist) << "\", \"seq\": " << seq
              << ", \"hdim\": " << hdim << ", \"batch\": " << batch << ", \"heads\": " << heads
              << ", \"heads_kv\": " << heads_kv << ", \"causal\": " << causal << window_json(base)
-             << sinks_json(base)
+             << sinks_json(base) << softcap_json(base)
              << ", \"block\": " << eff_block << ", \"dtype\": \"" << to_string(dtype)
              << "\", \"device\": \"" << to_string(backend) << "\", \"rel_l2\": " << fmt(m.rel_l2, "%.6e")
              << ", \"rel_l1\": " << fmt(m.rel_l1, "%.6e") << ", \"cosine\": " << fmt(m.cosine, "%.9f")
@@ -496,9 +514,9 @@ struct DevicePagedKv {
 // the dispatcher picks, the decode kernel for at most 16 query rows per K/V head after GQA
 // packing (as bench/compare.py labels its in-process rows), sm80 at head dim 256 (the one kernel
 // built for it), else `resolved` (sm90 on Hopper).
-GpuPath row_path(GpuPath requested, GpuPath resolved, const BenchShape& sh, Scheme sc) {
+GpuPath row_path(GpuPath requested, GpuPath resolved, const BenchShape& sh, Scheme sc, bool softcap) {
   if (requested != GpuPath::automatic) return resolved;
-  if (sh.hdim == 256) return GpuPath::sm80;
+  if (sh.hdim == 256 || softcap) return GpuPath::sm80;  // (soft-capping: the sm80 kernel only)
   const bool decode = sh.lens.empty() && sc != Scheme::half && (sh.hdim == 64 || sh.hdim == 128) &&
                       int64_t(sh.seq_q) * (sh.heads / sh.heads_kv) <= 16;
   return decode ? GpuPath::decode : resolved;
@@ -560,6 +578,7 @@ void bench_shape(const BenchShape& sh, const std::vector<Scheme>& schemes, const
       o.window_left = mask.window_left;
       o.window_right = mask.window_right;
       if (dsinks) o.sinks = on_device(mask.sinks, dsinks->ptr);
+      o.softcap = mask.softcap;
       o.path = path_req;  // auto: what a caller gets (the decode kernel for decode-sized calls)
       o.workspace = make_tensor(ws2.ptr, DType::u8, {static_cast<int64_t>(qbytes)}, true);
       check(quantize(tq, tk, tv, tcu, tcu, o, qx), "quantize");
@@ -619,7 +638,7 @@ void bench_shape(const BenchShape& sh, const std::vector<Scheme>& schemes, const
         extra = ", \"seq_q\": " + std::to_string(sh.seq_q);
       }
       if (sh.heads_kv != sh.heads) extra += ", \"heads_kv\": " + std::to_string(sh.heads_kv);
-      extra += window_json(o) + sinks_json(o);
+      extra += window_json(o) + sinks_json(o) + softcap_json(o);
       if (sh.seqused) extra += sh.seqused == 2 ? ", \"seqused_kv\": \"ragged\"" : ", \"seqused_kv\": true";
       if (sh.page)
         extra += ", \"page_size\": " + std::to_string(sh.page) + ", \"pages\": \"" +
@@ -628,7 +647,7 @@ void bench_shape(const BenchShape& sh, const std::vector<Scheme>& schemes, const
       if (graph_calls) extra += ", \"graph_calls\": " + std::to_string(graph_calls);
       for (int e = 0; e < (has_e2e ? 2 : 1); ++e) {
         rows << (rows.tellp() > 0 ? ",\n" : "") << "    {\"provider\": \"intfa\", \"path\": \""
-             << to_string(row_path(path_req, path, sh, sc)) << "\", \"scheme\": \"" << to_string(sc) << "\", \"seq\": " << sh.seq << extra
+             << to_string(row_path(path_req, path, sh, sc, mask.softcap > 0.f)) << "\", \"scheme\": \"" << to_string(sc) << "\", \"seq\": " << sh.seq << extra
              << ", \"hdim\": " << sh.hdim << ", \"causal\": " << causal << ", \"batch\": " << sh.batch
              << ", \"heads\": " << sh.heads << ", \"e2e\": " << (e ? "true" : "false")
              << ", \"ms\": " << fmt(e ? e_ms : k_ms, "%.4f") << ", \"tops\": "
@@ -639,7 +658,7 @@ void bench_shape(const BenchShape& sh, const std::vector<Scheme>& schemes, const
 }
 
 int cmd_bench(const Args& a) {
-  a.allow({"--seq", "--seq-q", "--varlen", "--hdim", "--causal", "--window", "--sinks", "--scheme", "--batch",
+  a.allow({"--seq", "--seq-q", "--varlen", "--hdim", "--causal", "--window", "--sinks", "--softcap", "--scheme", "--batch",
            "--heads", "--heads-kv", "--path", "--json", "--reps", "--dtype", "--seqused", "--page", "--page-order", "--table-pages", "--graph"});
   // Arguments first, so that a bad one is reported on any machine.
   const auto seqs = a.ints("--seq", "1024,4096,16384", 1, 1 << 20);
@@ -654,6 +673,7 @@ int cmd_bench(const Args& a) {
   // --sinks: the logits of every case (the inputs' seed, 7), on the host until bench_shape.
   std::vector<float> z = parse_sinks(a) ? tools::make_sinks(heads, 7) : std::vector<float>();
   mask.sinks = sinks_tensor(z);
+  mask.softcap = parse_softcap(a);
   const int heads_kv = a.integer("--heads-kv", heads, 1, heads);
   const int reps = a.integer("--reps", 20, 1, 10000);
   // Query rows per sequence when they differ from the keys (--seq): chunked prefill or decode
@@ -708,7 +728,7 @@ int cmd_bench(const Args& a) {
     what += ")";
   }
   if (page) what += ", kernel-only over " + std::to_string(page) + "-token pages (" + page_order + ")";
-  what += window_note(mask) + sinks_note(mask);
+  what += window_note(mask) + sinks_note(mask) + softcap_note(mask);
   if (seqused) what += seqused == 2 ? ", kernel-only with ragged seqused_kv ((b + 1) / B of the keys)"
                                     : ", kernel-only with seqused_kv";
   const std::string timing = graph_calls ? " CUDA-graph launches of " + std::to_string(graph_calls) + " calls (per call)"
@@ -750,8 +770,9 @@ void usage(FILE* f) {
                "  accuracy [--device D] [--seq L1,L2] [--dist normal,uniform,llm]\n"
                "           [--scheme paper,accurate,half] [--batch B] [--heads H] [--heads-kv H]\n"
                "           [--hdim D] [--block N] [--dtype bf16|fp16] [--causal 0|1] [--window L,R] [--sinks]\n"
-               "           [--json FILE]\n"
+               "           [--softcap X] [--json FILE]\n"
                "  bench [--seq ..] [--seq-q N | --varlen L1,L2,..] [--hdim 128,64] [--causal 0,1] [--window L,R] [--sinks]\n"
+               "        [--softcap X]\n"
                "        [--scheme ..] [--path auto|sm80|sm90|decode] [--batch 4] [--heads 32] [--heads-kv H] [--reps 20]\n"
                "        [--seqused 0|1|2] [--page N [--page-order O] [--table-pages P]] [--graph N] [--json FILE]   (needs a GPU; --seq-q: query rows when fewer than the keys;\n"
                "        --seqused 1: kernel-only runs count every sequence's keys through seqused_kv, 2: sequence b\n"
@@ -768,7 +789,9 @@ void usage(FILE* f) {
                "        uniform in [0, 8) from the seed: about the log-sum-exp of rows of one to a few thousand\n"
                "        N(0,1) keys, so each sink takes a real share of its rows' softmax. accuracy and demo give\n"
                "        them to intfa and the float64 reference alike; bench times every case with them\n"
-               "        (TOPS counted as without)\n");
+               "        (TOPS counted as without)\n"
+               "  --softcap X: logit soft-capping (Gemma 2's; Options::softcap), scores X * tanh(s / X); on the\n"
+               "        GPU the sm80 kernel runs it (path auto takes it there)\n");
 }
 
 }  // namespace

@@ -369,7 +369,7 @@ struct KvLoader {
 // SmallPages (with Paged; pages of 16, 32 or 64 tokens): each thread's 16-key piece of a block
 // through the piece's page (SmallPageTile, KvLoader::load_small).
 // Split: the unit's key range of its tile, partial rows out (Params above).
-template <int D, bool Causal, bool Paged, bool SmallPages = false, bool Split = false>
+template <int D, bool Causal, bool Paged, bool SmallPages = false, bool Split = false, bool Softcap = false>
 __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const __grid_constant__ KernelParams<Split> P) {
   const FwdParams& p = fwd_params(P);
   using S = Smem<D>;
@@ -511,6 +511,17 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const __grid_
     m_run[r] = kNegInf;
     l_part[r] = 0.f;
   }
+  // Soft-capping (Softcap kernels, fwd::softcap_scores): u then holds tanh of the row's scaled
+  // score plus its K-mean term over softcap, and rowf becomes softcap log2 e.
+  float cap_a[2], cap_b[2];
+  if constexpr (Softcap) {
+    for (int r = 0; r < 2; ++r) {
+      const float off = row[r] < sq && p.score_offset ? p.score_offset[offset(p.qs_st, b, h, q0 + row[r])] : 0.f;
+      cap_a[r] = rowf[r] * (2.f / p.softcap);
+      cap_b[r] = off * (2.f * kLog2e / p.softcap);
+      rowf[r] = p.softcap * kLog2e;
+    }
+  }
   float o[D / 8][4];
 #pragma unroll
   for (int dn = 0; dn < D / 8; ++dn)
@@ -578,6 +589,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const __grid_
     // ---- u = S * s_k; the causal diagonal a per-score mask ----
     float u[kBN / 8][4];
     scale_scores<kBN>(s_cur, sKs, n * kBN, skv, t, u);
+    if constexpr (Softcap) fwd::softcap_scores<kBN>(u, cap_a, cap_b);
     if (Causal && ((n + 1) * kBN - 1 > warp_key_last || n * kBN < warp_key_first)) {  // edge blocks
 #pragma unroll
       for (int j = 0; j < kBN / 8; ++j)
@@ -713,7 +725,7 @@ __global__ void __launch_bounds__(kThreads) qk_block_test_kernel(const int8_t* q
 // Host launchers for one (head dim, causal, paged, small pages) instantiation, defined in
 // fwd_sm80_launch.cuh: launch_fwd picks the key-range split and runs the whole-tile kernel or
 // hands over to launch_fwd_split (the split kernel and the merge; its own .cu files).
-template <int D, bool Causal, bool Paged, bool SmallPages = false>
+template <int D, bool Causal, bool Paged, bool SmallPages = false, bool Softcap = false>
 Status launch_fwd(const FwdParams& p, cudaStream_t stream);
 template <int D, bool Causal, bool Paged, bool SmallPages = false>
 Status launch_fwd_split(const FwdParams& p, int num_splits, cudaStream_t stream);

@@ -19,6 +19,16 @@ Status launch_fwd_sm80(const FwdParams& p, cudaStream_t stream) {
     return Status(StatusCode::invalid_argument,
                   "head_dim: expected 64, 128 or 256 on the sm80 path, got " + std::to_string(p.head_dim));
   using L = Status (*)(const FwdParams&, cudaStream_t);
+  if (p.softcap > 0.f) {
+    // Soft-capping: one causal-kernel instantiation per head dim (it runs non-causal calls, windows
+    // and sinks too), contiguous K / V only, whole tiles (no key-range splits).
+    if (p.block_table)
+      return Status(StatusCode::not_available, "softcap: not built for paged K / V (block_table) on the sm80 path");
+    static constexpr L kSoftcap[3] = {sm80::launch_fwd<64, true, false, false, true>,
+                                      sm80::launch_fwd<128, true, false, false, true>,
+                                      sm80::launch_fwd<256, true, false, false, true>};
+    return kSoftcap[dim_index](p, stream);
+  }
   // [head dim 64 / 128 / 256][causal kernel][contiguous, paged, pages smaller than 128 keys]. The
   // causal kernels also take sliding windows and sinks (non-causal calls with the diagonal past
   // every key, last_key): the non-causal kernels stay without them (H200, 4k D=128: 2.5% slower

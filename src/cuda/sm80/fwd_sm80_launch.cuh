@@ -55,18 +55,19 @@ inline Status make_grid(const FwdParams& p, bool causal, int num_splits, dim3* g
   return Status::OK();
 }
 
-template <int D, bool Causal, bool Paged, bool SmallPages>
+template <int D, bool Causal, bool Paged, bool SmallPages, bool Softcap>
 Status launch_fwd(const FwdParams& p, cudaStream_t stream) {
-  auto kernel = fwd_kernel<D, Causal, Paged, SmallPages>;
+  auto kernel = fwd_kernel<D, Causal, Paged, SmallPages, false, Softcap>;
   constexpr int kSmem = Smem<D>::kBytes;
   static cuda::PerDevice setup;
   Status st = cuda::check_cuda(cuda::opt_in_smem_once(setup, kernel, kSmem), "sm80 forward: cudaFuncSetAttribute");
   if (!st.ok()) return st;
-  int splits = 1;
-  st = choose_splits<D, Causal, Paged, SmallPages>(p, query_tiles(p), &splits);
-  if (!st.ok()) return st;
-  if constexpr (kSplitsBuilt<D>)
+  if constexpr (kSplitsBuilt<D> && !Softcap) {  // (no split kernels with soft-capping)
+    int splits = 1;
+    st = choose_splits<D, Causal, Paged, SmallPages>(p, query_tiles(p), &splits);
+    if (!st.ok()) return st;
     if (splits > 1) return launch_fwd_split<D, Causal, Paged, SmallPages>(p, splits, stream);
+  }
   dim3 grid;
   st = make_grid(p, Causal, 1, &grid);
   if (!st.ok()) return st;
