@@ -86,7 +86,8 @@ def attention(q, k, v, *, is_causal=False, window_size=_NO_WINDOW, sinks=None, s
     softcap: logit soft-capping (Gemma 2's attn_logit_softcapping, flash_attn's softcap): each
         scaled score s becomes softcap * tanh(s / softcap) before the softmax (the LSE is that
         of the capped scores; sinks are not capped). None or 0.0: none. On the GPU the sm80
-        kernel runs it (path "auto" picks it; "sm90", "decode" and paged caches: RuntimeError).
+        kernel runs it, over paged caches too (path "auto" picks it; "sm90", "decode":
+        RuntimeError).
 
     Returns out (like q, dtype of q) or (out, lse).
     """
@@ -245,8 +246,7 @@ def attention_int8(qkv, *, cu_seqlens_q=None, cu_seqlens_kv=None, max_seqlen_q=N
         KVCache's do): the smoothed scores are shifted by it and the sink is not, else a
         ValueError naming qkv.lse_offset.
     softcap: as in attention(); with accurate (or half) qkv.lse_offset must be defined too (the
-        K-mean term enters the tanh), else a ValueError naming qkv.lse_offset. Contiguous
-        caches only on the GPU (paged: RuntimeError).
+        K-mean term enters the tanh), else a ValueError naming qkv.lse_offset.
     out_dtype: float16, bfloat16 or float32 (a dtype or its name); default: qkv.dtype, else
         float16. Other arguments as in attention(). Returns out like q8, or (out, lse).
     """
@@ -524,20 +524,22 @@ class KVCache:
                             seqused_kv=self.lengths)
 
     def attention(self, q, *, is_causal=False, window_size=_NO_WINDOW, sinks=None, scale=None,
-                  return_lse=False, path="auto", out_dtype=None, max_seqlen_kv=None):
+                  return_lse=False, path="auto", out_dtype=None, max_seqlen_kv=None,
+                  softcap=None):
         """Attention of q ([B, Hq, Sq, D] or [B, Sq, Hq, D] in the cache's layout; Hq a multiple
         of Hkv) over the `length` tokens held. Causal is bottom-right aligned: query i sees keys
         j <= i + length - Sq, so the Sq queries of the last appended tokens see themselves and
         what precedes them; window_size against the same diagonal (a decode step with
         is_causal=True, window_size=(W - 1, 0) sees the last W tokens). out_dtype defaults to
-        q's dtype. Other arguments (sinks included) as in attention().
+        q's dtype. Other arguments (sinks and softcap included) as in attention().
         Ragged: sequence b over its lengths[b] tokens, causal and window against that count
         (query i sees keys j <= i + lengths[b] - Sq), through views of the first max_seqlen_kv tokens
         (default: length; counts past it are clamped to it). A CUDA graph captured with
         max_seqlen_kv=capacity replays at any lengths, since only the device reads them."""
         span = self._span(max_seqlen_kv)
         window = _arrays.window_arg(window_size)
-        fw = self._direct(q)
+        # (soft-capping takes the generic path: the fast path's one binding call has no cap)
+        fw = self._direct(q) if not _arrays.softcap_arg(softcap) else None
         if fw is not None:
             s = _arrays.scale_arg(scale)
             z = _arrays.sinks_arg(fw, sinks, q)
@@ -551,7 +553,7 @@ class KVCache:
                                                   bool(return_lse), path, out_name, span)
                 return (out, lse) if return_lse else out
         return _attend(self, q, is_causal, window, sinks, scale, return_lse, path, out_dtype,
-                       max_seqlen_kv=max_seqlen_kv)
+                       softcap, max_seqlen_kv=max_seqlen_kv)
 
     # The eager fast path. A decode loop calls append() and attention() once per step with
     # little GPU work each, so their host time is the step's time. Plain eager calls on the
@@ -937,12 +939,13 @@ class PagedKVCache:
                     f"window whose left edge stays within the held tokens")
 
     def attention(self, q, *, is_causal=False, window_size=_NO_WINDOW, sinks=None, scale=None,
-                  return_lse=False, path="auto", out_dtype=None, max_seqlen_kv=None):
+                  return_lse=False, path="auto", out_dtype=None, max_seqlen_kv=None,
+                  softcap=None):
         """Attention of q ([B, Hq, Sq, D] or [B, Sq, Hq, D] in the cache's layout; Hq a multiple
         of Hkv): sequence b over its lengths[b] tokens, read through its block table; causal and
         window_size are bottom-right against that count (query i sees keys j <= i + lengths[b] -
-        Sq), as a ragged KVCache's. out_dtype defaults to q's dtype. Other arguments (sinks
-        included) as in attention().
+        Sq), as a ragged KVCache's. out_dtype defaults to q's dtype. Other arguments (sinks and
+        softcap included) as in attention().
         max_seqlen_kv: the key range of the call, rounded up to whole pages (a view of the
         table's first columns): None, the longest sequence's length, so that the kernels size
         their key-range splits for the tokens held, not for the table's capacity (a pool's
@@ -956,7 +959,7 @@ class PagedKVCache:
         self._check_held(q, window_size)
         span = max(self.length, 1) if max_seqlen_kv is None else max_seqlen_kv
         return _attend(self, q, is_causal, window_size, sinks, scale, return_lse, path,
-                       out_dtype, max_seqlen_kv=span)
+                       out_dtype, softcap, max_seqlen_kv=span)
 
 
 def _check_prompt(k, v, layout, scheme, cls):
@@ -1016,16 +1019,16 @@ def _quantize_prompts(fw, k, v, parts, n, prompts, layout, scheme):
 
 
 def _attend(cache, q, is_causal, window_size, sinks, scale, return_lse, path, out_dtype,
-            **views):
+            softcap=None, **views):
     """A cache's attention() through the public functions: quantize_q of q against its K mean,
     then attention_int8 over cache.qkv(..., **views) (out_dtype defaults to q's dtype). The
     lse_offset that quantize_q writes against the K mean (accurate; paper: zeros) is what
-    attention_int8 needs for sinks."""
+    attention_int8 needs for sinks and softcap."""
     q8, q_scale, lse_offset = quantize_q(q, cache.k_mean, scale=scale, layout=cache.layout,
                                          scheme=cache.scheme)
     return attention_int8(cache.qkv(q8, q_scale, lse_offset, q.dtype, **views),
                           is_causal=is_causal, window_size=window_size, sinks=sinks, scale=scale,
-                          out_dtype=out_dtype, return_lse=return_lse, path=path)
+                          out_dtype=out_dtype, return_lse=return_lse, path=path, softcap=softcap)
 
 
 def _quantize_prompt(fw, k, v, parts, n, layout, scheme):

@@ -1876,3 +1876,23 @@ def test_softcap_errors():
     x = intfa.quantize(q, k, v)
     with pytest.raises(ValueError, match=r"^qkv.lse_offset: softcap with scheme accurate needs it"):
         intfa.attention_int8(x._replace(lse_offset=None), softcap=5.0)
+
+
+def test_softcap_over_kv_caches():
+    # KVCache.attention(softcap=) is quantize_q + attention_int8(softcap=) over its tokens, bit
+    # for bit (it leaves the one-call fast path for the generic one), and a PagedKVCache of the
+    # same prompts gives the same bits; the cap changes the result.
+    rng = np.random.default_rng(99)
+    q, k, v = qkv(rng, 2, 8, 2, 3, 150, 64)
+    q *= 6
+    cache = intfa.KVCache(k, v, 256)
+    paged = intfa.PagedKVCache(k, v, 2 * 10, page_size=16, max_pages=16)
+    kw = dict(is_causal=True, return_lse=True, softcap=4.0)
+    out, lse = cache.attention(q, **kw)
+    q8, q_scale, lse_offset = intfa.quantize_q(q, cache.k_mean)
+    for got, want in zip(intfa.attention_int8(cache.qkv(q8, q_scale, lse_offset, q.dtype), **kw),
+                         (out, lse)):
+        exact(got, want)
+    for got, want in zip(paged.attention(q, **kw), (out, lse)):
+        exact(got, want)
+    assert rel_l2(cache.attention(q, is_causal=True), out) > 0.05

@@ -1361,3 +1361,28 @@ def test_softcap_on_the_gpu(d, causal, layout, scheme):
     for path in ["decode"] + (["sm90"] if intfa.resolve_gpu_path() == "sm90" else []):
         with pytest.raises(RuntimeError, match=f"softcap: not built on the {path} path"):
             intfa.attention(q, k, v, path=path, **kw)
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_softcap_over_kv_caches_on_the_gpu(d):
+    """softcap on a KVCache and on PagedKVCaches of 128- and 16-token pages (the sm80 kernel's
+    Softcap instantiations, contiguous and paged) for a decode step and a 24-row chunk: the
+    three caches' outputs and LSE bit for bit alike on the GPU (the same kernel numerics over
+    the same keys), each against the CPU KVCache's within the GPU-vs-CPU tolerance."""
+    b, hq, hkv, n0 = 2, 8, 2, 300
+    k, v = rand(b, hkv, n0, d, seed=120 + d), rand(b, hkv, n0, d, seed=121 + d)
+    caches = [intfa.KVCache(k, v, 512),
+              intfa.PagedKVCache(k, v, 2 * 4, page_size=128, max_pages=4),
+              intfa.PagedKVCache(k, v, 2 * 32, page_size=16, max_pages=32)]
+    cpu = intfa.KVCache(k.cpu(), v.cpu(), 512)
+    for sq in (1, 24):
+        q = rand(b, hq, sq, d, seed=122 + d + sq) * 20
+        kw = dict(is_causal=True, return_lse=True, softcap=30.0)
+        got = [c.attention(q, **kw) for c in caches]
+        want = cpu.attention(q.cpu(), **kw)
+        for out, lse in got[1:]:
+            exact(out, got[0][0])
+            exact(lse, got[0][1])
+        _window_vs_cpu(got[0][0], got[0][1], *want)
+        plain = caches[0].attention(q, is_causal=True)
+        assert rel_l2(plain.cpu(), want[0]) > 0.05

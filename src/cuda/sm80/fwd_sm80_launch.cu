@@ -19,15 +19,17 @@ Status launch_fwd_sm80(const FwdParams& p, cudaStream_t stream) {
     return Status(StatusCode::invalid_argument,
                   "head_dim: expected 64, 128 or 256 on the sm80 path, got " + std::to_string(p.head_dim));
   using L = Status (*)(const FwdParams&, cudaStream_t);
+  const int pages = small ? 2 : p.block_table ? 1 : 0;
   if (p.softcap > 0.f) {
-    // Soft-capping: one causal-kernel instantiation per head dim (it runs non-causal calls, windows
-    // and sinks too), contiguous K / V only, whole tiles (no key-range splits).
-    if (p.block_table)
-      return Status(StatusCode::not_available, "softcap: not built for paged K / V (block_table) on the sm80 path");
-    static constexpr L kSoftcap[3] = {sm80::launch_fwd<64, true, false, false, true>,
-                                      sm80::launch_fwd<128, true, false, false, true>,
-                                      sm80::launch_fwd<256, true, false, false, true>};
-    return kSoftcap[dim_index](p, stream);
+    // Soft-capping: the causal kernel (it runs non-causal calls, windows and sinks too) per head
+    // dim and page kind, whole tiles (no key-range splits).
+#define INTFA_SM80_SOFTCAP_ROW(D)                                                        \
+  {sm80::launch_fwd<D, true, false, false, true>, sm80::launch_fwd<D, true, true, false, true>, \
+   sm80::launch_fwd<D, true, true, true, true>}
+    static constexpr L kSoftcap[3][3] = {INTFA_SM80_SOFTCAP_ROW(64), INTFA_SM80_SOFTCAP_ROW(128),
+                                         INTFA_SM80_SOFTCAP_ROW(256)};
+#undef INTFA_SM80_SOFTCAP_ROW
+    return kSoftcap[dim_index][pages](p, stream);
   }
   // [head dim 64 / 128 / 256][causal kernel][contiguous, paged, pages smaller than 128 keys]. The
   // causal kernels also take sliding windows and sinks (non-causal calls with the diagonal past
@@ -39,7 +41,6 @@ Status launch_fwd_sm80(const FwdParams& p, cudaStream_t stream) {
    {sm80::launch_fwd<D, true, false>, sm80::launch_fwd<D, true, true>, sm80::launch_fwd<D, true, true, true>}}
   static constexpr L kLaunch[3][2][3] = {INTFA_SM80_ROW(64), INTFA_SM80_ROW(128), INTFA_SM80_ROW(256)};
 #undef INTFA_SM80_ROW
-  const int pages = small ? 2 : p.block_table ? 1 : 0;
   return kLaunch[dim_index][causal_kernel][pages](p, stream);
 }
 
