@@ -86,8 +86,8 @@ def attention(q, k, v, *, is_causal=False, window_size=_NO_WINDOW, sinks=None, s
     softcap: logit soft-capping (Gemma 2's attn_logit_softcapping, flash_attn's softcap): each
         scaled score s becomes softcap * tanh(s / softcap) before the softmax (the LSE is that
         of the capped scores; sinks are not capped). None or 0.0: none. On the GPU the sm80
-        kernel runs it, over paged caches too (path "auto" picks it; "sm90", "decode":
-        RuntimeError).
+        and decode kernels run it, over paged caches too (path "auto" takes prefill calls to
+        sm80 on Hopper; "sm90": RuntimeError).
 
     Returns out (like q, dtype of q) or (out, lse).
     """

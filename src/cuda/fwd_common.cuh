@@ -127,6 +127,18 @@ __device__ __forceinline__ void row_update(const float (&u)[N / 8][4], const flo
 // terms, which is what the scores see (tanh.approx.f32 is off by up to 2^-11 relative, ~5e-3 of
 // a score at softcap 50 and beyond the tests' CPU-emulation tolerance). Masked keys (-inf) stay
 // -inf.
+// A row's soft-capping factors for softcap_scores from its row factor rowf (q_scale * scale *
+// log2 e), which becomes softcap log2 e: a = rowf * 2 / softcap, b = the row's K-mean term
+// (FwdParams::score_offset at qrow, 0 for rows past the sequence or without one) * 2 log2 e /
+// softcap.
+__device__ __forceinline__ void softcap_row(const FwdParams& p, int b, int h, int64_t qrow, bool in_seq,
+                                            float& rowf, float& a, float& c) {
+  const float off = in_seq && p.score_offset ? p.score_offset[offset(p.qs_st, b, h, qrow)] : 0.f;
+  a = rowf * (2.f / p.softcap);
+  c = off * (2.f * kLog2e / p.softcap);
+  rowf = p.softcap * kLog2e;
+}
+
 template <int N>
 __device__ __forceinline__ void softcap_scores(float (&u)[N / 8][4], const float (&a)[2], const float (&b)[2]) {
 #pragma unroll

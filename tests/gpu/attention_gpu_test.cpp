@@ -875,9 +875,9 @@ TEST_F(AttentionGpu, EndToEndSinksWithoutLse) {
     }
 }
 
-// Logit soft-capping (Options::softcap) on the sm80 kernel (its Softcap instantiations), by name
-// and through path auto (which takes it there from sm90 and decode shapes), against the CPU
-// emulation: head dims 64 / 128 / 256, causal and not, GQA packed rows and decode steps, varlen
+// Logit soft-capping (Options::softcap) on the sm80 and decode kernels (their Softcap
+// instantiations), by name and through path auto (which takes prefill calls to sm80 on Hopper
+// and decode steps to the decode kernel), against the CPU emulation: head dims 64 / 128 / 256, causal and not, GQA packed rows and decode steps, varlen
 // with empty sequences and seqused_kv, a window with sinks, both schemes, llm inputs (large K
 // means: the K-mean term must enter the tanh) and a strong cap on normal ones.
 TEST_F(AttentionGpu, KernelSoftcap) {
@@ -897,6 +897,8 @@ TEST_F(AttentionGpu, KernelSoftcap) {
       c.d = d; c.seed = ++seed;
       c.out = d == 256 ? DType::bf16 : DType::f32;
       for (GpuPath path : {GpuPath::sm80, GpuPath::automatic}) check_kernel_vs_cpu(c, path);
+      // Decode steps (4 packed rows per K/V head) on the decode kernel's Softcap instantiations.
+      if (w.sq == 1 && d <= 128) check_kernel_vs_cpu(c, GpuPath::decode);
     }
   }
   Case v;
@@ -911,7 +913,7 @@ TEST_F(AttentionGpu, KernelSoftcap) {
 // attention() with softcap and no LSE asked for: the quantizer must still make the K-mean term
 // (it enters the tanh), which calls without an LSE otherwise skip. llm inputs (large K means),
 // against the CPU backend's attention() and float64; the uncapped GPU call is far from the
-// capped reference. The sm90 and decode paths refuse softcap by name.
+// capped reference. The sm90 path refuses softcap by name.
 TEST_F(AttentionGpu, EndToEndSoftcapWithoutLse) {
   const int H = 6, S = 700, D = 128;
   auto as_double = [](const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); };
@@ -940,8 +942,8 @@ TEST_F(AttentionGpu, EndToEndSoftcapWithoutLse) {
     off.softcap = 0.f;
     ASSERT_NO_FATAL_FAILURE(run_attention_f32(x, dq, dk, dv, off, GpuPath::automatic, &plain));
     EXPECT_GT(tools::compare(as_double(plain), ref).rel_l2, std::max(0.1, 4 * err)) << "the cap is applied";
-    for (GpuPath path : {GpuPath::sm90, GpuPath::decode}) {
-      if (path == GpuPath::sm90 && gpu_paths().size() < 2) continue;  // not a Hopper card
+    if (gpu_paths().size() > 1) {  // a Hopper card
+      const GpuPath path = GpuPath::sm90;
       DeviceBuffer dout(x.q.size() * 4);
       o.backend = Backend::gpu;
       o.path = path;

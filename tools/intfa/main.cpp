@@ -516,10 +516,11 @@ struct DevicePagedKv {
 // built for it), else `resolved` (sm90 on Hopper).
 GpuPath row_path(GpuPath requested, GpuPath resolved, const BenchShape& sh, Scheme sc, bool softcap) {
   if (requested != GpuPath::automatic) return resolved;
-  if (sh.hdim == 256 || softcap) return GpuPath::sm80;  // (soft-capping: the sm80 kernel only)
+  if (sh.hdim == 256) return GpuPath::sm80;
   const bool decode = sh.lens.empty() && sc != Scheme::half && (sh.hdim == 64 || sh.hdim == 128) &&
                       int64_t(sh.seq_q) * (sh.heads / sh.heads_kv) <= 16;
-  return decode ? GpuPath::decode : resolved;
+  // (soft-capping: the decode and sm80 kernels, not sm90)
+  return decode ? GpuPath::decode : softcap ? GpuPath::sm80 : resolved;
 }
 
 // Times kernel-only and end-to-end for every scheme and causal flag of one shape (all with the
@@ -791,7 +792,7 @@ void usage(FILE* f) {
                "        them to intfa and the float64 reference alike; bench times every case with them\n"
                "        (TOPS counted as without)\n"
                "  --softcap X: logit soft-capping (Gemma 2's; Options::softcap), scores X * tanh(s / X); on the\n"
-               "        GPU the sm80 kernel runs it (path auto takes it there)\n");
+               "        GPU the decode and sm80 kernels run it (path auto takes prefill calls to sm80)\n");
 }
 
 }  // namespace

@@ -80,7 +80,7 @@ constexpr int kMinCtas = Paged && D == 64 ? 4 : 0;
 // sharing it changed the D = 64 kernel's schedule.
 // SmallPages (with Paged; pages of 16, 32 or 64 tokens): a block spans several pages; each
 // thread copies one 16-key piece of it through that piece's page (sm80::SmallPageTile).
-template <int D, int Stages, bool Paged, bool SmallPages = false>
+template <int D, int Stages, bool Paged, bool SmallPages = false, bool Softcap = false>
 __global__ void __launch_bounds__(kThreads, kMinCtas<D, Paged>) fwd_kernel(const __grid_constant__ Params P) {
   // Launched as a programmatic dependent (cuda::launch_dependent): nothing global is touched
   // before the previous kernel's writes are visible.
@@ -143,6 +143,10 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<D, Paged>) fwd_kernel(const
     m_run[r] = kNegInf;
     l_part[r] = 0.f;
   }
+  // Soft-capping (Softcap kernels): u then holds tanh of the capped argument (fwd::softcap_scores).
+  float cap_a[2], cap_b[2];
+  if constexpr (Softcap)
+    for (int r = 0; r < 2; ++r) fwd::softcap_row(p, b, h, q0 + row[r], row[r] < sq, rowf[r], cap_a[r], cap_b[r]);
   // Blocks past key_last_lo need the diagonal mask, blocks before key_first_hi the window's.
   const int key_last_lo = last_key(p, pos_lo, diag), key_first_hi = first_key(p, pos_hi, diag);
 
@@ -321,6 +325,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<D, Paged>) fwd_kernel(const
     const float* sKs = reinterpret_cast<const float*>(smem + S::kQ + stage * S::kStage + S::kK + S::kV) + 32 * warp;
     float u[4][4];
     sm80::scale_scores<32>(s_acc, sKs, key0, skv, t, u);
+    if constexpr (Softcap) fwd::softcap_scores<32>(u, cap_a, cap_b);
     if ((p.causal && n * kBlockN + kBlockN - 1 > key_last_lo) || n * kBlockN < key_first_hi) {  // edge blocks
 #pragma unroll
       for (int j = 0; j < 4; ++j)
@@ -431,10 +436,10 @@ __global__ void __launch_bounds__(128) combine_kernel(const __grid_constant__ Pa
 }
 
 // Host side (fwd_decode_launch.cuh): the kernel's resident CTAs per SM (cached per device) and
-// the launch of one (head dim, ring depth, paged KV, pages smaller than a block).
-template <int D, int Stages, bool Paged, bool SmallPages = false>
+// the launch of one (head dim, ring depth, paged KV, pages smaller than a block, soft-capping).
+template <int D, int Stages, bool Paged, bool SmallPages = false, bool Softcap = false>
 Status occupancy(int* ctas);
-template <int D, int Stages, bool Paged, bool SmallPages = false>
+template <int D, int Stages, bool Paged, bool SmallPages = false, bool Softcap = false>
 Status launch_fwd(const Params& prm, cudaStream_t stream);
 
 }  // namespace intfa::decode

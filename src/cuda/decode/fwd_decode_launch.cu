@@ -10,23 +10,29 @@
 namespace intfa::cuda {
 namespace {
 
-// Calls f(D, Stages, Paged, SmallPages), as std::integral_constant arguments, for the decode
-// kernel a launch of head dim 128 (else 64), ring depth `stages` (4 only at D = 128, and not
-// with pages smaller than a block) and contiguous KV, pages of a multiple of the key block or
-// smaller pages runs: the one place that maps those to an instantiation.
+// Calls f(D, Stages, Paged, SmallPages, Softcap), as std::integral_constant arguments, for the
+// decode kernel a launch of head dim 128 (else 64), ring depth `stages` (4 only at D = 128, and
+// not with pages smaller than a block or soft-capping) and contiguous KV, pages of a multiple of
+// the key block or smaller pages runs: the one place that maps those to an instantiation.
 template <typename F>
-Status with_kernel(bool d128, int stages, bool paged, bool small, F&& f) {
+Status with_kernel(bool d128, int stages, bool paged, bool small, bool softcap, F&& f) {
   using std::integral_constant;
   using Yes = std::true_type;
   using No = std::false_type;
   auto pick = [&](auto d, auto s) {
-    if (!paged) return f(d, s, No{}, No{});
     if constexpr (decltype(s)::value == 3)
-      if (small) return f(d, s, Yes{}, Yes{});
-    return f(d, s, Yes{}, No{});
+      if (softcap) {
+        if (!paged) return f(d, s, No{}, No{}, Yes{});
+        if (small) return f(d, s, Yes{}, Yes{}, Yes{});
+        return f(d, s, Yes{}, No{}, Yes{});
+      }
+    if (!paged) return f(d, s, No{}, No{}, No{});
+    if constexpr (decltype(s)::value == 3)
+      if (small) return f(d, s, Yes{}, Yes{}, No{});
+    return f(d, s, Yes{}, No{}, No{});
   };
   if (!d128) return pick(integral_constant<int, 64>{}, integral_constant<int, 3>{});
-  if (stages == 4 && !small) return pick(integral_constant<int, 128>{}, integral_constant<int, 4>{});
+  if (stages == 4 && !small && !softcap) return pick(integral_constant<int, 128>{}, integral_constant<int, 4>{});
   return pick(integral_constant<int, 128>{}, integral_constant<int, 3>{});
 }
 
@@ -50,7 +56,7 @@ Status launch_fwd_decode(const FwdParams& p, cudaStream_t stream) {
                       " query rows per (batch, K/V head) after GQA packing (heads_q / heads_kv x seqlen_q, or "
                       "seqlen_q when the heads cannot pack), got " + std::to_string(p.seqlen_q) +
                       "; use path auto, sm80 or sm90");
-  const bool paged = p.block_table != nullptr;
+  const bool paged = p.block_table != nullptr, softcap = p.softcap > 0.f;
   bool small = false;  // pages of 16, 32 or 64 tokens: the SmallPages kernels
   if (Status st = check_paged(p, "decode", decode::kBlockN, &small); !st.ok()) return st;
   if (p.seqlen_q < 1 || p.batch < 1) return Status::OK();
@@ -78,8 +84,9 @@ Status launch_fwd_decode(const FwdParams& p, cudaStream_t stream) {
   st = check_cuda(device_sm_count(&sms), "decode forward: SM count");
   // Resident CTAs per SM of the kernel a launch of `stages` would run.
   auto occupancy = [&](int stages, int* n) {
-    return with_kernel(d128, stages, paged, small, [&](auto d, auto s, auto pg, auto sp) {
-      return decode::occupancy<decltype(d)::value, decltype(s)::value, decltype(pg)::value, decltype(sp)::value>(n);
+    return with_kernel(d128, stages, paged, small, softcap, [&](auto d, auto s, auto pg, auto sp, auto sc) {
+      return decode::occupancy<decltype(d)::value, decltype(s)::value, decltype(pg)::value, decltype(sp)::value,
+                               decltype(sc)::value>(n);
     });
   };
   if (st.ok()) st = occupancy(3, &ctas);
@@ -111,7 +118,8 @@ Status launch_fwd_decode(const FwdParams& p, cudaStream_t stream) {
   // the first small-page loader, one entry per K row; H200, B = 16 with 8k keys, page 64 / 32 /
   // 16: 4 stages 0.107 / 0.123 / 0.166 ms, 3 stages 0.088 / 0.095 / 0.117; no 4-stage kernel
   // for them, not re-measured with SmallPageTile).
-  if (!d128 || smem4 > smem_max || small) stages = 3;
+  // Soft-capping: 3 stages (its one instantiation per head dim and page kind).
+  if (!d128 || smem4 > smem_max || small || softcap) stages = 3;
   if (stages == 4) {
     st = occupancy(4, &ctas);
     if (!st.ok()) return st;
@@ -131,9 +139,9 @@ Status launch_fwd_decode(const FwdParams& p, cudaStream_t stream) {
     prm.part_ml = static_cast<float2*>(scratch);
     prm.part_o = reinterpret_cast<float*>(prm.part_ml + rows);
   }
-  st = with_kernel(d128, stages, paged, small, [&](auto d, auto s, auto pg, auto sp) {
-    return decode::launch_fwd<decltype(d)::value, decltype(s)::value, decltype(pg)::value, decltype(sp)::value>(
-        prm, stream);
+  st = with_kernel(d128, stages, paged, small, softcap, [&](auto d, auto s, auto pg, auto sp, auto sc) {
+    return decode::launch_fwd<decltype(d)::value, decltype(s)::value, decltype(pg)::value, decltype(sp)::value,
+                              decltype(sc)::value>(prm, stream);
   });
   if (!scratch) return st;
   const Status fst = scratch_free(scratch, stream, "decode forward: partial rows");

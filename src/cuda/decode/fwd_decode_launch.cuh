@@ -1,6 +1,7 @@
-// Host launcher template for the decode kernel; fwd_decode_d{64_s3,128_s3,128_s4}[_paged].cu and
-// fwd_decode_d{64,128}_s3_paged_small.cu instantiate one (head dim, ring depth, contiguous KV /
-// pages / pages smaller than a key block) each.
+// Host launcher template for the decode kernel; fwd_decode_d{64_s3,128_s3,128_s4}[_paged].cu,
+// fwd_decode_d{64,128}_s3_paged_small.cu and fwd_decode_d{64,128}_s3_softcap*.cu instantiate one
+// (head dim, ring depth, contiguous KV / pages / pages smaller than a key block, soft-capping)
+// each.
 #pragma once
 
 #include "cuda/decode/fwd_decode.cuh"
@@ -9,27 +10,27 @@
 namespace intfa::decode {
 
 // Resident CTAs per SM of the kernel for head dim D (cached per device), for the split rule.
-template <int D, int Stages, bool Paged, bool SmallPages>
+template <int D, int Stages, bool Paged, bool SmallPages, bool Softcap>
 Status occupancy(int* ctas) {
   static cuda::PerDevice cache;
   using S = Smem<D, Stages>;
   return cuda::check_cuda(cuda::once_per_device(cache, [](int, int* n) {
-    cudaError_t e = cudaFuncSetAttribute(fwd_kernel<D, Stages, Paged, SmallPages>, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kBytes);
+    cudaError_t e = cudaFuncSetAttribute(fwd_kernel<D, Stages, Paged, SmallPages, Softcap>, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kBytes);
     if (e == cudaSuccess)
-      e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(n, fwd_kernel<D, Stages, Paged, SmallPages>, kThreads, S::kBytes);
+      e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(n, fwd_kernel<D, Stages, Paged, SmallPages, Softcap>, kThreads, S::kBytes);
     return e;
   }, ctas), "decode forward: occupancy");
 }
 
-template <int D, int Stages, bool Paged, bool SmallPages>
+template <int D, int Stages, bool Paged, bool SmallPages, bool Softcap>
 Status launch_fwd(const Params& prm, cudaStream_t stream) {
   int ctas = 0;  // also opts the kernel in to its shared memory
-  Status st = occupancy<D, Stages, Paged, SmallPages>(&ctas);
+  Status st = occupancy<D, Stages, Paged, SmallPages, Softcap>(&ctas);
   if (!st.ok()) return st;
   // A programmatic dependent of the step's previous kernel (quantize_q, append_kv): its CTAs set
   // up while that kernel ends and wait for its writes at the top.
   static cuda::PerDevice pdl_fwd, pdl_combine;
-  st = cuda::check_cuda(cuda::launch_dependent(pdl_fwd, fwd_kernel<D, Stages, Paged, SmallPages>, dim3(prm.num_units),
+  st = cuda::check_cuda(cuda::launch_dependent(pdl_fwd, fwd_kernel<D, Stages, Paged, SmallPages, Softcap>, dim3(prm.num_units),
                                                kThreads, Smem<D, Stages>::kBytes, stream, prm),
                         "decode forward kernel launch");
   if (!st.ok() || prm.num_splits == 1) return st;

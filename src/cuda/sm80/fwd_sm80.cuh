@@ -514,14 +514,8 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) fwd_kernel(const __grid_
   // Soft-capping (Softcap kernels, fwd::softcap_scores): u then holds tanh of the row's scaled
   // score plus its K-mean term over softcap, and rowf becomes softcap log2 e.
   float cap_a[2], cap_b[2];
-  if constexpr (Softcap) {
-    for (int r = 0; r < 2; ++r) {
-      const float off = row[r] < sq && p.score_offset ? p.score_offset[offset(p.qs_st, b, h, q0 + row[r])] : 0.f;
-      cap_a[r] = rowf[r] * (2.f / p.softcap);
-      cap_b[r] = off * (2.f * kLog2e / p.softcap);
-      rowf[r] = p.softcap * kLog2e;
-    }
-  }
+  if constexpr (Softcap)
+    for (int r = 0; r < 2; ++r) fwd::softcap_row(p, b, h, q0 + row[r], row[r] < sq, rowf[r], cap_a[r], cap_b[r]);
   float o[D / 8][4];
 #pragma unroll
   for (int dn = 0; dn < D / 8; ++dn)
