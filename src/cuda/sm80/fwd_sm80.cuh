@@ -721,7 +721,7 @@ __global__ void __launch_bounds__(kThreads) qk_block_test_kernel(const int8_t* q
 // hands over to launch_fwd_split (the split kernel and the merge; its own .cu files).
 template <int D, bool Causal, bool Paged, bool SmallPages = false, bool Softcap = false>
 Status launch_fwd(const FwdParams& p, cudaStream_t stream);
-template <int D, bool Causal, bool Paged, bool SmallPages = false>
+template <int D, bool Causal, bool Paged, bool SmallPages = false, bool Softcap = false>
 Status launch_fwd_split(const FwdParams& p, int num_splits, cudaStream_t stream);
 
 }  // namespace intfa::sm80

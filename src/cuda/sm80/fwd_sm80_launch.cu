@@ -22,7 +22,7 @@ Status launch_fwd_sm80(const FwdParams& p, cudaStream_t stream) {
   const int pages = small ? 2 : p.block_table ? 1 : 0;
   if (p.softcap > 0.f) {
     // Soft-capping: the causal kernel (it runs non-causal calls, windows and sinks too) per head
-    // dim and page kind, whole tiles (no key-range splits).
+    // dim and page kind; at D = 256 with its key-range splits (fwd_sm80_d256_softcap*_split.cu).
 #define INTFA_SM80_SOFTCAP_ROW(D)                                                        \
   {sm80::launch_fwd<D, true, false, false, true>, sm80::launch_fwd<D, true, true, false, true>, \
    sm80::launch_fwd<D, true, true, true, true>}

@@ -18,8 +18,10 @@ inline int64_t query_tiles(const FwdParams& p) {
 // Key ranges per query tile: fwd::split_count over the CTA slots (SMs x resident CTAs of the
 // whole-tile kernel, which the split kernel matches: same threads, shared memory and register
 // cap), with the INTFA_SM80_SPLITS override (tests, sanitizer runs) read once. 1 where no split
-// kernel is built (kSplitsBuilt).
-template <int D, bool Causal, bool Paged, bool SmallPages>
+// kernel is built (kSplitsBuilt). The occupancy is the launched kernel's (Softcap included),
+// which launch_fwd has opted in to its shared memory: another instantiation not yet launched in
+// the process would report 0 resident CTAs, and so no split.
+template <int D, bool Causal, bool Paged, bool SmallPages, bool Softcap>
 Status choose_splits(const FwdParams& p, int64_t tiles, int* splits) {
   *splits = 1;
   if (!kSplitsBuilt<D> || tiles < 1 || tiles >= (int64_t(1) << 30)) return Status::OK();
@@ -32,8 +34,8 @@ Status choose_splits(const FwdParams& p, int64_t tiles, int* splits) {
   Status st = cuda::check_cuda(cuda::device_sm_count(&sms), "sm80 forward: SM count");
   if (st.ok())
     st = cuda::check_cuda(cuda::once_per_device(occupancy, [](int, int* n) {
-      return cudaOccupancyMaxActiveBlocksPerMultiprocessor(n, fwd_kernel<D, Causal, Paged, SmallPages>, kThreads,
-                                                           Smem<D>::kBytes);
+      return cudaOccupancyMaxActiveBlocksPerMultiprocessor(n, fwd_kernel<D, Causal, Paged, SmallPages, false, Softcap>,
+                                                           kThreads, Smem<D>::kBytes);
     }, &ctas), "sm80 forward: occupancy");
   if (!st.ok()) return st;
   constexpr int kBN = kBlockNFor<D>;
@@ -62,11 +64,11 @@ Status launch_fwd(const FwdParams& p, cudaStream_t stream) {
   static cuda::PerDevice setup;
   Status st = cuda::check_cuda(cuda::opt_in_smem_once(setup, kernel, kSmem), "sm80 forward: cudaFuncSetAttribute");
   if (!st.ok()) return st;
-  if constexpr (kSplitsBuilt<D> && !Softcap) {  // (no split kernels with soft-capping)
+  if constexpr (kSplitsBuilt<D>) {
     int splits = 1;
-    st = choose_splits<D, Causal, Paged, SmallPages>(p, query_tiles(p), &splits);
+    st = choose_splits<D, Causal, Paged, SmallPages, Softcap>(p, query_tiles(p), &splits);
     if (!st.ok()) return st;
-    if (splits > 1) return launch_fwd_split<D, Causal, Paged, SmallPages>(p, splits, stream);
+    if (splits > 1) return launch_fwd_split<D, Causal, Paged, SmallPages, Softcap>(p, splits, stream);
   }
   dim3 grid;
   st = make_grid(p, Causal, 1, &grid);

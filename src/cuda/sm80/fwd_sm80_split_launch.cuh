@@ -10,9 +10,9 @@ namespace intfa::sm80 {
 // The split launch: the partial rows' scratch (units x kBlockM rows of (m, l) and D floats; at
 // most ~2 x the CTA slots units, fwd::split_count: ~17 MB at D = 256 on 132 SMs), the split
 // kernel, then combine_kernel as its programmatic dependent.
-template <int D, bool Causal, bool Paged, bool SmallPages>
+template <int D, bool Causal, bool Paged, bool SmallPages, bool Softcap>
 Status launch_fwd_split(const FwdParams& p, int num_splits, cudaStream_t stream) {
-  auto kernel = fwd_kernel<D, Causal, Paged, SmallPages, true>;
+  auto kernel = fwd_kernel<D, Causal, Paged, SmallPages, true, Softcap>;
   constexpr int kSmem = Smem<D>::kBytes;
   static cuda::PerDevice setup;
   Status st = cuda::check_cuda(cuda::opt_in_smem_once(setup, kernel, kSmem), "sm80 forward: cudaFuncSetAttribute");
