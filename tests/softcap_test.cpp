@@ -20,20 +20,8 @@ namespace {
 using tools::Dist;
 using tools::HostQKV;
 
-struct Case {
-  int hq, hkv, sq, skv;
-  bool causal;
-  int left;  // window_left (-1: none)
-};
-
-// GQA and MHA; Sq > Skv causal leaves the first rows without keys; a window cuts blocks.
-const std::vector<Case> kCases = {{4, 2, 40, 70, false, -1}, {4, 4, 33, 33, true, -1}, {6, 2, 70, 30, true, -1},
-                                  {4, 1, 50, 90, true, 20}};
-
-std::string describe(const Case& c) {
-  return "Hq " + std::to_string(c.hq) + " Hkv " + std::to_string(c.hkv) + " Sq " + std::to_string(c.sq) + " Skv " +
-         std::to_string(c.skv) + (c.causal ? " causal" : "") + " left " + std::to_string(c.left);
-}
+using Case = MaskCase;
+const std::vector<Case>& kCases = kMaskCases;
 
 Options case_options(const Case& c, float cap) {
   Options o;
@@ -82,17 +70,9 @@ TEST(Softcap, ReferenceIsTheCappedSoftmax) {
   for (const Case& c : kCases) {
     SCOPED_TRACE(describe(c));
     HostQKV x = tools::make_inputs(Dist::llm, 2, c.hq, c.hkv, c.sq, c.skv, 32, DType::bf16, ++seed);
-    Result r = run_reference(x, case_options(c, 5.f));
-    ASSERT_TRUE(r.status.ok()) << r.status.message();
     std::vector<double> want, want_lse;
     capped_softmax(x, c, 5.0, 1.0f / std::sqrt(32.0f), &want, &want_lse);
-    EXPECT_EQ(r.unwritten_out, 0);
-    EXPECT_EQ(r.unwritten_lse, 0);
-    for (size_t i = 0; i < want.size(); ++i) ASSERT_NEAR(r.out[i], want[i], 1e-12) << i;
-    for (size_t i = 0; i < want_lse.size(); ++i) {
-      if (std::isinf(want_lse[i])) ASSERT_EQ(r.lse[i], want_lse[i]) << "row " << i << " sees no key";
-      else ASSERT_NEAR(r.lse[i], want_lse[i], 1e-12) << i;
-    }
+    expect_reference_is(run_reference(x, case_options(c, 5.f)), want, want_lse);
   }
 }
 
@@ -161,37 +141,9 @@ TEST(Softcap, LargeCapIsNoCap) {
 // quantize() + attention_int8() with softcap is attention() with softcap bit for bit; accurate
 // and half need the LSE offset then (the K-mean term enters the tanh), paper not.
 TEST(Softcap, PreQuantizedCallsNeedTheLseOffset) {
-  const int B = 2, Hq = 4, Hkv = 2, Sq = 45, Skv = 77, D = 64;
-  for (Scheme s : {Scheme::paper, Scheme::accurate, Scheme::half}) {
-    SCOPED_TRACE(to_string(s));
-    HostQKV x = tools::make_inputs(Dist::llm, B, Hq, Hkv, Sq, Skv, D, DType::bf16, 960 + int(s));
-    Options o;
-    o.scheme = s;
-    o.causal = true;
-    o.backend = Backend::cpu;
-    o.softcap = 10.f;
-    const Result want = run_attention(x, o);
-    ASSERT_TRUE(want.status.ok());
-    HostQuantized hq(x, o);
-    ASSERT_TRUE(hq.status.ok()) << hq.status.message();
-    const QuantizedQKV& qx = hq.qkv;
-    std::vector<float> out(want.out.size(), NAN), lse(want.lse.size(), NAN);
-    const Tensor to = make_tensor(out.data(), DType::f32, {B, Hq, Sq, D});
-    Tensor tl = make_tensor(lse.data(), DType::f32, {B, Hq, Sq});
-    Status st = attention_int8(qx, Tensor(), Tensor(), 0, 0, to, &tl, o);
-    ASSERT_TRUE(st.ok()) << st.message();
-    EXPECT_EQ(widen(out), want.out);
-    EXPECT_EQ(widen(lse), want.lse);
-    QuantizedQKV no_off = qx;
-    no_off.lse_offset = Tensor();
-    st = attention_int8(no_off, Tensor(), Tensor(), 0, 0, to, &tl, o);
-    if (s == Scheme::paper) {
-      EXPECT_TRUE(st.ok()) << st.message();
-    } else {
-      EXPECT_EQ(st.code(), StatusCode::invalid_argument);
-      EXPECT_NE(st.message().find("qkv.lse_offset: softcap with scheme"), std::string::npos) << st.message();
-    }
-  }
+  Options o;
+  o.softcap = 10.f;
+  expect_prequantized_needs_lse_offset(o, "qkv.lse_offset: softcap", 960);
 }
 
 TEST(Softcap, BadValuesArePreciseErrors) {

@@ -169,4 +169,69 @@ inline std::vector<uint16_t> slice_tokens(const std::vector<uint16_t>& x, int B,
   return y;
 }
 
+// A mask shape for the tests of options that act per row (sinks, soft-capping): heads, lengths,
+// causal, window_left (-1: none). kMaskCases: GQA and MHA; Sq > Skv causal leaves the first rows
+// without keys; a window cuts blocks.
+struct MaskCase {
+  int hq, hkv, sq, skv;
+  bool causal;
+  int left;
+};
+inline const std::vector<MaskCase> kMaskCases = {
+    {4, 2, 40, 70, false, -1}, {4, 4, 33, 33, true, -1}, {6, 2, 70, 30, true, -1}, {4, 1, 50, 90, true, 20}};
+inline std::string describe(const MaskCase& c) {
+  return "Hq " + std::to_string(c.hq) + " Hkv " + std::to_string(c.hkv) + " Sq " + std::to_string(c.sq) + " Skv " +
+         std::to_string(c.skv) + (c.causal ? " causal" : "") + " left " + std::to_string(c.left);
+}
+
+// The float64 oracle's run r against a float64 softmax written out in the test (want, want_lse,
+// BHSD): every output and LSE written, each within 1e-12, rows without keys -inf exactly.
+inline void expect_reference_is(const Result& r, const std::vector<double>& want,
+                                const std::vector<double>& want_lse) {
+  ASSERT_TRUE(r.status.ok()) << r.status.message();
+  EXPECT_EQ(r.unwritten_out, 0);
+  EXPECT_EQ(r.unwritten_lse, 0);
+  for (size_t i = 0; i < want.size(); ++i) ASSERT_NEAR(r.out[i], want[i], 1e-12) << i;
+  for (size_t i = 0; i < want_lse.size(); ++i) {
+    if (std::isinf(want_lse[i])) ASSERT_EQ(r.lse[i], want_lse[i]) << "row " << i << " (no key)";
+    else ASSERT_NEAR(r.lse[i], want_lse[i], 1e-12) << i;
+  }
+}
+
+// quantize() + attention_int8() with `o` (its sinks or softcap, causal) is attention() with `o`
+// bit for bit for every scheme, on llm inputs (large K means); without qkv.lse_offset, accurate
+// and half are refused with a message starting `says` + the scheme (the smoothed scores lack the
+// K-mean term those options need), paper is not (its scores are not shifted).
+inline void expect_prequantized_needs_lse_offset(Options o, const std::string& says, int seed) {
+  const int B = 2, Hq = 4, Hkv = 2, Sq = 45, Skv = 77, D = 64;
+  for (Scheme s : {Scheme::paper, Scheme::accurate, Scheme::half}) {
+    SCOPED_TRACE(to_string(s));
+    tools::HostQKV x = tools::make_inputs(tools::Dist::llm, B, Hq, Hkv, Sq, Skv, D, DType::bf16, seed + int(s));
+    o.scheme = s;
+    o.causal = true;
+    o.backend = Backend::cpu;
+    const Result want = run_attention(x, o);
+    ASSERT_TRUE(want.status.ok());
+    HostQuantized hq(x, o);
+    ASSERT_TRUE(hq.status.ok()) << hq.status.message();
+    const QuantizedQKV& qx = hq.qkv;
+    std::vector<float> out(want.out.size(), NAN), lse(want.lse.size(), NAN);
+    const Tensor to = make_tensor(out.data(), DType::f32, {B, Hq, Sq, D});
+    Tensor tl = make_tensor(lse.data(), DType::f32, {B, Hq, Sq});
+    Status st = attention_int8(qx, Tensor(), Tensor(), 0, 0, to, &tl, o);
+    ASSERT_TRUE(st.ok()) << st.message();
+    EXPECT_EQ(widen(out), want.out);
+    EXPECT_EQ(widen(lse), want.lse);
+    QuantizedQKV no_off = qx;
+    no_off.lse_offset = Tensor();
+    st = attention_int8(no_off, Tensor(), Tensor(), 0, 0, to, &tl, o);
+    if (s == Scheme::paper) {
+      EXPECT_TRUE(st.ok()) << st.message();
+    } else {
+      EXPECT_EQ(st.code(), StatusCode::invalid_argument);
+      EXPECT_NE(st.message().find(says + " with scheme " + to_string(s)), std::string::npos) << st.message();
+    }
+  }
+}
+
 }  // namespace intfa::testing
