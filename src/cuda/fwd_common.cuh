@@ -120,13 +120,6 @@ __device__ __forceinline__ void row_update(const float (&u)[N / 8][4], const flo
   row_factors(m_old, m_run, ref, inv_levels, alpha, cfac);
 }
 
-// Logit soft-capping of a block's scores (FwdParams::softcap): u <- tanh(u a + b) per score,
-// a and b per row (the kernel folds its row factor, 1 / softcap and the K-mean offset into
-// them, both times 2 log2 e), so the softmax then takes u against the row factor softcap log2 e.
-// tanh(y) = 1 - 2 / (1 + e^(2y)) by MUFU.EX2 and MUFU.RCP: within ~1e-7 of tanh in absolute
-// terms, which is what the scores see (tanh.approx.f32 is off by up to 2^-11 relative, ~5e-3 of
-// a score at softcap 50 and beyond the tests' CPU-emulation tolerance). Masked keys (-inf) stay
-// -inf.
 // A row's soft-capping factors for softcap_scores from its row factor rowf (q_scale * scale *
 // log2 e), which becomes softcap log2 e: a = rowf * 2 / softcap, b = the row's K-mean term
 // (FwdParams::score_offset at qrow, 0 for rows past the sequence or without one) * 2 log2 e /
@@ -139,6 +132,13 @@ __device__ __forceinline__ void softcap_row(const FwdParams& p, int b, int h, in
   rowf = p.softcap * kLog2e;
 }
 
+// Logit soft-capping of a block's scores (FwdParams::softcap): u <- tanh(y) per score with
+// 2 log2(e) y = u a + b, the row's factors from softcap_row (its row factor, 1 / softcap and the
+// K-mean term folded in), so the softmax then takes u against the row factor softcap log2 e.
+// tanh(y) = 1 - 2 / (1 + 2^(u a + b)) by MUFU.EX2 and MUFU.RCP: within a few 1e-7 of tanh in
+// absolute terms, which is what the scores see (tanh.approx.f32 is off by up to 2^-11
+// relative, ~5e-3 of a score at softcap 50 and beyond the tests' CPU-emulation tolerance).
+// Masked keys (-inf) stay -inf.
 template <int N>
 __device__ __forceinline__ void softcap_scores(float (&u)[N / 8][4], const float (&a)[2], const float (&b)[2]) {
 #pragma unroll
