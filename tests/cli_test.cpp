@@ -340,6 +340,28 @@ TEST(Cli, AccuracyWithSinks) {
   EXPECT_NE(demo.output.find("sinks U[0, 8) per head"), std::string::npos) << demo.output;
 }
 
+// --softcap X reaches intfa and the float64 reference alike (the error stays the scheme's, which
+// it would not if one side ran uncapped: scores of several units under a cap of 1), changes what
+// is computed, and shows in the header and the JSON row; --softcap 0 is the run without.
+TEST(Cli, AccuracyWithSoftcap) {
+  const std::string args = "accuracy --device cpu --seq 200 --dist llm --scheme accurate --hdim 64 --heads 4 "
+                           "--heads-kv 2 --causal 1";
+  CliResult r;
+  std::string text;
+  Json j = run_json(args + " --softcap 1", &r, &text);
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("causal 1, softcap 1,"), std::string::npos) << r.output;
+  const Json* row = only_row(j);
+  ASSERT_TRUE(row && row->get("rel_l2") && row->get("softcap")) << text;
+  EXPECT_EQ(row->get("softcap")->num, 1.0) << text;
+  const double err = row->get("rel_l2")->num;
+  EXPECT_GT(err, 0);
+  EXPECT_LT(err, 5e-2) << "intfa and the reference ran with different caps?";
+  const double plain = row_error(args, "softcap", {});
+  EXPECT_NE(plain, err) << "the cap changed nothing";
+  EXPECT_EQ(row_error(args + " --softcap 0", "softcap", {}), plain);
+}
+
 // A usage error: exit status 2 and a message that names the option.
 void expect_usage_error(const std::string& args, const std::string& option) {
   CliResult r = run_cli(args);
@@ -431,6 +453,12 @@ TEST(Cli, BadSinksNamesTheOption) {
       expect_usage_error(cmd + " --sinks " + bad, "--sinks: expected integers in [0, 1] separated by commas, got '" +
                                                       bad + "'");
   expect_usage_error("bench --sinks 0,1", "--sinks: expected one integer");
+}
+
+TEST(Cli, BadSoftcapNamesTheOption) {
+  for (const std::string bad : {"-1", "nan", "inf", "x", "2y"})
+    for (const std::string cmd : {"accuracy --device cpu --seq 64", "bench"})
+      expect_usage_error(cmd + " --softcap " + bad, "--softcap: expected a finite number >= 0 (0: none), got '" + bad + "'");
 }
 
 TEST(Cli, DeviceGpuWithoutGpuFails) {
