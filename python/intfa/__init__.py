@@ -538,8 +538,7 @@ class KVCache:
         max_seqlen_kv=capacity replays at any lengths, since only the device reads them."""
         span = self._span(max_seqlen_kv)
         window = _arrays.window_arg(window_size)
-        # (soft-capping takes the generic path: the fast path's one binding call has no cap)
-        fw = self._direct(q) if not _arrays.softcap_arg(softcap) else None
+        fw = self._direct(q)
         if fw is not None:
             s = _arrays.scale_arg(scale)
             z = _arrays.sinks_arg(fw, sinks, q)
@@ -550,7 +549,8 @@ class KVCache:
             if d is not None and min(d) >= 1 and out_name is not None and \
                     (z is None or self._direct(q, z) is not None):
                 out, lse = self._attention_direct(fw, q, d, bool(is_causal), window, z, s,
-                                                  bool(return_lse), path, out_name, span)
+                                                  bool(return_lse), path, out_name, span,
+                                                  _arrays.softcap_arg(softcap))
                 return (out, lse) if return_lse else out
         return _attend(self, q, is_causal, window, sinks, scale, return_lse, path, out_dtype,
                        softcap, max_seqlen_kv=max_seqlen_kv)
@@ -582,7 +582,7 @@ class KVCache:
         return fw
 
     def _attention_direct(self, fw, q, d, causal, window, sinks, scale, return_lse, path,
-                          out_name, span):
+                          out_name, span, softcap=0.0):
         """attention() as quantize_q() and attention_int8() run it, in one binding call
         (_C.kv_attention): the same two C++ calls in that order on the same arrays, but for q8,
         q_scale and lse_offset (this call's scratch), which come from one allocation, and k8
@@ -603,7 +603,8 @@ class KVCache:
             _lib.kv_attention(arg(q), scratch, with_offset, arg(self.k8), arg(self.k_scale),
                               arg(self.k_mean), arg(self.vt8), arg(self.v_scale), span,
                               self.lengths, arg(out), lse, causal, window[0], window[1],
-                              arg(sinks), scale, self.layout, self.scheme, path, fw.stream(q))
+                              arg(sinks), scale, self.layout, self.scheme, path, fw.stream(q),
+                              softcap)
         return out, lse
 
 

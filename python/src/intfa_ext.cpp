@@ -564,7 +564,7 @@ nb::object kv_attention(nb::handle q, nb::handle scratch, bool with_offset, nb::
                         nb::handle out, nb::handle lse, bool causal, int window_left,
                         int window_right, nb::handle sinks, double scale,
                         const std::string& layout, const std::string& scheme,
-                        const std::string& path, uintptr_t stream) {
+                        const std::string& path, uintptr_t stream, double softcap) {
   Views views;
   // quantize_q's side, as quantize_q() above takes it.
   intfa::Options oq;
@@ -585,6 +585,7 @@ nb::object kv_attention(nb::handle q, nb::handle scratch, bool with_offset, nb::
   Tensor to, tl;
   Status pending = make_options(causal, window_left, window_right, scale, layout, scheme, "auto",
                                 path, 64, stream, &oa, &views, sinks);
+  oa.softcap = static_cast<float>(softcap);
   struct Field { nb::handle h; const char* name; Tensor* t; };
   const Field fields[] = {{k8, "k8", &x.k8},
                           {k_scale, "k_scale", &x.k_scale},
@@ -768,7 +769,7 @@ NB_MODULE(_C, m) {
         nb::arg("seqused_kv").none(), nb::arg("out"), nb::arg("lse").none(), nb::arg("causal"),
         nb::arg("window_left"), nb::arg("window_right"), nb::arg("sinks").none(),
         nb::arg("scale"), nb::arg("layout"), nb::arg("scheme"), nb::arg("path"),
-        nb::arg("stream"));
+        nb::arg("stream"), nb::arg("softcap") = 0.0);
   m.def("attention_reference", &attention_reference, nb::arg("q"), nb::arg("k"), nb::arg("v"),
         nb::arg("out"), nb::arg("lse").none(), nb::arg("causal"), nb::arg("window_left"),
         nb::arg("window_right"), nb::arg("sinks").none(), nb::arg("scale"), nb::arg("layout"),

@@ -1879,9 +1879,9 @@ def test_softcap_errors():
 
 
 def test_softcap_over_kv_caches():
-    # KVCache.attention(softcap=) is quantize_q + attention_int8(softcap=) over its tokens, bit
-    # for bit (it leaves the one-call fast path for the generic one), and a PagedKVCache of the
-    # same prompts gives the same bits; the cap changes the result.
+    # KVCache.attention(softcap=) (its one-call fast path) is quantize_q + attention_int8(softcap=)
+    # over its tokens, bit for bit, and a PagedKVCache of the same prompts (the generic path)
+    # gives the same bits; the cap changes the result.
     rng = np.random.default_rng(99)
     q, k, v = qkv(rng, 2, 8, 2, 3, 150, 64)
     q *= 6
