@@ -18,7 +18,7 @@ from ragged import (Sequence, check_parts, in_layout, ragged_inputs,  # noqa: E4
                     ragged_vs_separate, seq_view)
 from reference import rel_l2  # noqa: E402
 from tiny_models import (check_greedy_steps, check_packed_prompts, left_padded, rel,  # noqa: E402
-                         tiny_gpt_oss)
+                         tiny_gemma2, tiny_gpt_oss)
 
 TOL = {"accurate": 3e-2, "paper": 6e-2}
 F = torch.nn.functional
@@ -1390,3 +1390,19 @@ def test_softcap_over_kv_caches_on_the_gpu(d):
         _window_vs_cpu(got[0][0], got[0][1], *want)
         plain = caches[0].attention(q, is_causal=True)
         assert rel_l2(plain.cpu(), want[0]) > 0.05
+
+
+@pytest.mark.parametrize("head_dim", [64, 256])
+def test_transformers_gemma2_on_the_gpu(head_dim):
+    """A Gemma 2 model (soft-capped logits, a sliding window) on the GPU through
+    register_transformers(): prefill on the sm80 kernel's Softcap instantiations, cached greedy
+    generation on the decode kernel's (head dim 64; 256: sm80 with key-range splits), against
+    the same model in float32 (eager) on the GPU."""
+    model = tiny_gemma2(5, head_dim=head_dim).cuda()
+    ref = tiny_gemma2(5, head_dim=head_dim).float().cuda()
+    ref.set_attn_implementation("eager")
+    model.set_attn_implementation(intfa.register_transformers())
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(6)).cuda()
+    with torch.no_grad():
+        assert rel(model(ids).logits, ref(ids).logits) < 3e-2
+    check_greedy_steps(model, ref, ids[:1, :10])

@@ -23,6 +23,28 @@ def tiny_gpt_oss(seed, head_dim=32):
     return model
 
 
+def tiny_gemma2(seed, head_dim=32, softcap=2.0):
+    """A random two-layer Gemma 2 (transformers' Gemma2: GQA, attention logit soft-capping, a
+    8-token sliding window on layer 0, full causal on layer 1) in bfloat16. Its q / k
+    projections are scaled up so the scores reach the cap (random init leaves them near 0),
+    and the cap is lowered from Gemma 2's 50 to `softcap` for the same reason."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.Gemma2Config(
+        vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=head_dim, intermediate_size=64, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=256,
+        attn_logit_softcapping=softcap, final_logit_softcapping=None,
+        query_pre_attn_scalar=head_dim)
+    model = transformers.Gemma2ForCausalLM(cfg).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                param.mul_(12.0)
+    return model
+
+
 def rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
 
