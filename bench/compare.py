@@ -5,7 +5,11 @@ device-to-device copy bandwidth. When the intfa Python package is importable, in
 this same process too (provider "intfa_py": e2e = intfa.attention, kernel = attention_int8 on
 inputs quantized once). Merges the C++ bench rows from --intfa JSON so one file holds the run, and
 prints a table with ratios and % of the card's INT8 peak for the row's path (measured by
-bench/sol_sm90.cu when --sol is given: wgmma for sm90 rows, mma.sync for sm80 rows)."""
+bench/sol_sm90.cu when --sol is given: wgmma for sm90 rows, mma.sync for sm80 rows).
+--softcap X (logit soft-capping, Gemma 2's): intfa_py runs with softcap=X, and since SDPA has no
+soft-capping the baseline is torch's flex_attention (compiled, bf16) with the cap as its
+score_mod and bottom-right causal as its block mask (provider "flex"; the ratio column is
+against it)."""
 import argparse
 import json
 import sys
@@ -62,6 +66,31 @@ def graph_time_ms(fn, calls, reps):
 MMA_SYNC_INT8_PEAK = {"H100": 1294.0, "H200": 1294.0}
 
 
+def flex_capped(q, k, v, cap, causal, gqa):
+    """A call of torch's flex_attention (compiled once per shape) with scores capped at
+    cap * tanh(s / cap) and, for causal, the bottom-right mask (query i sees keys j <= i + Skv -
+    Sq), as intfa computes them; run once before timing."""
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    sq, n = q.shape[2], k.shape[2]
+
+    def capped(score, b, h, qi, ki):
+        return cap * torch.tanh(score / cap)
+
+    mask = None
+    if causal:
+        mask = create_block_mask(lambda b, h, qi, ki: qi + (n - sq) >= ki, B=None, H=None, Q_LEN=sq,
+                                 KV_LEN=n, device=q.device)
+    flex = torch.compile(flex_attention)
+
+    def run():
+        return flex(q, k, v, score_mod=capped, block_mask=mask, enable_gqa=gqa)
+
+    run()
+    return run
+
+
 def int8_peak(card):
     for name, peak in MMA_SYNC_INT8_PEAK.items():
         if name in card:
@@ -86,6 +115,8 @@ def main():
                     help="JSON written by `intfa bench --json` in this run (repeatable: one per path)")
     ap.add_argument("--json", help="merged output")
     ap.add_argument("--sol", help="JSON written by `intfa_sol --json` in this run (measured int8 peaks)")
+    ap.add_argument("--softcap", type=float, default=0.0,
+                    help="logit soft-capping for intfa; baseline: flex_attention with the cap")
     a = ap.parse_args()
     try:
         import torch
@@ -128,6 +159,9 @@ def main():
                 extra["graph_calls"] = a.graph
             if gqa:
                 extra["heads_kv"] = hkv
+            cap = a.softcap
+            if cap:
+                extra["softcap"] = cap
             qkv = None
             if intfa is not None:
                 qkv = {sc: intfa.quantize(q, k, v, scheme=sc) for sc in ("accurate", "paper")}
@@ -139,16 +173,32 @@ def main():
                     pairs = float(sum(min(max(r + n - sq + 1, 0), n) for r in range(sq)))
                 ops = 4.0 * a.batch * a.heads * pairs * d
                 # The automatic path runs the decode kernel for at most 16 query rows per K/V head
-                # (GQA heads packed into rows: these BHSD tensors always pack), head dim 256 on sm80.
-                py_path = path and ("sm80" if d == 256 else "decode" if sq * (a.heads // hkv) <= 16 else path)
+                # (GQA heads packed into rows: these BHSD tensors always pack), head dim 256 on sm80,
+                # and soft-capped prefill on sm80 (the sm90 kernel has no soft-capping).
+                decode = d != 256 and sq * (a.heads // hkv) <= 16
+                py_path = path and ("decode" if decode else "sm80" if d == 256 or cap else path)
                 for sc in (qkv or {}):
                     c = bool(causal)
-                    runs = ((False, lambda: intfa.attention_int8(qkv[sc], is_causal=c, out_dtype=torch.bfloat16)),
-                            (True, lambda: intfa.attention(q, k, v, is_causal=c, scheme=sc, enable_gqa=gqa)))
+                    kw8 = dict(softcap=cap) if cap else {}
+                    runs = ((False, lambda: intfa.attention_int8(qkv[sc], is_causal=c, out_dtype=torch.bfloat16,
+                                                                 **kw8)),
+                            (True, lambda: intfa.attention(q, k, v, is_causal=c, scheme=sc, enable_gqa=gqa, **kw8)))
                     for e2e, fn in runs:
                         ms = timer(fn, a.reps)
                         rows.append(dict(provider="intfa_py", path=py_path, scheme=sc, seq=n, hdim=d, causal=causal,
                                          e2e=e2e, ms=round(ms, 4), tops=round(ops / ms / 1e9, 2), **extra))
+                if cap:
+                    # SDPA has no soft-capping: flex_attention with the cap as its score_mod (checked
+                    # against intfa.attention_reference(softcap=) on the CPU: within 1e-6).
+                    try:
+                        ms = timer(flex_capped(q, k, v, cap, bool(causal), gqa), a.reps)
+                    except Exception as e:  # noqa: BLE001 (inductor errors come in several types)
+                        print(f"  flex d{d} n{n} causal{causal}: unavailable ({str(e).splitlines()[0][:80]})",
+                              file=sys.stderr)
+                        continue
+                    rows.append(dict(provider="flex", path="", scheme="bf16", seq=n, hdim=d, causal=causal,
+                                     e2e=True, ms=round(ms, 4), tops=round(ops / ms / 1e9, 2), **extra))
+                    continue
                 if causal and sq != n:
                     # torch aligns the causal mask top-left when Sq != Skv: another problem.
                     print(f"  sdpa d{d} n{n} causal with {sq} query rows: skipped (top-left mask)", file=sys.stderr)
@@ -171,6 +221,7 @@ def main():
             intfa_rows += json.load(f)["rows"]
     allrows = intfa_rows + rows
     base = {(r["provider"], r["seq"], r["hdim"], r["causal"]): r["tops"] for r in rows}
+    first = "flex" if a.softcap else "sdpa_flash"  # the first ratio column's baseline
     shape = f"B={a.batch} H={a.heads}" + (f" Hkv={hkv}" if gqa else "") + (f" Sq={a.seq_q}" if a.seq_q else "")
     shape += f"; graphs of {a.graph} calls" if a.graph else ""
     print(f"\n== {card}: TOPS ({shape}); copy bandwidth {copy_gbs:.0f} GB/s ==")
@@ -184,10 +235,11 @@ def main():
         if r.get("path") == "sm90":
             return sol.get("int8_wgmma_tops", 1979.0)
         return sol.get("int8_mma_sync_tops", peak)
-    print(f"{'provider':<10} {'path':<5} {'scheme':<9} {'e2e':<5} {'seq':>6} {'hdim':>4} {'causal':>6} {'TOPS':>8} {'x flash':>8} {'x cudnn':>8} {'%int8pk':>8}")
+    x_first = "x flex" if a.softcap else "x flash"
+    print(f"{'provider':<10} {'path':<5} {'scheme':<9} {'e2e':<5} {'seq':>6} {'hdim':>4} {'causal':>6} {'TOPS':>8} {x_first:>8} {'x cudnn':>8} {'%int8pk':>8}")
     for r in allrows:
         key = (r["seq"], r["hdim"], r["causal"])
-        fl, cu = base.get(("sdpa_flash",) + key), base.get(("sdpa_cudnn",) + key)
+        fl, cu = base.get((first,) + key), base.get(("sdpa_cudnn",) + key)
         rf = f"{r['tops'] / fl:.2f}" if fl else "-"
         rc = f"{r['tops'] / cu:.2f}" if cu else "-"
         pk = f"{100 * r['tops'] / path_peak(r):.0f}%" if path_peak(r) and r["provider"].startswith("intfa") else "-"
