@@ -17,8 +17,8 @@ from paged import drop_pages, page_copy, paged_vs_ragged  # noqa: E402
 from ragged import (Sequence, check_parts, in_layout, ragged_inputs,  # noqa: E402
                     ragged_vs_separate, seq_view)
 from reference import rel_l2  # noqa: E402
-from tiny_models import (check_greedy_steps, check_packed_prompts, left_padded, rel,  # noqa: E402
-                         tiny_gemma2, tiny_gpt_oss)
+from tiny_models import (against_float32, check_greedy_steps, check_packed_prompts,  # noqa: E402
+                         left_padded, rel, tiny_gemma2, tiny_gpt_oss)
 
 TOL = {"accurate": 3e-2, "paper": 6e-2}
 F = torch.nn.functional
@@ -1303,12 +1303,7 @@ def test_transformers_gpt_oss_on_the_gpu():
     # runs the prefill kernels (layer 0 a 8-token sliding window, layer 1 full causal, both with
     # sinks), cached greedy generation the decode path; a left-padded batch runs attention_varlen.
     # Against the same model in float32 (eager attention) on the GPU: logits within INT8 error.
-    model, ref = tiny_gpt_oss(1, head_dim=64).cuda(), tiny_gpt_oss(1, head_dim=64).float().cuda()
-    ref.set_attn_implementation("eager")
-    model.set_attn_implementation(intfa.register_transformers())
-    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(2)).cuda()
-    with torch.no_grad():
-        assert rel(model(ids).logits, ref(ids).logits) < 3e-2
+    model, ref, ids, _ = against_float32(tiny_gpt_oss, 1, 2, device="cuda", head_dim=64)
     check_greedy_steps(model, ref, ids[:1, :10])
     with torch.no_grad():
         # Left-padded batch: each prompt's last logits as when it runs alone.
@@ -1398,11 +1393,5 @@ def test_transformers_gemma2_on_the_gpu(head_dim):
     register_transformers(): prefill on the sm80 kernel's Softcap instantiations, cached greedy
     generation on the decode kernel's (head dim 64; 256: sm80 with key-range splits), against
     the same model in float32 (eager) on the GPU."""
-    model = tiny_gemma2(5, head_dim=head_dim).cuda()
-    ref = tiny_gemma2(5, head_dim=head_dim).float().cuda()
-    ref.set_attn_implementation("eager")
-    model.set_attn_implementation(intfa.register_transformers())
-    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(6)).cuda()
-    with torch.no_grad():
-        assert rel(model(ids).logits, ref(ids).logits) < 3e-2
+    model, ref, ids, _ = against_float32(tiny_gemma2, 5, 6, device="cuda", head_dim=head_dim)
     check_greedy_steps(model, ref, ids[:1, :10])

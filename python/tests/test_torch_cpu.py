@@ -12,8 +12,8 @@ from paged import (check_paged_parts, drop_pages, page_copy, paged_vs_ragged,  #
 from ragged import (Sequence, check_parts, in_layout, ragged_inputs,  # noqa: E402
                     ragged_vs_separate)
 from reference import attention_ref, rel_l2, varlen_ref  # noqa: E402
-from tiny_models import (check_greedy_steps, check_packed_prompts, left_padded, rel,  # noqa: E402
-                         tiny_gemma2, tiny_gpt_oss)
+from tiny_models import (against_float32, check_greedy_steps, check_packed_prompts,  # noqa: E402
+                         error_without, left_padded, rel, tiny_gemma2, tiny_gpt_oss)
 
 
 def rand(*shape, dtype=torch.float16, seed=0):
@@ -890,30 +890,10 @@ def test_transformers_gpt_oss_runs_on_intfa():
     # is 0.5% off), prefill and cached greedy generation (decode steps, bottom-right causal over
     # the cache) alike; dropping the sinks or the window from the call moves the logits tens of
     # percent, so both are used.
-    model, ref = tiny_gpt_oss(1), tiny_gpt_oss(1).float()
-    ref.set_attn_implementation("eager")
-    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(2))
-    name = intfa.register_transformers()
-
-    def logits(impl, x):
-        model.set_attn_implementation(impl)
-        with torch.no_grad():
-            return model(x).logits
-
-    with torch.no_grad():
-        want = ref(ids).logits
-    err = rel(logits(name, ids), want)
-    assert err < 3e-2
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
-    AttentionMaskInterface.register("intfa_without", flash_attention_mask)
+    model, ref, ids, err = against_float32(tiny_gpt_oss, 1, 2)
     for drop in ("s_aux", "sliding_window"):
-        AttentionInterface.register(
-            "intfa_without",
-            lambda *a, _d=drop, **kw: intfa.transformers_attention(*a, **{**kw, _d: None}))
-        off = rel(logits("intfa_without", ids), want)
+        off = error_without(model, ref, ids, drop)
         assert off > max(0.15, 4 * err), f"without {drop}: {off} against {err}"
-    model.set_attn_implementation(name)
     check_greedy_steps(model, ref, ids[:1, :10])
     # A left-padded batch (the padding mask: attention_varlen over the tokens) generates what
     # each prompt generates alone.
@@ -937,37 +917,29 @@ def test_transformers_gemma2_runs_on_intfa():
     # against the same model in float32 (eager): logits within INT8 error (1.8% measured; the
     # bfloat16 eager model is 1.2% off), prefill and cached greedy generation; without the cap
     # (softcap dropped from the call) they move 79%.
-    model, ref = tiny_gemma2(3), tiny_gemma2(3).float()
-    ref.set_attn_implementation("eager")
-    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(4))
-    name = intfa.register_transformers()
-    with torch.no_grad():
-        want = ref(ids).logits
-        model.set_attn_implementation(name)
-        err = rel(model(ids).logits, want)
-        assert err < 3e-2
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
-        AttentionMaskInterface.register("intfa_uncapped", flash_attention_mask)
-        AttentionInterface.register(
-            "intfa_uncapped",
-            lambda *a, **kw: intfa.transformers_attention(*a, **{**kw, "softcap": None}))
-        model.set_attn_implementation("intfa_uncapped")
-        off = rel(model(ids).logits, want)
-        assert off > max(0.1, 4 * err), f"without the cap: {off} against {err}"
-    model.set_attn_implementation(name)
+    model, ref, ids, err = against_float32(tiny_gemma2, 3, 4)
+    off = error_without(model, ref, ids, "softcap")
+    assert off > max(0.1, 4 * err), f"without the cap: {off} against {err}"
     check_greedy_steps(model, ref, ids[:1, :10])
+
+
+class Module:
+    """What transformers_attention reads of transformers' attention module: is_causal."""
+    is_causal = True
+
+
+def transformers_inputs(batch, seed):
+    """query [batch, 4, 24, 32], key / value [batch, 2, 24, 32] in bfloat16 (transformers'
+    layout, GQA) and one sink logit per query head."""
+    q, k, v = (rand(batch, 4 if i == 0 else 2, 24, 32, dtype=torch.bfloat16, seed=seed + i)
+               for i in range(3))
+    return q, k, v, torch.tensor([1.0, 2.0, -1.0, 3.0])
 
 
 def test_transformers_attention_refusals():
     # transformers_attention is intfa.attention in transformers' layout (out [B, Sq, Hq, D]),
     # bit for bit; float32 runs in bfloat16; a mask, dropout are refused by name.
-    class Module:
-        is_causal = True
-
-    q, k, v = (rand(2, 4 if i == 0 else 2, 24, 32, dtype=torch.bfloat16, seed=10 + i)
-               for i in range(3))
-    z = torch.tensor([1.0, 2.0, -1.0, 3.0])
+    q, k, v, z = transformers_inputs(2, 10)
     out, probs = intfa.transformers_attention(Module(), q, k, v, None, scaling=0.2,
                                               sliding_window=6, s_aux=z)
     assert probs is None and out.shape == (2, 24, 4, 32)
@@ -1007,12 +979,7 @@ def test_transformers_attention_packed_rows():
     # as cu_seq_lens_q / cu_seq_lens_k or as position_ids restarting at 0. Each sequence's rows
     # are what intfa.attention gives it alone (bit for bit: the same per-sequence quantization);
     # without the packing the last 14 rows would see the first 10 tokens.
-    class Module:
-        is_causal = True
-
-    q, k, v = (rand(1, 4 if i == 0 else 2, 24, 32, dtype=torch.bfloat16, seed=30 + i)
-               for i in range(3))
-    z = torch.tensor([1.0, 2.0, -1.0, 3.0])
+    q, k, v, z = transformers_inputs(1, 30)
     kw = dict(scaling=0.2, sliding_window=6, s_aux=z)
     cu = torch.tensor([0, 10, 10, 24], dtype=torch.int32)
     by_cu, _ = intfa.transformers_attention(Module(), q, k, v, None, cu_seq_lens_q=cu,

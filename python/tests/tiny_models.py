@@ -3,20 +3,27 @@
 import pytest
 
 
-def tiny_gpt_oss(seed, head_dim=32):
-    """A random two-layer gpt-oss (transformers' GptOss: GQA, sinks, a 8-token sliding window on
-    layer 0, full causal on layer 1) in bfloat16, with sinks near the LSE of its rows so they
-    take a real share of the softmax. head_dim 64 (gpt-oss's own) for the GPU paths, which take
-    64 and 128."""
+def _tiny(config, model, seed, head_dim, **extra):
+    """A random two-layer decoder of transformers' `config` / `model` classes in bfloat16, the
+    shape every tiny model here shares: GQA (4 query heads, 2 K/V heads), a 8-token sliding
+    window on layer 0, full causal on layer 1; `extra` the family's own config fields."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
-    cfg = transformers.GptOssConfig(
+    cfg = getattr(transformers, config)(
         vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=head_dim, intermediate_size=64, num_local_experts=4,
-        num_experts_per_tok=2, sliding_window=8,
-        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=256)
-    model = transformers.GptOssForCausalLM(cfg).to(torch.bfloat16).eval()
+        num_key_value_heads=2, head_dim=head_dim, intermediate_size=64, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=256, **extra)
+    return getattr(transformers, model)(cfg).to(torch.bfloat16).eval()
+
+
+def tiny_gpt_oss(seed, head_dim=32):
+    """A random two-layer gpt-oss (transformers' GptOss: sinks, the window on layer 0) in
+    bfloat16, with sinks near the LSE of its rows so they take a real share of the softmax.
+    head_dim 64 (gpt-oss's own) for the GPU paths, which take 64 and 128."""
+    torch = pytest.importorskip("torch")
+    model = _tiny("GptOssConfig", "GptOssForCausalLM", seed, head_dim, num_local_experts=4,
+                  num_experts_per_tok=2)
     for module in model.modules():
         if hasattr(module, "sinks"):
             torch.nn.init.normal_(module.sinks, mean=2.0, std=1.0)
@@ -24,25 +31,52 @@ def tiny_gpt_oss(seed, head_dim=32):
 
 
 def tiny_gemma2(seed, head_dim=32, softcap=2.0):
-    """A random two-layer Gemma 2 (transformers' Gemma2: GQA, attention logit soft-capping, a
-    8-token sliding window on layer 0, full causal on layer 1) in bfloat16. Its q / k
-    projections are scaled up so the scores reach the cap (random init leaves them near 0),
-    and the cap is lowered from Gemma 2's 50 to `softcap` for the same reason."""
+    """A random two-layer Gemma 2 (transformers' Gemma2: attention logit soft-capping, the window
+    on layer 0) in bfloat16. Its q / k projections are scaled up so the scores reach the cap
+    (random init leaves them near 0), and the cap is lowered from Gemma 2's 50 to `softcap` for
+    the same reason."""
     torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(seed)
-    cfg = transformers.Gemma2Config(
-        vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=head_dim, intermediate_size=64, sliding_window=8,
-        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=256,
-        attn_logit_softcapping=softcap, final_logit_softcapping=None,
-        query_pre_attn_scalar=head_dim)
-    model = transformers.Gemma2ForCausalLM(cfg).to(torch.bfloat16).eval()
+    model = _tiny("Gemma2Config", "Gemma2ForCausalLM", seed, head_dim, attn_logit_softcapping=softcap,
+                  final_logit_softcapping=None, query_pre_attn_scalar=head_dim)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith(("q_proj.weight", "k_proj.weight")):
                 param.mul_(12.0)
     return model
+
+
+def against_float32(make, seed, ids_seed, device="cpu", tol=3e-2, **kw):
+    """make(seed, **kw) in bfloat16 running attn_implementation=intfa.register_transformers(),
+    the same model in float32 with eager attention, both on `device`, and a (2, 40) batch of
+    tokens: (model, ref, ids, err), err the relative error of the model's logits against ref's,
+    asserted below tol (INT8 error)."""
+    torch = pytest.importorskip("torch")
+    import intfa
+    model, ref = make(seed, **kw).to(device), make(seed, **kw).float().to(device)
+    ref.set_attn_implementation("eager")
+    model.set_attn_implementation(intfa.register_transformers())
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(ids_seed)).to(device)
+    with torch.no_grad():
+        err = rel(model(ids).logits, ref(ids).logits)
+    assert err < tol
+    return model, ref, ids, err
+
+
+def error_without(model, ref, ids, drop):
+    """The relative error against ref's logits of the model on intfa with the attention call's
+    keyword `drop` (s_aux, sliding_window, softcap) passed as None; the model is left on intfa."""
+    torch = pytest.importorskip("torch")
+    import intfa
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+    AttentionMaskInterface.register("intfa_without", flash_attention_mask)
+    AttentionInterface.register(
+        "intfa_without", lambda *a, **kw: intfa.transformers_attention(*a, **{**kw, drop: None}))
+    model.set_attn_implementation("intfa_without")
+    with torch.no_grad():
+        err = rel(model(ids).logits, ref(ids).logits)
+    model.set_attn_implementation(intfa.register_transformers())
+    return err
 
 
 def rel(a, b):

@@ -19,21 +19,20 @@ Status with_kernel(bool d128, int stages, bool paged, bool small, bool softcap, 
   using std::integral_constant;
   using Yes = std::true_type;
   using No = std::false_type;
-  auto pick = [&](auto d, auto s) {
+  auto pick = [&](auto d, auto s, auto sc) {
+    if (!paged) return f(d, s, No{}, No{}, sc);
     if constexpr (decltype(s)::value == 3)
-      if (softcap) {
-        if (!paged) return f(d, s, No{}, No{}, Yes{});
-        if (small) return f(d, s, Yes{}, Yes{}, Yes{});
-        return f(d, s, Yes{}, No{}, Yes{});
-      }
-    if (!paged) return f(d, s, No{}, No{}, No{});
-    if constexpr (decltype(s)::value == 3)
-      if (small) return f(d, s, Yes{}, Yes{}, No{});
-    return f(d, s, Yes{}, No{}, No{});
+      if (small) return f(d, s, Yes{}, Yes{}, sc);
+    return f(d, s, Yes{}, No{}, sc);
   };
-  if (!d128) return pick(integral_constant<int, 64>{}, integral_constant<int, 3>{});
-  if (stages == 4 && !small && !softcap) return pick(integral_constant<int, 128>{}, integral_constant<int, 4>{});
-  return pick(integral_constant<int, 128>{}, integral_constant<int, 3>{});
+  // The 3-stage kernels come with and without soft-capping, the 4-stage one (D = 128) without.
+  auto pick3 = [&](auto d) {
+    const integral_constant<int, 3> s3;
+    return softcap ? pick(d, s3, Yes{}) : pick(d, s3, No{});
+  };
+  if (!d128) return pick3(integral_constant<int, 64>{});
+  if (stages == 4 && !small && !softcap) return pick(integral_constant<int, 128>{}, integral_constant<int, 4>{}, No{});
+  return pick3(integral_constant<int, 128>{});
 }
 
 }  // namespace

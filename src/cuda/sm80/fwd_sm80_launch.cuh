@@ -17,14 +17,15 @@ inline int64_t query_tiles(const FwdParams& p) {
 
 // Key ranges per query tile: fwd::split_count over the CTA slots (SMs x resident CTAs of the
 // whole-tile kernel, which the split kernel matches: same threads, shared memory and register
-// cap), with the INTFA_SM80_SPLITS override (tests, sanitizer runs) read once. 1 where no split
-// kernel is built (kSplitsBuilt). The occupancy is the launched kernel's (Softcap included),
+// cap), with the INTFA_SM80_SPLITS override (tests, sanitizer runs) read once. Only for head dims
+// with split kernels (kSplitsBuilt). The occupancy is the launched kernel's (Softcap included),
 // which launch_fwd has opted in to its shared memory: another instantiation not yet launched in
 // the process would report 0 resident CTAs, and so no split.
 template <int D, bool Causal, bool Paged, bool SmallPages, bool Softcap>
 Status choose_splits(const FwdParams& p, int64_t tiles, int* splits) {
+  static_assert(kSplitsBuilt<D>, "no split kernels at this head dim");
   *splits = 1;
-  if (!kSplitsBuilt<D> || tiles < 1 || tiles >= (int64_t(1) << 30)) return Status::OK();
+  if (tiles < 1 || tiles >= (int64_t(1) << 30)) return Status::OK();
   static const int forced = [] {
     const char* e = std::getenv("INTFA_SM80_SPLITS");
     return e ? std::atoi(e) : 0;
