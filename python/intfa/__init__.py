@@ -1239,11 +1239,12 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
 def _packed_rows(query, key, attention_mask, kwargs):
     """The sequences of a padding-free packed batch (transformers' DataCollatorWithFlattening and
-    the like) as (cu_q, cu_k, max_q, max_k) over the batch's flattened tokens, or None for an
-    ordinary batch. transformers passes them as cu_seq_lens_q / cu_seq_lens_k (with
-    max_length_q / max_length_k), or only as position_ids that restart at 0 where a sequence
-    starts; its flash path reads both the same way (position_ids only for one row of queries
-    and keys alike, no cache). A padded batch's 2D mask takes precedence, as there."""
+    the like) as (cu_q, cu_k, max_q, max_k) over the batch's flattened tokens (max_* None where
+    attention_varlen is to read them from cu), or None for an ordinary batch. transformers
+    passes them as cu_seq_lens_q / cu_seq_lens_k (with max_length_q / max_length_k), or only as
+    position_ids that restart at 0 where a sequence starts; its flash path reads both the same
+    way (position_ids only for one row of queries and keys alike, no cache). A padded batch's
+    2D mask takes precedence, as there."""
     torch = _torch.torch
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if attention_mask is None and (cu_q is not None or cu_k is not None):
@@ -1271,8 +1272,7 @@ def _packed_rows(query, key, attention_mask, kwargs):
     if starts.numel() == 0 or int(starts[0]) != 0:
         starts = torch.cat([starts.new_zeros(1), starts])
     cu = torch.cat([starts, starts.new_tensor([pos.shape[0]])]).to(torch.int32)
-    longest = int(cu.diff().max())
-    return cu, cu, longest, longest
+    return cu, cu, None, None  # (attention_varlen reads the longest from cu)
 
 
 def transformers_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
