@@ -597,8 +597,11 @@ Status run_fp_attention(Problem& p, const Tensor& q, const Tensor& k, const Tens
       fp.lse_offset = nullptr;
     }
     if (p.gpu) {
-      st = cuda::quantize(qp, opts.stream);
-      if (st.ok()) st = cuda::attention_int8(fp, path, opts.path == GpuPath::automatic, opts.stream);
+      // Q itself, for the kernel that quantizes it (cuda::attention decides).
+      fp.q_in = q.data;
+      fp.qin_st = p.q.st;
+      fp.q_in_dtype = q.dtype;
+      st = cuda::attention(qp, fp, path, opts.path == GpuPath::automatic, opts.stream);
     } else {
       ref::quantize(qp);
       ref::attention_int8(fp);

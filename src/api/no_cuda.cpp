@@ -21,6 +21,7 @@ Status resolve_path(GpuPath, int, GpuPath*) { return unavailable(); }
 Status quantize(const QuantParams&, void*) { return unavailable(); }
 Status quantize_cache(const CacheQuantParams&, void*) { return unavailable(); }
 Status attention_int8(const FwdParams&, GpuPath, bool, void*) { return unavailable(); }
+Status attention(const QuantParams&, const FwdParams&, GpuPath, bool, void*) { return unavailable(); }
 Status malloc_async(void**, size_t, void*) { return unavailable(); }
 Status free_async(void*, void*) { return unavailable(); }
 Status copy_to_host_sync(void*, const void*, size_t, void*, bool*) { return unavailable(); }
@@ -29,6 +30,7 @@ Status debug_qk_block_sm80(int, const int8_t*, const int8_t*, int32_t*) { return
 Status debug_qk_block_sm90(int, const int8_t*, const int8_t*, int32_t*) { return unavailable(); }
 Status debug_exp2_poly(const float*, float*, int) { return unavailable(); }
 Status debug_programmatic_launches(long long*) { return unavailable(); }
+Status debug_fused_q_calls(long long*) { return unavailable(); }
 Status debug_check_cuda(int, const char*) { return unavailable(); }
 Status gpu_malloc(void**, size_t, int) { return unavailable(); }
 Status gpu_free(void*) { return unavailable(); }

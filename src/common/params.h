@@ -145,6 +145,11 @@ struct FwdParams {
   // make_fwd_params. Last, so the other kernels' parameter offsets stay.
   float softcap = 0.f;
   const float* score_offset = nullptr;  // like q_scale, may be null (paper: none)
+  // Q in fp16 / bf16 (strides like q_st, in elements) for a kernel that quantizes it itself:
+  // set only by cuda::attention (run_fp_attention's calls) when the sm90 kernel runs the call
+  // and no row needs lse_offset; q8 and q_scale are then null (the quantizer skipped Q).
+  const void* q_in = nullptr;  Strides3 qin_st;
+  DType q_in_dtype = DType::bf16;
 };
 
 // Window edges of a row at query position pos with diagonal diag = skv - sq: its last visible

@@ -4,6 +4,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstdint>
+#include <cstring>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -208,13 +209,61 @@ Status attention_int8(const FwdParams& params, GpuPath path, bool fallback, void
   if (path == GpuPath::sm90 && !softcap) {
 #if INTFA_HAVE_SM90
     Status st = launch_fwd_sm90(p, s);
-    // Operands TMA cannot describe: the automatic path takes them to the portable kernel.
-    if (st.code() != StatusCode::not_available || !fallback) return st;
+    // Operands TMA cannot describe: the automatic path takes them to the portable kernel (not a
+    // call whose Q only the sm90 kernel quantizes; cuda::attention checked it launches).
+    if (st.code() != StatusCode::not_available || !fallback || p.q_in) return st;
 #else
     if (!fallback) return Status(StatusCode::not_available, "path: sm90 is not available in this build");
 #endif
   }
   return launch_fwd_sm80(p, s);
+}
+
+namespace {
+std::atomic<long long> g_fused_q_calls{0};
+// INTFA_SM90_FUSED_Q=0 turns the fused Q off (same-run comparisons in the bench).
+bool fused_q_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("INTFA_SM90_FUSED_Q");
+    return !(e && std::strcmp(e, "0") == 0);
+  }();
+  return on;
+}
+}  // namespace
+
+Status attention(const QuantParams& qp, const FwdParams& fp, GpuPath path, bool fallback, void* stream) {
+  QuantParams q = qp;
+  FwdParams f = fp;
+  // The sm90 kernel quantizes Q itself when it runs the call (attention_int8's choice: not the
+  // decode kernel, no soft-capping) and Q rows need no lse_offset (which the quantizer computes
+  // from the K means): a third of the quantizer's traffic (Q read, Q8 written) goes, and the
+  // kernel reads Q at 2 bytes per element instead of 1 (H200, PERF_LOG q22).
+  bool fuse = false;
+#if INTFA_HAVE_SM90
+  if (f.q_in && path == GpuPath::sm90 && !(f.softcap > 0.f) && !q.lse_offset && !f.lse_offset &&
+      !f.score_offset && fused_q_enabled()) {
+    FwdParams packed = f;
+    fwd::pack_gqa_rows(packed);
+    fuse = !(fallback && decode_takes(packed)) && check_fwd_sm90(packed).ok();
+  }
+#endif
+  if (fuse) {
+    g_fused_q_calls.fetch_add(1, std::memory_order_relaxed);
+    q.q8 = nullptr;
+    q.q_scale = nullptr;
+    f.q8 = nullptr;
+    f.q_scale = nullptr;
+  } else {
+    f.q_in = nullptr;
+  }
+  Status st = quantize(q, stream);
+  if (st.ok()) st = attention_int8(f, path, fallback, stream);
+  return st;
+}
+
+Status debug_fused_q_calls(long long* count) {
+  *count = g_fused_q_calls.load(std::memory_order_relaxed);
+  return Status::OK();
 }
 
 Status debug_qk_block_sm80(int head_dim, const int8_t* q8, const int8_t* k8, int32_t* s) {

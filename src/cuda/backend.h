@@ -21,6 +21,10 @@ Status quantize_cache(const CacheQuantParams& p, void* stream);
 // `path` as resolve_path() chose it; with `fallback` (the caller asked for auto) operands the
 // sm90 kernel cannot take run on sm80 instead.
 Status attention_int8(const FwdParams& p, GpuPath path, bool fallback, void* stream);
+// attention() / attention_varlen() on fp16 / bf16 inputs: quantize(qp), then attend (fp, as
+// attention_int8). fp.q_in is Q itself: when the sm90 kernel takes the call and no row needs
+// lse_offset, that kernel quantizes Q (bit-identical to quantize()) and the quantizer skips it.
+Status attention(const QuantParams& qp, const FwdParams& fp, GpuPath path, bool fallback, void* stream);
 
 // Stream-ordered scratch memory (graph-capturable) and small transfers for validation.
 Status malloc_async(void** ptr, size_t bytes, void* stream);
@@ -39,6 +43,8 @@ Status debug_exp2_poly(const float* x, float* y, int n);
 // Launches made as programmatic dependents so far in this process (cuda::launch_dependent), so a
 // test can see that the guard on the loaded kernel's PTX target lets them happen on sm_90.
 Status debug_programmatic_launches(long long* count);
+// Test hook: attention() calls so far whose Q the sm90 kernel quantized (cuda::attention).
+Status debug_fused_q_calls(long long* count);
 // check_cuda(err, what) for a CUDA error code given as an int (tests without CUDA headers).
 Status debug_check_cuda(int err, const char* what);
 

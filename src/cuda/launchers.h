@@ -124,6 +124,8 @@ Status launch_fwd_decode(const FwdParams& p, cudaStream_t stream);
 // src/cuda/sm90: wgmma / TMA / warp-specialized INT8 flash attention (sm_90a only). Returns
 // not_available for operands TMA cannot describe (16-byte aligned bases and strides).
 Status launch_fwd_sm90(const FwdParams& p, cudaStream_t stream);
+// OK when launch_fwd_sm90(p) would launch p (after GQA packing), else what it would refuse.
+Status check_fwd_sm90(const FwdParams& p);
 // Test hook: the same 128x128 int32 score block through the sm90 smem layout and wgmma.
 Status launch_qk_block_test_sm90(int head_dim, const int8_t* q8, const int8_t* k8, int32_t* s,
                                  cudaStream_t stream);

@@ -154,12 +154,15 @@ inline bool pack_gqa_rows(FwdParams& p) {
   const int64_t g = p.heads_q / p.heads_kv, rows = g * p.seqlen_q;
   if (rows >= (int64_t(1) << 30)) return false;
   auto packable = [&](const Strides3& st) { return p.seqlen_q == 1 || st.hs == int64_t(p.seqlen_q) * st.ts; };
-  if (!packable(p.q_st) || !packable(p.o_st) || !packable(p.qs_st) || (p.lse && !packable(p.lse_st))) return false;
+  if (!packable(p.q_st) || !packable(p.o_st) || !packable(p.qs_st) || (p.lse && !packable(p.lse_st)) ||
+      (p.q_in && !packable(p.qin_st)))
+    return false;
   auto pack = [&](Strides3& st) {
     if (p.seqlen_q == 1) st.ts = st.hs;
     st.hs *= g;
   };
   pack(p.q_st);
+  if (p.q_in) pack(p.qin_st);
   pack(p.o_st);
   pack(p.qs_st);  // q_scale and lse_offset
   if (p.lse) pack(p.lse_st);

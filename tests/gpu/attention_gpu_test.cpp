@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <string>
@@ -1013,6 +1014,119 @@ TEST_F(AttentionGpu, EndToEndAccuracyVsFloat64) {
       EXPECT_NEAR(m_gpu.rel_l2 / m_cpu.rel_l2, 1.0, 0.1)
           << "gpu " << m_gpu.rel_l2 << " cpu emulation " << m_cpu.rel_l2;
     }
+}
+
+// attention() on the sm90 path without an LSE: the kernel quantizes Q itself from the fp16 / bf16
+// rows (FwdParams::q_in) and the quantizer skips Q. The same call with an LSE needs lse_offset,
+// so the quantizer makes Q8 as before: both outputs must be the same bits (the same Q8 and
+// scales into the same kernel arithmetic), and close to the CPU backend's. Both dtypes and
+// layouts, D 64 / 128, GQA packed and unpacked rows, causal with Sq != Skv, a window, paper,
+// and decode shapes (fused on path sm90; path auto sends them to the decode kernel, unfused).
+TEST_F(AttentionGpu, EndToEndSm90QuantizesQ) {
+  if (gpu_paths().size() < 2) GTEST_SKIP() << "no sm90 path on this device";
+  if (const char* e = std::getenv("INTFA_SM90_FUSED_Q"); e && std::string(e) == "0")
+    GTEST_SKIP() << "INTFA_SM90_FUSED_Q=0";
+  struct S { int batch, hq, hkv, sq, skv, d; bool causal; int left; DType dt; Layout layout; Scheme scheme; GpuPath path; bool fused; };
+  int seed = 2300;
+  for (const S& w : std::vector<S>{
+           {2, 4, 4, 300, 300, 128, false, -1, DType::bf16, Layout::BHSD, Scheme::accurate, GpuPath::automatic, true},
+           {1, 8, 2, 257, 520, 64, true, -1, DType::f16, Layout::BSHD, Scheme::accurate, GpuPath::sm90, true},
+           {1, 8, 2, 200, 700, 128, true, -1, DType::bf16, Layout::BHSD, Scheme::paper, GpuPath::automatic, true},
+           {1, 4, 4, 600, 600, 128, true, 100, DType::f16, Layout::BHSD, Scheme::accurate, GpuPath::automatic, true},
+           {3, 4, 1, 1, 1500, 64, false, -1, DType::bf16, Layout::BHSD, Scheme::accurate, GpuPath::sm90, true},
+           {3, 4, 1, 1, 1500, 64, false, -1, DType::bf16, Layout::BHSD, Scheme::accurate, GpuPath::automatic, false}}) {
+    SCOPED_TRACE("B" + std::to_string(w.batch) + " H" + std::to_string(w.hq) + "/" + std::to_string(w.hkv) + " Sq" +
+                 std::to_string(w.sq) + " Skv" + std::to_string(w.skv) + " D" + std::to_string(w.d) +
+                 (w.causal ? " causal" : "") + " " + to_string(w.dt) + " path " + to_string(w.path));
+    auto x = tools::make_inputs(Dist::llm, w.batch, w.hq, w.hkv, w.sq, w.skv, w.d, w.dt, ++seed);
+    // BSHD: the same random values read in that order.
+    const bool bshd = w.layout == Layout::BSHD;
+    auto dims = [&](int h, int n) {
+      return bshd ? std::vector<int64_t>{w.batch, n, h, w.d} : std::vector<int64_t>{w.batch, h, n, w.d};
+    };
+    auto tensor = [&](void* data, DType dt, const std::vector<int64_t>& sh, bool dev) {
+      return make_tensor(data, dt, static_cast<int>(sh.size()), sh.data(), dev);
+    };
+    Options o;
+    o.causal = w.causal;
+    o.window_left = w.left;
+    o.scheme = w.scheme;
+    o.layout = w.layout;
+    o.backend = Backend::cpu;
+    o.block_n = gpu_block_n(w.d);
+    std::vector<float> cpu(x.q.size(), NAN);
+    INTFA_ASSERT_OK(attention(tensor(x.q.data(), w.dt, dims(w.hq, w.sq), false), tensor(x.k.data(), w.dt, dims(w.hkv, w.skv), false),
+                              tensor(x.v.data(), w.dt, dims(w.hkv, w.skv), false),
+                              tensor(cpu.data(), DType::f32, dims(w.hq, w.sq), false), nullptr, o));
+    DeviceBuffer dq(x.q.data(), x.q.size() * 2), dk(x.k.data(), x.k.size() * 2), dv(x.v.data(), x.v.size() * 2);
+    o.backend = Backend::gpu;
+    o.path = w.path;
+    std::vector<float> outs[2];
+    long long calls[3] = {0, 0, 0};
+    INTFA_ASSERT_OK(cuda::debug_fused_q_calls(&calls[0]));
+    for (int with_lse = 0; with_lse < 2; ++with_lse) {
+      DeviceBuffer dout(x.q.size() * 4), dlse(size_t(w.batch) * w.hq * w.sq * 4);
+      INTFA_ASSERT_OK(gpu_memset(dout.ptr, 0xFF, x.q.size() * 4));  // NaN poison
+      Tensor lse = make_tensor(dlse.ptr, DType::f32, {w.batch, w.hq, w.sq}, true);
+      INTFA_ASSERT_OK(attention(tensor(dq.ptr, w.dt, dims(w.hq, w.sq), true), tensor(dk.ptr, w.dt, dims(w.hkv, w.skv), true),
+                                tensor(dv.ptr, w.dt, dims(w.hkv, w.skv), true),
+                                tensor(dout.ptr, DType::f32, dims(w.hq, w.sq), true), with_lse ? &lse : nullptr, o));
+      INTFA_ASSERT_OK(gpu_synchronize());
+      INTFA_ASSERT_OK(cuda::debug_fused_q_calls(&calls[1 + with_lse]));
+      outs[with_lse] = dout.to_host<float>();
+    }
+    EXPECT_EQ(calls[1] - calls[0], w.fused ? 1 : 0) << "the call without an LSE";
+    EXPECT_EQ(calls[2] - calls[1], 0) << "the call with an LSE (its rows need lse_offset)";
+    ASSERT_EQ(outs[0].size(), outs[1].size());
+    EXPECT_EQ(std::memcmp(outs[0].data(), outs[1].data(), outs[0].size() * 4), 0) << "fused Q vs quantize()'s Q8";
+    const auto m = tools::compare(std::vector<double>(outs[0].begin(), outs[0].end()),
+                                  std::vector<double>(cpu.begin(), cpu.end()));
+    EXPECT_EQ(m.nonfinite, 0);
+    EXPECT_LT(m.rel_l2, 2e-3) << "GPU vs CPU emulation";
+  }
+  // Varlen (packed rows of several sequences, an empty one among them; Q tiles that run into the
+  // next sequence's rows), causal, bf16.
+  const std::vector<int32_t> cu_q = {0, 37, 37, 337, 466}, cu_kv = {0, 100, 109, 409, 1009};
+  const int H = 4, Hkv = 2, D = 128, tq = cu_q.back(), tkv = cu_kv.back();
+  auto x = tools::make_inputs(Dist::llm, 1, H, Hkv, tq, tkv, D, DType::bf16, ++seed);  // read as [t, h, d]
+  Options o;
+  o.causal = true;
+  o.backend = Backend::cpu;
+  o.block_n = gpu_block_n(D);
+  auto packed = [&](void* data, DType dt, int t, int h, bool dev) { return make_tensor(data, dt, {t, h, D}, dev); };
+  auto cu = [](const std::vector<int32_t>& c, void* data, bool dev) {
+    return make_tensor(data, DType::i32, {int64_t(c.size())}, dev);
+  };
+  std::vector<float> cpu(x.q.size(), NAN);
+  std::vector<int32_t> hq(cu_q), hkv(cu_kv);
+  INTFA_ASSERT_OK(attention_varlen(packed(x.q.data(), DType::bf16, tq, H, false), packed(x.k.data(), DType::bf16, tkv, Hkv, false),
+                                   packed(x.v.data(), DType::bf16, tkv, Hkv, false), cu(hq, hq.data(), false),
+                                   cu(hkv, hkv.data(), false), 300, 600, packed(cpu.data(), DType::f32, tq, H, false), nullptr, o));
+  DeviceBuffer dq(x.q.data(), x.q.size() * 2), dk(x.k.data(), x.k.size() * 2), dv(x.v.data(), x.v.size() * 2),
+      dcq(hq.data(), hq.size() * 4), dckv(hkv.data(), hkv.size() * 4);
+  o.backend = Backend::gpu;
+  std::vector<float> outs[2];
+  long long calls[3] = {0, 0, 0};
+  INTFA_ASSERT_OK(cuda::debug_fused_q_calls(&calls[0]));
+  for (int with_lse = 0; with_lse < 2; ++with_lse) {
+    DeviceBuffer dout(x.q.size() * 4), dlse(size_t(H) * tq * 4);
+    INTFA_ASSERT_OK(gpu_memset(dout.ptr, 0xFF, x.q.size() * 4));
+    Tensor lse = make_tensor(dlse.ptr, DType::f32, {H, tq}, true);
+    INTFA_ASSERT_OK(attention_varlen(packed(dq.ptr, DType::bf16, tq, H, true), packed(dk.ptr, DType::bf16, tkv, Hkv, true),
+                                     packed(dv.ptr, DType::bf16, tkv, Hkv, true), cu(hq, dcq.ptr, true),
+                                     cu(hkv, dckv.ptr, true), 300, 600, packed(dout.ptr, DType::f32, tq, H, true),
+                                     with_lse ? &lse : nullptr, o));
+    INTFA_ASSERT_OK(gpu_synchronize());
+    INTFA_ASSERT_OK(cuda::debug_fused_q_calls(&calls[1 + with_lse]));
+    outs[with_lse] = dout.to_host<float>();
+  }
+  EXPECT_EQ(calls[1] - calls[0], 1) << "varlen without an LSE";
+  EXPECT_EQ(calls[2] - calls[1], 0) << "varlen with an LSE";
+  EXPECT_EQ(std::memcmp(outs[0].data(), outs[1].data(), outs[0].size() * 4), 0) << "varlen: fused Q vs quantize()'s Q8";
+  const auto m = tools::compare(std::vector<double>(outs[0].begin(), outs[0].end()),
+                                std::vector<double>(cpu.begin(), cpu.end()));
+  EXPECT_EQ(m.nonfinite, 0);
+  EXPECT_LT(m.rel_l2, 2e-3) << "varlen: GPU vs CPU emulation";
 }
 
 // Hopper: auto picks the sm90 kernel, and sm90 and sm80 agree end to end on random shapes

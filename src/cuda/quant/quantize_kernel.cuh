@@ -25,6 +25,7 @@
 #include "cuda/ptx/ptx_sm80.cuh"
 #include "cuda/quant/quantize_internal.h"
 #include "cuda/quant/quantize_schedule.h"
+#include "cuda/quant/row_quant.cuh"
 
 namespace intfa::quant {
 
@@ -66,17 +67,9 @@ struct RowGeometry {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Arithmetic of the rounding rule (intfa.h): quant_scale / quant_inv_scale from numerics.h.
+// Arithmetic of the rounding rule (intfa.h): quant_scale / quant_inv_scale from numerics.h,
+// q8_bits and to_float8 from row_quant.cuh.
 // ---------------------------------------------------------------------------------------------
-
-// quantize_s8(x, inv) as the low byte of a float. v = x * inv (one fp32 product) has
-// |v| <= 127 * (1 + 2^-24) < 127.5 because |x| <= amax and inv = fl(127 / amax), so the clamp of
-// the rule never applies; adding 1.5 * 2^23 rounds v to an integer half-to-even (the sum's ulp
-// is 1) and leaves that integer, two's complement, in the low mantissa bits. This replaces the
-// quarter-rate float-to-int conversion by one full-rate add.
-__device__ __forceinline__ uint32_t q8_bits(float x, float inv) {
-  return __float_as_uint(__fadd_rn(__fmul_rn(x, inv), ptx::kMagic));
-}
 
 template <typename T> __device__ float round_to(float x);
 template <> __device__ __forceinline__ float round_to<__half>(float x) {
@@ -90,30 +83,6 @@ template <> __device__ __forceinline__ float round_to<__nv_bfloat16>(float x) {
 template <typename T>
 __device__ __forceinline__ float kmean_of(double sum, int n) {
   return n > 0 ? round_to<T>(__double2float_rn(__ddiv_rn(sum, static_cast<double>(n)))) : 0.f;
-}
-
-// 8 fp16/bf16 values (one 16-byte vector) -> fp32, exactly.
-template <typename T> __device__ void to_float8(const uint4& v, float (&x)[8]);
-template <>
-__device__ __forceinline__ void to_float8<__nv_bfloat16>(const uint4& v, float (&x)[8]) {
-  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    x[2 * i] = __uint_as_float(w[i] << 16);
-    x[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-  }
-}
-template <>
-__device__ __forceinline__ void to_float8<__half>(const uint4& v, float (&x)[8]) {
-  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    __half2 h;
-    memcpy(&h, &w[i], 4);
-    const float2 f = __half22float2(h);
-    x[2 * i] = f.x;
-    x[2 * i + 1] = f.y;
-  }
 }
 
 // The packed pair type of an input type.
@@ -366,7 +335,7 @@ __device__ Plan make_plan(const QuantParams& p, const QuantScratch& s, int phase
   Schedule& sc = pl.sc;
   sc.ns = static_cast<int64_t>(pl.nso) * p.heads_kv * pl.kv.chunks;
   sc.nkf = smooth ? 0 : static_cast<int64_t>(p.heads_kv) * pl.kv.chunks;
-  sc.nq = static_cast<int64_t>(p.heads_q) * pl.qs.chunks;
+  sc.nq = p.q8 ? static_cast<int64_t>(p.heads_q) * pl.qs.chunks : 0;  // no Q8: Q left out
   sc.no = static_cast<int64_t>(p.heads_kv) * pl.out_blocks;
   // Chunks one sequence can touch (varlen: its columns start 16-aligned, up to 15 late).
   const int64_t span = pl.kv.cu ? (*s.max_len_kv + 15 + G::kChunk - 1) / G::kChunk + 1 : pl.kv.cps;
@@ -885,6 +854,12 @@ __global__ void __launch_bounds__(kBlockThreads, kMinCtas)
     quantize_kernel(const QuantParams p, const QuantScratch s, int phase) {
   extern __shared__ uint4 stage[];  // [kStages][kLaneRows][kThreads]
   __shared__ Smem<D> sm;
+  // The attention kernel after this one (a programmatic dependent on sm_90, cuda::launch_dependent)
+  // may take each SM as this grid's CTAs leave it, and waits for this grid's end
+  // (griddepcontrol.wait) before it reads anything: its launch and set-up overlap this grid's
+  // tail. Every CTA of this grid is resident from the start (grid <= resident CTAs), so none can
+  // be kept from starting by the dependent's.
+  ptx::griddepcontrol_launch_dependents();
   unsigned long long* counter = s.tickets + phase;
   const bool scheduler = threadIdx.x >= kThreads;
   const bool waits = phase == 0;

@@ -114,15 +114,17 @@ Status check(const QuantParams& p) {
   if (p.batch < 1 || p.heads_q < 1 || p.heads_kv < 1 || p.heads_q % p.heads_kv != 0 ||
       p.seqlen_q < 0 || p.seqlen_kv < 0)
     return invalid("bad sizes (batch, heads_q a multiple of heads_kv, sequence lengths)");
-  if (!p.q || !p.k || !p.q8 || !p.k8 || !p.q_scale || !p.k_scale)
-    return invalid("q, k, q8, k8, q_scale and k_scale must be given");
+  // q8 and q_scale both null: Q is left out (cuda::attention, when the sm90 kernel quantizes it).
+  const bool has_q = p.q8 != nullptr;
+  if (!p.k || !p.k8 || !p.k_scale || (has_q && (!p.q || !p.q_scale)) || (!has_q && (p.q_scale || p.lse_offset)))
+    return invalid("k, k8 and k_scale must be given, and q, q8 and q_scale unless q8, q_scale and lse_offset are null");
   const bool has_v = p.scheme != Scheme::half;
   if (has_v && (!p.v || !p.vt8 || !p.v_scale)) return invalid("v, vt8 and v_scale must be given");
-  if (!aligned(p.q, 16) || !aligned(p.k, 16) || (has_v && !aligned(p.v, 16)) ||
-      !strides_multiple(p.q_st, 8) || !strides_multiple(p.k_st, 8) ||
+  if ((has_q && !aligned(p.q, 16)) || !aligned(p.k, 16) || (has_v && !aligned(p.v, 16)) ||
+      (has_q && !strides_multiple(p.q_st, 8)) || !strides_multiple(p.k_st, 8) ||
       (has_v && !strides_multiple(p.v_st, 8)))
     return invalid("q, k, v need 16-byte aligned rows (pointer and strides)");
-  if (!aligned(p.q8, 8) || !aligned(p.k8, 8) || !strides_multiple(p.q8_st, 8) ||
+  if ((has_q && (!aligned(p.q8, 8) || !strides_multiple(p.q8_st, 8))) || !aligned(p.k8, 8) ||
       !strides_multiple(p.k8_st, 8))
     return invalid("q8 and k8 need 8-byte aligned rows (pointer and strides)");
   if (has_v && (!aligned(p.vt8, 16) || !strides_multiple(p.vt_st, 16)))

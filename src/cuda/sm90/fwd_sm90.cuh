@@ -41,6 +41,7 @@
 #include "cuda/fwd_common.cuh"
 #include "cuda/ptx/ptx_sm80.cuh"
 #include "cuda/ptx/ptx_sm90.cuh"
+#include "cuda/quant/row_quant.cuh"
 
 namespace intfa::sm90 {
 
@@ -148,8 +149,8 @@ struct Smem {
   static constexpr int kKs = kV + kStages * kVBytes;
   static constexpr int kBars = kKs + kStages * kKsBytes;
   // q_full, q_empty, then per stage k_full, k_empty, v_full, v_ready, v_empty, then per slot of
-  // the tile ring tile_full, tile_empty.
-  static constexpr int kNumBars = 2 + 5 * kStages + 2 * kTileSlots;
+  // the tile ring tile_full, tile_empty, then qs_empty (fused Q's staging rows read).
+  static constexpr int kNumBars = 3 + 5 * kStages + 2 * kTileSlots;
   // The tile ring: the tile index of each slot (the producer's warp 0 publishes, the permute
   // warps and the consumers read).
   static constexpr int kTiles = kBars + 8 * kNumBars;
@@ -161,6 +162,11 @@ struct Smem {
   static constexpr int kO = (kTiles + 4 * kTileSlots + 127) / 128 * 128;
   static constexpr int kBytes = kO + 2 * kOSliceBytes;
   static constexpr int kAlloc = kBytes + 1024;  // room to align the base
+  // Fused Q (FwdParams::q_in): the tile's fp16 / bf16 rows as TMA lands them (row-major, 2 D
+  // bytes a row, no swizzle), which the consumers quantize into kQ. Only such launches take it.
+  static constexpr int kQs = kBytes;
+  static constexpr int kQsBytes = kBlockM * D * 2;
+  static constexpr int kAllocFusedQ = kAlloc + kQsBytes;
 };
 
 struct Bars {
@@ -174,6 +180,7 @@ struct Bars {
   __device__ uint32_t v_empty(int s) const { return base + 48 + 40 * s; }
   __device__ uint32_t tile_full(int i) const { return base + 16 + 40 * kStages + 16 * i; }
   __device__ uint32_t tile_empty(int i) const { return base + 24 + 40 * kStages + 16 * i; }
+  __device__ uint32_t qs_empty() const { return base + 16 + 40 * kStages + 16 * kTileSlots; }
 };
 
 // Row 0 of a split unit's block of kBlockM partial rows in P.part_o / P.part_ml: the layout is
@@ -520,6 +527,58 @@ __device__ __forceinline__ void permute_small_pages(const Params& P, const Tile&
 
 // Split: the tiles' key blocks are split into P.num_splits ranges (work units), whose partial
 // results combine_kernel merges (launches with fewer tiles than SMs, fwd_sm90_launch.cu).
+// TMA's 128-byte (D = 128) or 64-byte (D = 64) swizzle of byte o of a dense tile of D-byte
+// rows, as the wgmma descriptors read it: 16-byte chunk bits 4-6 (4-5) ^= line bits 7-9 (7-8).
+template <int D>
+__device__ __forceinline__ int tma_swizzle(int o) {
+  return D == 128 ? o ^ (((o >> 7) & 7) << 4) : o ^ (((o >> 7) & 3) << 4);
+}
+
+// Fused Q (FwdParams::q_in): per-token INT8 of this thread's two rows (wq * 16 + g + 8 r) of its
+// warpgroup's 64-row slice, from their fp16 / bf16 copy `rows` (row-major, as TMA lands them)
+// into `q8` (the slice of the Q tile, swizzled as TMA writes q8 tiles), with the quantizer's
+// rounding (numerics.h, row_quant.cuh): Q8 and scale are the bits quantize() gives. The row's
+// four lanes t hold channel groups t, t + 4, .. (8 channels each, so the row max takes two
+// shuffles, as the softmax's do); lanes of odd g take them in the other order, so that the
+// 16-byte loads of a quarter warp (rows g and g + 1, 2 D bytes apart) hit eight distinct
+// bank groups.
+template <int D, typename T>
+__device__ __forceinline__ void quantize_q_rows(const uint8_t* rows, uint8_t* q8, int wq, int g, int t,
+                                                float (&scale)[2]) {
+  constexpr int kGroups = D / 32;  // channel groups per lane
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = wq * 16 + g + 8 * r;
+    auto load = [&](int k, float (&x)[8]) {
+      quant::to_float8<T>(*reinterpret_cast<const uint4*>(rows + row * D * 2 + 16 * (t + 4 * (k ^ (g & 1)))), x);
+    };
+    // Two passes over the rows in shared memory (the max, then the rounding), so that a row's
+    // values need not stay in registers (the consumers' O and scores are live here).
+    float amax = 0.f;
+#pragma unroll
+    for (int k = 0; k < kGroups; ++k) {
+      float x[8];
+      load(k, x);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) amax = fmaxf(amax, fabsf(x[e]));
+    }
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+    const float inv = quant_inv_scale(amax);
+    scale[r] = quant_scale(amax);
+#pragma unroll
+    for (int k = 0; k < kGroups; ++k) {
+      float x[8];
+      load(k, x);
+      uint32_t qb[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) qb[e] = quant::q8_bits(x[e], inv);
+      *reinterpret_cast<uint2*>(q8 + tma_swizzle<D>(row * D + 8 * (t + 4 * (k ^ (g & 1))))) =
+          make_uint2(ptx::pack_low_bytes(qb[0], qb[1], qb[2], qb[3]), ptx::pack_low_bytes(qb[4], qb[5], qb[6], qb[7]));
+    }
+  }
+}
+
 // Paged (FwdParams::block_table; split kernels only, which read per-sequence key counts): the TMA
 // maps describe the page pools, and each key block's K and V^T boxes and K scales are taken
 // from the block's page (fwd::PageWalk, each table entry read a block ahead). A page outside
@@ -552,6 +611,8 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
   uint8_t* const smem = smem_raw + (base - raw);
   const Bars bars{base + S::kBars};
   const int wg = threadIdx.x / 128;
+  // Fused Q: TMA brings the fp16 / bf16 rows, the consumers quantize them (quantize_q_rows).
+  const bool fused_q = p.q_in != nullptr;
   const TileRing ring{bars, reinterpret_cast<volatile int*>(smem + S::kTiles)};
 
   if (threadIdx.x == 0) {
@@ -568,6 +629,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
       ptx::mbarrier_init(bars.tile_full(i), 1);
       ptx::mbarrier_init(bars.tile_empty(i), kTileReaders);
     }
+    ptx::mbarrier_init(bars.qs_empty(), kConsumerThreads);
     ptx::fence_barrier_init();
   }
   // A programmatic dependent launch (cuda::launch_dependent): the set-up above overlapped the
@@ -585,11 +647,13 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
       ptx::prefetch_tensormap(&P.tm_k);
       if constexpr (!SmallPages) ptx::prefetch_tensormap(&P.tm_v);  // small pages: no V^T map
       // The loads of one tile: Q once the consumers are done with the previous tile's, then K and
-      // V^T of each key block into the ring.
+      // V^T of each key block into the ring. Fused Q: the fp16 / bf16 rows go to their staging
+      // area, free again once the consumers have quantized them at the previous tile's start
+      // (qs_empty), so they land during that tile; q_empty then has no waiter.
       auto load_tile = [&](const Tile& T, int& it, int& tc) {
-        ptx::mbarrier_wait(bars.q_empty(), (tc & 1) ^ 1);
-        ptx::mbarrier_arrive_expect_tx(bars.q_full(), S::kQBytes);
-        ptx::tma_load_4d(base + S::kQ, &P.tm_q, bars.q_full(), 0, int(T.q0 + T.m0), T.h, T.bc);
+        ptx::mbarrier_wait(fused_q ? bars.qs_empty() : bars.q_empty(), (tc & 1) ^ 1);
+        ptx::mbarrier_arrive_expect_tx(bars.q_full(), fused_q ? S::kQsBytes : S::kQBytes);
+        ptx::tma_load_4d(base + (fused_q ? S::kQs : S::kQ), &P.tm_q, bars.q_full(), 0, int(T.q0 + T.m0), T.h, T.bc);
         ++tc;
         // Paged: the boxes' coordinates are the block's first token in its page and the page (an
         // entry outside the pool: the page past the last one).
@@ -793,7 +857,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
   Tile T;
   float rowf[2];
   int tile = next_tile(blockIdx.x, T);
-  if (tile < P.num_units) load_rowf(T, rowf);
+  if (tile < P.num_units && !fused_q) load_rowf(T, rowf);
   while (tile < P.num_units) {
     // Causal: key_last[r] is the last key row r sees, warp_key_last the lowest of the warp's 16
     // rows (blocks past it need the mask). Both are fixed per tile, so the loop keeps one compare
@@ -913,6 +977,21 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
       ptx::mbarrier_wait(bars.q_full(), tc & 1);
       trace_at(it - 1, 7);
       ++tc;
+      if (fused_q) {
+        // This warpgroup's 64 rows into its slice of the Q tile; the staging rows go back to the
+        // producer, and the int8 rows must reach the async proxy (the wgmma's reads) from every
+        // thread of the warpgroup before one of them issues QK.
+        float scale[2];
+        const uint8_t* rows = smem + S::kQs + cw * 64 * D * 2;
+        uint8_t* q8 = smem + S::kQ + cw * 64 * D;
+        if (p.q_in_dtype == DType::bf16) quantize_q_rows<D, __nv_bfloat16>(rows, q8, wq, g, t, scale);
+        else quantize_q_rows<D, __half>(rows, q8, wq, g, t, scale);
+        ptx::mbarrier_arrive(bars.qs_empty());
+        ptx::fence_proxy_async_shared();
+        ptx::named_bar_sync(5 + cw, kConsumerThreads / 2);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) rowf[r] = row[r] < T.sq ? scale[r] : 1.f;
+      }
       turn_begin();  // QK of the first block
       issue_qk_block(0, false);
       turn_end();
@@ -960,7 +1039,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
     Tile Tn;
     float rowf_n[2] = {1.f, 1.f};
     const int tile_n = next_tile(tile + gridDim.x, Tn);
-    if (tile_n < P.num_units) load_rowf(Tn, rowf_n);
+    if (tile_n < P.num_units && !fused_q) load_rowf(Tn, rowf_n);
     trace_at(it - 1, 6);
     store_rows<D, Split>(P, T, tile, cw, ctid, 3 + cw, smem + S::kO + cw * S::kOSliceBytes, base + S::kO + cw * S::kOSliceBytes,
                   row, o, l_part, m_run, v2, z2, [&](int ph) { trace_at(it - 1, ph); });
@@ -980,8 +1059,7 @@ template <int D>
 __global__ void __launch_bounds__(128) qk_block_test_kernel(const int8_t* q8, const int8_t* k8, int32_t* s_out) {
   __shared__ __align__(1024) uint8_t sQ[64 * D];
   __shared__ __align__(1024) uint8_t sK[kBlockN * D];
-  // TMA's 128-byte (64-byte) swizzle: 16-byte chunk bits 4-6 (4-5) ^= line bits 7-9 (7-8).
-  auto swz = [](int o) { return D == 128 ? o ^ (((o >> 7) & 7) << 4) : o ^ (((o >> 7) & 3) << 4); };
+  auto swz = [](int o) { return tma_swizzle<D>(o); };
   q8 += blockIdx.x * 64 * D;
   s_out += blockIdx.x * 64 * 128;
   for (int i = threadIdx.x; i < 64 * D / 16; i += 128)

@@ -26,10 +26,13 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
   return fn;
 }
 
-// A 4-D int8 map {d0 (contiguous), d1, d2, d3} with byte strides s1..s3 and a box of
-// {b0, b1, 1, 1}. A dimension of extent 1 takes a harmless stride (TMA wants multiples of 16).
+// A 4-D map of int8 (or 16-bit) elements {d0 (contiguous), d1, d2, d3} with byte strides s1..s3
+// and a box of {b0, b1, 1, 1}. A dimension of extent 1 takes a harmless stride (TMA wants
+// multiples of 16). map null: only the checks (check_fwd_sm90, before the quantizer's launch,
+// where host time leaves the GPU idle).
 Status encode_4d(CUtensorMap* map, const void* ptr, const char* what, const uint64_t (&dim)[4],
-                 int64_t s1, int64_t s2, int64_t s3, uint32_t b0, uint32_t b1, CUtensorMapSwizzle swz) {
+                 int64_t s1, int64_t s2, int64_t s3, uint32_t b0, uint32_t b1, CUtensorMapSwizzle swz,
+                 CUtensorMapDataType type = CU_TENSOR_MAP_DATA_TYPE_UINT8) {
   if (dim[2] == 1) s2 = s1 * static_cast<int64_t>(dim[1]);
   if (dim[3] == 1) s3 = s2 * static_cast<int64_t>(dim[2]);
   const int64_t strides[3] = {s1, s2, s3};
@@ -43,11 +46,12 @@ Status encode_4d(CUtensorMap* map, const void* ptr, const char* what, const uint
   if (!why.empty()) return Status(StatusCode::not_available, std::string("sm90 path: ") + what + ": " + why);
   auto fn = encode_fn();
   if (!fn) return Status(StatusCode::not_available, "sm90 path: the driver has no cuTensorMapEncodeTiled");
+  if (!map) return Status::OK();
   const cuuint64_t gdim[4] = {dim[0], dim[1], dim[2], dim[3]};
   const cuuint64_t gstride[3] = {cuuint64_t(s1), cuuint64_t(s2), cuuint64_t(s3)};
   const cuuint32_t box[4] = {b0, b1, 1, 1};
   const cuuint32_t estride[4] = {1, 1, 1, 1};
-  const CUresult r = fn(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 4, const_cast<void*>(ptr), gdim, gstride, box,
+  const CUresult r = fn(map, type, 4, const_cast<void*>(ptr), gdim, gstride, box,
                         estride, CU_TENSOR_MAP_INTERLEAVE_NONE, swz, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                         CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS)
@@ -167,15 +171,20 @@ int choose_splits(const FwdParams& p, int num_tiles, int sms) {
 
 // Q and K rows (D bytes) swizzled to their width, V^T rows (kBlockN = 128 keys) with 128-byte
 // swizzle, as the wgmma descriptors expect. Out-of-range boxes are zero-filled.
-Status make_params(const FwdParams& p, bool small, Params* prm) {
+// encode false: the checks only (the maps are left unset).
+Status make_params(const FwdParams& p, bool small, Params* prm, bool encode = true) {
   prm->p = p;
   const uint64_t D = p.head_dim;
   const bool varlen = p.cu_q != nullptr;
   const CUtensorMapSwizzle swz = D == 128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B;
   const uint64_t tq = varlen ? p.total_q : p.seqlen_q, tk = varlen ? p.total_kv : p.seqlen_kv;
   const uint64_t nb = varlen ? 1 : p.batch;
-  Status st = encode_4d(&prm->tm_q, p.q8, "q8", {D, tq, uint64_t(p.heads_q), nb}, p.q_st.ts, p.q_st.hs,
-                        p.q_st.bs, uint32_t(D), kBlockM, swz);
+  // Fused Q (p.q_in): the fp16 / bf16 rows unswizzled, read by the consumers' plain loads.
+  Status st = p.q_in ? encode_4d(encode ? &prm->tm_q : nullptr, p.q_in, "q", {D, tq, uint64_t(p.heads_q), nb}, 2 * p.qin_st.ts,
+                                 2 * p.qin_st.hs, 2 * p.qin_st.bs, uint32_t(D), kBlockM, CU_TENSOR_MAP_SWIZZLE_NONE,
+                                 CU_TENSOR_MAP_DATA_TYPE_UINT16)
+                     : encode_4d(encode ? &prm->tm_q : nullptr, p.q8, "q8", {D, tq, uint64_t(p.heads_q), nb}, p.q_st.ts, p.q_st.hs,
+                                 p.q_st.bs, uint32_t(D), kBlockM, swz);
   // Paged KV: the maps span the page pools (page_size tokens by num_pages pages, a box of
   // kBlockN keys inside one page); the kernel's batch coordinate is then the block's page. Pages
   // smaller than a key block (small, as check_paged reports it; fwd_kernel's SmallPages): a K
@@ -183,13 +192,13 @@ Status make_params(const FwdParams& p, bool small, Params* prm) {
   const bool paged = p.block_table != nullptr;
   const uint64_t kv_tokens = paged ? uint64_t(p.page_size) : tk, kv_batch = paged ? uint64_t(p.num_pages) : nb;
   if (st.ok())
-    st = encode_4d(&prm->tm_k, p.k8, "k8", {D, kv_tokens, uint64_t(p.heads_kv), kv_batch}, p.k_st.ts, p.k_st.hs,
+    st = encode_4d(encode ? &prm->tm_k : nullptr, p.k8, "k8", {D, kv_tokens, uint64_t(p.heads_kv), kv_batch}, p.k_st.ts, p.k_st.hs,
                    p.k_st.bs, uint32_t(D), small ? uint32_t(p.page_size) : kBlockN, swz);
   const uint64_t cols = paged    ? uint64_t(p.page_size)
                         : varlen ? uint64_t(vt_varlen_columns(p.total_kv, p.batch))
                                  : uint64_t(p.seqlen_kv);
   if (st.ok() && !small)
-    st = encode_4d(&prm->tm_v, p.vt8, "vt8", {cols, D, uint64_t(p.heads_kv), kv_batch}, p.vt_st.ts, p.vt_st.hs,
+    st = encode_4d(encode ? &prm->tm_v : nullptr, p.vt8, "vt8", {cols, D, uint64_t(p.heads_kv), kv_batch}, p.vt_st.ts, p.vt_st.hs,
                    p.vt_st.bs, kBlockN, uint32_t(D), CU_TENSOR_MAP_SWIZZLE_128B);
   if (!st.ok()) return st;
   prm->num_m_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
@@ -207,21 +216,36 @@ Status make_params(const FwdParams& p, bool small, Params* prm) {
 }  // namespace intfa::sm90
 
 namespace intfa::cuda {
+namespace {
 
-Status launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
+// What launch_fwd_sm90 refuses (not_available) before it launches, and the kernel's parameters
+// (with encode false, all but the TMA maps).
+Status prepare_sm90(const FwdParams& p, sm90::Params* prm, bool* small, bool encode) {
   if (p.scheme == Scheme::half)
     return Status(StatusCode::not_available, "scheme: half is not available on the sm90 path");
   // Head dim 256 is built for the portable kernel only (its O alone would take 128 of a consumer
   // thread's 240 registers here).
   if (Status st = check_head_dim_64_128(p, "sm90"); !st.ok()) return st;
   // Paged KV: a key block (one TMA box) lies in one page, or spans pages of 16, 32 or 64 tokens.
-  const bool paged = p.block_table != nullptr;
-  bool small = false;
-  if (Status st = check_paged(p, "sm90", sm90::kBlockN, &small); !st.ok()) return st;
+  if (Status st = check_paged(p, "sm90", sm90::kBlockN, small); !st.ok()) return st;
   // TMA needs 16-byte aligned bases and strides: other tensors are refused (not_available), and
   // the automatic path then runs them on sm80.
+  return sm90::make_params(p, *small, prm, encode);
+}
+
+}  // namespace
+
+Status check_fwd_sm90(const FwdParams& p) {
   sm90::Params prm;
-  Status st = sm90::make_params(p, small, &prm);
+  bool small = false;
+  return prepare_sm90(p, &prm, &small, false);
+}
+
+Status launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
+  const bool paged = p.block_table != nullptr;
+  bool small = false;
+  sm90::Params prm;
+  Status st = prepare_sm90(p, &prm, &small, true);
   if (!st.ok() || prm.num_tiles == 0) return st;
   int sms = 1;
   st = check_cuda(device_sm_count(&sms), "sm90 forward: SM count");

@@ -17,10 +17,13 @@ Status launch_fwd(const Params& prm, cudaStream_t stream) {
   static_assert(!Window || (Causal && Split), "windows run the causal split kernels");
   static_assert(!Paged || Split, "paged launches run the split kernels");
   auto kernel = fwd_kernel<D, Causal, Split, Paged, Window, SmallPages>;
-  constexpr int kSmem = Smem<D>::kAlloc;
+  // Launches that quantize Q themselves (FwdParams::q_in) take its staging rows on top.
+  constexpr int kSmemMax = Smem<D>::kAllocFusedQ;
+  static_assert(kSmemMax <= 227 * 1024, "shared memory of one sm90 CTA");
+  const int smem = prm.p.q_in ? kSmemMax : Smem<D>::kAlloc;
   static cuda::PerDevice setup;
   int sms = 1;
-  Status st = cuda::check_cuda(cuda::opt_in_smem_once(setup, kernel, kSmem), "sm90 forward: cudaFuncSetAttribute");
+  Status st = cuda::check_cuda(cuda::opt_in_smem_once(setup, kernel, kSmemMax), "sm90 forward: cudaFuncSetAttribute");
   if (st.ok()) st = cuda::check_cuda(cuda::device_sm_count(&sms), "sm90 forward: SM count");
   if (!st.ok()) return st;
   // Persistent: one CTA per SM walks the tiles (a CTA uses most of an SM's registers).
@@ -35,7 +38,7 @@ Status launch_fwd(const Params& prm, cudaStream_t stream) {
   // A programmatic dependent of the stream's previous kernel (the quantizer in attention()): the
   // CTAs initialize their barriers while it ends and wait for its writes before any load.
   static cuda::PerDevice pdl_fwd, pdl_combine;
-  st = cuda::check_cuda(cuda::launch_dependent(pdl_fwd, kernel, dim3(grid), kThreads, kSmem, stream, prm),
+  st = cuda::check_cuda(cuda::launch_dependent(pdl_fwd, kernel, dim3(grid), kThreads, smem, stream, prm),
                         "sm90 forward kernel launch");
   if (!st.ok()) return st;
   if (Split && prm.num_splits > 1)
