@@ -854,12 +854,6 @@ __global__ void __launch_bounds__(kBlockThreads, kMinCtas)
     quantize_kernel(const QuantParams p, const QuantScratch s, int phase) {
   extern __shared__ uint4 stage[];  // [kStages][kLaneRows][kThreads]
   __shared__ Smem<D> sm;
-  // The attention kernel after this one (a programmatic dependent on sm_90, cuda::launch_dependent)
-  // may take each SM as this grid's CTAs leave it, and waits for this grid's end
-  // (griddepcontrol.wait) before it reads anything: its launch and set-up overlap this grid's
-  // tail. Every CTA of this grid is resident from the start (grid <= resident CTAs), so none can
-  // be kept from starting by the dependent's.
-  ptx::griddepcontrol_launch_dependents();
   unsigned long long* counter = s.tickets + phase;
   const bool scheduler = threadIdx.x >= kThreads;
   const bool waits = phase == 0;
