@@ -195,18 +195,15 @@ Status attention_int8(const FwdParams& params, GpuPath path, bool fallback, void
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   FwdParams p = params;
   fwd::pack_gqa_rows(p);  // GQA heads as rows where the rows see the same keys (tile_order.h)
-  // Soft-capping is built in the decode and sm80 kernels (their Softcap instantiations), not in
-  // the sm90 kernel: path auto on Hopper runs prefill calls with it on sm80.
-  const bool softcap = p.softcap > 0.f;
-  if (softcap && path == GpuPath::sm90 && !fallback)
-    return Status(StatusCode::not_available, "softcap: not built on the sm90 path (paths sm80, decode or auto run it)");
+  // Soft-capping is built in every kernel (their Softcap instantiations), on sm90 over contiguous
+  // K / V only: path auto on Hopper runs paged prefill calls with it on sm80.
   // At most 16 rows per (batch, head) left: the decode kernel, unless a path was named. Every
   // path reads paged caches (FwdParams::block_table) too.
   if (path == GpuPath::decode || (fallback && decode_takes(p))) {
     Status st = launch_fwd_decode(p, s);
     if (st.code() != StatusCode::not_available || !fallback) return st;
   }
-  if (path == GpuPath::sm90 && !softcap) {
+  if (path == GpuPath::sm90) {
 #if INTFA_HAVE_SM90
     Status st = launch_fwd_sm90(p, s);
     // Operands TMA cannot describe: the automatic path takes them to the portable kernel (not a

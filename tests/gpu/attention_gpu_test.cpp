@@ -876,11 +876,12 @@ TEST_F(AttentionGpu, EndToEndSinksWithoutLse) {
     }
 }
 
-// Logit soft-capping (Options::softcap) on the sm80 and decode kernels (their Softcap
-// instantiations), by name and through path auto (which takes prefill calls to sm80 on Hopper
-// and decode steps to the decode kernel), against the CPU emulation: head dims 64 / 128 / 256, causal and not, GQA packed rows and decode steps, varlen
-// with empty sequences and seqused_kv, a window with sinks, both schemes, llm inputs (large K
-// means: the K-mean term must enter the tanh) and a strong cap on normal ones.
+// Logit soft-capping (Options::softcap) on the sm80, sm90 (D 64 / 128) and decode kernels (their
+// Softcap instantiations), by name and through path auto (which takes prefill calls to sm90 on
+// Hopper, else sm80, and decode steps to the decode kernel), against the CPU emulation: head
+// dims 64 / 128 / 256, causal and not, GQA packed rows and decode steps, varlen with empty
+// sequences and seqused_kv, a window with sinks, both schemes, llm inputs (large K means: the
+// K-mean term must enter the tanh) and a strong cap on normal ones.
 TEST_F(AttentionGpu, KernelSoftcap) {
   struct S { int batch, hq, hkv, sq, skv; bool causal; int left; Scheme scheme; Layout layout; Dist dist; float cap; };
   int seed = 2100;
@@ -898,6 +899,7 @@ TEST_F(AttentionGpu, KernelSoftcap) {
       c.d = d; c.seed = ++seed;
       c.out = d == 256 ? DType::bf16 : DType::f32;
       for (GpuPath path : {GpuPath::sm80, GpuPath::automatic}) check_kernel_vs_cpu(c, path);
+      if (d <= 128 && gpu_paths().size() > 1) check_kernel_vs_cpu(c, GpuPath::sm90);
       // Decode steps (4 packed rows per K/V head) on the decode kernel's Softcap instantiations.
       if (w.sq == 1 && d <= 128) check_kernel_vs_cpu(c, GpuPath::decode);
     }
@@ -908,13 +910,14 @@ TEST_F(AttentionGpu, KernelSoftcap) {
   v.lens_kv = {5, 170, 9, 250, 400, 2000};
   v.used_kv = {3, 170, 0, 260, 137, 1500};
   v.seed = ++seed;
-  for (GpuPath path : {GpuPath::sm80, GpuPath::automatic}) check_kernel_vs_cpu(v, path);
+  for (GpuPath path : gpu_paths()) check_kernel_vs_cpu(v, path);
+  check_kernel_vs_cpu(v, GpuPath::automatic);
 }
 
 // attention() with softcap and no LSE asked for: the quantizer must still make the K-mean term
 // (it enters the tanh), which calls without an LSE otherwise skip. llm inputs (large K means),
-// against the CPU backend's attention() and float64; the uncapped GPU call is far from the
-// capped reference. The sm90 path refuses softcap by name.
+// against the CPU backend's attention() and float64, on every path; the uncapped GPU call is far
+// from the capped reference.
 TEST_F(AttentionGpu, EndToEndSoftcapWithoutLse) {
   const int H = 6, S = 700, D = 128;
   auto as_double = [](const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); };
@@ -943,18 +946,11 @@ TEST_F(AttentionGpu, EndToEndSoftcapWithoutLse) {
     off.softcap = 0.f;
     ASSERT_NO_FATAL_FAILURE(run_attention_f32(x, dq, dk, dv, off, GpuPath::automatic, &plain));
     EXPECT_GT(tools::compare(as_double(plain), ref).rel_l2, std::max(0.1, 4 * err)) << "the cap is applied";
-    if (gpu_paths().size() > 1) {  // a Hopper card
-      const GpuPath path = GpuPath::sm90;
-      DeviceBuffer dout(x.q.size() * 4);
-      o.backend = Backend::gpu;
-      o.path = path;
-      Tensor out_d = make_tensor(dout.ptr, DType::f32, {1, H, S, D}, true);
-      const Status st = attention(testing::on_device(x.tq(), dq.ptr), testing::on_device(x.tk(), dk.ptr),
-                                  testing::on_device(x.tv(), dv.ptr), out_d, nullptr, o);
-      EXPECT_EQ(st.code(), StatusCode::not_available) << st.message();
-      EXPECT_NE(st.message().find(std::string("softcap: not built on the ") + to_string(path) + " path"),
-                std::string::npos)
-          << st.message();
+    for (GpuPath path : gpu_paths()) {
+      SCOPED_TRACE(std::string("path ") + to_string(path));
+      std::vector<float> named;
+      ASSERT_NO_FATAL_FAILURE(run_attention_f32(x, dq, dk, dv, o, path, &named));
+      EXPECT_LT(tools::compare(as_double(named), as_double(cpu)).rel_l2, 2e-3) << "GPU vs CPU emulation";
     }
   }
 }

@@ -596,9 +596,10 @@ __device__ __forceinline__ void quantize_q_rows(const uint8_t* rows, uint8_t* q8
 // key blocks starting at its lowest row's window and a per-score mask on the left edge's
 // blocks. An axis of its own: in the causal split kernels the left edge moved their loops
 // (sass-loop-diff order similarity 0.67) and cost a prompt chunk 3.6% (H200, PERF_LOG s33).
-template <int D, bool Causal, bool Split, bool Paged, bool Window, bool SmallPages = false>
+template <int D, bool Causal, bool Split, bool Paged, bool Window, bool SmallPages = false, bool Softcap = false>
 __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant__ Params P) {
   static_assert(!SmallPages || Paged, "small pages are paged");
+  static_assert(!Softcap || (Causal && Split && Window && !Paged), "soft-capping runs the contiguous window kernel");
   // Split launches: the combine kernel (a programmatic dependent, cuda::launch_dependent) may
   // start on the SMs this grid leaves free and wait for its end there (PERF_LOG d13).
   if constexpr (Split) ptx::griddepcontrol_launch_dependents();
@@ -881,6 +882,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
       m_run[r] = kNegInf;
       l_part[r] = 0.f;
     }
+    float cap_a[2], cap_b[2];  // Softcap: the rows' factors (fwd::softcap_row)
     float2 v2[D / 8];  // v_scale of the thread's channels
     float o[D / 8][4];
 #pragma unroll
@@ -924,6 +926,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
         u[j][2] = __fmaf_rn(__int_as_float(s[4 * j + 2] + kMagicBits), k4.x, k4.z);
         u[j][3] = __fmaf_rn(__int_as_float(s[4 * j + 3] + kMagicBits), k4.y, k4.w);
       }
+      if constexpr (Softcap) fwd::softcap_scores<kBlockN>(u, cap_a, cap_b);
       if (Causal && ((n + 1) * kBlockN - 1 > warp_key_last || (Window && n * kBlockN < warp_key_first))) {
 #pragma unroll
         for (int j = 0; j < kBlockN / 8; ++j)
@@ -997,6 +1000,12 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
       turn_end();
       rowf[0] *= p.softmax_scale * kLog2e;
       rowf[1] *= p.softmax_scale * kLog2e;
+      // Soft-capping (fwd::softcap_scores): the scores become tanh of the row's scaled score plus
+      // its K-mean term over softcap, and rowf softcap log2 e (the sm80 kernel's numerics).
+      if constexpr (Softcap)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+          fwd::softcap_row(p, T.b, T.h, T.q0 + row[r], row[r] < T.sq, rowf[r], cap_a[r], cap_b[r]);
       ptx::wgmma_wait<0>();
       qk_done(0);
       // PV(n) and QK(n+1) go out together after the softmax of n; PV(n) is folded while QK(n+1)
@@ -1083,7 +1092,8 @@ int choose_splits(const FwdParams& p, int num_tiles, int sms);  // fwd_sm90_laun
 
 // Host launcher for one (head dim, causal, split, paged, window, small pages) instantiation;
 // defined in fwd_sm90_launch.cuh.
-template <int D, bool Causal, bool Split, bool Paged, bool Window = false, bool SmallPages = false>
+template <int D, bool Causal, bool Split, bool Paged, bool Window = false, bool SmallPages = false,
+          bool Softcap = false>
 Status launch_fwd(const Params& prm, cudaStream_t stream);
 
 }  // namespace intfa::sm90

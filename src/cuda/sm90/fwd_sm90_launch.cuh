@@ -12,11 +12,11 @@
 
 namespace intfa::sm90 {
 
-template <int D, bool Causal, bool Split, bool Paged, bool Window, bool SmallPages>
+template <int D, bool Causal, bool Split, bool Paged, bool Window, bool SmallPages, bool Softcap>
 Status launch_fwd(const Params& prm, cudaStream_t stream) {
   static_assert(!Window || (Causal && Split), "windows run the causal split kernels");
   static_assert(!Paged || Split, "paged launches run the split kernels");
-  auto kernel = fwd_kernel<D, Causal, Split, Paged, Window, SmallPages>;
+  auto kernel = fwd_kernel<D, Causal, Split, Paged, Window, SmallPages, Softcap>;
   // Launches that quantize Q themselves (FwdParams::q_in) take its staging rows on top.
   constexpr int kSmemMax = Smem<D>::kAllocFusedQ;
   static_assert(kSmemMax <= 227 * 1024, "shared memory of one sm90 CTA");
