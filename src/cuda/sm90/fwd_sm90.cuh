@@ -19,6 +19,11 @@
 //   The two consumer warpgroups take turns on the tensor cores (named barriers 1 and 2): one
 //   issues PV(n) and QK(n+1) while the other runs its softmax, so the exp2 / ALU work of one
 //   overlaps the other's matrix products.
+//   Fused Q (attention() calls without lse_offset, FwdParams::q_in): TMA brings the tile's
+//     fp16 / bf16 rows instead, and each consumer warpgroup quantizes its 64 rows (per-token,
+//     bit-identical to the quantizer) into the int8 tile at the tile's start (quantize_q_rows).
+//   Softcap (one window-kernel instantiation per head dim): the scores go through
+//     softcap * tanh(s / softcap) before the softmax (fwd::softcap_scores, as on sm80).
 //   Epilogue: each consumer warpgroup writes O * v_scale / l into its shared-memory slice and
 //   one thread per row sends the row out with a bulk copy (named barriers 3 and 4), then goes
 //   on to its next tile, whose row scales were loaded before the epilogue.
@@ -525,8 +530,6 @@ __device__ __forceinline__ void permute_small_pages(const Params& P, const Tile&
   }
 }
 
-// Split: the tiles' key blocks are split into P.num_splits ranges (work units), whose partial
-// results combine_kernel merges (launches with fewer tiles than SMs, fwd_sm90_launch.cu).
 // TMA's 128-byte (D = 128) or 64-byte (D = 64) swizzle of byte o of a dense tile of D-byte
 // rows, as the wgmma descriptors read it: 16-byte chunk bits 4-6 (4-5) ^= line bits 7-9 (7-8).
 template <int D>
@@ -579,6 +582,8 @@ __device__ __forceinline__ void quantize_q_rows(const uint8_t* rows, uint8_t* q8
   }
 }
 
+// Split: the tiles' key blocks are split into P.num_splits ranges (work units), whose partial
+// results combine_kernel merges (launches with fewer tiles than SMs, fwd_sm90_launch.cu).
 // Paged (FwdParams::block_table; split kernels only, which read per-sequence key counts): the TMA
 // maps describe the page pools, and each key block's K and V^T boxes and K scales are taken
 // from the block's page (fwd::PageWalk, each table entry read a block ahead). A page outside
