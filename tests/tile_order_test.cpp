@@ -190,6 +190,9 @@ TEST(TileOrder, PackGqaRowsAddressesTheSameRows) {
     };
     p.q_st = dense(c.d);
     p.o_st = dense(c.d);
+    uint16_t q_in_dummy = 0;  // the sm90 kernel's own Q (FwdParams::q_in): packed with q8
+    p.q_in = &q_in_dummy;
+    p.qin_st = dense(c.d);
     Strides3 rows;  // q_scale, lse_offset, LSE: [b, h, s]
     rows.ts = 1; rows.hs = c.sq; rows.bs = int64_t(c.hq) * c.sq;
     p.qs_st = rows;
@@ -220,6 +223,7 @@ TEST(TileOrder, PackGqaRowsAddressesTheSameRows) {
           const int h = hk * g + r / c.sq, s = r % c.sq;
           auto at = [](const Strides3& st, int b_, int h_, int t_) { return b_ * st.bs + h_ * st.hs + t_ * st.ts; };
           ASSERT_EQ(at(p.q_st, b, hk, r), at(before.q_st, b, h, s));
+          ASSERT_EQ(at(p.qin_st, b, hk, r), at(before.qin_st, b, h, s));
           ASSERT_EQ(at(p.o_st, b, hk, r), at(before.o_st, b, h, s));
           ASSERT_EQ(at(p.qs_st, b, hk, r), at(before.qs_st, b, h, s));
           if (c.lse) ASSERT_EQ(at(p.lse_st, b, hk, r), at(before.lse_st, b, h, s));
@@ -228,6 +232,26 @@ TEST(TileOrder, PackGqaRowsAddressesTheSameRows) {
           ASSERT_EQ(hk / (p.heads_q / p.heads_kv), h / (before.heads_q / before.heads_kv));
         }
   }
+}
+
+// A Q the sm90 kernel quantizes itself (FwdParams::q_in) whose rows of a head do not follow
+// each other (a padded head stride) keeps the call unpacked, even where q8's rows would pack:
+// the kernel reads both through the same row numbers.
+TEST(TileOrder, PackGqaRowsNeedsAPackableFusedQ) {
+  FwdParams p;
+  p.batch = 2; p.heads_q = 8; p.heads_kv = 2; p.seqlen_q = 100; p.seqlen_kv = 300; p.head_dim = 128;
+  p.q_st = {8 * 100 * 128, 100 * 128, 128};
+  p.o_st = p.q_st;
+  p.qs_st = {8 * 100, 100, 1};
+  uint16_t q_in_dummy = 0;
+  p.q_in = &q_in_dummy;
+  p.qin_st = {8 * (100 * 128 + 64), 100 * 128 + 64, 128};
+  FwdParams q = p;
+  EXPECT_FALSE(fwd::pack_gqa_rows(p));
+  EXPECT_EQ(p.heads_q, 8);
+  q.q_in = nullptr;  // without it (the quantizer made Q8) the same call packs
+  EXPECT_TRUE(fwd::pack_gqa_rows(q));
+  EXPECT_EQ(q.heads_q, 2);
 }
 
 }  // namespace
