@@ -1366,8 +1366,10 @@ def test_softcap_over_kv_caches_on_the_gpu(d):
     """softcap on a KVCache and on PagedKVCaches of 128- and 16-token pages (the decode and sm80
     kernels' Softcap instantiations, contiguous and paged) for a decode step and a 24-row chunk:
     the three caches' outputs and LSE bit for bit alike on the GPU (the same kernel numerics
-    over the same keys and ranges), each against the CPU KVCache's within the GPU-vs-CPU
-    tolerance."""
+    over the same keys and ranges; the chunk on path sm80, since path auto takes the contiguous
+    cache's to the sm90 kernel on Hopper and the paged ones to sm80), each against the CPU
+    KVCache's within the GPU-vs-CPU tolerance, and the contiguous cache's chunk on path auto
+    too."""
     b, hq, hkv, n0 = 2, 8, 2, 300
     k, v = rand(b, hkv, n0, d, seed=120 + d), rand(b, hkv, n0, d, seed=121 + d)
     caches = [intfa.KVCache(k, v, 512),
@@ -1377,12 +1379,13 @@ def test_softcap_over_kv_caches_on_the_gpu(d):
     for sq in (1, 24):
         q = rand(b, hq, sq, d, seed=122 + d + sq) * 20
         kw = dict(is_causal=True, return_lse=True, softcap=30.0)
-        got = [c.attention(q, **kw) for c in caches]
+        got = [c.attention(q, path="auto" if sq == 1 else "sm80", **kw) for c in caches]
         want = cpu.attention(q.cpu(), **kw)
         for out, lse in got[1:]:
             exact(out, got[0][0])
             exact(lse, got[0][1])
         _window_vs_cpu(got[0][0], got[0][1], *want)
+        _window_vs_cpu(*caches[0].attention(q, **kw), *want)
         plain = caches[0].attention(q, is_causal=True)
         assert rel_l2(plain.cpu(), want[0]) > 0.05
 
@@ -1390,7 +1393,8 @@ def test_softcap_over_kv_caches_on_the_gpu(d):
 @pytest.mark.parametrize("head_dim", [64, 256])
 def test_transformers_gemma2_on_the_gpu(head_dim):
     """A Gemma 2 model (soft-capped logits, a sliding window) on the GPU through
-    register_transformers(): prefill on the sm80 kernel's Softcap instantiations, cached greedy
+    register_transformers(): prefill on the sm90 (Hopper, head dim 64) or sm80 kernel's Softcap
+    instantiations, cached greedy
     generation on the decode kernel's (head dim 64; 256: sm80 with key-range splits), against
     the same model in float32 (eager) on the GPU."""
     model, ref, ids, _ = against_float32(tiny_gemma2, 5, 6, device="cuda", head_dim=head_dim)
