@@ -173,10 +173,10 @@ def main():
                     pairs = float(sum(min(max(r + n - sq + 1, 0), n) for r in range(sq)))
                 ops = 4.0 * a.batch * a.heads * pairs * d
                 # The automatic path runs the decode kernel for at most 16 query rows per K/V head
-                # (GQA heads packed into rows: these BHSD tensors always pack), head dim 256 on sm80,
-                # and soft-capped prefill on sm80 (the sm90 kernel has no soft-capping).
+                # (GQA heads packed into rows: these BHSD tensors always pack) and head dim 256 on
+                # sm80; soft-capped prefill over these contiguous tensors runs the card's kernel.
                 decode = d != 256 and sq * (a.heads // hkv) <= 16
-                py_path = path and ("decode" if decode else "sm80" if d == 256 or cap else path)
+                py_path = path and ("decode" if decode else "sm80" if d == 256 else path)
                 for sc in (qkv or {}):
                     c = bool(causal)
                     kw8 = dict(softcap=cap) if cap else {}

@@ -513,14 +513,14 @@ struct DevicePagedKv {
 // The kernel a row's calls run, for its JSON label: the path named, or for path auto the one
 // the dispatcher picks, the decode kernel for at most 16 query rows per K/V head after GQA
 // packing (as bench/compare.py labels its in-process rows), sm80 at head dim 256 (the one kernel
-// built for it), else `resolved` (sm90 on Hopper).
+// built for it) and for soft-capping over pages (sm90 caps contiguous K / V only), else
+// `resolved` (sm90 on Hopper).
 GpuPath row_path(GpuPath requested, GpuPath resolved, const BenchShape& sh, Scheme sc, bool softcap) {
   if (requested != GpuPath::automatic) return resolved;
   if (sh.hdim == 256) return GpuPath::sm80;
   const bool decode = sh.lens.empty() && sc != Scheme::half && (sh.hdim == 64 || sh.hdim == 128) &&
                       int64_t(sh.seq_q) * (sh.heads / sh.heads_kv) <= 16;
-  // (soft-capping: the decode and sm80 kernels, not sm90)
-  return decode ? GpuPath::decode : softcap ? GpuPath::sm80 : resolved;
+  return decode ? GpuPath::decode : softcap && sh.page > 0 ? GpuPath::sm80 : resolved;
 }
 
 // Times kernel-only and end-to-end for every scheme and causal flag of one shape (all with the
