@@ -22,8 +22,6 @@ namespace {
 using tools::Dist;
 using tools::HostQKV;
 
-using Case = MaskCase;
-const std::vector<Case>& kCases = kMaskCases;
 
 // Sink logits that matter: around the LSE of N(0,1) scores over ~50 keys (~4.5), one far below
 // (no effect), one far above (the row's output nearly vanishes) and -inf (none).
@@ -34,7 +32,7 @@ std::vector<float> sinks_for(int hq) {
   return z;
 }
 
-Options case_options(const Case& c, std::vector<float>& z) {
+Options case_options(const MaskCase& c, std::vector<float>& z) {
   Options o;
   o.causal = c.causal;
   o.window_left = c.left;
@@ -44,41 +42,31 @@ Options case_options(const Case& c, std::vector<float>& z) {
 
 // Float64 softmax over [visible scores, z_h] with the sink column dropped, straight from the
 // bf16 inputs (BHSD), as gpt-oss writes it.
-void softmax_with_sink_column(const HostQKV& x, const Case& c, const std::vector<float>& z, double scale,
+void softmax_with_sink_column(const HostQKV& x, const MaskCase& c, const std::vector<float>& z, double scale,
                               std::vector<double>* out, std::vector<double>* lse) {
-  const int B = x.batch, Hq = c.hq, Hkv = c.hkv, Sq = c.sq, Skv = c.skv, D = x.head_dim;
+  const int B = x.batch, Hq = c.hq, Sq = c.sq, D = x.head_dim;
   out->assign(size_t(B) * Hq * Sq * D, 0.0);
   lse->assign(size_t(B) * Hq * Sq, 0.0);
-  auto at = [&](const std::vector<uint16_t>& t, int b, int h, int H, int s, int S, int d) {
-    return double(tools::to_float(t[((size_t(b) * H + h) * S + s) * D + d], x.dtype));
-  };
+  std::vector<int> keys;
+  std::vector<double> logits;
   for (int b = 0; b < B; ++b)
     for (int h = 0; h < Hq; ++h)
       for (int i = 0; i < Sq; ++i) {
-        const int hk = h / (Hq / Hkv), diag = i + Skv - Sq;
-        std::vector<int> keys;
-        for (int j = 0; j < Skv; ++j)
-          if ((!c.causal || j <= diag) && (c.left < 0 || j >= diag - c.left)) keys.push_back(j);
-        std::vector<double> logits;
-        for (int j : keys) {
-          double dot = 0;
-          for (int d = 0; d < D; ++d) dot += at(x.q, b, h, Hq, i, Sq, d) * at(x.k, b, hk, Hkv, j, Skv, d);
-          logits.push_back(dot * scale);
-        }
+        visible_dots(x, c, b, h, i, &keys, &logits);
+        for (double& l : logits) l *= scale;
         logits.push_back(z[h]);  // the sink column
         const double mx = *std::max_element(logits.begin(), logits.end());
         double sum = 0;
         for (double& l : logits) sum += (l = std::isinf(l) ? 0.0 : std::exp(l - mx));
-        double* o = &(*out)[((size_t(b) * Hq + h) * Sq + i) * D];
-        for (size_t n = 0; n < keys.size(); ++n)  // the sink column has no value
-          for (int d = 0; d < D; ++d) o[d] += logits[n] / sum * at(x.v, b, hk, Hkv, keys[n], Skv, d);
+        for (double& l : logits) l /= sum > 0 ? sum : 1.0;
+        add_weighted_v(x, c, b, h, keys, logits, &(*out)[((size_t(b) * Hq + h) * Sq + i) * D]);  // the sink: no value
         (*lse)[(size_t(b) * Hq + h) * Sq + i] = sum > 0 ? mx + std::log(sum) : -std::numeric_limits<double>::infinity();
       }
 }
 
 TEST(Sinks, ReferenceIsSoftmaxWithASinkColumn) {
   int seed = 500;
-  for (const Case& c : kCases) {
+  for (const MaskCase& c : kMaskCases) {
     SCOPED_TRACE(describe(c));
     HostQKV x = tools::make_inputs(Dist::normal, 2, c.hq, c.hkv, c.sq, c.skv, 32, DType::bf16, ++seed);
     std::vector<float> z = sinks_for(c.hq);
@@ -96,7 +84,7 @@ TEST(Sinks, EmulationWithinSchemeErrorAndFoldsTheSinkExactly) {
   int seed = 600;
   for (Scheme s : {Scheme::paper, Scheme::accurate, Scheme::half})
     for (Layout layout : {Layout::BHSD, Layout::BSHD})
-      for (const Case& c : kCases) {
+      for (const MaskCase& c : kMaskCases) {
         // llm inputs (outlier channels) give logits of ~100 and the scheme's LSE error with them:
         // the reference comparison takes normal inputs, the fold's algebra both.
         const Dist dist = (seed % 2) ? Dist::llm : Dist::normal;

@@ -20,10 +20,8 @@ namespace {
 using tools::Dist;
 using tools::HostQKV;
 
-using Case = MaskCase;
-const std::vector<Case>& kCases = kMaskCases;
 
-Options case_options(const Case& c, float cap) {
+Options case_options(const MaskCase& c, float cap) {
   Options o;
   o.causal = c.causal;
   o.window_left = c.left;
@@ -33,41 +31,31 @@ Options case_options(const Case& c, float cap) {
 
 // Float64 softmax of cap * tanh(scale q.k / cap) over the visible keys, straight from the bf16
 // inputs (BHSD), as Gemma 2 writes it.
-void capped_softmax(const HostQKV& x, const Case& c, double cap, double scale, std::vector<double>* out,
+void capped_softmax(const HostQKV& x, const MaskCase& c, double cap, double scale, std::vector<double>* out,
                     std::vector<double>* lse) {
-  const int B = x.batch, Hq = c.hq, Hkv = c.hkv, Sq = c.sq, Skv = c.skv, D = x.head_dim;
+  const int B = x.batch, Hq = c.hq, Sq = c.sq, D = x.head_dim;
   out->assign(size_t(B) * Hq * Sq * D, 0.0);
   lse->assign(size_t(B) * Hq * Sq, -std::numeric_limits<double>::infinity());
-  auto at = [&](const std::vector<uint16_t>& t, int b, int h, int H, int s, int S, int d) {
-    return double(tools::to_float(t[((size_t(b) * H + h) * S + s) * D + d], x.dtype));
-  };
+  std::vector<int> keys;
+  std::vector<double> logits;
   for (int b = 0; b < B; ++b)
     for (int h = 0; h < Hq; ++h)
       for (int i = 0; i < Sq; ++i) {
-        const int hk = h / (Hq / Hkv), diag = i + Skv - Sq;
-        std::vector<int> keys;
-        std::vector<double> logits;
-        for (int j = 0; j < Skv; ++j) {
-          if ((c.causal && j > diag) || (c.left >= 0 && j < diag - c.left)) continue;
-          double dot = 0;
-          for (int d = 0; d < D; ++d) dot += at(x.q, b, h, Hq, i, Sq, d) * at(x.k, b, hk, Hkv, j, Skv, d);
-          keys.push_back(j);
-          logits.push_back(cap * std::tanh(dot * scale / cap));
-        }
+        visible_dots(x, c, b, h, i, &keys, &logits);
         if (keys.empty()) continue;
+        for (double& l : logits) l = cap * std::tanh(l * scale / cap);
         const double mx = *std::max_element(logits.begin(), logits.end());
         double sum = 0;
         for (double& l : logits) sum += (l = std::exp(l - mx));
-        double* o = &(*out)[((size_t(b) * Hq + h) * Sq + i) * D];
-        for (size_t n = 0; n < keys.size(); ++n)
-          for (int d = 0; d < D; ++d) o[d] += logits[n] / sum * at(x.v, b, hk, Hkv, keys[n], Skv, d);
+        for (double& l : logits) l /= sum;
+        add_weighted_v(x, c, b, h, keys, logits, &(*out)[((size_t(b) * Hq + h) * Sq + i) * D]);
         (*lse)[(size_t(b) * Hq + h) * Sq + i] = mx + std::log(sum);
       }
 }
 
 TEST(Softcap, ReferenceIsTheCappedSoftmax) {
   int seed = 900;
-  for (const Case& c : kCases) {
+  for (const MaskCase& c : kMaskCases) {
     SCOPED_TRACE(describe(c));
     HostQKV x = tools::make_inputs(Dist::llm, 2, c.hq, c.hkv, c.sq, c.skv, 32, DType::bf16, ++seed);
     std::vector<double> want, want_lse;
@@ -88,7 +76,7 @@ TEST(Softcap, EmulationWithinSchemeErrorOfTheCappedReference) {
   for (Dist dist : {Dist::normal, Dist::llm})
     for (Scheme s : {Scheme::paper, Scheme::accurate, Scheme::half})
       for (Layout layout : {Layout::BHSD, Layout::BSHD})
-        for (const Case& c : kCases) {
+        for (const MaskCase& c : kMaskCases) {
           const bool llm = dist == Dist::llm;
           SCOPED_TRACE(std::string(to_string(s)) + " " + to_string(layout) + " " + describe(c) +
                        (llm ? " llm" : " normal"));

@@ -184,6 +184,35 @@ inline std::string describe(const MaskCase& c) {
          std::to_string(c.skv) + (c.causal ? " causal" : "") + " left " + std::to_string(c.left);
 }
 
+// The float64 oracles of sinks_test / softcap_test, written out from x's bf16 inputs (BHSD):
+// the keys that row i of query head h in batch b sees under c's mask (bottom-right causal, a
+// window's left edge) and their q . k in double.
+inline void visible_dots(const tools::HostQKV& x, const MaskCase& c, int b, int h, int i, std::vector<int>* keys,
+                         std::vector<double>* dots) {
+  const int D = x.head_dim, hk = h / (c.hq / c.hkv), diag = i + c.skv - c.sq;
+  auto at = [&](const std::vector<uint16_t>& t, int H, int hh, int S, int s, int d) {
+    return double(tools::to_float(t[((size_t(b) * H + hh) * S + s) * D + d], x.dtype));
+  };
+  keys->clear();
+  dots->clear();
+  for (int j = 0; j < c.skv; ++j) {
+    if ((c.causal && j > diag) || (c.left >= 0 && j < diag - c.left)) continue;
+    double dot = 0;
+    for (int d = 0; d < D; ++d) dot += at(x.q, c.hq, h, c.sq, i, d) * at(x.k, c.hkv, hk, c.skv, j, d);
+    keys->push_back(j);
+    dots->push_back(dot);
+  }
+}
+
+// o[d] += sum over n of w[n] * V[keys[n], d] for query head h's K/V head in batch b (double).
+inline void add_weighted_v(const tools::HostQKV& x, const MaskCase& c, int b, int h, const std::vector<int>& keys,
+                           const std::vector<double>& w, double* o) {
+  const int D = x.head_dim, hk = h / (c.hq / c.hkv);
+  for (size_t n = 0; n < keys.size(); ++n)
+    for (int d = 0; d < D; ++d)
+      o[d] += w[n] * tools::to_float(x.v[((size_t(b) * c.hkv + hk) * c.skv + keys[n]) * D + d], x.dtype);
+}
+
 // The float64 oracle's run r against a float64 softmax written out in the test (want, want_lse,
 // BHSD): every output and LSE written, each within 1e-12, rows without keys -inf exactly.
 inline void expect_reference_is(const Result& r, const std::vector<double>& want,

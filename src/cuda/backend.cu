@@ -74,11 +74,16 @@ Status debug_programmatic_launches(long long* count) {
 
 Status debug_check_cuda(int err, const char* what) { return check_cuda(static_cast<cudaError_t>(err), what); }
 
+namespace {
+// A feature switch read from the environment: on unless the variable is "0".
+bool env_not_zero(const char* name) {
+  const char* e = std::getenv(name);
+  return !(e && std::strcmp(e, "0") == 0);
+}
+}  // namespace
+
 bool pdl_enabled() {
-  static const bool on = [] {
-    const char* e = std::getenv("INTFA_PDL");
-    return !(e && std::string(e) == "0");
-  }();
+  static const bool on = env_not_zero("INTFA_PDL");
   return on;
 }
 
@@ -218,28 +223,21 @@ Status attention_int8(const FwdParams& params, GpuPath path, bool fallback, void
 
 namespace {
 std::atomic<long long> g_fused_q_calls{0};
-// INTFA_SM90_FUSED_Q=0 turns the fused Q off (same-run comparisons in the bench).
-bool fused_q_enabled() {
-  static const bool on = [] {
-    const char* e = std::getenv("INTFA_SM90_FUSED_Q");
-    return !(e && std::strcmp(e, "0") == 0);
-  }();
-  return on;
-}
 }  // namespace
 
 Status attention(const QuantParams& qp, const FwdParams& fp, GpuPath path, bool fallback, void* stream) {
   QuantParams q = qp;
   FwdParams f = fp;
   // The sm90 kernel quantizes Q itself when it runs the call (attention_int8's choice: not the
-  // decode kernel) and Q rows need no lse_offset / score_offset (which the quantizer computes
-  // from Q and the K means: LSE, sinks, soft-capping): a third of the quantizer's traffic (Q
-  // read, Q8 written) goes, and the kernel reads Q at 2 bytes per element instead of 1 (H200,
-  // PERF_LOG q22: e2e 0-2% faster).
+  // decode kernel) and Q rows need no lse_offset (which the quantizer computes from Q and the K
+  // means; run_fp_attention keeps it for the LSE, sinks and soft-capping, whose score_offset it
+  // becomes): a third of the quantizer's traffic (Q read, Q8 written) goes, and the kernel reads
+  // Q at 2 bytes per element instead of 1 (H200, PERF_LOG q22: e2e 0-2% faster).
+  // INTFA_SM90_FUSED_Q=0 turns it off (same-run comparisons in the bench).
+  static const bool enabled = env_not_zero("INTFA_SM90_FUSED_Q");
   bool fuse = false;
 #if INTFA_HAVE_SM90
-  if (f.q_in && path == GpuPath::sm90 && !(f.softcap > 0.f) && !q.lse_offset && !f.lse_offset &&
-      !f.score_offset && fused_q_enabled()) {
+  if (f.q_in && path == GpuPath::sm90 && !q.lse_offset && enabled) {
     FwdParams packed = f;
     fwd::pack_gqa_rows(packed);
     fuse = !(fallback && decode_takes(packed)) && check_fwd_sm90(packed).ok();

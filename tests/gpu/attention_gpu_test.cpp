@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <random>
 #include <string>
@@ -1012,12 +1013,39 @@ TEST_F(AttentionGpu, EndToEndAccuracyVsFloat64) {
     }
 }
 
+// One attention() on the GPU twice, without and with an LSE (`call(out, lse)` on device buffers
+// of out_elems floats and lse_elems floats, poisoned first): whether the first call took the fused
+// Q (`fused`) and the second not, their outputs the same bits, and the first's close to `cpu`.
+void expect_fused_q_same_bits(size_t out_elems, size_t lse_elems, bool fused, const std::vector<float>& cpu,
+                              const std::function<Status(void* out, void* lse)>& call) {
+  std::vector<float> outs[2];
+  long long calls[3] = {0, 0, 0};
+  INTFA_ASSERT_OK(cuda::debug_fused_q_calls(&calls[0]));
+  for (int with_lse = 0; with_lse < 2; ++with_lse) {
+    DeviceBuffer dout(out_elems * 4), dlse(lse_elems * 4);
+    INTFA_ASSERT_OK(gpu_memset(dout.ptr, 0xFF, out_elems * 4));  // NaN poison
+    INTFA_ASSERT_OK(call(dout.ptr, with_lse ? dlse.ptr : nullptr));
+    INTFA_ASSERT_OK(gpu_synchronize());
+    INTFA_ASSERT_OK(cuda::debug_fused_q_calls(&calls[1 + with_lse]));
+    outs[with_lse] = dout.to_host<float>();
+  }
+  EXPECT_EQ(calls[1] - calls[0], fused ? 1 : 0) << "the call without an LSE";
+  EXPECT_EQ(calls[2] - calls[1], 0) << "the call with an LSE (its rows need lse_offset)";
+  ASSERT_EQ(outs[0].size(), outs[1].size());
+  EXPECT_EQ(std::memcmp(outs[0].data(), outs[1].data(), outs[0].size() * 4), 0) << "fused Q vs quantize()'s Q8";
+  const auto m = tools::compare(std::vector<double>(outs[0].begin(), outs[0].end()),
+                                std::vector<double>(cpu.begin(), cpu.end()));
+  EXPECT_EQ(m.nonfinite, 0);
+  EXPECT_LT(m.rel_l2, 2e-3) << "GPU vs CPU emulation";
+}
+
 // attention() on the sm90 path without an LSE: the kernel quantizes Q itself from the fp16 / bf16
 // rows (FwdParams::q_in) and the quantizer skips Q. The same call with an LSE needs lse_offset,
 // so the quantizer makes Q8 as before: both outputs must be the same bits (the same Q8 and
 // scales into the same kernel arithmetic), and close to the CPU backend's. Both dtypes and
 // layouts, D 64 / 128, GQA packed and unpacked rows, causal with Sq != Skv, a window, paper,
-// and decode shapes (fused on path sm90; path auto sends them to the decode kernel, unfused).
+// decode shapes (fused on path sm90; path auto sends them to the decode kernel, unfused) and
+// varlen.
 TEST_F(AttentionGpu, EndToEndSm90QuantizesQ) {
   if (gpu_paths().size() < 2) GTEST_SKIP() << "no sm90 path on this device";
   if (const char* e = std::getenv("INTFA_SM90_FUSED_Q"); e && std::string(e) == "0")
@@ -1057,32 +1085,17 @@ TEST_F(AttentionGpu, EndToEndSm90QuantizesQ) {
     DeviceBuffer dq(x.q.data(), x.q.size() * 2), dk(x.k.data(), x.k.size() * 2), dv(x.v.data(), x.v.size() * 2);
     o.backend = Backend::gpu;
     o.path = w.path;
-    std::vector<float> outs[2];
-    long long calls[3] = {0, 0, 0};
-    INTFA_ASSERT_OK(cuda::debug_fused_q_calls(&calls[0]));
-    for (int with_lse = 0; with_lse < 2; ++with_lse) {
-      DeviceBuffer dout(x.q.size() * 4), dlse(size_t(w.batch) * w.hq * w.sq * 4);
-      INTFA_ASSERT_OK(gpu_memset(dout.ptr, 0xFF, x.q.size() * 4));  // NaN poison
-      Tensor lse = make_tensor(dlse.ptr, DType::f32, {w.batch, w.hq, w.sq}, true);
-      INTFA_ASSERT_OK(attention(tensor(dq.ptr, w.dt, dims(w.hq, w.sq), true), tensor(dk.ptr, w.dt, dims(w.hkv, w.skv), true),
-                                tensor(dv.ptr, w.dt, dims(w.hkv, w.skv), true),
-                                tensor(dout.ptr, DType::f32, dims(w.hq, w.sq), true), with_lse ? &lse : nullptr, o));
-      INTFA_ASSERT_OK(gpu_synchronize());
-      INTFA_ASSERT_OK(cuda::debug_fused_q_calls(&calls[1 + with_lse]));
-      outs[with_lse] = dout.to_host<float>();
-    }
-    EXPECT_EQ(calls[1] - calls[0], w.fused ? 1 : 0) << "the call without an LSE";
-    EXPECT_EQ(calls[2] - calls[1], 0) << "the call with an LSE (its rows need lse_offset)";
-    ASSERT_EQ(outs[0].size(), outs[1].size());
-    EXPECT_EQ(std::memcmp(outs[0].data(), outs[1].data(), outs[0].size() * 4), 0) << "fused Q vs quantize()'s Q8";
-    const auto m = tools::compare(std::vector<double>(outs[0].begin(), outs[0].end()),
-                                  std::vector<double>(cpu.begin(), cpu.end()));
-    EXPECT_EQ(m.nonfinite, 0);
-    EXPECT_LT(m.rel_l2, 2e-3) << "GPU vs CPU emulation";
+    expect_fused_q_same_bits(x.q.size(), size_t(w.batch) * w.hq * w.sq, w.fused, cpu, [&](void* out, void* lse) {
+      Tensor lse_t = make_tensor(lse, DType::f32, {w.batch, w.hq, w.sq}, true);
+      return attention(tensor(dq.ptr, w.dt, dims(w.hq, w.sq), true), tensor(dk.ptr, w.dt, dims(w.hkv, w.skv), true),
+                       tensor(dv.ptr, w.dt, dims(w.hkv, w.skv), true), tensor(out, DType::f32, dims(w.hq, w.sq), true),
+                       lse ? &lse_t : nullptr, o);
+    });
   }
   // Varlen (packed rows of several sequences, an empty one among them; Q tiles that run into the
   // next sequence's rows), causal, bf16.
-  const std::vector<int32_t> cu_q = {0, 37, 37, 337, 466}, cu_kv = {0, 100, 109, 409, 1009};
+  SCOPED_TRACE("varlen");
+  std::vector<int32_t> cu_q = {0, 37, 37, 337, 466}, cu_kv = {0, 100, 109, 409, 1009};
   const int H = 4, Hkv = 2, D = 128, tq = cu_q.back(), tkv = cu_kv.back();
   auto x = tools::make_inputs(Dist::llm, 1, H, Hkv, tq, tkv, D, DType::bf16, ++seed);  // read as [t, h, d]
   Options o;
@@ -1090,39 +1103,22 @@ TEST_F(AttentionGpu, EndToEndSm90QuantizesQ) {
   o.backend = Backend::cpu;
   o.block_n = gpu_block_n(D);
   auto packed = [&](void* data, DType dt, int t, int h, bool dev) { return make_tensor(data, dt, {t, h, D}, dev); };
-  auto cu = [](const std::vector<int32_t>& c, void* data, bool dev) {
+  auto cu = [](std::vector<int32_t>& c, void* data, bool dev) {
     return make_tensor(data, DType::i32, {int64_t(c.size())}, dev);
   };
   std::vector<float> cpu(x.q.size(), NAN);
-  std::vector<int32_t> hq(cu_q), hkv(cu_kv);
   INTFA_ASSERT_OK(attention_varlen(packed(x.q.data(), DType::bf16, tq, H, false), packed(x.k.data(), DType::bf16, tkv, Hkv, false),
-                                   packed(x.v.data(), DType::bf16, tkv, Hkv, false), cu(hq, hq.data(), false),
-                                   cu(hkv, hkv.data(), false), 300, 600, packed(cpu.data(), DType::f32, tq, H, false), nullptr, o));
+                                   packed(x.v.data(), DType::bf16, tkv, Hkv, false), cu(cu_q, cu_q.data(), false),
+                                   cu(cu_kv, cu_kv.data(), false), 300, 600, packed(cpu.data(), DType::f32, tq, H, false), nullptr, o));
   DeviceBuffer dq(x.q.data(), x.q.size() * 2), dk(x.k.data(), x.k.size() * 2), dv(x.v.data(), x.v.size() * 2),
-      dcq(hq.data(), hq.size() * 4), dckv(hkv.data(), hkv.size() * 4);
+      dcq(cu_q.data(), cu_q.size() * 4), dckv(cu_kv.data(), cu_kv.size() * 4);
   o.backend = Backend::gpu;
-  std::vector<float> outs[2];
-  long long calls[3] = {0, 0, 0};
-  INTFA_ASSERT_OK(cuda::debug_fused_q_calls(&calls[0]));
-  for (int with_lse = 0; with_lse < 2; ++with_lse) {
-    DeviceBuffer dout(x.q.size() * 4), dlse(size_t(H) * tq * 4);
-    INTFA_ASSERT_OK(gpu_memset(dout.ptr, 0xFF, x.q.size() * 4));
-    Tensor lse = make_tensor(dlse.ptr, DType::f32, {H, tq}, true);
-    INTFA_ASSERT_OK(attention_varlen(packed(dq.ptr, DType::bf16, tq, H, true), packed(dk.ptr, DType::bf16, tkv, Hkv, true),
-                                     packed(dv.ptr, DType::bf16, tkv, Hkv, true), cu(hq, dcq.ptr, true),
-                                     cu(hkv, dckv.ptr, true), 300, 600, packed(dout.ptr, DType::f32, tq, H, true),
-                                     with_lse ? &lse : nullptr, o));
-    INTFA_ASSERT_OK(gpu_synchronize());
-    INTFA_ASSERT_OK(cuda::debug_fused_q_calls(&calls[1 + with_lse]));
-    outs[with_lse] = dout.to_host<float>();
-  }
-  EXPECT_EQ(calls[1] - calls[0], 1) << "varlen without an LSE";
-  EXPECT_EQ(calls[2] - calls[1], 0) << "varlen with an LSE";
-  EXPECT_EQ(std::memcmp(outs[0].data(), outs[1].data(), outs[0].size() * 4), 0) << "varlen: fused Q vs quantize()'s Q8";
-  const auto m = tools::compare(std::vector<double>(outs[0].begin(), outs[0].end()),
-                                std::vector<double>(cpu.begin(), cpu.end()));
-  EXPECT_EQ(m.nonfinite, 0);
-  EXPECT_LT(m.rel_l2, 2e-3) << "varlen: GPU vs CPU emulation";
+  expect_fused_q_same_bits(x.q.size(), size_t(H) * tq, true, cpu, [&](void* out, void* lse) {
+    Tensor lse_t = make_tensor(lse, DType::f32, {H, tq}, true);
+    return attention_varlen(packed(dq.ptr, DType::bf16, tq, H, true), packed(dk.ptr, DType::bf16, tkv, Hkv, true),
+                            packed(dv.ptr, DType::bf16, tkv, Hkv, true), cu(cu_q, dcq.ptr, true), cu(cu_kv, dckv.ptr, true),
+                            300, 600, packed(out, DType::f32, tq, H, true), lse ? &lse_t : nullptr, o);
+  });
 }
 
 // Hopper: auto picks the sm90 kernel, and sm90 and sm80 agree end to end on random shapes

@@ -1073,13 +1073,12 @@ template <int D>
 __global__ void __launch_bounds__(128) qk_block_test_kernel(const int8_t* q8, const int8_t* k8, int32_t* s_out) {
   __shared__ __align__(1024) uint8_t sQ[64 * D];
   __shared__ __align__(1024) uint8_t sK[kBlockN * D];
-  auto swz = [](int o) { return tma_swizzle<D>(o); };
   q8 += blockIdx.x * 64 * D;
   s_out += blockIdx.x * 64 * 128;
   for (int i = threadIdx.x; i < 64 * D / 16; i += 128)
-    *reinterpret_cast<int4*>(sQ + swz(16 * i)) = reinterpret_cast<const int4*>(q8)[i];
+    *reinterpret_cast<int4*>(sQ + tma_swizzle<D>(16 * i)) = reinterpret_cast<const int4*>(q8)[i];
   for (int i = threadIdx.x; i < kBlockN * D / 16; i += 128)
-    *reinterpret_cast<int4*>(sK + swz(16 * i)) = reinterpret_cast<const int4*>(k8)[i];
+    *reinterpret_cast<int4*>(sK + tma_swizzle<D>(16 * i)) = reinterpret_cast<const int4*>(k8)[i];
   ptx::fence_proxy_async_shared();
   __syncthreads();
   int s[kBlockN / 2];
