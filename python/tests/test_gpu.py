@@ -1363,13 +1363,12 @@ def test_softcap_on_the_gpu(d, causal, layout, scheme):
 
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_softcap_over_kv_caches_on_the_gpu(d):
-    """softcap on a KVCache and on PagedKVCaches of 128- and 16-token pages (the decode and sm80
-    kernels' Softcap instantiations, contiguous and paged) for a decode step and a 24-row chunk:
-    the three caches' outputs and LSE bit for bit alike on the GPU (the same kernel numerics
-    over the same keys and ranges; the chunk on path sm80, since path auto takes the contiguous
-    cache's to the sm90 kernel on Hopper and the paged ones to sm80), each against the CPU
-    KVCache's within the GPU-vs-CPU tolerance, and the contiguous cache's chunk on path auto
-    too."""
+    """softcap on a KVCache and on PagedKVCaches of 128- and 16-token pages (the decode, sm80 and
+    sm90 kernels' Softcap instantiations, contiguous and paged) for a decode step and a 24-row
+    chunk: the three caches' outputs and LSE bit for bit alike on the GPU (the same kernel
+    numerics over the same keys and ranges; the step on path auto, the chunk on each prefill
+    path, sm90 on Hopper at head dims 64 / 128), each against the CPU KVCache's within the
+    GPU-vs-CPU tolerance, and the contiguous cache's chunk on path auto too."""
     b, hq, hkv, n0 = 2, 8, 2, 300
     k, v = rand(b, hkv, n0, d, seed=120 + d), rand(b, hkv, n0, d, seed=121 + d)
     caches = [intfa.KVCache(k, v, 512),
@@ -1379,12 +1378,16 @@ def test_softcap_over_kv_caches_on_the_gpu(d):
     for sq in (1, 24):
         q = rand(b, hq, sq, d, seed=122 + d + sq) * 20
         kw = dict(is_causal=True, return_lse=True, softcap=30.0)
-        got = [c.attention(q, path="auto" if sq == 1 else "sm80", **kw) for c in caches]
         want = cpu.attention(q.cpu(), **kw)
-        for out, lse in got[1:]:
-            exact(out, got[0][0])
-            exact(lse, got[0][1])
-        _window_vs_cpu(got[0][0], got[0][1], *want)
+        paths = ["auto"] if sq == 1 else ["sm80"]
+        if sq > 1 and d <= 128 and intfa.resolve_gpu_path() == "sm90":
+            paths.append("sm90")
+        for path in paths:
+            got = [c.attention(q, path=path, **kw) for c in caches]
+            for out, lse in got[1:]:
+                exact(out, got[0][0])
+                exact(lse, got[0][1])
+            _window_vs_cpu(got[0][0], got[0][1], *want)
         _window_vs_cpu(*caches[0].attention(q, **kw), *want)
         plain = caches[0].attention(q, is_causal=True)
         assert rel_l2(plain.cpu(), want[0]) > 0.05

@@ -200,8 +200,8 @@ Status attention_int8(const FwdParams& params, GpuPath path, bool fallback, void
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   FwdParams p = params;
   fwd::pack_gqa_rows(p);  // GQA heads as rows where the rows see the same keys (tile_order.h)
-  // Soft-capping is built in every kernel (their Softcap instantiations), on sm90 over contiguous
-  // K / V only: path auto on Hopper runs paged prefill calls with it on sm80.
+  // Soft-capping is built in every kernel (their Softcap instantiations; sm90: its window
+  // kernels', contiguous and paged).
   // At most 16 rows per (batch, head) left: the decode kernel, unless a path was named. Every
   // path reads paged caches (FwdParams::block_table) too.
   if (path == GpuPath::decode || (fallback && decode_takes(p))) {

@@ -408,7 +408,7 @@ TEST(PagedLaunch, PageSizesEachPathTakes) {
 // with V scales that grow, leaves the pool byte-identical to the CPU backend's; attention over it
 // on every path that takes the call matches the CPU emulation, and equals, bit for bit, the same
 // kernel's attention over the contiguous cache that holds the same tokens (every path, pages
-// under 128 tokens included, with and without a sliding window). Pages of 48 tokens answer
+// under 128 tokens included, with and without a sliding window and soft-capping). Pages of 48 tokens answer
 // not_available on every path, and a table entry outside the pool reads nothing past it (finite
 // output; memcheck runs this test).
 void paged_matches_cpu(std::initializer_list<int> dims) {
@@ -477,6 +477,19 @@ void paged_matches_cpu(std::initializer_list<int> dims) {
           oz.sinks = make_tensor(z.data(), DType::f32, {Hq});
           ASSERT_NO_FATAL_FAILURE(expect_paths_match_cpu(hp, gp, oz));
         }
+        // Gemma 2's soft-capped logits over the pages, a prompt chunk (sm80's and sm90's
+        // Softcap instantiations, on sm90 the paged and small-page window kernels'; the decode
+        // kernel's over pages: python/tests/test_gpu.py, test_softcap_over_kv_caches_on_the_gpu),
+        // with and without the window of its local layers.
+        std::vector<Options> capped;
+        if (n == 40) {
+          SCOPED_TRACE("softcap");
+          for (const Options& base : {o, ow}) {
+            capped.push_back(base);
+            capped.back().softcap = 30.f;
+            ASSERT_NO_FATAL_FAILURE(expect_paths_match_cpu(hp, gp, capped.back()));
+          }
+        }
 
         // Paged and contiguous, the same kernel: the same bits. Pages under 128 tokens also as a
         // copy whose V^T rows are padded (a strided vt8, rows of page + 16 bytes; every small-page
@@ -495,10 +508,13 @@ void paged_matches_cpu(std::initializer_list<int> dims) {
         const Tensor to = make_tensor(nullptr, DType::f32, {B, Hq, n, D}), tl = make_tensor(nullptr, DType::f32, {B, Hq, n});
         Tensor t1 = on_device(to, o1.ptr), t2 = on_device(to, o2.ptr), tl1 = on_device(tl, l1.ptr), tl2 = on_device(tl, l2.ptr);
         Options od = o;
-        for (const Options& base : {o, ow})
+        std::vector<Options> bases = {o, ow};
+        bases.insert(bases.end(), capped.begin(), capped.end());
+        for (const Options& base : bases)
           for (GpuPath path : {GpuPath::decode, GpuPath::sm80, GpuPath::sm90}) {
             if (skip(path)) continue;
-            SCOPED_TRACE(std::string("path ") + to_string(path) + (base.window_left >= 0 ? ", window" : ""));
+            SCOPED_TRACE(std::string("path ") + to_string(path) + (base.window_left >= 0 ? ", window" : "") +
+                         (base.softcap > 0.f ? ", softcap" : ""));
             od = base;
             od.path = path;
             INTFA_ASSERT_OK(gpu_memset(o2.ptr, 0xFF, o2.bytes));  // NaN

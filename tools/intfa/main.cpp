@@ -513,14 +513,13 @@ struct DevicePagedKv {
 // The kernel a row's calls run, for its JSON label: the path named, or for path auto the one
 // the dispatcher picks, the decode kernel for at most 16 query rows per K/V head after GQA
 // packing (as bench/compare.py labels its in-process rows), sm80 at head dim 256 (the one kernel
-// built for it) and for soft-capping over pages (sm90 caps contiguous K / V only), else
-// `resolved` (sm90 on Hopper).
-GpuPath row_path(GpuPath requested, GpuPath resolved, const BenchShape& sh, Scheme sc, bool softcap) {
+// built for it), else `resolved` (sm90 on Hopper).
+GpuPath row_path(GpuPath requested, GpuPath resolved, const BenchShape& sh, Scheme sc) {
   if (requested != GpuPath::automatic) return resolved;
   if (sh.hdim == 256) return GpuPath::sm80;
   const bool decode = sh.lens.empty() && sc != Scheme::half && (sh.hdim == 64 || sh.hdim == 128) &&
                       int64_t(sh.seq_q) * (sh.heads / sh.heads_kv) <= 16;
-  return decode ? GpuPath::decode : softcap && sh.page > 0 ? GpuPath::sm80 : resolved;
+  return decode ? GpuPath::decode : resolved;
 }
 
 // Times kernel-only and end-to-end for every scheme and causal flag of one shape (all with the
@@ -648,7 +647,7 @@ void bench_shape(const BenchShape& sh, const std::vector<Scheme>& schemes, const
       if (graph_calls) extra += ", \"graph_calls\": " + std::to_string(graph_calls);
       for (int e = 0; e < (has_e2e ? 2 : 1); ++e) {
         rows << (rows.tellp() > 0 ? ",\n" : "") << "    {\"provider\": \"intfa\", \"path\": \""
-             << to_string(row_path(path_req, path, sh, sc, mask.softcap > 0.f)) << "\", \"scheme\": \"" << to_string(sc) << "\", \"seq\": " << sh.seq << extra
+             << to_string(row_path(path_req, path, sh, sc)) << "\", \"scheme\": \"" << to_string(sc) << "\", \"seq\": " << sh.seq << extra
              << ", \"hdim\": " << sh.hdim << ", \"causal\": " << causal << ", \"batch\": " << sh.batch
              << ", \"heads\": " << sh.heads << ", \"e2e\": " << (e ? "true" : "false")
              << ", \"ms\": " << fmt(e ? e_ms : k_ms, "%.4f") << ", \"tops\": "

@@ -22,7 +22,7 @@
 //   Fused Q (attention() calls without lse_offset, FwdParams::q_in): TMA brings the tile's
 //     fp16 / bf16 rows instead, and each consumer warpgroup quantizes its 64 rows (per-token,
 //     bit-identical to the quantizer) into the int8 tile at the tile's start (quantize_q_rows).
-//   Softcap (one window-kernel instantiation per head dim): the scores go through
+//   Softcap (on the window kernels: contiguous, paged, small pages): the scores go through
 //     softcap * tanh(s / softcap) before the softmax (fwd::softcap_scores, as on sm80).
 //   Epilogue: each consumer warpgroup writes O * v_scale / l into its shared-memory slice and
 //   one thread per row sends the row out with a bulk copy (named barriers 3 and 4), then goes
@@ -604,7 +604,7 @@ __device__ __forceinline__ void quantize_q_rows(const uint8_t* rows, uint8_t* q8
 template <int D, bool Causal, bool Split, bool Paged, bool Window, bool SmallPages = false, bool Softcap = false>
 __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant__ Params P) {
   static_assert(!SmallPages || Paged, "small pages are paged");
-  static_assert(!Softcap || (Causal && Split && Window && !Paged), "soft-capping runs the contiguous window kernel");
+  static_assert(!Softcap || (Causal && Split && Window), "soft-capping runs the window kernels");
   // Split launches: the combine kernel (a programmatic dependent, cuda::launch_dependent) may
   // start on the SMs this grid leaves free and wait for its end there (PERF_LOG d13).
   if constexpr (Split) ptx::griddepcontrol_launch_dependents();

@@ -228,11 +228,6 @@ Status prepare_sm90(const FwdParams& p, sm90::Params* prm, bool* small, bool enc
   if (Status st = check_head_dim_64_128(p, "sm90"); !st.ok()) return st;
   // Paged KV: a key block (one TMA box) lies in one page, or spans pages of 16, 32 or 64 tokens.
   if (Status st = check_paged(p, "sm90", sm90::kBlockN, small); !st.ok()) return st;
-  // Soft-capping: one kernel per head dim, over contiguous K / V (the automatic path takes paged
-  // caches with it to the sm80 kernel).
-  if (p.softcap > 0.f && p.block_table)
-    return Status(StatusCode::not_available,
-                  "softcap: not built on the sm90 path for paged K / V (paths sm80, decode or auto run it)");
   // TMA needs 16-byte aligned bases and strides: other tensors are refused (not_available), and
   // the automatic path then runs them on sm80.
   return sm90::make_params(p, *small, prm, encode);
@@ -259,7 +254,7 @@ Status launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   // Only the split kernels read per-sequence key counts (decode_tile), pages, a sliding window's
   // left edge and sinks; with one range (the rule's choice, and always for paper) they write
   // final rows as the whole-tile kernels do.
-  // Soft-capping runs the window kernel (a split kernel), with or without a window.
+  // Soft-capping runs the window kernels (split kernels), with or without a window.
   const bool softcap = p.softcap > 0.f;
   const bool window = p.window_left >= 0 || softcap;
   const bool split_kernel = prm.num_splits > 1 || p.seqused_kv != nullptr || paged || window || p.sinks;
@@ -327,10 +322,14 @@ Status launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
          sm90::launch_fwd<64, true, true, true, true, true>},
         {sm90::launch_fwd<128, true, true, false, true>, sm90::launch_fwd<128, true, true, true, true>,
          sm90::launch_fwd<128, true, true, true, true, true>}};
+    // Soft-capping: the window kernels' Softcap instantiations, [head dim 64 / 128][as kWindow].
+    static constexpr L kSoftcap[2][3] = {
+        {sm90::launch_fwd<64, true, true, false, true, false, true>, sm90::launch_fwd<64, true, true, true, true, false, true>,
+         sm90::launch_fwd<64, true, true, true, true, true, true>},
+        {sm90::launch_fwd<128, true, true, false, true, false, true>, sm90::launch_fwd<128, true, true, true, true, false, true>,
+         sm90::launch_fwd<128, true, true, true, true, true, true>}};
     const int pages = small ? 2 : paged ? 1 : 0;  // contiguous, paged, small pages
-    static constexpr L kSoftcap[2] = {sm90::launch_fwd<64, true, true, false, true, false, true>,
-                                      sm90::launch_fwd<128, true, true, false, true, false, true>};
-    st = softcap  ? kSoftcap[p.head_dim == 128](prm, stream)
+    st = softcap  ? kSoftcap[p.head_dim == 128][pages](prm, stream)
          : window ? kWindow[p.head_dim == 128][pages](prm, stream)
                 : kLaunch[p.head_dim == 128][causal_kernel][paged ? 1 + pages : split_kernel ? 1 : 0](prm, stream);
   }
