@@ -138,8 +138,9 @@ __device__ __forceinline__ void softcap_row(const FwdParams& p, int b, int h, in
 // tanh(y) = 1 - 2 / (1 + 2^(u a + b)) by MUFU.EX2 and MUFU.RCP: within a few 1e-7 of tanh in
 // absolute terms, which is what the scores see (tanh.approx.f32 is off by up to 2^-11
 // relative, ~5e-3 of a score at softcap 50 and beyond the tests' CPU-emulation tolerance).
-// Masked keys (-inf) stay -inf.
-template <int N>
+// Masked keys (-inf) stay -inf (kKeepNegInf); a kernel that masks them after the tanh anyway
+// (sm90: keys past the sequence by the diagonal's test) saves the compare and select per score.
+template <int N, bool kKeepNegInf = true>
 __device__ __forceinline__ void softcap_scores(float (&u)[N / 8][4], const float (&a)[2], const float (&b)[2]) {
 #pragma unroll
   for (int j = 0; j < N / 8; ++j)
@@ -147,7 +148,7 @@ __device__ __forceinline__ void softcap_scores(float (&u)[N / 8][4], const float
     for (int e = 0; e < 4; ++e) {
       const float x = __fmaf_rn(u[j][e], a[e >> 1], b[e >> 1]);
       const float t = __fmaf_rn(-2.f, __fdividef(1.f, 1.f + ptx::ex2_approx(x)), 1.f);
-      u[j][e] = u[j][e] == neg_inf() ? neg_inf() : t;
+      u[j][e] = kKeepNegInf && u[j][e] == neg_inf() ? neg_inf() : t;
     }
 }
 

@@ -39,6 +39,7 @@
 
 #include <cuda.h>
 
+#include <climits>
 #include <cstdint>
 
 #include "common/numerics.h"
@@ -872,8 +873,14 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
     // warp_key_first the highest of the warp's rows (blocks before it need the mask too).
     int row[2], key_last[2], key_first[2] = {0, 0}, warp_key_first = 0;
     float m_run[2], l_part[2];
-    const int warp_key_last =
-        fwd::lowest_position(T.m0 + cw * 64 + wq * 16, T.m0 + cw * 64 + wq * 16 + 15, p.row_period) + T.diag;
+    // Soft-capping at D=64: keys past the sequence (-inf from the producer's offsets, which the
+    // tanh then turns into -1) are masked here too, by a diagonal no later than the last key, so
+    // softcap_scores drops its compare and select per score. H200, same call: D=64 4k +9.5%;
+    // at D=128 the same change grew the spills (196 -> 280 B) and cost 3% (PERF_LOG s42).
+    constexpr bool kTailByDiag = Softcap && D == 64;
+    const int key_end = kTailByDiag ? T.skv - 1 : INT_MAX;
+    const int warp_key_last = min(
+        fwd::lowest_position(T.m0 + cw * 64 + wq * 16, T.m0 + cw * 64 + wq * 16 + 15, p.row_period) + T.diag, key_end);
     if constexpr (Window) {
       int lo, hi;
       fwd::row_positions(T.m0 + cw * 64 + wq * 16, T.m0 + cw * 64 + wq * 16 + 15, p.row_period, lo, hi);
@@ -882,7 +889,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       row[r] = T.m0 + cw * 64 + wq * 16 + g + 8 * r;
-      key_last[r] = fwd::row_position(row[r], p.row_period) + T.diag;
+      key_last[r] = min(fwd::row_position(row[r], p.row_period) + T.diag, key_end);
       if constexpr (Window) key_first[r] = fwd::row_position(row[r], p.row_period) + T.first;
       m_run[r] = kNegInf;
       l_part[r] = 0.f;
@@ -931,7 +938,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
         u[j][2] = __fmaf_rn(__int_as_float(s[4 * j + 2] + kMagicBits), k4.x, k4.z);
         u[j][3] = __fmaf_rn(__int_as_float(s[4 * j + 3] + kMagicBits), k4.y, k4.w);
       }
-      if constexpr (Softcap) fwd::softcap_scores<kBlockN>(u, cap_a, cap_b);
+      if constexpr (Softcap) fwd::softcap_scores<kBlockN, !kTailByDiag>(u, cap_a, cap_b);
       if (Causal && ((n + 1) * kBlockN - 1 > warp_key_last || (Window && n * kBlockN < warp_key_first))) {
 #pragma unroll
         for (int j = 0; j < kBlockN / 8; ++j)
