@@ -85,9 +85,8 @@ def attention(q, k, v, *, is_causal=False, window_size=_NO_WINDOW, sinks=None, s
     path: GPU kernel family "auto", "sm80", "sm90" or "decode" (ignored on the CPU).
     softcap: logit soft-capping (Gemma 2's attn_logit_softcapping, flash_attn's softcap): each
         scaled score s becomes softcap * tanh(s / softcap) before the softmax (the LSE is that
-        of the capped scores; sinks are not capped). None or 0.0: none. On the GPU the sm80
-        and decode kernels run it, over paged caches too (path "auto" takes prefill calls to
-        sm80 on Hopper; "sm90": RuntimeError).
+        of the capped scores; sinks are not capped). None or 0.0: none. On the GPU every
+        kernel runs it (sm80, decode, sm90 at head dims 64 / 128), over paged caches too.
 
     Returns out (like q, dtype of q) or (out, lse).
     """

@@ -196,15 +196,14 @@ Status quantize_cache(const CacheQuantParams& p, void* stream) {
   return launch_quantize_cache(p, static_cast<cudaStream_t>(stream));
 }
 
-Status attention_int8(const FwdParams& params, GpuPath path, bool fallback, void* stream) {
-  cudaStream_t s = static_cast<cudaStream_t>(stream);
-  FwdParams p = params;
-  fwd::pack_gqa_rows(p);  // GQA heads as rows where the rows see the same keys (tile_order.h)
-  // Soft-capping is built in every kernel (their Softcap instantiations; sm90: its window
-  // kernels', contiguous and paged).
+namespace {
+
+// attention_int8 on parameters whose GQA rows are packed (fwd::pack_gqa_rows) and `decode`,
+// whether the decode kernel takes them on path auto (decode_takes).
+Status attend_packed(const FwdParams& p, GpuPath path, bool fallback, bool decode, cudaStream_t s) {
   // At most 16 rows per (batch, head) left: the decode kernel, unless a path was named. Every
   // path reads paged caches (FwdParams::block_table) too.
-  if (path == GpuPath::decode || (fallback && decode_takes(p))) {
+  if (path == GpuPath::decode || (fallback && decode)) {
     Status st = launch_fwd_decode(p, s);
     if (st.code() != StatusCode::not_available || !fallback) return st;
   }
@@ -221,9 +220,15 @@ Status attention_int8(const FwdParams& params, GpuPath path, bool fallback, void
   return launch_fwd_sm80(p, s);
 }
 
-namespace {
 std::atomic<long long> g_fused_q_calls{0};
+
 }  // namespace
+
+Status attention_int8(const FwdParams& params, GpuPath path, bool fallback, void* stream) {
+  FwdParams p = params;
+  fwd::pack_gqa_rows(p);  // GQA heads as rows where the rows see the same keys (tile_order.h)
+  return attend_packed(p, path, fallback, fallback && decode_takes(p), static_cast<cudaStream_t>(stream));
+}
 
 Status attention(const QuantParams& qp, const FwdParams& fp, GpuPath path, bool fallback, void* stream) {
   QuantParams q = qp;
@@ -234,6 +239,8 @@ Status attention(const QuantParams& qp, const FwdParams& fp, GpuPath path, bool 
   // becomes): a third of the quantizer's traffic (Q read, Q8 written) goes, and the kernel reads
   // Q at 2 bytes per element instead of 1 (H200, PERF_LOG q22: e2e 0-2% faster).
   // INTFA_SM90_FUSED_Q=0 turns it off (same-run comparisons in the bench).
+  // GQA rows are packed here once, as attention_int8 packs them (with q_in when fused: its strides
+  // must pack too); the quantizer keeps qp's unpacked strides.
   static const bool enabled = env_not_zero("INTFA_SM90_FUSED_Q");
   bool fuse = false;
 #if INTFA_HAVE_SM90
@@ -241,6 +248,7 @@ Status attention(const QuantParams& qp, const FwdParams& fp, GpuPath path, bool 
     FwdParams packed = f;
     fwd::pack_gqa_rows(packed);
     fuse = !(fallback && decode_takes(packed)) && check_fwd_sm90(packed).ok();
+    if (fuse) f = packed;
   }
 #endif
   if (fuse) {
@@ -251,9 +259,11 @@ Status attention(const QuantParams& qp, const FwdParams& fp, GpuPath path, bool 
     f.q_scale = nullptr;
   } else {
     f.q_in = nullptr;
+    fwd::pack_gqa_rows(f);
   }
+  const bool decode = !fuse && fallback && decode_takes(f);  // fused calls are not decode-sized
   Status st = quantize(q, stream);
-  if (st.ok()) st = attention_int8(f, path, fallback, stream);
+  if (st.ok()) st = attend_packed(f, path, fallback, decode, static_cast<cudaStream_t>(stream));
   return st;
 }
 

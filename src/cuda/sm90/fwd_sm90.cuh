@@ -1101,8 +1101,8 @@ __global__ void __launch_bounds__(128) qk_block_test_kernel(const int8_t* q8, co
 
 int choose_splits(const FwdParams& p, int num_tiles, int sms);  // fwd_sm90_launch.cu
 
-// Host launcher for one (head dim, causal, split, paged, window, small pages) instantiation;
-// defined in fwd_sm90_launch.cuh.
+// Host launcher for one (head dim, causal, split, paged, window, small pages, soft-capping)
+// instantiation; defined in fwd_sm90_launch.cuh.
 template <int D, bool Causal, bool Split, bool Paged, bool Window = false, bool SmallPages = false,
           bool Softcap = false>
 Status launch_fwd(const Params& prm, cudaStream_t stream);
