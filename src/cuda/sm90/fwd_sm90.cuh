@@ -553,19 +553,21 @@ __device__ __forceinline__ void quantize_q_rows(const uint8_t* rows, uint8_t* q8
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = wq * 16 + g + 8 * r;
-    auto load = [&](int k, float (&x)[8]) {
-      quant::to_float8<T>(*reinterpret_cast<const uint4*>(rows + row * D * 2 + 16 * (t + 4 * (k ^ (g & 1)))), x);
-    };
-    // Two passes over the rows in shared memory (the max, then the rounding), so that a row's
-    // values need not stay in registers (the consumers' O and scores are live here).
-    float amax = 0.f;
+    // One pass over shared memory: the row's D / 4 values stay packed in registers (D / 8 of
+    // them; O and the scores are not live before the tile's first QK) between the max, taken on
+    // packed pairs (quant::absmax_pairs, exact and NaN-skipping as fmaxf), and the rounding.
+    uint4 v[kGroups];
 #pragma unroll
-    for (int k = 0; k < kGroups; ++k) {
-      float x[8];
-      load(k, x);
+    for (int k = 0; k < kGroups; ++k)
+      v[k] = *reinterpret_cast<const uint4*>(rows + row * D * 2 + 16 * (t + 4 * (k ^ (g & 1))));
+    uint32_t m2[4] = {0u, 0u, 0u, 0u};
 #pragma unroll
-      for (int e = 0; e < 8; ++e) amax = fmaxf(amax, fabsf(x[e]));
-    }
+    for (int k = 0; k < kGroups; ++k) quant::absmax_pairs<T>(v[k], m2);
+    float m[8];
+    quant::to_float8<T>(make_uint4(m2[0], m2[1], m2[2], m2[3]), m);
+    float amax = m[0];
+#pragma unroll
+    for (int e = 1; e < 8; ++e) amax = fmaxf(amax, m[e]);
     amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
     amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
     const float inv = quant_inv_scale(amax);
@@ -573,7 +575,7 @@ __device__ __forceinline__ void quantize_q_rows(const uint8_t* rows, uint8_t* q8
 #pragma unroll
     for (int k = 0; k < kGroups; ++k) {
       float x[8];
-      load(k, x);
+      quant::to_float8<T>(v[k], x);
       uint32_t qb[8];
 #pragma unroll
       for (int e = 0; e < 8; ++e) qb[e] = quant::q8_bits(x[e], inv);
