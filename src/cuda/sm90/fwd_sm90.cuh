@@ -550,24 +550,40 @@ template <int D, typename T>
 __device__ __forceinline__ void quantize_q_rows(const uint8_t* rows, uint8_t* q8, int wq, int g, int t,
                                                 float (&scale)[2]) {
   constexpr int kGroups = D / 32;  // channel groups per lane
+  // D=128 reads each row once: its D / 4 values per lane stay packed in registers (D / 8 of
+  // them; O and the scores are not live before the tile's first QK) between the max, taken on
+  // packed pairs (quant::absmax_pairs: exact, NaN-skipping as fmaxf), and the rounding (PERF_LOG
+  // q26: e2e 4k -1.3%, 16k -1%). D=64 keeps two passes over shared memory (the max, then the
+  // rounding): the one-pass code re-rolled its consumer loop, 0.7-1.4% slower (same call).
+  constexpr bool kOnePass = D == 128;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = wq * 16 + g + 8 * r;
-    // One pass over shared memory: the row's D / 4 values stay packed in registers (D / 8 of
-    // them; O and the scores are not live before the tile's first QK) between the max, taken on
-    // packed pairs (quant::absmax_pairs, exact and NaN-skipping as fmaxf), and the rounding.
-    uint4 v[kGroups];
+    auto vec = [&](int k) {
+      return *reinterpret_cast<const uint4*>(rows + row * D * 2 + 16 * (t + 4 * (k ^ (g & 1))));
+    };
+    uint4 v[kOnePass ? kGroups : 1];
+    float amax = 0.f;
+    if constexpr (kOnePass) {
 #pragma unroll
-    for (int k = 0; k < kGroups; ++k)
-      v[k] = *reinterpret_cast<const uint4*>(rows + row * D * 2 + 16 * (t + 4 * (k ^ (g & 1))));
-    uint32_t m2[4] = {0u, 0u, 0u, 0u};
+      for (int k = 0; k < kGroups; ++k) v[k] = vec(k);
+      uint32_t m2[4] = {0u, 0u, 0u, 0u};
 #pragma unroll
-    for (int k = 0; k < kGroups; ++k) quant::absmax_pairs<T>(v[k], m2);
-    float m[8];
-    quant::to_float8<T>(make_uint4(m2[0], m2[1], m2[2], m2[3]), m);
-    float amax = m[0];
+      for (int k = 0; k < kGroups; ++k) quant::absmax_pairs<T>(v[k], m2);
+      float m[8];
+      quant::to_float8<T>(make_uint4(m2[0], m2[1], m2[2], m2[3]), m);
+      amax = m[0];
 #pragma unroll
-    for (int e = 1; e < 8; ++e) amax = fmaxf(amax, m[e]);
+      for (int e = 1; e < 8; ++e) amax = fmaxf(amax, m[e]);
+    } else {
+#pragma unroll
+      for (int k = 0; k < kGroups; ++k) {
+        float x[8];
+        quant::to_float8<T>(vec(k), x);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) amax = fmaxf(amax, fabsf(x[e]));
+      }
+    }
     amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
     amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
     const float inv = quant_inv_scale(amax);
@@ -575,7 +591,7 @@ __device__ __forceinline__ void quantize_q_rows(const uint8_t* rows, uint8_t* q8
 #pragma unroll
     for (int k = 0; k < kGroups; ++k) {
       float x[8];
-      quant::to_float8<T>(v[k], x);
+      quant::to_float8<T>(kOnePass ? v[k] : vec(k), x);
       uint32_t qb[8];
 #pragma unroll
       for (int e = 0; e < 8; ++e) qb[e] = quant::q8_bits(x[e], inv);
