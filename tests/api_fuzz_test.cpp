@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "intfa/intfa.h"
+#include "test_util.h"
 
 namespace intfa {
 namespace {
@@ -85,7 +86,7 @@ struct HostTensor {
     }
     uint16_t h;
     std::memcpy(&h, &mem[byte], 2);
-    return t.dtype == DType::bf16 ? bf16_bits_to_float(h) : half_bits_to_float(h);
+    return tools::to_float(h, t.dtype);
   }
   // Normal values, a few percent of them 50x (outliers), in fp16 / bf16 / f32 (other dtypes: 0).
   void fill(Fuzz& f) {
@@ -200,10 +201,9 @@ TEST(ApiFuzz, RandomCallsFailWithAMessageOrWriteFiniteOutputsThatTheInt8PathRepr
     ps.varlen = varlen;
     if (varlen) ps.total_q = q.t.shape[0], ps.total_kv = k.t.shape[0];
     const size_t bytes = quantized_bytes(ps, o.scheme);
-    std::vector<uint8_t> qbuf(bytes + 256);
-    void* base = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(qbuf.data()) + 255) & ~uintptr_t(255));
+    testing::AlignedBuffer qbuf(bytes);
     QuantizedQKV x;
-    ASSERT_TRUE(alloc_quantized(ps, o.scheme, o.layout, base, bytes, false, 0, &x).ok());
+    ASSERT_TRUE(alloc_quantized(ps, o.scheme, o.layout, qbuf.data(), bytes, false, 0, &x).ok());
     x.v = v.t;  // half: V as given
     const Tensor none;
     st = quantize(q.t, k.t, v.t, varlen ? tcq : none, varlen ? tck : none, o, x);

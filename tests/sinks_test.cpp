@@ -22,7 +22,6 @@ namespace {
 using tools::Dist;
 using tools::HostQKV;
 
-
 // Sink logits that matter: around the LSE of N(0,1) scores over ~50 keys (~4.5), one far below
 // (no effect), one far above (the row's output nearly vanishes) and -inf (none).
 std::vector<float> sinks_for(int hq) {

@@ -20,7 +20,6 @@ namespace {
 using tools::Dist;
 using tools::HostQKV;
 
-
 Options case_options(const MaskCase& c, float cap) {
   Options o;
   o.causal = c.causal;
