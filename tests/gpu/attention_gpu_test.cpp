@@ -1121,6 +1121,49 @@ TEST_F(AttentionGpu, EndToEndSm90QuantizesQ) {
   });
 }
 
+// Random combinations of what the kernels take, each path against the CPU emulation: schemes,
+// head dims, causal, sliding windows (left, and right without causal), sinks, soft-capping, GQA,
+// varlen with empty sequences, ragged seqused_kv, both layouts, every output dtype, odd lengths.
+// The fixed tests above take these one or two at a time.
+TEST_F(AttentionGpu, KernelRandomOptionCombinations) {
+  std::mt19937 rng(20261128);
+  auto pick = [&](int lo, int hi) { return lo + static_cast<int>(rng() % static_cast<unsigned>(hi - lo + 1)); };
+  auto coin = [&](int percent) { return static_cast<int>(rng() % 100) < percent; };
+  const DType outs[] = {DType::f32, DType::f16, DType::bf16};
+  for (int trial = 0; trial < 24; ++trial) {
+    SCOPED_TRACE("trial " + std::to_string(trial));
+    Case c;
+    c.scheme = coin(60) ? Scheme::accurate : Scheme::paper;
+    c.d = coin(50) ? 128 : 64;
+    c.causal = coin(50);
+    c.hkv = pick(1, 3);
+    c.hq = c.hkv * pick(1, 3);
+    c.layout = coin(50) ? Layout::BHSD : Layout::BSHD;
+    c.out = outs[pick(0, 2)];
+    c.dist = coin(50) ? Dist::normal : Dist::llm;
+    c.seed = 3000 + trial;
+    if (coin(30)) {  // varlen, some sequences without queries or keys
+      for (int i = pick(1, 4); i > 0; --i) {
+        c.lens_q.push_back(coin(15) ? 0 : pick(1, 260));
+        c.lens_kv.push_back(coin(10) ? 0 : pick(1, 500));
+      }
+    } else {
+      c.batch = pick(1, 3);
+      c.sq = pick(1, 300);
+      c.skv = pick(1, 500);
+      if (coin(20))
+        for (int b = 0; b < c.batch; ++b) c.used_kv.push_back(pick(-5, c.skv + 5));
+    }
+    if (coin(30)) {
+      c.window_left = pick(0, 300);
+      if (!c.causal && coin(50)) c.window_right = pick(0, 200);
+    }
+    if (coin(25)) c.sinks = test_sinks(c.hq);
+    if (coin(25)) c.softcap = static_cast<float>(pick(2, 50));
+    for (GpuPath path : gpu_paths()) ASSERT_NO_FATAL_FAILURE(check_kernel_vs_cpu(c, path));
+  }
+}
+
 // Hopper: auto picks the sm90 kernel, and sm90 and sm80 agree end to end on random shapes
 // (same quantized inputs, same numerics; only exp2 rounding and summation order differ).
 TEST_F(AttentionGpu, Sm90MatchesSm80RandomShapes) {
