@@ -1,6 +1,7 @@
 // GPU attention (every GPU path the device runs: sm80, sm90 on Hopper, the decode kernel) against
 // the CPU backend: the kernel on pre-quantized inputs vs the CPU emulation of the same scheme
-// (tight: only exp2 and fp32 summation order differ), the end-to-end path vs float64, and the
+// (tight: only exp2, fp32 summation order and the kernels' fp32 rounding of the magic-number
+// offset times s_k, within 3/4 of one integer score unit, differ), the end-to-end path vs float64, and the
 // int32 score block bit for bit. Skips without a GPU.
 #include <gtest/gtest.h>
 
@@ -10,6 +11,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <numeric>
 #include <random>
 #include <string>
 #include <vector>
@@ -215,11 +217,22 @@ void check_kernel_vs_cpu(const Case& c, GpuPath path) {
   const double tol = c.out == DType::f32 ? 2e-3 : 5e-3;
   EXPECT_LT(m.rel_l2, tol) << "GPU vs CPU emulation";
   auto glse = dlse.to_host<float>();
+  // The kernels take the int32 scores out of the magic-biased mma result as (M + S) s_k - M s_k
+  // in one FFMA, with M s_k rounded to fp32: each score is off by up to 3/4 of one integer unit,
+  // 0.75 s_q s_k scale in the LSE's natural-log units (the CPU multiplies S exactly). That is two
+  // orders of magnitude below a score's int8 rounding noise, but with LLM-like queries (large
+  // s_q) a row with one dominant key shows it whole: 0.009 in one LSE of 1902 (a random case).
+  ASSERT_EQ(hx.q_scale.numel(), rows);
+  const auto* qs = static_cast<const float*>(hx.q_scale.data);
+  const auto* ks = static_cast<const float*>(hx.k_scale.data);
+  const float ks_max = *std::max_element(ks, ks + hx.k_scale.numel());
+  const float scale = 1.f / std::sqrt(static_cast<float>(c.d));
   int lse_bad = 0;
   for (int64_t i = 0; i < rows; ++i) {
     const bool both_inf = std::isinf(ref_lse[i]) && std::isinf(glse[i]) && ref_lse[i] < 0 && glse[i] < 0;
     // One P8 rounding flip (ex2.approx vs exp2) moves l by up to 1/255 of a row with few keys.
-    if (!both_inf && !(std::fabs(glse[i] - ref_lse[i]) < 5e-3f * (1.f + std::fabs(ref_lse[i])))) {
+    const float tol = 5e-3f * (1.f + std::fabs(ref_lse[i])) + 0.75f * qs[i] * ks_max * scale;
+    if (!both_inf && !(std::fabs(glse[i] - ref_lse[i]) < tol)) {
       if (lse_bad++ < 3) ADD_FAILURE() << "lse row " << i << ": gpu " << glse[i] << " cpu " << ref_lse[i];
     }
   }
@@ -1147,6 +1160,9 @@ TEST_F(AttentionGpu, KernelRandomOptionCombinations) {
         c.lens_q.push_back(coin(15) ? 0 : pick(1, 260));
         c.lens_kv.push_back(coin(10) ? 0 : pick(1, 500));
       }
+      // The API takes no tensor with a size of 0: at least one query and one key in all.
+      if (std::accumulate(c.lens_q.begin(), c.lens_q.end(), 0) == 0) c.lens_q[0] = pick(1, 260);
+      if (std::accumulate(c.lens_kv.begin(), c.lens_kv.end(), 0) == 0) c.lens_kv[0] = pick(1, 500);
     } else {
       c.batch = pick(1, 3);
       c.sq = pick(1, 300);
@@ -1160,7 +1176,7 @@ TEST_F(AttentionGpu, KernelRandomOptionCombinations) {
     }
     if (coin(25)) c.sinks = test_sinks(c.hq);
     if (coin(25)) c.softcap = static_cast<float>(pick(2, 50));
-    for (GpuPath path : gpu_paths()) ASSERT_NO_FATAL_FAILURE(check_kernel_vs_cpu(c, path));
+    for (GpuPath path : gpu_paths()) EXPECT_NO_FATAL_FAILURE(check_kernel_vs_cpu(c, path));  // every trial runs
   }
 }
 

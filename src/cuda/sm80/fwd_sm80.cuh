@@ -6,6 +6,9 @@
 //   -> online softmax -> P8 (u8) -> O += (P8 V8) * c (u8.s8 -> s32, folded in per block).
 // Both mma products accumulate from the bits of 1.5 * 2^23, so their int32 results read directly
 // as fp32 values offset by that constant (exact below 2^22), which the following FFMA removes.
+// (For QK^T that FFMA is (M + S) s_k - M s_k with M s_k rounded to fp32: a score is off by up to
+// 3/4 of one integer unit of S, two orders of magnitude below its int8 rounding noise at D = 128
+// (~100-200 units); the CPU emulation multiplies S exactly, so the GPU tests allow for it.)
 // Design history and measurements: docs/PERF_LOG.md.
 // Scheme paper / accurate differ only in run-time values: which max P is taken against (running
 // or block-local), the levels (127 or 255) and whether l sums p or the quantized P8.
