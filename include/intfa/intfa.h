@@ -200,11 +200,15 @@ Status alloc_quantized(const ProblemShape&, Scheme, Layout, void* buffer, size_t
 // ---------------------------------------------------------------------------------------------
 // q: [B,Hq,Sq,D] (BHSD) or [B,Sq,Hq,D] (BSHD); k, v with Hkv heads and Skv tokens; fp16/bf16.
 // out like q, same dtype. lse (optional): f32 [B,Hq,Sq], natural log, -inf for fully masked rows.
+// B, Sq and Skv may be 0 (as torch SDPA and FlashAttention take them; an empty tensor's data may
+// be null): with Skv = 0 every row is 0 and its LSE -inf (or the head's sink, Options::sinks).
+// Heads and D must be >= 1. quantize() / attention_int8() take no empty problem.
 Status attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
                  const Tensor* lse, const Options& opts);
 
 // Packed varlen: q [Tq,Hq,D], k/v [Tkv,Hkv,D]; cu_seqlens_q/kv int32 [nseq+1], monotonic, first 0,
-// last Tq/Tkv; on the same device as q. lse (optional): f32 [Hq,Tq].
+// last Tq/Tkv; on the same device as q. lse (optional): f32 [Hq,Tq]. Tq and Tkv may be 0 (every
+// sequence empty; max_seqlen_* may then be 0), as attention() takes B, Sq and Skv of 0.
 Status attention_varlen(const Tensor& q, const Tensor& k, const Tensor& v,
                         const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_kv, int max_seqlen_q,
                         int max_seqlen_kv, const Tensor& out, const Tensor* lse,

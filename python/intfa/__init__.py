@@ -88,6 +88,9 @@ def attention(q, k, v, *, is_causal=False, window_size=_NO_WINDOW, sinks=None, s
         of the capped scores; sinks are not capped). None or 0.0: none. On the GPU every
         kernel runs it (sm80, decode, sm90 at head dims 64 / 128), over paged caches too.
 
+    B, Sq and Skv may be 0, as torch SDPA takes them: with Skv = 0 every row is 0 and its LSE
+    -inf (or the head's sink).
+
     Returns out (like q, dtype of q) or (out, lse).
     """
     # The torch branch is what torch.compile traces: plain Python up to the custom op.
@@ -128,7 +131,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_kv, max_seqlen_q=None, ma
     max_seqlen_q, max_seqlen_kv: the longest sequence of each; None reads them from cu_seqlens
         (a device-to-host copy for GPU arrays: pass them under torch.compile or graph capture).
     Other arguments as in attention() (causal and window per sequence; sinks per query head and
-    softcap as there). LSE is float32 [Hq, Tq].
+    softcap as there). LSE is float32 [Hq, Tq]. Tq and Tkv may be 0 (every sequence empty).
     """
     if not _is_torch(q):
         _frameworks(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_kv=cu_seqlens_kv)

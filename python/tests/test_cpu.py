@@ -76,6 +76,22 @@ def test_fully_masked_rows_give_zero_and_minus_inf():
     np.testing.assert_allclose(lse[:, :, 30:], ref_lse[:, :, 30:], atol=5e-2)
 
 
+def test_empty_batch_queries_or_keys():
+    # As torch SDPA takes them: no batch or no query rows give empty outputs; no keys give rows
+    # 0 and LSE -inf; varlen batches whose sequences are all empty likewise.
+    rng = np.random.default_rng(12)
+    for b, sq, skv in ((0, 5, 7), (2, 0, 7), (2, 5, 0)):
+        q, k, v = qkv(rng, b, 4, 2, sq, skv, 64)
+        out, lse = intfa.attention(q, k, v, enable_gqa=True, return_lse=True, layout="BHSD")
+        assert out.shape == q.shape and lse.shape == (b, 4, sq)
+        assert np.all(out == 0) and np.all(np.isneginf(lse))
+    q, k, v, cu_q, cu_kv = packed(rng, [3, 0, 4], [0, 0, 0], 4, 2, 64)
+    out, lse = intfa.attention_varlen(q, k, v, cu_q, cu_kv, enable_gqa=True, return_lse=True)
+    assert out.shape == (7, 4, 64) and np.all(out == 0) and np.all(np.isneginf(lse))
+    q, k, v, cu_q, cu_kv = packed(rng, [0, 0], [5, 2], 4, 2, 64)
+    assert intfa.attention_varlen(q, k, v, cu_q, cu_kv, enable_gqa=True).shape == (0, 4, 64)
+
+
 def test_scale():
     rng = np.random.default_rng(3)
     q, k, v = qkv(rng, 1, 2, 2, 64, 80, 64)
@@ -315,8 +331,8 @@ def test_errors_keep_the_cpp_messages():
         intfa.attention(q, k.tolist(), v)
     with pytest.raises(TypeError, match="dtype int64"):
         intfa.attention(q, k, v.astype(np.int64))
-    with pytest.raises(ValueError, match="dim 2 .seqlen. must be >= 1"):
-        intfa.attention(q[:, :, :0], k, v)
+    with pytest.raises(ValueError, match="dim 1 .heads. must be >= 1, got 0"):
+        intfa.attention(q[:, :0], k[:, :0], v[:, :0])  # (no query rows is fine: empty_batch_...)
     with pytest.raises(ValueError, match="k: heads_kv = 3 must divide heads_q = 2"):
         k3 = np.concatenate([k, k[:, :1]], axis=1)
         intfa.attention(q, k3, k3, enable_gqa=True)

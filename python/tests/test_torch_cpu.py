@@ -713,6 +713,33 @@ def test_flash_attn_func_is_a_drop_in():
     assert rel_l2(out, ref) < 3e-2
 
 
+def test_calls_without_rows_or_keys():
+    # As torch SDPA and flash_attn take them: no batch, no query rows, no keys (rows 0, LSE -inf
+    # or the head's sink), a varlen batch whose key sequences are all empty; eager, through
+    # flash_attn_func / flash_attn_varlen_func and under torch.compile.
+    q, k0 = rand(2, 4, 5, 64, seed=90), rand(2, 2, 0, 64, seed=91)
+    out, lse = intfa.attention(q, k0, k0, enable_gqa=True, return_lse=True)
+    assert out.shape == q.shape and torch.equal(out, torch.zeros_like(q))
+    assert lse.shape == (2, 4, 5) and torch.all(lse == -float("inf"))
+    z = torch.tensor([0.5, -1.0, -float("inf"), 2.0])
+    _, lse = intfa.attention(q, k0, k0, enable_gqa=True, return_lse=True, sinks=z)
+    assert torch.equal(lse, z[None, :, None].expand(2, 4, 5))
+    for qe, ke in ((rand(0, 4, 5, 64), rand(0, 2, 7, 64)), (rand(2, 4, 0, 64), rand(2, 2, 7, 64))):
+        out, lse = intfa.attention(qe, ke, ke, enable_gqa=True, return_lse=True)
+        assert out.shape == qe.shape and lse.shape == (qe.shape[0], 4, qe.shape[2])
+    out = intfa.flash_attn_func(rand(2, 3, 4, 64), rand(2, 0, 2, 64), rand(2, 0, 2, 64))
+    assert out.shape == (2, 3, 4, 64) and not out.any()
+    cu_q, cu_k = torch.tensor([0, 2, 5], dtype=torch.int32), torch.zeros(3, dtype=torch.int32)
+    out, lse, _ = intfa.flash_attn_varlen_func(rand(5, 4, 64), rand(0, 2, 64), rand(0, 2, 64), cu_q,
+                                               cu_k, 3, 0, return_attn_probs=True)
+    assert out.shape == (5, 4, 64) and not out.any() and torch.all(lse == -float("inf"))
+    compiled = torch.compile(lambda q, k: intfa.attention(q, k, k, enable_gqa=True), fullgraph=True)
+    assert torch.equal(compiled(q, k0), torch.zeros_like(q))
+    # Empty tensors still meet every other check.
+    with pytest.raises(ValueError, match=r"heads_kv = 3 must divide heads_q = 4"):
+        intfa.attention(rand(0, 4, 5, 64), rand(0, 3, 7, 64), rand(0, 3, 7, 64), enable_gqa=True)
+
+
 def test_flash_attn_func_refuses_what_intfa_does_not_build():
     q = rand(1, 8, 2, 64)
     with pytest.raises(ValueError, match=r"dropout_p: intfa computes inference attention, "

@@ -91,8 +91,8 @@ Status read_cu_seqlens(const Tensor& cu, const char* name, const Problem& p, int
                    " like q, got " +
                    (cu.on_device ? "GPU memory of device " + std::to_string(cu.device_index)
                                  : "host memory"));
-  if (max_seqlen < 1) {
-    os << max_name << ": expected >= 1, got " << max_seqlen;
+  if (max_seqlen < (total == 0 ? 0 : 1)) {  // 0 only when every sequence is empty
+    os << max_name << ": expected >= " << (total == 0 ? 0 : 1) << ", got " << max_seqlen;
     return invalid(os.str());
   }
   const size_t n = static_cast<size_t>(cu.shape[0]);
@@ -115,16 +115,17 @@ Status read_cu_seqlens(const Tensor& cu, const char* name, const Problem& p, int
 }
 
 // Checks q, k, v (and options) for attention() / attention_varlen() / quantize().
+// allow_empty: batch and token counts may be 0 (attention / attention_varlen).
 Status validate_qkv(const Tensor& q, const Tensor& k, const Tensor& v, Form form,
-                    const Options& opts, Problem* p) {
+                    const Options& opts, Problem* p, bool allow_empty = false) {
   INTFA_TRY(api::check_options(opts));
   INTFA_TRY(choose_backend(q, opts, &p->gpu));
   p->device = q.device_index;
   p->form = form;
   p->layout = form == Form::varlen ? Layout::BHSD : opts.layout;
-  INTFA_TRY(api::check_operand(q, "q", p->layout, form, kInputTypes, p->gpu, &p->q));
-  INTFA_TRY(api::check_operand(k, "k", p->layout, form, kInputTypes, p->gpu, &p->k));
-  INTFA_TRY(api::check_operand(v, "v", p->layout, form, kInputTypes, p->gpu, &p->v));
+  INTFA_TRY(api::check_operand(q, "q", p->layout, form, kInputTypes, p->gpu, &p->q, allow_empty));
+  INTFA_TRY(api::check_operand(k, "k", p->layout, form, kInputTypes, p->gpu, &p->k, allow_empty));
+  INTFA_TRY(api::check_operand(v, "v", p->layout, form, kInputTypes, p->gpu, &p->v, allow_empty));
   INTFA_TRY(api::check_same_device(k, "k", q, "q"));
   INTFA_TRY(api::check_same_device(v, "v", q, "q"));
   p->dtype = q.dtype;
@@ -213,7 +214,7 @@ Status validate_out(const Tensor& out, const Tensor* lse, const Problem& p, bool
   std::vector<DType> types = {p.dtype, DType::f32};
   if (allow_f64) types = {DType::f64, DType::f32};
   View o;
-  INTFA_TRY(api::check_operand(out, "out", p.layout, p.form, types, p.gpu, &o));
+  INTFA_TRY(api::check_operand(out, "out", p.layout, p.form, types, p.gpu, &o, true));
   if (out.on_device != p.gpu || (p.gpu && out.device_index != p.device))
     return invalid(std::string("out: expected ") + (p.gpu ? "GPU memory" : "host memory") +
                    " like q, got " + (out.on_device ? "GPU memory" : "host memory"));
@@ -689,12 +690,41 @@ Status alloc_quantized(const ProblemShape& s, Scheme scheme, Layout layout, void
   return Status::OK();
 }
 
+namespace {
+
+// Calls with no query row or no key, which torch SDPA and FlashAttention take: nothing to
+// compute, and rows without keys give what the kernels give such rows (0, LSE -inf or the sink).
+bool no_work(const Problem& p) { return p.q.B == 0 || p.q.S == 0 || p.k.S == 0; }
+Status attend_without_keys(const Problem& p, const Tensor& out, const Tensor* lse, const Options& opts) {
+  const View o = api::view_of(out, p.layout, p.form);
+  NoKeyRows r;
+  r.out = out.data;
+  r.o_st = o.st;
+  r.elem_bytes = static_cast<int>(dtype_size(out.dtype));
+  r.batch = o.B; r.heads = o.H; r.tokens = o.S; r.head_dim = o.D;
+  if (lse && lse->defined()) {
+    r.lse = static_cast<float*>(lse->data);
+    r.lse_st = rows_strides(p.shape, true);
+  }
+  r.sinks = static_cast<const float*>(opts.sinks.data);
+  if (!p.gpu) {
+    ref::fill_no_key_rows(r);
+    return Status::OK();
+  }
+  GpuPath path = GpuPath::automatic;
+  INTFA_TRY(resolve_gpu(p, opts, &path));  // a path this device cannot run is still an error
+  return cuda::fill_no_key_rows(r, opts.stream);
+}
+
+}  // namespace
+
 Status attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
                  const Tensor* lse, const Options& opts) {
   Problem p;
-  INTFA_TRY(validate_qkv(q, k, v, Form::dense, opts, &p));
+  INTFA_TRY(validate_qkv(q, k, v, Form::dense, opts, &p, true));
   INTFA_TRY(validate_out(out, lse, p, false));
   INTFA_TRY(api::check_sinks(opts, p.shape.heads_q, q, "q"));
+  if (no_work(p)) return attend_without_keys(p, out, lse, opts);
   return run_fp_attention(p, q, k, v, out, lse, opts);
 }
 
@@ -703,10 +733,11 @@ Status attention_varlen(const Tensor& q, const Tensor& k, const Tensor& v,
                         int max_seqlen_kv, const Tensor& out, const Tensor* lse,
                         const Options& opts) {
   Problem p;
-  INTFA_TRY(validate_qkv(q, k, v, Form::varlen, opts, &p));
+  INTFA_TRY(validate_qkv(q, k, v, Form::varlen, opts, &p, true));
   INTFA_TRY(validate_varlen(cu_seqlens_q, cu_seqlens_kv, max_seqlen_q, max_seqlen_kv, opts, &p));
   INTFA_TRY(validate_out(out, lse, p, false));
   INTFA_TRY(api::check_sinks(opts, p.shape.heads_q, q, "q"));
+  if (no_work(p)) return attend_without_keys(p, out, lse, opts);  // total_q or total_kv is 0
   return run_fp_attention(p, q, k, v, out, lse, opts);
 }
 

@@ -29,42 +29,49 @@ static std::string dtype_list(const std::vector<DType>& dts) {
 }
 
 Status check_operand(const Tensor& t, const char* name, Layout layout, Form form,
-                     const std::vector<DType>& dtypes, bool gpu, View* view) {
+                     const std::vector<DType>& dtypes, bool gpu, View* view, bool allow_empty) {
   const bool varlen = form == Form::varlen;
   const int rank = varlen ? 3 : 4;
   const char* dims = varlen ? "[total_tokens, heads, head_dim]"
                    : layout == Layout::BHSD ? "[batch, heads, seqlen, head_dim] (layout BHSD)"
                                             : "[batch, seqlen, heads, head_dim] (layout BSHD)";
   MessageStream os;
-  if (!t.defined()) return invalid(std::string(name) + ": expected a tensor, got null data");
   if (t.ndim != rank) {
+    if (!t.defined()) return invalid(std::string(name) + ": expected a tensor, got null data");
     os << name << ": expected " << rank << " dims " << dims << ", got " << t.ndim << " dims";
     return invalid(os.str());
   }
   const char* names4[2][4] = {{"batch", "heads", "seqlen", "head_dim"},
                               {"batch", "seqlen", "heads", "head_dim"}};
   const char* names3[3] = {"total_tokens", "heads", "head_dim"};
+  const int head_dim = rank - 1, heads = varlen ? 1 : layout == Layout::BHSD ? 1 : 2;
+  bool empty = false;
   for (int i = 0; i < rank; ++i) {
-    // Varlen allows an empty packed tensor only through cu_seqlens; dense sizes must be >= 1.
-    if (t.shape[i] < 1) {
+    // Heads and head_dim are always >= 1; batch and tokens may be 0 where allow_empty says.
+    const bool may_be_0 = allow_empty && i != head_dim && i != heads;
+    empty |= t.shape[i] == 0;
+    if (t.shape[i] < (may_be_0 ? 0 : 1)) {
       os << name << ": dim " << i << " ("
-         << (varlen ? names3[i] : names4[layout == Layout::BSHD][i]) << ") must be >= 1, got "
-         << t.shape[i];
+         << (varlen ? names3[i] : names4[layout == Layout::BSHD][i]) << ") must be >= "
+         << (may_be_0 ? 0 : 1) << ", got " << t.shape[i];
       return invalid(os.str());
     }
   }
+  if (!t.defined() && !empty) return invalid(std::string(name) + ": expected a tensor, got null data");
   bool ok_dtype = false;
   for (DType d : dtypes) ok_dtype |= d == t.dtype;
   if (!ok_dtype) {
     os << name << ": expected dtype " << dtype_list(dtypes) << ", got " << to_string(t.dtype);
     return Status(StatusCode::unsupported_type, os.str());
   }
-  if (t.stride[rank - 1] != 1) {
+  // An empty tensor is never read or written: its strides (which exporters report in any form,
+  // NumPy's as 0) and its pointer are not checked.
+  if (t.stride[rank - 1] != 1 && !empty) {
     os << name << ": last dim (head_dim) must be contiguous (stride 1), got stride "
        << t.stride[rank - 1];
     return invalid(os.str());
   }
-  for (int i = 0; i < rank - 1; ++i) {
+  for (int i = 0; i < rank - 1 && !empty; ++i) {
     if (t.stride[i] < 0) {
       os << name << ": stride of dim " << i << " must be >= 0, got " << t.stride[i];
       return invalid(os.str());
@@ -74,13 +81,13 @@ Status check_operand(const Tensor& t, const char* name, Layout layout, Form form
   const uintptr_t addr = reinterpret_cast<uintptr_t>(t.data);
   // The GPU kernels move 16-byte vectors along every row.
   const size_t align = gpu ? 16 : es;
-  if (addr % align != 0) {
+  if (addr % align != 0 && !empty) {
     os << name << ": data pointer must be " << align << "-byte aligned"
        << (gpu ? " for the GPU" : "") << ", got address 0x" << std::hex << addr << std::dec
        << " (offset " << addr % align << ")";
     return invalid(os.str());
   }
-  if (gpu) {
+  if (gpu && !empty) {
     for (int i = 0; i < rank - 1; ++i) {
       // A size-1 dim is never stepped over, so its stride is irrelevant (DLPack exporters such
       // as torch report 1 there).
@@ -131,7 +138,9 @@ Status check_qk_shapes(const View& q, const View& k, const char* q_name, const c
 Status check_exact_shape(const Tensor& t, const char* name, DType dtype, const std::vector<int64_t>& shape,
                          const char* dims_desc, bool padded_rows, bool shared_first) {
   MessageStream os;
-  if (!t.defined()) return invalid(std::string(name) + ": expected a tensor, got null data");
+  bool empty = false;
+  for (int64_t n : shape) empty |= n == 0;
+  if (!t.defined() && !empty) return invalid(std::string(name) + ": expected a tensor, got null data");
   if (t.dtype != dtype) {
     os << name << ": expected dtype " << to_string(dtype) << ", got " << to_string(t.dtype);
     return Status(StatusCode::unsupported_type, os.str());
@@ -144,6 +153,7 @@ Status check_exact_shape(const Tensor& t, const char* name, DType dtype, const s
     os << "], got " << shape_str(t);
     return invalid(os.str());
   }
+  if (empty) return Status::OK();  // nothing to address: strides and pointer as check_operand
   // Side tensors are addressed densely: row-major, contiguous. With padded_rows the dims but the
   // last may step further (a cache's first tokens), never less, so no two entries share memory.
   int64_t expect = 1;

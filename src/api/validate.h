@@ -58,14 +58,17 @@ Status check_qk_shapes(const View& q, const View& k, const char* q_name, const c
                        Form form);
 
 // Checks a q/k/v/out style operand: defined, rank, positive sizes, dtype among `dtypes`,
-// contiguous last dim, element-aligned pointer (16-byte aligned rows for the GPU).
+// contiguous last dim, element-aligned pointer (16-byte aligned rows for the GPU). With
+// allow_empty (attention / attention_varlen, as torch SDPA and FlashAttention take them) the
+// batch and token dims may be 0, and then the data pointer may be null and is not checked.
 Status check_operand(const Tensor& t, const char* name, Layout layout, Form form,
-                     const std::vector<DType>& dtypes, bool gpu, View* view);
+                     const std::vector<DType>& dtypes, bool gpu, View* view, bool allow_empty = false);
 // A per-row/per-channel side tensor (scales, lse): rank = shape.size(), exact shape, dtype,
 // row-major contiguous; with padded_rows (k_scale of a KV cache's first tokens) the dims but the
 // last may have larger strides; with shared_first (statistics that are only read: k_mean and
 // v_scale of attention_int8, quantize_q, append_kv with fixed_v_scale) the first dim may also
-// have stride 0, one set of entries for every sequence.
+// have stride 0, one set of entries for every sequence. An expected shape with a 0 takes a null
+// pointer (an empty tensor has nothing to read or write).
 Status check_exact_shape(const Tensor& t, const char* name, DType dtype, const std::vector<int64_t>& shape,
                          const char* dims_desc, bool padded_rows = false, bool shared_first = false);
 Status check_same_device(const Tensor& t, const char* name, const Tensor& ref, const char* ref_name);

@@ -152,6 +152,17 @@ struct FwdParams {
   DType q_in_dtype = DType::bf16;
 };
 
+// attention() / attention_varlen() calls without a single key (Skv = 0; varlen: total_kv = 0):
+// every row of out [batch, heads, tokens, head_dim] (strides in elements) becomes 0 and its LSE
+// the head's sink logit, or -inf without sinks, as the kernels give rows that see no key.
+struct NoKeyRows {
+  void* out = nullptr;  Strides3 o_st;
+  int elem_bytes = 0;  // of out's dtype; 0 is all zero bits in each of them
+  int64_t batch = 0, heads = 0, tokens = 0, head_dim = 0;
+  float* lse = nullptr; Strides3 lse_st;  // may be null
+  const float* sinks = nullptr;           // [heads] or null
+};
+
 // Window edges of a row at query position pos with diagonal diag = skv - sq: its last visible
 // key and its first. kNoEdge moves the last key past every key of a non-causal launch
 // (Sq < 2^29); kNoFirstKey (no left edge) lies below every key, also after a key-range offset.

@@ -267,6 +267,30 @@ Status attention(const QuantParams& qp, const FwdParams& fp, GpuPath path, bool 
   return st;
 }
 
+namespace {
+// One thread per 16-byte piece of an output row (rows are 16-byte aligned on the GPU); the
+// row's first piece also writes its LSE.
+__global__ void no_key_rows_kernel(const NoKeyRows r) {
+  const int64_t pieces = r.head_dim * r.elem_bytes / 16, rows = r.batch * r.heads * r.tokens;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < rows * pieces;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t row = i / pieces, piece = i % pieces, t = row % r.tokens, bh = row / r.tokens;
+    const int h = static_cast<int>(bh % r.heads), b = static_cast<int>(bh / r.heads);
+    char* o = static_cast<char*>(r.out) + offset(r.o_st, b, h, t) * r.elem_bytes + piece * 16;
+    *reinterpret_cast<uint4*>(o) = make_uint4(0u, 0u, 0u, 0u);
+    if (piece == 0 && r.lse) r.lse[offset(r.lse_st, b, h, t)] = r.sinks ? r.sinks[h] : fwd::neg_inf();
+  }
+}
+}  // namespace
+
+Status fill_no_key_rows(const NoKeyRows& r, void* stream) {
+  const int64_t n = r.batch * r.heads * r.tokens * (r.head_dim * r.elem_bytes / 16);
+  if (n == 0) return Status::OK();
+  const int blocks = static_cast<int>(std::min<int64_t>((n + 255) / 256, 4096));
+  no_key_rows_kernel<<<blocks, 256, 0, static_cast<cudaStream_t>(stream)>>>(r);
+  return check_cuda(cudaGetLastError(), "no-key rows kernel launch");
+}
+
 Status debug_fused_q_calls(long long* count) {
   *count = g_fused_q_calls.load(std::memory_order_relaxed);
   return Status::OK();

@@ -26,6 +26,9 @@ Status attention_int8(const FwdParams& p, GpuPath path, bool fallback, void* str
 // lse_offset, that kernel quantizes Q (bit-identical to quantize()) and the quantizer skips it.
 Status attention(const QuantParams& qp, const FwdParams& fp, GpuPath path, bool fallback, void* stream);
 
+// Calls without keys: out rows 0, LSE the sink logit or -inf (NoKeyRows; out rows 16-byte aligned).
+Status fill_no_key_rows(const NoKeyRows& r, void* stream);
+
 // Stream-ordered scratch memory (graph-capturable) and small transfers for validation.
 Status malloc_async(void** ptr, size_t bytes, void* stream);
 Status free_async(void* ptr, void* stream);

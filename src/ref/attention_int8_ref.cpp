@@ -4,6 +4,7 @@
 // result equals the int32 product bit for bit while the loops vectorize on any CPU.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -183,6 +184,16 @@ void attention_int8(const FwdParams& p) {
     t.k0 = seq_start(p.cu_kv, t.b);
     attend_tile(p, t);
   });
+}
+
+void fill_no_key_rows(const NoKeyRows& r) {
+  const size_t row_bytes = static_cast<size_t>(r.head_dim) * r.elem_bytes;
+  for (int64_t b = 0; b < r.batch; ++b)
+    for (int64_t h = 0; h < r.heads; ++h)
+      for (int64_t t = 0; t < r.tokens; ++t) {
+        std::memset(static_cast<char*>(r.out) + offset(r.o_st, b, h, t) * r.elem_bytes, 0, row_bytes);
+        if (r.lse) r.lse[offset(r.lse_st, b, h, t)] = r.sinks ? r.sinks[h] : kNegInf;
+      }
 }
 
 }  // namespace intfa::ref

@@ -33,6 +33,7 @@ void quantize(const QuantParams& p);
 void quantize_cache(const CacheQuantParams& p);
 void attention_int8(const FwdParams& p);
 void attention_exact(const ExactParams& p);
+void fill_no_key_rows(const NoKeyRows& r);
 
 // Runs fn(0..n-1) on a pool of INTFA_NUM_THREADS (default: hardware) threads, read at the first
 // call.

@@ -1134,6 +1134,74 @@ TEST_F(AttentionGpu, EndToEndSm90QuantizesQ) {
   });
 }
 
+// Calls without keys on the GPU (tests/empty_calls_test.cpp has the CPU side): dense Skv = 0 and
+// a varlen batch whose key sequences are all empty give rows 0 and LSE -inf or the head's sink
+// (device sinks), over poisoned outputs with padded row strides; no batch or no query rows
+// write nothing.
+TEST_F(AttentionGpu, CallsWithoutKeys) {
+  const int Hq = 4, Hkv = 2, D = 128, B = 2, Sq = 37;
+  const int64_t row = D + 16;  // padded rows: the fill follows the strides
+  DeviceBuffer dq(size_t(B) * Hq * Sq * D * 2), dk(256), dout(size_t(B) * Hq * Sq * row * 4), dlse(size_t(B) * Hq * Sq * 4);
+  std::vector<float> z = {0.25f, -1.5f, -INFINITY, 4.f};
+  DeviceBuffer dz(z.data(), z.size() * 4);
+  for (bool sinks : {false, true})
+    for (DType out_dt : {DType::bf16, DType::f32}) {
+      SCOPED_TRACE(std::string(sinks ? "sinks " : "") + to_string(out_dt));
+      Options o;
+      o.backend = Backend::gpu;
+      if (sinks) o.sinks = make_tensor(dz.ptr, DType::f32, {Hq}, true);
+      INTFA_ASSERT_OK(gpu_memset(dout.ptr, 0xFF, dout.bytes));
+      INTFA_ASSERT_OK(gpu_memset(dlse.ptr, 0xFF, dlse.bytes));
+      Tensor q = make_tensor(dq.ptr, DType::bf16, {B, Hq, Sq, D}, true);
+      Tensor k = make_tensor(dk.ptr, DType::bf16, {B, Hkv, 0, D}, true);
+      Tensor out = make_tensor(dout.ptr, out_dt, {B, Hq, Sq, D}, true);
+      out.stride[0] = Hq * Sq * row, out.stride[1] = Sq * row, out.stride[2] = row;
+      Tensor lse = make_tensor(dlse.ptr, DType::f32, {B, Hq, Sq}, true);
+      INTFA_ASSERT_OK(attention(q, k, k, out, &lse, o));
+      INTFA_ASSERT_OK(gpu_synchronize());
+      const auto got = dout.to_host<uint8_t>();
+      const size_t es = dtype_size(out_dt);
+      for (int64_t r = 0; r < int64_t(B) * Hq * Sq; ++r)
+        for (size_t i = 0; i < size_t(row) * es; ++i)
+          ASSERT_EQ(got[size_t(r) * row * es + i], i < size_t(D) * es ? 0x00 : 0xFF) << "row " << r << " byte " << i;
+      const auto l = dlse.to_host<float>();
+      for (int64_t r = 0; r < int64_t(B) * Hq * Sq; ++r)
+        ASSERT_EQ(l[r], sinks ? z[(r / Sq) % Hq] : -INFINITY) << "LSE row " << r;
+
+      // Varlen: three sequences of 0, 5 and 1 query rows, none with a key.
+      std::vector<int32_t> cq = {0, 0, 5, 6}, ck = {0, 0, 0, 0};
+      DeviceBuffer dcq(cq.data(), 16), dck(ck.data(), 16);
+      INTFA_ASSERT_OK(gpu_memset(dout.ptr, 0xFF, dout.bytes));
+      INTFA_ASSERT_OK(gpu_memset(dlse.ptr, 0xFF, dlse.bytes));
+      Tensor qv = make_tensor(dq.ptr, DType::bf16, {6, Hq, D}, true);
+      Tensor kv = make_tensor(dk.ptr, DType::bf16, {0, Hkv, D}, true);
+      Tensor outv = make_tensor(dout.ptr, out_dt, {6, Hq, D}, true);
+      Tensor lsev = make_tensor(dlse.ptr, DType::f32, {Hq, 6}, true);
+      INTFA_ASSERT_OK(attention_varlen(qv, kv, kv, make_tensor(dcq.ptr, DType::i32, {4}, true),
+                                       make_tensor(dck.ptr, DType::i32, {4}, true), 5, 0, outv, &lsev, o));
+      INTFA_ASSERT_OK(gpu_synchronize());
+      const auto gv = dout.to_host<uint8_t>();
+      for (size_t i = 0; i < size_t(6) * Hq * D * es; ++i) ASSERT_EQ(gv[i], 0x00) << "varlen byte " << i;
+      EXPECT_EQ(gv[size_t(6) * Hq * D * es], 0xFF) << "written past the output";
+      const auto lv = dlse.to_host<float>();
+      for (int i = 0; i < Hq * 6; ++i) ASSERT_EQ(lv[i], sinks ? z[i / 6] : -INFINITY) << "varlen LSE " << i;
+    }
+  // No batch / no query rows: nothing written, null data accepted.
+  INTFA_ASSERT_OK(gpu_memset(dout.ptr, 0xFF, dout.bytes));
+  Options o;
+  o.backend = Backend::gpu;
+  Tensor q0 = make_tensor(nullptr, DType::bf16, {0, Hq, Sq, D}, true);
+  Tensor k0 = make_tensor(nullptr, DType::bf16, {0, Hkv, 9, D}, true);
+  Tensor out0 = make_tensor(nullptr, DType::bf16, {0, Hq, Sq, D}, true);
+  INTFA_ASSERT_OK(attention(q0, k0, k0, out0, nullptr, o));
+  Tensor qs0 = make_tensor(dq.ptr, DType::bf16, {B, Hq, 0, D}, true);
+  Tensor ks = make_tensor(dq.ptr, DType::bf16, {B, Hkv, 9, D}, true);
+  Tensor outs0 = make_tensor(dout.ptr, DType::bf16, {B, Hq, 0, D}, true);
+  INTFA_ASSERT_OK(attention(qs0, ks, ks, outs0, nullptr, o));
+  INTFA_ASSERT_OK(gpu_synchronize());
+  EXPECT_EQ(dout.to_host<uint8_t>()[0], 0xFF);
+}
+
 // Random combinations of what the kernels take, each path against the CPU emulation: schemes,
 // head dims, causal, sliding windows (left, and right without causal), sinks, soft-capping, GQA,
 // varlen with empty sequences, ragged seqused_kv, both layouts, every output dtype, odd lengths.
