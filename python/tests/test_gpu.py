@@ -216,6 +216,34 @@ def test_decode_steps(sq, causal):
         intfa.attention_int8(big, path="decode")
 
 
+def test_calls_without_rows_or_keys_on_the_gpu():
+    # Empty batch, no query rows, no keys (rows 0, LSE -inf or the sink: the GPU fill kernel),
+    # and varlen without keys, eager and captured in a CUDA graph.
+    q = rand(2, 4, 130, 128, seed=70)
+    k0 = rand(2, 2, 0, 128)
+    out, lse = intfa.attention(q, k0, k0, enable_gqa=True, return_lse=True)
+    assert torch.equal(out, torch.zeros_like(q)) and torch.all(lse == -math.inf)
+    z = torch.tensor([0.5, -1.0, -math.inf, 2.0], device="cuda")
+    out, lse = intfa.attention(rand(2, 130, 4, 128), rand(2, 0, 2, 128), rand(2, 0, 2, 128),
+                               layout="BSHD", enable_gqa=True, return_lse=True, sinks=z)
+    assert not out.any() and torch.equal(lse, z[None, :, None].expand(2, 4, 130))
+    for qe, ke in ((rand(0, 4, 9, 64), rand(0, 2, 7, 64)), (rand(2, 4, 0, 64), rand(2, 2, 7, 64))):
+        assert intfa.attention(qe, ke, ke, enable_gqa=True).shape == qe.shape
+    cu_q = torch.tensor([0, 3, 3, 200], dtype=torch.int32, device="cuda")
+    cu_k = torch.zeros(4, dtype=torch.int32, device="cuda")
+    qv = rand(200, 4, 64, seed=71)
+    out, lse = intfa.attention_varlen(qv, rand(0, 2, 64), rand(0, 2, 64), cu_q, cu_k, 197, 0,
+                                      enable_gqa=True, return_lse=True)
+    assert not out.any() and torch.all(lse == -math.inf)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        captured = intfa.attention(q, k0, k0, enable_gqa=True)
+    captured.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, torch.zeros_like(q))
+
+
 def test_errors_on_the_gpu():
     q, k, v = make_qkv(1, 2, 2, 64, 64, 96)
     with pytest.raises(ValueError, match="head_dim: expected 64, 128 or 256 on the GPU, got 96"):
