@@ -81,6 +81,28 @@ TEST_F(EmptyCalls, NoKeysWithSinksGiveTheSinkAsLse) {
     for (int t = 0; t < Sq; ++t) EXPECT_EQ(got[h * Sq + t], z[h]) << "head " << h << " row " << t;
 }
 
+TEST_F(EmptyCalls, ReferenceTakesThemToo) {
+  // The float64 oracle: no keys give 0 and -inf (f64 out and LSE); no rows write nothing.
+  std::vector<float> z = {0.5f, -2.f, kNegInf, 3.f};
+  for (bool sinks : {false, true}) {
+    SetUp();
+    if (sinks) opts.sinks = make_tensor(z.data(), DType::f32, {Hq});
+    Tensor q = make_tensor(qb.data(), DType::f16, {1, Hq, 3, D});
+    Tensor k = make_tensor(nullptr, DType::f16, {1, Hkv, 0, D});
+    Tensor out = make_tensor(ob.data(), DType::f64, {1, Hq, 3, D});
+    Tensor lse = make_tensor(lb.data(), DType::f64, {1, Hq, 3});
+    Status st = attention_reference(q, k, k, out, &lse, opts);
+    ASSERT_TRUE(st.ok()) << st.message();
+    EXPECT_TRUE(out_zero(Hq * 3 * D, DType::f64));
+    const auto* l = static_cast<const double*>(lb.data());
+    for (int i = 0; i < Hq * 3; ++i) EXPECT_EQ(l[i], sinks ? double(z[i / 3]) : double(kNegInf)) << i;
+  }
+  Tensor q0 = make_tensor(nullptr, DType::f16, {0, Hq, 3, D}), k0 = make_tensor(nullptr, DType::f16, {0, Hkv, 5, D});
+  Tensor out0 = make_tensor(nullptr, DType::f64, {0, Hq, 3, D});
+  Status st = attention_reference(q0, k0, k0, out0, nullptr, opts);
+  EXPECT_TRUE(st.ok()) << st.message();
+}
+
 TEST_F(EmptyCalls, NoBatchOrNoQueryRowsWriteNothing) {
   for (int which = 0; which < 2; ++which) {
     SetUp();

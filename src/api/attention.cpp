@@ -1094,9 +1094,11 @@ Status attention_reference(const Tensor& q, const Tensor& k, const Tensor& v, co
   Problem p;
   const std::vector<DType> any = {DType::f16, DType::bf16, DType::f32, DType::f64};
   p.layout = opts.layout;
-  INTFA_TRY(api::check_operand(q, "q", p.layout, Form::dense, any, false, &p.q));
-  INTFA_TRY(api::check_operand(k, "k", p.layout, Form::dense, {q.dtype}, false, &p.k));
-  INTFA_TRY(api::check_operand(v, "v", p.layout, Form::dense, {q.dtype}, false, &p.v));
+  // Empty batch and sequences as attention() takes them (attention_exact: rows without a key
+  // give 0 and LSE -inf or the sink).
+  INTFA_TRY(api::check_operand(q, "q", p.layout, Form::dense, any, false, &p.q, true));
+  INTFA_TRY(api::check_operand(k, "k", p.layout, Form::dense, {q.dtype}, false, &p.k, true));
+  INTFA_TRY(api::check_operand(v, "v", p.layout, Form::dense, {q.dtype}, false, &p.v, true));
   MessageStream os;
   if (p.k.B != p.q.B || p.v.B != p.q.B || p.k.D != p.q.D || p.v.D != p.q.D || p.v.S != p.k.S ||
       p.v.H != p.k.H || p.q.H % p.k.H != 0) {
