@@ -622,6 +622,71 @@ TEST(KvCache, PagedAttentionEqualsContiguous) {
           }
 }
 
+// Random paged calls: the fixed cases above one option at a time, these in combination (page
+// sizes 16-256, shuffled pages with spares, several query rows, GQA, head dims, ragged counts
+// past both ends, causal, windows whose left edge gives pages back, soft-capping, sinks, scale,
+// LSE). Each paged call gives the contiguous call's bits. INTFA_FUZZ_SEED / INTFA_FUZZ_ITERS.
+TEST(KvCache, PagedAttentionRandomCallsEqualContiguous) {
+  const char* env_seed = std::getenv("INTFA_FUZZ_SEED");
+  const char* env_iters = std::getenv("INTFA_FUZZ_ITERS");
+  std::mt19937 rng(env_seed ? static_cast<uint32_t>(std::strtoul(env_seed, nullptr, 10)) : 20261128u);
+  const int iters = env_iters ? std::atoi(env_iters) : 60;
+  auto pick = [&](int lo, int hi) { return lo + static_cast<int>(rng() % static_cast<unsigned>(hi - lo + 1)); };
+  auto coin = [&](int percent) { return static_cast<int>(rng() % 100) < percent; };
+  static const int kPages[] = {16, 32, 48, 64, 128, 256};
+  for (int it = 0; it < iters; ++it) {
+    const Scheme s = coin(50) ? Scheme::accurate : Scheme::paper;
+    const int B = pick(1, 3), Hkv = pick(1, 3), Hq = Hkv * pick(1, 3), Sq = pick(1, 5), D = 16 * pick(1, 8);
+    const int page = kPages[pick(0, 5)], cap = page * pick(1, std::max(1, 300 / page));
+    const bool causal = coin(50);
+    SCOPED_TRACE("call " + std::to_string(it) + ": " + to_string(s) + " B" + std::to_string(B) + " H" +
+                 std::to_string(Hq) + "/" + std::to_string(Hkv) + " Sq" + std::to_string(Sq) + " D" +
+                 std::to_string(D) + " page " + std::to_string(page) + " cap " + std::to_string(cap) +
+                 (causal ? " causal" : ""));
+    QuantizedCache qc(B, Hq, Hkv, Sq, cap, D, s, causal, 1000 + it);
+    Options o = qc.o;
+    o.block_n = 16 * pick(1, 8);
+    if (coin(30)) o.window_left = pick(0, cap);
+    if (coin(20)) o.window_right = causal ? 0 : pick(0, 40);
+    if (coin(25)) o.softcap = static_cast<float>(pick(2, 40));
+    if (coin(25)) o.scale = 0.02f * pick(1, 10);
+    std::vector<float> z(Hq);
+    for (float& v : z) v = coin(15) ? -INFINITY : static_cast<float>(pick(-3, 5));
+    if (coin(25)) o.sinks = make_tensor(z.data(), DType::f32, {Hq});
+    QuantizedQKV flat = qc.view();
+    PagedCopy pc(flat, page, Layout::BHSD, pick(0, 4), static_cast<uint32_t>(pick(0, 99)), causal && coin(50) ? 16 : 0);
+    std::vector<int32_t> lens(B);
+    const bool ragged = coin(50);
+    if (ragged) {
+      for (int32_t& n : lens) n = pick(-3, cap + 3);
+      flat.seqused_kv = pc.x.seqused_kv = make_tensor(lens.data(), DType::i32, {B});
+      pc.drop_pages_past(lens);  // not read
+    }
+    if (o.window_left >= 0 && o.window_right <= 0) {  // pages wholly before row 0's first key
+      std::vector<int64_t> first(B);
+      for (int b = 0; b < B; ++b) {
+        const int64_t kv = ragged ? std::clamp(lens[b], 0, cap) : cap;
+        first[b] = std::max<int64_t>(0, kv - Sq - o.window_left);
+      }
+      pc.drop_pages_before(first);
+    }
+    const bool want_lse = coin(70);
+    std::vector<float> want(size_t(B) * Hq * Sq * D, NAN), got(want.size(), NAN);
+    std::vector<float> want_lse_v(size_t(B) * Hq * Sq, NAN), got_lse(want_lse_v.size(), NAN);
+    const Tensor twl = make_tensor(want_lse_v.data(), DType::f32, {B, Hq, Sq});
+    const Tensor tgl = make_tensor(got_lse.data(), DType::f32, {B, Hq, Sq});
+    Status st = attention_int8(flat, Tensor(), Tensor(), 0, 0, make_tensor(want.data(), DType::f32, {B, Hq, Sq, D}),
+                               want_lse ? &twl : nullptr, o);
+    ASSERT_TRUE(st.ok()) << st.message();
+    st = attention_int8(pc.x, Tensor(), Tensor(), 0, 0, make_tensor(got.data(), DType::f32, {B, Hq, Sq, D}),
+                        want_lse ? &tgl : nullptr, o);
+    ASSERT_TRUE(st.ok()) << st.message();
+    ASSERT_EQ(count_nan(got), 0);
+    ASSERT_EQ(got, want);
+    if (want_lse) ASSERT_EQ(got_lse, want_lse_v);
+  }
+}
+
 // Paged KV errors: each names the argument, what was expected and what came.
 TEST(KvCache, PagedErrors) {
   const int B = 2, Hq = 2, Hkv = 2, Sq = 1, cap = 32, D = 64, page = 16;
