@@ -1,8 +1,8 @@
 // GPU attention (every GPU path the device runs: sm80, sm90 on Hopper, the decode kernel) against
 // the CPU backend: the kernel on pre-quantized inputs vs the CPU emulation of the same scheme
 // (tight: only exp2, fp32 summation order and the kernels' fp32 rounding of the magic-number
-// offset times s_k, within 3/4 of one integer score unit, differ), the end-to-end path vs float64, and the
-// int32 score block bit for bit. Skips without a GPU.
+// offset times s_k, within 3/4 of one integer score unit, differ), the end-to-end path vs
+// float64, and the int32 score block bit for bit. Skips without a GPU.
 #include <gtest/gtest.h>
 
 #include <algorithm>
