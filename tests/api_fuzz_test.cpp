@@ -54,11 +54,7 @@ TEST(ApiFuzz, RandomCallsFailWithAMessageOrWriteFiniteOutputsThatTheInt8PathRepr
     o.block_n = f.coin(0.9) ? 16 * f.range(1, 32) : f.range(0, 600);
     HostTensor sinks;
     if (f.coin(0.15)) {
-      sinks = HostTensor(f, DType::f32, {hq}, false);
-      sinks.each([&](int64_t byte) {
-        const float z = f.coin(0.1) ? -INFINITY : static_cast<float>(f.range(-5, 5));
-        std::memcpy(&sinks.mem[byte], &z, 4);
-      });
+      sinks = testing::random_sinks(f, hq);
       o.sinks = sinks.t;
     }
     const bool pad = f.coin(), bad_last = f.coin(0.02), want_lse = f.coin();

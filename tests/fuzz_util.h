@@ -4,6 +4,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -97,6 +98,17 @@ struct HostTensor {
     });
   }
 };
+
+// Attention sinks for a random call: hq logits, whole numbers in [-5, 5], a tenth of them -inf
+// (no sink for that head).
+inline HostTensor random_sinks(Fuzz& f, int hq) {
+  HostTensor z(f, DType::f32, {hq}, false);
+  z.each([&](int64_t byte) {
+    const float x = f.coin(0.1) ? -INFINITY : static_cast<float>(f.range(-5, 5));
+    std::memcpy(&z.mem[byte], &x, 4);
+  });
+  return z;
+}
 
 inline uint64_t env_or(const char* name, uint64_t fallback) {
   const char* e = std::getenv(name);

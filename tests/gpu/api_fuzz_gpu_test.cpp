@@ -95,13 +95,7 @@ TEST(ApiFuzzGpu, RandomCallsMatchTheCpuBackendOrFailWithAMessage) {
     if (f.coin(0.2)) o.scale = f.coin(0.95) ? 0.02f * f.range(1, 10) : -1.f;
     o.block_n = gpu_block_n(D);  // the CPU emulation's key block: the kernels' own
     HostTensor sinks;
-    if (f.coin(0.15)) {
-      sinks = HostTensor(f, DType::f32, {hq}, false);
-      sinks.each([&](int64_t byte) {
-        const float z = f.coin(0.1) ? -INFINITY : static_cast<float>(f.range(-5, 5));
-        std::memcpy(&sinks.mem[byte], &z, 4);
-      });
-    }
+    if (f.coin(0.15)) sinks = testing::random_sinks(f, hq);
     const bool pad = f.coin(), want_lse = f.coin(0.7);
     const int unit = f.coin(0.9) ? 8 : 1;  // 16-byte steps, or strides the GPU refuses
     const DType out_dt = f.coin(0.8) ? dt : DType::f32;
