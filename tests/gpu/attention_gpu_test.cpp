@@ -1228,7 +1228,7 @@ TEST_F(AttentionGpu, KernelRandomOptionCombinations) {
         c.lens_q.push_back(coin(15) ? 0 : pick(1, 260));
         c.lens_kv.push_back(coin(10) ? 0 : pick(1, 500));
       }
-      // The API takes no tensor with a size of 0: at least one query and one key in all.
+      // quantize() takes no empty problem: at least one query and one key in all.
       if (std::accumulate(c.lens_q.begin(), c.lens_q.end(), 0) == 0) c.lens_q[0] = pick(1, 260);
       if (std::accumulate(c.lens_kv.begin(), c.lens_kv.end(), 0) == 0) c.lens_kv[0] = pick(1, 500);
     } else {
