@@ -47,7 +47,7 @@ void attention_exact(const ExactParams& p) {
       std::fill(s.begin(), s.begin() + limit, 0.0);
       for (int c = 0; c < d; ++c) {
         const double qc = q[c];
-        const double* kc = &kt[static_cast<size_t>(c) * skv];
+        const double* kc = kt.data() + static_cast<size_t>(c) * skv;  // (kt is empty when skv = 0)
         for (int j = first; j < limit; ++j) s[j] += qc * kc[j];
       }
       double mx = -std::numeric_limits<double>::infinity();
