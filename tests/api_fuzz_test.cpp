@@ -120,8 +120,7 @@ TEST(ApiFuzz, RandomCallsFailWithAMessageOrWriteFiniteOutputsThatTheInt8PathRepr
       if (want_lse) {
         const int64_t n = lse.t.numel(), per_head = varlen ? lse.t.shape[1] : sq;
         for (int64_t i = 0; i < n; ++i) {
-          float x;
-          std::memcpy(&x, &lse.mem[4 * i], 4);
+          const float x = lse.at(4 * i);
           const int64_t h = (i / per_head) % hq;
           const float want = o.sinks.defined() ? static_cast<const float*>(o.sinks.data)[h] : -INFINITY;
           ASSERT_EQ(x, want) << "LSE " << i << " of a call without keys";

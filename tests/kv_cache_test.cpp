@@ -14,6 +14,7 @@
 #include <random>
 #include <vector>
 
+#include "fuzz_util.h"
 #include "kv_cache_util.h"
 #include "test_util.h"
 
@@ -627,10 +628,8 @@ TEST(KvCache, PagedAttentionEqualsContiguous) {
 // past both ends, causal, windows whose left edge gives pages back, soft-capping, sinks, scale,
 // LSE). Each paged call gives the contiguous call's bits. INTFA_FUZZ_SEED / INTFA_FUZZ_ITERS.
 TEST(KvCache, PagedAttentionRandomCallsEqualContiguous) {
-  const char* env_seed = std::getenv("INTFA_FUZZ_SEED");
-  const char* env_iters = std::getenv("INTFA_FUZZ_ITERS");
-  std::mt19937 rng(env_seed ? static_cast<uint32_t>(std::strtoul(env_seed, nullptr, 10)) : 20261128u);
-  const int iters = env_iters ? std::atoi(env_iters) : 60;
+  std::mt19937 rng(static_cast<uint32_t>(env_or("INTFA_FUZZ_SEED", 20261128)));
+  const int iters = static_cast<int>(env_or("INTFA_FUZZ_ITERS", 60));
   auto pick = [&](int lo, int hi) { return lo + static_cast<int>(rng() % static_cast<unsigned>(hi - lo + 1)); };
   auto coin = [&](int percent) { return static_cast<int>(rng() % 100) < percent; };
   static const int kPages[] = {16, 32, 48, 64, 128, 256};

@@ -91,8 +91,9 @@ Status read_cu_seqlens(const Tensor& cu, const char* name, const Problem& p, int
                    " like q, got " +
                    (cu.on_device ? "GPU memory of device " + std::to_string(cu.device_index)
                                  : "host memory"));
-  if (max_seqlen < (total == 0 ? 0 : 1)) {  // 0 only when every sequence is empty
-    os << max_name << ": expected >= " << (total == 0 ? 0 : 1) << ", got " << max_seqlen;
+  const int least = total == 0 ? 0 : 1;  // 0 only when every sequence is empty
+  if (max_seqlen < least) {
+    os << max_name << ": expected >= " << least << ", got " << max_seqlen;
     return invalid(os.str());
   }
   const size_t n = static_cast<size_t>(cu.shape[0]);

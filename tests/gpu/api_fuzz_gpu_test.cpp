@@ -34,36 +34,25 @@ struct DeviceCopy {
   Tensor t;
   explicit DeviceCopy(const HostTensor& h) : buf(std::max<size_t>(h.mem.size(), 16)) {
     if (!h.mem.empty()) (void)gpu_copy_to_device(buf.ptr, h.mem.data(), h.mem.size());
-    t = h.t;
-    t.data = buf.ptr;
-    t.on_device = true;
+    t = testing::on_device(h.t, buf.ptr);
   }
-  std::vector<uint8_t> bytes(size_t n) const {
-    std::vector<uint8_t> out(n);
-    if (n) {
-      EXPECT_TRUE(gpu_copy_to_host(out.data(), buf.ptr, n).ok());
-    }
-    return out;
+  // The device bytes as a host tensor like h (HostTensor::at reads them).
+  HostTensor back(const HostTensor& h) const {
+    HostTensor r = h;
+    r.mem = buf.to_host<uint8_t>();
+    r.t.data = r.mem.data();
+    return r;
   }
 };
 
 // Element (b, h, s, c) of an attention operand (dense BHSD / BSHD, or varlen [T, H, D] with b = 0
-// and s the packed token).
-int64_t elem_offset(const Tensor& t, bool varlen, Layout layout, int64_t b, int64_t h, int64_t s, int64_t c) {
-  if (varlen) return s * t.stride[0] + h * t.stride[1] + c;
-  if (layout == Layout::BHSD) return b * t.stride[0] + h * t.stride[1] + s * t.stride[2] + c;
-  return b * t.stride[0] + s * t.stride[1] + h * t.stride[2] + c;
-}
-float value(const HostTensor& x, const std::vector<uint8_t>& mem, int64_t elem) {
-  const size_t es = testing::elem_bytes(x.t.dtype);
-  if (x.t.dtype == DType::f32) {
-    float v;
-    std::memcpy(&v, &mem[elem * es], 4);
-    return v;
-  }
-  uint16_t v;
-  std::memcpy(&v, &mem[elem * es], 2);
-  return tools::to_float(v, x.t.dtype);
+// and s the packed token), as the byte offset HostTensor::at takes.
+int64_t byte_of(const Tensor& t, bool varlen, Layout layout, int64_t b, int64_t h, int64_t s, int64_t c) {
+  int64_t e;
+  if (varlen) e = s * t.stride[0] + h * t.stride[1] + c;
+  else if (layout == Layout::BHSD) e = b * t.stride[0] + h * t.stride[1] + s * t.stride[2] + c;
+  else e = b * t.stride[0] + s * t.stride[1] + h * t.stride[2] + c;
+  return e * static_cast<int64_t>(testing::elem_bytes(t.dtype));
 }
 
 TEST(ApiFuzzGpu, RandomCallsMatchTheCpuBackendOrFailWithAMessage) {
@@ -143,19 +132,16 @@ TEST(ApiFuzzGpu, RandomCallsMatchTheCpuBackendOrFailWithAMessage) {
 
     // The same call on the device.
     DeviceCopy dq(q), dk(k), dv(v), dout(out), dlse(lse), dsinks(sinks);
-    std::vector<int32_t> cu_both = cu_q;
-    cu_both.insert(cu_both.end(), cu_k.begin(), cu_k.end());
-    DeviceBuffer dcu(std::max<size_t>(cu_both.size(), 1) * 4);
-    if (!cu_both.empty()) {
-      ASSERT_TRUE(gpu_copy_to_device(dcu.ptr, cu_both.data(), cu_both.size() * 4).ok());
-    }
+    DeviceBuffer dcq((cu_q.size() + 1) * 4), dck((cu_k.size() + 1) * 4);
     Options og = o;
     og.backend = Backend::gpu;
     if (sinks.t.data) og.sinks = dsinks.t;
     Tensor gcq, gck;
     if (varlen) {
-      gcq = make_tensor(dcu.ptr, DType::i32, {nseq + 1}, true);
-      gck = make_tensor(static_cast<int32_t*>(dcu.ptr) + nseq + 1, DType::i32, {nseq + 1}, true);
+      ASSERT_TRUE(gpu_copy_to_device(dcq.ptr, cu_q.data(), cu_q.size() * 4).ok());
+      ASSERT_TRUE(gpu_copy_to_device(dck.ptr, cu_k.data(), cu_k.size() * 4).ok());
+      gcq = testing::on_device(tcq, dcq.ptr);
+      gck = testing::on_device(tck, dck.ptr);
     }
     Status st = varlen ? attention_varlen(dq.t, dk.t, dv.t, gcq, gck, max_q, max_k, dout.t,
                                           want_lse ? &dlse.t : nullptr, og)
@@ -181,23 +167,22 @@ TEST(ApiFuzzGpu, RandomCallsMatchTheCpuBackendOrFailWithAMessage) {
       for (int h = 0; h < hkv; ++h)
         for (int64_t s = 0; s < n_kv; ++s)
           for (int c = 0; c < D; ++c) {
-            kmax[b * hkv + h] = std::max(kmax[b * hkv + h], std::fabs(value(k, k.mem, elem_offset(k.t, vl, lay, b, h, s, c))));
-            vmax[b * hkv + h] = std::max(vmax[b * hkv + h], std::fabs(value(v, v.mem, elem_offset(v.t, vl, lay, b, h, s, c))));
+            kmax[b * hkv + h] = std::max(kmax[b * hkv + h], std::fabs(k.at(byte_of(k.t, vl, lay, b, h, s, c))));
+            vmax[b * hkv + h] = std::max(vmax[b * hkv + h], std::fabs(v.at(byte_of(v.t, vl, lay, b, h, s, c))));
           }
-    const auto got = dout.bytes(out.mem.size());
-    const auto got_lse = dlse.bytes(lse.mem.size());
+    const HostTensor got = dout.back(out), got_lse = dlse.back(lse);
     int bad = 0;
     for (int64_t b = 0; b < nb && bad < 3; ++b)
       for (int h = 0; h < hq && bad < 3; ++h) {
         const int hk = h / (hq / hkv);
         for (int64_t s = 0; s < n_q && bad < 3; ++s) {
           float qrow = 0.f;
-          for (int c = 0; c < D; ++c) qrow = std::max(qrow, std::fabs(value(q, q.mem, elem_offset(q.t, vl, lay, b, h, s, c))));
+          for (int c = 0; c < D; ++c) qrow = std::max(qrow, std::fabs(q.at(byte_of(q.t, vl, lay, b, h, s, c))));
           const float bound = 0.75f * (qrow / 127.f) * (2.f * kmax[b * hkv + hk] / 127.f) * scale;
           const float tol = vmax[b * hkv + hk] * (2e-2f + 2.5f * bound) + 1e-6f;
           for (int c = 0; c < D; ++c) {
-            const int64_t e = elem_offset(out.t, vl, lay, b, h, s, c);
-            const float g = value(out, got, e), r = value(out_cpu, out_cpu.mem, e);
+            const int64_t e = byte_of(out.t, vl, lay, b, h, s, c);
+            const float g = got.at(e), r = out_cpu.at(e);
             if (!std::isfinite(g) || !(std::fabs(g - r) <= tol)) {
               ADD_FAILURE() << "out (" << b << ", " << h << ", " << s << ", " << c << "): gpu " << g << " cpu " << r
                             << " (tolerance " << tol << ")";
@@ -207,9 +192,7 @@ TEST(ApiFuzzGpu, RandomCallsMatchTheCpuBackendOrFailWithAMessage) {
           }
           if (!want_lse) continue;
           const int64_t li = vl ? h * n_q + s : (b * hq + h) * n_q + s;
-          float gl, rl;
-          std::memcpy(&gl, &got_lse[4 * li], 4);
-          std::memcpy(&rl, &lse_cpu.mem[4 * li], 4);
+          const float gl = got_lse.at(4 * li), rl = lse_cpu.at(4 * li);
           const bool both_neg_inf = gl == -INFINITY && rl == -INFINITY;
           if (!both_neg_inf && !(std::fabs(gl - rl) <= 2e-2f * (1.f + std::fabs(rl)) + bound)) {
             ADD_FAILURE() << "LSE (" << b << ", " << h << ", " << s << "): gpu " << gl << " cpu " << rl
