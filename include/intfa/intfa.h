@@ -281,6 +281,9 @@ BuildInfo build_info();
 // or 64 at head_dim 256 (the sm80 kernel, which every GPU runs that head dim on); 0 for a head
 // dim the GPU backend does not take or without the CUDA backend.
 int gpu_block_n(int head_dim);
+// The same for the kernels that a named path runs (Options::path): path sm90 at head_dim 256
+// takes 128-key blocks (the automatic path runs head dim 256 on sm80); otherwise as above.
+int gpu_block_n(int head_dim, GpuPath path);
 
 struct DeviceInfo {
   bool present = false;

@@ -114,15 +114,18 @@ def test_random_shapes_match_float64(scheme, cfg):
     dict(b=3, hq=8, hkv=2, sq=1, skv=513, causal=True, layout="BHSD", dtype=torch.bfloat16),
 ], ids=["causal-gqa", "mqa-bshd", "decode-step"])
 def test_head_dim_256_matches_float64(scheme, cfg):
-    """Head dim 256 (the sm80 kernel on every GPU, Hopper included) end to end against float64."""
+    """Head dim 256 end to end against float64: path auto (the sm80 kernel on every GPU, Hopper
+    included) and, on Hopper, path sm90 (its head-dim-256 kernel, two value-channel passes)."""
     q, k, v = make_qkv(cfg["b"], cfg["hq"], cfg["hkv"], cfg["sq"], cfg["skv"], 256,
                        cfg["layout"], cfg["dtype"], seed=256 + cfg["sq"])
-    out, lse = intfa.attention(q, k, v, is_causal=cfg["causal"], enable_gqa=True,
-                               layout=cfg["layout"], scheme=scheme, return_lse=True)
-    assert out.dtype == q.dtype and out.shape == q.shape
     ref, ref_lse = ref_attention(q, k, v, cfg["causal"], layout=cfg["layout"])
-    assert rel_l2(out, ref) < TOL[scheme]
-    lse_close(lse, ref_lse)
+    paths = ["auto"] + (["sm90"] if intfa.resolve_gpu_path() == "sm90" else [])
+    for path in paths:
+        out, lse = intfa.attention(q, k, v, is_causal=cfg["causal"], enable_gqa=True, layout=cfg["layout"],
+                                   scheme=scheme, return_lse=True, path=path)
+        assert out.dtype == q.dtype and out.shape == q.shape
+        assert rel_l2(out, ref) < TOL[scheme], path
+        lse_close(lse, ref_lse)
 
 
 @pytest.mark.parametrize("sq,skv", [(100, 300), (300, 100), (1, 513), (257, 256)])

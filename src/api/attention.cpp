@@ -1148,6 +1148,7 @@ BuildInfo build_info() {
 }
 
 int gpu_block_n(int head_dim) { return cuda::kernel_block_n(head_dim); }
+int gpu_block_n(int head_dim, GpuPath path) { return cuda::kernel_block_n(head_dim, path); }
 
 DeviceInfo device_info(int device_index) { return cuda::device_info(device_index); }
 

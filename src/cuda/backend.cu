@@ -89,12 +89,17 @@ bool pdl_enabled() {
 
 bool built() { return true; }
 // The sm90 and decode kernels take 128-key blocks, the sm80 kernel's at head dims 64 and 128
-// (decode::kSameBlocksAsSm80; the sm90 launcher's check_paged), so one value per head dim.
+// (decode::kSameBlocksAsSm80; the sm90 launcher's check_paged), so one value per head dim;
+// at head dim 256 the sm80 kernel takes 64 and the sm90 kernel (a named path only) 128.
 int kernel_block_n(int head_dim) { return sm80_block_n(head_dim); }
 
 #ifndef INTFA_HAVE_SM90
 #define INTFA_HAVE_SM90 0
 #endif
+int kernel_block_n(int head_dim, GpuPath path) {
+  if (head_dim == 256 && path == GpuPath::sm90) return INTFA_HAVE_SM90 ? 128 : 0;
+  return sm80_block_n(head_dim);
+}
 constexpr bool kHaveSm90 = INTFA_HAVE_SM90 != 0;
 
 const char* compiled_archs() {
@@ -207,7 +212,9 @@ Status attend_packed(const FwdParams& p, GpuPath path, bool fallback, bool decod
     Status st = launch_fwd_decode(p, s);
     if (st.code() != StatusCode::not_available || !fallback) return st;
   }
-  if (path == GpuPath::sm90) {
+  // Head dim 256 runs the sm90 kernel only where the path is named (its 128-key blocks differ from
+  // the sm80 kernel's 64, which gpu_block_n(256) reports for the automatic path).
+  if (path == GpuPath::sm90 && !(fallback && p.head_dim == 256)) {
 #if INTFA_HAVE_SM90
     Status st = launch_fwd_sm90(p, s);
     // Operands TMA cannot describe: the automatic path takes them to the portable kernel (not a

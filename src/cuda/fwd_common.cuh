@@ -323,8 +323,9 @@ __device__ __forceinline__ void write_lse2(const FwdParams& p, int b, int h, int
 // the stores wait for them, one L2 round trip per channel group (~13k cycles per tile on an
 // H200, the persistent sm90 kernel's largest per-tile overhead until they were hoisted).
 template <int D>
-__device__ __forceinline__ void load_v_scale(const FwdParams& p, int b, int hkv, int t, float2 (&v2)[D / 8]) {
-  const float* vs = p.v_scale + b * p.vs_st.bs + hkv * p.vs_st.hs;
+__device__ __forceinline__ void load_v_scale(const FwdParams& p, int b, int hkv, int t, float2 (&v2)[D / 8],
+                                             int c0 = 0) {  // c0: the first channel (sm90, head dim 256)
+  const float* vs = p.v_scale + b * p.vs_st.bs + hkv * p.vs_st.hs + c0;
 #pragma unroll
   for (int dn = 0; dn < D / 8; ++dn) {
     const int d = dn * 8 + 2 * t;

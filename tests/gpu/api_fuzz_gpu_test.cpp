@@ -82,7 +82,7 @@ TEST(ApiFuzzGpu, RandomCallsMatchTheCpuBackendOrFailWithAMessage) {
     if (f.coin(0.2)) o.window_right = o.causal ? f.range(-1, 0) : f.range(-1, 200);
     if (f.coin(0.15)) o.softcap = f.coin(0.95) ? static_cast<float>(f.range(1, 60)) : -1.f;
     if (f.coin(0.2)) o.scale = f.coin(0.95) ? 0.02f * f.range(1, 10) : -1.f;
-    o.block_n = gpu_block_n(D);  // the CPU emulation's key block: the kernels' own
+    o.block_n = gpu_block_n(D, o.path);  // the CPU emulation's key block: the kernels' own
     HostTensor sinks;
     if (f.coin(0.15)) sinks = testing::random_sinks(f, hq);
     const bool pad = f.coin(), want_lse = f.coin(0.7);

@@ -158,7 +158,7 @@ void check_kernel_vs_cpu(const Case& c, GpuPath path) {
   o.window_left = c.window_left;
   o.window_right = c.window_right;
   o.layout = c.layout;
-  o.block_n = gpu_block_n(c.d);  // the kernel's key block: block-local maxima must match
+  o.block_n = gpu_block_n(c.d, path);  // the kernel's key block: block-local maxima must match
   o.backend = Backend::cpu;
   o.softcap = c.softcap;
   std::vector<float> sinks = c.sinks;
@@ -304,7 +304,9 @@ TEST_F(AttentionGpu, Exp2PolyAccuracy) {
 TEST_F(AttentionGpu, ScoreBlockBitExact) {  // 128 x 128 scores, any kernel key block, every path
   for (GpuPath path : gpu_paths())
   for (int d : {64, 128, 256}) {
-    if (d == 256 && path == GpuPath::sm90) continue;  // head dim 256: the sm80 kernel only
+    // The sm90 hook takes head dims 64 and 128 (static shared memory); its head-dim-256 kernel's
+    // products are checked through its outputs (KernelHeadDim256).
+    if (d == 256 && path == GpuPath::sm90) continue;
     SCOPED_TRACE(to_string(path));
     std::mt19937 rng(d);
     std::uniform_int_distribution<int> dist(-127, 127);
@@ -343,13 +345,27 @@ TEST_F(AttentionGpu, KernelMatchesCpuEmulationSchemesAndDims) {
       }
 }
 
+// Whether a named path runs case c at head dim 256: the sm90 kernel takes what its whole-tile
+// kernels do (no per-sequence key counts, windows or sinks; the sm80 path runs those).
+bool runs_d256(const Case& c, GpuPath path) {
+  return path != GpuPath::sm90 || (c.used_kv.empty() && c.window_left < 0 && c.sinks.empty() && c.softcap == 0.f);
+}
+
 // Head dim 256 (Gemma-style models): the sm80 kernel with its 64-key blocks, which the automatic
-// path takes on every GPU (on Hopper after the sm90 launcher declines it), against the CPU
-// emulation at that block: both schemes, causal with Sq != Skv and rows that see no key, odd
-// lengths, the three distributions, GQA packed rows (decode steps), MQA, BSHD, fp16 / bf16
-// outputs, varlen, per-sequence key counts, a sliding window and sinks, each with its LSE.
+// path takes on every GPU, and on Hopper the named sm90 path (two value-channel passes, 128-key
+// blocks), each against the CPU emulation at its block: both schemes, causal with Sq != Skv and
+// rows that see no key, odd lengths, the three distributions, GQA packed rows (decode steps),
+// MQA, BSHD, fp16 / bf16 outputs, varlen, per-sequence key counts, a sliding window and sinks
+// (sm80 only), each with its LSE.
 TEST_F(AttentionGpu, KernelHeadDim256) {
   EXPECT_EQ(gpu_block_n(256), 64);
+  EXPECT_EQ(gpu_block_n(256, GpuPath::sm80), 64);
+  EXPECT_EQ(gpu_block_n(256, GpuPath::automatic), 64);
+  std::vector<GpuPath> paths = {GpuPath::sm80, GpuPath::automatic};
+  if (gpu_paths().size() > 1) {
+    EXPECT_EQ(gpu_block_n(256, GpuPath::sm90), 128);
+    paths.push_back(GpuPath::sm90);
+  }
   std::vector<Case> cases;
   uint64_t seed = 2560;
   for (Scheme sc : {Scheme::paper, Scheme::accurate})
@@ -392,7 +408,8 @@ TEST_F(AttentionGpu, KernelHeadDim256) {
   for (Case& c : cases) {
     c.d = 256;
     c.seed = ++seed;
-    for (GpuPath path : {GpuPath::sm80, GpuPath::automatic}) check_kernel_vs_cpu(c, path);
+    for (GpuPath path : paths)
+      if (runs_d256(c, path)) check_kernel_vs_cpu(c, path);
   }
 }
 
@@ -401,8 +418,11 @@ TEST_F(AttentionGpu, KernelHeadDim256) {
 // merged by its combine kernel: decode steps (packed GQA rows), a short prompt over a long cache
 // (causal, BSHD, bf16 out), few heads non-causal, varlen with a sequence of no keys and one of
 // no queries, per-sequence key counts with a 0, a sliding window with sinks, odd lengths so the
-// last range is short (or empty), each with its LSE; `paper` on a decode step (one range).
+// last range is short (or empty), each with its LSE; `paper` on a decode step (one range). The
+// named sm90 path runs the same few-tile launches without splits (where it takes them).
 TEST_F(AttentionGpu, KernelHeadDim256Splits) {
+  std::vector<GpuPath> paths = {GpuPath::sm80, GpuPath::automatic};
+  if (gpu_paths().size() > 1) paths.push_back(GpuPath::sm90);
   std::vector<Case> cases;
   for (const DenseShape& sh : std::vector<DenseShape>{
            {1, 8, 2, 1, 5001, true, Layout::BHSD, DType::f32, Scheme::accurate},     // decode, 2 tiles
@@ -430,11 +450,13 @@ TEST_F(AttentionGpu, KernelHeadDim256Splits) {
   for (Case& c : cases) {
     c.d = 256;
     c.seed = ++seed;
-    for (GpuPath path : {GpuPath::sm80, GpuPath::automatic}) check_kernel_vs_cpu(c, path);
+    for (GpuPath path : paths)
+      if (runs_d256(c, path)) check_kernel_vs_cpu(c, path);
   }
 }
 
-// The paths without a head-dim-256 kernel say so when named; the automatic path runs sm80.
+// The paths without a head-dim-256 kernel say so when named (decode; sm90 for what its
+// whole-tile kernels do not take); the automatic path runs sm80.
 TEST_F(AttentionGpu, HeadDim256NamedPathsWithoutItRefuse) {
   Case c;
   c.d = 256; c.sq = 1; c.skv = 200; c.hq = 8; c.hkv = 2;
@@ -450,16 +472,23 @@ TEST_F(AttentionGpu, HeadDim256NamedPathsWithoutItRefuse) {
   INTFA_ASSERT_OK(quantize(testing::on_device(in.tq, dq.ptr), testing::on_device(in.tk, dk.ptr),
                            testing::on_device(in.tv, dv.ptr), none, none, o, qx));
   Tensor out = make_tensor(dout.ptr, DType::f32, {1, 8, 1, 256}, true);
-  std::vector<GpuPath> named = {GpuPath::decode};
-  if (gpu_paths().size() > 1) named.push_back(GpuPath::sm90);
-  for (GpuPath path : named) {
-    o.path = path;
-    const Status st = attention_int8(qx, none, none, 1, 200, out, nullptr, o);
-    EXPECT_EQ(st.code(), StatusCode::not_available) << to_string(path) << ": " << st.message();
-    EXPECT_NE(st.message().find("head_dim: expected 64 or 128 on the " + std::string(to_string(path)) +
-                                " path, got 256 (head_dim 256 runs on the sm80 path)"),
+  o.path = GpuPath::decode;
+  Status st = attention_int8(qx, none, none, 1, 200, out, nullptr, o);
+  EXPECT_EQ(st.code(), StatusCode::not_available) << st.message();
+  EXPECT_NE(st.message().find("head_dim: expected 64 or 128 on the decode path, got 256 (head_dim 256 runs on the sm80 path)"),
+            std::string::npos)
+      << st.message();
+  if (gpu_paths().size() > 1) {
+    o.path = GpuPath::sm90;
+    o.window_left = 100;
+    o.causal = true;
+    st = attention_int8(qx, none, none, 1, 200, out, nullptr, o);
+    EXPECT_EQ(st.code(), StatusCode::not_available) << st.message();
+    EXPECT_NE(st.message().find("sm90 path: head_dim 256 with sliding windows is not built (the sm80 path runs it)"),
               std::string::npos)
         << st.message();
+    o.window_left = -1;
+    o.causal = false;
   }
   o.path = GpuPath::automatic;
   INTFA_ASSERT_OK(attention_int8(qx, none, none, 1, 200, out, nullptr, o));

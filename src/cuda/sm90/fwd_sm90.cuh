@@ -83,6 +83,21 @@ namespace intfa::sm90 {
 constexpr int kBlockM = 128;  // two consumer warpgroups x 64 rows
 // Keys per block: 255 * 127 * 128 < 2^22 keeps the PV block product exact through kMagic.
 constexpr int kBlockN = 128;
+// Head dim 256 (Gemma 2 / 3): a consumer thread cannot hold O (128 fp32), the PV product (128
+// int32) and a block of scores (64) in 240 registers, so each 128-row tile runs as kVPasses = 2
+// units, each for kDV = 128 of the value channels: both compute the same QK^T over all 256
+// channels and the same P8 (the same code on the same data, so the same l and LSE), and each
+// folds and writes its half of O. The QK work and the softmax are done twice, the PV work once;
+// per score that is about as many consumer instructions as one pass with 64-key blocks, whose
+// per-block overhead and fold would weigh twice as much (PERF_LOG, session 33). Q and K tiles of
+// 256-byte rows are stored as two 128-byte-row halves (TMA's 128-byte swizzle spans 128 bytes),
+// kQKRow the row bytes of one half.
+template <int D>
+constexpr int kDV = D == 256 ? 128 : D;
+template <int D>
+constexpr int kVPasses = D / kDV<D>;
+template <int D>
+constexpr int kQKRow = D == 256 ? 128 : D;
 constexpr int kStages = INTFA_SM90_STAGES;
 constexpr int kThreads = 384;
 constexpr int kConsumerThreads = 256;
@@ -145,7 +160,7 @@ template <int D>
 struct Smem {
   static constexpr int kQBytes = kBlockM * D;
   static constexpr int kKBytes = kBlockN * D;
-  static constexpr int kVBytes = D * kBlockN;
+  static constexpr int kVBytes = kDV<D> * kBlockN;  // V^T rows of this unit's channels
   static constexpr int kQ = 0;
   static constexpr int kK = kQ + kQBytes;
   static constexpr int kV = kK + kStages * kKBytes;
@@ -163,7 +178,7 @@ struct Smem {
   // Output staging, one 64-row slice per consumer warpgroup (fp32 at most), rows padded by 16
   // bytes so the accumulator-layout writes of 8 rows fall in different banks; each row leaves
   // by one bulk copy.
-  static constexpr int kORowMax = D * 4 + 16;
+  static constexpr int kORowMax = kDV<D> * 4 + 16;
   static constexpr int kOSliceBytes = 64 * kORowMax;
   static constexpr int kO = (kTiles + 4 * kTileSlots + 127) / 128 * 128;
   static constexpr int kBytes = kO + 2 * kOSliceBytes;
@@ -172,7 +187,8 @@ struct Smem {
   // bytes a row, no swizzle), which the consumers quantize into kQ. Only such launches take it.
   static constexpr int kQs = kBytes;
   static constexpr int kQsBytes = kBlockM * D * 2;
-  static constexpr int kAllocFusedQ = kAlloc + kQsBytes;
+  // Head dim 256 takes no fused Q: its staging rows (64 KB) do not fit beside the ring.
+  static constexpr int kAllocFusedQ = D == 256 ? kAlloc : kAlloc + kQsBytes;
 };
 
 struct Bars {
@@ -203,19 +219,26 @@ __device__ __forceinline__ int64_t part_row0(const Params& P, int split, int til
 // test and the causal mask read the same as for a whole tile.
 struct Tile {
   int b, h, hkv, m0, sq, skv, diag, n_blocks;
+  int vc0;    // head dim 256: the unit's first value channel (kVPasses)
   int first;  // Window kernels only: position + first is a row's first key
   int64_t q0, k0, vcol0;
   int bc;  // batch coordinate of the TMA maps (0 for packed varlen tensors)
 };
 
-template <bool Causal, bool Split, bool Window = false>
+// Passes (kVPasses, head dim 256, whole-tile kernels only): unit = tile * Passes + pass.
+template <bool Causal, bool Split, bool Window = false, int Passes = 1>
 __device__ __forceinline__ bool decode_tile(const Params& P, int unit, Tile& T) {
+  static_assert(Passes == 1 || !Split, "value-channel passes run the whole-tile kernels");
   const FwdParams& p = P.p;
   const int num_m = P.num_m_blocks;
   int tile = unit, split = 0;
   if constexpr (Split) {
     tile = unit / P.num_splits;
     split = unit - tile * P.num_splits;
+  }
+  if constexpr (Passes > 1) {
+    tile = unit / Passes;
+    T.vc0 = (unit - tile * Passes) * (p.head_dim / Passes);
   }
   const int bh = tile / num_m;  // head-major
   const int m_block = tile % num_m;
@@ -264,13 +287,18 @@ __device__ __forceinline__ bool decode_tile(const Params& P, int unit, Tile& T) 
 // names, or P.num_units past the last. Longest rows first, rank by rank over groups of heads
 // (fwd::causal_tile): dense launches rank a head's row blocks by their place (the last rows see
 // the most keys), varlen launches by P.entries (nt of them, sorted by key blocks).
-template <bool Split>
+template <bool Split, int Passes = 1>
 __device__ __forceinline__ int scheduled_unit(const Params& P, int c, int nt) {
   const FwdParams& p = P.p;
   int tile = c, split = 0;
   if constexpr (Split) {
     tile = c / P.num_splits;
     split = c - tile * P.num_splits;
+  }
+  // Head dim 256: both passes of a tile are drawn one after the other (Q and K shared in L2).
+  if constexpr (Passes > 1) {
+    tile = c / Passes;
+    split = c - tile * Passes;
   }
   int bh, m_block;
   if (P.entries) {
@@ -287,7 +315,7 @@ __device__ __forceinline__ int scheduled_unit(const Params& P, int c, int nt) {
     m_block = P.num_m_blocks - 1 - rank;
   }
   const int canonical = bh * P.num_m_blocks + m_block;
-  return Split ? canonical * P.num_splits + split : canonical;
+  return Split ? canonical * P.num_splits + split : Passes > 1 ? canonical * Passes + split : canonical;
 }
 
 // The CTA's sequence of work units (tiles, or tile key ranges in Split kernels) in the dynamic
@@ -314,15 +342,19 @@ struct TileRing {
 
 // S (64 x 128 keys, this warpgroup's rows) = Q8 K8^T, D/32 k steps of 32 bytes. The k steps'
 // descriptors advance one built descriptor per tile (building one per step put ~7 uniform
-// instructions per wgmma into the turn).
+// instructions per wgmma into the turn). Head dim 256: steps 4-7 read the tiles' second
+// 128-byte half, kHalf bytes on (the Q and K tiles both have 128 rows per half).
 template <int D>
 __device__ __forceinline__ void issue_qk(int (&s)[kBlockN / 2], uint32_t sQ, uint32_t sK) {
-  const uint64_t dq = ptx::wgmma_desc(sQ, D), dk = ptx::wgmma_desc(sK, D);
+  static_assert(kBlockM == kBlockN, "one half offset for the Q and K tiles");
+  constexpr uint32_t kHalf = kBlockN * kQKRow<D>;
+  const uint64_t dq = ptx::wgmma_desc(sQ, kQKRow<D>), dk = ptx::wgmma_desc(sK, kQKRow<D>);
+  auto at = [](int kk) { return (kk / 4) * kHalf + 32 * (kk % 4); };
   ptx::wgmma_fence();
   ptx::wgmma_m64n128k32_s8s8_ss_init(s, dq, dk);
 #pragma unroll
   for (int kk = 1; kk < D / 32; ++kk)
-    ptx::wgmma_m64n128k32_s8s8_ss(s, ptx::wgmma_desc_advance(dq, 32 * kk), ptx::wgmma_desc_advance(dk, 32 * kk));
+    ptx::wgmma_m64n128k32_s8s8_ss(s, ptx::wgmma_desc_advance(dq, at(kk)), ptx::wgmma_desc_advance(dk, at(kk)));
   ptx::wgmma_commit();
 }
 
@@ -367,7 +399,7 @@ __device__ __forceinline__ void store_rows(const Params& P, const Tile& T, int u
                                            uint8_t* so, uint32_t so_addr, const int (&row)[2],
                                            const float (&o)[D / 8][4], const float (&l_part)[2],
                                            const float (&m_run)[2], const float2 (&v2)[D / 8],
-                                           const float (&z2)[2], Mark&& mark) {
+                                           const float (&z2)[2], int vc0, Mark&& mark) {
   const FwdParams& p = P.p;
   // Split kernels with one range (launches with key counts that do not split) write final rows.
   const bool partial = Split && P.num_splits > 1;
@@ -421,12 +453,14 @@ __device__ __forceinline__ void store_rows(const Params& P, const Tile& T, int u
   mark(10);
   if (copier && T.m0 + cw * 64 + crow < T.sq) {  // rows inside the sequence
     const int64_t idx = offset(p.o_st, T.b, T.h, T.q0 + T.m0 + cw * 64 + crow);
-    char* dst = static_cast<char*>(p.out) + idx * es;
+    char* dst = static_cast<char*>(p.out) + (idx + vc0) * es;  // vc0: head dim 256's value channels
     if (partial) dst = reinterpret_cast<char*>(P.part_o + (prow0 + cw * 64 + crow) * D);
     ptx::bulk_store(dst, so_addr + crow * stride, row_bytes);
     ptx::bulk_commit();
   }
-  if (sinks) {
+  if (vc0 != 0) {
+    // Head dim 256: the other pass of the tile writes the LSE (its P8 and l are the same).
+  } else if (sinks) {
     fwd::write_lse2(p, T.b, T.h, T.q0, T.sq, row, lse2, t);
   } else if (!partial) {
     fwd::write_lse(p, T.b, T.h, T.q0, T.sq, row, l_full, m_run, t);
@@ -624,6 +658,8 @@ template <int D, bool Causal, bool Split, bool Paged, bool Window, bool SmallPag
 __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant__ Params P) {
   static_assert(!SmallPages || Paged, "small pages are paged");
   static_assert(!Softcap || (Causal && Split && Window), "soft-capping runs the window kernels");
+  static_assert(D != 256 || !Split, "head dim 256 runs the whole-tile kernels (kVPasses)");
+  constexpr int DV = kDV<D>, kPasses = kVPasses<D>;
   // Split launches: the combine kernel (a programmatic dependent, cuda::launch_dependent) may
   // start on the SMs this grid leaves free and wait for its end there (PERF_LOG d13).
   if constexpr (Split) ptx::griddepcontrol_launch_dependents();
@@ -637,7 +673,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
   const Bars bars{base + S::kBars};
   const int wg = threadIdx.x / 128;
   // Fused Q: TMA brings the fp16 / bf16 rows, the consumers quantize them (quantize_q_rows).
-  const bool fused_q = p.q_in != nullptr;
+  const bool fused_q = D != 256 && p.q_in != nullptr;
   const TileRing ring{bars, reinterpret_cast<volatile int*>(smem + S::kTiles)};
 
   if (threadIdx.x == 0) {
@@ -679,6 +715,9 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
         ptx::mbarrier_wait(fused_q ? bars.qs_empty() : bars.q_empty(), (tc & 1) ^ 1);
         ptx::mbarrier_arrive_expect_tx(bars.q_full(), fused_q ? S::kQsBytes : S::kQBytes);
         ptx::tma_load_4d(base + (fused_q ? S::kQs : S::kQ), &P.tm_q, bars.q_full(), 0, int(T.q0 + T.m0), T.h, T.bc);
+        if constexpr (D == 256)  // the second 128-byte half of the rows (kQKRow)
+          ptx::tma_load_4d(base + S::kQ + kBlockM * kQKRow<D>, &P.tm_q, bars.q_full(), kQKRow<D>, int(T.q0 + T.m0), T.h,
+                           T.bc);
         ++tc;
         // Paged: the boxes' coordinates are the block's first token in its page and the page (an
         // entry outside the pool: the page past the last one).
@@ -727,10 +766,14 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
           ptx::mbarrier_arrive_expect_tx(bars.k_full(st), S::kKBytes);
           ptx::tma_load_4d(base + S::kK + st * S::kKBytes, &P.tm_k, bars.k_full(st), 0,
                            Paged ? key : int(T.k0 + n * kBlockN), T.hkv, Paged ? page : T.bc);
+          if constexpr (D == 256)
+            ptx::tma_load_4d(base + S::kK + st * S::kKBytes + kBlockN * kQKRow<D>, &P.tm_k, bars.k_full(st), kQKRow<D>,
+                             int(T.k0 + n * kBlockN), T.hkv, T.bc);
           ptx::mbarrier_wait(bars.v_empty(st), ph ^ 1);
           ptx::mbarrier_arrive_expect_tx(bars.v_full(st), S::kVBytes);
           ptx::tma_load_4d(base + S::kV + st * S::kVBytes, &P.tm_v, bars.v_full(st),
-                           Paged ? key : int(T.vcol0 + n * kBlockN), 0, T.hkv, Paged ? page : T.bc);
+                           Paged ? key : int(T.vcol0 + n * kBlockN), kPasses > 1 ? T.vc0 : 0, T.hkv,
+                           Paged ? page : T.bc);
         }
       };
       // Dynamic: each tile index is taken from the counter a tile ahead of its publication, so
@@ -739,16 +782,16 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
       if constexpr (kDynamic<Causal>) {
         const int nt = P.entries ? *P.entry_count : 0;
         auto fetch = [&] {
-          return scheduled_unit<Split>(P, static_cast<int>(gridDim.x) + atomicAdd(P.tile_counter, 1), nt);
+          return scheduled_unit<Split, kPasses>(P, static_cast<int>(gridDim.x) + atomicAdd(P.tile_counter, 1), nt);
         };
-        int cur = scheduled_unit<Split>(P, blockIdx.x, nt);
+        int cur = scheduled_unit<Split, kPasses>(P, blockIdx.x, nt);
         int nxt = cur < P.num_units ? fetch() : P.num_units;
         ring.publish(0, cur);
         ring.publish(1, nxt);
         for (uint32_t k = 0; cur < P.num_units; ++k) {
           const int nxt2 = nxt < P.num_units ? fetch() : P.num_units;
           Tile T;
-          if (decode_tile<Causal, Split, Window>(P, cur, T) && T.n_blocks > 0) load_tile(T, it, tc);
+          if (decode_tile<Causal, Split, Window, kPasses>(P, cur, T) && T.n_blocks > 0) load_tile(T, it, tc);
           ring.publish(k + 2, nxt2);
           cur = nxt;
           nxt = nxt2;
@@ -756,7 +799,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
       } else {
         for (int tile = blockIdx.x; tile < P.num_units; tile += gridDim.x) {
           Tile T;
-          if (decode_tile<Causal, Split, Window>(P, tile, T) && T.n_blocks > 0) load_tile(T, it, tc);
+          if (decode_tile<Causal, Split, Window, kPasses>(P, tile, T) && T.n_blocks > 0) load_tile(T, it, tc);
         }
       }
     } else {
@@ -769,7 +812,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
         else if (k > 0) tile += gridDim.x;
         if (tile >= P.num_units) break;
         Tile T;
-        if (!decode_tile<Causal, Split, Window>(P, tile, T) || T.n_blocks == 0) continue;
+        if (!decode_tile<Causal, Split, Window, kPasses>(P, tile, T) || T.n_blocks == 0) continue;
         const float* ks_g = p.k_scale + offset(p.ks_st, T.b, T.hkv, T.k0);
         // Paged: the K scales of the next block's page (walked as warp 0 walks it), and whether
         // that page is in the pool (else its keys' scales are 0, as its K and V^T are).
@@ -837,11 +880,11 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
   const bool block_local = p.scheme == Scheme::accurate;
   const float levels = block_local ? 255.f : 127.f;
   const float inv_levels = block_local ? 1.f / 255.f : 1.f / 127.f;
-  const uint32_t sQw = base + S::kQ + cw * 64 * D;
+  const uint32_t sQw = base + S::kQ + cw * 64 * kQKRow<D>;
   if (INTFA_SM90_PINGPONG && cw == 1) ptx::named_bar_arrive(1, kConsumerThreads);  // WG 0 first
 
   int s[kBlockN / 2];  // scores of the current block (accumulator layout)
-  int acc[D / 2];      // P8 V8 of the current block
+  int acc[DV / 2];     // P8 V8 of the current block (this unit's value channels)
 #pragma unroll
   for (int i = 0; i < kBlockN / 2; ++i) s[i] = 0;
 
@@ -860,11 +903,11 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
     if constexpr (kDynamic<Causal>) {
       for (;;) {
         const int tile = ring.pop(tk++);
-        if (tile >= P.num_units || decode_tile<Causal, Split, Window>(P, tile, T)) return tile;
+        if (tile >= P.num_units || decode_tile<Causal, Split, Window, kPasses>(P, tile, T)) return tile;
       }
     } else {
       for (int tile = from; tile < P.num_units; tile += gridDim.x)
-        if (decode_tile<Causal, Split, Window>(P, tile, T)) return tile;
+        if (decode_tile<Causal, Split, Window, kPasses>(P, tile, T)) return tile;
       return P.num_units;
     }
   };
@@ -913,10 +956,10 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
       l_part[r] = 0.f;
     }
     float cap_a[2], cap_b[2];  // Softcap: the rows' factors (fwd::softcap_row)
-    float2 v2[D / 8];  // v_scale of the thread's channels
-    float o[D / 8][4];
+    float2 v2[DV / 8];  // v_scale of the thread's channels
+    float o[DV / 8][4];
 #pragma unroll
-    for (int dn = 0; dn < D / 8; ++dn)
+    for (int dn = 0; dn < DV / 8; ++dn)
 #pragma unroll
       for (int e = 0; e < 4; ++e) o[dn][e] = 0.f;
 
@@ -992,12 +1035,12 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
     auto fold = [&](const float (&alpha)[2], const float (&cfac)[2]) {
       if (__all_sync(0xffffffffu, alpha[0] == 1.f && alpha[1] == 1.f)) {
 #pragma unroll
-        for (int dn = 0; dn < D / 8; ++dn)
+        for (int dn = 0; dn < DV / 8; ++dn)
 #pragma unroll
           for (int e = 0; e < 4; ++e) o[dn][e] = __fmaf_rn(__int2float_rn(acc[4 * dn + e]), cfac[e >> 1], o[dn][e]);
       } else {
 #pragma unroll
-        for (int dn = 0; dn < D / 8; ++dn)
+        for (int dn = 0; dn < DV / 8; ++dn)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int r = e >> 1;
@@ -1047,7 +1090,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
       for (int n = 0; n < nb; ++n) {
         softmax(n, v_ok, k_ok, pf, alpha, cfac);
         turn_begin();
-        issue_pv<D>(acc, pf, base + S::kV + stage(n) * S::kVBytes);
+        issue_pv<DV>(acc, pf, base + S::kV + stage(n) * S::kVBytes);
         if (n + 1 < nb) {
           issue_qk_block(n + 1, k_ok);
           turn_end();
@@ -1069,7 +1112,8 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
       }
       it += nb;
     }
-    fwd::load_v_scale<D>(p, T.b, T.hkv, t, v2);
+    const int vc0 = kPasses > 1 ? T.vc0 : 0;
+    fwd::load_v_scale<DV>(p, T.b, T.hkv, t, v2, vc0);
     // Split kernels: the rows' sinks, loaded with v_scale so their latency overlaps its.
     float z2[2] = {kNegInf, kNegInf};
     if constexpr (Split) fwd::load_sinks(p, T.b, T.h, T.q0, T.sq, row, z2);
@@ -1080,8 +1124,8 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
     const int tile_n = next_tile(tile + gridDim.x, Tn);
     if (tile_n < P.num_units && !fused_q) load_rowf(Tn, rowf_n);
     trace_at(it - 1, 6);
-    store_rows<D, Split>(P, T, tile, cw, ctid, 3 + cw, smem + S::kO + cw * S::kOSliceBytes, base + S::kO + cw * S::kOSliceBytes,
-                  row, o, l_part, m_run, v2, z2, [&](int ph) { trace_at(it - 1, ph); });
+    store_rows<DV, Split>(P, T, tile, cw, ctid, 3 + cw, smem + S::kO + cw * S::kOSliceBytes, base + S::kO + cw * S::kOSliceBytes,
+                  row, o, l_part, m_run, v2, z2, vc0, [&](int ph) { trace_at(it - 1, ph); });
     trace_at(it - 1, 5);
     tile = tile_n;
     T = Tn;

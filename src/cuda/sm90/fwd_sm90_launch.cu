@@ -170,13 +170,16 @@ int choose_splits(const FwdParams& p, int num_tiles, int sms) {
 }
 
 // Q and K rows (D bytes) swizzled to their width, V^T rows (kBlockN = 128 keys) with 128-byte
-// swizzle, as the wgmma descriptors expect. Out-of-range boxes are zero-filled.
+// swizzle, as the wgmma descriptors expect. Out-of-range boxes are zero-filled. Head dim 256:
+// Q and K boxes of 128-byte half rows (the kernel loads both halves), V^T boxes of one pass's
+// 128 channels (kVPasses).
 // encode false: the checks only (the maps are left unset).
 Status make_params(const FwdParams& p, bool small, Params* prm, bool encode = true) {
   prm->p = p;
   const uint64_t D = p.head_dim;
   const bool varlen = p.cu_q != nullptr;
-  const CUtensorMapSwizzle swz = D == 128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B;
+  const CUtensorMapSwizzle swz = D >= 128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B;
+  const uint32_t row_box = uint32_t(std::min<uint64_t>(D, 128)), v_rows = row_box;
   const uint64_t tq = varlen ? p.total_q : p.seqlen_q, tk = varlen ? p.total_kv : p.seqlen_kv;
   const uint64_t nb = varlen ? 1 : p.batch;
   // Fused Q (p.q_in): the fp16 / bf16 rows unswizzled, read by the consumers' plain loads.
@@ -184,7 +187,7 @@ Status make_params(const FwdParams& p, bool small, Params* prm, bool encode = tr
                                  2 * p.qin_st.hs, 2 * p.qin_st.bs, uint32_t(D), kBlockM, CU_TENSOR_MAP_SWIZZLE_NONE,
                                  CU_TENSOR_MAP_DATA_TYPE_UINT16)
                      : encode_4d(encode ? &prm->tm_q : nullptr, p.q8, "q8", {D, tq, uint64_t(p.heads_q), nb}, p.q_st.ts, p.q_st.hs,
-                                 p.q_st.bs, uint32_t(D), kBlockM, swz);
+                                 p.q_st.bs, row_box, kBlockM, swz);
   // Paged KV: the maps span the page pools (page_size tokens by num_pages pages, a box of
   // kBlockN keys inside one page); the kernel's batch coordinate is then the block's page. Pages
   // smaller than a key block (small, as check_paged reports it; fwd_kernel's SmallPages): a K
@@ -193,18 +196,18 @@ Status make_params(const FwdParams& p, bool small, Params* prm, bool encode = tr
   const uint64_t kv_tokens = paged ? uint64_t(p.page_size) : tk, kv_batch = paged ? uint64_t(p.num_pages) : nb;
   if (st.ok())
     st = encode_4d(encode ? &prm->tm_k : nullptr, p.k8, "k8", {D, kv_tokens, uint64_t(p.heads_kv), kv_batch}, p.k_st.ts, p.k_st.hs,
-                   p.k_st.bs, uint32_t(D), small ? uint32_t(p.page_size) : kBlockN, swz);
+                   p.k_st.bs, row_box, small ? uint32_t(p.page_size) : kBlockN, swz);
   const uint64_t cols = paged    ? uint64_t(p.page_size)
                         : varlen ? uint64_t(vt_varlen_columns(p.total_kv, p.batch))
                                  : uint64_t(p.seqlen_kv);
   if (st.ok() && !small)
     st = encode_4d(encode ? &prm->tm_v : nullptr, p.vt8, "vt8", {cols, D, uint64_t(p.heads_kv), kv_batch}, p.vt_st.ts, p.vt_st.hs,
-                   p.vt_st.bs, kBlockN, uint32_t(D), CU_TENSOR_MAP_SWIZZLE_128B);
+                   p.vt_st.bs, kBlockN, v_rows, CU_TENSOR_MAP_SWIZZLE_128B);
   if (!st.ok()) return st;
   prm->num_m_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
   const int64_t tiles = int64_t(prm->num_m_blocks) * p.heads_q * p.batch;
   // Tile indices (and a tile counter that runs up to a grid past the last tile) stay in int.
-  if (tiles >= (int64_t(1) << 30))
+  if (tiles * (D == 256 ? sm90::kVPasses<256> : 1) >= (int64_t(1) << 30))
     return Status(StatusCode::invalid_argument, "sm90 path: more than 2^30 query tiles");
   prm->num_tiles = static_cast<int>(tiles);
   // Varlen: the head group over one sequence's heads (the tiles of one entry run for every head).
@@ -223,9 +226,24 @@ namespace {
 Status prepare_sm90(const FwdParams& p, sm90::Params* prm, bool* small, bool encode) {
   if (p.scheme == Scheme::half)
     return Status(StatusCode::not_available, "scheme: half is not available on the sm90 path");
-  // Head dim 256 is built for the portable kernel only (its O alone would take 128 of a consumer
-  // thread's 240 registers here).
-  if (Status st = check_head_dim_64_128(p, "sm90"); !st.ok()) return st;
+  // Head dim 256: the whole-tile kernels in two value-channel passes (sm90::kVPasses), for
+  // dense and varlen calls with int8 Q. What takes the split kernels here (key-range splits,
+  // per-sequence key counts, pages, windows, sinks, soft-capping) runs on the sm80 path, whose
+  // head-dim-256 kernels have it all; so does fused Q (its staging rows do not fit).
+  if (p.head_dim == 256) {
+    const char* why = p.q_in                      ? "Q quantized in the kernel"
+                      : p.block_table             ? "paged K / V"
+                      : p.seqused_kv              ? "per-sequence key counts"
+                      : p.window_left >= 0        ? "sliding windows"
+                      : p.sinks                   ? "attention sinks"
+                      : p.softcap > 0.f           ? "soft-capping"
+                                                  : nullptr;
+    if (why)
+      return Status(StatusCode::not_available,
+                    std::string("sm90 path: head_dim 256 with ") + why + " is not built (the sm80 path runs it)");
+  } else if (Status st = check_head_dim_64_128(p, "sm90"); !st.ok()) {
+    return st;
+  }
   // Paged KV: a key block (one TMA box) lies in one page, or spans pages of 16, 32 or 64 tokens.
   if (Status st = check_paged(p, "sm90", sm90::kBlockN, small); !st.ok()) return st;
   // TMA needs 16-byte aligned bases and strides: other tensors are refused (not_available), and
@@ -250,7 +268,9 @@ Status launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   int sms = 1;
   st = check_cuda(device_sm_count(&sms), "sm90 forward: SM count");
   if (!st.ok()) return st;
-  prm.num_splits = sm90::choose_splits(p, prm.num_tiles, sms);
+  // Head dim 256 does not split (whole-tile kernels only): launches that would, with fewer tiles
+  // than SMs, are left to the sm80 path's split kernels when the path was not named.
+  prm.num_splits = p.head_dim == 256 ? 1 : sm90::choose_splits(p, prm.num_tiles, sms);
   // Only the split kernels read per-sequence key counts (decode_tile), pages, a sliding window's
   // left edge and sinks; with one range (the rule's choice, and always for paper) they write
   // final rows as the whole-tile kernels do.
@@ -258,7 +278,8 @@ Status launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   const bool softcap = p.softcap > 0.f;
   const bool window = p.window_left >= 0 || softcap;
   const bool split_kernel = prm.num_splits > 1 || p.seqused_kv != nullptr || paged || window || p.sinks;
-  prm.num_units = prm.num_tiles * prm.num_splits;
+  const int passes = p.head_dim == 256 ? sm90::kVPasses<256> : 1;
+  prm.num_units = prm.num_tiles * prm.num_splits * passes;
   // Scratch: [tile counter, tile count | (m, l) per split and row | O per split and row | varlen:
   // first tile per sequence, tile entries]. Causal and varlen units are handed out by the counter
   // (sm90::kDynamic), so an SM that drew short tiles takes more: a static stride left causal 4k
@@ -328,8 +349,11 @@ Status launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
          sm90::launch_fwd<64, true, true, true, true, true, true>},
         {sm90::launch_fwd<128, true, true, false, true, false, true>, sm90::launch_fwd<128, true, true, true, true, false, true>,
          sm90::launch_fwd<128, true, true, true, true, true, true>}};
+    // Head dim 256: [causal] (prepare_sm90 left only what the whole-tile kernels take).
+    static constexpr L kLaunch256[2] = {sm90::launch_fwd<256, false, false, false>, sm90::launch_fwd<256, true, false, false>};
     const int pages = small ? 2 : paged ? 1 : 0;  // contiguous, paged, small pages
-    st = softcap  ? kSoftcap[p.head_dim == 128][pages](prm, stream)
+    st = p.head_dim == 256 ? kLaunch256[causal_kernel](prm, stream)
+         : softcap  ? kSoftcap[p.head_dim == 128][pages](prm, stream)
          : window ? kWindow[p.head_dim == 128][pages](prm, stream)
                 : kLaunch[p.head_dim == 128][causal_kernel][paged ? 1 + pages : split_kernel ? 1 : 0](prm, stream);
   }
