@@ -116,6 +116,11 @@ struct Options {
   Backend backend = Backend::automatic;
   GpuPath path = GpuPath::automatic;  // see GpuPath
   int block_n = 64;          // CPU backend: key block of the emulated loop (16..512, multiple of 16)
+  // GPU calls: where not null, receives the kernel family that ran the call (sm80, sm90 or
+  // decode), e.g. to see what path auto chose, or to emulate the call block for block on the CPU
+  // (block_n = gpu_block_n(head_dim, *ran)). Left as it is by CPU calls, refused calls and
+  // calls that launch no attention kernel (no rows, or no keys).
+  GpuPath* ran = nullptr;
   void* stream = nullptr;    // cudaStream_t for GPU calls (nullptr: legacy default stream)
   // GPU: scratch memory for the quantized tensors of attention()/attention_varlen(). If not given
   // (data == nullptr) the library allocates it stream-ordered (cudaMallocAsync) and frees it after.
@@ -278,11 +283,14 @@ struct BuildInfo {
 };
 BuildInfo build_info();
 // Key block of the GPU kernels at head_dim, for block-exact CPU emulation (Options::block_n): 128,
-// or 64 at head_dim 256 (the sm80 kernel, which every GPU runs that head dim on); 0 for a head
-// dim the GPU backend does not take or without the CUDA backend.
+// or 64 at head_dim 256 (the sm80 kernel's); 0 for a head dim the GPU backend does not take or
+// without the CUDA backend. Head dim 256 on Hopper: path auto runs most calls on the sm90 kernel,
+// whose block is 128 (not those with few query tiles over many keys, or with key counts, pages,
+// windows, sinks or soft-capping): gpu_block_n(head_dim, path) with the path that ran
+// (Options::ran) gives the block for any call.
 int gpu_block_n(int head_dim);
-// The same for the kernels that a named path runs (Options::path): path sm90 at head_dim 256
-// takes 128-key blocks (the automatic path runs head dim 256 on sm80); otherwise as above.
+// The same for the kernels of one path (sm80, sm90, decode): 128 for sm90 at head_dim 256;
+// automatic: as gpu_block_n(head_dim).
 int gpu_block_n(int head_dim, GpuPath path);
 
 struct DeviceInfo {

@@ -114,8 +114,9 @@ def test_random_shapes_match_float64(scheme, cfg):
     dict(b=3, hq=8, hkv=2, sq=1, skv=513, causal=True, layout="BHSD", dtype=torch.bfloat16),
 ], ids=["causal-gqa", "mqa-bshd", "decode-step"])
 def test_head_dim_256_matches_float64(scheme, cfg):
-    """Head dim 256 end to end against float64: path auto (the sm80 kernel on every GPU, Hopper
-    included) and, on Hopper, path sm90 (its head-dim-256 kernel, two value-channel passes)."""
+    """Head dim 256 end to end against float64: path auto (the sm80 kernel, on Hopper the sm90
+    kernel for calls its split rule would not split) and, on Hopper, path sm90 (its head-dim-256
+    kernel, two value-channel passes, whole tiles)."""
     q, k, v = make_qkv(cfg["b"], cfg["hq"], cfg["hkv"], cfg["sq"], cfg["skv"], 256,
                        cfg["layout"], cfg["dtype"], seed=256 + cfg["sq"])
     ref, ref_lse = ref_attention(q, k, v, cfg["causal"], layout=cfg["layout"])

@@ -603,7 +603,7 @@ Status run_fp_attention(Problem& p, const Tensor& q, const Tensor& k, const Tens
       fp.q_in = q.data;
       fp.qin_st = p.q.st;
       fp.q_in_dtype = q.dtype;
-      st = cuda::attention(qp, fp, path, opts.path == GpuPath::automatic, opts.stream);
+      st = cuda::attention(qp, fp, path, opts.path == GpuPath::automatic, opts.stream, opts.ran);
     } else {
       ref::quantize(qp);
       ref::attention_int8(fp);
@@ -863,7 +863,7 @@ Status attention_int8(const QuantizedQKV& x, const Tensor& cu_seqlens_q,
   if (p.gpu) {
     GpuPath path;
     INTFA_TRY(resolve_gpu(p, opts, &path));
-    return cuda::attention_int8(fp, path, opts.path == GpuPath::automatic, opts.stream);
+    return cuda::attention_int8(fp, path, opts.path == GpuPath::automatic, opts.stream, opts.ran);
   }
   ref::attention_int8(fp);
   return Status::OK();

@@ -21,8 +21,8 @@ DeviceInfo device_info(int) {
 Status resolve_path(GpuPath, int, GpuPath*) { return unavailable(); }
 Status quantize(const QuantParams&, void*) { return unavailable(); }
 Status quantize_cache(const CacheQuantParams&, void*) { return unavailable(); }
-Status attention_int8(const FwdParams&, GpuPath, bool, void*) { return unavailable(); }
-Status attention(const QuantParams&, const FwdParams&, GpuPath, bool, void*) { return unavailable(); }
+Status attention_int8(const FwdParams&, GpuPath, bool, void*, GpuPath*) { return unavailable(); }
+Status attention(const QuantParams&, const FwdParams&, GpuPath, bool, void*, GpuPath*) { return unavailable(); }
 Status fill_no_key_rows(const NoKeyRows&, void*) { return unavailable(); }
 Status malloc_async(void**, size_t, void*) { return unavailable(); }
 Status free_async(void*, void*) { return unavailable(); }

@@ -90,7 +90,7 @@ bool pdl_enabled() {
 bool built() { return true; }
 // The sm90 and decode kernels take 128-key blocks, the sm80 kernel's at head dims 64 and 128
 // (decode::kSameBlocksAsSm80; the sm90 launcher's check_paged), so one value per head dim;
-// at head dim 256 the sm80 kernel takes 64 and the sm90 kernel (a named path only) 128.
+// at head dim 256 the sm80 kernel takes 64 and the sm90 kernel 128.
 int kernel_block_n(int head_dim) { return sm80_block_n(head_dim); }
 
 #ifndef INTFA_HAVE_SM90
@@ -204,40 +204,48 @@ Status quantize_cache(const CacheQuantParams& p, void* stream) {
 namespace {
 
 // attention_int8 on parameters whose GQA rows are packed (fwd::pack_gqa_rows) and `decode`,
-// whether the decode kernel takes them on path auto (decode_takes).
-Status attend_packed(const FwdParams& p, GpuPath path, bool fallback, bool decode, cudaStream_t s) {
+// whether the decode kernel takes them on path auto (decode_takes). *ran: the kernel family
+// that took the call.
+Status attend_packed(const FwdParams& p, GpuPath path, bool fallback, bool decode, cudaStream_t s, GpuPath* ran) {
+  auto done = [&](const Status& st, GpuPath took) {
+    if (ran && st.ok()) *ran = took;
+    return st;
+  };
   // At most 16 rows per (batch, head) left: the decode kernel, unless a path was named. Every
   // path reads paged caches (FwdParams::block_table) too.
   if (path == GpuPath::decode || (fallback && decode)) {
     Status st = launch_fwd_decode(p, s);
-    if (st.code() != StatusCode::not_available || !fallback) return st;
+    if (st.code() != StatusCode::not_available || !fallback) return done(st, GpuPath::decode);
   }
-  // Head dim 256 runs the sm90 kernel only where the path is named (its 128-key blocks differ from
-  // the sm80 kernel's 64, which gpu_block_n(256) reports for the automatic path).
-  if (path == GpuPath::sm90 && !(fallback && p.head_dim == 256)) {
+  if (path == GpuPath::sm90) {
 #if INTFA_HAVE_SM90
-    Status st = launch_fwd_sm90(p, s);
-    // Operands TMA cannot describe: the automatic path takes them to the portable kernel (not a
-    // call whose Q only the sm90 kernel quantizes; cuda::attention checked it launches).
-    if (st.code() != StatusCode::not_available || !fallback || p.q_in) return st;
+    // Head dim 256 on path auto: the sm90 kernel unless its split rule would cut the call's key
+    // ranges (few tiles over many keys: sm90_d256_pays), which the sm80 kernel does at 256.
+    if (!fallback || p.head_dim != 256 || sm90_d256_pays(p)) {
+      Status st = launch_fwd_sm90(p, s);
+      // Operands TMA cannot describe: the automatic path takes them to the portable kernel (not a
+      // call whose Q only the sm90 kernel quantizes; cuda::attention checked it launches).
+      if (st.code() != StatusCode::not_available || !fallback || p.q_in) return done(st, GpuPath::sm90);
+    }
 #else
     if (!fallback) return Status(StatusCode::not_available, "path: sm90 is not available in this build");
 #endif
   }
-  return launch_fwd_sm80(p, s);
+  return done(launch_fwd_sm80(p, s), GpuPath::sm80);
 }
 
 std::atomic<long long> g_fused_q_calls{0};
 
 }  // namespace
 
-Status attention_int8(const FwdParams& params, GpuPath path, bool fallback, void* stream) {
+Status attention_int8(const FwdParams& params, GpuPath path, bool fallback, void* stream, GpuPath* ran) {
   FwdParams p = params;
   fwd::pack_gqa_rows(p);  // GQA heads as rows where the rows see the same keys (tile_order.h)
-  return attend_packed(p, path, fallback, fallback && decode_takes(p), static_cast<cudaStream_t>(stream));
+  return attend_packed(p, path, fallback, fallback && decode_takes(p), static_cast<cudaStream_t>(stream), ran);
 }
 
-Status attention(const QuantParams& qp, const FwdParams& fp, GpuPath path, bool fallback, void* stream) {
+Status attention(const QuantParams& qp, const FwdParams& fp, GpuPath path, bool fallback, void* stream,
+                 GpuPath* ran) {
   QuantParams q = qp;
   FwdParams f = fp;
   // The sm90 kernel quantizes Q itself when it runs the call (attention_int8's choice: not the
@@ -270,7 +278,7 @@ Status attention(const QuantParams& qp, const FwdParams& fp, GpuPath path, bool 
   }
   const bool decode = !fuse && fallback && decode_takes(f);  // fused calls are not decode-sized
   Status st = quantize(q, stream);
-  if (st.ok()) st = attend_packed(f, path, fallback, decode, static_cast<cudaStream_t>(stream));
+  if (st.ok()) st = attend_packed(f, path, fallback, decode, static_cast<cudaStream_t>(stream), ran);
   return st;
 }
 

@@ -21,11 +21,13 @@ Status quantize(const QuantParams& p, void* stream);
 Status quantize_cache(const CacheQuantParams& p, void* stream);
 // `path` as resolve_path() chose it; with `fallback` (the caller asked for auto) operands the
 // sm90 kernel cannot take run on sm80 instead.
-Status attention_int8(const FwdParams& p, GpuPath path, bool fallback, void* stream);
+// ran (optional): receives the kernel family that ran the call (Options::ran).
+Status attention_int8(const FwdParams& p, GpuPath path, bool fallback, void* stream, GpuPath* ran = nullptr);
 // attention() / attention_varlen() on fp16 / bf16 inputs: quantize(qp), then attend (fp, as
 // attention_int8). fp.q_in is Q itself: when the sm90 kernel takes the call and no row needs
 // lse_offset, that kernel quantizes Q (bit-identical to quantize()) and the quantizer skips it.
-Status attention(const QuantParams& qp, const FwdParams& fp, GpuPath path, bool fallback, void* stream);
+Status attention(const QuantParams& qp, const FwdParams& fp, GpuPath path, bool fallback, void* stream,
+                 GpuPath* ran = nullptr);
 
 // Calls without keys: out rows 0, LSE the sink logit or -inf (NoKeyRows; out rows 16-byte aligned).
 Status fill_no_key_rows(const NoKeyRows& r, void* stream);

@@ -82,7 +82,6 @@ TEST(ApiFuzzGpu, RandomCallsMatchTheCpuBackendOrFailWithAMessage) {
     if (f.coin(0.2)) o.window_right = o.causal ? f.range(-1, 0) : f.range(-1, 200);
     if (f.coin(0.15)) o.softcap = f.coin(0.95) ? static_cast<float>(f.range(1, 60)) : -1.f;
     if (f.coin(0.2)) o.scale = f.coin(0.95) ? 0.02f * f.range(1, 10) : -1.f;
-    o.block_n = gpu_block_n(D, o.path);  // the CPU emulation's key block: the kernels' own
     HostTensor sinks;
     if (f.coin(0.15)) sinks = testing::random_sinks(f, hq);
     const bool pad = f.coin(), want_lse = f.coin(0.7);
@@ -115,29 +114,18 @@ TEST(ApiFuzzGpu, RandomCallsMatchTheCpuBackendOrFailWithAMessage) {
     q.fill(f), k.fill(f), v.fill(f);
     const int nseq = static_cast<int>(cu_q.size()) - 1;
 
-    // The CPU backend on the host tensors.
-    HostTensor out_cpu = out, lse_cpu = lse;
-    out_cpu.t.data = out_cpu.mem.data(), lse_cpu.t.data = lse_cpu.mem.data();
-    Options oc = o;
-    oc.backend = Backend::cpu;
-    if (sinks.t.data) oc.sinks = sinks.t;
-    Tensor tcq, tck;
-    if (varlen) {
-      tcq = make_tensor(cu_q.data(), DType::i32, {nseq + 1});
-      tck = make_tensor(cu_k.data(), DType::i32, {nseq + 1});
-    }
-    const Status st_cpu = varlen ? attention_varlen(q.t, k.t, v.t, tcq, tck, max_q, max_k, out_cpu.t,
-                                                    want_lse ? &lse_cpu.t : nullptr, oc)
-                                 : attention(q.t, k.t, v.t, out_cpu.t, want_lse ? &lse_cpu.t : nullptr, oc);
-
-    // The same call on the device.
+    // The call on the device.
     DeviceCopy dq(q), dk(k), dv(v), dout(out), dlse(lse), dsinks(sinks);
     DeviceBuffer dcq((cu_q.size() + 1) * 4), dck((cu_k.size() + 1) * 4);
     Options og = o;
     og.backend = Backend::gpu;
+    GpuPath ran = GpuPath::automatic;  // path auto runs head dim 256 on sm80 or sm90 (Options::ran)
+    og.ran = &ran;
     if (sinks.t.data) og.sinks = dsinks.t;
-    Tensor gcq, gck;
+    Tensor tcq, tck, gcq, gck;
     if (varlen) {
+      tcq = make_tensor(cu_q.data(), DType::i32, {nseq + 1});
+      tck = make_tensor(cu_k.data(), DType::i32, {nseq + 1});
       ASSERT_TRUE(gpu_copy_to_device(dcq.ptr, cu_q.data(), cu_q.size() * 4).ok());
       ASSERT_TRUE(gpu_copy_to_device(dck.ptr, cu_k.data(), cu_k.size() * 4).ok());
       gcq = testing::on_device(tcq, dcq.ptr);
@@ -147,6 +135,17 @@ TEST(ApiFuzzGpu, RandomCallsMatchTheCpuBackendOrFailWithAMessage) {
                                           want_lse ? &dlse.t : nullptr, og)
                        : attention(dq.t, dk.t, dv.t, dout.t, want_lse ? &dlse.t : nullptr, og);
     if (st.ok()) st = gpu_synchronize();
+    // The same call on the CPU backend (host tensors).
+    HostTensor out_cpu = out, lse_cpu = lse;
+    out_cpu.t.data = out_cpu.mem.data(), lse_cpu.t.data = lse_cpu.mem.data();
+    Options oc = o;
+    oc.backend = Backend::cpu;
+    oc.block_n = gpu_block_n(D, ran);  // the CPU emulation's key block: that of the kernel that ran
+    if (sinks.t.data) oc.sinks = sinks.t;
+    const Status st_cpu = varlen ? attention_varlen(q.t, k.t, v.t, tcq, tck, max_q, max_k, out_cpu.t,
+                                                    want_lse ? &lse_cpu.t : nullptr, oc)
+                                 : attention(q.t, k.t, v.t, out_cpu.t, want_lse ? &lse_cpu.t : nullptr, oc);
+
     if (!st.ok()) {
       ++refused;
       ASSERT_FALSE(st.message().empty()) << "an error without a message";

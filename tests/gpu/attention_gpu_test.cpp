@@ -149,7 +149,8 @@ std::vector<GpuPath> gpu_paths() {
   return paths;
 }
 
-void check_kernel_vs_cpu(const Case& c, GpuPath path) {
+// ran_out: receives the kernel family that ran the GPU call (Options::ran).
+void check_kernel_vs_cpu(const Case& c, GpuPath path, GpuPath* ran_out = nullptr) {
   SCOPED_TRACE(describe(c) + " path " + to_string(path));
   Inputs in = make_case_inputs(c);
   Options o;
@@ -158,7 +159,6 @@ void check_kernel_vs_cpu(const Case& c, GpuPath path) {
   o.window_left = c.window_left;
   o.window_right = c.window_right;
   o.layout = c.layout;
-  o.block_n = gpu_block_n(c.d, path);  // the kernel's key block: block-local maxima must match
   o.backend = Backend::cpu;
   o.softcap = c.softcap;
   std::vector<float> sinks = c.sinks;
@@ -185,8 +185,6 @@ void check_kernel_vs_cpu(const Case& c, GpuPath path) {
   out_h.dtype = c.out;
   Tensor lse_h = varlen ? make_tensor(ref_lse.data(), DType::f32, {c.hq, in.shape.total_q})
                         : make_tensor(ref_lse.data(), DType::f32, {c.batch, c.hq, c.sq});
-  INTFA_ASSERT_OK(attention_int8(hx, cu_q_h, cu_kv_h, in.shape.seqlen_q, in.shape.seqlen_kv,
-                                 out_h, &lse_h, o));
 
   DeviceBuffer db(hb.ptr, qbytes), dout(out_bytes), dlse(rows * 4);
   DeviceBuffer dcu_q(in.cu_q.data(), in.cu_q.size() * 4), dcu_kv(in.cu_kv.data(), in.cu_kv.size() * 4);
@@ -197,18 +195,30 @@ void check_kernel_vs_cpu(const Case& c, GpuPath path) {
     INTFA_ASSERT_OK(gpu_copy_to_device(dused.ptr, used.data(), used.size() * 4));
     dx.seqused_kv = testing::on_device(hx.seqused_kv, dused.ptr);
   }
-  o.backend = Backend::gpu;
-  o.path = path;
+  Options og = o;
+  og.backend = Backend::gpu;
+  og.path = path;
+  GpuPath ran = GpuPath::automatic;
+  og.ran = &ran;
+  if (ran_out) *ran_out = GpuPath::automatic;
   DeviceBuffer dsinks(std::max<size_t>(sinks.size(), 1) * 4);
   if (!sinks.empty()) {
     INTFA_ASSERT_OK(gpu_copy_to_device(dsinks.ptr, sinks.data(), sinks.size() * 4));
-    o.sinks = testing::on_device(o.sinks, dsinks.ptr);
+    og.sinks = testing::on_device(o.sinks, dsinks.ptr);
   }
   Tensor cu_q_d = varlen ? testing::on_device(cu_q_h, dcu_q.ptr) : none;
   Tensor cu_kv_d = varlen ? testing::on_device(cu_kv_h, dcu_kv.ptr) : none;
   Tensor out_d = testing::on_device(out_h, dout.ptr), lse_d = testing::on_device(lse_h, dlse.ptr);
-  INTFA_ASSERT_OK(attention_int8(dx, cu_q_d, cu_kv_d, in.shape.seqlen_q, in.shape.seqlen_kv, out_d, &lse_d, o));
+  INTFA_ASSERT_OK(attention_int8(dx, cu_q_d, cu_kv_d, in.shape.seqlen_q, in.shape.seqlen_kv, out_d, &lse_d, og));
   INTFA_ASSERT_OK(gpu_synchronize());
+  // A named path runs its own kernels (ran stays automatic when no kernel ran: no keys).
+  if (path != GpuPath::automatic && ran != GpuPath::automatic) EXPECT_EQ(ran, path);
+  if (ran_out) *ran_out = ran;
+  // The CPU emulation at the key block of the kernel that ran (block-local maxima must match;
+  // path auto runs head dim 256 on sm80 or sm90, whose blocks differ).
+  o.block_n = gpu_block_n(c.d, ran);
+  INTFA_ASSERT_OK(attention_int8(hx, cu_q_h, cu_kv_h, in.shape.seqlen_q, in.shape.seqlen_kv,
+                                 out_h, &lse_h, o));
   auto got = widen(dout.to_host<uint8_t>(), c.out);
   auto ref = widen(ref_raw, c.out);
   auto m = tools::compare(got, ref);
@@ -351,9 +361,9 @@ bool runs_d256(const Case& c, GpuPath path) {
   return path != GpuPath::sm90 || (c.used_kv.empty() && c.window_left < 0 && c.sinks.empty() && c.softcap == 0.f);
 }
 
-// Head dim 256 (Gemma-style models): the sm80 kernel with its 64-key blocks, which the automatic
-// path takes on every GPU, and on Hopper the named sm90 path (two value-channel passes, 128-key
-// blocks), each against the CPU emulation at its block: both schemes, causal with Sq != Skv and
+// Head dim 256 (Gemma-style models): the sm80 kernel with its 64-key blocks, the sm90 kernel (two
+// value-channel passes, 128-key blocks) on Hopper, and path auto (either: Options::ran), each
+// against the CPU emulation at its block: both schemes, causal with Sq != Skv and
 // rows that see no key, odd lengths, the three distributions, GQA packed rows (decode steps),
 // MQA, BSHD, fp16 / bf16 outputs, varlen, per-sequence key counts, a sliding window and sinks
 // (sm80 only), each with its LSE.
@@ -411,6 +421,44 @@ TEST_F(AttentionGpu, KernelHeadDim256) {
     for (GpuPath path : paths)
       if (runs_d256(c, path)) check_kernel_vs_cpu(c, path);
   }
+}
+
+// The sm90 kernel at head dim 256 on small shapes for the racecheck run of scripts/gpu-check
+// (grid 3: each CTA walks both passes of several tiles): non-causal with a ragged tail, causal
+// GQA with Sq != Skv, varlen with an empty sequence. KernelHeadDim256 covers the rest.
+TEST_F(AttentionGpu, Sm90D256Small) {
+  if (gpu_paths().size() < 2) GTEST_SKIP() << "no sm90 kernel on this GPU";
+  Case a;
+  a.d = 256; a.sq = a.skv = 200; a.seed = 2580;
+  check_kernel_vs_cpu(a, GpuPath::sm90);
+  Case b;
+  b.d = 256; b.causal = true; b.hq = 4; b.hkv = 2; b.sq = 130; b.skv = 300; b.seed = 2581; b.out = DType::bf16;
+  check_kernel_vs_cpu(b, GpuPath::sm90);
+  Case v;
+  v.d = 256; v.hq = 2; v.hkv = 1; v.lens_q = {70, 0, 140}; v.lens_kv = {90, 33, 0}; v.seed = 2582;
+  check_kernel_vs_cpu(v, GpuPath::sm90);
+}
+
+// Path auto at head dim 256: on Hopper the sm90 kernel (Options::ran says so, and the CPU
+// emulation follows its 128-key blocks), except for few tiles over many keys, where sm90's rule
+// would split the key ranges and the sm80 kernel, which splits them at head dim 256, runs;
+// elsewhere all on sm80. Not in the *HeadDim256* sanitizer runs (140 tiles of 1100 rows).
+TEST_F(AttentionGpu, AutoPathLargeD256) {
+  const bool hopper = gpu_paths().size() > 1;
+  Case big;
+  big.d = 256; big.batch = 2; big.hq = 8; big.hkv = 2; big.sq = big.skv = 1100; big.seed = 2590;
+  big.layout = Layout::BSHD; big.out = DType::bf16;  // GQA: 4 heads' rows packed per K/V head
+  for (bool causal : {false, true}) {
+    big.causal = causal;
+    GpuPath ran = GpuPath::automatic;
+    check_kernel_vs_cpu(big, GpuPath::automatic, &ran);
+    EXPECT_EQ(ran, hopper ? GpuPath::sm90 : GpuPath::sm80);
+  }
+  Case small;
+  small.d = 256; small.hq = small.hkv = 2; small.sq = 64; small.skv = 3000; small.seed = 2591;
+  GpuPath ran = GpuPath::automatic;
+  check_kernel_vs_cpu(small, GpuPath::automatic, &ran);
+  EXPECT_EQ(ran, GpuPath::sm80);
 }
 
 // Head dim 256 with key-range splits: shapes of fewer query tiles than the GPU's CTA slots over

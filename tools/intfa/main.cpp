@@ -380,12 +380,15 @@ int cmd_accuracy(const Args& a) {
   std::vector<float> z(sinks ? size_t(heads) : 0);  // each input set's sink logits (--sinks)
   base.sinks = sinks_tensor(z);
 
-  // The GPU kernels' key block is fixed per head dim at build time; --block sets the CPU
+  // The GPU kernels' key block is fixed per head dim and path at build time (head dim 256 on
+  // path auto: sm80's 64, or on Hopper sm90's 128 for most calls); --block sets the CPU
   // emulation's.
-  const int eff_block = backend == Backend::gpu ? gpu_block_n(hdim) : block;
-  std::printf("intfa accuracy: backend %s, B=%d H=%d Hkv=%d D=%d %s, key block %d, causal %d%s%s, "
+  const bool either = backend == Backend::gpu && hdim == 256 && base.path == GpuPath::automatic;
+  const std::string eff_block = either ? std::string("64 (sm80) or 128 (sm90)")
+                                       : std::to_string(backend == Backend::gpu ? gpu_block_n(hdim, base.path) : block);
+  std::printf("intfa accuracy: backend %s, B=%d H=%d Hkv=%d D=%d %s, key block %s, causal %d%s%s, "
               "output fp32 vs float64 reference\n",
-              to_string(backend), batch, heads, heads_kv, hdim, to_string(dtype), eff_block, causal,
+              to_string(backend), batch, heads, heads_kv, hdim, to_string(dtype), eff_block.c_str(), causal,
               window_note(base).c_str(), (sinks_note(base) + softcap_note(base)).c_str());
   std::printf("%-9s %-8s %6s  %9s %9s %9s %9s %9s\n", "scheme", "dist", "seq", "rel_l2",
               "rel_l1", "cosine", "max_abs", "mean_rel");

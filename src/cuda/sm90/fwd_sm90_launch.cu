@@ -259,6 +259,14 @@ Status check_fwd_sm90(const FwdParams& p) {
   return prepare_sm90(p, &prm, &small, false);
 }
 
+bool sm90_d256_pays(const FwdParams& p) {
+  sm90::Params prm;
+  bool small = false;
+  int sms = 1;
+  return prepare_sm90(p, &prm, &small, false).ok() && device_sm_count(&sms) == cudaSuccess &&
+         sm90::choose_splits(p, prm.num_tiles, sms) == 1;
+}
+
 Status launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   const bool paged = p.block_table != nullptr;
   bool small = false;
