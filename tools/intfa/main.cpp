@@ -311,8 +311,8 @@ int cmd_info() {
     GpuPath p;
     Status st = resolve_gpu_path(GpuPath::automatic, 0, &p);
     std::printf("GPU path: %s%s\n", st.ok() ? to_string(p) : st.message().c_str(),
-                st.ok() ? " (head dim 256 on sm80; decode kernel for <= 16 query rows per batch and K/V head at "
-                          "head dims 64, 128)"
+                st.ok() ? " (decode kernel for <= 16 query rows per batch and K/V head at head dims 64, 128; "
+                          "head dim 256 on sm80 but for sm90's whole-tile calls on Hopper)"
                         : "");
   } else {
     std::printf("GPU: none (%s); the CPU backend serves every call\n", d.error.c_str());
