@@ -355,18 +355,12 @@ TEST_F(AttentionGpu, KernelMatchesCpuEmulationSchemesAndDims) {
       }
 }
 
-// Whether a named path runs case c at head dim 256: the sm90 kernel takes what its whole-tile
-// kernels do (no per-sequence key counts, windows or sinks; the sm80 path runs those).
-bool runs_d256(const Case& c, GpuPath path) {
-  return path != GpuPath::sm90 || (c.used_kv.empty() && c.window_left < 0 && c.sinks.empty() && c.softcap == 0.f);
-}
-
 // Head dim 256 (Gemma-style models): the sm80 kernel with its 64-key blocks, the sm90 kernel (two
 // value-channel passes, 128-key blocks) on Hopper, and path auto (either: Options::ran), each
 // against the CPU emulation at its block: both schemes, causal with Sq != Skv and
 // rows that see no key, odd lengths, the three distributions, GQA packed rows (decode steps),
-// MQA, BSHD, fp16 / bf16 outputs, varlen, per-sequence key counts, a sliding window and sinks
-// (sm80 only), each with its LSE.
+// MQA, BSHD, fp16 / bf16 outputs, varlen, per-sequence key counts, a sliding window and sinks,
+// each with its LSE.
 TEST_F(AttentionGpu, KernelHeadDim256) {
   EXPECT_EQ(gpu_block_n(256), 64);
   EXPECT_EQ(gpu_block_n(256, GpuPath::sm80), 64);
@@ -418,8 +412,7 @@ TEST_F(AttentionGpu, KernelHeadDim256) {
   for (Case& c : cases) {
     c.d = 256;
     c.seed = ++seed;
-    for (GpuPath path : paths)
-      if (runs_d256(c, path)) check_kernel_vs_cpu(c, path);
+    for (GpuPath path : paths) check_kernel_vs_cpu(c, path);
   }
 }
 
@@ -466,8 +459,9 @@ TEST_F(AttentionGpu, AutoPathLargeD256) {
 // merged by its combine kernel: decode steps (packed GQA rows), a short prompt over a long cache
 // (causal, BSHD, bf16 out), few heads non-causal, varlen with a sequence of no keys and one of
 // no queries, per-sequence key counts with a 0, a sliding window with sinks, odd lengths so the
-// last range is short (or empty), each with its LSE; `paper` on a decode step (one range). The
-// named sm90 path runs the same few-tile launches without splits (where it takes them).
+// last range is short (or empty), each with its LSE; `paper` on a decode step (one range). On
+// Hopper the named sm90 path cuts them by its own rule (both value-channel passes of a range
+// write halves of its partial rows).
 TEST_F(AttentionGpu, KernelHeadDim256Splits) {
   std::vector<GpuPath> paths = {GpuPath::sm80, GpuPath::automatic};
   if (gpu_paths().size() > 1) paths.push_back(GpuPath::sm90);
@@ -498,13 +492,12 @@ TEST_F(AttentionGpu, KernelHeadDim256Splits) {
   for (Case& c : cases) {
     c.d = 256;
     c.seed = ++seed;
-    for (GpuPath path : paths)
-      if (runs_d256(c, path)) check_kernel_vs_cpu(c, path);
+    for (GpuPath path : paths) check_kernel_vs_cpu(c, path);
   }
 }
 
-// The paths without a head-dim-256 kernel say so when named (decode; sm90 for what its
-// whole-tile kernels do not take); the automatic path runs sm80.
+// The decode path has no head-dim-256 kernel and says so when named (sm90's refusal of paged
+// K / V at 256: KvCacheGpuD256.PagedMatchesCpu); the automatic path runs the call.
 TEST_F(AttentionGpu, HeadDim256NamedPathsWithoutItRefuse) {
   Case c;
   c.d = 256; c.sq = 1; c.skv = 200; c.hq = 8; c.hkv = 2;
@@ -526,18 +519,6 @@ TEST_F(AttentionGpu, HeadDim256NamedPathsWithoutItRefuse) {
   EXPECT_NE(st.message().find("head_dim: expected 64 or 128 on the decode path, got 256 (head_dim 256 runs on the sm80 path)"),
             std::string::npos)
       << st.message();
-  if (gpu_paths().size() > 1) {
-    o.path = GpuPath::sm90;
-    o.window_left = 100;
-    o.causal = true;
-    st = attention_int8(qx, none, none, 1, 200, out, nullptr, o);
-    EXPECT_EQ(st.code(), StatusCode::not_available) << st.message();
-    EXPECT_NE(st.message().find("sm90 path: head_dim 256 with sliding windows is not built (the sm80 path runs it)"),
-              std::string::npos)
-        << st.message();
-    o.window_left = -1;
-    o.causal = false;
-  }
   o.path = GpuPath::automatic;
   INTFA_ASSERT_OK(attention_int8(qx, none, none, 1, 200, out, nullptr, o));
   INTFA_ASSERT_OK(gpu_synchronize());
@@ -967,7 +948,7 @@ TEST_F(AttentionGpu, EndToEndSinksWithoutLse) {
     }
 }
 
-// Logit soft-capping (Options::softcap) on the sm80, sm90 (D 64 / 128) and decode kernels (their
+// Logit soft-capping (Options::softcap) on the sm80, sm90 and decode (D 64 / 128) kernels (their
 // Softcap instantiations), by name and through path auto (which takes prefill calls to sm90 on
 // Hopper, else sm80, and decode steps to the decode kernel), against the CPU emulation: head
 // dims 64 / 128 / 256, causal and not, GQA packed rows and decode steps, varlen with empty
@@ -990,7 +971,7 @@ TEST_F(AttentionGpu, KernelSoftcap) {
       c.d = d; c.seed = ++seed;
       c.out = d == 256 ? DType::bf16 : DType::f32;
       for (GpuPath path : {GpuPath::sm80, GpuPath::automatic}) check_kernel_vs_cpu(c, path);
-      if (d <= 128 && gpu_paths().size() > 1) check_kernel_vs_cpu(c, GpuPath::sm90);
+      if (gpu_paths().size() > 1) check_kernel_vs_cpu(c, GpuPath::sm90);
       // Decode steps (4 packed rows per K/V head) on the decode kernel's Softcap instantiations.
       if (w.sq == 1 && d <= 128) check_kernel_vs_cpu(c, GpuPath::decode);
     }

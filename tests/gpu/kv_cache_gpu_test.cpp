@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstring>
 #include <initializer_list>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -97,36 +98,52 @@ struct AppendCase {
 };
 
 // attention_int8 over `gq` on every GPU path (paged caches too) against the CPU emulation (the
-// kernels' key block) over `hq`, the same cache on the host. lse_tol: the LSE bound, relative to
-// 1 + |lse| (accurate's l is a sum of P8 levels, and a row whose l is one key's 255 levels moves
-// by 1/255 = 3.9e-3 for each level that ex2.approx rounds the other way than exp2).
+// key block of the kernel that ran, Options::ran) over `hq`, the same cache on the host. lse_tol:
+// the LSE bound, relative to 1 + |lse| (accurate's l is a sum of P8 levels, and a row whose l is
+// one key's 255 levels moves by 1/255 = 3.9e-3 for each level that ex2.approx rounds the other
+// way than exp2).
 void expect_paths_match_cpu(const QuantizedQKV& hq, const QuantizedQKV& gq, const Options& o, float lse_tol = 5e-3f) {
   const int B = int(hq.q8.shape[0]), Hq = int(hq.q8.shape[1]), n = int(hq.q8.shape[2]), D = int(hq.q8.shape[3]);
   const int Hkv = int(hq.k8.shape[1]);
-  std::vector<float> want(size_t(B) * Hq * n * D, NAN), want_lse(size_t(B) * Hq * n, NAN);
-  Tensor tw = make_tensor(want.data(), DType::f32, {B, Hq, n, D}), twl = make_tensor(want_lse.data(), DType::f32, {B, Hq, n});
-  Options oc = o;
-  oc.backend = Backend::cpu;
-  oc.block_n = gpu_block_n(D);  // every GPU path: 128 keys (D = 256: sm80's 64)
-  INTFA_ASSERT_OK(attention_int8(hq, Tensor(), Tensor(), 0, 0, tw, &twl, oc));
+  // The CPU emulation per key block (128 on every kernel but sm80's at D = 256: 64).
+  std::map<int, std::pair<std::vector<float>, std::vector<float>>> cpu;
+  auto want_for = [&](int block) -> const std::pair<std::vector<float>, std::vector<float>>& {
+    auto& w = cpu[block];
+    if (w.first.empty()) {
+      w.first.assign(size_t(B) * Hq * n * D, NAN);
+      w.second.assign(size_t(B) * Hq * n, NAN);
+      Tensor tw = make_tensor(w.first.data(), DType::f32, {B, Hq, n, D});
+      Tensor twl = make_tensor(w.second.data(), DType::f32, {B, Hq, n});
+      Options oc = o;
+      oc.backend = Backend::cpu;
+      oc.block_n = block;
+      EXPECT_TRUE(attention_int8(hq, Tensor(), Tensor(), 0, 0, tw, &twl, oc).ok());
+    }
+    return w;
+  };
+  const Tensor tw = make_tensor(nullptr, DType::f32, {B, Hq, n, D}), twl = make_tensor(nullptr, DType::f32, {B, Hq, n});
   std::vector<GpuPath> paths = {GpuPath::automatic, GpuPath::sm80};
-  // Head dim 256 runs on sm80 only (the automatic path falls back to it).
+  // Head dim 256: no decode kernel; sm90's reads contiguous caches only.
   if (n * (Hq / Hkv) <= 16 && D != 256) paths.push_back(GpuPath::decode);  // rows per K/V head it takes
   // Host sinks (o's, for the CPU backend) copied for the GPU calls.
   DeviceBuffer dz(std::max<int64_t>(o.sinks.numel(), 1) * 4);
   if (o.sinks.defined()) INTFA_ASSERT_OK(gpu_copy_to_device(dz.ptr, o.sinks.data, o.sinks.numel() * 4));
   GpuPath got;
-  if (resolve_gpu_path(GpuPath::sm90, 0, &got).ok() && D != 256) paths.push_back(GpuPath::sm90);
+  if (resolve_gpu_path(GpuPath::sm90, 0, &got).ok() && (D != 256 || !gq.block_table.defined()))
+    paths.push_back(GpuPath::sm90);
   for (GpuPath path : paths) {
     SCOPED_TRACE(std::string("path ") + to_string(path));
-    DeviceBuffer dout(want.size() * 4), dlse(want_lse.size() * 4);
+    DeviceBuffer dout(size_t(B) * Hq * n * D * 4), dlse(size_t(B) * Hq * n * 4);
     Options og = o;
     og.path = path;
+    GpuPath ran = path;
+    og.ran = &ran;
     if (o.sinks.defined()) og.sinks = on_device(o.sinks, dz.ptr);
     Tensor to = on_device(tw, dout.ptr), tl = on_device(twl, dlse.ptr);
     INTFA_ASSERT_OK(attention_int8(gq, Tensor(), Tensor(), 0, 0, to, &tl, og));
     INTFA_ASSERT_OK(gpu_synchronize());
     const std::vector<float> out = dout.to_host<float>(), lse = dlse.to_host<float>();
+    const auto& [want, want_lse] = want_for(gpu_block_n(D, ran));
     auto m = tools::compare(std::vector<double>(out.begin(), out.end()), std::vector<double>(want.begin(), want.end()));
     EXPECT_EQ(m.nonfinite, 0);
     // P8 rounding flips (ex2.approx vs exp2) with one or a few query rows per head are not
@@ -507,6 +524,15 @@ void paged_matches_cpu(std::initializer_list<int> dims) {
         DeviceBuffer o1(rows * D * 4), o2(rows * D * 4), l1(rows * 4), l2(rows * 4);
         const Tensor to = make_tensor(nullptr, DType::f32, {B, Hq, n, D}), tl = make_tensor(nullptr, DType::f32, {B, Hq, n});
         Tensor t1 = on_device(to, o1.ptr), t2 = on_device(to, o2.ptr), tl1 = on_device(tl, l1.ptr), tl2 = on_device(tl, l2.ptr);
+        if (D == 256 && have_sm90) {  // sm90 reads no pages at head dim 256, and says so when named
+          Options o9 = o;
+          o9.path = GpuPath::sm90;
+          const Status st = attention_int8(gp, Tensor(), Tensor(), 0, 0, t1, &tl1, o9);
+          EXPECT_EQ(st.code(), StatusCode::not_available) << st.message();
+          EXPECT_NE(st.message().find("sm90 path: head_dim 256 with paged K / V is not built (the sm80 path runs it)"),
+                    std::string::npos)
+              << st.message();
+        }
         Options od = o;
         std::vector<Options> bases = {o, ow};
         bases.insert(bases.end(), capped.begin(), capped.end());

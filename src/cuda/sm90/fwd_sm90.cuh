@@ -227,20 +227,21 @@ struct Tile {
   int bc;  // batch coordinate of the TMA maps (0 for packed varlen tensors)
 };
 
-// Passes (kVPasses, head dim 256, whole-tile kernels only): unit = tile * Passes + pass.
+// Passes (kVPasses, head dim 256): unit = (tile * num_splits + split) * Passes + pass, so
+// both passes of a tile (or of a key range) come one after the other.
 template <bool Causal, bool Split, bool Window = false, int Passes = 1>
 __device__ __forceinline__ bool decode_tile(const Params& P, int unit, Tile& T) {
-  static_assert(Passes == 1 || !Split, "value-channel passes run the whole-tile kernels");
   const FwdParams& p = P.p;
   const int num_m = P.num_m_blocks;
+  if constexpr (Passes > 1) {
+    const int u = unit / Passes;
+    T.vc0 = (unit - u * Passes) * (p.head_dim / Passes);
+    unit = u;
+  }
   int tile = unit, split = 0;
   if constexpr (Split) {
     tile = unit / P.num_splits;
     split = unit - tile * P.num_splits;
-  }
-  if constexpr (Passes > 1) {
-    tile = unit / Passes;
-    T.vc0 = (unit - tile * Passes) * (p.head_dim / Passes);
   }
   const int bh = tile / num_m;  // head-major
   const int m_block = tile % num_m;
@@ -292,15 +293,16 @@ __device__ __forceinline__ bool decode_tile(const Params& P, int unit, Tile& T) 
 template <bool Split, int Passes = 1>
 __device__ __forceinline__ int scheduled_unit(const Params& P, int c, int nt) {
   const FwdParams& p = P.p;
+  // Head dim 256: both passes of a unit are drawn one after the other (Q and K shared in L2).
+  int pass = 0;
+  if constexpr (Passes > 1) {
+    pass = c % Passes;
+    c /= Passes;
+  }
   int tile = c, split = 0;
   if constexpr (Split) {
     tile = c / P.num_splits;
     split = c - tile * P.num_splits;
-  }
-  // Head dim 256: both passes of a tile are drawn one after the other (Q and K shared in L2).
-  if constexpr (Passes > 1) {
-    tile = c / Passes;
-    split = c - tile * Passes;
   }
   int bh, m_block;
   if (P.entries) {
@@ -317,7 +319,8 @@ __device__ __forceinline__ int scheduled_unit(const Params& P, int c, int nt) {
     m_block = P.num_m_blocks - 1 - rank;
   }
   const int canonical = bh * P.num_m_blocks + m_block;
-  return Split ? canonical * P.num_splits + split : Passes > 1 ? canonical * Passes + split : canonical;
+  const int unit = Split ? canonical * P.num_splits + split : canonical;
+  return Passes > 1 ? unit * Passes + pass : unit;
 }
 
 // The CTA's sequence of work units (tiles, or tile key ranges in Split kernels) in the dynamic
@@ -396,7 +399,9 @@ __device__ __forceinline__ uint4 permute_chunk(uint4 x) {
 // issuing threads, then this warpgroup's named barrier `bar`).
 // A split unit (Split) takes the same path with other destinations: its rows' O * v_scale in
 // fp32, not divided by l, to P.part_o, and (m_run, l) to P.part_ml, for combine_kernel.
-template <int D, bool Split, typename Mark>
+// DFull: the head dim, the row length of P.part_o (head dim 256: D = kDV channels per pass,
+// written at vc0).
+template <int D, bool Split, int DFull = D, typename Mark>
 __device__ __forceinline__ void store_rows(const Params& P, const Tile& T, int unit, int cw, int ctid, int bar,
                                            uint8_t* so, uint32_t so_addr, const int (&row)[2],
                                            const float (&o)[D / 8][4], const float (&l_part)[2],
@@ -456,7 +461,7 @@ __device__ __forceinline__ void store_rows(const Params& P, const Tile& T, int u
   if (copier && T.m0 + cw * 64 + crow < T.sq) {  // rows inside the sequence
     const int64_t idx = offset(p.o_st, T.b, T.h, T.q0 + T.m0 + cw * 64 + crow);
     char* dst = static_cast<char*>(p.out) + (idx + vc0) * es;  // vc0: head dim 256's value channels
-    if (partial) dst = reinterpret_cast<char*>(P.part_o + (prow0 + cw * 64 + crow) * D);
+    if (partial) dst = reinterpret_cast<char*>(P.part_o + (prow0 + cw * 64 + crow) * DFull + vc0);
     ptx::bulk_store(dst, so_addr + crow * stride, row_bytes);
     ptx::bulk_commit();
   }
@@ -660,7 +665,7 @@ template <int D, bool Causal, bool Split, bool Paged, bool Window, bool SmallPag
 __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant__ Params P) {
   static_assert(!SmallPages || Paged, "small pages are paged");
   static_assert(!Softcap || (Causal && Split && Window), "soft-capping runs the window kernels");
-  static_assert(D != 256 || !Split, "head dim 256 runs the whole-tile kernels (kVPasses)");
+  static_assert(D != 256 || !Paged, "head dim 256 reads contiguous K / V (kVPasses)");
   constexpr int DV = kDV<D>, kPasses = kVPasses<D>;
   // Split launches: the combine kernel (a programmatic dependent, cuda::launch_dependent) may
   // start on the SMs this grid leaves free and wait for its end there (PERF_LOG d13).
@@ -1126,7 +1131,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
     const int tile_n = next_tile(tile + gridDim.x, Tn);
     if (tile_n < P.num_units && !fused_q) load_rowf(Tn, rowf_n);
     trace_at(it - 1, 6);
-    store_rows<DV, Split>(P, T, tile, cw, ctid, 3 + cw, smem + S::kO + cw * S::kOSliceBytes, base + S::kO + cw * S::kOSliceBytes,
+    store_rows<DV, Split, D>(P, T, kPasses > 1 ? tile / kPasses : tile, cw, ctid, 3 + cw, smem + S::kO + cw * S::kOSliceBytes, base + S::kO + cw * S::kOSliceBytes,
                   row, o, l_part, m_run, v2, z2, vc0, [&](int ph) { trace_at(it - 1, ph); });
     trace_at(it - 1, 5);
     tile = tile_n;
