@@ -286,8 +286,8 @@ BuildInfo build_info();
 // or 64 at head_dim 256 (the sm80 kernel's); 0 for a head dim the GPU backend does not take or
 // without the CUDA backend. Head dim 256 on Hopper: path auto runs most calls on the sm90 kernel,
 // whose block is 128 (not those with few query tiles over many keys, or with key counts, pages,
-// windows, sinks or soft-capping): gpu_block_n(head_dim, path) with the path that ran
-// (Options::ran) gives the block for any call.
+// sinks or soft-capping): gpu_block_n(head_dim, path) with the path that ran (Options::ran)
+// gives the block for any call.
 int gpu_block_n(int head_dim);
 // The same for the kernels of one path (sm80, sm90, decode): 128 for sm90 at head_dim 256;
 // automatic: as gpu_block_n(head_dim).

@@ -414,7 +414,7 @@ def test_patch_sdpa_routes_supported_calls_only():
             (make_qkv(2, 8, 2, 1, 512, 128), dict(enable_gqa=True)),  # decode: 4 rows per K/V head
             ((q.float(), k.float(), v.float()), {}),
         ]
-        q2, k2, v2 = make_qkv(1, 2, 2, 200, 200, 256, seed=81)  # head dim 256: the sm80 kernel
+        q2, k2, v2 = make_qkv(1, 2, 2, 200, 200, 256, seed=81)  # head dim 256 (sm90 on Hopper, else sm80)
         assert torch.equal(F.scaled_dot_product_attention(q2, k2, v2), intfa.attention(q2, k2, v2))
         for args, kw in fallbacks:
             assert not intfa.sdpa_supported(*args, **kw)

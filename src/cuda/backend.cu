@@ -219,8 +219,7 @@ Status attend_packed(const FwdParams& p, GpuPath path, bool fallback, bool decod
   }
   if (path == GpuPath::sm90) {
 #if INTFA_HAVE_SM90
-    // Head dim 256 on path auto: the sm90 kernel unless its split rule would cut the call's key
-    // ranges (few tiles over many keys: sm90_d256_pays), which the sm80 kernel does at 256.
+    // Head dim 256 on path auto: the sm90 kernel where it is the faster (sm90_d256_pays).
     if (!fallback || p.head_dim != 256 || sm90_d256_pays(p)) {
       Status st = launch_fwd_sm90(p, s);
       // Operands TMA cannot describe: the automatic path takes them to the portable kernel (not a

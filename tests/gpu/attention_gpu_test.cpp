@@ -432,17 +432,18 @@ TEST_F(AttentionGpu, Sm90D256Small) {
   check_kernel_vs_cpu(v, GpuPath::sm90);
 }
 
-// Path auto at head dim 256: on Hopper the sm90 kernel (Options::ran says so, and the CPU
-// emulation follows its 128-key blocks), except for few tiles over many keys, where sm90's rule
-// would split the key ranges and the sm80 kernel, which splits them at head dim 256, runs;
-// elsewhere all on sm80. Not in the *HeadDim256* sanitizer runs (140 tiles of 1100 rows).
+// Path auto at head dim 256: on Hopper the sm90 kernel for whole-tile calls and sliding windows
+// (Options::ran says so, and the CPU emulation follows its 128-key blocks), not for few tiles over
+// many keys, where sm90's rule would split the key ranges (the sm80 kernel's splits are faster
+// there); elsewhere all on sm80. Not in the *HeadDim256* sanitizer runs (140 tiles of 1100 rows).
 TEST_F(AttentionGpu, AutoPathLargeD256) {
   const bool hopper = gpu_paths().size() > 1;
   Case big;
   big.d = 256; big.batch = 2; big.hq = 8; big.hkv = 2; big.sq = big.skv = 1100; big.seed = 2590;
   big.layout = Layout::BSHD; big.out = DType::bf16;  // GQA: 4 heads' rows packed per K/V head
-  for (bool causal : {false, true}) {
-    big.causal = causal;
+  for (int variant : {0, 1, 2}) {  // non-causal, causal, causal with a sliding window
+    big.causal = variant > 0;
+    big.window_left = variant == 2 ? 300 : -1;
     GpuPath ran = GpuPath::automatic;
     check_kernel_vs_cpu(big, GpuPath::automatic, &ran);
     EXPECT_EQ(ran, hopper ? GpuPath::sm90 : GpuPath::sm80);

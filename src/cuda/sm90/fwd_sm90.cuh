@@ -22,8 +22,8 @@
 //   Fused Q (attention() calls without lse_offset, FwdParams::q_in): TMA brings the tile's
 //     fp16 / bf16 rows instead, and each consumer warpgroup quantizes its 64 rows (per-token,
 //     bit-identical to the quantizer) into the int8 tile at the tile's start (quantize_q_rows).
-//   Head dim 256 (whole-tile kernels): each tile runs as two units of 128 value channels
-//     (kVPasses), which share QK^T and P8 and each write half of O.
+//   Head dim 256 (every kernel but the paged ones): each tile (or key range) runs as two units
+//     of 128 value channels (kVPasses), which share QK^T and P8 and each write half of O.
 //   Softcap (on the window kernels: contiguous, paged, small pages): the scores go through
 //     softcap * tanh(s / softcap) before the softmax (fwd::softcap_scores, as on sm80).
 //   Epilogue: each consumer warpgroup writes O * v_scale / l into its shared-memory slice and
