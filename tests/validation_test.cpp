@@ -316,6 +316,28 @@ TEST_F(Validation, GpuBackendRequestedInCpuBuildWithHostTensors) {
   EXPECT_NE(st.message().find("GPU"), std::string::npos) << st.message();
 }
 
+// The GPU kernels' key blocks, for block-exact CPU emulation: 128, the sm80 kernel's 64 at head
+// dim 256 and the sm90 kernel's 128 there (where built); 0 for a head dim no kernel takes and in
+// builds without CUDA. Options::ran is left as it is by CPU calls.
+TEST_F(Validation, GpuBlockNAndRan) {
+  const BuildInfo b = build_info();
+  const bool sm90 = b.cuda_archs.find("sm90 kernel") != std::string::npos;
+  for (GpuPath path : {GpuPath::automatic, GpuPath::sm80, GpuPath::sm90, GpuPath::decode}) {
+    EXPECT_EQ(gpu_block_n(64, path), b.cuda_built ? 128 : 0) << to_string(path);
+    EXPECT_EQ(gpu_block_n(96, path), 0) << to_string(path);
+  }
+  EXPECT_EQ(gpu_block_n(128), b.cuda_built ? 128 : 0);
+  EXPECT_EQ(gpu_block_n(256), b.cuda_built ? 64 : 0);
+  EXPECT_EQ(gpu_block_n(256, GpuPath::automatic), b.cuda_built ? 64 : 0);
+  EXPECT_EQ(gpu_block_n(256, GpuPath::sm80), b.cuda_built ? 64 : 0);
+  EXPECT_EQ(gpu_block_n(256, GpuPath::sm90), sm90 ? 128 : 0);
+  GpuPath ran = GpuPath::decode;
+  opts.ran = &ran;
+  opts.backend = Backend::cpu;
+  ASSERT_TRUE(run().ok());
+  EXPECT_EQ(ran, GpuPath::decode);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Varlen: cu_seqlens and max_seqlen checks.
 // ---------------------------------------------------------------------------------------------
