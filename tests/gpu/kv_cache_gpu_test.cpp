@@ -161,8 +161,9 @@ void expect_paths_match_cpu(const QuantizedQKV& hq, const QuantizedQKV& gq, cons
 }
 
 // One test body per head-dim set: head dim 256 runs as suite KvCacheGpuD256, which the GPU check's
-// sanitizer filters (KvCacheGpu.*) leave out: its kernel is sm80's template, sanitized at 64 and
-// 128, and racecheck over these loops at a third head dim would cost minutes of a lent machine.
+// sanitizer filters (KvCacheGpu.*) leave out but its head-dim-256 memcheck runs take: its kernels
+// are sm80's and sm90's templates, racechecked at 64 and 128, and racecheck over these loops at a
+// third head dim would cost minutes of a lent machine.
 void decode_loop_matches_cpu(std::initializer_list<int> dims) {
   INTFA_REQUIRE_GPU();
   for (Scheme s : {Scheme::accurate, Scheme::paper}) {
