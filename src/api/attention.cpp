@@ -1143,11 +1143,11 @@ BuildInfo build_info() {
   b.version = INTFA_VERSION;
   b.cuda_built = cuda::built();
   b.cuda_archs = cuda::compiled_archs();
-  b.gpu_block_n = cuda::kernel_block_n(128);
+  b.gpu_block_n = cuda::kernel_block_n(128, GpuPath::automatic);
   return b;
 }
 
-int gpu_block_n(int head_dim) { return cuda::kernel_block_n(head_dim); }
+int gpu_block_n(int head_dim) { return cuda::kernel_block_n(head_dim, GpuPath::automatic); }
 int gpu_block_n(int head_dim, GpuPath path) { return cuda::kernel_block_n(head_dim, path); }
 
 DeviceInfo device_info(int device_index) { return cuda::device_info(device_index); }

@@ -10,7 +10,6 @@ static Status unavailable() {
 }
 
 bool built() { return false; }
-int kernel_block_n(int) { return 0; }
 int kernel_block_n(int, GpuPath) { return 0; }
 const char* compiled_archs() { return ""; }
 DeviceInfo device_info(int) {

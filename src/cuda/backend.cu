@@ -91,7 +91,6 @@ bool built() { return true; }
 // The sm90 and decode kernels take 128-key blocks, the sm80 kernel's at head dims 64 and 128
 // (decode::kSameBlocksAsSm80; the sm90 launcher's check_paged), so one value per head dim;
 // at head dim 256 the sm80 kernel takes 64 and the sm90 kernel 128.
-int kernel_block_n(int head_dim) { return sm80_block_n(head_dim); }
 
 #ifndef INTFA_HAVE_SM90
 #define INTFA_HAVE_SM90 0

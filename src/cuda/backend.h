@@ -10,8 +10,7 @@
 namespace intfa::cuda {
 
 bool built();
-int kernel_block_n(int head_dim);
-int kernel_block_n(int head_dim, GpuPath path);  // of the kernels a named path runs
+int kernel_block_n(int head_dim, GpuPath path);  // of the kernels a path runs (automatic: sm80's)
 const char* compiled_archs();
 DeviceInfo device_info(int device_index);
 // Picks the kernel family for the current device (or checks the requested one can run).

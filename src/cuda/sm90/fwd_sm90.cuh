@@ -100,6 +100,8 @@ template <int D>
 constexpr int kVPasses = D / kDV<D>;
 template <int D>
 constexpr int kQKRow = D == 256 ? 128 : D;
+// The units per tile (or key range) at a run-time head dim: kVPasses<head_dim>.
+inline int value_passes(int head_dim) { return head_dim == 256 ? kVPasses<256> : 1; }
 constexpr int kStages = INTFA_SM90_STAGES;
 constexpr int kThreads = 384;
 constexpr int kConsumerThreads = 256;

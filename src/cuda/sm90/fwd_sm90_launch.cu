@@ -179,7 +179,9 @@ Status make_params(const FwdParams& p, bool small, Params* prm, bool encode = tr
   const uint64_t D = p.head_dim;
   const bool varlen = p.cu_q != nullptr;
   const CUtensorMapSwizzle swz = D >= 128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B;
-  const uint32_t row_box = uint32_t(std::min<uint64_t>(D, 128)), v_rows = row_box;
+  // Q / K box rows (128-byte halves at D = 256) and V^T box rows (one pass's channels): both
+  // min(D, 128) bytes or rows.
+  const uint32_t row_box = uint32_t(std::min<uint64_t>(D, 128));
   const uint64_t tq = varlen ? p.total_q : p.seqlen_q, tk = varlen ? p.total_kv : p.seqlen_kv;
   const uint64_t nb = varlen ? 1 : p.batch;
   // Fused Q (p.q_in): the fp16 / bf16 rows unswizzled, read by the consumers' plain loads.
@@ -202,12 +204,12 @@ Status make_params(const FwdParams& p, bool small, Params* prm, bool encode = tr
                                  : uint64_t(p.seqlen_kv);
   if (st.ok() && !small)
     st = encode_4d(encode ? &prm->tm_v : nullptr, p.vt8, "vt8", {cols, D, uint64_t(p.heads_kv), kv_batch}, p.vt_st.ts, p.vt_st.hs,
-                   p.vt_st.bs, kBlockN, v_rows, CU_TENSOR_MAP_SWIZZLE_128B);
+                   p.vt_st.bs, kBlockN, row_box, CU_TENSOR_MAP_SWIZZLE_128B);
   if (!st.ok()) return st;
   prm->num_m_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
   const int64_t tiles = int64_t(prm->num_m_blocks) * p.heads_q * p.batch;
   // Tile indices (and a tile counter that runs up to a grid past the last tile) stay in int.
-  if (tiles * (D == 256 ? sm90::kVPasses<256> : 1) >= (int64_t(1) << 30))
+  if (tiles * sm90::value_passes(p.head_dim) >= (int64_t(1) << 30))
     return Status(StatusCode::invalid_argument, "sm90 path: more than 2^30 query tiles");
   prm->num_tiles = static_cast<int>(tiles);
   // Varlen: the head group over one sequence's heads (the tiles of one entry run for every head).
@@ -282,8 +284,7 @@ Status launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   const bool softcap = p.softcap > 0.f;
   const bool window = p.window_left >= 0 || softcap;
   const bool split_kernel = prm.num_splits > 1 || p.seqused_kv != nullptr || paged || window || p.sinks;
-  const int passes = p.head_dim == 256 ? sm90::kVPasses<256> : 1;
-  prm.num_units = prm.num_tiles * prm.num_splits * passes;
+  prm.num_units = prm.num_tiles * prm.num_splits * sm90::value_passes(p.head_dim);
   // Scratch: [tile counter, tile count | (m, l) per split and row | O per split and row | varlen:
   // first tile per sequence, tile entries]. Causal and varlen units are handed out by the counter
   // (sm90::kDynamic), so an SM that drew short tiles takes more: a static stride left causal 4k
