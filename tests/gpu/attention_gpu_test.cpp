@@ -497,8 +497,8 @@ TEST_F(AttentionGpu, KernelHeadDim256Splits) {
   }
 }
 
-// The decode path has no head-dim-256 kernel and says so when named (sm90's refusal of paged
-// K / V at 256: KvCacheGpuD256.PagedMatchesCpu); the automatic path runs the call.
+// The decode path has no head-dim-256 kernel and says so when named; the automatic path runs
+// the call.
 TEST_F(AttentionGpu, HeadDim256NamedPathsWithoutItRefuse) {
   Case c;
   c.d = 256; c.sq = 1; c.skv = 200; c.hq = 8; c.hkv = 2;

@@ -512,19 +512,21 @@ template <int D>
 __device__ __forceinline__ void permute_small_pages(const Params& P, const Tile& T, uint8_t* smem, uint32_t base,
                                                  const Bars& bars, int pt, int& it) {
   using S = Smem<D>;
+  constexpr int DV = kDV<D>;  // V^T rows of the unit (head dim 256: its pass's 128 channels)
   constexpr int kPieces = kBlockN / 16, kRowStep = kPermuteThreads / kPieces;
-  constexpr int kRows = (D + kRowStep - 1) / kRowStep;  // the most rows a thread copies
+  constexpr int kRows = (DV + kRowStep - 1) / kRowStep;  // the most rows a thread copies
   static_assert(kPermuteThreads % kPieces == 0 && kRowStep >= 16 - kRowStep, "two K scales per thread cover a piece");
   static_assert(kRowStep % 8 == 4, "rows r0 + kRowStep i alternate between two swizzle columns");
   const FwdParams& p = P.p;
   fwd::SmallPages small_pages;
   small_pages.start(p, T.b);
   const int piece = pt % kPieces, r0 = pt / kPieces;
-  const bool last_row = r0 + (kRows - 1) * kRowStep < D;  // the thread has a kRows-th row
+  const bool last_row = r0 + (kRows - 1) * kRowStep < DV;  // the thread has a kRows-th row
   // Blocks start at multiples of 128 keys (T.k0 too), so the piece's first key sits at the same
   // place of its page in every block.
   const int tok = small_pages.tok(16 * piece);
-  const int8_t* const v_thread = p.vt8 + T.hkv * p.vt_st.hs + tok + r0 * p.vt_st.ts;
+  const int vc0 = kVPasses<D> > 1 ? T.vc0 : 0;
+  const int8_t* const v_thread = p.vt8 + T.hkv * p.vt_st.hs + tok + (vc0 + r0) * p.vt_st.ts;
   const int64_t v_step = kRowStep * p.vt_st.ts;
   const float* const ks_head = p.k_scale + T.hkv * p.ks_st.hs + tok;
   // Row r0 + 12 i of the thread: whether it has it, and its chunk's byte offset in a stage's V^T
@@ -667,7 +669,6 @@ template <int D, bool Causal, bool Split, bool Paged, bool Window, bool SmallPag
 __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant__ Params P) {
   static_assert(!SmallPages || Paged, "small pages are paged");
   static_assert(!Softcap || (Causal && Split && Window), "soft-capping runs the window kernels");
-  static_assert(D != 256 || !Paged, "head dim 256 reads contiguous K / V (kVPasses)");
   constexpr int DV = kDV<D>, kPasses = kVPasses<D>;
   // Split launches: the combine kernel (a programmatic dependent, cuda::launch_dependent) may
   // start on the SMs this grid leaves free and wait for its end there (PERF_LOG d13).
@@ -760,8 +761,10 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
 #pragma unroll
             for (int j = 0; j < kMaxBoxes; ++j)
               if (j * rows < kBlockN)
-                ptx::tma_load_4d(base + S::kK + st * S::kKBytes + j * rows * D, &P.tm_k, bars.k_full(st), 0, 0,
-                                 T.hkv, pages[j]);
+#pragma unroll
+                for (int h = 0; h < D / kQKRow<D>; ++h)  // head dim 256: both 128-byte halves
+                  ptx::tma_load_4d(base + S::kK + st * S::kKBytes + h * kBlockN * kQKRow<D> + j * rows * kQKRow<D>,
+                                   &P.tm_k, bars.k_full(st), h * kQKRow<D>, 0, T.hkv, pages[j]);
             continue;
           }
           const int key = tok, page = pg < 0 ? int(p.num_pages) : pg;
@@ -777,7 +780,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
                            Paged ? key : int(T.k0 + n * kBlockN), T.hkv, Paged ? page : T.bc);
           if constexpr (D == 256)
             ptx::tma_load_4d(base + S::kK + st * S::kKBytes + kBlockN * kQKRow<D>, &P.tm_k, bars.k_full(st), kQKRow<D>,
-                             int(T.k0 + n * kBlockN), T.hkv, T.bc);
+                             Paged ? key : int(T.k0 + n * kBlockN), T.hkv, Paged ? page : T.bc);
           ptx::mbarrier_wait(bars.v_empty(st), ph ^ 1);
           ptx::mbarrier_arrive_expect_tx(bars.v_full(st), S::kVBytes);
           ptx::tma_load_4d(base + S::kV + st * S::kVBytes, &P.tm_v, bars.v_full(st),

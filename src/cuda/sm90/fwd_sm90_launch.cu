@@ -228,14 +228,12 @@ namespace {
 Status prepare_sm90(const FwdParams& p, sm90::Params* prm, bool* small, bool encode) {
   if (p.scheme == Scheme::half)
     return Status(StatusCode::not_available, "scheme: half is not available on the sm90 path");
-  // Head dim 256: every kernel but the paged ones in two value-channel passes (sm90::kVPasses),
-  // with int8 Q. Paged K / V runs on the sm80 path, whose head-dim-256 kernels read pages; so
-  // does fused Q (its staging rows do not fit).
+  // Head dim 256: every kernel in two value-channel passes (sm90::kVPasses), with int8 Q; fused
+  // Q (its staging rows do not fit) runs the quantizer.
   if (p.head_dim == 256) {
-    const char* why = p.q_in ? "Q quantized in the kernel" : p.block_table ? "paged K / V" : nullptr;
-    if (why)
+    if (p.q_in)
       return Status(StatusCode::not_available,
-                    std::string("sm90 path: head_dim 256 with ") + why + " is not built (the sm80 path runs it)");
+                    "sm90 path: head_dim 256 with Q quantized in the kernel is not built (the quantizer runs it)");
   } else if (Status st = check_head_dim_64_128(p, "sm90"); !st.ok()) {
     return st;
   }
@@ -260,9 +258,9 @@ bool sm90_d256_pays(const FwdParams& p) {
   int sms = 1;
   // Whole-tile calls and sliding windows (H200, 4k causal, window 1023: 362 against sm80's 300
   // TOPS). Soft-capping measured equal (315 / 317) and decode steps slower (B=1 over 32k keys
-  // 0.099 against 0.071 ms), so they stay on sm80, and so do key counts and sinks (not measured:
-  // they run the split kernels, whose few-tile calls sm80 does faster). PERF_LOG s44.
-  const bool split_kernel = p.seqused_kv || p.sinks || p.softcap > 0.f;
+  // 0.099 against 0.071 ms), so they stay on sm80, and so do key counts, sinks and pages (not
+  // measured: they run the split kernels, whose few-tile calls sm80 does faster). PERF_LOG s44.
+  const bool split_kernel = p.seqused_kv || p.sinks || p.softcap > 0.f || p.block_table;
   return !split_kernel && prepare_sm90(p, &prm, &small, false).ok() && device_sm_count(&sms) == cudaSuccess &&
          sm90::choose_splits(p, prm.num_tiles, sms) == 1;
 }
@@ -355,18 +353,26 @@ Status launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
          sm90::launch_fwd<64, true, true, true, true, true, true>},
         {sm90::launch_fwd<128, true, true, false, true, false, true>, sm90::launch_fwd<128, true, true, true, true, false, true>,
          sm90::launch_fwd<128, true, true, true, true, true, true>}};
-    // Head dim 256 (contiguous K / V): [causal][whole tiles, split], the window kernel, the
-    // soft-capping kernel.
-    static constexpr L kLaunch256[2][2] = {
-        {sm90::launch_fwd<256, false, false, false>, sm90::launch_fwd<256, false, true, false>},
-        {sm90::launch_fwd<256, true, false, false>, sm90::launch_fwd<256, true, true, false>}};
+    // Head dim 256: as kLaunch, kWindow and kSoftcap for one head dim.
+    static constexpr L kLaunch256[2][4] = {
+        {sm90::launch_fwd<256, false, false, false>, sm90::launch_fwd<256, false, true, false>,
+         sm90::launch_fwd<256, false, true, true>, sm90::launch_fwd<256, false, true, true, false, true>},
+        {sm90::launch_fwd<256, true, false, false>, sm90::launch_fwd<256, true, true, false>,
+         sm90::launch_fwd<256, true, true, true>, sm90::launch_fwd<256, true, true, true, false, true>}};
+    static constexpr L kWindow256[3] = {sm90::launch_fwd<256, true, true, false, true>,
+                                        sm90::launch_fwd<256, true, true, true, true>,
+                                        sm90::launch_fwd<256, true, true, true, true, true>};
+    static constexpr L kSoftcap256[3] = {sm90::launch_fwd<256, true, true, false, true, false, true>,
+                                         sm90::launch_fwd<256, true, true, true, true, false, true>,
+                                         sm90::launch_fwd<256, true, true, true, true, true, true>};
     const int pages = small ? 2 : paged ? 1 : 0;  // contiguous, paged, small pages
-    st = p.head_dim == 256 ? (softcap ? sm90::launch_fwd<256, true, true, false, true, false, true>(prm, stream)
-                              : window ? sm90::launch_fwd<256, true, true, false, true>(prm, stream)
-                                       : kLaunch256[causal_kernel][split_kernel](prm, stream))
+    const int kernel = paged ? 1 + pages : split_kernel ? 1 : 0;
+    st = p.head_dim == 256 ? (softcap ? kSoftcap256[pages](prm, stream)
+                              : window ? kWindow256[pages](prm, stream)
+                                       : kLaunch256[causal_kernel][kernel](prm, stream))
          : softcap  ? kSoftcap[p.head_dim == 128][pages](prm, stream)
          : window ? kWindow[p.head_dim == 128][pages](prm, stream)
-                : kLaunch[p.head_dim == 128][causal_kernel][paged ? 1 + pages : split_kernel ? 1 : 0](prm, stream);
+                : kLaunch[p.head_dim == 128][causal_kernel][kernel](prm, stream);
   }
   if (!scratch) return st;
   const Status fst = scratch_free(scratch, stream, "sm90 forward: scratch");
