@@ -441,9 +441,12 @@ TEST_F(AttentionGpu, AutoPathLargeD256) {
   Case big;
   big.d = 256; big.batch = 2; big.hq = 8; big.hkv = 2; big.sq = big.skv = 1100; big.seed = 2590;
   big.layout = Layout::BSHD; big.out = DType::bf16;  // GQA: 4 heads' rows packed per K/V head
-  for (int variant : {0, 1, 2}) {  // non-causal, causal, causal with a sliding window
+  // Non-causal, causal, causal with a sliding window, with key counts, with sinks.
+  for (int variant : {0, 1, 2, 3, 4}) {
     big.causal = variant > 0;
     big.window_left = variant == 2 ? 300 : -1;
+    big.used_kv = variant == 3 ? std::vector<int32_t>{1100, 517} : std::vector<int32_t>();
+    big.sinks = variant == 4 ? std::vector<float>(8, 0.75f) : std::vector<float>();
     GpuPath ran = GpuPath::automatic;
     check_kernel_vs_cpu(big, GpuPath::automatic, &ran);
     EXPECT_EQ(ran, hopper ? GpuPath::sm90 : GpuPath::sm80);

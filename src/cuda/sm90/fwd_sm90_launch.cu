@@ -256,12 +256,12 @@ bool sm90_d256_pays(const FwdParams& p) {
   sm90::Params prm;
   bool small = false;
   int sms = 1;
-  // Whole-tile calls and sliding windows (H200, 4k causal, window 1023: 362 against sm80's 300
-  // TOPS). Soft-capping measured equal (315 / 317) and decode steps slower (B=1 over 32k keys
-  // 0.099 against 0.071 ms), so they stay on sm80, and so do key counts, sinks and pages (not
-  // measured: they run the split kernels, whose few-tile calls sm80 does faster). PERF_LOG s44.
-  const bool split_kernel = p.seqused_kv || p.sinks || p.softcap > 0.f || p.block_table;
-  return !split_kernel && prepare_sm90(p, &prm, &small, false).ok() && device_sm_count(&sms) == cudaSuccess &&
+  // Calls of one key range per tile: whole tiles, sliding windows, pages, key counts and sinks
+  // (H200, 4k causal, window 1023: 362 against sm80's 300 TOPS; pages, key counts and sinks:
+  // PERF_LOG s45). Soft-capping measured equal (315 / 317), so it stays on sm80, and so do
+  // decode-sized calls, which the split rule cuts into ranges (B=1 over 32k keys 0.099 against
+  // 0.071 ms: each pass redoes a range's QK^T and softmax). PERF_LOG s44.
+  return p.softcap <= 0.f && prepare_sm90(p, &prm, &small, false).ok() && device_sm_count(&sms) == cudaSuccess &&
          sm90::choose_splits(p, prm.num_tiles, sms) == 1;
 }
 
