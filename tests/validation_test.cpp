@@ -331,6 +331,7 @@ TEST_F(Validation, GpuBlockNAndRan) {
   EXPECT_EQ(gpu_block_n(256, GpuPath::automatic), b.cuda_built ? 64 : 0);
   EXPECT_EQ(gpu_block_n(256, GpuPath::sm80), b.cuda_built ? 64 : 0);
   EXPECT_EQ(gpu_block_n(256, GpuPath::sm90), sm90 ? 128 : 0);
+  EXPECT_EQ(gpu_block_n(256, GpuPath::decode), b.cuda_built ? 128 : 0);
   GpuPath ran = GpuPath::decode;
   opts.ran = &ran;
   opts.backend = Backend::cpu;

@@ -284,13 +284,13 @@ struct BuildInfo {
 BuildInfo build_info();
 // Key block of the GPU kernels at head_dim, for block-exact CPU emulation (Options::block_n): 128,
 // or 64 at head_dim 256 (the sm80 kernel's); 0 for a head dim the GPU backend does not take or
-// without the CUDA backend. Head dim 256 on Hopper: path auto runs most calls on the sm90 kernel,
-// whose block is 128 (not those with few query tiles over many keys, or with key counts, pages,
-// sinks or soft-capping): gpu_block_n(head_dim, path) with the path that ran (Options::ran)
-// gives the block for any call.
+// without the CUDA backend. Head dim 256 on Hopper: path auto runs most calls on the sm90 kernel
+// or, decode steps, the decode kernel, whose blocks are 128 (not calls with few query tiles
+// over many keys or with soft-capping): gpu_block_n(head_dim, path) with the path that ran
+// (Options::ran) gives the block for any call.
 int gpu_block_n(int head_dim);
-// The same for the kernels of one path (sm80, sm90, decode): 128 for sm90 at head_dim 256;
-// automatic: as gpu_block_n(head_dim).
+// The same for the kernels of one path (sm80, sm90, decode): 128 for sm90 and decode at
+// head_dim 256; automatic: as gpu_block_n(head_dim).
 int gpu_block_n(int head_dim, GpuPath path);
 
 struct DeviceInfo {

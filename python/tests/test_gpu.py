@@ -115,12 +115,14 @@ def test_random_shapes_match_float64(scheme, cfg):
 ], ids=["causal-gqa", "mqa-bshd", "decode-step"])
 def test_head_dim_256_matches_float64(scheme, cfg):
     """Head dim 256 end to end against float64: path auto (the sm80 kernel, on Hopper the sm90
-    kernel for calls its split rule would not split) and, on Hopper, path sm90 (its head-dim-256
-    kernel, two value-channel passes, whole tiles)."""
+    kernel for calls its split rule would not split and the decode kernel for decode steps) and,
+    on Hopper, path sm90 (its head-dim-256 kernel, two value-channel passes) and, for the decode
+    step, path decode (its 199 KB of shared memory: Hopper only)."""
     q, k, v = make_qkv(cfg["b"], cfg["hq"], cfg["hkv"], cfg["sq"], cfg["skv"], 256,
                        cfg["layout"], cfg["dtype"], seed=256 + cfg["sq"])
     ref, ref_lse = ref_attention(q, k, v, cfg["causal"], layout=cfg["layout"])
-    paths = ["auto"] + (["sm90"] if intfa.resolve_gpu_path() == "sm90" else [])
+    hopper = intfa.resolve_gpu_path() == "sm90"
+    paths = ["auto"] + (["sm90"] if hopper else []) + (["decode"] if hopper and cfg["sq"] == 1 else [])
     for path in paths:
         out, lse = intfa.attention(q, k, v, is_causal=cfg["causal"], enable_gqa=True, layout=cfg["layout"],
                                    scheme=scheme, return_lse=True, path=path)
@@ -1430,7 +1432,7 @@ def test_transformers_gemma2_on_the_gpu(head_dim):
     """A Gemma 2 model (soft-capped logits, a sliding window) on the GPU through
     register_transformers(): prefill on the sm90 (Hopper, head dim 64) or sm80 kernel's Softcap
     instantiations, cached greedy
-    generation on the decode kernel's (head dim 64; 256: sm80 with key-range splits), against
+    generation on the decode kernel's (head dim 64; 256 on Hopper, else sm80), against
     the same model in float32 (eager) on the GPU."""
     model, ref, ids, _ = against_float32(tiny_gemma2, 5, 6, device="cuda", head_dim=head_dim)
     check_greedy_steps(model, ref, ids[:1, :10])

@@ -48,12 +48,10 @@ Status check_paged(const FwdParams& p, const char* path, int block_n, bool* smal
                                                std::to_string(p.page_size) + " (the CPU backend takes multiples of 16)");
 }
 
-Status check_head_dim_64_128(const FwdParams& p, const char* path) {
-  if (p.head_dim == 64 || p.head_dim == 128) return Status::OK();
-  const bool d256 = p.head_dim == 256;
-  return Status(d256 ? StatusCode::not_available : StatusCode::invalid_argument,
-                std::string("head_dim: expected 64 or 128 on the ") + path + " path, got " +
-                    std::to_string(p.head_dim) + (d256 ? " (head_dim 256 runs on the sm80 path)" : ""));
+Status check_head_dim(const FwdParams& p, const char* path) {
+  if (p.head_dim == 64 || p.head_dim == 128 || p.head_dim == 256) return Status::OK();
+  return Status(StatusCode::invalid_argument, std::string("head_dim: expected 64, 128 or 256 on the ") + path +
+                                                  " path, got " + std::to_string(p.head_dim));
 }
 
 cudaError_t device_sm_count(int* sms) {
@@ -90,13 +88,14 @@ bool pdl_enabled() {
 bool built() { return true; }
 // The sm90 and decode kernels take 128-key blocks, the sm80 kernel's at head dims 64 and 128
 // (decode::kSameBlocksAsSm80; the sm90 launcher's check_paged), so one value per head dim;
-// at head dim 256 the sm80 kernel takes 64 and the sm90 kernel 128.
+// at head dim 256 the sm80 kernel takes 64, the sm90 and decode kernels 128.
 
 #ifndef INTFA_HAVE_SM90
 #define INTFA_HAVE_SM90 0
 #endif
 int kernel_block_n(int head_dim, GpuPath path) {
   if (head_dim == 256 && path == GpuPath::sm90) return INTFA_HAVE_SM90 ? 128 : 0;
+  if (head_dim == 256 && path == GpuPath::decode) return decode_block_n();
   return sm80_block_n(head_dim);
 }
 constexpr bool kHaveSm90 = INTFA_HAVE_SM90 != 0;

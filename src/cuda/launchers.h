@@ -119,6 +119,9 @@ int sm80_block_n(int head_dim);  // keys per block of the sm80 kernel at head_di
 // warps per (batch, head, key range); mma.sync, so sm_80 and newer. decode_takes: the shapes it
 // runs, a cheap test for the automatic path (the launcher says why for the others).
 bool decode_takes(const FwdParams& p);
+// Keys per block of the decode kernel (128; 0 in builds whose sm80 blocks differ, which it
+// refuses).
+int decode_block_n();
 Status launch_fwd_decode(const FwdParams& p, cudaStream_t stream);
 
 // src/cuda/sm90: wgmma / TMA / warp-specialized INT8 flash attention (sm_90a only). Returns
@@ -148,8 +151,7 @@ Status check_cuda(cudaError_t err, const char* what);
 // (*small false). (Paged calls have dense queries: attention_int8's validation refuses
 // cu_seqlens.)
 Status check_paged(const FwdParams& p, const char* path, int block_n, bool* small);
-// The sm90 and decode kernels' head dims (64, 128). Head dim 256 is not_available there (the sm80
-// kernel runs it, and the automatic path falls back to it); any other is invalid_argument.
-Status check_head_dim_64_128(const FwdParams& p, const char* path);
+// The GPU kernels' head dims (64, 128, 256); any other is invalid_argument.
+Status check_head_dim(const FwdParams& p, const char* path);
 
 }  // namespace intfa::cuda

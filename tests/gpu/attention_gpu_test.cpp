@@ -500,32 +500,43 @@ TEST_F(AttentionGpu, KernelHeadDim256Splits) {
   }
 }
 
-// The decode path has no head-dim-256 kernel and says so when named; the automatic path runs
-// the call.
-TEST_F(AttentionGpu, HeadDim256NamedPathsWithoutItRefuse) {
-  Case c;
-  c.d = 256; c.sq = 1; c.skv = 200; c.hq = 8; c.hkv = 2;
-  Inputs in = make_case_inputs(c);
-  const size_t qbytes = quantized_bytes(in.shape, c.scheme);
-  DeviceBuffer db(qbytes), dq(in.q.data(), in.q.size() * 2), dk(in.k.data(), in.k.size() * 2),
-      dv(in.v.data(), in.v.size() * 2), dout(in.q.size() * 4);
-  QuantizedQKV qx;
-  INTFA_ASSERT_OK(alloc_quantized(in.shape, c.scheme, c.layout, db.ptr, qbytes, true, 0, &qx));
-  Options o;
-  o.backend = Backend::gpu;
-  Tensor none;
-  INTFA_ASSERT_OK(quantize(testing::on_device(in.tq, dq.ptr), testing::on_device(in.tk, dk.ptr),
-                           testing::on_device(in.tv, dv.ptr), none, none, o, qx));
-  Tensor out = make_tensor(dout.ptr, DType::f32, {1, 8, 1, 256}, true);
-  o.path = GpuPath::decode;
-  Status st = attention_int8(qx, none, none, 1, 200, out, nullptr, o);
-  EXPECT_EQ(st.code(), StatusCode::not_available) << st.message();
-  EXPECT_NE(st.message().find("head_dim: expected 64 or 128 on the decode path, got 256 (head_dim 256 runs on the sm80 path)"),
-            std::string::npos)
-      << st.message();
-  o.path = GpuPath::automatic;
-  INTFA_ASSERT_OK(attention_int8(qx, none, none, 1, 200, out, nullptr, o));
-  INTFA_ASSERT_OK(gpu_synchronize());
+// The decode kernel at head dim 256 (128-key blocks, as sm90's; ~199 KB of shared memory, so
+// Hopper only: elsewhere path decode refuses it by name and path auto runs sm80): GQA decode
+// steps with key-range splits (empty ranges with INTFA_DECODE_SPLITS=3), speculative steps (16
+// rows, causal), `paper` (one range), rows that see no key, a window with sinks, varlen decode
+// batches with empty sequences, each with its LSE against the CPU emulation; path auto runs the
+// decode kernel there. Small enough for racecheck (gpu-check lane 3).
+TEST_F(AttentionGpu, KernelDecodeHeadDim256) {
+  std::vector<Case> cases;
+  int seed = 2700;
+  for (const DenseShape& sh : std::vector<DenseShape>{
+           {2, 8, 2, 1, 1500, true, Layout::BHSD, DType::f32, Scheme::accurate},   // GQA decode, splits
+           {1, 16, 4, 4, 700, true, Layout::BSHD, DType::bf16, Scheme::accurate},  // speculative, 16 rows
+           {2, 8, 2, 1, 517, true, Layout::BSHD, DType::f16, Scheme::paper},       // paper: one range
+           {1, 2, 2, 16, 5, true, Layout::BHSD, DType::f32, Scheme::accurate}})    // rows that see no key
+    cases.push_back(dense_case(sh, ++seed));
+  Case w;
+  w.causal = true; w.sq = 2; w.skv = 900; w.hq = 4; w.hkv = 2; w.window_left = 300; w.sinks = {1.5f, -2.f, 0.f, 3.f};
+  cases.push_back(w);
+  Case v;
+  v.hq = 4; v.hkv = 2; v.lens_q = {1, 1, 0, 3}; v.lens_kv = {700, 5, 9, 0};
+  v.causal = true;
+  cases.push_back(v);
+  const bool hopper = gpu_paths().size() > 1;
+  for (Case& c : cases) {
+    c.d = 256;
+    c.seed = ++seed;
+    if (hopper) {
+      check_kernel_vs_cpu(c, GpuPath::decode);
+      GpuPath ran = GpuPath::automatic;
+      check_kernel_vs_cpu(c, GpuPath::automatic, &ran);
+      EXPECT_EQ(ran, GpuPath::decode) << describe(c);
+    } else {
+      GpuPath ran = GpuPath::automatic;
+      check_kernel_vs_cpu(c, GpuPath::automatic, &ran);
+      EXPECT_EQ(ran, GpuPath::sm80) << describe(c);
+    }
+  }
 }
 
 TEST_F(AttentionGpu, KernelOddLengthsAndDistributions) {
@@ -728,7 +739,7 @@ TEST_F(AttentionGpu, KernelDecodeSmallRows) {
            {2, 4, 2, 1, 1, false, Layout::BHSD, DType::f32, Scheme::accurate},       // one key
            {1, 16, 1, 1, 20000, false, Layout::BSHD, DType::f32, Scheme::accurate}}) {  // MQA, long keys
     Case c = dense_case(sh, ++seed);
-    for (int d : {64, 128}) {
+    for (int d : {64, 128}) {  // 256: KernelDecodeHeadDim256
       c.d = d;
       check_kernel_vs_cpu(c, GpuPath::decode);
     }

@@ -123,13 +123,15 @@ void expect_paths_match_cpu(const QuantizedQKV& hq, const QuantizedQKV& gq, cons
   };
   const Tensor tw = make_tensor(nullptr, DType::f32, {B, Hq, n, D}), twl = make_tensor(nullptr, DType::f32, {B, Hq, n});
   std::vector<GpuPath> paths = {GpuPath::automatic, GpuPath::sm80};
-  // Head dim 256: no decode kernel.
-  if (n * (Hq / Hkv) <= 16 && D != 256) paths.push_back(GpuPath::decode);  // rows per K/V head it takes
+  GpuPath got;
+  const bool hopper = resolve_gpu_path(GpuPath::sm90, 0, &got).ok();
+  // The decode kernel takes at most 16 rows per K/V head; at head dim 256 it needs Hopper's
+  // shared memory (~199 KB per block).
+  if (n * (Hq / Hkv) <= 16 && (D != 256 || hopper)) paths.push_back(GpuPath::decode);
   // Host sinks (o's, for the CPU backend) copied for the GPU calls.
   DeviceBuffer dz(std::max<int64_t>(o.sinks.numel(), 1) * 4);
   if (o.sinks.defined()) INTFA_ASSERT_OK(gpu_copy_to_device(dz.ptr, o.sinks.data, o.sinks.numel() * 4));
-  GpuPath got;
-  if (resolve_gpu_path(GpuPath::sm90, 0, &got).ok()) paths.push_back(GpuPath::sm90);
+  if (hopper) paths.push_back(GpuPath::sm90);
   for (GpuPath path : paths) {
     SCOPED_TRACE(std::string("path ") + to_string(path));
     DeviceBuffer dout(size_t(B) * Hq * n * D * 4), dlse(size_t(B) * Hq * n * 4);
@@ -161,8 +163,9 @@ void expect_paths_match_cpu(const QuantizedQKV& hq, const QuantizedQKV& gq, cons
 
 // One test body per head-dim set: head dim 256 runs as suite KvCacheGpuD256, which the GPU check's
 // sanitizer filters (KvCacheGpu.*) leave out but its head-dim-256 memcheck runs take: its kernels
-// are sm80's and sm90's templates, racechecked at 64 and 128, and racecheck over these loops at a
-// third head dim would cost minutes of a lent machine.
+// are the sm80, sm90 and decode templates, racechecked at 64 and 128 (and at 256 on small
+// shapes: Sm90D256Small, KernelDecodeHeadDim256), and racecheck over these loops at a third
+// head dim would cost minutes of a lent machine.
 void decode_loop_matches_cpu(std::initializer_list<int> dims) {
   INTFA_REQUIRE_GPU();
   for (Scheme s : {Scheme::accurate, Scheme::paper}) {
@@ -443,9 +446,9 @@ void paged_matches_cpu(std::initializer_list<int> dims) {
                      std::to_string(page));
         const int B = 3, Hq = 8, Hkv = 2, cap = 1024;
         // The paths a call of n rows per sequence can name: decode takes at most 16 rows per K/V
-        // head, sm90 needs a Hopper GPU.
+        // head (and head dim 256 on Hopper only: ~199 KB of shared memory), sm90 needs a Hopper GPU.
         auto skip = [&](GpuPath path) {
-          return (path == GpuPath::decode && (n * (Hq / Hkv) > 16 || D == 256)) ||
+          return (path == GpuPath::decode && (n * (Hq / Hkv) > 16 || (D == 256 && !have_sm90))) ||
                  (path == GpuPath::sm90 && !have_sm90);
         };
         AppendCase a(B, Hq, Hkv, n, cap, D, s, 80 + D + n + int(s));

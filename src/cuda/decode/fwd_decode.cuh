@@ -163,9 +163,12 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<D, Paged>) fwd_kernel(const
     asm volatile("" : "+l"(ptr));
     return ptr;
   };
-  constexpr int kKChunks = D / 16, kKRows = kThreads / kKChunks;  // K: 16 (D=128) or 32 rows per pass
+  // K: 8 (D = 256), 16 (D = 128) or 32 rows per pass. A pass of 16 or 32 rows keeps the
+  // swizzle's row bits, so its offset is the first one plus whole rows; D = 256's 8-row passes
+  // XOR a per-pass constant in (sm80::k_pass_offset, folded to that sum at D <= 128).
+  constexpr int kKChunks = D / 16, kKRows = kThreads / kKChunks;
   constexpr int kVChunks = kBlockN / 16, kVRows = kThreads / kVChunks;
-  static_assert(kKRows % 16 == 0 && kVRows * kBlockN % 1024 == 0, "passes keep the swizzle");
+  static_assert(kVRows * kBlockN % 1024 == 0, "V^T passes keep the swizzle");
   const int kc = tid % kKChunks, kr = tid / kKChunks, vc = tid % kVChunks, vd = tid / kVChunks;
   const int k_off = sm80::k_tile_offset<D>(kr, kc), v_off = sm80::swz128(vd * kBlockN + 16 * vc);
   const int8_t* const k_thread = p.k8 + b * p.k_st.bs + hkv * p.k_st.hs + (k0 + kr) * p.k_st.ts + 16 * kc;
@@ -185,7 +188,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<D, Paged>) fwd_kernel(const
 #pragma unroll
     for (int it = 0; it < kBlockN / kKRows; ++it, src = opaque(src + k_step)) {
       const bool valid = it * kKRows < k_left;
-      ptx::cp_async_16B(base + k_off + it * kKRows * D, valid ? src : k_page0, valid);
+      ptx::cp_async_16B(base + sm80::k_pass_offset<D>(k_off, kKRows, it), valid ? src : k_page0, valid);
     }
     const bool v_valid = page >= 0 && key0 + 16 * vc < skv;
     src = v_page0 + pg * p.vt_st.bs + tok;
@@ -224,7 +227,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<D, Paged>) fwd_kernel(const
 #pragma unroll
     for (int it = 0; it < kBlockN / kKRows; ++it, src = opaque(src + k_step)) {
       const bool valid = it * kKRows < k_left;
-      ptx::cp_async_16B(base + k_off + it * kKRows * D, valid ? src : k_thread, valid);
+      ptx::cp_async_16B(base + sm80::k_pass_offset<D>(k_off, kKRows, it), valid ? src : k_thread, valid);
     }
     const bool v_valid = key0 + 16 * vc < skv;
     src = v_thread + key0;
@@ -245,11 +248,17 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<D, Paged>) fwd_kernel(const
 
   if (count > 0) {
     const int8_t* const q_rows = p.q8 + b * p.q_st.bs + h * p.q_st.hs + q0 * p.q_st.ts;
-    if (tid < kRows * (D / 16)) {
-      const int r = tid / (D / 16), c = tid % (D / 16);
-      const bool valid = r < sq;
-      ptx::cp_async_16B(smem_base + sm80::q_tile_offset<D>(r, c), valid ? q_rows + r * p.q_st.ts + 16 * c : q_rows,
-                        valid);
+    // The Q rows' 16-byte chunks: one per thread at D <= 128, two at D = 256.
+    constexpr int kQChunks = kRows * (D / 16);
+#pragma unroll
+    for (int it = 0; it < (kQChunks + kThreads - 1) / kThreads; ++it) {
+      const int i = tid + it * kThreads;
+      if (i < kQChunks) {
+        const int r = i / (D / 16), c = i % (D / 16);
+        const bool valid = r < sq;
+        ptx::cp_async_16B(smem_base + sm80::q_tile_offset<D>(r, c), valid ? q_rows + r * p.q_st.ts + 16 * c : q_rows,
+                          valid);
+      }
     }
     // The first kStages - 1 blocks (one group each, empty past the range).
 #pragma unroll

@@ -11,11 +11,11 @@ namespace intfa::cuda {
 namespace {
 
 // Calls f(D, Stages, Paged, SmallPages, Softcap), as std::integral_constant arguments, for the
-// decode kernel a launch of head dim 128 (else 64), ring depth `stages` (4 only at D = 128, and
+// decode kernel a launch of head dim 64, 128 or 256, ring depth `stages` (4 only at D = 128, and
 // not with pages smaller than a block or soft-capping) and contiguous KV, pages of a multiple of
 // the key block or smaller pages runs: the one place that maps those to an instantiation.
 template <typename F>
-Status with_kernel(bool d128, int stages, bool paged, bool small, bool softcap, F&& f) {
+Status with_kernel(int head_dim, int stages, bool paged, bool small, bool softcap, F&& f) {
   using std::integral_constant;
   using Yes = std::true_type;
   using No = std::false_type;
@@ -30,16 +30,20 @@ Status with_kernel(bool d128, int stages, bool paged, bool small, bool softcap, 
     const integral_constant<int, 3> s3;
     return softcap ? pick(d, s3, Yes{}) : pick(d, s3, No{});
   };
-  if (!d128) return pick3(integral_constant<int, 64>{});
+  if (head_dim == 64) return pick3(integral_constant<int, 64>{});
+  if (head_dim == 256) return pick3(integral_constant<int, 256>{});
   if (stages == 4 && !small && !softcap) return pick(integral_constant<int, 128>{}, integral_constant<int, 4>{}, No{});
   return pick3(integral_constant<int, 128>{});
 }
 
 }  // namespace
 
+int decode_block_n() { return decode::kSameBlocksAsSm80 ? decode::kBlockN : 0; }
+
 bool decode_takes(const FwdParams& p) {
-  return decode::kSameBlocksAsSm80 && p.scheme != Scheme::half && (p.head_dim == 64 || p.head_dim == 128) &&
-         p.seqlen_q >= 1 && p.seqlen_q <= decode::kRows;
+  return decode::kSameBlocksAsSm80 && p.scheme != Scheme::half &&
+         (p.head_dim == 64 || p.head_dim == 128 || p.head_dim == 256) && p.seqlen_q >= 1 &&
+         p.seqlen_q <= decode::kRows;
 }
 
 Status launch_fwd_decode(const FwdParams& p, cudaStream_t stream) {
@@ -48,7 +52,7 @@ Status launch_fwd_decode(const FwdParams& p, cudaStream_t stream) {
   if (!decode::kSameBlocksAsSm80)
     return Status(StatusCode::not_available, "path: decode needs the sm80 kernel's 128-key blocks (this build "
                                              "sets INTFA_SM80_BLOCK_N to another size)");
-  if (Status st = check_head_dim_64_128(p, "decode"); !st.ok()) return st;
+  if (Status st = check_head_dim(p, "decode"); !st.ok()) return st;
   if (p.seqlen_q > decode::kRows)
     return Status(StatusCode::not_available,
                   "path: decode takes at most " + std::to_string(decode::kRows) +
@@ -60,8 +64,8 @@ Status launch_fwd_decode(const FwdParams& p, cudaStream_t stream) {
   if (Status st = check_paged(p, "decode", decode::kBlockN, &small); !st.ok()) return st;
   if (p.seqlen_q < 1 || p.batch < 1) return Status::OK();
   // Shared memory: D = 128 takes ~100 KB (three 32 KB stages), more than sm_86 / sm_89 give one
-  // block (99 KB); there the automatic path runs the prefill kernel instead. 4 stages only where
-  // they fit.
+  // block (99 KB), D = 256 ~199 KB (three 64 KB stages), more than sm_80 gives (163 KB); there
+  // the automatic path runs the prefill kernels instead. 4 stages only where they fit.
   static PerDevice smem_cache;
   int smem_max = 0;
   Status st = check_cuda(once_per_device(smem_cache, [](int dev, int* n) {
@@ -69,7 +73,9 @@ Status launch_fwd_decode(const FwdParams& p, cudaStream_t stream) {
   }, &smem_max), "decode forward: shared memory per block");
   if (!st.ok()) return st;
   const bool d128 = p.head_dim == 128;
-  const int smem_need = d128 ? decode::Smem<128, 3>::kBytes : decode::Smem<64, 3>::kBytes;
+  const int smem_need = p.head_dim == 64    ? decode::Smem<64, 3>::kBytes
+                        : p.head_dim == 128 ? decode::Smem<128, 3>::kBytes
+                                            : decode::Smem<256, 3>::kBytes;
   const int smem4 = decode::Smem<128, 4>::kBytes;
   if (smem_need > smem_max)
     return Status(StatusCode::not_available, "path: decode needs " + std::to_string(smem_need) +
@@ -83,7 +89,7 @@ Status launch_fwd_decode(const FwdParams& p, cudaStream_t stream) {
   st = check_cuda(device_sm_count(&sms), "decode forward: SM count");
   // Resident CTAs per SM of the kernel a launch of `stages` would run.
   auto occupancy = [&](int stages, int* n) {
-    return with_kernel(d128, stages, paged, small, softcap, [&](auto d, auto s, auto pg, auto sp, auto sc) {
+    return with_kernel(p.head_dim, stages, paged, small, softcap, [&](auto d, auto s, auto pg, auto sp, auto sc) {
       return decode::occupancy<decltype(d)::value, decltype(s)::value, decltype(pg)::value, decltype(sp)::value,
                                decltype(sc)::value>(n);
     });
@@ -110,7 +116,8 @@ Status launch_fwd_decode(const FwdParams& p, cudaStream_t stream) {
   // ms, 3 stages -> this rule (docs/PERF_LOG.md d4): B = 1 with 32k keys 0.041 -> 0.038,
   // B = 16 with 8k 0.083 -> 0.078, B = 64 with 2k (two waves, 3 stages) 0.081 either way. At
   // D = 64 (16 KB stages, four CTAs per SM at 3 stages) 4 stages gained nowhere and lost 20% at
-  // B = 64 with 2k, so D = 64 has only the 3-stage kernel.
+  // B = 64 with 2k, so D = 64 has only the 3-stage kernel. At D = 256 (64 KB stages) 4 stages
+  // do not fit.
   int stages = heads * prm.num_splits <= static_cast<long long>(sms) * ctas ? 4 : 3;
   if (forced_stages == 3 || forced_stages == 4) stages = forced_stages;
   // Pages smaller than a block: 3 stages always (two CTAs per SM hid the longer load issue of
@@ -138,7 +145,7 @@ Status launch_fwd_decode(const FwdParams& p, cudaStream_t stream) {
     prm.part_ml = static_cast<float2*>(scratch);
     prm.part_o = reinterpret_cast<float*>(prm.part_ml + rows);
   }
-  st = with_kernel(d128, stages, paged, small, softcap, [&](auto d, auto s, auto pg, auto sp, auto sc) {
+  st = with_kernel(p.head_dim, stages, paged, small, softcap, [&](auto d, auto s, auto pg, auto sp, auto sc) {
     return decode::launch_fwd<decltype(d)::value, decltype(s)::value, decltype(pg)::value, decltype(sp)::value,
                               decltype(sc)::value>(prm, stream);
   });

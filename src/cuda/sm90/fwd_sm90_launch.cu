@@ -230,13 +230,10 @@ Status prepare_sm90(const FwdParams& p, sm90::Params* prm, bool* small, bool enc
     return Status(StatusCode::not_available, "scheme: half is not available on the sm90 path");
   // Head dim 256: every kernel in two value-channel passes (sm90::kVPasses), with int8 Q; fused
   // Q (its staging rows do not fit) runs the quantizer.
-  if (p.head_dim == 256) {
-    if (p.q_in)
-      return Status(StatusCode::not_available,
-                    "sm90 path: head_dim 256 with Q quantized in the kernel is not built (the quantizer runs it)");
-  } else if (Status st = check_head_dim_64_128(p, "sm90"); !st.ok()) {
-    return st;
-  }
+  if (Status st = check_head_dim(p, "sm90"); !st.ok()) return st;
+  if (p.head_dim == 256 && p.q_in)
+    return Status(StatusCode::not_available,
+                  "sm90 path: head_dim 256 with Q quantized in the kernel is not built (the quantizer runs it)");
   // Paged KV: a key block (one TMA box) lies in one page, or spans pages of 16, 32 or 64 tokens.
   if (Status st = check_paged(p, "sm90", sm90::kBlockN, small); !st.ok()) return st;
   // TMA needs 16-byte aligned bases and strides: other tensors are refused (not_available), and
