@@ -217,13 +217,11 @@ Status attend_packed(const FwdParams& p, GpuPath path, bool fallback, bool decod
   }
   if (path == GpuPath::sm90) {
 #if INTFA_HAVE_SM90
-    // Head dim 256 on path auto: the sm90 kernel where it is the faster (sm90_d256_pays).
-    if (!fallback || p.head_dim != 256 || sm90_d256_pays(p)) {
-      Status st = launch_fwd_sm90(p, s);
-      // Operands TMA cannot describe: the automatic path takes them to the portable kernel (not a
-      // call whose Q only the sm90 kernel quantizes; cuda::attention checked it launches).
-      if (st.code() != StatusCode::not_available || !fallback || p.q_in) return done(st, GpuPath::sm90);
-    }
+    // Operands TMA cannot describe, and on path auto the head-dim-256 calls sm80 runs faster:
+    // the automatic path takes them to the portable kernel (not a call whose Q only the sm90
+    // kernel quantizes; cuda::attention checked it launches).
+    Status st = launch_fwd_sm90(p, s, fallback);
+    if (st.code() != StatusCode::not_available || !fallback || p.q_in) return done(st, GpuPath::sm90);
 #else
     if (!fallback) return Status(StatusCode::not_available, "path: sm90 is not available in this build");
 #endif

@@ -126,14 +126,11 @@ Status launch_fwd_decode(const FwdParams& p, cudaStream_t stream);
 
 // src/cuda/sm90: wgmma / TMA / warp-specialized INT8 flash attention (sm_90a only). Returns
 // not_available for operands TMA cannot describe (16-byte aligned bases and strides).
-Status launch_fwd_sm90(const FwdParams& p, cudaStream_t stream);
+// automatic (path auto): also refuses the head-dim-256 calls the sm80 kernel runs faster
+// (soft-capping, calls the split rule cuts into key ranges; docs/PERF_LOG.md s44, s45).
+Status launch_fwd_sm90(const FwdParams& p, cudaStream_t stream, bool automatic = false);
 // OK when launch_fwd_sm90(p) would launch p (after GQA packing), else what it would refuse.
 Status check_fwd_sm90(const FwdParams& p);
-// Head dim 256 (packed p): whether path auto runs it on the sm90 kernel: a call without
-// soft-capping that sm90's split rule gives one key range (whole tiles, windows, pages, key
-// counts, sinks; its split kernels redo QK^T and the softmax per value-channel pass, so few-tile
-// calls are faster on sm80's splits; soft-capping measured equal). docs/PERF_LOG.md s44, s45.
-bool sm90_d256_pays(const FwdParams& p);
 // Test hook: the same 128x128 int32 score block through the sm90 smem layout and wgmma.
 Status launch_qk_block_test_sm90(int head_dim, const int8_t* q8, const int8_t* k8, int32_t* s,
                                  cudaStream_t stream);

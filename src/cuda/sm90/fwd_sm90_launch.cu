@@ -249,20 +249,7 @@ Status check_fwd_sm90(const FwdParams& p) {
   return prepare_sm90(p, &prm, &small, false);
 }
 
-bool sm90_d256_pays(const FwdParams& p) {
-  sm90::Params prm;
-  bool small = false;
-  int sms = 1;
-  // Calls of one key range per tile: whole tiles, sliding windows, pages, key counts and sinks
-  // (H200, 4k causal, window 1023: 362 against sm80's 300 TOPS; pages, key counts and sinks:
-  // PERF_LOG s45). Soft-capping measured equal (315 / 317), so it stays on sm80, and so do
-  // decode-sized calls, which the split rule cuts into ranges (B=1 over 32k keys 0.099 against
-  // 0.071 ms: each pass redoes a range's QK^T and softmax). PERF_LOG s44.
-  return p.softcap <= 0.f && prepare_sm90(p, &prm, &small, false).ok() && device_sm_count(&sms) == cudaSuccess &&
-         sm90::choose_splits(p, prm.num_tiles, sms) == 1;
-}
-
-Status launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
+Status launch_fwd_sm90(const FwdParams& p, cudaStream_t stream, bool automatic) {
   const bool paged = p.block_table != nullptr;
   bool small = false;
   sm90::Params prm;
@@ -272,6 +259,14 @@ Status launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   st = check_cuda(device_sm_count(&sms), "sm90 forward: SM count");
   if (!st.ok()) return st;
   prm.num_splits = sm90::choose_splits(p, prm.num_tiles, sms);
+  // Head dim 256 on path auto: calls of one key range per tile (whole tiles, sliding windows,
+  // pages, key counts, sinks; H200, 4k causal, window 1023: 362 against sm80's 300 TOPS; the
+  // others 1.1-1.5x, PERF_LOG s45). Soft-capping measured equal (315 / 317 TOPS) and calls the
+  // split rule cuts into ranges slower (B=1 over 32k keys 0.099 against 0.071 ms: each pass
+  // redoes a range's QK^T and softmax; PERF_LOG s44): those go to sm80.
+  if (automatic && p.head_dim == 256 && (p.softcap > 0.f || prm.num_splits > 1))
+    return Status(StatusCode::not_available, "sm90 path: head_dim 256 with soft-capping or key-range splits runs "
+                                             "faster on sm80 (path auto)");
   // Only the split kernels read per-sequence key counts (decode_tile), pages, a sliding window's
   // left edge and sinks; with one range (the rule's choice, and always for paper) they write
   // final rows as the whole-tile kernels do.
