@@ -107,8 +107,8 @@ struct Options {
   // default) is none. With accurate / half the smoothed scores are moved back by scale *
   // q . k_mean before the tanh (softmax is invariant to that shift, the tanh is not), so
   // pre-quantized inputs of those schemes need qkv.lse_offset, as sinks do. Sinks are not
-  // capped. CPU backend and every GPU kernel (sm80, decode, sm90 at head dims 64 / 128), paged
-  // caches included.
+  // capped. CPU backend and every GPU kernel (sm80, decode, sm90, at every head dim they take),
+  // paged caches included.
   float softcap = 0.0f;
   float scale = 0.0f;    // softmax scale; 0 means 1/sqrt(D)
   Layout layout = Layout::BHSD;  // of q, k, v, out (ignored by the varlen entry points)

@@ -86,7 +86,7 @@ def attention(q, k, v, *, is_causal=False, window_size=_NO_WINDOW, sinks=None, s
     softcap: logit soft-capping (Gemma 2's attn_logit_softcapping, flash_attn's softcap): each
         scaled score s becomes softcap * tanh(s / softcap) before the softmax (the LSE is that
         of the capped scores; sinks are not capped). None or 0.0: none. On the GPU every
-        kernel runs it (sm80, decode, sm90 at head dims 64 / 128), over paged caches too.
+        kernel runs it (sm80, decode, sm90, at every head dim they take), over paged caches too.
 
     B, Sq and Skv may be 0, as torch SDPA takes them: with Skv = 0 every row is 0 and its LSE
     -inf (or the head's sink).
