@@ -288,7 +288,7 @@ Status parse_layout_arg(const std::string& s, intfa::Layout* out) {
   return parse_name(s, "layout", "'BHSD' or 'BSHD'", intfa::parse_layout, out);
 }
 Status parse_path_arg(const std::string& s, intfa::GpuPath* out) {
-  return parse_name(s, "path", "'auto', 'sm80' or 'sm90'", intfa::parse_path, out);
+  return parse_name(s, "path", "'auto', 'sm80', 'sm90' or 'decode'", intfa::parse_path, out);
 }
 
 // Keyword arguments shared by the entry points (see Options in intfa.h). window_left /

@@ -368,7 +368,7 @@ def test_gpu_path_names_on_host_arrays():
     rng = np.random.default_rng(17)
     q, k, v = qkv(rng, 1, 2, 2, 16, 16, 64)
     np.testing.assert_array_equal(intfa.attention(q, k, v, path="sm90"), intfa.attention(q, k, v))
-    with pytest.raises(ValueError, match="path"):
+    with pytest.raises(ValueError, match="path: expected 'auto', 'sm80', 'sm90' or 'decode', got 'sm70'"):
         intfa.attention(q, k, v, path="sm70")
 
 
