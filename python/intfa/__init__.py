@@ -26,7 +26,7 @@ from ._arrays import lib as _lib
 __all__ = [
     "attention", "attention_varlen", "quantize", "attention_int8", "attention_reference",
     "QuantizedQKV", "quantize_q", "append_kv", "KVCache", "PagedKVCache", "quantized_bytes",
-    "build_info", "device_info", "resolve_gpu_path",
+    "build_info", "device_info", "resolve_gpu_path", "last_gpu_path",
     "patch_sdpa", "unpatch_sdpa", "sdpa_patched", "scaled_dot_product_attention",
     "sdpa_supported", "flash_attn_func", "flash_attn_varlen_func", "transformers_attention",
     "register_transformers", "__version__",
@@ -1135,6 +1135,15 @@ def resolve_gpu_path(path="auto", device_index=0):
     decode kernel); RuntimeError when
     none can run there (no GPU, not built, or the requested path is not compiled in)."""
     return _lib.resolve_gpu_path(path, device_index)
+
+
+def last_gpu_path():
+    """The kernel family ('sm80', 'sm90' or 'decode') that ran the calling thread's last GPU
+    attention call (attention, attention_varlen, attention_int8, a KV cache's attention, the
+    torch ops), e.g. to see what path="auto" chose; None before the thread's first. CPU calls,
+    refused calls and calls with no rows or keys leave it as it was; CUDA graph replays run no
+    host code, so it reports the call that was captured. (C++: Options::ran.)"""
+    return _lib.last_gpu_path()
 
 
 def _need_torch(what):

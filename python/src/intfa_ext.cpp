@@ -291,6 +291,11 @@ Status parse_path_arg(const std::string& s, intfa::GpuPath* out) {
   return parse_name(s, "path", "'auto', 'sm80', 'sm90' or 'decode'", intfa::parse_path, out);
 }
 
+// The kernel family that ran this thread's last GPU attention call (Options::ran; automatic:
+// none yet), for last_gpu_path(). Each entry point's Options point here; the C++ call runs on
+// the calling thread (call() only releases the GIL).
+thread_local intfa::GpuPath g_ran = intfa::GpuPath::automatic;
+
 // Keyword arguments shared by the entry points (see Options in intfa.h). window_left /
 // window_right are Python's window_size, passed on as they come (-1, -1 for the calls that do
 // not attend): Options' validation reports values out of range with its own message. sinks
@@ -315,6 +320,7 @@ Status make_options(bool causal, int window_left, int window_right, double scale
   if (st.ok() && views) st = input(sinks, "sinks", *views, &o->sinks);
   o->block_n = block_n;
   o->stream = reinterpret_cast<void*>(stream);
+  o->ran = &g_ran;
   return st;
 }
 
@@ -731,6 +737,10 @@ nb::object resolve_gpu_path(const std::string& path, int device_index) {
   return done(nb::str(intfa::to_string(resolved)));
 }
 
+nb::object last_gpu_path() {
+  return done(g_ran == intfa::GpuPath::automatic ? nb::none() : nb::object(nb::str(intfa::to_string(g_ran))));
+}
+
 }  // namespace
 
 NB_MODULE(_C, m) {
@@ -784,4 +794,5 @@ NB_MODULE(_C, m) {
   m.def("build_info", &build_info);
   m.def("device_info", &device_info, nb::arg("device_index") = 0);
   m.def("resolve_gpu_path", &resolve_gpu_path, nb::arg("path"), nb::arg("device_index"));
+  m.def("last_gpu_path", &last_gpu_path);
 }

@@ -362,6 +362,16 @@ def test_info_and_sizes():
             intfa.resolve_gpu_path()
 
 
+def test_last_gpu_path_unchanged_by_cpu_calls():
+    # last_gpu_path() reports GPU calls only (test_gpu.py): a CPU call leaves it as it was.
+    rng = np.random.default_rng(18)
+    q, k, v = qkv(rng, 1, 2, 2, 16, 16, 64)
+    before = intfa.last_gpu_path()
+    assert before in (None, "sm80", "sm90", "decode")
+    intfa.attention(q, k, v, path="sm90")
+    assert intfa.last_gpu_path() == before
+
+
 def test_gpu_path_names_on_host_arrays():
     # NumPy arrays are host memory: the CPU backend serves them whatever the build; a GPU path
     # name is accepted and ignored there.

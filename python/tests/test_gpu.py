@@ -5,6 +5,7 @@ the SDPA patch. Skipped without torch or without a CUDA device."""
 
 import math
 import random
+import threading
 
 import numpy as np
 import pytest
@@ -129,6 +130,27 @@ def test_head_dim_256_matches_float64(scheme, cfg):
         assert out.dtype == q.dtype and out.shape == q.shape
         assert rel_l2(out, ref) < TOL[scheme], path
         lse_close(lse, ref_lse)
+
+
+def test_last_gpu_path_names_the_kernel_that_ran():
+    """intfa.last_gpu_path(): the kernel family of the calling thread's last GPU attention call:
+    each named path, path auto's decode kernel for a decode step (at head dim 128 and, on Hopper,
+    256); unchanged by a CPU call; None in a new thread until its first GPU call."""
+    hopper = intfa.resolve_gpu_path() == "sm90"
+    for d in [128] + ([256] if hopper else []):
+        q, k, v = make_qkv(1, 8, 2, 1, 700, d, seed=5 + d)  # a decode step: 4 rows per K/V head
+        for path in ["sm80", "decode"] + (["sm90"] if hopper else []):
+            intfa.attention(q, k, v, is_causal=True, enable_gqa=True, path=path)
+            assert intfa.last_gpu_path() == path, (d, path)
+        intfa.attention(q, k, v, is_causal=True, enable_gqa=True)
+        assert intfa.last_gpu_path() == "decode", d
+    intfa.attention(q.cpu(), k.cpu(), v.cpu(), is_causal=True, enable_gqa=True)
+    assert intfa.last_gpu_path() == "decode"
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(intfa.last_gpu_path()))
+    t.start()
+    t.join()
+    assert seen == [None]
 
 
 @pytest.mark.parametrize("sq,skv", [(100, 300), (300, 100), (1, 513), (257, 256)])
