@@ -500,8 +500,8 @@ TEST_F(AttentionGpu, KernelHeadDim256Splits) {
   }
 }
 
-// The decode kernel at head dim 256 (128-key blocks, as sm90's; ~199 KB of shared memory, so
-// Hopper only: elsewhere path decode refuses it by name and path auto runs sm80): GQA decode
+// The decode kernel at head dim 256 (128-key blocks, as sm90's; ~134 KB of shared memory, which
+// sm_86 / sm_89 do not give: there path decode refuses it and path auto runs sm80): GQA decode
 // steps with key-range splits (empty ranges with INTFA_DECODE_SPLITS=3), speculative steps (16
 // rows, causal), `paper` (one range), rows that see no key, a window with sinks, varlen decode
 // batches with empty sequences, each with its LSE against the CPU emulation; path auto runs the
@@ -526,16 +526,11 @@ TEST_F(AttentionGpu, KernelDecodeHeadDim256) {
   for (Case& c : cases) {
     c.d = 256;
     c.seed = ++seed;
-    if (hopper) {
-      check_kernel_vs_cpu(c, GpuPath::decode);
-      GpuPath ran = GpuPath::automatic;
-      check_kernel_vs_cpu(c, GpuPath::automatic, &ran);
-      EXPECT_EQ(ran, GpuPath::decode) << describe(c);
-    } else {
-      GpuPath ran = GpuPath::automatic;
-      check_kernel_vs_cpu(c, GpuPath::automatic, &ran);
-      EXPECT_EQ(ran, GpuPath::sm80) << describe(c);
-    }
+    GpuPath ran = GpuPath::automatic;
+    check_kernel_vs_cpu(c, GpuPath::automatic, &ran);
+    if (hopper) EXPECT_EQ(ran, GpuPath::decode) << describe(c);
+    EXPECT_TRUE(ran == GpuPath::decode || ran == GpuPath::sm80) << describe(c) << ": " << to_string(ran);
+    if (ran == GpuPath::decode) check_kernel_vs_cpu(c, GpuPath::decode);
   }
 }
 

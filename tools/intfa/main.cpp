@@ -311,8 +311,8 @@ int cmd_info() {
     GpuPath p;
     Status st = resolve_gpu_path(GpuPath::automatic, 0, &p);
     std::printf("GPU path: %s%s\n", st.ok() ? to_string(p) : st.message().c_str(),
-                st.ok() ? " (decode kernel for <= 16 query rows per batch and K/V head at head dims 64, 128 and, "
-                          "on Hopper, 256; head dim 256: sm90 for prefill without soft-capping)"
+                st.ok() ? " (decode kernel for <= 16 query rows per batch and K/V head at head dims 64, 128, 256; "
+                          "head dim 256: sm90 for prefill without soft-capping)"
                         : "");
   } else {
     std::printf("GPU: none (%s); the CPU backend serves every call\n", d.error.c_str());

@@ -40,7 +40,9 @@ constexpr int kThreads = 32 * kWarps;
 static_assert(kBlockN == 32 * kWarps, "a warp per 32-key step of the block");
 // K/V ring depth (Stages - 1 blocks load while one is computed), chosen per launch: 3, or 4 for
 // D = 128 launches of at most one wave (launch_fwd_decode; docs/PERF_LOG.md d4). At D = 128 a
-// stage is 32 KB, so 3 stages let two CTAs share an SM and 4 stages take one.
+// stage is 32 KB, so 3 stages let two CTAs share an SM and 4 stages take one. D = 256 runs 2 (64
+// KB stages, one CTA per SM; sm_80's shared memory takes them, 3 would need sm_90's and measured
+// slower there).
 template <int D, int Stages>
 struct Smem {
   static constexpr int kQ = kRows * D;     // int8 Q rows (swizzled like sm80's Q tile)

@@ -12,8 +12,9 @@ namespace {
 
 // Calls f(D, Stages, Paged, SmallPages, Softcap), as std::integral_constant arguments, for the
 // decode kernel a launch of head dim 64, 128 or 256, ring depth `stages` (4 only at D = 128, and
-// not with pages smaller than a block or soft-capping) and contiguous KV, pages of a multiple of
-// the key block or smaller pages runs: the one place that maps those to an instantiation.
+// not with pages smaller than a block or soft-capping; always 2 at D = 256) and contiguous KV,
+// pages of a multiple of the key block or smaller pages runs: the one place that maps those to
+// an instantiation.
 template <typename F>
 Status with_kernel(int head_dim, int stages, bool paged, bool small, bool softcap, F&& f) {
   using std::integral_constant;
@@ -21,19 +22,18 @@ Status with_kernel(int head_dim, int stages, bool paged, bool small, bool softca
   using No = std::false_type;
   auto pick = [&](auto d, auto s, auto sc) {
     if (!paged) return f(d, s, No{}, No{}, sc);
-    if constexpr (decltype(s)::value == 3)
+    if constexpr (decltype(s)::value != 4)
       if (small) return f(d, s, Yes{}, Yes{}, sc);
     return f(d, s, Yes{}, No{}, sc);
   };
-  // The 3-stage kernels come with and without soft-capping, the 4-stage one (D = 128) without.
-  auto pick3 = [&](auto d) {
-    const integral_constant<int, 3> s3;
-    return softcap ? pick(d, s3, Yes{}) : pick(d, s3, No{});
-  };
-  if (head_dim == 64) return pick3(integral_constant<int, 64>{});
-  if (head_dim == 256) return pick3(integral_constant<int, 256>{});
+  // The 2- and 3-stage kernels come with and without soft-capping and for every page kind, the
+  // 4-stage one (D = 128) only without either.
+  auto pick_all = [&](auto d, auto s) { return softcap ? pick(d, s, Yes{}) : pick(d, s, No{}); };
+  const integral_constant<int, 3> s3;
+  if (head_dim == 64) return pick_all(integral_constant<int, 64>{}, s3);
+  if (head_dim == 256) return pick_all(integral_constant<int, 256>{}, integral_constant<int, 2>{});
   if (stages == 4 && !small && !softcap) return pick(integral_constant<int, 128>{}, integral_constant<int, 4>{}, No{});
-  return pick3(integral_constant<int, 128>{});
+  return pick_all(integral_constant<int, 128>{}, s3);
 }
 
 }  // namespace
@@ -63,9 +63,9 @@ Status launch_fwd_decode(const FwdParams& p, cudaStream_t stream) {
   bool small = false;  // pages of 16, 32 or 64 tokens: the SmallPages kernels
   if (Status st = check_paged(p, "decode", decode::kBlockN, &small); !st.ok()) return st;
   if (p.seqlen_q < 1 || p.batch < 1) return Status::OK();
-  // Shared memory: D = 128 takes ~100 KB (three 32 KB stages), more than sm_86 / sm_89 give one
-  // block (99 KB), D = 256 ~199 KB (three 64 KB stages), more than sm_80 gives (163 KB); there
-  // the automatic path runs the prefill kernels instead. 4 stages only where they fit.
+  // Shared memory: D = 128 takes ~100 KB (three 32 KB stages), D = 256 ~134 KB (two 64 KB
+  // stages), more than sm_86 / sm_89 give one block (99 KB); there the automatic path runs the
+  // prefill kernel instead. 4 stages only where they fit.
   static PerDevice smem_cache;
   int smem_max = 0;
   Status st = check_cuda(once_per_device(smem_cache, [](int dev, int* n) {
@@ -73,9 +73,13 @@ Status launch_fwd_decode(const FwdParams& p, cudaStream_t stream) {
   }, &smem_max), "decode forward: shared memory per block");
   if (!st.ok()) return st;
   const bool d128 = p.head_dim == 128;
+  // The ring depth of every launch but D = 128's 4-stage ones: 3, at D = 256 2 (64 KB stages, one
+  // CTA per SM either way; H200, docs/PERF_LOG.md d15: 3 stages took 7-10% longer, the ~65 KB
+  // more of shared memory leaving less L1 for the spilled registers, which is a guess).
+  const int base_stages = p.head_dim == 256 ? 2 : 3;
   const int smem_need = p.head_dim == 64    ? decode::Smem<64, 3>::kBytes
                         : p.head_dim == 128 ? decode::Smem<128, 3>::kBytes
-                                            : decode::Smem<256, 3>::kBytes;
+                                            : decode::Smem<256, 2>::kBytes;
   const int smem4 = decode::Smem<128, 4>::kBytes;
   if (smem_need > smem_max)
     return Status(StatusCode::not_available, "path: decode needs " + std::to_string(smem_need) +
@@ -94,10 +98,10 @@ Status launch_fwd_decode(const FwdParams& p, cudaStream_t stream) {
                                decltype(sc)::value>(n);
     });
   };
-  if (st.ok()) st = occupancy(3, &ctas);
+  if (st.ok()) st = occupancy(base_stages, &ctas);
   if (!st.ok()) return st;
-  // INTFA_DECODE_SPLITS forces the ranges per head, INTFA_DECODE_STAGES (3 or 4) the ring depth
-  // (tests, sanitizer runs, A/B timing).
+  // INTFA_DECODE_SPLITS forces the ranges per head, INTFA_DECODE_STAGES (3 or 4, D = 128) the ring
+  // depth (tests, sanitizer runs, A/B timing).
   static const int forced = [] {
     const char* e = std::getenv("INTFA_DECODE_SPLITS");
     return e ? std::atoi(e) : 0;
@@ -116,8 +120,7 @@ Status launch_fwd_decode(const FwdParams& p, cudaStream_t stream) {
   // ms, 3 stages -> this rule (docs/PERF_LOG.md d4): B = 1 with 32k keys 0.041 -> 0.038,
   // B = 16 with 8k 0.083 -> 0.078, B = 64 with 2k (two waves, 3 stages) 0.081 either way. At
   // D = 64 (16 KB stages, four CTAs per SM at 3 stages) 4 stages gained nowhere and lost 20% at
-  // B = 64 with 2k, so D = 64 has only the 3-stage kernel. At D = 256 (64 KB stages) 4 stages
-  // do not fit.
+  // B = 64 with 2k, so D = 64 has only the 3-stage kernel.
   int stages = heads * prm.num_splits <= static_cast<long long>(sms) * ctas ? 4 : 3;
   if (forced_stages == 3 || forced_stages == 4) stages = forced_stages;
   // Pages smaller than a block: 3 stages always (two CTAs per SM hid the longer load issue of
@@ -125,7 +128,7 @@ Status launch_fwd_decode(const FwdParams& p, cudaStream_t stream) {
   // 16: 4 stages 0.107 / 0.123 / 0.166 ms, 3 stages 0.088 / 0.095 / 0.117; no 4-stage kernel
   // for them, not re-measured with SmallPageTile).
   // Soft-capping: 3 stages (its one instantiation per head dim and page kind).
-  if (!d128 || smem4 > smem_max || small || softcap) stages = 3;
+  if (!d128 || smem4 > smem_max || small || softcap) stages = base_stages;
   if (stages == 4) {
     st = occupancy(4, &ctas);
     if (!st.ok()) return st;

@@ -1,7 +1,7 @@
-// Host launcher template for the decode kernel; fwd_decode_d{64_s3,128_s3,128_s4,256_s3}[_paged].cu,
-// fwd_decode_d{64,128,256}_s3_paged_small.cu and fwd_decode_d{64,128,256}_s3_softcap*.cu instantiate one
-// (head dim, ring depth, contiguous KV / pages / pages smaller than a key block, soft-capping)
-// each.
+// Host launcher template for the decode kernel; fwd_decode_d{64_s3,128_s3,128_s4,256_s2}[_paged].cu,
+// fwd_decode_d{64_s3,128_s3,256_s2}_paged_small.cu and fwd_decode_d{64_s3,128_s3,256_s2}_softcap*.cu
+// instantiate one (head dim, ring depth, contiguous KV / pages / pages smaller than a key block,
+// soft-capping) each.
 #pragma once
 
 #include "cuda/decode/fwd_decode.cuh"

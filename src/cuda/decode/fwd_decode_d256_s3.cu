@@ -1,7 +1,0 @@
-// Instantiation: decode forward, head_dim 256, 3-stage K/V ring, contiguous KV.
-#include "cuda/decode/fwd_decode_launch.cuh"
-
-namespace intfa::decode {
-template Status occupancy<256, 3, false>(int*);
-template Status launch_fwd<256, 3, false>(const Params&, cudaStream_t);
-}  // namespace intfa::decode
