@@ -249,6 +249,7 @@ Tensor on_device(Tensor t, void* ptr) {
 struct RunResult {
   std::vector<float> out;
   double ms = 0;
+  GpuPath ran = GpuPath::automatic;  // GPU runs: the kernel family that ran (Options::ran)
 };
 
 RunResult run_intfa(tools::HostQKV& x, const Options& opts, Backend backend) {
@@ -267,6 +268,7 @@ RunResult run_intfa(tools::HostQKV& x, const Options& opts, Backend backend) {
   Tensor tq = on_device(x.tq(), dq.ptr), tk = on_device(x.tk(), dk.ptr), tv = on_device(x.tv(), dv.ptr);
   Tensor to = on_device(out, dout.ptr);
   Options o = opts;
+  o.ran = &r.ran;
   std::unique_ptr<DeviceBuf> dz;  // the sinks (host logits in opts) in the memory space of q
   if (opts.sinks.defined()) {
     dz = std::make_unique<DeviceBuf>(opts.sinks.data, static_cast<size_t>(opts.sinks.numel()) * 4);
@@ -345,9 +347,10 @@ int cmd_demo(const Args& a) {
   const double ops = 4.0 * heads * double(seq) * seq * hdim;
   std::printf("accuracy vs float64: rel_l2 %s  rel_l1 %s  cosine %.6f  max_abs %s\n",
               fmt(m.rel_l2).c_str(), fmt(m.rel_l1).c_str(), m.cosine, fmt(m.max_abs).c_str());
-  std::printf("time: intfa %s %.2f ms (%.2f TOPS, quantization included); baseline float64 "
+  const std::string where = gpu ? std::string(" (") + to_string(r.ran) + " kernel)" : std::string();
+  std::printf("time: intfa %s%s %.2f ms (%.2f TOPS, quantization included); baseline float64 "
               "reference on the CPU %.2f ms (same run): %.1fx\n",
-              to_string(backend), r.ms, ops / r.ms / 1e9, ref_ms, ref_ms / r.ms);
+              to_string(backend), where.c_str(), r.ms, ops / r.ms / 1e9, ref_ms, ref_ms / r.ms);
   if (!gpu) std::printf("(no GPU found: this ran on the CPU backend; `intfa bench` needs a GPU)\n");
   return std::isfinite(m.rel_l2) ? 0 : kExitError;
 }
@@ -380,18 +383,19 @@ int cmd_accuracy(const Args& a) {
   std::vector<float> z(sinks ? size_t(heads) : 0);  // each input set's sink logits (--sinks)
   base.sinks = sinks_tensor(z);
 
-  // The GPU kernels' key block is fixed per head dim and path at build time (head dim 256 on
-  // path auto: sm80's 64, or on Hopper sm90's 128 for most calls); --block sets the CPU
-  // emulation's.
-  const bool either = backend == Backend::gpu && hdim == 256 && base.path == GpuPath::automatic;
-  const std::string eff_block = either ? std::string("64 (sm80) or 128 (sm90)")
-                                       : std::to_string(backend == Backend::gpu ? gpu_block_n(hdim, base.path) : block);
+  // The GPU kernels' key block is fixed per head dim and kernel at build time (head dim 256 on
+  // path auto: sm80's 64, or sm90's / decode's 128, per call: each row reports the kernel that
+  // ran and its block); --block sets the CPU emulation's.
+  const bool gpu = backend == Backend::gpu;
+  const bool either = gpu && hdim == 256 && base.path == GpuPath::automatic;
+  const std::string eff_block = either ? std::string("per row (sm80 64, sm90 128)")
+                                       : std::to_string(gpu ? gpu_block_n(hdim, base.path) : block);
   std::printf("intfa accuracy: backend %s, B=%d H=%d Hkv=%d D=%d %s, key block %s, causal %d%s%s, "
               "output fp32 vs float64 reference\n",
               to_string(backend), batch, heads, heads_kv, hdim, to_string(dtype), eff_block.c_str(), causal,
               window_note(base).c_str(), (sinks_note(base) + softcap_note(base)).c_str());
-  std::printf("%-9s %-8s %6s  %9s %9s %9s %9s %9s\n", "scheme", "dist", "seq", "rel_l2",
-              "rel_l1", "cosine", "max_abs", "mean_rel");
+  std::printf("%-9s %-8s %6s  %9s %9s %9s %9s %9s%s\n", "scheme", "dist", "seq", "rel_l2",
+              "rel_l1", "cosine", "max_abs", "mean_rel", gpu ? "  kernel" : "");
   std::ostringstream rows;
   int n = 0, total = static_cast<int>(seqs.size() * dists.size() * schemes.size());
   bool bad = false;
@@ -420,15 +424,18 @@ int cmd_accuracy(const Args& a) {
         RunResult r = run_intfa(x, o, backend);
         auto m = tools::compare(std::vector<double>(r.out.begin(), r.out.end()), ref);
         bad |= !std::isfinite(m.rel_l2);
-        std::printf("%-9s %-8s %6d  %9.3e %9.3e %9.6f %9.3e %9.3e\n", to_string(sc),
-                    tools::to_string(dist), seq, m.rel_l2, m.rel_l1, m.cosine, m.max_abs, m.mean_rel);
+        const std::string ran = gpu ? std::string("  ") + to_string(r.ran) : std::string();
+        std::printf("%-9s %-8s %6d  %9.3e %9.3e %9.6f %9.3e %9.3e%s\n", to_string(sc),
+                    tools::to_string(dist), seq, m.rel_l2, m.rel_l1, m.cosine, m.max_abs, m.mean_rel, ran.c_str());
         std::fflush(stdout);
         rows << (rows.tellp() > 0 ? ",\n" : "") << "    {\"scheme\": \"" << to_string(sc)
              << "\", \"dist\": \"" << tools::to_string(dist) << "\", \"seq\": " << seq
              << ", \"hdim\": " << hdim << ", \"batch\": " << batch << ", \"heads\": " << heads
              << ", \"heads_kv\": " << heads_kv << ", \"causal\": " << causal << window_json(base)
              << sinks_json(base) << softcap_json(base)
-             << ", \"block\": " << eff_block << ", \"dtype\": \"" << to_string(dtype)
+             << ", \"block\": " << (gpu ? gpu_block_n(hdim, r.ran) : block)
+             << (gpu ? std::string(", \"path\": \"") + to_string(r.ran) + "\"" : std::string())
+             << ", \"dtype\": \"" << to_string(dtype)
              << "\", \"device\": \"" << to_string(backend) << "\", \"rel_l2\": " << fmt(m.rel_l2, "%.6e")
              << ", \"rel_l1\": " << fmt(m.rel_l1, "%.6e") << ", \"cosine\": " << fmt(m.cosine, "%.9f")
              << ", \"max_abs\": " << fmt(m.max_abs, "%.6e") << ", \"mean_rel\": " << fmt(m.mean_rel, "%.6e")
