@@ -17,7 +17,8 @@
 //
 // Per block the warps run the sm80 path's fragment code (mma.sync m16n8k32, ldmatrix, the K rows
 // permuted so S lands in the PV A-fragment order, fwd::make_p_and_l, the magic-biased fold), so
-// the numerics are the sm80 kernel's: 128-key blocks, the same P8.
+// the numerics are the sm80 kernel's: 128-key blocks, the same P8. At head dim 256, where the
+// sm80 kernel takes 64-key blocks, they are the sm90 kernel's (128).
 #pragma once
 
 #include <cstdint>
