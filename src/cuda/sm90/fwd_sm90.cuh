@@ -22,7 +22,7 @@
 //   Fused Q (attention() calls without lse_offset, FwdParams::q_in): TMA brings the tile's
 //     fp16 / bf16 rows instead, and each consumer warpgroup quantizes its 64 rows (per-token,
 //     bit-identical to the quantizer) into the int8 tile at the tile's start (quantize_q_rows).
-//   Head dim 256 (every kernel but the paged ones): each tile (or key range) runs as two units
+//   Head dim 256 (every kernel): each tile (or key range) runs as two units
 //     of 128 value channels (kVPasses), which share QK^T and P8 and each write half of O.
 //   Softcap (on the window kernels: contiguous, paged, small pages): the scores go through
 //     softcap * tanh(s / softcap) before the softmax (fwd::softcap_scores, as on sm80).
@@ -223,7 +223,7 @@ __device__ __forceinline__ int64_t part_row0(const Params& P, int split, int til
 // test and the causal mask read the same as for a whole tile.
 struct Tile {
   int b, h, hkv, m0, sq, skv, diag, n_blocks;
-  int vc0;    // head dim 256: the unit's first value channel (kVPasses)
+  int vc0;    // the unit's first value channel (head dim 256's kVPasses; else 0)
   int first;  // Window kernels only: position + first is a row's first key
   int64_t q0, k0, vcol0;
   int bc;  // batch coordinate of the TMA maps (0 for packed varlen tensors)
@@ -235,6 +235,7 @@ template <bool Causal, bool Split, bool Window = false, int Passes = 1>
 __device__ __forceinline__ bool decode_tile(const Params& P, int unit, Tile& T) {
   const FwdParams& p = P.p;
   const int num_m = P.num_m_blocks;
+  T.vc0 = 0;
   if constexpr (Passes > 1) {
     const int u = unit / Passes;
     T.vc0 = (unit - u * Passes) * (p.head_dim / Passes);
@@ -402,13 +403,13 @@ __device__ __forceinline__ uint4 permute_chunk(uint4 x) {
 // A split unit (Split) takes the same path with other destinations: its rows' O * v_scale in
 // fp32, not divided by l, to P.part_o, and (m_run, l) to P.part_ml, for combine_kernel.
 // DFull: the head dim, the row length of P.part_o (head dim 256: D = kDV channels per pass,
-// written at vc0).
+// written at T.vc0).
 template <int D, bool Split, int DFull = D, typename Mark>
 __device__ __forceinline__ void store_rows(const Params& P, const Tile& T, int unit, int cw, int ctid, int bar,
                                            uint8_t* so, uint32_t so_addr, const int (&row)[2],
                                            const float (&o)[D / 8][4], const float (&l_part)[2],
                                            const float (&m_run)[2], const float2 (&v2)[D / 8],
-                                           const float (&z2)[2], int vc0, Mark&& mark) {
+                                           const float (&z2)[2], Mark&& mark) {
   const FwdParams& p = P.p;
   // Split kernels with one range (launches with key counts that do not split) write final rows.
   const bool partial = Split && P.num_splits > 1;
@@ -462,12 +463,12 @@ __device__ __forceinline__ void store_rows(const Params& P, const Tile& T, int u
   mark(10);
   if (copier && T.m0 + cw * 64 + crow < T.sq) {  // rows inside the sequence
     const int64_t idx = offset(p.o_st, T.b, T.h, T.q0 + T.m0 + cw * 64 + crow);
-    char* dst = static_cast<char*>(p.out) + (idx + vc0) * es;  // vc0: head dim 256's value channels
-    if (partial) dst = reinterpret_cast<char*>(P.part_o + (prow0 + cw * 64 + crow) * DFull + vc0);
+    char* dst = static_cast<char*>(p.out) + (idx + T.vc0) * es;  // head dim 256: the pass's channels
+    if (partial) dst = reinterpret_cast<char*>(P.part_o + (prow0 + cw * 64 + crow) * DFull + T.vc0);
     ptx::bulk_store(dst, so_addr + crow * stride, row_bytes);
     ptx::bulk_commit();
   }
-  if (vc0 != 0) {
+  if (T.vc0 != 0) {
     // Head dim 256: the other pass of the tile writes the LSE (its P8 and l are the same).
   } else if (sinks) {
     fwd::write_lse2(p, T.b, T.h, T.q0, T.sq, row, lse2, t);
@@ -525,8 +526,7 @@ __device__ __forceinline__ void permute_small_pages(const Params& P, const Tile&
   // Blocks start at multiples of 128 keys (T.k0 too), so the piece's first key sits at the same
   // place of its page in every block.
   const int tok = small_pages.tok(16 * piece);
-  const int vc0 = kVPasses<D> > 1 ? T.vc0 : 0;
-  const int8_t* const v_thread = p.vt8 + T.hkv * p.vt_st.hs + tok + (vc0 + r0) * p.vt_st.ts;
+  const int8_t* const v_thread = p.vt8 + T.hkv * p.vt_st.hs + tok + (T.vc0 + r0) * p.vt_st.ts;
   const int64_t v_step = kRowStep * p.vt_st.ts;
   const float* const ks_head = p.k_scale + T.hkv * p.ks_st.hs + tok;
   // Row r0 + 12 i of the thread: whether it has it, and its chunk's byte offset in a stage's V^T
@@ -721,13 +721,17 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
       // V^T of each key block into the ring. Fused Q: the fp16 / bf16 rows go to their staging
       // area, free again once the consumers have quantized them at the previous tile's start
       // (qs_empty), so they land during that tile; q_empty then has no waiter.
+      // Q or K rows into a tile of `rows` rows: one box, or at head dim 256 one per 128-byte half
+      // (kQKRow), the halves rows * kQKRow bytes apart.
+      auto load_rows = [&](uint32_t dst, const CUtensorMap* map, uint32_t bar, int rows, int c1, int c2, int c3) {
+#pragma unroll
+        for (int h = 0; h < D / kQKRow<D>; ++h)
+          ptx::tma_load_4d(dst + h * rows * kQKRow<D>, map, bar, h * kQKRow<D>, c1, c2, c3);
+      };
       auto load_tile = [&](const Tile& T, int& it, int& tc) {
         ptx::mbarrier_wait(fused_q ? bars.qs_empty() : bars.q_empty(), (tc & 1) ^ 1);
         ptx::mbarrier_arrive_expect_tx(bars.q_full(), fused_q ? S::kQsBytes : S::kQBytes);
-        ptx::tma_load_4d(base + (fused_q ? S::kQs : S::kQ), &P.tm_q, bars.q_full(), 0, int(T.q0 + T.m0), T.h, T.bc);
-        if constexpr (D == 256)  // the second 128-byte half of the rows (kQKRow)
-          ptx::tma_load_4d(base + S::kQ + kBlockM * kQKRow<D>, &P.tm_q, bars.q_full(), kQKRow<D>, int(T.q0 + T.m0), T.h,
-                           T.bc);
+        load_rows(base + (fused_q ? S::kQs : S::kQ), &P.tm_q, bars.q_full(), kBlockM, int(T.q0 + T.m0), T.h, T.bc);
         ++tc;
         // Paged: the boxes' coordinates are the block's first token in its page and the page (an
         // entry outside the pool: the page past the last one).
@@ -761,10 +765,8 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
 #pragma unroll
             for (int j = 0; j < kMaxBoxes; ++j)
               if (j * rows < kBlockN)
-#pragma unroll
-                for (int h = 0; h < D / kQKRow<D>; ++h)  // head dim 256: both 128-byte halves
-                  ptx::tma_load_4d(base + S::kK + st * S::kKBytes + h * kBlockN * kQKRow<D> + j * rows * kQKRow<D>,
-                                   &P.tm_k, bars.k_full(st), h * kQKRow<D>, 0, T.hkv, pages[j]);
+                load_rows(base + S::kK + st * S::kKBytes + j * rows * kQKRow<D>, &P.tm_k, bars.k_full(st), kBlockN, 0,
+                          T.hkv, pages[j]);
             continue;
           }
           const int key = tok, page = pg < 0 ? int(p.num_pages) : pg;
@@ -776,15 +778,12 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
           }
           ptx::mbarrier_wait(bars.k_empty(st), ph ^ 1);
           ptx::mbarrier_arrive_expect_tx(bars.k_full(st), S::kKBytes);
-          ptx::tma_load_4d(base + S::kK + st * S::kKBytes, &P.tm_k, bars.k_full(st), 0,
-                           Paged ? key : int(T.k0 + n * kBlockN), T.hkv, Paged ? page : T.bc);
-          if constexpr (D == 256)
-            ptx::tma_load_4d(base + S::kK + st * S::kKBytes + kBlockN * kQKRow<D>, &P.tm_k, bars.k_full(st), kQKRow<D>,
-                             Paged ? key : int(T.k0 + n * kBlockN), T.hkv, Paged ? page : T.bc);
+          load_rows(base + S::kK + st * S::kKBytes, &P.tm_k, bars.k_full(st), kBlockN,
+                    Paged ? key : int(T.k0 + n * kBlockN), T.hkv, Paged ? page : T.bc);
           ptx::mbarrier_wait(bars.v_empty(st), ph ^ 1);
           ptx::mbarrier_arrive_expect_tx(bars.v_full(st), S::kVBytes);
           ptx::tma_load_4d(base + S::kV + st * S::kVBytes, &P.tm_v, bars.v_full(st),
-                           Paged ? key : int(T.vcol0 + n * kBlockN), kPasses > 1 ? T.vc0 : 0, T.hkv,
+                           Paged ? key : int(T.vcol0 + n * kBlockN), T.vc0, T.hkv,
                            Paged ? page : T.bc);
         }
       };
@@ -1124,8 +1123,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
       }
       it += nb;
     }
-    const int vc0 = kPasses > 1 ? T.vc0 : 0;
-    fwd::load_v_scale<DV>(p, T.b, T.hkv, t, v2, vc0);
+    fwd::load_v_scale<DV>(p, T.b, T.hkv, t, v2, T.vc0);
     // Split kernels: the rows' sinks, loaded with v_scale so their latency overlaps its.
     float z2[2] = {kNegInf, kNegInf};
     if constexpr (Split) fwd::load_sinks(p, T.b, T.h, T.q0, T.sq, row, z2);
@@ -1136,8 +1134,8 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
     const int tile_n = next_tile(tile + gridDim.x, Tn);
     if (tile_n < P.num_units && !fused_q) load_rowf(Tn, rowf_n);
     trace_at(it - 1, 6);
-    store_rows<DV, Split, D>(P, T, kPasses > 1 ? tile / kPasses : tile, cw, ctid, 3 + cw, smem + S::kO + cw * S::kOSliceBytes, base + S::kO + cw * S::kOSliceBytes,
-                  row, o, l_part, m_run, v2, z2, vc0, [&](int ph) { trace_at(it - 1, ph); });
+    store_rows<DV, Split, D>(P, T, tile / kPasses, cw, ctid, 3 + cw, smem + S::kO + cw * S::kOSliceBytes, base + S::kO + cw * S::kOSliceBytes,
+                  row, o, l_part, m_run, v2, z2, [&](int ph) { trace_at(it - 1, ph); });
     trace_at(it - 1, 5);
     tile = tile_n;
     T = Tn;

@@ -241,6 +241,24 @@ Status prepare_sm90(const FwdParams& p, sm90::Params* prm, bool* small, bool enc
   return sm90::make_params(p, *small, prm, encode);
 }
 
+// The sm90 instantiations of one head dim (one .cu file each): kLaunch [causal][whole tiles,
+// split, split over pages, split over small pages]; sliding windows and soft-capping (the window
+// kernels' Softcap instantiations) [contiguous, paged, small pages].
+template <int D>
+struct Kernels {
+  using L = Status (*)(const sm90::Params&, cudaStream_t);
+  static constexpr L kLaunch[2][4] = {
+      {sm90::launch_fwd<D, false, false, false>, sm90::launch_fwd<D, false, true, false>,
+       sm90::launch_fwd<D, false, true, true>, sm90::launch_fwd<D, false, true, true, false, true>},
+      {sm90::launch_fwd<D, true, false, false>, sm90::launch_fwd<D, true, true, false>,
+       sm90::launch_fwd<D, true, true, true>, sm90::launch_fwd<D, true, true, true, false, true>}};
+  static constexpr L kWindow[3] = {sm90::launch_fwd<D, true, true, false, true>, sm90::launch_fwd<D, true, true, true, true>,
+                                   sm90::launch_fwd<D, true, true, true, true, true>};
+  static constexpr L kSoftcap[3] = {sm90::launch_fwd<D, true, true, false, true, false, true>,
+                                    sm90::launch_fwd<D, true, true, true, true, false, true>,
+                                    sm90::launch_fwd<D, true, true, true, true, true, true>};
+};
+
 }  // namespace
 
 Status check_fwd_sm90(const FwdParams& p) {
@@ -322,49 +340,17 @@ Status launch_fwd_sm90(const FwdParams& p, cudaStream_t stream, bool automatic) 
     }
   }
   if (st.ok()) {
-    using L = Status (*)(const sm90::Params&, cudaStream_t);
-    // [head dim 64 / 128][causal][whole tiles, split, split over pages, split over small pages]
-    static constexpr L kLaunch[2][2][4] = {
-        {{sm90::launch_fwd<64, false, false, false>, sm90::launch_fwd<64, false, true, false>,
-          sm90::launch_fwd<64, false, true, true>, sm90::launch_fwd<64, false, true, true, false, true>},
-         {sm90::launch_fwd<64, true, false, false>, sm90::launch_fwd<64, true, true, false>,
-          sm90::launch_fwd<64, true, true, true>, sm90::launch_fwd<64, true, true, true, false, true>}},
-        {{sm90::launch_fwd<128, false, false, false>, sm90::launch_fwd<128, false, true, false>,
-          sm90::launch_fwd<128, false, true, true>, sm90::launch_fwd<128, false, true, true, false, true>},
-         {sm90::launch_fwd<128, true, false, false>, sm90::launch_fwd<128, true, true, false>,
-          sm90::launch_fwd<128, true, true, true>, sm90::launch_fwd<128, true, true, true, false, true>}}};
-    // Sliding windows: [head dim 64 / 128][contiguous, paged, small pages]
-    static constexpr L kWindow[2][3] = {
-        {sm90::launch_fwd<64, true, true, false, true>, sm90::launch_fwd<64, true, true, true, true>,
-         sm90::launch_fwd<64, true, true, true, true, true>},
-        {sm90::launch_fwd<128, true, true, false, true>, sm90::launch_fwd<128, true, true, true, true>,
-         sm90::launch_fwd<128, true, true, true, true, true>}};
-    // Soft-capping: the window kernels' Softcap instantiations, [head dim 64 / 128][as kWindow].
-    static constexpr L kSoftcap[2][3] = {
-        {sm90::launch_fwd<64, true, true, false, true, false, true>, sm90::launch_fwd<64, true, true, true, true, false, true>,
-         sm90::launch_fwd<64, true, true, true, true, true, true>},
-        {sm90::launch_fwd<128, true, true, false, true, false, true>, sm90::launch_fwd<128, true, true, true, true, false, true>,
-         sm90::launch_fwd<128, true, true, true, true, true, true>}};
-    // Head dim 256: as kLaunch, kWindow and kSoftcap for one head dim.
-    static constexpr L kLaunch256[2][4] = {
-        {sm90::launch_fwd<256, false, false, false>, sm90::launch_fwd<256, false, true, false>,
-         sm90::launch_fwd<256, false, true, true>, sm90::launch_fwd<256, false, true, true, false, true>},
-        {sm90::launch_fwd<256, true, false, false>, sm90::launch_fwd<256, true, true, false>,
-         sm90::launch_fwd<256, true, true, true>, sm90::launch_fwd<256, true, true, true, false, true>}};
-    static constexpr L kWindow256[3] = {sm90::launch_fwd<256, true, true, false, true>,
-                                        sm90::launch_fwd<256, true, true, true, true>,
-                                        sm90::launch_fwd<256, true, true, true, true, true>};
-    static constexpr L kSoftcap256[3] = {sm90::launch_fwd<256, true, true, false, true, false, true>,
-                                         sm90::launch_fwd<256, true, true, true, true, false, true>,
-                                         sm90::launch_fwd<256, true, true, true, true, true, true>};
     const int pages = small ? 2 : paged ? 1 : 0;  // contiguous, paged, small pages
     const int kernel = paged ? 1 + pages : split_kernel ? 1 : 0;
-    st = p.head_dim == 256 ? (softcap ? kSoftcap256[pages](prm, stream)
-                              : window ? kWindow256[pages](prm, stream)
-                                       : kLaunch256[causal_kernel][kernel](prm, stream))
-         : softcap  ? kSoftcap[p.head_dim == 128][pages](prm, stream)
-         : window ? kWindow[p.head_dim == 128][pages](prm, stream)
-                : kLaunch[p.head_dim == 128][causal_kernel][kernel](prm, stream);
+    auto run = [&](auto kernels) {
+      using K = decltype(kernels);
+      return softcap  ? K::kSoftcap[pages](prm, stream)
+             : window ? K::kWindow[pages](prm, stream)
+                      : K::kLaunch[causal_kernel][kernel](prm, stream);
+    };
+    st = p.head_dim == 64    ? run(Kernels<64>{})
+         : p.head_dim == 128 ? run(Kernels<128>{})
+                             : run(Kernels<256>{});
   }
   if (!scratch) return st;
   const Status fst = scratch_free(scratch, stream, "sm90 forward: scratch");
